@@ -1,0 +1,220 @@
+"""
+A GPT-2 language model in the manner of nanoGPT, with quantization sites.
+
+Every linear layer is a *linear site* (q, k, v, attn_proj, mlp_up, mlp_down) whose class comes from the
+variant registry in quantization/layers.py; every named point of the activations is an *activation site*
+whose ActQuant is the identity unless the config switches it on. The two tables below are the only list
+of sites: train.py's flags, the config, saving and plots are all generated from them.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from quantization.layers import ActQuant, make_linear, latent_weight
+from quantization.quantizers import QuantSpec, fake_quant
+
+# linear site -> the layer kind it belongs to (group-level flags such as --linear_variant_attn apply to a kind)
+LINEAR_SITES = {"q": "attn", "k": "attn", "v": "attn", "attn_proj": "attn", "mlp_up": "mlp", "mlp_down": "mlp"}
+
+# layer kind -> its activation sites, in the order the forward pass meets them
+ACT_SITES = {
+    "attn": ("input", "qk_mult_q_input", "qk_mult_k_input", "softmax_input",
+             "pv_mult_p_input", "pv_mult_v_input", "pv_mult_output", "output"),
+    "mlp": ("input", "activation_input", "activation_output", "output"),
+}
+# the sites inside the attention product: while none is on, attention takes the fused SDPA kernel
+ATTN_INNER_SITES = ACT_SITES["attn"][1:-1]
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    # linear site -> variant name; missing sites are "linear"
+    linear_variants: dict = field(default_factory=dict)
+    # linear site -> QuantSpec fields (a plain dict, so that checkpoints hold no custom classes)
+    weight_quant: dict = field(default_factory=dict)
+    # "attn_<site>" / "mlp_<site>" -> QuantSpec fields, for the activation sites that are on
+    act_quant: dict = field(default_factory=dict)
+    store_activations: bool = False
+    # QuantSpec fields for the tied token embedding / lm_head, or None to keep them full precision
+    embedding_quant: dict = None
+
+
+def act_sites(config, kind):
+    return nn.ModuleDict({
+        site: ActQuant(QuantSpec(**config.act_quant[f"{kind}_{site}"]) if f"{kind}_{site}" in config.act_quant
+                       else None, store=config.store_activations)
+        for site in ACT_SITES[kind]})
+
+
+def linear_site(config, site, in_features, out_features):
+    spec = QuantSpec(**config.weight_quant.get(site, {}))
+    return make_linear(config.linear_variants.get(site, "linear"), in_features, out_features, config.bias, spec)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.q = linear_site(config, "q", config.n_embd, config.n_embd)
+        self.k = linear_site(config, "k", config.n_embd, config.n_embd)
+        self.v = linear_site(config, "v", config.n_embd, config.n_embd)
+        self.attn_proj = linear_site(config, "attn_proj", config.n_embd, config.n_embd)
+        self.act = act_sites(config, "attn")
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.register_buffer("causal", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)),
+                             persistent=False)
+
+    def forward(self, x):
+        B, T, C = x.size()
+        x = self.act["input"](x)
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for proj in (self.q, self.k, self.v))
+        if not any(self.act[site].active for site in ATTN_INNER_SITES):
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:
+            q, k = self.act["qk_mult_q_input"](q), self.act["qk_mult_k_input"](k)
+            att = self.act["softmax_input"]((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))))
+            att = att.masked_fill(~self.causal[:T, :T], float("-inf"))  # masked after quantizing: -inf has no scale
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = self.act["pv_mult_p_input"](att) @ self.act["pv_mult_v_input"](v)
+            y = self.act["pv_mult_output"](y)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.act["output"](self.resid_dropout(self.attn_proj(y)))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.mlp_up = linear_site(config, "mlp_up", config.n_embd, 4 * config.n_embd)
+        self.mlp_down = linear_site(config, "mlp_down", 4 * config.n_embd, config.n_embd)
+        self.act = act_sites(config, "mlp")
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        x = self.mlp_up(self.act["input"](x))
+        x = self.act["activation_output"](F.gelu(self.act["activation_input"](x)))
+        return self.act["output"](self.dropout(self.mlp_down(x)))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        # the output head is tied to the token embedding (one matrix, quantized once if at all)
+        self.embedding_spec = QuantSpec(**config.embedding_quant) if config.embedding_quant else None
+        self.quantization_enabled = True
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the projections that write into the residual stream
+        for block in self.transformer.h:
+            for proj in (block.attn.attn_proj, block.mlp.mlp_down):
+                torch.nn.init.normal_(latent_weight(proj), mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(latent_weight(module), mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def set_quantization(self, enabled):
+        """Switch every weight and activation quantizer on or off (off during the full-precision warm-up)."""
+        self.quantization_enabled = enabled
+        for module in self.modules():
+            if module is not self and hasattr(module, "enabled"):
+                module.enabled = enabled
+
+    def token_embedding_weight(self):
+        weight = self.transformer.wte.weight
+        if self.embedding_spec is not None and self.quantization_enabled:
+            weight = fake_quant(weight, self.embedding_spec, self.training)
+        return weight
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        assert t <= self.config.block_size, f"sequence of length {t} is longer than block_size {self.config.block_size}"
+        wte = self.token_embedding_weight()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(F.embedding(idx, wte) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = F.linear(x, wte)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:  # inference: only the last position's logits are needed
+            logits = F.linear(x[:, [-1], :], wte)
+            loss = None
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt):
+        """Model flops utilization in units of an A100's bf16 peak (312 TFLOPS), as nanoGPT reports it."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
+        return flops_per_token * T * fwdbwd_per_iter / dt / 312e12
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+        return idx

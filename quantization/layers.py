@@ -1,0 +1,95 @@
+"""Layer variants for the linear sites of model.py, and the activation quantizer of its activation sites.
+
+A new linear variant is one class and one line in LINEAR_VARIANTS; model.py asks `make_linear` for each site.
+"""
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from quantization.quantizers import QuantSpec, fake_quant, fake_quant_with_codes
+
+
+class FakeQuantize(nn.Module):
+    """A weight parametrization: the layer computes with fake_quant(weight) while the optimizer updates the
+    full-precision latent weight (`parametrizations.weight.original`). Identity until switched on."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.enabled = True
+
+    def forward(self, weight):
+        return fake_quant(weight, self.spec, self.training) if self.enabled else weight
+
+
+class QuantizedLinear(nn.Linear):
+    """nn.Linear whose weight is fake-quantized in the forward pass (straight-through estimator backward)."""
+
+    def __init__(self, in_features, out_features, bias=True, spec: QuantSpec = None):
+        super().__init__(in_features, out_features, bias=bias)
+        spec = spec or QuantSpec()
+        if spec.granularity == "per_group" and in_features % spec.group_size:
+            raise ValueError(f"group_size={spec.group_size} does not divide the input width {in_features}")
+        parametrize.register_parametrization(self, "weight", FakeQuantize(spec))
+
+    @property
+    def spec(self):
+        return self.parametrizations.weight[0].spec
+
+    @property
+    def latent_weight(self):
+        return self.parametrizations.weight.original
+
+
+class PlainLinear(nn.Linear):
+    """nn.Linear that accepts (and ignores) a quantization spec, so every variant is built the same way."""
+
+    def __init__(self, in_features, out_features, bias=True, spec: QuantSpec = None):
+        super().__init__(in_features, out_features, bias=bias)
+
+
+LINEAR_VARIANTS = {
+    "linear": PlainLinear,
+    "quantized_linear": QuantizedLinear,
+}
+
+
+def make_linear(variant, in_features, out_features, bias, spec):
+    if variant not in LINEAR_VARIANTS:
+        raise ValueError(f"linear variant '{variant}' is unknown; expected one of {', '.join(LINEAR_VARIANTS)}")
+    return LINEAR_VARIANTS[variant](in_features, out_features, bias=bias, spec=spec)
+
+
+def latent_weight(linear):
+    """The full-precision weight a layer trains, whatever its variant."""
+    return linear.latent_weight if isinstance(linear, QuantizedLinear) else linear.weight
+
+
+class ActQuant(nn.Module):
+    """Fake-quantizes the activation passing a named site; the identity when the site is off (spec None) or
+    while quantization is switched off (warm-up). With `store`, keeps the last quantized activation's integer
+    codes, scale and zero point as buffers (saved with the checkpoint by train.py)."""
+
+    def __init__(self, spec: QuantSpec = None, store=False):
+        super().__init__()
+        self.spec = spec
+        self.enabled = True
+        self.store = store and spec is not None
+        for name in ("codes", "scale", "zero_point"):
+            self.register_buffer(name, None, persistent=False)
+
+    @property
+    def active(self):
+        return self.spec is not None and self.enabled
+
+    def forward(self, x):
+        if not self.active:
+            return x
+        if not self.store:
+            return fake_quant(x, self.spec, self.training)
+        x_q, codes, scale, zero_point = fake_quant_with_codes(x, self.spec, self.training)
+        self.codes, self.scale, self.zero_point = codes.detach(), scale, zero_point
+        return x_q
+
+    def extra_repr(self):
+        return "off" if self.spec is None else f"{self.spec.method}, {self.spec.bits} bits, {self.spec.granularity}"

@@ -1,0 +1,154 @@
+"""The quantization math, in one place: every other part of nanoQAT (QAT layers, activation quantizers,
+PTQ methods, saving, plots) calls these functions rather than rounding on its own.
+
+A tensor is quantized over "rows" of a 2-D view chosen by the granularity: the whole tensor is one row
+(per_tensor), each output channel is a row (per_channel), each run of `group_size` input columns is a row
+(per_group), or each token's feature vector is a row (per_token, for activations). A scale and a zero point
+are computed per row, so every method handles every granularity the same way.
+"""
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("symmetric_quant", "affine_quant", "stochastic_quant", "ternary_quant", "binary_quant")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
+MIN_BITS, MAX_BITS = 2, 8
+_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to do to one tensor: which method, how many bits, and over which rows the range is taken."""
+    method: str = "symmetric_quant"
+    bits: int = 8
+    granularity: str = "per_channel"
+    group_size: int = 0
+    stochastic_grid: str = "symmetric"  # the grid stochastic_quant rounds onto: "symmetric" or "affine"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is unknown; expected one of {', '.join(METHODS)}")
+        if not (MIN_BITS <= self.bits <= MAX_BITS):
+            raise ValueError(f"bits={self.bits} is out of range; expected {MIN_BITS}..{MAX_BITS}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity '{self.granularity}' is unknown; expected one of {', '.join(GRANULARITIES)}")
+        if self.granularity == "per_group" and self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size} must be > 0 when granularity is per_group")
+        if self.stochastic_grid not in ("symmetric", "affine"):
+            raise ValueError(f"stochastic_grid '{self.stochastic_grid}' is unknown; expected symmetric or affine")
+
+    @property
+    def grid(self):
+        """'symmetric' (signed codes, zero point 0), 'affine' (unsigned codes with a zero point),
+        or 'ternary'/'binary' (codes in {-1,0,1} or {-1,1})."""
+        if self.method == "symmetric_quant":
+            return "symmetric"
+        if self.method == "affine_quant":
+            return "affine"
+        if self.method == "stochastic_quant":
+            return self.stochastic_grid
+        return self.method.split("_")[0]
+
+    @property
+    def effective_bits(self):
+        return {"ternary": 2, "binary": 1}.get(self.grid, self.bits)
+
+
+def code_range(spec):
+    """(qmin, qmax): the integer codes a spec can produce."""
+    grid = spec.grid
+    if grid == "symmetric":
+        return -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
+    if grid == "affine":
+        return 0, (1 << spec.bits) - 1
+    return -1, 1
+
+
+def to_rows(x, spec):
+    """A 2-D view of x whose rows each get one scale and zero point."""
+    if spec.granularity == "per_tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "per_token":
+        return x.reshape(-1, x.shape[-1])
+    if spec.granularity == "per_channel":
+        return x.reshape(x.shape[0], -1)
+    if x.shape[-1] % spec.group_size:
+        raise ValueError(f"group_size={spec.group_size} does not divide the input width {x.shape[-1]}")
+    return x.reshape(-1, spec.group_size)
+
+
+def compute_qparams(x, spec):
+    """Scale and zero point for each row of `to_rows(x, spec)`, shaped (rows, 1). No gradient flows through them."""
+    rows = to_rows(x.detach(), spec).float()
+    qmin, qmax = code_range(spec)
+    grid = spec.grid
+    if grid == "symmetric":
+        scale = rows.abs().amax(dim=1, keepdim=True) / qmax
+        zero_point = torch.zeros_like(scale)
+    elif grid == "affine":
+        lo = rows.amin(dim=1, keepdim=True).clamp(max=0)
+        hi = rows.amax(dim=1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero_point = torch.clamp(qmin - torch.round(lo / scale.clamp(min=_EPS)), qmin, qmax)
+    else:  # ternary (BitNet b1.58: absmean) and binary (mean absolute value)
+        scale = rows.abs().mean(dim=1, keepdim=True)
+        zero_point = torch.zeros_like(scale)
+    return scale.clamp(min=_EPS), zero_point
+
+
+def quantize(x, scale, zero_point, spec, stochastic=False):
+    """Integer codes (as floats, in x's shape) for x under the given row-wise scale and zero point.
+    With `stochastic`, values round up with probability equal to their fractional part (unbiased)."""
+    rows = to_rows(x, spec).float()
+    qmin, qmax = code_range(spec)
+    if spec.grid == "binary":
+        codes = torch.where(rows >= 0, 1.0, -1.0)
+    else:
+        y = rows * (1.0 / scale)  # multiply by the reciprocal, as PyTorch's fake_quantize kernels do
+        y = torch.floor(y + torch.rand_like(y)) if stochastic else torch.round(y)
+        codes = torch.clamp(y + zero_point, qmin, qmax)
+    return codes.reshape(x.shape)
+
+
+def dequantize(codes, scale, zero_point, spec):
+    """Real values of integer codes: (codes - zero_point) * scale, row by row."""
+    rows = to_rows(codes, spec).float()
+    return ((rows - zero_point) * scale).reshape(codes.shape)
+
+
+def quantize_tensor(x, spec, stochastic=False):
+    """codes, scale, zero_point for x; what a saved model stores."""
+    scale, zero_point = compute_qparams(x, spec)
+    return quantize(x, scale, zero_point, spec, stochastic), scale, zero_point
+
+
+def fake_quant(x, spec, training=False):
+    """Quantize then dequantize x, with a straight-through estimator for the gradient: identity inside the
+    representable range, zero outside it (values that were clipped get no gradient)."""
+    return fake_quant_with_codes(x, spec, training)[0]
+
+
+def fake_quant_with_codes(x, spec, training=False):
+    """fake_quant, also returning the codes, scale and zero point it computed with."""
+    stochastic = training and spec.method == "stochastic_quant"
+    scale, zero_point = compute_qparams(x, spec)
+    codes = quantize(x, scale, zero_point, spec, stochastic)
+    x_q = dequantize(codes, scale, zero_point, spec).to(x.dtype)
+    if not x.requires_grad:
+        return x_q, codes, scale, zero_point
+    if spec.grid == "binary":  # sign() clips nothing: every value passes its gradient
+        return x + (x_q - x).detach(), codes, scale, zero_point
+    qmin, qmax = code_range(spec)
+    unclipped = to_rows(x.detach(), spec).float() * (1.0 / scale) + zero_point
+    inside = ((unclipped >= qmin - 0.5) & (unclipped <= qmax + 0.5)).reshape(x.shape)
+    x_pass = torch.where(inside, x, x.detach())
+    return x_pass + (x_q - x_pass).detach(), codes, scale, zero_point
+
+
+def smallest_int_dtype(qmin, qmax):
+    """The narrowest torch integer dtype that holds [qmin, qmax]."""
+    for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    return torch.int64
