@@ -37,11 +37,13 @@ def load_checkpoint(path, device="cpu"):
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} was refused: it holds something other than tensors and plain values "
-                         f"({str(e).splitlines()[0]})") from None
+        refused = next((line.strip() for line in str(e).splitlines() if "unsupported global" in line.lower()), None)
+        raise ValueError(f"{path} is not a readable checkpoint: " + (
+            f"it asks for code ({refused}); refused, nothing in it was run" if refused else
+            "corrupt, or not a torch checkpoint of tensors and plain values; nothing in it was run")) from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})") from None
+        first = str(e).splitlines()[0] if str(e) else "truncated or corrupt"
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a nanoQAT checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
     return checkpoint

@@ -47,6 +47,8 @@ class GPTConfig:
     store_activations: bool = False
     # QuantSpec fields for the tied token embedding / lm_head, or None to keep them full precision
     embedding_quant: dict = None
+    # GELU of the MLP: "none" (exact) or "tanh" (the approximation GPT-2 was trained with, for imported weights)
+    gelu_approximate: str = "none"
 
 
 def act_sites(config, kind):
@@ -105,10 +107,11 @@ class MLP(nn.Module):
         self.mlp_down = linear_site(config, "mlp_down", 4 * config.n_embd, config.n_embd)
         self.act = act_sites(config, "mlp")
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x):
         x = self.mlp_up(self.act["input"](x))
-        x = self.act["activation_output"](F.gelu(self.act["activation_input"](x)))
+        x = self.act["activation_output"](F.gelu(self.act["activation_input"](x), approximate=self.gelu_approximate))
         return self.act["output"](self.dropout(self.mlp_down(x)))
 
 

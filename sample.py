@@ -30,10 +30,15 @@ def build_parser():
 
 
 def load_model(out_dir, device):
-    """The model of a checkpoint, in eval mode with its quantizers on, and the tokenizer of its data."""
+    """The model of a checkpoint, in eval mode with its quantizers on, and the tokenizer of its data.
+    A packed quantized checkpoint (quantization/packing.py) is dequantized into the model."""
+    from quantization.packing import is_packed, load_packed
     checkpoint = load_checkpoint(out_dir, device)
     model = GPT(GPTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
+    if is_packed(checkpoint):
+        load_packed(model, checkpoint)
+    else:
+        model.load_state_dict(checkpoint["model"])
     model.set_quantization(checkpoint.get("quantization_enabled", True))
     model.eval().to(device)
     dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")

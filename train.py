@@ -64,7 +64,7 @@ def main(argv=None):
     tokens_per_iter = grad_accum * world_size * args.batch_size * args.block_size
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        print(f"tokens per iteration: {tokens_per_iter:,}")
+        print(f"tokens per iteration: {tokens_per_iter:,}" + (f" (world size {world_size})" if ddp else ""))
     torch.manual_seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -127,8 +127,10 @@ def main(argv=None):
     raw_model = model
     if args.compile:
         model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None)
+    eval_model = model  # evaluation runs on rank 0 alone, outside DDP
+    if ddp:  # buffers are constants (the causal mask) or per-process records (stored activations): no broadcast
+        model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
+                    broadcast_buffers=False)
 
     def set_phase(it):
         quantize = it >= args.quantization_warmup_iters
@@ -141,16 +143,16 @@ def main(argv=None):
     @torch.no_grad()
     def estimate_loss():
         out = {}
-        model.eval()
+        eval_model.eval()
         for split in ("train", "val"):
             losses = torch.zeros(args.eval_iters)
             for k in range(args.eval_iters):
                 X, Y = get_batch(split)
                 with ctx:
-                    _, loss = model(X, Y)
+                    _, loss = eval_model(X, Y)
                 losses[k] = loss.item()
             out[split] = losses.mean().item()
-        model.train()
+        eval_model.train()
         return out
 
     def get_lr(it):

@@ -136,13 +136,14 @@ def fake_quant_with_codes(x, spec, training=False):
     x_q = dequantize(codes, scale, zero_point, spec).to(x.dtype)
     if not x.requires_grad:
         return x_q, codes, scale, zero_point
+    # the forward value is exactly x_q (x - x is exactly 0), so a saved model dequantizes to what training used
     if spec.grid == "binary":  # sign() clips nothing: every value passes its gradient
-        return x + (x_q - x).detach(), codes, scale, zero_point
+        return x_q + (x - x.detach()), codes, scale, zero_point
     qmin, qmax = code_range(spec)
     unclipped = to_rows(x.detach(), spec).float() * (1.0 / scale) + zero_point
     inside = ((unclipped >= qmin - 0.5) & (unclipped <= qmax + 0.5)).reshape(x.shape)
     x_pass = torch.where(inside, x, x.detach())
-    return x_pass + (x_q - x_pass).detach(), codes, scale, zero_point
+    return x_q + (x_pass - x_pass.detach()), codes, scale, zero_point
 
 
 def smallest_int_dtype(qmin, qmax):
@@ -152,3 +153,20 @@ def smallest_int_dtype(qmin, qmax):
         if info.min <= qmin and qmax <= info.max:
             return dtype
     return torch.int64
+
+
+def qparams_from_range(lo, hi, spec):
+    """Scale and zero point for rows whose range is [lo, hi] (each shaped (rows, 1)), as compute_qparams would
+    give for rows with that minimum and maximum; the scale keeps its gradient, so PTQ methods can learn the
+    range (AutoRound's min/max scale factors). The zero point is an integer, with no gradient."""
+    qmin, qmax = code_range(spec)
+    if spec.grid == "symmetric":
+        scale = torch.maximum(lo.abs(), hi.abs()) / qmax
+        zero_point = torch.zeros_like(scale).detach()
+    elif spec.grid == "affine":
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero_point = torch.clamp(qmin - torch.round(lo.detach() / scale.detach().clamp(min=_EPS)), qmin, qmax)
+    else:
+        raise ValueError(f"method '{spec.method}' has no min/max range; expected symmetric_quant or affine_quant")
+    return scale.clamp(min=_EPS), zero_point

@@ -26,6 +26,22 @@ def train(out_dir, *flags, check=True):
     return run_script("train.py", f"--out_dir={out_dir}", *TINY, *flags, check=check)
 
 
+def run_main(main, *argv):
+    """Call a script's main(argv) in this process (no interpreter start-up); returns its error line or None."""
+    try:
+        main(list(argv))
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            return str(e.code)
+    return None
+
+
+def train_in_process(out_dir, *flags):
+    import train as train_script
+    error = run_main(train_script.main, f"--out_dir={out_dir}", *TINY, *flags)
+    assert error is None, error
+
+
 @pytest.fixture(scope="session")
 def char_data():
     data_dir = os.path.join(ROOT, "data", "shakespeare_char")
@@ -42,3 +58,32 @@ def trained_fp(char_data, tmp_path_factory):
                "--batch_size=16", "--max_iters=600", "--lr_decay_iters=600", "--eval_interval=600",
                "--eval_iters=10", "--device=cpu", "--dtype=float32", "--log_interval=100")
     return str(out)
+
+
+# flags of a tiny model with every weight and activation quantizer on, mixing methods, granularities and bits
+QUANT_FLAGS = ["--quantization_warmup_iters=0", "--store_activations", "--quantize_embedding",
+               "--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear",
+               "--quantize_linear_bits_attn=4", "--quantize_linear_method_v=affine_quant",
+               "--quantize_linear_granularity_mlp=per_group", "--quantize_linear_group_size_mlp=16",
+               "--quantize_attn_act", "--quantize_mlp_act", "--quantize_attn_act_bits=6",
+               "--quantize_attn_act_softmax_input_bits=8", "--quantize_mlp_act_activation_output_bits=3"]
+
+
+@pytest.fixture(scope="session")
+def quant_ckpt(char_data, tmp_path_factory):
+    """A tiny model trained 20 steps with QUANT_FLAGS (per-token affine activations): its out_dir."""
+    out = tmp_path_factory.mktemp("quant_ckpt")
+    train(out, "--max_iters=20", "--eval_interval=20", "--activations_quant_method=affine_quant",
+          "--activations_quant_granularity=per_token", *QUANT_FLAGS)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def quant_saved(quant_ckpt):
+    """quant_ckpt saved by save_weights.py in every format: {file type: path}."""
+    from quantization import save_weights
+    paths = {}
+    for file_type in save_weights.FILE_TYPES:
+        paths[file_type] = os.path.join(quant_ckpt, f"quantized_data.{file_type}")
+        save_weights.main([f"--out_dir={quant_ckpt}", f"--file_name={paths[file_type]}", f"--file_type={file_type}"])
+    return paths

@@ -1,0 +1,156 @@
+"""train.py end to end on tiny models: the warm-up switch, learning, exact resumption, DDP, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train as train_module
+from conftest import ROOT, TINY, run_main, train, train_in_process
+from model import GPT
+from quantization.layers import FakeQuantize
+
+QAT = ["--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear"]
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def quantized_forwards(monkeypatch):
+    """For every training forward pass, in order: did any weight quantizer actually run?"""
+    per_step, active = [], []
+    fq_forward, gpt_forward = FakeQuantize.forward, GPT.forward
+
+    def counting_fq(self, weight):
+        if self.enabled:
+            active.append(1)
+        return fq_forward(self, weight)
+
+    def recording_gpt(self, *args, **kwargs):
+        before = len(active)
+        out = gpt_forward(self, *args, **kwargs)
+        if self.training:
+            per_step.append(len(active) > before)
+        return out
+
+    monkeypatch.setattr(FakeQuantize, "forward", counting_fq)
+    monkeypatch.setattr(GPT, "forward", recording_gpt)
+    return per_step
+
+
+def test_quantization_switches_on_at_warmup_also_after_resume(char_data, tmp_path, quantized_forwards):
+    out = str(tmp_path)
+    common = TINY + QAT + [f"--out_dir={out}", "--quantization_warmup_iters=8", "--eval_interval=3",
+                           "--lr_decay_iters=12"]
+    train_module.main(common + ["--max_iters=6"])
+    assert quantized_forwards == [False] * 6
+    quantized_forwards.clear()
+    train_module.main(common + ["--max_iters=12", "--init_from=resume"])
+    assert quantized_forwards == [False, False] + [True] * 4  # iterations 6..11, quantized from 8 on
+    logged = {r["iter"]: r["quantized"] for r in read_log(out) if "loss" in r}
+    assert logged == {i: i >= 8 for i in range(12)}
+
+
+def test_training_lowers_the_loss(char_data, tmp_path):
+    train_in_process(tmp_path, *QAT, "--quantize_linear_bits=4", "--quantization_warmup_iters=50", "--max_iters=150",
+          "--eval_interval=150", "--lr_decay_iters=150", "--learning_rate=3e-3")
+    evals = [r for r in read_log(tmp_path) if "val_loss" in r]
+    assert evals[0]["iter"] == 0 and evals[-1]["iter"] == 150
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_resumed_run_matches_uninterrupted_run(char_data, tmp_path):
+    flags = QAT + ["--quantize_linear_method=stochastic_quant", "--quantize_linear_bits=4", "--dropout=0.1",
+                   "--quantization_warmup_iters=4", "--eval_interval=5", "--lr_decay_iters=16"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train_in_process(whole, *flags, "--max_iters=16")
+    train_in_process(part, *flags, "--max_iters=10")
+    train_in_process(part, *flags, "--max_iters=16", "--init_from=resume")
+    losses = lambda d: {r["iter"]: r["loss"] for r in read_log(d) if "loss" in r}
+    expected, got = losses(whole), losses(part)
+    assert sorted(got) == list(range(16))
+    assert [got[i] for i in range(10, 16)] == [expected[i] for i in range(10, 16)]
+    assert len({expected[i] for i in range(10, 16)}) > 1  # the run really trained
+
+
+def test_torchrun_trains_with_ddp_on_cpu(char_data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", *TINY, *QAT, "--max_iters=30",
+           "--gradient_accumulation_steps=2", "--eval_interval=30", "--lr_decay_iters=30", "--learning_rate=3e-3",
+           "--quantization_warmup_iters=10", "--backend=gloo"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2" in result.stdout
+    assert "tokens per iteration: 512" in result.stdout  # 2 processes x 1 micro-batch x 8 x 32
+    evals = [r for r in read_log(tmp_path) if "val_loss" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 30
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--linear_variant_mlp=fancy_linear"], "argument --linear_variant_mlp: invalid choice: 'fancy_linear'"),
+    (["--quantize_linear_method=fancy_quant"], "argument --quantize_linear_method: invalid choice"),
+    (QAT + ["--quantize_linear_bits=9"], "--quantize_linear_bits: bits=9 is out of range; expected 2..8"),
+    (QAT + ["--quantize_linear_granularity=per_group", "--quantize_linear_group_size=24"],
+     "--quantize_linear_group_size=24 does not divide the input width 32"),
+    (["--dataset=no_such_data"], "--dataset=no_such_data"),
+    (["--init_from=resume"], "--init_from=resume: checkpoint"),
+    (["--compile=maybe"], "expected a boolean"),
+])
+def test_bad_input_gives_one_clear_line(char_data, tmp_path, flags, message):
+    error = run_main(train_module.main, f"--out_dir={tmp_path / 'o'}", *TINY, *flags)
+    assert error is not None and message in error and "\n" not in error, error
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+def test_cli_error_is_one_line_and_nonzero(char_data, tmp_path):
+    result = train(tmp_path, *QAT, "--quantize_linear_bits=9", check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["train.py: error: --quantize_linear_bits: bits=9 is out of range; expected 2..8"]
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(char_data, tmp_path):
+    os.makedirs(tmp_path, exist_ok=True)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"not a checkpoint at all")
+    result = train(tmp_path, "--init_from=resume", check=False)
+    assert result.returncode != 0 and "is not a readable checkpoint" in result.stderr
+    assert ckpt.read_bytes() == b"not a checkpoint at all"
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
+    from checkpoint import load_checkpoint
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Payload(), "model_args": {}}, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match="asks for code"):
+        load_checkpoint(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    from checkpoint import save_checkpoint
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "model_args": {}})
+    before = path.read_bytes()
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "bad": Unsaveable()})
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
