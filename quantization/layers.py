@@ -30,7 +30,8 @@ class QuantizedLinear(nn.Linear):
         spec = spec or QuantSpec()
         if spec.granularity == "per_group" and in_features % spec.group_size:
             raise ValueError(f"group_size={spec.group_size} does not divide the input width {in_features}")
-        parametrize.register_parametrization(self, "weight", FakeQuantize(spec))
+        # unsafe: skip the trial forward, which would draw random numbers (stochastic rounding) and shift the init
+        parametrize.register_parametrization(self, "weight", FakeQuantize(spec), unsafe=True)
 
     @property
     def spec(self):

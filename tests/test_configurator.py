@@ -101,3 +101,16 @@ def test_preset_loads_and_command_line_overrides(tmp_path):
 def test_bad_quantization_values_name_their_flag(argv, message):
     with pytest.raises(ConfigError, match=message):
         model_quant_config(parse_args(["--n_embd=32"] + argv))
+
+
+def test_every_method_starts_from_the_same_weights_as_full_precision():
+    """Comparisons between methods are fair only if one seed gives one initialisation, whatever the variant."""
+    from quantization.layers import latent_weight
+    torch.manual_seed(0)
+    reference = build([])
+    for method in ("symmetric_quant", "stochastic_quant", "binary_quant"):
+        torch.manual_seed(0)
+        model = build(["--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear",
+                       f"--quantize_linear_method={method}"])
+        for site in LINEAR_SITES:
+            assert torch.equal(latent_weight(site_layer(model, site)), latent_weight(site_layer(reference, site)))
