@@ -132,13 +132,17 @@ def main(argv=None):
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
                     broadcast_buffers=False)
 
+    has_quantizers = raw_model.embedding_spec is not None or any(
+        hasattr(m, "enabled") and getattr(m, "spec", None) is not None for m in raw_model.modules())
+
     def set_phase(it):
+        """Switch the quantizers on at quantization_warmup_iters; returns whether the model now computes quantized."""
         quantize = it >= args.quantization_warmup_iters
         if quantize != raw_model.quantization_enabled:
             raw_model.set_quantization(quantize)
-            if master and quantize:
+            if master and quantize and has_quantizers:
                 print(f"iter {it}: quantization on")
-        return quantize
+        return quantize and has_quantizers
 
     @torch.no_grad()
     def estimate_loss():
