@@ -65,6 +65,7 @@ QUANT_FLAGS = ["--quantization_warmup_iters=0", "--store_activations", "--quanti
                "--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear",
                "--quantize_linear_bits_attn=4", "--quantize_linear_method_v=affine_quant",
                "--quantize_linear_granularity_mlp=per_group", "--quantize_linear_group_size_mlp=16",
+               "--quantize_linear_method_mlp_down=ternary_quant",
                "--quantize_attn_act", "--quantize_mlp_act", "--quantize_attn_act_bits=6",
                "--quantize_attn_act_softmax_input_bits=8", "--quantize_mlp_act_activation_output_bits=3"]
 
@@ -87,3 +88,47 @@ def quant_saved(quant_ckpt):
         paths[file_type] = os.path.join(quant_ckpt, f"quantized_data.{file_type}")
         save_weights.main([f"--out_dir={quant_ckpt}", f"--file_name={paths[file_type]}", f"--file_type={file_type}"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def ptq_w3(trained_fp):
+    """trained_fp's model quantized to 3 bits (symmetric, per output channel) by round-to-nearest, GPTQ and
+    AutoRound on the same calibration draw, built once for test_autoround.py and test_gptq.py."""
+    import copy
+
+    import torch
+
+    from quantization.autoround import AutoRound
+    from quantization.gptq import GPTQ
+    from quantization.perplexity import split_tokens
+    from quantization.rtn import rtn_quantize, weight_spec
+    from sample import load_model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and far faster when the cores are busy
+    fp, _ = load_model(trained_fp, "cpu")
+    train_tokens = split_tokens("shakespeare_char", "train")
+    out = {"fp": fp, "val": split_tokens("shakespeare_char", "val")[:20000], "spec": weight_spec(3, 0, sym=True)}
+    out["rtn"] = copy.deepcopy(fp)
+    out["rtn_records"] = rtn_quantize(out["rtn"], out["spec"])
+    config = dict(bits=3, group_size=0, sym=True, nsamples=32, batch_size=8, seed=0, progress=False,
+                  log=lambda line: None)
+    out["gptq"] = copy.deepcopy(fp)
+    gptq = GPTQ(out["gptq"], train_tokens, **config)
+    out["gptq_records"] = gptq.quantize()
+    out["autoround"] = copy.deepcopy(fp)
+    autoround = AutoRound(out["autoround"], train_tokens, iters=50, **config)
+    out["autoround_records"] = autoround.quantize()
+    out["autoround_block_losses"] = autoround.block_losses
+    torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One intra-op thread for a test module of tiny models: as fast on idle cores, and many times faster than
+    two spinning threads when other jobs share the cores."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,321 @@
+"""
+Save the integer codes of a quantized checkpoint: every quantized weight (each quantized linear site, and the
+token embedding when it is quantized) and every activation stored with --store_activations.
+
+    python quantization/save_weights.py --out_dir=out --file_name=quantized_data --file_type=pkl
+
+Each tensor is saved as integer `codes` (the smallest integer dtype that holds its code range), `scale` and
+`zero_point` (float32, one per row), and its bits, method, granularity, group_size, shape and code range. Row i
+of `codes.reshape(len(scale), -1)` dequantizes as `(codes - zero_point[i]) * scale[i]`, whatever the granularity;
+for a weight this gives exactly the weight the model computes with (eval mode, quantization on).
+
+For the overview plot of visualize.py each tensor also carries `signal_sq` and `noise_sq`, the sums of x**2 and
+(x - dequantized)**2 over its unquantized values x: for a weight x is the latent full-precision weight; a stored
+activation's unquantized values are not kept, so they are measured on one batch of the validation split
+(--snr_batch_size sequences) passing the same site.
+
+Formats: `pkl` (plain dicts and numpy arrays, read back through a restricted unpickler), and two that cannot
+carry code: `safetensors` and `npz` (arrays, plus the other fields as JSON). `load_quantized_data` reads all three.
+"""
+import io
+import json
+import os
+import pickle
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from checkpoint import load_checkpoint  # noqa: E402
+from configurator import OneLineParser  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
+from quantization.quantizers import (MAX_BITS, MIN_BITS, QuantSpec, code_range, dequantize,  # noqa: E402
+                                     quantize_tensor, smallest_int_dtype)
+
+FORMAT = "nanoQAT quantized tensors"
+VERSION = 1
+FILE_TYPES = ("pkl", "safetensors", "npz")
+ARRAYS = ("codes", "scale", "zero_point")
+# every field of a saved tensor besides its arrays, with the types a loaded file must have
+FIELDS = {"kind": str, "site": str, "bits": int, "method": str, "granularity": str, "group_size": int,
+          "shape": list, "qmin": int, "qmax": int, "levels": int, "signal_sq": (float, type(None)),
+          "noise_sq": (float, type(None))}
+SEP = "::"  # joins a tensor's name and an array's name in the flat formats (module names never hold it)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# collecting the tensors of a checkpoint
+
+def levels(spec):
+    """How many integer codes the grid of `spec` has (binary uses -1 and 1 only)."""
+    qmin, qmax = code_range(spec)
+    return 2 if spec.grid == "binary" else qmax - qmin + 1
+
+
+def entry(kind, site, spec, codes, scale, zero_point, shape):
+    qmin, qmax = code_range(spec)
+    return {"kind": kind, "site": site, "bits": spec.bits, "method": spec.method, "granularity": spec.granularity,
+            "group_size": spec.group_size, "shape": list(shape), "qmin": qmin, "qmax": qmax, "levels": levels(spec),
+            "codes": codes.to(smallest_int_dtype(qmin, qmax)).cpu().numpy(),
+            "scale": scale.float().reshape(-1, 1).cpu().numpy(),
+            "zero_point": zero_point.float().reshape(-1, 1).cpu().numpy(),
+            "signal_sq": None, "noise_sq": None}
+
+
+def error_power(x, x_q):
+    """(sum of x**2, sum of (x - x_q)**2) in float64: the two terms of an SNR."""
+    x, x_q = x.double(), x_q.double()
+    return (x * x).sum().item(), ((x - x_q) ** 2).sum().item()
+
+
+def weight_entries(model):
+    """Codes of every quantized weight, computed from the latent weight as the model's forward pass does."""
+    targets = [(f"{name}.weight", name.rsplit(".", 1)[-1], module.latent_weight, module.spec)
+               for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
+    if model.embedding_spec is not None:
+        targets.append(("transformer.wte.weight", "embedding", model.transformer.wte.weight, model.embedding_spec))
+    out = {}
+    for name, site, weight, spec in tqdm(targets, desc="weights", unit="tensor"):
+        weight = weight.detach().float()
+        codes, scale, zero_point = quantize_tensor(weight, spec)
+        out[name] = entry("weight", site, spec, codes, scale, zero_point, weight.shape)
+        out[name]["signal_sq"], out[name]["noise_sq"] = error_power(weight, dequantize(codes, scale, zero_point, spec))
+    return out
+
+
+def activation_site(module_name):
+    """'transformer.h.0.attn.act.softmax_input' -> ('attn', 'softmax_input')."""
+    parts = module_name.split(".")
+    return parts[-3], parts[-1]
+
+
+def activation_entries(stored, act_quant):
+    out = {}
+    for name, saved in tqdm(stored.items(), desc="activations", unit="tensor"):
+        kind, site = activation_site(name)
+        spec = QuantSpec(**act_quant[f"{kind}_{site}"])
+        codes = saved["codes"]
+        out[name] = entry("activation", f"{kind}.{site}", spec, codes, saved["scale"], saved["zero_point"],
+                          codes.shape)
+    return out
+
+
+@torch.no_grad()
+def measure_activations(model, dataset, batch_size, block_size, device):
+    """{module name: (signal_sq, noise_sq)} of each active activation site on `batch_size` validation sequences,
+    or None when the dataset is not there."""
+    path = os.path.join(ROOT, "data", dataset, "val.bin")
+    if batch_size <= 0 or not os.path.exists(path):
+        return None
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    starts = np.linspace(0, len(data) - block_size - 1, batch_size).astype(np.int64)  # deterministic, spread out
+    x = torch.from_numpy(np.stack([data[s:s + block_size].astype(np.int64) for s in starts])).to(device)
+    power, hooks = {}, []
+
+    def hook(name):
+        def record(module, inputs, output):
+            s, n = error_power(inputs[0], output)
+            old = power.get(name, (0.0, 0.0))
+            power[name] = (old[0] + s, old[1] + n)
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, ActQuant) and module.active:
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return power
+
+
+def collect(checkpoint, device="cpu", snr_batch_size=4):
+    """The {format, version, tensors} dict that save() writes, from a loaded checkpoint."""
+    model_args = checkpoint["model_args"]
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(checkpoint["model"])
+    model.set_quantization(True)  # the weights as the quantized model computes with them, even from a warm-up save
+    model.eval().to(device)
+    tensors = weight_entries(model)
+    tensors.update(activation_entries(checkpoint.get("activations", {}), model_args["act_quant"]))
+    dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    power = measure_activations(model, dataset, snr_batch_size, model_args["block_size"], device)
+    for name, (signal_sq, noise_sq) in (power or {}).items():
+        if name in tensors:
+            tensors[name]["signal_sq"], tensors[name]["noise_sq"] = signal_sq, noise_sq
+    return {"format": FORMAT, "version": VERSION, "iter_num": int(checkpoint.get("iter_num", 0)),
+            "quantization_enabled": bool(checkpoint.get("quantization_enabled", True)), "tensors": tensors}
+
+
+def dequantize_entry(tensor):
+    """Real values of a saved tensor (float32 numpy array of its shape): row i of the codes uses scale[i] and
+    zero_point[i]."""
+    scale, zero_point = tensor["scale"], tensor["zero_point"]
+    rows = tensor["codes"].reshape(scale.shape[0], -1).astype(np.float32)
+    return ((rows - zero_point) * scale).reshape(tensor["shape"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing and reading the three formats
+
+def split(data):
+    """(flat {name::array: ndarray}, JSON-able everything else) for the formats that hold only arrays."""
+    arrays, meta = {}, {k: v for k, v in data.items() if k != "tensors"}
+    meta["tensors"] = {}
+    for name, tensor in data["tensors"].items():
+        for a in ARRAYS:
+            arrays[f"{name}{SEP}{a}"] = np.ascontiguousarray(tensor[a])
+        meta["tensors"][name] = {k: v for k, v in tensor.items() if k not in ARRAYS}
+    return arrays, meta
+
+
+def join(arrays, meta):
+    data = dict(meta)
+    for name, fields in meta["tensors"].items():
+        data["tensors"][name] = dict(fields, **{a: arrays[f"{name}{SEP}{a}"] for a in ARRAYS})
+    return data
+
+
+def save(data, path):
+    file_type = os.path.splitext(path)[1][1:]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if file_type == "pkl":
+        with open(path, "wb") as f:
+            pickle.dump(data, f, protocol=4)
+        return
+    arrays, meta = split(data)
+    if file_type == "safetensors":
+        from safetensors.numpy import save_file
+        save_file(arrays, path, metadata={"format": FORMAT, "nanoqat": json.dumps(meta)})
+    elif file_type == "npz":
+        np.savez(path, __nanoqat__=np.array(json.dumps(meta)), **arrays)
+    else:
+        raise ValueError(f"{path}: unknown file type '{file_type}'; expected one of {', '.join(FILE_TYPES)}")
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what a pickle of plain values and numpy arrays needs; any other global (os.system,
+    builtins.eval, a class with a __reduce__ payload, ...) is refused before it can be called."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise RefusedGlobal(f"refused to load '{module}.{name}': a save of save_weights.py holds only "
+                                     f"numpy arrays and plain values")
+
+
+def restricted_load(raw):
+    return RestrictedUnpickler(io.BytesIO(raw)).load()
+
+
+def check(data, path):
+    """Raise ValueError naming what is wrong unless `data` is a well-formed save of this tool."""
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("tensors"), dict):
+        raise ValueError(f"{path} is not a file saved by save_weights.py")
+    if data.get("version") != VERSION:
+        raise ValueError(f"{path} has version {data.get('version')}; this tool reads version {VERSION}")
+    for name, tensor in data["tensors"].items():
+        if not isinstance(tensor, dict):
+            raise ValueError(f"{path}: tensor '{name}' is not a dict of fields")
+        for field, type_ in FIELDS.items():
+            if not isinstance(tensor.get(field), type_):
+                raise ValueError(f"{path}: tensor '{name}' lacks a valid '{field}'")
+        for a in ARRAYS:
+            if not isinstance(tensor.get(a), np.ndarray) or tensor[a].dtype.kind not in "iuf":
+                raise ValueError(f"{path}: tensor '{name}' lacks a numeric '{a}' array")
+        if not MIN_BITS <= tensor["bits"] <= MAX_BITS:
+            raise ValueError(f"{path}: tensor '{name}' has bits={tensor['bits']}, outside {MIN_BITS}..{MAX_BITS}")
+        codes = tensor["codes"]
+        if list(codes.shape) != tensor["shape"] or codes.size % max(1, tensor["scale"].shape[0]):
+            raise ValueError(f"{path}: tensor '{name}' has codes of shape {list(codes.shape)}, "
+                             f"not its shape {tensor['shape']} in whole rows")
+        if codes.size and (codes.min() < tensor["qmin"] or codes.max() > tensor["qmax"]):
+            raise ValueError(f"{path}: tensor '{name}' has codes outside its range {tensor['qmin']}..{tensor['qmax']}")
+    return data
+
+
+def load_quantized_data(path):
+    """A file written by save_weights.py (pkl, safetensors or npz) as {format, version, ..., tensors: {name:
+    {codes, scale, zero_point (numpy arrays), kind, site, bits, method, granularity, group_size, shape, ...}}}.
+    FileNotFoundError when it is missing, ValueError with a one-line reason when it is not such a file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    file_type = os.path.splitext(path)[1][1:]
+    try:
+        if file_type == "pkl":
+            with open(path, "rb") as f:
+                data = restricted_load(f.read())
+        elif file_type == "safetensors":
+            from safetensors import safe_open
+            with safe_open(path, framework="numpy") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"{path} is not a file saved by save_weights.py")
+                data = join({k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["nanoqat"]))
+        elif file_type == "npz":
+            with np.load(path, allow_pickle=False) as f:
+                if "__nanoqat__" not in f.files:
+                    raise ValueError(f"{path} is not a file saved by save_weights.py")
+                data = join({k: f[k] for k in f.files if k != "__nanoqat__"}, json.loads(str(f["__nanoqat__"])))
+        else:
+            raise ValueError(f"{path}: unknown file type '.{file_type}'; expected one of "
+                             f"{', '.join('.' + t for t in FILE_TYPES)}")
+    except RefusedGlobal as e:
+        raise ValueError(f"{path} was refused, nothing in it was run: {e}") from None
+    except ValueError:
+        raise
+    except Exception as e:  # truncated files, foreign zips and pickles, missing arrays
+        raise ValueError(f"{path} is not a file saved by save_weights.py ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+    return check(data, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_parser():
+    p = OneLineParser(prog="save_weights.py", description="Save the integer codes of a quantized checkpoint.")
+    p.add_argument("--device", default="cpu", help="device the model is rebuilt on (cpu, cuda, ...)")
+    p.add_argument("--out_dir", default="out", help="folder holding ckpt.pt (or the path of a checkpoint file)")
+    p.add_argument("--file_name", default="quantized_data", help="output file, without or with its extension")
+    p.add_argument("--file_type", default="pkl", choices=FILE_TYPES,
+                   help="pkl (restricted unpickler on load), or safetensors / npz (cannot carry code)")
+    p.add_argument("--snr_batch_size", type=int, default=4,
+                   help="validation sequences run to measure the activations' quantization error (0: skip)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        checkpoint = load_checkpoint(args.out_dir, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: {e}")
+    path = args.file_name if args.file_name.endswith(f".{args.file_type}") else f"{args.file_name}.{args.file_type}"
+    data = collect(checkpoint, args.device, args.snr_batch_size)
+    if not data["tensors"]:
+        sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: the checkpoint has no quantized weight and no "
+                 f"stored activation (train with --linear_variant_*=quantized_linear or --store_activations)")
+    if not data["quantization_enabled"]:
+        print("save_weights.py: note: the checkpoint was saved during the full-precision warm-up; "
+              "its weights are saved as they quantize", file=sys.stderr)
+    save(data, path)
+    kinds = [t["kind"] for t in data["tensors"].values()]
+    print(f"saved {kinds.count('weight')} weights and {kinds.count('activation')} activations to {path}")
+
+
+if __name__ == "__main__":
+    main()
