@@ -23,7 +23,7 @@ TRAINING_FLAGS = [
     ("eval_iters", 20, "batches per split when estimating the loss"),
     ("eval_only", False, "evaluate once and exit"),
     ("always_save_checkpoint", False, "checkpoint at every evaluation, not only on improvement"),
-    ("init_from", "scratch", "'scratch' or 'resume' (continue from the checkpoint in out_dir)"),
+    ("init_from", "scratch", "'scratch', 'resume' (the checkpoint in out_dir), gpt2* or a local HF GPT-2 folder"),
     ("wandb_log", False, "log to Weights & Biases (set WANDB_MODE=offline to log without a network)"),
     ("wandb_project", "nanoqat", "wandb project"),
     ("wandb_run_name", "run", "wandb run name"),

@@ -1,0 +1,163 @@
+"""Post-training quantization of a full-precision checkpoint: AutoRound by default (or GPTQ, or round-to-nearest),
+saved as a packed quantized checkpoint beside the original, then scored on the validation split.
+
+    python demos/autoround_ptq.py --out_dir=out --bits=4 --group_size=32 --iters=200 --nsamples=128 --seqlen=256
+    python quantization/perplexity.py --out_dir=out --quantized_dir=out-autoround
+    python sample.py --out_dir=out-autoround
+"""
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from checkpoint import load_checkpoint  # noqa: E402
+from configurator import BoolFlag, OneLineParser  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from quantization.autoround import AutoRound  # noqa: E402
+from quantization.gptq import GPTQ  # noqa: E402
+from quantization.packing import is_packed, save_packed  # noqa: E402
+from quantization.perplexity import evaluate, split_tokens, text_tokens  # noqa: E402
+from quantization.rtn import SITES, check_layers, rtn_quantize, target_layers, weight_spec  # noqa: E402
+from tokenizer import Tokenizer, load_meta  # noqa: E402
+
+METHODS = ("autoround", "gptq", "rtn")
+
+
+def add_ptq_flags(p):
+    p.add_argument("--out_dir", default="out", help="folder holding the full-precision ckpt.pt")
+    p.add_argument("--bits", type=int, default=4, help="weight bits (2..8)")
+    p.add_argument("--group_size", type=int, default=32, help="input columns per scale (0: one per output channel)")
+    p.add_argument("--sym", action=BoolFlag, default=False, help="symmetric codes (no zero point)")
+    p.add_argument("--iters", type=int, default=200, help="AutoRound steps per block (0: round to nearest)")
+    p.add_argument("--lr", type=float, default=0.0, help="AutoRound SignSGD learning rate (0: 1/iters)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
+    p.add_argument("--seqlen", type=int, default=0, help="tokens per calibration sample (0: the model's block_size)")
+    p.add_argument("--batch_size", type=int, default=8, help="calibration samples per step")
+    p.add_argument("--sites", default=",".join(SITES), help="comma-separated linear sites to quantize")
+    p.add_argument("--calib_file", default=None, help="calibrate on this text file (default: the train split)")
+    p.add_argument("--damp_percent", type=float, default=0.01, help="GPTQ: dampening, a fraction of mean(diag H)")
+    p.add_argument("--act_order", action=BoolFlag, default=False, help="GPTQ: columns by decreasing Hessian diagonal")
+    p.add_argument("--true_sequential", action=BoolFlag, default=True, help="GPTQ: quantize a block's layers in order")
+    p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
+    p.add_argument("--eval_batch_size", type=int, default=16, help="windows per forward pass when scoring")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the calibration draw and AutoRound")
+    p.add_argument("--progress", action=BoolFlag, default=True, help="progress bars")
+    return p
+
+
+def load_full_precision(out_dir, device):
+    """(model, checkpoint, tokenizer) of a full-precision checkpoint; ValueError if it is already quantized."""
+    checkpoint = load_checkpoint(out_dir, device)
+    args = checkpoint["model_args"]
+    if is_packed(checkpoint):
+        raise ValueError(f"{out_dir} is already quantized ({checkpoint['ptq'].get('method', 'ptq')}, "
+                         f"{checkpoint['ptq'].get('bits', '?')} bits); quantize its full-precision original")
+    variants = {v for v in args.get("linear_variants", {}).values()} - {"linear"}
+    if variants or args.get("act_quant") or args.get("embedding_quant"):
+        raise ValueError(f"{out_dir} is already quantized (trained with quantization: {', '.join(variants) or 'act'}); "
+                         f"post-training quantization needs a full-precision checkpoint")
+    model = GPT(GPTConfig(**args))
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    checkpoint["dataset"] = dataset
+    return model, checkpoint, Tokenizer(load_meta(os.path.join(ROOT, "data", dataset)))
+
+
+def make_quantizer(method, model, calibration, args, device):
+    """A ready AutoRound / GPTQ runner, or a round-to-nearest stand-in with the same quantize()."""
+    sites = tuple(s for s in args.sites.split(",") if s)
+    common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, nsamples=args.nsamples,
+                  seqlen=args.seqlen or None, batch_size=args.batch_size, sites=sites, device=device, seed=args.seed,
+                  progress=args.progress)
+    if method == "autoround":
+        return AutoRound(model, calibration, iters=args.iters, lr=args.lr or None, **common)
+    if method == "gptq":
+        return GPTQ(model, calibration, damp_percent=args.damp_percent, act_order=args.act_order,
+                    true_sequential=args.true_sequential, **common)
+    spec = weight_spec(args.bits, args.group_size, args.sym)
+    check_layers(target_layers(model, sites), spec)
+
+    class RTN:
+        block_losses = []
+
+        def quantize(self):
+            return rtn_quantize(model, spec, sites)
+    return RTN()
+
+
+def check_args(args):
+    if args.iters < 0:
+        raise ValueError(f"iters={args.iters}: must be 0 (round to nearest) or more")
+    if args.nsamples < 1:
+        raise ValueError(f"nsamples={args.nsamples}: must be at least 1")
+    if args.batch_size < 1:
+        raise ValueError(f"batch_size={args.batch_size}: must be at least 1")
+    if args.eval_batch_size < 1:
+        raise ValueError(f"eval_batch_size={args.eval_batch_size}: must be at least 1")
+    weight_spec(args.bits, args.group_size, args.sym)  # bits and group size
+
+
+def calibration_tokens(args, checkpoint, tokenizer):
+    if args.calib_file:
+        return text_tokens(args.calib_file, tokenizer)
+    return split_tokens(checkpoint["dataset"], "train")
+
+
+def main(argv=None):
+    p = OneLineParser(prog="autoround_ptq.py", description="Post-training quantization of a checkpoint.")
+    add_ptq_flags(p)
+    p.add_argument("--method", default="autoround", choices=METHODS, help="quantization method")
+    p.add_argument("--quantized_dir", default=None, help="where to save (default: <out_dir>-<method>)")
+    args = p.parse_args(argv)
+    error = f"{p.prog}: error:"
+    from train import resolve_device
+    device, _ = resolve_device(args.device, "float32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    quantized_dir = args.quantized_dir or f"{os.path.normpath(args.out_dir)}-{args.method}"
+    try:
+        check_args(args)
+    except ValueError as e:
+        sys.exit(f"{error} --{e}")
+    if os.path.abspath(quantized_dir) == os.path.abspath(args.out_dir):
+        sys.exit(f"{error} --quantized_dir={quantized_dir}: would overwrite the original checkpoint")
+    try:
+        model, checkpoint, tokenizer = load_full_precision(args.out_dir, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"{error} --out_dir={args.out_dir}: {e}")
+    try:
+        calibration = calibration_tokens(args, checkpoint, tokenizer)
+        quantizer = make_quantizer(args.method, model, calibration, args, device)
+    except OSError as e:
+        sys.exit(f"{error} --calib_file={args.calib_file}: {e.strerror}")
+    except ValueError as e:
+        sys.exit(f"{error} --{e}")
+    val = split_tokens(checkpoint["dataset"], "val")
+    fp = evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,
+                  progress=args.progress)
+    print(f"full precision: val loss {fp['loss']:.4f}, perplexity {fp['perplexity']:.2f}")
+    t0 = time.time()
+    records = quantizer.quantize()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    q = evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,
+                 progress=args.progress)
+    info = dict(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, iters=args.iters,
+                nsamples=args.nsamples, seqlen=args.seqlen or model.config.block_size, seconds=seconds,
+                val_loss=q["loss"], base_val_loss=fp["loss"])
+    save_packed(os.path.join(quantized_dir, "ckpt.pt"), checkpoint, model, records, info)
+    print(f"{args.method} W{args.bits} g{args.group_size or 'channel'}: quantized in {seconds:.1f}s, "
+          f"saved {quantized_dir}/ckpt.pt")
+    print(f"quantized perplexity: {q['perplexity']:.2f} (full precision {fp['perplexity']:.2f})")
+    return fp, q, records
+
+
+if __name__ == "__main__":
+    main()

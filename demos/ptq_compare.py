@@ -1,0 +1,109 @@
+"""The PTQ results table: validation loss and perplexity of a full-precision checkpoint and of its round-to-nearest,
+GPTQ and AutoRound quantizations at several bit widths, with the wall time of each quantization.
+
+    python demos/ptq_compare.py --out_dir=out --device=cuda                               # the README table
+    python demos/ptq_compare.py --out_dir=out --device=cpu --iters=50 --nsamples=32 --eval_tokens=100000
+
+"gap closed" is the share of round-to-nearest's loss gap to full precision that a method recovers.
+"""
+import copy
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "demos")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+
+from autoround_ptq import (add_ptq_flags, calibration_tokens, check_args, load_full_precision,  # noqa: E402
+                           make_quantizer)
+from configurator import OneLineParser  # noqa: E402
+from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+
+
+def main(argv=None):
+    p = OneLineParser(prog="ptq_compare.py", description="Compare RTN, GPTQ and AutoRound at several bit widths.")
+    add_ptq_flags(p)
+    p.add_argument("--bit_widths", default="4,3,2", help="comma-separated weight bits to compare")
+    p.add_argument("--w4_group_size", type=int, default=-1,
+                   help="group size at 4 bits (0: per channel; -1: --group_size)")
+    p.add_argument("--methods", default="rtn,gptq,autoround", help="comma-separated methods")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    error = f"{p.prog}: error:"
+    from train import resolve_device
+    device, _ = resolve_device(args.device, "float32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        check_args(args)
+        bit_widths = [int(b) for b in args.bit_widths.split(",")]
+        methods = [m for m in args.methods.split(",") if m]
+        bad = [m for m in methods if m not in ("rtn", "gptq", "autoround")]
+        if bad:
+            raise ValueError(f"methods={args.methods}: unknown {', '.join(bad)}")
+    except ValueError as e:
+        sys.exit(f"{error} --{e}")
+    try:
+        base, checkpoint, tokenizer = load_full_precision(args.out_dir, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"{error} --out_dir={args.out_dir}: {e}")
+    val = split_tokens(checkpoint["dataset"], "val")
+    calibration = calibration_tokens(args, checkpoint, tokenizer)
+
+    def score(model):
+        return evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,
+                        progress=False)
+
+    fp = score(base)
+    rows = [dict(method="full precision", bits=32, group="-", loss=fp["loss"], ppl=fp["perplexity"], seconds=0.0)]
+    print(f"full precision: val loss {fp['loss']:.4f}, perplexity {fp['perplexity']:.2f} ({fp['tokens']:,} tokens)",
+          flush=True)
+    for bits in bit_widths:
+        group_size = args.w4_group_size if bits == 4 and args.w4_group_size >= 0 else args.group_size
+        rtn_loss = None
+        for method in methods:
+            run = copy.copy(args)
+            run.bits, run.group_size, run.progress = bits, group_size, False
+            model = copy.deepcopy(base)
+            try:
+                quantizer = make_quantizer(method, model, calibration, run, device)
+            except ValueError as e:
+                sys.exit(f"{error} --{e}")
+            t0 = time.time()
+            quantizer.quantize()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.time() - t0
+            r = score(model)
+            rtn_loss = r["loss"] if method == "rtn" else rtn_loss
+            row = dict(method=method, bits=bits, group=group_size or "channel", loss=r["loss"], ppl=r["perplexity"],
+                       seconds=seconds)
+            if rtn_loss is not None and method != "rtn" and rtn_loss > fp["loss"]:
+                row["gap_closed"] = (rtn_loss - r["loss"]) / (rtn_loss - fp["loss"])
+            rows.append(row)
+            print(f"{method} W{bits} g{row['group']}: val loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, "
+                  f"{seconds:.1f}s", flush=True)
+            del model, quantizer
+    cfg = (f"{args.out_dir}, {fp['tokens']:,} val tokens; calibration {args.nsamples} x "
+           f"{args.seqlen or base.config.block_size} tokens; AutoRound {args.iters} iters; "
+           f"{'symmetric' if args.sym else 'asymmetric'}; {device}")
+    print(f"\n{cfg}\n")
+    print("| method | weights | group | val loss | perplexity | RTN gap closed | quantize time (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        weights = "fp32" if r["bits"] == 32 else f"W{r['bits']}"
+        gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
+        print(f"| {r['method']} | {weights} | {r['group']} | {r['loss']:.4f} | {r['ppl']:.2f} | {gap} | "
+              f"{r['seconds']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": cfg, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

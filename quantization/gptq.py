@@ -1,0 +1,145 @@
+"""GPTQ (arXiv 2210.17323): quantize a layer's weight one input column at a time, pushing each column's rounding
+error onto the columns not yet quantized through the inverse Hessian of the layer's inputs (H = 2 X^T X / n).
+Block by block over the cached calibration inputs, like AutoRound; the rounding itself is quantizers.quantize.
+
+Options: damp_percent (the fraction of the mean Hessian diagonal added to it), group_size (0: per output channel),
+sym, act_order (columns in order of decreasing Hessian diagonal; the group ranges are then taken up front, so a
+group is still a run of consecutive columns and packs like any other) and true_sequential (q/k/v, then
+attn_proj, then mlp_up, then mlp_down, each seeing the inputs that the already-quantized layers produce).
+"""
+import dataclasses
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from quantization.autoround.calibration import calibration_samples, capture_block_inputs, run_block
+from quantization.quantizers import compute_qparams, dequantize, quantize
+from quantization.rtn import SITES, check_layers, set_quantized, target_layers, weight_spec
+
+# the order in which true-sequential quantization visits a block's sites
+SEQUENTIAL_GROUPS = (("q", "k", "v"), ("attn_proj",), ("mlp_up",), ("mlp_down",))
+
+
+@torch.no_grad()
+def gptq_weight(weight, hessian, spec, damp_percent=0.01, act_order=False, blocksize=128):
+    """codes, scale, zero_point of one (out, in) weight given its inputs' Hessian (in, in)."""
+    W = weight.detach().clone().float()
+    H = hessian.clone().float()
+    ncols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    column_spec = dataclasses.replace(spec, granularity="per_channel", group_size=0)
+    grouped = spec.granularity == "per_group"
+    gs = spec.group_size if grouped else ncols
+    if grouped:  # keep whole groups inside a block of columns, so a group's range sees the updated weights
+        blocksize = gs * max(1, blocksize // gs)
+    scale = torch.zeros(W.shape[0], ncols // gs, device=W.device)
+    zero_point = torch.zeros_like(scale)
+    perm = torch.arange(ncols, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+    if act_order or not grouped:  # ranges fixed up front, from the weight as it is
+        s, z = compute_qparams(W, spec)
+        scale.copy_(s.reshape(scale.shape)), zero_point.copy_(z.reshape(scale.shape))
+    W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp_percent * torch.mean(torch.diag(H)))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    codes = torch.zeros_like(W)
+    order = perm.tolist()
+    for i1 in range(0, ncols, blocksize):
+        i2 = min(i1 + blocksize, ncols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = order[i1 + i]
+            if grouped and not act_order and col % gs == 0:
+                s, z = compute_qparams(W1[:, i:i + gs], column_spec)
+                scale[:, col // gs], zero_point[:, col // gs] = s[:, 0], z[:, 0]
+            s, z = scale[:, col // gs, None], zero_point[:, col // gs, None]
+            w = W1[:, i:i + 1]
+            c = quantize(w, s, z, column_spec)
+            codes[:, i1 + i] = c[:, 0]
+            err = (w - dequantize(c, s, z, column_spec)) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]
+    return codes, scale.reshape(-1, 1), zero_point.reshape(-1, 1)
+
+
+class GPTQ:
+    """Quantize `model`'s linear sites in place with GPTQ; `quantize()` returns {module name: QuantizedWeight}.
+    `calibration` is a 1-D token array or a ready (nsamples, seqlen) tensor, as for AutoRound."""
+
+    def __init__(self, model, calibration, bits=4, group_size=128, sym=False, damp_percent=0.01, act_order=False,
+                 true_sequential=True, nsamples=128, seqlen=None, batch_size=8, sites=SITES, device=None, seed=0,
+                 progress=True, log=tqdm.write):
+        if not 0 <= damp_percent <= 1:
+            raise ValueError(f"damp_percent={damp_percent}: must be between 0 and 1")
+        self.model, self.spec, self.sites = model, weight_spec(bits, group_size, sym), sites
+        self.damp_percent, self.act_order, self.true_sequential = damp_percent, act_order, true_sequential
+        self.batch_size, self.progress, self.log = batch_size, progress, log
+        self.device = device or next(model.parameters()).device
+        check_layers(target_layers(model, sites), self.spec)
+        seqlen = seqlen or model.config.block_size
+        if seqlen > model.config.block_size:
+            raise ValueError(f"seqlen={seqlen}: longer than the model's block_size {model.config.block_size}")
+        calibration = torch.as_tensor(calibration)
+        if calibration.dim() == 2:
+            self.samples = calibration[:nsamples, :seqlen].long()
+        else:
+            self.samples = calibration_samples(calibration, nsamples, seqlen, seed)
+        self.block_losses = []
+
+    def hessians(self, block, layers, inputs):
+        """H = 2 X^T X / n for each named layer, over the block's cached inputs."""
+        sums = {name: torch.zeros(layer.in_features, layer.in_features, device=inputs.device)
+                for name, layer in layers.items()}
+        count = [0]
+
+        def hook(name):
+            def fn(module, args):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sums[name].addmm_(x.t(), x)
+            return fn
+
+        handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+        try:
+            for x in inputs.split(self.batch_size):
+                block(x)
+                count[0] += x.shape[0] * x.shape[1]
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: 2 * s / count[0] for name, s in sums.items()}
+
+    @torch.no_grad()
+    def quantize(self):
+        model = self.model
+        was_training = model.training
+        model.eval()
+        inputs = capture_block_inputs(model, self.samples, self.batch_size, self.device)
+        records = {}
+        groups = SEQUENTIAL_GROUPS if self.true_sequential else (SITES,)
+        for i, block in enumerate(tqdm(model.transformer.h, desc="gptq", unit="block", disable=not self.progress)):
+            t0 = time.time()
+            targets = run_block(block, inputs, self.batch_size)
+            layers = target_layers(block, self.sites)
+            for group in groups:
+                group_layers = {n: l for n, l in layers.items() if n.rsplit(".", 1)[-1] in group}
+                if not group_layers:
+                    continue
+                for name, H in self.hessians(block, group_layers, inputs).items():
+                    layer = group_layers[name]
+                    codes, scale, zero_point = gptq_weight(layer.weight, H, self.spec, self.damp_percent,
+                                                           self.act_order)
+                    records[f"transformer.h.{i}.{name}"] = set_quantized(layer, codes, scale, zero_point, self.spec)
+                    del H
+            inputs = run_block(block, inputs, self.batch_size)
+            mse = torch.mean((inputs - targets) ** 2).item()
+            self.block_losses.append(mse)
+            self.log(f"block {i}: output mse {mse:.3e} ({time.time() - t0:.1f}s)")
+        model.train(was_training)
+        return records

@@ -1,0 +1,192 @@
+"""Hugging Face GPT-2 interop: import GPT-2 weights (a local transformers folder, or the hub for users with a
+network) into model.py's GPT, and export one of our checkpoints (full precision or packed quantized) to a folder
+that `transformers.GPT2LMHeadModel.from_pretrained` loads with the same logits.
+
+HF GPT-2 differs from model.py in layout only: q, k and v are fused into one `c_attn` Conv1D (weights stored
+transposed, in x out), every linear and LayerNorm has a bias, and the MLP uses the tanh GELU ("gelu_new").
+
+    python quantization/hf.py import --hf=path/to/gpt2 --out_dir=out-gpt2     # or --hf=gpt2 with a network
+    python quantization/hf.py export --out_dir=out-autoround --hf=hf-out
+"""
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from checkpoint import save_checkpoint  # noqa: E402
+from configurator import OneLineParser  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+# our linear sites <-> HF's per-block Conv1D modules (q, k and v share c_attn)
+LINEARS = {"attn.attn_proj": "attn.c_proj", "mlp.mlp_up": "mlp.c_fc", "mlp.mlp_down": "mlp.c_proj"}
+
+
+def _read_hf_folder(folder):
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    safetensors_path = os.path.join(folder, "model.safetensors")
+    bin_path = os.path.join(folder, "pytorch_model.bin")
+    if os.path.exists(safetensors_path):
+        from safetensors.torch import load_file
+        state = load_file(safetensors_path)
+    elif os.path.exists(bin_path):
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    prefix = "transformer."
+    return config, {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+
+
+def gpt_config_from_hf(config, block_size=None):
+    if config.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"model_type '{config.get('model_type')}' is not gpt2")
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in GELU:
+        raise ValueError(f"activation_function '{activation}' is not supported (expected {', '.join(GELU)})")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if config.get(flag):
+            raise ValueError(f"{flag}=true is not supported")
+    if not config.get("scale_attn_weights", True) or abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
+        raise ValueError("only GPT-2's default attention scaling and layer_norm_epsilon=1e-5 are supported")
+    n_positions = config.get("n_positions", config.get("n_ctx", 1024))
+    return dict(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
+                block_size=min(block_size or n_positions, n_positions), vocab_size=config["vocab_size"],
+                bias=True, dropout=0.0, gelu_approximate=GELU[activation])
+
+
+def state_from_hf(hf_state, model_args):
+    """model.py's state_dict from HF GPT-2 tensors (prefix-free keys)."""
+    C, state = model_args["n_embd"], {}
+    state["transformer.wte.weight"] = hf_state["wte.weight"]
+    state["transformer.wpe.weight"] = hf_state["wpe.weight"][:model_args["block_size"]]
+    for name in ("weight", "bias"):
+        state[f"transformer.ln_f.{name}"] = hf_state[f"ln_f.{name}"]
+    for i in range(model_args["n_layer"]):
+        ours, theirs = f"transformer.h.{i}", f"h.{i}"
+        for ln in ("ln_1", "ln_2"):
+            for name in ("weight", "bias"):
+                state[f"{ours}.{ln}.{name}"] = hf_state[f"{theirs}.{ln}.{name}"]
+        qkv_w, qkv_b = hf_state[f"{theirs}.attn.c_attn.weight"].t(), hf_state[f"{theirs}.attn.c_attn.bias"]
+        for j, site in enumerate(("q", "k", "v")):
+            state[f"{ours}.attn.{site}.weight"] = qkv_w[j * C:(j + 1) * C]
+            state[f"{ours}.attn.{site}.bias"] = qkv_b[j * C:(j + 1) * C]
+        for site, hf_name in LINEARS.items():
+            state[f"{ours}.{site}.weight"] = hf_state[f"{theirs}.{hf_name}.weight"].t()
+            state[f"{ours}.{site}.bias"] = hf_state[f"{theirs}.{hf_name}.bias"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def load_hf_gpt2(name_or_folder, block_size=None, dropout=0.0, **overrides):
+    """(GPT, model_args) of GPT-2 weights from a local transformers folder, or from the hub by name (gpt2,
+    gpt2-medium, gpt2-large, gpt2-xl), which needs a network. block_size may shorten the context; `overrides`
+    are further GPTConfig fields (e.g. train.py's linear_variants, weight_quant, act_quant for QAT fine-tuning:
+    the weights then load into the quantized layers' latent weights)."""
+    if os.path.isdir(name_or_folder):
+        config, hf_state = _read_hf_folder(name_or_folder)
+    else:
+        if name_or_folder not in HUB_MODELS:
+            raise ValueError(f"'{name_or_folder}' is neither a folder nor one of {', '.join(HUB_MODELS)}")
+        try:
+            from transformers import GPT2LMHeadModel
+            hf = GPT2LMHeadModel.from_pretrained(name_or_folder)
+        except ImportError:
+            raise ValueError("loading GPT-2 from the hub needs the transformers package") from None
+        except OSError as e:
+            raise ValueError(f"could not fetch '{name_or_folder}' from the Hugging Face hub (no network?): "
+                             f"download it where there is one and pass its folder instead "
+                             f"({str(e).splitlines()[0]})") from None
+        config = hf.config.to_dict()
+        hf_state = {k[len("transformer."):]: v for k, v in hf.state_dict().items() if k.startswith("transformer.")}
+    model_args = {**gpt_config_from_hf(config, block_size), "dropout": dropout, **overrides}
+    model = GPT(GPTConfig(**model_args))
+    names = set(model.state_dict())
+    state = {}
+    for key, value in state_from_hf(hf_state, model_args).items():
+        latent = key[:-len("weight")] + "parametrizations.weight.original"  # a QuantizedLinear's weight
+        state[latent if key not in names and latent in names else key] = value
+    model.load_state_dict(state)
+    return model, model_args
+
+
+def import_checkpoint(name_or_folder, out_dir, dataset="shakespeare", block_size=None):
+    """Write GPT-2 weights as one of our full-precision checkpoints (dataset names the GPT-2 BPE tokenizer's
+    data folder, used by sample.py and perplexity.py)."""
+    model, model_args = load_hf_gpt2(name_or_folder, block_size)
+    path = os.path.join(out_dir, "ckpt.pt")
+    save_checkpoint(path, {"model": model.state_dict(), "model_args": model_args, "iter_num": 0,
+                           "best_val_loss": None, "config": {"init_from": name_or_folder}, "dataset": dataset,
+                           "quantization_enabled": True})
+    return path
+
+
+def export_checkpoint(out_dir, hf_dir):
+    """Write our checkpoint (full precision, or packed quantized: its dequantized weights) as a transformers
+    GPT-2 folder: config.json and model.safetensors."""
+    from safetensors.torch import save_file
+
+    from sample import load_model
+    model, _ = load_model(out_dir, "cpu")
+    cfg = model.config
+    if any(v != "linear" for v in cfg.linear_variants.values()) or cfg.act_quant or cfg.embedding_quant:
+        raise ValueError("checkpoints trained with quantizers on cannot be exported (GPT-2 has no quantizers); "
+                         "export a full-precision or PTQ checkpoint")
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    C = cfg.n_embd
+
+    def bias(key, n):
+        return sd.get(key, torch.zeros(n))  # bias=False models: GPT-2 always has biases, zero ones change nothing
+
+    out = {"wte.weight": sd["transformer.wte.weight"], "wpe.weight": sd["transformer.wpe.weight"],
+           "ln_f.weight": sd["transformer.ln_f.weight"], "ln_f.bias": bias("transformer.ln_f.bias", C)}
+    for i in range(cfg.n_layer):
+        ours, theirs = f"transformer.h.{i}", f"h.{i}"
+        for ln in ("ln_1", "ln_2"):
+            out[f"{theirs}.{ln}.weight"] = sd[f"{ours}.{ln}.weight"]
+            out[f"{theirs}.{ln}.bias"] = bias(f"{ours}.{ln}.bias", C)
+        out[f"{theirs}.attn.c_attn.weight"] = torch.cat([sd[f"{ours}.attn.{s}.weight"] for s in "qkv"]).t()
+        out[f"{theirs}.attn.c_attn.bias"] = torch.cat([bias(f"{ours}.attn.{s}.bias", C) for s in "qkv"])
+        for site, hf_name in LINEARS.items():
+            weight = sd[f"{ours}.{site}.weight"]
+            out[f"{theirs}.{hf_name}.weight"] = weight.t()
+            out[f"{theirs}.{hf_name}.bias"] = bias(f"{ours}.{site}.bias", weight.shape[0])
+    os.makedirs(hf_dir, exist_ok=True)
+    save_file({f"transformer.{k}": v.contiguous() for k, v in out.items()}, os.path.join(hf_dir, "model.safetensors"),
+              metadata={"format": "pt"})
+    eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>; char models have none
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+              "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": C, "n_layer": cfg.n_layer,
+              "n_head": cfg.n_head, "n_inner": None, "layer_norm_epsilon": 1e-5,
+              "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
+              "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
+              "scale_attn_weights": True, "bos_token_id": eot, "eos_token_id": eot}
+    with open(os.path.join(hf_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return hf_dir
+
+
+def main(argv=None):
+    p = OneLineParser(prog="hf.py", description="Import GPT-2 weights from Hugging Face, or export to it.")
+    p.add_argument("direction", choices=("import", "export"))
+    p.add_argument("--hf", required=True, help="import: a transformers folder or gpt2*; export: the folder to write")
+    p.add_argument("--out_dir", required=True, help="import: where to write ckpt.pt; export: the checkpoint folder")
+    p.add_argument("--dataset", default="shakespeare", help="import: data folder of the GPT-2 tokenizer (meta.json)")
+    p.add_argument("--block_size", type=int, default=0, help="import: shorten the context (0: the model's own)")
+    args = p.parse_args(argv)
+    try:
+        if args.direction == "import":
+            print(f"wrote {import_checkpoint(args.hf, args.out_dir, args.dataset, args.block_size or None)}")
+        else:
+            print(f"wrote {export_checkpoint(args.out_dir, args.hf)}")
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"hf.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
