@@ -80,19 +80,27 @@ def to_rows(x, spec):
 def compute_qparams(x, spec):
     """Scale and zero point for each row of `to_rows(x, spec)`, shaped (rows, 1). No gradient flows through them."""
     rows = to_rows(x.detach(), spec).float()
+    if spec.grid in ("symmetric", "affine"):
+        return qparams_from_range(rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True), spec)
+    # ternary (BitNet b1.58: absmean) and binary (mean absolute value)
+    scale = rows.abs().mean(dim=1, keepdim=True)
+    return scale.clamp(min=_EPS), torch.zeros_like(scale)
+
+
+def qparams_from_range(lo, hi, spec):
+    """Scale and zero point for rows whose range is [lo, hi] (each shaped (rows, 1)). The scale keeps its
+    gradient, so PTQ methods can learn the range (AutoRound's min/max scale factors); the zero point is an
+    integer, with no gradient. The affine range is widened to include 0, so that 0 is exact."""
     qmin, qmax = code_range(spec)
-    grid = spec.grid
-    if grid == "symmetric":
-        scale = rows.abs().amax(dim=1, keepdim=True) / qmax
-        zero_point = torch.zeros_like(scale)
-    elif grid == "affine":
-        lo = rows.amin(dim=1, keepdim=True).clamp(max=0)
-        hi = rows.amax(dim=1, keepdim=True).clamp(min=0)
+    if spec.grid == "symmetric":
+        scale = torch.maximum(lo.abs(), hi.abs()) / qmax
+        zero_point = torch.zeros_like(scale).detach()
+    elif spec.grid == "affine":
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / (qmax - qmin)
-        zero_point = torch.clamp(qmin - torch.round(lo / scale.clamp(min=_EPS)), qmin, qmax)
-    else:  # ternary (BitNet b1.58: absmean) and binary (mean absolute value)
-        scale = rows.abs().mean(dim=1, keepdim=True)
-        zero_point = torch.zeros_like(scale)
+        zero_point = torch.clamp(qmin - torch.round(lo.detach() / scale.detach().clamp(min=_EPS)), qmin, qmax)
+    else:
+        raise ValueError(f"method '{spec.method}' has no min/max range; expected symmetric_quant or affine_quant")
     return scale.clamp(min=_EPS), zero_point
 
 
@@ -153,20 +161,3 @@ def smallest_int_dtype(qmin, qmax):
         if info.min <= qmin and qmax <= info.max:
             return dtype
     return torch.int64
-
-
-def qparams_from_range(lo, hi, spec):
-    """Scale and zero point for rows whose range is [lo, hi] (each shaped (rows, 1)), as compute_qparams would
-    give for rows with that minimum and maximum; the scale keeps its gradient, so PTQ methods can learn the
-    range (AutoRound's min/max scale factors). The zero point is an integer, with no gradient."""
-    qmin, qmax = code_range(spec)
-    if spec.grid == "symmetric":
-        scale = torch.maximum(lo.abs(), hi.abs()) / qmax
-        zero_point = torch.zeros_like(scale).detach()
-    elif spec.grid == "affine":
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = (hi - lo) / (qmax - qmin)
-        zero_point = torch.clamp(qmin - torch.round(lo.detach() / scale.detach().clamp(min=_EPS)), qmin, qmax)
-    else:
-        raise ValueError(f"method '{spec.method}' has no min/max range; expected symmetric_quant or affine_quant")
-    return scale.clamp(min=_EPS), zero_point
