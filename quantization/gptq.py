@@ -13,7 +13,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from quantization.autoround.calibration import calibration_samples, capture_block_inputs, run_block
+from quantization.autoround.calibration import capture_block_inputs, prepare_samples, run_block
 from quantization.quantizers import compute_qparams, dequantize, quantize
 from quantization.rtn import SITES, check_layers, set_quantized, target_layers, weight_spec
 
@@ -83,14 +83,7 @@ class GPTQ:
         self.batch_size, self.progress, self.log = batch_size, progress, log
         self.device = device or next(model.parameters()).device
         check_layers(target_layers(model, sites), self.spec)
-        seqlen = seqlen or model.config.block_size
-        if seqlen > model.config.block_size:
-            raise ValueError(f"seqlen={seqlen}: longer than the model's block_size {model.config.block_size}")
-        calibration = torch.as_tensor(calibration)
-        if calibration.dim() == 2:
-            self.samples = calibration[:nsamples, :seqlen].long()
-        else:
-            self.samples = calibration_samples(calibration, nsamples, seqlen, seed)
+        self.samples = prepare_samples(model, calibration, nsamples, seqlen, seed)
         self.block_losses = []
 
     def hessians(self, block, layers, inputs):

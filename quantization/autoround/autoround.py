@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from quantization.autoround.calibration import calibration_samples, capture_block_inputs, run_block
+from quantization.autoround.calibration import capture_block_inputs, prepare_samples, run_block
 from quantization.autoround.sign_sgd import SignSGD
 from quantization.autoround.wrapper import WrapperLinear
 from quantization.rtn import SITES, check_layers, rtn_quantize, set_quantized, target_layers, weight_spec
@@ -27,16 +27,7 @@ class AutoRound:
         self.batch_size, self.seed, self.progress, self.log = batch_size, seed, progress, log
         self.device = device or next(model.parameters()).device
         check_layers(target_layers(model, sites), self.spec)
-        seqlen = seqlen or model.config.block_size
-        if seqlen > model.config.block_size:
-            raise ValueError(f"seqlen={seqlen}: longer than the model's block_size {model.config.block_size}")
-        calibration = torch.as_tensor(calibration)
-        if calibration.dim() == 2:
-            if nsamples > calibration.size(0):
-                raise ValueError(f"nsamples={nsamples}: only {calibration.size(0)} calibration samples were given")
-            self.samples = calibration[:nsamples, :seqlen].long()
-        else:
-            self.samples = calibration_samples(calibration, nsamples, seqlen, seed)
+        self.samples = prepare_samples(model, calibration, nsamples, seqlen, seed)
         self.block_losses = []
 
     def quantize(self):

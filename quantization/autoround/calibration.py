@@ -18,6 +18,20 @@ def calibration_samples(tokens, nsamples, seqlen, seed=0):
     return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
 
 
+def prepare_samples(model, calibration, nsamples, seqlen=None, seed=0):
+    """(nsamples, seqlen) token ids for a model: windows drawn from a 1-D token array, or the first rows of a
+    ready 2-D tensor. seqlen defaults to the model's block_size and may not exceed it."""
+    seqlen = seqlen or model.config.block_size
+    if seqlen > model.config.block_size:
+        raise ValueError(f"seqlen={seqlen}: longer than the model's block_size {model.config.block_size}")
+    calibration = torch.as_tensor(calibration)
+    if calibration.dim() == 2:
+        if nsamples > calibration.size(0):
+            raise ValueError(f"nsamples={nsamples}: only {calibration.size(0)} calibration samples were given")
+        return calibration[:nsamples, :seqlen].long()
+    return calibration_samples(calibration, nsamples, seqlen, seed)
+
+
 class _Stop(Exception):
     pass
 
