@@ -114,3 +114,26 @@ def test_every_method_starts_from_the_same_weights_as_full_precision():
                        f"--quantize_linear_method={method}"])
         for site in LINEAR_SITES:
             assert torch.equal(latent_weight(site_layer(model, site)), latent_weight(site_layer(reference, site)))
+
+
+def test_quantize_embedding_quantizes_the_tied_embedding_and_head():
+    model = build(["--quantize_embedding", "--quantize_linear_method=symmetric_quant", "--quantize_linear_bits=4"]).eval()
+    w = model.transformer.wte.weight
+    qmax = 7
+    scale = w.abs().amax(dim=1, keepdim=True) / qmax
+    expected = torch.clamp(torch.round(w * (1 / scale)), -8, 7) * scale
+    assert torch.allclose(model.token_embedding_weight(), expected, atol=1e-7)
+    idx = torch.randint(50, (1, 8))
+    logits, _ = model(idx)
+    model.set_quantization(False)
+    assert torch.equal(model.token_embedding_weight(), w)
+    assert not torch.allclose(logits, model(idx)[0])
+    assert build([]).embedding_spec is None  # full precision unless asked
+
+
+def test_stochastic_grid_flag_reaches_the_quantizer():
+    model = build(["--linear_variant_mlp=quantized_linear", "--quantize_linear_method=stochastic_quant",
+                   "--stochastic_grid=affine"])
+    assert site_layer(model, "mlp_up").spec.grid == "affine"
+    assert build(["--linear_variant_mlp=quantized_linear",
+                  "--quantize_linear_method=stochastic_quant"]).transformer.h[0].mlp.mlp_up.spec.grid == "symmetric"

@@ -154,3 +154,21 @@ def test_checkpoint_write_is_atomic(tmp_path):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "bad": Unsaveable()})
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
+
+
+def test_eval_only_evaluates_and_writes_no_checkpoint(char_data, tmp_path):
+    train_in_process(tmp_path, "--eval_only", "--max_iters=50")
+    records = read_log(tmp_path)
+    assert [r["iter"] for r in records] == [0] and "val_loss" in records[0]
+    assert not os.path.exists(tmp_path / "ckpt.pt")
+
+
+@pytest.mark.parametrize("always", [True, False])
+def test_always_save_checkpoint_saves_at_every_evaluation(char_data, tmp_path, capsys, always):
+    # a learning rate of 10 wrecks the model after one step, so step 2 never improves on step 0's val loss:
+    # only --always_save_checkpoint saves there
+    flags = ["--max_iters=4", "--eval_interval=2", "--learning_rate=10", "--warmup_iters=0", "--decay_lr=False"]
+    train_in_process(tmp_path, *flags, f"--always_save_checkpoint={always}")
+    out = capsys.readouterr().out
+    after_step_2 = out.split("step 2:")[1].split("step 4:")[0]
+    assert ("saved checkpoint" in after_step_2) == always
