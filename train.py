@@ -192,21 +192,31 @@ def main(argv=None):
     if args.wandb_log and master:
         import wandb
         wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args))
-    if checkpoint is not None:
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device_type == "cuda" and "cuda" in checkpoint["rng"]:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    if checkpoint is not None:  # each process continues from its own random state
+        rng = checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0]
+        torch.set_rng_state(rng["cpu"])
+        if device_type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
         checkpoint = None  # free the memory
     resumed = args.init_from == "resume"
 
-    def save(it, val_loss):
+    def rng_states():
+        """Every process's random state (rank order), gathered on all of them."""
         rng = {"cpu": torch.get_rng_state()}
         if device_type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state()
+        if not ddp:
+            return [rng]
+        states = [None] * world_size
+        torch.distributed.all_gather_object(states, rng)
+        return states
+
+    def save(it, val_loss, rng):
         save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), {
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_args": model_args, "iter_num": it, "best_val_loss": val_loss, "config": vars(args),
-            "dataset": args.dataset, "quantization_enabled": raw_model.quantization_enabled, "activations": stored_activations(raw_model), "rng": rng})
+            "dataset": args.dataset, "quantization_enabled": raw_model.quantization_enabled,
+            "activations": stored_activations(raw_model), "rng": rng})
 
     t0 = time.time()
     while True:
@@ -216,15 +226,23 @@ def main(argv=None):
         quantized = set_phase(iter_num)
         last = iter_num >= args.max_iters
         # evaluate and checkpoint; a resumed run does not repeat the evaluation its checkpoint was written after
-        if (iter_num % args.eval_interval == 0 or last) and master and not resumed:
-            losses = estimate_loss()
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
-                 "quantized": quantized})
-            if losses["val"] < best_val_loss or args.always_save_checkpoint or last:
-                best_val_loss = min(best_val_loss, losses["val"])
-                if iter_num > 0:
-                    save(iter_num, best_val_loss)
+        # (rank 0 evaluates and decides; every process hands it its random state for the checkpoint)
+        if (iter_num % args.eval_interval == 0 or last) and not resumed:
+            decision = [False]
+            if master:
+                losses = estimate_loss()
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
+                     "quantized": quantized})
+                if losses["val"] < best_val_loss or args.always_save_checkpoint or last:
+                    best_val_loss = min(best_val_loss, losses["val"])
+                    decision = [iter_num > 0]
+            if ddp:
+                torch.distributed.broadcast_object_list(decision, src=0)
+            if decision[0]:
+                rng = rng_states()
+                if master:
+                    save(iter_num, best_val_loss, rng)
                     print(f"saved checkpoint to {args.out_dir}/ckpt.pt")
         resumed = False
         if last or (iter_num == 0 and args.eval_only):
@@ -257,7 +275,8 @@ def main(argv=None):
                  "quantized": quantized})
         iter_num += 1
 
-    if ddp:
+    if ddp:  # wait for rank 0's last checkpoint before tearing the group down
+        torch.distributed.barrier()
         destroy_process_group()
 
 

@@ -79,19 +79,38 @@ def test_resumed_run_matches_uninterrupted_run(char_data, tmp_path):
     assert len({expected[i] for i in range(10, 16)}) > 1  # the run really trained
 
 
-def test_torchrun_trains_with_ddp_on_cpu(char_data, tmp_path):
+def torchrun(out_dir, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), f"--out_dir={tmp_path}", *TINY, *QAT, "--max_iters=30",
-           "--gradient_accumulation_steps=2", "--eval_interval=30", "--lr_decay_iters=30", "--learning_rate=3e-3",
-           "--quantization_warmup_iters=10", "--backend=gloo"]
+           os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *QAT, "--gradient_accumulation_steps=2",
+           "--backend=gloo", *flags]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_torchrun_trains_with_ddp_on_cpu(char_data, tmp_path):
+    result = torchrun(tmp_path, "--max_iters=30", "--eval_interval=30", "--lr_decay_iters=30",
+                      "--learning_rate=3e-3", "--quantization_warmup_iters=10")
     assert "world size 2" in result.stdout
     assert "tokens per iteration: 512" in result.stdout  # 2 processes x 1 micro-batch x 8 x 32
     evals = [r for r in read_log(tmp_path) if "val_loss" in r]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 30
+
+
+def test_torchrun_resume_matches_uninterrupted_run(char_data, tmp_path):
+    """Each process's random state is in the checkpoint, so a resumed DDP run draws the same batches."""
+    flags = ["--quantize_linear_method=stochastic_quant", "--quantize_linear_bits=4", "--dropout=0.1",
+             "--quantization_warmup_iters=3", "--eval_interval=4", "--lr_decay_iters=12"]
+    torchrun(tmp_path / "whole", *flags, "--max_iters=12")
+    torchrun(tmp_path / "part", *flags, "--max_iters=8")
+    torchrun(tmp_path / "part", *flags, "--max_iters=12", "--init_from=resume")
+    rngs = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])
+    losses = lambda d: {r["iter"]: r["loss"] for r in read_log(d) if "loss" in r}
+    whole, part = losses(tmp_path / "whole"), losses(tmp_path / "part")
+    assert [part[i] for i in range(8, 12)] == [whole[i] for i in range(8, 12)]
 
 
 @pytest.mark.parametrize("flags,message", [
