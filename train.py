@@ -40,7 +40,8 @@ def main(argv=None):
         quant = model_quant_config(args)
     except ConfigError as e:
         sys.exit(f"train.py: error: {e}")
-    from_gpt2 = args.init_from.startswith("gpt2") or os.path.isdir(args.init_from)
+    from_gpt2 = args.init_from not in ("scratch", "resume") and (
+        args.init_from.startswith("gpt2") or os.path.isdir(args.init_from))
     if args.init_from not in ("scratch", "resume") and not from_gpt2:
         sys.exit(f"train.py: error: --init_from={args.init_from}: expected 'scratch', 'resume', a GPT-2 name "
                  f"(gpt2, gpt2-medium, ...) or a local Hugging Face GPT-2 folder")
@@ -104,20 +105,20 @@ def main(argv=None):
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
-    try:
-        if from_gpt2:  # GPT-2 weights (into the quantized layers' latent weights when QAT is on)
-            if meta["vocab_size"] != 50257:
-                sys.exit(f"train.py: error: --init_from={args.init_from} needs a GPT-2 BPE dataset "
-                         f"(e.g. --dataset=shakespeare), not --dataset={args.dataset}")
-            from quantization.hf import load_hf_gpt2
-            try:
-                model, model_args = load_hf_gpt2(args.init_from, block_size=args.block_size, dropout=args.dropout, **quant)
-            except (OSError, ValueError) as e:
-                sys.exit(f"train.py: error: --init_from={args.init_from}: {e}")
-        else:
+    if from_gpt2:  # GPT-2 weights (into the quantized layers' latent weights when QAT is on)
+        if meta["vocab_size"] != 50257:
+            sys.exit(f"train.py: error: --init_from={args.init_from} needs a GPT-2 BPE dataset "
+                     f"(e.g. --dataset=shakespeare), not --dataset={args.dataset}")
+        from quantization.hf import load_hf_gpt2
+        try:
+            model, model_args = load_hf_gpt2(args.init_from, block_size=args.block_size, dropout=args.dropout, **quant)
+        except (OSError, ValueError) as e:
+            sys.exit(f"train.py: error: --init_from={args.init_from}: {e}")
+    else:
+        try:
             model = GPT(GPTConfig(**model_args))
-    except ValueError as e:
-        sys.exit(f"train.py: error: {e}")
+        except ValueError as e:
+            sys.exit(f"train.py: error: {e}")
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         restore_activations(model, checkpoint.get("activations", {}))
