@@ -74,7 +74,7 @@ WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": i
 CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple(LINEAR_VARIANTS),
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
            "stochastic_grid": ("symmetric", "affine"), "quantize_linear_method": METHODS,
-           "quantize_linear_granularity": GRANULARITIES[:3]}
+           "quantize_linear_granularity": GRANULARITIES[:3], "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
 def str2bool(value):

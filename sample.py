@@ -1,9 +1,6 @@
 """Generate text from a checkpoint (any linear variant and quantization method)."""
-import argparse
 import os
 import sys
-from contextlib import nullcontext
-
 import torch
 
 from checkpoint import load_checkpoint
@@ -24,7 +21,7 @@ def build_parser():
     p.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16; auto picks for the device")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="float32, bfloat16 or float16; auto picks for the device")
     p.add_argument("--compile", action=BoolFlag, default=False, help="torch.compile the model")
     return p
 
@@ -47,7 +44,7 @@ def load_model(out_dir, device):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from train import resolve_device
+    from train import autocast_context, resolve_device
     device, dtype = resolve_device(args.device, args.dtype)
     torch.manual_seed(args.seed)
     try:
@@ -68,10 +65,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"sample.py: error: --start: {e}")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), autocast_context(device, dtype):
         for _ in range(args.num_samples):
             y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
             print(tokenizer.decode(y[0].tolist()))

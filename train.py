@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -32,6 +31,14 @@ def resolve_device(device, dtype):
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     return device, dtype
+
+
+def autocast_context(device, dtype):
+    """Mixed precision for float16/bfloat16, nothing for float32."""
+    if dtype == "float32":
+        return nullcontext()
+    ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return torch.amp.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=ptdtype)
 
 
 def main(argv=None):
@@ -71,8 +78,7 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    ctx = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    ctx = autocast_context(device, dtype)
 
     # data: flat uint16 token files, memory-mapped anew per batch (avoids numpy's memmap leak)
     data_dir = os.path.join(ROOT, "data", args.dataset)
