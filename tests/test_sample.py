@@ -54,3 +54,17 @@ def test_sample_bad_input(method_checkpoints, tmp_path, make, flags, message):
     out = method_checkpoints["symmetric_quant"] if make == "ok" else tmp_path
     error = run_main(sample.main, f"--out_dir={out}", "--max_new_tokens=2", *flags)
     assert error is not None and message in error and "\n" not in error
+
+
+def test_seed_temperature_and_top_k(method_checkpoints, capsys):
+    out = method_checkpoints["affine_quant"]
+
+    def draw(*flags):
+        assert run_main(sample.main, f"--out_dir={out}", "--start=A", "--num_samples=1", "--max_new_tokens=30",
+                        "--device=cpu", *flags) is None
+        return capsys.readouterr().out
+
+    assert draw("--seed=1") == draw("--seed=1")
+    assert draw("--seed=1", "--temperature=2.0") != draw("--seed=2", "--temperature=2.0")
+    # top_k=1 is greedy: the seed no longer matters
+    assert draw("--seed=1", "--top_k=1") == draw("--seed=2", "--top_k=1")
