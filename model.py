@@ -7,14 +7,14 @@ whose ActQuant is the identity unless the config switches it on. The two tables 
 of sites: train.py's flags, the config, saving and plots are all generated from them.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 from quantization.layers import ActQuant, make_linear, latent_weight
-from quantization.quantizers import QuantSpec, fake_quant
+from quantization.quantizers import QuantSpec, code_range, compute_qparams, fake_quant, quantize, smallest_int_dtype
 
 # linear site -> the layer kind it belongs to (group-level flags such as --linear_variant_attn apply to a kind)
 LINEAR_SITES = {"q": "attn", "k": "attn", "v": "attn", "attn_proj": "attn", "mlp_up": "mlp", "mlp_down": "mlp"}
@@ -63,6 +63,64 @@ def linear_site(config, site, in_features, out_features):
     return make_linear(config.linear_variants.get(site, "linear"), in_features, out_features, config.bias, spec)
 
 
+class KVCache(nn.Module):
+    """The keys and values of one attention layer for decoding, preallocated as (batch, n_head, max_len, head_dim)
+    and written in place at the new tokens' positions, so that a decode step has static shapes (CUDA graphs).
+
+    When the layer's qk_mult_k_input / pv_mult_v_input site is on, that tensor is stored quantized: integer codes
+    plus a scale and zero point per token and head (per group of head_dim for a per_group spec), computed once as
+    the token enters the cache. For per_token and per_group specs this is exactly what the uncached forward
+    computes; a per_tensor or per_channel spec, whose range would span tokens not yet generated, is applied per
+    token here (same method and bits)."""
+
+    def __init__(self, batch, n_head, max_len, head_dim, device, dtype, k_spec=None, v_spec=None):
+        super().__init__()
+        self.dtype = dtype
+        self.specs = {}
+        for name, spec in (("k", k_spec), ("v", v_spec)):
+            shape = (batch, n_head, max_len, head_dim)
+            if spec is None:
+                self.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+                continue
+            if spec.granularity in ("per_tensor", "per_channel"):
+                spec = replace(spec, granularity="per_token")
+            self.specs[name] = spec
+            rows = head_dim // spec.group_size if spec.granularity == "per_group" else 1
+            codes_dtype = smallest_int_dtype(*code_range(spec))
+            self.register_buffer(f"{name}_codes", torch.zeros(shape, device=device, dtype=codes_dtype), persistent=False)
+            for qparam in ("scale", "zero_point"):
+                self.register_buffer(f"{name}_{qparam}", torch.zeros((*shape[:3], rows), device=device), persistent=False)
+
+    def k_or_codes(self):
+        return self.k_codes if "k" in self.specs else self.k
+
+    @property
+    def max_len(self):
+        return self.k_or_codes().size(2)
+
+    def update(self, input_pos, k, v):
+        """Write k and v (batch, n_head, T, head_dim) at positions input_pos (T,); return the whole cache's keys
+        and values (dequantized where stored quantized)."""
+        out = []
+        for name, x in (("k", k), ("v", v)):
+            spec = self.specs.get(name)
+            if spec is None:
+                cache = getattr(self, name)
+                cache.index_copy_(2, input_pos, x.to(self.dtype))
+                out.append(cache)
+                continue
+            scale, zero_point = compute_qparams(x, spec)
+            codes = quantize(x, scale, zero_point, spec)
+            stored = [getattr(self, f"{name}_{part}") for part in ("codes", "scale", "zero_point")]
+            for buf, value in zip(stored, (codes, scale, zero_point)):
+                buf.index_copy_(2, input_pos, value.reshape(*x.shape[:3], -1).to(buf.dtype))
+            codes, scale, zero_point = stored
+            rows = scale.size(-1)  # dequantize as quantizers.dequantize does: (codes - zero_point) * scale, in float32
+            grouped = codes.float().unflatten(-1, (rows, -1))
+            out.append(((grouped - zero_point[..., None]) * scale[..., None]).flatten(-2).to(x.dtype))
+        return out
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -79,13 +137,16 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.register_buffer("causal", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)),
                              persistent=False)
+        self.kv_cache = None
 
-    def forward(self, x):
+    def forward(self, x, input_pos=None):
         B, T, C = x.size()
         x = self.act["input"](x)
         q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for proj in (self.q, self.k, self.v))
-        if not any(self.act[site].active for site in ATTN_INNER_SITES):
+        if input_pos is not None:
+            y = self.cached_attention(q, k, v, input_pos)
+        elif not any(self.act[site].active for site in ATTN_INNER_SITES):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
         else:
@@ -97,6 +158,20 @@ class CausalSelfAttention(nn.Module):
             y = self.act["pv_mult_output"](y)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.act["output"](self.resid_dropout(self.attn_proj(y)))
+
+    def cached_attention(self, q, k, v, input_pos):
+        """Attention of the new tokens at input_pos over every token in the cache up to them. The activation
+        sites see only the new tokens' rows (their per_tensor ranges cover this step's tokens); K and V are
+        quantized as they enter the cache (KVCache); the softmax input's masked scores are zeroed before
+        quantizing, which widens neither a symmetric nor an affine range."""
+        k, v = self.kv_cache.update(input_pos, k, v)
+        visible = self.causal[input_pos, :k.size(2)]
+        if not any(self.act[site].active for site in ATTN_INNER_SITES):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        att = (self.act["qk_mult_q_input"](q) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = self.act["softmax_input"](att.masked_fill(~visible, 0.0)).masked_fill(~visible, float("-inf"))
+        y = self.act["pv_mult_p_input"](F.softmax(att, dim=-1)) @ v
+        return self.act["pv_mult_output"](y)
 
 
 class MLP(nn.Module):
@@ -124,8 +199,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, input_pos=None):
+        x = x + self.attn(self.ln_1(x), input_pos)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -178,14 +253,16 @@ class GPT(nn.Module):
             weight = fake_quant(weight, self.embedding_spec, self.training)
         return weight
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, input_pos=None):
+        """Logits (of the last position only, unless targets are given) and the loss. With input_pos (the
+        positions of idx's tokens, a 1-D tensor) the layers attend through their KV caches (setup_cache)."""
         b, t = idx.size()
         assert t <= self.config.block_size, f"sequence of length {t} is longer than block_size {self.config.block_size}"
         wte = self.token_embedding_weight()
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device) if input_pos is None else input_pos
         x = self.transformer.drop(F.embedding(idx, wte) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, input_pos)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = F.linear(x, wte)
@@ -209,15 +286,76 @@ class GPT(nn.Module):
         flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
         return flops_per_token * T * fwdbwd_per_iter / dt / 312e12
 
+    def setup_cache(self, batch, max_len, device, dtype):
+        """Allocate every layer's KVCache for `batch` sequences of up to max_len (<= block_size) positions. K and V
+        are stored quantized where their activation site is on now (call after set_quantization)."""
+        assert max_len <= self.config.block_size, f"max_len {max_len} is longer than block_size {self.config.block_size}"
+        for block in self.transformer.h:
+            attn = block.attn
+            k_site, v_site = attn.act["qk_mult_k_input"], attn.act["pv_mult_v_input"]
+            attn.kv_cache = KVCache(batch, attn.n_head, max_len, self.config.n_embd // attn.n_head, device, dtype,
+                                    k_site.spec if k_site.active else None, v_site.spec if v_site.active else None)
+
+    def cache_fits(self, batch, max_len, device, dtype):
+        cache = self.transformer.h[0].attn.kv_cache
+        return (cache is not None and cache.k_or_codes().shape[0] == batch and cache.max_len >= max_len
+                and cache.dtype == dtype and cache.k_or_codes().device == torch.device(device))
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, compile=False):
+        """Continue idx (batch, T) by max_new_tokens tokens: greedy when temperature is 0, else sampled from the
+        top_k most likely. With use_cache, the prompt is run once (prefill) and each new token attends through
+        the KV caches, which are reused across calls when they fit; with compile, that one-token step runs under
+        torch.compile(mode="reduce-overhead") (CUDA graphs on the GPU). The cache holds block_size positions:
+        tokens beyond it are generated as without a cache (the last block_size tokens recomputed each step)."""
+        if not use_cache:
+            return self._generate_uncached(idx, max_new_tokens, temperature, top_k)
+        block_size = self.config.block_size
+        prompt = idx[:, -block_size:]
+        cached_steps = min(max_new_tokens, block_size - prompt.size(1))
+        if cached_steps <= 0:
+            return self._generate_uncached(idx, max_new_tokens, temperature, top_k)
+        device_type = idx.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else self.transformer.wte.weight.dtype)
+        max_len = prompt.size(1) + cached_steps
+        if not self.cache_fits(idx.size(0), max_len, idx.device, dtype):
+            self.setup_cache(idx.size(0), max_len, idx.device, dtype)
+        input_pos = torch.arange(prompt.size(1), device=idx.device)
+        logits, _ = self(prompt, input_pos=input_pos)
+        tokens = [idx, sample_logits(logits, temperature, top_k)]
+        step = self.decode_step
+        if compile:
+            if getattr(self, "_compiled_step", None) is None:
+                self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
+            step = self._compiled_step
+        input_pos = input_pos[-1:].clone()
+        for _ in range(cached_steps - 1):
+            input_pos += 1
+            tokens.append(step(tokens[-1], input_pos, temperature, top_k).clone())
+        idx = torch.cat(tokens, dim=1)
+        return self._generate_uncached(idx, max_new_tokens - cached_steps, temperature, top_k)
+
+    def decode_step(self, token, input_pos, temperature, top_k):
+        """The next token after `token` (batch, 1) at position input_pos (1,), through the KV caches."""
+        logits, _ = self(token, input_pos=input_pos)
+        return sample_logits(logits, temperature, top_k)
+
+    def _generate_uncached(self, idx, max_new_tokens, temperature, top_k):
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("Inf")
-            probs = F.softmax(logits, dim=-1)
-            idx = torch.cat((idx, torch.multinomial(probs, num_samples=1)), dim=1)
+            idx = torch.cat((idx, sample_logits(logits, temperature, top_k)), dim=1)
         return idx
+
+
+def sample_logits(logits, temperature, top_k):
+    """The next token (batch, 1) from the last position's logits: argmax when temperature is 0."""
+    logits = logits[:, -1, :]
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("Inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
