@@ -1,14 +1,9 @@
 """Generate text from a checkpoint (any linear variant and quantization method)."""
-import os
 import sys
 import torch
 
-from checkpoint import load_checkpoint
 from configurator import BoolFlag, OneLineParser
-from model import GPT, GPTConfig
-from tokenizer import Tokenizer, load_meta
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from inference import KERNEL_CHOICES, autocast_context, freeze_quantized_weights, load_model, resolve_device
 
 
 def build_parser():
@@ -22,37 +17,24 @@ def build_parser():
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="float32, bfloat16 or float16; auto picks for the device")
-    p.add_argument("--compile", action=BoolFlag, default=False, help="torch.compile the model")
+    p.add_argument("--compile", action=BoolFlag, default=False,
+                   help="torch.compile the one-token decode step (CUDA graphs on the GPU)")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES,
+                   help="packed checkpoints: keep the weights packed and run the packed kernels (auto: on CUDA)")
+    p.add_argument("--cache", action=BoolFlag, default=True,
+                   help="decode through the KV cache (--no-cache: recompute the whole context for each token)")
     return p
-
-
-def load_model(out_dir, device):
-    """The model of a checkpoint, in eval mode with its quantizers on, and the tokenizer of its data.
-    A packed quantized checkpoint (quantization/packing.py) is dequantized into the model."""
-    from quantization.packing import is_packed, load_packed
-    checkpoint = load_checkpoint(out_dir, device)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    if is_packed(checkpoint):
-        load_packed(model, checkpoint)
-    else:
-        model.load_state_dict(checkpoint["model"])
-    model.set_quantization(checkpoint.get("quantization_enabled", True))
-    model.eval().to(device)
-    dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
-    return model, Tokenizer(load_meta(os.path.join(ROOT, "data", dataset)))
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from train import autocast_context, resolve_device
     device, dtype = resolve_device(args.device, args.dtype)
     torch.manual_seed(args.seed)
     try:
-        model, tokenizer = load_model(args.out_dir, device)
+        model, tokenizer = load_model(args.out_dir, device, kernels=args.kernels)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"sample.py: error: --out_dir={args.out_dir}: {e}")
-    if args.compile:
-        model = torch.compile(model)
+    freeze_quantized_weights(model)
     start = args.start
     if start.startswith("FILE:"):
         try:
@@ -67,7 +49,8 @@ def main(argv=None):
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     with torch.no_grad(), autocast_context(device, dtype):
         for _ in range(args.num_samples):
-            y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+            y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               use_cache=args.cache, compile=args.compile)
             print(tokenizer.decode(y[0].tolist()))
             print("---------------")
 

@@ -10,7 +10,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -19,26 +18,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, save_checkpoint, stored_activations, restore_activations
 from configurator import ConfigError, model_quant_config, parse_args
+from inference import autocast_context, resolve_device
 from model import GPT, GPTConfig
 from tokenizer import load_meta
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def resolve_device(device, dtype):
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    return device, dtype
-
-
-def autocast_context(device, dtype):
-    """Mixed precision for float16/bfloat16, nothing for float32."""
-    if dtype == "float32":
-        return nullcontext()
-    ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return torch.amp.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=ptdtype)
 
 
 def main(argv=None):

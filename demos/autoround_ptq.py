@@ -117,7 +117,7 @@ def main(argv=None):
     p.add_argument("--quantized_dir", default=None, help="where to save (default: <out_dir>-<method>)")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
-    from train import resolve_device
+    from inference import resolve_device
     device, _ = resolve_device(args.device, "float32")
     torch.backends.cuda.matmul.allow_tf32 = True
     quantized_dir = args.quantized_dir or f"{os.path.normpath(args.out_dir)}-{args.method}"

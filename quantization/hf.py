@@ -131,7 +131,7 @@ def export_checkpoint(out_dir, hf_dir):
     GPT-2 folder: config.json and model.safetensors."""
     from safetensors.torch import save_file
 
-    from sample import load_model
+    from inference import load_model
     model, _ = load_model(out_dir, "cpu")
     cfg = model.config
     if any(v != "linear" for v in cfg.linear_variants.values()) or cfg.act_quant or cfg.embedding_quant:

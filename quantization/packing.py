@@ -3,7 +3,7 @@
 (the narrowest integer type), instead of a float weight. Everything else is the ordinary checkpoint.
 
     save_packed(path, base_checkpoint, model, records, ptq_info)   # records from rtn/gptq/autoround
-    load_packed(model, checkpoint)                                 # sample.load_model calls it
+    load_packed(model, checkpoint)                                 # inference.load_model calls it
 """
 from dataclasses import asdict
 

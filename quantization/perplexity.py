@@ -120,8 +120,7 @@ def load_tokens(args, tokenizer, dataset):
 
 def main(argv=None):
     from checkpoint import load_checkpoint
-    from sample import load_model
-    from train import resolve_device
+    from inference import load_model, resolve_device
     args = build_parser().parse_args(argv)
     prog = "perplexity.py: error:"
     if args.batch_size < 1:

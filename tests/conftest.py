@@ -102,7 +102,7 @@ def ptq_w3(trained_fp):
     from quantization.gptq import GPTQ
     from quantization.perplexity import split_tokens
     from quantization.rtn import rtn_quantize, weight_spec
-    from sample import load_model
+    from inference import load_model
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and far faster when the cores are busy
     fp, _ = load_model(trained_fp, "cpu")

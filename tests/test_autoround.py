@@ -11,7 +11,7 @@ from conftest import ROOT, run_script
 from quantization.autoround import AutoRound, SignSGD, WrapperLinear, calibration_samples
 from quantization.quantizers import compute_qparams, fake_quant, qparams_from_range, quantize_tensor, to_rows
 from quantization.rtn import rtn_quantize, weight_spec
-from sample import load_model
+from inference import load_model
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

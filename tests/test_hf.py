@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT
 from quantization.hf import export_checkpoint, import_checkpoint, load_hf_gpt2
-from sample import load_model
+from inference import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
 from quantization.packing import load_packed, pack_codes, packed_bytes, save_packed, unpack_codes
 from quantization.rtn import rtn_quantize, weight_spec
-from sample import load_model
+from inference import load_model
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 

@@ -1,0 +1,177 @@
+"""Decoding through the KV cache (model.KVCache, GPT.generate) against the uncached forward, and inference.py.
+
+What equals what: for a float model, and for a quantized one whose activation sites are per_token (or per_group)
+except softmax_input, the cached path's logits equal the uncached forward's at every step (to float rounding)
+and greedy tokens are identical. softmax_input and per_tensor activation ranges span other tokens in the
+uncached forward (future scores, the whole sequence); the cached path takes them over what a causal step sees,
+so there the facts checked are causality (one-shot prefill == token by token) and the per-token K/V storage."""
+import pytest
+import torch
+
+from checkpoint import save_checkpoint
+from inference import freeze_quantized_weights, load_model, use_kernels
+from model import ACT_SITES, LINEAR_SITES, GPT, GPTConfig, KVCache
+from quantization.quantizers import QuantSpec, fake_quant
+from quantization.packing import save_packed
+from quantization.rtn import rtn_quantize, weight_spec
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=65)
+QAT_WEIGHTS = dict(linear_variants={s: "quantized_linear" for s in LINEAR_SITES},
+                   weight_quant={s: dict(bits=4) for s in LINEAR_SITES}, embedding_quant=dict(bits=8))
+
+
+def act_quant(granularity="per_token", method="affine_quant", skip=("softmax_input",), **overrides):
+    sites = {f"{kind}_{site}": dict(method=method, bits=6, granularity=granularity)
+             for kind in ACT_SITES for site in ACT_SITES[kind] if site not in skip}
+    return {**sites, **overrides}
+
+
+CONFIGS = {
+    "float": {},
+    "quantized": dict(QAT_WEIGHTS, act_quant=act_quant()),
+    "quantized_symmetric_kv_groups": dict(QAT_WEIGHTS, act_quant=act_quant(
+        method="symmetric_quant", attn_qk_mult_k_input=dict(bits=4, granularity="per_group", group_size=8))),
+}
+
+
+def build(**config):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**TINY, **config)).eval()
+
+
+def stepwise_logits(model, tokens, prompt_len):
+    """Logits of the cached path: prefill of tokens[:, :prompt_len], then one token at a time."""
+    model.setup_cache(tokens.size(0), tokens.size(1), "cpu", torch.float32)
+    out = [model(tokens[:, :prompt_len], input_pos=torch.arange(prompt_len))[0]]
+    for t in range(prompt_len, tokens.size(1)):
+        out.append(model(tokens[:, t:t + 1], input_pos=torch.tensor([t]))[0])
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_decoding_equals_uncached(name, batch):
+    model = build(**CONFIGS[name])
+    prompt = torch.randint(TINY["vocab_size"], (batch, 5))
+    uncached = model.generate(prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(model.generate(prompt, 12, temperature=0), uncached)
+    cached = stepwise_logits(model, uncached[:, :-1], 5)
+    reference = torch.cat([model(uncached[:, :t])[0] for t in range(5, uncached.size(1))], dim=1)
+    torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_stored_as_codes_per_token():
+    spec = QuantSpec(method="affine_quant", bits=8, granularity="per_tensor")
+    cache = KVCache(2, 3, 10, 8, "cpu", torch.float32, k_spec=spec)
+    assert cache.k_codes.dtype == torch.uint8 and cache.k_scale.shape == (2, 3, 10, 1)
+    assert cache.v.dtype == torch.float32  # the V site is off: stored as is
+    k, v = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8)
+    keys, values = cache.update(torch.arange(2, 6), k, v)
+    per_token = QuantSpec(method="affine_quant", bits=8, granularity="per_token")
+    assert torch.equal(keys[:, :, 2:6], fake_quant(k, per_token))  # the per_tensor range is taken per token
+    assert not torch.equal(keys[:, :, 2:6], fake_quant(k, spec))
+    assert torch.equal(values[:, :, 2:6], v) and torch.equal(keys[:, :, :2], torch.zeros(2, 3, 2, 8))
+
+
+def test_cached_path_is_causal_with_every_site_on():
+    """softmax_input included: a one-shot prefill equals prefill of 1 token then single steps."""
+    model = build(**QAT_WEIGHTS, act_quant=act_quant(skip=()))
+    tokens = torch.randint(TINY["vocab_size"], (2, 9))
+    steps = stepwise_logits(model, tokens, 1)[:, -1]
+    assert model.transformer.h[0].attn.kv_cache.k_codes.dtype == torch.int8  # 6-bit codes 0..63 in one byte
+    model.setup_cache(2, 9, "cpu", torch.float32)
+    prefill = model(tokens, input_pos=torch.arange(9))[0][:, -1]
+    torch.testing.assert_close(steps, prefill, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_past_block_size_and_sampling_match_uncached():
+    model = build()
+    prompt = torch.randint(TINY["vocab_size"], (2, 30))  # 30 + 10 > block_size 32: the last 8 slide
+    assert torch.equal(model.generate(prompt, 10, temperature=0), model.generate(prompt, 10, temperature=0,
+                                                                                  use_cache=False))
+    draws = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        draws.append(model.generate(prompt[:, :4], 10, temperature=1.0, top_k=5, use_cache=use_cache))
+    assert torch.equal(*draws)
+
+
+def test_cache_reused_when_it_fits_and_rebuilt_when_not():
+    model = build()
+    prompt = torch.randint(TINY["vocab_size"], (2, 4))
+    first = model.generate(prompt, 8, temperature=0)
+    cache = model.transformer.h[0].attn.kv_cache
+    assert torch.equal(model.generate(prompt, 6, temperature=0), first[:, :10])
+    assert model.transformer.h[0].attn.kv_cache is cache  # 10 positions fit the 12 allocated
+    assert torch.equal(model.generate(prompt[:1], 8, temperature=0), first[:1])
+    assert model.transformer.h[0].attn.kv_cache is not cache  # another batch size
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="compiling the decode step takes about 2 minutes on 2 CPU cores; bench/decode.py checks it")
+def test_compiled_decode_step_equals_eager():
+    model = build().cuda()
+    prompt = torch.randint(TINY["vocab_size"], (2, 4), device="cuda")
+    assert torch.equal(model.generate(prompt, 10, temperature=0, compile=True),
+                       model.generate(prompt, 10, temperature=0))
+
+
+def test_freeze_quantized_weights_keeps_outputs():
+    model = build(**CONFIGS["quantized"])
+    idx = torch.randint(TINY["vocab_size"], (2, 8))
+    before = model(idx, idx)[0]
+    freeze_quantized_weights(model)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules()) and model.embedding_spec is None
+    assert torch.equal(model(idx, idx)[0], before)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, char_data):
+    """A float and a packed (RTN W4) checkpoint of a random tiny model: {kind: folder}."""
+    root = tmp_path_factory.mktemp("decode_ckpts")
+    model = build()
+    base = {"model_args": dict(TINY), "dataset": "shakespeare_char"}
+    save_checkpoint(str(root / "float" / "ckpt.pt"), {**base, "model": model.state_dict()})
+    records = rtn_quantize(model, weight_spec(4, 16))
+    save_packed(str(root / "packed" / "ckpt.pt"), base, model, records, {"method": "rtn", "bits": 4})
+    return {"float": str(root / "float"), "packed": str(root / "packed")}
+
+
+def test_use_kernels_choice():
+    assert use_kernels("auto", "cuda", True) and not use_kernels("auto", "cpu", True)
+    assert use_kernels("on", "cpu", True) and not use_kernels("off", "cuda", True)
+    assert not use_kernels("auto", "cuda", False)
+    with pytest.raises(ValueError, match="kernels=on needs a packed"):
+        use_kernels("on", "cuda", False)
+    with pytest.raises(ValueError, match="kernels 'yes' is unknown"):
+        use_kernels("yes", "cpu", True)
+
+
+def test_load_packed_with_kernels_equals_dequantized(checkpoints):
+    dequantized, _ = load_model(checkpoints["packed"], "cpu")
+    try:
+        import quantization.kernels  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="kernels=on: the packed kernels cannot be loaded"):
+            load_model(checkpoints["packed"], "cpu", kernels="on")
+        return
+    packed, _ = load_model(checkpoints["packed"], "cpu", kernels="on")
+    assert not any(type(m).__name__ == "PlainLinear" for m in packed.modules())
+    idx = torch.randint(TINY["vocab_size"], (2, 8))
+    torch.testing.assert_close(packed(idx, idx)[0], dequantized(idx, idx)[0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(packed.generate(idx, 6, temperature=0), dequantized.generate(idx, 6, temperature=0))
+
+
+def test_sample_cached_equals_uncached(checkpoints, capsys):
+    import sample
+    from conftest import run_main
+    outputs = []
+    for flag in ("--cache", "--no-cache"):
+        assert run_main(sample.main, f"--out_dir={checkpoints['float']}", "--start=ROMEO.", "--num_samples=1",
+                        "--max_new_tokens=20", "--device=cpu", "--kernels=off", flag) is None
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("ROMEO.")
+    error = run_main(sample.main, f"--out_dir={checkpoints['float']}", "--kernels=on", "--device=cpu")
+    assert error is not None and "kernels=on needs a packed" in error
