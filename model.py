@@ -327,10 +327,11 @@ class GPT(nn.Module):
         step = self.decode_step
         if compile:
             if getattr(self, "_compiled_step", None) is None:
-                self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True)
+                self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True,
+                                                   dynamic=False)
             step = self._compiled_step
         input_pos = input_pos[-1:].clone()
-        for _ in range(cached_steps - 1):
+        for _ in range(cached_steps - 1):  # clone: a CUDA graph's next replay overwrites its output
             input_pos += 1
             tokens.append(step(tokens[-1], input_pos, temperature, top_k).clone())
         idx = torch.cat(tokens, dim=1)

@@ -1,0 +1,225 @@
+"""Decode throughput and peak memory: bf16 against packed weights (W8, W4, W2, ternary, W1), eager and compiled,
+batch 1 and 16, for GPT-2 124M, GPT-2 XL and 6.7B shapes with random weights, in one run.
+
+    python bench/decode.py                                        # everything (GPU; longer than 10 minutes)
+    python bench/decode.py --shapes=gpt2_124m,gpt2_6.7b --formats=bf16 --batches=1
+    python bench/decode.py --shapes=tiny --device=cpu --modes=eager --new_tokens=8   # a smoke run anywhere
+
+Each row generates --new_tokens tokens greedily after a --prompt_len token prompt through GPT.generate (prefill,
+then one-token steps against the preallocated KV cache; `compiled` runs the step under
+torch.compile(mode="reduce-overhead"), CUDA graphs), after one warm-up generation; tokens/s counts the batch's
+new tokens over the whole timed generation, prefill included. The bandwidth floor is the weight bytes read per
+step over the device-to-device copy bandwidth measured in the same run; "of floor" is tokens/s at batch 1 over
+that floor's tokens/s. Packed formats need quantization.kernels.pack_model (RTN onto PackedLinear).
+"""
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, GPTConfig  # noqa: E402
+
+SHAPES = {
+    "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2_xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "gpt2_6.7b": dict(n_layer=32, n_head=32, n_embd=4096),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64),
+}
+# QuantSpec fields of each packed format (None: the bf16 model itself)
+FORMATS = {
+    "bf16": None,
+    "W8": dict(method="symmetric_quant", bits=8, granularity="per_channel"),
+    "W4": dict(method="affine_quant", bits=4, granularity="per_group", group_size=128),
+    "W2": dict(method="affine_quant", bits=2, granularity="per_group", group_size=128),
+    "ternary": dict(method="ternary_quant", granularity="per_channel"),
+    "W1": dict(method="binary_quant", granularity="per_channel"),
+}
+# compiled_tuned: compiled with inductor's coordinate-descent tuning of its generated kernels (as gpt-fast does)
+MODES = ("eager", "compiled", "compiled_tuned")
+
+
+def parse_list(value, allowed, flag):
+    items = [v for v in value.split(",") if v]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        sys.exit(f"decode.py: error: --{flag}={value}: expected a comma-separated subset of {', '.join(allowed)}")
+    return items
+
+
+def build(shape, fmt, device, dtype, vocab_size, block_size):
+    """A random-weight model of the shape, in dtype, its linears packed for a packed format."""
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = GPT(GPTConfig(**SHAPES[shape], vocab_size=vocab_size, block_size=block_size, bias=True))
+    finally:
+        torch.set_default_dtype(default)
+    model.eval()
+    if FORMATS[fmt] is not None:
+        from quantization.kernels import pack_model
+        from quantization.quantizers import QuantSpec
+        model = pack_model(model, QuantSpec(**FORMATS[fmt]))
+    return model
+
+
+def weight_bytes(model):
+    """Bytes of weights read by one decode step: every parameter and buffer but the position table (one row is
+    read) and the causal masks."""
+    total = sum(t.numel() * t.element_size() for name, t in list(model.named_parameters()) + list(model.named_buffers())
+                if not name.endswith("causal") and "kv_cache" not in name)
+    return total - model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size()
+
+
+def copy_bandwidth(device):
+    """Bytes per second of a large device-to-device copy (read plus write)."""
+    if not device.startswith("cuda"):
+        return None
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000 / 20
+    del src, dst
+    return 2 * (1 << 30) / seconds
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(model, batch, mode, args):
+    compiled = mode != "eager"
+    torch._inductor.config.coordinate_descent_tuning = mode == "compiled_tuned"
+    if compiled:
+        torch._dynamo.reset()
+        model._compiled_step = None
+    prompt = torch.randint(model.config.vocab_size, (batch, args.prompt_len), device=args.device)
+    t0 = time.time()
+    model.generate(prompt, args.new_tokens, temperature=0, compile=compiled)  # compiles, records the graphs
+    synchronize(args.device)
+    warm_s = time.time() - t0
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    out = model.generate(prompt, args.new_tokens, temperature=0, compile=compiled)
+    synchronize(args.device)
+    seconds = time.time() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+    assert out.shape == (batch, args.prompt_len + args.new_tokens)
+    return batch * args.new_tokens / seconds, peak, warm_s
+
+
+def check(args, dtype):
+    """Greedy tokens of the first shape (bf16 model): cached eager and compiled against the uncached forward."""
+    model = build(args.shapes[0], "bf16", args.device, torch.float32, args.vocab_size, args.block_size)
+    prompt = torch.randint(model.config.vocab_size, (2, args.prompt_len), device=args.device)
+    n = 24
+    reference = model.generate(prompt, n, temperature=0, use_cache=False)
+    lines = []
+    for mode in args.modes:
+        tokens = model.generate(prompt, n, temperature=0, compile=mode != "eager")
+        agree = (tokens[:, args.prompt_len:] == reference[:, args.prompt_len:]).float().mean().item()
+        lines.append(f"check ({args.shapes[0]}, float32, batch 2, {n} greedy tokens): cached {mode} agrees with "
+                     f"the uncached forward on {agree:.0%} of tokens" + ("" if agree == 1 else "  <-- MISMATCH"))
+    del model
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="decode.py", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=",".join(s for s in SHAPES if s != "tiny"), help="comma-separated shapes")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated weight formats")
+    p.add_argument("--modes", default="eager,compiled", help=f"comma-separated subset of {', '.join(MODES)}")
+    p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    p.add_argument("--prompt_len", type=int, default=16)
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--vocab_size", type=int, default=50304)
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--check", action="store_true", help="first check greedy tokens against the uncached forward")
+    p.add_argument("--out", default=None, help="also write the table here (default bench/results/decode_<gpu>.md)")
+    args = p.parse_args(argv)
+    args.shapes = parse_list(args.shapes, SHAPES, "shapes")
+    args.formats = parse_list(args.formats, FORMATS, "formats")
+    args.modes = parse_list(args.modes, MODES, "modes")
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+        assert all(b >= 1 for b in args.batches)
+    except (ValueError, AssertionError):
+        sys.exit(f"decode.py: error: --batches={args.batches}: expected comma-separated positive integers")
+    if args.prompt_len + args.new_tokens > args.block_size:
+        sys.exit(f"decode.py: error: --prompt_len + --new_tokens must be at most --block_size={args.block_size}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"decode.py: error: --device={args.device}: CUDA is not available (try --device=cpu)")
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype_name = str(dtype).split(".")[-1]
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    header = [f"# Decode throughput on {gpu}", "",
+              f"torch {torch.__version__}; {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy; "
+              f"random weights; bf16 = {dtype_name} weights and activations", ""]
+    print("\n".join(header), flush=True)
+    if args.check:
+        header += check(args, dtype) + [""]
+    bandwidth = copy_bandwidth(args.device)
+    if bandwidth:
+        header += [f"copy bandwidth: {bandwidth / 1e9:,.0f} GB/s (device to device, read + write)", ""]
+    rows = ["| shape | weights | mode | batch | tokens/s | vs bf16 | of bandwidth floor | weights (GiB) "
+            "| peak memory (GiB) | warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(header[4:] + rows), flush=True)
+    floors = []
+    bf16_speed = {}
+    for shape in args.shapes:
+        for fmt in args.formats:
+            try:
+                model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size)
+            except ImportError as e:
+                print(f"| {shape} | {fmt} | - | - | skipped: {e} | | | | | |", flush=True)
+                continue
+            nbytes = weight_bytes(model)
+            if fmt == "bf16" and bandwidth:
+                floors.append(f"{shape}: {nbytes / 2**30:.2f} GiB of {dtype_name} weights per token -> floor "
+                              f"{bandwidth / nbytes:,.0f} tokens/s at batch 1")
+            for mode in args.modes:
+                for batch in args.batches:
+                    speed, peak, warm_s = measure(model, batch, mode, args)
+                    key = (shape, mode, batch)
+                    if fmt == "bf16":
+                        bf16_speed[key] = speed
+                    ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
+                    share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
+                    row = (f"| {shape} | {fmt} | {mode} | {batch} | {speed:,.0f} | {ratio} | {share} "
+                           f"| {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
+                    rows.append(row)
+                    print(row, flush=True)
+            del model
+            gc.collect()
+            torch._dynamo.reset()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    text = "\n".join(header + rows + ([""] + ["Bandwidth floor (bf16):", ""] + [f"- {f}" for f in floors]
+                                      if floors else []))
+    print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"decode_{gpu.replace(' ', '_').lower()}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
