@@ -1,0 +1,149 @@
+"""Launching the packed kernels: which kernel, which config (the fastest of a small set, timed once per shape
+on the first call), split-K, and a torch custom op so that torch.compile sees one opaque call per layer.
+
+    packed_matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const) -> y
+    kernel_refusal(x, bits, group_size) -> None (a kernel runs), "" (the CPU: silent fallback) or a reason
+"""
+import math
+import os
+import sys
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+    from quantization.kernels import triton_kernels
+except ImportError:  # no Triton: every PackedLinear takes the dequantize path
+    triton = triton_kernels = None
+
+BLOCK = 32
+GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV kernel, else the GEMM kernel
+KERNEL_BITS = (1, 2, 3, 4, 8)
+# (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
+GEMV_CONFIGS = {
+    "one row": [(64, 4, 0, 4), (32, 8, 0, 4), (128, 2, 0, 4), (64, 8, 1, 4), (128, 4, 0, 8)],
+    "rows": [(64, 2, 0, 4), (32, 4, 0, 4), (128, 1, 0, 8), (64, 2, 0, 8)],
+}
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K shrinks to divide the group size
+GEMM_CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4), (128, 64, 32, 4, 4),
+                (32, 64, 64, 4, 3)]
+_best = {}      # tuning key -> config
+_said = set()   # fallback messages already printed
+
+
+def interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_refusal(x, bits, group_size):
+    """Why x cannot go through a kernel: None when it can, "" on the CPU (not worth a message), else a reason."""
+    if x.device.type == "cpu" and not interpreting():
+        return ""
+    if triton_kernels is None:
+        return "Triton is not installed"
+    if x.device.type not in ("cuda", "cpu"):
+        return f"no kernel for device {x.device.type}"
+    if bits not in KERNEL_BITS:
+        return f"no kernel for {bits}-bit codes (kernels: {', '.join(map(str, KERNEL_BITS))})"
+    if group_size % BLOCK:
+        return f"no kernel for group_size={group_size} (kernels need a multiple of {BLOCK})"
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"no kernel for {x.dtype} activations"
+    return None
+
+
+def say_once(reason):
+    if reason and reason not in _said:
+        _said.add(reason)
+        print(f"PackedLinear: {reason}; using the dequantize path (x @ dequant(W).T + b)", file=sys.stderr)
+
+
+def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    block_n, block_b, split, warps = config
+    m, k = x.shape
+    n = qweight.shape[1]
+    block_m = min(triton.next_power_of_2(m), GEMV_MAX_ROWS)
+    num_blocks = triton.cdiv(k, BLOCK)
+    programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    if split == 0:  # split K until about four programs per multiprocessor
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split = max(1, min(triton.cdiv(4 * sms, programs), num_blocks // (4 * block_b)))
+    per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
+    split = triton.cdiv(num_blocks, per_split)
+    atomic = split > 1
+    y = (torch.zeros if atomic else torch.empty)((m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+    triton_kernels._gemv_kernel[grid](
+        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
+        m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
+    return y.to(x.dtype)
+
+
+def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    block_m, block_n, block_k, warps, stages = config
+    m, k = x.shape
+    n = qweight.shape[1]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    triton_kernels._gemm_kernel[grid](
+        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
+        m, n, k, x.stride(0), y.stride(0), blocks_per_group,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return y
+
+
+def _configs(m, group_size):
+    if m <= GEMV_MAX_ROWS:
+        return gemv, GEMV_CONFIGS["one row" if m == 1 else "rows"]
+    # BLOCK_K must divide the group size, so that each K tile has one scale per output column
+    return gemm, [(bm, bn, math.gcd(bk, group_size) if group_size else bk, w, s)
+                   for bm, bn, bk, w, s in GEMM_CONFIGS]
+
+
+def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const):
+    """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest config of the small set."""
+    m = x.shape[0]
+    blocks_per_group = group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
+    kernel, configs = _configs(m, group_size)
+    args = (x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const)
+    rows = triton.next_power_of_2(m) if m > GEMV_MAX_ROWS else m
+    key = (kernel.__name__, rows, qweight.shape[1], in_features, bits, group_size, zero is not None,
+           bias is not None, x.dtype, x.device)
+    if key not in _best:
+        if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return kernel(*args, configs[0])  # no timing on the CPU or inside a CUDA graph capture
+        _best[key] = _fastest(kernel, args, configs)
+    return kernel(*args, _best[key])
+
+
+def _fastest(kernel, args, configs):
+    times = {}
+    for config in configs:
+        try:
+            times[config] = triton.testing.do_bench(lambda: kernel(*args, config), warmup=5, rep=20,
+                                                    return_mode="median")
+        except Exception as e:  # a config the device cannot run (too many registers, shared memory)
+            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
+                raise
+    return min(times, key=times.get)
+
+
+@torch.library.custom_op("nanoqat::packed_matmul", mutates_args=())
+def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                  zero_const: float) -> torch.Tensor:
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = run(x2, qweight, scale, zero, bias, bits, group_size, in_features, zero_const)
+    return y.reshape(*x.shape[:-1], qweight.shape[1])
+
+
+@packed_matmul.register_fake
+def _(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const):
+    return x.new_empty((*x.shape[:-1], qweight.shape[1]))

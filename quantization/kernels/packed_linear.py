@@ -1,0 +1,85 @@
+"""PackedLinear: the inference module of a quantized linear layer. It holds the packed codes, scales, zero points
+and bias (no float weight), and multiplies with the Triton kernels of this folder, or on the CPU (or without a
+kernel for its layout) through the dequantize path x @ dequant(W).T + b."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantization.kernels import ops
+from quantization.kernels.layout import dequantize_kernel_layout, record_codes, to_kernel_layout
+from quantization.quantizers import quantize_tensor
+
+
+class PackedLinear(nn.Module):
+
+    def __init__(self, layout, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = layout["in_features"], layout["out_features"]
+        self.bits, self.group_size, self.zero_const = layout["bits"], layout["group_size"], layout["zero_const"]
+        self.register_buffer("qweight", layout["qweight"])
+        # the float32 scales are kept as their bits in an int32 buffer: model.to(torch.bfloat16) converts floating
+        # buffers and would round them, while integer buffers only change device
+        self.register_buffer("scale_bits", layout["scale"].float().contiguous().view(torch.int32))
+        self.register_buffer("zero", layout["zero"])
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_record(cls, record, bias=None):
+        """From a packed checkpoint's record (checkpoint["packed_weights"][name], quantization/packing.py)."""
+        return cls(to_kernel_layout(*record_codes(record)), bias)
+
+    @classmethod
+    def from_float(cls, weight, spec, bias=None):
+        """Quantize a float weight (out, in) with quantizers.quantize_tensor (round to nearest) under `spec`."""
+        codes, scale, zero_point = quantize_tensor(weight.detach(), spec)
+        return cls(to_kernel_layout(codes, scale, zero_point, spec), bias)
+
+    @property
+    def scale(self):
+        return self.scale_bits.view(torch.float32)
+
+    def dequantized_weight(self):
+        """The float32 weight (out, in), equal to quantizers.dequantize of the codes it was made from."""
+        return dequantize_kernel_layout(self.qweight, self.scale, self.zero, self.zero_const, self.bits,
+                                        self.group_size, self.in_features)
+
+    def forward(self, x):
+        refusal = ops.kernel_refusal(x, self.bits, self.group_size)
+        if refusal is None:
+            return ops.packed_matmul(x, self.qweight, self.scale, self.zero, self.bias, self.bits, self.group_size,
+                                     self.in_features, self.zero_const)
+        ops.say_once(refusal)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self):
+        groups = f"group {self.group_size}" if self.group_size else "per channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {groups}"
+
+
+def _replace(model, name, make):
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, attr)
+    device = linear.bias.device if linear.bias is not None else next(linear.parameters()).device
+    setattr(parent, attr, make(linear).to(device))
+
+
+def convert_to_packed(model, packed_weights):
+    """Replace each linear named in `packed_weights` (a packed checkpoint's "packed_weights") by a PackedLinear of
+    its record, keeping the linear's bias. Load the checkpoint's "model" state first (strict=False). Returns model."""
+    for name, record in packed_weights.items():
+        _replace(model, name, lambda linear: PackedLinear.from_record(record, linear.bias))
+    return model
+
+
+def pack_model(model, spec):
+    """Round every linear site (model.LINEAR_SITES) of a float model to `spec` (a QuantSpec) and replace it by a
+    PackedLinear. Returns model."""
+    from model import LINEAR_SITES
+    from quantization.layers import latent_weight
+    names = [name for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in LINEAR_SITES and isinstance(module, nn.Linear)]
+    for name in names:
+        _replace(model, name, lambda linear: PackedLinear.from_float(latent_weight(linear), spec, linear.bias))
+    return model

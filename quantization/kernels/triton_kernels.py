@@ -1,0 +1,143 @@
+"""Triton kernels for y = x @ dequant(W)^T (+ bias), read straight from the packed codes of layout.py.
+
+Two kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
+- `_gemv_kernel` for up to 16 rows of x (decode): CUDA cores, a static loop over the 32 codes of each block,
+  split-K over a second grid axis (fp32 atomics) when the output alone gives too few programs;
+- `_gemm_kernel` for more rows (prefill): each K tile of codes is unpacked to a (BLOCK_K, BLOCK_N) tile of
+  exact small integers (code - zero) in the activation dtype, multiplied on the tensor cores, and the product
+  scaled per output column; a tile never straddles a group.
+Both accumulate in float32. Codes become floats by the 2**23 trick (OR the field into the mantissa of 2**23,
+subtract 2**23): exact, and cheaper than an integer-to-float conversion, which runs at a quarter of the rate.
+"""
+import triton
+import triton.language as tl
+
+BLOCK = 32
+
+
+@triton.jit
+def _as_float(field):
+    """Unsigned integer fields (< 2**23) as exact float32."""
+    return (field | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _field(word, shift: tl.constexpr, width: tl.constexpr):
+    return (word >> shift) & ((1 << width) - 1)
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                 blocks_per_group, blocks_per_split,
+                 BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_blocks = tl.cdiv(K, BLOCK)
+    first = pid_k * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, num_blocks)
+    acc = tl.zeros((BLOCK_M, BLOCK_B, BLOCK_N), tl.float32)
+    for b0 in range(first, last, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < last
+        mask_w = mask_b[:, None] & mask_n[None, :]
+        w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :] * BLOCK
+        mask_x = mask_m[:, None] & mask_b[None, :]
+        # sum over each block of x * code, and of x (the zero point is applied once per block, not per code)
+        dot = tl.zeros((BLOCK_M, BLOCK_B, BLOCK_N), tl.float32)
+        xsum = tl.zeros((BLOCK_M, BLOCK_B), tl.float32)
+        if BITS == 3:
+            low0 = tl.load(w_ptrs, mask=mask_w, other=0)
+            low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
+            high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
+            for i in tl.static_range(BLOCK):
+                if i < 16:
+                    low = _field(low0, 2 * i, 2)
+                else:
+                    low = _field(low1, 2 * (i - 16), 2)
+                code = _as_float(low | (_field(high, i, 1) << 2))
+                xi = tl.load(x_ptrs + i, mask=mask_x & (offs_b[None, :] * BLOCK + i < K), other=0.0).to(tl.float32)
+                dot += xi[:, :, None] * code[None, :, :]
+                xsum += xi
+        else:
+            for w in tl.static_range(BITS):
+                word = tl.load(w_ptrs + w * N, mask=mask_w, other=0)
+                for j in tl.static_range(32 // BITS):
+                    i = w * (32 // BITS) + j
+                    code = _as_float(_field(word, j * BITS, BITS))
+                    xi = tl.load(x_ptrs + i, mask=mask_x & (offs_b[None, :] * BLOCK + i < K), other=0.0).to(tl.float32)
+                    dot += xi[:, :, None] * code[None, :, :]
+                    xsum += xi
+        group = offs_b // blocks_per_group
+        sz_offs = group[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+            acc += (dot - zero[None, :, :] * xsum[:, :, None]) * scale[None, :, :]
+        else:
+            acc += (dot - ZERO * xsum[:, :, None]) * scale[None, :, :]
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        y += tl.where(pid_k == 0, bias, 0.0)[None, :]  # once, by the first split
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, y, mask=mask_y)
+    else:
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
+def _unpack(words, BITS: tl.constexpr):
+    """int32 words (R, BLOCK_N) of BITS-bit fields -> (R * 32 / BITS, BLOCK_N) codes, in order along K."""
+    per_word: tl.constexpr = 32 // BITS
+    fields = (words[:, None, :] >> (tl.arange(0, per_word) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+    return tl.reshape(fields, (words.shape[0] * per_word, words.shape[1]))
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, blocks_per_group,
+                 BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    blocks: tl.constexpr = BLOCK_K // BLOCK
+    num_blocks = tl.cdiv(K, BLOCK)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        offs_b = k0 // BLOCK + tl.arange(0, blocks)
+        mask_b = offs_b < num_blocks
+        if BITS == 3:
+            low_rows = tl.reshape((offs_b * 3)[:, None] + tl.arange(0, 2)[None, :], (2 * blocks,))
+            low = tl.load(w_ptr + low_rows[:, None] * N + offs_n[None, :],
+                          mask=(low_rows < num_blocks * 3)[:, None] & mask_n[None, :], other=0)
+            high = tl.load(w_ptr + (offs_b * 3 + 2)[:, None] * N + offs_n[None, :],
+                           mask=mask_b[:, None] & mask_n[None, :], other=0)
+            codes = _unpack(low, 2) | (_unpack(high, 1) << 2)
+        else:
+            rows = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
+                            mask=(rows < num_blocks * BITS)[:, None] & mask_n[None, :], other=0)
+            codes = _unpack(words, BITS)
+        group = (k0 // BLOCK) // blocks_per_group  # BLOCK_K divides the group size: one group per tile
+        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32)
+            w = _as_float(codes) - zero[None, :]
+        else:
+            w = _as_float(codes) - ZERO
+        # code - zero is a small integer (or +-1/2): exact in bf16 and fp16, so only the product rounds
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION) * scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
