@@ -10,7 +10,8 @@ then one-token steps against the preallocated KV cache; `compiled` runs the step
 torch.compile(mode="reduce-overhead"), CUDA graphs), after one warm-up generation; tokens/s counts the batch's
 new tokens over the whole timed generation, prefill included. The bandwidth floor is the weight bytes read per
 step over the device-to-device copy bandwidth measured in the same run; "of floor" is tokens/s at batch 1 over
-that floor's tokens/s. Packed formats need quantization.kernels.pack_model (RTN onto PackedLinear).
+that floor's tokens/s. Packed formats need quantization.kernels.pack_model (RTN onto PackedLinear); on GPT-2 XL,
+whose width 1600 is not a multiple of 128, W4 and W2 take groups of 64.
 """
 import argparse
 import gc
@@ -27,7 +28,7 @@ SHAPES = {
     "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768),
     "gpt2_xl": dict(n_layer=48, n_head=25, n_embd=1600),
     "gpt2_6.7b": dict(n_layer=32, n_head=32, n_embd=4096),
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=128),
 }
 # QuantSpec fields of each packed format (None: the bf16 model itself)
 FORMATS = {
@@ -61,11 +62,29 @@ def build(shape, fmt, device, dtype, vocab_size, block_size):
     finally:
         torch.set_default_dtype(default)
     model.eval()
-    if FORMATS[fmt] is not None:
+    spec = format_spec(shape, fmt)
+    if spec is not None:
         from quantization.kernels import pack_model
-        from quantization.quantizers import QuantSpec
-        model = pack_model(model, QuantSpec(**FORMATS[fmt]))
+        model = pack_model(model, spec)
     return model
+
+
+def format_spec(shape, fmt):
+    """The QuantSpec of a packed format for a shape: a group that does not divide the width (GPT-2 XL's 1600 by
+    128) is halved until it does."""
+    if FORMATS[fmt] is None:
+        return None
+    from quantization.quantizers import QuantSpec
+    spec = QuantSpec(**FORMATS[fmt])
+    while spec.granularity == "per_group" and SHAPES[shape]["n_embd"] % spec.group_size:
+        spec = QuantSpec(**{**FORMATS[fmt], "group_size": spec.group_size // 2})
+    return spec
+
+
+def format_label(shape, fmt):
+    spec = format_spec(shape, fmt)
+    changed = spec is not None and spec.granularity == "per_group" and spec.group_size != FORMATS[fmt]["group_size"]
+    return f"{fmt} (group {spec.group_size})" if changed else fmt
 
 
 def weight_bytes(model):
@@ -201,7 +220,7 @@ def main(argv=None):
                         bf16_speed[key] = speed
                     ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
                     share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
-                    row = (f"| {shape} | {fmt} | {mode} | {batch} | {speed:,.0f} | {ratio} | {share} "
+                    row = (f"| {shape} | {format_label(shape, fmt)} | {mode} | {batch} | {speed:,.0f} | {ratio} | {share} "
                            f"| {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
                     rows.append(row)
                     print(row, flush=True)
