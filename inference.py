@@ -70,7 +70,7 @@ def load_model(out_dir, device, kernels="off"):
 def load_packed_kernels(model, checkpoint, required):
     """model with its packed layers as PackedLinear (quantization/kernels). Where the kernels package cannot be
     imported: ValueError when required, else a one-line note and the dequantized float weights."""
-    from quantization.packing import load_packed
+    from quantization.packing import load_packed, load_unpacked_state
     try:
         from quantization.kernels import convert_to_packed
     except ImportError as e:
@@ -78,13 +78,7 @@ def load_packed_kernels(model, checkpoint, required):
             raise ValueError(f"kernels=on: the packed kernels cannot be loaded ({e})") from None
         print(f"note: packed kernels unavailable ({e}); using dequantized weights", file=sys.stderr)
         return load_packed(model, checkpoint)
-    packed = checkpoint["packed_weights"]
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    expected = {f"{name}.weight" for name in packed}
-    if set(missing) != expected or unexpected:
-        raise ValueError(f"packed checkpoint does not match its model (missing {sorted(set(missing) - expected)}, "
-                         f"unexpected {sorted(unexpected)})")
-    return convert_to_packed(model, packed)
+    return convert_to_packed(model, load_unpacked_state(model, checkpoint))
 
 
 def freeze_quantized_weights(model):

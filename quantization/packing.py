@@ -71,18 +71,25 @@ def save_packed(path, base, model, records, ptq_info):
 
 def load_packed(model, checkpoint):
     """Load a packed checkpoint into a freshly built model (of the checkpoint's model_args)."""
-    packed = checkpoint["packed_weights"]
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    expected = {f"{name}.weight" for name in packed}
-    if set(missing) != expected or unexpected:
-        raise ValueError(f"packed checkpoint does not match its model (missing {sorted(set(missing) - expected)}, "
-                         f"unexpected {sorted(unexpected)})")
+    packed = load_unpacked_state(model, checkpoint)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, p in packed.items():
             weight = modules[name].weight
             weight.copy_(unpack_weight(p).to(weight.device, weight.dtype))
     return model
+
+
+def load_unpacked_state(model, checkpoint):
+    """Load everything but the packed weights (ValueError if the rest does not match the model); returns the
+    packed records."""
+    packed = checkpoint["packed_weights"]
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    expected = {f"{name}.weight" for name in packed}
+    if set(missing) != expected or unexpected:
+        raise ValueError(f"packed checkpoint does not match its model (missing {sorted(set(missing) - expected)}, "
+                         f"unexpected {sorted(unexpected)})")
+    return packed
 
 
 def packed_bytes(checkpoint):
