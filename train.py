@@ -8,9 +8,11 @@ Several (DDP):     torchrun --standalone --nproc_per_node=4 train.py --config=co
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -57,9 +59,16 @@ def main(argv=None):
     ddp = int(os.environ.get("RANK", -1)) != -1
     device, dtype = resolve_device(args.device, args.dtype)
     if ddp:
+        if args.ddp_bucket_cap_mb <= 0 or args.ddp_timeout <= 0:
+            bad = "ddp_bucket_cap_mb" if args.ddp_bucket_cap_mb <= 0 else "ddp_timeout"
+            sys.exit(f"train.py: error: --{bad}={getattr(args, bad)}: expected a positive number")
         backend = args.backend if args.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        init_process_group(backend=backend)
+        init_process_group(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        # torchrun stops the other processes with SIGTERM when one fails: say so in one line, not a traceback
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(
+            f"train.py: error: rank {rank} stopped by torchrun (SIGTERM): another process of the job failed; "
+            f"continue from the last checkpoint with --init_from=resume"))
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -88,9 +97,16 @@ def main(argv=None):
                      f"(run python data/{args.dataset}/prepare.py first)")
     meta = load_meta(data_dir)
 
-    def get_batch(split):
+    # Training batches come from one generator seeded alike on every process: each step draws the whole global
+    # batch (grad_accum x world_size micro-batches) and each process takes its own micro-batches, so N processes
+    # train on exactly the batches of one process with N times the gradient accumulation.
+    data_rng = torch.Generator().manual_seed(args.seed)
+    train_tokens = len(np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r"))
+
+    def get_batch(split, ix=None):
         data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - args.block_size, (args.batch_size,))
+        if ix is None:
+            ix = torch.randint(len(data) - args.block_size, (args.batch_size,))
         x = torch.stack([torch.from_numpy(data[i:i + args.block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + args.block_size].astype(np.int64)) for i in ix])
         if device_type == "cuda":
@@ -148,8 +164,14 @@ def main(argv=None):
         model = torch.compile(model)
     eval_model = model  # evaluation runs on rank 0 alone, outside DDP
     if ddp:  # buffers are constants (the causal mask) or per-process records (stored activations): no broadcast
+        # gradient_as_bucket_view: the gradients live in the all-reduce buckets (no copy, one gradient-sized
+        # buffer less). Under torch.compile, dynamo's DDPOptimizer splits the compiled graph at these buckets'
+        # boundaries, so each bucket's all-reduce starts while the backward pass of earlier layers still runs.
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
+                    broadcast_buffers=False, bucket_cap_mb=args.ddp_bucket_cap_mb, gradient_as_bucket_view=True)
+        if args.ddp_grad_compress != "none":  # half the bytes on the wire; the optimizer still sees fp32
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            model.register_comm_hook(None, getattr(default_hooks, f"{args.ddp_grad_compress}_compress_hook"))
 
     has_quantizers = raw_model.embedding_spec is not None or any(
         hasattr(m, "enabled") and getattr(m, "spec", None) is not None for m in raw_model.modules())
@@ -204,6 +226,8 @@ def main(argv=None):
         torch.set_rng_state(rng["cpu"])
         if device_type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"])
+        if "data_rng" in checkpoint:
+            data_rng.set_state(checkpoint["data_rng"])
         checkpoint = None  # free the memory
     resumed = args.init_from == "resume"
 
@@ -223,7 +247,7 @@ def main(argv=None):
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_args": model_args, "iter_num": it, "best_val_loss": val_loss, "config": vars(args),
             "dataset": args.dataset, "quantization_enabled": raw_model.quantization_enabled,
-            "activations": stored_activations(raw_model), "rng": rng})
+            "activations": stored_activations(raw_model), "rng": rng, "data_rng": data_rng.get_state()})
 
     t0 = time.time()
     while True:
@@ -255,14 +279,18 @@ def main(argv=None):
         if last or (iter_num == 0 and args.eval_only):
             break
 
+        step_ix = torch.randint(train_tokens - args.block_size, (grad_accum * world_size, args.batch_size),
+                                generator=data_rng)
+        step_loss = 0.0
         for micro_step in range(grad_accum):
-            X, Y = get_batch("train")
+            X, Y = get_batch("train", step_ix[micro_step * world_size + rank])
             if ddp:  # only sync gradients on the last micro-step
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with ctx:
                 _, loss = model(X, Y)
                 loss = loss / grad_accum
             scaler.scale(loss).backward()
+            step_loss += loss.detach()
         if args.grad_clip != 0.0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -270,22 +298,31 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+        if iter_num % args.log_interval == 0 and ddp:  # the logged loss is the whole global batch's
+            torch.distributed.all_reduce(step_loss)
         if iter_num % args.log_interval == 0 and master:
             if device_type == "cuda":
                 torch.cuda.synchronize()
             t1 = time.time()
             dt, t0 = (t1 - t0) / (args.log_interval if iter_num > 0 else 1), t1
-            lossf = loss.item() * grad_accum
+            lossf = step_loss.item() / world_size
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
                   f"{tokens_per_iter / dt:,.0f} tok/s{', quantized' if quantized else ''}")
             log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tok_per_s": tokens_per_iter / dt,
                  "quantized": quantized})
         iter_num += 1
 
+    if device_type == "cuda":
+        print(f"rank {rank}: peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if ddp:  # wait for rank 0's last checkpoint before tearing the group down
         torch.distributed.barrier()
         destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except torch.distributed.DistError as e:  # a collective failed: another process died or timed out
+        sys.exit(f"train.py: error: rank {os.environ.get('RANK', 0)}: lost contact with another process of the job "
+                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+                 f"continue from the last checkpoint with --init_from=resume")
