@@ -319,10 +319,19 @@ def main(argv=None):
         destroy_process_group()
 
 
+def lost_peer(e):
+    """Whether an error is a collective failing because another process of a DDP job died or timed out."""
+    text = str(e).lower()
+    return "RANK" in os.environ and (isinstance(e, torch.distributed.DistError) or any(
+        w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout")))
+
+
 if __name__ == "__main__":
     try:
         main()
-    except torch.distributed.DistError as e:  # a collective failed: another process died or timed out
-        sys.exit(f"train.py: error: rank {os.environ.get('RANK', 0)}: lost contact with another process of the job "
-                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); "
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        sys.exit(f"train.py: error: rank {os.environ['RANK']}: lost contact with another process of the job "
+                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
                  f"continue from the last checkpoint with --init_from=resume")
