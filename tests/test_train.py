@@ -232,3 +232,27 @@ def test_always_save_checkpoint_saves_at_every_evaluation(char_data, tmp_path, c
     out = capsys.readouterr().out
     after_step_2 = out.split("step 2:")[1].split("step 4:")[0]
     assert ("saved checkpoint" in after_step_2) == always
+
+
+def test_ddp_compile_splits_a_qat_model_like_a_full_precision_one():
+    """dynamo's DDPOptimizer cuts the compiled graph where DDP's gradient buckets end, counting a parameter's bytes
+    at each node that takes it: the quantized layer's latent weight must enter the graph once, or a QAT model is cut
+    several times finer than DDP's buckets (more graphs, less fusion)."""
+    from torch._dynamo.backends.distributed import DDPOptimizer
+    from model import GPTConfig, LINEAR_SITES
+
+    def buckets(quantized):
+        cfg = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=64)
+        if quantized:
+            cfg.update(linear_variants={s: "quantized_linear" for s in LINEAR_SITES},
+                       weight_quant={s: {} for s in LINEAR_SITES})
+        torch._dynamo.reset()
+        splitter = DDPOptimizer(bucket_bytes_cap=100_000, backend_compile_fn=lambda gm, example: gm.forward,
+                                first_bucket_cap=100_000)
+        x = torch.randint(0, 64, (1, 8))
+        torch.compile(GPT(GPTConfig(**cfg)), backend=splitter.compile_fn)(x, x)
+        torch._dynamo.reset()
+        return [b.size for b in splitter.buckets]
+
+    fp, qat = buckets(False), buckets(True)
+    assert len(fp) >= 3 and qat == fp
