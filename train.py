@@ -57,6 +57,8 @@ def main(argv=None):
 
     # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before CUDA starts: no stray context on GPU 0
     device, dtype = resolve_device(args.device, args.dtype)
     if ddp:
         if args.ddp_bucket_cap_mb <= 0 or args.ddp_timeout <= 0:

@@ -174,7 +174,8 @@ class Bench:
         self.memory = GpuMemory()
         self.report = {"env": {}, "probe": None, "throughput": [], "curve": None, "kill": None, "skipped": [],
                        "durations": {}}
-        self.gpu = "cpu"
+        import torch
+        self.gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 
     def left(self):
         return self.args.budget_s - (time.time() - self.t0)
@@ -228,11 +229,11 @@ class Bench:
     def part_env(self):
         import torch
         env = self.report["env"]
-        if torch.cuda.is_available():
-            self.gpu = torch.cuda.get_device_name(0)
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         env["torch"] = torch.__version__
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "-"
+        if torch.cuda.is_available():
+            version = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
         env["child_env"] = {k: self.env[k] for k in sorted(self.env) if k.startswith(("NCCL", "TORCH_", "OMP"))}
         for key, cmd in (("topo", ["nvidia-smi", "topo", "-m"]), ("nvlink", ["nvidia-smi", "nvlink", "-s"])):
             try:
