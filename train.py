@@ -65,6 +65,8 @@ def main(argv=None):
             bad = "ddp_bucket_cap_mb" if args.ddp_bucket_cap_mb <= 0 else "ddp_timeout"
             sys.exit(f"train.py: error: --{bad}={getattr(args, bad)}: expected a positive number")
         backend = args.backend if args.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+        if args.ddp_grad_compress == "bf16" and backend != "nccl":
+            sys.exit(f"train.py: error: --ddp_grad_compress=bf16 needs the nccl backend (got {backend}); use fp16 or none")
         init_process_group(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         # torchrun stops the other processes with SIGTERM when one fails: say so in one line, not a traceback
