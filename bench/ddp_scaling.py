@@ -79,8 +79,14 @@ def read_log(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line train.py is still writing
+                pass
+    return records
 
 
 def losses(records, key="loss"):
@@ -222,7 +228,9 @@ class Bench:
         for dataset in ("shakespeare", "shakespeare_char"):
             if not os.path.exists(os.path.join(ROOT, "data", dataset, "val.bin")):
                 self.say(f"preparing data/{dataset}")
-                subprocess.run([sys.executable, f"data/{dataset}/prepare.py"], cwd=ROOT, check=True, env=self.env)
+                done = subprocess.run([sys.executable, f"data/{dataset}/prepare.py"], cwd=ROOT, env=self.env)
+                if done.returncode:  # the parts that need it fail on their own and say so in their logs
+                    self.say(f"data/{dataset}/prepare.py failed (exit {done.returncode})")
 
     # -- parts -------------------------------------------------------------------------------------------------
 
@@ -588,7 +596,7 @@ def main():
         path = bench.write()
     bench.memory.stop = True
     print(open(path).read())
-    print(f"written: {path} (logs in {bench.logs})")
+    print(f"written: {path} (logs in {bench.logs}); {time.time() - bench.t0:.0f}s in all")
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def test_torchrun_killed_rank_stops_clearly_and_resume_matches(char_data, tmp_pa
     """SIGKILL to rank 1 mid-run: the job stops with torchrun's failure report and train.py's one line; resuming
     from the last checkpoint on 2 processes gives the uninterrupted run's losses (each process's random state,
     dropout and stochastic rounding included, is in the checkpoint)."""
-    from bench.ddp_scaling import worker_pid
+    from bench.ddp_scaling import read_log as read_growing_log, worker_pid
     flags = ["--quantize_linear_method=stochastic_quant", "--quantize_linear_bits=4", "--dropout=0.1",
              "--quantization_warmup_iters=3", "--eval_interval=4", "--lr_decay_iters=40", "--max_iters=40",
              "--always_save_checkpoint"]
@@ -134,7 +134,7 @@ def test_torchrun_killed_rank_stops_clearly_and_resume_matches(char_data, tmp_pa
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     killed = False
     while proc.poll() is None:
-        logged = [r["iter"] for r in read_log(part) if "loss" in r] if os.path.exists(part / "log.jsonl") else []
+        logged = [r["iter"] for r in read_growing_log(part) if "loss" in r]
         if logged and logged[-1] >= 5 and not killed:
             os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
             killed = True
