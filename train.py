@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -69,10 +70,7 @@ def main(argv=None):
             sys.exit(f"train.py: error: --ddp_grad_compress=bf16 needs the nccl backend (got {backend}); use fp16 or none")
         init_process_group(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        # torchrun stops the other processes with SIGTERM when one fails: say so in one line, not a traceback
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(
-            f"train.py: error: rank {rank} stopped by torchrun (SIGTERM): another process of the job failed; "
-            f"continue from the last checkpoint with --init_from=resume"))
+        exit_on_sigterm(rank)
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -323,6 +321,28 @@ def main(argv=None):
         destroy_process_group()
 
 
+STOPPING = threading.Event()  # set once this process has said why it stops
+
+
+def exit_on_sigterm(rank):
+    """torchrun sends SIGTERM to the other processes when one fails: say so in one line and exit, also while this
+    process waits inside a collective (where a Python signal handler would not run until the wait returns)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # Python's C-level handler writes the signal number
+    signal.set_wakeup_fd(write_fd)                              # to write_fd at once, whatever the main thread does
+
+    def watch():
+        while os.read(read_fd, 1) != bytes([signal.SIGTERM]):
+            pass
+        if not STOPPING.is_set():
+            STOPPING.set()
+            print(f"train.py: error: rank {rank} stopped by torchrun (SIGTERM): another process of the job failed; "
+                  f"continue from the last checkpoint with --init_from=resume", file=sys.stderr, flush=True)
+            os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def lost_peer(e):
     """Whether an error is a collective failing because another process of a DDP job died or timed out."""
     text = str(e).lower()
@@ -336,6 +356,7 @@ if __name__ == "__main__":
     except RuntimeError as e:
         if not lost_peer(e):
             raise
+        STOPPING.set()
         sys.exit(f"train.py: error: rank {os.environ['RANK']}: lost contact with another process of the job "
                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
                  f"continue from the last checkpoint with --init_from=resume")
