@@ -75,6 +75,16 @@ def worker_pid(torchrun_pid, rank):
     return None
 
 
+def gpu_names():
+    """The GPUs' names from nvidia-smi (asking torch would start a CUDA context in this process)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
 def read_log(out_dir):
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
@@ -180,8 +190,7 @@ class Bench:
         self.memory = GpuMemory()
         self.report = {"env": {}, "probe": None, "throughput": [], "curve": None, "kill": None, "skipped": [],
                        "durations": {}}
-        import torch
-        self.gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        self.gpu = (gpu_names() or ["cpu"])[0]
 
     def left(self):
         return self.args.budget_s - (time.time() - self.t0)
@@ -237,7 +246,7 @@ class Bench:
     def part_env(self):
         import torch
         env = self.report["env"]
-        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["gpus"] = gpu_names()
         env["torch"] = torch.__version__
         if torch.cuda.is_available():
             version = torch.cuda.nccl.version()
