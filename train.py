@@ -321,7 +321,7 @@ def main(argv=None):
         destroy_process_group()
 
 
-STOPPING = threading.Event()  # set once this process has said why it stops
+STOPPING = threading.Lock()  # taken by whichever says first why this process stops (one line, not two)
 
 
 def exit_on_sigterm(rank):
@@ -335,8 +335,7 @@ def exit_on_sigterm(rank):
     def watch():
         while os.read(read_fd, 1) != bytes([signal.SIGTERM]):
             pass
-        if not STOPPING.is_set():
-            STOPPING.set()
+        if STOPPING.acquire(blocking=False):
             print(f"train.py: error: rank {rank} stopped by torchrun (SIGTERM): another process of the job failed; "
                   f"continue from the last checkpoint with --init_from=resume", file=sys.stderr, flush=True)
             os._exit(1)
@@ -356,7 +355,8 @@ if __name__ == "__main__":
     except RuntimeError as e:
         if not lost_peer(e):
             raise
-        STOPPING.set()
+        if not STOPPING.acquire(blocking=False):
+            sys.exit(1)  # the SIGTERM watcher has said it
         sys.exit(f"train.py: error: rank {os.environ['RANK']}: lost contact with another process of the job "
                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
                  f"continue from the last checkpoint with --init_from=resume")
