@@ -336,8 +336,9 @@ def exit_on_sigterm(rank):
         while os.read(read_fd, 1) != bytes([signal.SIGTERM]):
             pass
         if STOPPING.acquire(blocking=False):
-            print(f"train.py: error: rank {rank} stopped by torchrun (SIGTERM): another process of the job failed; "
-                  f"continue from the last checkpoint with --init_from=resume", file=sys.stderr, flush=True)
+            print(f"train.py: error: rank {rank} stopped by torchrun (SIGTERM: another process of the job failed, or "
+                  f"the job was interrupted); continue from the last checkpoint with --init_from=resume",
+                  file=sys.stderr, flush=True)
             os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
 
