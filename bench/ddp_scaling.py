@@ -287,7 +287,7 @@ class Bench:
         deadline = start + min(self.args.run_timeout_s, self.left())
         if compress is None:
             procs = []
-            for gpu in range(n):
+            for gpu in range(self.args.single_runs or n):
                 name = f"tp_{key}_1gpu_gpu{gpu}"
                 out_dir = os.path.join(self.work, name)
                 shutil.rmtree(out_dir, ignore_errors=True)
@@ -464,7 +464,7 @@ def render(rep, args, gpu):
         out += [f"## Throughput: GPT-2 124M, block 1024, batch 16 per GPU, compile, bf16 autocast",
                 "",
                 f"{args.iters} iterations per run, tokens/s over iterations {args.skip_iters + 1}..{args.iters - 1} "
-                f"(train.py's own log). One GPU: {args.nproc} independent single-GPU runs at once, one per GPU "
+                f"(train.py's own log). One GPU: {args.single_runs or args.nproc} independent single-GPU run(s) at once, one per GPU "
                 f"(each value listed); {args.nproc} GPUs: torchrun, gradient accumulation {args.nproc}, so each GPU "
                 f"does the same work per step. Peak memory: torch's max allocated per process, and nvidia-smi's "
                 f"largest memory.used per GPU.", "",
@@ -534,6 +534,8 @@ def main():
                    "(comma list of none, bf16, fp16)")
     p.add_argument("--compress_extra", default="w8:bf16", help="extra multi-GPU rows run last if time is left "
                    "(variant:compression, comma list; empty for none)")
+    p.add_argument("--single_runs", type=int, default=0, help="single-GPU runs at once in the 1-GPU rows, one per "
+                   "GPU (default --nproc: the host as loaded as in the DDP run; 1: GPU 0 alone)")
     p.add_argument("--bucket_cap_mb", type=int, default=25, help="train.py --ddp_bucket_cap_mb")
     p.add_argument("--iters", type=int, default=50, help="iterations per throughput run")
     p.add_argument("--skip_iters", type=int, default=15, help="iterations not timed (compile, warm-up)")
