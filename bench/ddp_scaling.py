@@ -464,7 +464,8 @@ def render(rep, args, gpu):
         out += [f"## Throughput: GPT-2 124M, block 1024, batch 16 per GPU, compile, bf16 autocast",
                 "",
                 f"{args.iters} iterations per run, tokens/s over iterations {args.skip_iters + 1}..{args.iters - 1} "
-                f"(train.py's own log). One GPU: {args.single_runs or args.nproc} independent single-GPU run(s) at once, one per GPU "
+                f"(train.py's own log). One GPU: {args.single_runs or args.nproc} independent single-GPU run(s) at "
+                f"once, one per GPU "
                 f"(each value listed); {args.nproc} GPUs: torchrun, gradient accumulation {args.nproc}, so each GPU "
                 f"does the same work per step. Peak memory: torch's max allocated per process, and nvidia-smi's "
                 f"largest memory.used per GPU.", "",
