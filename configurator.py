@@ -52,7 +52,7 @@ TRAINING_FLAGS = [
     ("min_lr", 1e-4, "learning rate at the end of the decay"),
     # system
     ("backend", "auto", "DDP backend: nccl, gloo, or auto (nccl on CUDA, gloo otherwise)"),
-    ("ddp_bucket_cap_mb", 25, "DDP gradient bucket size in MB: each bucket's all-reduce starts when its gradients are ready"),
+    ("ddp_bucket_cap_mb", 25, "DDP gradient bucket size in MB (each bucket's all-reduce starts once it is ready)"),
     ("ddp_grad_compress", "none", "DDP gradients on the wire: none (float32), bf16 or fp16 (half the bytes)"),
     ("ddp_timeout", 600, "seconds a DDP collective may wait for the other processes before the job stops"),
     ("device", "auto", "cpu, cuda, cuda:N, mps, or auto (cuda when available)"),

@@ -67,7 +67,8 @@ def main(argv=None):
             sys.exit(f"train.py: error: --{bad}={getattr(args, bad)}: expected a positive number")
         backend = args.backend if args.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
         if args.ddp_grad_compress == "bf16" and backend != "nccl":
-            sys.exit(f"train.py: error: --ddp_grad_compress=bf16 needs the nccl backend (got {backend}); use fp16 or none")
+            sys.exit(f"train.py: error: --ddp_grad_compress=bf16 needs the nccl backend (got {backend}); "
+                     f"use fp16 or none")
         init_process_group(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         exit_on_sigterm(rank)

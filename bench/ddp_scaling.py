@@ -35,7 +35,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # NVLink multicast (NVLS) off, as these machines need; every child inherits these
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
 VARIANTS = {
-    "w8": ("W8 symmetric per-channel", ["--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear",
+    "w8": ("W8 symmetric per-channel", ["--linear_variant_attn=quantized_linear",
+                                        "--linear_variant_mlp=quantized_linear",
                                         "--quantize_linear_method=symmetric_quant", "--quantize_linear_bits=8",
                                         "--quantize_linear_granularity=per_channel"]),
     "ternary": ("ternary (absmean per-tensor)", ["--linear_variant_attn=quantized_linear",
@@ -511,7 +512,8 @@ def render(rep, args, gpu):
     if kill:
         out += [f"## Kill one rank, then resume on {args.nproc} GPUs", "",
                 f"Rank 1 got SIGKILL after iteration {kill['killed_after']}; the job exited with code {kill['rc']} "
-                f"{kill['stop_s']:.1f} s later. Its last checkpoint: iteration {kill['checkpoint_iter']}. Messages:", "",
+                f"{kill['stop_s']:.1f} s later. Its last checkpoint: iteration {kill['checkpoint_iter']}. "
+                f"Messages:", "",
                 "```", *kill["messages"], "```", ""]
         if "resume_mean_abs" in kill:
             out += [f"`--init_from=resume` (exit {kill['resume_rc']}) against the uninterrupted {args.nproc}-GPU run, "
