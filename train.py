@@ -226,11 +226,12 @@ def main(argv=None):
         wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args))
     if checkpoint is not None:  # each process continues from its own random state
         rng = checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0]
-        torch.set_rng_state(rng["cpu"])
+        # the checkpoint was loaded onto the device; random states are CPU byte tensors
+        torch.set_rng_state(rng["cpu"].cpu())
         if device_type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
         if "data_rng" in checkpoint:
-            data_rng.set_state(checkpoint["data_rng"])
+            data_rng.set_state(checkpoint["data_rng"].cpu())
         checkpoint = None  # free the memory
     resumed = args.init_from == "resume"
 
