@@ -52,6 +52,9 @@ TRAINING_FLAGS = [
     ("min_lr", 1e-4, "learning rate at the end of the decay"),
     # system
     ("backend", "auto", "DDP backend: nccl, gloo, or auto (nccl on CUDA, gloo otherwise)"),
+    ("ddp_bucket_cap_mb", 25, "DDP gradient bucket size in MB (each bucket's all-reduce starts once it is ready)"),
+    ("ddp_grad_compress", "none", "DDP gradients on the wire: none (float32), bf16 or fp16 (half the bytes)"),
+    ("ddp_timeout", 600, "seconds a DDP collective may wait for the other processes before the job stops"),
     ("device", "auto", "cpu, cuda, cuda:N, mps, or auto (cuda when available)"),
     ("dtype", "auto", "float32, bfloat16 or float16 autocast; auto: bfloat16 on CUDA that has it, else float32"),
     ("compile", False, "torch.compile the model"),
@@ -74,7 +77,8 @@ WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": i
 CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple(LINEAR_VARIANTS),
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
            "stochastic_grid": ("symmetric", "affine"), "quantize_linear_method": METHODS,
-           "quantize_linear_granularity": GRANULARITIES[:3], "dtype": ("auto", "float32", "bfloat16", "float16")}
+           "quantize_linear_granularity": GRANULARITIES[:3], "dtype": ("auto", "float32", "bfloat16", "float16"),
+           "ddp_grad_compress": ("none", "bf16", "fp16")}
 
 
 def str2bool(value):

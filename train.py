@@ -8,8 +8,11 @@ Several (DDP):     torchrun --standalone --nproc_per_node=4 train.py --config=co
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -39,11 +42,20 @@ def main(argv=None):
 
     # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp and args.device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # before CUDA starts: no stray context on GPU 0
     device, dtype = resolve_device(args.device, args.dtype)
     if ddp:
+        if args.ddp_bucket_cap_mb <= 0 or args.ddp_timeout <= 0:
+            bad = "ddp_bucket_cap_mb" if args.ddp_bucket_cap_mb <= 0 else "ddp_timeout"
+            sys.exit(f"train.py: error: --{bad}={getattr(args, bad)}: expected a positive number")
         backend = args.backend if args.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        init_process_group(backend=backend)
+        if args.ddp_grad_compress == "bf16" and backend != "nccl":
+            sys.exit(f"train.py: error: --ddp_grad_compress=bf16 needs the nccl backend (got {backend}); "
+                     f"use fp16 or none")
+        init_process_group(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        exit_on_sigterm(rank)
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -72,9 +84,16 @@ def main(argv=None):
                      f"(run python data/{args.dataset}/prepare.py first)")
     meta = load_meta(data_dir)
 
-    def get_batch(split):
+    # Training batches come from one generator seeded alike on every process: each step draws the whole global
+    # batch (grad_accum x world_size micro-batches) and each process takes its own micro-batches, so N processes
+    # train on exactly the batches of one process with N times the gradient accumulation.
+    data_rng = torch.Generator().manual_seed(args.seed)
+    train_tokens = len(np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r"))
+
+    def get_batch(split, ix=None):
         data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - args.block_size, (args.batch_size,))
+        if ix is None:
+            ix = torch.randint(len(data) - args.block_size, (args.batch_size,))
         x = torch.stack([torch.from_numpy(data[i:i + args.block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + args.block_size].astype(np.int64)) for i in ix])
         if device_type == "cuda":
@@ -132,8 +151,14 @@ def main(argv=None):
         model = torch.compile(model)
     eval_model = model  # evaluation runs on rank 0 alone, outside DDP
     if ddp:  # buffers are constants (the causal mask) or per-process records (stored activations): no broadcast
+        # gradient_as_bucket_view: the gradients live in the all-reduce buckets (no copy, one gradient-sized
+        # buffer less). Under torch.compile, dynamo's DDPOptimizer splits the compiled graph at these buckets'
+        # boundaries, so each bucket's all-reduce starts while the backward pass of earlier layers still runs.
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
-                    broadcast_buffers=False)
+                    broadcast_buffers=False, bucket_cap_mb=args.ddp_bucket_cap_mb, gradient_as_bucket_view=True)
+        if args.ddp_grad_compress != "none":  # half the bytes on the wire; the optimizer still sees fp32
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            model.register_comm_hook(None, getattr(default_hooks, f"{args.ddp_grad_compress}_compress_hook"))
 
     has_quantizers = raw_model.embedding_spec is not None or any(
         hasattr(m, "enabled") and getattr(m, "spec", None) is not None for m in raw_model.modules())
@@ -185,9 +210,12 @@ def main(argv=None):
         wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args))
     if checkpoint is not None:  # each process continues from its own random state
         rng = checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0]
-        torch.set_rng_state(rng["cpu"])
+        # the checkpoint was loaded onto the device; random states are CPU byte tensors
+        torch.set_rng_state(rng["cpu"].cpu())
         if device_type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
+            torch.cuda.set_rng_state(rng["cuda"].cpu())
+        if "data_rng" in checkpoint:
+            data_rng.set_state(checkpoint["data_rng"].cpu())
         checkpoint = None  # free the memory
     resumed = args.init_from == "resume"
 
@@ -207,7 +235,7 @@ def main(argv=None):
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_args": model_args, "iter_num": it, "best_val_loss": val_loss, "config": vars(args),
             "dataset": args.dataset, "quantization_enabled": raw_model.quantization_enabled,
-            "activations": stored_activations(raw_model), "rng": rng})
+            "activations": stored_activations(raw_model), "rng": rng, "data_rng": data_rng.get_state()})
 
     t0 = time.time()
     while True:
@@ -239,14 +267,18 @@ def main(argv=None):
         if last or (iter_num == 0 and args.eval_only):
             break
 
+        step_ix = torch.randint(train_tokens - args.block_size, (grad_accum * world_size, args.batch_size),
+                                generator=data_rng)
+        step_loss = 0.0
         for micro_step in range(grad_accum):
-            X, Y = get_batch("train")
+            X, Y = get_batch("train", step_ix[micro_step * world_size + rank])
             if ddp:  # only sync gradients on the last micro-step
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with ctx:
                 _, loss = model(X, Y)
                 loss = loss / grad_accum
             scaler.scale(loss).backward()
+            step_loss += loss.detach()
         if args.grad_clip != 0.0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -254,22 +286,64 @@ def main(argv=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+        if iter_num % args.log_interval == 0 and ddp:  # the logged loss is the whole global batch's
+            torch.distributed.all_reduce(step_loss)
         if iter_num % args.log_interval == 0 and master:
             if device_type == "cuda":
                 torch.cuda.synchronize()
             t1 = time.time()
             dt, t0 = (t1 - t0) / (args.log_interval if iter_num > 0 else 1), t1
-            lossf = loss.item() * grad_accum
+            lossf = step_loss.item() / world_size
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
                   f"{tokens_per_iter / dt:,.0f} tok/s{', quantized' if quantized else ''}")
             log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tok_per_s": tokens_per_iter / dt,
                  "quantized": quantized})
         iter_num += 1
 
+    if device_type == "cuda":
+        print(f"rank {rank}: peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if ddp:  # wait for rank 0's last checkpoint before tearing the group down
         torch.distributed.barrier()
         destroy_process_group()
 
 
+STOPPING = threading.Lock()  # taken by whichever says first why this process stops (one line, not two)
+
+
+def exit_on_sigterm(rank):
+    """torchrun sends SIGTERM to the other processes when one fails: say so in one line and exit, also while this
+    process waits inside a collective (where a Python signal handler would not run until the wait returns)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # Python's C-level handler writes the signal number
+    signal.set_wakeup_fd(write_fd)                              # to write_fd at once, whatever the main thread does
+
+    def watch():
+        while os.read(read_fd, 1) != bytes([signal.SIGTERM]):
+            pass
+        if STOPPING.acquire(blocking=False):
+            print(f"train.py: error: rank {rank} stopped by torchrun (SIGTERM: another process of the job failed, or "
+                  f"the job was interrupted); continue from the last checkpoint with --init_from=resume",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def lost_peer(e):
+    """Whether an error is a collective failing because another process of a DDP job died or timed out."""
+    text = str(e).lower()
+    return "RANK" in os.environ and (isinstance(e, torch.distributed.DistError) or any(
+        w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout")))
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        if not STOPPING.acquire(blocking=False):
+            sys.exit(1)  # the SIGTERM watcher has said it
+        sys.exit(f"train.py: error: rank {os.environ['RANK']}: lost contact with another process of the job "
+                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
+                 f"continue from the last checkpoint with --init_from=resume")

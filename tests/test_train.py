@@ -1,8 +1,10 @@
 """train.py end to end on tiny models: the warm-up switch, learning, exact resumption, DDP, bad input."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -79,12 +81,16 @@ def test_resumed_run_matches_uninterrupted_run(char_data, tmp_path):
     assert len({expected[i] for i in range(10, 16)}) > 1  # the run really trained
 
 
+def torchrun_cmd(out_dir, *flags):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *QAT, "--gradient_accumulation_steps=2",
+            "--backend=gloo", *flags]
+
+
 def torchrun(out_dir, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *QAT, "--gradient_accumulation_steps=2",
-           "--backend=gloo", *flags]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(torchrun_cmd(out_dir, *flags), cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -99,18 +105,53 @@ def test_torchrun_trains_with_ddp_on_cpu(char_data, tmp_path):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 30
 
 
-def test_torchrun_resume_matches_uninterrupted_run(char_data, tmp_path):
-    """Each process's random state is in the checkpoint, so a resumed DDP run draws the same batches."""
+def test_same_global_batch_gives_the_same_losses_on_one_or_two_processes(char_data, tmp_path):
+    """Two processes with accumulation 1 each train on exactly the batches of one process with accumulation 2
+    (train.py draws one global batch per step): the same losses, through the warm-up -> quantization switch."""
+    flags = ["--quantization_warmup_iters=6", "--eval_interval=6", "--max_iters=12", "--lr_decay_iters=12",
+             "--learning_rate=3e-3"]
+    train_in_process(tmp_path / "one", *QAT, "--gradient_accumulation_steps=2", *flags)
+    torchrun(tmp_path / "two", *flags)
+    for key in ("loss", "val_loss"):
+        one = {r["iter"]: r[key] for r in read_log(tmp_path / "one") if key in r}
+        two = {r["iter"]: r[key] for r in read_log(tmp_path / "two") if key in r}
+        assert sorted(one) == sorted(two) and len(one) >= 3
+        assert max(abs(one[i] - two[i]) for i in one) < 1e-5, (one, two)
+    assert one[12] < one[0] - 0.05  # it trained
+
+
+def test_torchrun_killed_rank_stops_clearly_and_resume_matches(char_data, tmp_path):
+    """SIGKILL to rank 1 mid-run: the job stops with torchrun's failure report and train.py's one line; resuming
+    from the last checkpoint on 2 processes gives the uninterrupted run's losses (each process's random state,
+    dropout and stochastic rounding included, is in the checkpoint)."""
+    from bench.ddp_scaling import read_log as read_growing_log, worker_pid
     flags = ["--quantize_linear_method=stochastic_quant", "--quantize_linear_bits=4", "--dropout=0.1",
-             "--quantization_warmup_iters=3", "--eval_interval=4", "--lr_decay_iters=12"]
-    torchrun(tmp_path / "whole", *flags, "--max_iters=12")
-    torchrun(tmp_path / "part", *flags, "--max_iters=8")
-    torchrun(tmp_path / "part", *flags, "--max_iters=12", "--init_from=resume")
-    rngs = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)["rng"]
+             "--quantization_warmup_iters=3", "--eval_interval=4", "--lr_decay_iters=40", "--max_iters=40",
+             "--always_save_checkpoint"]
+    torchrun(tmp_path / "whole", *flags)
+    part = tmp_path / "part"
+    proc = subprocess.Popen(torchrun_cmd(part, *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    killed = False
+    while proc.poll() is None:
+        logged = [r["iter"] for r in read_growing_log(part) if "loss" in r]
+        if logged and logged[-1] >= 5 and not killed:
+            os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+            killed = True
+        time.sleep(0.02)
+    output = proc.communicate(timeout=60)[0]
+    assert killed and proc.returncode != 0
+    assert "ChildFailedError" in output and "Signal 9 (SIGKILL)" in output
+    note = [line for line in output.splitlines() if line.startswith("train.py: error: rank 0")]
+    assert len(note) == 1 and "--init_from=resume" in note[0], output[-3000:]
+    start = torch.load(part / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 4 <= start < 40
+    torchrun(part, *flags, "--init_from=resume")
+    rngs = torch.load(part / "ckpt.pt", weights_only=True)["rng"]
     assert len(rngs) == 2 and not torch.equal(rngs[0]["cpu"], rngs[1]["cpu"])
     losses = lambda d: {r["iter"]: r["loss"] for r in read_log(d) if "loss" in r}
-    whole, part = losses(tmp_path / "whole"), losses(tmp_path / "part")
-    assert [part[i] for i in range(8, 12)] == [whole[i] for i in range(8, 12)]
+    whole, resumed = losses(tmp_path / "whole"), losses(part)  # the resumed run's records come last: they win
+    assert [resumed[i] for i in range(start, 40)] == [whole[i] for i in range(start, 40)]
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -191,3 +232,27 @@ def test_always_save_checkpoint_saves_at_every_evaluation(char_data, tmp_path, c
     out = capsys.readouterr().out
     after_step_2 = out.split("step 2:")[1].split("step 4:")[0]
     assert ("saved checkpoint" in after_step_2) == always
+
+
+def test_ddp_compile_splits_a_qat_model_like_a_full_precision_one():
+    """dynamo's DDPOptimizer cuts the compiled graph where DDP's gradient buckets end, counting a parameter's bytes
+    at each node that takes it: the quantized layer's latent weight must enter the graph once, or a QAT model is cut
+    several times finer than DDP's buckets (more graphs, less fusion)."""
+    from torch._dynamo.backends.distributed import DDPOptimizer
+    from model import GPTConfig, LINEAR_SITES
+
+    def buckets(quantized):
+        cfg = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=64)
+        if quantized:
+            cfg.update(linear_variants={s: "quantized_linear" for s in LINEAR_SITES},
+                       weight_quant={s: {} for s in LINEAR_SITES})
+        torch._dynamo.reset()
+        splitter = DDPOptimizer(bucket_bytes_cap=100_000, backend_compile_fn=lambda gm, example: gm.forward,
+                                first_bucket_cap=100_000)
+        x = torch.randint(0, 64, (1, 8))
+        torch.compile(GPT(GPTConfig(**cfg)), backend=splitter.compile_fn)(x, x)
+        torch._dynamo.reset()
+        return [b.size for b in splitter.buckets]
+
+    fp, qat = buckets(False), buckets(True)
+    assert len(fp) >= 3 and qat == fp
