@@ -178,6 +178,27 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @classmethod
+    def from_pretrained(cls, name_or_folder, **overrides):
+        """A GPT from a checkpoint train.py (or a PTQ script) wrote (its folder or file), a local Hugging Face
+        GPT-2 folder, or a GPT-2 name (gpt2, gpt2-medium, ...: downloaded, needs a network). `overrides`
+        (block_size, dropout, config fields) apply to the Hugging Face import."""
+        import os
+        from checkpoint import load_checkpoint
+        from quantization.hf import load_hf_gpt2
+        from quantization.packing import is_packed, load_packed
+        path = os.path.join(name_or_folder, "ckpt.pt") if os.path.isdir(name_or_folder) else name_or_folder
+        if os.path.isfile(path):
+            checkpoint = load_checkpoint(path)
+            model = cls(GPTConfig(**checkpoint["model_args"]))
+            if is_packed(checkpoint):
+                load_packed(model, checkpoint)
+            else:
+                model.load_state_dict(checkpoint["model"])
+            model.set_quantization(checkpoint.get("quantization_enabled", True))
+            return model
+        return load_hf_gpt2(name_or_folder, **overrides)[0]
+
     def get_num_params(self, non_embedding=True):
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:

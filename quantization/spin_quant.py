@@ -25,10 +25,10 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from model import GPTConfig
+from model import GPT, GPTConfig
 from quantization.fold import build_like, fold_norms
 from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
-from quantization.quantizers import MAX_BITS, MIN_BITS, fake_quant
+from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant
 from quantization.rtn import SITES, rtn_quantize, weight_spec
 
 FULL_BITS = 16  # act_bits / kv_bits of 16: that activation is not quantized
@@ -145,7 +145,10 @@ class SpinQuant:
     quantization only (the paper's recipe); with RTN, against the round-to-nearest weights too."""
 
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
-                 method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None):
+                 method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
+                 weight_specs=None):
+        """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
+        and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -161,6 +164,7 @@ class SpinQuant:
                 hadamard_matrix(width)  # ValueError naming the width when there is no construction
         self.bits, self.method, self.group_size, self.sym = bits, method, group_size, sym
         self.spec = weight_spec(bits, group_size, sym) if bits != FULL_BITS else None
+        self.weight_specs = weight_specs if weight_specs is not None else {site: self.spec for site in SITES}
         if self.spec is not None and group_size:
             for width in (C, 4 * C):
                 if width % group_size:
@@ -174,7 +178,9 @@ class SpinQuant:
         fixed = dict(R3=hadamard_matrix(hd) if "R3" in rotations else None,
                      R4=hadamard_matrix(4 * C).t() if "R4" in rotations else None)
         state = rotate_state(folded.state_dict(), cfg, **fixed)
-        config = {**asdict(folded.config), "act_quant": activation_quant(act_bits, kv_bits, act_sym),
+        if act_quant is None:
+            act_quant = activation_quant(act_bits, kv_bits, act_sym)
+        config = {**asdict(folded.config), "act_quant": act_quant,
                   "online_transforms": {"mlp_activation_output": "hadamard"} if "R4" in rotations else {}}
         self.config = GPTConfig(**config)
         self.model = build_like(self.config, {k: v.float() for k, v in state.items()}).to(self.device).eval()
@@ -196,10 +202,11 @@ class SpinQuant:
         """The model's weights under the current R1 and R2 (differentiable); with quantize_weights, the linear
         sites' weights are fake-quantized (straight-through) with the weight spec."""
         state = rotate_state(self.base_state, self.config, R1=self.R1, R2=self.R2)
-        if quantize_weights and self.spec is not None:
+        if quantize_weights:
             for key in state:
-                if key.endswith(".weight") and key.split(".")[-2] in SITES:
-                    state[key] = fake_quant(state[key], self.spec)
+                spec = self.weight_specs.get(key.split(".")[-2]) if key.endswith(".weight") else None
+                if spec is not None:
+                    state[key] = fake_quant(state[key], spec)
         return state
 
     def loss(self, x, y, quantize_weights):
@@ -220,7 +227,7 @@ class SpinQuant:
             raise ValueError(f"calibration samples of {data.shape[1]} tokens: longer than block_size + 1 "
                              f"({self.config.block_size + 1})")
         self.calibration = data
-        quantize_weights = self.method == "rtn"
+        quantize_weights = self.method == "rtn"  # GPTQ and AutoRound: learned against activation quantization only
         params = self.parameters()
         g = torch.Generator().manual_seed(seed)
         for step in tqdm(range(steps), desc="spinquant", unit="step", disable=not progress):
@@ -276,3 +283,54 @@ class SpinQuant:
         keep = ("model_args", "dataset", "config", "iter_num", "best_val_loss")
         return {**{k: base[k] for k in keep if k in base}, "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "quantization_enabled": True, "spinquant": info}
+
+
+def unrotated(model, act_bits, kv_bits, act_sym=False):
+    """A copy of `model` with SpinQuant's activation quantizers and no rotation: the baseline it is measured against."""
+    config = GPTConfig(**{**asdict(model.config), "act_quant": activation_quant(act_bits, kv_bits, act_sym)})
+    return build_like(config, {k: v.detach() for k, v in model.state_dict().items()}).eval()
+
+
+def check_qat(model_args):
+    """ValueError (naming the flag) when train.py --spinquant cannot rotate a model of these model_args."""
+    if model_args.get("embedding_quant"):
+        raise ValueError("--spinquant: a quantized embedding cannot be rotated (the head is untied from it); "
+                         "drop --quantize_embedding")
+    C, H = model_args["n_embd"], model_args["n_head"]
+    for flag, width in (("n_embd", C), ("n_embd", 4 * C), ("n_head", C // H)):
+        try:
+            hadamard_matrix(width)
+        except ValueError as e:
+            raise ValueError(f"--spinquant with --{flag}={model_args[flag]}: {e}") from None
+
+
+def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False):
+    """QAT's rotations (train.py --spinquant): learn R1/R2 of a QAT model with its own weight and activation
+    quantizers (weights frozen), bake R1-R4 in, and return (the rotated QAT model, its model_args); the new
+    model's latent weights are the rotated ones, so training continues in the rotated basis.
+    `batches`: (N, T + 1) training tokens."""
+    check_plain({**model_args, "linear_variants": {}, "act_quant": {}, "embedding_quant": None}, "the QAT model")
+    check_qat(model_args)
+    plain_args = {**model_args, "linear_variants": {}, "weight_quant": {}, "act_quant": {}}
+    device = next(model.parameters()).device
+    state = {k.replace(".parametrizations.weight.original", ".weight"): v.detach().float()
+             for k, v in model.state_dict().items()}
+    plain = build_like(GPTConfig(**plain_args), state)
+    specs = {site: QuantSpec(**fields) for site, fields in model_args.get("weight_quant", {}).items()}
+    sq = SpinQuant(plain, bits=FULL_BITS, act_quant=model_args.get("act_quant", {}), weight_specs=specs, seed=seed,
+                   device=device)
+    sq.optimize(batches, steps=steps, lr=lr, seed=seed, progress=progress)
+    rotated = {k: v.detach() for k, v in sq.rotated_state().items()}
+    new_args = {**model_args, "norm": sq.config.norm, "tied_head": False,
+                "online_transforms": dict(sq.config.online_transforms)}
+    with torch.random.fork_rng(devices=[]):
+        new_model = GPT(GPTConfig(**new_args)).to(device)
+    names = set(new_model.state_dict())
+    for key in list(rotated):
+        latent = key[:-len("weight")] + "parametrizations.weight.original"
+        if key not in names and latent in names:
+            rotated[latent] = rotated.pop(key)
+    new_model.load_state_dict(rotated)
+    new_model.set_quantization(model.quantization_enabled)
+    new_model.train(model.training)
+    return new_model, new_args, sq.losses
