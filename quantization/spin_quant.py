@@ -146,9 +146,10 @@ class SpinQuant:
 
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
                  method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
-                 weight_specs=None):
+                 weight_specs=None, dtype=torch.float32):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
-        and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs."""
+        and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
+        the rotated model and the rotations (float64 to check exactness)."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -173,7 +174,7 @@ class SpinQuant:
         self.rotations = tuple(rotations)
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
                          act_sym=act_sym, method=method, rotations=",".join(self.rotations), seed=seed, steps=0)
-        # fold in float64, apply the fixed rotations (R3, R4), keep float32 weights for optimisation
+        # fold in float64, apply the fixed rotations (R3, R4), keep `dtype` weights for optimisation
         folded = fold_norms(copy.deepcopy(model).to("cpu", torch.float64))
         fixed = dict(R3=hadamard_matrix(hd) if "R3" in rotations else None,
                      R4=hadamard_matrix(4 * C).t() if "R4" in rotations else None)
@@ -183,7 +184,7 @@ class SpinQuant:
         config = {**asdict(folded.config), "act_quant": act_quant,
                   "online_transforms": {"mlp_activation_output": "hadamard"} if "R4" in rotations else {}}
         self.config = GPTConfig(**config)
-        self.model = build_like(self.config, {k: v.float() for k, v in state.items()}).to(self.device).eval()
+        self.model = build_like(self.config, {k: v.to(dtype) for k, v in state.items()}).to(self.device).eval()
         self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         # R1 and R2 start from random Hadamard matrices (identity when that rotation is not asked for)
         g = torch.Generator().manual_seed(seed)
@@ -191,8 +192,8 @@ class SpinQuant:
         def start(name, width):
             if name not in rotations:
                 return None
-            return random_hadamard_matrix(width, seed=int(torch.randint(0, 2**31, (1,), generator=g))).float().to(
-                self.device).requires_grad_(name in learn)
+            return random_hadamard_matrix(width, seed=int(torch.randint(0, 2**31, (1,), generator=g))).to(
+                self.device, dtype).requires_grad_(name in learn)
 
         self.R1 = start("R1", C)
         self.R2 = [start("R2", hd) for _ in range(cfg.n_layer)] if "R2" in rotations else None
