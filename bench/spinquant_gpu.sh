@@ -28,7 +28,7 @@ BPE="--dataset=shakespeare --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 
  --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 --device=cuda --compile --max_iters=$BPE_ITERS
  --lr_decay_iters=$BPE_ITERS --eval_interval=300 --eval_iters=20 --log_interval=250"
 pids=()
-TRAIN_LIMIT=${TRAIN_LIMIT:-170}  # seconds; a run cut off by it is left out of the table (its log says so)
+TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of the table (its log says so)
 run() {
   local name=$1; shift
   (timeout $TRAIN_LIMIT python train.py --out_dir=out-sq/$name "$@" > "$LOGS/train_$name.log" 2>&1 \

@@ -137,6 +137,13 @@ def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
     via_sample, _ = load_model(str(tmp_path), "cpu")
     assert torch.equal(via_sample(x, x)[0], expected)
     assert load_checkpoint(str(path))["model_args"]["online_transforms"] == {"mlp_activation_output": "hadamard"}
+    from quantization import save_weights
+    saved = str(tmp_path / "w.npz")
+    assert run_main(save_weights.main, f"--out_dir={tmp_path}", f"--file_name={saved}", "--file_type=npz") is None
+    tensors = save_weights.load_quantized_data(saved)["tensors"]
+    assert len(tensors) == 12
+    down = tensors["transformer.h.1.mlp.mlp_down.weight"]
+    assert torch.equal(torch.from_numpy(save_weights.dequantize_entry(down)), loaded.transformer.h[1].mlp.mlp_down.weight)
 
 
 def test_random_hadamard_start_depends_on_the_seed(tiny_trained):
