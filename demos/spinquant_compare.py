@@ -21,11 +21,10 @@ import torch  # noqa: E402
 
 from configurator import OneLineParser  # noqa: E402
 from model import GPT  # noqa: E402
-from quantization.autoround.calibration import calibration_samples  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, unrotated  # noqa: E402
-from spinquant_ptq import add_spinquant_flags, check_args, load_plain  # noqa: E402
+from spinquant_ptq import add_spinquant_flags, check_args, load_inputs  # noqa: E402
 
 
 def parse_settings(text):
@@ -67,16 +66,7 @@ def main(argv=None):
                 raise ValueError(f"qat={args.qat}: {folder}/ckpt.pt not found")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    try:
-        base, checkpoint = load_plain(args.out_dir, device)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"{error} --out_dir={args.out_dir}: {e}")
-    seqlen = args.seqlen or base.config.block_size
-    try:
-        calibration = calibration_samples(split_tokens(checkpoint["dataset"], "train"), args.nsamples, seqlen + 1,
-                                          args.seed)
-    except (OSError, ValueError) as e:
-        sys.exit(f"{error} --nsamples={args.nsamples}: {e}")
+    base, checkpoint, seqlen, calibration = load_inputs(args, device, error)
     val = split_tokens(checkpoint["dataset"], "val")
 
     def score(model):

@@ -13,7 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
 
 from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from configurator import BoolFlag, OneLineParser  # noqa: E402
@@ -79,6 +78,23 @@ def load_plain(out_dir, device):
     return model.to(device).eval(), checkpoint
 
 
+def load_inputs(args, device, error):
+    """(model, checkpoint, seqlen, calibration samples of seqlen + 1 tokens), or exit with the flag's error line."""
+    try:
+        model, checkpoint = load_plain(args.out_dir, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"{error} --out_dir={args.out_dir}: {e}")
+    seqlen = args.seqlen or model.config.block_size
+    if seqlen > model.config.block_size:
+        sys.exit(f"{error} --seqlen={seqlen}: longer than the model's block_size {model.config.block_size}")
+    try:
+        train_tokens = split_tokens(checkpoint["dataset"], "train")
+        calibration = calibration_samples(train_tokens, args.nsamples, seqlen + 1, args.seed)
+    except (OSError, ValueError) as e:
+        sys.exit(f"{error} --nsamples={args.nsamples}: {e}")
+    return model, checkpoint, seqlen, calibration
+
+
 def main(argv=None):
     p = OneLineParser(prog="spinquant_ptq.py", description="SpinQuant: learned rotations, then W/A/KV quantization.")
     add_spinquant_flags(p)
@@ -93,18 +109,7 @@ def main(argv=None):
         sys.exit(f"{error} --{e}")
     if os.path.abspath(args.quantized_dir) == os.path.abspath(args.out_dir):
         sys.exit(f"{error} --quantized_dir={args.quantized_dir}: would overwrite the original checkpoint")
-    try:
-        model, checkpoint = load_plain(args.out_dir, device)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"{error} --out_dir={args.out_dir}: {e}")
-    seqlen = args.seqlen or model.config.block_size
-    if seqlen > model.config.block_size:
-        sys.exit(f"{error} --seqlen={seqlen}: longer than the model's block_size {model.config.block_size}")
-    try:
-        train_tokens = split_tokens(checkpoint["dataset"], "train")
-        calibration = calibration_samples(train_tokens, args.nsamples, seqlen + 1, args.seed)
-    except (OSError, ValueError) as e:
-        sys.exit(f"{error} --nsamples={args.nsamples}: {e}")
+    model, checkpoint, seqlen, calibration = load_inputs(args, device, error)
     try:
         sq = SpinQuant(model, bits=args.bits, act_bits=args.act_bits, kv_bits=args.kv_bits,
                        group_size=args.group_size, sym=args.sym, act_sym=args.act_sym, method=args.method,
