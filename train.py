@@ -134,6 +134,11 @@ def main(argv=None):
             check_qat(model_args)
         except ValueError as e:
             sys.exit(f"train.py: error: {e}")
+        for flag, low in (("spinquant_steps", 0), ("spinquant_nsamples", 1)):
+            if getattr(args, flag) < low:
+                sys.exit(f"train.py: error: --{flag}={getattr(args, flag)}: must be at least {low}")
+        if args.spinquant_lr <= 0:
+            sys.exit(f"train.py: error: --spinquant_lr={args.spinquant_lr}: must be positive")
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         restore_activations(model, checkpoint.get("activations", {}))

@@ -219,10 +219,14 @@ def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, c
     assert model.config.linear_variants["mlp_up"] == "quantized_linear"
 
 
-def test_train_spinquant_bad_width_is_one_line(char_data, tmp_path):
+@pytest.mark.parametrize("flags, named", [
+    (["--n_embd=36", "--n_head=2"], "--spinquant with --n_embd=36"),
+    (["--spinquant_steps=-1"], "--spinquant_steps=-1"),
+    (["--spinquant_nsamples=0"], "--spinquant_nsamples=0"),
+])
+def test_train_spinquant_bad_input_is_one_line(char_data, tmp_path, flags, named):
     import train
-    out = str(tmp_path / "w36")
-    error = run_main(train.main, f"--out_dir={out}", "--n_embd=36", "--n_head=2", "--spinquant", "--device=cpu",
-                     "--max_iters=1")
-    assert error.startswith("train.py: error: --spinquant with --n_embd=36") and "\n" not in error
+    out = str(tmp_path / "run")
+    error = run_main(train.main, f"--out_dir={out}", "--spinquant", "--device=cpu", "--max_iters=1", *flags)
+    assert error.startswith(f"train.py: error: {named}") and "\n" not in error
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
