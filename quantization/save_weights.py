@@ -122,7 +122,8 @@ def measure_activations(model, dataset, batch_size, block_size, device):
 
     def hook(name):
         def record(module, inputs, output):
-            s, n = error_power(inputs[0], output)
+            x = inputs[0] if module.transform is None else module.transform(inputs[0])  # what is quantized
+            s, n = error_power(x, output)
             old = power.get(name, (0.0, 0.0))
             power[name] = (old[0] + s, old[1] + n)
         return record
