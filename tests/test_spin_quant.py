@@ -230,3 +230,12 @@ def test_train_spinquant_bad_input_is_one_line(char_data, tmp_path, flags, named
     error = run_main(train.main, f"--out_dir={out}", "--spinquant", "--device=cpu", "--max_iters=1", *flags)
     assert error.startswith(f"train.py: error: {named}") and "\n" not in error
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_from_pretrained_names_what_it_cannot_load(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor one of gpt2"):
+        GPT.from_pretrained(str(tmp_path / "missing"))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError):  # a folder with neither ckpt.pt nor a Hugging Face config
+        GPT.from_pretrained(str(folder))
