@@ -8,6 +8,7 @@ of sites: train.py's flags, the config, saving and plots are all generated from 
 """
 import math
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -49,13 +50,29 @@ class GPTConfig:
     embedding_quant: dict = None
     # GELU of the MLP: "none" (exact) or "tanh" (the approximation GPT-2 was trained with, for imported weights)
     gelu_approximate: str = "none"
+    # "layernorm", or "rmsnorm" (what a LayerNorm becomes once folded into its linears over a mean-free residual)
+    norm: str = "layernorm"
+    # the output head shares the token embedding's matrix; False gives it its own (rotated models need that)
+    tied_head: bool = True
+    # "<kind>_<site>" -> online transform applied just before the site's quantizer (quantization/layers.py
+    # ONLINE_TRANSFORMS, e.g. "hadamard"); the layer reading the site carries its inverse in its weight
+    online_transforms: dict = field(default_factory=dict)
 
 
 def act_sites(config, kind):
     return nn.ModuleDict({
         site: ActQuant(QuantSpec(**config.act_quant[f"{kind}_{site}"]) if f"{kind}_{site}" in config.act_quant
-                       else None, store=config.store_activations)
+                       else None, store=config.store_activations,
+                       transform=config.online_transforms.get(f"{kind}_{site}"))
         for site in ACT_SITES[kind]})
+
+
+def make_norm(config):
+    if config.norm not in ("layernorm", "rmsnorm"):
+        raise ValueError(f"norm '{config.norm}' is unknown; expected layernorm or rmsnorm")
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 def linear_site(config, site, in_features, out_features):
@@ -146,7 +163,7 @@ class CausalSelfAttention(nn.Module):
                    for proj in (self.q, self.k, self.v))
         if input_pos is not None:
             y = self.cached_attention(q, k, v, input_pos)
-        elif not any(self.act[site].active for site in ATTN_INNER_SITES):
+        elif not any(self.act[site].active or self.act[site].transform is not None for site in ATTN_INNER_SITES):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
         else:
@@ -194,9 +211,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, input_pos=None):
@@ -215,8 +232,10 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
+        if not config.tied_head:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         # the output head is tied to the token embedding (one matrix, quantized once if at all)
         self.embedding_spec = QuantSpec(**config.embedding_quant) if config.embedding_quant else None
         self.quantization_enabled = True
@@ -233,6 +252,27 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_pretrained(cls, name_or_folder, **overrides):
+        """A GPT from a checkpoint train.py (or a PTQ script) wrote (its folder or file), a local Hugging Face
+        GPT-2 folder, or a GPT-2 name (gpt2, gpt2-medium, ...: downloaded, needs a network). `overrides`
+        (block_size, dropout, config fields) apply to the Hugging Face import."""
+        import os
+        from checkpoint import load_checkpoint
+        from quantization.hf import load_hf_gpt2
+        from quantization.packing import is_packed, load_packed
+        path = os.path.join(name_or_folder, "ckpt.pt") if os.path.isdir(name_or_folder) else name_or_folder
+        if os.path.isfile(path):
+            checkpoint = load_checkpoint(path)
+            model = cls(GPTConfig(**checkpoint["model_args"]))
+            if is_packed(checkpoint):
+                load_packed(model, checkpoint)
+            else:
+                model.load_state_dict(checkpoint["model"])
+            model.set_quantization(checkpoint.get("quantization_enabled", True))
+            return model
+        return load_hf_gpt2(name_or_folder, **overrides)[0]
 
     def get_num_params(self, non_embedding=True):
         n_params = sum(p.numel() for p in self.parameters())
@@ -264,11 +304,12 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, input_pos)
         x = self.transformer.ln_f(x)
+        head = partial(F.linear, weight=wte) if self.config.tied_head else self.lm_head
         if targets is not None:
-            logits = F.linear(x, wte)
+            logits = head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:  # inference: only the last position's logits are needed
-            logits = F.linear(x[:, [-1], :], wte)
+            logits = head(x[:, [-1], :])
             loss = None
         return logits, loss
 

@@ -23,6 +23,7 @@ from checkpoint import load_checkpoint, save_checkpoint, stored_activations, res
 from configurator import ConfigError, model_quant_config, parse_args
 from inference import autocast_context, resolve_device
 from model import GPT, GPTConfig
+from quantization.spin_quant import is_rotated
 from tokenizer import load_meta
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -66,6 +67,8 @@ def main(argv=None):
     else:
         rank, world_size, grad_accum = 0, 1, args.gradient_accumulation_steps
     master = rank == 0
+    if args.spinquant and ddp:
+        sys.exit("train.py: error: --spinquant: not supported with several processes (DDP); train on one")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     tokens_per_iter = grad_accum * world_size * args.batch_size * args.block_size
     if master:
@@ -128,6 +131,17 @@ def main(argv=None):
             model = GPT(GPTConfig(**model_args))
         except ValueError as e:
             sys.exit(f"train.py: error: {e}")
+    if args.spinquant:
+        from quantization.spin_quant import check_qat
+        try:
+            check_qat(model_args)
+        except ValueError as e:
+            sys.exit(f"train.py: error: {e}")
+        for flag, low in (("spinquant_steps", 0), ("spinquant_nsamples", 1)):
+            if getattr(args, flag) < low:
+                sys.exit(f"train.py: error: --{flag}={getattr(args, flag)}: must be at least {low}")
+        if args.spinquant_lr <= 0:
+            sys.exit(f"train.py: error: --spinquant_lr={args.spinquant_lr}: must be positive")
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         restore_activations(model, checkpoint.get("activations", {}))
@@ -237,12 +251,32 @@ def main(argv=None):
             "dataset": args.dataset, "quantization_enabled": raw_model.quantization_enabled,
             "activations": stored_activations(raw_model), "rng": rng, "data_rng": data_rng.get_state()})
 
+    def spinquant_rotate(qat_model):
+        """Learn R1/R2 with the QAT quantizers on training sequences (weights frozen), once, when quantization
+        switches on; QAT then trains the rotated weights (the optimizer restarts: its moments were per coordinate)."""
+        from quantization.spin_quant import rotate_for_qat
+        batches = []
+        while sum(b.shape[0] for b in batches) < args.spinquant_nsamples:
+            X, Y = get_batch("train")
+            batches.append(torch.cat([X, Y[:, -1:]], dim=1))
+        t = time.time()
+        rotated, new_args, losses = rotate_for_qat(qat_model, model_args, torch.cat(batches)[:args.spinquant_nsamples],
+                                                   args.spinquant_steps, args.spinquant_lr, args.seed)
+        if master:
+            print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
+                  f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
+        return rotated, new_args
+
     t0 = time.time()
     while True:
         lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
         quantized = set_phase(iter_num)
+        if args.spinquant and raw_model.quantization_enabled and not is_rotated(model_args):
+            raw_model, model_args = spinquant_rotate(raw_model)
+            model = eval_model = torch.compile(raw_model) if args.compile else raw_model
+            optimizer = raw_model.configure_optimizers(args.weight_decay, lr, (args.beta1, args.beta2), device_type)
         last = iter_num >= args.max_iters
         # evaluate and checkpoint; a resumed run does not repeat the evaluation its checkpoint was written after
         # (rank 0 evaluates and decides; every process hands it its random state for the checkpoint)

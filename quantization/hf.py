@@ -137,6 +137,9 @@ def export_checkpoint(out_dir, hf_dir):
     if any(v != "linear" for v in cfg.linear_variants.values()) or cfg.act_quant or cfg.embedding_quant:
         raise ValueError("checkpoints trained with quantizers on cannot be exported (GPT-2 has no quantizers); "
                          "export a full-precision or PTQ checkpoint")
+    if cfg.norm != "layernorm" or not cfg.tied_head or cfg.online_transforms:
+        raise ValueError("rotated checkpoints (RMSNorm, untied head, online transforms) cannot be exported: "
+                         "GPT-2 has LayerNorm and a tied head")
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
     C = cfg.n_embd
 

@@ -6,7 +6,11 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from quantization.hadamard import HadamardTransform
 from quantization.quantizers import QuantSpec, fake_quant, fake_quant_with_codes
+
+# online transforms an activation site can apply before its quantizer (GPTConfig.online_transforms)
+ONLINE_TRANSFORMS = {"hadamard": HadamardTransform}
 
 
 class FakeQuantize(nn.Module):
@@ -73,10 +77,14 @@ def latent_weight(linear):
 class ActQuant(nn.Module):
     """Fake-quantizes the activation passing a named site; the identity when the site is off (spec None) or
     while quantization is switched off (warm-up). With `store`, keeps the last quantized activation's integer
-    codes, scale and zero point as buffers (saved with the checkpoint by train.py)."""
+    codes, scale and zero point as buffers (saved with the checkpoint by train.py). A `transform` (a name in
+    ONLINE_TRANSFORMS) is applied first, always: it is part of the function the model computes, not a quantizer."""
 
-    def __init__(self, spec: QuantSpec = None, store=False):
+    def __init__(self, spec: QuantSpec = None, store=False, transform=None):
         super().__init__()
+        if transform is not None and transform not in ONLINE_TRANSFORMS:
+            raise ValueError(f"online transform '{transform}' is unknown; expected one of {', '.join(ONLINE_TRANSFORMS)}")
+        self.transform = ONLINE_TRANSFORMS[transform]() if transform else None
         self.spec = spec
         self.enabled = True
         self.store = store and spec is not None
@@ -88,6 +96,8 @@ class ActQuant(nn.Module):
         return self.spec is not None and self.enabled
 
     def forward(self, x):
+        if self.transform is not None:
+            x = self.transform(x)
         if not self.active:
             return x
         if not self.store:

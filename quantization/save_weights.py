@@ -19,6 +19,7 @@ carry code: `safetensors` and `npz` (arrays, plus the other fields as JSON). `lo
 """
 import io
 import json
+import math
 import os
 import pickle
 import sys
@@ -35,6 +36,7 @@ from checkpoint import load_checkpoint  # noqa: E402
 from configurator import OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
+from quantization.packing import is_packed, load_packed, unpack_codes  # noqa: E402
 from quantization.quantizers import (MAX_BITS, MIN_BITS, QuantSpec, code_range, dequantize,  # noqa: E402
                                      quantize_tensor, smallest_int_dtype)
 
@@ -120,7 +122,8 @@ def measure_activations(model, dataset, batch_size, block_size, device):
 
     def hook(name):
         def record(module, inputs, output):
-            s, n = error_power(inputs[0], output)
+            x = inputs[0] if module.transform is None else module.transform(inputs[0])  # what is quantized
+            s, n = error_power(x, output)
             old = power.get(name, (0.0, 0.0))
             power[name] = (old[0] + s, old[1] + n)
         return record
@@ -140,10 +143,18 @@ def collect(checkpoint, device="cpu", snr_batch_size=4):
     """The {format, version, tensors} dict that save() writes, from a loaded checkpoint."""
     model_args = checkpoint["model_args"]
     model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(checkpoint["model"])
+    if is_packed(checkpoint):  # a PTQ (or SpinQuant) checkpoint: its codes are stored, not recomputed
+        load_packed(model, checkpoint)
+    else:
+        model.load_state_dict(checkpoint["model"])
     model.set_quantization(True)  # the weights as the quantized model computes with them, even from a warm-up save
     model.eval().to(device)
     tensors = weight_entries(model)
+    for name, packed in checkpoint.get("packed_weights", {}).items():
+        spec, shape = QuantSpec(**packed["spec"]), packed["shape"]
+        codes = (unpack_codes(packed["codes"], spec.bits, math.prod(shape)) + code_range(spec)[0]).reshape(shape)
+        tensors[f"{name}.weight"] = entry("weight", name.rsplit(".", 1)[-1], spec, codes, packed["scale"],
+                                          packed["zero_point"], shape)
     tensors.update(activation_entries(checkpoint.get("activations", {}), model_args["act_quant"]))
     dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
     power = measure_activations(model, dataset, snr_batch_size, model_args["block_size"], device)

@@ -1,0 +1,139 @@
+"""The SpinQuant results table of a full-precision checkpoint: validation loss and perplexity of round-to-nearest
+without rotation, random Hadamard rotations + RTN (QuaRot-style, over several seeds), SpinQuant + RTN, random
+Hadamard + GPTQ and SpinQuant + GPTQ, at each W/A/KV setting, plus QAT checkpoints given with --qat.
+
+    python demos/spinquant_compare.py --out_dir=out-baby-gpt --settings=4/4/4,4/8/8,4/16/16 --seeds=3 \\
+        --qat="QAT W4A4=out-qat,QAT W4A4 + rotations=out-qat-spin" --json=results.json
+
+"gap closed" is the share of RTN-without-rotation's loss gap to full precision that a row recovers.
+"""
+import json
+import os
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "demos")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import torch  # noqa: E402
+
+from configurator import OneLineParser  # noqa: E402
+from model import GPT  # noqa: E402
+from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
+from quantization.spin_quant import FULL_BITS, SpinQuant, unrotated  # noqa: E402
+from spinquant_ptq import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+
+
+def parse_settings(text):
+    settings = []
+    for item in text.split(","):
+        parts = item.split("/")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"settings={text}: expected W/A/KV bit triples like 4/4/4,4/8/8")
+        settings.append(tuple(int(p) for p in parts))
+    return settings
+
+
+def main(argv=None):
+    p = OneLineParser(prog="spinquant_compare.py", description="SpinQuant against RTN and random rotations.")
+    add_spinquant_flags(p)
+    p.add_argument("--settings", default="4/4/4,4/8/8,4/16/16", help="comma-separated W/A/KV bits (16: off)")
+    p.add_argument("--seeds", type=int, default=3, help="random Hadamard seeds (at least 1)")
+    p.add_argument("--qat", default="", help="comma-separated label=checkpoint folder of QAT runs to score too")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    error = f"{p.prog}: error:"
+    from train import resolve_device
+    device, _ = resolve_device(args.device, "float32")
+    torch.backends.cuda.matmul.allow_tf32 = False  # activations of 4 bits: keep the float math exact
+    try:
+        check_args(args)
+        settings = parse_settings(args.settings)
+        for w, a, kv in settings:
+            for flag, bits in (("bits", w), ("act_bits", a), ("kv_bits", kv)):
+                if bits != FULL_BITS and not 2 <= bits <= 8:
+                    raise ValueError(f"settings={args.settings}: {flag} {bits}: expected 2..8 or {FULL_BITS}")
+        if args.seeds < 1:
+            raise ValueError(f"seeds={args.seeds}: must be at least 1")
+        qat = [item.split("=", 1) for item in args.qat.split(",") if item]
+        if any(len(q) != 2 for q in qat):
+            raise ValueError(f"qat={args.qat}: expected label=folder pairs")
+        for label, folder in qat:
+            if not os.path.exists(os.path.join(folder, "ckpt.pt")):
+                raise ValueError(f"qat={args.qat}: {folder}/ckpt.pt not found")
+    except ValueError as e:
+        sys.exit(f"{error} --{e}")
+    base, checkpoint, seqlen, calibration = load_inputs(args, device, error)
+    val = split_tokens(checkpoint["dataset"], "val")
+
+    def score(model):
+        return evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,
+                        progress=False)["loss"]
+
+    fp = score(base)
+    rows = [dict(setting="-", method="full precision", loss=fp)]
+    print(f"full precision: val loss {fp:.4f}", flush=True)
+
+    def add(setting, method, loss, rtn=None, **extra):
+        row = dict(setting=setting, method=method, loss=loss, **extra)
+        if rtn is not None and rtn > fp:
+            row["gap_closed"] = (rtn - loss) / (rtn - fp)
+        rows.append(row)
+        print(f"{setting} {method}: val loss {loss:.4f}" + (f", gap closed {100 * row['gap_closed']:.0f}%"
+                                                            if "gap_closed" in row else ""), flush=True)
+        return loss
+
+    for w, a, kv in settings:
+        setting = f"W{w}A{a}KV{kv}"
+        common = dict(bits=w, act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
+                      device=device)
+        model = unrotated(base, a, kv, args.act_sym)
+        if w != FULL_BITS:
+            rtn_quantize(model, weight_spec(w, args.group_size, args.sym))
+        rtn = add(setting, "RTN, no rotation", score(model))
+        random_losses = []
+        for seed in range(args.seeds):
+            sq = SpinQuant(base, method="rtn", seed=seed, **common)
+            sq.apply()
+            random_losses.append(score(sq.model))
+        spread = dict(seeds=random_losses, min=min(random_losses), max=max(random_losses))
+        add(setting, f"random Hadamard + RTN, mean of {args.seeds} seeds", statistics.mean(random_losses), rtn,
+            **spread)
+        for method in ("rtn", "gptq"):
+            if method == "gptq":
+                sq = SpinQuant(base, method="gptq", seed=0, **common)
+                sq.apply(calibration[:, :seqlen], nsamples=args.nsamples, progress=False)
+                add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
+            sq = SpinQuant(base, method=method, seed=0, **common)
+            losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                 seed=args.seed, progress=False)
+            sq.apply(calibration[:, :seqlen], nsamples=args.nsamples, progress=False)
+            add(setting, f"SpinQuant + {method.upper()}", score(sq.model), rtn,
+                calib_loss=[losses[0], losses[-1]] if losses else None)
+    for label, folder in qat:
+        model = GPT.from_pretrained(folder).to(device).eval()
+        add("QAT", label, score(model))
+    cfg = (f"{args.out_dir}: {checkpoint['model_args']['n_layer']} layers, {checkpoint['model_args']['n_embd']} wide, "
+           f"{checkpoint['dataset']}; weights {'symmetric' if args.sym else 'asymmetric'} "
+           f"{'group ' + str(args.group_size) if args.group_size else 'per channel'}, activations per token "
+           f"{'symmetric' if args.act_sym else 'asymmetric'}, K/V per token and head asymmetric; {args.steps} Cayley "
+           f"steps (lr {args.lr}), {args.nsamples} x {seqlen} calibration tokens; {device}")
+    print(f"\n{cfg}\n")
+    print("| setting | method | val loss | perplexity | RTN gap closed | random-seed spread |")
+    print("|---|---|---:|---:|---:|---|")
+    for r in rows:
+        gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
+        spread = f"{r['min']:.4f} .. {r['max']:.4f}" if "min" in r else "-"
+        print(f"| {r['setting']} | {r['method']} | {r['loss']:.4f} | {torch.tensor(r['loss']).exp().item():.2f} | "
+              f"{gap} | {spread} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": cfg, "rows": rows}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

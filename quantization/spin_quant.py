@@ -1,0 +1,337 @@
+"""SpinQuant (arXiv 2405.16406) for model.py's GPT: rotate the model so that its weights and activations quantize
+with less error, learn two of the rotations on calibration text, then quantize the weights (RTN, GPTQ or AutoRound).
+
+    sq = SpinQuant(model, bits=4, act_bits=4, kv_bits=4)   # folds the norms, fixes R3 and R4, starts R1/R2
+    sq.optimize(calib_data, steps=100)                      # Cayley SGD on R1, R2 (weights frozen)
+    records = sq.apply()                                    # bake the rotations in, quantize the weights
+    save_checkpoint(path, sq.checkpoint(base_checkpoint))   # an ordinary packed checkpoint
+
+The rotations, for a GPT-2 (LayerNorm, biases, learned positions, no RoPE), after quantization/fold.py has made
+every norm a weight-free RMSNorm over a mean-free residual and untied the head:
+- R1 (n_embd x n_embd) on the residual stream: embeddings and the head read x R1; q, k, v, mlp_up read it;
+  attn_proj and mlp_down write R1^T of what they wrote. Learned.
+- R2 (head_dim x head_dim, one per layer) on each head of v and the matching input columns of attn_proj. Learned.
+- R3 (head_dim, a Hadamard) on each head of q and k: q k^T is unchanged, the K cache quantizes better. Fixed.
+- R4: an online Hadamard on mlp_down's input (config online_transforms, applied before the site's quantizer),
+  its inverse folded into mlp_down's weight. Fixed.
+Activations are quantized per token at the inputs of every linear layer, and the K and V caches per token and
+head, by model.py's own activation quantizers (config act_quant); only the weights differ from a plain model.
+"""
+import copy
+import math
+from dataclasses import asdict
+
+import torch
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from model import GPT, GPTConfig
+from quantization.fold import build_like, fold_norms
+from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
+from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant
+from quantization.rtn import SITES, rtn_quantize, weight_spec
+
+FULL_BITS = 16  # act_bits / kv_bits of 16: that activation is not quantized
+WEIGHT_METHODS = ("rtn", "gptq", "autoround")
+ROTATIONS = ("R1", "R2", "R3", "R4")
+# the activation sites SpinQuant quantizes: the inputs of every linear layer, and the K and V caches
+LINEAR_INPUT_SITES = ("attn_input", "attn_pv_mult_output", "mlp_input", "mlp_activation_output")
+KV_SITES = ("attn_qk_mult_k_input", "attn_pv_mult_v_input")
+
+
+def activation_quant(act_bits, kv_bits, act_sym=False):
+    """model.py's act_quant config for per-token activations at act_bits and K/V caches at kv_bits (16: off)."""
+    for name, bits in (("act_bits", act_bits), ("kv_bits", kv_bits)):
+        if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"{name}={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for no quantization")
+    out = {}
+    for sites, bits, sym in ((LINEAR_INPUT_SITES, act_bits, act_sym), (KV_SITES, kv_bits, False)):
+        if bits != FULL_BITS:
+            out.update({site: dict(method="symmetric_quant" if sym else "affine_quant", bits=bits,
+                                   granularity="per_token") for site in sites})
+    return out
+
+
+def is_rotated(model_args):
+    return model_args.get("norm", "layernorm") != "layernorm" or bool(model_args.get("online_transforms"))
+
+
+def check_plain(model_args, what="the model"):
+    """ValueError unless model_args describe a full-precision, unrotated GPT."""
+    if is_rotated(model_args):
+        raise ValueError(f"{what} is already rotated (norm {model_args.get('norm')}, online transforms "
+                         f"{model_args.get('online_transforms') or 'none'}); rotate its unrotated original")
+    variants = set(model_args.get("linear_variants", {}).values()) - {"linear"}
+    if variants or model_args.get("act_quant") or model_args.get("embedding_quant"):
+        raise ValueError(f"{what} is already quantized ({', '.join(sorted(variants)) or 'activations'}); "
+                         f"SpinQuant needs a full-precision model")
+
+
+def _heads(W, n_head):
+    return W.reshape(n_head, -1, *W.shape[1:])
+
+
+def rotate_state(state, config, R1=None, R2=None, R3=None, R4=None):
+    """The state dict of a folded GPT (fold.fold_norms) with the rotations applied (None: that one is skipped).
+    R1: (C, C); R2: one (hd, hd) per layer; R3: (hd, hd); R4: (4C, 4C), the matrix the online transform at
+    mlp_activation_output multiplies by (x -> x R4). Differentiable in the rotations."""
+    s = dict(state)
+    H = config.n_head
+
+    def head_out(key, R):  # y -> y R on each head of a layer's output: W[h] <- R^T W[h], b[h] <- b[h] R
+        t = _heads(s[key], H)
+        s[key] = (R.t() @ t if t.dim() == 3 else t @ R).reshape(s[key].shape)
+
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        if R3 is not None:
+            for site in ("q", "k"):
+                for kind in ("weight", "bias"):
+                    if f"{p}attn.{site}.{kind}" in s:
+                        head_out(f"{p}attn.{site}.{kind}", R3)
+        if R2 is not None:
+            for kind in ("weight", "bias"):
+                if f"{p}attn.v.{kind}" in s:
+                    head_out(f"{p}attn.v.{kind}", R2[i])
+            W = s[f"{p}attn.attn_proj.weight"]  # its input columns, head by head: W[:, h] <- W[:, h] R2
+            s[f"{p}attn.attn_proj.weight"] = (W.reshape(W.shape[0], H, -1) @ R2[i]).reshape(W.shape)
+        if R4 is not None:
+            s[f"{p}mlp.mlp_down.weight"] = s[f"{p}mlp.mlp_down.weight"] @ R4
+        if R1 is not None:
+            for site in ("attn.q", "attn.k", "attn.v", "mlp.mlp_up"):
+                s[f"{p}{site}.weight"] = s[f"{p}{site}.weight"] @ R1
+            for site in ("attn.attn_proj", "mlp.mlp_down"):
+                s[f"{p}{site}.weight"] = R1.t() @ s[f"{p}{site}.weight"]
+                if f"{p}{site}.bias" in s:
+                    s[f"{p}{site}.bias"] = s[f"{p}{site}.bias"] @ R1
+    if R1 is not None:
+        for key in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"):
+            s[key] = s[key] @ R1
+    return s
+
+
+def cayley_step(R, grad, lr):
+    """One Cayley SGD step on the orthogonal group (Li et al., arXiv 2002.01113, as SpinQuant uses it): the skew
+    matrix A = G R^T - R G^T, a step alpha = min(lr, 1 / ||A||_1), and R <- (I + alpha/2 A)^-1 (I - alpha/2 A) R,
+    which is orthogonal whatever alpha is. Computed in float64."""
+    R64, G = R.double(), grad.double()
+    A = G @ R64.t() - R64 @ G.t()
+    alpha = min(lr, 1.0 / (A.abs().sum(dim=0).max().item() + 1e-12))
+    eye = torch.eye(R.shape[0], dtype=torch.float64, device=R.device)
+    return torch.linalg.solve(eye + 0.5 * alpha * A, (eye - 0.5 * alpha * A) @ R64).to(R.dtype)
+
+
+def calibration_batch(calib_data):
+    """A list of (1, T) token tensors (or a (N, T) tensor) -> one (N, T) tensor; ValueError when too short."""
+    if isinstance(calib_data, (list, tuple)):
+        if not calib_data:
+            raise ValueError("calibration data is empty")
+        lengths = {int(t.shape[-1]) for t in calib_data}
+        if len(lengths) > 1:
+            raise ValueError(f"calibration samples differ in length ({sorted(lengths)}); give samples of one length")
+        calib_data = torch.cat([torch.as_tensor(t).reshape(1, -1) for t in calib_data])
+    calib_data = torch.as_tensor(calib_data).long()
+    if calib_data.dim() != 2 or calib_data.shape[1] < 2 or calib_data.shape[0] < 1:
+        raise ValueError(f"calibration data of shape {tuple(calib_data.shape)}: need at least one sample of at "
+                         f"least 2 tokens")
+    return calib_data
+
+
+class SpinQuant:
+    """Rotate a full-precision GPT for W`bits` A`act_bits` KV`kv_bits` quantization (16: that part stays full
+    precision), learn R1/R2, then quantize its weights with `method` (rtn, gptq or autoround).
+
+    When the weights will be quantized by GPTQ or AutoRound, the rotations are learned against activation
+    quantization only (the paper's recipe); with RTN, against the round-to-nearest weights too."""
+
+    def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
+                 method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
+                 weight_specs=None, dtype=torch.float32):
+        """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
+        and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
+        the rotated model and the rotations (float64 to check exactness)."""
+        if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
+            raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
+        if method not in WEIGHT_METHODS:
+            raise ValueError(f"method={method}: expected one of {', '.join(WEIGHT_METHODS)}")
+        unknown = set(rotations) - set(ROTATIONS)
+        if unknown:
+            raise ValueError(f"rotations={','.join(sorted(unknown))}: unknown; expected some of {','.join(ROTATIONS)}")
+        cfg = model.config
+        check_plain(asdict(cfg))
+        C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+        for rotation, width in (("R1", C), ("R2", hd), ("R3", hd), ("R4", 4 * C)):
+            if rotation in rotations:
+                hadamard_matrix(width)  # ValueError naming the width when there is no construction
+        self.bits, self.method, self.group_size, self.sym = bits, method, group_size, sym
+        self.spec = weight_spec(bits, group_size, sym) if bits != FULL_BITS else None
+        self.weight_specs = weight_specs if weight_specs is not None else {site: self.spec for site in SITES}
+        if self.spec is not None and group_size:
+            for width in (C, 4 * C):
+                if width % group_size:
+                    raise ValueError(f"group_size={group_size}: does not divide the input width {width}")
+        self.device = device or next(model.parameters()).device
+        self.rotations = tuple(rotations)
+        self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
+                         act_sym=act_sym, method=method, rotations=",".join(self.rotations), seed=seed, steps=0)
+        # fold in float64, apply the fixed rotations (R3, R4), keep `dtype` weights for optimisation
+        folded = fold_norms(copy.deepcopy(model).to("cpu", torch.float64))
+        fixed = dict(R3=hadamard_matrix(hd) if "R3" in rotations else None,
+                     R4=hadamard_matrix(4 * C).t() if "R4" in rotations else None)
+        state = rotate_state(folded.state_dict(), cfg, **fixed)
+        if act_quant is None:
+            act_quant = activation_quant(act_bits, kv_bits, act_sym)
+        config = {**asdict(folded.config), "act_quant": act_quant,
+                  "online_transforms": {"mlp_activation_output": "hadamard"} if "R4" in rotations else {}}
+        self.config = GPTConfig(**config)
+        self.model = build_like(self.config, {k: v.to(dtype) for k, v in state.items()}).to(self.device).eval()
+        self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        # R1 and R2 start from random Hadamard matrices (identity when that rotation is not asked for)
+        g = torch.Generator().manual_seed(seed)
+
+        def start(name, width):
+            if name not in rotations:
+                return None
+            return random_hadamard_matrix(width, seed=int(torch.randint(0, 2**31, (1,), generator=g))).to(
+                self.device, dtype).requires_grad_(name in learn)
+
+        self.R1 = start("R1", C)
+        self.R2 = [start("R2", hd) for _ in range(cfg.n_layer)] if "R2" in rotations else None
+        self.losses, self.records, self.calibration = [], None, None
+
+    def rotated_state(self, quantize_weights=False):
+        """The model's weights under the current R1 and R2 (differentiable); with quantize_weights, the linear
+        sites' weights are fake-quantized (straight-through) with the weight spec."""
+        state = rotate_state(self.base_state, self.config, R1=self.R1, R2=self.R2)
+        if quantize_weights:
+            for key in state:
+                spec = self.weight_specs.get(key.split(".")[-2]) if key.endswith(".weight") else None
+                if spec is not None:
+                    state[key] = fake_quant(state[key], spec)
+        return state
+
+    def loss(self, x, y, quantize_weights):
+        return functional_call(self.model, self.rotated_state(quantize_weights), (x, y))[1]
+
+    def parameters(self):
+        return [R for R in ([self.R1] + (self.R2 or [])) if R is not None and R.requires_grad]
+
+    def optimize(self, calib_data, steps=100, lr=1.5, batch_size=8, seed=0, progress=True):
+        """Learn R1 and R2 by Cayley SGD (cosine-decayed lr) on the cross-entropy of the quantized model over
+        calibration samples (a list of (1, T) token tensors, or an (N, T) tensor); returns the loss per step."""
+        if steps < 0:
+            raise ValueError(f"steps={steps}: must be 0 (keep the random Hadamard start) or more")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        data = calibration_batch(calib_data)
+        if data.shape[1] - 1 > self.config.block_size:
+            raise ValueError(f"calibration samples of {data.shape[1]} tokens: longer than block_size + 1 "
+                             f"({self.config.block_size + 1})")
+        self.calibration = data
+        quantize_weights = self.method == "rtn"  # GPTQ and AutoRound: learned against activation quantization only
+        params = self.parameters()
+        g = torch.Generator().manual_seed(seed)
+        for step in tqdm(range(steps), desc="spinquant", unit="step", disable=not progress):
+            batch = data[torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=g)]
+            batch = batch.to(self.device)
+            loss = self.loss(batch[:, :-1], batch[:, 1:], quantize_weights)
+            grads = torch.autograd.grad(loss, params) if params else []
+            step_lr = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+            with torch.no_grad():
+                for R, G in zip(params, grads):
+                    R.copy_(cayley_step(R, G, step_lr))
+            self.losses.append(loss.item())
+        self.info["steps"] = self.info["steps"] + steps
+        return self.losses
+
+    @torch.no_grad()
+    def bake(self):
+        """Put the rotated weights into self.model (full precision) and return it."""
+        self.model.load_state_dict({k: v.detach() for k, v in self.rotated_state().items()})
+        return self.model
+
+    def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, **method_options):
+        """Bake the rotations in and quantize the weights with the method: {module name: QuantizedWeight}
+        (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data."""
+        from quantization.autoround import AutoRound
+        from quantization.gptq import GPTQ
+        model = self.bake()
+        if self.spec is None:
+            self.records = {}
+            return self.records
+        if self.method == "rtn":
+            self.records = rtn_quantize(model, self.spec)
+            return self.records
+        data = calibration_batch(calib_data) if calib_data is not None else self.calibration
+        if data is None:
+            raise ValueError(f"method={self.method} needs calibration data (pass calib_data, or call optimize first)")
+        runner = GPTQ if self.method == "gptq" else AutoRound
+        quantizer = runner(model, data, bits=self.bits, group_size=self.group_size, sym=self.sym,
+                           nsamples=min(nsamples, data.shape[0]), seqlen=min(data.shape[1], model.config.block_size),
+                           device=self.device, seed=seed, progress=progress,
+                           log=(lambda line: None) if not progress else tqdm.write, **method_options)
+        self.records = quantizer.quantize()
+        return self.records
+
+    def checkpoint(self, base, extra_info=None):
+        """A checkpoint dict: packed (quantization/packing.py) when the weights are quantized, else full precision;
+        `base` gives the metadata (dataset, iter_num, ...) and its model_args are replaced by the rotated model's."""
+        from quantization.packing import packed_checkpoint
+        base = {**base, "model_args": asdict(self.config)}
+        info = {"method": f"spinquant+{self.method}", **self.info, **(extra_info or {})}
+        if self.records:
+            return packed_checkpoint(base, self.model, self.records, info)
+        keep = ("model_args", "dataset", "config", "iter_num", "best_val_loss")
+        return {**{k: base[k] for k in keep if k in base}, "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "quantization_enabled": True, "spinquant": info}
+
+
+def unrotated(model, act_bits, kv_bits, act_sym=False):
+    """A copy of `model` with SpinQuant's activation quantizers and no rotation: the baseline it is measured against."""
+    config = GPTConfig(**{**asdict(model.config), "act_quant": activation_quant(act_bits, kv_bits, act_sym)})
+    return build_like(config, {k: v.detach() for k, v in model.state_dict().items()}).eval()
+
+
+def check_qat(model_args):
+    """ValueError (naming the flag) when train.py --spinquant cannot rotate a model of these model_args."""
+    if model_args.get("embedding_quant"):
+        raise ValueError("--spinquant: a quantized embedding cannot be rotated (the head is untied from it); "
+                         "drop --quantize_embedding")
+    C, H = model_args["n_embd"], model_args["n_head"]
+    for flag, width in (("n_embd", C), ("n_embd", 4 * C), ("n_head", C // H)):
+        try:
+            hadamard_matrix(width)
+        except ValueError as e:
+            raise ValueError(f"--spinquant with --{flag}={model_args[flag]}: {e}") from None
+
+
+def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False):
+    """QAT's rotations (train.py --spinquant): learn R1/R2 of a QAT model with its own weight and activation
+    quantizers (weights frozen), bake R1-R4 in, and return (the rotated QAT model, its model_args); the new
+    model's latent weights are the rotated ones, so training continues in the rotated basis.
+    `batches`: (N, T + 1) training tokens."""
+    check_plain({**model_args, "linear_variants": {}, "act_quant": {}, "embedding_quant": None}, "the QAT model")
+    check_qat(model_args)
+    plain_args = {**model_args, "linear_variants": {}, "weight_quant": {}, "act_quant": {}}
+    device = next(model.parameters()).device
+    state = {k.replace(".parametrizations.weight.original", ".weight"): v.detach().float()
+             for k, v in model.state_dict().items()}
+    plain = build_like(GPTConfig(**plain_args), state)
+    specs = {site: QuantSpec(**fields) for site, fields in model_args.get("weight_quant", {}).items()}
+    sq = SpinQuant(plain, bits=FULL_BITS, act_quant=model_args.get("act_quant", {}), weight_specs=specs, seed=seed,
+                   device=device)
+    sq.optimize(batches, steps=steps, lr=lr, seed=seed, progress=progress)
+    rotated = {k: v.detach() for k, v in sq.rotated_state().items()}
+    new_args = {**model_args, "norm": sq.config.norm, "tied_head": False,
+                "online_transforms": dict(sq.config.online_transforms)}
+    with torch.random.fork_rng(devices=[]):
+        new_model = GPT(GPTConfig(**new_args)).to(device)
+    names = set(new_model.state_dict())
+    for key in list(rotated):
+        latent = key[:-len("weight")] + "parametrizations.weight.original"
+        if key not in names and latent in names:
+            rotated[latent] = rotated.pop(key)
+    new_model.load_state_dict(rotated)
+    new_model.set_quantization(model.quantization_enabled)
+    new_model.train(model.training)
+    return new_model, new_args, sq.losses

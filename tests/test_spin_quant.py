@@ -1,0 +1,241 @@
+"""SpinQuant: Hadamard constructions, exactness of folding and of every rotation, Cayley SGD, the saved checkpoint,
+train.py --spinquant, and bad input."""
+import os
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint, save_checkpoint
+from conftest import run_main, train_in_process
+from model import GPT, GPTConfig
+from quantization.fold import fold_norms
+from quantization.hadamard import (factor, hadamard_matrix, hadamard_transform, paley_hadamard,
+                                   random_hadamard_matrix)
+from quantization.perplexity import split_tokens
+from quantization.spin_quant import SpinQuant
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+@pytest.mark.parametrize("order", [12, 20, 44])
+def test_paley_matrices_are_hadamard(order):
+    H = paley_hadamard(order)
+    assert set(H.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(H @ H.t(), order * torch.eye(order, dtype=H.dtype))
+
+
+@pytest.mark.parametrize("n", [64, 96, 384, 640, 1536])
+def test_fast_transform_equals_dense_orthonormal_matrix(n):
+    H = hadamard_matrix(n)
+    assert (H @ H.t() - torch.eye(n, dtype=H.dtype)).abs().max() < 1e-12
+    x = torch.randn(5, 3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert (hadamard_transform(x) - x @ H.t()).abs().max() < 1e-12
+    assert factor(n)[0] in (1, 12, 20)
+
+
+def test_width_without_construction_is_named():
+    with pytest.raises(ValueError, match="width 36 has no Hadamard construction"):
+        hadamard_matrix(36)
+
+
+def _random_model(bias=True, n_embd=24, n_head=2, seed=0):
+    """A float64 GPT with LayerNorm gains and biases, linear biases and a tied embedding, all far from their init."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=n_head, n_embd=n_embd, block_size=16, vocab_size=40, bias=bias)).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or name.endswith("bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    return model.eval()
+
+
+def _random_orthogonal(n, seed):
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("rotations", [(), ("R1",), ("R2",), ("R3",), ("R4",), ("R1", "R2", "R3", "R4")])
+def test_rotated_float64_model_computes_the_same_logits(rotations):
+    model = _random_model()
+    x = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(1))
+    reference = model(x, x)[0]
+    assert _rel(fold_norms(model)(x, x)[0], reference) < 1e-12
+    sq = SpinQuant(model, bits=16, act_bits=16, kv_bits=16, rotations=rotations, dtype=torch.float64)
+    with torch.no_grad():  # any orthogonal matrices, not only the Hadamard start
+        if sq.R1 is not None:
+            sq.R1.copy_(_random_orthogonal(24, 2))
+        for i, R in enumerate(sq.R2 or []):
+            R.copy_(_random_orthogonal(12, 3 + i))
+    rotated = sq.bake()
+    assert _rel(rotated(x, x)[0], reference) < 1e-6
+    if "R4" in rotations:
+        assert rotated.config.online_transforms == {"mlp_activation_output": "hadamard"}
+    assert not rotated.config.tied_head and rotated.config.norm == "rmsnorm"
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(char_data):
+    """A char-level GPT (2 layers, 32 wide, biases) trained 300 steps in this process: (model, train tokens)."""
+    from tokenizer import load_meta
+    tokens = split_tokens("shakespeare_char", "train")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=load_meta(char_data)["vocab_size"],
+                          bias=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        ix = torch.randint(0, len(tokens) - 33, (16,), generator=g)
+        batch = torch.stack([tokens[i:i + 33] for i in ix.tolist()])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokens
+
+
+def _calibration(tokens, n=24, seqlen=33):
+    return [tokens[i * 997:i * 997 + seqlen].reshape(1, -1) for i in range(n)]
+
+
+def test_optimize_reduces_the_quantized_loss_and_keeps_rotations_orthogonal(tiny_trained):
+    model, tokens = tiny_trained
+    calib = _calibration(tokens)
+    data = torch.cat(calib)
+    sq = SpinQuant(model, bits=2, act_bits=4, kv_bits=4, method="rtn", seed=0)
+
+    def loss():
+        with torch.no_grad():
+            return sq.loss(data[:, :-1], data[:, 1:], quantize_weights=True).item()
+
+    before = loss()
+    sq.optimize(calib, steps=30, lr=1.5, batch_size=8, progress=False)
+    after = loss()
+    assert after < before - 0.02, (before, after)
+    for R in [sq.R1, *sq.R2]:
+        eye = torch.eye(R.shape[0], dtype=torch.float64)
+        assert (R.detach().double() @ R.detach().double().t() - eye).abs().max() < 1e-5
+
+
+def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
+    from sample import load_model
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
+    calib = _calibration(tokens)
+    sq.optimize(calib, steps=3, progress=False)
+    records = sq.apply(progress=False)
+    assert len(records) == 2 * 6
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(str(path), sq.checkpoint({"model_args": {}, "dataset": "shakespeare_char"}))
+    x = torch.cat(calib)[:4, :-1]
+    expected = sq.model(x, x)[0]
+    loaded = GPT.from_pretrained(str(tmp_path))
+    assert torch.equal(loaded(x, x)[0], expected)
+    via_sample, _ = load_model(str(tmp_path), "cpu")
+    assert torch.equal(via_sample(x, x)[0], expected)
+    assert load_checkpoint(str(path))["model_args"]["online_transforms"] == {"mlp_activation_output": "hadamard"}
+    from quantization import save_weights
+    saved = str(tmp_path / "w.npz")
+    assert run_main(save_weights.main, f"--out_dir={tmp_path}", f"--file_name={saved}", "--file_type=npz") is None
+    tensors = save_weights.load_quantized_data(saved)["tensors"]
+    assert len(tensors) == 12
+    down = tensors["transformer.h.1.mlp.mlp_down.weight"]
+    assert torch.equal(torch.from_numpy(save_weights.dequantize_entry(down)), loaded.transformer.h[1].mlp.mlp_down.weight)
+
+
+def test_random_hadamard_start_depends_on_the_seed(tiny_trained):
+    model, _ = tiny_trained
+    a, b = (SpinQuant(model, bits=4, seed=s) for s in (0, 1))
+    assert not torch.equal(a.R1, b.R1)
+    assert torch.equal(random_hadamard_matrix(32, seed=5), random_hadamard_matrix(32, seed=5))
+
+
+def _save_plain(folder, model):
+    from dataclasses import asdict
+    save_checkpoint(os.path.join(folder, "ckpt.pt"), {"model": model.state_dict(), "model_args": asdict(model.config),
+                                                      "dataset": "shakespeare_char", "iter_num": 0})
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tiny_trained, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("plain"))
+    _save_plain(folder, tiny_trained[0])
+    return folder
+
+
+def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(plain_dir, tmp_path, capsys):
+    import demos.spinquant_ptq as demo
+    out = str(tmp_path / "sq")
+    assert run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--steps=2", "--nsamples=8",
+                    "--eval_tokens=2000", "--device=cpu", "--progress=False", "--method=rtn") is None
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("spinquant perplexity: ") and "(no rotation " in last and ", full precision " in last
+    assert os.path.samefile(os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_spinquant.pt"))
+    import sample
+    assert run_main(sample.main, f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu") is None
+    # an already rotated checkpoint is refused
+    again = str(tmp_path / "again")
+    error = run_main(demo.main, f"--out_dir={out}", f"--quantized_dir={again}", "--device=cpu")
+    assert error.startswith(f"spinquant_ptq.py: error: --out_dir={out}:") and "already" in error
+    assert not os.path.exists(again)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--steps=-1"], "--steps=-1"),
+    (["--bits=9"], "--bits=9"),
+    (["--act_bits=1"], "--act_bits=1"),
+    (["--nsamples=100000000"], "--nsamples=100000000"),
+])
+def test_demo_bad_flags_one_line_nothing_written(plain_dir, tmp_path, flags, named):
+    import demos.spinquant_ptq as demo
+    out = str(tmp_path / "sq")
+    error = run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--device=cpu", *flags)
+    assert error.startswith(f"spinquant_ptq.py: error: {named}") and "\n" not in error
+    assert not os.path.exists(out)
+
+
+def test_width_without_hadamard_is_refused(tmp_path):
+    import demos.spinquant_ptq as demo
+    folder, out = str(tmp_path / "w36"), str(tmp_path / "sq")
+    _save_plain(folder, GPT(GPTConfig(n_layer=1, n_head=2, n_embd=36, block_size=16, vocab_size=84)))
+    error = run_main(demo.main, f"--out_dir={folder}", f"--quantized_dir={out}", "--device=cpu")
+    assert error.startswith(f"spinquant_ptq.py: error: --out_dir={folder}:") and "width 36" in error
+    assert not os.path.exists(out)
+
+
+def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, capsys):
+    out = str(tmp_path / "qat")
+    train_in_process(out, "--max_iters=12", "--eval_interval=12", "--quantization_warmup_iters=6", "--spinquant",
+                     "--spinquant_steps=3", "--spinquant_nsamples=8", "--linear_variant_mlp=quantized_linear",
+                     "--quantize_linear_bits=4", "--quantize_mlp_act_input", "--quantize_attn_act_pv_mult_v_input",
+                     "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token")
+    assert "iter 6: spinquant rotations learned" in capsys.readouterr().out
+    args = load_checkpoint(out)["model_args"]
+    assert args["norm"] == "rmsnorm" and not args["tied_head"] and args["online_transforms"]
+    model = GPT.from_pretrained(out)
+    assert model.config.linear_variants["mlp_up"] == "quantized_linear"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--n_embd=36", "--n_head=2"], "--spinquant with --n_embd=36"),
+    (["--spinquant_steps=-1"], "--spinquant_steps=-1"),
+    (["--spinquant_nsamples=0"], "--spinquant_nsamples=0"),
+])
+def test_train_spinquant_bad_input_is_one_line(char_data, tmp_path, flags, named):
+    import train
+    out = str(tmp_path / "run")
+    error = run_main(train.main, f"--out_dir={out}", "--spinquant", "--device=cpu", "--max_iters=1", *flags)
+    assert error.startswith(f"train.py: error: {named}") and "\n" not in error
+    assert not os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+def test_from_pretrained_names_what_it_cannot_load(tmp_path):
+    with pytest.raises(ValueError, match="neither a folder nor one of gpt2"):
+        GPT.from_pretrained(str(tmp_path / "missing"))
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError):  # a folder with neither ckpt.pt nor a Hugging Face config
+        GPT.from_pretrained(str(folder))
