@@ -10,7 +10,7 @@ import torch
 from model import GPT, GPTConfig
 from quantization.layers import ActQuant
 from quantization.quantizers import code_range, smallest_int_dtype
-from safety import clean_stale_tmp
+from safety import clean_stale_tmp, safe_name
 
 REQUIRED_KEYS = ("model", "model_args")
 # model_args every checkpoint must carry (the rest have GPTConfig's defaults), and the largest value believed
@@ -53,6 +53,9 @@ def load_checkpoint(path, device="cpu"):
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a nanoQAT checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
+    dataset = checkpoint.get("dataset")
+    if dataset is not None and (not isinstance(dataset, str) or not dataset or safe_name(dataset) != dataset):
+        raise ValueError(f"{path}: its dataset {str(dataset)[:80]!r} is not the name of a folder under data/")
     try:
         check_model_args(checkpoint["model_args"])
         check_state(checkpoint)

@@ -269,6 +269,9 @@ def _spec(fields, flags):
 
 def model_quant_config(args):
     """The quantization part of GPTConfig (linear_variants, weight_quant, act_quant, ...) from parsed flags."""
+    for name, value in vars(args).items():  # every bits flag, used or not: a bad value is never ignored
+        if (name.endswith("_bits") or "_bits_" in name) and value is not None and not MIN_BITS <= value <= MAX_BITS:
+            raise ConfigError(f"--{name}: bits={value} is out of range; expected {MIN_BITS}..{MAX_BITS}")
     variants, weight_quant, act_quant = {}, {}, {}
     for site, kind in LINEAR_SITES.items():
         variants[site] = _resolve(args, "linear_variant", kind, site)[0] or "linear"
