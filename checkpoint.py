@@ -54,8 +54,11 @@ def load_checkpoint(path, device="cpu"):
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in REQUIRED_KEYS):
         raise ValueError(f"{path} is not a nanoQAT checkpoint (expected the keys {', '.join(REQUIRED_KEYS)})")
     dataset = checkpoint.get("dataset")
-    if dataset is not None and (not isinstance(dataset, str) or not dataset or safe_name(dataset) != dataset):
-        raise ValueError(f"{path}: its dataset {str(dataset)[:80]!r} is not the name of a folder under data/")
+    try:
+        if dataset is not None and (not isinstance(dataset, str) or safe_name(dataset) != dataset):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{path}: its dataset {str(dataset)[:80]!r} is not the name of a folder under data/") from None
     try:
         check_model_args(checkpoint["model_args"])
         check_state(checkpoint)

@@ -134,7 +134,10 @@ def load_hf_gpt2(name_or_folder, block_size=None, dropout=0.0, **overrides):
                              f"({str(e).splitlines()[0]})") from None
         config = hf.config.to_dict()
         hf_state = {k[len("transformer."):]: v for k, v in hf.state_dict().items() if k.startswith("transformer.")}
-    model_args = {**gpt_config_from_hf(config, block_size), "dropout": dropout, **overrides}
+    try:
+        model_args = {**gpt_config_from_hf(config, block_size), "dropout": dropout, **overrides}
+    except ValueError as e:
+        raise ValueError(f"{name_or_folder}: {e}") from None
     try:
         from checkpoint import check_model_args
         check_model_args(model_args)
@@ -227,7 +230,10 @@ def check_paths(args):
         return f"--out_dir={args.out_dir} and --hf={args.hf} are one folder; write the result to another"
     try:
         if args.direction == "import":
-            if not args.dataset or safe_name(args.dataset) != args.dataset:
+            try:
+                if safe_name(args.dataset) != args.dataset:
+                    raise ValueError
+            except ValueError:
                 return f"--dataset={args.dataset}: expected the name of a folder under data/"
             meta = os.path.join(ROOT, "data", args.dataset, "meta.json")
             if os.path.exists(meta):

@@ -187,8 +187,8 @@ def main(argv=None):
         try:
             r = evaluate(model, tokens, args.seqlen, args.stride, args.batch_size, args.max_tokens, device,
                          args.progress)
-        except ValueError as e:
-            sys.exit(f"{prog} {e}")
+        except ValueError as e:  # seqlen or stride against the model and the text
+            sys.exit(f"{prog} --{e}" if str(e).startswith(("seqlen", "stride")) else f"{prog} {source_flag}: {e}")
         results.append((folder, r))
         del model
     source = args.text_file or args.hf_dataset or f"{dataset} {args.split}"

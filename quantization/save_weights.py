@@ -342,7 +342,11 @@ def main(argv=None):
         checkpoint = load_checkpoint(args.out_dir, args.device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: {e}")
-    data = collect(checkpoint, args.device, args.snr_batch_size)
+    model_args = checkpoint["model_args"]
+    quantized = any(v != "linear" for v in model_args.get("linear_variants", {}).values())
+    data = {"tensors": None}
+    if quantized or model_args.get("embedding_quant") or checkpoint.get("activations"):
+        data = collect(checkpoint, args.device, args.snr_batch_size)
     if not data["tensors"]:
         sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: the checkpoint has no quantized weight and no "
                  f"stored activation (train with --linear_variant_*=quantized_linear or --store_activations)")
