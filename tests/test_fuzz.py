@@ -74,6 +74,7 @@ class Cases:
                 self.failures.append(f"{argv}: created {path}")
 
     def check(self):
+        print(f"{self.count} cases")
         assert not self.failures, f"{len(self.failures)} of {self.count} cases:\n" + "\n".join(self.failures[:30])
 
 
