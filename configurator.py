@@ -4,12 +4,14 @@ Precedence: built-in defaults < a preset given with --config (a TOML file of fla
 A site's own flag beats its layer kind's flag (attn or mlp), which beats the global flag.
 """
 import argparse
+import math
 import sys
 import tomllib
 
-from model import ACT_SITES, LINEAR_SITES
+from model import ACT_SITES, LINEAR_SITES, GPTConfig
 from quantization.layers import LINEAR_VARIANTS
 from quantization.quantizers import GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec
+from safety import check_device, safe_name
 
 KINDS = ("attn", "mlp")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -24,6 +26,7 @@ TRAINING_FLAGS = [
     ("eval_only", False, "evaluate once and exit"),
     ("always_save_checkpoint", False, "checkpoint at every evaluation, not only on improvement"),
     ("init_from", "scratch", "'scratch', 'resume' (the checkpoint in out_dir), gpt2* or a local HF GPT-2 folder"),
+    ("overwrite", False, "allow a run that does not resume to replace the checkpoint in out_dir"),
     ("wandb_log", False, "log to Weights & Biases (set WANDB_MODE=offline to log without a network)"),
     ("wandb_project", "nanoqat", "wandb project"),
     ("wandb_run_name", "run", "wandb run name"),
@@ -83,7 +86,19 @@ CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
            "stochastic_grid": ("symmetric", "affine"), "quantize_linear_method": METHODS,
            "quantize_linear_granularity": GRANULARITIES[:3], "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "ddp_grad_compress": ("none", "bf16", "fp16")}
+           "ddp_grad_compress": ("none", "bf16", "fp16"), "backend": ("auto", "nccl", "gloo")}
+
+# the smallest value of each integer flag (every integer flag is at most MAX_INT); per-site group sizes are >= 1
+INT_MIN = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "gradient_accumulation_steps": 1,
+           "batch_size": 1, "block_size": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "max_iters": 0,
+           "warmup_iters": 0, "lr_decay_iters": 0, "seed": 0, "quantization_warmup_iters": 0,
+           "quantize_linear_group_size": 1}
+MAX_INT = 2 ** 31 - 1
+# float flags: (lowest, highest, whether the lowest itself is allowed); all must be finite
+FLOAT_RANGES = {"learning_rate": (0.0, math.inf, False), "min_lr": (0.0, math.inf, True),
+                "weight_decay": (0.0, math.inf, True), "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True),
+                "grad_clip": (0.0, math.inf, True), "dropout": (0.0, 1.0, True)}
+MAX_PARAMS = 10 ** 12  # a model above this many parameters is a typo, not a plan
 
 
 def str2bool(value):
@@ -151,27 +166,91 @@ def build_parser(prog="train.py"):
 
 
 def load_preset(path, parser):
+    """A TOML preset's settings, each checked for type and choices as the command line checks a flag."""
     try:
         with open(path, "rb") as f:
             preset = tomllib.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         parser.error(f"--config {path}: no such file")
+    except (OSError, UnicodeDecodeError) as e:
+        parser.error(f"--config {path}: unreadable ({e})")
     except tomllib.TOMLDecodeError as e:
         parser.error(f"--config {path}: not valid TOML ({e})")
-    known = {a.dest for a in parser._actions}
-    for key in preset:
-        if key not in known or key == "config":
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in preset.items():
+        if key not in actions or key in ("config", "help"):
             parser.error(f"--config {path}: unknown setting '{key}'")
+        action = actions[key]
+        expected = (bool if isinstance(action, BoolFlag) else (int, float) if action.type is float
+                    else action.type or str)
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+            name = {bool: "true or false", int: "an integer", str: "a string"}.get(expected, "a number")
+            parser.error(f"--config {path}: {key} = {value!r}: expected {name}")
+        if action.choices is not None and value not in action.choices:
+            parser.error(f"--config {path}: {key} = {value!r}: expected one of {', '.join(action.choices)}")
     return preset
 
 
+def check_args(args):
+    """ConfigError naming the flag unless every training flag is in its range (the same for the command line and
+    presets; the quantizers' fields are checked by model_quant_config)."""
+    for name, value in vars(args).items():
+        if type(value) is int:
+            low = INT_MIN.get(name, 1 if name.startswith("quantize_linear_group_size_") else None)
+            if low is not None and value < low:
+                raise ConfigError(f"--{name}={value}: must be at least {low}")
+            if abs(value) > MAX_INT:
+                raise ConfigError(f"--{name}={value}: must be at most {MAX_INT}")
+        if name in FLOAT_RANGES:
+            low, high, low_ok = FLOAT_RANGES[name]
+            if not (math.isfinite(value) and (low <= value if low_ok else low < value) and value < high):
+                interval = f"{'[' if low_ok else '('}{low:g}, {high:g})"
+                raise ConfigError(f"--{name}={value}: must be a finite number in {interval}")
+    if args.n_embd % args.n_head:
+        raise ConfigError(f"--n_embd={args.n_embd} must be divisible by --n_head={args.n_head}")
+    params = 12 * args.n_layer * args.n_embd ** 2 + 50304 * args.n_embd
+    if params > MAX_PARAMS:
+        raise ConfigError(f"--n_layer={args.n_layer} --n_embd={args.n_embd}: about {params:.1e} parameters, "
+                          f"more than the {MAX_PARAMS:.0e} this accepts")
+    if args.batch_size * args.block_size > MAX_INT:
+        raise ConfigError(f"--batch_size={args.batch_size} x --block_size={args.block_size}: too many tokens per batch")
+    for name in ("out_dir", "dataset", "wandb_project", "wandb_run_name", "init_from"):
+        if not getattr(args, name):
+            raise ConfigError(f"--{name}: must not be empty")
+    try:
+        if safe_name(args.dataset) != args.dataset:
+            raise ValueError("not a plain folder name")
+    except ValueError:
+        raise ConfigError(f"--dataset={args.dataset}: expected the name of a folder under data/") from None
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise ConfigError(f"--device={args.device}: {e}") from None
+
+
 def parse_args(argv=None, prog="train.py"):
+    return parse_args_given(argv, prog)[0]
+
+
+def parse_args_given(argv=None, prog="train.py"):
+    """(parsed and checked flags, the names of those set explicitly on the command line or by the preset)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    preset = {}
     if args.config:
-        parser.set_defaults(**load_preset(args.config, parser))
+        preset = load_preset(args.config, parser)
+        parser.set_defaults(**preset)
         args = parser.parse_args(argv)
-    return args
+    # parsed again over a namespace of markers: a flag still holding its marker was not on the command line
+    marker = object()
+    given = parser.parse_args(argv, argparse.Namespace(**{a.dest: marker for a in parser._actions}))
+    explicit = {k for k, v in vars(given).items() if v is not marker} | set(preset)
+    try:
+        check_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    return args, explicit
 
 
 class ConfigError(ValueError):
@@ -198,6 +277,9 @@ def _spec(fields, flags):
 
 def model_quant_config(args):
     """The quantization part of GPTConfig (linear_variants, weight_quant, act_quant, ...) from parsed flags."""
+    for name, value in vars(args).items():  # every bits flag, used or not: a bad value is never ignored
+        if (name.endswith("_bits") or "_bits_" in name) and value is not None and not MIN_BITS <= value <= MAX_BITS:
+            raise ConfigError(f"--{name}: bits={value} is out of range; expected {MIN_BITS}..{MAX_BITS}")
     variants, weight_quant, act_quant = {}, {}, {}
     for site, kind in LINEAR_SITES.items():
         variants[site] = _resolve(args, "linear_variant", kind, site)[0] or "linear"
@@ -230,3 +312,31 @@ def model_quant_config(args):
         embedding_quant = _spec(fields, {"bits": "quantize_linear_bits", "method": "quantize_linear_method"})
     return dict(linear_variants=variants, weight_quant=weight_quant, act_quant=act_quant,
                 store_activations=args.store_activations, embedding_quant=embedding_quant)
+
+
+# what a resumed run keeps from its checkpoint: these model_args, the dataset, and the quantization flags
+RESUME_KEPT = ("n_layer", "n_head", "n_embd", "block_size", "bias", "dropout")
+QUANT_FLAG_PREFIXES = ("linear_variant_", "quantize_linear_", "quantize_attn_act", "quantize_mlp_act",
+                       "quantize_embedding", "activations_quant_", "stochastic_grid", "store_activations")
+
+
+def apply_resume(args, given, checkpoint):
+    """A resumed run keeps its dataset, architecture and quantization: a flag left out takes the checkpoint's
+    value; a flag given (command line or preset) that contradicts the checkpoint raises ConfigError."""
+    model_args = checkpoint["model_args"]
+    saved = {k: model_args[k] for k in RESUME_KEPT if k in model_args}
+    saved["dataset"] = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset")
+    for name, value in saved.items():
+        if value is None:
+            continue
+        if name in given and getattr(args, name) != value:
+            raise ConfigError(f"--{name}={getattr(args, name)} contradicts the checkpoint being resumed "
+                              f"({name}={value}); leave the flag out, or train anew with --overwrite")
+        setattr(args, name, value)
+    quant_flags = sorted(n for n in given if n.startswith(QUANT_FLAG_PREFIXES))
+    if quant_flags:
+        quant = model_quant_config(args)
+        defaults = GPTConfig()
+        if any(value != model_args.get(k, getattr(defaults, k)) for k, value in quant.items()):
+            raise ConfigError(f"--{quant_flags[0]}: the quantization flags contradict those of the checkpoint being "
+                              f"resumed; leave them out, or train anew with --overwrite")

@@ -1,9 +1,11 @@
 """Generate text from a checkpoint (any linear variant and quantization method)."""
+import math
 import sys
 import torch
 
 from configurator import BoolFlag, OneLineParser
 from inference import KERNEL_CHOICES, autocast_context, freeze_quantized_weights, load_model, resolve_device
+from safety import check_device
 
 
 def build_parser():
@@ -12,8 +14,8 @@ def build_parser():
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3, help="samples to draw")
     p.add_argument("--max_new_tokens", type=int, default=300, help="tokens generated per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="<1 sharper, >1 more random")
-    p.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens")
+    p.add_argument("--temperature", type=float, default=0.8, help="<1 sharper, >1 more random, 0 greedy")
+    p.add_argument("--top_k", type=top_k, default=200, help="keep only the k most likely tokens (None: all)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="float32, bfloat16 or float16; auto picks for the device")
@@ -26,8 +28,36 @@ def build_parser():
     return p
 
 
+def top_k(value):
+    return None if value.lower() == "none" else int(value)
+
+
+def check_args(args):
+    """The first bad flag as 'flag=value: what was expected', or None."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return f"--temperature={args.temperature}: expected a finite number >= 0 (0: greedy)"
+    if args.top_k is not None and args.top_k < 1:
+        return f"--top_k={args.top_k}: expected at least 1, or None to keep every token"
+    for name in ("num_samples", "max_new_tokens"):
+        if not 1 <= getattr(args, name) <= 2 ** 31 - 1:
+            return f"--{name}={getattr(args, name)}: expected an integer in 1..{2 ** 31 - 1}"
+    if not 0 <= args.seed < 2 ** 63:
+        return f"--seed={args.seed}: expected an integer in 0..2**63-1"
+    if args.start == "":
+        return "--start: empty; give at least one character (the default is a newline)"
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        return f"--device={args.device}: {e}"
+    return None
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    error = check_args(args)
+    if error:
+        parser.error(error)
     device, dtype = resolve_device(args.device, args.dtype)
     torch.manual_seed(args.seed)
     try:
@@ -46,6 +76,8 @@ def main(argv=None):
         ids = tokenizer.encode(start)
     except ValueError as e:
         sys.exit(f"sample.py: error: --start: {e}")
+    if not ids:
+        sys.exit(f"sample.py: error: --start={args.start}: the prompt is empty")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     with torch.no_grad(), autocast_context(device, dtype):
         for _ in range(args.num_samples):

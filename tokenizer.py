@@ -43,11 +43,58 @@ class Tokenizer:
 
 
 def load_meta(data_dir):
+    """The dataset's meta.json, checked: FileNotFoundError when missing, ValueError naming what is wrong."""
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: run the dataset's prepare.py first")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or meta.get("tokenizer") not in ("char", "gpt2"):
+        raise ValueError(f"{path}: expected a 'tokenizer' of char or gpt2")
+    vocab_size = meta.get("vocab_size")
+    if type(vocab_size) is not int or not 1 <= vocab_size <= 2 ** 16:
+        raise ValueError(f"{path}: 'vocab_size' must be an integer in 1..65536 (tokens are stored as uint16)")
+    if meta["tokenizer"] == "char":
+        itos = meta.get("itos")
+        if not isinstance(itos, list) or len(itos) != vocab_size or not all(isinstance(c, str) for c in itos):
+            raise ValueError(f"{path}: 'itos' must be a list of vocab_size={vocab_size} strings")
+    elif vocab_size != GPT2_EOT + 1:
+        raise ValueError(f"{path}: a gpt2 tokenizer has vocab_size {GPT2_EOT + 1}, not {vocab_size}")
+    return meta
+
+
+# token files this large are checked on an evenly spread sample (a full pass reads the whole file)
+FULL_CHECK_TOKENS = 1 << 28
+
+
+def check_token_file(path, vocab_size, min_tokens):
+    """ValueError unless `path` is a flat uint16 token file of at least `min_tokens` tokens, all < vocab_size."""
+    import numpy as np
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise ValueError(f"{path} has an odd size ({size} bytes): not a file of uint16 tokens")
+    if size // 2 < min_tokens:
+        raise ValueError(f"{path} holds {size // 2} tokens; at least {min_tokens} are needed (block_size + 1)")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    step = max(1, len(data) // FULL_CHECK_TOKENS)
+    chunk = 1 << 24
+    for start in range(0, len(data), chunk * step):
+        top = int(data[start:start + chunk * step:step].max())
+        if top >= vocab_size:
+            raise ValueError(f"{path} holds token id {top}, beyond the vocabulary of {vocab_size} (wrong dataset?)")
+
+
+def load_dataset(data_dir, block_size):
+    """meta.json of a dataset folder whose train.bin and val.bin have been checked."""
+    meta = load_meta(data_dir)
+    for split in ("train", "val"):
+        check_token_file(os.path.join(data_dir, f"{split}.bin"), meta["vocab_size"], block_size + 1)
+    return meta
 
 
 def write_meta(data_dir, meta):

@@ -20,17 +20,18 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, save_checkpoint, stored_activations, restore_activations
-from configurator import ConfigError, model_quant_config, parse_args
+from configurator import ConfigError, apply_resume, model_quant_config, parse_args_given
 from inference import autocast_context, resolve_device
 from model import GPT, GPTConfig
 from quantization.spin_quant import is_rotated
-from tokenizer import load_meta
+from safety import check_out_dir, clean_stale_tmp, wandb_needs_offline
+from tokenizer import load_dataset
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, given = parse_args_given(argv)
     try:
         quant = model_quant_config(args)
     except ConfigError as e:
@@ -40,6 +41,27 @@ def main(argv=None):
     if args.init_from not in ("scratch", "resume") and not from_gpt2:
         sys.exit(f"train.py: error: --init_from={args.init_from}: expected 'scratch', 'resume', a GPT-2 name "
                  f"(gpt2, gpt2-medium, ...) or a local Hugging Face GPT-2 folder")
+    # nothing is written before every flag, the data and any checkpoint have been checked
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    try:
+        check_out_dir(args.out_dir)
+    except ValueError as e:
+        sys.exit(f"train.py: error: --out_dir={args.out_dir}: {e}")
+    if args.init_from != "resume" and os.path.lexists(ckpt_path) and not args.overwrite:
+        sys.exit(f"train.py: error: --out_dir={args.out_dir} holds a checkpoint; continue it with --init_from=resume "
+                 f"or replace it with --overwrite")
+    checkpoint = None
+    if args.init_from == "resume":
+        try:
+            checkpoint = load_checkpoint(ckpt_path, "cpu")
+            missing = [k for k in ("optimizer", "iter_num", "best_val_loss", "rng") if k not in checkpoint]
+            if missing:
+                raise ValueError(f"{ckpt_path} is not a training checkpoint (it lacks {', '.join(missing)}); "
+                                 f"fine-tune from it in a new --out_dir instead")
+            apply_resume(args, given, checkpoint)
+            quant = model_quant_config(args)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"train.py: error: --init_from=resume: {e}")
 
     # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -72,7 +94,6 @@ def main(argv=None):
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     tokens_per_iter = grad_accum * world_size * args.batch_size * args.block_size
     if master:
-        os.makedirs(args.out_dir, exist_ok=True)
         print(f"tokens per iteration: {tokens_per_iter:,}" + (f" (world size {world_size})" if ddp else ""))
     torch.manual_seed(args.seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -81,11 +102,12 @@ def main(argv=None):
 
     # data: flat uint16 token files, memory-mapped anew per batch (avoids numpy's memmap leak)
     data_dir = os.path.join(ROOT, "data", args.dataset)
-    for split in ("train", "val"):
-        if not os.path.exists(os.path.join(data_dir, f"{split}.bin")):
-            sys.exit(f"train.py: error: --dataset={args.dataset}: {data_dir}/{split}.bin not found "
-                     f"(run python data/{args.dataset}/prepare.py first)")
-    meta = load_meta(data_dir)
+    try:
+        meta = load_dataset(data_dir, args.block_size)
+    except FileNotFoundError as e:
+        sys.exit(f"train.py: error: --dataset={args.dataset}: {e} (run python data/{args.dataset}/prepare.py first)")
+    except ValueError as e:
+        sys.exit(f"train.py: error: --dataset={args.dataset}: {e}")
 
     # Training batches come from one generator seeded alike on every process: each step draws the whole global
     # batch (grad_accum x world_size micro-batches) and each process takes its own micro-batches, so N processes
@@ -104,16 +126,14 @@ def main(argv=None):
         return x.to(device), y.to(device)
 
     # model
-    iter_num, best_val_loss, checkpoint = 0, 1e9, None
+    iter_num, best_val_loss = 0, 1e9
     model_args = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
                       bias=args.bias, vocab_size=meta["vocab_size"], dropout=args.dropout, **quant)
-    if args.init_from == "resume":
-        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-        try:
-            checkpoint = load_checkpoint(ckpt_path, device)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"train.py: error: --init_from=resume: {e}")
+    if checkpoint is not None:
         model_args = checkpoint["model_args"]  # a resumed run keeps the architecture it was started with
+        if meta["vocab_size"] > model_args["vocab_size"]:
+            sys.exit(f"train.py: error: --init_from=resume: the dataset's vocabulary ({meta['vocab_size']}) is larger "
+                     f"than the checkpoint's ({model_args['vocab_size']})")
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
         if master:
             print(f"resuming from {ckpt_path} at iteration {iter_num}")
@@ -147,6 +167,10 @@ def main(argv=None):
         restore_activations(model, checkpoint.get("activations", {}))
     model.to(device)
     if master:
+        os.makedirs(args.out_dir, exist_ok=True)
+        clean_stale_tmp(args.out_dir)
+        if args.init_from != "resume" and os.path.exists(ckpt_path):  # --overwrite: a new run, a new log
+            open(os.path.join(args.out_dir, "log.jsonl"), "w").close()
         print(f"parameters: {model.get_num_params() / 1e6:.2f}M")
         sites = {s: v for s, v in model_args["linear_variants"].items() if v != "linear"}
         if sites or model_args["act_quant"]:
@@ -220,7 +244,13 @@ def main(argv=None):
             wandb.log(record)
 
     if args.wandb_log and master:
-        import wandb
+        if wandb_needs_offline():
+            os.environ["WANDB_MODE"] = "offline"
+            print("wandb: no WANDB_API_KEY and no login: logging offline (wandb sync uploads it later)")
+        try:
+            import wandb
+        except ImportError:
+            sys.exit("train.py: error: --wandb_log: the wandb package is not installed (pip install wandb)")
         wandb.init(project=args.wandb_project, name=args.wandb_run_name, config=vars(args))
     if checkpoint is not None:  # each process continues from its own random state
         rng = checkpoint["rng"][rank] if rank < len(checkpoint["rng"]) else checkpoint["rng"][0]
@@ -267,6 +297,7 @@ def main(argv=None):
                   f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
         return rotated, new_args
 
+    nonfinite = torch.tensor(-1, device=device)  # the first iteration whose loss was nan or inf (checked lazily)
     t0 = time.time()
     while True:
         lr = get_lr(iter_num)
@@ -287,11 +318,16 @@ def main(argv=None):
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                      "quantized": quantized})
-                if losses["val"] < best_val_loss or args.always_save_checkpoint or last:
+                if not all(map(math.isfinite, losses.values())):
+                    decision = [None]  # a model that computes nan or inf is never saved
+                elif losses["val"] < best_val_loss or args.always_save_checkpoint or last:
                     best_val_loss = min(best_val_loss, losses["val"])
                     decision = [iter_num > 0]
             if ddp:
                 torch.distributed.broadcast_object_list(decision, src=0)
+            if decision[0] is None:
+                sys.exit(f"train.py: error: iter {iter_num}: the evaluated loss is not finite; nothing saved "
+                         f"(try a lower --learning_rate)")
             if decision[0]:
                 rng = rng_states()
                 if master:
@@ -313,6 +349,7 @@ def main(argv=None):
                 loss = loss / grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.detach()
+            nonfinite = torch.where((nonfinite < 0) & ~torch.isfinite(loss.detach()), iter_num, nonfinite)
         if args.grad_clip != 0.0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -322,6 +359,9 @@ def main(argv=None):
 
         if iter_num % args.log_interval == 0 and ddp:  # the logged loss is the whole global batch's
             torch.distributed.all_reduce(step_loss)
+        if iter_num % args.log_interval == 0 and nonfinite.item() >= 0:
+            sys.exit(f"train.py: error: iter {nonfinite.item()}: the training loss is not finite (nan or inf); stopped, "
+                     f"nothing saved after the last checkpoint (try a lower --learning_rate or --grad_clip)")
         if iter_num % args.log_interval == 0 and master:
             if device_type == "cuda":
                 torch.cuda.synchronize()

@@ -6,6 +6,6 @@ cd "$(dirname "$0")/.."
 python data/shakespeare/prepare.py
 python train.py --config=configs/gpt2_124m.toml --dataset=shakespeare --out_dir=out-124m --device=cuda \
     --gradient_accumulation_steps=1 --batch_size=8 --max_iters=300 --lr_decay_iters=300 --warmup_iters=30 \
-    --eval_interval=300 --eval_iters=5 --log_interval=100 --compile=False
+    --eval_interval=300 --eval_iters=5 --log_interval=100 --compile=False --overwrite
 python demos/autoround_ptq.py --out_dir=out-124m --bits=4 --group_size=128 --iters=200 --nsamples=128 --seqlen=1024 \
-    --batch_size=8 --device=cuda --eval_tokens=131072 --progress=False | tee bench/results/autoround_124m.txt
+    --batch_size=8 --device=cuda --eval_tokens=131072 --progress=False --overwrite | tee bench/results/autoround_124m.txt

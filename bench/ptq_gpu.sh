@@ -9,5 +9,5 @@ GROUP_SIZE=${GROUP_SIZE:-32}
 python data/shakespeare_char/prepare.py
 [ -f out-baby-gpt/ckpt.pt ] || python train.py --config=configs/baby_gpt.toml --device=cuda --eval_interval=1000 --log_interval=500
 python demos/ptq_compare.py --out_dir=out-baby-gpt --device=cuda --iters=200 --nsamples=128 --seqlen=256 \
-    --group_size=$GROUP_SIZE --progress=False --json=bench/results/ptq_baby_gpt_g$GROUP_SIZE.json \
+    --group_size=$GROUP_SIZE --progress=False --overwrite --json=bench/results/ptq_baby_gpt_g$GROUP_SIZE.json \
     | tee bench/results/ptq_baby_gpt_g$GROUP_SIZE.md

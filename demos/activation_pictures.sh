@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 python data/shakespeare_char/prepare.py
 python train.py --out_dir=out-w8a8 --device=cpu --linear_variant_attn=quantized_linear \
     --linear_variant_mlp=quantized_linear --quantize_linear_bits=8 --quantize_attn_act --quantize_mlp_act \
-    --quantize_attn_act_bits=8 --quantize_mlp_act_bits=8 --store_activations
-python quantization/save_weights.py --out_dir=out-w8a8 --file_name=out-w8a8/quantized_data --file_type=safetensors
+    --quantize_attn_act_bits=8 --quantize_mlp_act_bits=8 --store_activations --overwrite
+python quantization/save_weights.py --out_dir=out-w8a8 --file_name=out-w8a8/quantized_data --file_type=safetensors \
+    --overwrite
 python quantization/visualize.py --file_name=out-w8a8/quantized_data.safetensors --image_folder=out-w8a8/images \
     --weight=all --graph=histogram
 mkdir -p docs/images

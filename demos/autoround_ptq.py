@@ -5,6 +5,7 @@ saved as a packed quantized checkpoint beside the original, then scored on the v
     python quantization/perplexity.py --out_dir=out --quantized_dir=out-autoround
     python sample.py --out_dir=out-autoround
 """
+import math
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from quantization.gptq import GPTQ  # noqa: E402
 from quantization.packing import is_packed, save_packed  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens, text_tokens  # noqa: E402
 from quantization.rtn import SITES, check_layers, rtn_quantize, target_layers, weight_spec  # noqa: E402
+from safety import check_device, check_output_file, same_file  # noqa: E402
 from tokenizer import Tokenizer, load_meta  # noqa: E402
 
 METHODS = ("autoround", "gptq", "rtn")
@@ -48,6 +50,7 @@ def add_ptq_flags(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     p.add_argument("--seed", type=int, default=0, help="random seed of the calibration draw and AutoRound")
     p.add_argument("--progress", action=BoolFlag, default=True, help="progress bars")
+    p.add_argument("--overwrite", action=BoolFlag, default=False, help="replace an existing result")
     return p
 
 
@@ -93,6 +96,16 @@ def make_quantizer(method, model, calibration, args, device):
 
 
 def check_args(args):
+    for name, low in (("group_size", 0), ("seqlen", 0), ("eval_tokens", 0), ("seed", 0)):
+        if not low <= getattr(args, name) <= 2 ** 31 - 1:
+            raise ValueError(f"{name}={getattr(args, name)}: must be an integer in {low}..{2 ** 31 - 1}")
+    for name in ("lr", "damp_percent"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            raise ValueError(f"{name}={getattr(args, name)}: must be a finite number >= 0")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise ValueError(f"device={args.device}: {e}") from None
     if args.iters < 0:
         raise ValueError(f"iters={args.iters}: must be 0 (round to nearest) or more")
     if args.nsamples < 1:
@@ -117,16 +130,22 @@ def main(argv=None):
     p.add_argument("--quantized_dir", default=None, help="where to save (default: <out_dir>-<method>)")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
-    from inference import resolve_device
-    device, _ = resolve_device(args.device, "float32")
-    torch.backends.cuda.matmul.allow_tf32 = True
     quantized_dir = args.quantized_dir or f"{os.path.normpath(args.out_dir)}-{args.method}"
     try:
         check_args(args)
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    if os.path.abspath(quantized_dir) == os.path.abspath(args.out_dir):
-        sys.exit(f"{error} --quantized_dir={quantized_dir}: would overwrite the original checkpoint")
+    from inference import resolve_device
+    device, _ = resolve_device(args.device, "float32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    # the result never replaces its source, whatever links lie between them, nor an earlier result unasked
+    source = args.out_dir if os.path.isfile(args.out_dir) else os.path.join(args.out_dir, "ckpt.pt")
+    try:
+        if same_file(quantized_dir, args.out_dir):
+            raise ValueError("is the folder of the original checkpoint; it would be replaced")
+        check_output_file(os.path.join(quantized_dir, "ckpt.pt"), [source, args.calib_file], args.overwrite)
+    except ValueError as e:
+        sys.exit(f"{error} --quantized_dir={quantized_dir}: {e}")
     try:
         model, checkpoint, tokenizer = load_full_precision(args.out_dir, device)
     except (FileNotFoundError, ValueError) as e:

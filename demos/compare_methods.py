@@ -43,7 +43,8 @@ def run(name, flags, out_root, extra):
     out_dir = os.path.join(out_root, name.split(" (")[0].replace(" ", "_"))
     if os.path.exists(os.path.join(out_dir, "log.jsonl")):
         os.remove(os.path.join(out_dir, "log.jsonl"))
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", "--device=cpu", *flags, *extra]
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", "--device=cpu", "--overwrite", *flags,
+           *extra]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.time()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)

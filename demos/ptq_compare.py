@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from autoround_ptq import (add_ptq_flags, calibration_tokens, check_args, load_full_precision,  # noqa: E402
                            make_quantizer)
 from configurator import OneLineParser  # noqa: E402
+from safety import check_output_file  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 
 
@@ -35,18 +36,28 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
-    from inference import resolve_device
-    device, _ = resolve_device(args.device, "float32")
-    torch.backends.cuda.matmul.allow_tf32 = True
     try:
         check_args(args)
-        bit_widths = [int(b) for b in args.bit_widths.split(",")]
+        bit_widths = [int(b) for b in args.bit_widths.split(",") if b.strip().lstrip("-").isdigit()]
+        if len(bit_widths) != len(args.bit_widths.split(",")) or not all(2 <= b <= 8 for b in bit_widths):
+            raise ValueError(f"bit_widths={args.bit_widths}: expected comma-separated integers in 2..8")
+        if args.w4_group_size < -1 or args.w4_group_size > 2 ** 31 - 1:
+            raise ValueError(f"w4_group_size={args.w4_group_size}: expected -1, 0 or a group size")
         methods = [m for m in args.methods.split(",") if m]
         bad = [m for m in methods if m not in ("rtn", "gptq", "autoround")]
         if bad:
             raise ValueError(f"methods={args.methods}: unknown {', '.join(bad)}")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
+    from inference import resolve_device
+    device, _ = resolve_device(args.device, "float32")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.json:
+        source = args.out_dir if os.path.isfile(args.out_dir) else os.path.join(args.out_dir, "ckpt.pt")
+        try:
+            check_output_file(args.json, [source, args.calib_file], args.overwrite)
+        except ValueError as e:
+            sys.exit(f"{error} --json={args.json}: {e}")
     try:
         base, checkpoint, tokenizer = load_full_precision(args.out_dir, device)
     except (FileNotFoundError, ValueError) as e:

@@ -10,7 +10,9 @@ transposed, in x out), every linear and LayerNorm has a bias, and the MLP uses t
 """
 import json
 import os
+import pickle
 import sys
+import tempfile
 
 import torch
 
@@ -21,6 +23,7 @@ if ROOT not in sys.path:
 from checkpoint import save_checkpoint  # noqa: E402
 from configurator import OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from safety import check_output_file, same_file, safe_name  # noqa: E402
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -28,18 +31,40 @@ GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "g
 LINEARS = {"attn.attn_proj": "attn.c_proj", "mlp.mlp_up": "mlp.c_fc", "mlp.mlp_down": "mlp.c_proj"}
 
 
+HF_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
+
+
 def _read_hf_folder(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
+    config_path = os.path.join(folder, "config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{config_path} not found (not a Hugging Face model folder)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} is not a JSON object")
     safetensors_path = os.path.join(folder, "model.safetensors")
     bin_path = os.path.join(folder, "pytorch_model.bin")
-    if os.path.exists(safetensors_path):
-        from safetensors.torch import load_file
-        state = load_file(safetensors_path)
-    elif os.path.exists(bin_path):
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    try:
+        if os.path.exists(safetensors_path):
+            from safetensors.torch import load_file
+            path, state = safetensors_path, load_file(safetensors_path)
+        elif os.path.exists(bin_path):
+            path, state = bin_path, torch.load(bin_path, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+    except pickle.UnpicklingError:
+        raise ValueError(f"{bin_path} was refused: it is not a plain file of tensors (it may ask for code); "
+                         f"nothing in it was run") from None
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as e:  # truncated or foreign files
+        raise ValueError(f"{safetensors_path if os.path.exists(safetensors_path) else bin_path} is unreadable "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a dict of tensors")
     prefix = "transformer."
     return config, {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
@@ -56,6 +81,11 @@ def gpt_config_from_hf(config, block_size=None):
     if not config.get("scale_attn_weights", True) or abs(config.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         raise ValueError("only GPT-2's default attention scaling and layer_norm_epsilon=1e-5 are supported")
     n_positions = config.get("n_positions", config.get("n_ctx", 1024))
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        if type(config.get(key)) is not int or config[key] < 1:
+            raise ValueError(f"config.json lacks a valid '{key}' (a positive integer)")
+    if type(n_positions) is not int or n_positions < 1:
+        raise ValueError("config.json lacks a valid 'n_positions' (a positive integer)")
     return dict(n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                 block_size=min(block_size or n_positions, n_positions), vocab_size=config["vocab_size"],
                 bias=True, dropout=0.0, gelu_approximate=GELU[activation])
@@ -104,13 +134,26 @@ def load_hf_gpt2(name_or_folder, block_size=None, dropout=0.0, **overrides):
                              f"({str(e).splitlines()[0]})") from None
         config = hf.config.to_dict()
         hf_state = {k[len("transformer."):]: v for k, v in hf.state_dict().items() if k.startswith("transformer.")}
-    model_args = {**gpt_config_from_hf(config, block_size), "dropout": dropout, **overrides}
+    try:
+        model_args = {**gpt_config_from_hf(config, block_size), "dropout": dropout, **overrides}
+    except ValueError as e:
+        raise ValueError(f"{name_or_folder}: {e}") from None
+    try:
+        from checkpoint import check_model_args
+        check_model_args(model_args)
+        converted = state_from_hf(hf_state, model_args)
+    except KeyError as e:
+        raise ValueError(f"{name_or_folder}: the weights lack tensor {e}") from None
     model = GPT(GPTConfig(**model_args))
     names = set(model.state_dict())
     state = {}
-    for key, value in state_from_hf(hf_state, model_args).items():
+    for key, value in converted.items():
         latent = key[:-len("weight")] + "parametrizations.weight.original"  # a QuantizedLinear's weight
         state[latent if key not in names and latent in names else key] = value
+    wrong = [k for k, v in state.items() if k in names and v.shape != model.state_dict()[k].shape]
+    if wrong:
+        raise ValueError(f"{name_or_folder}: tensor {wrong[0]} has shape {list(state[wrong[0]].shape)}, "
+                         f"config.json gives {list(model.state_dict()[wrong[0]].shape)}")
     model.load_state_dict(state)
     return model, model_args
 
@@ -160,8 +203,14 @@ def export_checkpoint(out_dir, hf_dir):
             out[f"{theirs}.{hf_name}.weight"] = weight.t()
             out[f"{theirs}.{hf_name}.bias"] = bias(f"{ours}.{site}.bias", weight.shape[0])
     os.makedirs(hf_dir, exist_ok=True)
-    save_file({f"transformer.{k}": v.contiguous() for k, v in out.items()}, os.path.join(hf_dir, "model.safetensors"),
-              metadata={"format": "pt"})
+    fd, tmp = tempfile.mkstemp(dir=hf_dir, prefix=".model-", suffix=".tmp")  # written whole, then renamed
+    os.close(fd)
+    try:
+        save_file({f"transformer.{k}": v.contiguous() for k, v in out.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(hf_dir, "model.safetensors"))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     eot = 50256 if cfg.vocab_size > 50256 else None  # GPT-2's <|endoftext|>; char models have none
     config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
               "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": C, "n_layer": cfg.n_layer,
@@ -174,6 +223,37 @@ def export_checkpoint(out_dir, hf_dir):
     return hf_dir
 
 
+def check_paths(args):
+    """The first reason not to go ahead (a bad flag, an output that is a source or exists), or None."""
+    if not 0 <= args.block_size <= 2 ** 31 - 1:
+        return f"--block_size={args.block_size}: must be 0 (the model's own) or more"
+    if not args.hf or not args.out_dir:
+        return "--hf and --out_dir must not be empty"
+    if same_file(args.hf, args.out_dir):
+        return f"--out_dir={args.out_dir} and --hf={args.hf} are one folder; write the result to another"
+    try:
+        if args.direction == "import":
+            try:
+                if safe_name(args.dataset) != args.dataset:
+                    raise ValueError
+            except ValueError:
+                return f"--dataset={args.dataset}: expected the name of a folder under data/"
+            meta = os.path.join(ROOT, "data", args.dataset, "meta.json")
+            if os.path.exists(meta):
+                from tokenizer import load_meta
+                if load_meta(os.path.dirname(meta))["tokenizer"] != "gpt2":
+                    return f"--dataset={args.dataset}: not a GPT-2 BPE dataset (GPT-2 weights need its tokenizer)"
+            sources = [os.path.join(args.hf, f) for f in HF_FILES]
+            check_output_file(os.path.join(args.out_dir, "ckpt.pt"), sources, args.overwrite)
+        else:
+            source = args.out_dir if not os.path.isdir(args.out_dir) else os.path.join(args.out_dir, "ckpt.pt")
+            for name in ("config.json", "model.safetensors"):
+                check_output_file(os.path.join(args.hf, name), [source], args.overwrite)
+    except ValueError as e:
+        return f"--{'out_dir' if args.direction == 'import' else 'hf'}: {e}"
+    return None
+
+
 def main(argv=None):
     p = OneLineParser(prog="hf.py", description="Import GPT-2 weights from Hugging Face, or export to it.")
     p.add_argument("direction", choices=("import", "export"))
@@ -181,7 +261,11 @@ def main(argv=None):
     p.add_argument("--out_dir", required=True, help="import: where to write ckpt.pt; export: the checkpoint folder")
     p.add_argument("--dataset", default="shakespeare", help="import: data folder of the GPT-2 tokenizer (meta.json)")
     p.add_argument("--block_size", type=int, default=0, help="import: shorten the context (0: the model's own)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint (import) or files (export)")
     args = p.parse_args(argv)
+    error = check_paths(args)
+    if error:
+        p.error(error)
     try:
         if args.direction == "import":
             print(f"wrote {import_checkpoint(args.hf, args.out_dir, args.dataset, args.block_size or None)}")

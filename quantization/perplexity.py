@@ -20,17 +20,31 @@ if ROOT not in sys.path:
 from configurator import BoolFlag, OneLineParser  # noqa: E402
 
 
-def split_tokens(dataset, split="val"):
-    """The token stream of data/<dataset>/<split>.bin."""
+def split_tokens(dataset, split="val", max_tokens=0):
+    """The token stream of data/<dataset>/<split>.bin (only its first max_tokens when > 0)."""
     path = os.path.join(ROOT, "data", dataset, f"{split}.bin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (run python data/{dataset}/prepare.py first)")
-    return torch.from_numpy(np.fromfile(path, dtype=np.uint16).astype(np.int64))
+    if os.path.getsize(path) % 2:
+        raise ValueError(f"{path} has an odd size: not a file of uint16 tokens")
+    return torch.from_numpy(np.fromfile(path, dtype=np.uint16, count=max_tokens or -1).astype(np.int64))
 
 
-def text_tokens(path, tokenizer):
+def text_tokens(path, tokenizer, max_tokens=0):
+    """The tokens of a UTF-8 text file; with max_tokens > 0 only the first max_tokens, reading no more of the file
+    than needed (a growing prefix, cut well before its last, possibly split, word)."""
+    margin = 64  # tokens near the end of a prefix may merge differently once the text goes on
     with open(path, encoding="utf-8") as f:
-        return torch.tensor(tokenizer.encode(f.read()), dtype=torch.long)
+        if not max_tokens:
+            return torch.tensor(tokenizer.encode(f.read()), dtype=torch.long)
+        text, size = "", 4 * (max_tokens + margin)
+        while True:
+            more = f.read(size - len(text))
+            text += more
+            ids = tokenizer.encode(text)
+            if not more or len(ids) >= max_tokens + margin:
+                return torch.tensor(ids[:max_tokens], dtype=torch.long)
+            size *= 2
 
 
 def hf_dataset_tokens(name, tokenizer, split="test", text_field="text"):
@@ -112,21 +126,40 @@ def build_parser():
 
 def load_tokens(args, tokenizer, dataset):
     if args.text_file:
-        return text_tokens(args.text_file, tokenizer)
+        return text_tokens(args.text_file, tokenizer, args.max_tokens)
     if args.hf_dataset:
         return hf_dataset_tokens(args.hf_dataset, tokenizer, args.hf_split, args.hf_text_field)
-    return split_tokens(dataset, args.split)
+    return split_tokens(dataset, args.split, args.max_tokens)
+
+
+def check_args(args):
+    """The first bad flag as '--flag=value: what was expected', or None."""
+    from safety import check_device
+    for name, low in (("batch_size", 1), ("seqlen", 0), ("stride", 0), ("max_tokens", 0)):
+        value = getattr(args, name)
+        if not low <= value <= 2 ** 31 - 1:
+            return f"--{name}={value}: must be an integer in {low}..{2 ** 31 - 1}"
+    if args.text_file and args.hf_dataset:
+        return "--text_file and --hf_dataset: give one of them"
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        return f"--device={args.device}: {e}"
+    return None
 
 
 def main(argv=None):
     from checkpoint import load_checkpoint
     from inference import load_model, resolve_device
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     prog = "perplexity.py: error:"
-    if args.batch_size < 1:
-        sys.exit(f"{prog} --batch_size={args.batch_size}: must be at least 1")
+    if check_args(args):
+        parser.error(check_args(args))
+    source_flag = (f"--text_file={args.text_file}" if args.text_file else
+                   f"--hf_dataset={args.hf_dataset}" if args.hf_dataset else f"--split={args.split}")
     device, _ = resolve_device(args.device, "float32")
-    results, tokens = [], None
+    results, tokens, first = [], None, None
     for flag, folder in (("out_dir", args.out_dir), ("quantized_dir", args.quantized_dir)):
         if folder is None:
             continue
@@ -136,13 +169,25 @@ def main(argv=None):
                 dataset = load_checkpoint(folder).get("dataset", "shakespeare_char")
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"{prog} --{flag}={folder}: {e}")
+        if first is None:
+            first = tokenizer.meta
+        elif tokenizer.meta != first:  # perplexities over different token streams cannot be compared
+            sys.exit(f"{prog} --{flag}={folder}: its tokenizer ({tokenizer.meta['tokenizer']}, vocabulary "
+                     f"{tokenizer.meta['vocab_size']}) differs from that of --out_dir ({first['tokenizer']}, "
+                     f"vocabulary {first['vocab_size']}); compare checkpoints of one tokenizer")
         try:
             if tokens is None:
                 tokens = load_tokens(args, tokenizer, dataset)
+            if len(tokens) and int(tokens.max()) >= model.config.vocab_size:
+                raise ValueError(f"token id {int(tokens.max())} is beyond the model's vocabulary "
+                                 f"of {model.config.vocab_size}")
+        except (OSError, ValueError) as e:
+            sys.exit(f"{prog} {source_flag}: {getattr(e, 'strerror', None) or e}")
+        try:
             r = evaluate(model, tokens, args.seqlen, args.stride, args.batch_size, args.max_tokens, device,
                          args.progress)
-        except (OSError, ValueError) as e:
-            sys.exit(f"{prog} {e}")
+        except ValueError as e:  # seqlen or stride against the model and the text
+            sys.exit(f"{prog} --{e}" if str(e).startswith(("seqlen", "stride")) else f"{prog} {source_flag}: {e}")
         results.append((folder, r))
         del model
     source = args.text_file or args.hf_dataset or f"{dataset} {args.split}"

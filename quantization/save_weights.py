@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -37,8 +38,9 @@ from configurator import OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
 from quantization.packing import is_packed, load_packed, unpack_codes  # noqa: E402
-from quantization.quantizers import (MAX_BITS, MIN_BITS, QuantSpec, code_range, dequantize,  # noqa: E402
-                                     quantize_tensor, smallest_int_dtype)
+from quantization.quantizers import (GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec,  # noqa: E402
+                                     code_range, dequantize, quantize_tensor, smallest_int_dtype)
+from safety import check_device, check_output_file  # noqa: E402
 
 FORMAT = "nanoQAT quantized tensors"
 VERSION = 1
@@ -195,20 +197,29 @@ def join(arrays, meta):
 
 
 def save(data, path):
+    """Write `data` to `path` whole or not at all (a temp file beside it, renamed when complete)."""
     file_type = os.path.splitext(path)[1][1:]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if file_type == "pkl":
-        with open(path, "wb") as f:
-            pickle.dump(data, f, protocol=4)
-        return
-    arrays, meta = split(data)
-    if file_type == "safetensors":
-        from safetensors.numpy import save_file
-        save_file(arrays, path, metadata={"format": FORMAT, "nanoqat": json.dumps(meta)})
-    elif file_type == "npz":
-        np.savez(path, __nanoqat__=np.array(json.dumps(meta)), **arrays)
-    else:
+    if file_type not in FILE_TYPES:
         raise ValueError(f"{path}: unknown file type '{file_type}'; expected one of {', '.join(FILE_TYPES)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".save-", suffix=f".{file_type}")
+    os.close(fd)
+    try:
+        if file_type == "pkl":
+            with open(tmp, "wb") as f:
+                pickle.dump(data, f, protocol=4)
+        else:
+            arrays, meta = split(data)
+            if file_type == "safetensors":
+                from safetensors.numpy import save_file
+                save_file(arrays, tmp, metadata={"format": FORMAT, "nanoqat": json.dumps(meta)})
+            else:
+                np.savez(tmp, __nanoqat__=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -240,20 +251,33 @@ def check(data, path):
     if data.get("version") != VERSION:
         raise ValueError(f"{path} has version {data.get('version')}; this tool reads version {VERSION}")
     for name, tensor in data["tensors"].items():
-        if not isinstance(tensor, dict):
-            raise ValueError(f"{path}: tensor '{name}' is not a dict of fields")
+        if not isinstance(name, str) or not isinstance(tensor, dict):
+            raise ValueError(f"{path}: tensor {name!r} is not a named dict of fields")
         for field, type_ in FIELDS.items():
-            if not isinstance(tensor.get(field), type_):
+            if not isinstance(tensor.get(field), type_) or (type_ is int and isinstance(tensor[field], bool)):
                 raise ValueError(f"{path}: tensor '{name}' lacks a valid '{field}'")
         for a in ARRAYS:
             if not isinstance(tensor.get(a), np.ndarray) or tensor[a].dtype.kind not in "iuf":
                 raise ValueError(f"{path}: tensor '{name}' lacks a numeric '{a}' array")
         if not MIN_BITS <= tensor["bits"] <= MAX_BITS:
             raise ValueError(f"{path}: tensor '{name}' has bits={tensor['bits']}, outside {MIN_BITS}..{MAX_BITS}")
-        codes = tensor["codes"]
-        if list(codes.shape) != tensor["shape"] or codes.size % max(1, tensor["scale"].shape[0]):
+        if tensor["method"] not in METHODS or tensor["granularity"] not in GRANULARITIES or \
+                tensor["kind"] not in ("weight", "activation"):
+            raise ValueError(f"{path}: tensor '{name}' has an unknown kind, method or granularity")
+        # the code range and level count follow from method and bits: a file cannot claim a larger grid
+        grids = {code_range(QuantSpec(tensor["method"], tensor["bits"], "per_tensor", stochastic_grid=g))
+                 for g in ("symmetric", "affine")}
+        if (tensor["qmin"], tensor["qmax"]) not in grids or tensor["levels"] > tensor["qmax"] - tensor["qmin"] + 1:
+            raise ValueError(f"{path}: tensor '{name}' claims the range {tensor['qmin']}..{tensor['qmax']} "
+                             f"({tensor['levels']} levels), not that of {tensor['method']} at {tensor['bits']} bits")
+        codes, scale = tensor["codes"], tensor["scale"]
+        if not all(type(d) is int and d >= 0 for d in tensor["shape"]) or list(codes.shape) != tensor["shape"]:
             raise ValueError(f"{path}: tensor '{name}' has codes of shape {list(codes.shape)}, "
-                             f"not its shape {tensor['shape']} in whole rows")
+                             f"not its shape {tensor['shape']}")
+        if scale.ndim != 2 or scale.shape[1] != 1 or tensor["zero_point"].shape != scale.shape or \
+                codes.size % max(1, scale.shape[0]):
+            raise ValueError(f"{path}: tensor '{name}' has scale/zero_point of shapes {list(scale.shape)}/"
+                             f"{list(tensor['zero_point'].shape)}, not one per row of its codes")
         if codes.size and (codes.min() < tensor["qmin"] or codes.max() > tensor["qmax"]):
             raise ValueError(f"{path}: tensor '{name}' has codes outside its range {tensor['qmin']}..{tensor['qmax']}")
     return data
@@ -306,17 +330,34 @@ def build_parser():
                    help="pkl (restricted unpickler on load), or safetensors / npz (cannot carry code)")
     p.add_argument("--snr_batch_size", type=int, default=4,
                    help="validation sequences run to measure the activations' quantization error (0: skip)")
+    p.add_argument("--overwrite", action="store_true", help="replace --file_name if it exists")
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.snr_batch_size <= 4096:
+        parser.error(f"--snr_batch_size={args.snr_batch_size}: must be in 0..4096")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device={args.device}: {e}")
+    path = args.file_name if args.file_name.endswith(f".{args.file_type}") else f"{args.file_name}.{args.file_type}"
+    source = os.path.join(args.out_dir, "ckpt.pt") if os.path.isdir(args.out_dir) else args.out_dir
+    try:
+        check_output_file(path, [source], args.overwrite)
+    except ValueError as e:
+        parser.error(f"--file_name={args.file_name}: {e}")
     try:
         checkpoint = load_checkpoint(args.out_dir, args.device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: {e}")
-    path = args.file_name if args.file_name.endswith(f".{args.file_type}") else f"{args.file_name}.{args.file_type}"
-    data = collect(checkpoint, args.device, args.snr_batch_size)
+    model_args = checkpoint["model_args"]
+    quantized = any(v != "linear" for v in model_args.get("linear_variants", {}).values())
+    data = {"tensors": None}
+    if quantized or model_args.get("embedding_quant") or checkpoint.get("activations"):
+        data = collect(checkpoint, args.device, args.snr_batch_size)
     if not data["tensors"]:
         sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: the checkpoint has no quantized weight and no "
                  f"stored activation (train with --linear_variant_*=quantized_linear or --store_activations)")

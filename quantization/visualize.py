@@ -31,6 +31,7 @@ from tqdm import tqdm  # noqa: E402
 
 from configurator import OneLineParser  # noqa: E402
 from quantization.save_weights import dequantize_entry, load_quantized_data  # noqa: E402
+from safety import check_out_dir, safe_join, safe_name  # noqa: E402
 
 GRAPHS = ("histogram", "matrix", "both")
 MAX_CELLS = 256  # a heatmap shows at most this many rows and columns
@@ -171,12 +172,27 @@ def main(argv=None):
         names = select(tensors, args.weight)
     except ValueError as e:
         sys.exit(f"visualize.py: error: --weight={args.weight}: {e}")
-    os.makedirs(args.image_folder, exist_ok=True)
     graphs = {"histogram": [histogram], "matrix": [matrix], "both": [histogram, matrix]}[args.graph]
+    # file names come from tensor names inside the file: sanitised, and checked to stay inside the folder
+    try:
+        for name in names:
+            safe_name(name)
+    except ValueError as e:
+        sys.exit(f"visualize.py: error: --file_name={args.file_name}: tensor {e}")
+    try:
+        check_out_dir(args.image_folder)
+    except ValueError as e:
+        sys.exit(f"visualize.py: error: --image_folder={args.image_folder}: {e}")
+    os.makedirs(args.image_folder, exist_ok=True)
+    try:
+        paths = {(n, g): safe_join(args.image_folder, f"{n}_{g.__name__}.png") for n in names for g in graphs}
+        paths["overview"] = safe_join(args.image_folder, "overview.png")
+    except ValueError as e:
+        sys.exit(f"visualize.py: error: --image_folder={args.image_folder}: {e}")
     for name in tqdm(names, desc="tensors", unit="tensor"):
         for graph in graphs:
-            graph(name, tensors[name], os.path.join(args.image_folder, f"{name}_{graph.__name__}.png"))
-    overview({n: tensors[n] for n in names}, os.path.join(args.image_folder, "overview.png"))
+            graph(name, tensors[name], paths[(name, graph)])
+    overview({n: tensors[n] for n in names}, paths["overview"])
     print(f"wrote {len(names) * len(graphs) + 1} images to {args.image_folder}")
 
 

@@ -125,5 +125,6 @@ def test_train_fine_tunes_from_a_local_gpt2_folder_with_qat(tmp_path):
     assert ckpt["model_args"]["linear_variants"]["mlp_up"] == "quantized_linear"
     with open(out / "log.jsonl") as f:
         assert [r["quantized"] for r in map(_json.loads, f) if "loss" in r] == [False, False, True, True]
-    error = run_main(train_script.main, f"--out_dir={out}", *TINY, f"--init_from={tmp_path / 'hf'}", "--max_iters=1")
+    error = run_main(train_script.main, f"--out_dir={out}", *TINY, f"--init_from={tmp_path / 'hf'}", "--max_iters=1",
+                     "--overwrite")
     assert error is not None and "needs a GPT-2 BPE dataset" in error

@@ -121,7 +121,7 @@ def test_optimize_reduces_the_quantized_loss_and_keeps_rotations_orthogonal(tiny
 
 
 def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
-    from sample import load_model
+    from inference import load_model
     model, tokens = tiny_trained
     sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
     calib = _calibration(tokens)

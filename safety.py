@@ -1,0 +1,111 @@
+"""File safety shared by every script: output paths that stay inside their folder, outputs that never replace a
+source, nothing overwritten unless asked, devices and output folders checked before anything is written.
+
+Each check raises ValueError with a one-line reason; the script prefixes the flag and exits.
+"""
+import glob
+import os
+import re
+import time
+
+# characters kept in a file name derived from a file's contents; anything else becomes "_"
+_SAFE_CHAR = re.compile(r"[^A-Za-z0-9._+=-]")
+STALE_TMP_SECONDS = 60  # a temp file of an interrupted save is this old at least (a live save keeps writing)
+
+
+def safe_name(name):
+    """A file name made from untrusted text (a tensor name inside a file): absolute paths, `..` parts and
+    control characters are refused; separators and other odd characters become '_'."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"name {name!r} cannot be a file name")
+    if os.path.isabs(name) or name.startswith("\\"):
+        raise ValueError(f"name {name!r} is an absolute path; refused")
+    if ".." in re.split(r"[/\\]", name) or name in (".", ".."):
+        raise ValueError(f"name {name!r} has a '..' part; refused")
+    if len(name) > 200:
+        raise ValueError(f"name {name[:40]!r}... is longer than 200 characters")
+    return _SAFE_CHAR.sub("_", name)
+
+
+def safe_join(folder, name):
+    """folder/<safe_name(name)>, refused unless its real path (symlinks followed) lies inside the folder."""
+    path = os.path.join(folder, safe_name(name))
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise ValueError(f"{path} leads outside {folder} (a symlink?); refused")
+    return path
+
+
+def same_file(a, b):
+    """Whether two paths name the same file or folder once symlinks are followed (neither needs to exist)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_file(path, sources=(), overwrite=False, overwrite_flag="--overwrite"):
+    """Refuse to write `path` when it is (or links to) one of `sources`, is a folder, or already exists without
+    `overwrite`; also when its folder cannot be created or written. Creates nothing."""
+    for source in sources:
+        if source and same_file(path, source):
+            raise ValueError(f"{path} is the source {source} (after following links); it would be replaced")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a file")
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError(f"{path} exists; pass {overwrite_flag} to replace it")
+    check_out_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def check_out_dir(folder):
+    """Refuse a folder that is a file, or that could not be created or written (checked without creating it)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"{folder} is a file, not a folder")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{existing} is a file, so {folder} cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable")
+
+
+def clean_stale_tmp(folder, pattern=".ckpt-*.tmp"):
+    """Remove temp files that interrupted saves left in `folder` (older than STALE_TMP_SECONDS)."""
+    now = time.time()
+    for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
+        try:
+            if now - os.path.getmtime(path) > STALE_TMP_SECONDS:
+                os.remove(path)
+        except OSError:
+            pass
+
+
+def check_device(device):
+    """'auto', 'cpu', 'mps', 'cuda' or 'cuda:N' that this machine has; ValueError naming what it has otherwise."""
+    import torch
+    if device in ("auto", "cpu"):
+        return device
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError("MPS is not available on this machine; use --device=cpu")
+        return device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if not match:
+        raise ValueError(f"unknown device '{device}'; expected auto, cpu, cuda, cuda:N or mps")
+    if not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine; use --device=cpu")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA device(s); {device} does not exist")
+    return device
+
+
+def wandb_needs_offline(environ=None):
+    """True when wandb would try to log in online with no key: no WANDB_API_KEY, no WANDB_MODE and no stored
+    login in ~/.netrc. Online logging without a key waits for a login prompt."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_MODE"):
+        return False
+    netrc = os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        with open(netrc) as f:
+            return "api.wandb.ai" not in f.read()
+    except OSError:
+        return True
