@@ -63,7 +63,7 @@ def build_models(work, fp_iters, qat_iters, autoround_iters):
                 "--warmup_iters=5", "--learning_rate=3e-4", "--min_lr=3e-5")
     if not os.path.exists(os.path.join(dirs["autoround-w4g32"], "ckpt.pt")):
         run("demos/autoround_ptq.py", f"--out_dir={dirs['fp']}", f"--quantized_dir={dirs['autoround-w4g32']}",
-            "--bits=4", "--group_size=32", "--no-sym", f"--iters={autoround_iters}", "--nsamples=32",
+            "--bits=4", "--group_size=32", "--no-sym", f"--iters={autoround_iters}", "--nsamples=16",
             "--eval_tokens=4096", "--device=cpu", "--no-progress")
     return dirs
 
@@ -118,9 +118,9 @@ def llama_greedy(llm, prompt, n):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=os.path.join(ROOT, "out-gguf-demo"), help="folder for the models and GGUF files")
-    p.add_argument("--fp_iters", type=int, default=150)
-    p.add_argument("--qat_iters", type=int, default=30)
-    p.add_argument("--autoround_iters", type=int, default=50)
+    p.add_argument("--fp_iters", type=int, default=80)
+    p.add_argument("--qat_iters", type=int, default=20)
+    p.add_argument("--autoround_iters", type=int, default=30)
     p.add_argument("--windows", type=int, default=16, help="validation windows (block_size tokens each) scored")
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)

@@ -319,7 +319,8 @@ def plan_export(checkpoint, requested="auto", requantize=True):
     except FileNotFoundError as e:
         raise ExportError(str(e)) from None
     if meta["tokenizer"] != "gpt2":
-        raise ExportError(f"dataset '{meta_dataset}' has a {meta['tokenizer']}-level vocabulary; only GPT-2 BPE "
+        kind = "character-level" if meta["tokenizer"] == "char" else f"'{meta['tokenizer']}'"
+        raise ExportError(f"dataset '{meta_dataset}' has a {kind} vocabulary; only GPT-2 BPE "
                           f"models are exported (llama.cpp's gpt2 vocabulary is byte-level BPE with merges and an "
                           f"end-of-text token, which a character vocabulary lacks): train on a GPT-2 BPE dataset, "
                           f"e.g. --dataset=shakespeare")
