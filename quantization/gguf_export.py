@@ -20,6 +20,7 @@ import functools
 import os
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -280,22 +281,23 @@ def choose_type(name, w, requested, requantize):
     """(type name, exact from the grid, what to report) for one tensor."""
     if w.value.dim() == 1 or name == "position_embd.weight":
         return "f32", False, "f32"
-    if w.k is None:  # a float weight
-        if requested in ("auto", "f32"):
-            return "f32", False, "f32 (float weight)"
-        if w.value.shape[-1] % block_size(requested) if requested != "f16" else False:
-            return "f32", False, f"f32 (width {w.value.shape[-1]} is not a multiple of {requested}'s block)"
-        return requested, False, f"{requested}, quantized from a float weight"
-    grid = f"{w.spec.method if w.spec else 'mixed'} grid"
+    grid = f"{w.spec.method if w.spec else 'mixed'} grid" if w.k is not None else None
     if requested == "auto":
+        if grid is None:
+            return "f32", False, "f32 (float weight)"
         exact = next((t for t in AUTO_ORDER if holds(t, w)), None)
         if exact:
             return exact, True, f"{exact}, exact ({grid})"
-        bits = max(w.spec.effective_bits if w.spec else 8, 2)
-        fallback = "q8_0" if bits > 4 else ("q4_1" if w.spec and w.spec.grid == "affine" else "q4_0")
-        requested = fallback if w.value.shape[-1] % 32 == 0 else "f32"
+        # no block type holds the grid: the type of about its bit width
+        bits = w.spec.effective_bits if w.spec else 8
+        requested = "q8_0" if bits > 4 else ("q4_1" if w.spec and w.spec.grid == "affine" else "q4_0")
     if requested == "f32":
-        return "f32", False, f"f32, exact values ({grid})"
+        return "f32", False, f"f32, exact values ({grid})" if grid else "f32"
+    width = w.value.shape[-1]
+    if requested != "f16" and width % block_size(requested):
+        return "f32", False, f"f32, width {width} is not a multiple of {requested}'s block of {block_size(requested)}"
+    if grid is None:
+        return requested, False, f"{requested}, quantized from a float weight"
     if holds(requested, w):
         return requested, True, f"{requested}, exact ({grid})"
     if not requantize:
@@ -366,10 +368,12 @@ def export(checkpoint, path, requested="auto", requantize=True, log=print):
         writer.add_block_count(cfg.n_layer)
         writer.add_head_count(cfg.n_head)
         writer.add_layer_norm_eps(LAYER_NORM_EPS)
-        main_type = requested if requested != "auto" else max(
-            (t for _, _, t, _, _ in plan if t != "f32"), key=lambda t: -block_size(t) if t != "f16" else 0,
-            default="f32")
-        writer.add_file_type(FILE_TYPES[main_type])
+        # the file type llama.cpp reports: the type holding most of the layers' weights
+        sizes = Counter()
+        for name, w, type_name, _, _ in plan:
+            if name.startswith("blk.") and w.value.dim() > 1:
+                sizes[type_name] += w.value.numel()
+        writer.add_file_type(FILE_TYPES[sizes.most_common(1)[0][0]])
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_list(tokens)
