@@ -10,19 +10,11 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import ROOT, run_main, run_script, train_in_process
+from conftest import ROOT, run_main, train_in_process
 from model import GPT, GPTConfig
 from quantization import gguf_export
 
 SITES = ("q", "k", "v", "attn_proj", "mlp_up", "mlp_down")
-
-
-@pytest.fixture(scope="module")
-def bpe_data():
-    data_dir = os.path.join(ROOT, "data", "shakespeare")
-    if not all(os.path.exists(os.path.join(data_dir, f)) for f in ("train.bin", "val.bin", "meta.json")):
-        run_script("data/shakespeare/prepare.py")
-    return data_dir
 
 
 def spec(method="symmetric_quant", bits=8, granularity="per_channel", group_size=0, fp16_scale=True):
