@@ -208,3 +208,13 @@ def test_llama_cpp_agrees(exported, bpe_data, one_cpu_thread):
     ppl = [torch.nn.functional.cross_entropy(lg, target).exp().item() for lg in (ours, theirs)]
     assert abs(ppl[1] / ppl[0] - 1) < 0.005
     assert torch.corrcoef(torch.stack([ours.flatten(), theirs.flatten()]))[0, 1] > 0.99
+
+
+def test_import_quantized_file(exported):
+    """Importing a quantized GGUF gives the float checkpoint of its dequantized blocks (qkv split back)."""
+    ckpt, path = exported
+    model_args, state = gguf_export.read_gguf(path)
+    ours = model_values(ckpt)
+    assert model_args["n_layer"] == 2 and model_args["n_embd"] == 64 and model_args["bias"]
+    assert torch.equal(state["transformer.h.1.attn.k.weight"], ours["blk.1.attn_qkv.weight"].value[64:128])
+    assert torch.equal(state["transformer.wte.weight"], ours["token_embd.weight"].value)
