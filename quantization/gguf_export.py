@@ -321,11 +321,13 @@ def plan_export(checkpoint, requested="auto", requantize=True):
     except FileNotFoundError as e:
         raise ExportError(str(e)) from None
     if meta["tokenizer"] != "gpt2":
-        kind = "character-level" if meta["tokenizer"] == "char" else f"'{meta['tokenizer']}'"
-        raise ExportError(f"dataset '{meta_dataset}' has a {kind} vocabulary; only GPT-2 BPE "
-                          f"models are exported (llama.cpp's gpt2 vocabulary is byte-level BPE with merges and an "
-                          f"end-of-text token, which a character vocabulary lacks): train on a GPT-2 BPE dataset, "
-                          f"e.g. --dataset=shakespeare")
+        if meta["tokenizer"] == "char":
+            eleven = repr(meta["itos"][11]) if len(meta["itos"]) > 11 else "none"
+            raise ExportError(f"dataset '{meta_dataset}' has a character-level vocabulary, which is not exported: "
+                              f"llama.cpp's gpt2 (BPE) vocabulary can hold the characters, but with no end-of-text "
+                              f"token of its own it takes token 11 ({eleven} here) as end of text and "
+                              f"stops generating there; train on a GPT-2 BPE dataset, e.g. --dataset=shakespeare")
+        raise ExportError(f"dataset '{meta_dataset}' has the tokenizer '{meta['tokenizer']}'; only GPT-2 BPE is exported")
     model, weights = checkpoint_weights(checkpoint)
     if model.config.vocab_size < GPT2_EOT + 1:
         raise ExportError(f"vocab_size {model.config.vocab_size} is smaller than GPT-2's {GPT2_EOT + 1}")
