@@ -2,6 +2,7 @@
 dequantizers equals the model's weights where a block type holds the grid, the vocabulary tokenizes as tiktoken
 does, export then import keeps the logits, and bad input is refused with nothing written. llama.cpp itself
 (llama-cpp-python) is checked when it is installed."""
+import functools
 import os
 
 import gguf
@@ -43,6 +44,7 @@ def make_checkpoint(path, weight_quant=None, embedding_quant=None, dataset="shak
     return str(path)
 
 
+@functools.lru_cache(maxsize=4)
 def read_back(path):
     """{tensor name: (type name, float values as llama.cpp reads them)} through the gguf package alone."""
     names = {v: k for k, v in gguf_export.GGML_TYPES.items()}
@@ -54,6 +56,7 @@ def read_back(path):
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def model_values(ckpt_dir):
     from checkpoint import load_checkpoint
     model, weights = gguf_export.checkpoint_weights(load_checkpoint(ckpt_dir))
