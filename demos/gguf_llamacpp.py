@@ -141,7 +141,8 @@ def main(argv=None):
     prompt = val[-1000:-1000 + 16].tolist()
     tokenizer = Tokenizer(load_meta(os.path.join(ROOT, "data", "shakespeare")))
     lines = [f"llama-cpp-python {llama_cpp.__version__}; {args.windows} validation windows of {block} tokens; "
-             f"greedy decoding of {args.new_tokens} tokens from a {len(prompt)}-token prompt; {args.threads} threads", ""]
+             f"greedy decoding of {args.new_tokens} tokens from a {len(prompt)}-token prompt; {args.threads} threads "
+             f"(tok/s: the best of 3 decodes)", ""]
     header = ("| model | GGUF types (linears) | file MB | max weight error | our ppl | llama.cpp ppl | ppl diff "
               "| greedy tokens equal | llama.cpp tok/s |")
     rows = [header, "|---" * (header.count("|") - 1) + "|"]
@@ -170,7 +171,9 @@ def main(argv=None):
             count += len(w) - 1
         ours_ppl, theirs_ppl = np.exp(ours_nll / count), np.exp(theirs_nll / count)
         ours_tokens = our_greedy(model, prompt, args.new_tokens)
-        theirs_tokens, speed = llama_greedy(llm, prompt, args.new_tokens)
+        # the best of 3 decodes: the cores are shared, and a busy moment should not read as llama.cpp's speed
+        runs = [llama_greedy(llm, prompt, args.new_tokens) for _ in range(3)]
+        theirs_tokens, speed = runs[0][0], max(r[1] for r in runs)
         first_diff = next((i for i, (a, b) in enumerate(zip(ours_tokens, theirs_tokens)) if a != b), None)
         equal = f"{args.new_tokens}/{args.new_tokens}" if first_diff is None else f"first {first_diff}"
         rows.append(f"| {name} | {', '.join(linear_types) or 'f32'} | {os.path.getsize(path) / 1e6:.1f} | "
