@@ -221,3 +221,26 @@ def test_import_quantized_file(exported):
     assert model_args["n_layer"] == 2 and model_args["n_embd"] == 64 and model_args["bias"]
     assert torch.equal(state["transformer.h.1.attn.k.weight"], ours["blk.1.attn_qkv.weight"].value[64:128])
     assert torch.equal(state["transformer.wte.weight"], ours["token_embd.weight"].value)
+
+
+def test_fp16_scale_flag_and_quantizer():
+    """--quantize_linear_fp16_scale reaches every weight spec and the embedding's; the scales it computes are
+    float16 values, with the gradient still flowing to the weight; --gelu_approximate is a checked flag."""
+    from configurator import model_quant_config, parse_args
+    from quantization.quantizers import QuantSpec, compute_qparams, fake_quant
+    args = parse_args(["--linear_variant_attn=quantized_linear", "--quantize_embedding", "--quantize_linear_fp16_scale",
+                       "--gelu_approximate=tanh"])
+    quant = model_quant_config(args)
+    assert all(quant["weight_quant"][s]["fp16_scale"] for s in ("q", "k", "v", "attn_proj"))
+    assert quant["embedding_quant"]["fp16_scale"] and args.gelu_approximate == "tanh"
+    assert "fp16_scale" not in model_quant_config(parse_args(["--linear_variant_attn=quantized_linear"]))["weight_quant"]["q"]
+    assert run_main(parse_args, "--gelu_approximate=exact").startswith("train.py: error: argument --gelu_approximate")
+    x = torch.randn(8, 64, requires_grad=True)
+    for method in ("symmetric_quant", "affine_quant", "ternary_quant"):
+        spec = QuantSpec(method=method, bits=4, granularity="per_group", group_size=32, fp16_scale=True)
+        scale, _ = compute_qparams(x, spec)
+        assert torch.equal(scale, scale.half().float())
+        assert not torch.equal(scale, compute_qparams(x, QuantSpec(method=method, bits=4, granularity="per_group",
+                                                                   group_size=32))[0])
+    fake_quant(x, spec, training=True).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
