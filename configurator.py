@@ -69,6 +69,7 @@ TRAINING_FLAGS = [
     ("quantize_linear_granularity", "per_channel", "weight scale per_tensor, per_channel or per_group"),
     ("quantize_linear_group_size", 32, "input columns per group when granularity is per_group"),
     ("stochastic_grid", "symmetric", "grid stochastic_quant rounds onto: symmetric or affine"),
+    ("quantize_linear_fp16_scale", False, "round weight scales to float16 (GGUF stores them so: an exact export)"),
     ("quantize_embedding", False, "also quantize the tied token embedding / lm_head with the global weight flags"),
     ("activations_quant_method", "symmetric_quant", "activation quantizer: symmetric_quant, affine_quant, stochastic_quant"),
     ("activations_quant_granularity", "per_tensor", "activation range per_tensor or per_token (dynamic)"),
@@ -78,13 +79,14 @@ TRAINING_FLAGS = [
     ("spinquant_steps", 100, "Cayley SGD steps of --spinquant"),
     ("spinquant_lr", 1.5, "Cayley SGD learning rate of --spinquant (cosine-decayed)"),
     ("spinquant_nsamples", 128, "training sequences --spinquant learns the rotations on"),
+    ("gelu_approximate", "none", "GELU of the MLP: none (exact) or tanh (GPT-2's and llama.cpp's approximation)"),
 ]
 
 # the per-site weight quantization flags: quantize_linear_<field>[_<kind or site>]
 WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": int}
 CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple(LINEAR_VARIANTS),
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
-           "stochastic_grid": ("symmetric", "affine"), "quantize_linear_method": METHODS,
+           "stochastic_grid": ("symmetric", "affine"), "gelu_approximate": ("none", "tanh"), "quantize_linear_method": METHODS,
            "quantize_linear_granularity": GRANULARITIES[:3], "dtype": ("auto", "float32", "bfloat16", "float16"),
            "ddp_grad_compress": ("none", "bf16", "fp16"), "backend": ("auto", "nccl", "gloo")}
 
@@ -284,6 +286,8 @@ def model_quant_config(args):
     for site, kind in LINEAR_SITES.items():
         variants[site] = _resolve(args, "linear_variant", kind, site)[0] or "linear"
         fields, flags = {"stochastic_grid": args.stochastic_grid}, {}
+        if args.quantize_linear_fp16_scale:
+            fields["fp16_scale"] = True
         for fld in WEIGHT_FIELDS:
             fields[fld], flags[fld] = _resolve(args, f"quantize_linear_{fld}", kind, site)
         if fields["granularity"] != "per_group":
@@ -309,6 +313,8 @@ def model_quant_config(args):
     if args.quantize_embedding:
         fields = {"method": args.quantize_linear_method, "bits": args.quantize_linear_bits,
                   "granularity": "per_channel", "stochastic_grid": args.stochastic_grid}
+        if args.quantize_linear_fp16_scale:
+            fields["fp16_scale"] = True
         embedding_quant = _spec(fields, {"bits": "quantize_linear_bits", "method": "quantize_linear_method"})
     return dict(linear_variants=variants, weight_quant=weight_quant, act_quant=act_quant,
                 store_activations=args.store_activations, embedding_quant=embedding_quant)

@@ -37,10 +37,10 @@ def main(argv=None):
     except ConfigError as e:
         sys.exit(f"train.py: error: {e}")
     from_gpt2 = args.init_from not in ("scratch", "resume") and (
-        args.init_from.startswith("gpt2") or os.path.isdir(args.init_from))
+        args.init_from.startswith("gpt2") or os.path.isdir(args.init_from) or args.init_from.endswith(".gguf"))
     if args.init_from not in ("scratch", "resume") and not from_gpt2:
         sys.exit(f"train.py: error: --init_from={args.init_from}: expected 'scratch', 'resume', a GPT-2 name "
-                 f"(gpt2, gpt2-medium, ...) or a local Hugging Face GPT-2 folder")
+                 f"(gpt2, gpt2-medium, ...), a local Hugging Face GPT-2 folder or a GPT-2 .gguf file")
     # nothing is written before every flag, the data and any checkpoint have been checked
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     try:
@@ -128,7 +128,8 @@ def main(argv=None):
     # model
     iter_num, best_val_loss = 0, 1e9
     model_args = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
-                      bias=args.bias, vocab_size=meta["vocab_size"], dropout=args.dropout, **quant)
+                      bias=args.bias, vocab_size=meta["vocab_size"], dropout=args.dropout,
+                      gelu_approximate=args.gelu_approximate, **quant)
     if checkpoint is not None:
         model_args = checkpoint["model_args"]  # a resumed run keeps the architecture it was started with
         if meta["vocab_size"] > model_args["vocab_size"]:
@@ -141,9 +142,12 @@ def main(argv=None):
         if meta["vocab_size"] != 50257:
             sys.exit(f"train.py: error: --init_from={args.init_from} needs a GPT-2 BPE dataset "
                      f"(e.g. --dataset=shakespeare), not --dataset={args.dataset}")
-        from quantization.hf import load_hf_gpt2
+        if args.init_from.endswith(".gguf"):
+            from quantization.gguf_export import load_gguf_gpt2 as load_pretrained
+        else:
+            from quantization.hf import load_hf_gpt2 as load_pretrained
         try:
-            model, model_args = load_hf_gpt2(args.init_from, block_size=args.block_size, dropout=args.dropout, **quant)
+            model, model_args = load_pretrained(args.init_from, block_size=args.block_size, dropout=args.dropout, **quant)
         except (OSError, ValueError) as e:
             sys.exit(f"train.py: error: --init_from={args.init_from}: {e}")
     else:

@@ -24,6 +24,7 @@ class QuantSpec:
     granularity: str = "per_channel"
     group_size: int = 0
     stochastic_grid: str = "symmetric"  # the grid stochastic_quant rounds onto: "symmetric" or "affine"
+    fp16_scale: bool = False  # scales rounded to float16, as GGUF's blocks store them (an exact GGUF export)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -84,7 +85,14 @@ def compute_qparams(x, spec):
         return qparams_from_range(rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True), spec)
     # ternary (BitNet b1.58: absmean) and binary (mean absolute value)
     scale = rows.abs().mean(dim=1, keepdim=True)
-    return scale.clamp(min=_EPS), torch.zeros_like(scale)
+    return _fp16_scale(scale.clamp(min=_EPS), spec), torch.zeros_like(scale)
+
+
+def _fp16_scale(scale, spec):
+    """The scale rounded to float16 when the spec asks for it (the gradient passes straight through)."""
+    if not spec.fp16_scale:
+        return scale
+    return scale + (scale.half().float() - scale).detach()
 
 
 def qparams_from_range(lo, hi, spec):
@@ -93,11 +101,11 @@ def qparams_from_range(lo, hi, spec):
     integer, with no gradient. The affine range is widened to include 0, so that 0 is exact."""
     qmin, qmax = code_range(spec)
     if spec.grid == "symmetric":
-        scale = torch.maximum(lo.abs(), hi.abs()) / qmax
+        scale = _fp16_scale(torch.maximum(lo.abs(), hi.abs()) / qmax, spec)
         zero_point = torch.zeros_like(scale).detach()
     elif spec.grid == "affine":
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = (hi - lo) / (qmax - qmin)
+        scale = _fp16_scale((hi - lo) / (qmax - qmin), spec)
         zero_point = torch.clamp(qmin - torch.round(lo.detach() / scale.detach().clamp(min=_EPS)), qmin, qmax)
     else:
         raise ValueError(f"method '{spec.method}' has no min/max range; expected symmetric_quant or affine_quant")

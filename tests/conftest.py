@@ -42,12 +42,23 @@ def train_in_process(out_dir, *flags):
     assert error is None, error
 
 
+def prepared(dataset):
+    """data/<dataset>, prepared if its files are missing."""
+    data_dir = os.path.join(ROOT, "data", dataset)
+    if not all(os.path.exists(os.path.join(data_dir, f)) for f in ("train.bin", "val.bin", "meta.json")):
+        run_script(f"data/{dataset}/prepare.py")
+    return data_dir
+
+
 @pytest.fixture(scope="session")
 def char_data():
-    data_dir = os.path.join(ROOT, "data", "shakespeare_char")
-    if not all(os.path.exists(os.path.join(data_dir, f)) for f in ("train.bin", "val.bin", "meta.json")):
-        run_script("data/shakespeare_char/prepare.py")
-    return data_dir
+    return prepared("shakespeare_char")
+
+
+@pytest.fixture(scope="session")
+def bpe_data():
+    """The GPT-2 BPE Shakespeare dataset."""
+    return prepared("shakespeare")
 
 
 @pytest.fixture(scope="session")
