@@ -94,12 +94,14 @@ CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple
 INT_MIN = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "gradient_accumulation_steps": 1,
            "batch_size": 1, "block_size": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "max_iters": 0,
            "warmup_iters": 0, "lr_decay_iters": 0, "seed": 0, "quantization_warmup_iters": 0,
-           "quantize_linear_group_size": 1}
+           "quantize_linear_group_size": 1, "ddp_bucket_cap_mb": 1, "ddp_timeout": 1, "spinquant_steps": 0,
+           "spinquant_nsamples": 1}
 MAX_INT = 2 ** 31 - 1
 # float flags: (lowest, highest, whether the lowest itself is allowed); all must be finite
 FLOAT_RANGES = {"learning_rate": (0.0, math.inf, False), "min_lr": (0.0, math.inf, True),
                 "weight_decay": (0.0, math.inf, True), "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True),
-                "grad_clip": (0.0, math.inf, True), "dropout": (0.0, 1.0, True)}
+                "grad_clip": (0.0, math.inf, True), "dropout": (0.0, 1.0, True),
+                "spinquant_lr": (0.0, math.inf, False)}
 MAX_PARAMS = 10 ** 12  # a model above this many parameters is a typo, not a plan
 
 
