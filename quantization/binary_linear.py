@@ -46,13 +46,15 @@ def binary_matmul(x, words, scale):
     """x @ (scale-weighted B)^T for one term: x (n, in), words (out, in/32) int32, scale (out, groups) with the
     input width split into `groups` equal runs. Only integer shifts, masks and an index touch the weight."""
     out_features, groups = scale.shape
+    n_words = words.shape[1]
     shifts = torch.arange(0, WORD_BITS, 8, dtype=torch.int32, device=words.device)  # the 4 bytes of a word
-    byte_codes = ((words[..., None] >> shifts) & 0xFF).reshape(out_features, -1).long()  # (out, in/8)
-    table = subset_sums(x)                                                           # (n, in/8, 256)
-    byte_index = torch.arange(byte_codes.shape[1], device=words.device)
-    set_sums = table[:, byte_index, byte_codes]                                      # (n, out, in/8)
-    set_sums = set_sums.unflatten(-1, (groups, -1)).sum(dim=-1)                      # (n, out, groups)
-    x_sums = x.unflatten(-1, (groups, -1)).sum(dim=-1)                               # (n, groups)
+    # byte b of the input row lives at table column 256*b: offset each byte code by its position
+    offsets = torch.arange(0, 4 * n_words * 256, 256, dtype=torch.int32, device=words.device).reshape(n_words, 4)
+    index = (((words[..., None] >> shifts) & 0xFF) + offsets).reshape(-1)              # (out * in/8,) int32
+    table = subset_sums(x)                                                             # (n, in/8, 256)
+    set_sums = table.reshape(x.shape[0], -1).index_select(1, index)                    # (n, out * in/8)
+    set_sums = set_sums.reshape(x.shape[0], out_features, groups, -1).sum(dim=-1)      # (n, out, groups)
+    x_sums = x.unflatten(-1, (groups, -1)).sum(dim=-1)                                 # (n, groups)
     return ((2 * set_sums - x_sums[:, None, :]) * scale).sum(dim=-1)
 
 
