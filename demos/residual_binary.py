@@ -4,6 +4,7 @@ precision that residual binary closes, and storage bits per weight of the linear
 
     python demos/residual_binary.py --config=configs/cpu_char.toml                      # the default CPU model
     python demos/residual_binary.py --config=configs/baby_gpt.toml --device=cuda        # the baby GPT preset
+    python demos/residual_binary.py --print_graph          # torch.export graph of a 2-term bitwise layer, and exit
 
 Extra flags after `--` go to every train.py run (e.g. `-- --max_iters=1000 --lr_decay_iters=1000`).
 Storage counts the packed checkpoint's layout: codes at their bits, one float32 scale per row and term, and an
@@ -22,6 +23,7 @@ sys.path.insert(0, ROOT)
 
 from configurator import model_quant_config, parse_args  # noqa: E402
 from model import LINEAR_SITES  # noqa: E402
+from quantization.binary_linear import exported_graph  # noqa: E402
 from quantization.quantizers import QuantSpec, code_bits, code_range  # noqa: E402
 
 QAT = ["--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear"]
@@ -105,7 +107,11 @@ def main():
     p.add_argument("--out_root", default="out-residual-binary", help="one checkpoint folder per setting under this")
     p.add_argument("--jobs", type=int, default=5, help="runs in parallel")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--print_graph", action="store_true", help="print the exported graph of a bitwise layer and exit")
     args, extra = p.parse_known_args()
+    if args.print_graph:
+        print(exported_graph().replace(ROOT + os.sep, ""))
+        return
     extra = [e for e in extra if e != "--"]
     if not os.path.isfile(args.config):
         sys.exit(f"residual_binary.py: error: --config={args.config}: no such file")

@@ -145,3 +145,14 @@ def convert_model(model):
             setattr(parent, child, ResidualBinaryLinear.from_linear(module).to(module.latent_weight.device))
             replaced.append(name)
     return replaced
+
+
+def exported_graph(out_features=48, in_features=128, terms=2, seed=0):
+    """torch.export of a random ResidualBinaryLinear at batch 1, as readable code (what docs/residual_binary.md
+    shows)."""
+    g = torch.Generator().manual_seed(seed)
+    spec = QuantSpec("residual_binary_quant", binary_terms=terms)
+    codes, scale, _ = quantize_tensor(torch.randn(out_features, in_features, generator=g), spec)
+    module = ResidualBinaryLinear.from_quantized(codes, scale, spec)
+    program = torch.export.export(module, (torch.randn(1, in_features, generator=g),))
+    return program.graph_module.print_readable(print_output=False)
