@@ -165,7 +165,8 @@ def quantize(x, scale, zero_point, spec, stochastic=False):
 
 
 def dequantize(codes, scale, zero_point, spec):
-    """Real values of integer codes: (codes - zero_point) * scale, row by row."""
+    """Real values of integer codes: (codes - zero_point) * scale, row by row (residual binary: the sum over terms i
+    of scale[:, i] times the sign in bit i)."""
     rows = to_rows(codes, spec)
     if spec.grid == "residual_binary":
         signs = residual_binary_signs(rows, spec.binary_terms)
