@@ -10,7 +10,7 @@ import tomllib
 
 from model import ACT_SITES, LINEAR_SITES, GPTConfig
 from quantization.layers import LINEAR_VARIANTS
-from quantization.quantizers import GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec
+from quantization.quantizers import GRANULARITIES, MAX_BINARY_TERMS, MAX_BITS, METHODS, MIN_BITS, QuantSpec
 from safety import check_device, safe_name
 
 KINDS = ("attn", "mlp")
@@ -68,6 +68,7 @@ TRAINING_FLAGS = [
     ("quantize_linear_bits", 8, f"weight bits ({MIN_BITS}..{MAX_BITS}; ternary and binary ignore it)"),
     ("quantize_linear_granularity", "per_channel", "weight scale per_tensor, per_channel or per_group"),
     ("quantize_linear_group_size", 32, "input columns per group when granularity is per_group"),
+    ("quantize_linear_binary_terms", 2, f"residual_binary_quant: sign matrices summed per weight (1..{MAX_BINARY_TERMS})"),
     ("stochastic_grid", "symmetric", "grid stochastic_quant rounds onto: symmetric or affine"),
     ("quantize_linear_fp16_scale", False, "round weight scales to float16 (GGUF stores them so: an exact export)"),
     ("quantize_embedding", False, "also quantize the tied token embedding / lm_head with the global weight flags"),
@@ -83,7 +84,7 @@ TRAINING_FLAGS = [
 ]
 
 # the per-site weight quantization flags: quantize_linear_<field>[_<kind or site>]
-WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": int}
+WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": int, "binary_terms": int}
 CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple(LINEAR_VARIANTS),
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
            "stochastic_grid": ("symmetric", "affine"), "gelu_approximate": ("none", "tanh"), "quantize_linear_method": METHODS,
@@ -314,10 +315,12 @@ def model_quant_config(args):
     embedding_quant = None
     if args.quantize_embedding:
         fields = {"method": args.quantize_linear_method, "bits": args.quantize_linear_bits,
-                  "granularity": "per_channel", "stochastic_grid": args.stochastic_grid}
+                  "granularity": "per_channel", "stochastic_grid": args.stochastic_grid,
+                  "binary_terms": args.quantize_linear_binary_terms}
         if args.quantize_linear_fp16_scale:
             fields["fp16_scale"] = True
-        embedding_quant = _spec(fields, {"bits": "quantize_linear_bits", "method": "quantize_linear_method"})
+        embedding_quant = _spec(fields, {"bits": "quantize_linear_bits", "method": "quantize_linear_method",
+                                         "binary_terms": "quantize_linear_binary_terms"})
     return dict(linear_variants=variants, weight_quant=weight_quant, act_quant=act_quant,
                 store_activations=args.store_activations, embedding_quant=embedding_quant)
 

@@ -10,7 +10,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import save_checkpoint
-from quantization.quantizers import QuantSpec, code_range, dequantize, smallest_int_dtype
+from quantization.quantizers import QuantSpec, code_bits, code_range, dequantize, smallest_int_dtype
 
 FORMAT = "nanoqat-packed-v1"
 
@@ -34,20 +34,23 @@ def unpack_codes(packed, bits, numel):
 
 def pack_record(record):
     qmin, qmax = code_range(record.spec)
-    return {"codes": pack_codes(record.codes - qmin, record.spec.bits), "shape": list(record.codes.shape),
+    return {"codes": pack_codes(record.codes - qmin, code_bits(record.spec)), "shape": list(record.codes.shape),
             "scale": record.scale.float().cpu(),
             "zero_point": record.zero_point.to(smallest_int_dtype(qmin, qmax)).cpu(), "spec": asdict(record.spec)}
 
 
-def unpack_weight(packed):
+def unpack_weight(packed, name="a layer"):
     """The dequantized float32 weight of one packed layer."""
     spec = QuantSpec(**packed["spec"])
+    if spec.grid == "residual_binary" and packed["scale"].shape[-1] != spec.binary_terms:
+        raise ValueError(f"{name} stores {packed['scale'].shape[-1]} binary terms but its spec says "
+                         f"binary_terms={spec.binary_terms}")
     qmin, _ = code_range(spec)
     shape = packed["shape"]
     numel = 1
     for d in shape:
         numel *= d
-    codes = (unpack_codes(packed["codes"], spec.bits, numel) + qmin).float().reshape(shape)
+    codes = (unpack_codes(packed["codes"], code_bits(spec), numel) + qmin).float().reshape(shape)
     return dequantize(codes, packed["scale"].float(), packed["zero_point"].float(), spec)
 
 
@@ -76,7 +79,7 @@ def load_packed(model, checkpoint):
     with torch.no_grad():
         for name, p in packed.items():
             weight = modules[name].weight
-            weight.copy_(unpack_weight(p).to(weight.device, weight.dtype))
+            weight.copy_(unpack_weight(p, name).to(weight.device, weight.dtype))
     return model
 
 

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-METHODS = ("symmetric_quant", "affine_quant", "stochastic_quant", "ternary_quant", "binary_quant")
+METHODS = ("symmetric_quant", "affine_quant", "stochastic_quant", "ternary_quant", "binary_quant",
+           "residual_binary_quant")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 MIN_BITS, MAX_BITS = 2, 8
+MAX_BINARY_TERMS = 4
 _EPS = 1e-8
 
 
@@ -25,6 +27,7 @@ class QuantSpec:
     group_size: int = 0
     stochastic_grid: str = "symmetric"  # the grid stochastic_quant rounds onto: "symmetric" or "affine"
     fp16_scale: bool = False  # scales rounded to float16, as GGUF's blocks store them (an exact GGUF export)
+    binary_terms: int = 2  # residual_binary_quant: W ~ sum of this many scaled sign matrices
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -37,22 +40,27 @@ class QuantSpec:
             raise ValueError(f"group_size={self.group_size} must be > 0 when granularity is per_group")
         if self.stochastic_grid not in ("symmetric", "affine"):
             raise ValueError(f"stochastic_grid '{self.stochastic_grid}' is unknown; expected symmetric or affine")
+        if not (1 <= self.binary_terms <= MAX_BINARY_TERMS):
+            raise ValueError(f"binary_terms={self.binary_terms} is out of range; expected 1..{MAX_BINARY_TERMS}")
 
     @property
     def grid(self):
         """'symmetric' (signed codes, zero point 0), 'affine' (unsigned codes with a zero point),
-        or 'ternary'/'binary' (codes in {-1,0,1} or {-1,1})."""
+        'ternary'/'binary' (codes in {-1,0,1} or {-1,1}), or 'residual_binary' (bit i of a code is the sign of
+        term i: 1 for +1, 0 for -1)."""
         if self.method == "symmetric_quant":
             return "symmetric"
         if self.method == "affine_quant":
             return "affine"
         if self.method == "stochastic_quant":
             return self.stochastic_grid
+        if self.method == "residual_binary_quant":
+            return "residual_binary"
         return self.method.split("_")[0]
 
     @property
     def effective_bits(self):
-        return {"ternary": 2, "binary": 1}.get(self.grid, self.bits)
+        return {"ternary": 2, "binary": 1, "residual_binary": self.binary_terms}.get(self.grid, self.bits)
 
 
 def code_range(spec):
@@ -62,7 +70,14 @@ def code_range(spec):
         return -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
     if grid == "affine":
         return 0, (1 << spec.bits) - 1
+    if grid == "residual_binary":
+        return 0, (1 << spec.binary_terms) - 1
     return -1, 1
+
+
+def code_bits(spec):
+    """Bits one stored code takes: the spec's bits, or one per term of residual binary."""
+    return spec.binary_terms if spec.grid == "residual_binary" else spec.bits
 
 
 def to_rows(x, spec):
@@ -83,6 +98,8 @@ def compute_qparams(x, spec):
     rows = to_rows(x.detach(), spec).float()
     if spec.grid in ("symmetric", "affine"):
         return qparams_from_range(rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True), spec)
+    if spec.grid == "residual_binary":
+        return residual_binary_scales(rows, spec.binary_terms)
     # ternary (BitNet b1.58: absmean) and binary (mean absolute value)
     scale = rows.abs().mean(dim=1, keepdim=True)
     return _fp16_scale(scale.clamp(min=_EPS), spec), torch.zeros_like(scale)
@@ -112,6 +129,33 @@ def qparams_from_range(lo, hi, spec):
     return scale.clamp(min=_EPS), zero_point
 
 
+def residual_binary_scales(rows, terms):
+    """BiLLM's residual binarization (arXiv 2402.04291, eq. 6-7), greedy: term i is sign(r) times mean|r| of what
+    the terms before it left over (r starts as the row). Scales shaped (rows, terms), zero points (rows, 1)."""
+    residual, scales = rows, []
+    for _ in range(terms):
+        scale = residual.abs().mean(dim=1, keepdim=True).clamp(min=_EPS)
+        residual = residual - scale * torch.where(residual >= 0, 1.0, -1.0)
+        scales.append(scale)
+    return torch.cat(scales, dim=1), torch.zeros_like(scales[0])
+
+
+def residual_binary_codes(rows, scale):
+    """Codes of rows under given residual-binary scales: bit i is 1 where term i's sign is +1."""
+    residual, codes = rows, torch.zeros_like(rows, dtype=torch.int64)
+    for i in range(scale.shape[1]):
+        positive = residual >= 0
+        residual = residual - scale[:, i:i + 1] * torch.where(positive, 1.0, -1.0)
+        codes = codes | (positive.to(torch.int64) << i)
+    return codes
+
+
+def residual_binary_signs(codes, terms):
+    """The {-1, +1} sign matrix of each term of residual-binary codes: a list of `terms` tensors of codes' shape."""
+    codes = codes.to(torch.int64)
+    return [((codes >> i) & 1) * 2.0 - 1.0 for i in range(terms)]
+
+
 def quantize(x, scale, zero_point, spec, stochastic=False):
     """Integer codes (as floats, in x's shape) for x under the given row-wise scale and zero point.
     With `stochastic`, values round up with probability equal to their fractional part (unbiased)."""
@@ -119,6 +163,8 @@ def quantize(x, scale, zero_point, spec, stochastic=False):
     qmin, qmax = code_range(spec)
     if spec.grid == "binary":
         codes = torch.where(rows >= 0, 1.0, -1.0)
+    elif spec.grid == "residual_binary":
+        codes = residual_binary_codes(rows, scale).float()
     else:
         y = rows * (1.0 / scale)  # multiply by the reciprocal, as PyTorch's fake_quantize kernels do
         y = torch.floor(y + torch.rand_like(y)) if stochastic else torch.round(y)
@@ -127,9 +173,13 @@ def quantize(x, scale, zero_point, spec, stochastic=False):
 
 
 def dequantize(codes, scale, zero_point, spec):
-    """Real values of integer codes: (codes - zero_point) * scale, row by row."""
-    rows = to_rows(codes, spec).float()
-    return ((rows - zero_point) * scale).reshape(codes.shape)
+    """Real values of integer codes: (codes - zero_point) * scale, row by row (residual binary: the sum over terms i
+    of scale[:, i] times the sign in bit i)."""
+    rows = to_rows(codes, spec)
+    if spec.grid == "residual_binary":
+        signs = residual_binary_signs(rows, spec.binary_terms)
+        return sum(sign * scale[:, i:i + 1].float() for i, sign in enumerate(signs)).reshape(codes.shape)
+    return ((rows.float() - zero_point) * scale).reshape(codes.shape)
 
 
 def quantize_tensor(x, spec, stochastic=False):
@@ -153,7 +203,7 @@ def fake_quant_with_codes(x, spec, training=False):
     if not x.requires_grad:
         return x_q, codes, scale, zero_point
     # the forward value is exactly x_q (x - x is exactly 0), so a saved model dequantizes to what training used
-    if spec.grid == "binary":  # sign() clips nothing: every value passes its gradient
+    if spec.grid in ("binary", "residual_binary"):  # sign() clips nothing: every value passes its gradient
         return x_q + (x - x.detach()), codes, scale, zero_point
     qmin, qmax = code_range(spec)
     unclipped = to_rows(x.detach(), spec).float() * (1.0 / scale) + zero_point

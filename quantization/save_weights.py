@@ -7,7 +7,9 @@ token embedding when it is quantized) and every activation stored with --store_a
 Each tensor is saved as integer `codes` (the smallest integer dtype that holds its code range), `scale` and
 `zero_point` (float32, one per row), and its bits, method, granularity, group_size, shape and code range. Row i
 of `codes.reshape(len(scale), -1)` dequantizes as `(codes - zero_point[i]) * scale[i]`, whatever the granularity;
-for a weight this gives exactly the weight the model computes with (eval mode, quantization on).
+for a weight this gives exactly the weight the model computes with (eval mode, quantization on). A
+residual_binary_quant weight (a sum of k scaled sign matrices) is saved as k binary tensors `<name>.term<i>`
+(codes -1/+1, one scale per row, fields `term` and `binary_terms`) whose dequantized values add up to the weight.
 
 For the overview plot of visualize.py each tensor also carries `signal_sq` and `noise_sq`, the sums of x**2 and
 (x - dequantized)**2 over its unquantized values x: for a weight x is the latent full-precision weight; a stored
@@ -39,7 +41,8 @@ from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
 from quantization.packing import is_packed, load_packed, unpack_codes  # noqa: E402
 from quantization.quantizers import (GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec,  # noqa: E402
-                                     code_range, dequantize, quantize_tensor, smallest_int_dtype)
+                                     code_range, dequantize, quantize_tensor, residual_binary_signs,
+                                     smallest_int_dtype)
 from safety import check_device, check_output_file  # noqa: E402
 
 FORMAT = "nanoQAT quantized tensors"
@@ -88,8 +91,25 @@ def weight_entries(model):
     for name, site, weight, spec in tqdm(targets, desc="weights", unit="tensor"):
         weight = weight.detach().float()
         codes, scale, zero_point = quantize_tensor(weight, spec)
+        power = error_power(weight, dequantize(codes, scale, zero_point, spec))
+        if spec.grid == "residual_binary":
+            out.update(term_entries(name, site, spec, codes, scale, power))
+            continue
         out[name] = entry("weight", site, spec, codes, scale, zero_point, weight.shape)
-        out[name]["signal_sq"], out[name]["noise_sq"] = error_power(weight, dequantize(codes, scale, zero_point, spec))
+        out[name]["signal_sq"], out[name]["noise_sq"] = power
+    return out
+
+
+def term_entries(name, site, spec, codes, scale, power):
+    """One binary entry per term of a residual binary weight; the last carries the weight's error power (the
+    others 0, so that sums over a site stay right)."""
+    binary = QuantSpec("binary_quant", granularity=spec.granularity, group_size=spec.group_size)
+    out = {}
+    for t, signs in enumerate(residual_binary_signs(codes, spec.binary_terms)):
+        e = entry("weight", site, binary, signs, scale[:, t], torch.zeros(scale.shape[0]), codes.shape)
+        e.update(method=spec.method, term=t, binary_terms=spec.binary_terms, signal_sq=0.0, noise_sq=0.0)
+        out[f"{name}.term{t}"] = e
+    e["signal_sq"], e["noise_sq"] = power
     return out
 
 

@@ -68,6 +68,8 @@ def used_levels(tensor):
 
 
 def describe(tensor):
+    if "term" in tensor:  # one sign matrix of a residual binary weight
+        return f"{tensor['method']}, term {tensor['term'] + 1} of {tensor['binary_terms']}, {tensor['granularity']}"
     return f"{tensor['method']}, {tensor['bits']} bits, {tensor['granularity']}"
 
 

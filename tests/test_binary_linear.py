@@ -1,0 +1,126 @@
+"""The bitwise inference module of residual binary weights (quantization/binary_linear.py) and its Triton kernel
+(quantization/kernels/binary_bitwise.py), against the dequantize path of quantizers.py; the exported graph is
+checked to be k one-bit linears and an add, made of shifts and masks, with no float weight."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from quantization.binary_linear import BinaryLinear, ResidualBinaryLinear, convert_model, pack_signs, unpack_signs
+from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = [("per_channel", 0, 2), ("per_group", 32, 3), ("per_group", 64, 1), ("per_tensor", 0, 4)]
+
+
+def layer(out_features, in_features, granularity, group_size, terms, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=g)
+    spec = QuantSpec("residual_binary_quant", granularity=granularity, group_size=group_size, binary_terms=terms)
+    codes, scale, zero_point = quantize_tensor(w, spec)
+    b = torch.randn(out_features, generator=g) if bias else None
+    return ResidualBinaryLinear.from_quantized(codes, scale, spec, b), dequantize(codes, scale, zero_point, spec), b
+
+
+def test_pack_signs_round_trip_and_bit_order():
+    signs = torch.randn(5, 96) >= 0
+    words = pack_signs(signs)
+    assert words.dtype == torch.int32 and words.shape == (5, 3)
+    assert torch.equal(unpack_signs(words), signs.float() * 2 - 1)
+    one = torch.zeros(1, 32, dtype=torch.bool)
+    one[0, 31] = True  # the top bit makes the word negative (two's complement)
+    assert pack_signs(one).item() == -(1 << 31)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_signs(torch.ones(2, 40))
+
+
+@pytest.mark.parametrize("granularity,group_size,terms", CASES)
+def test_matches_dequantized_matmul(granularity, group_size, terms):
+    module, weight, bias = layer(48, 128, granularity, group_size, terms)
+    x = torch.randn(3, 7, 128)
+    ref = (x.double() @ weight.double().T + bias.double()).float()
+    assert len(module.terms) == terms and all(isinstance(t, BinaryLinear) for t in module.terms)
+    assert torch.allclose(module(x), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_term_count_mismatch():
+    spec = QuantSpec("residual_binary_quant", binary_terms=3)
+    codes, scale, _ = quantize_tensor(torch.randn(8, 32), QuantSpec("residual_binary_quant", binary_terms=2))
+    with pytest.raises(ValueError, match="^2 terms stored, but the spec says binary_terms=3$"):
+        ResidualBinaryLinear.from_quantized(codes, scale, spec)
+
+
+def test_exported_graph_is_bitwise_terms_and_an_add():
+    """torch.export: k one-bit linears (the modules terms.0 .. terms.k-1) whose outputs one add joins, each
+    cutting its packed words with shift and bitwise-and; no float tensor of the weight's size anywhere."""
+    out_features, in_features, terms = 48, 128, 2
+    module, _, _ = layer(out_features, in_features, "per_channel", 0, terms, bias=False)
+    graph = torch.export.export(module, (torch.randn(1, in_features),)).graph
+    ops = [(n, str(n.target)) for n in graph.nodes if n.op == "call_function"]
+
+    def owner(node):
+        return list(node.meta.get("nn_module_stack", {}).values())[-1][0]
+
+    for t in range(terms):
+        mine = {target for n, target in ops if owner(n) == f"terms.{t}"}
+        assert any("rshift" in op or "right_shift" in op for op in mine), mine
+        assert any("bitwise_and" in op or "__and__" in op for op in mine), mine
+        assert "aten.index_select.default" in mine  # the subset sums are looked up by the packed bytes
+        assert not any(op in mine for op in ("aten.linear.default", "aten.mm.default", "aten.addmm.default"))
+    top = [target for n, target in ops if owner(n) == ""]
+    assert top == ["aten.add.Tensor"]
+    weight_size = out_features * in_features
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            assert val.numel() < weight_size, (node, val.shape)
+    inputs = {n.name: n.meta["val"] for n in graph.nodes if n.op == "placeholder"}
+    assert all(v.dtype == torch.int32 for k, v in inputs.items() if k.endswith("words"))
+
+
+def test_converted_qat_model_has_the_same_logits():
+    from configurator import model_quant_config, parse_args
+    from model import GPT, GPTConfig
+    args = parse_args(["--n_embd=64", "--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear",
+                       "--quantize_linear_method=residual_binary_quant", "--quantize_linear_granularity_mlp=per_group",
+                       "--quantize_linear_group_size_mlp=32", "--quantize_linear_binary_terms_attn=3"])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=40, bias=True,
+                          **model_quant_config(args))).eval()
+    idx = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        ref, _ = model(idx, idx)
+        replaced = convert_model(model)
+        assert len(replaced) == 12 and isinstance(model.transformer.h[0].attn.q, ResidualBinaryLinear)
+        assert len(model.transformer.h[0].attn.q.terms) == 3 and len(model.transformer.h[0].mlp.mlp_up.terms) == 2
+        logits, _ = model(idx, idx)
+    assert torch.allclose(logits, ref, atol=1e-4)
+
+
+KERNEL_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from tests.test_binary_linear import CASES, layer
+from quantization.kernels.binary_bitwise import residual_binary_gemv, stack_terms
+errors = []
+for granularity, group_size, terms in CASES:
+    module, _, _ = layer(24, 256, granularity, group_size, terms, bias=False)
+    x = torch.randn(1, 256)
+    for block_n, block_w in ((16, 4), (8, 2)):
+        y = residual_binary_gemv(x, *stack_terms(module), block_n=block_n, block_w=block_w)
+        errors.append((y - module(x)).abs().max().item())
+print(json.dumps(errors))
+"""
+
+
+def test_triton_kernel_matches_pytorch_path():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")  # set before triton is imported: a fresh interpreter
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK, ROOT], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(errors) == 2 * len(CASES) and max(errors) < 1e-4, errors
