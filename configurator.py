@@ -99,7 +99,7 @@ INT_MIN = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "gradient_acc
            "spinquant_nsamples": 1}
 MAX_INT = 2 ** 31 - 1
 # float flags: (lowest, highest, whether the lowest itself is allowed); all must be finite
-FLOAT_RANGES = {"learning_rate": (0.0, math.inf, False), "min_lr": (0.0, math.inf, True),
+FLOAT_RANGES = {"learning_rate": (0.0, math.inf, True), "min_lr": (0.0, math.inf, True),
                 "weight_decay": (0.0, math.inf, True), "beta1": (0.0, 1.0, True), "beta2": (0.0, 1.0, True),
                 "grad_clip": (0.0, math.inf, True), "dropout": (0.0, 1.0, True),
                 "spinquant_lr": (0.0, math.inf, False)}

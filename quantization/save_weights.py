@@ -376,7 +376,7 @@ def main(argv=None):
     model_args = checkpoint["model_args"]
     quantized = any(v != "linear" for v in model_args.get("linear_variants", {}).values())
     data = {"tensors": None}
-    if quantized or model_args.get("embedding_quant") or checkpoint.get("activations"):
+    if quantized or is_packed(checkpoint) or model_args.get("embedding_quant") or checkpoint.get("activations"):
         data = collect(checkpoint, args.device, args.snr_batch_size)
     if not data["tensors"]:
         sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: the checkpoint has no quantized weight and no "

@@ -95,8 +95,6 @@ def bad_values(action, name):
         return values
     if action.type is float:
         values = ["nan", "inf", "-inf", "x", "1e400", "-5"]
-        if name in ("learning_rate",):
-            values.append("0")
         if name in ("beta1", "beta2", "dropout"):
             values.append("1")
         return values
