@@ -285,6 +285,8 @@ def model_quant_config(args):
     for name, value in vars(args).items():  # every bits flag, used or not: a bad value is never ignored
         if (name.endswith("_bits") or "_bits_" in name) and value is not None and not MIN_BITS <= value <= MAX_BITS:
             raise ConfigError(f"--{name}: bits={value} is out of range; expected {MIN_BITS}..{MAX_BITS}")
+        if name.startswith("quantize_linear_binary_terms") and value is not None and not 1 <= value <= MAX_BINARY_TERMS:
+            raise ConfigError(f"--{name}: binary_terms={value} is out of range; expected 1..{MAX_BINARY_TERMS}")
     variants, weight_quant, act_quant = {}, {}, {}
     for site, kind in LINEAR_SITES.items():
         variants[site] = _resolve(args, "linear_variant", kind, site)[0] or "linear"

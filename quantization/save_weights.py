@@ -287,6 +287,8 @@ def check(data, path):
         # the code range and level count follow from method and bits: a file cannot claim a larger grid
         grids = {code_range(QuantSpec(tensor["method"], tensor["bits"], "per_tensor", stochastic_grid=g))
                  for g in ("symmetric", "affine")}
+        if "term" in tensor:  # one binary term of a residual_binary_quant weight: signs -1/+1
+            grids = {(-1, 1)}
         if (tensor["qmin"], tensor["qmax"]) not in grids or tensor["levels"] > tensor["qmax"] - tensor["qmin"] + 1:
             raise ValueError(f"{path}: tensor '{name}' claims the range {tensor['qmin']}..{tensor['qmax']} "
                              f"({tensor['levels']} levels), not that of {tensor['method']} at {tensor['bits']} bits")
