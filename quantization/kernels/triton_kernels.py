@@ -13,6 +13,9 @@ import triton
 import triton.language as tl
 
 BLOCK = 32
+# sizes that change from call to call: one compiled kernel for all their values (N keeps its divisibility
+# specialization, which lets the word loads along N be vectorized)
+_VARYING = ["M", "K", "stride_xm", "stride_ym", "blocks_per_group", "blocks_per_split"]
 
 
 @triton.jit
@@ -26,7 +29,7 @@ def _field(word, shift: tl.constexpr, width: tl.constexpr):
     return (word >> shift) & ((1 << width) - 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -99,7 +102,7 @@ def _unpack(words, BITS: tl.constexpr):
     return tl.reshape(fields, (words.shape[0] * per_word, words.shape[1]))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING[:-1])
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, blocks_per_group,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):

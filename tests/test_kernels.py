@@ -1,0 +1,146 @@
+"""The packed kernels (quantization/kernels/) against the reference: quantizers.py's dequantize, then a float matmul.
+
+The Triton kernels run on the CPU under TRITON_INTERPRET=1, in a fresh interpreter (the variable must be set before
+Triton compiles anything); the GPU runs the same check in `bench/kernels.py --check`."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from quantization.kernels import PackedLinear, convert_to_packed, pack_model
+from quantization.kernels.layout import dequantize_kernel_layout
+from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
+
+# (method, bits, granularity, group_size): every kernel bit width (8, 4, 3, 2, ternary's 2, binary's 1)
+SPECS = [("symmetric_quant", 8, "per_channel", 0), ("affine_quant", 8, "per_group", 32),
+         ("affine_quant", 4, "per_group", 32), ("symmetric_quant", 4, "per_group", 64),
+         ("affine_quant", 4, "per_channel", 0), ("affine_quant", 3, "per_group", 32),
+         ("symmetric_quant", 3, "per_channel", 0), ("affine_quant", 2, "per_group", 32),
+         ("ternary_quant", 2, "per_tensor", 0), ("ternary_quant", 2, "per_channel", 0),
+         ("binary_quant", 2, "per_channel", 0)]
+
+KERNEL_CHECK = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from quantization.kernels import PackedLinear, ops
+from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
+assert ops.interpreting() and ops.triton_kernels is not None
+torch.manual_seed(0)
+out = []
+for method, bits, granularity, group_size in json.loads(sys.argv[2]):
+    spec = QuantSpec(method, bits, granularity, group_size)
+    # odd output width; input widths that are and are not multiples of the 32-code block (per channel only)
+    for n, k, rows, bias in ((37, 128, 1, True), (37, 64 if group_size else 80, 3, False), (19, 64, 20, True)):
+        w = torch.randn(n, k)
+        b = torch.randn(n) if bias else None
+        codes, scale, zero_point = quantize_tensor(w, spec)
+        expected_w = dequantize(codes, scale, zero_point, spec)
+        x = torch.randn(rows, k)
+        expected = x.double() @ expected_w.double().T + (b.double() if bias else 0)
+        layer = PackedLinear.from_float(w, spec, b)
+        assert ops.kernel_refusal(x, layer.bits, layer.group_size) is None
+        y = layer(x)
+        out.append([method, bits, granularity, group_size, n, k, rows, bias,
+                    ((y.double() - expected).abs().max() / expected.abs().max()).item()])
+print(json.dumps(out))
+"""
+
+
+def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK, ROOT, json.dumps(SPECS)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3 * len(SPECS)
+    # float32 accumulation over at most 128 products: relative error far below one quantization step
+    bad = [r for r in rows if not r[-1] < 1e-5]
+    assert not bad, bad
+    # both kernels ran: rows <= 16 take the GEMV, 20 rows the GEMM
+    assert {r[6] for r in rows} == {1, 3, 20}
+
+
+@pytest.mark.parametrize("method,bits,granularity,group_size", SPECS)
+def test_the_layout_dequantizes_exactly_to_the_reference(method, bits, granularity, group_size):
+    spec = QuantSpec(method, bits, granularity, group_size)
+    w = torch.randn(23, 128)
+    codes, scale, zero_point = quantize_tensor(w, spec)
+    layer = PackedLinear.from_float(w, spec)
+    assert torch.equal(layer.dequantized_weight(), dequantize(codes, scale, zero_point, spec))
+
+
+def test_a_packed_linear_holds_codes_not_a_float_weight():
+    w = torch.randn(256, 512)
+    layer = PackedLinear.from_float(w, QuantSpec("affine_quant", 4, "per_group", 128), torch.zeros(256))
+    assert not list(layer.parameters())
+    total = sum(t.numel() * t.element_size() for t in layer.buffers())
+    # 4 bits a weight, plus one float32 scale and one uint8 zero point per group of 128, plus the bias
+    assert total == 256 * 512 // 2 + 256 * 4 * (4 + 1) + 256 * 4
+    assert total < w.numel() * w.element_size() / 7
+
+
+def test_the_cpu_falls_back_to_the_dequantize_path():
+    spec = QuantSpec("symmetric_quant", 4, "per_group", 32)
+    w, x = torch.randn(10, 64), torch.randn(2, 5, 64)
+    layer = PackedLinear.from_float(w, spec)
+    codes, scale, zero_point = quantize_tensor(w, spec)
+    assert torch.allclose(layer(x), x @ dequantize(codes, scale, zero_point, spec).T, atol=1e-5)
+
+
+def test_a_group_no_kernel_takes_is_refused_with_a_reason():
+    from quantization.kernels import ops
+    if ops.triton_kernels is None:
+        pytest.skip("Triton is not installed")
+    layer = PackedLinear.from_float(torch.randn(8, 48), QuantSpec("affine_quant", 4, "per_group", 16))
+    reason = ops.kernel_refusal(torch.randn(1, 48, device="cpu"), layer.bits, layer.group_size)
+    assert reason == ""  # the CPU without the interpreter: silent fallback
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        reason = ops.kernel_refusal(torch.randn(1, 48), layer.bits, layer.group_size)
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+    assert reason and "group_size=16" in reason
+
+
+def test_pack_model_replaces_every_linear_site_and_keeps_the_function(one_cpu_thread):
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, bias=True)).eval()
+    spec = QuantSpec("affine_quant", 4, "per_group", 32)
+    idx = torch.randint(50, (2, 16))
+    packed = pack_model(model, spec)
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 6
+    # the same model with each weight replaced by its dequantized RTN weight
+    torch.manual_seed(0)
+    reference = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, bias=True)).eval()
+    with torch.no_grad():
+        for name, module in packed.named_modules():
+            if isinstance(module, PackedLinear):
+                reference.get_submodule(name).weight.copy_(module.dequantized_weight())
+        assert torch.allclose(packed(idx)[0], reference(idx)[0], atol=1e-5)
+
+
+def test_convert_to_packed_reads_a_packed_checkpoint_record():
+    from quantization.packing import pack_record, unpack_weight
+    spec = QuantSpec("affine_quant", 3, "per_group", 32)
+    w = torch.randn(12, 64)
+    codes, scale, zero_point = quantize_tensor(w, spec)
+
+    class Rec:  # the fields quantization/packing.pack_record reads
+        pass
+    rec = Rec()
+    rec.spec, rec.codes, rec.scale, rec.zero_point = spec, codes, scale, zero_point
+    record = pack_record(rec)
+    layer = PackedLinear.from_record(record)
+    assert torch.equal(layer.dequantized_weight(), unpack_weight(record))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 12))
+    convert_to_packed(model, {"0": record})
+    assert isinstance(model[0], PackedLinear)
+    assert torch.equal(dequantize_kernel_layout(model[0].qweight, model[0].scale, model[0].zero, model[0].zero_const,
+                                                model[0].bits, model[0].group_size, 64), unpack_weight(record))
