@@ -62,6 +62,7 @@ TRAINING_FLAGS = [
     ("quantize_linear_bits", 8, f"weight bits ({MIN_BITS}..{MAX_BITS}; ternary and binary ignore it)"),
     ("quantize_linear_granularity", "per_channel", "weight scale per_tensor, per_channel or per_group"),
     ("quantize_linear_group_size", 32, "input columns per group when granularity is per_group"),
+    ("quantize_linear_outlier_fraction", 0.0, "share of each weight kept full precision as sparse outliers, in [0, 0.5)"),
     ("stochastic_grid", "symmetric", "grid stochastic_quant rounds onto: symmetric or affine"),
     ("quantize_embedding", False, "also quantize the tied token embedding / lm_head with the global weight flags"),
     ("activations_quant_method", "symmetric_quant", "activation quantizer: symmetric_quant, affine_quant, stochastic_quant"),
@@ -70,7 +71,7 @@ TRAINING_FLAGS = [
 ]
 
 # the per-site weight quantization flags: quantize_linear_<field>[_<kind or site>]
-WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": int}
+WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": int, "outlier_fraction": float}
 CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple(LINEAR_VARIANTS),
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
            "stochastic_grid": ("symmetric", "affine"), "quantize_linear_method": METHODS,
