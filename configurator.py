@@ -69,6 +69,7 @@ TRAINING_FLAGS = [
     ("quantize_linear_granularity", "per_channel", "weight scale per_tensor, per_channel or per_group"),
     ("quantize_linear_group_size", 32, "input columns per group when granularity is per_group"),
     ("quantize_linear_binary_terms", 2, f"residual_binary_quant: sign matrices summed per weight (1..{MAX_BINARY_TERMS})"),
+    ("quantize_linear_outlier_fraction", 0.0, "share of each weight kept full precision as sparse outliers, in [0, 0.5)"),
     ("stochastic_grid", "symmetric", "grid stochastic_quant rounds onto: symmetric or affine"),
     ("quantize_linear_fp16_scale", False, "round weight scales to float16 (GGUF stores them so: an exact export)"),
     ("quantize_embedding", False, "also quantize the tied token embedding / lm_head with the global weight flags"),
@@ -84,7 +85,8 @@ TRAINING_FLAGS = [
 ]
 
 # the per-site weight quantization flags: quantize_linear_<field>[_<kind or site>]
-WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": int, "binary_terms": int}
+WEIGHT_FIELDS = {"method": str, "bits": int, "granularity": str, "group_size": int, "binary_terms": int,
+                 "outlier_fraction": float}
 CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple(LINEAR_VARIANTS),
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
            "stochastic_grid": ("symmetric", "affine"), "gelu_approximate": ("none", "tanh"), "quantize_linear_method": METHODS,

@@ -20,14 +20,19 @@ from checkpoint import load_checkpoint  # noqa: E402
 from configurator import BoolFlag, OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.autoround import AutoRound  # noqa: E402
+from quantization.autoround.calibration import prepare_samples  # noqa: E402
+from quantization.awq import AWQ  # noqa: E402
+from quantization.channel_stats import sensitivity_scales  # noqa: E402
 from quantization.gptq import GPTQ  # noqa: E402
 from quantization.packing import is_packed, save_packed  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens, text_tokens  # noqa: E402
-from quantization.rtn import SITES, check_layers, rtn_quantize, target_layers, weight_spec  # noqa: E402
+from quantization.quantizers import MAX_OUTLIER_FRACTION  # noqa: E402
+from quantization.rtn import (SITES, bits_per_weight, check_layers, rtn_quantize, target_layers,  # noqa: E402
+                              weight_spec)
 from safety import check_device, check_output_file, same_file  # noqa: E402
 from tokenizer import Tokenizer, load_meta  # noqa: E402
 
-METHODS = ("autoround", "gptq", "rtn")
+METHODS = ("autoround", "gptq", "rtn", "awq", "awq+gptq", "awq+autoround")  # awq: AWQ scales, then RTN
 
 
 def add_ptq_flags(p):
@@ -51,6 +56,11 @@ def add_ptq_flags(p):
     p.add_argument("--seed", type=int, default=0, help="random seed of the calibration draw and AutoRound")
     p.add_argument("--progress", action=BoolFlag, default=True, help="progress bars")
     p.add_argument("--overwrite", action=BoolFlag, default=False, help="replace an existing result")
+    p.add_argument("--outlier_fraction", type=float, default=0.0,
+                   help="share of each weight kept full precision as sparse outliers, in [0, 0.5)")
+    p.add_argument("--outlier_criterion", default="magnitude", choices=("magnitude", "sensitivity"),
+                   help="outliers by |w|, or by |w| times the input channel's activation RMS on calibration data")
+    p.add_argument("--awq_grid", type=int, default=20, help="AWQ: alphas tried per folding point (grid over [0, 1])")
     return p
 
 
@@ -74,25 +84,47 @@ def load_full_precision(out_dir, device):
 
 
 def make_quantizer(method, model, calibration, args, device):
-    """A ready AutoRound / GPTQ runner, or a round-to-nearest stand-in with the same quantize()."""
+    """A ready AutoRound / GPTQ runner, or a round-to-nearest stand-in with the same quantize(); "awq+<method>"
+    (plain "awq": AWQ then RTN) folds AWQ's scales first. With --outlier_criterion=sensitivity, quantize() first
+    measures each input channel's activation RMS on the calibration samples (after AWQ's folding)."""
     sites = tuple(s for s in args.sites.split(",") if s)
+    fraction = getattr(args, "outlier_fraction", 0.0)
+    spec = weight_spec(args.bits, args.group_size, args.sym, fraction)
+    awq, _, base = method.partition("+") if method.startswith("awq") else ("", "", method)
+    base = base or "rtn"
     common = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, nsamples=args.nsamples,
                   seqlen=args.seqlen or None, batch_size=args.batch_size, sites=sites, device=device, seed=args.seed,
                   progress=args.progress)
-    if method == "autoround":
-        return AutoRound(model, calibration, iters=args.iters, lr=args.lr or None, **common)
-    if method == "gptq":
-        return GPTQ(model, calibration, damp_percent=args.damp_percent, act_order=args.act_order,
-                    true_sequential=args.true_sequential, **common)
-    spec = weight_spec(args.bits, args.group_size, args.sym)
-    check_layers(target_layers(model, sites), spec)
+    if base == "autoround":
+        quantizer = AutoRound(model, calibration, iters=args.iters, lr=args.lr or None, outlier_fraction=fraction,
+                              **common)
+    elif base == "gptq":
+        quantizer = GPTQ(model, calibration, damp_percent=args.damp_percent, act_order=args.act_order,
+                         true_sequential=args.true_sequential, outlier_fraction=fraction, **common)
+    else:
+        check_layers(target_layers(model, sites), spec)
 
-    class RTN:
-        block_losses = []
+        class RTN:
+            block_losses, act_scales = [], None
+
+            def quantize(self):
+                return rtn_quantize(model, spec, sites, self.act_scales)
+        quantizer = RTN()
+    scaler = AWQ(model, calibration, spec, grid=args.awq_grid, nsamples=args.nsamples, seqlen=args.seqlen or None,
+                 batch_size=args.batch_size, device=device, seed=args.seed, progress=args.progress) if awq else None
+    sensitivity = fraction > 0 and getattr(args, "outlier_criterion", "magnitude") == "sensitivity"
+
+    class Pipeline:
+        block_losses = quantizer.block_losses
 
         def quantize(self):
-            return rtn_quantize(model, spec, sites)
-    return RTN()
+            if scaler is not None:
+                scaler.apply()
+            if sensitivity:
+                samples = prepare_samples(model, calibration, args.nsamples, args.seqlen or None, args.seed)
+                quantizer.act_scales = sensitivity_scales(model, samples, args.batch_size, device, sites)
+            return quantizer.quantize()
+    return Pipeline()
 
 
 def check_args(args):
@@ -115,6 +147,10 @@ def check_args(args):
     if args.eval_batch_size < 1:
         raise ValueError(f"eval_batch_size={args.eval_batch_size}: must be at least 1")
     weight_spec(args.bits, args.group_size, args.sym)  # bits and group size
+    if not 0.0 <= args.outlier_fraction < MAX_OUTLIER_FRACTION:
+        raise ValueError(f"outlier_fraction={args.outlier_fraction}: must be a fraction in [0, {MAX_OUTLIER_FRACTION})")
+    if args.awq_grid < 1:
+        raise ValueError(f"awq_grid={args.awq_grid}: must be at least 1")
 
 
 def calibration_tokens(args, checkpoint, tokenizer):
@@ -170,10 +206,11 @@ def main(argv=None):
                  progress=args.progress)
     info = dict(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, iters=args.iters,
                 nsamples=args.nsamples, seqlen=args.seqlen or model.config.block_size, seconds=seconds,
-                val_loss=q["loss"], base_val_loss=fp["loss"])
+                val_loss=q["loss"], base_val_loss=fp["loss"], outlier_fraction=args.outlier_fraction,
+                outlier_criterion=args.outlier_criterion, bits_per_weight=bits_per_weight(records))
     save_packed(os.path.join(quantized_dir, "ckpt.pt"), checkpoint, model, records, info)
-    print(f"{args.method} W{args.bits} g{args.group_size or 'channel'}: quantized in {seconds:.1f}s, "
-          f"saved {quantized_dir}/ckpt.pt")
+    print(f"{args.method} W{args.bits} g{args.group_size or 'channel'} outliers {100 * args.outlier_fraction:g}%: "
+          f"{bits_per_weight(records):.3f} bits/weight, quantized in {seconds:.1f}s, saved {quantized_dir}/ckpt.pt")
     print(f"quantized perplexity: {q['perplexity']:.2f} (full precision {fp['perplexity']:.2f})")
     return fp, q, records
 

@@ -19,8 +19,10 @@ for path in (ROOT, os.path.join(ROOT, "demos")):
 
 import torch  # noqa: E402
 
-from autoround_ptq import (add_ptq_flags, calibration_tokens, check_args, load_full_precision,  # noqa: E402
-                           make_quantizer)
+from quantization.rtn import bits_per_weight  # noqa: E402
+
+from autoround_ptq import (METHODS, add_ptq_flags, calibration_tokens, check_args,  # noqa: E402
+                           load_full_precision, make_quantizer)
 from configurator import OneLineParser  # noqa: E402
 from safety import check_output_file  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
@@ -32,7 +34,11 @@ def main(argv=None):
     p.add_argument("--bit_widths", default="4,3,2", help="comma-separated weight bits to compare")
     p.add_argument("--w4_group_size", type=int, default=-1,
                    help="group size at 4 bits (0: per channel; -1: --group_size)")
-    p.add_argument("--methods", default="rtn,gptq,autoround", help="comma-separated methods")
+    p.add_argument("--methods", default="rtn,gptq,autoround", help=f"comma-separated methods ({', '.join(METHODS)})")
+    p.add_argument("--group_sizes", default=None,
+                   help="comma-separated group sizes to compare (0: per channel; default: --group_size)")
+    p.add_argument("--outlier_fractions", default=None,
+                   help="comma-separated outlier fractions to compare (default: --outlier_fraction)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
@@ -44,9 +50,14 @@ def main(argv=None):
         if args.w4_group_size < -1 or args.w4_group_size > 2 ** 31 - 1:
             raise ValueError(f"w4_group_size={args.w4_group_size}: expected -1, 0 or a group size")
         methods = [m for m in args.methods.split(",") if m]
-        bad = [m for m in methods if m not in ("rtn", "gptq", "autoround")]
+        bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"methods={args.methods}: unknown {', '.join(bad)}")
+        group_sizes = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else [args.group_size]
+        fractions = ([float(f) for f in args.outlier_fractions.split(",")] if args.outlier_fractions
+                     else [args.outlier_fraction])
+        for f in fractions:
+            check_args(type(args)(**{**vars(args), "outlier_fraction": f}))
     except ValueError as e:
         sys.exit(f"{error} --{e}")
     from inference import resolve_device
@@ -70,46 +81,53 @@ def main(argv=None):
                         progress=False)
 
     fp = score(base)
-    rows = [dict(method="full precision", bits=32, group="-", loss=fp["loss"], ppl=fp["perplexity"], seconds=0.0)]
+    rows = [dict(method="full precision", bits=32, group="-", loss=fp["loss"], ppl=fp["perplexity"], seconds=0.0,
+                 outliers=0.0, bits_per_weight=32.0)]
     print(f"full precision: val loss {fp['loss']:.4f}, perplexity {fp['perplexity']:.2f} ({fp['tokens']:,} tokens)",
           flush=True)
-    for bits in bit_widths:
-        group_size = args.w4_group_size if bits == 4 and args.w4_group_size >= 0 else args.group_size
-        rtn_loss = None
+    settings = [(b, g, f) for b in bit_widths for g in group_sizes for f in fractions]
+    rtn_losses = {}
+    for bits, group_size, fraction in settings:
+        if bits == 4 and args.w4_group_size >= 0:
+            group_size = args.w4_group_size
         for method in methods:
             run = copy.copy(args)
-            run.bits, run.group_size, run.progress = bits, group_size, False
+            run.bits, run.group_size, run.progress, run.outlier_fraction = bits, group_size, False, fraction
             model = copy.deepcopy(base)
             try:
                 quantizer = make_quantizer(method, model, calibration, run, device)
             except ValueError as e:
                 sys.exit(f"{error} --{e}")
             t0 = time.time()
-            quantizer.quantize()
+            records = quantizer.quantize()
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds = time.time() - t0
             r = score(model)
-            rtn_loss = r["loss"] if method == "rtn" else rtn_loss
+            if method == "rtn" and fraction == 0:  # the reference: plain round to nearest at these bits and group
+                rtn_losses[(bits, group_size)] = r["loss"]
+            rtn_loss = rtn_losses.get((bits, group_size))
             row = dict(method=method, bits=bits, group=group_size or "channel", loss=r["loss"], ppl=r["perplexity"],
-                       seconds=seconds)
-            if rtn_loss is not None and method != "rtn" and rtn_loss > fp["loss"]:
+                       seconds=seconds, outliers=fraction, bits_per_weight=bits_per_weight(records))
+            if rtn_loss is not None and not (method == "rtn" and fraction == 0) and rtn_loss > fp["loss"]:
                 row["gap_closed"] = (rtn_loss - r["loss"]) / (rtn_loss - fp["loss"])
             rows.append(row)
-            print(f"{method} W{bits} g{row['group']}: val loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, "
-                  f"{seconds:.1f}s", flush=True)
+            print(f"{method} W{bits} g{row['group']} outliers {100 * fraction:g}%: val loss {r['loss']:.4f}, "
+                  f"perplexity {r['perplexity']:.2f}, {row['bits_per_weight']:.3f} bits/weight, {seconds:.1f}s",
+                  flush=True)
             del model, quantizer
     cfg = (f"{args.out_dir}, {fp['tokens']:,} val tokens; calibration {args.nsamples} x "
            f"{args.seqlen or base.config.block_size} tokens; AutoRound {args.iters} iters; "
            f"{'symmetric' if args.sym else 'asymmetric'}; {device}")
     print(f"\n{cfg}\n")
-    print("| method | weights | group | val loss | perplexity | RTN gap closed | quantize time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | weights | group | outliers | bits/weight | val loss | perplexity | RTN gap closed "
+          "| quantize time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         weights = "fp32" if r["bits"] == 32 else f"W{r['bits']}"
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
-        print(f"| {r['method']} | {weights} | {r['group']} | {r['loss']:.4f} | {r['ppl']:.2f} | {gap} | "
-              f"{r['seconds']:.1f} |")
+        print(f"| {r['method']} | {weights} | {r['group']} | {100 * r['outliers']:g}% | {r['bits_per_weight']:.3f} | "
+              f"{r['loss']:.4f} | {r['ppl']:.2f} | {gap} | {r['seconds']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": cfg, "rows": rows}, f, indent=1)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantization.autoround.calibration import capture_block_inputs, prepare_samples, run_block
-from quantization.quantizers import compute_qparams, dequantize, quantize
+from quantization.quantizers import compute_qparams, dequantize, outlier_mask, quantize
 from quantization.rtn import SITES, check_layers, set_quantized, target_layers, weight_spec
 
 # the order in which true-sequential quantization visits a block's sites
@@ -22,9 +22,12 @@ SEQUENTIAL_GROUPS = (("q", "k", "v"), ("attn_proj",), ("mlp_up",), ("mlp_down",)
 
 
 @torch.no_grad()
-def gptq_weight(weight, hessian, spec, damp_percent=0.01, act_order=False, blocksize=128):
-    """codes, scale, zero_point of one (out, in) weight given its inputs' Hessian (in, in)."""
+def gptq_weight(weight, hessian, spec, damp_percent=0.01, act_order=False, blocksize=128, outliers=None):
+    """codes, scale, zero_point of one (out, in) weight given its inputs' Hessian (in, in). With an `outliers` mask
+    (dense-and-sparse), also the sparse part: outliers keep their value as updated so far (no rounding error to
+    pass on), the dense codes see them as 0, and the ranges are taken without them."""
     W = weight.detach().clone().float()
+    keep = None if outliers is None else ~outliers
     H = hessian.clone().float()
     ncols = W.shape[1]
     dead = torch.diag(H) == 0
@@ -41,9 +44,12 @@ def gptq_weight(weight, hessian, spec, damp_percent=0.01, act_order=False, block
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
     if act_order or not grouped:  # ranges fixed up front, from the weight as it is
-        s, z = compute_qparams(W, spec)
+        s, z = compute_qparams(W if keep is None else W * keep, spec)
         scale.copy_(s.reshape(scale.shape)), zero_point.copy_(z.reshape(scale.shape))
     W, H = W[:, perm], H[perm][:, perm]
+    if keep is not None:
+        keep = keep[:, perm].float()
+        sparse = torch.zeros_like(W)
     H.diagonal().add_(damp_percent * torch.mean(torch.diag(H)))
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     codes = torch.zeros_like(W)
@@ -55,17 +61,29 @@ def gptq_weight(weight, hessian, spec, damp_percent=0.01, act_order=False, block
         for i in range(i2 - i1):
             col = order[i1 + i]
             if grouped and not act_order and col % gs == 0:
-                s, z = compute_qparams(W1[:, i:i + gs], column_spec)
+                group = W1[:, i:i + gs] if keep is None else W1[:, i:i + gs] * keep[:, i1 + i:i1 + i + gs]
+                s, z = compute_qparams(group, column_spec)
                 scale[:, col // gs], zero_point[:, col // gs] = s[:, 0], z[:, 0]
             s, z = scale[:, col // gs, None], zero_point[:, col // gs, None]
             w = W1[:, i:i + 1]
-            c = quantize(w, s, z, column_spec)
+            if keep is None:
+                c = quantize(w, s, z, column_spec)
+                q = dequantize(c, s, z, column_spec)
+            else:
+                k = keep[:, i1 + i:i1 + i + 1]
+                c = quantize(w * k, s, z, column_spec)
+                q = dequantize(c, s, z, column_spec)
+                sparse[:, i1 + i] = ((w - q) * (1 - k))[:, 0]
+                q = q * k + w * (1 - k)
             codes[:, i1 + i] = c[:, 0]
-            err = (w - dequantize(c, s, z, column_spec)) / Hinv1[i, i]
+            err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err @ Hinv1[i:i + 1, i:]
             Err1[:, i] = err[:, 0]
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]
+    inverse = torch.argsort(perm)
+    codes = codes[:, inverse]
+    if keep is not None:
+        return codes, scale.reshape(-1, 1), zero_point.reshape(-1, 1), sparse[:, inverse]
     return codes, scale.reshape(-1, 1), zero_point.reshape(-1, 1)
 
 
@@ -75,10 +93,11 @@ class GPTQ:
 
     def __init__(self, model, calibration, bits=4, group_size=128, sym=False, damp_percent=0.01, act_order=False,
                  true_sequential=True, nsamples=128, seqlen=None, batch_size=8, sites=SITES, device=None, seed=0,
-                 progress=True, log=tqdm.write):
+                 progress=True, log=tqdm.write, outlier_fraction=0.0, act_scales=None):
         if not 0 <= damp_percent <= 1:
             raise ValueError(f"damp_percent={damp_percent}: must be between 0 and 1")
-        self.model, self.spec, self.sites = model, weight_spec(bits, group_size, sym), sites
+        self.model, self.spec, self.sites = model, weight_spec(bits, group_size, sym, outlier_fraction), sites
+        self.act_scales = act_scales or {}  # {module name: per-input-channel scale}: outliers by sensitivity
         self.damp_percent, self.act_order, self.true_sequential = damp_percent, act_order, true_sequential
         self.batch_size, self.progress, self.log = batch_size, progress, log
         self.device = device or next(model.parameters()).device
@@ -125,10 +144,14 @@ class GPTQ:
                 if not group_layers:
                     continue
                 for name, H in self.hessians(block, group_layers, inputs).items():
-                    layer = group_layers[name]
-                    codes, scale, zero_point = gptq_weight(layer.weight, H, self.spec, self.damp_percent,
-                                                           self.act_order)
-                    records[f"transformer.h.{i}.{name}"] = set_quantized(layer, codes, scale, zero_point, self.spec)
+                    layer, full_name = group_layers[name], f"transformer.h.{i}.{name}"
+                    outliers = None
+                    if self.spec.outlier_fraction > 0:
+                        outliers = outlier_mask(layer.weight, self.spec.outlier_fraction,
+                                                self.act_scales.get(full_name))
+                    codes, scale, zero_point, *sparse = gptq_weight(layer.weight, H, self.spec, self.damp_percent,
+                                                                    self.act_order, outliers=outliers)
+                    records[full_name] = set_quantized(layer, codes, scale, zero_point, self.spec, *sparse)
                     del H
             inputs = run_block(block, inputs, self.batch_size)
             mse = torch.mean((inputs - targets) ** 2).item()

@@ -2,6 +2,8 @@
 
 A new linear variant is one class and one line in LINEAR_VARIANTS; model.py asks `make_linear` for each site.
 """
+import warnings
+
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -108,3 +110,26 @@ class ActQuant(nn.Module):
 
     def extra_repr(self):
         return "off" if self.spec is None else f"{self.spec.method}, {self.spec.bits} bits, {self.spec.granularity}"
+
+
+class DenseSparseLinear(nn.Module):
+    """Inference with a dense-and-sparse weight: y = x @ D^T + x @ S^T + b, D the dequantized dense part and S the
+    full-precision outliers as a torch.sparse CSR matrix (what a packed checkpoint stores)."""
+
+    def __init__(self, dense_weight, sparse, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = dense_weight.shape
+        self.register_buffer("weight", dense_weight)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are covered by tests
+            warnings.simplefilter("ignore", UserWarning)
+            self.register_buffer("sparse", sparse.to_sparse_csr())
+        self.bias = bias
+
+    def forward(self, x):
+        y = nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        x2 = x.reshape(-1, self.in_features)
+        outliers = torch.sparse.mm(self.sparse, x2.t().float()).t().to(y.dtype)
+        return y + outliers.reshape(y.shape)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.sparse.values().numel()}"

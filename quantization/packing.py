@@ -1,6 +1,8 @@
 """Packed quantized checkpoints: each quantized layer is stored as its integer codes packed bit by bit into bytes
 (2 four-bit codes per byte, 8 three-bit codes per 3 bytes, ...), its scales (float32) and its zero points
 (the narrowest integer type), instead of a float weight. Everything else is the ordinary checkpoint.
+A dense-and-sparse layer also stores its full-precision outliers S as CSR ("outliers": int32 row pointers,
+int16 column indices (int32 past 32768 columns), fp16 values); its weight is dequantize(codes) + S.
 
     save_packed(path, base_checkpoint, model, records, ptq_info)   # records from rtn/gptq/autoround
     load_packed(model, checkpoint)                                 # inference.load_model calls it
@@ -10,7 +12,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import save_checkpoint
-from quantization.quantizers import QuantSpec, code_bits, code_range, dequantize, smallest_int_dtype
+from quantization.quantizers import QuantSpec, code_bits, code_range, dequantize, index_bits, smallest_int_dtype
 
 FORMAT = "nanoqat-packed-v1"
 
@@ -32,15 +34,48 @@ def unpack_codes(packed, bits, numel):
     return (bitstream << torch.arange(bits, device=packed.device)).sum(dim=1)
 
 
+def to_csr(sparse):
+    """A dense-shaped (out, in) tensor that is zero but at its outliers -> {crow (int32), col (int16 or int32),
+    values (fp16)}: CSR, row by row, columns ascending."""
+    sparse = sparse.detach().cpu()
+    rows, cols = torch.nonzero(sparse, as_tuple=True)
+    counts = torch.bincount(rows, minlength=sparse.shape[0])
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    col_dtype = torch.int16 if index_bits(sparse.shape[1]) == 16 else torch.int32
+    return {"crow": crow, "col": cols.to(col_dtype), "values": sparse[rows, cols].to(torch.float16)}
+
+
+def from_csr(csr, shape):
+    """The dense-shaped float32 tensor of a CSR dict (zero but at the outliers); ValueError when it does not fit
+    `shape`."""
+    crow, col, values = csr["crow"].long(), csr["col"].long(), csr["values"]
+    if crow.numel() != shape[0] + 1 or col.numel() != values.numel() or crow[-1].item() != values.numel() \
+            or (col.numel() and (col.min() < 0 or col.max() >= shape[1])) or bool((crow.diff() < 0).any()):
+        raise ValueError(f"its sparse outliers (CSR with {crow.numel() - 1} rows, {values.numel()} values, columns "
+                         f"up to {col.max().item() if col.numel() else 0}) do not match the layer's shape {shape}")
+    rows = torch.repeat_interleave(torch.arange(shape[0]), crow.diff())
+    dense = torch.zeros(shape, dtype=torch.float32)
+    dense[rows, col] = values.float()
+    return dense
+
+
 def pack_record(record):
     qmin, qmax = code_range(record.spec)
-    return {"codes": pack_codes(record.codes - qmin, code_bits(record.spec)), "shape": list(record.codes.shape),
-            "scale": record.scale.float().cpu(),
-            "zero_point": record.zero_point.to(smallest_int_dtype(qmin, qmax)).cpu(), "spec": asdict(record.spec)}
+    packed = {"codes": pack_codes(record.codes - qmin, code_bits(record.spec)), "shape": list(record.codes.shape),
+              "scale": record.scale.float().cpu(),
+              "zero_point": record.zero_point.to(smallest_int_dtype(qmin, qmax)).cpu(), "spec": asdict(record.spec)}
+    if getattr(record, "sparse", None) is not None:
+        packed["outliers"] = to_csr(record.sparse)
+    return packed
 
 
-def unpack_weight(packed, name="a layer"):
-    """The dequantized float32 weight of one packed layer."""
+def packed_outliers(packed):
+    """The dense-shaped float32 outliers of one packed layer, or None."""
+    return from_csr(packed["outliers"], packed["shape"]) if "outliers" in packed else None
+
+
+def unpack_weight(packed, name="a layer", with_outliers=True):
+    """The dequantized float32 weight of one packed layer (its dense part alone without `with_outliers`)."""
     spec = QuantSpec(**packed["spec"])
     if spec.grid == "residual_binary" and packed["scale"].shape[-1] != spec.binary_terms:
         raise ValueError(f"{name} stores {packed['scale'].shape[-1]} binary terms but its spec says "
@@ -51,7 +86,9 @@ def unpack_weight(packed, name="a layer"):
     for d in shape:
         numel *= d
     codes = (unpack_codes(packed["codes"], code_bits(spec), numel) + qmin).float().reshape(shape)
-    return dequantize(codes, packed["scale"].float(), packed["zero_point"].float(), spec)
+    weight = dequantize(codes, packed["scale"].float(), packed["zero_point"].float(), spec)
+    sparse = packed_outliers(packed) if with_outliers else None
+    return weight if sparse is None else weight + sparse
 
 
 def is_packed(checkpoint):
@@ -79,7 +116,12 @@ def load_packed(model, checkpoint):
     with torch.no_grad():
         for name, p in packed.items():
             weight = modules[name].weight
-            weight.copy_(unpack_weight(p, name).to(weight.device, weight.dtype))
+            if list(p["shape"]) != list(weight.shape):
+                raise ValueError(f"packed weight {name} has shape {list(p['shape'])}, its layer {list(weight.shape)}")
+            try:
+                weight.copy_(unpack_weight(p, name).to(weight.device, weight.dtype))
+            except ValueError as e:
+                raise ValueError(f"packed weight {name}: {e}") from None
     return model
 
 
@@ -95,9 +137,30 @@ def load_unpacked_state(model, checkpoint):
     return packed
 
 
+def load_dense_sparse(model, checkpoint):
+    """load_packed, then every layer with outliers computes x @ D^T + x @ S^T through a DenseSparseLinear (the
+    dequantized dense part and a torch.sparse CSR matrix of the outliers) instead of one dequantized weight."""
+    from quantization.layers import DenseSparseLinear
+    load_packed(model, checkpoint)
+    for name, p in checkpoint["packed_weights"].items():
+        sparse = packed_outliers(p)
+        if sparse is None:
+            continue
+        layer = model.get_submodule(name)
+        dense = unpack_weight(p, with_outliers=False).to(layer.weight.device)
+        model.set_submodule(name, DenseSparseLinear(dense, sparse.to(dense.device), layer.bias))
+    return model
+
+
 def packed_bytes(checkpoint):
     """(bytes of packed codes, bytes of scales and zero points) of a packed checkpoint."""
     codes = sum(p["codes"].numel() for p in checkpoint["packed_weights"].values())
     params = sum(t.numel() * t.element_size() for p in checkpoint["packed_weights"].values()
                  for t in (p["scale"], p["zero_point"]))
     return codes, params
+
+
+def outlier_bytes(checkpoint):
+    """Bytes of the sparse outliers (row pointers, column indices, values) of a packed checkpoint."""
+    return sum(t.numel() * t.element_size() for p in checkpoint["packed_weights"].values()
+               for t in p.get("outliers", {}).values())

@@ -16,6 +16,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 MIN_BITS, MAX_BITS = 2, 8
 MAX_BINARY_TERMS = 4
 _EPS = 1e-8
+MAX_OUTLIER_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class QuantSpec:
     stochastic_grid: str = "symmetric"  # the grid stochastic_quant rounds onto: "symmetric" or "affine"
     fp16_scale: bool = False  # scales rounded to float16, as GGUF's blocks store them (an exact GGUF export)
     binary_terms: int = 2  # residual_binary_quant: W ~ sum of this many scaled sign matrices
+    outlier_fraction: float = 0.0  # share of a weight's entries kept in full precision (dense-and-sparse)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -42,6 +44,9 @@ class QuantSpec:
             raise ValueError(f"stochastic_grid '{self.stochastic_grid}' is unknown; expected symmetric or affine")
         if not (1 <= self.binary_terms <= MAX_BINARY_TERMS):
             raise ValueError(f"binary_terms={self.binary_terms} is out of range; expected 1..{MAX_BINARY_TERMS}")
+        if not 0.0 <= self.outlier_fraction < MAX_OUTLIER_FRACTION:
+            raise ValueError(f"outlier_fraction={self.outlier_fraction} is out of range; expected a fraction in "
+                             f"[0, {MAX_OUTLIER_FRACTION})")
 
     @property
     def grid(self):
@@ -195,7 +200,17 @@ def fake_quant(x, spec, training=False):
 
 
 def fake_quant_with_codes(x, spec, training=False):
-    """fake_quant, also returning the codes, scale and zero point it computed with."""
+    """fake_quant, also returning the codes, scale and zero point it computed with. With an outlier_fraction,
+    the outliers (largest magnitudes, chosen anew at every call) pass in full precision, gradient included, and
+    the codes are those of the dense rest (see dense_and_sparse)."""
+    if spec.outlier_fraction > 0:
+        mask = outlier_mask(x, spec.outlier_fraction)
+        x_q, codes, scale, zero_point = _fake_quant_dense(torch.where(mask, torch.zeros_like(x), x), spec, training)
+        return torch.where(mask, x, x_q), codes, scale, zero_point
+    return _fake_quant_dense(x, spec, training)
+
+
+def _fake_quant_dense(x, spec, training):
     stochastic = training and spec.method == "stochastic_quant"
     scale, zero_point = compute_qparams(x, spec)
     codes = quantize(x, scale, zero_point, spec, stochastic)
@@ -210,6 +225,58 @@ def fake_quant_with_codes(x, spec, training=False):
     inside = ((unclipped >= qmin - 0.5) & (unclipped <= qmax + 0.5)).reshape(x.shape)
     x_pass = torch.where(inside, x, x.detach())
     return x_q + (x_pass - x_pass.detach()), codes, scale, zero_point
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dense-and-sparse weights (SqueezeLLM, SpQR): W = Q(W - S) + S, S a few weights kept in full precision
+
+def outlier_count(numel, fraction):
+    """How many of `numel` entries a fraction keeps as outliers."""
+    return int(round(fraction * numel))
+
+
+def outlier_mask(weight, fraction, act_scale=None):
+    """Boolean mask of exactly outlier_count(numel, fraction) entries of a (out, in) weight: the largest |w|, or,
+    given `act_scale` (one per input channel, from calibration), the largest |w| * act_scale (sensitivity)."""
+    score = weight.detach().abs().float()
+    if act_scale is not None:
+        score = score * act_scale.detach().float().reshape(1, -1).to(score.device)
+    k = outlier_count(score.numel(), fraction)
+    flat = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k:
+        flat[torch.topk(score.reshape(-1), k, sorted=False).indices] = True
+    return flat.reshape(weight.shape)
+
+
+def dense_and_sparse(weight, spec, act_scale=None, mask=None):
+    """Split a weight into its quantized dense part and its sparse full-precision part:
+    (codes, scale, zero_point of W with the outliers set to 0, S), where S is a dense-shaped float32 tensor that is
+    zero except at the outliers, where it holds W - dequantized dense, so that dequantize + S equals W there exactly
+    (S = W there whenever the grid holds 0, as every grid but binary does)."""
+    weight = weight.detach().float()
+    if mask is None:
+        mask = outlier_mask(weight, spec.outlier_fraction, act_scale)
+    codes, scale, zero_point = quantize_tensor(torch.where(mask, torch.zeros_like(weight), weight), spec)
+    sparse = torch.where(mask, weight - dequantize(codes, scale, zero_point, spec), torch.zeros_like(weight))
+    return codes, scale, zero_point, sparse
+
+
+def index_bits(in_features):
+    """Bits of one CSR column index: int16 while the columns fit, else int32."""
+    return 16 if in_features <= 1 << 15 else 32
+
+
+def storage_bits(spec, shape, n_outliers=0):
+    """Bits a packed weight of `shape` takes: codes, a float32 scale and an integer zero point per row, and the
+    sparse outliers in CSR (int32 row pointers, int16/int32 column indices, fp16 values)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    rows = {"per_tensor": 1, "per_channel": shape[0]}.get(spec.granularity, numel // max(spec.group_size, 1))
+    qmin, qmax = code_range(spec)
+    zero_bits = torch.iinfo(smallest_int_dtype(qmin, qmax)).bits
+    sparse = 32 * (shape[0] + 1) + n_outliers * (index_bits(shape[-1]) + 16) if n_outliers else 0
+    return numel * spec.effective_bits + rows * (32 + zero_bits) + sparse
 
 
 def smallest_int_dtype(qmin, qmax):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from model import LINEAR_SITES
-from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
+from quantization.quantizers import QuantSpec, dense_and_sparse, dequantize, quantize_tensor, storage_bits
 
 SITES = tuple(LINEAR_SITES)
 
@@ -23,18 +23,35 @@ class QuantizedWeight:
     scale: torch.Tensor
     zero_point: torch.Tensor
     spec: QuantSpec
+    sparse: torch.Tensor = None  # dense-and-sparse: the full-precision outliers (zero elsewhere), fp16 values
 
     def dequantize(self):
-        return dequantize(self.codes, self.scale, self.zero_point, self.spec)
+        dense = dequantize(self.codes, self.scale, self.zero_point, self.spec)
+        return dense if self.sparse is None else dense + self.sparse.to(dense.device)
+
+    @property
+    def outliers(self):
+        return 0 if self.sparse is None else int(torch.count_nonzero(self.sparse))
+
+    @property
+    def bits(self):
+        """Storage bits of the packed layer, outliers' indices and values included."""
+        return storage_bits(self.spec, self.codes.shape, self.outliers)
 
 
-def weight_spec(bits, group_size=0, sym=False):
+def bits_per_weight(records):
+    """Average storage bits per weight over a set of quantized layers."""
+    return sum(r.bits for r in records.values()) / max(1, sum(r.codes.numel() for r in records.values()))
+
+
+def weight_spec(bits, group_size=0, sym=False, outlier_fraction=0.0):
     """The spec of a PTQ bit width: per group of `group_size` input columns, or per output channel when 0;
-    symmetric (signed codes) or asymmetric (unsigned codes with a zero point)."""
+    symmetric (signed codes) or asymmetric (unsigned codes with a zero point); a share of outliers kept apart."""
     if group_size < 0:
         raise ValueError(f"group_size={group_size}: must be 0 (per channel) or a positive number of columns")
     return QuantSpec(method="symmetric_quant" if sym else "affine_quant", bits=bits,
-                     granularity="per_group" if group_size else "per_channel", group_size=group_size)
+                     granularity="per_group" if group_size else "per_channel", group_size=group_size,
+                     outlier_fraction=outlier_fraction)
 
 
 def target_layers(model, sites=SITES):
@@ -60,16 +77,32 @@ def check_layers(layers, spec):
 
 
 @torch.no_grad()
-def set_quantized(layer, codes, scale, zero_point, spec):
-    """Bake quantized values into a plain linear layer; returns the record packing.py saves."""
-    record = QuantizedWeight(codes, scale, zero_point, spec)
+def set_quantized(layer, codes, scale, zero_point, spec, sparse=None):
+    """Bake quantized values into a plain linear layer; returns the record packing.py saves. The outliers of
+    `sparse` (if any) are stored as fp16, as the packed checkpoint holds them."""
+    if sparse is not None:
+        sparse = sparse.detach().to(torch.float16).float()
+    record = QuantizedWeight(codes, scale, zero_point, spec, sparse if spec.outlier_fraction > 0 else None)
     layer.weight.copy_(record.dequantize().to(layer.weight.dtype))
     return record
 
 
+def rtn_weight(weight, spec, act_scale=None):
+    """codes, scale, zero_point and the sparse outliers (None without them) of one weight, rounded to nearest."""
+    if spec.outlier_fraction > 0:
+        return dense_and_sparse(weight, spec, act_scale)
+    return (*quantize_tensor(weight, spec), None)
+
+
 @torch.no_grad()
-def rtn_quantize(model, spec, sites=SITES):
-    """Round every target layer's weight to the nearest code: {module name: QuantizedWeight}."""
+def rtn_quantize(model, spec, sites=SITES, act_scales=None):
+    """Round every target layer's weight to the nearest code: {module name: QuantizedWeight}. `act_scales`
+    ({module name: per-input-channel scale}) chooses outliers by sensitivity instead of magnitude."""
     layers = target_layers(model, sites)
     check_layers(layers, spec)
-    return {name: set_quantized(layer, *quantize_tensor(layer.weight, spec), spec) for name, layer in layers.items()}
+    act_scales = act_scales or {}
+    records = {}
+    for name, layer in layers.items():
+        codes, scale, zero_point, sparse = rtn_weight(layer.weight, spec, act_scales.get(name))
+        records[name] = set_quantized(layer, codes, scale, zero_point, spec, sparse)
+    return records

@@ -144,3 +144,30 @@ def test_convert_to_packed_reads_a_packed_checkpoint_record():
     assert isinstance(model[0], PackedLinear)
     assert torch.equal(dequantize_kernel_layout(model[0].qweight, model[0].scale, model[0].zero, model[0].zero_const,
                                                 model[0].bits, model[0].group_size, 64), unpack_weight(record))
+
+
+def _record(w, spec, sparse=None):
+    from quantization.packing import pack_record
+
+    class Rec:  # the fields pack_record reads
+        pass
+    rec = Rec()
+    rec.spec, rec.sparse = spec, sparse
+    rec.codes, rec.scale, rec.zero_point = quantize_tensor(w if sparse is None else w - sparse, spec)
+    return pack_record(rec)
+
+
+def test_outliers_and_residual_binary_records_keep_their_function_when_packed():
+    from quantization.packing import unpack_weight
+    torch.manual_seed(0)
+    w, x = torch.randn(12, 64), torch.randn(3, 64)
+    sparse = torch.zeros_like(w)
+    sparse[2, 5], sparse[7, 40] = 9.0, -7.5
+    for record in (_record(w, QuantSpec("affine_quant", 3, "per_group", 32, outlier_fraction=0.01), sparse),
+                   _record(w, QuantSpec("residual_binary_quant", granularity="per_channel", binary_terms=2))):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 12))
+        bias = model[0].bias.detach().clone()
+        convert_to_packed(model, {"0": record})
+        assert not isinstance(model[0], torch.nn.Linear)
+        expected = x @ unpack_weight(record).T + bias
+        assert torch.allclose(model(x), expected, atol=1e-4), record["spec"]["method"]

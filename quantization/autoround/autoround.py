@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 from quantization.autoround.calibration import capture_block_inputs, prepare_samples, run_block
 from quantization.autoround.sign_sgd import SignSGD
 from quantization.autoround.wrapper import WrapperLinear
+from quantization.quantizers import outlier_mask
 from quantization.rtn import SITES, check_layers, rtn_quantize, set_quantized, target_layers, weight_spec
 
 
@@ -17,12 +18,15 @@ class AutoRound:
     {module name: QuantizedWeight}; `block_losses` holds each block's output MSE before (RTN) and after tuning."""
 
     def __init__(self, model, calibration, bits=4, group_size=128, sym=False, iters=200, lr=None, nsamples=128,
-                 seqlen=None, batch_size=8, sites=SITES, device=None, seed=0, progress=True, log=tqdm.write):
+                 seqlen=None, batch_size=8, sites=SITES, device=None, seed=0, progress=True, log=tqdm.write,
+                 outlier_fraction=0.0, act_scales=None):
         if iters < 0:
             raise ValueError(f"iters={iters}: must be 0 (round to nearest) or more")
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
-        self.model, self.spec, self.iters, self.sites = model, weight_spec(bits, group_size, sym), iters, sites
+        self.model, self.iters, self.sites = model, iters, sites
+        self.spec = weight_spec(bits, group_size, sym, outlier_fraction)
+        self.act_scales = act_scales or {}  # {module name: per-input-channel scale}: outliers by sensitivity
         self.lr = lr if lr is not None else 1.0 / max(iters, 1)
         self.batch_size, self.seed, self.progress, self.log = batch_size, seed, progress, log
         self.device = device or next(model.parameters()).device
@@ -32,7 +36,7 @@ class AutoRound:
 
     def quantize(self):
         if self.iters == 0:
-            return rtn_quantize(self.model, self.spec, self.sites)
+            return rtn_quantize(self.model, self.spec, self.sites, self.act_scales)
         model = self.model
         was_training = model.training
         model.eval()
@@ -49,7 +53,7 @@ class AutoRound:
         for i, block in enumerate(tqdm(blocks, desc="autoround", unit="block", disable=not self.progress)):
             t0 = time.time()
             targets = run_block(block, fp_inputs, self.batch_size)
-            before, after, block_records = self.tune_block(block, q_inputs, targets)
+            before, after, block_records = self.tune_block(block, q_inputs, targets, f"transformer.h.{i}.")
             records.update({f"transformer.h.{i}.{name}": r for name, r in block_records.items()})
             fp_inputs, q_inputs = targets, run_block(block, q_inputs, self.batch_size)
             self.block_losses.append((before, after))
@@ -65,10 +69,15 @@ class AutoRound:
                         for x, y in zip(inputs.split(self.batch_size), targets.split(self.batch_size)))
         return total / targets.numel()
 
-    def tune_block(self, block, inputs, targets):
+    def tune_block(self, block, inputs, targets, prefix=""):
         """Wrap the block's linears, minimise its output MSE for `iters` SignSGD steps, keep the best iterate and
         bake it in: (mse before, mse after, {name in block: QuantizedWeight})."""
-        wrappers = {name: WrapperLinear(layer, self.spec) for name, layer in target_layers(block, self.sites).items()}
+        def outliers(name, layer):
+            if self.spec.outlier_fraction == 0:
+                return None
+            return outlier_mask(layer.weight, self.spec.outlier_fraction, self.act_scales.get(prefix + name))
+        wrappers = {name: WrapperLinear(layer, self.spec, outliers(name, layer))
+                    for name, layer in target_layers(block, self.sites).items()}
         for name, wrapper in wrappers.items():
             block.set_submodule(name, wrapper)
         params = [p for w in wrappers.values() for p in (w.value, w.min_scale, w.max_scale)]
@@ -101,8 +110,9 @@ class AutoRound:
         records = {}
         with torch.no_grad():
             for name, wrapper in wrappers.items():
-                codes, scale, zero_point, _ = wrapper.quantized_weight()
-                records[name] = set_quantized(wrapper.linear, codes, scale, zero_point, self.spec)
+                codes, scale, zero_point, dense = wrapper.quantized_weight()
+                records[name] = set_quantized(wrapper.linear, codes, scale, zero_point, self.spec,
+                                              wrapper.sparse_weight(dense))
                 block.set_submodule(name, wrapper.linear)
         return before, after, records
 

@@ -17,7 +17,7 @@ scale 2s: (b - 1/2) * 2s = +-s exactly.
 """
 import torch
 
-from quantization.quantizers import QuantSpec, code_range
+from quantization.quantizers import QuantSpec, code_bits, code_range
 
 BLOCK = 32            # codes along the input dimension per block of BITS words
 KERNEL_BITS = (1, 2, 3, 4, 8)
@@ -118,5 +118,5 @@ def record_codes(record):
     shape = record["shape"]
     if len(shape) != 2:
         raise ValueError(f"a packed weight of shape {shape} is not a linear weight (expected 2 dimensions, {FORMAT})")
-    codes = unpack_codes(record["codes"].cpu(), spec.bits, shape[0] * shape[1]).reshape(shape) + qmin
+    codes = unpack_codes(record["codes"].cpu(), code_bits(spec), shape[0] * shape[1]).reshape(shape) + qmin
     return codes, record["scale"].float(), record["zero_point"].float(), spec

@@ -22,11 +22,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("scale_bits", layout["scale"].float().contiguous().view(torch.int32))
         self.register_buffer("zero", layout["zero"])
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("sparse", None)  # dense-and-sparse weights: the full-precision outliers, CSR
 
     @classmethod
     def from_record(cls, record, bias=None):
-        """From a packed checkpoint's record (checkpoint["packed_weights"][name], quantization/packing.py)."""
-        return cls(to_kernel_layout(*record_codes(record)), bias)
+        """From a packed checkpoint's record (checkpoint["packed_weights"][name], quantization/packing.py),
+        its sparse outliers (if any) included."""
+        layer = cls(to_kernel_layout(*record_codes(record)), bias)
+        if "outliers" in record:
+            from quantization.packing import packed_outliers
+            layer.sparse = packed_outliers(record).to_sparse_csr()
+        return layer
 
     @classmethod
     def from_float(cls, weight, spec, bias=None):
@@ -40,17 +46,25 @@ class PackedLinear(nn.Module):
 
     def dequantized_weight(self):
         """The float32 weight (out, in), equal to quantizers.dequantize of the codes it was made from."""
-        return dequantize_kernel_layout(self.qweight, self.scale, self.zero, self.zero_const, self.bits,
-                                        self.group_size, self.in_features)
+        weight = dequantize_kernel_layout(self.qweight, self.scale, self.zero, self.zero_const, self.bits,
+                                          self.group_size, self.in_features)
+        return weight if self.sparse is None else weight + self.sparse.to_dense().float()
 
     def forward(self, x):
         refusal = ops.kernel_refusal(x, self.bits, self.group_size)
         if refusal is None:
-            return ops.packed_matmul(x, self.qweight, self.scale, self.zero, self.bias, self.bits, self.group_size,
-                                     self.in_features, self.zero_const)
-        ops.say_once(refusal)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+            y = ops.packed_matmul(x, self.qweight, self.scale, self.zero, self.bias, self.bits, self.group_size,
+                                  self.in_features, self.zero_const)
+        else:
+            ops.say_once(refusal)
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            dense = dequantize_kernel_layout(self.qweight, self.scale, self.zero, self.zero_const, self.bits,
+                                             self.group_size, self.in_features)
+            y = F.linear(x, dense.to(x.dtype), bias)
+        if self.sparse is not None:  # + x @ S^T, the outliers through torch.sparse
+            outliers = torch.sparse.mm(self.sparse, x.reshape(-1, self.in_features).t().float()).t()
+            y = y + outliers.to(y.dtype).reshape(y.shape)
+        return y
 
     def extra_repr(self):
         groups = f"group {self.group_size}" if self.group_size else "per channel"
@@ -68,8 +82,14 @@ def _replace(model, name, make):
 def convert_to_packed(model, packed_weights):
     """Replace each linear named in `packed_weights` (a packed checkpoint's "packed_weights") by a PackedLinear of
     its record, keeping the linear's bias. Load the checkpoint's "model" state first (strict=False). Returns model."""
+    from quantization.binary_linear import ResidualBinaryLinear
+    from quantization.quantizers import QuantSpec
     for name, record in packed_weights.items():
-        _replace(model, name, lambda linear: PackedLinear.from_record(record, linear.bias))
+        if QuantSpec(**record["spec"]).grid == "residual_binary":  # k one-bit layers computed with bit operations
+            codes, scale, _, spec = record_codes(record)
+            _replace(model, name, lambda linear: ResidualBinaryLinear.from_quantized(codes, scale, spec, linear.bias))
+        else:
+            _replace(model, name, lambda linear: PackedLinear.from_record(record, linear.bias))
     return model
 
 
