@@ -12,7 +12,7 @@ subtract 2**23): exact, and cheaper than an integer-to-float conversion, which r
 import triton
 import triton.language as tl
 
-BLOCK = 32
+BLOCK = tl.constexpr(32)  # a global a kernel reads must be a constexpr (Triton 3.6)
 # sizes that change from call to call: one compiled kernel for all their values (N keeps its divisibility
 # specialization, which lets the word loads along N be vectorized)
 _VARYING = ["M", "K", "stride_xm", "stride_ym", "blocks_per_group", "blocks_per_split"]
