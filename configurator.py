@@ -10,7 +10,8 @@ import tomllib
 
 from model import ACT_SITES, LINEAR_SITES, GPTConfig
 from quantization.layers import LINEAR_VARIANTS
-from quantization.quantizers import GRANULARITIES, MAX_BINARY_TERMS, MAX_BITS, METHODS, MIN_BITS, QuantSpec
+from quantization.quantizers import (GRANULARITIES, MAX_BINARY_TERMS, MAX_BITS, MAX_OUTLIER_FRACTION, METHODS, MIN_BITS,
+                                     QuantSpec)
 from safety import check_device, safe_name
 
 KINDS = ("attn", "mlp")
@@ -287,6 +288,10 @@ def model_quant_config(args):
     for name, value in vars(args).items():  # every bits flag, used or not: a bad value is never ignored
         if (name.endswith("_bits") or "_bits_" in name) and value is not None and not MIN_BITS <= value <= MAX_BITS:
             raise ConfigError(f"--{name}: bits={value} is out of range; expected {MIN_BITS}..{MAX_BITS}")
+        if name.startswith("quantize_linear_outlier_fraction") and value is not None and \
+                not (math.isfinite(value) and 0.0 <= value < MAX_OUTLIER_FRACTION):
+            raise ConfigError(f"--{name}: outlier_fraction={value} is out of range; expected a fraction in "
+                              f"[0, {MAX_OUTLIER_FRACTION})")
         if name.startswith("quantize_linear_binary_terms") and value is not None and not 1 <= value <= MAX_BINARY_TERMS:
             raise ConfigError(f"--{name}: binary_terms={value} is out of range; expected 1..{MAX_BINARY_TERMS}")
     variants, weight_quant, act_quant = {}, {}, {}
