@@ -130,16 +130,22 @@ def test_torchrun_killed_rank_stops_clearly_and_resume_matches(char_data, tmp_pa
              "--always_save_checkpoint"]
     torchrun(tmp_path / "whole", *flags)
     part = tmp_path / "part"
-    proc = subprocess.Popen(torchrun_cmd(part, *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    killed = False
-    while proc.poll() is None:
-        logged = [r["iter"] for r in read_growing_log(part) if "loss" in r]
-        if logged and logged[-1] >= 5 and not killed:
-            os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
-            killed = True
-        time.sleep(0.02)
-    output = proc.communicate(timeout=60)[0]
+    # the output goes to a file, not a pipe: an undrained pipe fills up and blocks the processes writing to it
+    output_path = tmp_path / "part_output.txt"
+    with open(output_path, "w") as output_file:
+        proc = subprocess.Popen(torchrun_cmd(part, *flags), cwd=ROOT, stdout=output_file, stderr=subprocess.STDOUT,
+                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        killed, deadline = False, time.time() + 240
+        while proc.poll() is None and time.time() < deadline:
+            logged = [r["iter"] for r in read_growing_log(part) if "loss" in r]
+            if logged and logged[-1] >= 5 and not killed:
+                os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+                killed = True
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+    output = output_path.read_text()
     assert killed and proc.returncode != 0
     assert "ChildFailedError" in output and "Signal 9 (SIGKILL)" in output
     note = [line for line in output.splitlines() if line.startswith("train.py: error: rank 0")]
