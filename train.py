@@ -403,7 +403,7 @@ def exit_on_sigterm(rank):
             print(f"train.py: error: rank {rank} stopped by torchrun (SIGTERM: another process of the job failed, or "
                   f"the job was interrupted); continue from the last checkpoint with --init_from=resume",
                   file=sys.stderr, flush=True)
-            os._exit(1)
+        os._exit(1)  # also when the main thread is already stopping: its exit may wait on a broken process group
     threading.Thread(target=watch, daemon=True).start()
 
 
@@ -420,8 +420,11 @@ if __name__ == "__main__":
     except RuntimeError as e:
         if not lost_peer(e):
             raise
-        if not STOPPING.acquire(blocking=False):
-            sys.exit(1)  # the SIGTERM watcher has said it
-        sys.exit(f"train.py: error: rank {os.environ['RANK']}: lost contact with another process of the job "
-                 f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
-                 f"continue from the last checkpoint with --init_from=resume")
+        if STOPPING.acquire(blocking=False):
+            print(f"train.py: error: rank {os.environ['RANK']}: lost contact with another process of the job "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
+                  f"continue from the last checkpoint with --init_from=resume", file=sys.stderr, flush=True)
+        # os._exit, not sys.exit: the interpreter's shutdown would tear down a process group whose peer is gone,
+        # which can block; the checkpoint on disk is complete either way (it is written by rename)
+        sys.stdout.flush()
+        os._exit(1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train as train_module
+from bench.ddp_scaling import worker_pid
 from conftest import ROOT, TINY, run_main, train, train_in_process
 from model import GPT
 from quantization.layers import FakeQuantize
@@ -84,15 +85,36 @@ def test_resumed_run_matches_uninterrupted_run(char_data, tmp_path):
 def torchrun_cmd(out_dir, *flags):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             os.path.join(ROOT, "train.py"), f"--out_dir={out_dir}", *TINY, *QAT, "--gradient_accumulation_steps=2",
-            "--backend=gloo", *flags]
+            "--backend=gloo", "--ddp_timeout=60", *flags]  # a stuck collective fails in a minute, with a message
+
+
+def kill_all(proc, pids):
+    """SIGKILL torchrun's process group and its workers (torchrun starts each worker in a session of its own)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL) if pid else None
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def torchrun(out_dir, *flags):
+    """Run a 2-process job to its end; on a timeout the whole process group goes (no stray workers for later tests)
+    and the job's output is in the failure."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(torchrun_cmd(out_dir, *flags), cwd=ROOT, capture_output=True, text=True, env=env,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    proc = subprocess.Popen(torchrun_cmd(out_dir, *flags), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        kill_all(proc, [worker_pid(proc.pid, rank) for rank in (0, 1)])
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def test_torchrun_trains_with_ddp_on_cpu(char_data, tmp_path):
@@ -124,7 +146,7 @@ def test_torchrun_killed_rank_stops_clearly_and_resume_matches(char_data, tmp_pa
     """SIGKILL to rank 1 mid-run: the job stops with torchrun's failure report and train.py's one line; resuming
     from the last checkpoint on 2 processes gives the uninterrupted run's losses (each process's random state,
     dropout and stochastic rounding included, is in the checkpoint)."""
-    from bench.ddp_scaling import read_log as read_growing_log, worker_pid
+    from bench.ddp_scaling import read_log as read_growing_log
     flags = ["--quantize_linear_method=stochastic_quant", "--quantize_linear_bits=4", "--dropout=0.1",
              "--quantization_warmup_iters=3", "--eval_interval=4", "--lr_decay_iters=40", "--max_iters=40",
              "--always_save_checkpoint"]
@@ -134,19 +156,20 @@ def test_torchrun_killed_rank_stops_clearly_and_resume_matches(char_data, tmp_pa
     output_path = tmp_path / "part_output.txt"
     with open(output_path, "w") as output_file:
         proc = subprocess.Popen(torchrun_cmd(part, *flags), cwd=ROOT, stdout=output_file, stderr=subprocess.STDOUT,
-                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                                text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
         killed, deadline = False, time.time() + 240
         while proc.poll() is None and time.time() < deadline:
             logged = [r["iter"] for r in read_growing_log(part) if "loss" in r]
             if logged and logged[-1] >= 5 and not killed:
-                os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+                workers = [worker_pid(proc.pid, rank) for rank in (0, 1)]
+                os.kill(workers[1], signal.SIGKILL)
                 killed = True
             time.sleep(0.02)
-        if proc.poll() is None:
-            proc.kill()
+        timed_out = proc.poll() is None
+        kill_all(proc, workers if killed else [])  # nothing of it may outlive it and compete with the resumed run
         proc.wait(timeout=60)
     output = output_path.read_text()
-    assert killed and proc.returncode != 0
+    assert killed and proc.returncode != 0 and not timed_out, output[-3000:]
     assert "ChildFailedError" in output and "Signal 9 (SIGKILL)" in output
     note = [line for line in output.splitlines() if line.startswith("train.py: error: rank 0")]
     assert len(note) == 1 and "--init_from=resume" in note[0], output[-3000:]
