@@ -11,6 +11,12 @@ for a weight this gives exactly the weight the model computes with (eval mode, q
 residual_binary_quant weight (a sum of k scaled sign matrices) is saved as k binary tensors `<name>.term<i>`
 (codes -1/+1, one scale per row, fields `term` and `binary_terms`) whose dequantized values add up to the weight.
 
+A dense-and-sparse weight (an outlier fraction, in QAT or PTQ) keeps a few weights in full precision beside its
+codes: its codes are those of the dense rest (0 at the outliers), and the outliers come as CSR arrays
+`outlier_crow` (int32, rows + 1), `outlier_col` (int16/int32 column indices) and `outlier_values` (float16, the
+values added to the dequantized dense part there), as in a packed checkpoint. The script prints the outlier count
+per site; `dequantize_entry` adds them back, and visualize.py draws where they sit.
+
 For the overview plot of visualize.py each tensor also carries `signal_sq` and `noise_sq`, the sums of x**2 and
 (x - dequantized)**2 over its unquantized values x: for a weight x is the latent full-precision weight; a stored
 activation's unquantized values are not kept, so they are measured on one batch of the validation split
@@ -39,16 +45,17 @@ from checkpoint import load_checkpoint  # noqa: E402
 from configurator import OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
-from quantization.packing import is_packed, load_packed, unpack_codes  # noqa: E402
+from quantization.packing import from_csr, is_packed, load_packed, to_csr, unpack_codes  # noqa: E402
 from quantization.quantizers import (GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec,  # noqa: E402
-                                     code_range, dequantize, quantize_tensor, residual_binary_signs,
-                                     smallest_int_dtype)
+                                     code_range, dense_and_sparse, dequantize, quantize_tensor,
+                                     residual_binary_signs, smallest_int_dtype)
 from safety import check_device, check_output_file  # noqa: E402
 
 FORMAT = "nanoQAT quantized tensors"
 VERSION = 1
 FILE_TYPES = ("pkl", "safetensors", "npz")
 ARRAYS = ("codes", "scale", "zero_point")
+OUTLIER_ARRAYS = ("outlier_crow", "outlier_col", "outlier_values")  # only in a tensor that has outliers
 # every field of a saved tensor besides its arrays, with the types a loaded file must have
 FIELDS = {"kind": str, "site": str, "bits": int, "method": str, "granularity": str, "group_size": int,
           "shape": list, "qmin": int, "qmax": int, "levels": int, "signal_sq": (float, type(None)),
@@ -75,6 +82,20 @@ def entry(kind, site, spec, codes, scale, zero_point, shape):
             "signal_sq": None, "noise_sq": None}
 
 
+def attach_outliers(tensor, csr):
+    """Store a weight's sparse outliers ({crow, col, values} torch tensors, as packing.to_csr makes) in its entry."""
+    for a, key in zip(OUTLIER_ARRAYS, ("crow", "col", "values")):
+        tensor[a] = csr[key].cpu().numpy()
+
+
+def outlier_positions(tensor):
+    """(rows, columns) of a saved tensor's outliers as int64 arrays; empty when it has none."""
+    if "outlier_crow" not in tensor:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    counts = np.diff(tensor["outlier_crow"].astype(np.int64))
+    return np.repeat(np.arange(len(counts)), counts), tensor["outlier_col"].astype(np.int64)
+
+
 def error_power(x, x_q):
     """(sum of x**2, sum of (x - x_q)**2) in float64: the two terms of an SNR."""
     x, x_q = x.double(), x_q.double()
@@ -90,14 +111,31 @@ def weight_entries(model):
     out = {}
     for name, site, weight, spec in tqdm(targets, desc="weights", unit="tensor"):
         weight = weight.detach().float()
-        codes, scale, zero_point = quantize_tensor(weight, spec)
-        power = error_power(weight, dequantize(codes, scale, zero_point, spec))
+        sparse = None
+        if spec.outlier_fraction > 0:  # the same outliers as the forward pass picks, the codes of the dense rest
+            codes, scale, zero_point, sparse = dense_and_sparse(weight, spec)
+            sparse = to_csr(sparse)
+            computed = dequantize(codes, scale, zero_point, spec) + sparse_dense(sparse, weight.shape)
+        else:
+            codes, scale, zero_point = quantize_tensor(weight, spec)
+            computed = dequantize(codes, scale, zero_point, spec)
+        power = error_power(weight, computed)
         if spec.grid == "residual_binary":
-            out.update(term_entries(name, site, spec, codes, scale, power))
+            terms = term_entries(name, site, spec, codes, scale, power)
+            if sparse is not None:
+                attach_outliers(terms[next(reversed(terms))], sparse)
+            out.update(terms)
             continue
         out[name] = entry("weight", site, spec, codes, scale, zero_point, weight.shape)
         out[name]["signal_sq"], out[name]["noise_sq"] = power
+        if sparse is not None:
+            attach_outliers(out[name], sparse)
     return out
+
+
+def sparse_dense(csr, shape):
+    """The dense-shaped float32 tensor of CSR outliers (fp16 values, as they are stored)."""
+    return from_csr(csr, list(shape))
 
 
 def term_entries(name, site, spec, codes, scale, power):
@@ -177,6 +215,8 @@ def collect(checkpoint, device="cpu", snr_batch_size=4):
         codes = (unpack_codes(packed["codes"], spec.bits, math.prod(shape)) + code_range(spec)[0]).reshape(shape)
         tensors[f"{name}.weight"] = entry("weight", name.rsplit(".", 1)[-1], spec, codes, packed["scale"],
                                           packed["zero_point"], shape)
+        if "outliers" in packed:
+            attach_outliers(tensors[f"{name}.weight"], packed["outliers"])
     tensors.update(activation_entries(checkpoint.get("activations", {}), model_args["act_quant"]))
     dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
     power = measure_activations(model, dataset, snr_batch_size, model_args["block_size"], device)
@@ -187,12 +227,30 @@ def collect(checkpoint, device="cpu", snr_batch_size=4):
             "quantization_enabled": bool(checkpoint.get("quantization_enabled", True)), "tensors": tensors}
 
 
-def dequantize_entry(tensor):
+def dequantize_entry(tensor, with_outliers=True):
     """Real values of a saved tensor (float32 numpy array of its shape): row i of the codes uses scale[i] and
-    zero_point[i]."""
+    zero_point[i]; a weight's outliers are added where they sit (unless with_outliers=False)."""
     scale, zero_point = tensor["scale"], tensor["zero_point"]
     rows = tensor["codes"].reshape(scale.shape[0], -1).astype(np.float32)
-    return ((rows - zero_point) * scale).reshape(tensor["shape"])
+    values = ((rows - zero_point) * scale).reshape(tensor["shape"])
+    if with_outliers and "outlier_crow" in tensor:
+        r, c = outlier_positions(tensor)
+        values[r, c] += tensor["outlier_values"].astype(np.float32)
+    return values
+
+
+def outlier_summary(tensors):
+    """{site: (outliers, weights)} over the weights of a saved file that have outliers, summed over layers (a
+    residual binary weight's size counted once, not once per term)."""
+    sites = {}
+    for t in tensors.values():
+        if t["kind"] != "weight":
+            continue
+        n, numel = sites.get(t["site"], (0, 0))
+        if t.get("term", 0) == 0:
+            numel += math.prod(t["shape"])
+        sites[t["site"]] = (n + len(t.get("outlier_values", ())), numel)
+    return {site: v for site, v in sites.items() if v[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,16 +261,18 @@ def split(data):
     arrays, meta = {}, {k: v for k, v in data.items() if k != "tensors"}
     meta["tensors"] = {}
     for name, tensor in data["tensors"].items():
-        for a in ARRAYS:
-            arrays[f"{name}{SEP}{a}"] = np.ascontiguousarray(tensor[a])
-        meta["tensors"][name] = {k: v for k, v in tensor.items() if k not in ARRAYS}
+        for a in ARRAYS + OUTLIER_ARRAYS:
+            if a in tensor:
+                arrays[f"{name}{SEP}{a}"] = np.ascontiguousarray(tensor[a])
+        meta["tensors"][name] = {k: v for k, v in tensor.items() if k not in ARRAYS + OUTLIER_ARRAYS}
     return arrays, meta
 
 
 def join(arrays, meta):
     data = dict(meta)
     for name, fields in meta["tensors"].items():
-        data["tensors"][name] = dict(fields, **{a: arrays[f"{name}{SEP}{a}"] for a in ARRAYS})
+        data["tensors"][name] = dict(fields, **{a: arrays[f"{name}{SEP}{a}"] for a in ARRAYS + OUTLIER_ARRAYS
+                                                if f"{name}{SEP}{a}" in arrays or a in ARRAYS})
     return data
 
 
@@ -302,7 +362,31 @@ def check(data, path):
                              f"{list(tensor['zero_point'].shape)}, not one per row of its codes")
         if codes.size and (codes.min() < tensor["qmin"] or codes.max() > tensor["qmax"]):
             raise ValueError(f"{path}: tensor '{name}' has codes outside its range {tensor['qmin']}..{tensor['qmax']}")
+        check_outliers(tensor, f"{path}: tensor '{name}'")
     return data
+
+
+def check_outliers(tensor, where):
+    """ValueError unless a tensor's CSR outliers (if it has any) fit its shape: all three arrays, row pointers from
+    0 rising to the number of values, columns inside the matrix, finite values."""
+    present = [a for a in OUTLIER_ARRAYS if a in tensor]
+    if not present:
+        return
+    if len(present) != len(OUTLIER_ARRAYS) or tensor["kind"] != "weight" or len(tensor["shape"]) != 2:
+        raise ValueError(f"{where} has partial outlier arrays ({', '.join(present)}) or outliers on a tensor that "
+                         f"is not a 2-D weight")
+    crow, col, values = (tensor[a] for a in OUTLIER_ARRAYS)
+    rows, cols = tensor["shape"]
+    if not all(isinstance(a, np.ndarray) and a.ndim == 1 for a in (crow, col, values)) or \
+            crow.dtype.kind not in "iu" or col.dtype.kind not in "iu" or values.dtype.kind != "f":
+        raise ValueError(f"{where} has outlier arrays that are not 1-D (integer row pointers and columns, "
+                         f"float values)")
+    crow = crow.astype(np.int64)
+    if len(crow) != rows + 1 or crow[0] != 0 or (np.diff(crow) < 0).any() or crow[-1] != len(col) or \
+            len(col) != len(values) or (len(col) and (col.min() < 0 or col.max() >= cols)) or \
+            not np.isfinite(values).all():
+        raise ValueError(f"{where} has sparse outliers that do not match its shape {tensor['shape']} (CSR with "
+                         f"{len(crow) - 1} rows, {len(values)} values)")
 
 
 def load_quantized_data(path):
@@ -389,6 +473,11 @@ def main(argv=None):
     save(data, path)
     kinds = [t["kind"] for t in data["tensors"].values()]
     print(f"saved {kinds.count('weight')} weights and {kinds.count('activation')} activations to {path}")
+    sites = outlier_summary(data["tensors"])
+    if sites:
+        print("outliers kept in full precision (CSR beside the codes), per site summed over layers:")
+        for site, (n, numel) in sites.items():
+            print(f"  {site:<10} {n:>9,} of {numel:>11,} weights ({100 * n / numel:.2f}%)")
 
 
 if __name__ == "__main__":

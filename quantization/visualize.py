@@ -8,7 +8,9 @@ Per tensor, `<name>_histogram.png` (how often each integer level is used, and ho
 and/or `<name>_matrix.png` (the dequantized values as a heatmap, every k-th row/column when large). Always one
 `overview.png`: per site (summed over layers), the share of codes at the clipping limits (qmin or qmax) and the
 quantization error as an SNR in dB, 10*log10(sum x**2 / sum (x - dequantized)**2), from the unquantized values
-save_weights.py measured (latent weights; activations of a validation batch).
+save_weights.py measured (latent weights; activations of a validation batch). A weight with full-precision
+outliers (dense-and-sparse) also gets `<name>_outliers.png`: where its outliers sit (counts over the matrix, and
+per input column below it: an outlier channel is a vertical stripe), and the overview gets their share per site.
 
 --weight is `all`, a tensor's name, a site (`q`, `attn.softmax_input`, ...), a glob (`*.mlp.*`) or a regex.
 """
@@ -30,10 +32,11 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from configurator import OneLineParser  # noqa: E402
-from quantization.save_weights import dequantize_entry, load_quantized_data  # noqa: E402
+from quantization.save_weights import (dequantize_entry, load_quantized_data, outlier_positions,  # noqa: E402
+                                       outlier_summary)
 from safety import check_out_dir, safe_join, safe_name  # noqa: E402
 
-GRAPHS = ("histogram", "matrix", "both")
+GRAPHS = ("histogram", "matrix", "both", "outliers")  # outliers: only the outlier maps (always drawn where present)
 MAX_CELLS = 256  # a heatmap shows at most this many rows and columns
 COLORS = {"weight": "tab:blue", "activation": "tab:orange"}
 
@@ -108,6 +111,39 @@ def matrix(name, tensor, path):
     plt.close(fig)
 
 
+def outlier_map(rows, cols, shape, cells=MAX_CELLS):
+    """(counts, row_step, col_step): outliers per cell of a grid of at most `cells` x `cells` over the matrix."""
+    row_step, col_step = (max(1, math.ceil(n / cells)) for n in shape)
+    grid = np.zeros((math.ceil(shape[0] / row_step), math.ceil(shape[1] / col_step)), np.int64)
+    np.add.at(grid, (rows // row_step, cols // col_step), 1)
+    return grid, row_step, col_step
+
+
+def outliers(name, tensor, path):
+    rows, cols = outlier_positions(tensor)
+    shape = tensor["shape"]
+    grid, row_step, col_step = outlier_map(rows, cols, shape)
+    per_column = np.bincount(cols, minlength=shape[1])
+    top = np.argsort(-per_column, kind="stable")[:3]
+    fig, (ax, below) = plt.subplots(2, 1, figsize=(6, 6), height_ratios=(3, 1), sharex=False)
+    image = ax.imshow(np.ma.masked_equal(grid, 0), cmap="viridis", vmin=0, aspect="auto", interpolation="nearest",
+                      extent=(0, shape[1], shape[0], 0))
+    fig.colorbar(image, ax=ax, label="outliers" + ("" if row_step == col_step == 1 else
+                                                   f" per {row_step} x {col_step} cell"))
+    ax.set_xlabel("input column")
+    ax.set_ylabel("output row")
+    below.bar(np.arange(shape[1]), per_column, width=1.0, color="tab:red")
+    below.set_xlim(0, shape[1])
+    below.set_xlabel("input column")
+    below.set_ylabel("outliers")
+    share = len(rows) / max(1, math.prod(shape))
+    ax.set_title(f"{name}\n{len(rows):,} outliers ({100 * share:.2f}% of {math.prod(shape):,}) in full precision; "
+                 f"busiest columns: " + ", ".join(f"{c} ({per_column[c]})" for c in top if per_column[c]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def site_summary(tensors):
     """{(kind, site): (share of codes at qmin or qmax, SNR in dB or None)}, summed over layers."""
     totals = {}
@@ -136,7 +172,10 @@ def overview(tensors, path):
     snr = [summary[k][1] for k in keys]
     finite = [s for s in snr if s is not None and math.isfinite(s)]
     cap = max(finite, default=1.0) * 1.05
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 0.3 * len(keys) + 1.6), sharey=True)
+    sparse = outlier_summary(tensors)
+    fig, axes = plt.subplots(1, 3 if sparse else 2, figsize=(13 if sparse else 9, 0.3 * len(keys) + 1.6),
+                             sharey=True)
+    left, right = axes[:2]
     y = np.arange(len(keys))
     left.barh(y, clip, color=colors)
     left.set_yticks(y, labels, fontsize=8)
@@ -147,6 +186,14 @@ def overview(tensors, path):
         if s is None:
             right.text(0, i, " not measured", va="center", fontsize=7)
     right.set_xlabel("quantization SNR (dB, higher is better)")
+    if sparse:  # the share of each site's weights kept in full precision
+        share = [100 * sparse[site][0] / sparse[site][1] if kind == "weight" and site in sparse else 0.0
+                 for kind, site in keys]
+        axes[2].barh(y, share, color=colors)
+        for i, (kind, site) in enumerate(keys):
+            if kind == "weight" and site in sparse:
+                axes[2].text(share[i], i, f" {sparse[site][0]:,}", va="center", fontsize=7)
+        axes[2].set_xlabel("outliers in full precision (% of the site's weights)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
     fig.legend(handles, ["weights (W)", "activations (A)"], fontsize=7, loc="upper right", ncols=2)
     fig.suptitle("quantization per site, summed over layers", fontsize=10, x=0.3)
@@ -174,7 +221,7 @@ def main(argv=None):
         names = select(tensors, args.weight)
     except ValueError as e:
         sys.exit(f"visualize.py: error: --weight={args.weight}: {e}")
-    graphs = {"histogram": [histogram], "matrix": [matrix], "both": [histogram, matrix]}[args.graph]
+    graphs = {"histogram": [histogram], "matrix": [matrix], "both": [histogram, matrix], "outliers": []}[args.graph]
     # file names come from tensor names inside the file: sanitised, and checked to stay inside the folder
     try:
         for name in names:
@@ -187,15 +234,16 @@ def main(argv=None):
         sys.exit(f"visualize.py: error: --image_folder={args.image_folder}: {e}")
     os.makedirs(args.image_folder, exist_ok=True)
     try:
-        paths = {(n, g): safe_join(args.image_folder, f"{n}_{g.__name__}.png") for n in names for g in graphs}
+        drawn = {n: graphs + ([outliers] if "outlier_crow" in tensors[n] else []) for n in names}
+        paths = {(n, g): safe_join(args.image_folder, f"{n}_{g.__name__}.png") for n in names for g in drawn[n]}
         paths["overview"] = safe_join(args.image_folder, "overview.png")
     except ValueError as e:
         sys.exit(f"visualize.py: error: --image_folder={args.image_folder}: {e}")
     for name in tqdm(names, desc="tensors", unit="tensor"):
-        for graph in graphs:
+        for graph in drawn[name]:
             graph(name, tensors[name], paths[(name, graph)])
     overview({n: tensors[n] for n in names}, paths["overview"])
-    print(f"wrote {len(names) * len(graphs) + 1} images to {args.image_folder}")
+    print(f"wrote {len(paths)} images to {args.image_folder}")
 
 
 if __name__ == "__main__":
