@@ -47,18 +47,47 @@ def text_tokens(path, tokenizer, max_tokens=0):
             size *= 2
 
 
-def hf_dataset_tokens(name, tokenizer, split="test", text_field="text"):
-    """Tokens of a `datasets` dataset ("name" or "name:config", e.g. wikitext:wikitext-2-raw-v1), texts joined
-    by blank lines."""
+def hf_dataset_tokens(name, tokenizer, split="test", text_field="text", max_tokens=0):
+    """Tokens of a `datasets` dataset ("name" or "name:config", e.g. wikitext:wikitext-2-raw-v1, or a local folder
+    of text files), texts joined by blank lines. With max_tokens > 0 the dataset is streamed and read only until
+    that many tokens are there. Whatever goes wrong in `datasets` (no network, no such dataset, split or config)
+    comes back as one ValueError line."""
     try:
         import datasets
     except ImportError:
         raise ValueError("the `datasets` package is not installed (pip install datasets)") from None
     path, _, config = name.partition(":")
-    data = datasets.load_dataset(path, config or None, split=split)
-    if text_field not in data.column_names:
-        raise ValueError(f"dataset {name} has no column '{text_field}' (it has {', '.join(data.column_names)})")
-    return torch.tensor(tokenizer.encode("\n\n".join(data[text_field])), dtype=torch.long)
+
+    def failed(e):  # the datasets library raises many kinds: network, hub, missing files, bad configs and splits
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "no detail"
+        return ValueError(f"could not load split '{split}' of dataset {name} ({type(e).__name__}: {first})")
+
+    try:
+        data = datasets.load_dataset(path, config or None, split=split, streaming=max_tokens > 0)
+        columns = data.column_names if data.column_names is not None else list(next(iter(data), {}))
+    except Exception as e:
+        raise failed(e) from None
+    if text_field not in columns:
+        raise ValueError(f"dataset {name} has no column '{text_field}' (it has {', '.join(columns) or 'none'})")
+    if not max_tokens:
+        return torch.tensor(tokenizer.encode("\n\n".join(data[text_field])), dtype=torch.long)
+    rows, texts, chars, need = iter(data), [], 0, 4 * max_tokens + 1024  # chars that likely hold max_tokens
+    ids = None
+    while ids is None or len(ids) < max_tokens:  # streamed: read until the texts so far encode to enough tokens
+        try:
+            row = next(rows, None)
+        except Exception as e:
+            raise failed(e) from None
+        if row is not None:
+            texts.append(row[text_field])
+            chars += len(texts[-1]) + 2
+            if chars < need:
+                continue
+            need *= 2
+        ids = tokenizer.encode("\n\n".join(texts))
+        if row is None:
+            break
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
 
 
 def windows(n, seqlen, stride):
@@ -128,7 +157,7 @@ def load_tokens(args, tokenizer, dataset):
     if args.text_file:
         return text_tokens(args.text_file, tokenizer, args.max_tokens)
     if args.hf_dataset:
-        return hf_dataset_tokens(args.hf_dataset, tokenizer, args.hf_split, args.hf_text_field)
+        return hf_dataset_tokens(args.hf_dataset, tokenizer, args.hf_split, args.hf_text_field, args.max_tokens)
     return split_tokens(dataset, args.split, args.max_tokens)
 
 

@@ -1,5 +1,6 @@
 """Sliding-window perplexity against a token-by-token reference, and the script on the corpus and a text file."""
 import math
+import os
 
 import pytest
 import torch
@@ -87,3 +88,43 @@ def test_script_errors(trained_fp, tmp_path):
     except ImportError:
         with pytest.raises(SystemExit, match="`datasets` package is not installed"):
             main([f"--out_dir={trained_fp}", "--hf_dataset=wikitext:wikitext-2-raw-v1", "--progress=False"])
+
+
+@pytest.fixture
+def text_folder(tmp_path):
+    """A local `datasets` text folder (one line per row, split 'test') of Shakespeare, as --hf_dataset reads it."""
+    from conftest import ROOT
+    with open(f"{ROOT}/data/shakespeare/shakespeare.txt") as f:
+        text = f.read(60_000)
+    folder = tmp_path / "lines"
+    folder.mkdir()
+    (folder / "test.txt").write_text(text)
+    return folder
+
+
+OFFLINE = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # a local folder needs no network
+
+
+def test_hf_dataset_with_max_tokens_streams_only_what_it_needs(text_folder, char_data):
+    pytest.importorskip("datasets")
+    from quantization.perplexity import hf_dataset_tokens
+    from tokenizer import Tokenizer, load_meta
+    tokenizer = Tokenizer(load_meta(char_data))
+    whole = hf_dataset_tokens(str(text_folder), tokenizer)  # loaded whole, not streamed
+    for n in (1, 777, len(whole), len(whole) + 10):
+        assert torch.equal(hf_dataset_tokens(str(text_folder), tokenizer, max_tokens=n), whole[:n])
+
+
+def test_hf_dataset_from_the_script_and_its_errors_are_one_line(text_folder, trained_fp):
+    pytest.importorskip("datasets")
+    from conftest import run_script
+    result = run_script("quantization/perplexity.py", f"--out_dir={trained_fp}", f"--hf_dataset={text_folder}",
+                        "--max_tokens=1000", "--progress=False", "--device=cpu", env=OFFLINE)
+    assert "999 tokens scored" in result.stdout
+    for flags, message in ((["--hf_split=train"], "could not load split 'train'"),
+                           (["--hf_text_field=body"], "no column 'body' (it has text)")):
+        bad = run_script("quantization/perplexity.py", f"--out_dir={trained_fp}", f"--hf_dataset={text_folder}",
+                         "--max_tokens=100", "--progress=False", *flags, check=False, env=OFFLINE)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode != 0 and message in lines[-1] and f"--hf_dataset={text_folder}" in lines[-1]
+        assert "Traceback" not in bad.stderr
