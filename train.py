@@ -5,6 +5,7 @@ then with every configured weight and activation quantizer on (straight-through 
 One process:       python train.py --linear_variant_attn=quantized_linear --quantize_linear_method=ternary_quant
 Several (DDP):     torchrun --standalone --nproc_per_node=4 train.py --config=configs/gpt2_124m.toml
 """
+import faulthandler
 import json
 import math
 import os
@@ -79,6 +80,7 @@ def main(argv=None):
         init_process_group(backend=backend, timeout=timedelta(seconds=args.ddp_timeout))
         rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         exit_on_sigterm(rank)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1 <pid>: where a stuck process waits
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)

@@ -110,7 +110,11 @@ def torchrun(out_dir, *flags):
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        kill_all(proc, [worker_pid(proc.pid, rank) for rank in (0, 1)])
+        workers = [worker_pid(proc.pid, rank) for rank in (0, 1)]
+        for pid in filter(None, workers):  # each worker prints its threads' stacks (train.py's SIGUSR1 handler)
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)
+        kill_all(proc, workers)
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun did not finish in 300 s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
     assert proc.returncode == 0, stderr[-3000:]
