@@ -132,7 +132,7 @@ def outliers(name, tensor, path):
                                                    f" per {row_step} x {col_step} cell"))
     ax.set_xlabel("input column")
     ax.set_ylabel("output row")
-    below.bar(np.arange(shape[1]), per_column, width=1.0, color="tab:red")
+    below.bar(np.arange(shape[1]), per_column, width=1.0, align="edge", color="tab:red")  # column c: [c, c+1)
     below.set_xlim(0, shape[1])
     below.set_xlabel("input column")
     below.set_ylabel("outliers")
