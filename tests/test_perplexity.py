@@ -91,40 +91,45 @@ def test_script_errors(trained_fp, tmp_path):
 
 
 @pytest.fixture
-def text_folder(tmp_path):
-    """A local `datasets` text folder (one line per row, split 'test') of Shakespeare, as --hf_dataset reads it."""
+def text_folder(tmp_path, monkeypatch):
+    """A local `datasets` text folder (one row per line, split 'test') of Shakespeare, as --hf_dataset reads it;
+    the datasets cache goes to the test's folder. Returns (folder, its text)."""
     from conftest import ROOT
     with open(f"{ROOT}/data/shakespeare/shakespeare.txt") as f:
         text = f.read(60_000)
     folder = tmp_path / "lines"
     folder.mkdir()
     (folder / "test.txt").write_text(text)
-    return folder
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    return folder, text
 
 
-OFFLINE = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")  # a local folder needs no network
+def offline(tmp_path):  # a local folder needs no network; the cache stays in the test's folder
+    return dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "cache"))
 
 
 def test_hf_dataset_with_max_tokens_streams_only_what_it_needs(text_folder, char_data):
-    pytest.importorskip("datasets")
     from quantization.perplexity import hf_dataset_tokens
     from tokenizer import Tokenizer, load_meta
+    folder, text = text_folder
     tokenizer = Tokenizer(load_meta(char_data))
-    whole = hf_dataset_tokens(str(text_folder), tokenizer)  # loaded whole, not streamed
+    whole = torch.tensor(tokenizer.encode("\n\n".join(text.splitlines())))  # the rows, joined by blank lines
     for n in (1, 777, len(whole), len(whole) + 10):
-        assert torch.equal(hf_dataset_tokens(str(text_folder), tokenizer, max_tokens=n), whole[:n])
+        assert torch.equal(hf_dataset_tokens(str(folder), tokenizer, max_tokens=n), whole[:n])
+    assert torch.equal(hf_dataset_tokens(str(folder), tokenizer), whole)  # not streamed
 
 
-def test_hf_dataset_from_the_script_and_its_errors_are_one_line(text_folder, trained_fp):
-    pytest.importorskip("datasets")
+def test_hf_dataset_from_the_script_and_its_errors_are_one_line(text_folder, trained_fp, tmp_path):
     from conftest import run_script
-    result = run_script("quantization/perplexity.py", f"--out_dir={trained_fp}", f"--hf_dataset={text_folder}",
-                        "--max_tokens=1000", "--progress=False", "--device=cpu", env=OFFLINE)
+    folder, _ = text_folder
+    result = run_script("quantization/perplexity.py", f"--out_dir={trained_fp}", f"--hf_dataset={folder}",
+                        "--max_tokens=1000", "--progress=False", "--device=cpu", env=offline(tmp_path))
     assert "999 tokens scored" in result.stdout
     for flags, message in ((["--hf_split=train"], "could not load split 'train'"),
                            (["--hf_text_field=body"], "no column 'body' (it has text)")):
-        bad = run_script("quantization/perplexity.py", f"--out_dir={trained_fp}", f"--hf_dataset={text_folder}",
-                         "--max_tokens=100", "--progress=False", *flags, check=False, env=OFFLINE)
+        bad = run_script("quantization/perplexity.py", f"--out_dir={trained_fp}", f"--hf_dataset={folder}",
+                         "--max_tokens=100", "--progress=False", *flags, check=False, env=offline(tmp_path))
         lines = bad.stderr.strip().splitlines()
-        assert bad.returncode != 0 and message in lines[-1] and f"--hf_dataset={text_folder}" in lines[-1]
+        assert bad.returncode != 0 and message in lines[-1] and f"--hf_dataset={folder}" in lines[-1]
         assert "Traceback" not in bad.stderr
