@@ -382,6 +382,8 @@ def main(argv=None):
 
     if device_type == "cuda":
         print(f"rank {rank}: peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if args.wandb_log and master:
+        wandb.finish()
     if ddp:  # wait for rank 0's last checkpoint before tearing the group down
         torch.distributed.barrier()
         destroy_process_group()
@@ -416,9 +418,26 @@ def lost_peer(e):
         w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout")))
 
 
-if __name__ == "__main__":
-    try:
+def leave_ddp_process(code):
+    """A DDP process leaves without the interpreter's shutdown. DDP's reducer keeps the process group alive past
+    destroy_process_group, so without this the group would be destroyed during finalization, when its worker
+    threads can no longer take the GIL: the process aborts ("terminate called without an active exception") or
+    blocks, after its work is done and saved (checkpoints are written by rename, logs line by line)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__" and "RANK" not in os.environ:
+    main()
+elif __name__ == "__main__":
+    try:  # a process of a torchrun job
         main()
+        leave_ddp_process(0)
+    except SystemExit as e:  # train.py's own one-line errors: printed as sys.exit would, then leave
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        leave_ddp_process(e.code if isinstance(e.code, int) else 0 if e.code is None else 1)
     except RuntimeError as e:
         if not lost_peer(e):
             raise
@@ -426,7 +445,4 @@ if __name__ == "__main__":
             print(f"train.py: error: rank {os.environ['RANK']}: lost contact with another process of the job "
                   f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
                   f"continue from the last checkpoint with --init_from=resume", file=sys.stderr, flush=True)
-        # os._exit, not sys.exit: the interpreter's shutdown would tear down a process group whose peer is gone,
-        # which can block; the checkpoint on disk is complete either way (it is written by rename)
-        sys.stdout.flush()
-        os._exit(1)
+        leave_ddp_process(1)  # not sys.exit: shutting the interpreter down with a broken process group can block
