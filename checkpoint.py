@@ -35,6 +35,11 @@ def save_checkpoint(path, checkpoint):
         raise
 
 
+def checkpoint_dataset(checkpoint):
+    """The dataset a checkpoint was trained on (older checkpoints keep it only in their config)."""
+    return checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+
+
 def load_checkpoint(path, device="cpu"):
     """The checkpoint dict; FileNotFoundError or ValueError with a one-line reason when it cannot be used."""
     if os.path.isdir(path):

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 from torch.nn.utils import parametrize
 
-from checkpoint import load_checkpoint
+from checkpoint import checkpoint_dataset, load_checkpoint
 from model import GPT, GPTConfig
 from quantization.layers import QuantizedLinear
 from tokenizer import Tokenizer, load_meta
@@ -51,19 +51,15 @@ def load_model(out_dir, device, kernels="off"):
     A packed quantized checkpoint (quantization/packing.py) is dequantized into float weights, or, with kernels
     (see use_kernels), its linear layers become PackedLinear modules that hold only the codes and scales.
     FileNotFoundError or ValueError with a one-line reason when the checkpoint cannot be used."""
-    from quantization.packing import is_packed, load_packed
+    from quantization.packing import is_packed
     checkpoint = load_checkpoint(out_dir, device)
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    packed = is_packed(checkpoint)
-    if use_kernels(kernels, device, packed):
-        model = load_packed_kernels(model, checkpoint, required=kernels == "on")
-    elif packed:
-        load_packed(model, checkpoint)
+    if use_kernels(kernels, device, is_packed(checkpoint)):
+        model = load_packed_kernels(GPT(GPTConfig(**checkpoint["model_args"])), checkpoint, required=kernels == "on")
+        model.set_quantization(checkpoint.get("quantization_enabled", True))
     else:
-        model.load_state_dict(checkpoint["model"])
-    model.set_quantization(checkpoint.get("quantization_enabled", True))
+        model = GPT.from_checkpoint(checkpoint)
     model.eval().to(device)
-    dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    dataset = checkpoint_dataset(checkpoint)
     return model, Tokenizer(load_meta(os.path.join(ROOT, "data", dataset)))
 
 

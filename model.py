@@ -261,18 +261,23 @@ class GPT(nn.Module):
         import os
         from checkpoint import load_checkpoint
         from quantization.hf import load_hf_gpt2
-        from quantization.packing import is_packed, load_packed
         path = os.path.join(name_or_folder, "ckpt.pt") if os.path.isdir(name_or_folder) else name_or_folder
         if os.path.isfile(path):
-            checkpoint = load_checkpoint(path)
-            model = cls(GPTConfig(**checkpoint["model_args"]))
-            if is_packed(checkpoint):
-                load_packed(model, checkpoint)
-            else:
-                model.load_state_dict(checkpoint["model"])
-            model.set_quantization(checkpoint.get("quantization_enabled", True))
-            return model
+            return cls.from_checkpoint(load_checkpoint(path))
         return load_hf_gpt2(name_or_folder, **overrides)[0]
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint):
+        """The GPT of a loaded checkpoint dict: its weights (a packed one dequantized), quantizers on or off as
+        it was saved."""
+        from quantization.packing import is_packed, load_packed
+        model = cls(GPTConfig(**checkpoint["model_args"]))
+        if is_packed(checkpoint):
+            load_packed(model, checkpoint)
+        else:
+            model.load_state_dict(checkpoint["model"])
+        model.set_quantization(checkpoint.get("quantization_enabled", True))
+        return model
 
     def get_num_params(self, non_embedding=True):
         n_params = sum(p.numel() for p in self.parameters())

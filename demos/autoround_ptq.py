@@ -16,7 +16,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
 from configurator import BoolFlag, OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.autoround import AutoRound  # noqa: E402
@@ -78,7 +78,7 @@ def load_full_precision(out_dir, device):
     model = GPT(GPTConfig(**args))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    dataset = checkpoint_dataset(checkpoint)
     checkpoint["dataset"] = dataset
     return model, checkpoint, Tokenizer(load_meta(os.path.join(ROOT, "data", dataset)))
 

@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
 from configurator import ACT_GRANULARITIES, OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.autoround.calibration import prepare_samples  # noqa: E402
@@ -78,7 +78,7 @@ def main(argv=None):
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
     model.to(device).eval()
-    dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    dataset = checkpoint_dataset(checkpoint)
     val = split_tokens(dataset, "val")
     samples = prepare_samples(model, split_tokens(dataset, "train"), args.nsamples, args.seqlen or None, args.seed)
 

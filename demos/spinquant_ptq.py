@@ -14,7 +14,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset, load_checkpoint, save_checkpoint  # noqa: E402
 from configurator import BoolFlag, OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.autoround.calibration import calibration_samples  # noqa: E402
@@ -73,8 +73,7 @@ def load_plain(out_dir, device):
     check_plain(checkpoint["model_args"], out_dir)
     model = GPT(GPTConfig(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
-    checkpoint["dataset"] = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset",
-                                                                                          "shakespeare_char")
+    checkpoint["dataset"] = checkpoint_dataset(checkpoint)
     return model.to(device).eval(), checkpoint
 
 

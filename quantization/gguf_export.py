@@ -33,11 +33,11 @@ if ROOT not in sys.path:
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset, load_checkpoint, save_checkpoint  # noqa: E402
 from configurator import BoolFlag, OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import QuantizedLinear  # noqa: E402
-from quantization.packing import is_packed, load_packed, unpack_codes  # noqa: E402
+from quantization.packing import unpack_codes  # noqa: E402
 from quantization.quantizers import QuantSpec, code_range, fake_quant_with_codes, to_rows  # noqa: E402
 from tokenizer import GPT2_EOT, GPT2_RANKS, load_meta  # noqa: E402
 
@@ -79,12 +79,7 @@ class Weight:
 def checkpoint_weights(checkpoint):
     """(model, {parameter name: Weight}) of a checkpoint: the dequantized values the model computes with, and the
     grid of every quantized linear (QAT or packed PTQ) and of a quantized token embedding."""
-    model = GPT(GPTConfig(**checkpoint["model_args"]))
-    if is_packed(checkpoint):
-        load_packed(model, checkpoint)
-    else:
-        model.load_state_dict(checkpoint["model"])
-    model.set_quantization(checkpoint.get("quantization_enabled", True))
+    model = GPT.from_checkpoint(checkpoint)
     model.eval()
     weights = {}
     with torch.no_grad():
@@ -315,7 +310,7 @@ def _describe(spec):
 
 def plan_export(checkpoint, requested="auto", requantize=True):
     """[(name, Weight, type, exact, note)] for every tensor; ExportError before anything is written."""
-    meta_dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    meta_dataset = checkpoint_dataset(checkpoint)
     try:
         meta = load_meta(os.path.join(ROOT, "data", meta_dataset))
     except FileNotFoundError as e:

@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import load_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
 from configurator import OneLineParser  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from model import GPT  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
-from quantization.packing import from_csr, is_packed, load_packed, to_csr, unpack_codes  # noqa: E402
+from quantization.packing import from_csr, is_packed, to_csr, unpack_codes  # noqa: E402
 from quantization.quantizers import (GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec,  # noqa: E402
                                      code_range, dense_and_sparse, dequantize, quantize_tensor,
                                      residual_binary_signs, smallest_int_dtype)
@@ -115,7 +115,7 @@ def weight_entries(model):
         if spec.outlier_fraction > 0:  # the same outliers as the forward pass picks, the codes of the dense rest
             codes, scale, zero_point, sparse = dense_and_sparse(weight, spec)
             sparse = to_csr(sparse)
-            computed = dequantize(codes, scale, zero_point, spec) + sparse_dense(sparse, weight.shape)
+            computed = dequantize(codes, scale, zero_point, spec) + from_csr(sparse, list(weight.shape))
         else:
             codes, scale, zero_point = quantize_tensor(weight, spec)
             computed = dequantize(codes, scale, zero_point, spec)
@@ -131,11 +131,6 @@ def weight_entries(model):
         if sparse is not None:
             attach_outliers(out[name], sparse)
     return out
-
-
-def sparse_dense(csr, shape):
-    """The dense-shaped float32 tensor of CSR outliers (fp16 values, as they are stored)."""
-    return from_csr(csr, list(shape))
 
 
 def term_entries(name, site, spec, codes, scale, power):
@@ -202,11 +197,7 @@ def measure_activations(model, dataset, batch_size, block_size, device):
 def collect(checkpoint, device="cpu", snr_batch_size=4):
     """The {format, version, tensors} dict that save() writes, from a loaded checkpoint."""
     model_args = checkpoint["model_args"]
-    model = GPT(GPTConfig(**model_args))
-    if is_packed(checkpoint):  # a PTQ (or SpinQuant) checkpoint: its codes are stored, not recomputed
-        load_packed(model, checkpoint)
-    else:
-        model.load_state_dict(checkpoint["model"])
+    model = GPT.from_checkpoint(checkpoint)  # a packed (PTQ, SpinQuant) checkpoint's codes are stored, not recomputed
     model.set_quantization(True)  # the weights as the quantized model computes with them, even from a warm-up save
     model.eval().to(device)
     tensors = weight_entries(model)
@@ -218,7 +209,7 @@ def collect(checkpoint, device="cpu", snr_batch_size=4):
         if "outliers" in packed:
             attach_outliers(tensors[f"{name}.weight"], packed["outliers"])
     tensors.update(activation_entries(checkpoint.get("activations", {}), model_args["act_quant"]))
-    dataset = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset", "shakespeare_char")
+    dataset = checkpoint_dataset(checkpoint)
     power = measure_activations(model, dataset, snr_batch_size, model_args["block_size"], device)
     for name, (signal_sq, noise_sq) in (power or {}).items():
         if name in tensors:
