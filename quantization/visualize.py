@@ -207,7 +207,9 @@ def build_parser():
     p.add_argument("--file_name", default="quantized_data.pkl", help="a .pkl, .safetensors or .npz of save_weights.py")
     p.add_argument("--image_folder", default="quantized_images", help="folder the PNG files are written to")
     p.add_argument("--weight", default="all", help="all, a tensor's name, a site, a glob or a regex")
-    p.add_argument("--graph", default="histogram", choices=GRAPHS, help="per-tensor pictures: histogram, matrix, both, or outliers (only the outlier maps; drawn in every mode for weights with outliers)")
+    p.add_argument("--graph", default="histogram", choices=GRAPHS,
+                   help="per-tensor pictures: histogram, matrix, both, or outliers (only the outlier maps; drawn in "
+                        "every mode for weights with outliers)")
     return p
 
 
