@@ -58,6 +58,8 @@ TRAINING_FLAGS = [
     ("backend", "auto", "DDP backend: nccl, gloo, or auto (nccl on CUDA, gloo otherwise)"),
     ("ddp_bucket_cap_mb", 25, "DDP gradient bucket size in MB (each bucket's all-reduce starts once it is ready)"),
     ("ddp_grad_compress", "none", "DDP gradients on the wire: none (float32), bf16 or fp16 (half the bytes)"),
+    ("ddp_overlap", "buckets", "DDP under --compile: buckets (split the compiled graph at the gradient buckets so "
+     "their all-reduce overlaps the backward pass) or off (one graph, all-reduce after the backward pass)"),
     ("ddp_timeout", 600, "seconds a DDP collective may wait for the other processes before the job stops"),
     ("device", "auto", "cpu, cuda, cuda:N, mps, or auto (cuda when available)"),
     ("dtype", "auto", "float32, bfloat16 or float16 autocast; auto: bfloat16 on CUDA that has it, else float32"),
@@ -92,7 +94,8 @@ CHOICES = {"method": METHODS, "granularity": GRANULARITIES[:3], "variant": tuple
            "activations_quant_method": METHODS[:3], "activations_quant_granularity": ACT_GRANULARITIES,
            "stochastic_grid": ("symmetric", "affine"), "gelu_approximate": ("none", "tanh"), "quantize_linear_method": METHODS,
            "quantize_linear_granularity": GRANULARITIES[:3], "dtype": ("auto", "float32", "bfloat16", "float16"),
-           "ddp_grad_compress": ("none", "bf16", "fp16"), "backend": ("auto", "nccl", "gloo")}
+           "ddp_grad_compress": ("none", "bf16", "fp16"),
+           "ddp_overlap": ("buckets", "off"), "backend": ("auto", "nccl", "gloo")}
 
 # the smallest value of each integer flag (every integer flag is at most MAX_INT); per-site group sizes are >= 1
 INT_MIN = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "gradient_accumulation_steps": 1,

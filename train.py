@@ -192,12 +192,15 @@ def main(argv=None):
             scaler.load_state_dict(checkpoint["scaler"])
     raw_model = model
     if args.compile:
+        if ddp:  # dynamo's DDPOptimizer: one compiled graph per gradient bucket (overlap) or one graph (fusion)
+            torch._dynamo.config.optimize_ddp = args.ddp_overlap == "buckets"
         model = torch.compile(model)
     eval_model = model  # evaluation runs on rank 0 alone, outside DDP
     if ddp:  # buffers are constants (the causal mask) or per-process records (stored activations): no broadcast
         # gradient_as_bucket_view: the gradients live in the all-reduce buckets (no copy, one gradient-sized
-        # buffer less). Under torch.compile, dynamo's DDPOptimizer splits the compiled graph at these buckets'
-        # boundaries, so each bucket's all-reduce starts while the backward pass of earlier layers still runs.
+        # buffer less). Under torch.compile with --ddp_overlap=buckets, dynamo's DDPOptimizer splits the compiled graph
+        # at these buckets' boundaries, so each bucket's all-reduce starts while the backward pass of earlier layers
+        # still runs; --ddp_overlap=off keeps one graph (fuses more) and all-reduces after the backward pass.
         model = DDP(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device_type == "cuda" else None,
                     broadcast_buffers=False, bucket_cap_mb=args.ddp_bucket_cap_mb, gradient_as_bucket_view=True)
         if args.ddp_grad_compress != "none":  # half the bytes on the wire; the optimizer still sees fp32

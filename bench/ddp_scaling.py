@@ -277,8 +277,9 @@ class Bench:
         self.report["probe"] = {"rc": rc, "numel": numel, "transports": transports[:8],
                                 "rows": json.load(open(out))["rows"] if rc == 0 and os.path.exists(out) else []}
 
-    def throughput_runs(self, key, compress):
-        """One task: the single-GPU runs (compress None) or the nproc-GPU run of one variant."""
+    def throughput_runs(self, key, compress, overlap=None):
+        """One task: the single-GPU runs (compress None) or the nproc-GPU run of one variant with train.py's
+        --ddp_grad_compress=compress and --ddp_overlap=overlap (None: the fastest measured so far)."""
         label, flags = VARIANTS[key]
         n, iters = self.args.nproc, self.args.iters
         common = GPT2_FLAGS + flags + [f"--max_iters={iters}", f"--lr_decay_iters={iters}",
@@ -297,12 +298,14 @@ class Bench:
                                                                "--gradient_accumulation_steps=1",
                                                                f"--out_dir={out_dir}"], env=env)))
         else:
-            name = f"tp_{key}_{n}gpu_{compress}"
+            overlap = overlap or self.best_overlap()
+            name = f"tp_{key}_{n}gpu_{compress}_{overlap}"
             out_dir = os.path.join(self.work, name)
             shutil.rmtree(out_dir, ignore_errors=True)
             procs = [(name, out_dir, self.start(name, self.torchrun(n) + [
                 "train.py", *common, f"--gradient_accumulation_steps={n}", f"--out_dir={out_dir}",
-                f"--ddp_grad_compress={compress}", f"--ddp_bucket_cap_mb={self.args.bucket_cap_mb}"]))]
+                f"--ddp_grad_compress={compress}", f"--ddp_bucket_cap_mb={self.args.bucket_cap_mb}",
+                f"--ddp_overlap={overlap}"]))]
         results = []
         for name, out_dir, proc in procs:
             rc = self.finish(proc, deadline)
@@ -316,15 +319,30 @@ class Bench:
                             "alloc_gib": alloc, "steady_records": len(steady)})
         used = self.memory.peak()
         row = {"variant": key, "label": label, "gpus": 1 if compress is None else n, "compress": compress or "-",
+               "overlap": overlap or "-",
                "runs": results, "smi_peak_gib": {i: v / 1024 for i, v in sorted(used.items())},
                "seconds": time.time() - start}
         self.report["throughput"].append(row)
         ok = all(r["rc"] == 0 and r["steady_records"] for r in results)
         shown = " / ".join(f"{r['tok_per_s']:,.0f}" for r in results)
-        self.say(f"{row['label']}, {row['gpus']} GPU(s){'' if compress is None else ', ' + compress}: "
+        self.say(f"{row['label']}, {row['gpus']} GPU(s){'' if compress is None else f', {compress}, {overlap}'}: "
                  f"{shown} tok/s ({row['seconds']:.0f}s{'' if ok else ', FAILED: see logs'})")
         for _, out_dir, _ in procs:  # the checkpoints are not needed
             shutil.rmtree(out_dir, ignore_errors=True)
+
+    def best_overlap(self):
+        """The --ddp_overlap of the fastest multi-GPU row of the first variant measured (its ratio to its own
+        single-GPU row), or the first of --overlap when none is."""
+        single = {r["variant"]: r for r in self.report["throughput"] if r["gpus"] == 1}
+        best, best_scale = self.args.overlap.split(",")[0], 0.0
+        for row in self.report["throughput"]:
+            ok = [r["tok_per_s"] for r in row["runs"] if r["rc"] == 0 and r["steady_records"]]
+            base = [r["tok_per_s"] for r in single.get(row["variant"], {"runs": []})["runs"] if r["steady_records"]]
+            if row["gpus"] > 1 and row["compress"] == "none" and ok and base:
+                scale = sum(ok) / len(ok) / (sum(base) / len(base))
+                if scale > best_scale:
+                    best, best_scale = row["overlap"], scale
+        return best
 
     def part_curve_and_kill(self):
         """The loss-curve runs (1 GPU with accumulation n, n GPUs) and the run to be killed, all at once."""
@@ -470,13 +488,17 @@ def render(rep, args, gpu):
                 f"(each value listed); {args.nproc} GPUs: torchrun, gradient accumulation {args.nproc}, so each GPU "
                 f"does the same work per step. Peak memory: torch's max allocated per process, and nvidia-smi's "
                 f"largest memory.used per GPU.", "",
-                "| weights | GPUs | grads on the wire | tokens/s | ms/step | scaling | efficiency | peak allocated GiB "
-                "| nvidia-smi peak GiB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+                f"ms/step is per micro-step. Overlap: train.py --ddp_overlap (buckets: the compiled graph split at "
+                f"the gradient buckets so their all-reduce overlaps the backward pass; off: one compiled graph, "
+                f"all-reduce after it). Rows after the first variant's use the overlap that scaled best there.", "",
+                "| weights | GPUs | grads on the wire | overlap | tokens/s | ms/step | scaling | efficiency "
+                "| peak allocated GiB | nvidia-smi peak GiB |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         single = {}
         for row in rep["throughput"]:
             runs = [r for r in row["runs"] if r["rc"] == 0 and r["steady_records"]]
             if not runs:
-                out.append(f"| {row['label']} | {row['gpus']} | {row['compress']} | failed | | | | | |")
+                out.append(f"| {row['label']} | {row['gpus']} | {row['compress']} | {row.get('overlap', '-')} | failed "
+                           f"| | | | | |")
                 continue
             tps = [r["tok_per_s"] for r in runs]
             mean = sum(tps) / len(tps)
@@ -486,12 +508,12 @@ def render(rep, args, gpu):
             if row["gpus"] == 1:
                 single[row["variant"]] = mean
                 shown = " / ".join(f"{v:,.0f}" for v in tps)
-                out.append(f"| {row['label']} | 1 | - | {shown} | {ms:.1f} | 1.00 | 100% | {alloc} | {smi} |")
+                out.append(f"| {row['label']} | 1 | - | - | {shown} | {ms:.1f} | 1.00 | 100% | {alloc} | {smi} |")
             else:
                 base = single.get(row["variant"])
                 scale = mean / base if base else float("nan")
                 out.append(f"| {row['label']} | {row['gpus']} | {row['compress'].replace('none', 'fp32')} | "
-                           f"{mean:,.0f} | {ms:.1f} | {scale:.2f}x | {scale / row['gpus']:.0%} | {alloc} | {smi} |")
+                           f"{row.get('overlap', '-')} | {mean:,.0f} | {ms:.1f} | {scale:.2f}x | {scale / row['gpus']:.0%} | {alloc} | {smi} |")
         out.append("")
     curve = rep["curve"]
     if curve:
@@ -535,6 +557,8 @@ def main():
     p.add_argument("--variants", default="w8,fp,ternary", help=f"throughput variants, in order ({', '.join(VARIANTS)})")
     p.add_argument("--compress", default="none", help="gradient compressions of the multi-GPU throughput rows "
                    "(comma list of none, bf16, fp16)")
+    p.add_argument("--overlap", default="off,buckets", help="train.py --ddp_overlap settings of the first "
+                   "variant's multi-GPU rows (comma list of off, buckets); the other rows use the one that scaled best")
     p.add_argument("--compress_extra", default="w8:bf16", help="extra multi-GPU rows run last if time is left "
                    "(variant:compression, comma list; empty for none)")
     p.add_argument("--single_runs", type=int, default=0, help="single-GPU runs at once in the 1-GPU rows, one per "
@@ -561,9 +585,11 @@ def main():
     parts = set(args.parts.split(","))
     unknown = parts - {"env", "probe", "throughput", "curve", "kill"}
     bad_variants = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    bad_variants += [o for o in args.overlap.split(",") if o not in ("off", "buckets")]
     if unknown or bad_variants or args.nproc < 2:
-        sys.exit(f"ddp_scaling.py: error: --parts={args.parts} / --variants={args.variants} / --nproc={args.nproc}: "
-                 f"expected parts from env,probe,throughput,curve,kill, variants from {','.join(VARIANTS)}, nproc >= 2")
+        sys.exit(f"ddp_scaling.py: error: --parts={args.parts} / --variants={args.variants} / --overlap={args.overlap} / "
+                 f"--nproc={args.nproc}: expected parts from env,probe,throughput,curve,kill, variants from "
+                 f"{','.join(VARIANTS)}, overlap from off,buckets, nproc >= 2")
     args.parts = parts
     sys.path.insert(0, ROOT)
     os.environ.update(CHILD_ENV)
@@ -579,7 +605,9 @@ def main():
     for i, key in enumerate(variants if "throughput" in parts else []):
         tasks.append((f"{key} 1 GPU", 90, lambda key=key: bench.throughput_runs(key, None)))
         for c in args.compress.split(","):
-            tasks.append((f"{key} {n} GPUs {c}", 100, lambda key=key, c=c: bench.throughput_runs(key, c)))
+            for o in (args.overlap.split(",") if i == 0 else [None]):  # later variants: the best overlap measured
+                tasks.append((f"{key} {n} GPUs {c}" + (f" {o}" if o else ""), 100,
+                              lambda key=key, c=c, o=o: bench.throughput_runs(key, c, o)))
         if i == 0 and parts & {"curve", "kill"}:
             tasks.append(("curve+kill", 110, bench.part_curve_and_kill))
     if not ("throughput" in parts and variants) and parts & {"curve", "kill"}:
