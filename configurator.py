@@ -58,8 +58,8 @@ TRAINING_FLAGS = [
     ("backend", "auto", "DDP backend: nccl, gloo, or auto (nccl on CUDA, gloo otherwise)"),
     ("ddp_bucket_cap_mb", 25, "DDP gradient bucket size in MB (each bucket's all-reduce starts once it is ready)"),
     ("ddp_grad_compress", "none", "DDP gradients on the wire: none (float32), bf16 or fp16 (half the bytes)"),
-    ("ddp_overlap", "buckets", "DDP under --compile: buckets (split the compiled graph at the gradient buckets so "
-     "their all-reduce overlaps the backward pass) or off (one graph, all-reduce after the backward pass)"),
+    ("ddp_overlap", "off", "DDP under --compile: off (one compiled graph, all-reduce after the backward pass; "
+     "faster over NVLink) or buckets (graph split at the gradient buckets, all-reduce overlaps the backward pass)"),
     ("ddp_timeout", 600, "seconds a DDP collective may wait for the other processes before the job stops"),
     ("device", "auto", "cpu, cuda, cuda:N, mps, or auto (cuda when available)"),
     ("dtype", "auto", "float32, bfloat16 or float16 autocast; auto: bfloat16 on CUDA that has it, else float32"),

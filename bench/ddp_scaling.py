@@ -186,6 +186,7 @@ class Bench:
         self.logs = os.path.join(args.results_dir, "ddp_scaling_logs")
         os.makedirs(self.logs, exist_ok=True)
         self.work = args.work_dir or tempfile.mkdtemp(prefix="ddp_scaling_")
+        os.makedirs(self.work, exist_ok=True)
         self.env = dict(os.environ, **CHILD_ENV)
         self.env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (2 * args.nproc))))
         self.memory = GpuMemory()
