@@ -5,12 +5,14 @@
 # and the training logs to bench/results/spinquant_logs/ (or to $OUT when set).
 #   bash bench/spinquant_gpu.sh
 #   ITERS=2000 BPE_ITERS=1000 STEPS=100 bash bench/spinquant_gpu.sh
+#   PHASE=train bash bench/spinquant_gpu.sh; PHASE=compare bash bench/spinquant_gpu.sh   # the same, in two parts
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 ITERS=${ITERS:-1200}          # baby GPT training steps (the preset has 5000; this benchmark runs in a few minutes)
 BPE_ITERS=${BPE_ITERS:-600}   # GPT-2-BPE model steps (1.4M training tokens: more overfits)
 STEPS=${STEPS:-100}           # Cayley SGD steps
+PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
 RESULTS=bench/results
 LOGS=${OUT:-$RESULTS}/spinquant_logs
 mkdir -p "$LOGS"
@@ -23,10 +25,10 @@ QAT="--linear_variant_attn=quantized_linear --linear_variant_mlp=quantized_linea
  --quantize_mlp_act_activation_output --quantize_attn_act_qk_mult_k_input --quantize_attn_act_pv_mult_v_input
  --quantize_attn_act_bits=4 --quantize_mlp_act_bits=4"
 BABY="--config=configs/baby_gpt.toml --device=cuda --max_iters=$ITERS --lr_decay_iters=$ITERS --eval_interval=600
- --eval_iters=20 --log_interval=250"
+ --eval_iters=20 --log_interval=100"
 BPE="--dataset=shakespeare --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=32 --dropout=0.2
  --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 --device=cuda --compile --max_iters=$BPE_ITERS
- --lr_decay_iters=$BPE_ITERS --eval_interval=300 --eval_iters=20 --log_interval=250"
+ --lr_decay_iters=$BPE_ITERS --eval_interval=300 --eval_iters=20 --log_interval=100"
 pids=()
 TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of the table (its log says so)
 run() {
@@ -35,6 +37,7 @@ run() {
     || { echo "train $name: stopped (exit $?)" >> "$LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
   pids+=($!)
 }
+if [ "$PHASE" != compare ]; then
 date
 run baby_fp $BABY
 run baby_qat $BABY $QAT --quantization_warmup_iters=$((ITERS / 2))
@@ -44,6 +47,9 @@ run bpe_qat $BPE $QAT --quantization_warmup_iters=$((BPE_ITERS / 2))
 run bpe_qat_spin $BPE $QAT --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant --spinquant_steps=$STEPS
 for pid in "${pids[@]}"; do wait "$pid"; done
 tail -n 3 "$LOGS"/train_*.log
+grep -h "spinquant rotations" "$LOGS"/train_*.log
+fi
+[ "$PHASE" = train ] && exit 0
 
 date
 compare() {
