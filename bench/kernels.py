@@ -92,9 +92,11 @@ def check(log):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 b = layer.bias.to(dtype) if bias else None
                 ref = x.double() @ layer.dequantized_weight().double().T + (b.double() if bias else 0)
-                kernel, configs = ops._configs(m, layer.group_size)
+                pairs = ops.candidates(m, layer.group_size)
+                if which == "first":  # the first config of each kernel
+                    pairs = [p for i, p in enumerate(pairs) if p[0] not in [q[0] for q in pairs[:i]]]
                 blocks = layer.group_size // 32 if layer.group_size else math.ceil(k / 32)
-                for config in configs if which == "all" else configs[:1]:
+                for kernel, config in pairs:
                     # poison: the caching allocator hands this freed NaN block to the kernel's (m, n) output
                     torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                     y = kernel(x, layer.qweight, layer.scale, layer.zero, b, layer.bits, blocks, layer.zero_const,
@@ -103,7 +105,8 @@ def check(log):
                     ok = math.isfinite(err) and err < tolerance[dtype] and y.dtype == dtype
                     failures += not ok
                     if not ok:
-                        log(f"  FAIL {name} {k}x{n} m={m} {dtype} bias={bias} {config}: error {err:.2e}")
+                        log(f"  FAIL {name} {k}x{n} m={m} {dtype} bias={bias} {kernel.__name__} {config}: "
+                            f"error {err:.2e}")
         log(f"  checked {name}")
     log(f"check: {'all passed' if not failures else f'{failures} FAILED'}")
     return failures
@@ -137,19 +140,21 @@ def bench_shape(shape, batches, bandwidth, log):
             error = max(relative_error(ys[i], reference(xs[i], layers[i])) for i in (0, count - 1))
             t = graph_time([lambda lay=lay, x=x: lay(x) for lay, x in zip(layers, xs)])
             nbytes = size + 2 * m * (k + n)
+            chosen = f"{ops.last_choice.get('kernel', '?')} {ops.last_choice.get('config', '')}"
             rows.append(dict(shape=shape, m=m, variant=name, us=t * 1e6, floor=nbytes / bandwidth / t,
-                             speedup=base[m] / (t * 1e6), copies=count, error=error))
-            log(f"  {shape} m={m} {name}: {t * 1e6:.1f} us, {rows[-1]['speedup']:.2f}x bf16, error {error:.1e}")
+                             speedup=base[m] / (t * 1e6), copies=count, error=error, kernel=chosen))
+            log(f"  {shape} m={m} {name}: {t * 1e6:.1f} us, {rows[-1]['speedup']:.2f}x bf16, error {error:.1e}, "
+                f"{chosen}")
         del layers
     return rows
 
 
 def table(rows):
-    out = ["| in x out | batch | weights | time (us) | floor % | vs bf16 | error | copies |",
-           "|---|---:|---|---:|---:|---:|---:|---:|"]
+    out = ["| in x out | batch | weights | time (us) | floor % | vs bf16 | error | copies | kernel, config |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         out.append(f"| {r['shape']} | {r['m']} | {r['variant']} | {r['us']:.1f} | {100 * r['floor']:.0f} | "
-                   f"{r['speedup']:.2f} | {r['error']:.1e} | {r['copies']} |")
+                   f"{r['speedup']:.2f} | {r['error']:.1e} | {r['copies']} | {r.get('kernel', '-')} |")
     return "\n".join(out)
 
 

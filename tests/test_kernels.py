@@ -44,9 +44,17 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
         expected = x.double() @ expected_w.double().T + (b.double() if bias else 0)
         layer = PackedLinear.from_float(w, spec, b)
         assert ops.kernel_refusal(x, layer.bits, layer.group_size) is None
-        y = layer(x)
-        out.append([method, bits, granularity, group_size, n, k, rows, bias,
-                    ((y.double() - expected).abs().max() / expected.abs().max()).item()])
+        ys = [("layer", layer(x))]
+        # every kernel that may run this many rows, with its first config (the layer ran the default one)
+        pairs = ops.candidates(rows, group_size)
+        blocks = group_size // 32 if group_size else -(-k // 32)
+        for i, (kernel, config) in enumerate(pairs):
+            if kernel not in [p[0] for p in pairs[:i]]:
+                ys.append((kernel.__name__, kernel(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
+                                                   blocks, layer.zero_const, config)))
+        for name, y in ys:
+            out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
+                        ((y.double() - expected).abs().max() / expected.abs().max()).item()])
 print(json.dumps(out))
 """
 
@@ -58,12 +66,14 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(rows) == 3 * len(SPECS)
     # float32 accumulation over at most 128 products: relative error far below one quantization step
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
-    # both kernels ran: rows <= 16 take the GEMV, 20 rows the GEMM
-    assert {r[6] for r in rows} == {1, 3, 20}
+    # every kernel ran on every spec: one row (split-K GEMV, GEMV), 3 rows (GEMM at 16 rows, GEMV), 20 (GEMM)
+    ran = {(r[6], r[8]) for r in rows}
+    assert ran == {(1, "layer"), (1, "splitk_gemv"), (1, "gemv"), (3, "layer"), (3, "gemm"), (3, "gemv"),
+                   (20, "layer"), (20, "gemm")}, ran
+    assert len(rows) == 8 * len(SPECS)
 
 
 @pytest.mark.parametrize("method,bits,granularity,group_size", SPECS)

@@ -25,10 +25,16 @@ GEMV_CONFIGS = {
     "one row": [(64, 4, 0, 4), (32, 8, 0, 4), (128, 2, 0, 4), (64, 8, 1, 4), (128, 4, 0, 8)],
     "rows": [(64, 2, 0, 4), (32, 4, 0, 4), (128, 1, 0, 8), (64, 2, 0, 8)],
 }
+# one row: (BLOCK_N, BLOCK_K, split-K parts (0: enough to fill the GPU), num_warps); BLOCK_K shrinks to divide
+# the group size
+SPLITK_CONFIGS = [(64, 128, 0, 4), (128, 64, 0, 4), (32, 256, 0, 4), (128, 128, 0, 8), (256, 64, 0, 8)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K shrinks to divide the group size
 GEMM_CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4), (128, 64, 32, 4, 4),
                 (32, 64, 64, 4, 3)]
-_best = {}      # tuning key -> config
+# 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked)
+SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]
+_best = {}      # tuning key -> (kernel, config)
+last_choice = {}  # the kernel and config of the latest timed call (bench/kernels.py prints it)
 _said = set()   # fallback messages already printed
 
 
@@ -82,6 +88,28 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return y.to(x.dtype)
 
 
+def splitk_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    block_n, block_k, split, warps = config
+    m, k = x.shape
+    n = qweight.shape[1]
+    num_blocks = triton.cdiv(k, BLOCK)
+    tile = block_k // BLOCK
+    programs = triton.cdiv(n, block_n) * m
+    if split == 0:  # split K until about four programs per multiprocessor
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split = max(1, min(triton.cdiv(4 * sms, programs), num_blocks // (2 * tile)))
+    per_split = triton.cdiv(triton.cdiv(num_blocks, split), tile) * tile
+    split = triton.cdiv(num_blocks, per_split)
+    atomic = split > 1
+    y = (torch.zeros if atomic else torch.empty)((m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
+    triton_kernels._splitk_gemv_kernel[(triton.cdiv(n, block_n), split, m)](
+        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
+        m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y.to(x.dtype)
+
+
 def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
     block_m, block_n, block_k, warps, stages = config
     m, k = x.shape
@@ -97,36 +125,49 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return y
 
 
-def _configs(m, group_size):
+def _fit_k(block_k, group_size):
+    """BLOCK_K shrunk to divide the group size, so that a K tile has one scale per output column."""
+    return math.gcd(block_k, group_size) if group_size else block_k
+
+
+def candidates(m, group_size):
+    """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
+    CPU under the interpreter, and in a CUDA graph capture of a shape never timed)."""
+    gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in GEMM_CONFIGS]
+    if m == 1:
+        return ([(splitk_gemv, (bn, _fit_k(bk, group_size), split, w)) for bn, bk, split, w in SPLITK_CONFIGS]
+                + [(gemv, c) for c in GEMV_CONFIGS["one row"]])
     if m <= GEMV_MAX_ROWS:
-        return gemv, GEMV_CONFIGS["one row" if m == 1 else "rows"]
-    # BLOCK_K must divide the group size, so that each K tile has one scale per output column
-    return gemm, [(bm, bn, math.gcd(bk, group_size) if group_size else bk, w, s)
-                   for bm, bn, bk, w, s in GEMM_CONFIGS]
+        return ([(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in SMALL_GEMM_CONFIGS]
+                + [(gemv, c) for c in GEMV_CONFIGS["rows"]])
+    return gemms
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const):
-    """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest config of the small set."""
+    """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest (kernel, config) of a small set."""
     m = x.shape[0]
     blocks_per_group = group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
-    kernel, configs = _configs(m, group_size)
+    pairs = candidates(m, group_size)
     args = (x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const)
     rows = triton.next_power_of_2(m) if m > GEMV_MAX_ROWS else m
-    key = (kernel.__name__, rows, qweight.shape[1], in_features, bits, group_size, zero is not None,
-           bias is not None, x.dtype, x.device)
+    key = (rows, qweight.shape[1], in_features, bits, group_size, zero is not None, bias is not None, x.dtype,
+           x.device)
     if key not in _best:
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return kernel(*args, configs[0])  # no timing on the CPU or inside a CUDA graph capture
-        _best[key] = _fastest(kernel, args, configs)
-    return kernel(*args, _best[key])
+            kernel, config = pairs[0]
+            return kernel(*args, config)  # no timing on the CPU or inside a CUDA graph capture
+        _best[key] = _fastest(args, pairs)
+    kernel, config = _best[key]
+    last_choice.update(kernel=kernel.__name__, config=config)
+    return kernel(*args, config)
 
 
-def _fastest(kernel, args, configs):
+def _fastest(args, pairs):
     times = {}
-    for config in configs:
+    for kernel, config in pairs:
         try:
-            times[config] = triton.testing.do_bench(lambda: kernel(*args, config), warmup=5, rep=20,
-                                                    return_mode="median")
+            times[kernel, config] = triton.testing.do_bench(lambda: kernel(*args, config), warmup=5, rep=20,
+                                                            return_mode="median")
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
             if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
                 raise
