@@ -2,6 +2,7 @@
 
     python bench/kernels.py --check        # verify every kernel against the dequantize reference, then time
     python bench/kernels.py --shapes=4096x11008 --batches=1
+    python bench/kernels.py --profile=4096x11008   # what bounds one row: every candidate, a kernel breakdown
 
 Shapes are `in x out` (the weight is out x in). Each time is the median replay of a CUDA graph that runs the layer
 over R copies of the weights and inputs (R large enough that the copies together are 3x the L2 cache, so weights
@@ -17,6 +18,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # main() says a GPU is needed; the kernel below is only defined with Triton
+    triton = None
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quantization.kernels import PackedLinear  # noqa: E402
@@ -36,9 +43,96 @@ ROTATE_BYTES = 3 * 50 * 2**20  # 3x an H100's L2
 MAX_COPIES = 512
 
 
+if triton is not None:
+    @triton.jit
+    def _read_words(w_ptr, out_ptr, R, N, rows_per_split, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                    STAGES: tl.constexpr):
+        """Only the loads of the GEMV: (BLOCK_R, BLOCK_N) tiles of words, XOR-ed together, one result per split."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_R, BLOCK_N), tl.int32)
+        last = tl.minimum((pid_k + 1) * rows_per_split, R)
+        for r0 in tl.range(pid_k * rows_per_split, last, BLOCK_R, num_stages=STAGES):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            mask = (rows[:, None] < last) & (offs_n < N)[None, :]
+            acc ^= tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        tl.store(out_ptr + pid_k * N + offs_n, tl.sum(acc, axis=0), mask=offs_n < N)
+
+
+# (BLOCK_N, BLOCK_R, programs per multiprocessor, num_warps, pipeline stages)
+READ_CONFIGS = [(128, 16, 4, 4, 1), (128, 32, 4, 4, 1), (128, 64, 4, 4, 1), (128, 16, 8, 4, 1), (128, 16, 16, 4, 1),
+                (256, 32, 8, 8, 1), (128, 16, 4, 4, 3), (128, 32, 8, 4, 3)]
+
+
+def read_words(qweight, out, config):
+    block_n, block_r, per_sm, warps, stages = config
+    r, n = qweight.shape
+    sms = torch.cuda.get_device_properties(qweight.device).multi_processor_count
+    split = max(1, min(per_sm * sms // triton.cdiv(n, block_n), r // block_r))
+    per_split = triton.cdiv(triton.cdiv(r, split), block_r) * block_r
+    _read_words[(triton.cdiv(n, block_n), triton.cdiv(r, per_split))](qweight, out, r, n, per_split, BLOCK_N=block_n,
+                                                                     BLOCK_R=block_r, STAGES=stages, num_warps=warps)
+
+
+def profile(shape, bandwidth, log):
+    """One row of x through one layer: every candidate (kernel, config) timed as in the table; for the fastest, the
+    GPU time of each kernel it launches (torch.profiler); and a kernel that only loads the same words, the
+    bandwidth that the access pattern reaches."""
+    k, n = map(int, shape.split("x"))
+    torch.manual_seed(0)
+    weight = torch.randn(n, k, device="cuda") * 0.02
+    count = copies(weight.numel() * 2)
+    weights = [weight.bfloat16() for _ in range(count)]
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+    calls = [lambda w=w, x=x: F.linear(x, w) for w, x in zip(weights, xs)]
+    for call in calls:
+        call()
+    log(f"### {shape}, one row, cuBLAS bf16: {graph_time(calls) * 1e6:.1f} us")
+    del weights
+    for name, spec in VARIANTS.items():
+        layer = PackedLinear.from_float(weight, spec).cuda()
+        count = copies(buffer_bytes(layer))
+        layers = [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
+        xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+        blocks = layer.group_size // 32 if layer.group_size else math.ceil(k / 32)
+        floor_us = (buffer_bytes(layer) + 2 * (k + n)) / bandwidth * 1e6
+        log(f"### {shape}, one row, {name}: floor {floor_us:.1f} us")
+        times = {}
+        for kernel, config in ops.candidates(1, layer.group_size):
+            calls = [lambda lay=lay, x=x: kernel(x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks,
+                                                 lay.zero_const, config) for lay, x in zip(layers, xs)]
+            try:
+                for call in calls:
+                    call()
+            except Exception as e:  # too many registers or too much shared memory for this device
+                log(f"  {kernel.__name__} {config}: does not run ({type(e).__name__})")
+                continue
+            times[kernel.__name__, config] = t = graph_time(calls) * 1e6
+            log(f"  {kernel.__name__} {config}: {t:.1f} us ({100 * floor_us / t:.0f}% of floor)")
+        (kname, config), best = min(times.items(), key=lambda kv: kv[1])
+        kernel = getattr(ops, kname)
+        lay, x = layers[0], xs[0]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                kernel(x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
+            torch.cuda.synchronize()
+        parts = [(e.key, e.device_time_total / e.count) for e in prof.key_averages() if e.device_time_total > 0]
+        log(f"  fastest {kname} {config} {best:.1f} us; its kernels (warm L2, us): "
+            + "; ".join(f"{key[:40]} {t:.1f}" for key, t in parts))
+        words = layer.qweight.numel() * 4
+        outs = [torch.empty(layer.qweight.shape, device="cuda", dtype=torch.int32) for _ in range(count)]
+        for config in READ_CONFIGS:
+            for lay, out in zip(layers, outs):
+                read_words(lay.qweight, out, config)
+            t = graph_time([lambda lay=lay, out=out: read_words(lay.qweight, out, config)
+                            for lay, out in zip(layers, outs)]) * 1e6
+            log(f"  loads only {config} ({words / 2**20:.1f} MiB of words): {t:.1f} us, {words / t / 1e3:.0f} GB/s "
+                f"({100 * words / bandwidth / (t * 1e-6):.0f}% of the copy bandwidth)")
+        del layers
+
+
 def copy_bandwidth():
     """Bytes read plus written per second of a 1 GiB device-to-device copy."""
-    import triton
     a = torch.randn(2**28, device="cuda")
     b = torch.empty_like(a)
     ms = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median")
@@ -51,7 +145,6 @@ def buffer_bytes(module):
 
 def graph_time(calls):
     """Seconds per call: median replay of a CUDA graph of all `calls` (each already run once), over len(calls)."""
-    import triton
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -77,13 +170,14 @@ def reference(x, layer):
 
 def check(log):
     """Every variant on odd shapes (N not a multiple of any block; K not a multiple of 32 per channel): every
-    config the benchmark may pick (bf16, 1 and 16 rows: GEMV; 300 rows: GEMM), and the first config with bias and
-    fp32/fp16 activations (1, 5 and 70 rows); relative error to the float64 reference."""
+    config the benchmark may pick for one row (bf16), the first config of each kernel for 16 and 300 rows, and with
+    bias and fp32/fp16 activations (1, 5 and 70 rows); relative error to the float64 reference."""
     torch.manual_seed(0)
     failures = 0
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-    cases = [(1, torch.bfloat16, False, "all"), (16, torch.bfloat16, False, "all"), (300, torch.bfloat16, False, "all"),
-             (1, torch.float32, True, "first"), (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
+    cases = [(1, torch.bfloat16, False, "all"), (16, torch.bfloat16, False, "first"),
+             (300, torch.bfloat16, False, "first"), (1, torch.float32, True, "first"),
+             (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
     for name, spec in VARIANTS.items():
         for k, n in ((768, 1000),) + (((1000, 200),) if spec.granularity != "per_group" else ((1024, 333),)):
             weight = torch.randn(n, k, device="cuda")
@@ -165,12 +259,13 @@ def main():
     p.add_argument("--gemm_shapes", default="4096x4096,4096x11008", help="shapes also timed at --gemm_batch rows")
     p.add_argument("--gemm_batch", type=int, default=256, help="rows for the GEMM (prefill) rows")
     p.add_argument("--check", action="store_true", help="verify every kernel against the reference first")
+    p.add_argument("--profile", default="", help="comma-separated shapes: time every candidate at one row, a "
+                   "kernel breakdown and a loads-only kernel, instead of the table")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")
-    import triton
     gpu = torch.cuda.get_device_name()
     lines = []
 
@@ -183,8 +278,15 @@ def main():
         sys.exit("kernels.py: error: a kernel disagrees with the dequantize reference (see FAIL lines)")
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
+    if args.profile:
+        for shape in args.profile.split(","):
+            profile(shape, bandwidth, log)
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels_profile.md")
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return print(f"wrote {out}")
     rows = []
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         rows += bench_shape(shape, [int(b) for b in args.batches.split(",")], bandwidth, log)
     gemm_rows = []
     for shape in filter(None, args.gemm_shapes.split(",")):

@@ -52,6 +52,11 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
             if kernel not in [p[0] for p in pairs[:i]]:
                 ys.append((kernel.__name__, kernel(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
                                                    blocks, layer.zero_const, config)))
+        if rows == 1:  # the streaming GEMV without split-K (a plain store) and with it (fp32 atomics), pipelined
+            for label, config in (("no split", (64, 4, 0, 4, 1)), ("split-K", (64, 1, 16, 4, 2))):
+                ys.append((f"stream_gemv {label}", ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero,
+                                                                   layer.bias, layer.bits, blocks, layer.zero_const,
+                                                                   config)))
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
@@ -69,11 +74,12 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     # float32 accumulation over at most 128 products: relative error far below one quantization step
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
-    # every kernel ran on every spec: one row (split-K GEMV, GEMV), 3 rows (GEMM at 16 rows, GEMV), 20 (GEMM)
+    # every kernel ran on every spec: one row (streaming GEMV with and without split-K, split-K GEMV), 3 rows (GEMM
+    # at 16 rows, GEMV), 20 (GEMM)
     ran = {(r[6], r[8]) for r in rows}
-    assert ran == {(1, "layer"), (1, "splitk_gemv"), (1, "gemv"), (3, "layer"), (3, "gemm"), (3, "gemv"),
-                   (20, "layer"), (20, "gemm")}, ran
-    assert len(rows) == 8 * len(SPECS)
+    assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
+                   (1, "splitk_gemv"), (3, "layer"), (3, "gemm"), (3, "gemv"), (20, "layer"), (20, "gemm")}, ran
+    assert len(rows) == 10 * len(SPECS)
 
 
 @pytest.mark.parametrize("method,bits,granularity,group_size", SPECS)

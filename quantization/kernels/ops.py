@@ -20,19 +20,18 @@ except ImportError:  # no Triton: every PackedLinear takes the dequantize path
 BLOCK = 32
 GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV kernel, else the GEMM kernel
 KERNEL_BITS = (1, 2, 3, 4, 8)
-# (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
-GEMV_CONFIGS = {
-    "one row": [(64, 4, 0, 4), (32, 8, 0, 4), (128, 2, 0, 4), (64, 8, 1, 4), (128, 4, 0, 8)],
-    "rows": [(64, 2, 0, 4), (32, 4, 0, 4), (128, 1, 0, 8), (64, 2, 0, 8)],
-}
+# 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
+GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # one row: (BLOCK_N, BLOCK_K, split-K parts (0: enough to fill the GPU), num_warps); BLOCK_K shrinks to divide
 # the group size
-SPLITK_CONFIGS = [(64, 128, 0, 4), (128, 64, 0, 4), (32, 256, 0, 4), (128, 128, 0, 8), (256, 64, 0, 8)]
+SPLITK_CONFIGS = [(64, 128, 0, 4)]
+# one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
+# no atomics, no zeroing and no cast after), num_warps, pipeline stages)
+STREAM_CONFIGS = [(128, 4, 16, 4, 1), (128, 8, 8, 4, 1), (256, 4, 16, 2, 1)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K shrinks to divide the group size
-GEMM_CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4), (128, 64, 32, 4, 4),
-                (32, 64, 64, 4, 3)]
+GEMM_CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked)
-SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (16, 32, 128, 4, 4), (16, 64, 64, 4, 4)]
+SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3)]
 _best = {}      # tuning key -> (kernel, config)
 last_choice = {}  # the kernel and config of the latest timed call (bench/kernels.py prints it)
 _said = set()   # fallback messages already printed
@@ -110,6 +109,52 @@ def splitk_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     return y.to(x.dtype)
 
 
+_counters = {}  # device -> int32 zeros: the split-K arrival counters of stream_gemv, each set back to 0 after use
+_old_counters = []
+
+
+def _split_counters(device, size):
+    """Counters for `size` column tiles, zero between calls; None inside a CUDA graph capture that would have to
+    allocate them (the caller then splits with atomics instead)."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < size:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if counters is not None:  # a captured graph may hold the old ones: never freed
+            _old_counters.append(counters)
+        counters = _counters[device] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+    return counters
+
+
+def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    block_n, block_b, split, warps, stages = config
+    m, k = x.shape
+    n = qweight.shape[1]
+    num_blocks = triton.cdiv(k, BLOCK)
+    tiles = triton.cdiv(n, block_n)
+    if split:  # split K until about `split` programs per multiprocessor
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split = max(1, min(triton.cdiv(split * sms, tiles * m), num_blocks // (2 * block_b)))
+    else:
+        split = 1
+    per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
+    split = triton.cdiv(num_blocks, per_split)
+    counters = _split_counters(x.device, tiles * m) if split > 1 else None
+    if split > 1 and counters is None:
+        block_n, block_k, parts, warps = SPLITK_CONFIGS[0]
+        return splitk_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const,
+                           (block_n, math.gcd(block_k, blocks_per_group * BLOCK), parts, warps))
+    even = k % BLOCK == 0 and num_blocks % block_b == 0
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    triton_kernels._stream_gemv_kernel[(tiles, split, m)](
+        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
+        counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, STAGES=stages, num_warps=warps)
+    return y
+
+
 def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
     block_m, block_n, block_k, warps, stages = config
     m, k = x.shape
@@ -134,12 +179,12 @@ def candidates(m, group_size):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed)."""
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in GEMM_CONFIGS]
-    if m == 1:
-        return ([(splitk_gemv, (bn, _fit_k(bk, group_size), split, w)) for bn, bk, split, w in SPLITK_CONFIGS]
-                + [(gemv, c) for c in GEMV_CONFIGS["one row"]])
+    if m == 1:  # the split-K GEMV is what a CUDA graph capture falls back to (stream_gemv); it times slower
+        return ([(stream_gemv, c) for c in STREAM_CONFIGS]
+                + [(splitk_gemv, (bn, _fit_k(bk, group_size), split, w)) for bn, bk, split, w in SPLITK_CONFIGS])
     if m <= GEMV_MAX_ROWS:
         return ([(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in SMALL_GEMM_CONFIGS]
-                + [(gemv, c) for c in GEMV_CONFIGS["rows"]])
+                + [(gemv, c) for c in GEMV_CONFIGS])
     return gemms
 
 

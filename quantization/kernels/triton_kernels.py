@@ -1,14 +1,17 @@
 """Triton kernels for y = x @ dequant(W)^T (+ bias), read straight from the packed codes of layout.py.
 
-Three kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
+Four kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
+- `_stream_gemv_kernel` for one row of x: each step loads the words of a few blocks x BLOCK_N outputs and walks
+  their fields in a static loop, one broadcast value of x per field, into a 2-D accumulator that is summed once
+  at the end; split-K over a second grid axis, the last program of a column tile adding the partials (one launch);
 - `_splitk_gemv_kernel` for one row of x (decode at batch 1): each step unpacks a (BLOCK_K, BLOCK_N) tile of codes
   with one vectorized shift-and-mask (as the GEMM does), multiplies it by BLOCK_K values of x and sums over K on
   the CUDA cores; split-K over a second grid axis (fp32 atomics);
 - `_gemv_kernel` for up to 16 rows of x: CUDA cores, a static loop over the 32 codes of each block, split-K as
   above (the first kernel; ops.py times it against the others and keeps the fastest per shape);
-- `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each K tile of codes is unpacked to a (BLOCK_K, BLOCK_N) tile of
-  exact small integers (code - zero) in the activation dtype, multiplied on the tensor cores, and the product
-  scaled per output column; a tile never straddles a group.
+- `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each K tile of codes
+  is unpacked to a (BLOCK_K, BLOCK_N) tile of exact small integers (code - zero) in the activation dtype,
+  multiplied on the tensor cores, and the product scaled per output column; a tile never straddles a group.
 Both accumulate in float32. Codes become floats by the 2**23 trick (OR the field into the mantissa of 2**23,
 subtract 2**23): exact, and cheaper than an integer-to-float conversion, which runs at a quarter of the rate.
 """
@@ -145,6 +148,105 @@ def _splitk_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, strid
         tl.atomic_add(y_ptrs, acc, mask=mask_n)
     else:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
+                        blocks_per_group, blocks_per_split,
+                        BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                        STAGES: tl.constexpr):
+    """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
+    walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
+    and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end). Scale and
+    zero point are loaded per block row. EVEN: K is a multiple of 32 and every split a whole number of steps, so
+    x needs no masks. STAGES: software pipelining of the loads (tl.range).
+    SPLIT (split-K over grid axis 1): each program stores its float32 partial sums in the workspace ws and counts
+    itself in count (one counter per row and BLOCK_N outputs); the last to arrive adds the partials in split order
+    (deterministic), writes y in its own dtype and sets the counter back to 0 for the next call. One launch: no
+    zeroed output, no atomics on y, no cast afterwards."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    num_blocks = tl.cdiv(K, BLOCK)
+    first = pid_k * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, num_blocks)
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    for b0 in tl.range(first, last, BLOCK_B, num_stages=STAGES):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < last
+        mask_w = mask_b[:, None] & mask_n[None, :]
+        w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
+        x_ptrs = x_row + offs_b * BLOCK
+        part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+        if BITS == 3:
+            low0 = tl.load(w_ptrs, mask=mask_w, other=0)
+            low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
+            high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
+            for i in tl.static_range(BLOCK):
+                if i < 16:
+                    low = _field(low0, 2 * i, 2)
+                else:
+                    low = _field(low1, 2 * (i - 16), 2)
+                xi = _x_at(x_ptrs, i, mask_b, offs_b, K, EVEN)
+                part += xi[:, None] * _as_float(low | (_field(high, i, 1) << 2))
+        else:
+            # a field is masked where it lies (no shift) and ORed into the mantissa of 2**23: the float is
+            # 2**23 + code * 2**p exactly (p + BITS <= 16 < 23), so after subtracting 2**23 the value of x is
+            # scaled by 2**-p instead (exact): one integer operation per code where shift-and-mask took two
+            for w in tl.static_range(BITS):
+                word = tl.load(w_ptrs + w * N, mask=mask_w, other=0)
+                for h in tl.static_range(2):  # the low 16 bits of the word, then the high 16
+                    if h == 0:
+                        half = word
+                    else:
+                        half = word >> 16
+                    for j in tl.static_range(16 // BITS):
+                        xi = _x_at(x_ptrs, w * (32 // BITS) + h * (16 // BITS) + j, mask_b, offs_b, K, EVEN)
+                        field = (half & (((1 << BITS) - 1) << (j * BITS))) | 0x4B000000
+                        code = field.to(tl.float32, bitcast=True) - 8388608.0
+                        part += (xi * (1.0 / (1 << (j * BITS))))[:, None] * code
+        offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        if EVEN:
+            xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
+        else:
+            xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0).to(tl.float32), 1)
+        sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+            acc += (part - xsum[:, None] * zero) * scale
+        else:
+            acc += (part - ZERO * xsum[:, None]) * scale
+    y = tl.sum(acc, axis=0)
+    y_ptrs = y_ptr + pid_m * stride_ym + offs_n
+    if SPLIT:
+        splits = tl.num_programs(1)
+        tl.store(ws_ptr + (pid_k * M + pid_m) * N + offs_n, y, mask=mask_n)
+        tl.debug_barrier()  # every thread's partials are written before the count says so
+        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+            y = tl.zeros((BLOCK_N,), tl.float32)
+            for k in range(0, splits):  # in split order: the same sum every call
+                y += tl.load(ws_ptr + (k * M + pid_m) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(counter, 0)
+    else:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _x_at(x_ptrs, i: tl.constexpr, mask_b, offs_b, K, EVEN: tl.constexpr):
+    """Value i of each block of x, as float32 (0 past K or past the split)."""
+    if EVEN:
+        return tl.load(x_ptrs + i).to(tl.float32)
+    else:
+        return tl.load(x_ptrs + i, mask=mask_b & (offs_b * BLOCK + i < K), other=0.0).to(tl.float32)
 
 
 @triton.jit
