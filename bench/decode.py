@@ -89,9 +89,9 @@ def format_label(shape, fmt):
 
 def weight_bytes(model):
     """Bytes of weights read by one decode step: every parameter and buffer but the position table (one row is
-    read) and the causal masks."""
+    read), the causal masks and the packed layers' split-K counters."""
     total = sum(t.numel() * t.element_size() for name, t in list(model.named_parameters()) + list(model.named_buffers())
-                if not name.endswith("causal") and "kv_cache" not in name)
+                if not name.endswith("causal") and "kv_cache" not in name and "split_counters" not in name)
     return total - model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size()
 
 
@@ -214,7 +214,15 @@ def main(argv=None):
                               f"{bandwidth / nbytes:,.0f} tokens/s at batch 1")
             for mode in args.modes:
                 for batch in args.batches:
-                    speed, peak, warm_s = measure(model, batch, mode, args)
+                    try:
+                        speed, peak, warm_s = measure(model, batch, mode, args)
+                    except RuntimeError as e:  # one row fails (a compile or CUDA graph error): say so, go on
+                        row = (f"| {shape} | {format_label(shape, fmt)} | {mode} | {batch} | failed: "
+                               f"{str(e).splitlines()[0][:120]} | | | | | |")
+                        rows.append(row)
+                        print(row, flush=True)
+                        torch._dynamo.reset()
+                        continue
                     key = (shape, mode, batch)
                     if fmt == "bf16":
                         bf16_speed[key] = speed

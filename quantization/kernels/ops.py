@@ -1,9 +1,10 @@
 """Launching the packed kernels: which kernel, which config (the fastest of a small set, timed once per shape
 on the first call), split-K, and a torch custom op so that torch.compile sees one opaque call per layer.
 
-    packed_matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const) -> y
+    packed_matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters) -> y
     kernel_refusal(x, bits, group_size) -> None (a kernel runs), "" (the CPU: silent fallback) or a reason
 """
+import functools
 import math
 import os
 import sys
@@ -126,7 +127,8 @@ def _split_counters(device, size):
     return counters
 
 
-def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
+    """counters: int32 zeros, one per column tile (PackedLinear.split_counters); a cache per device if None."""
     block_n, block_b, split, warps, stages = config
     m, k = x.shape
     n = qweight.shape[1]
@@ -139,7 +141,8 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         split = 1
     per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
     split = triton.cdiv(num_blocks, per_split)
-    counters = _split_counters(x.device, tiles * m) if split > 1 else None
+    if split > 1 and (counters is None or counters.numel() < tiles * m):
+        counters = _split_counters(x.device, tiles * m)
     if split > 1 and counters is None:
         block_n, block_k, parts, warps = SPLITK_CONFIGS[0]
         return splitk_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const,
@@ -188,7 +191,7 @@ def candidates(m, group_size):
     return gemms
 
 
-def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const):
+def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
     """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest (kernel, config) of a small set."""
     m = x.shape[0]
     blocks_per_group = group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
@@ -200,18 +203,25 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
     if key not in _best:
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             kernel, config = pairs[0]
-            return kernel(*args, config)  # no timing on the CPU or inside a CUDA graph capture
-        _best[key] = _fastest(args, pairs)
+            return _bind(kernel, counters)(*args, config)  # no timing on the CPU or inside a CUDA graph capture
+        _best[key] = _fastest(args, pairs, counters)
     kernel, config = _best[key]
     last_choice.update(kernel=kernel.__name__, config=config)
-    return kernel(*args, config)
+    return _bind(kernel, counters)(*args, config)
 
 
-def _fastest(args, pairs):
+def _bind(kernel, counters):
+    """The one-row kernel with the layer's own split-K counters (PackedLinear.split_counters)."""
+    return functools.partial(stream_gemv, counters=counters) if kernel is stream_gemv and counters is not None \
+        else kernel
+
+
+def _fastest(args, pairs, counters=None):
     times = {}
     for kernel, config in pairs:
+        call = _bind(kernel, counters)
         try:
-            times[kernel, config] = triton.testing.do_bench(lambda: kernel(*args, config), warmup=5, rep=20,
+            times[kernel, config] = triton.testing.do_bench(lambda: call(*args, config), warmup=5, rep=20,
                                                             return_mode="median")
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
             if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
@@ -222,14 +232,15 @@ def _fastest(args, pairs):
 @torch.library.custom_op("nanoqat::packed_matmul", mutates_args=())
 def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-                  zero_const: float) -> torch.Tensor:
+                  zero_const: float, counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # counters are written during the call and back to zero at its end: not a mutation the graph sees
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = run(x2, qweight, scale, zero, bias, bits, group_size, in_features, zero_const)
+    y = run(x2, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters)
     return y.reshape(*x.shape[:-1], qweight.shape[1])
 
 
 @packed_matmul.register_fake
-def _(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const):
+def _(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))

@@ -23,6 +23,10 @@ class PackedLinear(nn.Module):
         self.register_buffer("zero", layout["zero"])
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("sparse", None)  # dense-and-sparse weights: the full-precision outliers, CSR
+        # split-K arrival counters of the one-row kernel (zero between calls; not saved). A buffer, so that it is
+        # allocated when the module moves to the GPU, never inside a CUDA graph's memory pool
+        self.register_buffer("split_counters", torch.zeros(-(-self.out_features // ops.BLOCK), dtype=torch.int32),
+                             persistent=False)
 
     @classmethod
     def from_record(cls, record, bias=None):
@@ -54,7 +58,7 @@ class PackedLinear(nn.Module):
         refusal = ops.kernel_refusal(x, self.bits, self.group_size)
         if refusal is None:
             y = ops.packed_matmul(x, self.qweight, self.scale, self.zero, self.bias, self.bits, self.group_size,
-                                  self.in_features, self.zero_const)
+                                  self.in_features, self.zero_const, self.split_counters)
         else:
             ops.say_once(refusal)
             bias = None if self.bias is None else self.bias.to(x.dtype)
