@@ -99,8 +99,9 @@ def profile(shape, bandwidth, log):
         log(f"### {shape}, one row, {name}: floor {floor_us:.1f} us")
         times = {}
         for kernel, config in ops.candidates(1, layer.group_size):
-            calls = [lambda lay=lay, x=x: kernel(x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks,
-                                                 lay.zero_const, config) for lay, x in zip(layers, xs)]
+            calls = [lambda lay=lay, x=x: ops.bind(kernel, lay.split_counters)(
+                x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
+                for lay, x in zip(layers, xs)]
             try:
                 for call in calls:
                     call()
@@ -114,7 +115,8 @@ def profile(shape, bandwidth, log):
         lay, x = layers[0], xs[0]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
-                kernel(x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
+                ops.bind(kernel, lay.split_counters)(x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks,
+                                                     lay.zero_const, config)
             torch.cuda.synchronize()
         parts = [(e.key, e.device_time_total / e.count) for e in prof.key_averages() if e.device_time_total > 0]
         log(f"  fastest {kname} {config} {best:.1f} us; its kernels (warm L2, us): "
@@ -194,8 +196,8 @@ def check(log):
                 for kernel, config in pairs:
                     # poison: the caching allocator hands this freed NaN block to the kernel's (m, n) output
                     torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                    y = kernel(x, layer.qweight, layer.scale, layer.zero, b, layer.bits, blocks, layer.zero_const,
-                               config)
+                    y = ops.bind(kernel, layer.split_counters)(x, layer.qweight, layer.scale, layer.zero, b,
+                                                               layer.bits, blocks, layer.zero_const, config)
                     err = relative_error(y, ref)
                     ok = math.isfinite(err) and err < tolerance[dtype] and y.dtype == dtype
                     failures += not ok

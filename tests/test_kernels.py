@@ -58,7 +58,7 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                                                                    layer.bias, layer.bits, blocks, layer.zero_const,
                                                                    config, counters=layer.split_counters)))
             # the split-K arrival counters are back to zero for the next call
-            assert not layer.split_counters.any() and not any(c.any() for c in ops._counters.values())
+            assert not layer.split_counters.any()
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
@@ -76,12 +76,12 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     # float32 accumulation over at most 128 products: relative error far below one quantization step
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
-    # every kernel ran on every spec: one row (streaming GEMV with and without split-K, split-K GEMV), 3 rows (GEMM
-    # at 16 rows, GEMV), 20 (GEMM)
+    # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM at 16 rows,
+    # GEMV), 20 (GEMM)
     ran = {(r[6], r[8]) for r in rows}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
-                   (1, "splitk_gemv"), (3, "layer"), (3, "gemm"), (3, "gemv"), (20, "layer"), (20, "gemm")}, ran
-    assert len(rows) == 10 * len(SPECS)
+                   (3, "layer"), (3, "gemm"), (3, "gemv"), (20, "layer"), (20, "gemm")}, ran
+    assert len(rows) == 9 * len(SPECS)
 
 
 @pytest.mark.parametrize("method,bits,granularity,group_size", SPECS)

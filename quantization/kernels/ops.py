@@ -23,9 +23,6 @@ GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV
 KERNEL_BITS = (1, 2, 3, 4, 8)
 # 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
 GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
-# one row: (BLOCK_N, BLOCK_K, split-K parts (0: enough to fill the GPU), num_warps); BLOCK_K shrinks to divide
-# the group size
-SPLITK_CONFIGS = [(64, 128, 0, 4)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
 # no atomics, no zeroing and no cast after), num_warps, pipeline stages)
 STREAM_CONFIGS = [(128, 4, 16, 4, 1), (128, 8, 8, 4, 1), (256, 4, 16, 2, 1)]
@@ -88,47 +85,9 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return y.to(x.dtype)
 
 
-def splitk_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
-    block_n, block_k, split, warps = config
-    m, k = x.shape
-    n = qweight.shape[1]
-    num_blocks = triton.cdiv(k, BLOCK)
-    tile = block_k // BLOCK
-    programs = triton.cdiv(n, block_n) * m
-    if split == 0:  # split K until about four programs per multiprocessor
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        split = max(1, min(triton.cdiv(4 * sms, programs), num_blocks // (2 * tile)))
-    per_split = triton.cdiv(triton.cdiv(num_blocks, split), tile) * tile
-    split = triton.cdiv(num_blocks, per_split)
-    atomic = split > 1
-    y = (torch.zeros if atomic else torch.empty)((m, n), device=x.device, dtype=torch.float32 if atomic else x.dtype)
-    triton_kernels._splitk_gemv_kernel[(triton.cdiv(n, block_n), split, m)](
-        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
-        m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
-    return y.to(x.dtype)
-
-
-_counters = {}  # device -> int32 zeros: the split-K arrival counters of stream_gemv, each set back to 0 after use
-_old_counters = []
-
-
-def _split_counters(device, size):
-    """Counters for `size` column tiles, zero between calls; None inside a CUDA graph capture that would have to
-    allocate them (the caller then splits with atomics instead)."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if counters is not None:  # a captured graph may hold the old ones: never freed
-            _old_counters.append(counters)
-        counters = _counters[device] = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-    return counters
-
-
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
-    """counters: int32 zeros, one per column tile (PackedLinear.split_counters); a cache per device if None."""
+    """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
+    call; zeroed here when not given."""
     block_n, block_b, split, warps, stages = config
     m, k = x.shape
     n = qweight.shape[1]
@@ -142,11 +101,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
     split = triton.cdiv(num_blocks, per_split)
     if split > 1 and (counters is None or counters.numel() < tiles * m):
-        counters = _split_counters(x.device, tiles * m)
-    if split > 1 and counters is None:
-        block_n, block_k, parts, warps = SPLITK_CONFIGS[0]
-        return splitk_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const,
-                           (block_n, math.gcd(block_k, blocks_per_group * BLOCK), parts, warps))
+        counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
@@ -182,9 +137,8 @@ def candidates(m, group_size):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed)."""
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in GEMM_CONFIGS]
-    if m == 1:  # the split-K GEMV is what a CUDA graph capture falls back to (stream_gemv); it times slower
-        return ([(stream_gemv, c) for c in STREAM_CONFIGS]
-                + [(splitk_gemv, (bn, _fit_k(bk, group_size), split, w)) for bn, bk, split, w in SPLITK_CONFIGS])
+    if m == 1:
+        return [(stream_gemv, c) for c in STREAM_CONFIGS]
     if m <= GEMV_MAX_ROWS:
         return ([(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in SMALL_GEMM_CONFIGS]
                 + [(gemv, c) for c in GEMV_CONFIGS])
@@ -203,23 +157,22 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
     if key not in _best:
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             kernel, config = pairs[0]
-            return _bind(kernel, counters)(*args, config)  # no timing on the CPU or inside a CUDA graph capture
+            return bind(kernel, counters)(*args, config)  # no timing on the CPU or inside a CUDA graph capture
         _best[key] = _fastest(args, pairs, counters)
     kernel, config = _best[key]
     last_choice.update(kernel=kernel.__name__, config=config)
-    return _bind(kernel, counters)(*args, config)
+    return bind(kernel, counters)(*args, config)
 
 
-def _bind(kernel, counters):
+def bind(kernel, counters):
     """The one-row kernel with the layer's own split-K counters (PackedLinear.split_counters)."""
-    return functools.partial(stream_gemv, counters=counters) if kernel is stream_gemv and counters is not None \
-        else kernel
+    return functools.partial(stream_gemv, counters=counters) if kernel is stream_gemv else kernel
 
 
 def _fastest(args, pairs, counters=None):
     times = {}
     for kernel, config in pairs:
-        call = _bind(kernel, counters)
+        call = bind(kernel, counters)
         try:
             times[kernel, config] = triton.testing.do_bench(lambda: call(*args, config), warmup=5, rep=20,
                                                             return_mode="median")

@@ -1,18 +1,15 @@
 """Triton kernels for y = x @ dequant(W)^T (+ bias), read straight from the packed codes of layout.py.
 
-Four kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
+Three kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
 - `_stream_gemv_kernel` for one row of x: each step loads the words of a few blocks x BLOCK_N outputs and walks
   their fields in a static loop, one broadcast value of x per field, into a 2-D accumulator that is summed once
   at the end; split-K over a second grid axis, the last program of a column tile adding the partials (one launch);
-- `_splitk_gemv_kernel` for one row of x (decode at batch 1): each step unpacks a (BLOCK_K, BLOCK_N) tile of codes
-  with one vectorized shift-and-mask (as the GEMM does), multiplies it by BLOCK_K values of x and sums over K on
-  the CUDA cores; split-K over a second grid axis (fp32 atomics);
-- `_gemv_kernel` for up to 16 rows of x: CUDA cores, a static loop over the 32 codes of each block, split-K as
-  above (the first kernel; ops.py times it against the others and keeps the fastest per shape);
+- `_gemv_kernel` for 2 to 16 rows of x: CUDA cores, a static loop over the 32 codes of each block, split-K with
+  fp32 atomics (ops.py times it against the GEMM with 16-row tiles and keeps the faster per shape);
 - `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each K tile of codes
   is unpacked to a (BLOCK_K, BLOCK_N) tile of exact small integers (code - zero) in the activation dtype,
   multiplied on the tensor cores, and the product scaled per output column; a tile never straddles a group.
-Both accumulate in float32. Codes become floats by the 2**23 trick (OR the field into the mantissa of 2**23,
+All accumulate in float32. Codes become floats by the 2**23 trick (OR the field into the mantissa of 2**23,
 subtract 2**23): exact, and cheaper than an integer-to-float conversion, which runs at a quarter of the rate.
 """
 import triton
@@ -33,6 +30,17 @@ def _as_float(field):
 @triton.jit
 def _field(word, shift: tl.constexpr, width: tl.constexpr):
     return (word >> shift) & ((1 << width) - 1)
+
+
+@triton.jit
+def _code3(low0, low1, high, i: tl.constexpr):
+    """Code i (0-31) of 3-bit blocks as float32: its low two bits from the 2-bit plane (words low0, low1), its high
+    bit from the 1-bit plane."""
+    if i < 16:
+        low = _field(low0, 2 * i, 2)
+    else:
+        low = _field(low1, 2 * (i - 16), 2)
+    return _as_float(low | (_field(high, i, 1) << 2))
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -63,11 +71,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
             low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
             high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
             for i in tl.static_range(BLOCK):
-                if i < 16:
-                    low = _field(low0, 2 * i, 2)
-                else:
-                    low = _field(low1, 2 * (i - 16), 2)
-                code = _as_float(low | (_field(high, i, 1) << 2))
+                code = _code3(low0, low1, high, i)
                 xi = tl.load(x_ptrs + i, mask=mask_x & (offs_b[None, :] * BLOCK + i < K), other=0.0).to(tl.float32)
                 dot += xi[:, :, None] * code[None, :, :]
                 xsum += xi
@@ -98,56 +102,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
         tl.atomic_add(y_ptrs, y, mask=mask_y)
     else:
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
-
-
-@triton.jit(do_not_specialize=_VARYING)
-def _splitk_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                        blocks_per_group, blocks_per_split,
-                        BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row of x per program (grid axis 2); BLOCK_K divides the group size and blocks_per_split * 32."""
-    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    blocks: tl.constexpr = BLOCK_K // BLOCK
-    num_blocks = tl.cdiv(K, BLOCK)
-    first = pid_k * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, num_blocks)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for b0 in range(first, last, blocks):
-        offs_k = b0 * BLOCK + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + pid_m * stride_xm + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        offs_b = b0 + tl.arange(0, blocks)
-        if BITS == 3:
-            low_rows = tl.reshape((offs_b * 3)[:, None] + tl.arange(0, 2)[None, :], (2 * blocks,))
-            low = tl.load(w_ptr + low_rows[:, None] * N + offs_n[None, :],
-                          mask=(low_rows < last * 3)[:, None] & mask_n[None, :], other=0)
-            high = tl.load(w_ptr + (offs_b * 3 + 2)[:, None] * N + offs_n[None, :],
-                           mask=(offs_b < last)[:, None] & mask_n[None, :], other=0)
-            codes = _unpack(low, 2) | (_unpack(high, 1) << 2)
-        else:
-            rows = b0 * BITS + tl.arange(0, blocks * BITS)
-            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
-                            mask=(rows < last * BITS)[:, None] & mask_n[None, :], other=0)
-            codes = _unpack(words, BITS)
-        # sum of x * code over the tile, and of x: the zero point is applied once per tile
-        dot = tl.sum(x[:, None] * _as_float(codes), axis=0)
-        xsum = tl.sum(x, axis=0)
-        group = b0 // blocks_per_group
-        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            acc += (dot - zero * xsum) * scale
-        else:
-            acc += (dot - ZERO * xsum) * scale
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)  # once, by the first split
-    y_ptrs = y_ptr + pid_m * stride_ym + offs_n
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask_n)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -185,12 +139,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
             low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
             high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
             for i in tl.static_range(BLOCK):
-                if i < 16:
-                    low = _field(low0, 2 * i, 2)
-                else:
-                    low = _field(low1, 2 * (i - 16), 2)
-                xi = _x_at(x_ptrs, i, mask_b, offs_b, K, EVEN)
-                part += xi[:, None] * _as_float(low | (_field(high, i, 1) << 2))
+                part += _x_at(x_ptrs, i, mask_b, offs_b, K, EVEN)[:, None] * _code3(low0, low1, high, i)
         else:
             # a field is masked where it lies (no shift) and ORed into the mantissa of 2**23: the float is
             # 2**23 + code * 2**p exactly (p + BITS <= 16 < 23), so after subtracting 2**23 the value of x is
