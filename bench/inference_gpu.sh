@@ -15,7 +15,7 @@ LOG="$R/inference_${GPU}_log.txt"
 : > "$LOG"
 if [ "$PART" != decode ]; then
 # the goal's shape first, so that a run cut short still has it
-timeout 120 python bench/kernels.py --check --shapes= --gemm_shapes= \
+timeout 180 python bench/kernels.py --check --shapes= --gemm_shapes= \
     --out="$R/kernels_${GPU}_check.md" 2>&1 | grep -v -i warn | tee -a "$LOG"
 timeout 180 python bench/kernels.py --out="$R/kernels_$GPU.md" --gemm_shapes=4096x11008 \
     --shapes=4096x11008,768x768,768x3072,3072x768,4096x4096,11008x4096,8192x8192 2>&1 | grep -v -i warn | tee -a "$LOG"
