@@ -65,9 +65,11 @@ READ_CONFIGS = [(128, 16, 4, 4, 1), (128, 32, 4, 4, 1), (128, 64, 4, 4, 1), (128
 
 
 def read_words(qweight, out, config):
+    """The loads-only kernel over qweight (R, N): out[split, n] gets its split's words, XOR-ed down each of BLOCK_R
+    lanes of rows, then the lanes summed (int32)."""
     block_n, block_r, per_sm, warps, stages = config
     r, n = qweight.shape
-    sms = torch.cuda.get_device_properties(qweight.device).multi_processor_count
+    sms = torch.cuda.get_device_properties(qweight.device).multi_processor_count if qweight.is_cuda else 1
     split = max(1, min(per_sm * sms // triton.cdiv(n, block_n), r // block_r))
     per_split = triton.cdiv(triton.cdiv(r, split), block_r) * block_r
     _read_words[(triton.cdiv(n, block_n), triton.cdiv(r, per_split))](qweight, out, r, n, per_split, BLOCK_N=block_n,
@@ -264,12 +266,15 @@ def main():
     p.add_argument("--check", action="store_true", help="verify every kernel against the reference first")
     p.add_argument("--profile", default="", help="comma-separated shapes: time every candidate at one row, a "
                    "kernel breakdown and a loads-only kernel, instead of the table")
-    p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md)")
+    p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
+                   "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")
     gpu = torch.cuda.get_device_name()
+    short = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[-1].lower()
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     lines = []
 
     def log(line):
@@ -284,7 +289,8 @@ def main():
     if args.profile:
         for shape in args.profile.split(","):
             profile(shape, bandwidth, log)
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels_profile.md")
+        out = args.out or os.path.join(results, f"kernels_profile_{short}.md")
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
         return print(f"wrote {out}")
@@ -298,8 +304,7 @@ def main():
     if gemm_rows:
         result += ["", f"## Prefill (GEMM, {args.gemm_batch} rows)", "", table(gemm_rows)]
     log("\n".join(result))
-    short = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[-1].lower()
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"kernels_{short}.md")
+    out = args.out or os.path.join(results, f"kernels_{short}.md")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")

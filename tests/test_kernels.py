@@ -191,3 +191,40 @@ def test_outliers_and_residual_binary_records_keep_their_function_when_packed():
         assert not isinstance(model[0], torch.nn.Linear)
         expected = x @ unpack_weight(record).T + bias
         assert torch.allclose(model(x), expected, atol=1e-4), record["spec"]["method"]
+
+
+READ_WORDS_CHECK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from bench.kernels import read_words
+torch.manual_seed(0)
+r, n, block_r = 40, 37, 8
+words = torch.randint(-2**31, 2**31, (r, n), dtype=torch.int64).to(torch.int32)
+out = torch.zeros((r, n), dtype=torch.int32)
+read_words(words, out, (16, block_r, 4, 4, 1))  # CPU: split = min(4 * 1 // 3, 40 // 8) = 1
+lanes = torch.zeros((block_r, n), dtype=torch.int64)
+for row in range(r):
+    lanes[row % block_r] ^= words[row].to(torch.int64) & 0xFFFFFFFF
+expected = lanes.sum(0) & 0xFFFFFFFF
+expected = torch.where(expected >= 2**31, expected - 2**32, expected)
+assert torch.equal(out[0].to(torch.int64), expected), (out[0], expected)
+print("ok")
+"""
+
+
+def test_the_loads_only_kernel_of_the_profile_reads_every_word_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", READ_WORDS_CHECK, ROOT], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_the_kernel_benchmark_without_a_gpu_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: bench/kernels.py would run")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernels.py"), "--profile=4096x11008"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and "needs a CUDA GPU" in lines[0], result.stderr
