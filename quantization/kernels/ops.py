@@ -24,8 +24,8 @@ KERNEL_BITS = (1, 2, 3, 4, 8)
 # 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
 GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
-# no atomics, no zeroing and no cast after), num_warps, pipeline stages)
-STREAM_CONFIGS = [(128, 4, 16, 4, 1), (128, 8, 8, 4, 1), (256, 4, 16, 2, 1)]
+# no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0))
+STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K shrinks to divide the group size
 GEMM_CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked)
@@ -88,7 +88,7 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given."""
-    block_n, block_b, split, warps, stages = config
+    block_n, block_b, split, warps, prefetch = config
     m, k = x.shape
     n = qweight.shape[1]
     num_blocks = triton.cdiv(k, BLOCK)
@@ -109,7 +109,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, STAGES=stages, num_warps=warps)
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), num_warps=warps)
     return y
 
 

@@ -3,14 +3,17 @@
 Three kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
 - `_stream_gemv_kernel` for one row of x: each step loads the words of a few blocks x BLOCK_N outputs and walks
   their fields in a static loop, one broadcast value of x per field, into a 2-D accumulator that is summed once
-  at the end; split-K over a second grid axis, the last program of a column tile adding the partials (one launch);
+  at the end (two instructions per code); split-K over a second grid axis, the last program of a column tile
+  adding the partials (one launch);
 - `_gemv_kernel` for 2 to 16 rows of x: CUDA cores, a static loop over the 32 codes of each block, split-K with
   fp32 atomics (ops.py times it against the GEMM with 16-row tiles and keeps the faster per shape);
 - `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each K tile of codes
   is unpacked to a (BLOCK_K, BLOCK_N) tile of exact small integers (code - zero) in the activation dtype,
   multiplied on the tensor cores, and the product scaled per output column; a tile never straddles a group.
-All accumulate in float32. Codes become floats by the 2**23 trick (OR the field into the mantissa of 2**23,
-subtract 2**23): exact, and cheaper than an integer-to-float conversion, which runs at a quarter of the rate.
+All accumulate in float32. In the one-row kernel a code becomes a float with one AND: the field, masked where it
+lies, read as a subnormal float32 (see `_sub`). The others use the 2**23 trick (OR the field into the mantissa of
+2**23, subtract 2**23). Both are exact, and cheaper than an integer-to-float conversion, which runs at a quarter of
+the rate.
 """
 import triton
 import triton.language as tl
@@ -104,21 +107,69 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
+@triton.jit
+def _word(w_ptrs, N, mask, W: tl.constexpr, BITS: tl.constexpr):
+    """Word W of each block (a block has BITS words, N apart); a constant 0 where W >= BITS."""
+    if W < BITS:
+        return tl.load(w_ptrs + W * N, mask=mask, other=0)
+    else:
+        return tl.zeros(w_ptrs.shape, tl.int32)
+
+
+@triton.jit
+def _pick(c0, c1, c2, c3, c4, c5, c6, c7, W: tl.constexpr):
+    if W == 0:
+        return c0
+    elif W == 1:
+        return c1
+    elif W == 2:
+        return c2
+    elif W == 3:
+        return c3
+    elif W == 4:
+        return c4
+    elif W == 5:
+        return c5
+    elif W == 6:
+        return c6
+    else:
+        return c7
+
+
+@triton.jit
+def _subnormal(field):
+    """An unsigned field masked where it lies in the low 23 bits of a word, read as a float32: c * 2**(p - 149), a
+    subnormal, exact (p = the field's lowest bit). One AND per code makes a float of it: no shift, no subtraction."""
+    return field.to(tl.float32, bitcast=True)
+
+
+# x * 2**(64 - p) times the subnormal c * 2**(p - 149) is x * c * 2**-85: exact and a normal float for |x * c| >
+# 2**-41, and x * 2**64 overflows only past |x| = 2**64
+XSCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
+BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
+SPLIT_CHUNK: tl.constexpr = tl.constexpr(16)  # partial sums the last program of a split-K tile loads at once
+
+
 @triton.jit(do_not_specialize=_VARYING)
 def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
                         blocks_per_group, blocks_per_split,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                        STAGES: tl.constexpr):
+                        PREFETCH: tl.constexpr):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
-    and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end). Scale and
-    zero point are loaded per block row. EVEN: K is a multiple of 32 and every split a whole number of steps, so
-    x needs no masks. STAGES: software pipelining of the loads (tl.range).
+    and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
+    A code costs two instructions: an AND that leaves the field where it lies in the low 16 bits of a word (the high
+    16 bits are shifted down once per word), read as a subnormal float32 c * 2**(p - 149), and an FMA with x scaled
+    by 2**(64 - p) (once per field, shared by the outputs a thread holds): the product is x * c * 2**-85, exact,
+    and the sum is scaled back by 2**85 per block. Subnormals are exact and full speed in FMA (Triton does not
+    flush them). Scale and zero point are applied per block row. EVEN: K is a multiple of 32 and every split a
+    whole number of steps, so x needs no masks. PREFETCH: the next step's words are loaded before this step's
+    fields are used.
     SPLIT (split-K over grid axis 1): each program stores its float32 partial sums in the workspace ws and counts
-    itself in count (one counter per row and BLOCK_N outputs); the last to arrive adds the partials in split order
-    (deterministic), writes y in its own dtype and sets the counter back to 0 for the next call. One launch: no
-    zeroed output, no atomics on y, no cast afterwards."""
+    itself in count (one counter per row and BLOCK_N outputs); the last to arrive adds the partials (loaded
+    SPLIT_CHUNK at a time, in a fixed order: deterministic), writes y in its own dtype and sets the counter back to
+    0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -127,35 +178,74 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     last = tl.minimum(first + blocks_per_split, num_blocks)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    for b0 in tl.range(first, last, BLOCK_B, num_stages=STAGES):
+    offs_b = first + tl.arange(0, BLOCK_B)
+    mask_w = (offs_b < last)[:, None] & mask_n[None, :]
+    w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
+    n0 = _word(w_ptrs, N, mask_w, 0, BITS)
+    n1 = _word(w_ptrs, N, mask_w, 1, BITS)
+    n2 = _word(w_ptrs, N, mask_w, 2, BITS)
+    n3 = _word(w_ptrs, N, mask_w, 3, BITS)
+    n4 = _word(w_ptrs, N, mask_w, 4, BITS)
+    n5 = _word(w_ptrs, N, mask_w, 5, BITS)
+    n6 = _word(w_ptrs, N, mask_w, 6, BITS)
+    n7 = _word(w_ptrs, N, mask_w, 7, BITS)
+    for b0 in range(first, last, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < last
         mask_w = mask_b[:, None] & mask_n[None, :]
-        w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
-        x_ptrs = x_row + offs_b * BLOCK
-        part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-        if BITS == 3:
-            low0 = tl.load(w_ptrs, mask=mask_w, other=0)
-            low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
-            high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
-            for i in tl.static_range(BLOCK):
-                part += _x_at(x_ptrs, i, mask_b, offs_b, K, EVEN)[:, None] * _code3(low0, low1, high, i)
+        if PREFETCH:  # this step's words came with the previous step; the next step's go out now
+            c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
+            next_ptrs = w_ptr + ((offs_b + BLOCK_B) * BITS)[:, None] * N + offs_n[None, :]
+            mask_next = (offs_b + BLOCK_B < last)[:, None] & mask_n[None, :]
+            n0 = _word(next_ptrs, N, mask_next, 0, BITS)
+            n1 = _word(next_ptrs, N, mask_next, 1, BITS)
+            n2 = _word(next_ptrs, N, mask_next, 2, BITS)
+            n3 = _word(next_ptrs, N, mask_next, 3, BITS)
+            n4 = _word(next_ptrs, N, mask_next, 4, BITS)
+            n5 = _word(next_ptrs, N, mask_next, 5, BITS)
+            n6 = _word(next_ptrs, N, mask_next, 6, BITS)
+            n7 = _word(next_ptrs, N, mask_next, 7, BITS)
         else:
-            # a field is masked where it lies (no shift) and ORed into the mantissa of 2**23: the float is
-            # 2**23 + code * 2**p exactly (p + BITS <= 16 < 23), so after subtracting 2**23 the value of x is
-            # scaled by 2**-p instead (exact): one integer operation per code where shift-and-mask took two
+            w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
+            c0 = _word(w_ptrs, N, mask_w, 0, BITS)
+            c1 = _word(w_ptrs, N, mask_w, 1, BITS)
+            c2 = _word(w_ptrs, N, mask_w, 2, BITS)
+            c3 = _word(w_ptrs, N, mask_w, 3, BITS)
+            c4 = _word(w_ptrs, N, mask_w, 4, BITS)
+            c5 = _word(w_ptrs, N, mask_w, 5, BITS)
+            c6 = _word(w_ptrs, N, mask_w, 6, BITS)
+            c7 = _word(w_ptrs, N, mask_w, 7, BITS)
+        x_ptrs = x_row + offs_b * BLOCK
+        part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)  # sum of x * (code) * 2**-49 over the step's blocks
+        if BITS == 3:
+            for h in tl.static_range(2):  # codes 16h .. 16h+15: low two bits in word h, high bit in half h of word 2
+                if h == 0:
+                    low = c0
+                    high = c2 & 0xFFFF
+                else:
+                    low = c1
+                    high = (c2 >> 16) & 0xFFFF
+                for q in tl.static_range(2):
+                    if q == 0:
+                        lw = low
+                    else:
+                        lw = (low >> 16) & 0xFFFF
+                    for j in tl.static_range(8):
+                        xi = _x_at(x_ptrs, 16 * h + 8 * q + j, mask_b, offs_b, K, EVEN)
+                        part += (xi * (XSCALE / (1 << (2 * j))))[:, None] * _subnormal(lw & (3 << (2 * j)))
+                        part += (xi * (4.0 * XSCALE / (1 << (8 * q + j))))[:, None] * _subnormal(high & (1 << (8 * q + j)))
+        else:
             for w in tl.static_range(BITS):
-                word = tl.load(w_ptrs + w * N, mask=mask_w, other=0)
+                word = _pick(c0, c1, c2, c3, c4, c5, c6, c7, w)
                 for h in tl.static_range(2):  # the low 16 bits of the word, then the high 16
                     if h == 0:
                         half = word
                     else:
-                        half = word >> 16
+                        half = (word >> 16) & 0xFFFF
                     for j in tl.static_range(16 // BITS):
                         xi = _x_at(x_ptrs, w * (32 // BITS) + h * (16 // BITS) + j, mask_b, offs_b, K, EVEN)
-                        field = (half & (((1 << BITS) - 1) << (j * BITS))) | 0x4B000000
-                        code = field.to(tl.float32, bitcast=True) - 8388608.0
-                        part += (xi * (1.0 / (1 << (j * BITS))))[:, None] * code
+                        code = _subnormal(half & (((1 << BITS) - 1) << (j * BITS)))
+                        part += (xi * (XSCALE / (1 << (j * BITS))))[:, None] * code
         offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         if EVEN:
             xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
@@ -165,9 +255,9 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
         if HAS_ZERO:
             zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
-            acc += (part - xsum[:, None] * zero) * scale
+            acc += (part * BACK - xsum[:, None] * zero) * scale
         else:
-            acc += (part - ZERO * xsum[:, None]) * scale
+            acc += (part * BACK - ZERO * xsum[:, None]) * scale
     y = tl.sum(acc, axis=0)
     y_ptrs = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT:
@@ -177,8 +267,11 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
             y = tl.zeros((BLOCK_N,), tl.float32)
-            for k in range(0, splits):  # in split order: the same sum every call
-                y += tl.load(ws_ptr + (k * M + pid_m) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            offs_s = tl.arange(0, SPLIT_CHUNK)
+            for k0 in range(0, splits, SPLIT_CHUNK):  # in split order: the same sum every call
+                ks = k0 + offs_s
+                y += tl.sum(tl.load(ws_ptr + ((ks * M + pid_m) * N)[:, None] + offs_n[None, :],
+                                    mask=(ks < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg"), 0)
             if HAS_BIAS:
                 y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)

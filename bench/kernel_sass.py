@@ -1,0 +1,122 @@
+"""Instructions per code of the one-row kernel, without a GPU: compile `_stream_gemv_kernel` for a CUDA arch
+(Triton can target one that is not here), disassemble it with the cuobjdump that Triton ships, and count the
+instructions of its main loop against the codes one thread handles per step.
+
+    python bench/kernel_sass.py                       # every width, every config of ops.STREAM_CONFIGS, sm_90
+    python bench/kernel_sass.py --bits=4 --configs=128x4x4 --show   # one kernel, and its loop's instructions
+
+A config here is BLOCK_N x BLOCK_B x num_warps (the split and prefetch of ops.STREAM_CONFIGS are set by --split
+and --prefetch). The count is static (one pass of the loop body), a measure of work, not of time.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def fail(message):
+    sys.exit(f"kernel_sass.py: error: {message}")
+
+
+def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from quantization.kernels import triton_kernels
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
+                 "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+                 "stride_xm": "i32", "stride_ym": "i32", "blocks_per_group": "i32", "blocks_per_split": "i32"}
+    constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
+                     BLOCK_B=block_b, PREFETCH=prefetch)
+    signature.update({name: "constexpr" for name in constants})
+    # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}
+    source = ASTSource(fn=triton_kernels._stream_gemv_kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+
+
+def disassemble(cubin):
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        fail(f"no cuobjdump at {tool} (it ships with Triton's NVIDIA backend)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", text)]
+    registers = re.search(r"REG:(\d+)", usage)
+    return code, int(registers.group(1)) if registers else None
+
+
+def main_loop(code):
+    """The largest loop: instructions from a backward branch's target to the branch."""
+    loops = []
+    for address, text in code:
+        target = re.search(r"\bBRA\s+(?:`\(\S+\)\s*)?(0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            start = int(target.group(1), 16)
+            loops.append([t for a, t in code if start <= a <= address])
+    return max(loops, key=len) if loops else []
+
+
+def opcode(text):
+    return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", default="8,4,3,2,1", help="comma-separated code widths (ternary runs the 2-bit kernel)")
+    p.add_argument("--configs", default="", help="comma-separated BLOCK_NxBLOCK_Bxwarps (default: those of "
+                   "ops.STREAM_CONFIGS)")
+    p.add_argument("--split", type=int, default=1, choices=(0, 1), help="compile the split-K epilogue (1) or not")
+    p.add_argument("--prefetch", type=int, default=1, choices=(0, 1), help="compile the prefetch of the next step")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (90: H100/H200)")
+    p.add_argument("--show", action="store_true", help="also print the main loop's instructions")
+    args = p.parse_args()
+    try:
+        bits = [int(b) for b in args.bits.split(",")]
+    except ValueError:
+        fail(f"--bits={args.bits!r}: expected comma-separated integers")
+    if any(b not in (1, 2, 3, 4, 8) for b in bits):
+        fail(f"--bits={args.bits!r}: the kernels take 1, 2, 3, 4 and 8")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        fail("needs Triton (pip install triton)")
+    from quantization.kernels import ops
+    if args.configs:
+        try:
+            configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
+        except ValueError:
+            configs = [()]
+        if any(len(c) != 3 for c in configs):
+            fail(f"--configs={args.configs!r}: expected BLOCK_NxBLOCK_Bxwarps, e.g. 128x4x4")
+    else:
+        configs = sorted({(n, b, w) for n, b, _, w, _ in ops.STREAM_CONFIGS})
+    print(f"| bits | BLOCK_N x BLOCK_B x warps | loop instructions | codes per thread per step | per code | "
+          f"registers | most frequent |")
+    print("|---:|---|---:|---:|---:|---:|---|")
+    for b in bits:
+        for block_n, block_b, warps in configs:
+            kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch)
+            code, registers = disassemble(kernel.asm["cubin"])
+            loop = main_loop(code)
+            codes = block_n * block_b * 32 // (32 * warps)
+            top = collections.Counter(opcode(t) for t in loop).most_common(5)
+            print(f"| {b} | {block_n}x{block_b}x{warps} | {len(loop)} | {codes} | {len(loop) / codes:.2f} | "
+                  f"{registers} | {', '.join(f'{k} {v}' for k, v in top)} |", flush=True)
+            if args.show:
+                print("\n".join(loop))
+
+
+if __name__ == "__main__":
+    main()
