@@ -285,3 +285,17 @@ def test_the_one_row_kernel_spends_about_two_instructions_per_int4_code():
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode != 0 and len(lines) == 1 and "--bits='5'" in lines[0], bad.stderr
+
+
+def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_sass.py"), "--bits=1",
+                             "--configs=128x4x4", "--split=0", "--prefetch=0", "--arch=80", "--show"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    row = [line for line in lines if line.startswith("| 1 |")][0].split("|")
+    assert int(row[4]) == 128 and float(row[5]) > 2.0, row
+    shown = lines[lines.index([line for line in lines if line.startswith("| 1 |")][0]) + 1:]
+    # one FMA per code, and a few more per step for the scales
+    assert len(shown) == int(row[3]) and 128 <= sum(line.split()[0] == "FFMA" for line in shown) < 160, shown[:20]
