@@ -31,11 +31,15 @@ autoround_ptq, ptq_compare = load_demo("autoround_ptq"), load_demo("ptq_compare"
 
 
 def snapshot(*folders):
-    """{path: (size, mtime)} of every file under the folders (the repository without .git and caches)."""
+    """{path: (size, mtime)} of every file under the folders (the repository without .git, caches and virtual
+    environments)."""
     out = {}
     for folder in folders:
         for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = [d for d in dirnames if d not in (".git", "__pycache__", ".pytest_cache")]
+            # not a virtual environment kept in the checkout (.venv is git-ignored): no script writes there, and
+            # walking it takes minutes
+            dirnames[:] = [d for d in dirnames if d not in (".git", "__pycache__", ".pytest_cache")
+                           and not os.path.exists(os.path.join(dirpath, d, "pyvenv.cfg"))]
             for f in filenames:
                 path = os.path.join(dirpath, f)
                 st = os.lstat(path)
