@@ -92,15 +92,15 @@ from quantization.kernels import PackedLinear, ops
 from quantization.quantizers import QuantSpec
 torch.manual_seed(0)
 out = []
-for method, bits, granularity, group_size in json.loads(sys.argv[2]):
-    w = torch.randn(37, 1088)
+for method, bits, granularity, group_size, k in json.loads(sys.argv[2]):
+    w = torch.randn(37, k)
     layer = PackedLinear.from_float(w, QuantSpec(method, bits, granularity, group_size))
-    blocks = group_size // 32 if group_size else 34
+    blocks = group_size // 32 if group_size else k // 32
     # one row per magnitude (the kernel runs each row of x as its own one-row problem)
-    x = torch.randn(3, 1088) * torch.tensor([[1e15], [1.0], [1e-9]])
+    x = torch.randn(3, k) * torch.tensor([[1e15], [1.0], [1e-9]])
     expected = x.double() @ layer.dequantized_weight().double().T
     counters = torch.zeros(3, dtype=torch.int32)
-    # 17 splits of 2 blocks: the last program of a tile adds the partials in two chunks (16, then 1)
+    # k = 1088: 17 splits of 2 blocks, so the last program of a tile adds the partials in two chunks (16, then 1)
     y = ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks, layer.zero_const,
                         (64, 1, 64, 4, 1), counters=counters)
     for row, magnitude in enumerate((1e15, 1.0, 1e-9)):
@@ -113,7 +113,8 @@ print(json.dumps(out))
 def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_splits():
     """Codes become subnormal floats and x is scaled by 2**(64 - p): exact for |x| from about 1e-12 to 1e19."""
     pytest.importorskip("triton")
-    specs = [("affine_quant", 4, "per_group", 32), SPECS[-1]]
+    # 4-bit codes over many splits; 1-bit codes (a field at every bit position) over a short K
+    specs = [("affine_quant", 4, "per_group", 32, 1088), SPECS[-1] + (128,)]
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", ONE_ROW_RANGE, ROOT, json.dumps(specs)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
