@@ -117,6 +117,14 @@ def _word(w_ptrs, N, mask, W: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _words(w_ptrs, N, mask, BITS: tl.constexpr):
+    """The BITS words of each block, padded to eight with constant zeros (a loop may carry a fixed tuple)."""
+    return (_word(w_ptrs, N, mask, 0, BITS), _word(w_ptrs, N, mask, 1, BITS), _word(w_ptrs, N, mask, 2, BITS),
+            _word(w_ptrs, N, mask, 3, BITS), _word(w_ptrs, N, mask, 4, BITS), _word(w_ptrs, N, mask, 5, BITS),
+            _word(w_ptrs, N, mask, 6, BITS), _word(w_ptrs, N, mask, 7, BITS))
+
+
+@triton.jit
 def _pick(c0, c1, c2, c3, c4, c5, c6, c7, W: tl.constexpr):
     if W == 0:
         return c0
@@ -178,17 +186,11 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     last = tl.minimum(first + blocks_per_split, num_blocks)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    offs_b = first + tl.arange(0, BLOCK_B)
-    mask_w = (offs_b < last)[:, None] & mask_n[None, :]
-    w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
-    n0 = _word(w_ptrs, N, mask_w, 0, BITS)
-    n1 = _word(w_ptrs, N, mask_w, 1, BITS)
-    n2 = _word(w_ptrs, N, mask_w, 2, BITS)
-    n3 = _word(w_ptrs, N, mask_w, 3, BITS)
-    n4 = _word(w_ptrs, N, mask_w, 4, BITS)
-    n5 = _word(w_ptrs, N, mask_w, 5, BITS)
-    n6 = _word(w_ptrs, N, mask_w, 6, BITS)
-    n7 = _word(w_ptrs, N, mask_w, 7, BITS)
+    if PREFETCH:  # the first step's words
+        offs_b = first + tl.arange(0, BLOCK_B)
+        mask_w = (offs_b < last)[:, None] & mask_n[None, :]
+        w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
+        n0, n1, n2, n3, n4, n5, n6, n7 = _words(w_ptrs, N, mask_w, BITS)
     for b0 in range(first, last, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < last
@@ -197,24 +199,10 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
             c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
             next_ptrs = w_ptr + ((offs_b + BLOCK_B) * BITS)[:, None] * N + offs_n[None, :]
             mask_next = (offs_b + BLOCK_B < last)[:, None] & mask_n[None, :]
-            n0 = _word(next_ptrs, N, mask_next, 0, BITS)
-            n1 = _word(next_ptrs, N, mask_next, 1, BITS)
-            n2 = _word(next_ptrs, N, mask_next, 2, BITS)
-            n3 = _word(next_ptrs, N, mask_next, 3, BITS)
-            n4 = _word(next_ptrs, N, mask_next, 4, BITS)
-            n5 = _word(next_ptrs, N, mask_next, 5, BITS)
-            n6 = _word(next_ptrs, N, mask_next, 6, BITS)
-            n7 = _word(next_ptrs, N, mask_next, 7, BITS)
+            n0, n1, n2, n3, n4, n5, n6, n7 = _words(next_ptrs, N, mask_next, BITS)
         else:
             w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
-            c0 = _word(w_ptrs, N, mask_w, 0, BITS)
-            c1 = _word(w_ptrs, N, mask_w, 1, BITS)
-            c2 = _word(w_ptrs, N, mask_w, 2, BITS)
-            c3 = _word(w_ptrs, N, mask_w, 3, BITS)
-            c4 = _word(w_ptrs, N, mask_w, 4, BITS)
-            c5 = _word(w_ptrs, N, mask_w, 5, BITS)
-            c6 = _word(w_ptrs, N, mask_w, 6, BITS)
-            c7 = _word(w_ptrs, N, mask_w, 7, BITS)
+            c0, c1, c2, c3, c4, c5, c6, c7 = _words(w_ptrs, N, mask_w, BITS)
         x_ptrs = x_row + offs_b * BLOCK
         part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)  # sum of x * (code) * 2**-49 over the step's blocks
         if BITS == 3:
