@@ -13,6 +13,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from quantization.layers import ActQuant, make_linear, latent_weight
 from quantization.quantizers import QuantSpec, code_range, compute_qparams, fake_quant, quantize, smallest_int_dtype
@@ -78,6 +79,25 @@ def make_norm(config):
 def linear_site(config, site, in_features, out_features):
     spec = QuantSpec(**config.weight_quant.get(site, {}))
     return make_linear(config.linear_variants.get(site, "linear"), in_features, out_features, config.bias, spec)
+
+
+def concatenate_linears(layers):
+    """One layer whose output is the layers' outputs side by side (they read the same input), or None where they
+    cannot be joined. Linears that compute F.linear with a plain weight (no parametrization, so QAT layers once
+    frozen) become one nn.Linear; a layer class with a `concatenate` classmethod (PackedLinear) joins its own."""
+    first = layers[0]
+    if all(type(layer).forward is nn.Linear.forward and not parametrize.is_parametrized(layer) for layer in layers):
+        if len({(layer.bias is None, layer.weight.dtype, layer.weight.device) for layer in layers}) > 1:
+            return None
+        fused = nn.Linear(first.in_features, sum(layer.out_features for layer in layers), bias=first.bias is not None,
+                          device="meta")
+        fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
+        return fused
+    if len({type(layer) for layer in layers}) == 1 and hasattr(type(first), "concatenate"):
+        return type(first).concatenate(layers)
+    return None
 
 
 class KVCache(nn.Module):
@@ -155,12 +175,22 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("causal", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)),
                              persistent=False)
         self.kv_cache = None
+        self.qkv = None  # fuse_qkv: q, k and v as one layer
+
+    def fuse_qkv(self):
+        """Replace q, k and v by one layer of 3 x n_embd outputs (inference: one matmul, or one packed kernel,
+        instead of three). Returns False, changing nothing, where the three cannot be joined."""
+        fused = concatenate_linears([self.q, self.k, self.v])
+        if fused is None:
+            return False
+        self.qkv, self.q, self.k, self.v = fused, None, None, None
+        return True
 
     def forward(self, x, input_pos=None):
         B, T, C = x.size()
         x = self.act["input"](x)
-        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for proj in (self.q, self.k, self.v))
+        qkv = self.qkv(x).split(C, dim=-1) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)
         if input_pos is not None:
             y = self.cached_attention(q, k, v, input_pos)
         elif not any(self.act[site].active or self.act[site].transform is not None for site in ATTN_INNER_SITES):
@@ -291,6 +321,12 @@ class GPT(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "enabled"):
                 module.enabled = enabled
+
+    def fuse_qkv(self):
+        """Inference: each attention layer computes q, k and v with one layer (CausalSelfAttention.fuse_qkv), for
+        faster decoding. The state dict then holds `qkv` in place of `q`, `k` and `v`: fuse after loading, and
+        save or export (hf.py, gguf_export.py) an unfused model. Returns how many layers were fused."""
+        return sum(block.attn.fuse_qkv() for block in self.transformer.h)
 
     def token_embedding_weight(self):
         weight = self.transformer.wte.weight

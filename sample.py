@@ -65,6 +65,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"sample.py: error: --out_dir={args.out_dir}: {e}")
     freeze_quantized_weights(model)
+    model.fuse_qkv()  # one matmul (or packed kernel) for q, k and v where the three layers can be joined
     start = args.start
     if start.startswith("FILE:"):
         try:

@@ -11,7 +11,8 @@ torch.compile(mode="reduce-overhead"), CUDA graphs), after one warm-up generatio
 new tokens over the whole timed generation, prefill included. The bandwidth floor is the weight bytes read per
 step over the device-to-device copy bandwidth measured in the same run; "of floor" is tokens/s at batch 1 over
 that floor's tokens/s. Packed formats need quantization.kernels.pack_model (RTN onto PackedLinear); on GPT-2 XL,
-whose width 1600 is not a multiple of 128, W4 and W2 take groups of 64.
+whose width 1600 is not a multiple of 128, W4 and W2 take groups of 64. Each attention layer computes q, k and v
+as one layer (GPT.fuse_qkv, as sample.py does); --qkv=fused,separate adds the rows of three layers beside them.
 """
 import argparse
 import gc
@@ -51,8 +52,9 @@ def parse_list(value, allowed, flag):
     return items
 
 
-def build(shape, fmt, device, dtype, vocab_size, block_size):
-    """A random-weight model of the shape, in dtype, its linears packed for a packed format."""
+def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused"):
+    """A random-weight model of the shape, in dtype, its linears packed for a packed format, its q, k and v joined
+    into one layer (GPT.fuse_qkv, as sample.py does) unless qkv is "separate"."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -66,6 +68,8 @@ def build(shape, fmt, device, dtype, vocab_size, block_size):
     if spec is not None:
         from quantization.kernels import pack_model
         model = pack_model(model, spec)
+    if qkv == "fused":
+        model.fuse_qkv()
     return model
 
 
@@ -81,10 +85,11 @@ def format_spec(shape, fmt):
     return spec
 
 
-def format_label(shape, fmt):
+def format_label(shape, fmt, qkv="fused"):
     spec = format_spec(shape, fmt)
     changed = spec is not None and spec.granularity == "per_group" and spec.group_size != FORMATS[fmt]["group_size"]
-    return f"{fmt} (group {spec.group_size})" if changed else fmt
+    label = f"{fmt} (group {spec.group_size})" if changed else fmt
+    return label if qkv == "fused" else f"{label}, q/k/v apart"
 
 
 def weight_bytes(model):
@@ -158,12 +163,53 @@ def check(args, dtype):
     return lines
 
 
+def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed):
+    """The rows of one model (shape, weight format, q/k/v fused or not): every mode and batch."""
+    dtype_name = str(dtype).split(".")[-1]
+    try:
+        model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size, qkv)
+    except ImportError as e:
+        print(f"| {shape} | {format_label(shape, fmt, qkv)} | - | - | skipped: {e} | | | | | |", flush=True)
+        return
+    nbytes = weight_bytes(model)
+    if fmt == "bf16" and bandwidth and qkv == args.qkv[0]:
+        floors.append(f"{shape}: {nbytes / 2**30:.2f} GiB of {dtype_name} weights per token -> floor "
+                      f"{bandwidth / nbytes:,.0f} tokens/s at batch 1")
+    for mode in args.modes:
+        for batch in args.batches:
+            try:
+                speed, peak, warm_s = measure(model, batch, mode, args)
+            except RuntimeError as e:  # one row fails (a compile or CUDA graph error): say so, go on
+                row = (f"| {shape} | {format_label(shape, fmt, qkv)} | {mode} | {batch} | failed: "
+                       f"{str(e).splitlines()[0][:120]} | | | | | |")
+                rows.append(row)
+                print(row, flush=True)
+                torch._dynamo.reset()
+                continue
+            key = (shape, qkv, mode, batch)
+            if fmt == "bf16":
+                bf16_speed[key] = speed
+            ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
+            share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
+            row = (f"| {shape} | {format_label(shape, fmt, qkv)} | {mode} | {batch} | {speed:,.0f} | {ratio} | {share} "
+                   f"| {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
+            rows.append(row)
+            print(row, flush=True)
+    del model
+    gc.collect()
+    torch._dynamo.reset()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="decode.py", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(s for s in SHAPES if s != "tiny"), help="comma-separated shapes")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated weight formats")
     p.add_argument("--modes", default="eager,compiled", help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    p.add_argument("--qkv", default="fused", help="comma-separated subset of fused (q, k and v as one layer, "
+                   "GPT.fuse_qkv, as sample.py runs) and separate (three layers)")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--vocab_size", type=int, default=50304)
@@ -175,6 +221,7 @@ def main(argv=None):
     args.shapes = parse_list(args.shapes, SHAPES, "shapes")
     args.formats = parse_list(args.formats, FORMATS, "formats")
     args.modes = parse_list(args.modes, MODES, "modes")
+    args.qkv = parse_list(args.qkv, ("fused", "separate"), "qkv")
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         assert all(b >= 1 for b in args.batches)
@@ -203,40 +250,8 @@ def main(argv=None):
     bf16_speed = {}
     for shape in args.shapes:
         for fmt in args.formats:
-            try:
-                model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size)
-            except ImportError as e:
-                print(f"| {shape} | {fmt} | - | - | skipped: {e} | | | | | |", flush=True)
-                continue
-            nbytes = weight_bytes(model)
-            if fmt == "bf16" and bandwidth:
-                floors.append(f"{shape}: {nbytes / 2**30:.2f} GiB of {dtype_name} weights per token -> floor "
-                              f"{bandwidth / nbytes:,.0f} tokens/s at batch 1")
-            for mode in args.modes:
-                for batch in args.batches:
-                    try:
-                        speed, peak, warm_s = measure(model, batch, mode, args)
-                    except RuntimeError as e:  # one row fails (a compile or CUDA graph error): say so, go on
-                        row = (f"| {shape} | {format_label(shape, fmt)} | {mode} | {batch} | failed: "
-                               f"{str(e).splitlines()[0][:120]} | | | | | |")
-                        rows.append(row)
-                        print(row, flush=True)
-                        torch._dynamo.reset()
-                        continue
-                    key = (shape, mode, batch)
-                    if fmt == "bf16":
-                        bf16_speed[key] = speed
-                    ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
-                    share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
-                    row = (f"| {shape} | {format_label(shape, fmt)} | {mode} | {batch} | {speed:,.0f} | {ratio} | {share} "
-                           f"| {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
-                    rows.append(row)
-                    print(row, flush=True)
-            del model
-            gc.collect()
-            torch._dynamo.reset()
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            for qkv in args.qkv:
+                run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed)
     text = "\n".join(header + rows + ([""] + ["Bandwidth floor (bf16):", ""] + [f"- {f}" for f in floors]
                                       if floors else []))
     print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")

@@ -127,6 +127,42 @@ def test_freeze_quantized_weights_keeps_outputs():
     assert torch.equal(model(idx, idx)[0], before)
 
 
+@pytest.mark.parametrize("name", ["float", "quantized"])
+def test_fused_qkv_equals_three_layers(name):
+    """GPT.fuse_qkv: one layer for q, k and v (a frozen QAT model's too), the same logits and tokens."""
+    model = build(**CONFIGS[name])
+    freeze_quantized_weights(model)
+    idx = torch.randint(TINY["vocab_size"], (2, 8))
+    before, tokens = model(idx, idx)[0], model.generate(idx[:, :4], 10, temperature=0)
+    assert model.fuse_qkv() == TINY["n_layer"]
+    attn = model.transformer.h[0].attn
+    assert attn.q is None and attn.qkv.weight.shape == (3 * TINY["n_embd"], TINY["n_embd"])
+    assert "transformer.h.0.attn.qkv.weight" in model.state_dict()
+    torch.testing.assert_close(model(idx, idx)[0], before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(model.generate(idx[:, :4], 10, temperature=0), tokens)
+
+
+def test_fuse_qkv_leaves_layers_that_cannot_be_joined():
+    model = build(**CONFIGS["quantized"])  # QAT layers still fake-quantize their weights: not plain linears
+    assert model.fuse_qkv() == 0 and model.transformer.h[0].attn.qkv is None
+    try:
+        from quantization.kernels import PackedLinear
+    except ImportError:
+        return
+    attn = build().transformer.h[0].attn
+    spec4, spec2 = QuantSpec("affine_quant", 4, "per_group", 16), QuantSpec("affine_quant", 2, "per_group", 16)
+    attn.q, attn.k, attn.v = (PackedLinear.from_float(layer.weight, spec, layer.bias)
+                              for layer, spec in ((attn.q, spec4), (attn.k, spec4), (attn.v, spec2)))
+    assert not attn.fuse_qkv() and attn.qkv is None and attn.q is not None  # a 2-bit v: three kernels stay
+    attn.v = PackedLinear.from_float(torch.randn(TINY["n_embd"], TINY["n_embd"]), spec4, attn.q.bias)
+    x = torch.randn(3, TINY["n_embd"])
+    separate = torch.cat([attn.q(x), attn.k(x), attn.v(x)], dim=-1)
+    weights = torch.cat([layer.dequantized_weight() for layer in (attn.q, attn.k, attn.v)])
+    assert attn.fuse_qkv() and attn.qkv.bits == 4
+    assert torch.equal(attn.qkv.dequantized_weight(), weights)
+    torch.testing.assert_close(attn.qkv(x), separate, atol=1e-6, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, char_data):
     """A float and a packed (RTN W4) checkpoint of a random tiny model: {kind: folder}."""
@@ -175,3 +211,22 @@ def test_sample_cached_equals_uncached(checkpoints, capsys):
     assert outputs[0] == outputs[1] and outputs[0].startswith("ROMEO.")
     error = run_main(sample.main, f"--out_dir={checkpoints['float']}", "--kernels=on", "--device=cpu")
     assert error is not None and "kernels=on needs a packed" in error
+
+
+def test_decode_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
+    """bench/decode.py's table on a tiny shape (the GPU run reports speeds): every format, q/k/v fused and
+    separate, and its one-line error for a bad list."""
+    from bench import decode
+    from conftest import run_main
+    out = tmp_path / "decode.md"
+    assert run_main(decode.main, "--shapes=tiny", "--device=cpu", "--modes=eager", "--new_tokens=3", "--vocab_size=256",
+                    "--block_size=64",
+                    "--batches=1,2", "--formats=bf16,W4,W1", "--qkv=fused,separate", f"--out={out}") is None
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    assert [(r[1].strip(), r[3].strip()) for r in rows] == [
+        (label, batch) for label in ("bf16", "bf16, q/k/v apart", "W4", "W4, q/k/v apart", "W1", "W1, q/k/v apart")
+        for batch in ("1", "2")]
+    assert all(float(r[4].replace(",", "")) > 0 for r in rows) and rows[0][5].strip() == "1.00"
+    capsys.readouterr()
+    error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--qkv=fused,joined")
+    assert error is not None and "--qkv=fused,joined: expected a comma-separated subset of fused, separate" in error

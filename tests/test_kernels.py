@@ -59,6 +59,11 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                                                                    config, counters=layer.split_counters)))
             # the split-K arrival counters are back to zero for the next call
             assert not layer.split_counters.any()
+        else:  # the GEMM with K split into one tile per program (16-row tiles: 20 rows are two tiles)
+            ys.append(("gemm split-K", ops.gemm(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
+                                                blocks, layer.zero_const, (16, 64, 32, 4, 1, 64),
+                                                counters=layer.split_counters)))
+            assert not layer.split_counters.any()
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
@@ -77,11 +82,12 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
     # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM at 16 rows,
-    # GEMV), 20 (GEMM)
+    # GEMV, GEMM split-K), 20 (GEMM, GEMM split-K)
     ran = {(r[6], r[8]) for r in rows}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
-                   (3, "layer"), (3, "gemm"), (3, "gemv"), (20, "layer"), (20, "gemm")}, ran
-    assert len(rows) == 9 * len(SPECS)
+                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "gemm split-K"), (20, "layer"), (20, "gemm"),
+                   (20, "gemm split-K")}, ran
+    assert len(rows) == 11 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""

@@ -26,10 +26,12 @@ GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
 # no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0))
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1)]
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_K shrinks to divide the group size
-GEMM_CONFIGS = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4)]
-# 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked)
-SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
+# split)); BLOCK_K shrinks to divide the group size
+GEMM_CONFIGS = [(64, 128, 64, 4, 3, 0), (128, 128, 64, 8, 3, 0), (64, 64, 128, 4, 4, 0), (64, 128, 64, 4, 3, 2)]
+# 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
+SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 64, 4, 3, 4), (16, 64, 128, 4, 4, 8), (16, 128, 128, 4, 3, 2),
+                      (16, 64, 128, 4, 3, 0)]
 _best = {}      # tuning key -> (kernel, config)
 last_choice = {}  # the kernel and config of the latest timed call (bench/kernels.py prints it)
 _said = set()   # fallback messages already printed
@@ -113,16 +115,30 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     return y
 
 
-def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
-    block_m, block_n, block_k, warps, stages = config
+def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
+    """counters as for stream_gemv: at least one per (BLOCK_M, BLOCK_N) tile of y when K is split."""
+    block_m, block_n, block_k, warps, stages, split = config
     m, k = x.shape
     n = qweight.shape[1]
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    if split:  # split K until about `split` programs per multiprocessor, each at least one K tile
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        split = max(1, min(triton.cdiv(split * sms, tiles), k_tiles))
+    else:
+        split = 1
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)
+    if split > 1 and (counters is None or counters.numel() < tiles):
+        counters = torch.zeros(tiles, device=x.device, dtype=torch.int32)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     triton_kernels._gemm_kernel[grid](
-        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
-        m, n, k, x.stride(0), y.stride(0), blocks_per_group,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None,
+        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
+        counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group,
+        per_split * block_k // BLOCK,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
@@ -136,11 +152,11 @@ def _fit_k(block_k, group_size):
 def candidates(m, group_size):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed)."""
-    gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in GEMM_CONFIGS]
+    gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in GEMM_CONFIGS]
     if m == 1:
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
     if m <= GEMV_MAX_ROWS:
-        return ([(gemm, (bm, bn, _fit_k(bk, group_size), w, s)) for bm, bn, bk, w, s in SMALL_GEMM_CONFIGS]
+        return ([(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in SMALL_GEMM_CONFIGS]
                 + [(gemv, c) for c in GEMV_CONFIGS])
     return gemms
 
@@ -165,8 +181,8 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
 
 
 def bind(kernel, counters):
-    """The one-row kernel with the layer's own split-K counters (PackedLinear.split_counters)."""
-    return functools.partial(stream_gemv, counters=counters) if kernel is stream_gemv else kernel
+    """A split-K kernel with the layer's own arrival counters (PackedLinear.split_counters)."""
+    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm) else kernel
 
 
 def _fastest(args, pairs, counters=None):

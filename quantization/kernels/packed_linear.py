@@ -44,6 +44,23 @@ class PackedLinear(nn.Module):
         codes, scale, zero_point = quantize_tensor(weight.detach(), spec)
         return cls(to_kernel_layout(codes, scale, zero_point, spec), bias)
 
+    @classmethod
+    def concatenate(cls, layers):
+        """One PackedLinear whose outputs are the layers' outputs side by side (the output dimension is the
+        layout's contiguous one: codes, scales and zero points are joined along it), or None where the layers
+        differ in bits, groups, input width, zero points or bias, or hold sparse outliers."""
+        first = layers[0]
+        same = {(layer.bits, layer.group_size, layer.in_features, layer.zero is None,
+                 layer.zero_const if layer.zero is None else None, layer.bias is None, layer.sparse is None)
+                for layer in layers}
+        if len(same) > 1 or first.sparse is not None:
+            return None
+        join = lambda name: None if getattr(first, name) is None else torch.cat([getattr(layer, name) for layer in layers], dim=-1)
+        layout = dict(qweight=join("qweight"), scale=join("scale"), zero=join("zero"), zero_const=first.zero_const,
+                      bits=first.bits, group_size=first.group_size, in_features=first.in_features,
+                      out_features=sum(layer.out_features for layer in layers))
+        return cls(layout, join("bias")).to(first.qweight.device)
+
     @property
     def scale(self):
         return self.scale_bits.view(torch.float32)

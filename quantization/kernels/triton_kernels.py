@@ -10,6 +10,7 @@ Three kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant
 - `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each K tile of codes
   is unpacked to a (BLOCK_K, BLOCK_N) tile of exact small integers (code - zero) in the activation dtype,
   multiplied on the tensor cores, and the product scaled per output column; a tile never straddles a group.
+  Split-K as in the one-row kernel, for problems of few tiles (decode at batch 2 to 16).
 All accumulate in float32. In the one-row kernel a code becomes a float with one AND: the field, masked where it
 lies, read as a subnormal float32 (see `_sub`). The others use the 2**23 trick (OR the field into the mantissa of
 2**23, subtract 2**23). Both are exact, and cheaper than an integer-to-float conversion, which runs at a quarter of
@@ -287,18 +288,26 @@ def _unpack(words, BITS: tl.constexpr):
     return tl.reshape(fields, (words.shape[0] * per_word, words.shape[1]))
 
 
-@triton.jit(do_not_specialize=_VARYING[:-1])
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, blocks_per_group,
+@triton.jit(do_not_specialize=_VARYING)
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
+                 blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+                 SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """A (BLOCK_M, BLOCK_N) tile of y per program over the K range of its split (grid axis 2: blocks_per_split
+    blocks of 32 codes each, a whole number of K tiles). SPLIT: the partial tiles are added as in
+    _stream_gemv_kernel (workspace, arrival counter per tile, the last program adds them in split order), which
+    gives a few-row problem (decode at batch 2 to 16) enough programs to stream the weights at full bandwidth."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
     blocks: tl.constexpr = BLOCK_K // BLOCK
     num_blocks = tl.cdiv(K, BLOCK)
+    k_first = pid_k * blocks_per_split * BLOCK
+    k_last = tl.minimum(k_first + blocks_per_split * BLOCK, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_first, k_last, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -325,7 +334,23 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
             w = _as_float(codes) - ZERO
         # code - zero is a small integer (or +-1/2): exact in bf16 and fp16, so only the product rounds
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION) * scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if SPLIT:
+        splits = tl.num_programs(2)
+        tile_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + tile_offs, acc, mask=mask_y)
+        tl.debug_barrier()  # every thread's partials are written before the count says so
+        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k in range(0, splits):  # in split order: the same sum every call
+                acc += tl.load(ws_ptr + k * M * N + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+            tl.atomic_xchg(counter, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
