@@ -144,6 +144,15 @@ def measure(model, batch, mode, args):
     seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
     assert out.shape == (batch, args.prompt_len + args.new_tokens)
+    if args.profile:  # one more generation under the profiler (not timed): where the GPU time goes
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            model.generate(prompt, args.new_tokens, temperature=0, compile=compiled)
+            synchronize(args.device)
+        sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
+        print(f"profile ({mode}, batch {batch}, {args.new_tokens} tokens):\n"
+              + prof.key_averages().table(sort_by=sort, row_limit=args.profile), flush=True)
     return batch * args.new_tokens / seconds, peak, warm_s
 
 
@@ -215,6 +224,8 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=50304)
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after each row, print the ROWS operations and kernels that take the most time (torch.profiler)")
     p.add_argument("--check", action="store_true", help="first check greedy tokens against the uncached forward")
     p.add_argument("--out", default=None, help="also write the table here (default bench/results/decode_<gpu>.md)")
     args = p.parse_args(argv)
@@ -248,20 +259,24 @@ def main(argv=None):
     print("\n".join(header[4:] + rows), flush=True)
     floors = []
     bf16_speed = {}
-    for shape in args.shapes:
-        for fmt in args.formats:
-            for qkv in args.qkv:
-                run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed)
-    text = "\n".join(header + rows + ([""] + ["Bandwidth floor (bf16):", ""] + [f"- {f}" for f in floors]
-                                      if floors else []))
-    print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"decode_{gpu.replace(' ', '_').lower()}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        f.write(text + "\n")
-    print(f"wrote {out}")
 
+    def write(done):
+        """The table so far (after every model, so that a run stopped at a time limit keeps its rows)."""
+        note = [] if done else ["", "(incomplete: the run was stopped before its last row)"]
+        text = "\n".join(header + rows + note + ([""] + ["Bandwidth floor (bf16):", ""] + [f"- {f}" for f in floors]
+                                                if floors else []))
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+    models = [(shape, fmt, qkv) for shape in args.shapes for fmt in args.formats for qkv in args.qkv]
+    for i, (shape, fmt, qkv) in enumerate(models):
+        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed)
+        write(done=i == len(models) - 1)
+    print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()

@@ -1,31 +1,53 @@
 #!/usr/bin/env bash
-# Low-bit inference on one GPU, in one go (about 12 minutes on an H200): every kernel checked against the dequantize
-# reference on the GPU, the packed kernels against cuBLAS bf16, then decode tokens/s and peak memory for the 6.7B and
-# 124M shapes, bf16 against the packed formats. Tables go to $RESULTS (default bench/results), the whole output to
-# $RESULTS/inference_<gpu>_log.txt (one part alone: inference_<gpu>_<part>_log.txt).
-#   bash bench/inference_gpu.sh            # all of it; `kernels` or `decode` as the argument runs one part
+# Low-bit inference on one GPU (about 25 minutes on an H200 for all of it; each part fits in 10 minutes): every
+# kernel checked against the dequantize reference on the GPU, the packed kernels against cuBLAS bf16, then decode
+# tokens/s and peak memory, bf16 against the packed formats, for the 6.7B, 124M and GPT-2 XL shapes. Tables go to
+# $RESULTS (default bench/results), the output of a part to $RESULTS/inference_<gpu>_<part>_log.txt.
+#   bash bench/inference_gpu.sh            # every part, in order
+#   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, decode_6.7b,
+#                                          # decode_124m, profile_124m, decode_xl
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 R=${RESULTS:-bench/results}
 mkdir -p "$R"
 GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
-PART=${1:-all}
-if [ "$PART" = all ]; then LOG="$R/inference_${GPU}_log.txt"; else LOG="$R/inference_${GPU}_${PART}_log.txt"; fi
-: > "$LOG"
-if [ "$PART" != decode ]; then
-# the goal's shape first, so that a run cut short still has it
-timeout 180 python bench/kernels.py --check --shapes= --gemm_shapes= \
-    --out="$R/kernels_${GPU}_check.md" 2>&1 | grep -v -i warn | tee -a "$LOG"
-timeout 180 python bench/kernels.py --out="$R/kernels_$GPU.md" --gemm_shapes=4096x11008 \
-    --shapes=4096x11008,768x768,768x3072,3072x768,4096x4096,11008x4096,8192x8192 2>&1 | grep -v -i warn | tee -a "$LOG"
-fi
-[ "$PART" = kernels ] && exit 0
-# the goals: 6.7B at batch 1, compiled, every format (two runs, each with bf16 beside it: a 6.7B row takes 40-50 s
-# of warm-up); then 124M eager and compiled at batch 1 and 16
-timeout 230 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4,ternary --modes=compiled \
-    --batches=1 --out="$R/decode_${GPU}_6.7b.md" 2>&1 | grep -v -i warn | tee -a "$LOG"
-timeout 230 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W2,W1,W8 --modes=compiled \
-    --batches=1 --out="$R/decode_${GPU}_6.7b_w2_w1_w8.md" 2>&1 | grep -v -i warn | tee -a "$LOG"
-timeout 100 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 --modes=compiled,eager --batches=1,16 \
-    --out="$R/decode_${GPU}_124m.md" 2>&1 | grep -v -i warn | tee -a "$LOG"
+PARTS=${1:-check kernels decode_6.7b decode_124m decode_xl}
+
+run() {  # run <seconds> <command...>: the command echoed into the log, then its output without warnings
+    local limit=$1; shift
+    echo "# $*" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
+}
+
+for PART in $PARTS; do
+    LOG="$R/inference_${GPU}_${PART}_log.txt"
+    : > "$LOG"
+    case $PART in
+    check)  # every config of every kernel, on odd shapes
+        run 300 python bench/kernels.py --check --shapes= --gemm_shapes= --out="$R/kernels_${GPU}_check.md" ;;
+    kernels)  # the goal's shape first, so that a run cut short still has it
+        run 290 python bench/kernels.py --out="$R/kernels_$GPU.md" --gemm_shapes=4096x11008 \
+            --shapes=4096x11008,768x768,768x3072,3072x768,4096x4096,11008x4096,8192x8192 ;;
+    decode_6.7b)  # the goals: batch 1, compiled (a 6.7B row takes 30-50 s of warm-up); q/k/v fused against apart
+        run 200 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled --batches=1 \
+            --qkv=fused,separate --out="$R/decode_${GPU}_6.7b.md"
+        run 250 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W8,W2,ternary,W1 --modes=compiled \
+            --batches=1 --out="$R/decode_${GPU}_6.7b_w8_w2_ternary_w1.md"
+        run 120 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled --batches=16 \
+            --out="$R/decode_${GPU}_6.7b_batch16.md" ;;
+    decode_124m)  # every format, eager and compiled, batch 1 and 16; then q/k/v apart at batch 1
+        run 320 python bench/decode.py --shapes=gpt2_124m --modes=compiled,eager --batches=1,16 \
+            --out="$R/decode_${GPU}_124m.md"
+        run 60 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 --modes=compiled --batches=1 \
+            --qkv=separate --out="$R/decode_${GPU}_124m_qkv_apart.md" ;;
+    profile_124m)  # where a compiled decode step's GPU time goes (torch.profiler), bf16 and W4
+        run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 --modes=compiled --batches=1 \
+            --new_tokens=64 --profile=40 --out="$R/decode_${GPU}_124m_profile.md" ;;
+    decode_xl)  # compiled, batch 1 (eager GPT-2 XL rows would take minutes each)
+        run 400 python bench/decode.py --shapes=gpt2_xl --modes=compiled --batches=1 \
+            --out="$R/decode_${GPU}_xl.md" ;;
+    *) echo "inference_gpu.sh: error: part '$PART' is unknown; expected check, kernels, decode_6.7b, decode_124m, profile_124m or decode_xl" >&2
+       exit 2 ;;
+    esac
+done

@@ -220,13 +220,14 @@ def test_decode_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
     from conftest import run_main
     out = tmp_path / "decode.md"
     assert run_main(decode.main, "--shapes=tiny", "--device=cpu", "--modes=eager", "--new_tokens=3", "--vocab_size=256",
-                    "--block_size=64",
+                    "--block_size=64", "--profile=3",
                     "--batches=1,2", "--formats=bf16,W4,W1", "--qkv=fused,separate", f"--out={out}") is None
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
     assert [(r[1].strip(), r[3].strip()) for r in rows] == [
         (label, batch) for label in ("bf16", "bf16, q/k/v apart", "W4", "W4, q/k/v apart", "W1", "W1, q/k/v apart")
         for batch in ("1", "2")]
     assert all(float(r[4].replace(",", "")) > 0 for r in rows) and rows[0][5].strip() == "1.00"
-    capsys.readouterr()
+    assert "incomplete" not in out.read_text()
+    assert capsys.readouterr().out.count("profile (eager, batch ") == len(rows)
     error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--qkv=fused,joined")
     assert error is not None and "--qkv=fused,joined: expected a comma-separated subset of fused, separate" in error
