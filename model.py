@@ -387,9 +387,12 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, compile=False):
         """Continue idx (batch, T) by max_new_tokens tokens: greedy when temperature is 0, else sampled from the
         top_k most likely. With use_cache, the prompt is run once (prefill) and each new token attends through
-        the KV caches, which are reused across calls when they fit; with compile, that one-token step runs under
-        torch.compile(mode="reduce-overhead") (CUDA graphs on the GPU). The cache holds block_size positions:
-        tokens beyond it are generated as without a cache (the last block_size tokens recomputed each step)."""
+        the KV caches, which are reused across calls when they fit. With compile, the one-token step (sampling
+        included) runs under torch.compile: on a GPU it is captured once as a CUDA graph that also feeds its token
+        to the next step, so that each token costs one graph replay and no Python (_decode_graphed);
+        compile="reduce-overhead" takes torch.compile's own CUDA graphs instead, one call per token. The cache
+        holds block_size positions: tokens beyond it are generated as without a cache (the last block_size tokens
+        recomputed each step)."""
         if not use_cache:
             return self._generate_uncached(idx, max_new_tokens, temperature, top_k)
         block_size = self.config.block_size
@@ -406,16 +409,19 @@ class GPT(nn.Module):
         input_pos = torch.arange(prompt.size(1), device=idx.device)
         logits, _ = self(prompt, input_pos=input_pos)
         tokens = [idx, sample_logits(logits, temperature, top_k)]
-        step = self.decode_step
-        if compile:
-            if getattr(self, "_compiled_step", None) is None:
-                self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True,
-                                                   dynamic=False)
-            step = self._compiled_step
-        input_pos = input_pos[-1:].clone()
-        for _ in range(cached_steps - 1):  # clone: a CUDA graph's next replay overwrites its output
-            input_pos += 1
-            tokens.append(step(tokens[-1], input_pos, temperature, top_k).clone())
+        if compile and compile != "reduce-overhead" and device_type == "cuda":
+            tokens.append(self._decode_graphed(tokens[-1], prompt.size(1), cached_steps - 1, temperature, top_k))
+        else:
+            step = self.decode_step
+            if compile:
+                if getattr(self, "_compiled_step", None) is None:
+                    self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True,
+                                                       dynamic=False)
+                step = self._compiled_step
+            input_pos = input_pos[-1:].clone()
+            for _ in range(cached_steps - 1):  # clone: a CUDA graph's next replay overwrites its output
+                input_pos += 1
+                tokens.append(step(tokens[-1], input_pos, temperature, top_k).clone())
         idx = torch.cat(tokens, dim=1)
         return self._generate_uncached(idx, max_new_tokens - cached_steps, temperature, top_k)
 
@@ -423,6 +429,47 @@ class GPT(nn.Module):
         """The next token after `token` (batch, 1) at position input_pos (1,), through the KV caches."""
         logits, _ = self(token, input_pos=input_pos)
         return sample_logits(logits, temperature, top_k)
+
+    def _chained_step(self, token, pos, out, temperature, top_k):
+        """decode_step that writes its own next input: the new token goes to out[:, pos + 1] and to `token`, and
+        pos advances, so that the step can be replayed without Python in between."""
+        new = self.decode_step(token, pos, temperature, top_k)
+        out.index_copy_(1, pos + 1, new)
+        token.copy_(new)
+        pos.add_(1)
+
+    def _decode_graphed(self, token, pos, steps, temperature, top_k):
+        """`steps` tokens after `token` (batch, 1), which sits at position pos: one CUDA graph replay each. The
+        graph (the compiled _chained_step over static token, position and output buffers) is captured on first
+        use and again when the cache, batch or sampling settings change. Its warm-up runs the real first step (it
+        writes the cache at pos as the first replay does again), on a side stream as CUDA graph capture needs."""
+        cache = self.transformer.h[0].attn.kv_cache
+        key = (token.size(0), cache.max_len, temperature, top_k, token.device)
+        state = getattr(self, "_graphed", None)
+        if state is None or state["key"] != key or state["cache"] is not cache:
+            self._graphed = None
+            compiled = torch.compile(self._chained_step, fullgraph=True, dynamic=False)
+            state = dict(key=key, cache=cache, token=torch.empty_like(token),
+                         pos=torch.empty(1, dtype=torch.long, device=token.device),
+                         out=torch.zeros(token.size(0), cache.max_len, dtype=torch.long, device=token.device))
+            run = partial(compiled, state["token"], state["pos"], state["out"], temperature, top_k)
+            side = torch.cuda.Stream(token.device)
+            side.wait_stream(torch.cuda.current_stream(token.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles, then runs once more as compiled code (kernel configs timed)
+                    state["token"].copy_(token)
+                    state["pos"].fill_(pos)
+                    run()
+            torch.cuda.current_stream(token.device).wait_stream(side)
+            state["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state["graph"]):
+                run()
+            self._graphed = state
+        state["token"].copy_(token)
+        state["pos"].fill_(pos)
+        for _ in range(steps):
+            state["graph"].replay()
+        return state["out"][:, pos + 1:pos + 1 + steps].clone()
 
     def _generate_uncached(self, idx, max_new_tokens, temperature, top_k):
         for _ in range(max_new_tokens):

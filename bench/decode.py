@@ -6,8 +6,9 @@ batch 1 and 16, for GPT-2 124M, GPT-2 XL and 6.7B shapes with random weights, in
     python bench/decode.py --shapes=tiny --device=cpu --modes=eager --new_tokens=8   # a smoke run anywhere
 
 Each row generates --new_tokens tokens greedily after a --prompt_len token prompt through GPT.generate (prefill,
-then one-token steps against the preallocated KV cache; `compiled` runs the step under
-torch.compile(mode="reduce-overhead"), CUDA graphs), after one warm-up generation; tokens/s counts the batch's
+then one-token steps against the preallocated KV cache; `compiled` captures the torch.compile'd step, sampling
+included, as one CUDA graph that feeds itself, replayed once per token; `reduce_overhead` runs the step under
+torch.compile(mode="reduce-overhead"), one call per token), after one warm-up generation; tokens/s counts the batch's
 new tokens over the whole timed generation, prefill included. The bandwidth floor is the weight bytes read per
 step over the device-to-device copy bandwidth measured in the same run; "of floor" is tokens/s at batch 1 over
 that floor's tokens/s. Packed formats need quantization.kernels.pack_model (RTN onto PackedLinear); on GPT-2 XL,
@@ -40,8 +41,10 @@ FORMATS = {
     "ternary": dict(method="ternary_quant", granularity="per_channel"),
     "W1": dict(method="binary_quant", granularity="per_channel"),
 }
-# compiled_tuned: compiled with inductor's coordinate-descent tuning of its generated kernels (as gpt-fast does)
-MODES = ("eager", "compiled", "compiled_tuned")
+# GPT.generate's compile argument of each mode. compiled: the step captured once as a CUDA graph that feeds
+# itself (one replay per token); compiled_tuned: the same with inductor's coordinate-descent tuning of its
+# generated kernels (as gpt-fast does); reduce_overhead: torch.compile's own CUDA graphs, one call per token
+MODES = {"eager": False, "compiled": True, "compiled_tuned": True, "reduce_overhead": "reduce-overhead"}
 
 
 def parse_list(value, allowed, flag):
@@ -126,11 +129,11 @@ def synchronize(device):
 
 
 def measure(model, batch, mode, args):
-    compiled = mode != "eager"
+    compiled = MODES[mode]
     torch._inductor.config.coordinate_descent_tuning = mode == "compiled_tuned"
     if compiled:
         torch._dynamo.reset()
-        model._compiled_step = None
+        model._compiled_step = model._graphed = None
     prompt = torch.randint(model.config.vocab_size, (batch, args.prompt_len), device=args.device)
     t0 = time.time()
     model.generate(prompt, args.new_tokens, temperature=0, compile=compiled)  # compiles, records the graphs
@@ -164,7 +167,7 @@ def check(args, dtype):
     reference = model.generate(prompt, n, temperature=0, use_cache=False)
     lines = []
     for mode in args.modes:
-        tokens = model.generate(prompt, n, temperature=0, compile=mode != "eager")
+        tokens = model.generate(prompt, n, temperature=0, compile=MODES[mode])
         agree = (tokens[:, args.prompt_len:] == reference[:, args.prompt_len:]).float().mean().item()
         lines.append(f"check ({args.shapes[0]}, float32, batch 2, {n} greedy tokens): cached {mode} agrees with "
                      f"the uncached forward on {agree:.0%} of tokens" + ("" if agree == 1 else "  <-- MISMATCH"))

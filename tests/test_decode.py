@@ -109,13 +109,32 @@ def test_cache_reused_when_it_fits_and_rebuilt_when_not():
     assert model.transformer.h[0].attn.kv_cache is not cache  # another batch size
 
 
+def test_the_chained_step_feeds_itself_as_the_graph_replays_do():
+    """_chained_step, which the CUDA graph of a compiled GPU decode replays: run eagerly here, step after step on
+    its own token and position buffers, it writes the tokens of the cached path."""
+    model = build(**CONFIGS["quantized"])
+    prompt = torch.randint(TINY["vocab_size"], (2, 5))
+    expected = model.generate(prompt, 9, temperature=0)
+    logits, _ = model(prompt, input_pos=torch.arange(5))
+    token, pos = logits[:, -1].argmax(-1, keepdim=True), torch.tensor([5])
+    out = torch.zeros(2, model.transformer.h[0].attn.kv_cache.max_len, dtype=torch.long)
+    for _ in range(8):
+        model._chained_step(token, pos, out, 0, None)
+    assert torch.equal(out[:, 6:14], expected[:, 6:]) and pos.item() == 13
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="compiling the decode step takes about 2 minutes on 2 CPU cores; bench/decode.py checks it")
 def test_compiled_decode_step_equals_eager():
     model = build().cuda()
     prompt = torch.randint(TINY["vocab_size"], (2, 4), device="cuda")
-    assert torch.equal(model.generate(prompt, 10, temperature=0, compile=True),
-                       model.generate(prompt, 10, temperature=0))
+    eager = model.generate(prompt, 10, temperature=0)
+    for compile in (True, "reduce-overhead"):  # one self-feeding CUDA graph; torch.compile's own graphs
+        assert torch.equal(model.generate(prompt, 10, temperature=0, compile=compile), eager)
+    torch.manual_seed(0)
+    sampled = model.generate(prompt, 10, temperature=1.0, top_k=5, compile=True)
+    assert sampled.shape == eager.shape and not torch.equal(sampled, model.generate(prompt, 10, temperature=1.0,
+                                                                                    top_k=5, compile=True))
 
 
 def test_freeze_quantized_weights_keeps_outputs():
