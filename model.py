@@ -443,6 +443,8 @@ class GPT(nn.Module):
         graph (the compiled _chained_step over static token, position and output buffers) is captured on first
         use and again when the cache, batch or sampling settings change. Its warm-up runs the real first step (it
         writes the cache at pos as the first replay does again), on a side stream as CUDA graph capture needs."""
+        if steps == 0:  # nothing to replay (and a warm-up step would write past the cache)
+            return token[:, :0]
         cache = self.transformer.h[0].attn.kv_cache
         key = (token.size(0), cache.max_len, temperature, top_k, token.device)
         state = getattr(self, "_graphed", None)
