@@ -67,6 +67,15 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
+# torch.compile traces a layer as one custom op node (eager mode calls the launcher directly)
+graphs = []
+def backend(gm, example_inputs):
+    graphs.append(str(gm.graph))
+    return gm.forward
+layer = PackedLinear.from_float(torch.randn(37, 64), QuantSpec("affine_quant", 4, "per_group", 32))
+x = torch.randn(1, 64)
+assert torch.equal(torch.compile(layer, backend=backend, fullgraph=True)(x), layer(x))
+assert graphs and "nanoqat.packed_matmul" in graphs[0], graphs
 print(json.dumps(out))
 """
 

@@ -1,7 +1,8 @@
 """Launching the packed kernels: which kernel, which config (the fastest of a small set, timed once per shape
 on the first call), split-K, and a torch custom op so that torch.compile sees one opaque call per layer.
 
-    packed_matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters) -> y
+    matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters) -> y
+    (the custom op packed_matmul under torch.compile, a plain call in eager mode)
     kernel_refusal(x, bits, group_size) -> None (a kernel runs), "" (the CPU: silent fallback) or a reason
 """
 import functools
@@ -64,6 +65,17 @@ def say_once(reason):
         print(f"PackedLinear: {reason}; using the dequantize path (x @ dequant(W).T + b)", file=sys.stderr)
 
 
+def multiprocessors(device):
+    """Streaming multiprocessors of a CUDA device, which split-K aims to fill (1 elsewhere: the interpreter)."""
+    return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
     block_n, block_b, split, warps = config
     m, k = x.shape
@@ -72,8 +84,7 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     num_blocks = triton.cdiv(k, BLOCK)
     programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if split == 0:  # split K until about four programs per multiprocessor
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        split = max(1, min(triton.cdiv(4 * sms, programs), num_blocks // (4 * block_b)))
+        split = max(1, min(triton.cdiv(4 * multiprocessors(x.device), programs), num_blocks // (4 * block_b)))
     per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
     split = triton.cdiv(num_blocks, per_split)
     atomic = split > 1
@@ -96,8 +107,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     num_blocks = triton.cdiv(k, BLOCK)
     tiles = triton.cdiv(n, block_n)
     if split:  # split K until about `split` programs per multiprocessor
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        split = max(1, min(triton.cdiv(split * sms, tiles * m), num_blocks // (2 * block_b)))
+        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles * m), num_blocks // (2 * block_b)))
     else:
         split = 1
     per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
@@ -123,8 +133,7 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     if split:  # split K until about `split` programs per multiprocessor, each at least one K tile
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        split = max(1, min(triton.cdiv(split * sms, tiles), k_tiles))
+        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles), k_tiles))
     else:
         split = 1
     per_split = triton.cdiv(k_tiles, split)
@@ -198,10 +207,9 @@ def _fastest(args, pairs, counters=None):
     return min(times, key=times.get)
 
 
-@torch.library.custom_op("nanoqat::packed_matmul", mutates_args=())
-def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
-                  bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-                  zero_const: float, counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                   zero_const: float, counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     # counters are written during the call and back to zero at its end: not a mutation the graph sees
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -210,6 +218,16 @@ def packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, z
     return y.reshape(*x.shape[:-1], qweight.shape[1])
 
 
+# the same call as a torch custom op: what torch.compile sees, one opaque node per layer
+packed_matmul = torch.library.custom_op("nanoqat::packed_matmul", _packed_matmul, mutates_args=())
+
+
 @packed_matmul.register_fake
 def _(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
+
+
+def matmul(*args):
+    """packed_matmul's arguments -> y: through the custom op while torch.compile traces, else called directly (in
+    eager mode the op's dispatch would only add its cost to every layer's call)."""
+    return packed_matmul(*args) if torch.compiler.is_compiling() else _packed_matmul(*args)

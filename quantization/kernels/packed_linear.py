@@ -74,8 +74,8 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         refusal = ops.kernel_refusal(x, self.bits, self.group_size)
         if refusal is None:
-            y = ops.packed_matmul(x, self.qweight, self.scale, self.zero, self.bias, self.bits, self.group_size,
-                                  self.in_features, self.zero_const, self.split_counters)
+            y = ops.matmul(x, self.qweight, self.scale, self.zero, self.bias, self.bits, self.group_size,
+                           self.in_features, self.zero_const, self.split_counters)
         else:
             ops.say_once(refusal)
             bias = None if self.bias is None else self.bias.to(x.dtype)
