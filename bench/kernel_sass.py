@@ -4,6 +4,7 @@ instructions of its main loop against the codes one thread handles per step.
 
     python bench/kernel_sass.py                       # every width, every config of ops.STREAM_CONFIGS, sm_90
     python bench/kernel_sass.py --bits=4 --configs=128x4x4 --show   # one kernel, and its loop's instructions
+    python bench/kernel_sass.py --kernel=gemm --bits=4                # the GEMM: are x and the words copied ahead?
 
 A config here is BLOCK_N x BLOCK_B x num_warps (the split and prefetch of ops.STREAM_CONFIGS are set by --split
 and --prefetch). The count is static (one pass of the loop body), a measure of work, not of time.
@@ -40,6 +41,36 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
 
 
+# a decode-or-prefill call of the GEMM on a 4096 x 11008 layer: what the launcher specializes on
+GEMM_SAMPLE = dict(M=256, N=11008, K=4096, stride_xm=4096, stride_ym=11008, blocks_per_group=4, blocks_per_split=128)
+
+
+def compile_gemm(bits, block_m, block_n, block_k, warps, stages, arch):
+    """_gemm_kernel as the launcher would compile it for GEMM_SAMPLE: 16-byte aligned pointers, and each integer
+    argument the kernel specializes on marked divisible by 16 where the sample's value is."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from quantization.kernels import triton_kernels
+    fn = triton_kernels._gemm_kernel
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
+                 "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in GEMM_SAMPLE}}
+    constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=False, PRECISION="tf32",
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    signature.update({name: "constexpr" for name in constants})
+    specialized = {p.name for p in fn.params if not p.do_not_specialize}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
+             if signature[name].startswith("*") or (name in specialized and GEMM_SAMPLE.get(name, 1) % 16 == 0)}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def gemm_loads(ttgir):
+    """(asynchronous copies to shared memory, synchronous loads of x tiles) in a compiled GEMM's TTGIR."""
+    return (ttgir.count("async_copy_global_to_local"),
+            len(re.findall(r"= tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr<bf16>", ttgir)))
+
+
 def disassemble(cubin):
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -74,6 +105,8 @@ def opcode(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", default="stream", choices=("stream", "gemm"),
+                   help="the one-row kernel (instructions per code) or the GEMM (how x and the words are loaded)")
     p.add_argument("--bits", default="8,4,3,2,1", help="comma-separated code widths (ternary runs the 2-bit kernel)")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_NxBLOCK_Bxwarps (default: those of "
                    "ops.STREAM_CONFIGS)")
@@ -102,6 +135,9 @@ def main():
             fail(f"--configs={args.configs!r}: expected BLOCK_NxBLOCK_Bxwarps, e.g. 128x4x4")
     else:
         configs = sorted({(n, b, w) for n, b, _, w, _ in ops.STREAM_CONFIGS})
+    if args.kernel == "gemm":
+        gemm_table(bits, args.arch, args.show)
+        return
     print(f"| bits | BLOCK_N x BLOCK_B x warps | loop instructions | codes per thread per step | per code | "
           f"registers | most frequent |")
     print("|---:|---|---:|---:|---:|---:|---|")
@@ -117,6 +153,23 @@ def main():
             if args.show:
                 print("\n".join(loop))
 
+
+def gemm_table(bits, arch, show):
+    """Every config of ops.GEMM_CONFIGS and SMALL_GEMM_CONFIGS: how its tiles are loaded, its main loop's size."""
+    from quantization.kernels import ops
+    configs = sorted({tuple(c[:5]) for c in ops.SMALL_GEMM_CONFIGS + ops.GEMM_CONFIGS})
+    print("| bits | BLOCK_M x BLOCK_N x BLOCK_K x warps x stages | asynchronous copies | x tiles loaded synchronously "
+          "| loop instructions | registers |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for b in bits:
+        for config in configs:
+            kernel = compile_gemm(b, *config, arch)
+            copies, sync_x = gemm_loads(kernel.asm["ttgir"])
+            code, registers = disassemble(kernel.asm["cubin"])
+            loop = main_loop(code)
+            print(f"| {b} | {'x'.join(map(str, config))} | {copies} | {sync_x} | {len(loop)} | {registers} |", flush=True)
+            if show:
+                print("\n".join(loop))
 
 if __name__ == "__main__":
     main()

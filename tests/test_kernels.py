@@ -315,3 +315,15 @@ def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():
     shown = lines[lines.index([line for line in lines if line.startswith("| 1 |")][0]) + 1:]
     # one FMA per code, and a few more per step for the scales
     assert len(shown) == int(row[3]) and 128 <= sum(line.split()[0] == "FFMA" for line in shown) < 160, shown[:20]
+
+
+def test_the_gemm_copies_its_x_tiles_ahead():
+    """bench/kernel_sass.py --kernel=gemm compiles every GEMM config for sm_90 as the launcher specializes it: the
+    x tiles, like the words, are copied to shared memory asynchronously (K and x's row stride keep their
+    divisibility specialization; marked do_not_specialize, each K step waited for its x tile)."""
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_sass.py"), "--kernel=gemm",
+                             "--bits=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 4 |")]
+    assert len(rows) >= 5 and all(int(r[3]) >= 4 and int(r[4]) == 0 for r in rows), rows

@@ -288,7 +288,10 @@ def _unpack(words, BITS: tl.constexpr):
     return tl.reshape(fields, (words.shape[0] * per_word, words.shape[1]))
 
 
-@triton.jit(do_not_specialize=_VARYING)
+# K and the row stride of x keep their divisibility-by-16 specialization here: with it the x tiles are known to be
+# 16-byte aligned rows, which the software pipeliner needs to copy them asynchronously a few K steps ahead
+# (cp.async); without it every K step waited for its x tile (bench/kernel_sass.py --kernel=gemm shows which)
+@triton.jit(do_not_specialize=["M", "stride_ym", "blocks_per_group", "blocks_per_split"])
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
