@@ -281,5 +281,6 @@ def main(argv=None):
     print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
     print(f"wrote {out}")
 
+
 if __name__ == "__main__":
     main()

@@ -55,7 +55,11 @@ class PackedLinear(nn.Module):
                 for layer in layers}
         if len(same) > 1 or first.sparse is not None:
             return None
-        join = lambda name: None if getattr(first, name) is None else torch.cat([getattr(layer, name) for layer in layers], dim=-1)
+
+        def join(name):
+            parts = [getattr(layer, name) for layer in layers]
+            return None if parts[0] is None else torch.cat(parts, dim=-1)
+
         layout = dict(qweight=join("qweight"), scale=join("scale"), zero=join("zero"), zero_const=first.zero_const,
                       bits=first.bits, group_size=first.group_size, in_features=first.in_features,
                       out_features=sum(layer.out_features for layer in layers))
