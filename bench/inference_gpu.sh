@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Low-bit inference on one GPU (about 25 minutes on an H200 for all of it; each part fits in 10 minutes): every
+# Low-bit inference on one GPU (about 30 minutes on an H200 for all of it; each part fits in 10 minutes): every
 # kernel checked against the dequantize reference on the GPU, the packed kernels against cuBLAS bf16, then decode
 # tokens/s and peak memory, bf16 against the packed formats, for the 6.7B, 124M and GPT-2 XL shapes. Tables go to
 # $RESULTS (default bench/results), the output of a part to $RESULTS/inference_<gpu>_<part>_log.txt.
@@ -11,7 +11,6 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 R=${RESULTS:-bench/results}
 mkdir -p "$R"
-GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 PARTS=${1:-check kernels modes_124m decode_6.7b decode_124m decode_xl}
 
 run() {  # run <seconds> <command...>: the command echoed into the log, then its output without warnings
@@ -19,6 +18,14 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     echo "# $*" | tee -a "$LOG"
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
+
+KNOWN="check kernels modes_124m decode_6.7b decode_124m profile_124m decode_xl"
+for PART in $PARTS; do  # every part known before any runs (or leaves a log)
+    case " $KNOWN " in *" $PART "*) ;; *)
+        echo "inference_gpu.sh: error: part '$PART' is unknown; expected one of: $KNOWN" >&2; exit 2 ;; esac
+done
+GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())" 2>/dev/null) ||
+    { echo "inference_gpu.sh: error: needs a CUDA GPU that torch can see" >&2; exit 2; }
 
 for PART in $PARTS; do
     LOG="$R/inference_${GPU}_${PART}_log.txt"
@@ -30,9 +37,9 @@ for PART in $PARTS; do
         run 290 python bench/kernels.py --out="$R/kernels_$GPU.md" --gemm_shapes=4096x11008 \
             --shapes=4096x11008,768x768,768x3072,3072x768,4096x4096,11008x4096,8192x8192 ;;
     decode_6.7b)  # the goals: batch 1, compiled, every format (a 6.7B row takes 30-50 s of warm-up); then batch 16
-        run 330 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4,W8,W2,ternary,W1 --modes=compiled \
+        run 400 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4,W8,W2,ternary,W1 --modes=compiled \
             --batches=1 --out="$R/decode_${GPU}_6.7b.md"
-        run 150 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled --batches=16 \
+        run 180 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled --batches=16 \
             --out="$R/decode_${GPU}_6.7b_batch16.md" ;;
     modes_124m)  # the compiled step as one self-feeding CUDA graph against torch.compile's reduce-overhead mode,
                  # greedy tokens checked against the uncached forward first
@@ -47,9 +54,7 @@ for PART in $PARTS; do
         run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 --modes=compiled --batches=1 \
             --new_tokens=64 --profile=40 --out="$R/decode_${GPU}_124m_profile.md" ;;
     decode_xl)  # compiled, batch 1 (eager GPT-2 XL rows would take minutes each)
-        run 400 python bench/decode.py --shapes=gpt2_xl --modes=compiled --batches=1 \
+        run 540 python bench/decode.py --shapes=gpt2_xl --modes=compiled --batches=1 \
             --out="$R/decode_${GPU}_xl.md" ;;
-    *) echo "inference_gpu.sh: error: part '$PART' is unknown; expected check, kernels, modes_124m, decode_6.7b, decode_124m, profile_124m or decode_xl" >&2
-       exit 2 ;;
     esac
 done

@@ -5,6 +5,8 @@ except softmax_input, the cached path's logits equal the uncached forward's at e
 and greedy tokens are identical. softmax_input and per_tensor activation ranges span other tokens in the
 uncached forward (future scores, the whole sequence); the cached path takes them over what a causal step sees,
 so there the facts checked are causality (one-shot prefill == token by token) and the per-token K/V storage."""
+import os
+
 import pytest
 import torch
 
@@ -250,3 +252,17 @@ def test_decode_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
     assert capsys.readouterr().out.count("profile (eager, batch ") == len(rows)
     error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--qkv=fused,joined")
     assert error is not None and "--qkv=fused,joined: expected a comma-separated subset of fused, separate" in error
+
+
+def test_the_gpu_script_names_a_bad_part_or_a_missing_gpu_in_one_line(tmp_path):
+    import subprocess
+    from conftest import ROOT
+    script = os.path.join(ROOT, "bench", "inference_gpu.sh")
+    env = dict(os.environ, RESULTS=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    bad = subprocess.run(["bash", script, "check bogus"], capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("inference_gpu.sh: error: part 'bogus' is unknown; expected "
+                                                          "one of: check kernels modes_124m decode_6.7b decode_124m "
+                                                          "profile_124m decode_xl")
+    no_gpu = subprocess.run(["bash", script, "check"], capture_output=True, text=True, env=env, timeout=120)
+    assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr and len(no_gpu.stderr.splitlines()) == 1
+    assert not list(tmp_path.iterdir())  # no log left behind
