@@ -174,12 +174,12 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
     """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest (kernel, config) of a small set."""
     m = x.shape[0]
     blocks_per_group = group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
-    pairs = candidates(m, group_size)
     args = (x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const)
     rows = triton.next_power_of_2(m) if m > GEMV_MAX_ROWS else m
     key = (rows, qweight.shape[1], in_features, bits, group_size, zero is not None, bias is not None, x.dtype,
            x.device)
-    if key not in _best:
+    if key not in _best:  # the candidates are listed only until a shape has its choice
+        pairs = candidates(m, group_size)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             kernel, config = pairs[0]
             return bind(kernel, counters)(*args, config)  # no timing on the CPU or inside a CUDA graph capture
