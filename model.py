@@ -114,10 +114,9 @@ class KVCache(nn.Module):
         super().__init__()
         self.dtype = dtype
         self.specs = {}
+        shape = (batch, n_head, max_len, head_dim)
         for name, spec in (("k", k_spec), ("v", v_spec)):
-            shape = (batch, n_head, max_len, head_dim)
             if spec is None:
-                self.register_buffer(name, torch.zeros(shape, device=device, dtype=dtype), persistent=False)
                 continue
             if spec.granularity in ("per_tensor", "per_channel"):
                 spec = replace(spec, granularity="per_token")
@@ -127,6 +126,19 @@ class KVCache(nn.Module):
             self.register_buffer(f"{name}_codes", torch.zeros(shape, device=device, dtype=codes_dtype), persistent=False)
             for qparam in ("scale", "zero_point"):
                 self.register_buffer(f"{name}_{qparam}", torch.zeros((*shape[:3], rows), device=device), persistent=False)
+        # the tensors stored as they are (K, V or both) share one buffer: one write per step for both
+        self.plain = [name for name in ("k", "v") if name not in self.specs]
+        if self.plain:
+            self.register_buffer("stored", torch.zeros((len(self.plain), *shape), device=device, dtype=dtype),
+                                 persistent=False)
+
+    @property
+    def k(self):
+        return self.stored[self.plain.index("k")]
+
+    @property
+    def v(self):
+        return self.stored[self.plain.index("v")]
 
     def k_or_codes(self):
         return self.k_codes if "k" in self.specs else self.k
@@ -138,13 +150,14 @@ class KVCache(nn.Module):
     def update(self, input_pos, k, v):
         """Write k and v (batch, n_head, T, head_dim) at positions input_pos (T,); return the whole cache's keys
         and values (dequantized where stored quantized)."""
+        new = {"k": k, "v": v}
+        if self.plain:
+            self.stored.index_copy_(3, input_pos, torch.stack([new[name] for name in self.plain]).to(self.dtype))
         out = []
-        for name, x in (("k", k), ("v", v)):
+        for name, x in new.items():
             spec = self.specs.get(name)
             if spec is None:
-                cache = getattr(self, name)
-                cache.index_copy_(2, input_pos, x.to(self.dtype))
-                out.append(cache)
+                out.append(self.stored[self.plain.index(name)])
                 continue
             scale, zero_point = compute_qparams(x, spec)
             codes = quantize(x, scale, zero_point, spec)
@@ -186,13 +199,13 @@ class CausalSelfAttention(nn.Module):
         self.qkv, self.q, self.k, self.v = fused, None, None, None
         return True
 
-    def forward(self, x, input_pos=None):
+    def forward(self, x, input_pos=None, visible=None):
         B, T, C = x.size()
         x = self.act["input"](x)
         qkv = self.qkv(x).split(C, dim=-1) if self.qkv is not None else (self.q(x), self.k(x), self.v(x))
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in qkv)
         if input_pos is not None:
-            y = self.cached_attention(q, k, v, input_pos)
+            y = self.cached_attention(q, k, v, input_pos, visible)
         elif not any(self.act[site].active or self.act[site].transform is not None for site in ATTN_INNER_SITES):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
@@ -206,13 +219,15 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.act["output"](self.resid_dropout(self.attn_proj(y)))
 
-    def cached_attention(self, q, k, v, input_pos):
-        """Attention of the new tokens at input_pos over every token in the cache up to them. The activation
-        sites see only the new tokens' rows (their per_tensor ranges cover this step's tokens); K and V are
-        quantized as they enter the cache (KVCache); the softmax input's masked scores are zeroed before
-        quantizing, which widens neither a symmetric nor an affine range."""
+    def cached_attention(self, q, k, v, input_pos, visible=None):
+        """Attention of the new tokens at input_pos over every token in the cache up to them (visible: that mask,
+        (T, cache length), which GPT computes once for all layers). The activation sites see only the new tokens'
+        rows (their per_tensor ranges cover this step's tokens); K and V are quantized as they enter the cache
+        (KVCache); the softmax input's masked scores are zeroed before quantizing, which widens neither a
+        symmetric nor an affine range."""
         k, v = self.kv_cache.update(input_pos, k, v)
-        visible = self.causal[input_pos, :k.size(2)]
+        if visible is None:
+            visible = self.causal[input_pos, :k.size(2)]
         if not any(self.act[site].active for site in ATTN_INNER_SITES):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         att = (self.act["qk_mult_q_input"](q) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -246,9 +261,18 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, input_pos=None):
-        x = x + self.attn(self.ln_1(x), input_pos)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x, input_pos=None, visible=None):
+        x, mlp_out = self.step(x, None, input_pos, visible)
+        return x + mlp_out
+
+    def step(self, x, delta, input_pos=None, visible=None):
+        """The block with its last residual add left to the next block: x + delta in, (the residual after
+        attention, the MLP's output) out. A block compiled on its own (a compiled decode compiles one block for
+        all layers) then adds and normalizes in one kernel, as a whole-model compile does."""
+        if delta is not None:
+            x = x + delta
+        x = x + self.attn(self.ln_1(x), input_pos, visible)
+        return x, self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -337,22 +361,39 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, input_pos=None):
         """Logits (of the last position only, unless targets are given) and the loss. With input_pos (the
         positions of idx's tokens, a 1-D tensor) the layers attend through their KV caches (setup_cache)."""
-        b, t = idx.size()
-        assert t <= self.config.block_size, f"sequence of length {t} is longer than block_size {self.config.block_size}"
         wte = self.token_embedding_weight()
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device) if input_pos is None else input_pos
-        x = self.transformer.drop(F.embedding(idx, wte) + self.transformer.wpe(pos))
+        x, visible = self.embed(idx, input_pos, wte)
         for block in self.transformer.h:
-            x = block(x, input_pos)
+            x = block(x, input_pos, visible)
         x = self.transformer.ln_f(x)
-        head = partial(F.linear, weight=wte) if self.config.tied_head else self.lm_head
         if targets is not None:
-            logits = head(x)
+            logits = self.head(x, wte)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         else:  # inference: only the last position's logits are needed
-            logits = head(x[:, [-1], :])
+            logits = self.head(x[:, [-1], :], wte)
             loss = None
         return logits, loss
+
+    def head(self, x, wte=None):
+        """Logits of the final normalized hidden states: the tied token embedding (wte as
+        token_embedding_weight() gives it) or lm_head."""
+        if not self.config.tied_head:
+            return self.lm_head(x)
+        return F.linear(x, self.token_embedding_weight() if wte is None else wte)
+
+    def embed(self, idx, input_pos=None, wte=None):
+        """The blocks' input for tokens idx (batch, T) at positions input_pos (default 0..T-1), and with
+        input_pos the (T, cache length) mask of the cached positions each token sees (None without). wte: the
+        token embedding weight as token_embedding_weight() gives it (computed here if not given)."""
+        t = idx.size(1)
+        assert t <= self.config.block_size, f"sequence of length {t} is longer than block_size {self.config.block_size}"
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device) if input_pos is None else input_pos
+        wte = self.token_embedding_weight() if wte is None else wte
+        x = self.transformer.drop(F.embedding(idx, wte) + self.transformer.wpe(pos))
+        if input_pos is None:
+            return x, None
+        cached = torch.arange(self.transformer.h[0].attn.kv_cache.max_len, device=idx.device)
+        return x, cached[None, :] <= input_pos[:, None]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]
@@ -389,8 +430,10 @@ class GPT(nn.Module):
         top_k most likely. With use_cache, the prompt is run once (prefill) and each new token attends through
         the KV caches, which are reused across calls when they fit. With compile, the one-token step (sampling
         included) runs under torch.compile: on a GPU it is captured once as a CUDA graph that also feeds its token
-        to the next step, so that each token costs one graph replay and no Python (_decode_graphed);
-        compile="reduce-overhead" takes torch.compile's own CUDA graphs instead, one call per token. The cache
+        to the next step, so that each token costs one graph replay and no Python (_decode_graphed). It compiles
+        one block for all layers (seconds, where the whole unrolled model takes about a minute at 32 layers);
+        compile="whole" compiles the step as one graph instead; compile="reduce-overhead" takes torch.compile's
+        own CUDA graphs over the whole step, one call per token. The cache
         holds block_size positions: tokens beyond it are generated as without a cache (the last block_size tokens
         recomputed each step)."""
         if not use_cache:
@@ -410,7 +453,8 @@ class GPT(nn.Module):
         logits, _ = self(prompt, input_pos=input_pos)
         tokens = [idx, sample_logits(logits, temperature, top_k)]
         if compile and compile != "reduce-overhead" and device_type == "cuda":
-            tokens.append(self._decode_graphed(tokens[-1], prompt.size(1), cached_steps - 1, temperature, top_k))
+            tokens.append(self._decode_graphed(tokens[-1], prompt.size(1), cached_steps - 1, temperature, top_k,
+                                               whole=compile == "whole"))
         else:
             step = self.decode_step
             if compile:
@@ -430,31 +474,45 @@ class GPT(nn.Module):
         logits, _ = self(token, input_pos=input_pos)
         return sample_logits(logits, temperature, top_k)
 
-    def _chained_step(self, token, pos, out, temperature, top_k):
+    def _chained_step(self, token, pos, out, temperature, top_k, regions=None):
         """decode_step that writes its own next input: the new token goes to out[:, pos + 1] and to `token`, and
-        pos advances, so that the step can be replayed without Python in between."""
-        new = self.decode_step(token, pos, temperature, top_k)
+        pos advances, so that the step can be replayed without Python in between. It runs the blocks as
+        Block.step (each block's last residual add left to the next), so that a compiled decode compiles three
+        regions, `regions` = (embed, Block.step, _finish_step) compiled, and one block serves every layer: the
+        compile time of one block, not of n_layer unrolled."""
+        embed, block_step, finish = regions or (self.embed, Block.step, self._finish_step)
+        x, visible = embed(token, pos)
+        delta = None
+        for block in self.transformer.h:
+            x, delta = block_step(block, x, delta, pos, visible)
+        finish(x, delta, token, pos, out, temperature, top_k)
+
+    def _finish_step(self, x, delta, token, pos, out, temperature, top_k):
+        """_chained_step's end: the last residual add, ln_f, the head, sampling, and the writes of its token."""
+        new = sample_logits(self.head(self.transformer.ln_f(x + delta)), temperature, top_k)
         out.index_copy_(1, pos + 1, new)
         token.copy_(new)
         pos.add_(1)
 
-    def _decode_graphed(self, token, pos, steps, temperature, top_k):
+    def _decode_graphed(self, token, pos, steps, temperature, top_k, whole=False):
         """`steps` tokens after `token` (batch, 1), which sits at position pos: one CUDA graph replay each. The
-        graph (the compiled _chained_step over static token, position and output buffers) is captured on first
-        use and again when the cache, batch or sampling settings change. Its warm-up runs the real first step (it
+        graph (_chained_step, compiled by regions, or whole, over static token, position and output buffers) is
+        captured on first use and again when the cache, batch, sampling settings or compile choice change. Its warm-up runs the real first step (it
         writes the cache at pos as the first replay does again), on a side stream as CUDA graph capture needs."""
         if steps == 0:  # nothing to replay (and a warm-up step would write past the cache)
             return token[:, :0]
         cache = self.transformer.h[0].attn.kv_cache
-        key = (token.size(0), cache.max_len, temperature, top_k, token.device)
+        key = (token.size(0), cache.max_len, temperature, top_k, token.device, whole)
         state = getattr(self, "_graphed", None)
         if state is None or state["key"] != key or state["cache"] is not cache:
             self._graphed = None
-            compiled = torch.compile(self._chained_step, fullgraph=True, dynamic=False)
+            compiled = partial(torch.compile, fullgraph=True, dynamic=False)
+            step = compiled(self._chained_step) if whole else self._chained_step
+            regions = None if whole else tuple(map(compiled, (self.embed, Block.step, self._finish_step)))
             state = dict(key=key, cache=cache, token=torch.empty_like(token),
                          pos=torch.empty(1, dtype=torch.long, device=token.device),
                          out=torch.zeros(token.size(0), cache.max_len, dtype=torch.long, device=token.device))
-            run = partial(compiled, state["token"], state["pos"], state["out"], temperature, top_k)
+            run = partial(step, state["token"], state["pos"], state["out"], temperature, top_k, regions)
             side = torch.cuda.Stream(token.device)
             side.wait_stream(torch.cuda.current_stream(token.device))
             with torch.cuda.stream(side):

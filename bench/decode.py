@@ -7,7 +7,8 @@ batch 1 and 16, for GPT-2 124M, GPT-2 XL and 6.7B shapes with random weights, in
 
 Each row generates --new_tokens tokens greedily after a --prompt_len token prompt through GPT.generate (prefill,
 then one-token steps against the preallocated KV cache; `compiled` captures the torch.compile'd step, sampling
-included, as one CUDA graph that feeds itself, replayed once per token; `reduce_overhead` runs the step under
+included, as one CUDA graph that feeds itself, replayed once per token (`compiled_whole`: the step compiled as one
+graph, not one block for all layers); `reduce_overhead` runs the step under
 torch.compile(mode="reduce-overhead"), one call per token), after one warm-up generation; tokens/s counts the batch's
 new tokens over the whole timed generation, prefill included. The bandwidth floor is the weight bytes read per
 step over the device-to-device copy bandwidth measured in the same run; "of floor" is tokens/s at batch 1 over
@@ -41,10 +42,12 @@ FORMATS = {
     "ternary": dict(method="ternary_quant", granularity="per_channel"),
     "W1": dict(method="binary_quant", granularity="per_channel"),
 }
-# GPT.generate's compile argument of each mode. compiled: the step captured once as a CUDA graph that feeds
-# itself (one replay per token); compiled_tuned: the same with inductor's coordinate-descent tuning of its
-# generated kernels (as gpt-fast does); reduce_overhead: torch.compile's own CUDA graphs, one call per token
-MODES = {"eager": False, "compiled": True, "compiled_tuned": True, "reduce_overhead": "reduce-overhead"}
+# GPT.generate's compile argument of each mode. compiled: the step, compiled one block for all layers, captured
+# once as a CUDA graph that feeds itself (one replay per token); compiled_whole: the same graph of the whole step
+# compiled as one; compiled_tuned: compiled with inductor's coordinate-descent tuning of its generated kernels (as
+# gpt-fast does); reduce_overhead: torch.compile's own CUDA graphs over the whole step, one call per token
+MODES = {"eager": False, "compiled": True, "compiled_whole": "whole", "compiled_tuned": True,
+         "reduce_overhead": "reduce-overhead"}
 
 
 def parse_list(value, allowed, flag):

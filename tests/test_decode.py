@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from inference import freeze_quantized_weights, load_model, use_kernels
-from model import ACT_SITES, LINEAR_SITES, GPT, GPTConfig, KVCache
+from model import ACT_SITES, LINEAR_SITES, GPT, Block, GPTConfig, KVCache
 from quantization.quantizers import QuantSpec, fake_quant
 from quantization.packing import save_packed
 from quantization.rtn import rtn_quantize, weight_spec
@@ -123,6 +123,32 @@ def test_the_chained_step_feeds_itself_as_the_graph_replays_do():
     for _ in range(8):
         model._chained_step(token, pos, out, 0, None)
     assert torch.equal(out[:, 6:14], expected[:, 6:]) and pos.item() == 13
+
+
+def test_a_compiled_decode_compiles_one_block_for_every_layer():
+    """The compiled decode's regions (embed, Block.step, _finish_step): Block.step compiles twice (the first
+    block has no residual left to add) and serves the other layers unchanged; the steps write the eager steps'
+    tokens and KV caches."""
+    from torch._dynamo.utils import counters
+    model = GPT(GPTConfig(**{**TINY, "n_layer": 4})).eval()
+    model.fuse_qkv()
+    torch._dynamo.reset()
+    counters.clear()
+    regions = tuple(torch.compile(f, fullgraph=True, dynamic=False)
+                    for f in (model.embed, Block.step, model._finish_step))
+    runs = []
+    for chosen in (regions, None):
+        model.setup_cache(2, 12, "cpu", torch.float32)
+        token, pos, out = torch.tensor([[3], [7]]), torch.tensor([0]), torch.zeros(2, 12, dtype=torch.long)
+        with torch.no_grad():
+            for _ in range(6):
+                model._chained_step(token, pos, out, 0, None, chosen)
+        runs.append((out.clone(), [block.attn.kv_cache.stored.clone() for block in model.transformer.h]))
+    (compiled, compiled_caches), (eager, eager_caches) = runs
+    assert counters["stats"]["unique_graphs"] == 4  # embed, the first block, every other block, the head
+    assert torch.equal(compiled, eager) and compiled[:, 1:7].ne(0).any()
+    for a, b in zip(compiled_caches, eager_caches):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
@@ -261,8 +287,8 @@ def test_the_gpu_script_names_a_bad_part_or_a_missing_gpu_in_one_line(tmp_path):
     env = dict(os.environ, RESULTS=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     bad = subprocess.run(["bash", script, "check bogus"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == ("inference_gpu.sh: error: part 'bogus' is unknown; expected "
-                                                          "one of: check kernels modes_124m decode_6.7b decode_124m "
-                                                          "profile_124m decode_xl")
+                                                          "one of: check kernels kernels_goal modes_124m decode_124m "
+                                                          "decode_6.7b decode_xl profile_124m")
     no_gpu = subprocess.run(["bash", script, "check"], capture_output=True, text=True, env=env, timeout=120)
     assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr and len(no_gpu.stderr.splitlines()) == 1
     assert not list(tmp_path.iterdir())  # no log left behind
