@@ -6,7 +6,8 @@
 # $RESULTS/inference_<gpu>_<part>_log.txt.
 #   bash bench/inference_gpu.sh            # every part, in order
 #   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, kernels_goal,
-#                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m
+#                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
+#                                          # repeats_124m
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -20,7 +21,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m"
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
         echo "inference_gpu.sh: error: part '$PART' is unknown; expected one of: $KNOWN" >&2; exit 2 ;; esac
@@ -56,6 +57,11 @@ for PART in $PARTS; do
     profile_124m)  # where a compiled decode step's GPU time goes (torch.profiler), bf16 and W4
         run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 --modes=compiled --batches=1 \
             --new_tokens=64 --profile=40 --out="$R/decode_${GPU}_124m_profile.md" ;;
+    repeats_124m)  # bf16 at batch 1, the compiled modes side by side, in two more runs: the spread near the goal
+        for i in 1 2; do
+            run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16 \
+                --modes=compiled_whole,compiled,reduce_overhead --batches=1 --out="$R/decode_${GPU}_124m_repeat$i.md"
+        done ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
