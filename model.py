@@ -433,9 +433,8 @@ class GPT(nn.Module):
         to the next step, so that each token costs one graph replay and no Python (_decode_graphed). It compiles
         one block for all layers (seconds, where the whole unrolled model takes about a minute at 32 layers);
         compile="whole" compiles the step as one graph instead; compile="reduce-overhead" takes torch.compile's
-        own CUDA graphs over the whole step, one call per token. The cache
-        holds block_size positions: tokens beyond it are generated as without a cache (the last block_size tokens
-        recomputed each step)."""
+        own CUDA graphs over the whole step, one call per token. The cache holds block_size positions: tokens
+        beyond it are generated as without a cache (the last block_size tokens recomputed each step)."""
         if not use_cache:
             return self._generate_uncached(idx, max_new_tokens, temperature, top_k)
         block_size = self.config.block_size
@@ -497,8 +496,9 @@ class GPT(nn.Module):
     def _decode_graphed(self, token, pos, steps, temperature, top_k, whole=False):
         """`steps` tokens after `token` (batch, 1), which sits at position pos: one CUDA graph replay each. The
         graph (_chained_step, compiled by regions, or whole, over static token, position and output buffers) is
-        captured on first use and again when the cache, batch, sampling settings or compile choice change. Its warm-up runs the real first step (it
-        writes the cache at pos as the first replay does again), on a side stream as CUDA graph capture needs."""
+        captured on first use and again when the cache, batch, sampling settings or compile choice change. Its
+        warm-up runs the real first step (it writes the cache at pos as the first replay does again), on a side
+        stream as CUDA graph capture needs."""
         if steps == 0:  # nothing to replay (and a warm-up step would write past the cache)
             return token[:, :0]
         cache = self.transformer.h[0].attn.kv_cache

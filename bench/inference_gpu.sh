@@ -45,7 +45,8 @@ for PART in $PARTS; do
                  # whole, and torch.compile's reduce-overhead mode; greedy tokens checked against the uncached
                  # forward first
         run 240 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 \
-            --modes=compiled,compiled_whole,reduce_overhead --batches=1,16 --check --out="$R/decode_${GPU}_124m_modes.md" ;;
+            --modes=compiled,compiled_whole,reduce_overhead --batches=1,16 --check \
+            --out="$R/decode_${GPU}_124m_modes.md" ;;
     decode_124m)  # every format, compiled and eager, batch 1 and 16; then q/k/v apart at batch 1
         run 300 python bench/decode.py --shapes=gpt2_124m --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_124m.md"

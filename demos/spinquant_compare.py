@@ -46,7 +46,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
-    from train import resolve_device
+    from inference import resolve_device
     device, _ = resolve_device(args.device, "float32")
     torch.backends.cuda.matmul.allow_tf32 = False  # activations of 4 bits: keep the float math exact
     try:

@@ -100,7 +100,7 @@ def main(argv=None):
     p.add_argument("--quantized_dir", default="spinquant_out", help="where to save ckpt.pt (and ckpt_spinquant.pt)")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
-    from train import resolve_device
+    from inference import resolve_device
     device, _ = resolve_device(args.device, "float32")
     try:
         check_args(args)

@@ -137,27 +137,30 @@ def test_a_compiled_decode_compiles_one_block_for_every_layer():
     regions = tuple(torch.compile(f, fullgraph=True, dynamic=False)
                     for f in (model.embed, Block.step, model._finish_step))
     runs = []
-    for chosen in (regions, None):
+    for chosen, temperature, top_k in ((regions, 0, None), (None, 0, None), (regions, 1.0, 1)):
         model.setup_cache(2, 12, "cpu", torch.float32)
         token, pos, out = torch.tensor([[3], [7]]), torch.tensor([0]), torch.zeros(2, 12, dtype=torch.long)
         with torch.no_grad():
             for _ in range(6):
-                model._chained_step(token, pos, out, 0, None, chosen)
+                model._chained_step(token, pos, out, temperature, top_k, chosen)
         runs.append((out.clone(), [block.attn.kv_cache.stored.clone() for block in model.transformer.h]))
-    (compiled, compiled_caches), (eager, eager_caches) = runs
-    assert counters["stats"]["unique_graphs"] == 4  # embed, the first block, every other block, the head
+    (compiled, compiled_caches), (eager, eager_caches), (sampled, _) = runs
+    assert counters["stats"]["unique_graphs"] == 5  # embed, the first block, every other block, two heads
+    assert torch.equal(sampled, eager)  # compiled sampling from the top 1 is greedy
     assert torch.equal(compiled, eager) and compiled[:, 1:7].ne(0).any()
     for a, b in zip(compiled_caches, eager_caches):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="compiling the decode step takes about 2 minutes on 2 CPU cores; bench/decode.py checks it")
+                    reason="the decode's CUDA graphs need a GPU (the compiled regions are checked on the CPU above; "
+                           "bench/decode.py --check checks the graphs)")
 def test_compiled_decode_step_equals_eager():
     model = build().cuda()
     prompt = torch.randint(TINY["vocab_size"], (2, 4), device="cuda")
     eager = model.generate(prompt, 10, temperature=0)
-    for compile in (True, "reduce-overhead"):  # one self-feeding CUDA graph; torch.compile's own graphs
+    for compile in (True, "whole", "reduce-overhead"):  # self-feeding CUDA graphs (one block compiled for all
+        # layers, or the whole step); torch.compile's own graphs
         assert torch.equal(model.generate(prompt, 10, temperature=0, compile=compile), eager)
     torch.manual_seed(0)
     sampled = model.generate(prompt, 10, temperature=1.0, top_k=5, compile=True)
