@@ -1,5 +1,9 @@
 """Loading a checkpoint for inference, and the device and precision choice: what sample.py, perplexity.py, hf.py,
-the demos and train.py share (scripts import this module, never each other).
+the demos and train.py share (scripts import this module, never each other). The layer over model.py: a checkpoint
+(checkpoint.py) becomes a GPT here, its packed weights dequantized or kept packed (quantization/kernels), its q, k
+and v joined for decoding (fuse_qkv), its fake-quantized weights frozen.
+
+    model = from_checkpoint("out")                                  # a folder, a ckpt.pt, or a loaded dict
 
     model, tokenizer = load_model("out", "cuda")                  # float, or packed weights dequantized
     model, tokenizer = load_model("out-gptq", "cuda", kernels="on")  # packed weights kept packed (PackedLinear)
@@ -9,6 +13,7 @@ import sys
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from checkpoint import checkpoint_dataset, load_checkpoint
@@ -57,10 +62,25 @@ def load_model(out_dir, device, kernels="off"):
         model = load_packed_kernels(GPT(GPTConfig(**checkpoint["model_args"])), checkpoint, required=kernels == "on")
         model.set_quantization(checkpoint.get("quantization_enabled", True))
     else:
-        model = GPT.from_checkpoint(checkpoint)
+        model = from_checkpoint(checkpoint)
     model.eval().to(device)
     dataset = checkpoint_dataset(checkpoint)
     return model, Tokenizer(load_meta(os.path.join(ROOT, "data", dataset)))
+
+
+def from_checkpoint(checkpoint):
+    """The GPT of a checkpoint (a loaded dict, or its file or folder): its weights (a packed one dequantized),
+    quantizers on or off as it was saved."""
+    from quantization.packing import is_packed, load_packed
+    if not isinstance(checkpoint, dict):
+        checkpoint = load_checkpoint(checkpoint)
+    model = GPT(GPTConfig(**checkpoint["model_args"]))
+    if is_packed(checkpoint):
+        load_packed(model, checkpoint)
+    else:
+        model.load_state_dict(checkpoint["model"])
+    model.set_quantization(checkpoint.get("quantization_enabled", True))
+    return model
 
 
 def load_packed_kernels(model, checkpoint, required):
@@ -92,3 +112,39 @@ def freeze_quantized_weights(model):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=enabled)
     return model
 
+
+
+def concatenate_linears(layers):
+    """One layer whose output is the layers' outputs side by side (they read the same input), or None where they
+    cannot be joined. Linears that compute F.linear with a plain weight (no parametrization, so QAT layers once
+    frozen) become one nn.Linear; a layer class with a `concatenate` classmethod (PackedLinear) joins its own."""
+    first = layers[0]
+    if all(type(layer).forward is nn.Linear.forward and not parametrize.is_parametrized(layer) for layer in layers):
+        if len({(layer.bias is None, layer.weight.dtype, layer.weight.device) for layer in layers}) > 1:
+            return None
+        fused = nn.Linear(first.in_features, sum(layer.out_features for layer in layers), bias=first.bias is not None,
+                          device="meta")
+        fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
+        return fused
+    if len({type(layer) for layer in layers}) == 1 and hasattr(type(first), "concatenate"):
+        return type(first).concatenate(layers)
+    return None
+
+
+def fuse_qkv(model):
+    """Inference: each attention layer computes q, k and v with one layer of 3 x n_embd outputs (one matmul, or
+    one packed kernel, instead of three); layers whose q, k and v cannot be joined keep them. The state dict then
+    holds `qkv` in place of `q`, `k` and `v`: fuse after loading, and save or export (hf.py, gguf_export.py) an
+    unfused model. Returns how many layers were fused."""
+    fused = 0
+    for block in model.transformer.h:
+        attn = block.attn
+        if attn.qkv is not None:  # fused already
+            continue
+        qkv = concatenate_linears([attn.q, attn.k, attn.v])
+        if qkv is not None:
+            attn.qkv, attn.q, attn.k, attn.v = qkv, None, None, None
+            fused += 1
+    return fused

@@ -7,16 +7,14 @@ whose ActQuant is the identity unless the config switches it on. The two tables 
 of sites: train.py's flags, the config, saving and plots are all generated from them.
 """
 import math
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from quantization.layers import ActQuant, make_linear, latent_weight
-from quantization.quantizers import QuantSpec, code_range, compute_qparams, fake_quant, quantize, smallest_int_dtype
+from quantization.quantizers import QuantSpec, fake_quant
 
 # linear site -> the layer kind it belongs to (group-level flags such as --linear_variant_attn apply to a kind)
 LINEAR_SITES = {"q": "attn", "k": "attn", "v": "attn", "attn_proj": "attn", "mlp_up": "mlp", "mlp_down": "mlp"}
@@ -81,96 +79,6 @@ def linear_site(config, site, in_features, out_features):
     return make_linear(config.linear_variants.get(site, "linear"), in_features, out_features, config.bias, spec)
 
 
-def concatenate_linears(layers):
-    """One layer whose output is the layers' outputs side by side (they read the same input), or None where they
-    cannot be joined. Linears that compute F.linear with a plain weight (no parametrization, so QAT layers once
-    frozen) become one nn.Linear; a layer class with a `concatenate` classmethod (PackedLinear) joins its own."""
-    first = layers[0]
-    if all(type(layer).forward is nn.Linear.forward and not parametrize.is_parametrized(layer) for layer in layers):
-        if len({(layer.bias is None, layer.weight.dtype, layer.weight.device) for layer in layers}) > 1:
-            return None
-        fused = nn.Linear(first.in_features, sum(layer.out_features for layer in layers), bias=first.bias is not None,
-                          device="meta")
-        fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
-        if first.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
-        return fused
-    if len({type(layer) for layer in layers}) == 1 and hasattr(type(first), "concatenate"):
-        return type(first).concatenate(layers)
-    return None
-
-
-class KVCache(nn.Module):
-    """The keys and values of one attention layer for decoding, preallocated as (batch, n_head, max_len, head_dim)
-    and written in place at the new tokens' positions, so that a decode step has static shapes (CUDA graphs).
-
-    When the layer's qk_mult_k_input / pv_mult_v_input site is on, that tensor is stored quantized: integer codes
-    plus a scale and zero point per token and head (per group of head_dim for a per_group spec), computed once as
-    the token enters the cache. For per_token and per_group specs this is exactly what the uncached forward
-    computes; a per_tensor or per_channel spec, whose range would span tokens not yet generated, is applied per
-    token here (same method and bits)."""
-
-    def __init__(self, batch, n_head, max_len, head_dim, device, dtype, k_spec=None, v_spec=None):
-        super().__init__()
-        self.dtype = dtype
-        self.specs = {}
-        shape = (batch, n_head, max_len, head_dim)
-        for name, spec in (("k", k_spec), ("v", v_spec)):
-            if spec is None:
-                continue
-            if spec.granularity in ("per_tensor", "per_channel"):
-                spec = replace(spec, granularity="per_token")
-            self.specs[name] = spec
-            rows = head_dim // spec.group_size if spec.granularity == "per_group" else 1
-            codes_dtype = smallest_int_dtype(*code_range(spec))
-            self.register_buffer(f"{name}_codes", torch.zeros(shape, device=device, dtype=codes_dtype), persistent=False)
-            for qparam in ("scale", "zero_point"):
-                self.register_buffer(f"{name}_{qparam}", torch.zeros((*shape[:3], rows), device=device), persistent=False)
-        # the tensors stored as they are (K, V or both) share one buffer: one write per step for both
-        self.plain = [name for name in ("k", "v") if name not in self.specs]
-        if self.plain:
-            self.register_buffer("stored", torch.zeros((len(self.plain), *shape), device=device, dtype=dtype),
-                                 persistent=False)
-
-    @property
-    def k(self):
-        return self.stored[self.plain.index("k")]
-
-    @property
-    def v(self):
-        return self.stored[self.plain.index("v")]
-
-    def k_or_codes(self):
-        return self.k_codes if "k" in self.specs else self.k
-
-    @property
-    def max_len(self):
-        return self.k_or_codes().size(2)
-
-    def update(self, input_pos, k, v):
-        """Write k and v (batch, n_head, T, head_dim) at positions input_pos (T,); return the whole cache's keys
-        and values (dequantized where stored quantized)."""
-        new = {"k": k, "v": v}
-        if self.plain:
-            self.stored.index_copy_(3, input_pos, torch.stack([new[name] for name in self.plain]).to(self.dtype))
-        out = []
-        for name, x in new.items():
-            spec = self.specs.get(name)
-            if spec is None:
-                out.append(self.stored[self.plain.index(name)])
-                continue
-            scale, zero_point = compute_qparams(x, spec)
-            codes = quantize(x, scale, zero_point, spec)
-            stored = [getattr(self, f"{name}_{part}") for part in ("codes", "scale", "zero_point")]
-            for buf, value in zip(stored, (codes, scale, zero_point)):
-                buf.index_copy_(2, input_pos, value.reshape(*x.shape[:3], -1).to(buf.dtype))
-            codes, scale, zero_point = stored
-            rows = scale.size(-1)  # dequantize as quantizers.dequantize does: (codes - zero_point) * scale, in float32
-            grouped = codes.float().unflatten(-1, (rows, -1))
-            out.append(((grouped - zero_point[..., None]) * scale[..., None]).flatten(-2).to(x.dtype))
-        return out
-
-
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -188,16 +96,7 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("causal", torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool)),
                              persistent=False)
         self.kv_cache = None
-        self.qkv = None  # fuse_qkv: q, k and v as one layer
-
-    def fuse_qkv(self):
-        """Replace q, k and v by one layer of 3 x n_embd outputs (inference: one matmul, or one packed kernel,
-        instead of three). Returns False, changing nothing, where the three cannot be joined."""
-        fused = concatenate_linears([self.q, self.k, self.v])
-        if fused is None:
-            return False
-        self.qkv, self.q, self.k, self.v = fused, None, None, None
-        return True
+        self.qkv = None  # inference.fuse_qkv: q, k and v as one layer
 
     def forward(self, x, input_pos=None, visible=None):
         B, T, C = x.size()
@@ -307,32 +206,6 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    @classmethod
-    def from_pretrained(cls, name_or_folder, **overrides):
-        """A GPT from a checkpoint train.py (or a PTQ script) wrote (its folder or file), a local Hugging Face
-        GPT-2 folder, or a GPT-2 name (gpt2, gpt2-medium, ...: downloaded, needs a network). `overrides`
-        (block_size, dropout, config fields) apply to the Hugging Face import."""
-        import os
-        from checkpoint import load_checkpoint
-        from quantization.hf import load_hf_gpt2
-        path = os.path.join(name_or_folder, "ckpt.pt") if os.path.isdir(name_or_folder) else name_or_folder
-        if os.path.isfile(path):
-            return cls.from_checkpoint(load_checkpoint(path))
-        return load_hf_gpt2(name_or_folder, **overrides)[0]
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint):
-        """The GPT of a loaded checkpoint dict: its weights (a packed one dequantized), quantizers on or off as
-        it was saved."""
-        from quantization.packing import is_packed, load_packed
-        model = cls(GPTConfig(**checkpoint["model_args"]))
-        if is_packed(checkpoint):
-            load_packed(model, checkpoint)
-        else:
-            model.load_state_dict(checkpoint["model"])
-        model.set_quantization(checkpoint.get("quantization_enabled", True))
-        return model
-
     def get_num_params(self, non_embedding=True):
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
@@ -346,12 +219,6 @@ class GPT(nn.Module):
             if module is not self and hasattr(module, "enabled"):
                 module.enabled = enabled
 
-    def fuse_qkv(self):
-        """Inference: each attention layer computes q, k and v with one layer (CausalSelfAttention.fuse_qkv), for
-        faster decoding. The state dict then holds `qkv` in place of `q`, `k` and `v`: fuse after loading, and
-        save or export (hf.py, gguf_export.py) an unfused model. Returns how many layers were fused."""
-        return sum(block.attn.fuse_qkv() for block in self.transformer.h)
-
     def token_embedding_weight(self):
         weight = self.transformer.wte.weight
         if self.embedding_spec is not None and self.quantization_enabled:
@@ -360,7 +227,7 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, input_pos=None):
         """Logits (of the last position only, unless targets are given) and the loss. With input_pos (the
-        positions of idx's tokens, a 1-D tensor) the layers attend through their KV caches (setup_cache)."""
+        positions of idx's tokens, a 1-D tensor) the layers attend through their KV caches (generate.setup_cache)."""
         wte = self.token_embedding_weight()
         x, visible = self.embed(idx, input_pos, wte)
         for block in self.transformer.h:
@@ -409,143 +276,4 @@ class GPT(nn.Module):
         flops_per_token = 6 * self.get_num_params() + 12 * L * H * Q * T
         return flops_per_token * T * fwdbwd_per_iter / dt / 312e12
 
-    def setup_cache(self, batch, max_len, device, dtype):
-        """Allocate every layer's KVCache for `batch` sequences of up to max_len (<= block_size) positions. K and V
-        are stored quantized where their activation site is on now (call after set_quantization)."""
-        assert max_len <= self.config.block_size, f"max_len {max_len} is longer than block_size {self.config.block_size}"
-        for block in self.transformer.h:
-            attn = block.attn
-            k_site, v_site = attn.act["qk_mult_k_input"], attn.act["pv_mult_v_input"]
-            attn.kv_cache = KVCache(batch, attn.n_head, max_len, self.config.n_embd // attn.n_head, device, dtype,
-                                    k_site.spec if k_site.active else None, v_site.spec if v_site.active else None)
 
-    def cache_fits(self, batch, max_len, device, dtype):
-        cache = self.transformer.h[0].attn.kv_cache
-        return (cache is not None and cache.k_or_codes().shape[0] == batch and cache.max_len >= max_len
-                and cache.dtype == dtype and cache.k_or_codes().device == torch.device(device))
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, compile=False):
-        """Continue idx (batch, T) by max_new_tokens tokens: greedy when temperature is 0, else sampled from the
-        top_k most likely. With use_cache, the prompt is run once (prefill) and each new token attends through
-        the KV caches, which are reused across calls when they fit. With compile, the one-token step (sampling
-        included) runs under torch.compile: on a GPU it is captured once as a CUDA graph that also feeds its token
-        to the next step, so that each token costs one graph replay and no Python (_decode_graphed). It compiles
-        one block for all layers (seconds, where the whole unrolled model takes about a minute at 32 layers);
-        compile="whole" compiles the step as one graph instead; compile="reduce-overhead" takes torch.compile's
-        own CUDA graphs over the whole step, one call per token. The cache holds block_size positions: tokens
-        beyond it are generated as without a cache (the last block_size tokens recomputed each step)."""
-        if not use_cache:
-            return self._generate_uncached(idx, max_new_tokens, temperature, top_k)
-        block_size = self.config.block_size
-        prompt = idx[:, -block_size:]
-        cached_steps = min(max_new_tokens, block_size - prompt.size(1))
-        if cached_steps <= 0:
-            return self._generate_uncached(idx, max_new_tokens, temperature, top_k)
-        device_type = idx.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else self.transformer.wte.weight.dtype)
-        max_len = prompt.size(1) + cached_steps
-        if not self.cache_fits(idx.size(0), max_len, idx.device, dtype):
-            self.setup_cache(idx.size(0), max_len, idx.device, dtype)
-        input_pos = torch.arange(prompt.size(1), device=idx.device)
-        logits, _ = self(prompt, input_pos=input_pos)
-        tokens = [idx, sample_logits(logits, temperature, top_k)]
-        if compile and compile != "reduce-overhead" and device_type == "cuda":
-            tokens.append(self._decode_graphed(tokens[-1], prompt.size(1), cached_steps - 1, temperature, top_k,
-                                               whole=compile == "whole"))
-        else:
-            step = self.decode_step
-            if compile:
-                if getattr(self, "_compiled_step", None) is None:
-                    self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True,
-                                                       dynamic=False)
-                step = self._compiled_step
-            input_pos = input_pos[-1:].clone()
-            for _ in range(cached_steps - 1):  # clone: a CUDA graph's next replay overwrites its output
-                input_pos += 1
-                tokens.append(step(tokens[-1], input_pos, temperature, top_k).clone())
-        idx = torch.cat(tokens, dim=1)
-        return self._generate_uncached(idx, max_new_tokens - cached_steps, temperature, top_k)
-
-    def decode_step(self, token, input_pos, temperature, top_k):
-        """The next token after `token` (batch, 1) at position input_pos (1,), through the KV caches."""
-        logits, _ = self(token, input_pos=input_pos)
-        return sample_logits(logits, temperature, top_k)
-
-    def _chained_step(self, token, pos, out, temperature, top_k, regions=None):
-        """decode_step that writes its own next input: the new token goes to out[:, pos + 1] and to `token`, and
-        pos advances, so that the step can be replayed without Python in between. It runs the blocks as
-        Block.step (each block's last residual add left to the next), so that a compiled decode compiles three
-        regions, `regions` = (embed, Block.step, _finish_step) compiled, and one block serves every layer: the
-        compile time of one block, not of n_layer unrolled."""
-        embed, block_step, finish = regions or (self.embed, Block.step, self._finish_step)
-        x, visible = embed(token, pos)
-        delta = None
-        for block in self.transformer.h:
-            x, delta = block_step(block, x, delta, pos, visible)
-        finish(x, delta, token, pos, out, temperature, top_k)
-
-    def _finish_step(self, x, delta, token, pos, out, temperature, top_k):
-        """_chained_step's end: the last residual add, ln_f, the head, sampling, and the writes of its token."""
-        new = sample_logits(self.head(self.transformer.ln_f(x + delta)), temperature, top_k)
-        out.index_copy_(1, pos + 1, new)
-        token.copy_(new)
-        pos.add_(1)
-
-    def _decode_graphed(self, token, pos, steps, temperature, top_k, whole=False):
-        """`steps` tokens after `token` (batch, 1), which sits at position pos: one CUDA graph replay each. The
-        graph (_chained_step, compiled by regions, or whole, over static token, position and output buffers) is
-        captured on first use and again when the cache, batch, sampling settings or compile choice change. Its
-        warm-up runs the real first step (it writes the cache at pos as the first replay does again), on a side
-        stream as CUDA graph capture needs."""
-        if steps == 0:  # nothing to replay (and a warm-up step would write past the cache)
-            return token[:, :0]
-        cache = self.transformer.h[0].attn.kv_cache
-        key = (token.size(0), cache.max_len, temperature, top_k, token.device, whole)
-        state = getattr(self, "_graphed", None)
-        if state is None or state["key"] != key or state["cache"] is not cache:
-            self._graphed = None
-            compiled = partial(torch.compile, fullgraph=True, dynamic=False)
-            step = compiled(self._chained_step) if whole else self._chained_step
-            regions = None if whole else tuple(map(compiled, (self.embed, Block.step, self._finish_step)))
-            state = dict(key=key, cache=cache, token=torch.empty_like(token),
-                         pos=torch.empty(1, dtype=torch.long, device=token.device),
-                         out=torch.zeros(token.size(0), cache.max_len, dtype=torch.long, device=token.device))
-            run = partial(step, state["token"], state["pos"], state["out"], temperature, top_k, regions)
-            side = torch.cuda.Stream(token.device)
-            side.wait_stream(torch.cuda.current_stream(token.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles, then runs once more as compiled code (kernel configs timed)
-                    state["token"].copy_(token)
-                    state["pos"].fill_(pos)
-                    run()
-            torch.cuda.current_stream(token.device).wait_stream(side)
-            state["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(state["graph"]):
-                run()
-            self._graphed = state
-        state["token"].copy_(token)
-        state["pos"].fill_(pos)
-        for _ in range(steps):
-            state["graph"].replay()
-        return state["out"][:, pos + 1:pos + 1 + steps].clone()
-
-    def _generate_uncached(self, idx, max_new_tokens, temperature, top_k):
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            idx = torch.cat((idx, sample_logits(logits, temperature, top_k)), dim=1)
-        return idx
-
-
-def sample_logits(logits, temperature, top_k):
-    """The next token (batch, 1) from the last position's logits: argmax when temperature is 0."""
-    logits = logits[:, -1, :]
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("Inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

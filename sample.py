@@ -4,7 +4,8 @@ import sys
 import torch
 
 from configurator import BoolFlag, OneLineParser
-from inference import KERNEL_CHOICES, autocast_context, freeze_quantized_weights, load_model, resolve_device
+from generate import generate
+from inference import KERNEL_CHOICES, autocast_context, freeze_quantized_weights, fuse_qkv, load_model, resolve_device
 from safety import check_device
 
 
@@ -65,7 +66,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"sample.py: error: --out_dir={args.out_dir}: {e}")
     freeze_quantized_weights(model)
-    model.fuse_qkv()  # one matmul (or packed kernel) for q, k and v where the three layers can be joined
+    fuse_qkv(model)  # one matmul (or packed kernel) for q, k and v where the three layers can be joined
     start = args.start
     if start.startswith("FILE:"):
         try:
@@ -82,7 +83,7 @@ def main(argv=None):
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     with torch.no_grad(), autocast_context(device, dtype):
         for _ in range(args.num_samples):
-            y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            y = generate(model, x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                use_cache=args.cache, compile=args.compile)
             print(tokenizer.decode(y[0].tolist()))
             print("---------------")

@@ -25,6 +25,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from generate import generate, reset_compiled  # noqa: E402
+from inference import fuse_qkv  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
@@ -75,7 +77,7 @@ def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused"):
         from quantization.kernels import pack_model
         model = pack_model(model, spec)
     if qkv == "fused":
-        model.fuse_qkv()
+        fuse_qkv(model)
     return model
 
 
@@ -136,16 +138,16 @@ def measure(model, batch, mode, args):
     torch._inductor.config.coordinate_descent_tuning = mode == "compiled_tuned"
     if compiled:
         torch._dynamo.reset()
-        model._compiled_step = model._graphed = None
+        reset_compiled(model)
     prompt = torch.randint(model.config.vocab_size, (batch, args.prompt_len), device=args.device)
     t0 = time.time()
-    model.generate(prompt, args.new_tokens, temperature=0, compile=compiled)  # compiles, records the graphs
+    generate(model, prompt, args.new_tokens, temperature=0, compile=compiled)  # compiles, records the graphs
     synchronize(args.device)
     warm_s = time.time() - t0
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    out = model.generate(prompt, args.new_tokens, temperature=0, compile=compiled)
+    out = generate(model, prompt, args.new_tokens, temperature=0, compile=compiled)
     synchronize(args.device)
     seconds = time.time() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
@@ -154,7 +156,7 @@ def measure(model, batch, mode, args):
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
         with profile(activities=activities) as prof:
-            model.generate(prompt, args.new_tokens, temperature=0, compile=compiled)
+            generate(model, prompt, args.new_tokens, temperature=0, compile=compiled)
             synchronize(args.device)
         sort = "cuda_time_total" if args.device.startswith("cuda") else "cpu_time_total"
         print(f"profile ({mode}, batch {batch}, {args.new_tokens} tokens):\n"
@@ -167,10 +169,10 @@ def check(args, dtype):
     model = build(args.shapes[0], "bf16", args.device, torch.float32, args.vocab_size, args.block_size)
     prompt = torch.randint(model.config.vocab_size, (2, args.prompt_len), device=args.device)
     n = 24
-    reference = model.generate(prompt, n, temperature=0, use_cache=False)
+    reference = generate(model, prompt, n, temperature=0, use_cache=False)
     lines = []
     for mode in args.modes:
-        tokens = model.generate(prompt, n, temperature=0, compile=MODES[mode])
+        tokens = generate(model, prompt, n, temperature=0, compile=MODES[mode])
         agree = (tokens[:, args.prompt_len:] == reference[:, args.prompt_len:]).float().mean().item()
         lines.append(f"check ({args.shapes[0]}, float32, batch 2, {n} greedy tokens): cached {mode} agrees with "
                      f"the uncached forward on {agree:.0%} of tokens" + ("" if agree == 1 else "  <-- MISMATCH"))

@@ -20,7 +20,7 @@ for path in (ROOT, os.path.join(ROOT, "demos")):
 import torch  # noqa: E402
 
 from configurator import OneLineParser  # noqa: E402
-from model import GPT  # noqa: E402
+from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, unrotated  # noqa: E402
@@ -114,7 +114,7 @@ def main(argv=None):
             add(setting, f"SpinQuant + {method.upper()}", score(sq.model), rtn,
                 calib_loss=[losses[0], losses[-1]] if losses else None)
     for label, folder in qat:
-        model = GPT.from_pretrained(folder).to(device).eval()
+        model = from_pretrained(folder).to(device).eval()
         add("QAT", label, score(model))
     cfg = (f"{args.out_dir}: {checkpoint['model_args']['n_layer']} layers, {checkpoint['model_args']['n_embd']} wide, "
            f"{checkpoint['dataset']}; weights {'symmetric' if args.sym else 'asymmetric'} "

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 from checkpoint import load_checkpoint  # noqa: E402
 from configurator import OneLineParser  # noqa: E402
-from model import GPT  # noqa: E402
+from generate import generate  # noqa: E402
+from quantization.hf import from_pretrained  # noqa: E402
 from tokenizer import Tokenizer, load_meta  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main(argv=None):
         sys.exit(f"{error} --temperature={args.temperature}: must be positive")
     try:
         checkpoint = load_checkpoint(args.ckpt)
-        model = GPT.from_pretrained(args.ckpt).to(args.device).eval()
+        model = from_pretrained(args.ckpt).to(args.device).eval()
         tokenizer = Tokenizer(load_meta(os.path.join(ROOT, "data", checkpoint.get("dataset", "shakespeare_char"))))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"{error} --ckpt={args.ckpt}: {e}")
@@ -45,7 +46,7 @@ def main(argv=None):
         sys.exit(f"{error} --prompt: {e}")
     torch.manual_seed(args.seed)
     x = torch.tensor(ids, dtype=torch.long, device=args.device)[None]
-    y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    y = generate(model, x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     print(tokenizer.decode(y[0].tolist()))
 
 

@@ -35,6 +35,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from checkpoint import checkpoint_dataset, load_checkpoint, save_checkpoint  # noqa: E402
 from configurator import BoolFlag, OneLineParser  # noqa: E402
+from inference import from_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import QuantizedLinear  # noqa: E402
 from quantization.packing import unpack_codes  # noqa: E402
@@ -79,7 +80,7 @@ class Weight:
 def checkpoint_weights(checkpoint):
     """(model, {parameter name: Weight}) of a checkpoint: the dequantized values the model computes with, and the
     grid of every quantized linear (QAT or packed PTQ) and of a quantized token embedding."""
-    model = GPT.from_checkpoint(checkpoint)
+    model = from_checkpoint(checkpoint)
     model.eval()
     weights = {}
     with torch.no_grad():

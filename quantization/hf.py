@@ -22,6 +22,7 @@ if ROOT not in sys.path:
 
 from checkpoint import save_checkpoint  # noqa: E402
 from configurator import OneLineParser  # noqa: E402
+from inference import from_checkpoint, load_model  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from safety import check_output_file, same_file, safe_name  # noqa: E402
 
@@ -158,6 +159,16 @@ def load_hf_gpt2(name_or_folder, block_size=None, dropout=0.0, **overrides):
     return model, model_args
 
 
+def from_pretrained(name_or_folder, **overrides):
+    """A GPT from a checkpoint train.py (or a PTQ script) wrote (its folder or file), a local Hugging Face GPT-2
+    folder, or a GPT-2 name (gpt2, gpt2-medium, ...: downloaded, needs a network). `overrides` (block_size,
+    dropout, config fields) apply to the Hugging Face import."""
+    path = os.path.join(name_or_folder, "ckpt.pt") if os.path.isdir(name_or_folder) else name_or_folder
+    if os.path.isfile(path):
+        return from_checkpoint(path)
+    return load_hf_gpt2(name_or_folder, **overrides)[0]
+
+
 def import_checkpoint(name_or_folder, out_dir, dataset="shakespeare", block_size=None):
     """Write GPT-2 weights as one of our full-precision checkpoints (dataset names the GPT-2 BPE tokenizer's
     data folder, used by sample.py and perplexity.py)."""
@@ -174,7 +185,6 @@ def export_checkpoint(out_dir, hf_dir):
     GPT-2 folder: config.json and model.safetensors."""
     from safetensors.torch import save_file
 
-    from inference import load_model
     model, _ = load_model(out_dir, "cpu")
     cfg = model.config
     if any(v != "linear" for v in cfg.linear_variants.values()) or cfg.act_quant or cfg.embedding_quant:

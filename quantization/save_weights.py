@@ -43,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 
 from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
 from configurator import OneLineParser  # noqa: E402
-from model import GPT  # noqa: E402
+from inference import from_checkpoint  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
 from quantization.packing import from_csr, is_packed, to_csr, unpack_codes  # noqa: E402
 from quantization.quantizers import (GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec,  # noqa: E402
@@ -197,7 +197,7 @@ def measure_activations(model, dataset, batch_size, block_size, device):
 def collect(checkpoint, device="cpu", snr_batch_size=4):
     """The {format, version, tensors} dict that save() writes, from a loaded checkpoint."""
     model_args = checkpoint["model_args"]
-    model = GPT.from_checkpoint(checkpoint)  # a packed (PTQ, SpinQuant) checkpoint's codes are stored, not recomputed
+    model = from_checkpoint(checkpoint)  # a packed (PTQ, SpinQuant) checkpoint's codes are stored, not recomputed
     model.set_quantization(True)  # the weights as the quantized model computes with them, even from a warm-up save
     model.eval().to(device)
     tensors = weight_entries(model)

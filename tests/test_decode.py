@@ -1,4 +1,4 @@
-"""Decoding through the KV cache (model.KVCache, GPT.generate) against the uncached forward, and inference.py.
+"""Decoding through the KV cache (generate.py: KVCache, generate) against the uncached forward, and inference.py.
 
 What equals what: for a float model, and for a quantized one whose activation sites are per_token (or per_group)
 except softmax_input, the cached path's logits equal the uncached forward's at every step (to float rounding)
@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from inference import freeze_quantized_weights, load_model, use_kernels
-from model import ACT_SITES, LINEAR_SITES, GPT, Block, GPTConfig, KVCache
+from functools import partial
+
+from generate import KVCache, chained_step, finish_step, generate, setup_cache
+from inference import freeze_quantized_weights, fuse_qkv, load_model, use_kernels
+from model import ACT_SITES, LINEAR_SITES, GPT, Block, GPTConfig
 from quantization.quantizers import QuantSpec, fake_quant
 from quantization.packing import save_packed
 from quantization.rtn import rtn_quantize, weight_spec
@@ -45,7 +48,7 @@ def build(**config):
 
 def stepwise_logits(model, tokens, prompt_len):
     """Logits of the cached path: prefill of tokens[:, :prompt_len], then one token at a time."""
-    model.setup_cache(tokens.size(0), tokens.size(1), "cpu", torch.float32)
+    setup_cache(model, tokens.size(0), tokens.size(1), "cpu", torch.float32)
     out = [model(tokens[:, :prompt_len], input_pos=torch.arange(prompt_len))[0]]
     for t in range(prompt_len, tokens.size(1)):
         out.append(model(tokens[:, t:t + 1], input_pos=torch.tensor([t]))[0])
@@ -57,8 +60,8 @@ def stepwise_logits(model, tokens, prompt_len):
 def test_cached_decoding_equals_uncached(name, batch):
     model = build(**CONFIGS[name])
     prompt = torch.randint(TINY["vocab_size"], (batch, 5))
-    uncached = model.generate(prompt, 12, temperature=0, use_cache=False)
-    assert torch.equal(model.generate(prompt, 12, temperature=0), uncached)
+    uncached = generate(model, prompt, 12, temperature=0, use_cache=False)
+    assert torch.equal(generate(model, prompt, 12, temperature=0), uncached)
     cached = stepwise_logits(model, uncached[:, :-1], 5)
     reference = torch.cat([model(uncached[:, :t])[0] for t in range(5, uncached.size(1))], dim=1)
     torch.testing.assert_close(cached, reference, atol=1e-5, rtol=1e-5)
@@ -83,7 +86,7 @@ def test_cached_path_is_causal_with_every_site_on():
     tokens = torch.randint(TINY["vocab_size"], (2, 9))
     steps = stepwise_logits(model, tokens, 1)[:, -1]
     assert model.transformer.h[0].attn.kv_cache.k_codes.dtype == torch.int8  # 6-bit codes 0..63 in one byte
-    model.setup_cache(2, 9, "cpu", torch.float32)
+    setup_cache(model, 2, 9, "cpu", torch.float32)
     prefill = model(tokens, input_pos=torch.arange(9))[0][:, -1]
     torch.testing.assert_close(steps, prefill, atol=1e-5, rtol=1e-5)
 
@@ -91,58 +94,58 @@ def test_cached_path_is_causal_with_every_site_on():
 def test_generation_past_block_size_and_sampling_match_uncached():
     model = build()
     prompt = torch.randint(TINY["vocab_size"], (2, 30))  # 30 + 10 > block_size 32: the last 8 slide
-    assert torch.equal(model.generate(prompt, 10, temperature=0), model.generate(prompt, 10, temperature=0,
+    assert torch.equal(generate(model, prompt, 10, temperature=0), generate(model, prompt, 10, temperature=0,
                                                                                   use_cache=False))
     draws = []
     for use_cache in (True, False):
         torch.manual_seed(7)
-        draws.append(model.generate(prompt[:, :4], 10, temperature=1.0, top_k=5, use_cache=use_cache))
+        draws.append(generate(model, prompt[:, :4], 10, temperature=1.0, top_k=5, use_cache=use_cache))
     assert torch.equal(*draws)
 
 
 def test_cache_reused_when_it_fits_and_rebuilt_when_not():
     model = build()
     prompt = torch.randint(TINY["vocab_size"], (2, 4))
-    first = model.generate(prompt, 8, temperature=0)
+    first = generate(model, prompt, 8, temperature=0)
     cache = model.transformer.h[0].attn.kv_cache
-    assert torch.equal(model.generate(prompt, 6, temperature=0), first[:, :10])
+    assert torch.equal(generate(model, prompt, 6, temperature=0), first[:, :10])
     assert model.transformer.h[0].attn.kv_cache is cache  # 10 positions fit the 12 allocated
-    assert torch.equal(model.generate(prompt[:1], 8, temperature=0), first[:1])
+    assert torch.equal(generate(model, prompt[:1], 8, temperature=0), first[:1])
     assert model.transformer.h[0].attn.kv_cache is not cache  # another batch size
 
 
 def test_the_chained_step_feeds_itself_as_the_graph_replays_do():
-    """_chained_step, which the CUDA graph of a compiled GPU decode replays: run eagerly here, step after step on
+    """chained_step, which the CUDA graph of a compiled GPU decode replays: run eagerly here, step after step on
     its own token and position buffers, it writes the tokens of the cached path."""
     model = build(**CONFIGS["quantized"])
     prompt = torch.randint(TINY["vocab_size"], (2, 5))
-    expected = model.generate(prompt, 9, temperature=0)
+    expected = generate(model, prompt, 9, temperature=0)
     logits, _ = model(prompt, input_pos=torch.arange(5))
     token, pos = logits[:, -1].argmax(-1, keepdim=True), torch.tensor([5])
     out = torch.zeros(2, model.transformer.h[0].attn.kv_cache.max_len, dtype=torch.long)
     for _ in range(8):
-        model._chained_step(token, pos, out, 0, None)
+        chained_step(model, token, pos, out, 0, None)
     assert torch.equal(out[:, 6:14], expected[:, 6:]) and pos.item() == 13
 
 
 def test_a_compiled_decode_compiles_one_block_for_every_layer():
-    """The compiled decode's regions (embed, Block.step, _finish_step): Block.step compiles twice (the first
+    """The compiled decode's regions (embed, Block.step, finish_step): Block.step compiles twice (the first
     block has no residual left to add) and serves the other layers unchanged; the steps write the eager steps'
     tokens and KV caches."""
     from torch._dynamo.utils import counters
     model = GPT(GPTConfig(**{**TINY, "n_layer": 4})).eval()
-    model.fuse_qkv()
+    fuse_qkv(model)
     torch._dynamo.reset()
     counters.clear()
     regions = tuple(torch.compile(f, fullgraph=True, dynamic=False)
-                    for f in (model.embed, Block.step, model._finish_step))
+                    for f in (model.embed, Block.step, partial(finish_step, model)))
     runs = []
     for chosen, temperature, top_k in ((regions, 0, None), (None, 0, None), (regions, 1.0, 1)):
-        model.setup_cache(2, 12, "cpu", torch.float32)
+        setup_cache(model, 2, 12, "cpu", torch.float32)
         token, pos, out = torch.tensor([[3], [7]]), torch.tensor([0]), torch.zeros(2, 12, dtype=torch.long)
         with torch.no_grad():
             for _ in range(6):
-                model._chained_step(token, pos, out, temperature, top_k, chosen)
+                chained_step(model, token, pos, out, temperature, top_k, chosen)
         runs.append((out.clone(), [block.attn.kv_cache.stored.clone() for block in model.transformer.h]))
     (compiled, compiled_caches), (eager, eager_caches), (sampled, _) = runs
     assert counters["stats"]["unique_graphs"] == 5  # embed, the first block, every other block, two heads
@@ -158,13 +161,13 @@ def test_a_compiled_decode_compiles_one_block_for_every_layer():
 def test_compiled_decode_step_equals_eager():
     model = build().cuda()
     prompt = torch.randint(TINY["vocab_size"], (2, 4), device="cuda")
-    eager = model.generate(prompt, 10, temperature=0)
+    eager = generate(model, prompt, 10, temperature=0)
     for compile in (True, "whole", "reduce-overhead"):  # self-feeding CUDA graphs (one block compiled for all
         # layers, or the whole step); torch.compile's own graphs
-        assert torch.equal(model.generate(prompt, 10, temperature=0, compile=compile), eager)
+        assert torch.equal(generate(model, prompt, 10, temperature=0, compile=compile), eager)
     torch.manual_seed(0)
-    sampled = model.generate(prompt, 10, temperature=1.0, top_k=5, compile=True)
-    assert sampled.shape == eager.shape and not torch.equal(sampled, model.generate(prompt, 10, temperature=1.0,
+    sampled = generate(model, prompt, 10, temperature=1.0, top_k=5, compile=True)
+    assert sampled.shape == eager.shape and not torch.equal(sampled, generate(model, prompt, 10, temperature=1.0,
                                                                                     top_k=5, compile=True))
 
 
@@ -179,36 +182,37 @@ def test_freeze_quantized_weights_keeps_outputs():
 
 @pytest.mark.parametrize("name", ["float", "quantized"])
 def test_fused_qkv_equals_three_layers(name):
-    """GPT.fuse_qkv: one layer for q, k and v (a frozen QAT model's too), the same logits and tokens."""
+    """inference.fuse_qkv: one layer for q, k and v (a frozen QAT model's too), the same logits and tokens."""
     model = build(**CONFIGS[name])
     freeze_quantized_weights(model)
     idx = torch.randint(TINY["vocab_size"], (2, 8))
-    before, tokens = model(idx, idx)[0], model.generate(idx[:, :4], 10, temperature=0)
-    assert model.fuse_qkv() == TINY["n_layer"]
+    before, tokens = model(idx, idx)[0], generate(model, idx[:, :4], 10, temperature=0)
+    assert fuse_qkv(model) == TINY["n_layer"]
     attn = model.transformer.h[0].attn
     assert attn.q is None and attn.qkv.weight.shape == (3 * TINY["n_embd"], TINY["n_embd"])
     assert "transformer.h.0.attn.qkv.weight" in model.state_dict()
     torch.testing.assert_close(model(idx, idx)[0], before, atol=1e-5, rtol=1e-5)
-    assert torch.equal(model.generate(idx[:, :4], 10, temperature=0), tokens)
+    assert torch.equal(generate(model, idx[:, :4], 10, temperature=0), tokens)
 
 
 def test_fuse_qkv_leaves_layers_that_cannot_be_joined():
     model = build(**CONFIGS["quantized"])  # QAT layers still fake-quantize their weights: not plain linears
-    assert model.fuse_qkv() == 0 and model.transformer.h[0].attn.qkv is None
+    assert fuse_qkv(model) == 0 and model.transformer.h[0].attn.qkv is None
     try:
         from quantization.kernels import PackedLinear
     except ImportError:
         return
-    attn = build().transformer.h[0].attn
+    model = GPT(GPTConfig(**{**TINY, "n_layer": 1})).eval()
+    attn = model.transformer.h[0].attn
     spec4, spec2 = QuantSpec("affine_quant", 4, "per_group", 16), QuantSpec("affine_quant", 2, "per_group", 16)
     attn.q, attn.k, attn.v = (PackedLinear.from_float(layer.weight, spec, layer.bias)
                               for layer, spec in ((attn.q, spec4), (attn.k, spec4), (attn.v, spec2)))
-    assert not attn.fuse_qkv() and attn.qkv is None and attn.q is not None  # a 2-bit v: three kernels stay
+    assert not fuse_qkv(model) and attn.qkv is None and attn.q is not None  # a 2-bit v: three kernels stay
     attn.v = PackedLinear.from_float(torch.randn(TINY["n_embd"], TINY["n_embd"]), spec4, attn.q.bias)
     x = torch.randn(3, TINY["n_embd"])
     separate = torch.cat([attn.q(x), attn.k(x), attn.v(x)], dim=-1)
     weights = torch.cat([layer.dequantized_weight() for layer in (attn.q, attn.k, attn.v)])
-    assert attn.fuse_qkv() and attn.qkv.bits == 4
+    assert fuse_qkv(model) and attn.qkv.bits == 4
     assert torch.equal(attn.qkv.dequantized_weight(), weights)
     torch.testing.assert_close(attn.qkv(x), separate, atol=1e-6, rtol=1e-6)
 
@@ -247,7 +251,7 @@ def test_load_packed_with_kernels_equals_dequantized(checkpoints):
     assert not any(type(m).__name__ == "PlainLinear" for m in packed.modules())
     idx = torch.randint(TINY["vocab_size"], (2, 8))
     torch.testing.assert_close(packed(idx, idx)[0], dequantized(idx, idx)[0], atol=1e-4, rtol=1e-4)
-    assert torch.equal(packed.generate(idx, 6, temperature=0), dequantized.generate(idx, 6, temperature=0))
+    assert torch.equal(generate(packed, idx, 6, temperature=0), generate(dequantized, idx, 6, temperature=0))
 
 
 def test_sample_cached_equals_uncached(checkpoints, capsys):

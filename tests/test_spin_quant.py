@@ -9,6 +9,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from conftest import run_main, train_in_process
 from model import GPT, GPTConfig
 from quantization.fold import fold_norms
+from quantization.hf import from_pretrained
 from quantization.hadamard import (factor, hadamard_matrix, hadamard_transform, paley_hadamard,
                                    random_hadamard_matrix)
 from quantization.perplexity import split_tokens
@@ -132,7 +133,7 @@ def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
     save_checkpoint(str(path), sq.checkpoint({"model_args": {}, "dataset": "shakespeare_char"}))
     x = torch.cat(calib)[:4, :-1]
     expected = sq.model(x, x)[0]
-    loaded = GPT.from_pretrained(str(tmp_path))
+    loaded = from_pretrained(str(tmp_path))
     assert torch.equal(loaded(x, x)[0], expected)
     via_sample, _ = load_model(str(tmp_path), "cpu")
     assert torch.equal(via_sample(x, x)[0], expected)
@@ -215,7 +216,7 @@ def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, c
     assert "iter 6: spinquant rotations learned" in capsys.readouterr().out
     args = load_checkpoint(out)["model_args"]
     assert args["norm"] == "rmsnorm" and not args["tied_head"] and args["online_transforms"]
-    model = GPT.from_pretrained(out)
+    model = from_pretrained(out)
     assert model.config.linear_variants["mlp_up"] == "quantized_linear"
 
 
@@ -234,8 +235,8 @@ def test_train_spinquant_bad_input_is_one_line(char_data, tmp_path, flags, named
 
 def test_from_pretrained_names_what_it_cannot_load(tmp_path):
     with pytest.raises(ValueError, match="neither a folder nor one of gpt2"):
-        GPT.from_pretrained(str(tmp_path / "missing"))
+        from_pretrained(str(tmp_path / "missing"))
     folder = tmp_path / "hf"
     folder.mkdir()
     with pytest.raises(FileNotFoundError):  # a folder with neither ckpt.pt nor a Hugging Face config
-        GPT.from_pretrained(str(folder))
+        from_pretrained(str(folder))

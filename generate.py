@@ -1,0 +1,249 @@
+"""Decoding a GPT (model.py) token by token, in the manner of gpt-fast's generate.py: the KV caches, prefill, the
+one-token decode step, sampling, and the compiled decode that a GPU replays as one CUDA graph per token.
+
+    from generate import generate
+    tokens = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200, compile=True)
+
+The model only knows `forward(idx, input_pos=...)`: with input_pos its attention layers write and read the
+`kv_cache` this module gives them (setup_cache).
+"""
+from dataclasses import replace
+from functools import partial
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from model import Block
+from quantization.quantizers import code_range, compute_qparams, dequantize, quantize, smallest_int_dtype
+
+
+class KVCache(nn.Module):
+    """The keys and values of one attention layer for decoding, preallocated as (batch, n_head, max_len, head_dim)
+    and written in place at the new tokens' positions, so that a decode step has static shapes (CUDA graphs).
+
+    When the layer's qk_mult_k_input / pv_mult_v_input site is on, that tensor is stored quantized: integer codes
+    plus a scale and zero point per token and head (per group of head_dim for a per_group spec), computed once as
+    the token enters the cache and turned back into values by quantizers.dequantize. For per_token and per_group
+    specs this is exactly what the uncached forward computes; a per_tensor or per_channel spec, whose range would
+    span tokens not yet generated, is applied per token here (same method and bits)."""
+
+    def __init__(self, batch, n_head, max_len, head_dim, device, dtype, k_spec=None, v_spec=None):
+        super().__init__()
+        self.dtype = dtype
+        self.specs = {}
+        shape = (batch, n_head, max_len, head_dim)
+        for name, spec in (("k", k_spec), ("v", v_spec)):
+            if spec is None:
+                continue
+            if spec.granularity in ("per_tensor", "per_channel"):
+                spec = replace(spec, granularity="per_token")
+            self.specs[name] = spec
+            rows = head_dim // spec.group_size if spec.granularity == "per_group" else 1
+            scales = spec.binary_terms if spec.grid == "residual_binary" else 1  # one scale per term
+            self.register_buffer(f"{name}_codes", torch.zeros(shape, device=device,
+                                                              dtype=smallest_int_dtype(*code_range(spec))),
+                                 persistent=False)
+            self.register_buffer(f"{name}_scale", torch.zeros((*shape[:3], rows * scales), device=device),
+                                 persistent=False)
+            self.register_buffer(f"{name}_zero_point", torch.zeros((*shape[:3], rows), device=device),
+                                 persistent=False)
+        # the tensors stored as they are (K, V or both) share one buffer: one write per step for both
+        self.plain = [name for name in ("k", "v") if name not in self.specs]
+        if self.plain:
+            self.register_buffer("stored", torch.zeros((len(self.plain), *shape), device=device, dtype=dtype),
+                                 persistent=False)
+
+    @property
+    def k(self):
+        return self.stored[self.plain.index("k")]
+
+    @property
+    def v(self):
+        return self.stored[self.plain.index("v")]
+
+    def k_or_codes(self):
+        return self.k_codes if "k" in self.specs else self.k
+
+    @property
+    def max_len(self):
+        return self.k_or_codes().size(2)
+
+    def update(self, input_pos, k, v):
+        """Write k and v (batch, n_head, T, head_dim) at positions input_pos (T,); return the whole cache's keys
+        and values (dequantized where stored quantized)."""
+        new = {"k": k, "v": v}
+        if self.plain:
+            self.stored.index_copy_(3, input_pos, torch.stack([new[name] for name in self.plain]).to(self.dtype))
+        out = []
+        for name, x in new.items():
+            spec = self.specs.get(name)
+            if spec is None:
+                out.append(self.stored[self.plain.index(name)])
+                continue
+            scale, zero_point = compute_qparams(x, spec)
+            codes = quantize(x, scale, zero_point, spec)
+            stored = [getattr(self, f"{name}_{part}") for part in ("codes", "scale", "zero_point")]
+            for buf, value in zip(stored, (codes, scale, zero_point)):
+                buf.index_copy_(2, input_pos, value.reshape(*x.shape[:3], -1).to(buf.dtype))
+            codes, scale, zero_point = stored
+            scale = scale.reshape(zero_point.numel(), -1)  # (rows, 1), or (rows, terms) for residual binary
+            out.append(dequantize(codes, scale, zero_point.reshape(-1, 1), spec).to(x.dtype))
+        return out
+
+
+def setup_cache(model, batch, max_len, device, dtype):
+    """Allocate every layer's KVCache for `batch` sequences of up to max_len (<= block_size) positions. K and V
+    are stored quantized where their activation site is on now (call after set_quantization)."""
+    config = model.config
+    if max_len > config.block_size:
+        raise ValueError(f"max_len {max_len} is longer than block_size {config.block_size}")
+    for block in model.transformer.h:
+        attn = block.attn
+        k_site, v_site = attn.act["qk_mult_k_input"], attn.act["pv_mult_v_input"]
+        attn.kv_cache = KVCache(batch, attn.n_head, max_len, config.n_embd // attn.n_head, device, dtype,
+                                k_site.spec if k_site.active else None, v_site.spec if v_site.active else None)
+
+
+def cache_fits(model, batch, max_len, device, dtype):
+    cache = model.transformer.h[0].attn.kv_cache
+    return (cache is not None and cache.k_or_codes().shape[0] == batch and cache.max_len >= max_len
+            and cache.dtype == dtype and cache.k_or_codes().device == torch.device(device))
+
+
+def reset_compiled(model):
+    """Forget the compiled step and captured graph (they are made again on the next compiled generate)."""
+    model._compiled_step = model._graphed = None
+
+
+def sample_logits(logits, temperature, top_k):
+    """The next token (batch, 1) from the last position's logits: argmax when temperature is 0."""
+    logits = logits[:, -1, :]
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("Inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, compile=False):
+    """Continue idx (batch, T) by max_new_tokens tokens: greedy when temperature is 0, else sampled from the
+    top_k most likely. With use_cache, the prompt is run once (prefill) and each new token attends through
+    the KV caches, which are reused across calls when they fit. With compile, the one-token step (sampling
+    included) runs under torch.compile: on a GPU it is captured once as a CUDA graph that also feeds its token
+    to the next step, so that each token costs one graph replay and no Python (decode_graphed). It compiles
+    one block for all layers (seconds, where the whole unrolled model takes about a minute at 32 layers);
+    compile="whole" compiles the step as one graph instead; compile="reduce-overhead" takes torch.compile's
+    own CUDA graphs over the whole step, one call per token. The cache holds block_size positions: tokens
+    beyond it are generated as without a cache (the last block_size tokens recomputed each step)."""
+    if not use_cache:
+        return generate_uncached(model, idx, max_new_tokens, temperature, top_k)
+    block_size = model.config.block_size
+    prompt = idx[:, -block_size:]
+    cached_steps = min(max_new_tokens, block_size - prompt.size(1))
+    if cached_steps <= 0:
+        return generate_uncached(model, idx, max_new_tokens, temperature, top_k)
+    device_type = idx.device.type
+    dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+             else model.transformer.wte.weight.dtype)
+    max_len = prompt.size(1) + cached_steps
+    if not cache_fits(model, idx.size(0), max_len, idx.device, dtype):
+        setup_cache(model, idx.size(0), max_len, idx.device, dtype)
+    input_pos = torch.arange(prompt.size(1), device=idx.device)
+    logits, _ = model(prompt, input_pos=input_pos)
+    tokens = [idx, sample_logits(logits, temperature, top_k)]
+    if compile and compile != "reduce-overhead" and device_type == "cuda":
+        tokens.append(decode_graphed(model, tokens[-1], prompt.size(1), cached_steps - 1, temperature, top_k,
+                                     whole=compile == "whole"))
+    else:
+        step = partial(decode_step, model)
+        if compile:
+            if getattr(model, "_compiled_step", None) is None:
+                model._compiled_step = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+            step = model._compiled_step
+        input_pos = input_pos[-1:].clone()
+        for _ in range(cached_steps - 1):  # clone: a CUDA graph's next replay overwrites its output
+            input_pos += 1
+            tokens.append(step(tokens[-1], input_pos, temperature, top_k).clone())
+    idx = torch.cat(tokens, dim=1)
+    return generate_uncached(model, idx, max_new_tokens - cached_steps, temperature, top_k)
+
+
+def decode_step(model, token, input_pos, temperature, top_k):
+    """The next token after `token` (batch, 1) at position input_pos (1,), through the KV caches."""
+    logits, _ = model(token, input_pos=input_pos)
+    return sample_logits(logits, temperature, top_k)
+
+
+def chained_step(model, token, pos, out, temperature, top_k, regions=None):
+    """decode_step that writes its own next input: the new token goes to out[:, pos + 1] and to `token`, and
+    pos advances, so that the step can be replayed without Python in between. It runs the blocks as
+    Block.step (each block's last residual add left to the next), so that a compiled decode compiles three
+    regions, `regions` = (model.embed, Block.step, finish_step) compiled, and one block serves every layer: the
+    compile time of one block, not of n_layer unrolled."""
+    embed, block_step, finish = regions or (model.embed, Block.step, partial(finish_step, model))
+    x, visible = embed(token, pos)
+    delta = None
+    for block in model.transformer.h:
+        x, delta = block_step(block, x, delta, pos, visible)
+    finish(x, delta, token, pos, out, temperature, top_k)
+
+
+def finish_step(model, x, delta, token, pos, out, temperature, top_k):
+    """chained_step's end: the last residual add, ln_f, the head, sampling, and the writes of its token."""
+    new = sample_logits(model.head(model.transformer.ln_f(x + delta)), temperature, top_k)
+    out.index_copy_(1, pos + 1, new)
+    token.copy_(new)
+    pos.add_(1)
+
+
+def decode_graphed(model, token, pos, steps, temperature, top_k, whole=False):
+    """`steps` tokens after `token` (batch, 1), which sits at position pos: one CUDA graph replay each. The
+    graph (chained_step, compiled by regions, or whole, over static token, position and output buffers) is
+    captured on first use and again when the cache, batch, sampling settings or compile choice change. Its
+    warm-up runs the real first step (it writes the cache at pos as the first replay does again), on a side
+    stream as CUDA graph capture needs."""
+    if steps == 0:  # nothing to replay (and a warm-up step would write past the cache)
+        return token[:, :0]
+    cache = model.transformer.h[0].attn.kv_cache
+    key = (token.size(0), cache.max_len, temperature, top_k, token.device, whole)
+    state = getattr(model, "_graphed", None)
+    if state is None or state["key"] != key or state["cache"] is not cache:
+        model._graphed = None
+        compiled = partial(torch.compile, fullgraph=True, dynamic=False)
+        step = compiled(partial(chained_step, model)) if whole else partial(chained_step, model)
+        regions = None if whole else (compiled(model.embed), compiled(Block.step),
+                                      compiled(partial(finish_step, model)))
+        state = dict(key=key, cache=cache, token=torch.empty_like(token),
+                     pos=torch.empty(1, dtype=torch.long, device=token.device),
+                     out=torch.zeros(token.size(0), cache.max_len, dtype=torch.long, device=token.device))
+        run = partial(step, state["token"], state["pos"], state["out"], temperature, top_k, regions)
+        side = torch.cuda.Stream(token.device)
+        side.wait_stream(torch.cuda.current_stream(token.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compiles, then runs once more as compiled code (kernel configs timed)
+                state["token"].copy_(token)
+                state["pos"].fill_(pos)
+                run()
+        torch.cuda.current_stream(token.device).wait_stream(side)
+        state["graph"] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(state["graph"]):
+            run()
+        model._graphed = state
+    state["token"].copy_(token)
+    state["pos"].fill_(pos)
+    for _ in range(steps):
+        state["graph"].replay()
+    return state["out"][:, pos + 1:pos + 1 + steps].clone()
+
+
+def generate_uncached(model, idx, max_new_tokens, temperature, top_k):
+    block_size = model.config.block_size
+    for _ in range(max_new_tokens):
+        idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
+        logits, _ = model(idx_cond)
+        idx = torch.cat((idx, sample_logits(logits, temperature, top_k)), dim=1)
+    return idx
