@@ -12,6 +12,7 @@ from model import ACT_SITES, LINEAR_SITES, GPTConfig
 from quantization.layers import LINEAR_VARIANTS
 from quantization.quantizers import (GRANULARITIES, MAX_BINARY_TERMS, MAX_BITS, MAX_OUTLIER_FRACTION, METHODS, MIN_BITS,
                                      QuantSpec)
+from cli import BoolFlag, OneLineParser  # noqa: F401 (BoolFlag: re-exported)
 from safety import check_device, safe_name
 
 KINDS = ("attn", "mlp")
@@ -110,38 +111,6 @@ FLOAT_RANGES = {"learning_rate": (0.0, math.inf, True), "min_lr": (0.0, math.inf
                 "grad_clip": (0.0, math.inf, True), "dropout": (0.0, 1.0, True),
                 "spinquant_lr": (0.0, math.inf, False)}
 MAX_PARAMS = 10 ** 12  # a model above this many parameters is a typo, not a plan
-
-
-def str2bool(value):
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got '{value}'")
-
-
-class BoolFlag(argparse.Action):
-    """--flag, --flag=False and --no-flag alike."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        name = option_strings[0][2:]
-        super().__init__([f"--{name}", f"--no-{name}"], dest, nargs="?", type=str2bool, metavar="BOOL", **kwargs)
-
-    def __call__(self, parser, namespace, value, option_string=None):
-        if option_string.startswith("--no-"):
-            if value is not None:
-                parser.error(f"{option_string} takes no value")
-            value = False
-        setattr(namespace, self.dest, True if value is None else value)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (the usage of hundreds of flags is --help's job)."""
-
-    def error(self, message):
-        sys.exit(f"{self.prog}: error: {message}")
 
 
 def add_flag(parser, name, default, help, type_=None):

@@ -3,7 +3,7 @@ import math
 import sys
 import torch
 
-from configurator import BoolFlag, OneLineParser
+from cli import BoolFlag, OneLineParser
 from generate import generate
 from inference import KERNEL_CHOICES, autocast_context, freeze_quantized_weights, fuse_qkv, load_model, resolve_device
 from safety import check_device

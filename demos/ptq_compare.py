@@ -13,19 +13,18 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "demos")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from quantization.rtn import bits_per_weight  # noqa: E402
-
-from autoround_ptq import (METHODS, add_ptq_flags, calibration_tokens, check_args,  # noqa: E402
-                           load_full_precision, make_quantizer)
-from configurator import OneLineParser  # noqa: E402
-from safety import check_output_file  # noqa: E402
+from cli import OneLineParser  # noqa: E402
+from inference import resolve_device  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+from quantization.ptq import (PTQConfig, add_ptq_flags, calibration_tokens, check_args, check_method,  # noqa: E402
+                              load_full_precision, make_quantizer, method_names)
+from quantization.rtn import bits_per_weight  # noqa: E402
+from safety import check_output_file  # noqa: E402
 
 
 def main(argv=None):
@@ -34,7 +33,7 @@ def main(argv=None):
     p.add_argument("--bit_widths", default="4,3,2", help="comma-separated weight bits to compare")
     p.add_argument("--w4_group_size", type=int, default=-1,
                    help="group size at 4 bits (0: per channel; -1: --group_size)")
-    p.add_argument("--methods", default="rtn,gptq,autoround", help=f"comma-separated methods ({', '.join(METHODS)})")
+    p.add_argument("--methods", default="rtn,gptq,autoround", help=f"comma-separated methods ({', '.join(method_names())})")
     p.add_argument("--group_sizes", default=None,
                    help="comma-separated group sizes to compare (0: per channel; default: --group_size)")
     p.add_argument("--outlier_fractions", default=None,
@@ -50,9 +49,11 @@ def main(argv=None):
         if args.w4_group_size < -1 or args.w4_group_size > 2 ** 31 - 1:
             raise ValueError(f"w4_group_size={args.w4_group_size}: expected -1, 0 or a group size")
         methods = [m for m in args.methods.split(",") if m]
-        bad = [m for m in methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"methods={args.methods}: unknown {', '.join(bad)}")
+        for method in methods:
+            try:
+                check_method(method)
+            except ValueError:
+                raise ValueError(f"methods={args.methods}: unknown {method}") from None
         group_sizes = [int(g) for g in args.group_sizes.split(",")] if args.group_sizes else [args.group_size]
         fractions = ([float(f) for f in args.outlier_fractions.split(",")] if args.outlier_fractions
                      else [args.outlier_fraction])
@@ -60,7 +61,6 @@ def main(argv=None):
             check_args(type(args)(**{**vars(args), "outlier_fraction": f}))
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    from inference import resolve_device
     device, _ = resolve_device(args.device, "float32")
     torch.backends.cuda.matmul.allow_tf32 = True
     if args.json:
@@ -95,7 +95,7 @@ def main(argv=None):
             run.bits, run.group_size, run.progress, run.outlier_fraction = bits, group_size, False, fraction
             model = copy.deepcopy(base)
             try:
-                quantizer = make_quantizer(method, model, calibration, run, device)
+                quantizer = make_quantizer(method, model, calibration, PTQConfig.from_args(run, device=device))
             except ValueError as e:
                 sys.exit(f"{error} --{e}")
             t0 = time.time()

@@ -14,7 +14,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from checkpoint import load_checkpoint  # noqa: E402
-from configurator import OneLineParser  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import QuantizedLinear  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402

@@ -18,7 +18,8 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
-from configurator import ACT_GRANULARITIES, OneLineParser  # noqa: E402
+from cli import OneLineParser  # noqa: E402
+from configurator import ACT_GRANULARITIES  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.autoround.calibration import prepare_samples  # noqa: E402
 from quantization.packing import is_packed  # noqa: E402

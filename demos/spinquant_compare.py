@@ -19,7 +19,7 @@ for path in (ROOT, os.path.join(ROOT, "demos")):
 
 import torch  # noqa: E402
 
-from configurator import OneLineParser  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402

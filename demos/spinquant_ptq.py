@@ -15,7 +15,7 @@ if ROOT not in sys.path:
 
 
 from checkpoint import checkpoint_dataset, load_checkpoint, save_checkpoint  # noqa: E402
-from configurator import BoolFlag, OneLineParser  # noqa: E402
+from cli import BoolFlag, OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.autoround.calibration import calibration_samples  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if __name__ == "__main__" and ROOT not in sys.path:  # run as a command: python quantization/<this>.py
     sys.path.insert(0, ROOT)
 
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from checkpoint import checkpoint_dataset, load_checkpoint, save_checkpoint  # noqa: E402
-from configurator import BoolFlag, OneLineParser  # noqa: E402
+from cli import BoolFlag, OneLineParser  # noqa: E402
 from inference import from_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import QuantizedLinear  # noqa: E402

@@ -17,11 +17,11 @@ import tempfile
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if __name__ == "__main__" and ROOT not in sys.path:  # run as a command: python quantization/<this>.py
     sys.path.insert(0, ROOT)
 
 from checkpoint import save_checkpoint  # noqa: E402
-from configurator import OneLineParser  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from inference import from_checkpoint, load_model  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from safety import check_output_file, same_file, safe_name  # noqa: E402

@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if __name__ == "__main__" and ROOT not in sys.path:  # run as a command: python quantization/<this>.py
     sys.path.insert(0, ROOT)
 
-from configurator import BoolFlag, OneLineParser  # noqa: E402
+from cli import BoolFlag, OneLineParser  # noqa: E402
 
 
 def split_tokens(dataset, split="val", max_tokens=0):

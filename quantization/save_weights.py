@@ -34,7 +34,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if __name__ == "__main__" and ROOT not in sys.path:  # run as a command: python quantization/<this>.py
     sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
@@ -42,7 +42,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
-from configurator import OneLineParser  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from inference import from_checkpoint  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
 from quantization.packing import from_csr, is_packed, to_csr, unpack_codes  # noqa: E402

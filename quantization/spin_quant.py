@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from model import GPT, GPTConfig
 from quantization.fold import build_like, fold_norms
 from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
+from quantization.ptq import PTQConfig, make_quantizer
 from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant
-from quantization.rtn import SITES, rtn_quantize, weight_spec
+from quantization.rtn import SITES, weight_spec
 
 FULL_BITS = 16  # act_bits / kv_bits of 16: that activation is not quantized
 WEIGHT_METHODS = ("rtn", "gptq", "autoround")
@@ -253,24 +254,18 @@ class SpinQuant:
     def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, **method_options):
         """Bake the rotations in and quantize the weights with the method: {module name: QuantizedWeight}
         (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data."""
-        from quantization.autoround import AutoRound
-        from quantization.gptq import GPTQ
         model = self.bake()
         if self.spec is None:
             self.records = {}
             return self.records
-        if self.method == "rtn":
-            self.records = rtn_quantize(model, self.spec)
-            return self.records
         data = calibration_batch(calib_data) if calib_data is not None else self.calibration
-        if data is None:
+        if data is None and self.method != "rtn":
             raise ValueError(f"method={self.method} needs calibration data (pass calib_data, or call optimize first)")
-        runner = GPTQ if self.method == "gptq" else AutoRound
-        quantizer = runner(model, data, bits=self.bits, group_size=self.group_size, sym=self.sym,
-                           nsamples=min(nsamples, data.shape[0]), seqlen=min(data.shape[1], model.config.block_size),
-                           device=self.device, seed=seed, progress=progress,
-                           log=(lambda line: None) if not progress else tqdm.write, **method_options)
-        self.records = quantizer.quantize()
+        config = PTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, device=self.device, seed=seed,
+                           progress=progress, log=(lambda line: None) if not progress else None, **method_options)
+        if data is not None:
+            config.nsamples, config.seqlen = min(nsamples, data.shape[0]), min(data.shape[1], model.config.block_size)
+        self.records = make_quantizer(self.method, model, data, config).quantize()
         return self.records
 
     def checkpoint(self, base, extra_info=None):

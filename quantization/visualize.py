@@ -21,7 +21,7 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
+if __name__ == "__main__" and ROOT not in sys.path:  # run as a command: python quantization/<this>.py
     sys.path.insert(0, ROOT)
 
 import matplotlib  # noqa: E402
@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from configurator import OneLineParser  # noqa: E402
+from cli import OneLineParser  # noqa: E402
 from quantization.save_weights import (dequantize_entry, load_quantized_data, outlier_positions,  # noqa: E402
                                        outlier_summary)
 from safety import check_out_dir, safe_join, safe_name  # noqa: E402
