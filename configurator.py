@@ -11,7 +11,7 @@ import tomllib
 from model import ACT_SITES, LINEAR_SITES, GPTConfig
 from quantization.layers import LINEAR_VARIANTS
 from quantization.quantizers import (GRANULARITIES, MAX_BINARY_TERMS, MAX_BITS, MAX_OUTLIER_FRACTION, METHODS, MIN_BITS,
-                                     QuantSpec)
+                                     QuantSpec, misfit)
 from cli import BoolFlag, OneLineParser  # noqa: F401 (BoolFlag: re-exported)
 from safety import check_device, safe_name
 
@@ -279,9 +279,9 @@ def model_quant_config(args):
         if variants[site] != "linear":
             weight_quant[site] = _spec(fields, flags)
             in_features = 4 * args.n_embd if site == "mlp_down" else args.n_embd
-            if fields["group_size"] and in_features % fields["group_size"]:
-                raise ConfigError(f"--{flags['group_size']}={fields['group_size']} does not divide the input width "
-                                  f"{in_features} of the {site} site")
+            why = misfit(QuantSpec(**weight_quant[site]), in_features)
+            if why:
+                raise ConfigError(f"--{flags['group_size']}={fields['group_size']} {why} of the {site} site")
     for kind in KINDS:
         for site in ACT_SITES[kind]:
             on = getattr(args, f"quantize_{kind}_act_{site}")

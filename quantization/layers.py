@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from quantization.hadamard import HadamardTransform
-from quantization.quantizers import QuantSpec, fake_quant, fake_quant_with_codes
+from quantization.quantizers import QuantSpec, fake_quant, fake_quant_with_codes, misfit
 
 # online transforms an activation site can apply before its quantizer (GPTConfig.online_transforms)
 ONLINE_TRANSFORMS = {"hadamard": HadamardTransform}
@@ -38,8 +38,8 @@ class QuantizedLinear(nn.Linear):
     def __init__(self, in_features, out_features, bias=True, spec: QuantSpec = None):
         super().__init__(in_features, out_features, bias=bias)
         spec = spec or QuantSpec()
-        if spec.granularity == "per_group" and in_features % spec.group_size:
-            raise ValueError(f"group_size={spec.group_size} does not divide the input width {in_features}")
+        if misfit(spec, in_features):
+            raise ValueError(f"group_size={spec.group_size} {misfit(spec, in_features)}")
         # unsafe: skip the trial forward, which would draw random numbers (stochastic rounding) and shift the init
         parametrize.register_parametrization(self, "weight", FakeQuantize(spec), unsafe=True)
 

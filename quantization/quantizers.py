@@ -85,6 +85,14 @@ def code_bits(spec):
     return spec.binary_terms if spec.grid == "residual_binary" else spec.bits
 
 
+def misfit(spec, width):
+    """Why `spec` cannot quantize a layer of `width` input columns, or None: the one check every layer, config,
+    method and format makes (a group must tile the row)."""
+    if spec.granularity == "per_group" and width % spec.group_size:
+        return f"does not divide the input width {width}"
+    return None
+
+
 def to_rows(x, spec):
     """A 2-D view of x whose rows each get one scale and zero point."""
     if spec.granularity == "per_tensor":
@@ -93,8 +101,8 @@ def to_rows(x, spec):
         return x.reshape(-1, x.shape[-1])
     if spec.granularity == "per_channel":
         return x.reshape(x.shape[0], -1)
-    if x.shape[-1] % spec.group_size:
-        raise ValueError(f"group_size={spec.group_size} does not divide the input width {x.shape[-1]}")
+    if misfit(spec, x.shape[-1]):
+        raise ValueError(f"group_size={spec.group_size} {misfit(spec, x.shape[-1])}")
     return x.reshape(-1, spec.group_size)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from model import LINEAR_SITES
-from quantization.quantizers import QuantSpec, dense_and_sparse, dequantize, quantize_tensor, storage_bits
+from quantization.quantizers import QuantSpec, dense_and_sparse, dequantize, misfit, quantize_tensor, storage_bits
 
 SITES = tuple(LINEAR_SITES)
 
@@ -71,9 +71,8 @@ def target_layers(model, sites=SITES):
 def check_layers(layers, spec):
     """A clear error when the group size does not divide a layer's input width."""
     for name, layer in layers.items():
-        if spec.granularity == "per_group" and layer.in_features % spec.group_size:
-            raise ValueError(f"group_size={spec.group_size}: does not divide the input width {layer.in_features} "
-                             f"of {name}")
+        if misfit(spec, layer.in_features):
+            raise ValueError(f"group_size={spec.group_size}: {misfit(spec, layer.in_features)} of {name}")
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from model import GPT, GPTConfig
 from quantization.fold import build_like, fold_norms
 from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
 from quantization.ptq import PTQConfig, make_quantizer
-from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant
+from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant, misfit
 from quantization.rtn import SITES, weight_spec
 
 FULL_BITS = 16  # act_bits / kv_bits of 16: that activation is not quantized
@@ -167,10 +167,9 @@ class SpinQuant:
         self.bits, self.method, self.group_size, self.sym = bits, method, group_size, sym
         self.spec = weight_spec(bits, group_size, sym) if bits != FULL_BITS else None
         self.weight_specs = weight_specs if weight_specs is not None else {site: self.spec for site in SITES}
-        if self.spec is not None and group_size:
-            for width in (C, 4 * C):
-                if width % group_size:
-                    raise ValueError(f"group_size={group_size}: does not divide the input width {width}")
+        for width in (C, 4 * C) if self.spec is not None else ():
+            if misfit(self.spec, width):
+                raise ValueError(f"group_size={group_size}: {misfit(self.spec, width)}")
         self.device = device or next(model.parameters()).device
         self.rotations = tuple(rotations)
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
