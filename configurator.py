@@ -5,6 +5,7 @@ A site's own flag beats its layer kind's flag (attn or mlp), which beats the glo
 """
 import argparse
 import math
+import re
 import sys
 import tomllib
 
@@ -13,7 +14,7 @@ from quantization.layers import LINEAR_VARIANTS
 from quantization.quantizers import (GRANULARITIES, MAX_BINARY_TERMS, MAX_BITS, MAX_OUTLIER_FRACTION, METHODS, MIN_BITS,
                                      QuantSpec, misfit)
 from cli import BoolFlag, OneLineParser  # noqa: F401 (BoolFlag: re-exported)
-from safety import check_device, safe_name
+from safety import check_device, finite_float, safe_name
 
 KINDS = ("attn", "mlp")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -118,6 +119,7 @@ def add_flag(parser, name, default, help, type_=None):
         parser.add_argument(f"--{name}", action=BoolFlag, default=default, help=help)
     else:
         type_ = type_ or type(default)
+        type_ = finite_float if type_ is float else type_  # nan and inf refused as the flag is parsed
         parser.add_argument(f"--{name}", type=type_, default=default, choices=CHOICES.get(name), help=help)
 
 
@@ -161,7 +163,7 @@ def load_preset(path, parser):
         if key not in actions or key in ("config", "help"):
             parser.error(f"--config {path}: unknown setting '{key}'")
         action = actions[key]
-        expected = (bool if isinstance(action, BoolFlag) else (int, float) if action.type is float
+        expected = (bool if isinstance(action, BoolFlag) else (int, float) if action.type in (float, finite_float)
                     else action.type or str)
         if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
             name = {bool: "true or false", int: "an integer", str: "a string"}.get(expected, "a number")
@@ -225,12 +227,29 @@ def parse_args_given(argv=None, prog="train.py"):
     # parsed again over a namespace of markers: a flag still holding its marker was not on the command line
     marker = object()
     given = parser.parse_args(argv, argparse.Namespace(**{a.dest: marker for a in parser._actions}))
-    explicit = {k for k, v in vars(given).items() if v is not marker} | set(preset)
+    command_line = {k for k, v in vars(given).items() if v is not marker}
+    explicit = command_line | set(preset)
     try:
         check_args(args)
     except ConfigError as e:
-        parser.error(str(e))
+        parser.error(preset_origin(str(e), args.config, set(preset) - command_line))
+    if set(preset) - command_line:
+        # a preset's quantizer fields are checked here, where the preset file can still be named
+        try:
+            model_quant_config(args)
+        except ConfigError as e:
+            if preset_origin(str(e), args.config, set(preset) - command_line) != str(e):
+                parser.error(preset_origin(str(e), args.config, set(preset) - command_line))
     return args, explicit
+
+
+def preset_origin(message, path, preset_keys):
+    """A refusal of a value that came from the preset file (not overridden on the command line) names the file:
+    '--config <path>: <message>'; other messages are returned as they are."""
+    named = re.findall(r"--([A-Za-z0-9_]+)", message)
+    if path and any(name in preset_keys for name in named):
+        return f"--config {path}: {message}"
+    return message
 
 
 class ConfigError(ValueError):

@@ -56,8 +56,10 @@ def load_model(out_dir, device, kernels="off"):
     A packed quantized checkpoint (quantization/packing.py) is dequantized into float weights, or, with kernels
     (see use_kernels), its linear layers become PackedLinear modules that hold only the codes and scales.
     FileNotFoundError or ValueError with a one-line reason when the checkpoint cannot be used."""
-    from quantization.packing import is_packed
+    from quantization.packing import check_packed, is_packed
     checkpoint = load_checkpoint(out_dir, device)
+    if is_packed(checkpoint):
+        check_packed(checkpoint, out_dir if os.path.isfile(out_dir) else os.path.join(out_dir, "ckpt.pt"))
     if use_kernels(kernels, device, is_packed(checkpoint)):
         model = load_packed_kernels(GPT(GPTConfig(**checkpoint["model_args"])), checkpoint, required=kernels == "on")
         model.set_quantization(checkpoint.get("quantization_enabled", True))

@@ -1,9 +1,14 @@
 """File safety shared by every script: output paths that stay inside their folder, outputs that never replace a
 source, nothing overwritten unless asked, devices and output folders checked before anything is written.
 
-Each check raises ValueError with a one-line reason; the script prefixes the flag and exits.
+Each check raises ValueError with a one-line reason; the script prefixes the flag and exits. Every output of every
+tool (a file or a folder of results) goes through check_output_file or check_output_dir before anything is computed,
+and is written atomically (temp file, then rename); every float flag is parsed by finite_float. A bottom-layer
+module: it imports no other module of the project.
 """
+import argparse
 import glob
+import math
 import os
 import re
 import time
@@ -37,8 +42,14 @@ def safe_join(folder, name):
 
 
 def same_file(a, b):
-    """Whether two paths name the same file or folder once symlinks are followed (neither needs to exist)."""
-    return os.path.realpath(a) == os.path.realpath(b)
+    """Whether two paths name the same file or folder once symlinks are followed (neither needs to exist), or are
+    hard links (or bind mounts) of one."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def check_output_file(path, sources=(), overwrite=False, overwrite_flag="--overwrite"):
@@ -52,6 +63,28 @@ def check_output_file(path, sources=(), overwrite=False, overwrite_flag="--overw
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{path} exists; pass {overwrite_flag} to replace it")
     check_out_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def check_output_dir(folder, results, sources=(), source_dirs=(), overwrite=False, overwrite_flag="--overwrite"):
+    """check_output_file for each of `results` inside `folder`; also refuse a folder that is (or links to) one of
+    `source_dirs` (the folder a source checkpoint is read from). Creates nothing."""
+    for source_dir in source_dirs:
+        if source_dir and same_file(folder, source_dir):
+            raise ValueError(f"{folder} is the folder of the source {source_dir} (after following links); "
+                             f"it would be replaced")
+    for name in results:
+        check_output_file(os.path.join(folder, name), sources, overwrite, overwrite_flag)
+
+
+def finite_float(text):
+    """argparse `type=` of every float flag: a finite number; nan, inf and non-numbers are refused in one line."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def check_out_dir(folder):

@@ -6,7 +6,7 @@ import torch
 from cli import BoolFlag, OneLineParser
 from generate import generate
 from inference import KERNEL_CHOICES, autocast_context, freeze_quantized_weights, fuse_qkv, load_model, resolve_device
-from safety import check_device
+from safety import check_device, finite_float
 
 
 def build_parser():
@@ -15,7 +15,7 @@ def build_parser():
     p.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num_samples", type=int, default=3, help="samples to draw")
     p.add_argument("--max_new_tokens", type=int, default=300, help="tokens generated per sample")
-    p.add_argument("--temperature", type=float, default=0.8, help="<1 sharper, >1 more random, 0 greedy")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="<1 sharper, >1 more random, 0 greedy")
     p.add_argument("--top_k", type=top_k, default=200, help="keep only the k most likely tokens (None: all)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")

@@ -222,7 +222,10 @@ def main(argv=None):
         restore_activations(model, checkpoint.get("activations", {}))
     model.to(device)
     if master:
-        os.makedirs(args.out_dir, exist_ok=True)
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+        except OSError as e:
+            sys.exit(f"train.py: error: --out_dir={args.out_dir}: cannot be created ({e.strerror or e})")
         clean_stale_tmp(args.out_dir)
         if args.init_from != "resume" and os.path.exists(ckpt_path):  # --overwrite: a new run, a new log
             open(log_path, "w").close()

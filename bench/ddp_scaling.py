@@ -552,6 +552,8 @@ def render(rep, args, gpu):
 
 
 def main():
+    sys.path.insert(0, ROOT)
+    from safety import finite_float
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2, help="GPUs to use (all of one host)")
     p.add_argument("--parts", default="env,probe,throughput,curve,kill", help="comma list of parts to run")
@@ -570,8 +572,8 @@ def main():
     p.add_argument("--log_interval", type=int, default=5, help="train.py --log_interval of throughput runs")
     p.add_argument("--curve_iters", type=int, default=500, help="steps of the loss-curve runs")
     p.add_argument("--kill_after", type=int, default=310, help="kill rank 1 once this iteration is logged")
-    p.add_argument("--budget_s", type=float, default=560, help="stop starting parts after this many seconds")
-    p.add_argument("--run_timeout_s", type=float, default=240, help="longest one part's processes may run")
+    p.add_argument("--budget_s", type=finite_float, default=560, help="stop starting parts after this many seconds")
+    p.add_argument("--run_timeout_s", type=finite_float, default=240, help="longest one part's processes may run")
     p.add_argument("--train_flags", default="", help="extra train.py flags for every run (they override the "
                    "bench's, e.g. a smaller model for a smoke run on the CPU)")
     p.add_argument("--results_dir", default=os.path.join(ROOT, "bench", "results"), help="markdown and logs go here")

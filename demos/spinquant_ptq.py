@@ -21,6 +21,7 @@ from quantization.autoround.calibration import calibration_samples  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, WEIGHT_METHODS, SpinQuant, check_plain, unrotated  # noqa: E402
+from safety import check_output_dir, finite_float, same_file  # noqa: E402
 
 
 def add_spinquant_flags(p):
@@ -33,7 +34,7 @@ def add_spinquant_flags(p):
     p.add_argument("--act_sym", action=BoolFlag, default=False, help="symmetric activation codes (K/V stay asymmetric)")
     p.add_argument("--method", default="gptq", choices=WEIGHT_METHODS, help="weight quantizer after the rotations")
     p.add_argument("--steps", type=int, default=100, help="Cayley SGD steps on R1/R2 (0: random Hadamard rotations)")
-    p.add_argument("--lr", type=float, default=1.5, help="Cayley SGD learning rate (cosine-decayed to 0)")
+    p.add_argument("--lr", type=finite_float, default=1.5, help="Cayley SGD learning rate (cosine-decayed to 0)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
     p.add_argument("--seqlen", type=int, default=0, help="tokens per calibration sample (0: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=8, help="calibration samples per Cayley step")
@@ -59,7 +60,7 @@ def check_args(args):
     for flag in ("nsamples", "batch_size", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"{flag}={getattr(args, flag)}: must be at least 1")
-    if args.lr <= 0:
+    if not args.lr > 0:
         raise ValueError(f"lr={args.lr}: must be positive")
     if args.bits != FULL_BITS:
         weight_spec(args.bits, args.group_size, args.sym)
@@ -98,6 +99,7 @@ def main(argv=None):
     p = OneLineParser(prog="spinquant_ptq.py", description="SpinQuant: learned rotations, then W/A/KV quantization.")
     add_spinquant_flags(p)
     p.add_argument("--quantized_dir", default="spinquant_out", help="where to save ckpt.pt (and ckpt_spinquant.pt)")
+    p.add_argument("--overwrite", action=BoolFlag, default=False, help="replace an earlier result in --quantized_dir")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     from inference import resolve_device
@@ -106,8 +108,15 @@ def main(argv=None):
         check_args(args)
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    if os.path.abspath(args.quantized_dir) == os.path.abspath(args.out_dir):
+    if same_file(args.quantized_dir, args.out_dir):
         sys.exit(f"{error} --quantized_dir={args.quantized_dir}: would overwrite the original checkpoint")
+    # the result never replaces its source, whatever links lie between them, nor an earlier result unasked
+    source = args.out_dir if os.path.isfile(args.out_dir) else os.path.join(args.out_dir, "ckpt.pt")
+    try:
+        check_output_dir(args.quantized_dir, ["ckpt.pt", "ckpt_spinquant.pt"], [source],
+                         [os.path.dirname(os.path.abspath(source))], args.overwrite)
+    except ValueError as e:
+        sys.exit(f"{error} --quantized_dir={args.quantized_dir}: {e}")
     model, checkpoint, seqlen, calibration = load_inputs(args, device, error)
     try:
         sq = SpinQuant(model, bits=args.bits, act_bits=args.act_bits, kv_bits=args.kv_bits,

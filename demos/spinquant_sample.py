@@ -16,6 +16,7 @@ from checkpoint import load_checkpoint  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from generate import generate  # noqa: E402
 from quantization.hf import from_pretrained  # noqa: E402
+from safety import finite_float  # noqa: E402
 from tokenizer import Tokenizer, load_meta  # noqa: E402
 
 
@@ -24,7 +25,7 @@ def main(argv=None):
     p.add_argument("--ckpt", default="spinquant_out/ckpt_spinquant.pt", help="checkpoint file, or its folder")
     p.add_argument("--prompt", default="\n", help="prompt text")
     p.add_argument("--max_new_tokens", type=int, default=100, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="<1 sharper, >1 more random")
+    p.add_argument("--temperature", type=finite_float, default=0.8, help="<1 sharper, >1 more random")
     p.add_argument("--top_k", type=int, default=200, help="keep only the k most likely tokens")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")

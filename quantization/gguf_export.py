@@ -13,7 +13,7 @@ is measured and printed per tensor. Every other weight is re-quantized by the `g
 printed (or refused with --requantize=False).
 
     python quantization/gguf_export.py --out_dir=out --gguf=model.gguf [--type=auto|f32|f16|q8_0|q4_0|q4_1|tq2_0|tq1_0]
-    python quantization/gguf_export.py import --gguf=model.gguf --out_dir=out-gguf
+    python quantization/gguf_export.py import --gguf=model.gguf --out_dir=out-gguf   # --overwrite replaces a result
     python train.py --init_from=model.gguf ...        # fine-tune or quantize an imported GGUF
 """
 import functools
@@ -38,8 +38,9 @@ from cli import BoolFlag, OneLineParser  # noqa: E402
 from inference import from_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import QuantizedLinear  # noqa: E402
-from quantization.packing import unpack_codes  # noqa: E402
+from quantization.packing import check_packed, is_packed, unpack_codes  # noqa: E402
 from quantization.quantizers import QuantSpec, code_range, fake_quant_with_codes, to_rows  # noqa: E402
+from safety import check_output_dir, check_output_file  # noqa: E402
 from tokenizer import GPT2_EOT, GPT2_RANKS, load_meta  # noqa: E402
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]
@@ -100,7 +101,7 @@ def checkpoint_weights(checkpoint):
             shape = packed["shape"]
             codes = (unpack_codes(packed["codes"], spec.bits, int(np.prod(shape))) + code_range(spec)[0]).float()
             codes = codes.reshape(shape)
-            value = dict(model.named_modules())[name].weight
+            value = dict(model.named_modules())[name].weight.detach()
             weights[f"{name}.weight"] = Weight.on_grid(codes, packed["scale"], packed["zero_point"], spec, value)
         if model.embedding_spec is not None and model.quantization_enabled:
             wte = model.transformer.wte.weight
@@ -409,6 +410,63 @@ def _field(reader, key):
     return None if field is None else field.contents()
 
 
+# model_args from the GGUF's gpt2.* metadata
+GGUF_DIMS = {"block_count": "n_layer", "attention.head_count": "n_head", "embedding_length": "n_embd",
+             "context_length": "block_size", "feed_forward_length": None}
+
+
+def gguf_shapes(n_layer, n_embd, block_size, vocab_size):
+    """{llama.cpp tensor name: shape} of model.py's GPT in llama.cpp's gpt2 layout (every bias included)."""
+    C = n_embd
+    shapes = {"token_embd.weight": (vocab_size, C), "position_embd.weight": (block_size, C),
+              "output_norm.weight": (C,), "output_norm.bias": (C,)}
+    for i in range(n_layer):
+        for name, shape in (("attn_norm", (C,)), ("ffn_norm", (C,)), ("attn_qkv", (3 * C, C)),
+                            ("attn_output", (C, C)), ("ffn_up", (4 * C, C)), ("ffn_down", (C, 4 * C))):
+            shapes[f"blk.{i}.{name}.weight"] = shape
+            shapes[f"blk.{i}.{name}.bias"] = (shape[0],)
+    return shapes
+
+
+def check_gguf(path, fields, vocab_size, shapes):
+    """model_args of a GGUF whose metadata (`fields`: gpt2.<key> -> value) agree with its tensors' names and
+    shapes; ValueError naming the file and the first disagreement otherwise. Called before anything is built."""
+    dims = {}
+    for key, arg in GGUF_DIMS.items():
+        value = fields.get(key)
+        if value is None and arg is None:
+            continue
+        if type(value) is not int or not 1 <= value <= 2 ** 31 - 1:
+            raise ValueError(f"{path}: its metadata {ARCH}.{key} is {value!r}; expected a positive integer")
+        dims[key] = value
+    n_layer, n_head, C = dims["block_count"], dims["attention.head_count"], dims["embedding_length"]
+    if C % n_head:
+        raise ValueError(f"{path}: its embedding_length {C} is not divisible by its head_count {n_head}")
+    if dims.get("feed_forward_length", 4 * C) != 4 * C:
+        raise ValueError(f"{path}: its feed_forward_length {dims['feed_forward_length']} is not 4 x its "
+                         f"embedding_length {C} (model.py's MLP)")
+    layers = {int(name.split(".")[1]) for name in shapes if name.startswith("blk.") and name.split(".")[1].isdigit()}
+    if layers and max(layers) + 1 != n_layer:
+        raise ValueError(f"{path}: its block_count is {n_layer}, its tensors hold {max(layers) + 1} blocks")
+    if n_layer > len(shapes):
+        raise ValueError(f"{path}: its block_count is {n_layer}, with only {len(shapes)} tensors")
+    expected = gguf_shapes(n_layer, C, dims["context_length"], vocab_size)
+    expected["output.weight"] = (vocab_size, C)  # optional: the head, tied to token_embd
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise ValueError(f"{path}: has a tensor {name} that llama.cpp's gpt2 with block_count={n_layer} has not")
+        if shape != expected[name]:
+            raise ValueError(f"{path}: tensor {name} has shape {list(shape)}, its metadata (block_count={n_layer}, "
+                             f"embedding_length={C}, context_length={dims['context_length']}, {vocab_size} tokens) "
+                             f"give {list(expected[name])}")
+    missing = [name for name in expected if name not in shapes and name != "output.weight"]
+    if missing:
+        raise ValueError(f"{path}: lacks the tensor {missing[0]} (of {len(missing)} missing) that its metadata "
+                         f"(block_count={n_layer}) require")
+    return dict(n_layer=n_layer, n_head=n_head, n_embd=C, block_size=dims["context_length"], vocab_size=vocab_size,
+                bias=True, dropout=0.0, gelu_approximate="tanh")
+
+
 def read_gguf(path):
     """(model_args, state of model.py's GPT) of a llama.cpp gpt2 GGUF; ValueError naming the problem otherwise."""
     if not os.path.exists(path):
@@ -426,15 +484,19 @@ def read_gguf(path):
     eps = _field(reader, f"{ARCH}.attention.layer_norm_epsilon")
     if eps is not None and abs(eps - LAYER_NORM_EPS) > 1e-9:
         raise ValueError(f"{path} has layer_norm_epsilon={eps}; model.py's LayerNorm uses {LAYER_NORM_EPS}")
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    model_args = check_gguf(path, {key: _field(reader, f"{ARCH}.{key}") for key in GGUF_DIMS}, len(tokens), shapes)
+    n_layer, n_embd = model_args["n_layer"], model_args["n_embd"]
     tensors = {}
     for t in reader.tensors:
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        values = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type not in (Q.F32, Q.F16) else t.data
-        tensors[t.name] = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shape).copy())
-    n_layer, n_embd = _field(reader, f"{ARCH}.block_count"), _field(reader, f"{ARCH}.embedding_length")
-    model_args = dict(n_layer=n_layer, n_head=_field(reader, f"{ARCH}.attention.head_count"), n_embd=n_embd,
-                      block_size=_field(reader, f"{ARCH}.context_length"), vocab_size=len(tokens), bias=True,
-                      dropout=0.0, gelu_approximate="tanh")
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type) if t.tensor_type not in (Q.F32, Q.F16) else t.data
+            tensors[t.name] = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(shapes[t.name]).copy())
+        except (ValueError, TypeError, NotImplementedError) as e:
+            raise ValueError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        if not bool(torch.isfinite(tensors[t.name]).all()):
+            raise ValueError(f"{path}: tensor {t.name} holds nan or inf")
     C = n_embd
     state = {"transformer.wte.weight": tensors["token_embd.weight"],
              "transformer.wpe.weight": tensors["position_embd.weight"],
@@ -483,7 +545,12 @@ def main(argv=None):
         p.add_argument("--gguf", required=True, help="the GGUF file to read")
         p.add_argument("--out_dir", default="out-gguf", help="folder for the ckpt.pt written")
         p.add_argument("--dataset", default="shakespeare", help="GPT-2 BPE data folder that sample.py tokenizes with")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing <out_dir>/ckpt.pt")
         args = p.parse_args(argv[1:])
+        try:
+            check_output_dir(args.out_dir, ["ckpt.pt"], [args.gguf], overwrite=args.overwrite)
+        except ValueError as e:
+            sys.exit(f"{p.prog}: error: --out_dir={args.out_dir}: {e}")
         try:
             print(f"wrote {import_checkpoint(args.gguf, args.out_dir, args.dataset)}")
         except (FileNotFoundError, ValueError) as e:
@@ -496,10 +563,18 @@ def main(argv=None):
                    help="auto: per tensor, the block type that holds its grid exactly (float weights stay f32)")
     p.add_argument("--requantize", action=BoolFlag, default=True,
                    help="allow re-quantizing a grid the chosen type does not hold (False: refuse instead)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
     args = p.parse_args(argv)
     path = args.gguf or os.path.join(args.out_dir, "model.gguf")
+    source = args.out_dir if os.path.isfile(args.out_dir) else os.path.join(args.out_dir, "ckpt.pt")
+    try:
+        check_output_file(path, [source], args.overwrite)
+    except ValueError as e:
+        sys.exit(f"{p.prog}: error: --gguf={path}: {e}")
     try:
         checkpoint = load_checkpoint(args.out_dir)
+        if is_packed(checkpoint):
+            check_packed(checkpoint, source)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"{p.prog}: error: --out_dir={args.out_dir}: {e}")
     try:

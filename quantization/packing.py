@@ -91,6 +91,77 @@ def unpack_weight(packed, name="a layer", with_outliers=True):
     return weight if sparse is None else weight + sparse
 
 
+def check_packed(checkpoint, path=None):
+    """ValueError naming the file (when given), the layer and what is wrong unless every packed layer agrees with
+    itself: a valid spec, a shape of positive integers, exactly the bytes of codes that shape takes, scales and
+    zero points of one per row of the spec (finite scales, integer zero points on the code range), outliers in
+    CSR form that fit the shape with finite values. Checks before anything is built or unpacked."""
+    where = f"{path}: " if path else ""
+    packed = checkpoint.get("packed_weights")
+    if not isinstance(packed, dict):
+        raise ValueError(f"{where}'packed_weights' is not a dict")
+    for name, p in packed.items():
+        try:
+            _check_packed_layer(p)
+        except ValueError as e:
+            raise ValueError(f"{where}packed weight {name}: {e}") from None
+
+
+def _check_packed_layer(p):
+    if not isinstance(p, dict) or not {"codes", "shape", "scale", "zero_point", "spec"} <= set(p):
+        raise ValueError("lacks codes, shape, scale, zero_point or spec")
+    if not isinstance(p["spec"], dict):
+        raise ValueError("its spec is not a dict")
+    try:
+        spec = QuantSpec(**p["spec"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"its spec is not valid ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    shape = p["shape"]
+    if not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(type(d) is int and d > 0 for d in shape):
+        raise ValueError(f"its shape {shape!r} is not two positive integers")
+    tensors = {k: p[k] for k in ("codes", "scale", "zero_point")}
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"its {key} is not a tensor")
+    codes, scale, zero_point = tensors["codes"], tensors["scale"], tensors["zero_point"]
+    numel = shape[0] * shape[1]
+    need = -(-numel * code_bits(spec) // 8)
+    if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != need:
+        raise ValueError(f"its codes are {codes.numel()} {codes.dtype} values; {code_bits(spec)}-bit codes of "
+                         f"{list(shape)} take {need} uint8 bytes")
+    if spec.granularity == "per_group" and shape[1] % spec.group_size:
+        raise ValueError(f"group_size={spec.group_size} does not divide the input width {shape[1]}")
+    rows = {"per_tensor": 1, "per_channel": shape[0], "per_token": shape[0]}.get(spec.granularity,
+                                                                              numel // max(spec.group_size, 1))
+    terms = spec.binary_terms if spec.grid == "residual_binary" else 1
+    if tuple(scale.shape) != (rows, terms) or not scale.is_floating_point():
+        raise ValueError(f"its scale has shape {list(scale.shape)} ({scale.dtype}); its spec gives [{rows}, {terms}] floats")
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("its scale holds nan or inf")
+    qmin, qmax = code_range(spec)
+    if tuple(zero_point.shape) != (rows, 1) or zero_point.is_floating_point() or zero_point.dtype == torch.bool:
+        raise ValueError(f"its zero_point has shape {list(zero_point.shape)} ({zero_point.dtype}); its spec gives "
+                         f"[{rows}, 1] integers")
+    if zero_point.numel() and (zero_point.min() < qmin or zero_point.max() > qmax):
+        raise ValueError(f"its zero_point lies outside the code range [{qmin}, {qmax}]")
+    if "outliers" in p:
+        csr = p["outliers"]
+        if not isinstance(csr, dict) or not all(isinstance(csr.get(k), torch.Tensor) for k in ("crow", "col", "values")):
+            raise ValueError("its outliers are not CSR tensors (crow, col, values)")
+        crow, col, values = csr["crow"], csr["col"], csr["values"]
+        if crow.is_floating_point() or col.is_floating_point() or not values.is_floating_point() \
+                or crow.dim() != 1 or col.dim() != 1 or values.dim() != 1:
+            raise ValueError("its outliers are not CSR tensors (integer crow and col, float values)")
+        crow, col = crow.long(), col.long()
+        if crow.numel() != shape[0] + 1 or col.numel() != values.numel() or crow[0].item() != 0 \
+                or crow[-1].item() != values.numel() or bool((crow.diff() < 0).any()) \
+                or (col.numel() and (col.min() < 0 or col.max() >= shape[1])):
+            raise ValueError(f"its sparse outliers (CSR with {crow.numel() - 1} rows, {values.numel()} values) do "
+                             f"not match the layer's shape {list(shape)}")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("its outliers hold nan or inf")
+
+
 def is_packed(checkpoint):
     return "packed_weights" in checkpoint
 
@@ -128,6 +199,7 @@ def load_packed(model, checkpoint):
 def load_unpacked_state(model, checkpoint):
     """Load everything but the packed weights (ValueError if the rest does not match the model); returns the
     packed records."""
+    check_packed(checkpoint)
     packed = checkpoint["packed_weights"]
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     expected = {f"{name}.weight" for name in packed}

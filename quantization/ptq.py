@@ -25,7 +25,7 @@ from quantization.packing import is_packed
 from quantization.perplexity import split_tokens, text_tokens
 from quantization.quantizers import MAX_OUTLIER_FRACTION
 from quantization.rtn import SITES, check_layers, rtn_quantize, target_layers, weight_spec
-from safety import check_device
+from safety import check_device, finite_float
 from tokenizer import Tokenizer, load_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,13 +157,13 @@ def add_ptq_flags(p):
     p.add_argument("--group_size", type=int, default=32, help="input columns per scale (0: one per output channel)")
     p.add_argument("--sym", action=BoolFlag, default=False, help="symmetric codes (no zero point)")
     p.add_argument("--iters", type=int, default=200, help="AutoRound steps per block (0: round to nearest)")
-    p.add_argument("--lr", type=float, default=0.0, help="AutoRound SignSGD learning rate (0: 1/iters)")
+    p.add_argument("--lr", type=finite_float, default=0.0, help="AutoRound SignSGD learning rate (0: 1/iters)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration samples")
     p.add_argument("--seqlen", type=int, default=0, help="tokens per calibration sample (0: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=8, help="calibration samples per step")
     p.add_argument("--sites", default=",".join(SITES), help="comma-separated linear sites to quantize")
     p.add_argument("--calib_file", default=None, help="calibrate on this text file (default: the train split)")
-    p.add_argument("--damp_percent", type=float, default=0.01, help="GPTQ: dampening, a fraction of mean(diag H)")
+    p.add_argument("--damp_percent", type=finite_float, default=0.01, help="GPTQ: dampening, a fraction of mean(diag H)")
     p.add_argument("--act_order", action=BoolFlag, default=False, help="GPTQ: columns by decreasing Hessian diagonal")
     p.add_argument("--true_sequential", action=BoolFlag, default=True, help="GPTQ: quantize a block's layers in order")
     p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
@@ -172,7 +172,7 @@ def add_ptq_flags(p):
     p.add_argument("--seed", type=int, default=0, help="random seed of the calibration draw and AutoRound")
     p.add_argument("--progress", action=BoolFlag, default=True, help="progress bars")
     p.add_argument("--overwrite", action=BoolFlag, default=False, help="replace an existing result")
-    p.add_argument("--outlier_fraction", type=float, default=0.0,
+    p.add_argument("--outlier_fraction", type=finite_float, default=0.0,
                    help="share of each weight kept full precision as sparse outliers, in [0, 0.5)")
     p.add_argument("--outlier_criterion", default="magnitude", choices=("magnitude", "sensitivity"),
                    help="outliers by |w|, or by |w| times the input channel's activation RMS on calibration data")

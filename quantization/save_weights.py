@@ -45,7 +45,7 @@ from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from inference import from_checkpoint  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402
-from quantization.packing import from_csr, is_packed, to_csr, unpack_codes  # noqa: E402
+from quantization.packing import check_packed, from_csr, is_packed, to_csr, unpack_codes  # noqa: E402
 from quantization.quantizers import (GRANULARITIES, MAX_BITS, METHODS, MIN_BITS, QuantSpec,  # noqa: E402
                                      code_range, dense_and_sparse, dequantize, quantize_tensor,
                                      residual_binary_signs, smallest_int_dtype)
@@ -448,6 +448,8 @@ def main(argv=None):
         parser.error(f"--file_name={args.file_name}: {e}")
     try:
         checkpoint = load_checkpoint(args.out_dir, args.device)
+        if is_packed(checkpoint):
+            check_packed(checkpoint, source)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"save_weights.py: error: --out_dir={args.out_dir}: {e}")
     model_args = checkpoint["model_args"]

@@ -16,7 +16,7 @@ import train as train_script
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import build_parser
 from conftest import ROOT, TINY, run_main, train_in_process
-from quantization import hf, perplexity, save_weights, visualize
+from quantization import gguf_export, hf, perplexity, save_weights, visualize
 from quantization.quantizers import QuantSpec, quantize_tensor
 
 
@@ -28,6 +28,7 @@ def load_demo(name):
 
 
 autoround_ptq, ptq_compare = load_demo("autoround_ptq"), load_demo("ptq_compare")
+spinquant_ptq = load_demo("spinquant_ptq")
 
 
 def snapshot(*folders):
@@ -53,9 +54,9 @@ class Cases:
     def __init__(self, capsys, *watched):
         self.capsys, self.watched, self.failures, self.count = capsys, watched, [], 0
 
-    def refused(self, main, argv, names, absent=()):
-        """main(argv) must exit non-zero with one line naming one of `names`, print nothing else to stderr, and
-        leave the repository and the `watched` folders untouched and none of `absent` created."""
+    def refused(self, main, argv, names, absent=(), every=()):
+        """main(argv) must exit non-zero with one line naming one of `names` (and each of `every`), print nothing
+        else to stderr, and leave the repository and the `watched` folders untouched and none of `absent` created."""
         before = snapshot(ROOT, *self.watched)
         self.capsys.readouterr()
         self.count += 1
@@ -71,6 +72,8 @@ class Cases:
             self.failures.append(f"{argv}: not one line: {error!r} {err[-300:]!r}")
         elif not any(n in error for n in names):
             self.failures.append(f"{argv}: names none of {names}: {error}")
+        elif not all(n in error for n in every):
+            self.failures.append(f"{argv}: does not name all of {every}: {error}")
         if snapshot(ROOT, *self.watched) != before:
             self.failures.append(f"{argv}: changed files: {set(snapshot(ROOT, *self.watched).items()) ^ set(before.items())}")
         for path in absent:
@@ -88,6 +91,7 @@ class Cases:
 def bad_values(action, name):
     """Values no flag of this type accepts: wrong types, nan/inf, negative, zero where a count, huge."""
     from configurator import INT_MIN, BoolFlag
+    from safety import finite_float
     if isinstance(action, BoolFlag):
         return ["maybe", "2"]
     if action.choices is not None:
@@ -97,7 +101,7 @@ def bad_values(action, name):
         if INT_MIN.get(name, 1) >= 1:
             values.append("0")
         return values
-    if action.type is float:
+    if action.type in (float, finite_float):
         values = ["nan", "inf", "-inf", "x", "1e400", "-5"]
         if name in ("beta1", "beta2", "dropout"):
             values.append("1")
@@ -122,7 +126,8 @@ def test_every_train_flag_refuses_bad_values(char_data, tmp_path, capsys):
                          (["--device=cuda:99"], "--device"), (["--dataset=../../etc"], "--dataset"),
                          (["--dataset="], "--dataset"), (["--init_from=nowhere"], "--init_from"),
                          (["--n_layer=100000", "--n_embd=100000", "--n_head=1"], "--n_layer"),
-                         (["--out_dir="], "--out_dir"), (["--no-compile=True"], "--no-compile")]:
+                         (["--out_dir="], "--out_dir"), (["--no-compile=True"], "--no-compile"),
+                         (["--out_dir=/proc/nanoqat/run"], "--out_dir")]:
         cases.refused(train_script.main, [*base, *flags], [named], absent=[out])
     cases.check()
     assert cases.count > 500
@@ -144,8 +149,10 @@ def test_presets_get_the_checks_of_the_command_line(char_data, tmp_path, capsys)
         key = text.split("=")[0].strip()
         lines = [f"{k} = {v if v.replace('.', '').isdigit() else repr(v)}" for k, v in tiny.items() if k != key]
         preset.write_text("\n".join(lines + [text]) + "\n")
+        # the preset file and the key, except where the file is not TOML at all
+        every = [str(preset)] + ([key] if text != "n_layer = " else [])
         cases.refused(train_script.main, [f"--out_dir={out}", f"--config={preset}"], [str(preset), f"--{key}"],
-                      absent=[out])
+                      absent=[out], every=every)
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00n_layer = 1")
     for path in (tmp_path / "binary.toml", tmp_path / "missing.toml", tmp_path):
         cases.refused(train_script.main, [f"--out_dir={out}", f"--config={path}"], [str(path)], absent=[out])
@@ -451,6 +458,258 @@ def test_outputs_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, c
     cases.refused(hf.main, ["export", f"--out_dir={tiny_ckpt}", f"--hf={existing}"], ["--overwrite"])
     cases.refused(hf.main, ["export", f"--out_dir={tiny_ckpt}", f"--hf={link_dir}"], ["--out_dir", "--hf"])
     assert snapshot(str(existing)) == watch
+    cases.check()
+
+
+def test_newer_tools_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, capsys):
+    """gguf_export.py (export and import) and spinquant_ptq.py: an output onto the source (named directly, through
+    a symlink, or a relative path) or onto an existing result without --overwrite is refused, nothing written."""
+    ckpt = os.path.join(tiny_ckpt, "ckpt.pt")
+    cases = Cases(capsys, tiny_ckpt)
+    link_dir = tmp_path / "link_to_out"
+    os.symlink(tiny_ckpt, link_dir)
+    link_file = tmp_path / "link.gguf"
+    os.symlink(ckpt, link_file)
+    existing = tmp_path / "existing"
+    os.makedirs(existing / "a_folder.gguf")
+    (existing / "ckpt.pt").write_bytes(b"earlier work")
+    (existing / "model.gguf").write_bytes(b"earlier gguf")
+    (existing / "ckpt_spinquant.pt").write_bytes(b"earlier alias")
+    watch = snapshot(str(existing))
+    relative = os.path.relpath(ckpt, os.getcwd())
+    for gguf_path in (ckpt, link_file, relative, link_dir / "ckpt.pt"):
+        cases.refused(gguf_export.main, [f"--out_dir={tiny_ckpt}", f"--gguf={gguf_path}"], ["--gguf"])
+    cases.refused(gguf_export.main, [f"--out_dir={tiny_ckpt}", f"--gguf={existing / 'model.gguf'}"], ["--overwrite"])
+    cases.refused(gguf_export.main, [f"--out_dir={tiny_ckpt}", f"--gguf={existing / 'a_folder.gguf'}"], ["--gguf"])
+    cases.refused(gguf_export.main, ["import", f"--gguf={existing / 'model.gguf'}", f"--out_dir={existing}"],
+                  ["--overwrite"])
+    # import onto its own source: out_dir/ckpt.pt is the GGUF read (through a link)
+    onto = tmp_path / "onto"
+    os.makedirs(onto)
+    os.symlink(existing / "model.gguf", onto / "ckpt.pt")
+    cases.refused(gguf_export.main, ["import", f"--gguf={existing / 'model.gguf'}", f"--out_dir={onto}", "--overwrite"],
+                  ["--out_dir"])
+    spin = ["--device=cpu", "--steps=1", "--nsamples=2", "--eval_tokens=100"]
+    for quantized_dir in (link_dir, tiny_ckpt, os.path.relpath(tiny_ckpt, os.getcwd())):
+        cases.refused(spinquant_ptq.main, [f"--out_dir={tiny_ckpt}", f"--quantized_dir={quantized_dir}", *spin],
+                      ["--quantized_dir"])
+    cases.refused(spinquant_ptq.main, [f"--out_dir={tiny_ckpt}", f"--quantized_dir={existing}", *spin],
+                  ["--overwrite"])
+    cases.refused(spinquant_ptq.main, [f"--out_dir={link_dir}", f"--quantized_dir={tiny_ckpt}", *spin],
+                  ["--quantized_dir"])
+    for flag in ("--lr=nan", "--lr=inf", "--lr=-1", "--lr=0"):
+        cases.refused(spinquant_ptq.main, [f"--out_dir={tiny_ckpt}", f"--quantized_dir={tmp_path / 'q'}", *spin, flag],
+                      ["--lr"], absent=[tmp_path / "q"])
+    assert snapshot(str(existing)) == watch
+    cases.check()
+
+
+def test_every_float_flag_refuses_nan_and_inf(tiny_ckpt, tmp_path, capsys):
+    """Every float flag of every tool is parsed by safety.finite_float."""
+    import argparse
+    from safety import finite_float
+    assert finite_float("1e-3") == 1e-3
+    for text in ("nan", "inf", "-inf", "1e400", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            finite_float(text)
+    cases = Cases(capsys, tiny_ckpt)
+    ck = f"--out_dir={tiny_ckpt}"
+    tools = [(sample.main, [ck, "--device=cpu"], ["--temperature"]),
+             (autoround_ptq.main, [ck, f"--quantized_dir={tmp_path / 'q'}", "--device=cpu"],
+              ["--lr", "--damp_percent", "--outlier_fraction"]),
+             (spinquant_ptq.main, [ck, f"--quantized_dir={tmp_path / 'q'}", "--device=cpu"], ["--lr"]),
+             (load_demo("spinquant_sample").main, [ck, "--device=cpu"], ["--temperature"])]
+    for main, base, flags in tools:
+        for flag in flags:
+            for value in ("nan", "inf", "-inf"):
+                cases.refused(main, [*base, f"{flag}={value}"], [flag], absent=[tmp_path / "q"])
+    cases.check()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF files whose metadata contradict their tensors, read by gguf_export.py import and train.py --init_from
+
+GGUF_ARGS = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=50257, bias=True)
+
+
+def gguf_parts():
+    """(metadata {gpt2.<key>: value}, [(tensor name, array)]) of a tiny GPT in llama.cpp's gpt2 layout."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GGUF_ARGS))
+    weights = {k: gguf_export.Weight(v.float()) for k, v in model.state_dict().items()}
+    tensors = [(name, w.value.numpy().astype(np.float32)) for name, w in gguf_export.gguf_tensors(model, weights)]
+    fields = {"block_count": 1, "attention.head_count": 2, "embedding_length": 8, "context_length": 16,
+              "feed_forward_length": 32}
+    return fields, tensors
+
+
+def write_gguf(path, fields, tensors):
+    import gguf
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    for key, value in fields.items():
+        if isinstance(value, str):
+            writer.add_string(f"gpt2.{key}", value)
+        elif isinstance(value, float):
+            writer.add_float32(f"gpt2.{key}", value)
+        else:
+            writer.add_uint32(f"gpt2.{key}", value)
+    writer.add_layer_norm_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(list(gguf_export.gpt2_vocab()[0]))
+    for name, array in tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def damaged_ggufs():
+    """{name: (metadata, tensors)}: metadata that contradict the tensors, and tensors that contradict the metadata."""
+    def field(**changes):
+        def make(fields, tensors):
+            fields = dict(fields)
+            for key, value in changes.items():
+                key = key.replace("__", ".")
+                if value is None:
+                    fields.pop(key)
+                else:
+                    fields[key] = value
+            return fields, tensors
+        return make
+
+    def tensor(name, array=None, drop=False):
+        def make(fields, tensors):
+            out = [(n, a) for n, a in tensors if not (drop and n == name)]
+            if not drop:
+                out = [(n, array if n == name else a) for n, a in out]
+                if name not in dict(out):
+                    out.append((name, array))
+            return fields, out
+        return make
+
+    return {
+        "block_count_2": field(block_count=2), "block_count_0": field(block_count=0),
+        "block_count_huge": field(block_count=2 ** 31 - 1), "block_count_str": field(block_count="1"),
+        "block_count_float": field(block_count=1.0), "no_block_count": field(block_count=None),
+        "head_count_3": field(attention__head_count=3), "head_count_0": field(attention__head_count=0),
+        "no_head_count": field(attention__head_count=None), "context_32": field(context_length=32),
+        "context_8": field(context_length=8), "embedding_16": field(embedding_length=16),
+        "ffn_16": field(feed_forward_length=16),
+        "ffn_up_wrong": tensor("blk.0.ffn_up.weight", np.ones((16, 8), np.float32)),
+        "qkv_wrong": tensor("blk.0.attn_qkv.weight", np.ones((8, 8), np.float32)),
+        "bias_wrong": tensor("output_norm.bias", np.ones(9, np.float32)),
+        "token_embd_wrong": tensor("token_embd.weight", np.ones((100, 8), np.float32)),
+        "missing_qkv_bias": tensor("blk.0.attn_qkv.bias", drop=True),
+        "missing_position": tensor("position_embd.weight", drop=True),
+        "extra_block": tensor("blk.1.ffn_norm.weight", np.ones(8, np.float32)),
+        "stray_tensor": tensor("rope_freqs.weight", np.ones(8, np.float32)),
+        "nan_weight": tensor("blk.0.ffn_down.weight", np.full((8, 32), np.nan, np.float32)),
+        "inf_bias": tensor("blk.0.ffn_up.bias", np.full(32, np.inf, np.float32)),
+        "head_apart": tensor("output.weight", np.ones((50257, 8), np.float32)),
+    }
+
+
+def test_damaged_gguf_files_are_refused_by_name(bpe_data, tmp_path, capsys):
+    fields, tensors = gguf_parts()
+    good = tmp_path / "good.gguf"
+    write_gguf(good, fields, tensors)
+    assert run_main(gguf_export.main, "import", f"--gguf={good}", f"--out_dir={tmp_path / 'good_imp'}") is None
+    files = []
+    for name, damage in damaged_ggufs().items():
+        path = tmp_path / f"{name}.gguf"
+        write_gguf(path, *damage(fields, tensors))
+        files.append(path)
+    (tmp_path / "truncated.gguf").write_bytes(good.read_bytes()[:-100])
+    (tmp_path / "header_only.gguf").write_bytes(good.read_bytes()[:24])
+    files += [tmp_path / "truncated.gguf", tmp_path / "header_only.gguf"]
+    cases = Cases(capsys)
+    imp, ft = tmp_path / "imp", tmp_path / "ft"
+    for path in files:
+        cases.refused(gguf_export.main, ["import", f"--gguf={path}", f"--out_dir={imp}"], [str(path)], absent=[imp])
+        cases.refused(train_script.main, [f"--out_dir={ft}", "--dataset=shakespeare", f"--init_from={path}",
+                                          "--device=cpu", "--max_iters=1", "--eval_iters=1", "--batch_size=2",
+                                          "--block_size=16"], [str(path)], absent=[ft])
+    cases.check()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# packed checkpoints whose codes, scales, zero points or outliers contradict their spec and shape
+
+@pytest.fixture(scope="module")
+def packed_ckpt(tiny_ckpt, tmp_path_factory):
+    """tiny_ckpt quantized by round-to-nearest (affine 4-bit, groups of 16, 2% outliers) and packed: its out_dir."""
+    from inference import load_model
+    from quantization.packing import packed_checkpoint
+    from quantization.rtn import rtn_quantize, weight_spec
+    model, _ = load_model(tiny_ckpt, "cpu")
+    records = rtn_quantize(model, weight_spec(4, 16, outlier_fraction=0.02))
+    out = tmp_path_factory.mktemp("packed")
+    save_checkpoint(str(out / "ckpt.pt"), packed_checkpoint(load_checkpoint(tiny_ckpt), model, records, {"method": "rtn"}))
+    return str(out)
+
+
+def damaged_packed():
+    """{name: a function that damages one packed layer (a dict) in place}."""
+    def put(key, value):
+        return lambda p: p.update({key: value(p) if callable(value) else value})
+
+    def spec(**changes):
+        return lambda p: p["spec"].update(changes)
+
+    def outliers(key, value):
+        return lambda p: p["outliers"].update({key: value(p["outliers"])})
+
+    return {
+        "codes_truncated": put("codes", lambda p: p["codes"][:-7]), "codes_empty": put("codes", lambda p: p["codes"][:0]),
+        "codes_extra": put("codes", lambda p: torch.cat([p["codes"], p["codes"][:5]])),
+        "codes_float": put("codes", lambda p: p["codes"].float()), "codes_2d": put("codes", lambda p: p["codes"][None]),
+        "codes_not_tensor": put("codes", [1, 2, 3]),
+        "scale_nan": put("scale", lambda p: p["scale"].index_fill(0, torch.tensor([0]), float("nan"))),
+        "scale_inf": put("scale", lambda p: p["scale"].index_fill(0, torch.tensor([1]), float("inf"))),
+        "scale_short": put("scale", lambda p: p["scale"][:-1]), "scale_int": put("scale", lambda p: p["scale"].long()),
+        "zero_point_float": put("zero_point", lambda p: p["zero_point"].float()),
+        "zero_point_range": put("zero_point", lambda p: torch.full_like(p["zero_point"], 99)),
+        "zero_point_short": put("zero_point", lambda p: p["zero_point"][:3]),
+        "no_scale": lambda p: p.pop("scale"), "spec_bits_40": spec(bits=40), "spec_bits_2": spec(bits=2),
+        "spec_unknown": spec(fancy=1), "spec_group_5": spec(group_size=5), "spec_method": spec(method="magic"),
+        "spec_not_dict": put("spec", "affine"), "spec_per_tensor": spec(granularity="per_tensor"),
+        "outlier_inf": outliers("values", lambda o: o["values"].index_fill(0, torch.tensor([0]), float("inf"))),
+        "outlier_nan": outliers("values", lambda o: o["values"].index_fill(0, torch.tensor([0]), float("nan"))),
+        "outlier_col": outliers("col", lambda o: o["col"].index_fill(0, torch.tensor([0]), 9999)),
+        "outlier_crow": outliers("crow", lambda o: o["crow"][:-1]),
+        "outlier_values_short": outliers("values", lambda o: o["values"][:-1]),
+        "outliers_list": put("outliers", [1]),
+    }
+
+
+def test_damaged_packed_checkpoints_are_refused_by_every_reader(tiny_ckpt, packed_ckpt, tmp_path, capsys):
+    from quantization.packing import load_packed
+    good = torch.load(os.path.join(packed_ckpt, "ckpt.pt"), weights_only=True)
+    layer = next(iter(good["packed_weights"]))
+    assert "outliers" in good["packed_weights"][layer]
+    cases = Cases(capsys, tiny_ckpt, packed_ckpt)
+    assert run_main(sample.main, f"--out_dir={packed_ckpt}", "--device=cpu", "--max_new_tokens=2") is None
+    for name, damage in damaged_packed().items():
+        ckpt = torch.load(os.path.join(packed_ckpt, "ckpt.pt"), weights_only=True)
+        damage(ckpt["packed_weights"][layer])
+        folder = tmp_path / name
+        save_checkpoint(str(folder / "ckpt.pt"), ckpt)
+        for main, argv in [
+            (sample.main, [f"--out_dir={folder}", "--device=cpu", "--max_new_tokens=2"]),
+            (perplexity.main, [f"--out_dir={folder}", "--device=cpu", "--max_tokens=100", "--progress=False"]),
+            (perplexity.main, [f"--out_dir={tiny_ckpt}", f"--quantized_dir={folder}", "--device=cpu",
+                               "--max_tokens=100", "--progress=False"]),
+            (gguf_export.main, [f"--out_dir={folder}", f"--gguf={tmp_path / 'x.gguf'}"]),
+            (save_weights.main, [f"--out_dir={folder}", f"--file_name={tmp_path / 'w'}"]),
+            (hf.main, ["export", f"--out_dir={folder}", f"--hf={tmp_path / 'hf'}"]),
+        ]:
+            cases.refused(main, argv, [str(folder)], absent=[tmp_path / "x.gguf", tmp_path / "w.pkl", tmp_path / "hf"])
+        # the loader itself, for every other caller: one ValueError naming the layer
+        with pytest.raises(ValueError, match=layer):
+            from model import GPT, GPTConfig
+            load_packed(GPT(GPTConfig(**ckpt["model_args"])), ckpt)
     cases.check()
 
 

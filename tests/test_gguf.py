@@ -137,6 +137,28 @@ def test_requantize_reported_or_refused(bpe_data, tmp_path):
     assert not torch.equal(values, ours["blk.0.ffn_up.weight"].value)
 
 
+def test_packed_grid_that_must_be_requantized_exports(bpe_data, tmp_path):
+    """A packed PTQ checkpoint whose grid no block type holds (RTN affine 4-bit, groups of 16) exports with
+    --type=auto and --type=q8_0 (re-quantized, said so), and --no-requantize refuses it in one line: no traceback
+    from the packed weights' gradient."""
+    from checkpoint import load_checkpoint
+    from quantization.packing import packed_checkpoint
+    from quantization.rtn import rtn_quantize, weight_spec
+    fp = make_checkpoint(tmp_path / "fp")
+    model = GPT.from_checkpoint(load_checkpoint(fp))
+    records = rtn_quantize(model, weight_spec(4, 16))
+    packed = tmp_path / "rtn"
+    save_checkpoint(str(packed / "ckpt.pt"), packed_checkpoint(load_checkpoint(fp), model, records, {"method": "rtn"}))
+    for flags in ([], ["--type=q8_0"]):
+        path = str(tmp_path / f"rtn{len(flags)}.gguf")
+        assert run_main(gguf_export.main, f"--out_dir={packed}", f"--gguf={path}", *flags) is None
+        assert read_back(path)["blk.0.ffn_up.weight"][0] == ("q8_0" if flags else "q4_1")
+    path = str(tmp_path / "refused.gguf")
+    error = run_main(gguf_export.main, f"--out_dir={packed}", f"--gguf={path}", "--no-requantize")
+    assert "blk.0.attn_qkv.weight" in error and "--requantize" in error and "\n" not in error
+    assert not os.path.exists(path)
+
+
 def test_vocab_tokenizes_like_tiktoken(bpe_data):
     """The tokens and merges rebuilt from the tiktoken ranks, run by HF's independent BPE implementation, give
     tiktoken's token ids on Shakespeare."""
