@@ -8,6 +8,7 @@ and v joined for decoding (fuse_qkv), its fake-quantized weights frozen.
     model, tokenizer = load_model("out", "cuda")                  # float, or packed weights dequantized
     model, tokenizer = load_model("out-gptq", "cuda", kernels="on")  # packed weights kept packed (PackedLinear)
 """
+import dataclasses
 import os
 import sys
 from contextlib import nullcontext
@@ -16,13 +17,16 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from checkpoint import checkpoint_dataset, load_checkpoint
+from checkpoint import checkpoint_dataset, read_checkpoint
 from model import GPT, GPTConfig
 from quantization.layers import QuantizedLinear
 from tokenizer import Tokenizer, load_meta
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 KERNEL_CHOICES = ("auto", "on", "off")
+# model_args every checkpoint must carry (the rest have GPTConfig's defaults), and the largest value believed
+REQUIRED_MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+MAX_DIM = 2 ** 31 - 1
 
 
 def resolve_device(device, dtype):
@@ -39,6 +43,72 @@ def autocast_context(device, dtype):
         return nullcontext()
     ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return torch.amp.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=ptdtype)
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict of a file or folder, checked against the GPT its model_args describe (every tensor's name
+    and shape); FileNotFoundError or ValueError with a one-line reason when it cannot be used."""
+    checkpoint = read_checkpoint(path, device)
+    try:
+        check_model_args(checkpoint["model_args"])
+        check_state(checkpoint)
+    except ValueError as e:
+        path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+        raise ValueError(f"{path}: {e}") from None
+    return checkpoint
+
+
+def check_model_args(model_args):
+    """ValueError naming the field unless `model_args` describes a GPT that GPTConfig and GPT accept."""
+    if not isinstance(model_args, dict):
+        raise ValueError("model_args is not a dict")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(str(k) for k in model_args if k not in fields)
+    if unknown:
+        raise ValueError(f"model_args has unknown config field(s) {', '.join(unknown)} (a newer or foreign checkpoint?)")
+    for key in REQUIRED_MODEL_ARGS:
+        value = model_args.get(key)
+        if type(value) is not int or not 1 <= value <= MAX_DIM:
+            raise ValueError(f"model_args lacks a valid '{key}' (a positive integer), got {value!r}")
+    if model_args["n_embd"] % model_args["n_head"]:
+        raise ValueError(f"model_args: n_embd={model_args['n_embd']} is not divisible by n_head={model_args['n_head']}")
+    dropout = model_args.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"model_args: dropout={dropout!r} is not in [0, 1)")
+    try:
+        GPTConfig(**model_args)
+        with torch.device("meta"):  # builds the module tree without allocating any weight
+            GPT(GPTConfig(**model_args))
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as e:
+        raise ValueError(f"model_args describe no valid model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def check_state(checkpoint):
+    """ValueError unless checkpoint['model'] holds exactly the tensors (names and shapes) its model_args' GPT has;
+    the weights of a packed checkpoint's quantized layers are in checkpoint['packed_weights'] instead."""
+    state = checkpoint["model"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ValueError("'model' is not a dict of named tensors")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**checkpoint["model_args"])).state_dict().items()}
+    packed = checkpoint.get("packed_weights", {})
+    if not isinstance(packed, dict):
+        raise ValueError("'packed_weights' is not a dict")
+    for name, p in packed.items():
+        key = f"{name}.weight"
+        if key not in expected or not isinstance(p, dict) or not {"codes", "shape", "scale", "zero_point", "spec"} <= set(p):
+            raise ValueError(f"packed weight '{name}' is not a weight of the model, or lacks codes/shape/scale/spec")
+        if list(p["shape"]) != list(expected[key]):
+            raise ValueError(f"packed weight '{name}' has shape {p['shape']}, the model's is {list(expected[key])}")
+    missing = [k for k in expected if k not in state and k[:-len(".weight")] not in packed]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(f"its tensors do not match its model_args (missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})")
+    wrong = [k for k, v in state.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise ValueError(f"tensor {wrong[0]} has shape {list(state[wrong[0]].shape)}, its model_args give "
+                         f"{list(expected[wrong[0]])}")
 
 
 def use_kernels(kernels, device, packed):

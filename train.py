@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 import distributed
-from checkpoint import load_checkpoint, save_checkpoint, stored_activations, restore_activations
+from checkpoint import save_checkpoint
+from quantization.layers import restore_activations, stored_activations
 from configurator import ConfigError, apply_resume, model_quant_config, parse_args_given
-from inference import autocast_context, resolve_device
+from inference import autocast_context, load_checkpoint, resolve_device
 from model import GPT, GPTConfig
 from quantization.spin_quant import is_rotated
 from safety import check_out_dir, clean_stale_tmp, wandb_needs_offline

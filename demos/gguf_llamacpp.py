@@ -21,7 +21,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from checkpoint import load_checkpoint  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from quantization.gguf_export import checkpoint_weights, export  # noqa: E402
 from quantization.perplexity import split_tokens  # noqa: E402
 from tokenizer import Tokenizer, load_meta  # noqa: E402

@@ -13,7 +13,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from checkpoint import load_checkpoint  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import QuantizedLinear  # noqa: E402

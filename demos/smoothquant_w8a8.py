@@ -17,7 +17,8 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from configurator import ACT_GRANULARITIES  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

@@ -14,7 +14,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-from checkpoint import checkpoint_dataset, load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset, save_checkpoint  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from cli import BoolFlag, OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization.autoround.calibration import calibration_samples  # noqa: E402

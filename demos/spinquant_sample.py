@@ -12,7 +12,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from checkpoint import load_checkpoint  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from generate import generate  # noqa: E402
 from quantization.hf import from_pretrained  # noqa: E402

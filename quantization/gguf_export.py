@@ -33,7 +33,8 @@ if __name__ == "__main__" and ROOT not in sys.path:  # run as a command: python 
 import gguf  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from checkpoint import checkpoint_dataset, load_checkpoint, save_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset, save_checkpoint  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from cli import BoolFlag, OneLineParser  # noqa: E402
 from inference import from_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

@@ -140,7 +140,7 @@ def load_hf_gpt2(name_or_folder, block_size=None, dropout=0.0, **overrides):
     except ValueError as e:
         raise ValueError(f"{name_or_folder}: {e}") from None
     try:
-        from checkpoint import check_model_args
+        from inference import check_model_args
         check_model_args(model_args)
         converted = state_from_hf(hf_state, model_args)
     except KeyError as e:

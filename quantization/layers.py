@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from quantization.hadamard import HadamardTransform
-from quantization.quantizers import QuantSpec, fake_quant, fake_quant_with_codes, misfit
+from quantization.quantizers import QuantSpec, code_range, fake_quant, fake_quant_with_codes, misfit, smallest_int_dtype
 
 # online transforms an activation site can apply before its quantizer (GPTConfig.online_transforms)
 ONLINE_TRANSFORMS = {"hadamard": HadamardTransform}
@@ -133,3 +133,23 @@ class DenseSparseLinear(nn.Module):
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, outliers={self.sparse.values().numel()}"
+
+
+def stored_activations(model):
+    """{module name: {codes, scale, zero_point}} for every activation site that has stored one."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ActQuant) and module.codes is not None:
+            qmin, qmax = code_range(module.spec)
+            out[name] = {"codes": module.codes.to(smallest_int_dtype(qmin, qmax)).cpu(),
+                         "scale": module.scale.cpu(), "zero_point": module.zero_point.cpu()}
+    return out
+
+
+def restore_activations(model, activations):
+    modules = dict(model.named_modules())
+    for name, saved in activations.items():
+        if name in modules:
+            module = modules[name]
+            module.codes = saved["codes"].float()
+            module.scale, module.zero_point = saved["scale"], saved["zero_point"]

@@ -178,7 +178,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     from inference import load_model, resolve_device
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,7 +13,8 @@ import dataclasses
 import math
 import os
 
-from checkpoint import checkpoint_dataset, load_checkpoint
+from checkpoint import checkpoint_dataset
+from inference import load_checkpoint
 from cli import BoolFlag
 from model import GPT, GPTConfig
 from quantization.autoround import AutoRound

@@ -41,7 +41,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from checkpoint import checkpoint_dataset, load_checkpoint  # noqa: E402
+from checkpoint import checkpoint_dataset  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from inference import from_checkpoint  # noqa: E402
 from quantization.layers import ActQuant, QuantizedLinear  # noqa: E402

@@ -178,7 +178,7 @@ def test_stored_activation_is_the_last_one_seen():
 
 
 def test_stored_activations_are_saved_with_the_checkpoint(quant_ckpt):
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     checkpoint = load_checkpoint(quant_ckpt)
     stored = checkpoint["activations"]
     expected = {f"transformer.h.{layer}.{kind}.act.{site}" for layer in (0, 1)

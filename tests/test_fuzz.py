@@ -13,7 +13,8 @@ import torch
 
 import sample
 import train as train_script
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
+from inference import load_checkpoint
 from configurator import build_parser
 from conftest import ROOT, TINY, run_main, train_in_process
 from quantization import gguf_export, hf, perplexity, save_weights, visualize

@@ -58,7 +58,7 @@ def read_back(path):
 
 @functools.lru_cache(maxsize=4)
 def model_values(ckpt_dir):
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     model, weights = gguf_export.checkpoint_weights(load_checkpoint(ckpt_dir))
     return dict(gguf_export.gguf_tensors(model, weights))
 
@@ -141,7 +141,7 @@ def test_packed_grid_that_must_be_requantized_exports(bpe_data, tmp_path):
     """A packed PTQ checkpoint whose grid no block type holds (RTN affine 4-bit, groups of 16) exports with
     --type=auto and --type=q8_0 (re-quantized, said so), and --no-requantize refuses it in one line: no traceback
     from the packed weights' gradient."""
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     from quantization.packing import packed_checkpoint
     from quantization.rtn import rtn_quantize, weight_spec
     fp = make_checkpoint(tmp_path / "fp")
@@ -177,7 +177,7 @@ def test_vocab_tokenizes_like_tiktoken(bpe_data):
 
 def test_import_round_trip_and_init_from(bpe_data, tmp_path, one_cpu_thread):
     """f32 export then import gives the same logits; train.py --init_from=model.gguf starts from those weights."""
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     ckpt = make_checkpoint(tmp_path / "fp")
     path = str(tmp_path / "fp.gguf")
     assert run_main(gguf_export.main, f"--out_dir={ckpt}", f"--gguf={path}", "--type=f32") is None
@@ -220,7 +220,7 @@ def test_llama_cpp_agrees(exported, bpe_data, one_cpu_thread):
     and its perplexity is within 0.5% of ours."""
     llama_cpp = pytest.importorskip("llama_cpp")
     ckpt, path = exported
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     model, _ = gguf_export.checkpoint_weights(load_checkpoint(ckpt))
     tokens = np.fromfile(os.path.join(bpe_data, "val.bin"), dtype=np.uint16)[:33].astype(np.int64)
     llm = llama_cpp.Llama(model_path=path, n_ctx=32, n_batch=32, n_threads=1, logits_all=True, verbose=False)

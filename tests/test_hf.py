@@ -68,7 +68,7 @@ def test_export_of_packed_quantized_checkpoint_matches(tmp_path):
     from quantization.rtn import rtn_quantize, weight_spec
     model, _ = load_model(str(tmp_path / "ours"), "cpu")
     records = rtn_quantize(model, weight_spec(4, 16))
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     save_packed(str(tmp_path / "q" / "ckpt.pt"), load_checkpoint(str(tmp_path / "ours")), model, records, {})
     export_checkpoint(str(tmp_path / "q"), str(tmp_path / "hf"))
     back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from inference import load_checkpoint
 from model import GPT, GPTConfig
 from quantization.packing import load_packed, pack_codes, packed_bytes, save_packed, unpack_codes
 from quantization.rtn import rtn_quantize, weight_spec

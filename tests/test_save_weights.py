@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint, stored_activations
+from checkpoint import save_checkpoint
+from inference import load_checkpoint
+from quantization.layers import stored_activations
 from conftest import run_script
 from model import GPT, GPTConfig
 from quantization.layers import ActQuant, QuantizedLinear

@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import save_checkpoint
+from inference import load_checkpoint
 from conftest import run_main, train_in_process
 from model import GPT, GPTConfig
 from quantization.fold import fold_norms

@@ -220,7 +220,7 @@ def test_corrupt_checkpoint_is_refused_and_kept(char_data, tmp_path):
 
 
 def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
-    from checkpoint import load_checkpoint
+    from inference import load_checkpoint
     marker = tmp_path / "pwned"
 
     class Payload:
