@@ -145,7 +145,7 @@ def test_packed_grid_that_must_be_requantized_exports(bpe_data, tmp_path):
     from quantization.packing import packed_checkpoint
     from quantization.rtn import rtn_quantize, weight_spec
     fp = make_checkpoint(tmp_path / "fp")
-    model = GPT.from_checkpoint(load_checkpoint(fp))
+    model = from_checkpoint(load_checkpoint(fp))
     records = rtn_quantize(model, weight_spec(4, 16))
     packed = tmp_path / "rtn"
     save_checkpoint(str(packed / "ckpt.pt"), packed_checkpoint(load_checkpoint(fp), model, records, {"method": "rtn"}))
