@@ -20,14 +20,17 @@ import triton.language as tl
 WORD_BITS = 32
 # (BLOCK_N output rows, BLOCK_W words of 32 inputs, num_warps): bench/kernels.py --binary times them all and uses
 # the fastest; residual_binary_gemv's default is the first
-CONFIGS = [(8, 32, 4), (16, 32, 4), (4, 64, 4), (8, 16, 2), (16, 16, 4), (32, 32, 8)]
+CONFIGS = [(16, 32, 4), (32, 32, 4), (8, 32, 2), (16, 32, 2), (64, 32, 8), (16, 64, 4)]
 XSCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
 BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
 
 
-@triton.jit
+# word_stride (1) is not specialized: not knowing the words contiguous, Triton gives each thread one word column
+# (a warp still loads 32 neighbouring words) and several rows and terms, which then share each value of x it loads;
+# with 16-byte vectors a thread held four columns and loaded four values of x per bit
+@triton.jit(do_not_specialize=["word_stride"])
 def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_words, n_groups, words_per_group,
-                                 TERMS: tl.constexpr, TERMS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 word_stride, TERMS: tl.constexpr, TERMS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_W: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     terms = tl.arange(0, TERMS_P2)
@@ -40,7 +43,7 @@ def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_wo
         x_sum = tl.sum(tl.load(x_cols[:, None] + tl.arange(0, 32)[None, :], mask=col_ok[:, None],
                                other=0.0).to(tl.float32))
         words = tl.load(words_ptr + ((terms[:, None] * n_out + rows[None, :]) * n_words)[:, :, None]
-                        + cols[None, None, :], mask=row_ok[:, :, None] & col_ok[None, None, :], other=0)
+                        + (cols * word_stride)[None, None, :], mask=row_ok[:, :, None] & col_ok[None, None, :], other=0)
         low = words
         high = (words >> 16) & 0xFFFF
         part = tl.zeros((TERMS_P2, BLOCK_N, BLOCK_W), dtype=tl.float32)  # sum of x over set bits, times 2**-85
@@ -78,7 +81,7 @@ def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIG
     y = torch.empty(n_out, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n_out, block_n),)
     _residual_binary_gemv_kernel[grid](x.contiguous().reshape(-1), words.contiguous(), scales.float().contiguous(), y,
-                                       n_out, n_words, n_groups, words_per_group, TERMS=terms,
+                                       n_out, n_words, n_groups, words_per_group, 1, TERMS=terms,
                                        TERMS_P2=triton.next_power_of_2(terms), BLOCK_N=block_n,
                                        BLOCK_W=block_w, num_warps=num_warps)
     return y.reshape(*x.shape[:-1], n_out)

@@ -30,12 +30,13 @@ GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # four are for small layers (weights in L2, a few microseconds): narrow column tiles give many programs without
 # split-K, whose hand-off (store, counter, reload) is a second round trip through memory
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
-                  (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0)]
+                  (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
+                  (32, 4, 4, 1, 1)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
 # split)); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is dequantized
 # once per BLOCK_M rows of x
 GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0), (64, 128, 64, 4, 3, 0), (128, 64, 64, 4, 3, 0), (256, 128, 64, 8, 3, 0),
-                (128, 128, 128, 8, 3, 0), (64, 64, 128, 4, 4, 0)]
+                (128, 128, 128, 8, 2, 0), (64, 64, 128, 4, 4, 0)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
 SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 64, 4, 3, 4), (16, 64, 128, 4, 4, 8), (16, 128, 128, 4, 3, 2),
                       (16, 64, 128, 4, 3, 0)]
