@@ -1,11 +1,12 @@
-"""Decode throughput and peak memory: bf16 against packed weights (W8, W4, W2, ternary, W1), eager and compiled,
-batch 1 and 16, for GPT-2 124M, GPT-2 XL and 6.7B shapes with random weights, in one run.
+"""Decode throughput and peak memory: bf16 against packed weights (W8, W4, W2, ternary, W1) and against PyTorch's
+own int4 kernel (tinygemm), eager and compiled, batch 1 and 16, for GPT-2 124M, GPT-2 XL and 6.7B shapes with
+random weights, in one run.
 
     python bench/decode.py                                        # everything (GPU; longer than 10 minutes)
     python bench/decode.py --shapes=gpt2_124m,gpt2_6.7b --formats=bf16 --batches=1
     python bench/decode.py --shapes=tiny --device=cpu --modes=eager --new_tokens=8   # a smoke run anywhere
 
-Each row generates --new_tokens tokens greedily after a --prompt_len token prompt through GPT.generate (prefill,
+Each row generates --new_tokens tokens greedily after a --prompt_len token prompt through generate.generate (prefill,
 then one-token steps against the preallocated KV cache; `compiled` captures the torch.compile'd step, sampling
 included, as one CUDA graph that feeds itself, replayed once per token (`compiled_whole`: the step compiled as one
 graph, not one block for all layers); `reduce_overhead` runs the step under
@@ -13,8 +14,12 @@ torch.compile(mode="reduce-overhead"), one call per token), after one warm-up ge
 new tokens over the whole timed generation, prefill included. The bandwidth floor is the weight bytes read per
 step over the device-to-device copy bandwidth measured in the same run; "of floor" is tokens/s at batch 1 over
 that floor's tokens/s. Packed formats need quantization.kernels.pack_model (RTN onto PackedLinear); on GPT-2 XL,
-whose width 1600 is not a multiple of 128, W4 and W2 take groups of 64. Each attention layer computes q, k and v
-as one layer (GPT.fuse_qkv, as sample.py does); --qkv=fused,separate adds the rows of three layers beside them.
+whose width 1600 is not a multiple of 128, W4 and W2 take groups of 64. `tinygemm` is W4's codes (the same RTN
+grid and groups) multiplied by aten._weight_int4pack_mm (quantization/kernels/tinygemm.py, bf16 scales and
+offsets), the kernel of gpt-fast and torchao's int4 weight-only: a row says "skipped" with the reason where it
+cannot run, and the run goes on. Rows run bf16 first, then tinygemm, then ours, whatever the order of --formats,
+so that "vs tinygemm" is known for each packed row. Each attention layer computes q, k and v
+as one layer (inference.fuse_qkv, as sample.py does); --qkv=fused,separate adds the rows of three layers beside them.
 """
 import argparse
 import gc
@@ -43,8 +48,10 @@ FORMATS = {
     "W2": dict(method="affine_quant", bits=2, granularity="per_group", group_size=128),
     "ternary": dict(method="ternary_quant", granularity="per_channel"),
     "W1": dict(method="binary_quant", granularity="per_channel"),
+    "tinygemm": dict(method="affine_quant", bits=4, granularity="per_group", group_size=128),
 }
-# GPT.generate's compile argument of each mode. compiled: the step, compiled one block for all layers, captured
+PEER = "tinygemm"  # the format every packed row is also compared with
+# generate()'s compile argument of each mode. compiled: the step, compiled one block for all layers, captured
 # once as a CUDA graph that feeds itself (one replay per token); compiled_whole: the same graph of the whole step
 # compiled as one; compiled_tuned: compiled with inductor's coordinate-descent tuning of its generated kernels (as
 # gpt-fast does); reduce_overhead: torch.compile's own CUDA graphs over the whole step, one call per token
@@ -62,7 +69,7 @@ def parse_list(value, allowed, flag):
 
 def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused"):
     """A random-weight model of the shape, in dtype, its linears packed for a packed format, its q, k and v joined
-    into one layer (GPT.fuse_qkv, as sample.py does) unless qkv is "separate"."""
+    into one layer (inference.fuse_qkv, as sample.py does) unless qkv is "separate"."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -78,6 +85,9 @@ def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused"):
         model = pack_model(model, spec)
     if qkv == "fused":
         fuse_qkv(model)
+    if fmt == PEER:  # the W4 codes, through PyTorch's int4 kernel (raises TinyGemmUnsupported with the reason)
+        from quantization.kernels.tinygemm import tinygemm_model
+        model = tinygemm_model(model)
     return model
 
 
@@ -180,13 +190,17 @@ def check(args, dtype):
     return lines
 
 
-def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed):
+def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed):
     """The rows of one model (shape, weight format, q/k/v fused or not): every mode and batch."""
+    from quantization.kernels.tinygemm import TinyGemmUnsupported
     dtype_name = str(dtype).split(".")[-1]
     try:
         model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size, qkv)
-    except ImportError as e:
-        print(f"| {shape} | {format_label(shape, fmt, qkv)} | - | - | skipped: {e} | | | | | |", flush=True)
+    except (ImportError, TinyGemmUnsupported) as e:
+        row = f"| {shape} | {format_label(shape, fmt, qkv)} | - | - | skipped: {e} | | | | | | |"
+        rows.append(row)
+        print(row, flush=True)
+        gc.collect()
         return
     nbytes = weight_bytes(model)
     if fmt == "bf16" and bandwidth and qkv == args.qkv[0]:
@@ -198,7 +212,7 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
                 speed, peak, warm_s = measure(model, batch, mode, args)
             except RuntimeError as e:  # one row fails (a compile or CUDA graph error): say so, go on
                 row = (f"| {shape} | {format_label(shape, fmt, qkv)} | {mode} | {batch} | failed: "
-                       f"{str(e).splitlines()[0][:120]} | | | | | |")
+                       f"{str(e).splitlines()[0][:120]} | | | | | | |")
                 rows.append(row)
                 print(row, flush=True)
                 torch._dynamo.reset()
@@ -206,10 +220,13 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
             key = (shape, qkv, mode, batch)
             if fmt == "bf16":
                 bf16_speed[key] = speed
+            if fmt == PEER:
+                peer_speed[key] = speed
             ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
+            vs_peer = f"{speed / peer_speed[key]:.2f}" if key in peer_speed and fmt not in ("bf16", PEER) else "-"
             share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
-            row = (f"| {shape} | {format_label(shape, fmt, qkv)} | {mode} | {batch} | {speed:,.0f} | {ratio} | {share} "
-                   f"| {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
+            row = (f"| {shape} | {format_label(shape, fmt, qkv)} | {mode} | {batch} | {speed:,.0f} | {ratio} | "
+                   f"{vs_peer} | {share} | {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
             rows.append(row)
             print(row, flush=True)
     del model
@@ -238,7 +255,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the table here (default bench/results/decode_<gpu>.md)")
     args = p.parse_args(argv)
     args.shapes = parse_list(args.shapes, SHAPES, "shapes")
-    args.formats = parse_list(args.formats, FORMATS, "formats")
+    order = ["bf16", PEER] + [f for f in FORMATS if f not in ("bf16", PEER)]  # the ratios' bases first
+    args.formats = sorted(parse_list(args.formats, FORMATS, "formats"), key=order.index)
     args.modes = parse_list(args.modes, MODES, "modes")
     args.qkv = parse_list(args.qkv, ("fused", "separate"), "qkv")
     try:
@@ -255,18 +273,19 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     header = [f"# Decode throughput on {gpu}", "",
               f"torch {torch.__version__}; {args.prompt_len}-token prompt, {args.new_tokens} new tokens, greedy; "
-              f"random weights; bf16 = {dtype_name} weights and activations", ""]
+              f"random weights; bf16 = {dtype_name} weights and activations", "",
+              "command: python bench/decode.py " + " ".join(sys.argv[1:] if argv is None else argv), ""]
     print("\n".join(header), flush=True)
     if args.check:
         header += check(args, dtype) + [""]
     bandwidth = copy_bandwidth(args.device)
     if bandwidth:
         header += [f"copy bandwidth: {bandwidth / 1e9:,.0f} GB/s (device to device, read + write)", ""]
-    rows = ["| shape | weights | mode | batch | tokens/s | vs bf16 | of bandwidth floor | weights (GiB) "
-            "| peak memory (GiB) | warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    print("\n".join(header[4:] + rows), flush=True)
+    rows = ["| shape | weights | mode | batch | tokens/s | vs bf16 | vs tinygemm | of bandwidth floor | weights (GiB) "
+            "| peak memory (GiB) | warm-up s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    print("\n".join(header[6:] + rows), flush=True)
     floors = []
-    bf16_speed = {}
+    bf16_speed, peer_speed = {}, {}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                    f"decode_{gpu.replace(' ', '_').lower()}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -281,7 +300,7 @@ def main(argv=None):
 
     models = [(shape, fmt, qkv) for shape in args.shapes for fmt in args.formats for qkv in args.qkv]
     for i, (shape, fmt, qkv) in enumerate(models):
-        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed)
+        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed)
         write(done=i == len(models) - 1)
     print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
     print(f"wrote {out}")

@@ -38,9 +38,15 @@ for PART in $PARTS; do
     kernels)  # the goal's shape first, so that a run cut short still has it
         run 290 python bench/kernels.py --out="$R/kernels_$GPU.md" --gemm_shapes=4096x11008 \
             --shapes=4096x11008,768x768,768x3072,3072x768,4096x4096,11008x4096,8192x8192 ;;
-    kernels_goal)  # the goals' shape alone, one row and prefill
-        run 150 python bench/kernels.py --out="$R/kernels_${GPU}_goal.md" --shapes=4096x11008 \
-            --gemm_shapes=4096x11008 ;;
+    kernels_goal)  # the goals' shapes (issue 22): the int4 kernels and tinygemm checked, one layer at batch 1 and
+                   # 16 against cuBLAS and tinygemm, prefill of every packed format, residual binary at batch 1,
+                   # and where the time of a small layer goes
+        run 120 python bench/kernels.py --check --variants="int4 g128" --shapes= --gemm_shapes= \
+            --out="$R/kernels_${GPU}_goal_check.md"
+        run 200 python bench/kernels.py --variants="int4 g128" --shapes=768x3072,3072x768,4096x4096,4096x11008 \
+            --batches=1,16 --gemm_shapes=4096x11008 --binary=4096x4096 --out="$R/kernels_${GPU}_goal.md"
+        run 60 python bench/kernels.py --profile=768x3072,3072x768 --variants="int4 g128" \
+            --out="$R/kernels_profile_${GPU}_small.md" ;;
     modes_124m)  # the self-feeding CUDA graph of the step compiled one block for all layers, of the step compiled
                  # whole, and torch.compile's reduce-overhead mode; greedy tokens checked against the uncached
                  # forward first

@@ -1,8 +1,10 @@
-"""Packed Triton kernels against cuBLAS bf16: time, share of the bandwidth floor, speedup, in one run.
+"""Packed Triton kernels against cuBLAS bf16 and PyTorch's own int4 kernel (tinygemm: aten._weight_int4pack_mm, the
+kernel of gpt-fast and torchao, fed the int4 g128 codes): time, share of the bandwidth floor, speedups, in one run.
 
     python bench/kernels.py --check        # verify every kernel against the dequantize reference, then time
-    python bench/kernels.py --shapes=4096x11008 --batches=1
+    python bench/kernels.py --shapes=4096x11008 --batches=1 --variants="int4 g128"
     python bench/kernels.py --profile=4096x11008   # what bounds one row: every candidate, a kernel breakdown
+    python bench/kernels.py --shapes= --gemm_shapes= --binary=4096x4096   # residual binary GEMV vs cuBLAS
 
 Shapes are `in x out` (the weight is out x in). Each time is the median replay of a CUDA graph that runs the layer
 over R copies of the weights and inputs (R large enough that the copies together are 3x the L2 cache, so weights
@@ -12,6 +14,7 @@ out) over the device-to-device copy bandwidth measured in the same run; "floor %
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -28,6 +31,7 @@ except ImportError:  # main() says a GPU is needed; the kernel below is only def
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quantization.kernels import PackedLinear  # noqa: E402
 from quantization.kernels import ops  # noqa: E402
+from quantization.kernels.tinygemm import TinyGemmLinear, TinyGemmUnsupported  # noqa: E402
 from quantization.quantizers import QuantSpec  # noqa: E402
 
 SHAPES = ("768x768", "768x3072", "3072x768", "4096x4096", "4096x11008", "11008x4096", "8192x8192")
@@ -39,6 +43,7 @@ VARIANTS = {
     "ternary per tensor": QuantSpec("ternary_quant", 2, "per_tensor"),
     "1-bit per channel": QuantSpec("binary_quant", 8, "per_channel"),
 }
+TINYGEMM = "tinygemm int4 g128"  # PyTorch's int4 kernel on the int4 g128 variant's codes
 ROTATE_BYTES = 3 * 50 * 2**20  # 3x an H100's L2
 MAX_COPIES = 512
 
@@ -76,7 +81,7 @@ def read_words(qweight, out, config):
                                                                      BLOCK_R=block_r, STAGES=stages, num_warps=warps)
 
 
-def profile(shape, bandwidth, log):
+def profile(shape, bandwidth, log, variants):
     """One row of x through one layer: every candidate (kernel, config) timed as in the table; for the fastest, the
     GPU time of each kernel it launches (torch.profiler); and a kernel that only loads the same words, the
     bandwidth that the access pattern reaches."""
@@ -91,7 +96,25 @@ def profile(shape, bandwidth, log):
         call()
     log(f"### {shape}, one row, cuBLAS bf16: {graph_time(calls) * 1e6:.1f} us")
     del weights
-    for name, spec in VARIANTS.items():
+    tiny, reason = tinygemm_layer(PackedLinear.from_float(weight, VARIANTS["int4 g128"]).cuda())
+    if tiny is None:
+        log(f"### {shape}, one row, {TINYGEMM}: skipped: {reason}")
+    else:
+        tinies = [tiny] + [copy.deepcopy(tiny) for _ in range(copies(buffer_bytes(tiny)) - 1)]
+        xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in tinies]
+        calls = [lambda lay=lay, x=x: lay(x) for lay, x in zip(tinies, xs)]
+        for call in calls:
+            call()
+        log(f"### {shape}, one row, {TINYGEMM}: {graph_time(calls) * 1e6:.1f} us")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                tinies[0](xs[0])
+            torch.cuda.synchronize()
+        log("  its kernels (warm L2, us): " + "; ".join(f"{e.key[:40]} {e.device_time_total / e.count:.1f}"
+                                                      for e in prof.key_averages() if e.device_time_total > 0))
+        del tinies
+    for name in variants:
+        spec = VARIANTS[name]
         layer = PackedLinear.from_float(weight, spec).cuda()
         count = copies(buffer_bytes(layer))
         layers = [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
@@ -173,7 +196,7 @@ def reference(x, layer):
     return ref + layer.bias.double() if layer.bias is not None else ref
 
 
-def check(log):
+def check(log, variants):
     """Every variant on odd shapes (N not a multiple of any block; K not a multiple of 32 per channel): every
     config the benchmark may pick for 1, 16 and 300 rows (bf16), the first config of each kernel with bias and
     fp32/fp16 activations (1, 5 and 70 rows); relative error to the float64 reference, and the split-K arrival
@@ -184,7 +207,8 @@ def check(log):
     cases = [(1, torch.bfloat16, False, "all"), (16, torch.bfloat16, False, "all"),
              (300, torch.bfloat16, False, "all"), (1, torch.float32, True, "first"),
              (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
-    for name, spec in VARIANTS.items():
+    for name in variants:
+        spec = VARIANTS[name]
         for k, n in ((768, 1000),) + (((1000, 200),) if spec.granularity != "per_group" else ((1024, 333),)):
             weight = torch.randn(n, k, device="cuda")
             layer = PackedLinear.from_float(weight, spec, bias=torch.randn(n, device="cuda")).cuda()
@@ -199,8 +223,14 @@ def check(log):
                 for kernel, config in pairs:
                     # poison: the caching allocator hands this freed NaN block to the kernel's (m, n) output
                     torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                    y = ops.bind(kernel, layer.split_counters)(x, layer.qweight, layer.scale, layer.zero, b,
-                                                               layer.bits, blocks, layer.zero_const, config)
+                    try:
+                        y = ops.bind(kernel, layer.split_counters)(x, layer.qweight, layer.scale, layer.zero, b,
+                                                                   layer.bits, blocks, layer.zero_const, config)
+                    except Exception as e:  # as the launcher does: a config this device cannot run is skipped
+                        if "OutOfResources" not in type(e).__name__:
+                            raise
+                        log(f"  skip {name} m={m} {kernel.__name__} {config}: does not run here ({e})"[:200])
+                        continue
                     err = relative_error(y, ref)
                     ok = (math.isfinite(err) and err < tolerance[dtype] and y.dtype == dtype
                           and not layer.split_counters.any())
@@ -209,11 +239,33 @@ def check(log):
                         log(f"  FAIL {name} {k}x{n} m={m} {dtype} bias={bias} {kernel.__name__} {config}: "
                             f"error {err:.2e}")
         log(f"  checked {name}")
+    # tinygemm on the int4 g128 codes: its own bf16 scales and offsets, so the bf16 tolerance
+    weight = torch.randn(1000, 768, device="cuda")
+    layer = PackedLinear.from_float(weight, VARIANTS["int4 g128"], bias=torch.randn(1000, device="cuda")).cuda()
+    tiny, reason = tinygemm_layer(layer)
+    if tiny is None:
+        log(f"  {TINYGEMM}: skipped: {reason}")
+    for m in (1, 16, 300) if tiny is not None else ():
+        x = torch.randn(m, 768, device="cuda", dtype=torch.bfloat16)
+        err = relative_error(tiny(x), reference(x, layer))
+        ok = math.isfinite(err) and err < tolerance[torch.bfloat16]
+        failures += not ok
+        log(f"  {'checked' if ok else 'FAIL'} {TINYGEMM} 768x1000 m={m}: error {err:.2e}")
     log(f"check: {'all passed' if not failures else f'{failures} FAILED'}")
     return failures
 
 
-def bench_shape(shape, batches, bandwidth, log):
+def tinygemm_layer(layer):
+    """(TinyGemmLinear of the int4 g128 layer's codes, None) or (None, the reason tinygemm cannot run it)."""
+    try:
+        return TinyGemmLinear.from_packed(layer), None
+    except TinyGemmUnsupported as e:
+        return None, str(e)
+    except RuntimeError as e:  # the op itself refused (a shape or build its checks did not foresee)
+        return None, f"aten._convert_weight_to_int4pack failed: {str(e).splitlines()[0][:120]}"
+
+
+def bench_shape(shape, batches, bandwidth, log, variants):
     k, n = map(int, shape.split("x"))
     torch.manual_seed(0)
     weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -230,8 +282,36 @@ def bench_shape(shape, batches, bandwidth, log):
                          speedup=1.0, copies=bf16_copies, error=0.0))
     base = {r["m"]: r["us"] for r in rows}
     del weights
-    for name, spec in VARIANTS.items():
-        layer = PackedLinear.from_float(weight.float(), spec).cuda()
+    # tinygemm on the int4 g128 codes, timed right after cuBLAS: the peer every packed row is compared with
+    peer = {}
+    layer = PackedLinear.from_float(weight.float(), VARIANTS["int4 g128"]).cuda()
+    tiny, reason = tinygemm_layer(layer)
+    if tiny is None:
+        log(f"  {shape} {TINYGEMM}: skipped: {reason}")
+        rows += [dict(shape=shape, m=m, variant=TINYGEMM, skipped=reason) for m in batches]
+    else:
+        size = buffer_bytes(tiny)
+        count = copies(size)
+        tinies = [tiny] + [copy.deepcopy(tiny) for _ in range(count - 1)]
+        for m in batches:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+            try:
+                ys = [lay(x) for lay, x in zip(tinies, xs)]
+            except RuntimeError as e:  # this batch or shape is not one tinygemm takes here
+                reason = f"aten._weight_int4pack_mm failed: {str(e).splitlines()[0][:120]}"
+                log(f"  {shape} m={m} {TINYGEMM}: skipped: {reason}")
+                rows.append(dict(shape=shape, m=m, variant=TINYGEMM, skipped=reason))
+                continue
+            error = max(relative_error(ys[i], reference(xs[i], layer)) for i in (0, count - 1))
+            t = graph_time([lambda lay=lay, x=x: lay(x) for lay, x in zip(tinies, xs)])
+            peer[m] = t * 1e6
+            rows.append(dict(shape=shape, m=m, variant=TINYGEMM, us=t * 1e6,
+                             floor=(size + 2 * m * (k + n)) / bandwidth / t, speedup=base[m] / (t * 1e6),
+                             copies=count, error=error, kernel="aten._weight_int4pack_mm"))
+            log(f"  {shape} m={m} {TINYGEMM}: {t * 1e6:.1f} us, {rows[-1]['speedup']:.2f}x bf16, error {error:.1e}")
+        del tinies
+    for name in variants:
+        layer = PackedLinear.from_float(weight.float(), VARIANTS[name]).cuda()
         size = buffer_bytes(layer)
         count = copies(size)
         layers = [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
@@ -243,34 +323,89 @@ def bench_shape(shape, batches, bandwidth, log):
             nbytes = size + 2 * m * (k + n)
             chosen = f"{ops.last_choice.get('kernel', '?')} {ops.last_choice.get('config', '')}"
             rows.append(dict(shape=shape, m=m, variant=name, us=t * 1e6, floor=nbytes / bandwidth / t,
-                             speedup=base[m] / (t * 1e6), copies=count, error=error, kernel=chosen))
-            log(f"  {shape} m={m} {name}: {t * 1e6:.1f} us, {rows[-1]['speedup']:.2f}x bf16, error {error:.1e}, "
-                f"{chosen}")
+                             speedup=base[m] / (t * 1e6), copies=count, error=error, kernel=chosen,
+                             vs_peer=peer[m] / (t * 1e6) if m in peer else None))
+            log(f"  {shape} m={m} {name}: {t * 1e6:.1f} us, {rows[-1]['speedup']:.2f}x bf16"
+                + (f", {rows[-1]['vs_peer']:.2f}x tinygemm" if m in peer else "") + f", error {error:.1e}, {chosen}")
         del layers
     return rows
 
 
 def table(rows):
-    out = ["| in x out | batch | weights | time (us) | floor % | vs bf16 | error | copies | kernel, config |",
-           "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    out = ["| in x out | batch | weights | time (us) | floor % | vs bf16 | vs tinygemm | error | copies | "
+           "kernel, config |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['shape']} | {r['m']} | {r['variant']} | skipped: {r['skipped']} | | | | | | |")
+            continue
+        peer = f"{r['vs_peer']:.2f}" if r.get("vs_peer") else "-"
         out.append(f"| {r['shape']} | {r['m']} | {r['variant']} | {r['us']:.1f} | {100 * r['floor']:.0f} | "
-                   f"{r['speedup']:.2f} | {r['error']:.1e} | {r['copies']} | {r.get('kernel', '-')} |")
+                   f"{r['speedup']:.2f} | {peer} | {r['error']:.1e} | {r['copies']} | {r.get('kernel', '-')} |")
     return "\n".join(out)
+
+
+def bench_binary(shape, bandwidth, log):
+    """Residual binary weights (k sign matrices, per channel) at batch 1: every config of
+    binary_bitwise.CONFIGS, each checked against the layer's PyTorch bitwise path and timed as in the table,
+    against cuBLAS bf16 of the same shape."""
+    from quantization.binary_linear import ResidualBinaryLinear
+    from quantization.kernels.binary_bitwise import CONFIGS, residual_binary_gemv, stack_terms
+    from quantization.quantizers import quantize_tensor
+    k, n = map(int, shape.split("x"))
+    torch.manual_seed(0)
+    weight = torch.randn(n, k, device="cuda") * 0.02
+    count = copies(n * k * 2)
+    weights = [weight.bfloat16() for _ in range(count)]
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+    for w, x in zip(weights, xs):
+        F.linear(x, w)
+    base = graph_time([lambda w=w, x=x: F.linear(x, w) for w, x in zip(weights, xs)]) * 1e6
+    del weights
+    rows = [f"| {shape} | - | cuBLAS bf16 | {base:.1f} | 1.00 | - | {n * k * 2 / 2**20:.1f} |"]
+    log(f"  {shape} residual binary: cuBLAS bf16 {base:.1f} us")
+    for terms in (1, 2):
+        spec = QuantSpec("residual_binary_quant", granularity="per_channel", binary_terms=terms)
+        codes, scale, _ = quantize_tensor(weight, spec)
+        module = ResidualBinaryLinear.from_quantized(codes, scale, spec).cuda()
+        words, scales = stack_terms(module)
+        count = copies(words.numel() * 4)
+        packs = [(words, scales)] + [(words.clone(), scales.clone()) for _ in range(count - 1)]
+        xs = [torch.randn(1, k, device="cuda") for _ in range(count)]
+        ref = module(xs[0]).double()
+        nbytes = words.numel() * 4 + scales.numel() * 4
+        for block_n, block_w, warps in CONFIGS:
+            call = functools.partial(residual_binary_gemv, block_n=block_n, block_w=block_w, num_warps=warps)
+            torch.full((n,), float("nan"), device="cuda")  # poison: the output reuses this freed block
+            error = relative_error(call(xs[0], words, scales), ref)
+            t = graph_time([lambda x=x, p=p: call(x, *p) for x, p in zip(xs, packs)]) * 1e6
+            rows.append(f"| {shape} | {terms} | Triton bitwise BLOCK_N={block_n} BLOCK_W={block_w} warps={warps} | "
+                        f"{t:.1f} | {base / t:.2f} | {error:.1e} | {nbytes / 2**20:.1f} |")
+            log(f"  {shape} residual binary k={terms} {(block_n, block_w, warps)}: {t:.1f} us, {base / t:.2f}x bf16, "
+                f"error {error:.1e}")
+        del packs
+    return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated in x out shapes")
     p.add_argument("--batches", default="1,16", help="comma-separated rows of x (batch x sequence)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated packed formats of the decode "
+                   f"rows and --check, of: {', '.join(VARIANTS)}")
     p.add_argument("--gemm_shapes", default="4096x4096,4096x11008", help="shapes also timed at --gemm_batch rows")
     p.add_argument("--gemm_batch", type=int, default=256, help="rows for the GEMM (prefill) rows")
+    p.add_argument("--gemm_variants", default=",".join(VARIANTS), help="packed formats of the prefill rows")
+    p.add_argument("--binary", default="", help="comma-separated shapes: residual binary (k = 1, 2) at batch 1")
     p.add_argument("--check", action="store_true", help="verify every kernel against the reference first")
     p.add_argument("--profile", default="", help="comma-separated shapes: time every candidate at one row, a "
                    "kernel breakdown and a loads-only kernel, instead of the table")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args()
+    variants, gemm_variants = ([v for v in value.split(",") if v] for value in (args.variants, args.gemm_variants))
+    unknown = [v for v in variants + gemm_variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r}; expected some of: {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")
@@ -283,33 +418,50 @@ def main():
         print(line, flush=True)
         lines.append(line)
 
-    log(f"# Packed kernels vs cuBLAS bf16: {gpu}, torch {torch.__version__}, triton {triton.__version__}")
-    if args.check and check(log):
+    log(f"# Packed kernels vs cuBLAS bf16 and tinygemm: {gpu}, torch {torch.__version__}, triton {triton.__version__}")
+    log("command: python bench/kernels.py " + " ".join(sys.argv[1:]))
+    if args.check and check(log, variants):
         sys.exit("kernels.py: error: a kernel disagrees with the dequantize reference (see FAIL lines)")
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
     if args.profile:
         for shape in args.profile.split(","):
-            profile(shape, bandwidth, log)
+            profile(shape, bandwidth, log, variants)
         out = args.out or os.path.join(results, f"kernels_profile_{short}.md")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
         return print(f"wrote {out}")
+    out = args.out or os.path.join(results, f"kernels_{short}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    result = []
+
+    def write():  # after every section: a run stopped at a time limit keeps what it measured
+        with open(out, "w") as f:
+            f.write("\n".join(lines + result) + "\n")
+
     rows = []
     for shape in filter(None, args.shapes.split(",")):
-        rows += bench_shape(shape, [int(b) for b in args.batches.split(",")], bandwidth, log)
+        rows += bench_shape(shape, [int(b) for b in args.batches.split(",")], bandwidth, log, variants)
+        write()
+    if rows:
+        result += ["", "## Decode (GEMV)", "", table(rows)]
     gemm_rows = []
     for shape in filter(None, args.gemm_shapes.split(",")):
-        gemm_rows += bench_shape(shape, [args.gemm_batch], bandwidth, log)
-    result = ["", "## Decode (GEMV)", "", table(rows)]
+        gemm_rows += bench_shape(shape, [args.gemm_batch], bandwidth, log, gemm_variants)
+        write()
     if gemm_rows:
         result += ["", f"## Prefill (GEMM, {args.gemm_batch} rows)", "", table(gemm_rows)]
-    log("\n".join(result))
-    out = args.out or os.path.join(results, f"kernels_{short}.md")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    binary_rows = []
+    for shape in filter(None, args.binary.split(",")):
+        binary_rows += bench_binary(shape, bandwidth, log)
+        write()
+    if binary_rows:
+        result += ["", "## Residual binary, batch 1 (per channel)", "",
+                   "| in x out | terms | path | time (us) | vs bf16 | error | weight MiB |",
+                   "|---|---:|---|---:|---:|---:|---:|"] + binary_rows
+    print("\n".join(result))
+    write()
     print(f"wrote {out}")
 
 

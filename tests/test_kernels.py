@@ -91,12 +91,12 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
     # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM at 16 rows,
-    # GEMV, GEMM split-K), 20 (GEMM, GEMM split-K)
+    # GEMV, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K)
     ran = {(r[6], r[8]) for r in rows}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
-                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "gemm split-K"), (20, "layer"), (20, "gemm"),
-                   (20, "gemm split-K")}, ran
-    assert len(rows) == 11 * len(SPECS)
+                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
+                   (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")}, ran
+    assert len(rows) == 13 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""
@@ -327,3 +327,19 @@ def test_the_gemm_copies_its_x_tiles_ahead():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 4 |")]
     assert len(rows) >= 5 and all(int(r[3]) >= 4 and int(r[4]) == 0 for r in rows), rows
+
+
+def test_tinygemm_is_skipped_with_its_reason_and_the_decode_run_goes_on(tmp_path):
+    """bench/decode.py's tinygemm peer on a machine it cannot run on: one row saying why, the other rows kept."""
+    from bench import decode
+    from conftest import run_main
+    from quantization.kernels.tinygemm import tinygemm_refusal
+    assert "CUDA only" in tinygemm_refusal("cpu", 4, 128, 768, 768)
+    out = tmp_path / "decode.md"
+    assert run_main(decode.main, "--shapes=tiny", "--device=cpu", "--modes=eager", "--new_tokens=2",
+                    "--vocab_size=256", "--block_size=64", "--batches=1", "--formats=W4,tinygemm,bf16",
+                    f"--out={out}") is None
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    assert [r[1].strip() for r in rows] == ["bf16", "tinygemm", "W4"]  # the ratios' bases first
+    assert rows[1][4].strip().startswith("skipped: tinygemm runs on CUDA only"), rows[1]
+    assert float(rows[2][4].replace(",", "")) > 0 and rows[2][6].strip() == "-"

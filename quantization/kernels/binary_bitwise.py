@@ -1,7 +1,13 @@
 """Triton GEMV of residual binary weights: y = sum over terms t of the one-bit product x @ (scale_t * B_t)^T, all
 terms in one kernel, straight from the sign bits packed 32 to an int32 (quantization/binary_linear.py's layout).
-For each output row and each run of input columns it loads the packed words, cuts the bits out with shift-and-mask,
-sums x over the set bits and uses x @ B^T = 2 * (sum of x over the set bits) - sum(x). No float weight exists.
+x @ B^T = 2 * (sum of x over the set bits) - sum(x). No float weight exists.
+
+Each step loads a (terms, BLOCK_N rows, BLOCK_W words) tile, coalesced along the words, and walks the 32 bits of
+its words in a static loop: bit j, masked where it lies in the low 16 bits of a word (the high 16 are shifted down
+once), is read as a float32, the subnormal 2**(j - 149), and multiplied in one FMA by x scaled by 2**(64 - j),
+one value per word column shared by every term and row: x * 2**-85 where the bit is set, exactly, as in the packed
+one-row kernel (triton_kernels._stream_gemv_kernel). So a bit costs an AND and an FMA; the sum is scaled back by
+2**85 per step.
 
 The PyTorch path, binary_linear.binary_matmul, is its reference. Runs on the CPU with TRITON_INTERPRET=1.
 
@@ -12,32 +18,51 @@ import triton
 import triton.language as tl
 
 WORD_BITS = 32
+# (BLOCK_N output rows, BLOCK_W words of 32 inputs, num_warps): bench/kernels.py --binary times them all and uses
+# the fastest; residual_binary_gemv's default is the first
+CONFIGS = [(16, 32, 4), (32, 32, 4), (8, 32, 2), (16, 32, 2), (64, 32, 8), (16, 64, 4)]
+XSCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
+BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
 
 
-@triton.jit
+# word_stride (1) is not specialized: not knowing the words contiguous, Triton gives each thread one word column
+# (a warp still loads 32 neighbouring words) and several rows and terms, which then share each value of x it loads;
+# with 16-byte vectors a thread held four columns and loaded four values of x per bit
+@triton.jit(do_not_specialize=["word_stride"])
 def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_words, n_groups, words_per_group,
-                                 TERMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                                 word_stride, TERMS: tl.constexpr, TERMS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_W: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_out
-    shifts = tl.arange(0, 32)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    terms = tl.arange(0, TERMS_P2)
+    row_ok = (terms < TERMS)[:, None] & (rows < n_out)[None, :]  # (terms, rows)
+    acc = tl.zeros((TERMS_P2, BLOCK_N), dtype=tl.float32)
     for w0 in range(0, n_words, BLOCK_W):
         cols = w0 + tl.arange(0, BLOCK_W)  # word columns
         col_ok = cols < n_words
-        x = tl.load(x_ptr + cols[:, None] * 32 + shifts[None, :], mask=col_ok[:, None], other=0.0).to(tl.float32)
-        x_sum = tl.sum(tl.sum(x, axis=1), axis=0)
-        group = w0 // words_per_group  # a block never straddles two scale groups (the wrapper sees to it)
-        for t in tl.static_range(TERMS):
-            words = tl.load(words_ptr + (t * n_out + rows[:, None]) * n_words + cols[None, :],
-                            mask=row_ok[:, None] & col_ok[None, :], other=0)
-            bits = (words[:, :, None] >> shifts[None, None, :]) & 1  # (BLOCK_N, BLOCK_W, 32)
-            set_sum = tl.sum(tl.sum(tl.where(bits != 0, x[None, :, :], 0.0), axis=2), axis=1)
-            scale = tl.load(scale_ptr + (t * n_out + rows) * n_groups + group, mask=row_ok, other=0.0)
-            acc += scale * (2.0 * set_sum - x_sum)
-    tl.store(y_ptr + rows, acc, mask=row_ok)
+        x_cols = x_ptr + cols * 32
+        x_sum = tl.sum(tl.load(x_cols[:, None] + tl.arange(0, 32)[None, :], mask=col_ok[:, None],
+                               other=0.0).to(tl.float32))
+        words = tl.load(words_ptr + ((terms[:, None] * n_out + rows[None, :]) * n_words)[:, :, None]
+                        + (cols * word_stride)[None, None, :], mask=row_ok[:, :, None] & col_ok[None, None, :], other=0)
+        low = words
+        high = (words >> 16) & 0xFFFF
+        part = tl.zeros((TERMS_P2, BLOCK_N, BLOCK_W), dtype=tl.float32)  # sum of x over set bits, times 2**-85
+        for j in tl.static_range(16):
+            x_low = tl.load(x_cols + j, mask=col_ok, other=0.0).to(tl.float32) * (XSCALE / (1 << j))
+            x_high = tl.load(x_cols + 16 + j, mask=col_ok, other=0.0).to(tl.float32) * (XSCALE / (1 << j))
+            part += x_low[None, None, :] * (low & (1 << j)).to(tl.float32, bitcast=True)
+            part += x_high[None, None, :] * (high & (1 << j)).to(tl.float32, bitcast=True)
+        set_sum = tl.sum(part, axis=2) * BACK
+        group = w0 // words_per_group  # a step never straddles two scale groups (the wrapper sees to it)
+        scale = tl.load(scale_ptr + (terms[:, None] * n_out + rows[None, :]) * n_groups + group, mask=row_ok,
+                        other=0.0)
+        acc += scale * (2.0 * set_sum - x_sum)
+    rows_ok = rows < n_out
+    tl.store(y_ptr + rows, tl.sum(acc, axis=0), mask=rows_ok)
 
 
-def residual_binary_gemv(x, words, scales, block_n=16, block_w=4, num_warps=4):
+def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIGS[0][1],
+                         num_warps=CONFIGS[0][2]):
     """x (in,) or (1, in); words (terms, out, in/32) int32; scales (terms, out, groups) float32 -> y (out,) float32
     (or (1, out) for a (1, in) input)."""
     terms, n_out, n_words = words.shape
@@ -50,12 +75,14 @@ def residual_binary_gemv(x, words, scales, block_n=16, block_w=4, num_warps=4):
     if n_words % n_groups:
         raise ValueError(f"{n_groups} scale groups do not split {n_words} words evenly (groups must be multiples of 32)")
     words_per_group = n_words // n_groups
-    while words_per_group % block_w and n_groups > 1:  # keep each block inside one scale group
+    while words_per_group % block_w and n_groups > 1:  # keep each step inside one scale group
         block_w //= 2
+    block_w = max(1, min(block_w, triton.next_power_of_2(n_words)))
     y = torch.empty(n_out, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n_out, block_n),)
     _residual_binary_gemv_kernel[grid](x.contiguous().reshape(-1), words.contiguous(), scales.float().contiguous(), y,
-                                       n_out, n_words, n_groups, words_per_group, TERMS=terms, BLOCK_N=block_n,
+                                       n_out, n_words, n_groups, words_per_group, 1, TERMS=terms,
+                                       TERMS_P2=triton.next_power_of_2(terms), BLOCK_N=block_n,
                                        BLOCK_W=block_w, num_warps=num_warps)
     return y.reshape(*x.shape[:-1], n_out)
 

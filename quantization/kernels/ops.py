@@ -1,5 +1,6 @@
 """Launching the packed kernels: which kernel, which config (the fastest of a small set, timed once per shape
-on the first call), split-K, and a torch custom op so that torch.compile sees one opaque call per layer.
+on the first call, as a CUDA graph of back-to-back calls over copies of the weights: the time a decode step or a
+benchmark sees), split-K, and a torch custom op so that torch.compile sees one opaque call per layer.
 
     matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters) -> y
     (the custom op packed_matmul under torch.compile, a plain call in eager mode)
@@ -25,17 +26,29 @@ KERNEL_BITS = (1, 2, 3, 4, 8)
 # 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
 GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
-# no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0))
-STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1)]
+# no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)). The last
+# four are for small layers (weights in L2, a few microseconds): narrow column tiles give many programs without
+# split-K, whose hand-off (store, counter, reload) is a second round trip through memory
+STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
+                  (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
+                  (32, 4, 4, 1, 1)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
-# split)); BLOCK_K shrinks to divide the group size
-GEMM_CONFIGS = [(64, 128, 64, 4, 3, 0), (128, 128, 64, 8, 3, 0), (64, 64, 128, 4, 4, 0), (64, 128, 64, 4, 3, 2)]
+# split)); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is dequantized
+# once per BLOCK_M rows of x
+GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0), (64, 128, 64, 4, 3, 0), (128, 64, 64, 4, 3, 0), (256, 128, 64, 8, 3, 0),
+                (128, 128, 128, 8, 2, 0), (64, 64, 128, 4, 4, 0)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
 SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 64, 4, 3, 4), (16, 64, 128, 4, 4, 8), (16, 128, 128, 4, 3, 2),
                       (16, 64, 128, 4, 3, 0)]
+# the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps) of the dequantize
+DEQUANT_CONFIGS = [(32, 256, 4)]
+TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
+TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
 last_choice = {}  # the kernel and config of the latest timed call (bench/kernels.py prints it)
 _said = set()   # fallback messages already printed
+_scratch = {}   # (device, dtype) -> the dequantized-weight buffer that every dequant_mm call reuses
+_retired = []   # smaller scratch buffers a captured CUDA graph may still write: kept, never freed
 
 
 def interpreting():
@@ -153,6 +166,32 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return y
 
 
+def scratch(numel, device, dtype):
+    """A buffer of at least numel elements shared by every layer's dequant_mm (calls on one stream run one after
+    another); grown outside CUDA graph captures only (run() tunes before any capture sees the shape)."""
+    buffer = _scratch.get((device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        if buffer is not None:
+            _retired.append(buffer)
+        buffer = _scratch[device, dtype] = torch.empty(numel, device=device, dtype=dtype)
+    return buffer[:numel]
+
+
+def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
+    dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
+    block_k, block_n, warps = config
+    m, k = x.shape
+    n = qweight.shape[1]
+    w = scratch(k * n, x.device, x.dtype).view(k, n)
+    triton_kernels._dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
+    if bias is None:
+        return torch.mm(x, w)
+    return torch.addmm(bias.to(x.dtype), x, w)
+
+
 def _fit_k(block_k, group_size):
     """BLOCK_K shrunk to divide the group size, so that a K tile has one scale per output column."""
     return math.gcd(block_k, group_size) if group_size else block_k
@@ -161,13 +200,13 @@ def _fit_k(block_k, group_size):
 def candidates(m, group_size):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed)."""
-    gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in GEMM_CONFIGS]
+    dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
     if m == 1:
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
     if m <= GEMV_MAX_ROWS:
         return ([(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in SMALL_GEMM_CONFIGS]
-                + [(gemv, c) for c in GEMV_CONFIGS])
-    return gemms
+                + [(gemv, c) for c in GEMV_CONFIGS] + dequants)
+    return [(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in GEMM_CONFIGS] + dequants
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
@@ -195,16 +234,47 @@ def bind(kernel, counters):
 
 
 def _fastest(args, pairs, counters=None):
+    """The first (kernel, config) within TIE of the fastest, each timed as the median replay of a CUDA graph of
+    back-to-back calls over copies of the layer's weights (enough copies to be twice the L2 cache, or TUNE_COPIES):
+    weights from memory and no launch gaps, as in a graph-captured decode step and in bench/kernels.py. An isolated
+    call's time (what this chose by before) includes a launch and ranked configs differently from run to run."""
     times = {}
     for kernel, config in pairs:
-        call = bind(kernel, counters)
         try:
-            times[kernel, config] = triton.testing.do_bench(lambda: call(*args, config), warmup=5, rep=20,
-                                                            return_mode="median")
+            times[kernel, config] = graph_time(args, bind(kernel, counters), config)
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
             if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
                 raise
-    return min(times, key=times.get)
+    best = min(times.values())
+    return next(pair for pair in times if times[pair] <= best * (1 + TIE))
+
+
+def weight_copies(args):
+    """Copies of (qweight, scale, zero) of a call's arguments, the first the layer's own: together at least twice
+    the L2 cache (at most TUNE_COPIES)."""
+    x, qweight, scale, zero = args[:4]
+    tensors = (qweight, scale, zero)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
+    count = max(2, min(TUNE_COPIES, -(-2 * l2 // nbytes)))
+    return [tensors] + [tuple(None if t is None else t.clone() for t in tensors) for _ in range(count - 1)]
+
+
+def graph_time(args, call, config, copies=None):
+    """Milliseconds per call of call(*args, config): the median replay of one CUDA graph of a call on each copy
+    of the weights (weight_copies), over the number of copies."""
+    copies = copies or weight_copies(args)
+    calls = [functools.partial(call, args[0], *weights, *args[4:], config) for weights in copies]
+    for c in calls:  # compiles, and grows the dequant scratch, before the capture
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+    del graph
+    return ms / len(calls)
 
 
 def _packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],

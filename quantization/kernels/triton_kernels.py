@@ -1,16 +1,18 @@
 """Triton kernels for y = x @ dequant(W)^T (+ bias), read straight from the packed codes of layout.py.
 
-Three kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
+Four kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
 - `_stream_gemv_kernel` for one row of x: each step loads the words of a few blocks x BLOCK_N outputs and walks
   their fields in a static loop, one broadcast value of x per field, into a 2-D accumulator that is summed once
   at the end (two instructions per code); split-K over a second grid axis, the last program of a column tile
   adding the partials (one launch);
 - `_gemv_kernel` for 2 to 16 rows of x: CUDA cores, a static loop over the 32 codes of each block, split-K with
   fp32 atomics (ops.py times it against the GEMM with 16-row tiles and keeps the faster per shape);
-- `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each K tile of codes
-  is unpacked to a (BLOCK_K, BLOCK_N) tile of exact small integers (code - zero) in the activation dtype,
-  multiplied on the tensor cores, and the product scaled per output column; a tile never straddles a group.
-  Split-K as in the one-row kernel, for problems of few tiles (decode at batch 2 to 16).
+- `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each element of a
+  (BLOCK_K, BLOCK_N) tile loads the word that holds its code and shifts it out (no reshape), the tile is
+  dequantized to (code - zero) * scale in the activation dtype and accumulated in place on the tensor cores; a
+  tile never straddles a group. Split-K as in the one-row kernel, for problems of few tiles (decode at batch 2 to
+  16);
+- `_dequant_kernel`: the whole weight into a bf16 (K, N) scratch, for prefill through cuBLAS (ops.dequant_mm).
 All accumulate in float32. In the one-row kernel a code becomes a float with one AND: the field, masked where it
 lies, read as a subnormal float32 (see `_sub`). The others use the 2**23 trick (OR the field into the mantissa of
 2**23, subtract 2**23). Both are exact, and cheaper than an integer-to-float conversion, which runs at a quarter of
@@ -281,11 +283,42 @@ def _x_at(x_ptrs, i: tl.constexpr, mask_b, offs_b, K, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr):
-    """int32 words (R, BLOCK_N) of BITS-bit fields -> (R * 32 / BITS, BLOCK_N) codes, in order along K."""
-    per_word: tl.constexpr = 32 // BITS
-    fields = (words[:, None, :] >> (tl.arange(0, per_word) * BITS)[None, :, None]) & ((1 << BITS) - 1)
-    return tl.reshape(fields, (words.shape[0] * per_word, words.shape[1]))
+def _codes_along_k(w_ptr, offs_k, offs_n, mask_n, N, num_blocks, BITS: tl.constexpr):
+    """The codes (len(offs_k), len(offs_n)) at inputs offs_k and outputs offs_n, as int32: each element loads the
+    word that holds its code (a word is loaded once per code it holds, the repeats from L1) and shifts it out. No
+    reshape: the tile comes out in the layout of its loads. Past the padded K: code 0."""
+    mask = (offs_k < num_blocks * BLOCK)[:, None] & mask_n[None, :]
+    if BITS == 3:  # low two bits in word (k % 32) // 16 of the block, high bit in its word 2
+        base = (offs_k // BLOCK) * 3
+        low = tl.load(w_ptr + (base + (offs_k % BLOCK) // 16)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        high = tl.load(w_ptr + (base + 2)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        return ((low >> ((offs_k % 16) * 2)[:, None]) & 3) | (((high >> (offs_k % BLOCK)[:, None]) & 1) << 2)
+    else:
+        per_word: tl.constexpr = 32 // BITS
+        words = tl.load(w_ptr + (offs_k // per_word)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        return (words >> ((offs_k % per_word) * BITS)[:, None]) & ((1 << BITS) - 1)
+
+
+@triton.jit(do_not_specialize=["K", "stride_wk"])
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_group,
+                    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """The whole weight, transposed, (K, N) in out's dtype: (code - zero) * scale. For prefill through cuBLAS
+    (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM."""
+    pid_k, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    codes = _codes_along_k(w_ptr, offs_k, offs_n, mask_n, N, tl.cdiv(K, BLOCK), BITS)
+    group = (offs_k // BLOCK) // blocks_per_group
+    mask = (offs_k < K)[:, None] & mask_n[None, :]
+    scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    if HAS_ZERO:
+        zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
+        w = (_as_float(codes) - zero) * scale
+    else:
+        w = (_as_float(codes) - ZERO) * scale
+    tl.store(out_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # K and the row stride of x keep their divisibility-by-16 specialization here: with it the x tiles are known to be
@@ -305,7 +338,6 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    blocks: tl.constexpr = BLOCK_K // BLOCK
     num_blocks = tl.cdiv(K, BLOCK)
     k_first = pid_k * blocks_per_split * BLOCK
     k_last = tl.minimum(k_first + blocks_per_split * BLOCK, K)
@@ -314,29 +346,17 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        offs_b = k0 // BLOCK + tl.arange(0, blocks)
-        mask_b = offs_b < num_blocks
-        if BITS == 3:
-            low_rows = tl.reshape((offs_b * 3)[:, None] + tl.arange(0, 2)[None, :], (2 * blocks,))
-            low = tl.load(w_ptr + low_rows[:, None] * N + offs_n[None, :],
-                          mask=(low_rows < num_blocks * 3)[:, None] & mask_n[None, :], other=0)
-            high = tl.load(w_ptr + (offs_b * 3 + 2)[:, None] * N + offs_n[None, :],
-                           mask=mask_b[:, None] & mask_n[None, :], other=0)
-            codes = _unpack(low, 2) | (_unpack(high, 1) << 2)
-        else:
-            rows = k0 // (32 // BITS) + tl.arange(0, BLOCK_K // (32 // BITS))
-            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :],
-                            mask=(rows < num_blocks * BITS)[:, None] & mask_n[None, :], other=0)
-            codes = _unpack(words, BITS)
+        codes = _codes_along_k(w_ptr, offs_k, offs_n, mask_n, N, num_blocks, BITS)
         group = (k0 // BLOCK) // blocks_per_group  # BLOCK_K divides the group size: one group per tile
         scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
         if HAS_ZERO:
             zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            w = _as_float(codes) - zero[None, :]
+            w = (_as_float(codes) - zero[None, :]) * scale[None, :]
         else:
-            w = _as_float(codes) - ZERO
-        # code - zero is a small integer (or +-1/2): exact in bf16 and fp16, so only the product rounds
-        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION) * scale[None, :]
+            w = (_as_float(codes) - ZERO) * scale[None, :]
+        # the dequantized weight in the activation dtype (bf16 rounds it as a bf16 weight would be), accumulated
+        # in place on the tensor cores: no product to scale and add per K tile
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask_y = mask_m[:, None] & mask_n[None, :]
     if SPLIT:
