@@ -20,9 +20,9 @@ try:
 except ImportError:  # no Triton: every PackedLinear takes the dequantize path
     triton = triton_kernels = None
 
-BLOCK = 32
+from quantization.kernels.layout import BLOCK, KERNEL_BITS  # noqa: E402 (the one definition of both)
+
 GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV kernel, else the GEMM kernel
-KERNEL_BITS = (1, 2, 3, 4, 8)
 # 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
 GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:

@@ -21,7 +21,9 @@ the rate.
 import triton
 import triton.language as tl
 
-BLOCK = tl.constexpr(32)  # a global a kernel reads must be a constexpr (Triton 3.6)
+from quantization.kernels import layout
+
+BLOCK = tl.constexpr(layout.BLOCK)  # a global a kernel reads must be a constexpr (Triton 3.6)
 # sizes that change from call to call: one compiled kernel for all their values (N keeps its divisibility
 # specialization, which lets the word loads along N be vectorized)
 _VARYING = ["M", "K", "stride_xm", "stride_ym", "blocks_per_group", "blocks_per_split"]
