@@ -141,7 +141,7 @@ def test_packed_grid_that_must_be_requantized_exports(bpe_data, tmp_path):
     """A packed PTQ checkpoint whose grid no block type holds (RTN affine 4-bit, groups of 16) exports with
     --type=auto and --type=q8_0 (re-quantized, said so), and --no-requantize refuses it in one line: no traceback
     from the packed weights' gradient."""
-    from inference import load_checkpoint
+    from inference import from_checkpoint, load_checkpoint
     from quantization.packing import packed_checkpoint
     from quantization.rtn import rtn_quantize, weight_spec
     fp = make_checkpoint(tmp_path / "fp")
