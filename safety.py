@@ -10,6 +10,7 @@ import argparse
 import glob
 import math
 import os
+import tempfile
 import re
 import time
 
@@ -74,6 +75,22 @@ def check_output_dir(folder, results, sources=(), source_dirs=(), overwrite=Fals
                              f"it would be replaced")
     for name in results:
         check_output_file(os.path.join(folder, name), sources, overwrite, overwrite_flag)
+
+
+def write_text_atomic(path, text):
+    """Write a text result (a table, JSON rows) whole: a temp file beside it, then a rename; a kill leaves the old
+    file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".result-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def finite_float(text):

@@ -49,35 +49,35 @@ done
 wait $PID_BABY && stamp "baby GPT trained: $(grep 'step ' "$L/train_baby.log" | tail -1)"
 PTQ="--out_dir=out-i9-baby --device=$DEVICE --progress=False $AR"
 GRID="$PTQ --group_sizes=128,0 --outlier_fractions=$FRACTIONS"
-python demos/ptq_compare.py $GRID --bit_widths=4,3,2 --methods=rtn,awq --json=$R/outliers_baby_rtn_awq.json \
+python demos/ptq_compare.py $GRID --bit_widths=4,3,2 --methods=rtn,awq --overwrite --json=$R/outliers_baby_rtn_awq.json \
     > "$R/outliers_baby_rtn_awq.md" 2> "$L/baby_rtn_awq.err" &
 for bits in 4 3 2; do
-    python demos/ptq_compare.py $GRID --bit_widths=$bits --methods=rtn,gptq --json=$R/outliers_baby_gptq_w$bits.json \
+    python demos/ptq_compare.py $GRID --bit_widths=$bits --methods=rtn,gptq --overwrite --json=$R/outliers_baby_gptq_w$bits.json \
         > "$R/outliers_baby_gptq_w$bits.md" 2> "$L/baby_gptq_w$bits.err" &
     python demos/ptq_compare.py $GRID --bit_widths=$bits --methods=rtn,autoround \
-        --json=$R/outliers_baby_autoround_w$bits.json > "$R/outliers_baby_autoround_w$bits.md" \
+        --overwrite --json=$R/outliers_baby_autoround_w$bits.json > "$R/outliers_baby_autoround_w$bits.md" \
         2> "$L/baby_autoround_w$bits.err" &
 done
 python demos/ptq_compare.py $PTQ --bit_widths=3 --group_size=0 --outlier_fraction=0.005 --outlier_criterion=sensitivity \
-    --methods=rtn,gptq,autoround --json=$R/outliers_baby_sensitivity.json > "$R/outliers_baby_sensitivity.md" \
+    --methods=rtn,gptq,autoround --overwrite --json=$R/outliers_baby_sensitivity.json > "$R/outliers_baby_sensitivity.md" \
     2> "$L/baby_sensitivity.err" &
 python demos/smoothquant_w8a8.py --out_dir=out-i9-baby --device=$DEVICE --alphas=0.5,0.8 \
-    --json=$R/smoothquant_baby.json > "$R/smoothquant_baby.md" 2> "$L/smoothquant_baby.err" &
+    --overwrite --json=$R/smoothquant_baby.json > "$R/smoothquant_baby.md" 2> "$L/smoothquant_baby.err" &
 
 wait $PID_BPE && stamp "BPE model trained: $(grep 'step ' "$L/train_bpe.log" | tail -1)"
 PTQ2="--out_dir=out-i9-bpe --device=$DEVICE --progress=False $AR"
 python demos/ptq_compare.py $PTQ2 --bit_widths=3 --group_sizes=0 --outlier_fractions=$FRACTIONS \
-    --methods=rtn,gptq,autoround,awq --json=$R/outliers_bpe_w3.json > "$R/outliers_bpe_w3.md" 2> "$L/bpe_w3.err" &
+    --methods=rtn,gptq,autoround,awq --overwrite --json=$R/outliers_bpe_w3.json > "$R/outliers_bpe_w3.md" 2> "$L/bpe_w3.err" &
 python demos/ptq_compare.py $PTQ2 --bit_widths=4,3 --group_sizes=128 --methods=rtn,awq \
-    --json=$R/outliers_bpe_awq_g128.json > "$R/outliers_bpe_awq_g128.md" 2> "$L/bpe_awq.err" &
+    --overwrite --json=$R/outliers_bpe_awq_g128.json > "$R/outliers_bpe_awq_g128.md" 2> "$L/bpe_awq.err" &
 python demos/ptq_compare.py $PTQ2 --bit_widths=3 --group_size=0 --outlier_fraction=0.005 --outlier_criterion=sensitivity \
-    --methods=rtn,gptq --json=$R/outliers_bpe_sensitivity.json > "$R/outliers_bpe_sensitivity.md" \
+    --methods=rtn,gptq --overwrite --json=$R/outliers_bpe_sensitivity.json > "$R/outliers_bpe_sensitivity.md" \
     2> "$L/bpe_sensitivity.err" &
 python demos/smoothquant_w8a8.py --out_dir=out-i9-bpe --device=$DEVICE --alphas=0.5,0.8 \
-    --json=$R/smoothquant_bpe.json > "$R/smoothquant_bpe.md" 2> "$L/smoothquant_bpe.err" &
+    --overwrite --json=$R/smoothquant_bpe.json > "$R/smoothquant_bpe.md" 2> "$L/smoothquant_bpe.err" &
 wait
 stamp "PTQ and QAT done"
-python demos/qat_outliers_table.py --runs=${QAT_RUNS#,} --device=$DEVICE --json=$R/qat_outliers_baby.json \
+python demos/qat_outliers_table.py --runs=${QAT_RUNS#,} --device=$DEVICE --overwrite --json=$R/qat_outliers_baby.json \
     > "$R/qat_outliers_baby.md" 2> "$L/qat_table.err"
 for f in "$R"/outliers_*.md "$R"/smoothquant_*.md "$R"/qat_outliers_baby.md; do
     echo "== $f"; grep '^|' "$f" || tail -3 "$f"

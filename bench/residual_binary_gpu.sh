@@ -13,11 +13,11 @@ R=bench/results
 python bench/residual_binary_kernels.py --device=cuda --terms 1 2 | tee $R/residual_binary_kernels_gpu.md
 python bench/residual_binary_kernels.py --device=cpu --terms 1 2 --threads=1 | tee $R/residual_binary_kernels_cpu.md
 python demos/residual_binary.py --config=configs/baby_gpt.toml --device=cuda --out_root=out-rb-baby \
-    --json=$R/residual_binary_baby_gpt.json -- --max_iters=$BABY_ITERS --lr_decay_iters=$BABY_ITERS \
+    --overwrite --json=$R/residual_binary_baby_gpt.json -- --max_iters=$BABY_ITERS --lr_decay_iters=$BABY_ITERS \
     --eval_interval=$BABY_ITERS --eval_iters=100 --log_interval=100 > $R/residual_binary_baby_gpt.md 2>&1 &
 BABY=$!
 python demos/residual_binary.py --config=configs/cpu_char.toml --device=cuda --out_root=out-rb-cpu \
-    --json=$R/residual_binary_cpu_model.json -- --dtype=float32 > $R/residual_binary_cpu_model.md 2>&1 &
+    --overwrite --json=$R/residual_binary_cpu_model.json -- --dtype=float32 > $R/residual_binary_cpu_model.md 2>&1 &
 CPU=$!
 wait $CPU; cat $R/residual_binary_cpu_model.md
 wait $BABY; cat $R/residual_binary_baby_gpt.md

@@ -15,6 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from safety import check_output_file, write_text_atomic  # noqa: E402
+
 QAT = ["--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear"]
 ACT = ["--quantize_attn_act", "--quantize_mlp_act"]
 
@@ -56,12 +61,17 @@ def run(name, flags, out_root, extra):
     return evals[-1]
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="weights", choices=SUITES, help="which settings to compare")
     p.add_argument("--out_root", default="out-compare", help="one checkpoint folder per setting under this")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
-    args, extra = p.parse_known_args()
+    p.add_argument("--overwrite", action="store_true", help="replace an existing <out_root>/<suite>.md")
+    args, extra = p.parse_known_args(argv)
+    try:
+        check_output_file(os.path.join(args.out_root, f"{args.suite}.md"), overwrite=args.overwrite)
+    except ValueError as e:
+        sys.exit(f"compare_methods.py: error: --out_root={args.out_root}: {e}")
     extra = [e for e in extra if e != "--"]
     suite = SUITES[args.suite]
     print(f"training {len(suite)} models ({args.suite}) with train.py defaults {' '.join(extra)}")
@@ -73,8 +83,7 @@ def main():
         lines.append(f"| {name} | {r['iter']} | {r['val_loss']:.4f} | {100 * (r['val_loss'] / base - 1):+.1f}% |")
     table = "\n".join(lines)
     print("\n" + table)
-    with open(os.path.join(args.out_root, f"{args.suite}.md"), "w") as f:
-        f.write(table + "\n")
+    write_text_atomic(os.path.join(args.out_root, f"{args.suite}.md"), table + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from inference import load_checkpoint  # noqa: E402
 from quantization.gguf_export import checkpoint_weights, export  # noqa: E402
 from quantization.perplexity import split_tokens  # noqa: E402
 from tokenizer import Tokenizer, load_meta  # noqa: E402
+from safety import check_output_file, write_text_atomic  # noqa: E402
 
 # the model: 256 wide so that every linear's input width is a multiple of TQ2_0's 256-value blocks
 MODEL = ["--dataset=shakespeare", "--n_layer=2", "--n_head=4", "--n_embd=256", "--block_size=96", "--batch_size=4",
@@ -125,7 +126,12 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default=os.path.join(ROOT, "bench", "results", "gguf_llamacpp.md"))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --results file")
     args = p.parse_args(argv)
+    try:
+        check_output_file(args.results, overwrite=args.overwrite)
+    except ValueError as e:
+        sys.exit(f"gguf_llamacpp.py: error: --results={args.results}: {e}")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     dirs = build_models(args.work, args.fp_iters, args.qat_iters, args.autoround_iters)
@@ -186,9 +192,7 @@ def main(argv=None):
               "grid (0 when the scales are fp16, as --quantize_linear_fp16_scale trains them)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results, "w") as f:
-        f.write(text)
+    write_text_atomic(args.results, text)
 
 
 if __name__ == "__main__":

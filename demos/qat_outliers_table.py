@@ -19,6 +19,7 @@ from model import GPT, GPTConfig  # noqa: E402
 from quantization.layers import QuantizedLinear  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.quantizers import outlier_count, storage_bits  # noqa: E402
+from safety import check_output_file, write_text_atomic  # noqa: E402
 
 
 def model_bits(model):
@@ -40,10 +41,17 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
+    runs = [r for r in args.runs.split(",") if r]
+    if args.json:
+        try:
+            check_output_file(args.json, runs + [os.path.join(r, "ckpt.pt") for r in runs], args.overwrite)
+        except ValueError as e:
+            sys.exit(f"{p.prog}: error: --json={args.json}: {e}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for out_dir in [r for r in args.runs.split(",") if r]:
+    for out_dir in runs:
         try:
             checkpoint = load_checkpoint(out_dir, device)
         except (FileNotFoundError, ValueError) as e:
@@ -67,8 +75,7 @@ def main(argv=None):
         print(f"| {r['run']} | {r['method']} | {100 * r['outlier_fraction']:g}% | {r['bits_per_weight']:.3f} | "
               f"{r['iters']} | {r['loss']:.4f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
     return rows
 
 

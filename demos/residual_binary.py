@@ -25,6 +25,7 @@ from configurator import model_quant_config, parse_args  # noqa: E402
 from model import LINEAR_SITES  # noqa: E402
 from quantization.binary_linear import exported_graph  # noqa: E402
 from quantization.quantizers import QuantSpec, code_bits, code_range  # noqa: E402
+from safety import check_output_file, write_text_atomic  # noqa: E402
 
 QAT = ["--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear"]
 SETTINGS = {
@@ -100,21 +101,27 @@ def table(results, bits):
     return "\n".join(lines), closed
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/cpu_char.toml", help="train.py preset every run starts from")
     p.add_argument("--device", default="cpu", help="device of every run")
     p.add_argument("--out_root", default="out-residual-binary", help="one checkpoint folder per setting under this")
     p.add_argument("--jobs", type=int, default=5, help="runs in parallel")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--print_graph", action="store_true", help="print the exported graph of a bitwise layer and exit")
-    args, extra = p.parse_known_args()
+    args, extra = p.parse_known_args(argv)
     if args.print_graph:
         print(exported_graph().replace(ROOT + os.sep, ""))
         return
     extra = [e for e in extra if e != "--"]
     if not os.path.isfile(args.config):
         sys.exit(f"residual_binary.py: error: --config={args.config}: no such file")
+    if args.json:
+        try:
+            check_output_file(args.json, [args.config], args.overwrite)
+        except ValueError as e:
+            sys.exit(f"residual_binary.py: error: --json={args.json}: {e}")
     base = [f"--config={args.config}", f"--device={args.device}", *extra]
     bits = {name: storage_bits(base + flags) for name, flags in SETTINGS.items()}
     print(f"training {len(SETTINGS)} models: {' '.join(base)}", flush=True)
@@ -124,8 +131,8 @@ def main():
     text, closed = table(results, bits)
     print("\n" + text)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"flags": base, "results": results, "bits_per_weight": bits, "gap_closed": closed}, f, indent=1)
+        write_text_atomic(args.json, json.dumps({"flags": base, "results": results, "bits_per_weight": bits,
+                                                 "gap_closed": closed}, indent=1))
 
 
 if __name__ == "__main__":

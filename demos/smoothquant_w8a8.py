@@ -28,6 +28,7 @@ from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.quantizers import QuantSpec  # noqa: E402
 from quantization.rtn import bits_per_weight, rtn_quantize, weight_spec  # noqa: E402
 from quantization.smoothquant import check_alpha, smooth_model  # noqa: E402
+from safety import check_output_file, write_text_atomic  # noqa: E402
 
 # the activation sites that are a linear layer's input
 LINEAR_INPUT_SITES = ("attn_input", "attn_pv_mult_output", "mlp_input", "mlp_activation_output")
@@ -55,6 +56,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--seed", type=int, default=0, help="calibration draw")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     try:
@@ -70,6 +72,11 @@ def main(argv=None):
         QuantSpec(bits=args.bits)
     except ValueError as e:
         sys.exit(f"{error} --{e}")
+    if args.json:
+        try:
+            check_output_file(args.json, [os.path.join(args.out_dir, "ckpt.pt"), args.out_dir], args.overwrite)
+        except ValueError as e:
+            sys.exit(f"{error} --json={args.json}: {e}")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         checkpoint = load_checkpoint(args.out_dir, device)
@@ -112,8 +119,7 @@ def main(argv=None):
         print(f"| {r['setting']} | {r['granularity']} | {alpha} | {r['bits_per_weight']:.3f} | {r['loss']:.4f} | "
               f"{r['loss'] - fp:+.4f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_text_atomic(args.json, json.dumps(rows, indent=1))
     return rows
 
 

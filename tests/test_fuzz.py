@@ -827,3 +827,31 @@ def test_wandb_without_a_key_logs_offline(char_data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "logging offline" in result.stdout
     assert os.path.isdir(tmp_path / "wandb")
+
+
+def test_report_tables_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, capsys):
+    """The demos that write a table or JSON rows (smoothquant_w8a8, qat_outliers_table, compare_methods,
+    residual_binary, gguf_llamacpp) keep the rule of every tool: never onto an input (through a symlink too), never
+    over an earlier result without --overwrite; refused before any work, nothing written."""
+    cases = Cases(capsys, tiny_ckpt)
+    ckpt = os.path.join(tiny_ckpt, "ckpt.pt")
+    link = tmp_path / "link.json"
+    os.symlink(ckpt, link)
+    earlier = tmp_path / "earlier"
+    os.makedirs(earlier)
+    for name in ("rows.json", "weights.md", "table.md"):
+        (earlier / name).write_text("earlier work")
+    watch = snapshot(str(earlier))
+    for demo, argv in (("smoothquant_w8a8", [f"--out_dir={tiny_ckpt}", "--device=cpu"]),
+                       ("qat_outliers_table", [f"--runs={tiny_ckpt}", "--device=cpu"])):
+        main = load_demo(demo).main
+        cases.refused(main, [*argv, f"--json={link}"], ["--json"])
+        cases.refused(main, [*argv, f"--json={earlier / 'rows.json'}"], ["--overwrite"])
+    cases.refused(load_demo("residual_binary").main, [f"--json={earlier / 'rows.json'}", f"--out_root={tmp_path / 'rb'}"],
+                  ["--overwrite"], absent=[tmp_path / "rb"])
+    cases.refused(load_demo("compare_methods").main, [f"--out_root={earlier}", "--suite=weights"], ["--overwrite"],
+                  absent=[earlier / "full_precision"])
+    cases.refused(load_demo("gguf_llamacpp").main, [f"--work={tmp_path / 'w'}", f"--results={earlier / 'table.md'}"],
+                  ["--overwrite"], absent=[tmp_path / "w"])
+    assert snapshot(str(earlier)) == watch
+    cases.check()
