@@ -34,7 +34,8 @@ def add_spinquant_flags(p):
     p.add_argument("--method", default="gptq", choices=WEIGHT_METHODS, help="weight quantizer after the rotations")
     p.add_argument("--steps", type=int, default=100, help="Cayley SGD steps on R1/R2 (0: random Hadamard rotations)")
     p.add_argument("--lr", type=float, default=1.5, help="Cayley SGD learning rate (cosine-decayed to 0)")
-    p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
+    p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split; a quarter "
+                   "is held out to choose among no rotation, random Hadamard and learned rotations)")
     p.add_argument("--seqlen", type=int, default=0, help="tokens per calibration sample (0: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=8, help="calibration samples per Cayley step")
     p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
@@ -59,6 +60,8 @@ def check_args(args):
     for flag in ("nsamples", "batch_size", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"{flag}={getattr(args, flag)}: must be at least 1")
+    if args.nsamples < 2:
+        raise ValueError(f"nsamples={args.nsamples}: must be at least 2 (a quarter is held out to choose the rotation)")
     if args.lr <= 0:
         raise ValueError(f"lr={args.lr}: must be positive")
     if args.bits != FULL_BITS:
@@ -134,7 +137,12 @@ def main(argv=None):
     if losses:
         print(f"Cayley SGD: calibration loss {losses[0]:.4f} -> {sum(losses[-5:]) / len(losses[-5:]):.4f} "
               f"(mean of the last 5 steps)", flush=True)
-    sq.apply(calibration[:, :seqlen], nsamples=args.nsamples, seed=args.seed, progress=args.progress)
+    if sq.heldout_losses:
+        (_, first), best = sq.heldout_losses[0], min(sq.heldout_losses, key=lambda r: r[1])
+        print(f"held-out calibration loss: random start {first:.4f}, best {best[1]:.4f} at step {best[0]} "
+              f"(kept)", flush=True)
+    sq.apply(nsamples=args.nsamples, seed=args.seed, progress=args.progress,
+             log=lambda line: print(line, flush=True))
     q = score(sq.model)
     path = os.path.join(args.quantized_dir, "ckpt.pt")
     save_checkpoint(path, sq.checkpoint(checkpoint, dict(val_loss=q["loss"], base_val_loss=fp["loss"],
@@ -147,7 +155,7 @@ def main(argv=None):
     print(f"saved {path}: W{args.bits}A{args.act_bits}KV{args.kv_bits} spinquant+{args.method}, val loss "
           f"{q['loss']:.4f}")
     print(f"spinquant perplexity: {q['perplexity']:.2f} (no rotation {rtn['perplexity']:.2f}, "
-          f"full precision {fp['perplexity']:.2f})")
+          f"full precision {fp['perplexity']:.2f}), kept {sq.choice['name']}")
     return fp, rtn, q
 
 
