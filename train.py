@@ -292,31 +292,35 @@ def main(argv=None):
 
     def spinquant_rotate(qat_model):
         """Learn R1/R2 with the QAT quantizers on training sequences (weights frozen), once, when quantization
-        switches on; QAT then trains the rotated weights (the optimizer restarts: its moments were per coordinate)."""
+        switches on; QAT then trains the rotated weights with AdamW's state rotated along (qat_optimizer)."""
         from quantization.spin_quant import rotate_for_qat
         batches = []
         while sum(b.shape[0] for b in batches) < args.spinquant_nsamples:
             X, Y = get_batch("train")
             batches.append(torch.cat([X, Y[:, -1:]], dim=1))
         t = time.time()
-        rotated, new_args, losses = rotate_for_qat(qat_model, model_args, torch.cat(batches)[:args.spinquant_nsamples],
-                                                   args.spinquant_steps, args.spinquant_lr, args.seed)
+        rotated, new_args, losses, new_optimizer = rotate_for_qat(
+            qat_model, model_args, torch.cat(batches)[:args.spinquant_nsamples], args.spinquant_steps,
+            args.spinquant_lr, args.seed, optimizer=optimizer, optimizer_args=dict(
+                weight_decay=args.weight_decay, learning_rate=lr, betas=(args.beta1, args.beta2), device_type=device_type))
         if master:
             print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
                   f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
-        return rotated, new_args
+        return rotated, new_args, new_optimizer
 
     nonfinite = torch.tensor(-1, device=device)  # the first iteration whose loss was nan or inf (checked lazily)
     t0 = time.time()
     while True:
         lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         quantized = set_phase(iter_num)
         if args.spinquant and raw_model.quantization_enabled and not is_rotated(model_args):
-            raw_model, model_args = spinquant_rotate(raw_model)
+            raw_model, model_args, optimizer = spinquant_rotate(raw_model)
             model = eval_model = torch.compile(raw_model) if args.compile else raw_model
-            optimizer = raw_model.configure_optimizers(args.weight_decay, lr, (args.beta1, args.beta2), device_type)
+        if args.spinquant and is_rotated(model_args):  # AdamW's state carried over, the lr warmed up again
+            from quantization.spin_quant import qat_lr
+            lr = qat_lr(lr, iter_num, args.quantization_warmup_iters, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         last = iter_num >= args.max_iters
         # evaluate and checkpoint; a resumed run does not repeat the evaluation its checkpoint was written after
         # (rank 0 evaluates and decides; every process hands it its random state for the checkpoint)
