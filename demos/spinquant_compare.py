@@ -71,7 +71,7 @@ def main(argv=None):
                 raise ValueError(f"qat={args.qat}: {folder}/ckpt.pt not found")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    base, checkpoint, seqlen, calibration = load_inputs(args, device, error)
+    base, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
     val = split_tokens(checkpoint["dataset"], "val")
 
     def score(model):
@@ -92,7 +92,7 @@ def main(argv=None):
         return loss
 
     if args.study:
-        return study(args, base, checkpoint, settings[0], score, fp, device)
+        return study(args, base, checkpoint, settings[0], score, fp, device, heldout)
     for w, a, kv in settings:
         setting = f"W{w}A{a}KV{kv}"
         common = dict(bits=w, act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
@@ -109,7 +109,7 @@ def main(argv=None):
         spread = dict(seeds=random_losses, min=min(random_losses), max=max(random_losses))
         add(setting, f"random Hadamard + RTN, mean of {args.seeds} seeds", statistics.mean(random_losses), rtn,
             **spread)
-        learn_part = split_calibration(calibration)[0]
+        learn_part = calibration if heldout is not None else split_calibration(calibration)[0]
         for method in ("rtn", "gptq"):
             if method == "gptq":
                 sq = SpinQuant(base, method="gptq", seed=0, **common)
@@ -117,7 +117,7 @@ def main(argv=None):
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
             sq = SpinQuant(base, method=method, seed=0, **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                 seed=args.seed, progress=False)
+                                 seed=args.seed, progress=False, heldout=heldout)
             sq.apply(nsamples=args.nsamples, progress=False, select=False)
             add(setting, f"SpinQuant + {method.upper()}, learned", score(sq.model), rtn,
                 calib_loss=[losses[0], losses[-1]] if losses else None, best_step=sq.info.get("best_step"),
@@ -147,10 +147,10 @@ def main(argv=None):
     return rows
 
 
-def study(args, base, checkpoint, setting, score, fp, device):
+def study(args, base, checkpoint, setting, score, fp, device, heldout):
     """What learning needs: for each lr:steps:nsamples:learn_weights, the loss on the learning samples and on the
-    held-out ones (random start, best step, last step), and on validation against the random Hadamard start and
-    the folded model without rotation."""
+    held-out ones (random start, best step, last step), and on validation against the random Hadamard start, the
+    folded model without rotation and the model as it came (each with the weight method)."""
     from quantization.autoround.calibration import calibration_samples
     w, a, kv = setting
     common = dict(bits=w, act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
@@ -161,14 +161,18 @@ def study(args, base, checkpoint, setting, score, fp, device):
     rtn_quantize(rtn_model, weight_spec(w, args.group_size, args.sym))
     rtn = score(rtn_model)
     print(f"W{w}A{a}KV{kv} {args.method}: full precision {fp:.4f}, RTN no rotation {rtn:.4f}", flush=True)
+    runs = [item.split(":") for item in args.study.split(",")]
+    most = max(int(r[2]) for r in runs)
+    if heldout is not None:  # held-out windows after every run's calibration windows (a prefix of one draw)
+        windows = calibration_samples(train, most + heldout.shape[0], seqlen + 1, args.seed)
+        heldout = windows[most:]
     rows, seen = [], set()
-    for item in args.study.split(","):
-        lr, steps, nsamples, learn = item.split(":")
+    for lr, steps, nsamples, learn in runs:
         lr, steps, nsamples, learn_weights = float(lr), int(steps), int(nsamples), learn == "rtn"
         calibration = calibration_samples(train, nsamples, seqlen + 1, args.seed)
         sq = SpinQuant(base, seed=0, **common)
         sq.optimize(calibration, steps=steps, lr=lr, batch_size=args.batch_size, seed=args.seed, progress=False,
-                    eval_every=max(1, steps // 20), learn_weights=learn_weights)
+                    eval_every=max(1, steps // 20), learn_weights=learn_weights, heldout=heldout)
         best = sq.rotation_values()
         fit_best = sq.evaluate(sq.calibration, learn_weights)
         sq.set_rotations(*sq.start)
@@ -181,9 +185,9 @@ def study(args, base, checkpoint, setting, score, fp, device):
                    best_step=sq.info["best_step"], val_learned=score(sq.model))
         if nsamples not in seen:  # the random start and the folded model without rotation, once per sample count
             seen.add(nsamples)
-            for name, rotations in (("val_random", None), ("val_fold_only", ())):
-                other = SpinQuant(base, seed=0, **common) if rotations is None else SpinQuant(
-                    base, rotations=(), seed=0, **common)
+            for name, kwargs in (("val_random", {}), ("val_fold_only", dict(rotations=())),
+                                 ("val_no_rotation", dict(rotations=(), fold=False))):
+                other = SpinQuant(base, seed=0, **kwargs, **common)
                 other.calibration = sq.calibration
                 other.apply(nsamples=nsamples, progress=False, select=False)
                 row[name] = score(other.model)
@@ -193,13 +197,14 @@ def study(args, base, checkpoint, setting, score, fp, device):
           f"{rtn:.4f}; loss on the learning samples (fit: random start -> best step), on the held-out quarter and "
           f"on validation (val)\n")
     print("| lr | steps | samples | learns on | fit start -> best | held-out start / best (step) / last | "
-          "val learned | val random start | val folded, no rotation |")
-    print("|---:|---:|---:|---|---|---|---:|---:|---:|")
+          "val learned | val random start | val folded, no rotation | val no rotation |")
+    print("|---:|---:|---:|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['lr']} | {r['steps']} | {r['nsamples']} | {r['learns_on']} | {r['fit_start']:.4f} -> "
               f"{r['fit_best']:.4f} | {r['held_start']:.4f} / {r['held_best']:.4f} ({r['best_step']}) / "
-              f"{r['held_last']:.4f} | {r['val_learned']:.4f} | " + (f"{r['val_random']:.4f} | {r['val_fold_only']:.4f} |"
-                                                                    if "val_random" in r else "- | - |"))
+              f"{r['held_last']:.4f} | {r['val_learned']:.4f} | " + (
+                  f"{r['val_random']:.4f} | {r['val_fold_only']:.4f} | {r['val_no_rotation']:.4f} |"
+                  if "val_random" in r else "- | - | - |"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rtn": rtn, "fp": fp, "rows": rows}, f, indent=1)

@@ -268,10 +268,11 @@ class SpinQuant:
         return [R for R in ([self.R1] + (self.R2 or [])) if R is not None and R.requires_grad]
 
     def optimize(self, calib_data, steps=100, lr=1.5, batch_size=8, seed=0, progress=True, holdout=HOLDOUT,
-                 eval_every=0, learn_weights=None):
+                 eval_every=0, learn_weights=None, heldout=None):
         """Learn R1 and R2 by Cayley SGD (cosine-decayed lr) on the cross-entropy of the quantized model over
         calibration samples (a list of (1, T) token tensors, or an (N, T) tensor); returns the loss per step.
-        A `holdout` share of the samples is not learned on: the rotations are scored on it every `eval_every`
+        A `holdout` share of the samples (or the samples `heldout`, when given) is not learned on: the
+        rotations are scored on it every `eval_every`
         steps (0: steps // 10) and the best ones are kept (step 0, the random start, included), and apply
         chooses among its candidates on it. `learn_weights`: fake-quantize the weights (RTN) in the loss
         (None: only for method rtn; GPTQ and AutoRound learn against activation quantization only)."""
@@ -283,8 +284,12 @@ class SpinQuant:
         if data.shape[1] - 1 > self.config.block_size:
             raise ValueError(f"calibration samples of {data.shape[1]} tokens: longer than block_size + 1 "
                              f"({self.config.block_size + 1})")
-        heldout = None
-        if holdout:
+        if heldout is not None:
+            heldout = calibration_batch(heldout)
+            if heldout.shape[1] != data.shape[1]:
+                raise ValueError(f"held-out samples of {heldout.shape[1]} tokens: the calibration ones have "
+                                 f"{data.shape[1]}")
+        elif holdout:
             data, heldout = split_calibration(data, holdout)
         self.calibration, self.heldout = data, heldout
         quantize_weights = self.method == "rtn" if learn_weights is None else learn_weights
