@@ -4,7 +4,7 @@
 # float32 as on a CPU). Trains each in full precision and with W4A4KV4 QAT (without and with --spinquant) on
 # SEEDS training seeds, all at once on the one GPU, then runs demos/spinquant_compare.py on every model and seed
 # (all SETTINGS on the first seed, W4A4KV4 on the others). Writes bench/results/spinquant_{baby,bpe,cpu}_s*.{md,json}
-# and the logs to bench/results/spinquant_logs/ (the tables and logs also go to $OUT when set).
+# and the logs to bench/results/spinquant_logs/.
 #   bash bench/spinquant_gpu.sh
 #   ITERS=2000 BPE_ITERS=1000 STEPS=100 SEEDS="0 1 2" bash bench/spinquant_gpu.sh
 #   PHASE=train bash bench/spinquant_gpu.sh; PHASE=compare bash bench/spinquant_gpu.sh   # the same, in two parts
@@ -16,8 +16,10 @@ BPE_ITERS=${BPE_ITERS:-600}   # GPT-2-BPE model steps (1.4M training tokens: mor
 CPU_ITERS=${CPU_ITERS:-1500}  # the default model's steps
 STEPS=${STEPS:-100}           # Cayley SGD steps
 SEEDS=${SEEDS:-"1337 1"}      # training seeds (1337: train.py's default)
-VARIANTS=${VARIANTS:-1}       # 1: also the QAT-after-rotation variants (first seed; baby GPT and the default model)
+VARIANTS=${VARIANTS:-1}       # 1: also QAT-after-rotation variants on the first seed (the default model; baby: fresh)
 SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
+DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
+EXTRA=${EXTRA:-}              # more train.py flags for every run
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
 RESULTS=bench/results
 LOGS=$RESULTS/spinquant_logs
@@ -30,19 +32,19 @@ QAT="--linear_variant_attn=quantized_linear --linear_variant_mlp=quantized_linea
  --quantize_attn_act_input --quantize_attn_act_pv_mult_output --quantize_mlp_act_input
  --quantize_mlp_act_activation_output --quantize_attn_act_qk_mult_k_input --quantize_attn_act_pv_mult_v_input
  --quantize_attn_act_bits=4 --quantize_mlp_act_bits=4"
-BABY="--config=configs/baby_gpt.toml --device=cuda --max_iters=$ITERS --lr_decay_iters=$ITERS --eval_interval=600
+BABY="--config=configs/baby_gpt.toml --device=$DEVICE --max_iters=$ITERS --lr_decay_iters=$ITERS --eval_interval=600
  --eval_iters=20 --log_interval=100"
 BPE="--dataset=shakespeare --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=32 --dropout=0.2
- --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 --device=cuda --compile --max_iters=$BPE_ITERS
+ --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 --device=$DEVICE --compile --max_iters=$BPE_ITERS
  --lr_decay_iters=$BPE_ITERS --eval_interval=300 --eval_iters=20 --log_interval=100"
-CPU="--device=cuda --dtype=float32 --max_iters=$CPU_ITERS --log_interval=100"
+CPU="--device=$DEVICE --dtype=float32 --max_iters=$CPU_ITERS --log_interval=100"
 pids=()
 TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of the table (its log says so)
 SETTINGS_PY="import quantization.spin_quant as s; s.QAT_CARRY_MOMENTS, s.QAT_REWARM, s.QAT_DECAY_FOLDED"
 run() {  # name flags...; QAT_SETTINGS="carry, rewarm, decay" (Python booleans) overrides spin_quant.py's QAT settings
   local name=$1; shift
   (timeout $TRAIN_LIMIT python -c "import sys; ${QAT_SETTINGS:+$SETTINGS_PY = $QAT_SETTINGS;} import train; train.main(sys.argv[1:])" \
-    --out_dir=out-sq/$name "$@" > "$LOGS/train_$name.log" 2>&1 \
+    --out_dir=out-sq/$name "$@" $EXTRA > "$LOGS/train_$name.log" 2>&1 \
     || { echo "train $name: stopped (exit $?)" >> "$LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
   pids+=($!)
 }
@@ -64,7 +66,7 @@ if [ "$VARIANTS" = 1 ]; then  # --spinquant as before (fresh AdamW), fresh + lr 
   for v in "fresh:False, False, True" "fresh_rewarm:False, True, True" "carry:True, False, True" \
            "nodecay:True, True, False"; do
     QAT_SETTINGS=${v#*:}
-    [ "${v%%:*}" = nodecay ] || run baby_qat_spin_${v%%:*}_s$s $BABY $QAT --seed=$s \
+    [ "${v%%:*}" = fresh ] && run baby_qat_spin_${v%%:*}_s$s $BABY $QAT --seed=$s \
       --quantization_warmup_iters=$((ITERS / 2)) --spinquant --spinquant_steps=$STEPS
     run cpu_qat_spin_${v%%:*}_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant \
       --spinquant_steps=$STEPS
@@ -87,10 +89,9 @@ compare() {
     [ -f out-sq/${name}_qat_spin_${v}_s$seed/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/${name}_qat_spin_${v}_s$seed"
   done
   [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0
-  python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$seed --device=cuda --steps=$STEPS --nsamples=64 \
+  python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$seed --device=$DEVICE --steps=$STEPS --nsamples=64 \
     --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False --json=$RESULTS/spinquant_${name}_s$seed.json \
     --qat="${qat#,}" > $RESULTS/spinquant_${name}_s$seed.md 2> "$LOGS/compare_${name}_s$seed.err"
-  [ -n "${OUT:-}" ] && cp $RESULTS/spinquant_${name}_s$seed.md "$OUT"/
 }
 first=${SEEDS%% *}
 cpids=()
@@ -100,13 +101,13 @@ for s in $SEEDS; do
   compare bpe $s 0 $settings & cpids+=($!)
   compare cpu $s 100000 $settings & cpids+=($!)
 done
-python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant --device=cuda \
+python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant --device=$DEVICE \
   --steps=$STEPS --nsamples=64 --eval_tokens=50000 --progress=False > "$LOGS/spinquant_ptq_bpe.log" 2>&1
 tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
 for pid in "${cpids[@]}"; do wait "$pid"; done
 date
 cat $RESULTS/spinquant_*_s*.md
 tail -n 5 "$LOGS"/compare_*.err
-python sample.py --out_dir=out-sq/bpe_spinquant --device=cuda --num_samples=1 --max_new_tokens=60 --start="ROMEO:" \
+python sample.py --out_dir=out-sq/bpe_spinquant --device=$DEVICE --num_samples=1 --max_new_tokens=60 --start="ROMEO:" \
   > "$LOGS/sample_bpe_spinquant.log" 2>&1; tail -n 4 "$LOGS/sample_bpe_spinquant.log"
 exit 0
