@@ -292,7 +292,7 @@ def main(argv=None):
 
     def spinquant_rotate(qat_model):
         """Learn R1/R2 with the QAT quantizers on training sequences (weights frozen), once, when quantization
-        switches on; QAT then trains the rotated weights with AdamW's state rotated along (qat_optimizer)."""
+        switches on; QAT then trains the rotated weights with qat_optimizer's AdamW (see spin_quant.py's QAT_*)."""
         from quantization.spin_quant import rotate_for_qat
         batches = []
         while sum(b.shape[0] for b in batches) < args.spinquant_nsamples:
@@ -316,7 +316,7 @@ def main(argv=None):
         if args.spinquant and raw_model.quantization_enabled and not is_rotated(model_args):
             raw_model, model_args, optimizer = spinquant_rotate(raw_model)
             model = eval_model = torch.compile(raw_model) if args.compile else raw_model
-        if args.spinquant and is_rotated(model_args):  # AdamW's state carried over, the lr warmed up again
+        if args.spinquant and is_rotated(model_args):  # the lr after the rotation (QAT_REWARM)
             from quantization.spin_quant import qat_lr
             lr = qat_lr(lr, iter_num, args.quantization_warmup_iters, args.warmup_iters)
         for group in optimizer.param_groups:

@@ -4,7 +4,7 @@
 #   fp        train it in full precision: `python train.py --max_iters=1500 --seed=$SEED` (out-sq/cpu_fp_s$SEED)
 #   qat       QAT W4A4KV4 switched on at iteration 750: one run to 750 (out-sq/cpu_qatbase_s$SEED), then each variant
 #             resumes a copy of it to 1500: plain QAT, and --spinquant with quantization/spin_quant.py's QAT settings
-#             (with VARIANTS=1 also: a fresh AdamW as before; fresh AdamW + lr warm-up; AdamW state carried without
+#             (with VARIANTS=1 also: AdamW state carried + lr warm-up; fresh AdamW + lr warm-up; state carried without
 #             warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices)
 #   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
 #   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
@@ -45,11 +45,11 @@ if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
     variant "$@" --init_from=resume --out_dir=out-sq/$name --max_iters=1500 --spinquant_steps=$STEPS $QAT \
       > $LOGS/train_$name.log 2>&1
   }
-  run cpu_qat_s$S True True True &
-  run cpu_spin_s$S True True True --spinquant
+  [ -f out-sq/cpu_qat_s$S/ckpt.pt ] || run cpu_qat_s$S True True True &
+  run cpu_spin_s$S False False True --spinquant  # the defaults: a fresh AdamW, no warm-up
   wait
   if [ "$VARIANTS" = 1 ]; then
-    run cpu_spin_fresh_s$S False False True --spinquant &
+    run cpu_spin_carry_rewarm_s$S True True True --spinquant &
     run cpu_spin_fresh_rewarm_s$S False True True --spinquant
     wait
     run cpu_spin_carry_s$S True False True --spinquant &
@@ -60,12 +60,13 @@ if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
 fi
 if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
   qat="QAT W4A4KV4=out-sq/cpu_qat_s$S,QAT W4A4KV4 + rotations=out-sq/cpu_spin_s$S"
-  for v in fresh fresh_rewarm carry carry_rewarm_nodecay; do
+  for v in carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
     [ -f out-sq/cpu_spin_${v}_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/cpu_spin_${v}_s$S"
   done
   python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=128 \
-    --seeds=3 --settings=4/4/4 --eval_tokens=100000 --progress=False --json=bench/results/spinquant_cpu_s$S.json \
-    --qat="$qat" > bench/results/spinquant_cpu_s$S.md 2> $LOGS/compare_cpu_s$S.err
+    --seeds=3 --settings=${SETTINGS:-4/4/4} --eval_tokens=100000 --progress=False \
+    --json=bench/results/spinquant_cpu${TABLE:-}_s$S.json --qat="$qat" > bench/results/spinquant_cpu${TABLE:-}_s$S.md \
+    2> $LOGS/compare_cpu${TABLE:-}_s$S.err
 fi
 if [ "$PHASE" = study ]; then
   for method in gptq rtn; do

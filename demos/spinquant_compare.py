@@ -56,7 +56,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # activations of 4 bits: keep the float math exact
     try:
         check_args(args)
-        settings = parse_settings(args.settings)
+        settings = parse_settings(args.settings) if args.settings != "none" else []  # none: QAT rows only
         for w, a, kv in settings:
             for flag, bits in (("bits", w), ("act_bits", a), ("kv_bits", kv)):
                 if bits != FULL_BITS and not 2 <= bits <= 8:

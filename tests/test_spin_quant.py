@@ -278,9 +278,13 @@ def test_too_few_calibration_samples_are_refused(tiny_trained, plain_dir, tmp_pa
     assert not os.path.exists(out)
 
 
-def test_qat_optimizer_carries_the_step_and_rotates_the_first_moment(tiny_trained):
+def test_qat_optimizer_carries_the_step_and_rotates_the_first_moment(tiny_trained, monkeypatch):
+    import quantization.spin_quant as spin_quant
     from quantization.spin_quant import qat_lr, rotate_for_qat
-    model, tokens = tiny_trained
+    monkeypatch.setattr(spin_quant, "QAT_CARRY_MOMENTS", True)
+    monkeypatch.setattr(spin_quant, "QAT_REWARM", True)
+    import copy
+    model, tokens = copy.deepcopy(tiny_trained[0]), tiny_trained[1]  # the steps below must not train the fixture
     data = torch.cat(_calibration(tokens, n=8))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(3):
