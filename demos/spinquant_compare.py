@@ -194,7 +194,7 @@ def study(args, base, checkpoint, setting, score, fp, device, heldout):
         rows.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     print(f"\n{args.out_dir}: W{w}A{a}KV{kv}, weights by {args.method}; full precision {fp:.4f}, RTN no rotation "
-          f"{rtn:.4f}; loss on the learning samples (fit: random start -> best step), on the held-out quarter and "
+          f"{rtn:.4f}; loss on the learning samples (fit: random start -> best step), on the held-out samples and "
           f"on validation (val)\n")
     print("| lr | steps | samples | learns on | fit start -> best | held-out start / best (step) / last | "
           "val learned | val random start | val folded, no rotation | val no rotation |")
