@@ -301,8 +301,8 @@ def main(argv=None):
         t = time.time()
         rotated, new_args, losses, new_optimizer = rotate_for_qat(
             qat_model, model_args, torch.cat(batches)[:args.spinquant_nsamples], args.spinquant_steps,
-            args.spinquant_lr, args.seed, optimizer=optimizer, optimizer_args=dict(
-                weight_decay=args.weight_decay, learning_rate=lr, betas=(args.beta1, args.beta2), device_type=device_type))
+            args.spinquant_lr, args.seed, optimizer=optimizer, optimizer_args=dict(weight_decay=args.weight_decay,
+                learning_rate=lr, betas=(args.beta1, args.beta2), device_type=device_type))
         if master:
             print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
                   f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")

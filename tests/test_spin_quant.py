@@ -293,8 +293,9 @@ def test_qat_optimizer_carries_the_step_and_rotates_the_first_moment(tiny_traine
         optimizer.zero_grad()
     from dataclasses import asdict
     args = asdict(model.config)
-    new_model, _, _, new_optimizer = rotate_for_qat(model, args, data, steps=2, optimizer=optimizer, optimizer_args=dict(
-        weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.99), device_type="cpu"))
+    new_model, _, _, new_optimizer = rotate_for_qat(model, args, data, steps=2, optimizer=optimizer,
+                                                    optimizer_args=dict(weight_decay=0.1, learning_rate=1e-3,
+                                                                        betas=(0.9, 0.99), device_type="cpu"))
     old = optimizer.state[model.transformer.h[0].attn.attn_proj.weight]
     new = new_optimizer.state[new_model.transformer.h[0].attn.attn_proj.weight]
     assert new["step"] == old["step"] == 3
