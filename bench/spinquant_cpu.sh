@@ -8,6 +8,7 @@
 #             warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices)
 #   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
 #   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
+#   baby      no GPU: the baby GPT preset trained 300 iterations on the CPU, then the W4A4KV4 PTQ table
 #   demo      the command: demos/spinquant_ptq.py --bits=4 --act_bits=4 --steps=40 --nsamples=32
 # Logs: bench/results/spinquant_logs/; tables: bench/results/spinquant_cpu_*.md
 #   PHASE=fp SEED=1337 bash bench/spinquant_cpu.sh; PHASE=qat SEED=0 VARIANTS=1 bash bench/spinquant_cpu.sh
@@ -75,6 +76,14 @@ if [ "$PHASE" = study ]; then
       --study=${STUDY:-1.5:40:32:none,1.5:40:32:rtn,1.5:100:128:none,1.5:100:128:rtn,0.5:100:128:rtn,0.1:100:128:rtn,1.5:100:512:rtn,1.5:300:512:rtn} \
       > bench/results/spinquant_cpu_study_${method}_s$S.md 2> $LOGS/study_${method}_s$S.err
   done
+fi
+if [ "$PHASE" = baby ]; then  # no GPU: the baby GPT preset, 300 iterations of 16 sequences, PTQ at W4A4KV4 only
+  [ -f out-sq/baby_cpu_fp_s$S/ckpt.pt ] || python train.py --config=configs/baby_gpt.toml --device=cpu \
+    --compile=False --max_iters=300 --lr_decay_iters=300 --batch_size=16 --eval_iters=10 --eval_interval=300 \
+    --log_interval=20 --seed=$S --out_dir=out-sq/baby_cpu_fp_s$S > $LOGS/train_baby_cpu_fp_s$S.log 2>&1
+  python demos/spinquant_compare.py --out_dir=out-sq/baby_cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=64 \
+    --seeds=2 --settings=4/4/4 --eval_tokens=50000 --progress=False --json=bench/results/spinquant_baby_cpu_s$S.json \
+    > bench/results/spinquant_baby_cpu_s$S.md 2> $LOGS/compare_baby_cpu_s$S.err
 fi
 if [ "$PHASE" = demo ] || [ "$PHASE" = all ]; then
   python demos/spinquant_ptq.py --out_dir=out-sq/cpu_fp_s$S --quantized_dir=out-sq/cpu_spinquant_s$S --bits=4 \
