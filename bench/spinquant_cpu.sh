@@ -70,7 +70,7 @@ if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
     2> $LOGS/compare_cpu${TABLE:-}_s$S.err
 fi
 if [ "$PHASE" = study ]; then
-  for method in gptq rtn; do
+  for method in ${METHODS:-gptq rtn}; do
     python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --method=$method --eval_tokens=100000 \
       --settings=4/4/4 --progress=False --json=bench/results/spinquant_cpu_study_${method}_s$S.json \
       --study=${STUDY:-1.5:40:32:none,1.5:40:32:rtn,1.5:100:128:none,1.5:100:128:rtn,0.5:100:128:rtn,0.1:100:128:rtn,1.5:100:512:rtn,1.5:300:512:rtn} \
