@@ -274,8 +274,6 @@ def main(argv=None):
     t0 = time.time()
     while True:
         lr = get_lr(args, iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         quantize = iter_num >= args.quantization_warmup_iters  # the full-precision warm-up ends here
         if quantize != raw_model.quantization_enabled:
             raw_model.set_quantization(quantize)
@@ -283,9 +281,14 @@ def main(argv=None):
                 print(f"iter {iter_num}: quantization on")
         quantized = quantize and has_quantizers
         if args.spinquant and raw_model.quantization_enabled and not is_rotated(model_args):
-            raw_model, model_args = spinquant_rotate(args, raw_model, model_args, get_batch, iter_num)
+            raw_model, model_args, optimizer = spinquant_rotate(args, raw_model, model_args, get_batch, iter_num,
+                                                                optimizer, lr, device_type)
             model = eval_model = torch.compile(raw_model) if args.compile else raw_model
-            optimizer = raw_model.configure_optimizers(args.weight_decay, lr, (args.beta1, args.beta2), device_type)
+        if args.spinquant and is_rotated(model_args):  # the lr after the rotation (QAT_REWARM)
+            from quantization.spin_quant import qat_lr
+            lr = qat_lr(lr, iter_num, args.quantization_warmup_iters, args.warmup_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         last = iter_num >= args.max_iters
         # evaluate and checkpoint; a resumed run does not repeat the evaluation its checkpoint was written after
         # (rank 0 evaluates and decides; every process hands it its random state for the checkpoint)

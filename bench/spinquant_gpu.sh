@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# SpinQuant results on one GPU, two models: the baby GPT preset (char-level) and a 6-layer, 384-wide GPT-2-BPE model
-# on data/shakespeare. Trains each in full precision and with W4A4KV4 QAT (without and with --spinquant), all six
-# runs at once on the one GPU, then runs demos/spinquant_compare.py on both. Writes bench/results/spinquant_*.{md,json}
-# and the training logs to bench/results/spinquant_logs/ (or to $OUT when set).
+# SpinQuant results on one GPU, three models: the baby GPT preset (char-level), a 6-layer, 384-wide GPT-2-BPE model
+# on data/shakespeare, and the default model of `python train.py` (4 layers, 128 wide, char-level, 1500 iterations,
+# float32 as on a CPU). Trains each in full precision and with W4A4KV4 QAT (without and with --spinquant) on
+# SEEDS training seeds, all at once on the one GPU, then runs demos/spinquant_compare.py on every model and seed
+# (all SETTINGS on the first seed, W4A4KV4 on the others). Writes bench/results/spinquant_{baby,bpe,cpu}_s*.{md,json}
+# and the logs to bench/results/spinquant_logs/.
 #   bash bench/spinquant_gpu.sh
-#   ITERS=2000 BPE_ITERS=1000 STEPS=100 bash bench/spinquant_gpu.sh
+#   ITERS=2000 BPE_ITERS=1000 STEPS=100 SEEDS="0 1 2" bash bench/spinquant_gpu.sh
 #   PHASE=train bash bench/spinquant_gpu.sh; PHASE=compare bash bench/spinquant_gpu.sh   # the same, in two parts
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 ITERS=${ITERS:-1200}          # baby GPT training steps (the preset has 5000; this benchmark runs in a few minutes)
 BPE_ITERS=${BPE_ITERS:-600}   # GPT-2-BPE model steps (1.4M training tokens: more overfits)
+CPU_ITERS=${CPU_ITERS:-1500}  # the default model's steps
 STEPS=${STEPS:-100}           # Cayley SGD steps
+SEEDS=${SEEDS:-"1337 1"}      # training seeds (1337: train.py's default)
+VARIANTS=${VARIANTS:-1}       # 1: also QAT-after-rotation variants on the first seed (the default model; baby: fresh)
+SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
+DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
+EXTRA=${EXTRA:-}              # more train.py flags for every run
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
 RESULTS=bench/results
-LOGS=${OUT:-$RESULTS}/spinquant_logs
+LOGS=$RESULTS/spinquant_logs
 mkdir -p "$LOGS"
 [ -f data/shakespeare_char/val.bin ] || python data/shakespeare_char/prepare.py
 [ -f data/shakespeare/val.bin ] || python data/shakespeare/prepare.py
@@ -24,54 +32,82 @@ QAT="--linear_variant_attn=quantized_linear --linear_variant_mlp=quantized_linea
  --quantize_attn_act_input --quantize_attn_act_pv_mult_output --quantize_mlp_act_input
  --quantize_mlp_act_activation_output --quantize_attn_act_qk_mult_k_input --quantize_attn_act_pv_mult_v_input
  --quantize_attn_act_bits=4 --quantize_mlp_act_bits=4"
-BABY="--config=configs/baby_gpt.toml --device=cuda --max_iters=$ITERS --lr_decay_iters=$ITERS --eval_interval=600
+BABY="--config=configs/baby_gpt.toml --device=$DEVICE --max_iters=$ITERS --lr_decay_iters=$ITERS --eval_interval=600
  --eval_iters=20 --log_interval=100"
 BPE="--dataset=shakespeare --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 --batch_size=32 --dropout=0.2
- --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 --device=cuda --compile --max_iters=$BPE_ITERS
+ --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 --device=$DEVICE --compile --max_iters=$BPE_ITERS
  --lr_decay_iters=$BPE_ITERS --eval_interval=300 --eval_iters=20 --log_interval=100"
+CPU="--device=$DEVICE --dtype=float32 --max_iters=$CPU_ITERS --log_interval=100"
 pids=()
 TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of the table (its log says so)
-run() {
+SETTINGS_PY="import quantization.spin_quant as s; s.QAT_CARRY_MOMENTS, s.QAT_REWARM, s.QAT_DECAY_FOLDED"
+run() {  # name flags...; QAT_SETTINGS="carry, rewarm, decay" (Python booleans) overrides spin_quant.py's QAT settings
   local name=$1; shift
-  (timeout $TRAIN_LIMIT python train.py --out_dir=out-sq/$name "$@" > "$LOGS/train_$name.log" 2>&1 \
+  (timeout $TRAIN_LIMIT python -c "import sys; ${QAT_SETTINGS:+$SETTINGS_PY = $QAT_SETTINGS;} import train; train.main(sys.argv[1:])" \
+    --out_dir=out-sq/$name "$@" $EXTRA > "$LOGS/train_$name.log" 2>&1 \
     || { echo "train $name: stopped (exit $?)" >> "$LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
   pids+=($!)
 }
 if [ "$PHASE" != compare ]; then
 date
-run baby_fp $BABY
-run baby_qat $BABY $QAT --quantization_warmup_iters=$((ITERS / 2))
-run baby_qat_spin $BABY $QAT --quantization_warmup_iters=$((ITERS / 2)) --spinquant --spinquant_steps=$STEPS
-run bpe_fp $BPE
-run bpe_qat $BPE $QAT --quantization_warmup_iters=$((BPE_ITERS / 2))
-run bpe_qat_spin $BPE $QAT --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant --spinquant_steps=$STEPS
+for s in $SEEDS; do
+  run baby_fp_s$s $BABY --seed=$s
+  run baby_qat_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2))
+  run baby_qat_spin_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2)) --spinquant --spinquant_steps=$STEPS
+  run bpe_fp_s$s $BPE --seed=$s
+  run bpe_qat_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2))
+  run bpe_qat_spin_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant --spinquant_steps=$STEPS
+  run cpu_fp_s$s $CPU --seed=$s
+  run cpu_qat_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2))
+  run cpu_qat_spin_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant --spinquant_steps=$STEPS
+done
+s=${SEEDS%% *}
+if [ "$VARIANTS" = 1 ]; then  # --spinquant as before (fresh AdamW), fresh + lr warm-up, state carried without warm-up
+  for v in "fresh:False, False, True" "fresh_rewarm:False, True, True" "carry:True, False, True" \
+           "nodecay:True, True, False"; do
+    QAT_SETTINGS=${v#*:}
+    [ "${v%%:*}" = fresh ] && run baby_qat_spin_${v%%:*}_s$s $BABY $QAT --seed=$s \
+      --quantization_warmup_iters=$((ITERS / 2)) --spinquant --spinquant_steps=$STEPS
+    run cpu_qat_spin_${v%%:*}_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant \
+      --spinquant_steps=$STEPS
+  done
+  QAT_SETTINGS=
+fi
 for pid in "${pids[@]}"; do wait "$pid"; done
-tail -n 3 "$LOGS"/train_*.log
-grep -h "spinquant rotations" "$LOGS"/train_*.log
+date
+grep -h "step $ITERS:\|step $BPE_ITERS:\|step $CPU_ITERS:\|stopped" "$LOGS"/train_*_s*.log
+grep -h "spinquant rotations" "$LOGS"/train_*_s*.log
 fi
 [ "$PHASE" = train ] && exit 0
 
 date
 compare() {
-  local name=$1 tokens=$2 qat=""
-  [ -f out-sq/${name}_qat/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/${name}_qat"
-  [ -f out-sq/${name}_qat_spin/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + learned rotations=out-sq/${name}_qat_spin"
-  python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp --device=cuda --steps=$STEPS --nsamples=64 \
-    --seeds=3 --eval_tokens=$tokens --progress=False --json=$RESULTS/spinquant_$name.json --qat="${qat#,}" \
-    > $RESULTS/spinquant_$name.md 2> "$LOGS/compare_$name.err"
+  local name=$1 seed=$2 tokens=$3 settings=$4 qat=""
+  [ -f out-sq/${name}_qat_s$seed/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/${name}_qat_s$seed"
+  [ -f out-sq/${name}_qat_spin_s$seed/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations=out-sq/${name}_qat_spin_s$seed"
+  for v in fresh fresh_rewarm carry nodecay; do
+    [ -f out-sq/${name}_qat_spin_${v}_s$seed/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/${name}_qat_spin_${v}_s$seed"
+  done
+  [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0
+  python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$seed --device=$DEVICE --steps=$STEPS --nsamples=64 \
+    --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False --json=$RESULTS/spinquant_${name}_s$seed.json \
+    --qat="${qat#,}" > $RESULTS/spinquant_${name}_s$seed.md 2> "$LOGS/compare_${name}_s$seed.err"
 }
-compare baby 100000 &
-c1=$!
-compare bpe 0 &
-c2=$!
-python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp --quantized_dir=out-sq/bpe_spinquant --device=cuda \
+first=${SEEDS%% *}
+cpids=()
+for s in $SEEDS; do
+  settings=4/4/4; [ "$s" = "$first" ] && settings=$SETTINGS
+  compare baby $s 100000 $settings & cpids+=($!)
+  compare bpe $s 0 $settings & cpids+=($!)
+  compare cpu $s 100000 $settings & cpids+=($!)
+done
+python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant --device=$DEVICE \
   --steps=$STEPS --nsamples=64 --eval_tokens=50000 --progress=False > "$LOGS/spinquant_ptq_bpe.log" 2>&1
 tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
-wait $c1; wait $c2
+for pid in "${cpids[@]}"; do wait "$pid"; done
 date
-cat $RESULTS/spinquant_baby.md $RESULTS/spinquant_bpe.md
+cat $RESULTS/spinquant_*_s*.md
 tail -n 5 "$LOGS"/compare_*.err
-python sample.py --out_dir=out-sq/bpe_spinquant --device=cuda --num_samples=1 --max_new_tokens=60 --start="ROMEO:" \
+python sample.py --out_dir=out-sq/bpe_spinquant --device=$DEVICE --num_samples=1 --max_new_tokens=60 --start="ROMEO:" \
   > "$LOGS/sample_bpe_spinquant.log" 2>&1; tail -n 4 "$LOGS/sample_bpe_spinquant.log"
-[ -n "${OUT:-}" ] && cp $RESULTS/spinquant_*.md $RESULTS/spinquant_*.json "$OUT"/ 2>/dev/null
 exit 0

@@ -5,7 +5,10 @@ Hadamard + GPTQ and SpinQuant + GPTQ, at each W/A/KV setting, plus QAT checkpoin
     python demos/spinquant_compare.py --out_dir=out-baby-gpt --settings=4/4/4,4/8/8,4/16/16 --seeds=3 \\
         --qat="QAT W4A4=out-qat,QAT W4A4 + rotations=out-qat-spin" --json=results.json
 
-"gap closed" is the share of RTN-without-rotation's loss gap to full precision that a row recovers.
+"gap closed" is the share of RTN-without-rotation's loss gap to full precision that a row recovers. "SpinQuant +
+GPTQ, kept" is what SpinQuant.apply hands a user: the best of its candidates on held-out calibration samples (a
+quarter of --nsamples, never learned on); "learned" rows are the learned rotations whatever the choice.
+With --study, the table is instead what learning needs (steps, lr, calibration samples, the loss it learns on).
 """
 import json
 import os
@@ -23,7 +26,7 @@ from cli import OneLineParser  # noqa: E402
 from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
-from quantization.spin_quant import FULL_BITS, SpinQuant, unrotated  # noqa: E402
+from quantization.spin_quant import FULL_BITS, SpinQuant, split_calibration, unrotated  # noqa: E402
 from spinquant_ptq import add_spinquant_flags, check_args, load_inputs  # noqa: E402
 
 
@@ -44,6 +47,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="random Hadamard seeds (at least 1)")
     p.add_argument("--qat", default="", help="comma-separated label=checkpoint folder of QAT runs to score too")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--study", default="", help="instead of the table: comma-separated lr:steps:nsamples:learn_weights "
+                   "(learn_weights rtn or none) runs of SpinQuant + --method at the first setting")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     from inference import resolve_device
@@ -51,7 +56,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = False  # activations of 4 bits: keep the float math exact
     try:
         check_args(args)
-        settings = parse_settings(args.settings)
+        settings = parse_settings(args.settings) if args.settings != "none" else []  # none: QAT rows only
         for w, a, kv in settings:
             for flag, bits in (("bits", w), ("act_bits", a), ("kv_bits", kv)):
                 if bits != FULL_BITS and not 2 <= bits <= 8:
@@ -66,7 +71,7 @@ def main(argv=None):
                 raise ValueError(f"qat={args.qat}: {folder}/ckpt.pt not found")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    base, checkpoint, seqlen, calibration = load_inputs(args, device, error)
+    base, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
     val = split_tokens(checkpoint["dataset"], "val")
 
     def score(model):
@@ -86,6 +91,8 @@ def main(argv=None):
                                                             if "gap_closed" in row else ""), flush=True)
         return loss
 
+    if args.study:
+        return study(args, base, checkpoint, settings[0], score, fp, device, heldout)
     for w, a, kv in settings:
         setting = f"W{w}A{a}KV{kv}"
         common = dict(bits=w, act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
@@ -102,17 +109,22 @@ def main(argv=None):
         spread = dict(seeds=random_losses, min=min(random_losses), max=max(random_losses))
         add(setting, f"random Hadamard + RTN, mean of {args.seeds} seeds", statistics.mean(random_losses), rtn,
             **spread)
+        learn_part = calibration if heldout is not None else split_calibration(calibration)[0]
         for method in ("rtn", "gptq"):
             if method == "gptq":
                 sq = SpinQuant(base, method="gptq", seed=0, **common)
-                sq.apply(calibration[:, :seqlen], nsamples=args.nsamples, progress=False)
+                sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False)
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
             sq = SpinQuant(base, method=method, seed=0, **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                 seed=args.seed, progress=False)
-            sq.apply(calibration[:, :seqlen], nsamples=args.nsamples, progress=False)
-            add(setting, f"SpinQuant + {method.upper()}", score(sq.model), rtn,
-                calib_loss=[losses[0], losses[-1]] if losses else None)
+                                 seed=args.seed, progress=False, heldout=heldout)
+            sq.apply(nsamples=args.nsamples, progress=False, select=False)
+            add(setting, f"SpinQuant + {method.upper()}, learned", score(sq.model), rtn,
+                calib_loss=[losses[0], losses[-1]] if losses else None, best_step=sq.info.get("best_step"),
+                heldout_losses=sq.heldout_losses)
+            sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True))
+            add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
+                candidates=sq.candidates)
     for label, folder in qat:
         model = from_pretrained(folder).to(device).eval()
         add("QAT", label, score(model))
@@ -132,6 +144,70 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": cfg, "rows": rows}, f, indent=1)
+    return rows
+
+
+def study(args, base, checkpoint, setting, score, fp, device, heldout):
+    """What learning needs: for each lr:steps:nsamples:learn_weights, the loss on the learning samples and on the
+    held-out ones (random start, best step, last step), and on validation against the random Hadamard start, the
+    folded model without rotation and the model as it came (each with the weight method)."""
+    from quantization.autoround.calibration import calibration_samples
+    w, a, kv = setting
+    common = dict(bits=w, act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
+                  device=device, method=args.method)
+    seqlen = args.seqlen or base.config.block_size
+    train = split_tokens(checkpoint["dataset"], "train")
+    rtn_model = unrotated(base, a, kv, args.act_sym)
+    rtn_quantize(rtn_model, weight_spec(w, args.group_size, args.sym))
+    rtn = score(rtn_model)
+    print(f"W{w}A{a}KV{kv} {args.method}: full precision {fp:.4f}, RTN no rotation {rtn:.4f}", flush=True)
+    runs = [item.split(":") for item in args.study.split(",")]
+    most = max(int(r[2]) for r in runs)
+    if heldout is not None:  # held-out windows after every run's calibration windows (a prefix of one draw)
+        windows = calibration_samples(train, most + heldout.shape[0], seqlen + 1, args.seed)
+        heldout = windows[most:]
+    rows, seen = [], set()
+    for lr, steps, nsamples, learn in runs:
+        lr, steps, nsamples, learn_weights = float(lr), int(steps), int(nsamples), learn == "rtn"
+        calibration = calibration_samples(train, nsamples, seqlen + 1, args.seed)
+        sq = SpinQuant(base, seed=0, **common)
+        sq.optimize(calibration, steps=steps, lr=lr, batch_size=args.batch_size, seed=args.seed, progress=False,
+                    eval_every=max(1, steps // 20), learn_weights=learn_weights, heldout=heldout)
+        best = sq.rotation_values()
+        fit_best = sq.evaluate(sq.calibration, learn_weights)
+        sq.set_rotations(*sq.start)
+        fit_start = sq.evaluate(sq.calibration, learn_weights)
+        sq.set_rotations(*best)
+        sq.apply(nsamples=nsamples, progress=False, select=False)
+        row = dict(lr=lr, steps=steps, nsamples=nsamples, learns_on="A+W(RTN)" if learn_weights else "A",
+                   fit_start=fit_start, fit_best=fit_best, held_start=sq.heldout_losses[0][1],
+                   held_best=min(h for _, h in sq.heldout_losses), held_last=sq.heldout_losses[-1][1],
+                   best_step=sq.info["best_step"], val_learned=score(sq.model))
+        if nsamples not in seen:  # the random start and the folded model without rotation, once per sample count
+            seen.add(nsamples)
+            for name, kwargs in (("val_random", {}), ("val_fold_only", dict(rotations=())),
+                                 ("val_no_rotation", dict(rotations=(), fold=False))):
+                other = SpinQuant(base, seed=0, **kwargs, **common)
+                other.calibration = sq.calibration
+                other.apply(nsamples=nsamples, progress=False, select=False)
+                row[name] = score(other.model)
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    print(f"\n{args.out_dir}: W{w}A{a}KV{kv}, weights by {args.method}; full precision {fp:.4f}, RTN no rotation "
+          f"{rtn:.4f}; loss on the learning samples (fit: random start -> best step), on the held-out samples and "
+          f"on validation (val)\n")
+    print("| lr | steps | samples | learns on | fit start -> best | held-out start / best (step) / last | "
+          "val learned | val random start | val folded, no rotation | val no rotation |")
+    print("|---:|---:|---:|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['lr']} | {r['steps']} | {r['nsamples']} | {r['learns_on']} | {r['fit_start']:.4f} -> "
+              f"{r['fit_best']:.4f} | {r['held_start']:.4f} / {r['held_best']:.4f} ({r['best_step']}) / "
+              f"{r['held_last']:.4f} | {r['val_learned']:.4f} | " + (
+                  f"{r['val_random']:.4f} | {r['val_fold_only']:.4f} | {r['val_no_rotation']:.4f} |"
+                  if "val_random" in r else "- | - | - |"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rtn": rtn, "fp": fp, "rows": rows}, f, indent=1)
     return rows
 
 

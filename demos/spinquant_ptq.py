@@ -37,6 +37,9 @@ def add_spinquant_flags(p):
     p.add_argument("--steps", type=int, default=100, help="Cayley SGD steps on R1/R2 (0: random Hadamard rotations)")
     p.add_argument("--lr", type=finite_float, default=1.5, help="Cayley SGD learning rate (cosine-decayed to 0)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
+    p.add_argument("--heldout_tokens", type=int, default=16384, help="held-out calibration tokens (other windows of "
+                   "the train split, never learned on) that choose among no rotation, random Hadamard and learned "
+                   "rotations; 0: a quarter of --nsamples")
     p.add_argument("--seqlen", type=int, default=0, help="tokens per calibration sample (0: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=8, help="calibration samples per Cayley step")
     p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
@@ -55,12 +58,14 @@ def check_args(args):
         bits = getattr(args, flag)
         if bits != FULL_BITS and not 2 <= bits <= 8:
             raise ValueError(f"{flag}={bits}: expected 2..8, or {FULL_BITS} for full precision")
-    for flag in ("steps", "group_size", "seqlen", "eval_tokens"):
+    for flag in ("steps", "group_size", "seqlen", "eval_tokens", "heldout_tokens"):
         if getattr(args, flag) < 0:
             raise ValueError(f"{flag}={getattr(args, flag)}: must be 0 or more")
     for flag in ("nsamples", "batch_size", "eval_batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"{flag}={getattr(args, flag)}: must be at least 1")
+    if args.nsamples < 2:
+        raise ValueError(f"nsamples={args.nsamples}: must be at least 2 (too few calibration tokens to learn on)")
     if not args.lr > 0:
         raise ValueError(f"lr={args.lr}: must be positive")
     if args.bits != FULL_BITS:
@@ -80,7 +85,8 @@ def load_plain(out_dir, device):
 
 
 def load_inputs(args, device, error):
-    """(model, checkpoint, seqlen, calibration samples of seqlen + 1 tokens), or exit with the flag's error line."""
+    """(model, checkpoint, seqlen, calibration samples of seqlen + 1 tokens, held-out samples or None), or exit
+    with the flag's error line. The held-out windows are other windows of the train split than the calibration's."""
     try:
         model, checkpoint = load_plain(args.out_dir, device)
     except (FileNotFoundError, ValueError) as e:
@@ -93,7 +99,14 @@ def load_inputs(args, device, error):
         calibration = calibration_samples(train_tokens, args.nsamples, seqlen + 1, args.seed)
     except (OSError, ValueError) as e:
         sys.exit(f"{error} --nsamples={args.nsamples}: {e}")
-    return model, checkpoint, seqlen, calibration
+    if not args.heldout_tokens:
+        return model, checkpoint, seqlen, calibration, None
+    extra = -(-args.heldout_tokens // (seqlen + 1))
+    try:  # the same random windows as above, then `extra` more
+        windows = calibration_samples(train_tokens, args.nsamples + extra, seqlen + 1, args.seed)
+    except ValueError as e:
+        sys.exit(f"{error} --heldout_tokens={args.heldout_tokens}: {e}")
+    return model, checkpoint, seqlen, windows[:args.nsamples], windows[args.nsamples:]
 
 
 def main(argv=None):
@@ -118,7 +131,7 @@ def main(argv=None):
                          [os.path.dirname(os.path.abspath(source))], args.overwrite)
     except ValueError as e:
         sys.exit(f"{error} --quantized_dir={args.quantized_dir}: {e}")
-    model, checkpoint, seqlen, calibration = load_inputs(args, device, error)
+    model, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
     try:
         sq = SpinQuant(model, bits=args.bits, act_bits=args.act_bits, kv_bits=args.kv_bits,
                        group_size=args.group_size, sym=args.sym, act_sym=args.act_sym, method=args.method,
@@ -140,11 +153,16 @@ def main(argv=None):
     print(f"no rotation (RTN): val loss {rtn['loss']:.4f}, perplexity {rtn['perplexity']:.2f}", flush=True)
     del baseline
     losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                         progress=args.progress)
+                         progress=args.progress, heldout=heldout)
     if losses:
         print(f"Cayley SGD: calibration loss {losses[0]:.4f} -> {sum(losses[-5:]) / len(losses[-5:]):.4f} "
               f"(mean of the last 5 steps)", flush=True)
-    sq.apply(calibration[:, :seqlen], nsamples=args.nsamples, seed=args.seed, progress=args.progress)
+    if sq.heldout_losses:
+        (_, first), best = sq.heldout_losses[0], min(sq.heldout_losses, key=lambda r: r[1])
+        print(f"held-out calibration loss: random start {first:.4f}, best {best[1]:.4f} at step {best[0]} "
+              f"(kept)", flush=True)
+    sq.apply(nsamples=args.nsamples, seed=args.seed, progress=args.progress,
+             log=lambda line: print(line, flush=True))
     q = score(sq.model)
     path = os.path.join(args.quantized_dir, "ckpt.pt")
     save_checkpoint(path, sq.checkpoint(checkpoint, dict(val_loss=q["loss"], base_val_loss=fp["loss"],
@@ -157,7 +175,7 @@ def main(argv=None):
     print(f"saved {path}: W{args.bits}A{args.act_bits}KV{args.kv_bits} spinquant+{args.method}, val loss "
           f"{q['loss']:.4f}")
     print(f"spinquant perplexity: {q['perplexity']:.2f} (no rotation {rtn['perplexity']:.2f}, "
-          f"full precision {fp['perplexity']:.2f})")
+          f"full precision {fp['perplexity']:.2f}), kept {sq.choice['name']}")
     return fp, rtn, q
 
 

@@ -138,6 +138,20 @@ def calibration_batch(calib_data):
     return calib_data
 
 
+HOLDOUT = 0.25  # share of the calibration samples held out to choose among the candidates (never learned on)
+
+
+def split_calibration(calib_data, holdout=HOLDOUT):
+    """(learn, held out): the last max(1, round(holdout N)) of N calibration samples are held out; ValueError when
+    fewer than 2 samples leave nothing to learn on or nothing to choose on."""
+    data = calibration_batch(calib_data)
+    n = data.shape[0]
+    if n < 2:
+        raise ValueError(f"{n} calibration sample: need at least 2 (a share is held out to choose the rotation)")
+    k = min(n - 1, max(1, round(n * holdout)))
+    return data[:n - k], data[n - k:]
+
+
 class SpinQuant:
     """Rotate a full-precision GPT for W`bits` A`act_bits` KV`kv_bits` quantization (16: that part stays full
     precision), learn R1/R2, then quantize its weights with `method` (rtn, gptq or autoround).
@@ -147,10 +161,11 @@ class SpinQuant:
 
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
                  method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
-                 weight_specs=None, dtype=torch.float32):
+                 weight_specs=None, dtype=torch.float32, fold=True):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
         and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
-        the rotated model and the rotations (float64 to check exactness)."""
+        the rotated model and the rotations (float64 to check exactness). `fold=False` (only with no rotations):
+        the norms stay LayerNorms, the model as it came (the no-rotation candidate)."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -174,8 +189,11 @@ class SpinQuant:
         self.rotations = tuple(rotations)
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
                          act_sym=act_sym, method=method, rotations=",".join(self.rotations), seed=seed, steps=0)
+        if not fold and rotations:
+            raise ValueError("fold=False: only without rotations (a rotation needs the norms folded)")
         # fold in float64, apply the fixed rotations (R3, R4), keep `dtype` weights for optimisation
-        folded = fold_norms(copy.deepcopy(model).to("cpu", torch.float64))
+        folded = copy.deepcopy(model).to("cpu", torch.float64)
+        folded = fold_norms(folded) if fold else folded
         fixed = dict(R3=hadamard_matrix(hd) if "R3" in rotations else None,
                      R4=hadamard_matrix(4 * C).t() if "R4" in rotations else None)
         state = rotate_state(folded.state_dict(), cfg, **fixed)
@@ -198,6 +216,39 @@ class SpinQuant:
         self.R1 = start("R1", C)
         self.R2 = [start("R2", hd) for _ in range(cfg.n_layer)] if "R2" in rotations else None
         self.losses, self.records, self.calibration = [], None, None
+        # what apply's choice needs: the model as given, the options, the random start, held-out samples
+        self.source, self.learn = model, tuple(learn)
+        self.options = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
+                            act_sym=act_sym, method=method, seed=seed, device=self.device, act_quant=act_quant,
+                            weight_specs=weight_specs, dtype=dtype)
+        self.start = self.rotation_values()
+        self.heldout, self.heldout_losses, self.candidates, self.choice = None, [], [], None
+
+    def rotation_values(self):
+        """Detached copies of (R1, R2)."""
+        return (None if self.R1 is None else self.R1.detach().clone(),
+                None if self.R2 is None else [R.detach().clone() for R in self.R2])
+
+    def set_rotations(self, R1, R2):
+        with torch.no_grad():
+            if self.R1 is not None:
+                self.R1.copy_(R1)
+            for R, value in zip(self.R2 or [], R2 or []):
+                R.copy_(value)
+
+    @torch.no_grad()
+    def evaluate(self, data, quantize_weights=False, model=None, batch_size=16):
+        """Mean cross-entropy per token over (N, T + 1) samples: of `model` (as it computes), or of the rotated
+        model under the current rotations (weights fake-quantized with quantize_weights)."""
+        total = 0.0
+        for b in range(0, data.shape[0], batch_size):
+            x = data[b:b + batch_size].to(self.device)
+            if model is None:
+                loss = self.loss(x[:, :-1], x[:, 1:], quantize_weights)
+            else:
+                loss = model(x[:, :-1], x[:, 1:])[1]
+            total += loss.item() * x.shape[0]
+        return total / data.shape[0]
 
     def rotated_state(self, quantize_weights=False):
         """The model's weights under the current R1 and R2 (differentiable); with quantize_weights, the linear
@@ -216,9 +267,15 @@ class SpinQuant:
     def parameters(self):
         return [R for R in ([self.R1] + (self.R2 or [])) if R is not None and R.requires_grad]
 
-    def optimize(self, calib_data, steps=100, lr=1.5, batch_size=8, seed=0, progress=True):
+    def optimize(self, calib_data, steps=100, lr=1.5, batch_size=8, seed=0, progress=True, holdout=HOLDOUT,
+                 eval_every=0, learn_weights=None, heldout=None):
         """Learn R1 and R2 by Cayley SGD (cosine-decayed lr) on the cross-entropy of the quantized model over
-        calibration samples (a list of (1, T) token tensors, or an (N, T) tensor); returns the loss per step."""
+        calibration samples (a list of (1, T) token tensors, or an (N, T) tensor); returns the loss per step.
+        A `holdout` share of the samples (or the samples `heldout`, when given) is not learned on: the
+        rotations are scored on it every `eval_every`
+        steps (0: steps // 10) and the best ones are kept (step 0, the random start, included), and apply
+        chooses among its candidates on it. `learn_weights`: fake-quantize the weights (RTN) in the loss
+        (None: only for method rtn; GPTQ and AutoRound learn against activation quantization only)."""
         if steps < 0:
             raise ValueError(f"steps={steps}: must be 0 (keep the random Hadamard start) or more")
         if batch_size < 1:
@@ -227,9 +284,23 @@ class SpinQuant:
         if data.shape[1] - 1 > self.config.block_size:
             raise ValueError(f"calibration samples of {data.shape[1]} tokens: longer than block_size + 1 "
                              f"({self.config.block_size + 1})")
-        self.calibration = data
-        quantize_weights = self.method == "rtn"  # GPTQ and AutoRound: learned against activation quantization only
+        if heldout is not None:
+            heldout = calibration_batch(heldout)
+            if heldout.shape[1] != data.shape[1]:
+                raise ValueError(f"held-out samples of {heldout.shape[1]} tokens: the calibration ones have "
+                                 f"{data.shape[1]}")
+        elif holdout:
+            data, heldout = split_calibration(data, holdout)
+        self.calibration, self.heldout = data, heldout
+        quantize_weights = self.method == "rtn" if learn_weights is None else learn_weights
+        if self.spec is None and not any(s is not None for s in self.weight_specs.values()):
+            quantize_weights = False
         params = self.parameters()
+        eval_every = eval_every or max(1, steps // 10)
+        best = None
+        if heldout is not None:
+            best = (self.evaluate(heldout, quantize_weights), 0, self.rotation_values())
+            self.heldout_losses.append((0, best[0]))
         g = torch.Generator().manual_seed(seed)
         for step in tqdm(range(steps), desc="spinquant", unit="step", disable=not progress):
             batch = data[torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=g)]
@@ -241,6 +312,14 @@ class SpinQuant:
                 for R, G in zip(params, grads):
                     R.copy_(cayley_step(R, G, step_lr))
             self.losses.append(loss.item())
+            if heldout is not None and params and ((step + 1) % eval_every == 0 or step + 1 == steps):
+                held = self.evaluate(heldout, quantize_weights)
+                self.heldout_losses.append((step + 1, held))
+                if held < best[0]:
+                    best = (held, step + 1, self.rotation_values())
+        if best is not None:
+            self.set_rotations(*best[2])
+            self.info["best_step"] = self.info["steps"] + best[1]
         self.info["steps"] = self.info["steps"] + steps
         return self.losses
 
@@ -250,9 +329,15 @@ class SpinQuant:
         self.model.load_state_dict({k: v.detach() for k, v in self.rotated_state().items()})
         return self.model
 
-    def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, **method_options):
+    def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, select=True, log=print, **method_options):
         """Bake the rotations in and quantize the weights with the method: {module name: QuantizedWeight}
-        (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data."""
+        (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data.
+        With `select` and held-out samples (optimize's), each candidate (no rotation; random Hadamard and learned
+        rotations, each as R1 only, R1+R2 and all) is quantized and scored on the held-out samples, `log` gets one
+        line per candidate and one for the choice, and the best is kept (self.choice, self.candidates); the
+        weight method then calibrates on optimize's learning samples only (calib_data is not used)."""
+        if select and self.heldout is not None:
+            return self.choose(calib_data, nsamples, seed, log, **method_options)
         model = self.bake()
         if self.spec is None:
             self.records = {}
@@ -265,6 +350,54 @@ class SpinQuant:
         if data is not None:
             config.nsamples, config.seqlen = min(nsamples, data.shape[0]), min(data.shape[1], model.config.block_size)
         self.records = make_quantizer(self.method, model, data, config).quantize()
+        return self.records
+
+    def candidate_list(self):
+        """[(name, rotations, (R1, R2) or None for the random start)]: no rotation first, then per rotation set
+        the random Hadamard start and the learned rotations (left out where learning changed nothing)."""
+        sets = []
+        for names in (("R1",), ("R1", "R2"), self.rotations):
+            names = tuple(r for r in ROTATIONS if r in names)
+            if names and set(names) <= set(self.rotations) and names not in sets:
+                sets.append(names)
+        learned = self.rotation_values()
+        changed = any(not torch.equal(a, b) for a, b in zip([learned[0], *(learned[1] or [])],
+                                                               [self.start[0], *(self.start[1] or [])])
+                      if a is not None)
+        out = [("no rotation", (), None)]
+        for names in sets:
+            label = "all" if names == ROTATIONS else "+".join(names)
+            out.append((f"random Hadamard {label}", names, self.start))
+            if changed and {"R1", "R2"} & set(names):
+                out.append((f"learned {label}", names, learned))
+        return out
+
+    def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
+        """apply's choice: quantize every candidate, score it on the held-out samples, keep the lowest loss.
+        GPTQ and AutoRound calibrate on optimize's learning samples, never on the held-out ones."""
+        data = self.calibration
+        options = {**self.options, "seed": self.info["seed"]}
+        results = []
+        for name, rotations, values in self.candidate_list():
+            sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=bool(rotations), **options)
+            if values is not None:
+                sq.set_rotations(*values)
+            sq.calibration = self.calibration
+            sq.apply(data, nsamples=nsamples, seed=seed, progress=False, select=False, **method_options)
+            loss = self.evaluate(self.heldout, model=sq.model)
+            results.append((loss, name, sq))
+            self.candidates.append(dict(name=name, heldout_loss=loss))
+            log(f"candidate {name}: held-out calibration loss {loss:.4f}")
+        loss, name, best = min(results, key=lambda r: r[0])  # ties: the earlier, simpler candidate
+        for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state"):
+            setattr(self, attr, getattr(best, attr))
+        none = results[0][0]
+        reason = ("no candidate beat it" if name == "no rotation" else
+                  f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f})")
+        self.choice = dict(name=name, heldout_loss=loss, reason=reason)
+        self.info.update(rotations=",".join(best.rotations) or "none", choice=name, heldout_loss=loss,
+                         heldout_samples=self.heldout.shape[0])
+        log(f"kept {name}: lowest held-out calibration loss {loss:.4f} of {len(results)} candidates; {reason}")
         return self.records
 
     def checkpoint(self, base, extra_info=None):
@@ -299,11 +432,87 @@ def check_qat(model_args):
             raise ValueError(f"--spinquant with --{flag}={model_args[flag]}: {e}") from None
 
 
-def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False):
+# QAT after the rotation (train.py --spinquant); module settings so that bench scripts can compare the choices
+# measured on the default model (docs/spinquant.md): a fresh AdamW at the scheduled lr did best; carrying the
+# moments or warming the lr up again ended worse, so both are off
+QAT_CARRY_MOMENTS = False  # AdamW's moments carried into the rotated basis (else: a fresh optimizer)
+QAT_REWARM = False         # warm the learning rate up again after the switch, over warmup_iters
+QAT_DECAY_FOLDED = True    # weight decay on the matrices that absorbed LayerNorm gains (q, k, v, mlp_up, head)
+NORM_READERS = {"attn.q": "ln_1", "attn.k": "ln_1", "attn.v": "ln_1", "mlp.mlp_up": "ln_2"}
+
+
+def _plain_name(name):
+    return name.replace(".parametrizations.weight.original", ".weight")
+
+
+def _reader_gain(key, old_params):
+    """The LayerNorm gain folded into the input columns of weight `key` (None when it reads no norm)."""
+    if key == "lm_head.weight":
+        return old_params.get("transformer.ln_f.weight")
+    for site, norm in NORM_READERS.items():
+        if key.endswith(f".{site}.weight"):
+            return old_params.get(key[:-len(f"{site}.weight")] + f"{norm}.weight")
+    return None
+
+
+@torch.no_grad()
+def qat_optimizer(old_model, old_optimizer, new_model, sq, weight_decay, learning_rate, betas, device_type):
+    """AdamW for the rotated QAT model. With QAT_CARRY_MOMENTS its state continues the old optimizer's: the step
+    count, the first moment mapped as a gradient is (divided by the folded LayerNorm gain on the input columns, then
+    rotated by R1-R4 exactly as the weights), and the second moment, which no rotation carries per coordinate, as
+    its mean over the tensor (divided by the squared gain). With QAT_DECAY_FOLDED off, the matrices that absorbed
+    LayerNorm gains are left out of weight decay (decay of W diag(g) R equals decay of W with g undecayed, so it
+    is on by default)."""
+    named = {_plain_name(n): p for n, p in new_model.named_parameters() if p.requires_grad}
+    undecayed = set() if QAT_DECAY_FOLDED else {
+        n for n in named if n == "lm_head.weight" or any(n.endswith(f".{site}.weight") for site in NORM_READERS)}
+    groups = [{"params": [p for n, p in named.items() if p.dim() >= 2 and n not in undecayed],
+               "weight_decay": weight_decay},
+              {"params": [p for n, p in named.items() if p.dim() < 2 or n in undecayed], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+    if not QAT_CARRY_MOMENTS or old_optimizer is None:
+        return optimizer
+    old = {_plain_name(n): p for n, p in old_model.named_parameters()}
+    first, second, steps = {}, {}, {}
+    for key, p in named.items():
+        source = old.get(key, old.get("transformer.wte.weight") if key == "lm_head.weight" else None)
+        state = old_optimizer.state.get(source) if source is not None else None
+        if not state or "exp_avg" not in state:
+            first[key], second[key] = torch.zeros_like(p), None
+            continue
+        m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+        gain = _reader_gain(key, old)
+        if gain is not None:
+            m, v = m / gain.double(), v / gain.double() ** 2
+        first[key], second[key], steps[key] = m, v.mean(), state["step"]
+    cfg, dev = new_model.config, next(iter(first.values())).device
+    hd = cfg.n_embd // cfg.n_head
+    rotated = rotate_state(first, cfg, R1=None if sq.R1 is None else sq.R1.detach().to(dev, torch.float64),
+                           R2=None if sq.R2 is None else [R.detach().to(dev, torch.float64) for R in sq.R2],
+                           R3=hadamard_matrix(hd).to(dev) if "R3" in sq.rotations else None,
+                           R4=hadamard_matrix(4 * cfg.n_embd).t().to(dev) if "R4" in sq.rotations else None)
+    for key, p in named.items():
+        if second.get(key) is None:
+            continue
+        optimizer.state[p] = {"step": steps[key].clone(), "exp_avg": rotated[key].to(p.dtype).reshape(p.shape),
+                              "exp_avg_sq": torch.full_like(p, second[key].item())}
+    return optimizer
+
+
+def qat_lr(lr, it, switch_iter, warmup_iters):
+    """The learning rate after the rotation: with QAT_REWARM, warmed up linearly again from the switch."""
+    if not QAT_REWARM or it < switch_iter:
+        return lr
+    return lr * min(1.0, (it - switch_iter + 1) / (warmup_iters + 1))
+
+
+def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, optimizer=None,
+                   optimizer_args=None):
     """QAT's rotations (train.py --spinquant): learn R1/R2 of a QAT model with its own weight and activation
     quantizers (weights frozen), bake R1-R4 in, and return (the rotated QAT model, its model_args); the new
     model's latent weights are the rotated ones, so training continues in the rotated basis.
-    `batches`: (N, T + 1) training tokens."""
+    `batches`: (N, T + 1) training tokens. With `optimizer` (and optimizer_args: weight_decay, learning_rate,
+    betas, device_type), also returns the new model's AdamW (qat_optimizer) as a fourth item."""
     check_plain({**model_args, "linear_variants": {}, "act_quant": {}, "embedding_quant": None}, "the QAT model")
     check_qat(model_args)
     plain_args = {**model_args, "linear_variants": {}, "weight_quant": {}, "act_quant": {}}
@@ -328,4 +537,6 @@ def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progre
     new_model.load_state_dict(rotated)
     new_model.set_quantization(model.quantization_enabled)
     new_model.train(model.training)
+    if optimizer_args is not None:
+        return new_model, new_args, sq.losses, qat_optimizer(model, optimizer, new_model, sq, **optimizer_args)
     return new_model, new_args, sq.losses

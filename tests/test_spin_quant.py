@@ -128,7 +128,7 @@ def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
     sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
     calib = _calibration(tokens)
     sq.optimize(calib, steps=3, progress=False)
-    records = sq.apply(progress=False)
+    records = sq.apply(progress=False, select=False)  # the learned rotations, whatever the held-out choice
     assert len(records) == 2 * 6
     path = tmp_path / "ckpt.pt"
     save_checkpoint(str(path), sq.checkpoint({"model_args": {}, "dataset": "shakespeare_char"}))
@@ -241,3 +241,79 @@ def test_from_pretrained_names_what_it_cannot_load(tmp_path):
     folder.mkdir()
     with pytest.raises(FileNotFoundError):  # a folder with neither ckpt.pt nor a Hugging Face config
         from_pretrained(str(folder))
+
+
+def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tmp_path):
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0)
+    sq.optimize(_calibration(tokens), steps=4, progress=False)
+    assert sq.heldout.shape[0] == 6 and sq.calibration.shape[0] == 18  # a quarter held out, never learned on
+    lines = []
+    sq.apply(progress=False, log=lines.append)
+    names = [c["name"] for c in sq.candidates]
+    assert names[0] == "no rotation" and "random Hadamard all" in names and len(lines) == len(names) + 1
+    best = min(sq.candidates, key=lambda c: c["heldout_loss"])
+    assert sq.choice["name"] == best["name"] and lines[-1].startswith(f"kept {best['name']}: ")
+    assert abs(sq.evaluate(sq.heldout, model=sq.model) - best["heldout_loss"]) < 1e-6
+    save_checkpoint(str(tmp_path / "ckpt.pt"), sq.checkpoint({"model_args": {}, "dataset": "shakespeare_char"}))
+    x = sq.heldout[:2, :-1]
+    assert torch.equal(from_pretrained(str(tmp_path))(x, x)[0], sq.model(x, x)[0])
+
+
+def test_no_rotation_candidate_is_the_unfolded_model(tiny_trained):
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=16, act_bits=16, kv_bits=16, rotations=(), fold=False)
+    x = torch.cat(_calibration(tokens, n=2))[:, :-1]
+    assert sq.config.norm == "layernorm" and torch.equal(sq.bake()(x, x)[0], model(x, x)[0])
+    with pytest.raises(ValueError, match="fold=False"):
+        SpinQuant(model, fold=False)
+
+
+def test_too_few_calibration_samples_are_refused(tiny_trained, plain_dir, tmp_path):
+    model, tokens = tiny_trained
+    with pytest.raises(ValueError, match="need at least 2"):
+        SpinQuant(model, bits=4).optimize(_calibration(tokens, n=1), steps=1, progress=False)
+    import demos.spinquant_ptq as demo
+    out = str(tmp_path / "sq")
+    error = run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--device=cpu", "--nsamples=1")
+    assert error.startswith("spinquant_ptq.py: error: --nsamples=1:") and "\n" not in error
+    assert not os.path.exists(out)
+
+
+def test_qat_optimizer_carries_the_step_and_rotates_the_first_moment(tiny_trained, monkeypatch):
+    import quantization.spin_quant as spin_quant
+    from quantization.spin_quant import qat_lr, rotate_for_qat
+    monkeypatch.setattr(spin_quant, "QAT_CARRY_MOMENTS", True)
+    monkeypatch.setattr(spin_quant, "QAT_REWARM", True)
+    import copy
+    model, tokens = copy.deepcopy(tiny_trained[0]), tiny_trained[1]  # the steps below must not train the fixture
+    data = torch.cat(_calibration(tokens, n=8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        model(data[:, :-1], data[:, 1:])[1].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    from dataclasses import asdict
+    args = asdict(model.config)
+    new_model, _, _, new_optimizer = rotate_for_qat(model, args, data, steps=2, optimizer=optimizer,
+                                                    optimizer_args=dict(weight_decay=0.1, learning_rate=1e-3,
+                                                                        betas=(0.9, 0.99), device_type="cpu"))
+    old = optimizer.state[model.transformer.h[0].attn.attn_proj.weight]
+    new = new_optimizer.state[new_model.transformer.h[0].attn.attn_proj.weight]
+    assert new["step"] == old["step"] == 3
+    # attn_proj reads no norm: R2 on its columns and R1 on its rows keep the moment's norm
+    assert abs(new["exp_avg"].norm() - old["exp_avg"].norm()) < 1e-4 * old["exp_avg"].norm()
+    assert not torch.allclose(new["exp_avg"], old["exp_avg"])
+    assert qat_lr(1.0, 10, 10, 4) == 1 / 5 and qat_lr(1.0, 14, 10, 4) == 1.0 and qat_lr(1.0, 9, 10, 4) == 1.0
+
+
+def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
+    import demos.spinquant_compare as compare
+    common = [f"--out_dir={plain_dir}", "--device=cpu", "--steps=2", "--nsamples=8", "--eval_tokens=1000",
+              "--settings=4/4/4"]
+    rows = compare.main(common + ["--seeds=1", "--progress=False"])
+    methods = [r["method"] for r in rows]
+    assert any(m.startswith("SpinQuant + GPTQ, kept: ") for m in methods) and "SpinQuant + RTN, learned" in methods
+    study = compare.main(common + ["--method=rtn", "--study=0.5:2:8:rtn,1.5:2:8:none"])
+    assert len(study) == 2 and study[0]["held_best"] <= study[0]["held_start"] and "val_fold_only" in study[0]
+    assert "| lr | steps |" in capsys.readouterr().out

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# SpinQuant on the default CPU model (`python train.py`, 4 layers, 128 wide, char-level; 1500 iterations): what a new
+# user trains first. Phases (PHASE=..., SEED=...):
+#   fp        train it in full precision: `python train.py --max_iters=1500 --seed=$SEED` (out-sq/cpu_fp_s$SEED)
+#   qat       QAT W4A4KV4 switched on at iteration 750: one run to 750 (out-sq/cpu_qatbase_s$SEED), then each variant
+#             resumes a copy of it to 1500: plain QAT, and --spinquant with quantization/spin_quant.py's QAT settings
+#             (with VARIANTS=1 also: AdamW state carried + lr warm-up; fresh AdamW + lr warm-up; state carried without
+#             warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices)
+#   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
+#   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
+#   baby      no GPU: the baby GPT preset trained 300 iterations on the CPU, then the W4A4KV4 PTQ table
+#   demo      the issue's command: demos/spinquant_ptq.py --bits=4 --act_bits=4 --steps=40 --nsamples=32
+# Logs: bench/results/spinquant_logs/; tables: bench/results/spinquant_cpu_*.md
+#   PHASE=fp SEED=1337 bash bench/spinquant_cpu.sh; PHASE=qat SEED=0 VARIANTS=1 bash bench/spinquant_cpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${THREADS:-1}
+LOGS=bench/results/spinquant_logs
+mkdir -p "$LOGS"
+[ -f data/shakespeare_char/val.bin ] || python data/shakespeare_char/prepare.py
+PHASE=${PHASE:-all}
+SEED=${SEED:-1337}
+VARIANTS=${VARIANTS:-0}
+STEPS=${STEPS:-100}
+S=$SEED
+QAT="--linear_variant_attn=quantized_linear --linear_variant_mlp=quantized_linear --quantize_linear_bits=4
+ --quantize_linear_method=affine_quant --activations_quant_method=affine_quant --activations_quant_granularity=per_token
+ --quantize_attn_act_input --quantize_attn_act_pv_mult_output --quantize_mlp_act_input
+ --quantize_mlp_act_activation_output --quantize_attn_act_qk_mult_k_input --quantize_attn_act_pv_mult_v_input
+ --quantize_attn_act_bits=4 --quantize_mlp_act_bits=4 --quantization_warmup_iters=750"
+# train.py with quantization/spin_quant.py's QAT settings set first: variant CARRY REWARM DECAY flags...
+variant() {
+  local carry=$1 rewarm=$2 decay=$3; shift 3
+  python -c "import sys; import quantization.spin_quant as s; s.QAT_CARRY_MOMENTS, s.QAT_REWARM, s.QAT_DECAY_FOLDED = $carry, $rewarm, $decay
+import train; train.main(sys.argv[1:])" "$@"
+}
+if [ "$PHASE" = fp ] || [ "$PHASE" = all ]; then
+  python train.py --max_iters=1500 --seed=$S --out_dir=out-sq/cpu_fp_s$S > $LOGS/train_cpu_fp_s$S.log 2>&1
+fi
+if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
+  [ -f out-sq/cpu_qatbase_s$S/ckpt.pt ] || python train.py --max_iters=750 --seed=$S --out_dir=out-sq/cpu_qatbase_s$S \
+    $QAT > $LOGS/train_cpu_qatbase_s$S.log 2>&1
+  run() {  # name carry rewarm decay [--spinquant]
+    local name=$1; shift
+    rm -rf out-sq/$name; cp -r out-sq/cpu_qatbase_s$S out-sq/$name
+    variant "$@" --init_from=resume --out_dir=out-sq/$name --max_iters=1500 --spinquant_steps=$STEPS $QAT \
+      > $LOGS/train_$name.log 2>&1
+  }
+  [ -f out-sq/cpu_qat_s$S/ckpt.pt ] || run cpu_qat_s$S True True True &
+  run cpu_spin_s$S False False True --spinquant  # the defaults: a fresh AdamW, no warm-up
+  wait
+  if [ "$VARIANTS" = 1 ]; then
+    run cpu_spin_carry_rewarm_s$S True True True --spinquant &
+    run cpu_spin_fresh_rewarm_s$S False True True --spinquant
+    wait
+    run cpu_spin_carry_s$S True False True --spinquant &
+    run cpu_spin_carry_rewarm_nodecay_s$S True True False --spinquant
+    wait
+  fi
+  grep -H "step 1500\|spinquant rotations" $LOGS/train_cpu_qat_s$S.log $LOGS/train_cpu_spin*_s$S.log
+fi
+if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
+  qat="QAT W4A4KV4=out-sq/cpu_qat_s$S,QAT W4A4KV4 + rotations=out-sq/cpu_spin_s$S"
+  for v in carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
+    [ -f out-sq/cpu_spin_${v}_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/cpu_spin_${v}_s$S"
+  done
+  python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=128 \
+    --seeds=3 --settings=${SETTINGS:-4/4/4} --eval_tokens=100000 --progress=False \
+    --json=bench/results/spinquant_cpu${TABLE:-}_s$S.json --qat="$qat" > bench/results/spinquant_cpu${TABLE:-}_s$S.md \
+    2> $LOGS/compare_cpu${TABLE:-}_s$S.err
+fi
+if [ "$PHASE" = study ]; then
+  for method in ${METHODS:-gptq rtn}; do
+    python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --method=$method --eval_tokens=100000 \
+      --settings=4/4/4 --progress=False --json=bench/results/spinquant_cpu_study_${method}_s$S.json \
+      --study=${STUDY:-1.5:40:32:none,1.5:40:32:rtn,1.5:100:128:none,1.5:100:128:rtn,0.5:100:128:rtn,0.1:100:128:rtn,1.5:100:512:rtn,1.5:300:512:rtn} \
+      > bench/results/spinquant_cpu_study_${method}_s$S.md 2> $LOGS/study_${method}_s$S.err
+  done
+fi
+if [ "$PHASE" = baby ]; then  # no GPU: the baby GPT preset, 300 iterations of 16 sequences, PTQ at W4A4KV4 only
+  [ -f out-sq/baby_cpu_fp_s$S/ckpt.pt ] || python train.py --config=configs/baby_gpt.toml --device=cpu \
+    --compile=False --max_iters=300 --lr_decay_iters=300 --batch_size=16 --eval_iters=10 --eval_interval=300 \
+    --log_interval=20 --seed=$S --out_dir=out-sq/baby_cpu_fp_s$S > $LOGS/train_baby_cpu_fp_s$S.log 2>&1
+  python demos/spinquant_compare.py --out_dir=out-sq/baby_cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=64 \
+    --seeds=2 --settings=4/4/4 --eval_tokens=50000 --progress=False --json=bench/results/spinquant_baby_cpu_s$S.json \
+    > bench/results/spinquant_baby_cpu_s$S.md 2> $LOGS/compare_baby_cpu_s$S.err
+fi
+if [ "$PHASE" = demo ] || [ "$PHASE" = all ]; then
+  python demos/spinquant_ptq.py --out_dir=out-sq/cpu_fp_s$S --quantized_dir=out-sq/cpu_spinquant_s$S --bits=4 \
+    --act_bits=4 --steps=40 --nsamples=32 --device=cpu --progress=False > $LOGS/spinquant_ptq_cpu_s$S.log 2>&1
+  tail -n 1 $LOGS/spinquant_ptq_cpu_s$S.log
+fi
