@@ -16,9 +16,8 @@ import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "demos")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
@@ -27,7 +26,7 @@ from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, split_calibration, unrotated  # noqa: E402
-from spinquant_ptq import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
 
 
 def parse_settings(text):
