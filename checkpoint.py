@@ -3,30 +3,17 @@ a file from a stranger cannot run code. They hold only tensors and plain Python 
 checkpoint against the model it describes is inference.load_checkpoint's job."""
 import os
 import pickle
-import tempfile
 
 import torch
 
-from safety import clean_stale_tmp, safe_name
+from safety import clean_stale_tmp, safe_name, write_atomic
 
 REQUIRED_KEYS = ("model", "model_args")
 
 
 def save_checkpoint(path, checkpoint):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    clean_stale_tmp(folder)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    clean_stale_tmp(os.path.dirname(os.path.abspath(path)))
+    write_atomic(path, lambda f: torch.save(checkpoint, f), mode="wb", prefix=".ckpt-")
 
 
 def checkpoint_dataset(checkpoint):

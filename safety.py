@@ -77,20 +77,27 @@ def check_output_dir(folder, results, sources=(), source_dirs=(), overwrite=Fals
         check_output_file(os.path.join(folder, name), sources, overwrite, overwrite_flag)
 
 
-def write_text_atomic(path, text):
-    """Write a text result (a table, JSON rows) whole: a temp file beside it, then a rename; a kill leaves the old
-    file or the new one."""
+def write_atomic(path, write, mode="w", prefix=".result-"):
+    """Write a file whole: write(f) fills a temp file beside `path` (flushed to disk), then a rename puts it in
+    place; a kill leaves the old file or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".result-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text_atomic(path, text):
+    """A text result (a table, JSON rows), written whole (write_atomic)."""
+    write_atomic(path, lambda f: f.write(text))
 
 
 def finite_float(text):

@@ -20,7 +20,7 @@ from quantization.layers import restore_activations, stored_activations
 from configurator import ConfigError, apply_resume, model_quant_config, parse_args_given
 from inference import autocast_context, load_checkpoint, resolve_device
 from model import GPT, GPTConfig
-from quantization.spin_quant import is_rotated
+from quantization.spin_quant import check_qat, is_rotated, qat_lr, rotate_for_qat
 from safety import check_out_dir, clean_stale_tmp, wandb_needs_offline
 from tokenizer import load_dataset
 
@@ -102,7 +102,6 @@ def build_model(args, quant, meta, from_gpt2):
 
 
 def check_spinquant(args, model_args):
-    from quantization.spin_quant import check_qat
     try:
         check_qat(model_args)
     except ValueError as e:
@@ -114,20 +113,22 @@ def check_spinquant(args, model_args):
         sys.exit(f"train.py: error: --spinquant_lr={args.spinquant_lr}: must be positive")
 
 
-def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num):
+def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer, lr, device_type):
     """Learn R1/R2 with the QAT quantizers on training sequences (weights frozen), once, when quantization
-    switches on; QAT then trains the rotated weights (the optimizer restarts: its moments were per coordinate)."""
-    from quantization.spin_quant import rotate_for_qat
+    switches on: (rotated model, its model_args, the AdamW that trains it: qat_optimizer, see spin_quant.py's
+    QAT_*)."""
     batches = []
     while sum(b.shape[0] for b in batches) < args.spinquant_nsamples:
         X, Y = get_batch("train")
         batches.append(torch.cat([X, Y[:, -1:]], dim=1))
     t = time.time()
-    rotated, new_args, losses = rotate_for_qat(qat_model, model_args, torch.cat(batches)[:args.spinquant_nsamples],
-                                               args.spinquant_steps, args.spinquant_lr, args.seed)
+    rotated, new_args, losses, new_optimizer = rotate_for_qat(
+        qat_model, model_args, torch.cat(batches)[:args.spinquant_nsamples], args.spinquant_steps,
+        args.spinquant_lr, args.seed, optimizer=optimizer, optimizer_args=dict(
+            weight_decay=args.weight_decay, learning_rate=lr, betas=(args.beta1, args.beta2), device_type=device_type))
     print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
           f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
-    return rotated, new_args
+    return rotated, new_args, new_optimizer
 
 
 def get_lr(args, it):
@@ -285,7 +286,6 @@ def main(argv=None):
                                                                 optimizer, lr, device_type)
             model = eval_model = torch.compile(raw_model) if args.compile else raw_model
         if args.spinquant and is_rotated(model_args):  # the lr after the rotation (QAT_REWARM)
-            from quantization.spin_quant import qat_lr
             lr = qat_lr(lr, iter_num, args.quantization_warmup_iters, args.warmup_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
