@@ -238,10 +238,10 @@ def _fastest(args, pairs, counters=None):
     back-to-back calls over copies of the layer's weights (enough copies to be twice the L2 cache, or TUNE_COPIES):
     weights from memory and no launch gaps, as in a graph-captured decode step and in bench/kernels.py. An isolated
     call's time (what this chose by before) includes a launch and ranked configs differently from run to run."""
-    times = {}
+    times, copies = {}, weight_copies(args)  # one set of copies for every candidate
     for kernel, config in pairs:
         try:
-            times[kernel, config] = graph_time(args, bind(kernel, counters), config)
+            times[kernel, config] = graph_time(args, bind(kernel, counters), config, copies)
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
             if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
                 raise
