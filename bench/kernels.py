@@ -17,6 +17,7 @@ import copy
 import functools
 import math
 import os
+import re
 import sys
 
 import torch
@@ -403,9 +404,14 @@ def main():
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args()
     variants, gemm_variants = ([v for v in value.split(",") if v] for value in (args.variants, args.gemm_variants))
-    unknown = [v for v in variants + gemm_variants if v not in VARIANTS]
-    if unknown:
-        p.error(f"unknown variant {unknown[0]!r}; expected some of: {', '.join(VARIANTS)}")
+    for flag, chosen in (("variants", variants), ("gemm_variants", gemm_variants)):
+        unknown = [v for v in chosen if v not in VARIANTS]
+        if unknown:
+            sys.exit(f"kernels.py: error: --{flag}: unknown variant {unknown[0]!r}; expected some of: {', '.join(VARIANTS)}")
+    for flag in ("shapes", "gemm_shapes", "binary", "profile"):  # in x out, positive integers
+        bad = [s for s in getattr(args, flag).split(",") if s and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", s)]
+        if bad:
+            sys.exit(f"kernels.py: error: --{flag}={getattr(args, flag)}: {bad[0]!r} is not a shape; expected in x out, e.g. 4096x11008")
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")

@@ -277,6 +277,17 @@ def test_the_loads_only_kernel_of_the_profile_reads_every_word_under_the_interpr
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("flag, named", [("--variants=int5 g128", "--variants"), ("--gemm_variants=fp4", "--gemm_variants"),
+                                         ("--binary=4096", "--binary"), ("--shapes=0x768", "--shapes")])
+def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
+    """Unknown formats and malformed shapes are refused before anything runs, on any machine."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernels.py"), flag],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"kernels.py: error: {named}"), \
+        result.stderr
+
+
 def test_the_kernel_benchmark_without_a_gpu_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: bench/kernels.py would run")

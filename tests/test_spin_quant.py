@@ -172,9 +172,12 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     import demos.spinquant_ptq as demo
     out = str(tmp_path / "sq")
     assert run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--steps=2", "--nsamples=8",
-                    "--eval_tokens=2000", "--device=cpu", "--progress=False", "--method=rtn") is None
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+                    "--heldout_tokens=200", "--eval_tokens=2000", "--device=cpu", "--progress=False",
+                    "--method=rtn") is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    last = lines[-1]
     assert last.startswith("spinquant perplexity: ") and "(no rotation " in last and ", full precision " in last
+    assert ", kept " in last and any(line.startswith("candidate no rotation: held-out") for line in lines)
     assert os.path.samefile(os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_spinquant.pt"))
     import sample
     assert run_main(sample.main, f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu") is None
@@ -190,6 +193,8 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     (["--bits=9"], "--bits=9"),
     (["--act_bits=1"], "--act_bits=1"),
     (["--nsamples=100000000"], "--nsamples=100000000"),
+    (["--heldout_tokens=-1"], "--heldout_tokens=-1"),
+    (["--heldout_tokens=1000000000"], "--heldout_tokens=1000000000"),
 ])
 def test_demo_bad_flags_one_line_nothing_written(plain_dir, tmp_path, flags, named):
     import demos.spinquant_ptq as demo
