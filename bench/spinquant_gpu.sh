@@ -24,8 +24,9 @@ PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase
 RESULTS=bench/results
 LOGS=$RESULTS/spinquant_logs
 mkdir -p "$LOGS"
-[ -f data/shakespeare_char/val.bin ] || python data/shakespeare_char/prepare.py
-[ -f data/shakespeare/val.bin ] || python data/shakespeare/prepare.py
+for d in shakespeare_char shakespeare; do  # a corpus is ready when its bins and meta.json are
+  [ -f data/$d/val.bin ] && [ -f data/$d/train.bin ] && [ -f data/$d/meta.json ] || python data/$d/prepare.py
+done
 
 QAT="--linear_variant_attn=quantized_linear --linear_variant_mlp=quantized_linear --quantize_linear_bits=4
  --quantize_linear_method=affine_quant --activations_quant_method=affine_quant --activations_quant_granularity=per_token
