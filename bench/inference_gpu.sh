@@ -43,9 +43,9 @@ for PART in $PARTS; do
                    # and where the time of a small layer goes
         run 120 python bench/kernels.py --check --variants="int4 g128" --shapes= --gemm_shapes= \
             --out="$R/kernels_${GPU}_goal_check.md"
-        run 200 python bench/kernels.py --variants="int4 g128" --shapes=768x3072,3072x768,4096x4096,4096x11008 \
-            --batches=1,16 --gemm_shapes=4096x11008 --binary=4096x4096 --out="$R/kernels_${GPU}_goal.md"
-        run 60 python bench/kernels.py --profile=768x3072,3072x768 --variants="int4 g128" \
+        run 240 python bench/kernels.py --variants="int4 g128" --shapes=768x3072,3072x768,4096x4096,4096x11008 \
+            --batches=1,16 --gemm_shapes=4096x11008,4096x4096 --binary=4096x4096 --out="$R/kernels_${GPU}_goal.md"
+        run 150 python bench/kernels.py --profile=768x3072,3072x768,768x2304,768x768 --variants="int4 g128" \
             --out="$R/kernels_profile_${GPU}_small.md" ;;
     modes_124m)  # the self-feeding CUDA graph of the step compiled one block for all layers, of the step compiled
                  # whole, and torch.compile's reduce-overhead mode; greedy tokens checked against the uncached

@@ -25,13 +25,18 @@ from quantization.kernels.layout import BLOCK, KERNEL_BITS  # noqa: E402 (the on
 GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV kernel, else the GEMM kernel
 # 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
 GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
+# one row, small layers in one step per program: every word of a program's tile loaded at once (one memory round
+# trip, the shape of tinygemm's kernel), narrow column tiles for enough programs without split-K: K = 768 in 32
+# blocks (24 used), K = 3072 in 128 (96 used)
+ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16, 128, 0, 4, 0),
+                    (8, 128, 0, 4, 0), (8, 128, 0, 2, 0)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
 # no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)). The last
-# four are for small layers (weights in L2, a few microseconds): narrow column tiles give many programs without
-# split-K, whose hand-off (store, counter, reload) is a second round trip through memory
+# six before ONE_STEP_CONFIGS are for small layers (weights in L2, a few microseconds): narrow column tiles give
+# many programs without split-K, whose hand-off (store, counter, reload) is a second round trip through memory
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
                   (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
-                  (32, 4, 4, 1, 1)]
+                  (32, 4, 4, 1, 1)] + ONE_STEP_CONFIGS
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
 # split)); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is dequantized
 # once per BLOCK_M rows of x
