@@ -3,8 +3,8 @@
 # on data/shakespeare, and the default model of `python train.py` (4 layers, 128 wide, char-level, 1500 iterations,
 # float32 as on a CPU). Trains each in full precision and with W4A4KV4 QAT (without and with --spinquant) on
 # SEEDS training seeds, all at once on the one GPU, then runs demos/spinquant_compare.py on every model and seed
-# (all SETTINGS on the first seed, W4A4KV4 on the others). Writes bench/results/spinquant_{baby,bpe,cpu}_s*.{md,json}
-# and the logs to bench/results/spinquant_logs/.
+# (all SETTINGS on the first seed, W4A4KV4 on the others). Writes bench/results/spinquant_gpu_{baby,bpe,cpu}_s*.{md,json}
+# and the logs to bench/results/spinquant_logs/gpu/.
 #   bash bench/spinquant_gpu.sh
 #   ITERS=2000 BPE_ITERS=1000 STEPS=100 SEEDS="0 1 2" bash bench/spinquant_gpu.sh
 #   PHASE=train bash bench/spinquant_gpu.sh; PHASE=compare bash bench/spinquant_gpu.sh   # the same, in two parts
@@ -22,7 +22,7 @@ DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITER
 EXTRA=${EXTRA:-}              # more train.py flags for every run
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
 RESULTS=bench/results
-LOGS=$RESULTS/spinquant_logs
+LOGS=$RESULTS/spinquant_logs/gpu  # apart from bench/spinquant_cpu.sh's logs of the same names
 mkdir -p "$LOGS"
 for d in shakespeare_char shakespeare; do  # a corpus is ready when its bins and meta.json are
   [ -f data/$d/val.bin ] && [ -f data/$d/train.bin ] && [ -f data/$d/meta.json ] || python data/$d/prepare.py
@@ -91,8 +91,8 @@ compare() {
   done
   [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0
   python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$seed --device=$DEVICE --steps=$STEPS --nsamples=64 \
-    --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False --json=$RESULTS/spinquant_${name}_s$seed.json \
-    --qat="${qat#,}" > $RESULTS/spinquant_${name}_s$seed.md 2> "$LOGS/compare_${name}_s$seed.err"
+    --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False --json=$RESULTS/spinquant_gpu_${name}_s$seed.json \
+    --qat="${qat#,}" > $RESULTS/spinquant_gpu_${name}_s$seed.md 2> "$LOGS/compare_${name}_s$seed.err"
 }
 first=${SEEDS%% *}
 cpids=()
@@ -107,7 +107,7 @@ python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=ou
 tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
 for pid in "${cpids[@]}"; do wait "$pid"; done
 date
-cat $RESULTS/spinquant_*_s*.md
+cat $RESULTS/spinquant_gpu_*_s*.md
 tail -n 5 "$LOGS"/compare_*.err
 python sample.py --out_dir=out-sq/bpe_spinquant --device=$DEVICE --num_samples=1 --max_new_tokens=60 --start="ROMEO:" \
   > "$LOGS/sample_bpe_spinquant.log" 2>&1; tail -n 4 "$LOGS/sample_bpe_spinquant.log"
