@@ -5,7 +5,6 @@ instructions of its main loop against the codes one thread handles per step.
     python bench/kernel_sass.py                       # every width, every config of ops.STREAM_CONFIGS, sm_90
     python bench/kernel_sass.py --bits=4 --configs=128x4x4 --show   # one kernel, and its loop's instructions
     python bench/kernel_sass.py --kernel=gemm --bits=4                # the GEMM: are x and the words copied ahead?
-    python bench/kernel_sass.py --kernel=gemm_wt --bits=4             # the transposed GEMM: the weight from registers?
 
 A config here is BLOCK_N x BLOCK_B x num_warps (the split and prefetch of ops.STREAM_CONFIGS are set by --split
 and --prefetch). The count is static (one pass of the loop body), a measure of work, not of time.
@@ -46,15 +45,14 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch):
 GEMM_SAMPLE = dict(M=256, N=11008, K=4096, stride_xm=4096, stride_ym=11008, blocks_per_group=4, blocks_per_split=128)
 
 
-def compile_gemm(bits, block_m, block_n, block_k, warps, stages, arch, name="_gemm_kernel"):
-    """_gemm_kernel (or _gemm_wt_kernel, the same arguments) as the launcher would compile it for GEMM_SAMPLE:
-    16-byte aligned pointers, and each integer argument the kernel specializes on marked divisible by 16 where the
-    sample's value is."""
+def compile_gemm(bits, block_m, block_n, block_k, warps, stages, arch):
+    """_gemm_kernel as the launcher would compile it for GEMM_SAMPLE: 16-byte aligned pointers, and each integer
+    argument the kernel specializes on marked divisible by 16 where the sample's value is."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from quantization.kernels import triton_kernels
-    fn = getattr(triton_kernels, name)
+    fn = triton_kernels._gemm_kernel
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in GEMM_SAMPLE}}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=False, PRECISION="tf32",
@@ -71,15 +69,6 @@ def gemm_loads(ttgir):
     """(asynchronous copies to shared memory, synchronous loads of x tiles) in a compiled GEMM's TTGIR."""
     return (ttgir.count("async_copy_global_to_local"),
             len(re.findall(r"= tt\.load [^\n]*tensor<\d+x\d+x!tt\.ptr<bf16>", ttgir)))
-
-
-def wgmma_operands(loop):
-    """(wgmma instructions, those whose A operand is a register, shared-memory stores) in a loop's SASS: on sm_90 an
-    HGMMA reads A from registers (HGMMA ... Rd, Ra, gdesc[..]) or from shared memory (Rd, gdesc[..], ..); an STS in
-    the loop is a tile written to shared memory by the threads (the asynchronous copies are LDGSTS)."""
-    hgmma = [t for t in loop if opcode(t) == "HGMMA"]
-    from_registers = [t for t in hgmma if re.search(r"HGMMA\S*\s+R\w+,\s*R\d+,", t)]
-    return len(hgmma), len(from_registers), sum(opcode(t) == "STS" for t in loop)
 
 
 def disassemble(cubin):
@@ -116,9 +105,8 @@ def opcode(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", default="stream", choices=("stream", "gemm", "gemm_wt"),
-                   help="the one-row kernel (instructions per code), the GEMM or the transposed GEMM (how x and the "
-                   "words are loaded, where wgmma reads the weight)")
+    p.add_argument("--kernel", default="stream", choices=("stream", "gemm"),
+                   help="the one-row kernel (instructions per code) or the GEMM (how x and the words are loaded)")
     p.add_argument("--bits", default="8,4,3,2,1", help="comma-separated code widths (ternary runs the 2-bit kernel)")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_NxBLOCK_Bxwarps (default: those of "
                    "ops.STREAM_CONFIGS)")
@@ -147,8 +135,8 @@ def main():
             fail(f"--configs={args.configs!r}: expected BLOCK_NxBLOCK_Bxwarps, e.g. 128x4x4")
     else:
         configs = sorted({(n, b, w) for n, b, _, w, _ in ops.STREAM_CONFIGS})
-    if args.kernel in ("gemm", "gemm_wt"):
-        gemm_table(bits, args.arch, args.show, args.kernel)
+    if args.kernel == "gemm":
+        gemm_table(bits, args.arch, args.show)
         return
     print(f"| bits | BLOCK_N x BLOCK_B x warps | loop instructions | codes per thread per step | per code | "
           f"registers | most frequent |")
@@ -166,29 +154,20 @@ def main():
                 print("\n".join(loop))
 
 
-def gemm_table(bits, arch, show, kernel="gemm"):
-    """Every config of the GEMM's (ops.GEMM_CONFIGS and SMALL_GEMM_CONFIGS) or the transposed GEMM's
-    (WT_GEMM_CONFIGS, WT_SMALL_GEMM_CONFIGS): how its tiles are loaded, its main loop's size, and where its wgmma
-    instructions read the weight (A from registers: the transposed GEMM's aim) and how many shared-memory stores
-    the loop still makes (a layout conversion of a tile through shared memory)."""
+def gemm_table(bits, arch, show):
+    """Every config of ops.GEMM_CONFIGS and SMALL_GEMM_CONFIGS: how its tiles are loaded, its main loop's size."""
     from quantization.kernels import ops
-    if kernel == "gemm_wt":
-        name, pool = "_gemm_wt_kernel", ops.WT_SMALL_GEMM_CONFIGS + ops.WT_GEMM_CONFIGS
-    else:
-        name, pool = "_gemm_kernel", ops.SMALL_GEMM_CONFIGS + ops.GEMM_CONFIGS
-    configs = sorted({tuple(c[:5]) for c in pool})
+    configs = sorted({tuple(c[:5]) for c in ops.SMALL_GEMM_CONFIGS + ops.GEMM_CONFIGS})
     print("| bits | BLOCK_M x BLOCK_N x BLOCK_K x warps x stages | asynchronous copies | x tiles loaded synchronously "
-          "| loop instructions | registers | wgmma (A from registers) | STS in loop |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+          "| loop instructions | registers |")
+    print("|---:|---|---:|---:|---:|---:|")
     for b in bits:
         for config in configs:
-            compiled = compile_gemm(b, *config, arch, name=name)
-            copies, sync_x = gemm_loads(compiled.asm["ttgir"])
-            code, registers = disassemble(compiled.asm["cubin"])
+            kernel = compile_gemm(b, *config, arch)
+            copies, sync_x = gemm_loads(kernel.asm["ttgir"])
+            code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)
-            hgmma, from_registers, stores = wgmma_operands(loop)
-            print(f"| {b} | {'x'.join(map(str, config))} | {copies} | {sync_x} | {len(loop)} | {registers} | "
-                  f"{hgmma} ({from_registers}) | {stores} |", flush=True)
+            print(f"| {b} | {'x'.join(map(str, config))} | {copies} | {sync_x} | {len(loop)} | {registers} |", flush=True)
             if show:
                 print("\n".join(loop))
 

@@ -59,13 +59,11 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                                                                    config, counters=layer.split_counters)))
             # the split-K arrival counters are back to zero for the next call
             assert not layer.split_counters.any()
-        else:  # both GEMMs with K split into one tile per program (16-row tiles: 20 rows are two tiles)
-            for launcher in (ops.gemm, ops.gemm_wt):
-                ys.append((f"{launcher.__name__} split-K", launcher(x, layer.qweight, layer.scale, layer.zero,
-                                                                    layer.bias, layer.bits, blocks, layer.zero_const,
-                                                                    (16, 64, 32, 4, 1, 64),
-                                                                    counters=layer.split_counters)))
-                assert not layer.split_counters.any()
+        else:  # the GEMM with K split into one tile per program (16-row tiles: 20 rows are two tiles)
+            ys.append(("gemm split-K", ops.gemm(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
+                                                blocks, layer.zero_const, (16, 64, 32, 4, 1, 64),
+                                                counters=layer.split_counters)))
+            assert not layer.split_counters.any()
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
@@ -92,15 +90,13 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     # float32 accumulation over at most 128 products: relative error far below one quantization step
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
-    # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM and
-    # transposed GEMM at 16 rows, GEMV, dequantize then matmul, both GEMMs split-K), 20 (both GEMMs, dequantize then
-    # matmul, both GEMMs split-K)
+    # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM at 16 rows,
+    # GEMV, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K)
     ran = {(r[6], r[8]) for r in rows}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
-                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm_wt"), (3, "gemm split-K"),
-                   (3, "gemm_wt split-K"), (20, "layer"), (20, "gemm"), (20, "dequant_mm"), (20, "gemm_wt"),
-                   (20, "gemm split-K"), (20, "gemm_wt split-K")}, ran
-    assert len(rows) == 17 * len(SPECS)
+                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
+                   (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")}, ran
+    assert len(rows) == 13 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""
@@ -342,19 +338,6 @@ def test_the_gemm_copies_its_x_tiles_ahead():
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 4 |")]
     assert len(rows) >= 5 and all(int(r[3]) >= 4 and int(r[4]) == 0 for r in rows), rows
-
-
-def test_the_transposed_gemm_feeds_wgmma_the_weight_from_registers():
-    """bench/kernel_sass.py --kernel=gemm_wt: in every config of the transposed GEMM compiled for sm_90, every wgmma
-    of the main loop reads its A operand (the dequantized weight) from registers, and x is copied ahead."""
-    pytest.importorskip("triton")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_sass.py"), "--kernel=gemm_wt",
-                             "--bits=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 4 |")]
-    wgmma = [r[7].split() for r in rows]
-    assert len(rows) >= 5 and all(int(r[3]) >= 4 and int(r[4]) == 0 for r in rows), rows
-    assert all(int(w[0]) > 0 and w[1] == f"({w[0]})" for w in wgmma), rows
 
 
 def test_tinygemm_is_skipped_with_its_reason_and_the_decode_run_goes_on(tmp_path):

@@ -45,14 +45,6 @@ GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0), (64, 128, 64, 4, 3, 0), (128, 64, 64, 4
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
 SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 64, 4, 3, 4), (16, 64, 128, 4, 4, 8), (16, 128, 128, 4, 3, 2),
                       (16, 64, 128, 4, 3, 0)]
-# the transposed GEMM (gemm_wt: the dequantized weight is the A operand, read from registers on sm_90), same fields;
-# BLOCK_N is wgmma's M (a multiple of 64 per warp group of four warps), BLOCK_M its N. Untimed so far: listed after
-# the others, so that one of them must lose by TIE for it to be chosen
-WT_GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0), (64, 128, 64, 4, 3, 0), (128, 64, 64, 4, 3, 0), (256, 128, 64, 8, 3, 0),
-                   (128, 128, 128, 8, 2, 0), (64, 64, 128, 4, 4, 0)]
-# 2 to 16 rows: one 16-row tile (wgmma N = 16), split-K to fill the GPU
-WT_SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 3, 4), (16, 64, 128, 4, 4, 8),
-                         (16, 128, 64, 4, 3, 2)]
 # the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps) of the dequantize
 DEQUANT_CONFIGS = [(32, 256, 4)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
@@ -151,9 +143,8 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     return y
 
 
-def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None, kernel=None):
-    """counters as for stream_gemv: at least one per (BLOCK_M, BLOCK_N) tile of y when K is split. kernel:
-    _gemm_kernel (None) or _gemm_wt_kernel, which take the same arguments."""
+def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
+    """counters as for stream_gemv: at least one per (BLOCK_M, BLOCK_N) tile of y when K is split."""
     block_m, block_n, block_k, warps, stages, split = config
     m, k = x.shape
     n = qweight.shape[1]
@@ -170,7 +161,7 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    (kernel or triton_kernels._gemm_kernel)[grid](
+    triton_kernels._gemm_kernel[grid](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group,
         per_split * block_k // BLOCK,
@@ -178,13 +169,6 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
-
-
-def gemm_wt(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
-    """gemm with the operands swapped (_gemm_wt_kernel: y^T tiles = dequant(W) tile @ x^T tile); the same config
-    fields, grid, split-K and counters."""
-    return gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters,
-                kernel=triton_kernels._gemm_wt_kernel)
 
 
 def scratch(numel, device, dtype):
@@ -226,10 +210,8 @@ def candidates(m, group_size):
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
     if m <= GEMV_MAX_ROWS:
         return ([(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in SMALL_GEMM_CONFIGS]
-                + [(gemv, c) for c in GEMV_CONFIGS] + dequants
-                + [(gemm_wt, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in WT_SMALL_GEMM_CONFIGS])
-    return ([(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in GEMM_CONFIGS] + dequants
-            + [(gemm_wt, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in WT_GEMM_CONFIGS])
+                + [(gemv, c) for c in GEMV_CONFIGS] + dequants)
+    return [(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in GEMM_CONFIGS] + dequants
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
@@ -253,7 +235,7 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
 
 def bind(kernel, counters):
     """A split-K kernel with the layer's own arrival counters (PackedLinear.split_counters)."""
-    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm, gemm_wt) else kernel
+    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm) else kernel
 
 
 def _fastest(args, pairs, counters=None):

@@ -1,6 +1,6 @@
 """Triton kernels for y = x @ dequant(W)^T (+ bias), read straight from the packed codes of layout.py.
 
-Five kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
+Four kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
 - `_stream_gemv_kernel` for one row of x: each step loads the words of a few blocks x BLOCK_N outputs and walks
   their fields in a static loop, one broadcast value of x per field, into a 2-D accumulator that is summed once
   at the end (two instructions per code); split-K over a second grid axis, the last program of a column tile
@@ -12,9 +12,6 @@ Five kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
   dequantized to (code - zero) * scale in the activation dtype and accumulated in place on the tensor cores; a
   tile never straddles a group. Split-K as in the one-row kernel, for problems of few tiles (decode at batch 2 to
   16);
-- `_gemm_wt_kernel`: `_gemm_kernel` with the operands swapped, y^T tile = dequantized W tile @ x^T tile, so that on
-  sm_90 the weight is wgmma's A operand (read from registers) rather than its B operand (read from shared memory
-  only); the same grid, groups, split-K and arguments. A candidate beside `_gemm_kernel` (ops.gemm_wt);
 - `_dequant_kernel`: the whole weight into a bf16 (K, N) scratch, for prefill through cuBLAS (ops.dequant_mm).
 All accumulate in float32. In the one-row kernel a code becomes a float with one AND: the field, masked where it
 lies, read as a subnormal float32 (see `_sub`). The others use the 2**23 trick (OR the field into the mantissa of
@@ -381,80 +378,4 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-
-
-@triton.jit
-def _codes_along_k_t(w_ptr, offs_n, offs_k, mask_n, N, num_blocks, BITS: tl.constexpr):
-    """_codes_along_k transposed: the codes (len(offs_n), len(offs_k)) at outputs offs_n and inputs offs_k, int32,
-    each element loading the word that holds its code and shifting it out (the tile comes out in the layout the
-    compiler gives its loads: for the A operand of wgmma, the registers it is read from). Past the padded K: 0."""
-    mask = mask_n[:, None] & (offs_k < num_blocks * BLOCK)[None, :]
-    if BITS == 3:  # low two bits in word (k % 32) // 16 of the block, high bit in its word 2
-        base = (offs_k // BLOCK) * 3
-        low = tl.load(w_ptr + offs_n[:, None] + (base + (offs_k % BLOCK) // 16)[None, :] * N, mask=mask, other=0)
-        high = tl.load(w_ptr + offs_n[:, None] + (base + 2)[None, :] * N, mask=mask, other=0)
-        return ((low >> ((offs_k % 16) * 2)[None, :]) & 3) | (((high >> (offs_k % BLOCK)[None, :]) & 1) << 2)
-    else:
-        per_word: tl.constexpr = 32 // BITS
-        words = tl.load(w_ptr + offs_n[:, None] + (offs_k // per_word)[None, :] * N, mask=mask, other=0)
-        return (words >> ((offs_k % per_word) * BITS)[None, :]) & ((1 << BITS) - 1)
-
-
-# as _gemm_kernel: K and x's row stride keep their divisibility specialization (the x tiles are copied ahead)
-@triton.jit(do_not_specialize=["M", "stride_ym", "blocks_per_group", "blocks_per_split"])
-def _gemm_wt_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
-                    blocks_per_group, blocks_per_split,
-                    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
-    """_gemm_kernel with the operands swapped: the transposed tile y^T (BLOCK_N, BLOCK_M) = W (BLOCK_N, BLOCK_K)
-    dequantized in registers times x^T (BLOCK_K, BLOCK_M) loaded from memory. On sm_90 the dequantized weight is
-    then wgmma's A operand, which it reads from registers, and x^T its B operand from shared memory (copied ahead
-    by the pipeliner); in _gemm_kernel the weight is the B operand, which wgmma reads only from shared memory, so
-    every K step stores the dequantized tile there and fences before the wgmma. The tile is written transposed
-    back into y (M, N). BLOCK_M is wgmma's N (16 is legal: decode at batch 2 to 16), BLOCK_N its M (a multiple
-    of 64 per warp group). Groups, zero points, bias and split-K (workspace, an arrival counter per tile, the last
-    program adds the partials in split order) as in _gemm_kernel."""
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    num_blocks = tl.cdiv(K, BLOCK)
-    k_first = pid_k * blocks_per_split * BLOCK
-    k_last = tl.minimum(k_first + blocks_per_split * BLOCK, K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(k_first, k_last, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                     mask=mask_m[None, :] & (offs_k[:, None] < K), other=0.0)
-        codes = _codes_along_k_t(w_ptr, offs_n, offs_k, mask_n, N, num_blocks, BITS)
-        group = (k0 // BLOCK) // blocks_per_group  # BLOCK_K divides the group size: one group per tile
-        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            w = (_as_float(codes) - zero[:, None]) * scale[:, None]
-        else:
-            w = (_as_float(codes) - ZERO) * scale[:, None]
-        acc = tl.dot(w.to(xt.dtype), xt, acc, input_precision=PRECISION)
-    # y^T's element (n, m) goes to y[m, n]: no transpose in registers, the pointers are transposed
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    mask_y = mask_n[:, None] & mask_m[None, :]
-    if SPLIT:
-        splits = tl.num_programs(2)
-        tile_offs = offs_m[None, :] * N + offs_n[:, None]
-        tl.store(ws_ptr + pid_k * M * N + tile_offs, acc, mask=mask_y)
-        tl.debug_barrier()  # every thread's partials are written before the count says so
-        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            for k in range(0, splits):  # in split order: the same sum every call
-                acc += tl.load(ws_ptr + k * M * N + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-            tl.atomic_xchg(counter, 0)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
