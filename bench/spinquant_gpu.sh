@@ -21,6 +21,7 @@ SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
 DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
 EXTRA=${EXTRA:-}              # more train.py flags for every run
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
+QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
 RESULTS=bench/results
 LOGS=$RESULTS/spinquant_logs/gpu  # apart from bench/spinquant_cpu.sh's logs of the same names
 mkdir -p "$LOGS"
@@ -91,24 +92,27 @@ compare() {
   done
   [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0
   python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$seed --device=$DEVICE --steps=$STEPS --nsamples=64 \
-    --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False --json=$RESULTS/spinquant_gpu_${name}_s$seed.json \
-    --qat="${qat#,}" > $RESULTS/spinquant_gpu_${name}_s$seed.md 2> "$LOGS/compare_${name}_s$seed.err"
+    --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False \
+    --json=$RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.json --qat="${qat#,}" \
+    > $RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.md 2> "$LOGS/compare${TABLE}_${name}_s$seed.err"
 }
 first=${SEEDS%% *}
+TABLE=; [ "$QAT_ONLY" = 1 ] && TABLE=_qat
 cpids=()
 for s in $SEEDS; do
-  settings=4/4/4; [ "$s" = "$first" ] && settings=$SETTINGS
+  settings=4/4/4; [ "$s" = "$first" ] && settings=$SETTINGS; [ "$QAT_ONLY" = 1 ] && settings=none
   compare baby $s 100000 $settings & cpids+=($!)
   compare bpe $s 0 $settings & cpids+=($!)
   compare cpu $s 100000 $settings & cpids+=($!)
 done
-python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant --device=$DEVICE \
-  --steps=$STEPS --nsamples=64 --eval_tokens=50000 --progress=False > "$LOGS/spinquant_ptq_bpe.log" 2>&1
-tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
+[ "$QAT_ONLY" = 1 ] || python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant \
+  --device=$DEVICE --steps=$STEPS --nsamples=64 --eval_tokens=50000 --progress=False > "$LOGS/spinquant_ptq_bpe.log" 2>&1
+[ "$QAT_ONLY" = 1 ] || tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
 for pid in "${cpids[@]}"; do wait "$pid"; done
 date
-cat $RESULTS/spinquant_gpu_*_s*.md
+cat $RESULTS/spinquant_gpu${TABLE}_*_s*.md
 tail -n 5 "$LOGS"/compare_*.err
+[ "$QAT_ONLY" = 1 ] && exit 0
 python sample.py --out_dir=out-sq/bpe_spinquant --device=$DEVICE --num_samples=1 --max_new_tokens=60 --start="ROMEO:" \
   > "$LOGS/sample_bpe_spinquant.log" 2>&1; tail -n 4 "$LOGS/sample_bpe_spinquant.log"
 exit 0

@@ -107,7 +107,8 @@ def rotate_state(state, config, R1=None, R2=None, R3=None, R4=None):
                     s[f"{p}{site}.bias"] = s[f"{p}{site}.bias"] @ R1
     if R1 is not None:
         for key in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"):
-            s[key] = s[key] @ R1
+            if key in s:  # absent from a state whose residual stream rotates online (QAT_KEEP_EMBEDDING)
+                s[key] = s[key] @ R1
     return s
 
 
@@ -438,6 +439,11 @@ def check_qat(model_args):
 QAT_CARRY_MOMENTS = False  # AdamW's moments carried into the rotated basis (else: a fresh optimizer)
 QAT_REWARM = False         # warm the learning rate up again after the switch, over warmup_iters
 QAT_DECAY_FOLDED = True    # weight decay on the matrices that absorbed LayerNorm gains (q, k, v, mlp_up, head)
+# the token embedding, its tied head and ln_f stay as trained, and the residual stream is rotated online at the
+# embedding's output and back before ln_f (GPTConfig.residual_rotation: two C x C products per token); else they are
+# folded and rotated as in PTQ, which unties the head (a second vocab x C matrix to train: on the BPE model 19M
+# parameters more) and moves ln_f's gain into it
+QAT_KEEP_EMBEDDING = True
 NORM_READERS = {"attn.q": "ln_1", "attn.k": "ln_1", "attn.v": "ln_1", "mlp.mlp_up": "ln_2"}
 
 
@@ -487,10 +493,13 @@ def qat_optimizer(old_model, old_optimizer, new_model, sq, weight_decay, learnin
         first[key], second[key], steps[key] = m, v.mean(), state["step"]
     cfg, dev = new_model.config, next(iter(first.values())).device
     hd = cfg.n_embd // cfg.n_head
+    kept = {k: first.pop(k) for k in ("transformer.wte.weight", "transformer.wpe.weight")
+            if cfg.residual_rotation and k in first}  # not rotated: the stream rotates after them
     rotated = rotate_state(first, cfg, R1=None if sq.R1 is None else sq.R1.detach().to(dev, torch.float64),
                            R2=None if sq.R2 is None else [R.detach().to(dev, torch.float64) for R in sq.R2],
                            R3=hadamard_matrix(hd).to(dev) if "R3" in sq.rotations else None,
                            R4=hadamard_matrix(4 * cfg.n_embd).t().to(dev) if "R4" in sq.rotations else None)
+    rotated.update(kept)
     for key, p in named.items():
         if second.get(key) is None:
             continue
@@ -527,6 +536,13 @@ def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progre
     rotated = {k: v.detach() for k, v in sq.rotated_state().items()}
     new_args = {**model_args, "norm": sq.config.norm, "tied_head": False,
                 "online_transforms": dict(sq.config.online_transforms)}
+    if QAT_KEEP_EMBEDDING:  # embedding, tied head and ln_f as they were; R1 applied online (residual_rotation)
+        rotated = {k: v for k, v in rotated.items() if not k.startswith(("lm_head.", "transformer.ln_f."))}
+        rotated.update({k: v for k, v in state.items()
+                        if k.startswith(("transformer.wte.", "transformer.wpe.", "transformer.ln_f."))})
+        if sq.R1 is not None:
+            rotated["residual_rotation"] = sq.R1.detach().float()
+        new_args.update(tied_head=model_args.get("tied_head", True), residual_rotation=True)
     with torch.random.fork_rng(devices=[]):
         new_model = GPT(GPTConfig(**new_args)).to(device)
     names = set(new_model.state_dict())

@@ -220,10 +220,41 @@ def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, c
                      "--quantize_linear_bits=4", "--quantize_mlp_act_input", "--quantize_attn_act_pv_mult_v_input",
                      "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token")
     assert "iter 6: spinquant rotations learned" in capsys.readouterr().out
-    args = load_checkpoint(out)["model_args"]
-    assert args["norm"] == "rmsnorm" and not args["tied_head"] and args["online_transforms"]
+    checkpoint = load_checkpoint(out)
+    args = checkpoint["model_args"]
+    # the blocks are folded and rotated; the embedding keeps its tied head, the stream rotates online
+    assert args["norm"] == "rmsnorm" and args["tied_head"] and args["residual_rotation"] and args["online_transforms"]
+    R1 = checkpoint["model"]["residual_rotation"]
+    assert torch.allclose(R1 @ R1.t(), torch.eye(R1.shape[0]), atol=1e-5) and not torch.equal(R1, torch.eye(len(R1)))
+    assert "lm_head.weight" not in checkpoint["model"]
     model = from_pretrained(out)
     assert model.config.linear_variants["mlp_up"] == "quantized_linear"
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_qat_rotation_computes_the_same_logits_and_keeps_the_embedding(tiny_trained, monkeypatch, keep):
+    """rotate_for_qat changes no function (quantizers off): with QAT_KEEP_EMBEDDING the token embedding,
+    its tied head and ln_f are the trained ones and the rotation is applied online; without, they are folded."""
+    import copy
+    import quantization.spin_quant as spin_quant
+    monkeypatch.setattr(spin_quant, "QAT_KEEP_EMBEDDING", keep)
+    model, tokens = copy.deepcopy(tiny_trained[0]).double(), tiny_trained[1]
+    data = torch.cat(_calibration(tokens, n=8))
+    from dataclasses import asdict
+    new_model, new_args, _ = spin_quant.rotate_for_qat(model, asdict(model.config), data, steps=2)
+    new_model.set_quantization(False)
+    x = data[:2, :-1]
+    expected, got = model.eval()(x, x)[0], new_model.double().eval()(x, x)[0]
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()  # rotate_for_qat works in float32
+    assert new_args["tied_head"] == keep and new_args.get("residual_rotation", False) == keep
+    if keep:
+        assert torch.equal(new_model.transformer.wte.weight, model.transformer.wte.weight)
+        assert torch.equal(new_model.transformer.ln_f.weight, model.transformer.ln_f.weight)
+        # a step of the kept model decodes the same tokens as its full forward (the rotation in the cached path)
+        from generate import generate
+        a = generate(new_model, x[:1, :4], 6, temperature=0)
+        b = generate(new_model, x[:1, :4], 6, temperature=0, use_cache=False)
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("flags, named", [

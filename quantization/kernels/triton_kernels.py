@@ -209,6 +209,17 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
             w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
             c0, c1, c2, c3, c4, c5, c6, c7 = _words(w_ptrs, N, mask_w, BITS)
         x_ptrs = x_row + offs_b * BLOCK
+        # the step's scales, zero points and sums of x are loaded before its codes are used: their round trips
+        # overlap the words' (loaded after the FMAs, they were a second wait in a one-step program)
+        offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        if EVEN:
+            xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
+        else:
+            xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0).to(tl.float32), 1)
+        sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
         part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)  # sum of x * (code) * 2**-49 over the step's blocks
         if BITS == 3:
             for h in tl.static_range(2):  # codes 16h .. 16h+15: low two bits in word h, high bit in half h of word 2
@@ -239,15 +250,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         xi = _x_at(x_ptrs, w * (32 // BITS) + h * (16 // BITS) + j, mask_b, offs_b, K, EVEN)
                         code = _subnormal(half & (((1 << BITS) - 1) << (j * BITS)))
                         part += (xi * (XSCALE / (1 << (j * BITS))))[:, None] * code
-        offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        if EVEN:
-            xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
-        else:
-            xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0).to(tl.float32), 1)
-        sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
-        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
         if HAS_ZERO:
-            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
             acc += (part * BACK - xsum[:, None] * zero) * scale
         else:
             acc += (part * BACK - ZERO * xsum[:, None]) * scale
