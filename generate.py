@@ -194,7 +194,7 @@ def chained_step(model, token, pos, out, temperature, top_k, regions=None):
 
 def finish_step(model, x, delta, token, pos, out, temperature, top_k):
     """chained_step's end: the last residual add, ln_f, the head, sampling, and the writes of its token."""
-    new = sample_logits(model.head(model.final_norm(x + delta)), temperature, top_k)
+    new = sample_logits(model.head(model.transformer.ln_f(x + delta)), temperature, top_k)
     out.index_copy_(1, pos + 1, new)
     token.copy_(new)
     pos.add_(1)

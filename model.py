@@ -56,10 +56,6 @@ class GPTConfig:
     # "<kind>_<site>" -> online transform applied just before the site's quantizer (quantization/layers.py
     # ONLINE_TRANSFORMS, e.g. "hadamard"); the layer reading the site carries its inverse in its weight
     online_transforms: dict = field(default_factory=dict)
-    # the blocks work in a rotated residual stream (SpinQuant's R1, the buffer `residual_rotation`): the embedding's
-    # output enters it mean-free and rotated, and ln_f (a LayerNorm whatever `norm` says) reads it rotated back, so
-    # the token embedding, its tied head and ln_f stay as trained (QAT with rotations: train.py --spinquant)
-    residual_rotation: bool = False
 
 
 def act_sites(config, kind):
@@ -189,10 +185,8 @@ class GPT(nn.Module):
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias) if config.residual_rotation else make_norm(config),
+            ln_f=make_norm(config),
         ))
-        if config.residual_rotation:
-            self.register_buffer("residual_rotation", torch.eye(config.n_embd))
         if not config.tied_head:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         # the output head is tied to the token embedding (one matrix, quantized once if at all)
@@ -238,7 +232,7 @@ class GPT(nn.Module):
         x, visible = self.embed(idx, input_pos, wte)
         for block in self.transformer.h:
             x = block(x, input_pos, visible)
-        x = self.final_norm(x)
+        x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.head(x, wte)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -246,12 +240,6 @@ class GPT(nn.Module):
             logits = self.head(x[:, [-1], :], wte)
             loss = None
         return logits, loss
-
-    def final_norm(self, x):
-        """ln_f of the blocks' output (rotated back first when the residual stream is rotated)."""
-        if self.config.residual_rotation:
-            x = x @ self.residual_rotation.t()
-        return self.transformer.ln_f(x)
 
     def head(self, x, wte=None):
         """Logits of the final normalized hidden states: the tied token embedding (wte as
@@ -269,8 +257,6 @@ class GPT(nn.Module):
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device) if input_pos is None else input_pos
         wte = self.token_embedding_weight() if wte is None else wte
         x = self.transformer.drop(F.embedding(idx, wte) + self.transformer.wpe(pos))
-        if self.config.residual_rotation:  # mean-free, as the folded norms of the blocks need, then rotated
-            x = (x - x.mean(dim=-1, keepdim=True)) @ self.residual_rotation
         if input_pos is None:
             return x, None
         cached = torch.arange(self.transformer.h[0].attn.kv_cache.max_len, device=idx.device)

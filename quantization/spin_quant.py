@@ -107,8 +107,7 @@ def rotate_state(state, config, R1=None, R2=None, R3=None, R4=None):
                     s[f"{p}{site}.bias"] = s[f"{p}{site}.bias"] @ R1
     if R1 is not None:
         for key in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"):
-            if key in s:  # absent from a state whose residual stream rotates online (QAT_KEEP_EMBEDDING)
-                s[key] = s[key] @ R1
+            s[key] = s[key] @ R1
     return s
 
 
@@ -223,7 +222,7 @@ class SpinQuant:
                             act_sym=act_sym, method=method, seed=seed, device=self.device, act_quant=act_quant,
                             weight_specs=weight_specs, dtype=dtype)
         self.start = self.rotation_values()
-        self.heldout, self.heldout_losses, self.candidates, self.choice = None, [], [], None
+        self.heldout, self.heldout_steps, self.heldout_losses, self.candidates, self.choice = None, None, [], [], None
 
     def rotation_values(self):
         """Detached copies of (R1, R2)."""
@@ -273,10 +272,11 @@ class SpinQuant:
         """Learn R1 and R2 by Cayley SGD (cosine-decayed lr) on the cross-entropy of the quantized model over
         calibration samples (a list of (1, T) token tensors, or an (N, T) tensor); returns the loss per step.
         A `holdout` share of the samples (or the samples `heldout`, when given) is not learned on: the
-        rotations are scored on it every `eval_every`
-        steps (0: steps // 10) and the best ones are kept (step 0, the random start, included), and apply
-        chooses among its candidates on it. `learn_weights`: fake-quantize the weights (RTN) in the loss
-        (None: only for method rtn; GPTQ and AutoRound learn against activation quantization only)."""
+        rotations are scored on its first half (self.heldout_steps) every `eval_every` steps (0: steps // 10) and
+        the best ones are kept (step 0, the random start, included), and apply chooses among its candidates on
+        the second half (self.heldout; both the same sample when there is only one). `learn_weights`:
+        fake-quantize the weights (RTN) in the loss (None: only for method rtn; GPTQ and AutoRound learn against
+        activation quantization only)."""
         if steps < 0:
             raise ValueError(f"steps={steps}: must be 0 (keep the random Hadamard start) or more")
         if batch_size < 1:
@@ -292,7 +292,13 @@ class SpinQuant:
                                  f"{data.shape[1]}")
         elif holdout:
             data, heldout = split_calibration(data, holdout)
-        self.calibration, self.heldout = data, heldout
+        # the best step is chosen on one half of the held-out samples and apply's candidate on the other: scored on
+        # the samples that picked its step, the learned rotation looked better than it was (on the H200 tables it
+        # was kept twice where validation then found it worse than no rotation)
+        steps_set = heldout
+        if heldout is not None and heldout.shape[0] >= 2:
+            steps_set, heldout = heldout[:heldout.shape[0] // 2], heldout[heldout.shape[0] // 2:]
+        self.calibration, self.heldout, self.heldout_steps = data, heldout, steps_set
         quantize_weights = self.method == "rtn" if learn_weights is None else learn_weights
         if self.spec is None and not any(s is not None for s in self.weight_specs.values()):
             quantize_weights = False
@@ -300,7 +306,7 @@ class SpinQuant:
         eval_every = eval_every or max(1, steps // 10)
         best = None
         if heldout is not None:
-            best = (self.evaluate(heldout, quantize_weights), 0, self.rotation_values())
+            best = (self.evaluate(steps_set, quantize_weights), 0, self.rotation_values())
             self.heldout_losses.append((0, best[0]))
         g = torch.Generator().manual_seed(seed)
         for step in tqdm(range(steps), desc="spinquant", unit="step", disable=not progress):
@@ -314,7 +320,7 @@ class SpinQuant:
                     R.copy_(cayley_step(R, G, step_lr))
             self.losses.append(loss.item())
             if heldout is not None and params and ((step + 1) % eval_every == 0 or step + 1 == steps):
-                held = self.evaluate(heldout, quantize_weights)
+                held = self.evaluate(steps_set, quantize_weights)
                 self.heldout_losses.append((step + 1, held))
                 if held < best[0]:
                     best = (held, step + 1, self.rotation_values())
@@ -439,11 +445,6 @@ def check_qat(model_args):
 QAT_CARRY_MOMENTS = False  # AdamW's moments carried into the rotated basis (else: a fresh optimizer)
 QAT_REWARM = False         # warm the learning rate up again after the switch, over warmup_iters
 QAT_DECAY_FOLDED = True    # weight decay on the matrices that absorbed LayerNorm gains (q, k, v, mlp_up, head)
-# the token embedding, its tied head and ln_f stay as trained, and the residual stream is rotated online at the
-# embedding's output and back before ln_f (GPTConfig.residual_rotation: two C x C products per token); else they are
-# folded and rotated as in PTQ, which unties the head (a second vocab x C matrix to train: on the BPE model 19M
-# parameters more) and moves ln_f's gain into it
-QAT_KEEP_EMBEDDING = True
 NORM_READERS = {"attn.q": "ln_1", "attn.k": "ln_1", "attn.v": "ln_1", "mlp.mlp_up": "ln_2"}
 
 
@@ -493,13 +494,10 @@ def qat_optimizer(old_model, old_optimizer, new_model, sq, weight_decay, learnin
         first[key], second[key], steps[key] = m, v.mean(), state["step"]
     cfg, dev = new_model.config, next(iter(first.values())).device
     hd = cfg.n_embd // cfg.n_head
-    kept = {k: first.pop(k) for k in ("transformer.wte.weight", "transformer.wpe.weight")
-            if cfg.residual_rotation and k in first}  # not rotated: the stream rotates after them
     rotated = rotate_state(first, cfg, R1=None if sq.R1 is None else sq.R1.detach().to(dev, torch.float64),
                            R2=None if sq.R2 is None else [R.detach().to(dev, torch.float64) for R in sq.R2],
                            R3=hadamard_matrix(hd).to(dev) if "R3" in sq.rotations else None,
                            R4=hadamard_matrix(4 * cfg.n_embd).t().to(dev) if "R4" in sq.rotations else None)
-    rotated.update(kept)
     for key, p in named.items():
         if second.get(key) is None:
             continue
@@ -536,13 +534,6 @@ def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progre
     rotated = {k: v.detach() for k, v in sq.rotated_state().items()}
     new_args = {**model_args, "norm": sq.config.norm, "tied_head": False,
                 "online_transforms": dict(sq.config.online_transforms)}
-    if QAT_KEEP_EMBEDDING:  # embedding, tied head and ln_f as they were; R1 applied online (residual_rotation)
-        rotated = {k: v for k, v in rotated.items() if not k.startswith(("lm_head.", "transformer.ln_f."))}
-        rotated.update({k: v for k, v in state.items()
-                        if k.startswith(("transformer.wte.", "transformer.wpe.", "transformer.ln_f."))})
-        if sq.R1 is not None:
-            rotated["residual_rotation"] = sq.R1.detach().float()
-        new_args.update(tied_head=model_args.get("tied_head", True), residual_rotation=True)
     with torch.random.fork_rng(devices=[]):
         new_model = GPT(GPTConfig(**new_args)).to(device)
     names = set(new_model.state_dict())
