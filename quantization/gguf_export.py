@@ -327,6 +327,13 @@ def plan_export(checkpoint, requested="auto", requantize=True):
                               f"stops generating there; train on a GPT-2 BPE dataset, e.g. --dataset=shakespeare")
         raise ExportError(f"dataset '{meta_dataset}' has the tokenizer '{meta['tokenizer']}'; only GPT-2 BPE is exported")
     model, weights = checkpoint_weights(checkpoint)
+    cfg = model.config
+    if cfg.norm != "layernorm" or not cfg.tied_head or cfg.online_transforms:
+        raise ExportError(f"the checkpoint is rotated (SpinQuant: norm {cfg.norm}, "
+                          f"{'tied' if cfg.tied_head else 'untied'} head, online transforms "
+                          f"{', '.join(f'{k}={v}' for k, v in cfg.online_transforms.items()) or 'none'}); llama.cpp's "
+                          f"gpt2 graph has LayerNorms, a head tied to the embedding and no online transforms, so the "
+                          f"file would compute another function: export the checkpoint before rotation")
     if model.config.vocab_size < GPT2_EOT + 1:
         raise ExportError(f"vocab_size {model.config.vocab_size} is smaller than GPT-2's {GPT2_EOT + 1}")
     if model.config.act_quant:

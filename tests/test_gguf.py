@@ -213,6 +213,18 @@ def test_bad_input(bpe_data, char_data, tmp_path):
     assert not os.path.exists(tmp_path / "imp")
     error = run_main(gguf_export.main, "import", f"--gguf={tmp_path / 'missing.gguf'}", f"--out_dir={tmp_path / 'imp'}")
     assert "not found" in error
+    # a SpinQuant checkpoint: its online Hadamard, untied head and RMSNorms have no place in llama.cpp's gpt2 graph
+    from quantization.spin_quant import SpinQuant
+    base = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=50304))
+    sq = SpinQuant(base, bits=4, act_bits=16, kv_bits=16, method="rtn")
+    sq.optimize(torch.randint(0, 50257, (8, 33)), steps=1, progress=False)
+    sq.apply(progress=False, select=False)
+    rotated = tmp_path / "rotated"
+    os.makedirs(rotated)
+    save_checkpoint(str(rotated / "ckpt.pt"), sq.checkpoint({"dataset": "shakespeare", "iter_num": 0}))
+    error = run_main(gguf_export.main, f"--out_dir={rotated}", f"--gguf={tmp_path / 'rotated.gguf'}")
+    assert error.startswith("gguf_export.py: error: ") and "rotated" in error and "mlp_activation_output=hadamard" in error
+    assert "\n" not in error and not os.path.exists(tmp_path / "rotated.gguf")
 
 
 def test_llama_cpp_agrees(exported, bpe_data, one_cpu_thread):
