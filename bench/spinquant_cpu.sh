@@ -60,10 +60,13 @@ if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
   grep -H "step 1500\|spinquant rotations" $LOGS/train_cpu_qat_s$S.log $LOGS/train_cpu_spin*_s$S.log
 fi
 if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
-  qat="QAT W4A4KV4=out-sq/cpu_qat_s$S,QAT W4A4KV4 + rotations=out-sq/cpu_spin_s$S"
+  qat=""  # the QAT runs a qat phase left (none: the PTQ rows alone)
+  [ -f out-sq/cpu_qat_s$S/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/cpu_qat_s$S"
+  [ -f out-sq/cpu_spin_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations=out-sq/cpu_spin_s$S"
   for v in carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
     [ -f out-sq/cpu_spin_${v}_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/cpu_spin_${v}_s$S"
   done
+  qat=${qat#,}
   python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=128 \
     --seeds=3 --settings=${SETTINGS:-4/4/4} --eval_tokens=100000 --progress=False \
     --json=bench/results/spinquant_cpu${TABLE:-}_s$S.json --qat="$qat" > bench/results/spinquant_cpu${TABLE:-}_s$S.md \

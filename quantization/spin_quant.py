@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
@@ -141,6 +142,25 @@ def calibration_batch(calib_data):
 HOLDOUT = 0.25  # share of the calibration samples held out to choose among the candidates (never learned on)
 
 
+# a rotation is kept only when its held-out gain over no rotation is at least this many standard errors of the
+# per-sample differences: the lowest of seven noisy scores is otherwise a rotation that validation can find worse
+CLEAR_Z = 2.0
+
+
+def paired_gain(base, other):
+    """(mean of base - other, that mean in standard errors of the per-sample differences): how clearly `other`'s
+    per-sample losses beat `base`'s on the same samples (inf when every difference is the same positive value, 0
+    with one sample, which cannot tell)."""
+    diff = (base - other).double()
+    gain = diff.mean().item()
+    if diff.numel() < 2:
+        return gain, 0.0
+    se = diff.std().item() / math.sqrt(diff.numel())
+    if se == 0:
+        return gain, math.copysign(math.inf, gain) if gain else 0.0
+    return gain, gain / se
+
+
 def split_calibration(calib_data, holdout=HOLDOUT):
     """(learn, held out): the last max(1, round(holdout N)) of N calibration samples are held out; ValueError when
     fewer than 2 samples leave nothing to learn on or nothing to choose on."""
@@ -237,6 +257,16 @@ class SpinQuant:
                 R.copy_(value)
 
     @torch.no_grad()
+    @torch.no_grad()
+    def sample_losses(self, data, model, batch_size=16):
+        """Mean cross-entropy per token of each of the (N, T + 1) samples under `model`: a (N,) float64 tensor."""
+        out = []
+        for b in range(0, data.shape[0], batch_size):
+            x = data[b:b + batch_size].to(self.device)
+            logits = model(x[:, :-1], x[:, 1:])[0]
+            out.append(F.cross_entropy(logits.transpose(1, 2).double(), x[:, 1:], reduction="none").mean(1).cpu())
+        return torch.cat(out)
+
     def evaluate(self, data, quantize_weights=False, model=None, batch_size=16):
         """Mean cross-entropy per token over (N, T + 1) samples: of `model` (as it computes), or of the rotated
         model under the current rotations (weights fake-quantized with quantize_weights)."""
@@ -384,27 +414,38 @@ class SpinQuant:
         GPTQ and AutoRound calibrate on optimize's learning samples, never on the held-out ones."""
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
-        results = []
+        results, base = [], None
         for name, rotations, values in self.candidate_list():
             sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=bool(rotations), **options)
             if values is not None:
                 sq.set_rotations(*values)
             sq.calibration = self.calibration
             sq.apply(data, nsamples=nsamples, seed=seed, progress=False, select=False, **method_options)
-            loss = self.evaluate(self.heldout, model=sq.model)
-            results.append((loss, name, sq))
-            self.candidates.append(dict(name=name, heldout_loss=loss))
-            log(f"candidate {name}: held-out calibration loss {loss:.4f}")
-        loss, name, best = min(results, key=lambda r: r[0])  # ties: the earlier, simpler candidate
+            per_sample = self.sample_losses(self.heldout, sq.model)
+            loss = per_sample.mean().item()
+            line = f"candidate {name}: held-out calibration loss {loss:.4f}"
+            if base is None:  # the first candidate: no rotation, what the others must clearly beat
+                base, clear = per_sample, True
+            else:
+                gain, z = paired_gain(base, per_sample)
+                clear = z >= CLEAR_Z
+                line += (f" (gain over no rotation {gain:+.4f}, {z:.1f} standard errors"
+                         f"{'' if clear else ': not clearly better'})")
+            results.append((loss, name, sq, clear))
+            self.candidates.append(dict(name=name, heldout_loss=loss, clear=clear))
+            log(line)
+        # the lowest of the candidates that clearly beat no rotation (ties: the earlier, simpler one)
+        loss, name, best, _ = min((r for r in results if r[3]), key=lambda r: r[0])
         for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state"):
             setattr(self, attr, getattr(best, attr))
-        none = results[0][0]
-        reason = ("no candidate beat it" if name == "no rotation" else
-                  f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f})")
+        none, clear = results[0][0], sum(r[3] for r in results[1:])
+        reason = (f"no rotation beat it by {CLEAR_Z:g} standard errors" if name == "no rotation" else
+                  f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {clear} "
+                  f"rotations {CLEAR_Z:g} or more standard errors below it")
         self.choice = dict(name=name, heldout_loss=loss, reason=reason)
         self.info.update(rotations=",".join(best.rotations) or "none", choice=name, heldout_loss=loss,
                          heldout_samples=self.heldout.shape[0])
-        log(f"kept {name}: lowest held-out calibration loss {loss:.4f} of {len(results)} candidates; {reason}")
+        log(f"kept {name}: held-out calibration loss {loss:.4f} ({len(results)} candidates); {reason}")
         return self.records
 
     def checkpoint(self, base, extra_info=None):

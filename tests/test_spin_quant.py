@@ -278,12 +278,28 @@ def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tm
     sq.apply(progress=False, log=lines.append)
     names = [c["name"] for c in sq.candidates]
     assert names[0] == "no rotation" and "random Hadamard all" in names and len(lines) == len(names) + 1
-    best = min(sq.candidates, key=lambda c: c["heldout_loss"])
+    # the lowest of the candidates that clearly beat no rotation (no rotation itself always counts)
+    assert sq.candidates[0]["clear"] and all("standard errors" in line for line in lines[1:-1])
+    best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
     assert sq.choice["name"] == best["name"] and lines[-1].startswith(f"kept {best['name']}: ")
     assert abs(sq.evaluate(sq.heldout, model=sq.model) - best["heldout_loss"]) < 1e-6
     save_checkpoint(str(tmp_path / "ckpt.pt"), sq.checkpoint({"model_args": {}, "dataset": "shakespeare_char"}))
     x = sq.heldout[:2, :-1]
     assert torch.equal(from_pretrained(str(tmp_path))(x, x)[0], sq.model(x, x)[0])
+
+
+def test_a_rotation_must_clearly_beat_no_rotation():
+    """paired_gain against a float64 reference: a consistent small gain is clear, a lower mean made of large
+    opposite swings is not (the lowest of several noisy scores is how a worse rotation got kept)."""
+    from quantization.spin_quant import CLEAR_Z, paired_gain
+    base = torch.full((16,), 2.0, dtype=torch.float64) + torch.linspace(0, 0.1, 16, dtype=torch.float64)
+    gain, z = paired_gain(base, base - 0.01 - 1e-4 * torch.arange(16.0, dtype=torch.float64))
+    diff = 0.01 + 1e-4 * torch.arange(16.0, dtype=torch.float64)
+    assert abs(gain - diff.mean().item()) < 1e-12 and abs(z - diff.mean() / (diff.std() / 4)) < 1e-9 and z > CLEAR_Z
+    swings = torch.tensor([0.5, -0.5] * 8, dtype=torch.float64) + 0.002
+    gain, z = paired_gain(base, base - swings)
+    assert abs(gain - 0.002) < 1e-12 and 0 < z < CLEAR_Z
+    assert paired_gain(base[:1], base[:1] - 1)[1] == 0.0 and paired_gain(base, base + 0.1)[1] < 0
 
 
 def test_no_rotation_candidate_is_the_unfolded_model(tiny_trained):
