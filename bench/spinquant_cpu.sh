@@ -90,6 +90,6 @@ if [ "$PHASE" = baby ]; then  # no GPU: the baby GPT preset, 300 iterations of 1
 fi
 if [ "$PHASE" = demo ] || [ "$PHASE" = all ]; then
   python demos/spinquant_ptq.py --out_dir=out-sq/cpu_fp_s$S --quantized_dir=out-sq/cpu_spinquant_s$S --bits=4 \
-    --act_bits=4 --steps=40 --nsamples=32 --device=cpu --progress=False > $LOGS/spinquant_ptq_cpu_s$S.log 2>&1
+    --act_bits=4 --steps=40 --nsamples=32 --device=cpu --progress=False --overwrite > $LOGS/spinquant_ptq_cpu_s$S.log 2>&1
   tail -n 1 $LOGS/spinquant_ptq_cpu_s$S.log
 fi

@@ -439,7 +439,7 @@ class SpinQuant:
         for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state"):
             setattr(self, attr, getattr(best, attr))
         none, clear = results[0][0], sum(r[3] for r in results[1:])
-        reason = (f"no rotation beat it by {CLEAR_Z:g} standard errors" if name == "no rotation" else
+        reason = (f"none of the rotations beat it by {CLEAR_Z:g} standard errors" if name == "no rotation" else
                   f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {clear} "
                   f"rotations {CLEAR_Z:g} or more standard errors below it")
         self.choice = dict(name=name, heldout_loss=loss, reason=reason)
