@@ -149,7 +149,7 @@ CLEAR_Z = 2.0
 
 def paired_gain(base, other):
     """(mean of base - other, that mean in standard errors of the per-sample differences): how clearly `other`'s
-    per-sample losses beat `base`'s on the same samples (inf when every difference is the same positive value, 0
+    per-sample losses beat `base`'s on the same samples (+-inf when every difference is the same nonzero value, 0
     with one sample, which cannot tell)."""
     diff = (base - other).double()
     gain = diff.mean().item()
@@ -257,7 +257,6 @@ class SpinQuant:
                 R.copy_(value)
 
     @torch.no_grad()
-    @torch.no_grad()
     def sample_losses(self, data, model, batch_size=16):
         """Mean cross-entropy per token of each of the (N, T + 1) samples under `model`: a (N,) float64 tensor."""
         out = []
@@ -267,6 +266,7 @@ class SpinQuant:
             out.append(F.cross_entropy(logits.transpose(1, 2).double(), x[:, 1:], reduction="none").mean(1).cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
     def evaluate(self, data, quantize_weights=False, model=None, batch_size=16):
         """Mean cross-entropy per token over (N, T + 1) samples: of `model` (as it computes), or of the rotated
         model under the current rotations (weights fake-quantized with quantize_weights)."""
@@ -410,7 +410,8 @@ class SpinQuant:
         return out
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
-        """apply's choice: quantize every candidate, score it on the held-out samples, keep the lowest loss.
+        """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
+        no rotation and the rotations at least CLEAR_Z standard errors below it (paired_gain, per sample).
         GPTQ and AutoRound calibrate on optimize's learning samples, never on the held-out ones."""
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
