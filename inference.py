@@ -109,6 +109,10 @@ def check_state(checkpoint):
     if wrong:
         raise ValueError(f"tensor {wrong[0]} has shape {list(state[wrong[0]].shape)}, its model_args give "
                          f"{list(expected[wrong[0]])}")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"tensor {bad} holds nan or inf (a diverged run?): nothing computed from it would mean "
+                         f"anything")
 
 
 def use_kernels(kernels, device, packed):

@@ -241,6 +241,8 @@ def damaged_checkpoints(good):
         "bits_40": edit(args_linear_variants={"q": "quantized_linear"}, args_weight_quant={"q": {"bits": 40}}),
         "missing_tensor": state(lambda s: s.pop(first)), "extra_tensor": state(lambda s: s.update(extra=torch.ones(1))),
         "wrong_shape": state(lambda s: s.update({first: torch.ones(3, 3)})),
+        "nan_weight": state(lambda s: s[first].view(-1)[:1].fill_(float("nan"))),
+        "inf_weight": state(lambda s: s[first].view(-1)[-1:].fill_(-float("inf"))),
         "model_not_tensors": edit(model={"a": 1}), "dataset_escape": edit(dataset="../../etc"),
         "dataset_int": edit(dataset=5),
     }
