@@ -174,13 +174,7 @@ def buffer_bytes(module):
 
 def graph_time(calls):
     """Seconds per call: median replay of a CUDA graph of all `calls` (each already run once), over len(calls)."""
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
-    return ms * 1e-3 / len(calls)
+    return ops.replay_time(calls, warmup=25, rep=200) * 1e-3
 
 
 def copies(nbytes):

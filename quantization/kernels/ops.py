@@ -272,12 +272,18 @@ def graph_time(args, call, config, copies=None):
     calls = [functools.partial(call, args[0], *weights, *args[4:], config) for weights in copies]
     for c in calls:  # compiles, and grows the dequant scratch, before the capture
         c()
+    return replay_time(calls)
+
+
+def replay_time(calls, warmup=5, rep=25):
+    """Milliseconds per call: the median replay of one CUDA graph of all `calls` (each already run once, so that
+    nothing compiles or allocates during the capture), over len(calls)."""
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for c in calls:
             c()
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+    ms = triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median")
     del graph
     return ms / len(calls)
 
