@@ -429,15 +429,22 @@ def test_names_inside_a_file_cannot_write_outside_the_image_folder(tmp_path, cap
 # ---------------------------------------------------------------------------------------------------------------
 # outputs onto sources, and overwrites without asking
 
-def test_outputs_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, capsys):
+def source_links(tiny_ckpt, tmp_path, link_name):
+    """(ckpt.pt, a symlink to the checkpoint's folder, a symlink `link_name` to its file, an empty folder
+    `existing` for earlier results): what the output-safety tests aim outputs at."""
     ckpt = os.path.join(tiny_ckpt, "ckpt.pt")
-    cases = Cases(capsys, tiny_ckpt)
     link_dir = tmp_path / "link_to_out"
     os.symlink(tiny_ckpt, link_dir)
-    link_file = tmp_path / "w.pkl"
+    link_file = tmp_path / link_name
     os.symlink(ckpt, link_file)
     existing = tmp_path / "existing"
     os.makedirs(existing)
+    return ckpt, link_dir, link_file, existing
+
+
+def test_outputs_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, capsys):
+    cases = Cases(capsys, tiny_ckpt)
+    ckpt, link_dir, link_file, existing = source_links(tiny_ckpt, tmp_path, "w.pkl")
     (existing / "ckpt.pt").write_bytes(b"earlier work")
     (existing / "rows.json").write_text("{}")
     (existing / "w.pkl").write_text("earlier")
@@ -467,13 +474,8 @@ def test_outputs_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, c
 def test_newer_tools_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, capsys):
     """gguf_export.py (export and import) and spinquant_ptq.py: an output onto the source (named directly, through
     a symlink, or a relative path) or onto an existing result without --overwrite is refused, nothing written."""
-    ckpt = os.path.join(tiny_ckpt, "ckpt.pt")
     cases = Cases(capsys, tiny_ckpt)
-    link_dir = tmp_path / "link_to_out"
-    os.symlink(tiny_ckpt, link_dir)
-    link_file = tmp_path / "link.gguf"
-    os.symlink(ckpt, link_file)
-    existing = tmp_path / "existing"
+    ckpt, link_dir, link_file, existing = source_links(tiny_ckpt, tmp_path, "link.gguf")
     os.makedirs(existing / "a_folder.gguf")
     (existing / "ckpt.pt").write_bytes(b"earlier work")
     (existing / "model.gguf").write_bytes(b"earlier gguf")
