@@ -1,12 +1,11 @@
 """Folding, exact rewrites of a model that leave its function unchanged:
 
-- `fold_layernorm_into_linears(ln, linears)`: a LayerNorm's gain and bias move into the linear layers it feeds;
-- `center_outputs(linear)`, `center_rows(embedding)`: a layer that writes into the residual stream writes only
-  mean-free vectors, so that the stream stays mean-free and a LayerNorm over it is an RMSNorm (SliceGPT,
-  arXiv 2401.15024, section 3.2);
-- `fold_norms(model)`: both, for a whole GPT: a copy whose norms are weight-free RMSNorms (config norm="rmsnorm")
-  and whose head is its own matrix (tied_head=False). Rotating the residual stream of that copy (R1 of SpinQuant)
-  changes nothing, because an RMSNorm commutes with an orthogonal matrix.
+- `fold_state(state, config)`: a LayerNorm's gain and bias move into the linear layers it feeds, and every layer
+  that writes into the residual stream writes only mean-free vectors, so that the stream stays mean-free and a
+  LayerNorm over it is an RMSNorm (SliceGPT, arXiv 2401.15024, section 3.2); differentiable in the weights;
+- `fold_norms(model)`: the same for a GPT module: a copy whose norms are weight-free RMSNorms (config
+  norm="rmsnorm") and whose head is its own matrix (tied_head=False). Rotating the residual stream of that copy
+  (R1 of SpinQuant) changes nothing, because an RMSNorm commutes with an orthogonal matrix.
 
 Folding transforms into a model's weights so that the float model computes the same function.
 
@@ -20,7 +19,6 @@ LayerNorm (or the linear) that produces the activation:
 (v -> attn_proj folds because attention mixes tokens, never channels: channel c of attention's output is a
 weighted sum of channel c of v.) A LayerNorm made with bias=False has no bias to divide.
 """
-import copy
 from dataclasses import asdict
 
 import torch
@@ -28,65 +26,59 @@ import torch
 from model import GPT, GPTConfig
 
 
-@torch.no_grad()
-def fold_layernorm_into_linears(ln, linears):
-    """W <- W diag(gain), b <- b + W beta for each linear fed by `ln`; then ln's gain is 1 and its bias 0.
-    A linear without a bias cannot take a non-zero LayerNorm bias (ValueError)."""
-    gain = ln.weight.detach().clone()
-    beta = ln.bias.detach().clone() if getattr(ln, "bias", None) is not None else None
-    for linear in linears:
-        W = linear.weight
-        if beta is not None and beta.any():
-            if linear.bias is None:
-                raise ValueError("a LayerNorm bias cannot be folded into a linear layer without a bias")
-            linear.bias.add_(W @ beta.to(W.dtype))
-        W.mul_(gain.to(W.dtype))
-    ln.weight.fill_(1.0)
-    if beta is not None:
-        ln.bias.zero_()
+def fold_state(state, config):
+    """The state dict of fold_norms' copy, computed from a LayerNorm GPT's state dict (plain `.weight` keys) with
+    plain tensor operations, so that it is differentiable in `state` (train.py --spinquant trains the original
+    weights through it). `state` is not changed."""
+    s = dict(state)
+
+    def fold(ln, readers):  # W <- W diag(gain), b <- b + W beta; the norm keeps a gain of 1 and loses its bias
+        gain, beta = s[f"{ln}.weight"], s.pop(f"{ln}.bias", None)
+        for r in readers:
+            W = s[f"{r}.weight"]
+            if beta is not None:
+                if f"{r}.bias" not in s:
+                    raise ValueError("a LayerNorm bias cannot be folded into a linear layer without a bias")
+                s[f"{r}.bias"] = s[f"{r}.bias"] + W @ beta.to(W.dtype)
+            s[f"{r}.weight"] = W * gain.to(W.dtype)
+        s[f"{ln}.weight"] = torch.ones_like(gain)
+
+    def center(r):  # the layer's outputs made mean-free over the features
+        s[f"{r}.weight"] = s[f"{r}.weight"] - s[f"{r}.weight"].mean(dim=0, keepdim=True)
+        if f"{r}.bias" in s:
+            s[f"{r}.bias"] = s[f"{r}.bias"] - s[f"{r}.bias"].mean()
+
+    if config.tied_head:  # the head gets its own copy of the embedding before either changes
+        wte = s["transformer.wte.weight"]
+        s["lm_head.weight"] = wte
+        if config.bias:
+            s["lm_head.bias"] = wte.new_zeros(wte.shape[0])
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        fold(f"{p}ln_1", (f"{p}attn.q", f"{p}attn.k", f"{p}attn.v"))
+        fold(f"{p}ln_2", (f"{p}mlp.mlp_up",))
+        center(f"{p}attn.attn_proj")
+        center(f"{p}mlp.mlp_down")
+    fold("transformer.ln_f", ("lm_head",))
+    for key in ("transformer.wte.weight", "transformer.wpe.weight"):
+        s[key] = s[key] - s[key].mean(dim=1, keepdim=True)
+    return s
 
 
-@torch.no_grad()
-def center_outputs(linear):
-    """Make every output of `linear` mean-free over its features: subtract the mean of each weight column and of
-    the bias (the layer then computes its old output minus that output's mean)."""
-    linear.weight.sub_(linear.weight.mean(dim=0, keepdim=True))
-    if linear.bias is not None:
-        linear.bias.sub_(linear.bias.mean())
-
-
-@torch.no_grad()
-def center_rows(embedding):
-    """Make every embedding vector mean-free."""
-    embedding.weight.sub_(embedding.weight.mean(dim=1, keepdim=True))
+def folded_config(config):
+    if config.norm != "layernorm":
+        raise ValueError(f"the model's norm is {config.norm}, not layernorm: it is already folded")
+    return GPTConfig(**{**asdict(config), "norm": "rmsnorm", "tied_head": False})
 
 
 @torch.no_grad()
 def fold_norms(model):
     """A copy of a LayerNorm GPT computing the same logits with weight-free RMSNorms and an untied head: every
     LayerNorm is folded into the layers it feeds (ln_f into the new head), and the embeddings, attn_proj and
-    mlp_down write mean-free vectors into the residual stream. `model` is not changed."""
-    cfg = model.config
-    if cfg.norm != "layernorm":
-        raise ValueError(f"the model's norm is {cfg.norm}, not layernorm: it is already folded")
-    model = copy.deepcopy(model)
-    if cfg.tied_head:  # the head gets its own copy of the embedding before either changes
-        model.lm_head = torch.nn.Linear(cfg.n_embd, cfg.vocab_size, bias=cfg.bias).to(model.transformer.wte.weight)
-        model.lm_head.weight.copy_(model.transformer.wte.weight)
-        if model.lm_head.bias is not None:
-            model.lm_head.bias.zero_()
-    t = model.transformer
-    for block in t.h:
-        a, m = block.attn, block.mlp
-        fold_layernorm_into_linears(block.ln_1, (a.q, a.k, a.v))
-        fold_layernorm_into_linears(block.ln_2, (m.mlp_up,))
-        center_outputs(a.attn_proj)
-        center_outputs(m.mlp_down)
-    fold_layernorm_into_linears(t.ln_f, (model.lm_head,))
-    center_rows(t.wte)
-    center_rows(t.wpe)
-    state = {k: v for k, v in model.state_dict().items() if not (".ln_" in k and k.endswith(".bias"))}
-    return build_like(GPTConfig(**{**asdict(cfg), "norm": "rmsnorm", "tied_head": False}), state)
+    mlp_down write mean-free vectors into the residual stream (fold_state). `model` is not changed."""
+    config = folded_config(model.config)
+    state = {k: v.clone() for k, v in fold_state(model.state_dict(), model.config).items()}
+    return build_like(config, state)
 
 
 def build_like(config, state):
