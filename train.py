@@ -20,7 +20,7 @@ from quantization.layers import restore_activations, stored_activations
 from configurator import ConfigError, apply_resume, model_quant_config, parse_args_given
 from inference import autocast_context, load_checkpoint, resolve_device
 from model import GPT, GPTConfig
-from quantization.spin_quant import check_qat, is_rotated, qat_lr, rotate_for_qat
+from quantization.spin_quant import RotatedQAT, check_qat, is_rotated, qat_lr, rotate_for_qat
 from safety import check_out_dir, clean_stale_tmp, wandb_needs_offline
 from tokenizer import load_dataset
 
@@ -131,6 +131,16 @@ def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer
     return rotated, new_args, new_optimizer
 
 
+def model_entries(raw_model, model_args):
+    """The checkpoint's model entries. A RotatedQAT (--spinquant) is saved baked (an ordinary rotated QAT model,
+    which sample.py and the tools load), with what a resumed run rebuilds it from under `spinquant_qat`."""
+    if isinstance(raw_model, RotatedQAT):
+        model_args, state = raw_model.checkpoint_state()
+        return {"model": state, "model_args": model_args, "activations": stored_activations(raw_model.rotated),
+                "spinquant_qat": raw_model.resume_state()}
+    return {"model": raw_model.state_dict(), "model_args": model_args, "activations": stored_activations(raw_model)}
+
+
 def get_lr(args, it):
     """Linear warm-up, then cosine decay to min_lr."""
     if not args.decay_lr:
@@ -219,7 +229,9 @@ def main(argv=None):
         model, model_args = build_model(args, quant, meta, from_gpt2)
     if args.spinquant:
         check_spinquant(args, model_args)
-    if checkpoint is not None:
+    if checkpoint is not None and "spinquant_qat" in checkpoint:  # QAT in the original basis after the rotation
+        model = RotatedQAT.from_resume_state(checkpoint["spinquant_qat"])
+    elif checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         restore_activations(model, checkpoint.get("activations", {}))
     model.to(device)
@@ -239,7 +251,7 @@ def main(argv=None):
                   f"{args.quantization_warmup_iters}")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = model.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device_type)
+    optimizer = (model.base if isinstance(model, RotatedQAT) else model).configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device_type)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if "scaler" in checkpoint:
@@ -313,11 +325,11 @@ def main(argv=None):
                 rng = distributed.rng_states(procs, device_type)
                 if master:
                     save_checkpoint(ckpt_path, {
-                        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(), "model_args": model_args, "iter_num": iter_num,
+                        **model_entries(raw_model, model_args), "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(), "iter_num": iter_num,
                         "best_val_loss": best_val_loss, "config": vars(args), "dataset": args.dataset,
                         "quantization_enabled": raw_model.quantization_enabled,
-                        "activations": stored_activations(raw_model), "rng": rng, "data_rng": data_rng.get_state()})
+                        "rng": rng, "data_rng": data_rng.get_state()})
                     print(f"saved checkpoint to {args.out_dir}/ckpt.pt")
         resumed = False
         if last or (iter_num == 0 and args.eval_only):

@@ -3,9 +3,10 @@
 # user trains first. Phases (PHASE=..., SEED=...):
 #   fp        train it in full precision: `python train.py --max_iters=1500 --seed=$SEED` (out-sq/cpu_fp_s$SEED)
 #   qat       QAT W4A4KV4 switched on at iteration 750: one run to 750 (out-sq/cpu_qatbase_s$SEED), then each variant
-#             resumes a copy of it to 1500: plain QAT, and --spinquant with quantization/spin_quant.py's QAT settings
-#             (with VARIANTS=1 also: AdamW state carried + lr warm-up; fresh AdamW + lr warm-up; state carried without
-#             warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices)
+#             resumes a copy of it to 1500: plain QAT; --spinquant (weights trained in their own basis, the default);
+#             --spinquant with the weights trained in the rotated basis (QAT_BASIS = "rotated", a fresh AdamW); with
+#             VARIANTS=1 also, in the rotated basis: AdamW state carried + lr warm-up; fresh AdamW + lr warm-up; state
+#             carried without warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices
 #   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
 #   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
 #   baby      no GPU: the baby GPT preset trained 300 iterations on the CPU, then the W4A4KV4 PTQ table
@@ -28,10 +29,11 @@ QAT="--linear_variant_attn=quantized_linear --linear_variant_mlp=quantized_linea
  --quantize_attn_act_input --quantize_attn_act_pv_mult_output --quantize_mlp_act_input
  --quantize_mlp_act_activation_output --quantize_attn_act_qk_mult_k_input --quantize_attn_act_pv_mult_v_input
  --quantize_attn_act_bits=4 --quantize_mlp_act_bits=4 --quantization_warmup_iters=750"
-# train.py with quantization/spin_quant.py's QAT settings set first: variant CARRY REWARM DECAY flags...
+# train.py with quantization/spin_quant.py's QAT settings set first: variant "ASSIGNMENTS" flags... (Python, on
+# the module as s: "s.QAT_BASIS = 'rotated'"; "" keeps the defaults)
 variant() {
-  local carry=$1 rewarm=$2 decay=$3; shift 3
-  python -c "import sys; import quantization.spin_quant as s; s.QAT_CARRY_MOMENTS, s.QAT_REWARM, s.QAT_DECAY_FOLDED = $carry, $rewarm, $decay
+  local settings=$1; shift
+  python -c "import sys; import quantization.spin_quant as s; $settings
 import train; train.main(sys.argv[1:])" "$@"
 }
 if [ "$PHASE" = fp ] || [ "$PHASE" = all ]; then
@@ -40,21 +42,24 @@ fi
 if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
   [ -f out-sq/cpu_qatbase_s$S/ckpt.pt ] || python train.py --max_iters=750 --seed=$S --out_dir=out-sq/cpu_qatbase_s$S \
     $QAT > $LOGS/train_cpu_qatbase_s$S.log 2>&1
-  run() {  # name carry rewarm decay [--spinquant]
+  run() {  # name "settings" [--spinquant]
     local name=$1; shift
     rm -rf out-sq/$name; cp -r out-sq/cpu_qatbase_s$S out-sq/$name
     variant "$@" --init_from=resume --out_dir=out-sq/$name --max_iters=1500 --spinquant_steps=$STEPS $QAT \
       > $LOGS/train_$name.log 2>&1
   }
-  [ -f out-sq/cpu_qat_s$S/ckpt.pt ] || run cpu_qat_s$S True True True &
-  run cpu_spin_s$S False False True --spinquant  # the defaults: a fresh AdamW, no warm-up
+  R="s.QAT_BASIS = 'rotated';"  # the weights trained in the rotated basis, then (carry, rewarm, decay) settings
+  [ -f out-sq/cpu_qat_s$S/ckpt.pt ] || run cpu_qat_s$S "" &
+  run cpu_spin_s$S "" --spinquant  # the defaults: trained in the original basis, the rotations in the forward pass
   wait
+  run cpu_spin_rotated_s$S "$R" --spinquant  # rotated basis, a fresh AdamW, no warm-up
   if [ "$VARIANTS" = 1 ]; then
-    run cpu_spin_carry_rewarm_s$S True True True --spinquant &
-    run cpu_spin_fresh_rewarm_s$S False True True --spinquant
+    run cpu_spin_carry_rewarm_s$S "$R s.QAT_CARRY_MOMENTS, s.QAT_REWARM = True, True" --spinquant &
+    run cpu_spin_fresh_rewarm_s$S "$R s.QAT_REWARM = True" --spinquant
     wait
-    run cpu_spin_carry_s$S True False True --spinquant &
-    run cpu_spin_carry_rewarm_nodecay_s$S True True False --spinquant
+    run cpu_spin_carry_s$S "$R s.QAT_CARRY_MOMENTS = True" --spinquant &
+    run cpu_spin_carry_rewarm_nodecay_s$S "$R s.QAT_CARRY_MOMENTS, s.QAT_REWARM, s.QAT_DECAY_FOLDED = True, True, False" \
+      --spinquant
     wait
   fi
   grep -H "step 1500\|spinquant rotations" $LOGS/train_cpu_qat_s$S.log $LOGS/train_cpu_spin*_s$S.log
@@ -63,7 +68,7 @@ if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
   qat=""  # the QAT runs a qat phase left (none: the PTQ rows alone)
   [ -f out-sq/cpu_qat_s$S/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/cpu_qat_s$S"
   [ -f out-sq/cpu_spin_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations=out-sq/cpu_spin_s$S"
-  for v in carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
+  for v in rotated carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
     [ -f out-sq/cpu_spin_${v}_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/cpu_spin_${v}_s$S"
   done
   qat=${qat#,}

@@ -16,7 +16,7 @@ BPE_ITERS=${BPE_ITERS:-600}   # GPT-2-BPE model steps (1.4M training tokens: mor
 CPU_ITERS=${CPU_ITERS:-1500}  # the default model's steps
 STEPS=${STEPS:-100}           # Cayley SGD steps
 SEEDS=${SEEDS:-"1337 1"}      # training seeds (1337: train.py's default)
-VARIANTS=${VARIANTS:-1}       # 1: also QAT-after-rotation variants on the first seed (the default model; baby: fresh)
+VARIANTS=${VARIANTS:-1}       # 1: also --spinquant with the weights trained in the rotated basis, on the first seed
 SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
 DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
 EXTRA=${EXTRA:-}              # more train.py flags for every run
@@ -42,10 +42,9 @@ BPE="--dataset=shakespeare --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 
 CPU="--device=$DEVICE --dtype=float32 --max_iters=$CPU_ITERS --log_interval=100"
 pids=()
 TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of the table (its log says so)
-SETTINGS_PY="import quantization.spin_quant as s; s.QAT_CARRY_MOMENTS, s.QAT_REWARM, s.QAT_DECAY_FOLDED"
-run() {  # name flags...; QAT_SETTINGS="carry, rewarm, decay" (Python booleans) overrides spin_quant.py's QAT settings
+run() {  # name flags...; QAT_SETTINGS: Python assignments to quantization/spin_quant.py's QAT settings (module s)
   local name=$1; shift
-  (timeout $TRAIN_LIMIT python -c "import sys; ${QAT_SETTINGS:+$SETTINGS_PY = $QAT_SETTINGS;} import train; train.main(sys.argv[1:])" \
+  (timeout $TRAIN_LIMIT python -c "import sys; import quantization.spin_quant as s; ${QAT_SETTINGS:-} import train; train.main(sys.argv[1:])" \
     --out_dir=out-sq/$name "$@" $EXTRA > "$LOGS/train_$name.log" 2>&1 \
     || { echo "train $name: stopped (exit $?)" >> "$LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
   pids+=($!)
@@ -64,15 +63,14 @@ for s in $SEEDS; do
   run cpu_qat_spin_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant --spinquant_steps=$STEPS
 done
 s=${SEEDS%% *}
-if [ "$VARIANTS" = 1 ]; then  # --spinquant as before (fresh AdamW), fresh + lr warm-up, state carried without warm-up
-  for v in "fresh:False, False, True" "fresh_rewarm:False, True, True" "carry:True, False, True" \
-           "nodecay:True, True, False"; do
-    QAT_SETTINGS=${v#*:}
-    [ "${v%%:*}" = fresh ] && run baby_qat_spin_${v%%:*}_s$s $BABY $QAT --seed=$s \
-      --quantization_warmup_iters=$((ITERS / 2)) --spinquant --spinquant_steps=$STEPS
-    run cpu_qat_spin_${v%%:*}_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant \
-      --spinquant_steps=$STEPS
-  done
+if [ "$VARIANTS" = 1 ]; then  # --spinquant with the weights trained in the rotated basis (a fresh AdamW)
+  QAT_SETTINGS="s.QAT_BASIS = 'rotated';"
+  run baby_qat_spin_rotated_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2)) --spinquant \
+    --spinquant_steps=$STEPS
+  run bpe_qat_spin_rotated_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant \
+    --spinquant_steps=$STEPS
+  run cpu_qat_spin_rotated_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant \
+    --spinquant_steps=$STEPS
   QAT_SETTINGS=
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
@@ -87,7 +85,7 @@ compare() {
   local name=$1 seed=$2 tokens=$3 settings=$4 qat=""
   [ -f out-sq/${name}_qat_s$seed/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/${name}_qat_s$seed"
   [ -f out-sq/${name}_qat_spin_s$seed/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations=out-sq/${name}_qat_spin_s$seed"
-  for v in fresh fresh_rewarm carry nodecay; do
+  for v in rotated; do
     [ -f out-sq/${name}_qat_spin_${v}_s$seed/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/${name}_qat_spin_${v}_s$seed"
   done
   [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0

@@ -22,12 +22,13 @@ import math
 from dataclasses import asdict
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from model import GPT, GPTConfig
-from quantization.fold import build_like, fold_norms
+from quantization.fold import build_like, fold_norms, fold_state
 from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
 from quantization.ptq import PTQConfig, make_quantizer
 from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant, misfit
@@ -487,6 +488,9 @@ def check_qat(model_args):
 QAT_CARRY_MOMENTS = False  # AdamW's moments carried into the rotated basis (else: a fresh optimizer)
 QAT_REWARM = False         # warm the learning rate up again after the switch, over warmup_iters
 QAT_DECAY_FOLDED = True    # weight decay on the matrices that absorbed LayerNorm gains (q, k, v, mlp_up, head)
+# where QAT's weights train after the switch: "original" (their own basis, the rotations applied in the forward pass:
+# RotatedQAT) or "rotated" (R1-R4 baked into new latent weights; the three settings above apply to it alone)
+QAT_BASIS = "original"
 NORM_READERS = {"attn.q": "ln_1", "attn.k": "ln_1", "attn.v": "ln_1", "mlp.mlp_up": "ln_2"}
 
 
@@ -555,35 +559,137 @@ def qat_lr(lr, it, switch_iter, warmup_iters):
     return lr * min(1.0, (it - switch_iter + 1) / (warmup_iters + 1))
 
 
-def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, optimizer=None,
-                   optimizer_args=None):
-    """QAT's rotations (train.py --spinquant): learn R1/R2 of a QAT model with its own weight and activation
-    quantizers (weights frozen), bake R1-R4 in, and return (the rotated QAT model, its model_args); the new
-    model's latent weights are the rotated ones, so training continues in the rotated basis.
-    `batches`: (N, T + 1) training tokens. With `optimizer` (and optimizer_args: weight_decay, learning_rate,
-    betas, device_type), also returns the new model's AdamW (qat_optimizer) as a fourth item."""
+def learn_qat_rotations(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False):
+    """The SpinQuant of a QAT model (train.py --spinquant): its weights folded, R1/R2 learned with the QAT run's own
+    weight and activation quantizers (weights frozen; the best held-out step kept). `batches`: (N, T + 1) tokens."""
     check_plain({**model_args, "linear_variants": {}, "act_quant": {}, "embedding_quant": None}, "the QAT model")
     check_qat(model_args)
     plain_args = {**model_args, "linear_variants": {}, "weight_quant": {}, "act_quant": {}}
     device = next(model.parameters()).device
-    state = {k.replace(".parametrizations.weight.original", ".weight"): v.detach().float()
-             for k, v in model.state_dict().items()}
+    state = {_plain_name(k): v.detach().float() for k, v in model.state_dict().items()}
     plain = build_like(GPTConfig(**plain_args), state)
     specs = {site: QuantSpec(**fields) for site, fields in model_args.get("weight_quant", {}).items()}
     sq = SpinQuant(plain, bits=FULL_BITS, act_quant=model_args.get("act_quant", {}), weight_specs=specs, seed=seed,
                    device=device)
     sq.optimize(batches, steps=steps, lr=lr, seed=seed, progress=progress)
+    return sq
+
+
+def qat_model_state(config, state):
+    """`state` (plain `.weight` keys) renamed for a GPT of `config`, whose quantized sites keep their latent weight
+    under `parametrizations.weight.original`."""
+    with torch.random.fork_rng(devices=[]):
+        names = set(GPT(config).state_dict())
+    out = dict(state)
+    for key in list(out):
+        latent = key[:-len("weight")] + "parametrizations.weight.original"
+        if key not in names and latent in names:
+            out[latent] = out.pop(key)
+    return out
+
+
+class RotatedQAT(nn.Module):
+    """train.py --spinquant after the switch (QAT_BASIS "original"): the optimizer keeps training the QAT model's own
+    parameters (`base`: LayerNorms, tied head, the original basis, with the AdamW state they had), while the forward
+    pass computes the folded, rotated model from them (fold_state, rotate_state: plain tensor operations, so the
+    gradients reach the original weights), quantizes the rotated weights with the run's weight quantizers, and runs
+    them through a GPT with the run's activation quantizers and R4's online Hadamard. With the quantizers off it
+    computes `base`'s logits. `checkpoint_state` bakes it into an ordinary rotated QAT checkpoint."""
+
+    def __init__(self, base, base_args, R1, R2):
+        super().__init__()
+        cfg = base.config
+        C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
+        device = next(base.parameters()).device
+        self.base, self.base_args = base, dict(base_args)
+        self.rotated_args = {**base_args, "norm": "rmsnorm", "tied_head": False,
+                             "online_transforms": {"mlp_activation_output": "hadamard"}}
+        plain = GPTConfig(**{**self.rotated_args, "linear_variants": {}, "weight_quant": {}})
+        with torch.random.fork_rng(devices=[]):
+            self.rotated = GPT(plain).to(device)
+        self.rotated.requires_grad_(False)
+        self.rotated.set_quantization(base.quantization_enabled)
+        self.rotated.train(base.training)
+        self.specs = {site: QuantSpec(**fields) for site, fields in base_args.get("weight_quant", {}).items()
+                      if base_args.get("linear_variants", {}).get(site) == "quantized_linear"}
+        self.register_buffer("R1", R1.detach().to(device, torch.float32).clone())
+        self.register_buffer("R2", torch.stack([R.detach() for R in R2]).to(device, torch.float32))
+        self.register_buffer("R3", hadamard_matrix(hd, torch.float32).to(device))
+        self.register_buffer("R4", hadamard_matrix(4 * C, torch.float32).t().contiguous().to(device))
+        self.config = plain
+
+    @property
+    def quantization_enabled(self):
+        return self.base.quantization_enabled
+
+    @property
+    def embedding_spec(self):
+        return self.base.embedding_spec
+
+    def get_num_params(self, non_embedding=True):
+        return self.base.get_num_params(non_embedding)
+
+    def set_quantization(self, enabled):
+        self.base.set_quantization(enabled)
+        self.rotated.set_quantization(enabled)
+
+    def rotated_state(self, quantize=True):
+        """The rotated model's weights, computed from base's parameters (in float32 at least, outside autocast)."""
+        dtype = torch.promote_types(self.R1.dtype, torch.float32)  # float32, or float64 after .double()
+        with torch.autocast(self.R1.device.type, enabled=False):
+            state = {_plain_name(k): v.to(dtype) for k, v in self.base.named_parameters()}
+            state = rotate_state(fold_state(state, self.base.config), self.base.config, R1=self.R1,
+                                 R2=list(self.R2.unbind(0)), R3=self.R3, R4=self.R4)
+            if quantize and self.base.quantization_enabled:
+                for key in state:
+                    spec = self.specs.get(key.split(".")[-2]) if key.endswith(".weight") else None
+                    if spec is not None:
+                        state[key] = fake_quant(state[key], spec, self.training)
+        return state
+
+    def forward(self, idx, targets=None):
+        return functional_call(self.rotated, self.rotated_state(), (idx, targets))
+
+    @torch.no_grad()
+    def checkpoint_state(self):
+        """(model_args, state dict) of the baked rotated QAT model: what sample.py, perplexity and packing load."""
+        state = {k: v.detach().clone() for k, v in self.rotated_state(quantize=False).items()}
+        return self.rotated_args, qat_model_state(GPTConfig(**self.rotated_args), state)
+
+    def resume_state(self):
+        """What a resumed run needs to rebuild this model: base's model_args and weights, and R1 and R2."""
+        return {"model_args": self.base_args, "model": self.base.state_dict(), "R1": self.R1, "R2": self.R2}
+
+    @classmethod
+    def from_resume_state(cls, saved):
+        base = GPT(GPTConfig(**saved["model_args"]))
+        base.load_state_dict(saved["model"])
+        return cls(base, saved["model_args"], saved["R1"], list(saved["R2"].unbind(0)))
+
+
+def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, optimizer=None,
+                   optimizer_args=None):
+    """QAT's rotations (train.py --spinquant): learn R1/R2 of a QAT model with its own weight and activation
+    quantizers (weights frozen) and return (the rotated QAT model, its model_args, the learning losses).
+    With QAT_BASIS "original" the model is a RotatedQAT that trains `model`'s own parameters; with "rotated", R1-R4
+    are baked in and the new model's latent weights are the rotated ones, so training continues in the rotated
+    basis. `batches`: (N, T + 1) training tokens. With `optimizer` (and optimizer_args: weight_decay,
+    learning_rate, betas, device_type), also returns the optimizer that trains the new model as a fourth item: the
+    same one for "original", qat_optimizer's for "rotated"."""
+    if QAT_BASIS not in ("original", "rotated"):
+        raise ValueError(f"QAT_BASIS={QAT_BASIS!r}: expected original or rotated")
+    sq = learn_qat_rotations(model, model_args, batches, steps, lr, seed, progress)
+    if QAT_BASIS == "original":
+        new_model = RotatedQAT(model, model_args, sq.R1, sq.R2)
+        out = (new_model, dict(new_model.rotated_args), sq.losses)
+        return out + (optimizer,) if optimizer_args is not None else out
+    device = next(model.parameters()).device
     rotated = {k: v.detach() for k, v in sq.rotated_state().items()}
     new_args = {**model_args, "norm": sq.config.norm, "tied_head": False,
                 "online_transforms": dict(sq.config.online_transforms)}
     with torch.random.fork_rng(devices=[]):
         new_model = GPT(GPTConfig(**new_args)).to(device)
-    names = set(new_model.state_dict())
-    for key in list(rotated):
-        latent = key[:-len("weight")] + "parametrizations.weight.original"
-        if key not in names and latent in names:
-            rotated[latent] = rotated.pop(key)
-    new_model.load_state_dict(rotated)
+    new_model.load_state_dict(qat_model_state(GPTConfig(**new_args), rotated))
     new_model.set_quantization(model.quantization_enabled)
     new_model.train(model.training)
     if optimizer_args is not None:

@@ -220,29 +220,87 @@ def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, c
                      "--quantize_linear_bits=4", "--quantize_mlp_act_input", "--quantize_attn_act_pv_mult_v_input",
                      "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token")
     assert "iter 6: spinquant rotations learned" in capsys.readouterr().out
-    args = load_checkpoint(out)["model_args"]
+    checkpoint = load_checkpoint(out)
+    args = checkpoint["model_args"]
     assert args["norm"] == "rmsnorm" and not args["tied_head"] and args["online_transforms"]
+    assert checkpoint["spinquant_qat"]["model_args"].get("norm", "layernorm") == "layernorm"  # what resuming trains
     model = from_pretrained(out)
     assert model.config.linear_variants["mlp_up"] == "quantized_linear"
+    train_in_process(out, "--init_from=resume", "--max_iters=14", "--eval_interval=2", "--spinquant")
+    printed = capsys.readouterr().out
+    assert "step 14:" in printed and "rotations learned" not in printed  # resumed, not rotated again
+    assert load_checkpoint(out)["iter_num"] == 14
 
 
-def test_qat_rotation_computes_the_same_logits(tiny_trained):
+@pytest.mark.parametrize("basis", ["original", "rotated"])
+def test_qat_rotation_computes_the_same_logits(tiny_trained, basis, monkeypatch):
     """rotate_for_qat (train.py --spinquant) changes no function: with the quantizers off the rotated model's logits
-    are the trained model's, and its cached decode agrees with its full forward."""
+    are the trained model's, and the cached decode of the model it saves agrees with its full forward."""
     import copy
     from dataclasses import asdict
+    import quantization.spin_quant as spin_quant
     from generate import generate
-    from quantization.spin_quant import rotate_for_qat
+    from quantization.spin_quant import RotatedQAT, rotate_for_qat
+    monkeypatch.setattr(spin_quant, "QAT_BASIS", basis)
     model, tokens = copy.deepcopy(tiny_trained[0]).double(), tiny_trained[1]
     data = torch.cat(_calibration(tokens, n=8))
     new_model, new_args, _ = rotate_for_qat(model, asdict(model.config), data, steps=2)
+    assert isinstance(new_model, RotatedQAT) == (basis == "original")
     new_model.set_quantization(False)
     x = data[:2, :-1]
     expected, got = model.eval()(x, x)[0], new_model.double().eval()(x, x)[0]
-    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()  # rotate_for_qat works in float32
+    assert (got - expected).abs().max() < 1e-5 * expected.abs().max()  # the rotations are float32
     assert new_args["norm"] == "rmsnorm" and not new_args["tied_head"]
+    if basis == "original":  # what train.py saves: the rotated model baked
+        saved_args, state = new_model.checkpoint_state()
+        assert saved_args == new_args
+        new_model = GPT(GPTConfig(**new_args)).double()
+        new_model.load_state_dict(state)
+        new_model.set_quantization(False)
     a = generate(new_model, x[:1, :4], 6, temperature=0)
     assert torch.equal(a, generate(new_model, x[:1, :4], 6, temperature=0, use_cache=False))
+
+
+def _latent_names(state):
+    return {k.replace("q.weight", "q.parametrizations.weight.original").replace(
+        "mlp_down.weight", "mlp_down.parametrizations.weight.original"): v for k, v in state.items()}
+
+
+def test_rotated_qat_trains_the_original_weights(tiny_trained):
+    """RotatedQAT (QAT_BASIS "original"): the gradients reach the QAT model's own parameters (LayerNorms, tied
+    embedding), none the rotated copy's; the baked weights and the quantized loss are those of a rotated model built
+    independently in float64 (fold_norms on the module, rotate_state, QuantizedLinear); a resumed run rebuilds it."""
+    import copy
+    from dataclasses import asdict
+    from quantization.spin_quant import RotatedQAT, rotate_state
+    model, tokens = copy.deepcopy(tiny_trained[0]), tiny_trained[1]
+    args = {**asdict(model.config), "linear_variants": {s: "quantized_linear" for s in ("q", "mlp_down")},
+            "weight_quant": {s: {"method": "affine_quant", "bits": 3} for s in ("q", "mlp_down")},
+            "act_quant": {"attn_input": {"method": "affine_quant", "bits": 4, "granularity": "per_token"}}}
+    qat = GPT(GPTConfig(**args))
+    qat.load_state_dict(_latent_names(model.state_dict()))
+    C, hd, L = model.config.n_embd, model.config.n_embd // model.config.n_head, model.config.n_layer
+    g = torch.Generator().manual_seed(0)
+    # orthogonal matrices in float32, the precision RotatedQAT keeps them in
+    R1 = torch.linalg.qr(torch.randn(C, C, generator=g, dtype=torch.float64))[0].float().double()
+    R2 = [torch.linalg.qr(torch.randn(hd, hd, generator=g, dtype=torch.float64))[0].float().double() for _ in range(L)]
+    wrapped = RotatedQAT(qat, args, R1, R2).double()
+    x = torch.cat(_calibration(tokens, n=2))
+    wrapped.train()(x[:, :-1], x[:, 1:])[1].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in qat.parameters())
+    assert not any(p.requires_grad for p in wrapped.rotated.parameters())
+    state = rotate_state(fold_norms(model.double()).state_dict(), model.config, R1=R1, R2=R2,
+                         R3=hadamard_matrix(hd).float().double(), R4=hadamard_matrix(4 * C).t().float().double())
+    saved_args, baked = wrapped.checkpoint_state()
+    reference = GPT(GPTConfig(**saved_args)).double()
+    reference.load_state_dict(_latent_names(state))
+    for key, value in reference.state_dict().items():
+        assert (baked[key] - value).abs().max() < 1e-9, key
+    wrapped.eval()
+    reference.eval()
+    assert abs(wrapped(x[:, :-1], x[:, 1:])[1].item() - reference(x[:, :-1], x[:, 1:])[1].item()) < 1e-9
+    resumed = RotatedQAT.from_resume_state(wrapped.resume_state()).double().eval()
+    assert torch.equal(resumed(x[:, :-1], x[:, 1:])[0], wrapped(x[:, :-1], x[:, 1:])[0])
 
 
 @pytest.mark.parametrize("flags, named", [
