@@ -15,6 +15,7 @@ out) over the device-to-device copy bandwidth measured in the same run; "floor %
 import argparse
 import copy
 import functools
+import itertools
 import math
 import os
 import re
@@ -368,15 +369,17 @@ def bench_binary(shape, bandwidth, log):
         xs = [torch.randn(1, k, device="cuda") for _ in range(count)]
         ref = module(xs[0]).double()
         nbytes = words.numel() * 4 + scales.numel() * 4
-        for block_n, block_w, warps in CONFIGS:
-            call = functools.partial(residual_binary_gemv, block_n=block_n, block_w=block_w, num_warps=warps)
+        for (block_n, block_w, warps), transpose_x in itertools.product(CONFIGS, (True, False)):
+            call = functools.partial(residual_binary_gemv, block_n=block_n, block_w=block_w, num_warps=warps,
+                                     transpose_x=transpose_x)
             torch.full((n,), float("nan"), device="cuda")  # poison: the output reuses this freed block
             error = relative_error(call(xs[0], words, scales), ref)
             t = graph_time([lambda x=x, p=p: call(x, *p) for x, p in zip(xs, packs)]) * 1e6
-            rows.append(f"| {shape} | {terms} | Triton bitwise BLOCK_N={block_n} BLOCK_W={block_w} warps={warps} | "
-                        f"{t:.1f} | {base / t:.2f} | {error:.1e} | {nbytes / 2**20:.1f} |")
-            log(f"  {shape} residual binary k={terms} {(block_n, block_w, warps)}: {t:.1f} us, {base / t:.2f}x bf16, "
-                f"error {error:.1e}")
+            layout = "x bit-major" if transpose_x else "x as given"
+            rows.append(f"| {shape} | {terms} | Triton bitwise BLOCK_N={block_n} BLOCK_W={block_w} warps={warps}, "
+                        f"{layout} | {t:.1f} | {base / t:.2f} | {error:.1e} | {nbytes / 2**20:.1f} |")
+            log(f"  {shape} residual binary k={terms} {(block_n, block_w, warps)} {layout}: {t:.1f} us, "
+                f"{base / t:.2f}x bf16, error {error:.1e}")
         del packs
     return rows
 

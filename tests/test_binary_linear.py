@@ -109,8 +109,8 @@ errors = []
 for granularity, group_size, terms in CASES:
     module, _, _ = layer(24, 256, granularity, group_size, terms, bias=False)
     x = torch.randn(1, 256)
-    for block_n, block_w in ((16, 4), (8, 2)):
-        y = residual_binary_gemv(x, *stack_terms(module), block_n=block_n, block_w=block_w)
+    for block_n, block_w, transpose_x in ((16, 4, True), (8, 2, True), (16, 4, False)):
+        y = residual_binary_gemv(x, *stack_terms(module), block_n=block_n, block_w=block_w, transpose_x=transpose_x)
         errors.append((y - module(x)).abs().max().item())
 print(json.dumps(errors))
 """
@@ -123,4 +123,4 @@ def test_triton_kernel_matches_pytorch_path():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(errors) == 2 * len(CASES) and max(errors) < 1e-4, errors
+    assert len(errors) == 3 * len(CASES) and max(errors) < 1e-4, errors

@@ -29,10 +29,13 @@ BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
 # word_stride (1) is not specialized: not knowing the words contiguous, Triton gives each thread one word column
 # (a warp still loads 32 neighbouring words) and several rows and terms, which then share each value of x it loads;
 # with 16-byte vectors a thread held four columns and loaded four values of x per bit
-@triton.jit(do_not_specialize=["word_stride"])
+# x is read through (x_word_stride, x_bit_stride): (32, 1) as it comes, or (1, n_words) from the bit-major copy
+# residual_binary_gemv makes (transpose_x), where a warp's 32 word columns read 32 neighbouring floats for each bit
+# instead of 32 floats 128 bytes apart
+@triton.jit(do_not_specialize=["word_stride", "x_word_stride", "x_bit_stride"])
 def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_words, n_groups, words_per_group,
-                                 word_stride, TERMS: tl.constexpr, TERMS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 BLOCK_W: tl.constexpr):
+                                 word_stride, x_word_stride, x_bit_stride, TERMS: tl.constexpr,
+                                 TERMS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     terms = tl.arange(0, TERMS_P2)
     row_ok = (terms < TERMS)[:, None] & (rows < n_out)[None, :]  # (terms, rows)
@@ -40,8 +43,8 @@ def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_wo
     for w0 in range(0, n_words, BLOCK_W):
         cols = w0 + tl.arange(0, BLOCK_W)  # word columns
         col_ok = cols < n_words
-        x_cols = x_ptr + cols * 32
-        x_sum = tl.sum(tl.load(x_cols[:, None] + tl.arange(0, 32)[None, :], mask=col_ok[:, None],
+        x_cols = x_ptr + cols * x_word_stride
+        x_sum = tl.sum(tl.load(x_cols[:, None] + tl.arange(0, 32)[None, :] * x_bit_stride, mask=col_ok[:, None],
                                other=0.0).to(tl.float32))
         words = tl.load(words_ptr + ((terms[:, None] * n_out + rows[None, :]) * n_words)[:, :, None]
                         + (cols * word_stride)[None, None, :], mask=row_ok[:, :, None] & col_ok[None, None, :], other=0)
@@ -49,8 +52,9 @@ def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_wo
         high = (words >> 16) & 0xFFFF
         part = tl.zeros((TERMS_P2, BLOCK_N, BLOCK_W), dtype=tl.float32)  # sum of x over set bits, times 2**-85
         for j in tl.static_range(16):
-            x_low = tl.load(x_cols + j, mask=col_ok, other=0.0).to(tl.float32) * (XSCALE / (1 << j))
-            x_high = tl.load(x_cols + 16 + j, mask=col_ok, other=0.0).to(tl.float32) * (XSCALE / (1 << j))
+            x_low = tl.load(x_cols + j * x_bit_stride, mask=col_ok, other=0.0).to(tl.float32) * (XSCALE / (1 << j))
+            x_high = tl.load(x_cols + (16 + j) * x_bit_stride, mask=col_ok, other=0.0).to(tl.float32) * (
+                XSCALE / (1 << j))
             part += x_low[None, None, :] * (low & (1 << j)).to(tl.float32, bitcast=True)
             part += x_high[None, None, :] * (high & (1 << j)).to(tl.float32, bitcast=True)
         set_sum = tl.sum(part, axis=2) * BACK
@@ -63,9 +67,10 @@ def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_wo
 
 
 def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIGS[0][1],
-                         num_warps=CONFIGS[0][2]):
+                         num_warps=CONFIGS[0][2], transpose_x=True):
     """x (in,) or (1, in); words (terms, out, in/32) int32; scales (terms, out, groups) float32 -> y (out,) float32
-    (or (1, out) for a (1, in) input)."""
+    (or (1, out) for a (1, in) input). transpose_x: the kernel reads a bit-major float32 copy of x (one small
+    copy kernel more; the reads of x coalesce); False: x as it comes."""
     terms, n_out, n_words = words.shape
     n_groups = scales.shape[-1]
     if words.dtype != torch.int32 or scales.shape[:2] != (terms, n_out) or x.shape[-1] != n_words * WORD_BITS:
@@ -81,8 +86,14 @@ def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIG
     block_w = max(1, min(block_w, triton.next_power_of_2(n_words)))
     y = torch.empty(n_out, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n_out, block_n),)
-    _residual_binary_gemv_kernel[grid](x.contiguous().reshape(-1), words.contiguous(), scales.float().contiguous(), y,
-                                       n_out, n_words, n_groups, words_per_group, 1, TERMS=terms,
+    x = x.reshape(-1)
+    if transpose_x:
+        xs, x_word_stride, x_bit_stride = x.reshape(n_words, WORD_BITS).t().float().contiguous(), 1, n_words
+    else:
+        xs, x_word_stride, x_bit_stride = x.contiguous(), WORD_BITS, 1
+    _residual_binary_gemv_kernel[grid](xs, words.contiguous(), scales.float().contiguous(), y,
+                                       n_out, n_words, n_groups, words_per_group, 1, x_word_stride, x_bit_stride,
+                                       TERMS=terms,
                                        TERMS_P2=triton.next_power_of_2(terms), BLOCK_N=block_n,
                                        BLOCK_W=block_w, num_warps=num_warps)
     return y.reshape(*x.shape[:-1], n_out)
