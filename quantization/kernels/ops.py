@@ -27,11 +27,14 @@ GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV
 GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # one row, small layers in one step per program: every word of a program's tile loaded at once (one memory round
 # trip, the shape of tinygemm's kernel), narrow column tiles for enough programs without split-K: K = 768 in 32
-# blocks (24 used), K = 3072 in 128 (96 used). The last five give each thread fewer codes (more warps per
-# program): with 4 warps a (32, 32) tile is 256 codes a thread, with 8 warps an (8, 32) tile is 32
+# blocks (24 used), K = 3072 in 128 (96 used). The configs after the first six give each thread fewer codes (more
+# warps per program): with 4 warps a (32, 32) tile is 256 codes a thread, with 8 warps an (8, 32) tile is 32. On an
+# H200 8 warps won every small shape (bench/results/kernels_h200_goal.md); 16 warps are the next step
 ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16, 128, 0, 4, 0),
                     (8, 128, 0, 4, 0), (8, 128, 0, 2, 0),
-                    (8, 32, 0, 4, 0), (8, 32, 0, 8, 0), (16, 32, 0, 8, 0), (8, 128, 0, 8, 0), (16, 128, 0, 8, 0)]
+                    (8, 32, 0, 4, 0), (8, 32, 0, 8, 0), (16, 32, 0, 8, 0), (8, 128, 0, 8, 0), (16, 128, 0, 8, 0),
+                    (8, 32, 0, 16, 0), (16, 32, 0, 16, 0), (32, 32, 0, 8, 0), (8, 128, 0, 16, 0),
+                    (16, 128, 0, 16, 0)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
 # no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)). The last
 # six before ONE_STEP_CONFIGS are for small layers (weights in L2, a few microseconds): narrow column tiles give
