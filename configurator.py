@@ -82,8 +82,9 @@ TRAINING_FLAGS = [
     ("activations_quant_granularity", "per_tensor", "activation range per_tensor or per_token (dynamic)"),
     ("store_activations", False, "keep the last quantized activation of each active site (saved with checkpoints)"),
     # SpinQuant rotations in QAT (quantization/spin_quant.py)
-    ("spinquant", False, "learn SpinQuant rotations when quantization switches on, bake them in, train on rotated "
-                         "(measured worse than plain QAT on every model tried: docs/results.md#spinquant)"),
+    ("spinquant", False, "learn SpinQuant rotations when quantization switches on and keep them only if they clearly "
+                         "beat no rotation on held-out training text; the weights train in their own basis "
+                         "(docs/spinquant.md; measured: docs/results.md#spinquant)"),
     ("spinquant_steps", 100, "Cayley SGD steps of --spinquant"),
     ("spinquant_lr", 1.5, "Cayley SGD learning rate of --spinquant (cosine-decayed)"),
     ("spinquant_nsamples", 128, "training sequences --spinquant learns the rotations on"),

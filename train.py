@@ -115,20 +115,27 @@ def check_spinquant(args, model_args):
 
 def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer, lr, device_type):
     """Learn R1/R2 with the QAT quantizers on training sequences (weights frozen), once, when quantization
-    switches on: (rotated model, its model_args, the AdamW that trains it: qat_optimizer, see spin_quant.py's
-    QAT_*)."""
-    batches = []
-    while sum(b.shape[0] for b in batches) < args.spinquant_nsamples:
-        X, Y = get_batch("train")
-        batches.append(torch.cat([X, Y[:, -1:]], dim=1))
+    switches on, and keep them only when they clearly beat no rotation on as many other training sequences:
+    (the model QAT goes on with, its model_args, its optimizer, the choice; spin_quant.rotate_for_qat)."""
+    def draw(n):
+        batches = []
+        while sum(b.shape[0] for b in batches) < n:
+            X, Y = get_batch("train")
+            batches.append(torch.cat([X, Y[:, -1:]], dim=1))
+        return torch.cat(batches)[:n]
+
     t = time.time()
-    rotated, new_args, losses, new_optimizer = rotate_for_qat(
-        qat_model, model_args, torch.cat(batches)[:args.spinquant_nsamples], args.spinquant_steps,
-        args.spinquant_lr, args.seed, optimizer=optimizer, optimizer_args=dict(
+    learn, heldout = draw(args.spinquant_nsamples), draw(max(2, args.spinquant_nsamples))
+    model, new_args, info, new_optimizer = rotate_for_qat(
+        qat_model, model_args, learn, args.spinquant_steps, args.spinquant_lr, args.seed, optimizer=optimizer,
+        heldout=heldout, optimizer_args=dict(
             weight_decay=args.weight_decay, learning_rate=lr, betas=(args.beta1, args.beta2), device_type=device_type))
+    losses = info["losses"]
     print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
-          f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}")
-    return rotated, new_args, new_optimizer
+          f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; held-out "
+          f"quantized loss without rotation {info['none']:.4f}, rotated {info['rotated']:.4f} ({info['z']:.1f} "
+          f"standard errors); kept {info['kept']}")
+    return model, new_args, new_optimizer, info["kept"]
 
 
 def model_entries(raw_model, model_args):
@@ -229,6 +236,10 @@ def main(argv=None):
         model, model_args = build_model(args, quant, meta, from_gpt2)
     if args.spinquant:
         check_spinquant(args, model_args)
+    # --spinquant decides once, when quantization switches on (None until then); a resumed run keeps the decision
+    spinquant_choice = None if args.spinquant else "off"
+    if args.spinquant and checkpoint is not None:
+        spinquant_choice = "rotations" if is_rotated(model_args) else checkpoint.get("spinquant_choice")
     if checkpoint is not None and "spinquant_qat" in checkpoint:  # QAT in the original basis after the rotation
         model = RotatedQAT.from_resume_state(checkpoint["spinquant_qat"])
     elif checkpoint is not None:
@@ -293,9 +304,9 @@ def main(argv=None):
             if master and quantize and has_quantizers:
                 print(f"iter {iter_num}: quantization on")
         quantized = quantize and has_quantizers
-        if args.spinquant and raw_model.quantization_enabled and not is_rotated(model_args):
-            raw_model, model_args, optimizer = spinquant_rotate(args, raw_model, model_args, get_batch, iter_num,
-                                                                optimizer, lr, device_type)
+        if spinquant_choice is None and raw_model.quantization_enabled:
+            raw_model, model_args, optimizer, spinquant_choice = spinquant_rotate(
+                args, raw_model, model_args, get_batch, iter_num, optimizer, lr, device_type)
             model = eval_model = torch.compile(raw_model) if args.compile else raw_model
         if args.spinquant and is_rotated(model_args):  # the lr after the rotation (QAT_REWARM)
             lr = qat_lr(lr, iter_num, args.quantization_warmup_iters, args.warmup_iters)
@@ -328,7 +339,7 @@ def main(argv=None):
                         **model_entries(raw_model, model_args), "optimizer": optimizer.state_dict(),
                         "scaler": scaler.state_dict(), "iter_num": iter_num,
                         "best_val_loss": best_val_loss, "config": vars(args), "dataset": args.dataset,
-                        "quantization_enabled": raw_model.quantization_enabled,
+                        "quantization_enabled": raw_model.quantization_enabled, "spinquant_choice": spinquant_choice,
                         "rng": rng, "data_rng": data_rng.get_state()})
                     print(f"saved checkpoint to {args.out_dir}/ckpt.pt")
         resumed = False

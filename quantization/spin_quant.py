@@ -559,9 +559,10 @@ def qat_lr(lr, it, switch_iter, warmup_iters):
     return lr * min(1.0, (it - switch_iter + 1) / (warmup_iters + 1))
 
 
-def learn_qat_rotations(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False):
+def learn_qat_rotations(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, heldout=None):
     """The SpinQuant of a QAT model (train.py --spinquant): its weights folded, R1/R2 learned with the QAT run's own
-    weight and activation quantizers (weights frozen; the best held-out step kept). `batches`: (N, T + 1) tokens."""
+    weight and activation quantizers (weights frozen; the best held-out step kept). `batches`: (N, T + 1) tokens;
+    `heldout`: more of them, never learned on (None: a quarter of `batches`)."""
     check_plain({**model_args, "linear_variants": {}, "act_quant": {}, "embedding_quant": None}, "the QAT model")
     check_qat(model_args)
     plain_args = {**model_args, "linear_variants": {}, "weight_quant": {}, "act_quant": {}}
@@ -571,7 +572,7 @@ def learn_qat_rotations(model, model_args, batches, steps=100, lr=1.5, seed=0, p
     specs = {site: QuantSpec(**fields) for site, fields in model_args.get("weight_quant", {}).items()}
     sq = SpinQuant(plain, bits=FULL_BITS, act_quant=model_args.get("act_quant", {}), weight_specs=specs, seed=seed,
                    device=device)
-    sq.optimize(batches, steps=steps, lr=lr, seed=seed, progress=progress)
+    sq.optimize(batches, steps=steps, lr=lr, seed=seed, progress=progress, heldout=heldout)
     return sq
 
 
@@ -668,20 +669,36 @@ class RotatedQAT(nn.Module):
 
 
 def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, optimizer=None,
-                   optimizer_args=None):
+                   optimizer_args=None, select=True, heldout=None):
     """QAT's rotations (train.py --spinquant): learn R1/R2 of a QAT model with its own weight and activation
-    quantizers (weights frozen) and return (the rotated QAT model, its model_args, the learning losses).
-    With QAT_BASIS "original" the model is a RotatedQAT that trains `model`'s own parameters; with "rotated", R1-R4
-    are baked in and the new model's latent weights are the rotated ones, so training continues in the rotated
-    basis. `batches`: (N, T + 1) training tokens. With `optimizer` (and optimizer_args: weight_decay,
-    learning_rate, betas, device_type), also returns the optimizer that trains the new model as a fourth item: the
-    same one for "original", qat_optimizer's for "rotated"."""
+    quantizers (weights frozen) and return (the model QAT goes on with, its model_args, info).
+    With `select`, the rotations are kept only when they clearly beat no rotation on held-out training sequences
+    (the quantized model as QAT would train it, per-sample losses, `CLEAR_Z` standard errors, as SpinQuant.choose
+    does): else `model` and `model_args` come back unchanged. info: {"kept": "rotations" or "no rotation", "losses":
+    the learning losses, and with select "none", "rotated" (held-out losses) and "z"}.
+    With QAT_BASIS "original" the rotated model is a RotatedQAT that trains `model`'s own parameters; with
+    "rotated", R1-R4 are baked in and the new model's latent weights are the rotated ones, so training continues in
+    the rotated basis. `batches`: (N, T + 1) training tokens; `heldout`: more, never learned on (None: a quarter of
+    `batches`), half to pick the best step, half for the choice. With `optimizer` (and optimizer_args: weight_decay,
+    learning_rate, betas, device_type), also returns the optimizer that trains the returned model as a fourth item:
+    the same one for "original" and for no rotation, qat_optimizer's for "rotated"."""
     if QAT_BASIS not in ("original", "rotated"):
         raise ValueError(f"QAT_BASIS={QAT_BASIS!r}: expected original or rotated")
-    sq = learn_qat_rotations(model, model_args, batches, steps, lr, seed, progress)
+    sq = learn_qat_rotations(model, model_args, batches, steps, lr, seed, progress, heldout)
+    info = {"kept": "rotations", "losses": sq.losses}
+    wrapped = RotatedQAT(model, model_args, sq.R1, sq.R2)
+    if select and sq.heldout is not None:
+        training = model.training
+        wrapped.eval()  # base (model) too
+        none, rotated = sq.sample_losses(sq.heldout, model), sq.sample_losses(sq.heldout, wrapped)
+        wrapped.train(training)
+        gain, z = paired_gain(none, rotated)
+        info.update(none=none.mean().item(), rotated=rotated.mean().item(), z=z)
+        if z < CLEAR_Z:
+            info["kept"] = "no rotation"
+            return (model, model_args, info) + ((optimizer,) if optimizer_args is not None else ())
     if QAT_BASIS == "original":
-        new_model = RotatedQAT(model, model_args, sq.R1, sq.R2)
-        out = (new_model, dict(new_model.rotated_args), sq.losses)
+        out = (wrapped, dict(wrapped.rotated_args), info)
         return out + (optimizer,) if optimizer_args is not None else out
     device = next(model.parameters()).device
     rotated = {k: v.detach() for k, v in sq.rotated_state().items()}
@@ -693,5 +710,5 @@ def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progre
     new_model.set_quantization(model.quantization_enabled)
     new_model.train(model.training)
     if optimizer_args is not None:
-        return new_model, new_args, sq.losses, qat_optimizer(model, optimizer, new_model, sq, **optimizer_args)
-    return new_model, new_args, sq.losses
+        return new_model, new_args, info, qat_optimizer(model, optimizer, new_model, sq, **optimizer_args)
+    return new_model, new_args, info

@@ -1,5 +1,6 @@
 """SpinQuant: Hadamard constructions, exactness of folding and of every rotation, Cayley SGD, the saved checkpoint,
 train.py --spinquant, and bad input."""
+import math
 import os
 
 import pytest
@@ -213,23 +214,58 @@ def test_width_without_hadamard_is_refused(tmp_path):
     assert not os.path.exists(out)
 
 
-def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, capsys):
+@pytest.mark.parametrize("clear_z, kept", [(-math.inf, "rotations"), (math.inf, "no rotation")])
+def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, capsys, monkeypatch, clear_z, kept):
+    """--spinquant decides once, at the switch, by the held-out rule (CLEAR_Z forced here to take each branch): a
+    kept rotation is saved baked with what resuming needs; no rotation leaves the model as it was; a resumed run
+    does not decide again."""
+    import quantization.spin_quant as spin_quant
+    monkeypatch.setattr(spin_quant, "CLEAR_Z", clear_z)
     out = str(tmp_path / "qat")
     train_in_process(out, "--max_iters=12", "--eval_interval=12", "--quantization_warmup_iters=6", "--spinquant",
                      "--spinquant_steps=3", "--spinquant_nsamples=8", "--linear_variant_mlp=quantized_linear",
                      "--quantize_linear_bits=4", "--quantize_mlp_act_input", "--quantize_attn_act_pv_mult_v_input",
                      "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token")
-    assert "iter 6: spinquant rotations learned" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "iter 6: spinquant rotations learned" in printed and f"; kept {kept}\n" in printed
     checkpoint = load_checkpoint(out)
     args = checkpoint["model_args"]
-    assert args["norm"] == "rmsnorm" and not args["tied_head"] and args["online_transforms"]
-    assert checkpoint["spinquant_qat"]["model_args"].get("norm", "layernorm") == "layernorm"  # what resuming trains
+    assert checkpoint["spinquant_choice"] == kept
+    if kept == "rotations":
+        assert args["norm"] == "rmsnorm" and not args["tied_head"] and args["online_transforms"]
+        assert checkpoint["spinquant_qat"]["model_args"].get("norm", "layernorm") == "layernorm"  # what resuming trains
+    else:
+        assert args.get("norm", "layernorm") == "layernorm" and "spinquant_qat" not in checkpoint
     model = from_pretrained(out)
     assert model.config.linear_variants["mlp_up"] == "quantized_linear"
     train_in_process(out, "--init_from=resume", "--max_iters=14", "--eval_interval=2", "--spinquant")
     printed = capsys.readouterr().out
-    assert "step 14:" in printed and "rotations learned" not in printed  # resumed, not rotated again
+    assert "step 14:" in printed and "rotations learned" not in printed  # resumed, not decided again
     assert load_checkpoint(out)["iter_num"] == 14
+
+
+def test_qat_choice_scores_both_models_on_the_heldout_half(tiny_trained, monkeypatch):
+    """rotate_for_qat's choice: `none` and `rotated` are the mean per-token losses, on the second half of the
+    held-out sequences, of the QAT model as it is and of the rotated model it would train (checked here with plain
+    cross-entropy in float64)."""
+    import copy
+    from dataclasses import asdict
+    import torch.nn.functional as F
+    import quantization.spin_quant as spin_quant
+    from quantization.spin_quant import rotate_for_qat
+    monkeypatch.setattr(spin_quant, "CLEAR_Z", -math.inf)
+    model, tokens = copy.deepcopy(tiny_trained[0]).double(), tiny_trained[1]
+    data = torch.cat(_calibration(tokens, n=16))
+    learn, heldout = data[:8], data[8:]
+    new_model, _, info = rotate_for_qat(model, asdict(model.config), learn, steps=2, heldout=heldout)
+    x, y = heldout[4:, :-1], heldout[4:, 1:]
+
+    def mean_loss(m):
+        logits = m.eval()(x, y)[0].double()
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1).mean().item()
+
+    assert info["kept"] == "rotations" and abs(info["none"] - mean_loss(model)) < 1e-9
+    assert abs(info["rotated"] - mean_loss(new_model)) < 1e-9
 
 
 @pytest.mark.parametrize("basis", ["original", "rotated"])
@@ -244,8 +280,8 @@ def test_qat_rotation_computes_the_same_logits(tiny_trained, basis, monkeypatch)
     monkeypatch.setattr(spin_quant, "QAT_BASIS", basis)
     model, tokens = copy.deepcopy(tiny_trained[0]).double(), tiny_trained[1]
     data = torch.cat(_calibration(tokens, n=8))
-    new_model, new_args, _ = rotate_for_qat(model, asdict(model.config), data, steps=2)
-    assert isinstance(new_model, RotatedQAT) == (basis == "original")
+    new_model, new_args, info = rotate_for_qat(model, asdict(model.config), data, steps=2, select=False)
+    assert isinstance(new_model, RotatedQAT) == (basis == "original") and info["kept"] == "rotations"
     new_model.set_quantization(False)
     x = data[:2, :-1]
     expected, got = model.eval()(x, x)[0], new_model.double().eval()(x, x)[0]
@@ -383,6 +419,7 @@ def test_too_few_calibration_samples_are_refused(tiny_trained, plain_dir, tmp_pa
 def test_qat_optimizer_carries_the_step_and_rotates_the_first_moment(tiny_trained, monkeypatch):
     import quantization.spin_quant as spin_quant
     from quantization.spin_quant import qat_lr, rotate_for_qat
+    monkeypatch.setattr(spin_quant, "QAT_BASIS", "rotated")  # the moments are carried into the rotated basis
     monkeypatch.setattr(spin_quant, "QAT_CARRY_MOMENTS", True)
     monkeypatch.setattr(spin_quant, "QAT_REWARM", True)
     import copy
@@ -395,7 +432,7 @@ def test_qat_optimizer_carries_the_step_and_rotates_the_first_moment(tiny_traine
         optimizer.zero_grad()
     from dataclasses import asdict
     args = asdict(model.config)
-    new_model, _, _, new_optimizer = rotate_for_qat(model, args, data, steps=2, optimizer=optimizer,
+    new_model, _, _, new_optimizer = rotate_for_qat(model, args, data, steps=2, optimizer=optimizer, select=False,
                                                     optimizer_args=dict(weight_decay=0.1, learning_rate=1e-3,
                                                                         betas=(0.9, 0.99), device_type="cpu"))
     old = optimizer.state[model.transformer.h[0].attn.attn_proj.weight]
