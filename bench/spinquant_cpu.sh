@@ -4,7 +4,8 @@
 #   fp        train it in full precision: `python train.py --max_iters=1500 --seed=$SEED` (out-sq/cpu_fp_s$SEED)
 #   qat       QAT W4A4KV4 switched on at iteration 750: one run to 750 (out-sq/cpu_qatbase_s$SEED), then each variant
 #             resumes a copy of it to 1500: plain QAT; --spinquant (weights trained in their own basis, the default);
-#             --spinquant with the weights trained in the rotated basis (QAT_BASIS = "rotated", a fresh AdamW); with
+#             --spinquant with the weights trained in the rotated basis (QAT_BASIS = "rotated", a fresh AdamW); both
+#             again with the rotations kept whatever the held-out choice (QAT_SELECT = False: "forced"); with
 #             VARIANTS=1 also, in the rotated basis: AdamW state carried + lr warm-up; fresh AdamW + lr warm-up; state
 #             carried without warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices
 #   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
@@ -53,6 +54,10 @@ if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
   run cpu_spin_s$S "" --spinquant  # the defaults: trained in the original basis, the rotations in the forward pass
   wait
   run cpu_spin_rotated_s$S "$R" --spinquant  # rotated basis, a fresh AdamW, no warm-up
+  F="s.QAT_SELECT = False;"  # the rotations kept whatever the held-out choice: what rotated QAT itself reaches
+  run cpu_spin_forced_s$S "$F" --spinquant &
+  run cpu_spin_forced_rotated_s$S "$F $R" --spinquant
+  wait
   if [ "$VARIANTS" = 1 ]; then
     run cpu_spin_carry_rewarm_s$S "$R s.QAT_CARRY_MOMENTS, s.QAT_REWARM = True, True" --spinquant &
     run cpu_spin_fresh_rewarm_s$S "$R s.QAT_REWARM = True" --spinquant
@@ -68,7 +73,7 @@ if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
   qat=""  # the QAT runs a qat phase left (none: the PTQ rows alone)
   [ -f out-sq/cpu_qat_s$S/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/cpu_qat_s$S"
   [ -f out-sq/cpu_spin_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations=out-sq/cpu_spin_s$S"
-  for v in rotated carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
+  for v in rotated forced forced_rotated carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
     [ -f out-sq/cpu_spin_${v}_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/cpu_spin_${v}_s$S"
   done
   qat=${qat#,}

@@ -16,7 +16,7 @@ BPE_ITERS=${BPE_ITERS:-600}   # GPT-2-BPE model steps (1.4M training tokens: mor
 CPU_ITERS=${CPU_ITERS:-1500}  # the default model's steps
 STEPS=${STEPS:-100}           # Cayley SGD steps
 SEEDS=${SEEDS:-"1337 1"}      # training seeds (1337: train.py's default)
-VARIANTS=${VARIANTS:-1}       # 1: also --spinquant with the weights trained in the rotated basis, on the first seed
+VARIANTS=${VARIANTS:-1}       # 1: also --spinquant with the rotations kept whatever the choice, both bases, first seed
 SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
 DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
 EXTRA=${EXTRA:-}              # more train.py flags for every run
@@ -63,14 +63,16 @@ for s in $SEEDS; do
   run cpu_qat_spin_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant --spinquant_steps=$STEPS
 done
 s=${SEEDS%% *}
-if [ "$VARIANTS" = 1 ]; then  # --spinquant with the weights trained in the rotated basis (a fresh AdamW)
-  QAT_SETTINGS="s.QAT_BASIS = 'rotated';"
-  run baby_qat_spin_rotated_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2)) --spinquant \
-    --spinquant_steps=$STEPS
-  run bpe_qat_spin_rotated_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant \
-    --spinquant_steps=$STEPS
-  run cpu_qat_spin_rotated_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant \
-    --spinquant_steps=$STEPS
+if [ "$VARIANTS" = 1 ]; then  # --spinquant with the rotations kept whatever the held-out choice (QAT_SELECT off):
+  for v in "forced:s.QAT_SELECT = False;" "forced_rotated:s.QAT_SELECT = False; s.QAT_BASIS = 'rotated';"; do
+    QAT_SETTINGS=${v#*:}  # ... in the original basis (the default) and in the rotated one
+    run baby_qat_spin_${v%%:*}_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2)) --spinquant \
+      --spinquant_steps=$STEPS
+    run bpe_qat_spin_${v%%:*}_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant \
+      --spinquant_steps=$STEPS
+    run cpu_qat_spin_${v%%:*}_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant \
+      --spinquant_steps=$STEPS
+  done
   QAT_SETTINGS=
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
@@ -85,7 +87,7 @@ compare() {
   local name=$1 seed=$2 tokens=$3 settings=$4 qat=""
   [ -f out-sq/${name}_qat_s$seed/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/${name}_qat_s$seed"
   [ -f out-sq/${name}_qat_spin_s$seed/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations=out-sq/${name}_qat_spin_s$seed"
-  for v in rotated; do
+  for v in forced forced_rotated; do
     [ -f out-sq/${name}_qat_spin_${v}_s$seed/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/${name}_qat_spin_${v}_s$seed"
   done
   [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0

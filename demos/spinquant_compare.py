@@ -22,6 +22,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from cli import OneLineParser  # noqa: E402
+from inference import load_checkpoint  # noqa: E402
 from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
@@ -126,7 +127,8 @@ def main(argv=None):
                 candidates=sq.candidates)
     for label, folder in qat:
         model = from_pretrained(folder).to(device).eval()
-        add("QAT", label, score(model))
+        choice = load_checkpoint(folder).get("spinquant_choice")  # train.py --spinquant's decision at the switch
+        add("QAT", label + (f", kept {choice}" if choice not in (None, "off") else ""), score(model))
     cfg = (f"{args.out_dir}: {checkpoint['model_args']['n_layer']} layers, {checkpoint['model_args']['n_embd']} wide, "
            f"{checkpoint['dataset']}; weights {'symmetric' if args.sym else 'asymmetric'} "
            f"{'group ' + str(args.group_size) if args.group_size else 'per channel'}, activations per token "

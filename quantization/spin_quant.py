@@ -491,6 +491,9 @@ QAT_DECAY_FOLDED = True    # weight decay on the matrices that absorbed LayerNor
 # where QAT's weights train after the switch: "original" (their own basis, the rotations applied in the forward pass:
 # RotatedQAT) or "rotated" (R1-R4 baked into new latent weights; the three settings above apply to it alone)
 QAT_BASIS = "original"
+# rotate_for_qat's default: keep the rotations only when they clearly beat no rotation (False: always keep them, as
+# the benches do to measure the rotated QAT itself)
+QAT_SELECT = True
 NORM_READERS = {"attn.q": "ln_1", "attn.k": "ln_1", "attn.v": "ln_1", "mlp.mlp_up": "ln_2"}
 
 
@@ -669,13 +672,13 @@ class RotatedQAT(nn.Module):
 
 
 def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, optimizer=None,
-                   optimizer_args=None, select=True, heldout=None):
+                   optimizer_args=None, select=None, heldout=None):
     """QAT's rotations (train.py --spinquant): learn R1/R2 of a QAT model with its own weight and activation
     quantizers (weights frozen) and return (the model QAT goes on with, its model_args, info).
-    With `select`, the rotations are kept only when they clearly beat no rotation on held-out training sequences
-    (the quantized model as QAT would train it, per-sample losses, `CLEAR_Z` standard errors, as SpinQuant.choose
-    does): else `model` and `model_args` come back unchanged. info: {"kept": "rotations" or "no rotation", "losses":
-    the learning losses, and with select "none", "rotated" (held-out losses) and "z"}.
+    Both are scored on held-out training sequences (the quantized model as it is and as QAT would train it rotated,
+    per sequence); with `select` (None: QAT_SELECT) the rotations are kept only when they are `CLEAR_Z` standard
+    errors better (as SpinQuant.choose), else `model` and `model_args` come back unchanged. info: {"kept":
+    "rotations" or "no rotation", "losses": the learning losses, "none", "rotated": the held-out losses, "z"}.
     With QAT_BASIS "original" the rotated model is a RotatedQAT that trains `model`'s own parameters; with
     "rotated", R1-R4 are baked in and the new model's latent weights are the rotated ones, so training continues in
     the rotated basis. `batches`: (N, T + 1) training tokens; `heldout`: more, never learned on (None: a quarter of
@@ -687,14 +690,14 @@ def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progre
     sq = learn_qat_rotations(model, model_args, batches, steps, lr, seed, progress, heldout)
     info = {"kept": "rotations", "losses": sq.losses}
     wrapped = RotatedQAT(model, model_args, sq.R1, sq.R2)
-    if select and sq.heldout is not None:
+    if sq.heldout is not None:
         training = model.training
         wrapped.eval()  # base (model) too
         none, rotated = sq.sample_losses(sq.heldout, model), sq.sample_losses(sq.heldout, wrapped)
         wrapped.train(training)
         gain, z = paired_gain(none, rotated)
         info.update(none=none.mean().item(), rotated=rotated.mean().item(), z=z)
-        if z < CLEAR_Z:
+        if (QAT_SELECT if select is None else select) and z < CLEAR_Z:
             info["kept"] = "no rotation"
             return (model, model_args, info) + ((optimizer,) if optimizer_args is not None else ())
     if QAT_BASIS == "original":
