@@ -241,6 +241,9 @@ def main(argv=None):
     if args.spinquant and checkpoint is not None:
         spinquant_choice = "rotations" if is_rotated(model_args) else checkpoint.get("spinquant_choice")
     if checkpoint is not None and "spinquant_qat" in checkpoint:  # QAT in the original basis after the rotation
+        if procs.ddp:
+            sys.exit(f"train.py: error: --init_from=resume: {ckpt_path} trains through SpinQuant rotations "
+                     f"(--spinquant), which runs on one process only; resume it without torchrun")
         model = RotatedQAT.from_resume_state(checkpoint["spinquant_qat"])
     elif checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
