@@ -265,7 +265,8 @@ def main(argv=None):
                   f"{args.quantization_warmup_iters}")
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = (model.base if isinstance(model, RotatedQAT) else model).configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device_type)
+    trained = model.base if isinstance(model, RotatedQAT) else model  # RotatedQAT trains its base's parameters
+    optimizer = trained.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device_type)
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if "scaler" in checkpoint:

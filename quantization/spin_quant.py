@@ -582,7 +582,7 @@ def learn_qat_rotations(model, model_args, batches, steps=100, lr=1.5, seed=0, p
 def qat_model_state(config, state):
     """`state` (plain `.weight` keys) renamed for a GPT of `config`, whose quantized sites keep their latent weight
     under `parametrizations.weight.original`."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.device("meta"):  # the names alone: no memory, no random draws
         names = set(GPT(config).state_dict())
     out = dict(state)
     for key in list(out):
