@@ -24,7 +24,8 @@ PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase
 QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
 RESULTS=bench/results
 LOGS=$RESULTS/spinquant_logs/gpu  # apart from bench/spinquant_cpu.sh's logs of the same names
-mkdir -p "$LOGS"
+TRAIN_LOGS=out-sq/logs            # training logs live with the checkpoints (a compare phase finds both) ...
+mkdir -p "$LOGS" "$TRAIN_LOGS"
 for d in shakespeare_char shakespeare; do  # a corpus is ready when its bins and meta.json are
   [ -f data/$d/val.bin ] && [ -f data/$d/train.bin ] && [ -f data/$d/meta.json ] || python data/$d/prepare.py
 done
@@ -45,8 +46,8 @@ TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of t
 run() {  # name flags...; QAT_SETTINGS: Python assignments to quantization/spin_quant.py's QAT settings (module s)
   local name=$1; shift
   (timeout $TRAIN_LIMIT python -c "import sys; import quantization.spin_quant as s; ${QAT_SETTINGS:-} import train; train.main(sys.argv[1:])" \
-    --out_dir=out-sq/$name "$@" $EXTRA > "$LOGS/train_$name.log" 2>&1 \
-    || { echo "train $name: stopped (exit $?)" >> "$LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
+    --out_dir=out-sq/$name "$@" $EXTRA > "$TRAIN_LOGS/train_$name.log" 2>&1 \
+    || { echo "train $name: stopped (exit $?)" >> "$TRAIN_LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
   pids+=($!)
 }
 if [ "$PHASE" != compare ]; then
@@ -77,9 +78,10 @@ if [ "$VARIANTS" = 1 ]; then  # --spinquant with the rotations kept whatever the
 fi
 for pid in "${pids[@]}"; do wait "$pid"; done
 date
-grep -h "step $ITERS:\|step $BPE_ITERS:\|step $CPU_ITERS:\|stopped" "$LOGS"/train_*_s*.log
-grep -h "spinquant rotations" "$LOGS"/train_*_s*.log
+grep -H "step $ITERS:\|step $BPE_ITERS:\|step $CPU_ITERS:\|stopped" "$TRAIN_LOGS"/train_*_s*.log
+grep -H "spinquant rotations" "$TRAIN_LOGS"/train_*_s*.log
 fi
+cp "$TRAIN_LOGS"/train_*.log "$LOGS"/ 2>/dev/null  # ... and are copied beside the tables by every phase
 [ "$PHASE" = train ] && exit 0
 
 date
