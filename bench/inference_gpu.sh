@@ -74,7 +74,7 @@ for PART in $PARTS; do
         pids=()
         for v in "${FORMATS[@]}"; do
             f=${v// /_}
-            (timeout 280 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
+            (timeout 150 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
                 --out="$R/kernels_${GPU}_check_$f.md" > "$R/check_${GPU}_$f.log" 2>&1; echo "$v: exit $?") & pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid"; done
@@ -84,10 +84,10 @@ for PART in $PARTS; do
             --out="$R/kernels_profile_${GPU}_prefill.md" ;;
     peer)  # issue 22's table: int4 at batch 1 and 16 on the 124M and 6.7B layers against cuBLAS and tinygemm,
            # prefill of every packed format, then the 124M decode against bf16 and tinygemm
-        run 300 python bench/kernels.py --variants="int4 g128" --batches=1,16 \
+        run 270 python bench/kernels.py --variants="int4 g128" --batches=1,16 \
             --shapes=768x3072,3072x768,768x2304,768x768,4096x4096,4096x11008 --gemm_shapes=4096x4096,4096x11008 \
             --out="$R/kernels_${GPU}_peer.md"
-        run 200 python bench/decode.py --shapes=gpt2_124m --formats=bf16,tinygemm,W4 --modes=compiled \
+        run 170 python bench/decode.py --shapes=gpt2_124m --formats=bf16,tinygemm,W4 --modes=compiled \
             --batches=1,16 --check --out="$R/decode_${GPU}_124m_peer.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
