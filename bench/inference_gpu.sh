@@ -7,7 +7,7 @@
 #   bash bench/inference_gpu.sh            # every part, in order
 #   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, kernels_goal,
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
-#                                          # repeats_124m
+#                                          # repeats_124m, check_parallel, prefill_profile, peer
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -21,7 +21,8 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer"
+FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
         echo "inference_gpu.sh: error: part '$PART' is unknown; expected one of: $KNOWN" >&2; exit 2 ;; esac
@@ -69,6 +70,25 @@ for PART in $PARTS; do
             run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16 \
                 --modes=compiled_whole,compiled,reduce_overhead --batches=1 --out="$R/decode_${GPU}_124m_repeat$i.md"
         done ;;
+    check_parallel)  # as check, one process per format (their kernels compile in parallel), a file each
+        pids=()
+        for v in "${FORMATS[@]}"; do
+            f=${v// /_}
+            (timeout 150 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
+                --out="$R/kernels_${GPU}_check_$f.md" > "$R/check_${GPU}_$f.log" 2>&1; echo "$v: exit $?") & pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid"; done
+        grep -h "check:\|FAIL" "$R"/check_"${GPU}"_*.log | tee -a "$LOG" ;;
+    prefill_profile)  # every prefill candidate (GEMM configs, dequantize then cuBLAS) timed at 256 rows, int4
+        run 280 python bench/kernels.py --profile=4096x4096,4096x11008 --profile_rows=256 --variants="int4 g128" \
+            --out="$R/kernels_profile_${GPU}_prefill.md" ;;
+    peer)  # issue 22's table: int4 at batch 1 and 16 on the 124M and 6.7B layers against cuBLAS and tinygemm,
+           # prefill of every packed format, then the 124M decode against bf16 and tinygemm
+        run 270 python bench/kernels.py --variants="int4 g128" --batches=1,16 \
+            --shapes=768x3072,3072x768,768x2304,768x768,4096x4096,4096x11008 --gemm_shapes=4096x4096,4096x11008 \
+            --out="$R/kernels_${GPU}_peer.md"
+        run 170 python bench/decode.py --shapes=gpt2_124m --formats=bf16,tinygemm,W4 --modes=compiled \
+            --batches=1,16 --check --out="$R/decode_${GPU}_124m_peer.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

@@ -83,31 +83,32 @@ def read_words(qweight, out, config):
                                                                      BLOCK_R=block_r, STAGES=stages, num_warps=warps)
 
 
-def profile(shape, bandwidth, log, variants):
-    """One row of x through one layer: every candidate (kernel, config) timed as in the table; for the fastest, the
-    GPU time of each kernel it launches (torch.profiler); and a kernel that only loads the same words, the
-    bandwidth that the access pattern reaches."""
+def profile(shape, bandwidth, log, variants, rows=1):
+    """`rows` rows of x through one layer: every candidate (kernel, config) timed as in the table; for the fastest,
+    the GPU time of each kernel it launches (torch.profiler); and, for one row, a kernel that only loads the same
+    words, the bandwidth that the access pattern reaches."""
     k, n = map(int, shape.split("x"))
     torch.manual_seed(0)
     weight = torch.randn(n, k, device="cuda") * 0.02
     count = copies(weight.numel() * 2)
     weights = [weight.bfloat16() for _ in range(count)]
-    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+    xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
     calls = [lambda w=w, x=x: F.linear(x, w) for w, x in zip(weights, xs)]
     for call in calls:
         call()
-    log(f"### {shape}, one row, cuBLAS bf16: {graph_time(calls) * 1e6:.1f} us")
+    what = "one row" if rows == 1 else f"{rows} rows"
+    log(f"### {shape}, {what}, cuBLAS bf16: {graph_time(calls) * 1e6:.1f} us")
     del weights
     tiny, reason = tinygemm_layer(PackedLinear.from_float(weight, VARIANTS["int4 g128"]).cuda())
     if tiny is None:
-        log(f"### {shape}, one row, {TINYGEMM}: skipped: {reason}")
+        log(f"### {shape}, {what}, {TINYGEMM}: skipped: {reason}")
     else:
         tinies = [tiny] + [copy.deepcopy(tiny) for _ in range(copies(buffer_bytes(tiny)) - 1)]
-        xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in tinies]
+        xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in tinies]
         calls = [lambda lay=lay, x=x: lay(x) for lay, x in zip(tinies, xs)]
         for call in calls:
             call()
-        log(f"### {shape}, one row, {TINYGEMM}: {graph_time(calls) * 1e6:.1f} us")
+        log(f"### {shape}, {what}, {TINYGEMM}: {graph_time(calls) * 1e6:.1f} us")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 tinies[0](xs[0])
@@ -120,12 +121,12 @@ def profile(shape, bandwidth, log, variants):
         layer = PackedLinear.from_float(weight, spec).cuda()
         count = copies(buffer_bytes(layer))
         layers = [layer] + [copy.deepcopy(layer) for _ in range(count - 1)]
-        xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
+        xs = [torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
         blocks = layer.group_size // 32 if layer.group_size else math.ceil(k / 32)
-        floor_us = (buffer_bytes(layer) + 2 * (k + n)) / bandwidth * 1e6
-        log(f"### {shape}, one row, {name}: floor {floor_us:.1f} us")
+        floor_us = (buffer_bytes(layer) + 2 * rows * (k + n)) / bandwidth * 1e6
+        log(f"### {shape}, {what}, {name}: floor {floor_us:.1f} us")
         times = {}
-        for kernel, config in ops.candidates(1, layer.group_size):
+        for kernel, config in ops.candidates(rows, layer.group_size):
             calls = [lambda lay=lay, x=x: ops.bind(kernel, lay.split_counters)(
                 x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
                 for lay, x in zip(layers, xs)]
@@ -133,7 +134,7 @@ def profile(shape, bandwidth, log, variants):
                 for call in calls:
                     call()
             except Exception as e:  # too many registers or too much shared memory for this device
-                log(f"  {kernel.__name__} {config}: does not run ({type(e).__name__})")
+                log(f"  {kernel.__name__} {config}: does not run ({type(e).__name__}: {str(e)[:100]})")
                 continue
             times[kernel.__name__, config] = t = graph_time(calls) * 1e6
             log(f"  {kernel.__name__} {config}: {t:.1f} us ({100 * floor_us / t:.0f}% of floor)")
@@ -148,6 +149,9 @@ def profile(shape, bandwidth, log, variants):
         parts = [(e.key, e.device_time_total / e.count) for e in prof.key_averages() if e.device_time_total > 0]
         log(f"  fastest {kname} {config} {best:.1f} us; its kernels (warm L2, us): "
             + "; ".join(f"{key[:40]} {t:.1f}" for key, t in parts))
+        if rows > 1:  # the loads-only kernel is the one-row kernel's access pattern
+            del layers
+            continue
         words = layer.qweight.numel() * 4
         outs = [torch.empty(layer.qweight.shape, device="cuda", dtype=torch.int32) for _ in range(count)]
         for config in READ_CONFIGS:
@@ -397,9 +401,12 @@ def main():
     p.add_argument("--check", action="store_true", help="verify every kernel against the reference first")
     p.add_argument("--profile", default="", help="comma-separated shapes: time every candidate at one row, a "
                    "kernel breakdown and a loads-only kernel, instead of the table")
+    p.add_argument("--profile_rows", type=int, default=1, help="rows of x for --profile (256: prefill)")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args()
+    if args.profile_rows < 1:
+        sys.exit(f"kernels.py: error: --profile_rows={args.profile_rows}: expected a positive number of rows")
     variants, gemm_variants = ([v for v in value.split(",") if v] for value in (args.variants, args.gemm_variants))
     for flag, chosen in (("variants", variants), ("gemm_variants", gemm_variants)):
         unknown = [v for v in chosen if v not in VARIANTS]
@@ -429,7 +436,7 @@ def main():
     log(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
     if args.profile:
         for shape in args.profile.split(","):
-            profile(shape, bandwidth, log, variants)
+            profile(shape, bandwidth, log, variants, args.profile_rows)
         out = args.out or os.path.join(results, f"kernels_profile_{short}.md")
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:

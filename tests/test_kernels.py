@@ -64,6 +64,16 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                                                 blocks, layer.zero_const, (16, 64, 32, 4, 1, 64),
                                                 counters=layer.split_counters)))
             assert not layer.split_counters.any()
+            # words loaded once and their codes shifted out (unpack), in the GEMM (split K too) and the dequantize
+            block_k = ops._fit_k(64, group_size)
+            ys.append(("gemm unpack", ops.gemm(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
+                                               blocks, layer.zero_const, (16, 32, block_k, 4, 1, 0, 1))))
+            ys.append(("gemm unpack split-K", ops.gemm(x, layer.qweight, layer.scale, layer.zero, layer.bias,
+                                                       layer.bits, blocks, layer.zero_const,
+                                                       (16, 64, 32, 4, 1, 64, 1), counters=layer.split_counters)))
+            assert not layer.split_counters.any()
+            ys.append(("dequant_mm unpack", ops.dequant_mm(x, layer.qweight, layer.scale, layer.zero, layer.bias,
+                                                           layer.bits, blocks, layer.zero_const, (64, 32, 4, 1))))
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
@@ -91,12 +101,14 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
     # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM at 16 rows,
-    # GEMV, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K)
+    # GEMV, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K); at 3 and 20
+    # rows the GEMM (split K too) and the dequantize also with each word loaded once (unpack)
     ran = {(r[6], r[8]) for r in rows}
+    unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K", "dequant_mm unpack")}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
                    (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
-                   (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")}, ran
-    assert len(rows) == 13 * len(SPECS)
+                   (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")} | unpacked, ran
+    assert len(rows) == 19 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""

@@ -43,15 +43,27 @@ STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128
                   (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
                   (32, 4, 4, 1, 1)] + ONE_STEP_CONFIGS
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
-# split)); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is dequantized
-# once per BLOCK_M rows of x
-GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0), (64, 128, 64, 4, 3, 0), (128, 64, 64, 4, 3, 0), (256, 128, 64, 8, 3, 0),
-                (128, 128, 128, 8, 2, 0), (64, 64, 128, 4, 4, 0)]
+# split), unpack); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is
+# dequantized once per BLOCK_M rows of x. unpack 1: each word is loaded once and its codes shifted out along a new
+# axis (triton_kernels._code_tile), where 0 loads the word once per code it holds (8 loads per int4 word). With
+# 256 rows a layer of 4096 outputs has only 16-64 tiles for 132 multiprocessors: the split-K configs fill them
+GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0, 0), (64, 128, 64, 4, 3, 0, 0), (128, 64, 64, 4, 3, 0, 0),
+                (256, 128, 64, 8, 3, 0, 0), (128, 128, 128, 8, 2, 0, 0), (64, 64, 128, 4, 4, 0, 0),
+                (128, 128, 64, 8, 3, 0, 1), (128, 128, 128, 8, 3, 0, 1), (128, 256, 64, 8, 3, 0, 1),
+                (256, 128, 64, 8, 3, 0, 1), (128, 64, 128, 4, 3, 0, 1), (64, 128, 128, 4, 4, 0, 1),
+                (128, 128, 128, 8, 3, 1, 1), (256, 128, 64, 8, 3, 1, 1), (128, 256, 64, 8, 3, 1, 1),
+                (128, 128, 64, 8, 4, 2, 1), (64, 128, 128, 4, 4, 1, 1), (256, 64, 64, 8, 3, 0, 1),
+                (256, 64, 128, 8, 3, 0, 1)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
-SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 64, 4, 3, 4), (16, 64, 128, 4, 4, 8), (16, 128, 128, 4, 3, 2),
-                      (16, 64, 128, 4, 3, 0)]
-# the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps) of the dequantize
-DEQUANT_CONFIGS = [(32, 256, 4)]
+SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16, 64, 128, 4, 4, 8, 0),
+                      (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 0, 0),
+                      (16, 64, 128, 4, 3, 4, 1), (16, 128, 64, 4, 3, 4, 1), (16, 64, 128, 4, 4, 8, 1),
+                      (16, 128, 128, 4, 3, 2, 1), (16, 64, 128, 4, 3, 0, 1), (16, 32, 128, 4, 3, 4, 1),
+                      (16, 32, 128, 4, 3, 0, 1), (16, 32, 128, 2, 4, 0, 1), (16, 16, 128, 2, 3, 0, 1),
+                      (16, 32, 128, 4, 3, 2, 1)]
+# the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps, unpack) of the
+# dequantize
+DEQUANT_CONFIGS = [(32, 256, 4, 0), (64, 256, 8, 1), (128, 128, 8, 1), (32, 512, 8, 1)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -150,7 +162,8 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
 
 def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
     """counters as for stream_gemv: at least one per (BLOCK_M, BLOCK_N) tile of y when K is split."""
-    block_m, block_n, block_k, warps, stages, split = config
+    block_m, block_n, block_k, warps, stages, split = config[:6]
+    unpack = config[6] if len(config) > 6 else 0
     m, k = x.shape
     n = qweight.shape[1]
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -172,7 +185,7 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
         per_split * block_k // BLOCK,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), num_warps=warps, num_stages=stages)
     return y
 
 
@@ -190,13 +203,15 @@ def scratch(numel, device, dtype):
 def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
     """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
     dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
-    block_k, block_n, warps = config
+    block_k, block_n, warps = config[:3]
+    unpack = config[3] if len(config) > 3 else 0
     m, k = x.shape
     n = qweight.shape[1]
     w = scratch(k * n, x.device, x.dtype).view(k, n)
     triton_kernels._dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
         qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_K=block_k, BLOCK_N=block_n,
+        UNPACK=bool(unpack), num_warps=warps)
     if bias is None:
         return torch.mm(x, w)
     return torch.addmm(bias.to(x.dtype), x, w)

@@ -304,17 +304,36 @@ def _codes_along_k(w_ptr, offs_k, offs_n, mask_n, N, num_blocks, BITS: tl.conste
         return (words >> ((offs_k % per_word) * BITS)[:, None]) & ((1 << BITS) - 1)
 
 
+@triton.jit
+def _code_tile(w_ptr, k0, offs_n, mask_n, N, num_blocks, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
+    """The codes of inputs k0 .. k0 + BLOCK_K - 1 (k0 a multiple of 32) at outputs offs_n, (BLOCK_K, BLOCK_N) int32.
+    UNPACK (1, 2, 4, 8 bits): each word is loaded once, as a (BLOCK_K / codes per word, BLOCK_N) tile, its fields
+    shifted out along a new middle axis and the tile reshaped, so k = word row * codes per word + field; else
+    (and for 3 bits) _codes_along_k, a load per code."""
+    if UNPACK and BITS != 3:
+        per_word: tl.constexpr = 32 // BITS
+        offs_r = k0 // per_word + tl.arange(0, BLOCK_K // per_word)
+        words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :],
+                        mask=(offs_r < num_blocks * BITS)[:, None] & mask_n[None, :], other=0)
+        shifts = tl.arange(0, per_word) * BITS
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        return tl.reshape(codes, (BLOCK_K, BLOCK_N))
+    else:
+        return _codes_along_k(w_ptr, k0 + tl.arange(0, BLOCK_K), offs_n, mask_n, N, num_blocks, BITS)
+
+
 @triton.jit(do_not_specialize=["K", "stride_wk"])
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_group,
                     BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
     """The whole weight, transposed, (K, N) in out's dtype: (code - zero) * scale. For prefill through cuBLAS
-    (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM."""
+    (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM. UNPACK as in _code_tile."""
     pid_k, pid_n = tl.program_id(0), tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    codes = _codes_along_k(w_ptr, offs_k, offs_n, mask_n, N, tl.cdiv(K, BLOCK), BITS)
+    codes = _code_tile(w_ptr, pid_k * BLOCK_K, offs_n, mask_n, N, tl.cdiv(K, BLOCK), BITS, BLOCK_K, BLOCK_N, UNPACK)
     group = (offs_k // BLOCK) // blocks_per_group
     mask = (offs_k < K)[:, None] & mask_n[None, :]
     scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
@@ -334,7 +353,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):
     """A (BLOCK_M, BLOCK_N) tile of y per program over the K range of its split (grid axis 2: blocks_per_split
     blocks of 32 codes each, a whole number of K tiles). SPLIT: the partial tiles are added as in
     _stream_gemv_kernel (workspace, arrival counter per tile, the last program adds them in split order), which
@@ -351,13 +370,14 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        codes = _codes_along_k(w_ptr, offs_k, offs_n, mask_n, N, num_blocks, BITS)
+        codes = _code_tile(w_ptr, k0, offs_n, mask_n, N, num_blocks, BITS, BLOCK_K, BLOCK_N, UNPACK)
         group = (k0 // BLOCK) // blocks_per_group  # BLOCK_K divides the group size: one group per tile
         scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32)
-            w = (_as_float(codes) - zero[None, :]) * scale[None, :]
-        else:
+        if HAS_ZERO:  # code | 2**23 read as a float is 2**23 + code: one subtraction of 2**23 + zero (integers
+            # below 2**24: exact), where _as_float and the zero point were two
+            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+            w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[None, :]) * scale[None, :]
+        else:  # a constant zero point may be a half (binary): 2**23 + 1/2 is not a float32
             w = (_as_float(codes) - ZERO) * scale[None, :]
         # the dequantized weight in the activation dtype (bf16 rounds it as a bf16 weight would be), accumulated
         # in place on the tensor cores: no product to scale and add per K tile
