@@ -391,8 +391,10 @@ class SpinQuant:
         return self.records
 
     def candidate_list(self):
-        """[(name, rotations, (R1, R2) or None for the random start)]: no rotation first, then per rotation set
-        the random Hadamard start and the learned rotations (left out where learning changed nothing)."""
+        """[(name, rotations, (R1, R2) or None for the random start)]: no rotation first (with GPTQ or AutoRound
+        also no rotation with RTN, the baseline spinquant_ptq.py reports: a weight method can lose to it), then per
+        rotation set the random Hadamard start and the learned rotations (left out where learning changed
+        nothing)."""
         sets = []
         for names in (("R1",), ("R1", "R2"), self.rotations):
             names = tuple(r for r in ROTATIONS if r in names)
@@ -403,6 +405,8 @@ class SpinQuant:
                                                                [self.start[0], *(self.start[1] or [])])
                       if a is not None)
         out = [("no rotation", (), None)]
+        if self.method != "rtn" and self.spec is not None:  # what the demo reports as "no rotation": RTN
+            out.append(("no rotation, RTN", (), None))
         for names in sets:
             label = "all" if names == ROTATIONS else "+".join(names)
             out.append((f"random Hadamard {label}", names, self.start))
@@ -412,22 +416,28 @@ class SpinQuant:
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
-        no rotation and the rotations at least CLEAR_Z standard errors below it (paired_gain, per sample).
-        GPTQ and AutoRound calibrate on optimize's learning samples, never on the held-out ones."""
+        the unrotated candidates and the rotations at least CLEAR_Z standard errors below the better unrotated one
+        (paired_gain, per sample). GPTQ and AutoRound calibrate on optimize's learning samples, never on the
+        held-out ones."""
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
         results, base = [], None
         for name, rotations, values in self.candidate_list():
-            sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=bool(rotations), **options)
+            method = "rtn" if name == "no rotation, RTN" else self.method
+            sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=bool(rotations),
+                           **{**options, "method": method})
             if values is not None:
                 sq.set_rotations(*values)
             sq.calibration = self.calibration
-            sq.apply(data, nsamples=nsamples, seed=seed, progress=False, select=False, **method_options)
+            sq.apply(data, nsamples=nsamples, seed=seed, progress=False, select=False,
+                     **(method_options if method == self.method else {}))
             per_sample = self.sample_losses(self.heldout, sq.model)
             loss = per_sample.mean().item()
             line = f"candidate {name}: held-out calibration loss {loss:.4f}"
-            if base is None:  # the first candidate: no rotation, what the others must clearly beat
-                base, clear = per_sample, True
+            if not rotations:  # no rotation (with the weight method, and with RTN): what rotations must clearly beat
+                if base is None or loss < base.mean().item():
+                    base = per_sample
+                clear = True
             else:
                 gain, z = paired_gain(base, per_sample)
                 clear = z >= CLEAR_Z
@@ -440,13 +450,19 @@ class SpinQuant:
         loss, name, best, _ = min((r for r in results if r[3]), key=lambda r: r[0])
         for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state"):
             setattr(self, attr, getattr(best, attr))
-        none, clear = results[0][0], sum(r[3] for r in results[1:])
-        reason = (f"none of the rotations beat it by {CLEAR_Z:g} standard errors" if name == "no rotation" else
-                  f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {clear} "
-                  f"rotations {CLEAR_Z:g} or more standard errors below it")
+        none = base.mean().item()
+        clear = sum(r[3] for r in results if r[2].rotations)
+        if not best.rotations:
+            others = [r for r in results if not r[2].rotations and r[1] != name]
+            reason = (f"none of the rotations beat it by {CLEAR_Z:g} standard errors"
+                      + (f"; {others[0][1]}: {others[0][0]:.4f}" if others else ""))
+        else:
+            reason = (f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {clear} "
+                      f"rotations {CLEAR_Z:g} or more standard errors below it")
         self.choice = dict(name=name, heldout_loss=loss, reason=reason)
+        self.method = best.method
         self.info.update(rotations=",".join(best.rotations) or "none", choice=name, heldout_loss=loss,
-                         heldout_samples=self.heldout.shape[0])
+                         heldout_samples=self.heldout.shape[0], method=best.method)
         log(f"kept {name}: held-out calibration loss {loss:.4f} ({len(results)} candidates); {reason}")
         return self.records
 

@@ -382,6 +382,31 @@ def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tm
     assert torch.equal(from_pretrained(str(tmp_path))(x, x)[0], sq.model(x, x)[0])
 
 
+def test_with_gptq_no_rotation_with_rtn_is_a_candidate_too(tiny_trained):
+    """A weight method can lose to RTN on a model (GPTQ on the BPE model): the RTN model without rotation (what
+    spinquant_ptq.py reports as "no rotation") is scored as well, equal to one built independently, and rotations
+    must clearly beat the better of the two unrotated candidates."""
+    from quantization.rtn import rtn_quantize, weight_spec
+    from quantization.spin_quant import unrotated
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="gptq", seed=0)
+    sq.optimize(_calibration(tokens), steps=2, progress=False)
+    lines = []
+    sq.apply(progress=False, log=lines.append)
+    names = [c["name"] for c in sq.candidates]
+    assert names[:2] == ["no rotation", "no rotation, RTN"] and len(lines) == len(names) + 1
+    baseline = unrotated(model, 4, 4)
+    rtn_quantize(baseline, weight_spec(3, 0, False))
+    assert abs(sq.evaluate(sq.heldout, model=baseline) - sq.candidates[1]["heldout_loss"]) < 1e-6
+    best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
+    assert sq.choice["name"] == best["name"] and sq.info["method"] == ("rtn" if best["name"] == "no rotation, RTN"
+                                                                       else "gptq")
+    unrotated_base = min(sq.candidates[:2], key=lambda c: c["heldout_loss"])
+    for c in sq.candidates[2:]:  # a clear rotation is below the better unrotated candidate, not just the other
+        assert not c["clear"] or c["heldout_loss"] < unrotated_base["heldout_loss"], (c, unrotated_base)
+    assert all("gain over no rotation" in line for line in lines[3:-1])
+
+
 def test_a_rotation_must_clearly_beat_no_rotation():
     """paired_gain against a float64 reference: a consistent small gain is clear, a lower mean made of large
     opposite swings is not (the lowest of several noisy scores is how a worse rotation got kept)."""
