@@ -100,6 +100,9 @@ class ResidualBinaryLinear(nn.Module):
         self.terms = nn.ModuleList(terms)
         self.in_features, self.out_features = terms[0].in_features, terms[0].out_features
         self.register_buffer("bias", bias)
+        # gemv(x (1, in), module) -> y (1, out) float32, or None where it cannot run: a one-row kernel that
+        # quantization.kernels attaches on loading (binary_bitwise.attach); None: the bit operations below
+        self.gemv = None
 
     @classmethod
     def from_quantized(cls, codes, scale, spec: QuantSpec, bias=None):
@@ -123,13 +126,17 @@ class ResidualBinaryLinear(nn.Module):
         return cls.from_quantized(codes, scale, linear.spec, linear.bias)
 
     def forward(self, x):
-        y = self.terms[0](x)
-        for term in self.terms[1:]:
-            y = y + term(x)
+        y = self.gemv(x.reshape(1, -1), self) if self.gemv is not None and x.numel() == self.in_features else None
+        if y is not None:  # one row through the attached kernel
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = self.terms[0](x)
+            for term in self.terms[1:]:
+                y = y + term(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
-        return f"terms={len(self.terms)}"
+        return f"terms={len(self.terms)}" + (", one-row kernel" if self.gemv is not None else "")
 
 
 @torch.no_grad()

@@ -124,3 +124,47 @@ def test_triton_kernel_matches_pytorch_path():
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(errors) == 3 * len(CASES) and max(errors) < 1e-4, errors
+
+
+ATTACHED_CHECK = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from tests.test_binary_linear import CASES, layer
+from quantization.kernels import binary_bitwise
+torch.manual_seed(0)
+out = []
+for granularity, group_size, terms in CASES:
+    module, weight, bias = layer(24, 256, granularity, group_size, terms)
+    x = torch.randn(1, 1, 256)
+    expected = x.double() @ weight.double().T + bias.double()  # the dequantized weight, float64
+    bitwise = module(x)
+    attached = binary_bitwise.attach(module)
+    kernel = module.gemv(x.reshape(1, -1), module)  # None where the kernel cannot run
+    y = module(x)
+    out.append([attached, kernel is not None, (y.double() - expected).abs().max().item(),
+                (bitwise.double() - expected).abs().max().item(), list(y.shape), "one-row kernel" in repr(module)])
+# torch.compile sees one custom op node; more than one row takes the bit operations
+graphs = []
+def backend(gm, example_inputs):
+    graphs.append(str(gm.graph))
+    return gm.forward
+y = torch.compile(module, backend=backend, fullgraph=True)(x)
+rows = torch.randn(3, 256)
+print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(rows[:1], module) is not None,
+                  (module(rows).double() - (rows.double() @ weight.double().T + bias.double())).abs().max().item()]))
+"""
+
+
+def test_the_attached_kernel_runs_one_row_of_a_loaded_layer():
+    """binary_bitwise.attach (what convert_to_packed does for residual-binary records): one row of x goes through
+    the Triton GEMV (here under TRITON_INTERPRET=1, on a GPU for real), equal to the float64 product with the
+    dequantized weight; torch.compile sees it as one custom op; several rows keep the bit operations."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", ATTACHED_CHECK, ROOT], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, compiled_op, row_kernel, rows_error = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out) == len(CASES) and compiled_op and row_kernel and rows_error < 1e-4
+    for attached, ran, error, bitwise_error, shape, shown in out:
+        assert attached and ran and shown and shape == [1, 1, 24] and error < 1e-4 and bitwise_error < 1e-4, out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quantization.kernels import ops
+
 WORD_BITS = 32
 # (BLOCK_N output rows, BLOCK_W words of 32 inputs, num_warps): bench/kernels.py --binary times them all;
 # residual_binary_gemv's default is the first, the fastest at k = 1 and 2 on 4096 x 4096 on an H200 with x read
@@ -103,3 +105,38 @@ def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIG
 def stack_terms(layer):
     """(words, scales) of a ResidualBinaryLinear, stacked over its terms, as residual_binary_gemv takes them."""
     return (torch.stack([t.words for t in layer.terms]), torch.stack([t.scale for t in layer.terms]))
+
+
+def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return residual_binary_gemv(x, words, scales)
+
+
+# one opaque node per layer under torch.compile, as ops.packed_matmul
+gemv_op = torch.library.custom_op("nanoqat::residual_binary_gemv", _gemv_op, mutates_args=())
+
+
+@gemv_op.register_fake
+def _(x, words, scales):
+    return x.new_empty((1, words.shape[1]), dtype=torch.float32)
+
+
+def kernel_gemv(x, layer):
+    """ResidualBinaryLinear.gemv: one row of x through the kernel on CUDA (or under TRITON_INTERPRET=1), with the
+    terms stacked by attach; None elsewhere (the layer's bit operations run)."""
+    if not (x.is_cuda or ops.interpreting()):
+        return None
+    call = gemv_op if torch.compiler.is_compiling() else _gemv_op
+    return call(x.float().contiguous(), layer.gemv_words, layer.gemv_scales)
+
+
+def attach(layer):
+    """Give a ResidualBinaryLinear the one-row kernel (what convert_to_packed does), when its scale groups are
+    whole words (the kernel's steps never straddle a group): its terms stacked once into buffers that follow the
+    module's device (not saved). Returns whether it was attached."""
+    words, scales = stack_terms(layer)
+    if words.shape[-1] % scales.shape[-1]:
+        return False
+    layer.register_buffer("gemv_words", words, persistent=False)
+    layer.register_buffer("gemv_scales", scales.float(), persistent=False)
+    layer.gemv = kernel_gemv
+    return True

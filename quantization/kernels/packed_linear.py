@@ -104,6 +104,14 @@ def _replace(model, name, make):
     setattr(parent, attr, make(linear).to(device))
 
 
+def _binary(layer):
+    """A ResidualBinaryLinear with the one-row Triton kernel attached where Triton is installed."""
+    if ops.triton_kernels is not None:
+        from quantization.kernels import binary_bitwise
+        binary_bitwise.attach(layer)
+    return layer
+
+
 def convert_to_packed(model, packed_weights):
     """Replace each linear named in `packed_weights` (a packed checkpoint's "packed_weights") by a PackedLinear of
     its record, keeping the linear's bias. Load the checkpoint's "model" state first (strict=False). Returns model."""
@@ -112,7 +120,8 @@ def convert_to_packed(model, packed_weights):
     for name, record in packed_weights.items():
         if QuantSpec(**record["spec"]).grid == "residual_binary":  # k one-bit layers computed with bit operations
             codes, scale, _, spec = record_codes(record)
-            _replace(model, name, lambda linear: ResidualBinaryLinear.from_quantized(codes, scale, spec, linear.bias))
+            _replace(model, name, lambda linear: _binary(ResidualBinaryLinear.from_quantized(codes, scale, spec,
+                                                                                              linear.bias)))
         else:
             _replace(model, name, lambda linear: PackedLinear.from_record(record, linear.bias))
     return model
