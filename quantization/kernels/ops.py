@@ -45,15 +45,12 @@ STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
 # split), unpack); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is
 # dequantized once per BLOCK_M rows of x. unpack 1: each word is loaded once and its codes shifted out along a new
-# axis (triton_kernels._code_tile), where 0 loads the word once per code it holds (8 loads per int4 word). With
-# 256 rows a layer of 4096 outputs has only 16-64 tiles for 132 multiprocessors: the split-K configs fill them
+# axis (triton_kernels._code_tile), where 0 loads the word once per code it holds (8 loads per int4 word). At 256
+# rows on an H200 dequant_mm beat every one of these but for int2 (bench/results/kernels_h200_peer.md); split-K
+# configs and 256 x 64 tiles were timed there too, never chosen, and taken out (each costs tuning time)
 GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0, 0), (64, 128, 64, 4, 3, 0, 0), (128, 64, 64, 4, 3, 0, 0),
                 (256, 128, 64, 8, 3, 0, 0), (128, 128, 128, 8, 2, 0, 0), (64, 64, 128, 4, 4, 0, 0),
-                (128, 128, 64, 8, 3, 0, 1), (128, 128, 128, 8, 3, 0, 1), (128, 256, 64, 8, 3, 0, 1),
-                (256, 128, 64, 8, 3, 0, 1), (128, 64, 128, 4, 3, 0, 1), (64, 128, 128, 4, 4, 0, 1),
-                (128, 128, 128, 8, 3, 1, 1), (256, 128, 64, 8, 3, 1, 1), (128, 256, 64, 8, 3, 1, 1),
-                (128, 128, 64, 8, 4, 2, 1), (64, 128, 128, 4, 4, 1, 1), (256, 64, 64, 8, 3, 0, 1),
-                (256, 64, 128, 8, 3, 0, 1)]
+                (128, 128, 64, 8, 3, 0, 1), (256, 128, 64, 8, 3, 0, 1)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
 SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16, 64, 128, 4, 4, 8, 0),
                       (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 0, 0),
