@@ -74,8 +74,9 @@ for PART in $PARTS; do
         pids=()
         for v in "${FORMATS[@]}"; do
             f=${v// /_}
-            (timeout 150 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
-                --out="$R/kernels_${GPU}_check_$f.md" > "$R/check_${GPU}_$f.log" 2>&1; echo "$v: exit $?") & pids+=($!)
+            (timeout 280 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
+                --out="$R/kernels_${GPU}_check_$f.md" > "$R/check_${GPU}_$f.log" 2>&1
+             echo "$v: exit $? (124: stopped by the time limit)" | tee -a "$LOG") & pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid"; done
         grep -h "check:\|FAIL" "$R"/check_"${GPU}"_*.log | tee -a "$LOG" ;;
