@@ -117,11 +117,18 @@ def main(argv=None):
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
             sq = SpinQuant(base, method=method, seed=0, **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                 seed=args.seed, progress=False, heldout=heldout)
+                                 seed=args.seed, progress=False, heldout=heldout, from_identity=args.from_identity)
             sq.apply(nsamples=args.nsamples, progress=False, select=False)
             add(setting, f"SpinQuant + {method.upper()}, learned", score(sq.model), rtn,
                 calib_loss=[losses[0], losses[-1]] if losses else None, best_step=sq.info.get("best_step"),
                 heldout_losses=sq.heldout_losses)
+            if sq.learned_from_identity is not None:  # the second learning, from no rotation
+                learned = sq.rotation_values()
+                sq.set_rotations(*sq.learned_from_identity)
+                sq.apply(nsamples=args.nsamples, progress=False, select=False)
+                add(setting, f"SpinQuant + {method.upper()}, learned from identity", score(sq.model), rtn,
+                    best_step=sq.info.get("identity_best_step"), heldout_losses=sq.identity_heldout_losses)
+                sq.set_rotations(*learned)
             sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True))
             add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
                 candidates=sq.candidates)

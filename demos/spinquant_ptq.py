@@ -67,7 +67,7 @@ def main(argv=None):
     print(f"no rotation (RTN): val loss {rtn['loss']:.4f}, perplexity {rtn['perplexity']:.2f}", flush=True)
     del baseline
     losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                         progress=args.progress, heldout=heldout)
+                         progress=args.progress, heldout=heldout, from_identity=args.from_identity)
     if losses:
         print(f"Cayley SGD: calibration loss {losses[0]:.4f} -> {sum(losses[-5:]) / len(losses[-5:]):.4f} "
               f"(mean of the last 5 steps)", flush=True)
@@ -75,6 +75,10 @@ def main(argv=None):
         (_, first), best = sq.heldout_losses[0], min(sq.heldout_losses, key=lambda r: r[1])
         print(f"held-out calibration loss: random start {first:.4f}, best {best[1]:.4f} at step {best[0]} "
               f"(kept)", flush=True)
+    if sq.identity_heldout_losses:
+        (_, first), best = sq.identity_heldout_losses[0], min(sq.identity_heldout_losses, key=lambda r: r[1])
+        print(f"learned from the identity: held-out calibration loss {first:.4f} at the start, best {best[1]:.4f} "
+              f"at step {best[0]} (kept)", flush=True)
     sq.apply(nsamples=args.nsamples, seed=args.seed, progress=args.progress,
              log=lambda line: print(line, flush=True))
     q = score(sq.model)

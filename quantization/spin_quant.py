@@ -244,6 +244,8 @@ class SpinQuant:
                             weight_specs=weight_specs, dtype=dtype)
         self.start = self.rotation_values()
         self.heldout, self.heldout_steps, self.heldout_losses, self.candidates, self.choice = None, None, [], [], None
+        # optimize(from_identity=True): R1/R2 learned from the identity, their losses, held-out losses
+        self.learned_from_identity, self.identity_losses, self.identity_heldout_losses = None, [], []
 
     def rotation_values(self):
         """Detached copies of (R1, R2)."""
@@ -299,7 +301,7 @@ class SpinQuant:
         return [R for R in ([self.R1] + (self.R2 or [])) if R is not None and R.requires_grad]
 
     def optimize(self, calib_data, steps=100, lr=1.5, batch_size=8, seed=0, progress=True, holdout=HOLDOUT,
-                 eval_every=0, learn_weights=None, heldout=None):
+                 eval_every=0, learn_weights=None, heldout=None, from_identity=False):
         """Learn R1 and R2 by Cayley SGD (cosine-decayed lr) on the cross-entropy of the quantized model over
         calibration samples (a list of (1, T) token tensors, or an (N, T) tensor); returns the loss per step.
         A `holdout` share of the samples (or the samples `heldout`, when given) is not learned on: the
@@ -307,7 +309,10 @@ class SpinQuant:
         the best ones are kept (step 0, the random start, included), and apply chooses among its candidates on
         the second half (self.heldout; both the same sample when there is only one). `learn_weights`:
         fake-quantize the weights (RTN) in the loss (None: only for method rtn; GPTQ and AutoRound learn against
-        activation quantization only)."""
+        activation quantization only). `from_identity`: learn R1/R2 a second time, from the identity (no rotation),
+        on the same samples and batches; the result (self.learned_from_identity) is one more candidate of apply's
+        choice, and the rotations stay those learned from the random Hadamard start. Where a random Hadamard
+        rotation quantizes worse than none (the small models here), learning from it rarely catches up."""
         if steps < 0:
             raise ValueError(f"steps={steps}: must be 0 (keep the random Hadamard start) or more")
         if batch_size < 1:
@@ -333,12 +338,33 @@ class SpinQuant:
         quantize_weights = self.method == "rtn" if learn_weights is None else learn_weights
         if self.spec is None and not any(s is not None for s in self.weight_specs.values()):
             quantize_weights = False
+        learn = dict(data=data, steps_set=steps_set if heldout is not None else None, steps=steps, lr=lr,
+                     batch_size=batch_size, seed=seed, progress=progress, quantize_weights=quantize_weights,
+                     eval_every=eval_every or max(1, steps // 10))
+        losses, self.heldout_losses, best_step = self._learn(**learn)
+        self.losses += losses
+        if best_step is not None:
+            self.info["best_step"] = self.info["steps"] + best_step
+        if from_identity and self.parameters():
+            learned = self.rotation_values()
+            identity = [None if R is None else torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+                        for R in (learned[0], *(learned[1] or []))]
+            self.set_rotations(identity[0], identity[1:] or None)
+            self.identity_losses, self.identity_heldout_losses, best_step = self._learn(**learn)
+            self.learned_from_identity = self.rotation_values()
+            self.info["identity_best_step"] = best_step
+            self.set_rotations(*learned)
+        self.info["steps"] = self.info["steps"] + steps
+        return self.losses
+
+    def _learn(self, data, steps_set, steps, lr, batch_size, seed, progress, quantize_weights, eval_every):
+        """optimize's Cayley SGD from the current rotations: (losses, [(step, held-out loss)], best step or None);
+        the rotations end at the best held-out step (the start included) when steps_set is given."""
         params = self.parameters()
-        eval_every = eval_every or max(1, steps // 10)
-        best = None
-        if heldout is not None:
+        best, held_losses, losses = None, [], []
+        if steps_set is not None:
             best = (self.evaluate(steps_set, quantize_weights), 0, self.rotation_values())
-            self.heldout_losses.append((0, best[0]))
+            held_losses.append((0, best[0]))
         g = torch.Generator().manual_seed(seed)
         for step in tqdm(range(steps), desc="spinquant", unit="step", disable=not progress):
             batch = data[torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=g)]
@@ -349,17 +375,15 @@ class SpinQuant:
             with torch.no_grad():
                 for R, G in zip(params, grads):
                     R.copy_(cayley_step(R, G, step_lr))
-            self.losses.append(loss.item())
-            if heldout is not None and params and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            losses.append(loss.item())
+            if steps_set is not None and params and ((step + 1) % eval_every == 0 or step + 1 == steps):
                 held = self.evaluate(steps_set, quantize_weights)
-                self.heldout_losses.append((step + 1, held))
+                held_losses.append((step + 1, held))
                 if held < best[0]:
                     best = (held, step + 1, self.rotation_values())
         if best is not None:
             self.set_rotations(*best[2])
-            self.info["best_step"] = self.info["steps"] + best[1]
-        self.info["steps"] = self.info["steps"] + steps
-        return self.losses
+        return losses, held_losses, None if best is None else best[1]
 
     @torch.no_grad()
     def bake(self):
@@ -404,6 +428,10 @@ class SpinQuant:
         changed = any(not torch.equal(a, b) for a, b in zip([learned[0], *(learned[1] or [])],
                                                                [self.start[0], *(self.start[1] or [])])
                       if a is not None)
+        identity = self.learned_from_identity
+        from_identity = identity is not None and any(
+            not torch.equal(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device))
+            for R in [identity[0], *(identity[1] or [])] if R is not None)
         out = [("no rotation", (), None)]
         if self.method != "rtn" and self.spec is not None:  # what the demo reports as "no rotation": RTN
             out.append(("no rotation, RTN", (), None))
@@ -412,6 +440,8 @@ class SpinQuant:
             out.append((f"random Hadamard {label}", names, self.start))
             if changed and {"R1", "R2"} & set(names):
                 out.append((f"learned {label}", names, learned))
+            if from_identity and {"R1", "R2"} & set(names):
+                out.append((f"learned from identity {label}", names, identity))
         return out
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):

@@ -25,6 +25,8 @@ def add_spinquant_flags(p):
     p.add_argument("--method", default="gptq", choices=WEIGHT_METHODS, help="weight quantizer after the rotations")
     p.add_argument("--steps", type=int, default=100, help="Cayley SGD steps on R1/R2 (0: random Hadamard rotations)")
     p.add_argument("--lr", type=finite_float, default=1.5, help="Cayley SGD learning rate (cosine-decayed to 0)")
+    p.add_argument("--from_identity", action=BoolFlag, default=True, help="also learn R1/R2 from the identity (no "
+                   "rotation), a second run of --steps; both learned rotations are candidates of the held-out choice")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
     p.add_argument("--heldout_tokens", type=int, default=16384, help="held-out calibration tokens (other windows of "
                    "the train split, never learned on) that choose among no rotation, random Hadamard and learned "

@@ -179,6 +179,7 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     last = lines[-1]
     assert last.startswith("spinquant perplexity: ") and "(no rotation " in last and ", full precision " in last
     assert ", kept " in last and any(line.startswith("candidate no rotation: held-out") for line in lines)
+    assert any(line.startswith("learned from the identity: held-out calibration loss") for line in lines)
     assert os.path.samefile(os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_spinquant.pt"))
     import sample
     assert run_main(sample.main, f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu") is None
@@ -407,6 +408,30 @@ def test_with_gptq_no_rotation_with_rtn_is_a_candidate_too(tiny_trained):
     assert all("gain over no rotation" in line for line in lines[3:-1])
 
 
+def test_learning_from_the_identity_is_one_more_candidate(tiny_trained):
+    """optimize(from_identity=True) learns R1/R2 a second time from no rotation: orthogonal, moved off the identity,
+    a candidate of the choice; the rotations learned from the random Hadamard start are those of a run without it."""
+    model, tokens = tiny_trained
+    plain = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0)
+    plain.optimize(_calibration(tokens), steps=4, progress=False)
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0)
+    sq.optimize(_calibration(tokens), steps=4, progress=False, from_identity=True)
+    for a, b in zip([sq.R1, *sq.R2], [plain.R1, *plain.R2]):
+        assert torch.equal(a, b)
+    R1, R2 = sq.learned_from_identity
+    for R in [R1, *R2]:
+        eye = torch.eye(R.shape[0], dtype=torch.float64)
+        assert (R.double() @ R.double().T - eye).abs().max() < 1e-4
+    assert not torch.equal(R1, torch.eye(R1.shape[0])) and len(sq.identity_losses) == 4
+    assert sq.identity_heldout_losses[0][0] == 0 and len(sq.identity_heldout_losses) >= 2
+    lines = []
+    sq.apply(progress=False, log=lines.append)
+    names = [c["name"] for c in sq.candidates]
+    assert "learned from identity all" in names and "learned from identity R1" in names
+    best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
+    assert sq.choice["name"] == best["name"]
+
+
 def test_a_rotation_must_clearly_beat_no_rotation():
     """paired_gain against a float64 reference: a consistent small gain is clear, a lower mean made of large
     opposite swings is not (the lowest of several noisy scores is how a worse rotation got kept)."""
@@ -476,6 +501,9 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     rows = compare.main(common + ["--seeds=1", "--progress=False"])
     methods = [r["method"] for r in rows]
     assert any(m.startswith("SpinQuant + GPTQ, kept: ") for m in methods) and "SpinQuant + RTN, learned" in methods
+    assert "SpinQuant + RTN, learned from identity" in methods  # --from_identity, on by default
+    off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False"])
+    assert not any("from identity" in r["method"] for r in off)
     study = compare.main(common + ["--method=rtn", "--study=0.5:2:8:rtn,1.5:2:8:none"])
     assert len(study) == 2 and study[0]["held_best"] <= study[0]["held_start"] and "val_fold_only" in study[0]
     assert "| lr | steps |" in capsys.readouterr().out
