@@ -70,16 +70,19 @@ for PART in $PARTS; do
             run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16 \
                 --modes=compiled_whole,compiled,reduce_overhead --batches=1 --out="$R/decode_${GPU}_124m_repeat$i.md"
         done ;;
-    check_parallel)  # as check, one process per format (their kernels compile in parallel), a file each
+    check_parallel)  # as check, one process per format (their kernels compile in parallel), a table and a log
+                     # each in $R/kernels_check_<gpu>/
+        D="$R/kernels_check_$GPU"
+        mkdir -p "$D"
         pids=()
         for v in "${FORMATS[@]}"; do
             f=${v// /_}
             (timeout 280 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
-                --out="$R/kernels_${GPU}_check_$f.md" > "$R/check_${GPU}_$f.log" 2>&1
+                --out="$D/kernels_${GPU}_check_$f.md" > "$D/check_${GPU}_$f.log" 2>&1
              echo "$v: exit $? (124: stopped by the time limit)" | tee -a "$LOG") & pids+=($!)
         done
         for pid in "${pids[@]}"; do wait "$pid"; done
-        grep -h "check:\|FAIL" "$R"/check_"${GPU}"_*.log | tee -a "$LOG" ;;
+        grep -H "check:\|FAIL" "$D"/check_"${GPU}"_*.log | tee -a "$LOG" ;;
     prefill_profile)  # every prefill candidate (GEMM configs, dequantize then cuBLAS) timed at 256 rows, int4
         run 280 python bench/kernels.py --profile=4096x4096,4096x11008 --profile_rows=256 --variants="int4 g128" \
             --out="$R/kernels_profile_${GPU}_prefill.md" ;;

@@ -126,7 +126,7 @@ def profile(shape, bandwidth, log, variants, rows=1):
         floor_us = (buffer_bytes(layer) + 2 * rows * (k + n)) / bandwidth * 1e6
         log(f"### {shape}, {what}, {name}: floor {floor_us:.1f} us")
         times = {}
-        for kernel, config in ops.candidates(rows, layer.group_size):
+        for kernel, config in ops.candidates(rows, layer.group_size, layer.bits):
             calls = [lambda lay=lay, x=x: ops.bind(kernel, lay.split_counters)(
                 x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
                 for lay, x in zip(layers, xs)]
@@ -216,7 +216,7 @@ def check(log, variants):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 b = layer.bias.to(dtype) if bias else None
                 ref = x.double() @ layer.dequantized_weight().double().T + (b.double() if bias else 0)
-                pairs = ops.candidates(m, layer.group_size)
+                pairs = ops.candidates(m, layer.group_size, layer.bits)
                 if which == "first":  # the first config of each kernel
                     pairs = [p for i, p in enumerate(pairs) if p[0] not in [q[0] for q in pairs[:i]]]
                 blocks = layer.group_size // 32 if layer.group_size else math.ceil(k / 32)

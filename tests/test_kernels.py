@@ -46,7 +46,7 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
         assert ops.kernel_refusal(x, layer.bits, layer.group_size) is None
         ys = [("layer", layer(x))]
         # every kernel that may run this many rows, with its first config (the layer ran the default one)
-        pairs = ops.candidates(rows, group_size)
+        pairs = ops.candidates(rows, group_size, layer.bits)
         blocks = group_size // 32 if group_size else -(-k // 32)
         for i, (kernel, config) in enumerate(pairs):
             if kernel not in [p[0] for p in pairs[:i]]:
@@ -366,3 +366,13 @@ def test_tinygemm_is_skipped_with_its_reason_and_the_decode_run_goes_on(tmp_path
     assert [r[1].strip() for r in rows] == ["bf16", "tinygemm", "W4"]  # the ratios' bases first
     assert rows[1][4].strip().startswith("skipped: tinygemm runs on CUDA only"), rows[1]
     assert float(rows[2][4].replace(",", "")) > 0 and rows[2][6].strip() == "-"
+
+
+def test_three_bit_codes_skip_the_unpack_configs():
+    """3-bit words hold no whole codes: the unpack configs would compile to their gather twins, so a 3-bit layer's
+    tuning leaves them out; other widths time both."""
+    from quantization.kernels import ops
+    for m in (16, 256):
+        four, three = ops.candidates(m, 128, 4), ops.candidates(m, 128, 3)
+        assert any(c[-1] for _, c in four) and not any(c[-1] for k, c in three if k in (ops.gemm, ops.dequant_mm))
+        assert three == [p for p in four if not p[1][-1] or p[0] is ops.gemv]

@@ -219,16 +219,20 @@ def _fit_k(block_k, group_size):
     return math.gcd(block_k, group_size) if group_size else block_k
 
 
-def candidates(m, group_size):
+def candidates(m, group_size, bits=None):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
-    CPU under the interpreter, and in a CUDA graph capture of a shape never timed)."""
-    dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
+    CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
+    unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins."""
+    def keep(config):
+        return not (bits == 3 and config[-1])
+    dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS if keep(c)]
     if m == 1:
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
+    gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
+             for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
-        return ([(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in SMALL_GEMM_CONFIGS]
-                + [(gemv, c) for c in GEMV_CONFIGS] + dequants)
-    return [(gemm, (bm, bn, _fit_k(bk, group_size), *rest)) for bm, bn, bk, *rest in GEMM_CONFIGS] + dequants
+        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
+    return gemms + dequants
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
@@ -240,7 +244,7 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
     key = (rows, qweight.shape[1], in_features, bits, group_size, zero is not None, bias is not None, x.dtype,
            x.device)
     if key not in _best:  # the candidates are listed only until a shape has its choice
-        pairs = candidates(m, group_size)
+        pairs = candidates(m, group_size, bits)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             kernel, config = pairs[0]
             return bind(kernel, counters)(*args, config)  # no timing on the CPU or inside a CUDA graph capture
