@@ -58,6 +58,14 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
                       (16, 128, 128, 4, 3, 2, 1), (16, 64, 128, 4, 3, 0, 1), (16, 32, 128, 4, 3, 4, 1),
                       (16, 32, 128, 4, 3, 0, 1), (16, 32, 128, 2, 4, 0, 1), (16, 16, 128, 2, 3, 0, 1),
                       (16, 32, 128, 4, 3, 2, 1)]
+# the operands swapped (triton_kernels._gemm_t_kernel: the dequantized weight is the tensor cores' left operand,
+# from registers): (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims
+# for (0: no split)); a warp group (4 warps) takes 64 outputs. Not for 3-bit codes (no whole codes in a word)
+GEMM_T_CONFIGS = [(128, 128, 64, 8, 3, 0), (128, 256, 64, 8, 3, 0), (64, 128, 64, 4, 3, 0), (64, 256, 64, 4, 3, 0),
+                  (128, 128, 128, 8, 3, 0), (128, 64, 64, 4, 4, 0), (256, 128, 64, 8, 3, 0)]
+SMALL_GEMM_T_CONFIGS = [(64, 16, 128, 4, 3, 4), (128, 16, 128, 4, 3, 4), (64, 16, 256, 4, 3, 4),
+                        (128, 16, 64, 4, 4, 4), (64, 16, 128, 4, 3, 0), (128, 16, 128, 8, 3, 0),
+                        (64, 16, 128, 4, 3, 8), (64, 16, 256, 4, 3, 0)]
 # the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps, unpack) of the
 # dequantize
 DEQUANT_CONFIGS = [(32, 256, 4, 0), (64, 256, 8, 1), (128, 128, 8, 1), (32, 512, 8, 1)]
@@ -186,6 +194,35 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return y
 
 
+def gemm_t(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
+    """As gemm, through triton_kernels._gemm_t_kernel: y^T = dequant(W) @ x^T, tiles (BLOCK_N outputs, BLOCK_M
+    rows); counters as for gemm."""
+    block_n, block_m, block_k, warps, stages, split = config
+    m, k = x.shape
+    n = qweight.shape[1]
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    if split:  # split K until about `split` programs per multiprocessor, each at least one K tile
+        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles), k_tiles))
+    else:
+        split = 1
+    per_split = triton.cdiv(k_tiles, split)
+    split = triton.cdiv(k_tiles, per_split)
+    if split > 1 and (counters is None or counters.numel() < tiles):
+        counters = torch.zeros(tiles, device=x.device, dtype=torch.int32)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    triton_kernels._gemm_t_kernel[grid](
+        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
+        counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group,
+        per_split * block_k // BLOCK,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return y
+
+
 def scratch(numel, device, dtype):
     """A buffer of at least numel elements shared by every layer's dequant_mm (calls on one stream run one after
     another); grown outside CUDA graph captures only (run() tunes before any capture sees the shape)."""
@@ -230,6 +267,9 @@ def candidates(m, group_size, bits=None):
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
+    if bits != 3:
+        gemms += [(gemm_t, (bn, bm, _fit_k(bk, group_size), *rest))
+                  for bn, bm, bk, *rest in (SMALL_GEMM_T_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_T_CONFIGS)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
     return gemms + dequants
@@ -256,7 +296,7 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
 
 def bind(kernel, counters):
     """A split-K kernel with the layer's own arrival counters (PackedLinear.split_counters)."""
-    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm) else kernel
+    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm, gemm_t) else kernel
 
 
 def _fastest(args, pairs, counters=None):

@@ -402,3 +402,63 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit(do_not_specialize=["M", "stride_ym", "blocks_per_group", "blocks_per_split"])
+def _gemm_t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
+                   blocks_per_group, blocks_per_split,
+                   BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """_gemm_kernel with the operands swapped: a (BLOCK_N, BLOCK_M) tile of y^T = dequant(W) @ x^T. The weight tile
+    is dequantized in registers and is the dot's left operand, which the tensor cores (Hopper's wgmma) read from
+    registers; x^T, the right operand, is copied ahead into shared memory. The weight's outputs fill the tensor
+    cores' 64-row side, and the rows of x their narrow side (8 to 256): a few rows (decode at batch 16) waste no
+    tensor-core rows on padding, and the dequantized tile never goes through shared memory. Each word is loaded
+    once and its codes shifted out (as _code_tile's UNPACK; 1, 2, 4 and 8 bits). Split-K as in _gemm_kernel."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    num_rows = tl.cdiv(K, BLOCK) * BITS  # rows of words
+    per_word: tl.constexpr = 32 // BITS
+    k_first = pid_k * blocks_per_split * BLOCK
+    k_last = tl.minimum(k_first + blocks_per_split * BLOCK, K)
+    shifts = tl.arange(0, per_word) * BITS
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for k0 in range(k_first, k_last, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        offs_r = k0 // per_word + tl.arange(0, BLOCK_K // per_word)
+        words = tl.load(w_ptr + offs_r[None, :] * N + offs_n[:, None],
+                        mask=mask_n[:, None] & (offs_r < num_rows)[None, :], other=0)
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
+        group = (k0 // BLOCK) // blocks_per_group  # BLOCK_K divides the group size: one group per tile
+        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
+        if HAS_ZERO:  # as in _gemm_kernel: one subtraction of 2**23 + zero
+            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+            w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]) * scale[:, None]
+        else:
+            w = (_as_float(codes) - ZERO) * scale[:, None]
+        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=PRECISION)
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    mask_y = mask_n[:, None] & mask_m[None, :]
+    if SPLIT:
+        splits = tl.num_programs(2)
+        tile_offs = offs_m[None, :] * N + offs_n[:, None]
+        tl.store(ws_ptr + pid_k * M * N + tile_offs, acc, mask=mask_y)
+        tl.debug_barrier()  # every thread's partials are written before the count says so
+        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for k in range(0, splits):  # in split order: the same sum every call
+                acc += tl.load(ws_ptr + k * M * N + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+            tl.atomic_xchg(counter, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
