@@ -58,17 +58,11 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
                       (16, 128, 128, 4, 3, 2, 1), (16, 64, 128, 4, 3, 0, 1), (16, 32, 128, 4, 3, 4, 1),
                       (16, 32, 128, 4, 3, 0, 1), (16, 32, 128, 2, 4, 0, 1), (16, 16, 128, 2, 3, 0, 1),
                       (16, 32, 128, 4, 3, 2, 1)]
-# the operands swapped (triton_kernels._gemm_t_kernel: the dequantized weight is the tensor cores' left operand,
-# from registers): (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims
-# for (0: no split)); a warp group (4 warps) takes 64 outputs. Not for 3-bit codes (no whole codes in a word)
-GEMM_T_CONFIGS = [(128, 128, 64, 8, 3, 0), (128, 256, 64, 8, 3, 0), (64, 128, 64, 4, 3, 0), (64, 256, 64, 4, 3, 0),
-                  (128, 128, 128, 8, 3, 0), (128, 64, 64, 4, 4, 0), (256, 128, 64, 8, 3, 0)]
-SMALL_GEMM_T_CONFIGS = [(64, 16, 128, 4, 3, 4), (128, 16, 128, 4, 3, 4), (64, 16, 256, 4, 3, 4),
-                        (128, 16, 64, 4, 4, 4), (64, 16, 128, 4, 3, 0), (128, 16, 128, 8, 3, 0),
-                        (64, 16, 128, 4, 3, 8), (64, 16, 256, 4, 3, 0)]
-# the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps, unpack) of the
-# dequantize
-DEQUANT_CONFIGS = [(32, 256, 4, 0), (64, 256, 8, 1), (128, 128, 8, 1), (32, 512, 8, 1)]
+# the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps, unpack) of
+# triton_kernels._dequant_kernel, or (BLOCK_R word rows, BLOCK_N, num_warps) of _dequant_words_kernel (unpacked on
+# the store side: not for 3-bit codes)
+DEQUANT_CONFIGS = [(32, 256, 4, 0), (64, 256, 8, 1), (128, 128, 8, 1), (32, 512, 8, 1),
+                   (4, 256, 4), (8, 256, 8), (2, 512, 4), (16, 128, 8), (4, 512, 8)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -194,35 +188,6 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return y
 
 
-def gemm_t(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
-    """As gemm, through triton_kernels._gemm_t_kernel: y^T = dequant(W) @ x^T, tiles (BLOCK_N outputs, BLOCK_M
-    rows); counters as for gemm."""
-    block_n, block_m, block_k, warps, stages, split = config
-    m, k = x.shape
-    n = qweight.shape[1]
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    if split:  # split K until about `split` programs per multiprocessor, each at least one K tile
-        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles), k_tiles))
-    else:
-        split = 1
-    per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)
-    if split > 1 and (counters is None or counters.numel() < tiles):
-        counters = torch.zeros(tiles, device=x.device, dtype=torch.int32)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    triton_kernels._gemm_t_kernel[grid](
-        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
-        counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group,
-        per_split * block_k // BLOCK,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return y
-
-
 def scratch(numel, device, dtype):
     """A buffer of at least numel elements shared by every layer's dequant_mm (calls on one stream run one after
     another); grown outside CUDA graph captures only (run() tunes before any capture sees the shape)."""
@@ -237,15 +202,21 @@ def scratch(numel, device, dtype):
 def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
     """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
     dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
-    block_k, block_n, warps = config[:3]
-    unpack = config[3] if len(config) > 3 else 0
     m, k = x.shape
     n = qweight.shape[1]
     w = scratch(k * n, x.device, x.dtype).view(k, n)
-    triton_kernels._dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
-        qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_K=block_k, BLOCK_N=block_n,
-        UNPACK=bool(unpack), num_warps=warps)
+    zero_or = zero if zero is not None else scale
+    if len(config) == 3:  # _dequant_words_kernel: (word rows, BLOCK_N, num_warps)
+        block_r, block_n, warps = config
+        triton_kernels._dequant_words_kernel[(triton.cdiv(qweight.shape[0], block_r), triton.cdiv(n, block_n))](
+            qweight, scale, zero_or, w, n, k, w.stride(0), blocks_per_group,
+            BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps)
+    else:
+        block_k, block_n, warps, unpack = config
+        triton_kernels._dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+            qweight, scale, zero_or, w, n, k, w.stride(0), blocks_per_group,
+            BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_K=block_k, BLOCK_N=block_n,
+            UNPACK=bool(unpack), num_warps=warps)
     if bias is None:
         return torch.mm(x, w)
     return torch.addmm(bias.to(x.dtype), x, w)
@@ -260,16 +231,13 @@ def candidates(m, group_size, bits=None):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
     unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins."""
-    def keep(config):
-        return not (bits == 3 and config[-1])
+    def keep(config):  # unpack configs ([-1] == 1) and the store-side dequantize (3 fields) skip 3-bit codes
+        return not (bits == 3 and (config[-1] or len(config) == 3))
     dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS if keep(c)]
     if m == 1:
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
-    if bits != 3:
-        gemms += [(gemm_t, (bn, bm, _fit_k(bk, group_size), *rest))
-                  for bn, bm, bk, *rest in (SMALL_GEMM_T_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_T_CONFIGS)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
     return gemms + dequants
@@ -296,7 +264,7 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
 
 def bind(kernel, counters):
     """A split-K kernel with the layer's own arrival counters (PackedLinear.split_counters)."""
-    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm, gemm_t) else kernel
+    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm) else kernel
 
 
 def _fastest(args, pairs, counters=None):

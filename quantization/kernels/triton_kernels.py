@@ -12,7 +12,8 @@ Four kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
   dequantized to (code - zero) * scale in the activation dtype and accumulated in place on the tensor cores; a
   tile never straddles a group. Split-K as in the one-row kernel, for problems of few tiles (decode at batch 2 to
   16);
-- `_dequant_kernel`: the whole weight into a bf16 (K, N) scratch, for prefill through cuBLAS (ops.dequant_mm).
+- `_dequant_kernel` and `_dequant_words_kernel`: the whole weight into a bf16 (K, N) scratch, for prefill through
+  cuBLAS (ops.dequant_mm).
 All accumulate in float32. In the one-row kernel a code becomes a float with one AND: the field, masked where it
 lies, read as a subnormal float32 (see `_sub`). The others use the 2**23 trick (OR the field into the mantissa of
 2**23, subtract 2**23). Both are exact, and cheaper than an integer-to-float conversion, which runs at a quarter of
@@ -345,6 +346,36 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_gr
     tl.store(out_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["K", "stride_wk"])
+def _dequant_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_group,
+                          BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """_dequant_kernel unpacked on the store side (1, 2, 4 and 8 bits): a program loads a (BLOCK_R, BLOCK_N) tile
+    of words once, with one scale (and zero point) per word, and writes each of a word's 32 / BITS fields to its own
+    row of out, k = word row * codes per word + field: one coalesced store per field, no reshape, no load per code.
+    Bandwidth-bound: it reads the packed bytes once and writes the bf16 weight once."""
+    pid_r, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask_w = (offs_r < tl.cdiv(K, BLOCK) * BITS)[:, None] & mask_n[None, :]
+    words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
+    sz_offs = ((offs_r // BITS) // blocks_per_group)[:, None] * N + offs_n[None, :]
+    scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
+    if HAS_ZERO:  # as in _gemm_kernel: one subtraction of 2**23 + zero
+        zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32) + 8388608.0
+    per_word: tl.constexpr = 32 // BITS
+    for j in tl.static_range(per_word):
+        codes = _field(words, j * BITS, BITS)
+        if HAS_ZERO:
+            w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
+        else:
+            w = (_as_float(codes) - ZERO) * scale
+        offs_k = offs_r * per_word + j
+        tl.store(out_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=(offs_k < K)[:, None] & mask_n[None, :])
+
+
 # K and the row stride of x keep their divisibility-by-16 specialization here: with it the x tiles are known to be
 # 16-byte aligned rows, which the software pipeliner needs to copy them asynchronously a few K steps ahead
 # (cp.async); without it every K step waited for its x tile (bench/kernel_sass.py --kernel=gemm shows which)
@@ -401,64 +432,4 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-
-
-@triton.jit(do_not_specialize=["M", "stride_ym", "blocks_per_group", "blocks_per_split"])
-def _gemm_t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
-                   blocks_per_group, blocks_per_split,
-                   BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """_gemm_kernel with the operands swapped: a (BLOCK_N, BLOCK_M) tile of y^T = dequant(W) @ x^T. The weight tile
-    is dequantized in registers and is the dot's left operand, which the tensor cores (Hopper's wgmma) read from
-    registers; x^T, the right operand, is copied ahead into shared memory. The weight's outputs fill the tensor
-    cores' 64-row side, and the rows of x their narrow side (8 to 256): a few rows (decode at batch 16) waste no
-    tensor-core rows on padding, and the dequantized tile never goes through shared memory. Each word is loaded
-    once and its codes shifted out (as _code_tile's UNPACK; 1, 2, 4 and 8 bits). Split-K as in _gemm_kernel."""
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    num_rows = tl.cdiv(K, BLOCK) * BITS  # rows of words
-    per_word: tl.constexpr = 32 // BITS
-    k_first = pid_k * blocks_per_split * BLOCK
-    k_last = tl.minimum(k_first + blocks_per_split * BLOCK, K)
-    shifts = tl.arange(0, per_word) * BITS
-    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    for k0 in range(k_first, k_last, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        offs_r = k0 // per_word + tl.arange(0, BLOCK_K // per_word)
-        words = tl.load(w_ptr + offs_r[None, :] * N + offs_n[:, None],
-                        mask=mask_n[:, None] & (offs_r < num_rows)[None, :], other=0)
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
-        group = (k0 // BLOCK) // blocks_per_group  # BLOCK_K divides the group size: one group per tile
-        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
-        if HAS_ZERO:  # as in _gemm_kernel: one subtraction of 2**23 + zero
-            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32) + 8388608.0
-            w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]) * scale[:, None]
-        else:
-            w = (_as_float(codes) - ZERO) * scale[:, None]
-        acc = tl.dot(w.to(x.dtype), tl.trans(x), acc, input_precision=PRECISION)
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    mask_y = mask_n[:, None] & mask_m[None, :]
-    if SPLIT:
-        splits = tl.num_programs(2)
-        tile_offs = offs_m[None, :] * N + offs_n[:, None]
-        tl.store(ws_ptr + pid_k * M * N + tile_offs, acc, mask=mask_y)
-        tl.debug_barrier()  # every thread's partials are written before the count says so
-        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
-            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-            for k in range(0, splits):  # in split order: the same sum every call
-                acc += tl.load(ws_ptr + k * M * N + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
-            tl.atomic_xchg(counter, 0)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
