@@ -7,7 +7,8 @@
 #   bash bench/inference_gpu.sh            # every part, in order
 #   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, kernels_goal,
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
-#                                          # repeats_124m, check_parallel, prefill_profile, peer
+#                                          # repeats_124m, check_parallel, prefill_profile, peer,
+#                                          # prefill, peer_large
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -21,7 +22,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -93,6 +94,15 @@ for PART in $PARTS; do
             --out="$R/kernels_${GPU}_peer.md"
         run 170 python bench/decode.py --shapes=gpt2_124m --formats=bf16,tinygemm,W4 --modes=compiled \
             --batches=1,16 --check --out="$R/decode_${GPU}_124m_peer.md" ;;
+    prefill)  # prefill (256 rows) of every packed format against cuBLAS, and where the int4 4096x4096 time goes
+        run 150 python bench/kernels.py --shapes= --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill.md"
+        run 100 python bench/kernels.py --profile=4096x4096 --profile_rows=256 --variants="int4 g128" \
+            --out="$R/kernels_profile_${GPU}_prefill.md" ;;
+    peer_large)  # issue 22's decode rows on the larger shapes: GPT-2 XL and 6.7B, W4 against bf16 and tinygemm
+        run 280 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,tinygemm,W4 --modes=compiled \
+            --batches=1,16 --out="$R/decode_${GPU}_6.7b_peer.md"
+        run 280 python bench/decode.py --shapes=gpt2_xl --formats=bf16,tinygemm,W4 --modes=compiled \
+            --batches=1,16 --out="$R/decode_${GPU}_xl_peer.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

@@ -63,6 +63,9 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
 # the store side: not for 3-bit codes)
 DEQUANT_CONFIGS = [(32, 256, 4, 0), (64, 256, 8, 1), (128, 128, 8, 1), (32, 512, 8, 1),
                    (4, 256, 4), (8, 256, 8), (2, 512, 4), (16, 128, 8), (4, 512, 8)]
+# dequant_mm_pipelined: (slices of K, *a store-side dequantize config): the dequantize of one slice overlaps the
+# matmul of the one before (CUDA streams)
+PIPELINED_CONFIGS = [(2, 4, 256, 4), (4, 4, 256, 4), (8, 4, 256, 4), (4, 8, 256, 8)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -199,12 +202,9 @@ def scratch(numel, device, dtype):
     return buffer[:numel]
 
 
-def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
-    """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
-    dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
-    m, k = x.shape
-    n = qweight.shape[1]
-    w = scratch(k * n, x.device, x.dtype).view(k, n)
+def _dequantize(w, qweight, scale, zero, bits, blocks_per_group, zero_const, config):
+    """Write dequant(W) transposed, (K, N) in w's dtype, into w: K = w.shape[0]."""
+    k, n = w.shape
     zero_or = zero if zero is not None else scale
     if len(config) == 3:  # _dequant_words_kernel: (word rows, BLOCK_N, num_warps)
         block_r, block_n, warps = config
@@ -217,9 +217,67 @@ def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const
             qweight, scale, zero_or, w, n, k, w.stride(0), blocks_per_group,
             BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_K=block_k, BLOCK_N=block_n,
             UNPACK=bool(unpack), num_warps=warps)
+
+
+def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
+    dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
+    m, k = x.shape
+    w = scratch(k * qweight.shape[1], x.device, x.dtype).view(k, -1)
+    _dequantize(w, qweight, scale, zero, bits, blocks_per_group, zero_const, config)
     if bias is None:
         return torch.mm(x, w)
     return torch.addmm(bias.to(x.dtype), x, w)
+
+
+_side_streams = {}  # device -> the stream that dequantizes ahead of dequant_mm_pipelined's matmuls
+
+
+def dequant_mm_pipelined(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    """dequant_mm in `chunks` slices of K (whole groups each), config (chunks, *dequantize config): on a CUDA device
+    slice i + 1 is dequantized on a side stream while cuBLAS multiplies slice i on the caller's stream (y += x_i @ W_i,
+    accumulated by the matmul itself; each slice's sum is rounded to y's dtype), so the two overlap: the dequantize
+    is bound by memory, the matmul by the tensor cores. Elsewhere (the interpreter) the same slices in order."""
+    chunks, dequant_config = config[0], config[1:]
+    m, k = x.shape
+    n = qweight.shape[1]
+    w = scratch(k * n, x.device, x.dtype).view(k, n)
+    words_per_block = bits  # a block of 32 codes is `bits` rows of words
+    step = blocks_per_group if scale.shape[0] > 1 else 1  # blocks a slice boundary must be a multiple of
+    blocks = triton.cdiv(k, BLOCK)
+    per_chunk = triton.cdiv(triton.cdiv(blocks, chunks), step) * step
+    bounds = [(b0, min(b0 + per_chunk, blocks)) for b0 in range(0, blocks, per_chunk)]
+    cuda = x.is_cuda
+    if cuda:
+        main = torch.cuda.current_stream(x.device)
+        side = _side_streams.get(x.device)
+        if side is None:
+            side = _side_streams[x.device] = torch.cuda.Stream(x.device)
+        side.wait_stream(main)  # the scratch is free (earlier matmuls read it on the main stream)
+    ready = []
+    for b0, b1 in bounds:
+        k0, k1 = b0 * BLOCK, min(b1 * BLOCK, k)
+        groups = slice(b0 // step, triton.cdiv(b1, step)) if scale.shape[0] > 1 else slice(None)
+        args = (w[k0:k1], qweight[b0 * words_per_block:b1 * words_per_block], scale[groups],
+                None if zero is None else zero[groups], bits, blocks_per_group, zero_const, dequant_config)
+        if cuda:
+            with torch.cuda.stream(side):
+                _dequantize(*args)
+                event = torch.cuda.Event()
+                event.record(side)
+            ready.append(event)
+        else:
+            _dequantize(*args)
+    y = None
+    for i, (b0, b1) in enumerate(bounds):
+        k0, k1 = b0 * BLOCK, min(b1 * BLOCK, k)
+        if cuda:
+            main.wait_event(ready[i])
+        if y is None:
+            y = torch.mm(x[:, k0:k1], w[k0:k1]) if bias is None else torch.addmm(bias.to(x.dtype), x[:, k0:k1], w[k0:k1])
+        else:
+            y.addmm_(x[:, k0:k1], w[k0:k1])
+    return y
 
 
 def _fit_k(block_k, group_size):
@@ -240,7 +298,7 @@ def candidates(m, group_size, bits=None):
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
-    return gemms + dequants
+    return gemms + dequants + ([(dequant_mm_pipelined, c) for c in PIPELINED_CONFIGS] if bits != 3 else [])
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
