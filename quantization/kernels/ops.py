@@ -42,6 +42,10 @@ ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16,
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
                   (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
                   (32, 4, 4, 1, 1)] + ONE_STEP_CONFIGS
+# 2 to 16 rows through the one-row kernel, a program per row and column tile (the weights come from L2 after the
+# first row): small layers, where a GEMM with 16-row tiles spends longer than the bytes take
+MULTI_ROW_STREAM_CONFIGS = [(8, 32, 0, 8, 0), (16, 32, 0, 8, 0), (32, 32, 0, 8, 0), (8, 128, 0, 8, 0),
+                            (16, 128, 0, 16, 0), (64, 4, 0, 2, 1)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
 # split), unpack); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is
 # dequantized once per BLOCK_M rows of x. unpack 1: each word is loaded once and its codes shifted out along a new
@@ -297,7 +301,8 @@ def candidates(m, group_size, bits=None):
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
-        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
+        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + [(stream_gemv, c) for c in MULTI_ROW_STREAM_CONFIGS] \
+            + dequants
     return gemms + dequants + ([(dequant_mm_pipelined, c) for c in PIPELINED_CONFIGS] if bits != 3 else [])
 
 
