@@ -42,10 +42,6 @@ ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16,
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
                   (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
                   (32, 4, 4, 1, 1)] + ONE_STEP_CONFIGS
-# 2 to 16 rows through the one-row kernel, a program per row and column tile (the weights come from L2 after the
-# first row): small layers, where a GEMM with 16-row tiles spends longer than the bytes take
-MULTI_ROW_STREAM_CONFIGS = [(8, 32, 0, 8, 0), (16, 32, 0, 8, 0), (32, 32, 0, 8, 0), (8, 128, 0, 8, 0),
-                            (16, 128, 0, 16, 0), (64, 4, 0, 2, 1)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
 # split), unpack); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is
 # dequantized once per BLOCK_M rows of x. unpack 1: each word is loaded once and its codes shifted out along a new
@@ -69,7 +65,7 @@ DEQUANT_CONFIGS = [(32, 256, 4, 0), (64, 256, 8, 1), (128, 128, 8, 1), (32, 512,
                    (4, 256, 4), (8, 256, 8), (2, 512, 4), (16, 128, 8), (4, 512, 8)]
 # dequant_mm_pipelined: (slices of K, *a store-side dequantize config): the dequantize of one slice overlaps the
 # matmul of the one before (CUDA streams)
-PIPELINED_CONFIGS = [(2, 4, 256, 4), (4, 4, 256, 4), (8, 4, 256, 4), (4, 8, 256, 8)]
+PIPELINED_CONFIGS = [(2, 4, 256, 4), (4, 4, 256, 4), (8, 4, 256, 4), (16, 4, 256, 4)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -234,19 +230,21 @@ def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const
     return torch.addmm(bias.to(x.dtype), x, w)
 
 
-_side_streams = {}  # device -> the stream that dequantizes ahead of dequant_mm_pipelined's matmuls
+_streams = {}  # device -> (dequantize stream, high-priority matmul stream) of dequant_mm_pipelined
 
 
 def dequant_mm_pipelined(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
-    """dequant_mm in `chunks` slices of K (whole groups each), config (chunks, *dequantize config): on a CUDA device
-    slice i + 1 is dequantized on a side stream while cuBLAS multiplies slice i on the caller's stream (y += x_i @ W_i,
-    accumulated by the matmul itself; each slice's sum is rounded to y's dtype), so the two overlap: the dequantize
-    is bound by memory, the matmul by the tensor cores. Elsewhere (the interpreter) the same slices in order."""
+    """dequant_mm in `chunks` slices of K (whole groups each), config (chunks, *dequantize config). On a CUDA device
+    the slices are dequantized on one stream and multiplied by cuBLAS on another of high priority (y += x_i @ W_i,
+    accumulated by the matmul itself; each slice's sum is rounded to y's dtype), each matmul after its slice's
+    dequantize: the matmul of slice i runs while slice i + 1 is dequantized (bound by memory, where the matmul is
+    bound by the tensor cores), and as the dequantize's programs end, the multiprocessors go to the matmul first.
+    Both streams join the caller's before it returns. Elsewhere (the interpreter) the same slices in order."""
     chunks, dequant_config = config[0], config[1:]
     m, k = x.shape
     n = qweight.shape[1]
     w = scratch(k * n, x.device, x.dtype).view(k, n)
-    words_per_block = bits  # a block of 32 codes is `bits` rows of words
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)  # on the caller's stream, which outlives the others
     step = blocks_per_group if scale.shape[0] > 1 else 1  # blocks a slice boundary must be a multiple of
     blocks = triton.cdiv(k, BLOCK)
     per_chunk = triton.cdiv(triton.cdiv(blocks, chunks), step) * step
@@ -254,34 +252,40 @@ def dequant_mm_pipelined(x, qweight, scale, zero, bias, bits, blocks_per_group, 
     cuda = x.is_cuda
     if cuda:
         main = torch.cuda.current_stream(x.device)
-        side = _side_streams.get(x.device)
-        if side is None:
-            side = _side_streams[x.device] = torch.cuda.Stream(x.device)
-        side.wait_stream(main)  # the scratch is free (earlier matmuls read it on the main stream)
-    ready = []
+        if x.device not in _streams:
+            _streams[x.device] = (torch.cuda.Stream(x.device), torch.cuda.Stream(x.device, priority=-1))
+        side, fast = _streams[x.device]
+        side.wait_stream(main)  # x is ready and the scratch free (earlier matmuls read it on the caller's stream)
+        fast.wait_stream(main)
     for b0, b1 in bounds:
         k0, k1 = b0 * BLOCK, min(b1 * BLOCK, k)
         groups = slice(b0 // step, triton.cdiv(b1, step)) if scale.shape[0] > 1 else slice(None)
-        args = (w[k0:k1], qweight[b0 * words_per_block:b1 * words_per_block], scale[groups],
-                None if zero is None else zero[groups], bits, blocks_per_group, zero_const, dequant_config)
+        args = (w[k0:k1], qweight[b0 * bits:b1 * bits], scale[groups], None if zero is None else zero[groups],
+                bits, blocks_per_group, zero_const, dequant_config)  # a block of 32 codes: `bits` rows of words
         if cuda:
             with torch.cuda.stream(side):
                 _dequantize(*args)
                 event = torch.cuda.Event()
                 event.record(side)
-            ready.append(event)
+            fast.wait_event(event)
+            with torch.cuda.stream(fast):
+                _slice_mm(y, x, w, bias, k0, k1)
         else:
             _dequantize(*args)
-    y = None
-    for i, (b0, b1) in enumerate(bounds):
-        k0, k1 = b0 * BLOCK, min(b1 * BLOCK, k)
-        if cuda:
-            main.wait_event(ready[i])
-        if y is None:
-            y = torch.mm(x[:, k0:k1], w[k0:k1]) if bias is None else torch.addmm(bias.to(x.dtype), x[:, k0:k1], w[k0:k1])
-        else:
-            y.addmm_(x[:, k0:k1], w[k0:k1])
+            _slice_mm(y, x, w, bias, k0, k1)
+    if cuda:
+        main.wait_stream(fast)
     return y
+
+
+def _slice_mm(y, x, w, bias, k0, k1):
+    """y = x[:, k0:k1] @ w[k0:k1] (+ bias) for the first slice, y += ... for the others."""
+    if k0 > 0:
+        y.addmm_(x[:, k0:k1], w[k0:k1])
+    elif bias is None:
+        torch.mm(x[:, k0:k1], w[k0:k1], out=y)
+    else:
+        torch.addmm(bias.to(x.dtype), x[:, k0:k1], w[k0:k1], out=y)
 
 
 def _fit_k(block_k, group_size):
@@ -301,8 +305,7 @@ def candidates(m, group_size, bits=None):
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
-        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + [(stream_gemv, c) for c in MULTI_ROW_STREAM_CONFIGS] \
-            + dequants
+        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
     return gemms + dequants + ([(dequant_mm_pipelined, c) for c in PIPELINED_CONFIGS] if bits != 3 else [])
 
 
