@@ -79,10 +79,6 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                     ys.append((f"dequant_mm words {config[0]}", ops.dequant_mm(
                         x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const,
                         config)))
-                # in slices of K (whole groups), each slice's matmul accumulated into y
-                ys.append(("dequant_mm_pipelined", ops.dequant_mm_pipelined(
-                    x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const,
-                    (4, 1, 64, 2))))
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
@@ -114,13 +110,12 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     # rows the GEMM (split K too) and the dequantize also with each word loaded once (unpack)
     ran = {(r[6], r[8]) for r in rows}
     unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K", "dequant_mm unpack",
-                                                        "dequant_mm words 4", "dequant_mm words 1",
-                                                        "dequant_mm_pipelined")}
+                                                        "dequant_mm words 4", "dequant_mm words 1")}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
                    (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
                    (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")} | unpacked, ran
     three_bit = sum(spec[1] == 3 for spec in SPECS)  # no store-side dequantize for 3-bit codes
-    assert len(rows) == 26 * len(SPECS) - 7 * three_bit  # pipelined: also a candidate at 20 rows
+    assert len(rows) == 23 * len(SPECS) - 4 * three_bit
 
 
 ONE_ROW_RANGE = r"""
@@ -388,6 +383,6 @@ def test_three_bit_codes_skip_the_unpack_configs():
     for m in (16, 256):
         four, three = ops.candidates(m, 128, 4), ops.candidates(m, 128, 3)
         assert any(c[-1] for _, c in four) and not any(c[-1] for k, c in three if k in (ops.gemm, ops.dequant_mm))
-        # left out for 3 bits: unpack configs, the store-side dequantize (3 fields) and the pipelined dequantize
+        # left out for 3 bits: unpack configs and the store-side dequantize (3 fields)
         assert three == [p for p in four if p[0] in (ops.gemv, ops.stream_gemv)
                          or (p[0] in (ops.gemm, ops.dequant_mm) and not p[1][-1] and len(p[1]) != 3)]

@@ -46,8 +46,9 @@ STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128
 # split), unpack); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is
 # dequantized once per BLOCK_M rows of x. unpack 1: each word is loaded once and its codes shifted out along a new
 # axis (triton_kernels._code_tile), where 0 loads the word once per code it holds (8 loads per int4 word). At 256
-# rows on an H200 dequant_mm beat every one of these but for int2 (bench/results/kernels_h200_peer.md); split-K
-# configs and 256 x 64 tiles were timed there too, never chosen, and taken out (each costs tuning time)
+# rows on an H200 dequant_mm beat every one of these for every format (bench/results/kernels_h200_peer.md); split-K
+# configs, 256 x 64 tiles and the operands swapped (gemm_t) were timed too, never chosen, and taken out (each costs
+# tuning time); these stay for fewer rows, where the dequantize's fixed cost weighs more
 GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0, 0), (64, 128, 64, 4, 3, 0, 0), (128, 64, 64, 4, 3, 0, 0),
                 (256, 128, 64, 8, 3, 0, 0), (128, 128, 128, 8, 2, 0, 0), (64, 64, 128, 4, 4, 0, 0),
                 (128, 128, 64, 8, 3, 0, 1), (256, 128, 64, 8, 3, 0, 1)]
@@ -58,14 +59,11 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
                       (16, 128, 128, 4, 3, 2, 1), (16, 64, 128, 4, 3, 0, 1), (16, 32, 128, 4, 3, 4, 1),
                       (16, 32, 128, 4, 3, 0, 1), (16, 32, 128, 2, 4, 0, 1), (16, 16, 128, 2, 3, 0, 1),
                       (16, 32, 128, 4, 3, 2, 1)]
-# the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_K, BLOCK_N, num_warps, unpack) of
-# triton_kernels._dequant_kernel, or (BLOCK_R word rows, BLOCK_N, num_warps) of _dequant_words_kernel (unpacked on
-# the store side: not for 3-bit codes)
-DEQUANT_CONFIGS = [(32, 256, 4, 0), (64, 256, 8, 1), (128, 128, 8, 1), (32, 512, 8, 1),
-                   (4, 256, 4), (8, 256, 8), (2, 512, 4), (16, 128, 8), (4, 512, 8)]
-# dequant_mm_pipelined: (slices of K, *a store-side dequantize config): the dequantize of one slice overlaps the
-# matmul of the one before (CUDA streams)
-PIPELINED_CONFIGS = [(2, 4, 256, 4), (4, 4, 256, 4), (8, 4, 256, 4), (16, 4, 256, 4)]
+# the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_R word rows, BLOCK_N, num_warps) of
+# triton_kernels._dequant_words_kernel (unpacked on the store side: at the copy bandwidth on an H200,
+# bench/results/kernels_profile_h200_prefill.md), or (BLOCK_K, BLOCK_N, num_warps, unpack) of _dequant_kernel, which
+# 3-bit codes take (the words kernel has no 3-bit path)
+DEQUANT_CONFIGS = [(32, 256, 4, 0), (4, 256, 4), (2, 512, 4), (8, 256, 8), (4, 512, 8)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -230,64 +228,6 @@ def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const
     return torch.addmm(bias.to(x.dtype), x, w)
 
 
-_streams = {}  # device -> (dequantize stream, high-priority matmul stream) of dequant_mm_pipelined
-
-
-def dequant_mm_pipelined(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
-    """dequant_mm in `chunks` slices of K (whole groups each), config (chunks, *dequantize config). On a CUDA device
-    the slices are dequantized on one stream and multiplied by cuBLAS on another of high priority (y += x_i @ W_i,
-    accumulated by the matmul itself; each slice's sum is rounded to y's dtype), each matmul after its slice's
-    dequantize: the matmul of slice i runs while slice i + 1 is dequantized (bound by memory, where the matmul is
-    bound by the tensor cores), and as the dequantize's programs end, the multiprocessors go to the matmul first.
-    Both streams join the caller's before it returns. Elsewhere (the interpreter) the same slices in order."""
-    chunks, dequant_config = config[0], config[1:]
-    m, k = x.shape
-    n = qweight.shape[1]
-    w = scratch(k * n, x.device, x.dtype).view(k, n)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)  # on the caller's stream, which outlives the others
-    step = blocks_per_group if scale.shape[0] > 1 else 1  # blocks a slice boundary must be a multiple of
-    blocks = triton.cdiv(k, BLOCK)
-    per_chunk = triton.cdiv(triton.cdiv(blocks, chunks), step) * step
-    bounds = [(b0, min(b0 + per_chunk, blocks)) for b0 in range(0, blocks, per_chunk)]
-    cuda = x.is_cuda
-    if cuda:
-        main = torch.cuda.current_stream(x.device)
-        if x.device not in _streams:
-            _streams[x.device] = (torch.cuda.Stream(x.device), torch.cuda.Stream(x.device, priority=-1))
-        side, fast = _streams[x.device]
-        side.wait_stream(main)  # x is ready and the scratch free (earlier matmuls read it on the caller's stream)
-        fast.wait_stream(main)
-    for b0, b1 in bounds:
-        k0, k1 = b0 * BLOCK, min(b1 * BLOCK, k)
-        groups = slice(b0 // step, triton.cdiv(b1, step)) if scale.shape[0] > 1 else slice(None)
-        args = (w[k0:k1], qweight[b0 * bits:b1 * bits], scale[groups], None if zero is None else zero[groups],
-                bits, blocks_per_group, zero_const, dequant_config)  # a block of 32 codes: `bits` rows of words
-        if cuda:
-            with torch.cuda.stream(side):
-                _dequantize(*args)
-                event = torch.cuda.Event()
-                event.record(side)
-            fast.wait_event(event)
-            with torch.cuda.stream(fast):
-                _slice_mm(y, x, w, bias, k0, k1)
-        else:
-            _dequantize(*args)
-            _slice_mm(y, x, w, bias, k0, k1)
-    if cuda:
-        main.wait_stream(fast)
-    return y
-
-
-def _slice_mm(y, x, w, bias, k0, k1):
-    """y = x[:, k0:k1] @ w[k0:k1] (+ bias) for the first slice, y += ... for the others."""
-    if k0 > 0:
-        y.addmm_(x[:, k0:k1], w[k0:k1])
-    elif bias is None:
-        torch.mm(x[:, k0:k1], w[k0:k1], out=y)
-    else:
-        torch.addmm(bias.to(x.dtype), x[:, k0:k1], w[k0:k1], out=y)
-
-
 def _fit_k(block_k, group_size):
     """BLOCK_K shrunk to divide the group size, so that a K tile has one scale per output column."""
     return math.gcd(block_k, group_size) if group_size else block_k
@@ -306,7 +246,7 @@ def candidates(m, group_size, bits=None):
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
-    return gemms + dequants + ([(dequant_mm_pipelined, c) for c in PIPELINED_CONFIGS] if bits != 3 else [])
+    return gemms + dequants
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
