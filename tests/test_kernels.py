@@ -74,11 +74,10 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
             assert not layer.split_counters.any()
             ys.append(("dequant_mm unpack", ops.dequant_mm(x, layer.qweight, layer.scale, layer.zero, layer.bias,
                                                            layer.bits, blocks, layer.zero_const, (64, 32, 4, 1))))
-            if layer.bits != 3:  # unpacked on the store side: a word's fields to their own rows of the scratch
-                for config in ((4, 32, 4), (1, 64, 2)):
-                    ys.append((f"dequant_mm words {config[0]}", ops.dequant_mm(
-                        x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const,
-                        config)))
+            for config in ((4, 32, 4), (1, 64, 2)):  # unpacked on the store side: a row of the scratch per code
+                ys.append((f"dequant_mm words {config[0]}", ops.dequant_mm(
+                    x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const,
+                    config)))
         for name, y in ys:
             out.append([method, bits, granularity, group_size, n, k, rows, bias, name,
                         ((y.double() - expected).abs().max() / expected.abs().max()).item()])
@@ -114,8 +113,7 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
                    (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
                    (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")} | unpacked, ran
-    three_bit = sum(spec[1] == 3 for spec in SPECS)  # no store-side dequantize for 3-bit codes
-    assert len(rows) == 23 * len(SPECS) - 4 * three_bit
+    assert len(rows) == 23 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""
@@ -378,11 +376,11 @@ def test_tinygemm_is_skipped_with_its_reason_and_the_decode_run_goes_on(tmp_path
 
 def test_three_bit_codes_skip_the_unpack_configs():
     """3-bit words hold no whole codes: the unpack configs would compile to their gather twins, so a 3-bit layer's
-    tuning leaves them out (and the store-side dequantize, which has no 3-bit path); other widths time both."""
+    tuning leaves them out; other widths time both."""
     from quantization.kernels import ops
     for m in (16, 256):
         four, three = ops.candidates(m, 128, 4), ops.candidates(m, 128, 3)
-        assert any(c[-1] for _, c in four) and not any(c[-1] for k, c in three if k in (ops.gemm, ops.dequant_mm))
-        # left out for 3 bits: unpack configs and the store-side dequantize (3 fields)
-        assert three == [p for p in four if p[0] in (ops.gemv, ops.stream_gemv)
-                         or (p[0] in (ops.gemm, ops.dequant_mm) and not p[1][-1] and len(p[1]) != 3)]
+        unpack = [(k, c) for k, c in four if k in (ops.gemm, ops.dequant_mm) and len(c) != 3 and c[-1]]
+        assert unpack and not [p for p in three if p in unpack]
+        # left out for 3 bits: the unpack configs (last field 1) of the GEMM and the older dequantize
+        assert three == [p for p in four if p[0] is ops.gemv or len(p[1]) == 3 or not p[1][-1]]

@@ -348,32 +348,42 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_gr
 
 @triton.jit(do_not_specialize=["K", "stride_wk"])
 def _dequant_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_group,
-                          BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_B: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-    """_dequant_kernel unpacked on the store side (1, 2, 4 and 8 bits): a program loads a (BLOCK_R, BLOCK_N) tile
-    of words once, with one scale (and zero point) per word, and writes each of a word's 32 / BITS fields to its own
-    row of out, k = word row * codes per word + field: one coalesced store per field, no reshape, no load per code.
-    Bandwidth-bound: it reads the packed bytes once and writes the bf16 weight once."""
-    pid_r, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    """_dequant_kernel unpacked on the store side: a program loads the words of BLOCK_B blocks of 32 codes x
+    BLOCK_N outputs once (a (BLOCK_B, BLOCK_N) tile per word of a block), with one scale (and zero point) per block,
+    and writes each code of a block to its own row of out, k = 32 * block + code: one coalesced store per code, no
+    reshape, no load per code. Bound by memory: it reads the packed bytes once and writes the weight once."""
+    pid_b, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    mask_w = (offs_r < tl.cdiv(K, BLOCK) * BITS)[:, None] & mask_n[None, :]
-    words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask_w, other=0)
-    sz_offs = ((offs_r // BITS) // blocks_per_group)[:, None] * N + offs_n[None, :]
+    mask_w = (offs_b < tl.cdiv(K, BLOCK))[:, None] & mask_n[None, :]
+    w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
+    sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
     scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
-    if HAS_ZERO:  # as in _gemm_kernel: one subtraction of 2**23 + zero
-        zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32) + 8388608.0
-    per_word: tl.constexpr = 32 // BITS
-    for j in tl.static_range(per_word):
-        codes = _field(words, j * BITS, BITS)
-        if HAS_ZERO:
-            w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
-        else:
-            w = (_as_float(codes) - ZERO) * scale
-        offs_k = offs_r * per_word + j
-        tl.store(out_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-                 mask=(offs_k < K)[:, None] & mask_n[None, :])
+    if HAS_ZERO:
+        zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+    else:
+        zero = ZERO
+    out_ptrs = out_ptr + (offs_b * BLOCK)[:, None] * stride_wk + offs_n[None, :]
+    if BITS == 3:  # low two bits in words 0 and 1 of the block, the high bit in word 2
+        low0 = tl.load(w_ptrs, mask=mask_w, other=0)
+        low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
+        high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
+        for i in tl.static_range(BLOCK):
+            w = (_code3(low0, low1, high, i) - zero) * scale
+            tl.store(out_ptrs + i * stride_wk, w.to(out_ptr.dtype.element_ty),
+                     mask=mask_w & (offs_b * BLOCK + i < K)[:, None])
+    else:
+        per_word: tl.constexpr = 32 // BITS
+        for v in tl.static_range(BITS):
+            word = tl.load(w_ptrs + v * N, mask=mask_w, other=0)
+            for j in tl.static_range(per_word):
+                i = v * per_word + j
+                w = (_as_float(_field(word, j * BITS, BITS)) - zero) * scale
+                tl.store(out_ptrs + i * stride_wk, w.to(out_ptr.dtype.element_ty),
+                         mask=mask_w & (offs_b * BLOCK + i < K)[:, None])
 
 
 # K and the row stride of x keep their divisibility-by-16 specialization here: with it the x tiles are known to be
