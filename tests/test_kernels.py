@@ -72,8 +72,6 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                                                        layer.bits, blocks, layer.zero_const,
                                                        (16, 64, 32, 4, 1, 64, 1), counters=layer.split_counters)))
             assert not layer.split_counters.any()
-            ys.append(("dequant_mm unpack", ops.dequant_mm(x, layer.qweight, layer.scale, layer.zero, layer.bias,
-                                                           layer.bits, blocks, layer.zero_const, (64, 32, 4, 1))))
             for config in ((4, 32, 4), (1, 64, 2)):  # unpacked on the store side: a row of the scratch per code
                 ys.append((f"dequant_mm words {config[0]}", ops.dequant_mm(
                     x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const,
@@ -108,12 +106,12 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     # GEMV, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K); at 3 and 20
     # rows the GEMM (split K too) and the dequantize also with each word loaded once (unpack)
     ran = {(r[6], r[8]) for r in rows}
-    unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K", "dequant_mm unpack",
+    unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K",
                                                         "dequant_mm words 4", "dequant_mm words 1")}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
                    (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
                    (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")} | unpacked, ran
-    assert len(rows) == 23 * len(SPECS)
+    assert len(rows) == 21 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""
@@ -380,7 +378,7 @@ def test_three_bit_codes_skip_the_unpack_configs():
     from quantization.kernels import ops
     for m in (16, 256):
         four, three = ops.candidates(m, 128, 4), ops.candidates(m, 128, 3)
-        unpack = [(k, c) for k, c in four if k in (ops.gemm, ops.dequant_mm) and len(c) != 3 and c[-1]]
+        unpack = [(k, c) for k, c in four if k is ops.gemm and c[-1]]
         assert unpack and not [p for p in three if p in unpack]
-        # left out for 3 bits: the unpack configs (last field 1) of the GEMM and the older dequantize
-        assert three == [p for p in four if p[0] is ops.gemv or len(p[1]) == 3 or not p[1][-1]]
+        # left out for 3 bits: the GEMM's unpack configs (last field 1)
+        assert three == [p for p in four if p[0] is not ops.gemm or not p[1][-1]]

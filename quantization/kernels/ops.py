@@ -60,9 +60,9 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
                       (16, 32, 128, 4, 3, 0, 1), (16, 32, 128, 2, 4, 0, 1), (16, 16, 128, 2, 3, 0, 1),
                       (16, 32, 128, 4, 3, 2, 1)]
 # the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_B blocks of 32 codes, BLOCK_N, num_warps)
-# of triton_kernels._dequant_words_kernel (unpacked on the store side: at about the copy bandwidth on an H200,
-# bench/results/kernels_profile_h200_prefill.md), or (BLOCK_K, BLOCK_N, num_warps, unpack) of _dequant_kernel
-DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8), (32, 256, 4, 0)]
+# of triton_kernels._dequant_words_kernel (unpacked on the store side: at about 80% of the copy bandwidth on an H200,
+# bench/results/kernels_profile_h200_prefill.md)
+DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -199,29 +199,16 @@ def scratch(numel, device, dtype):
     return buffer[:numel]
 
 
-def _dequantize(w, qweight, scale, zero, bits, blocks_per_group, zero_const, config):
-    """Write dequant(W) transposed, (K, N) in w's dtype, into w: K = w.shape[0]."""
-    k, n = w.shape
-    zero_or = zero if zero is not None else scale
-    if len(config) == 3:  # _dequant_words_kernel: (blocks, BLOCK_N, num_warps)
-        block_b, block_n, warps = config
-        triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
-            qweight, scale, zero_or, w, n, k, w.stride(0), blocks_per_group,
-            BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps)
-    else:
-        block_k, block_n, warps, unpack = config
-        triton_kernels._dequant_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
-            qweight, scale, zero_or, w, n, k, w.stride(0), blocks_per_group,
-            BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_K=block_k, BLOCK_N=block_n,
-            UNPACK=bool(unpack), num_warps=warps)
-
-
 def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
     """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
     dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
+    block_b, block_n, warps = config
     m, k = x.shape
-    w = scratch(k * qweight.shape[1], x.device, x.dtype).view(k, -1)
-    _dequantize(w, qweight, scale, zero, bits, blocks_per_group, zero_const, config)
+    n = qweight.shape[1]
+    w = scratch(k * n, x.device, x.dtype).view(k, n)
+    triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
+        qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps)
     if bias is None:
         return torch.mm(x, w)
     return torch.addmm(bias.to(x.dtype), x, w)
@@ -237,8 +224,8 @@ def candidates(m, group_size, bits=None):
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
     unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins."""
     def keep(config):  # unpack configs ([-1] == 1) skip 3-bit codes
-        return not (bits == 3 and len(config) != 3 and config[-1])
-    dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS if keep(c)]
+        return not (bits == 3 and config[-1])
+    dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
     if m == 1:
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))

@@ -12,8 +12,7 @@ Four kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
   dequantized to (code - zero) * scale in the activation dtype and accumulated in place on the tensor cores; a
   tile never straddles a group. Split-K as in the one-row kernel, for problems of few tiles (decode at batch 2 to
   16);
-- `_dequant_kernel` and `_dequant_words_kernel`: the whole weight into a bf16 (K, N) scratch, for prefill through
-  cuBLAS (ops.dequant_mm).
+- `_dequant_words_kernel`: the whole weight into a bf16 (K, N) scratch, for prefill through cuBLAS (ops.dequant_mm).
 All accumulate in float32. In the one-row kernel a code becomes a float with one AND: the field, masked where it
 lies, read as a subnormal float32 (see `_sub`). The others use the 2**23 trick (OR the field into the mantissa of
 2**23, subtract 2**23). Both are exact, and cheaper than an integer-to-float conversion, which runs at a quarter of
@@ -325,32 +324,12 @@ def _code_tile(w_ptr, k0, offs_n, mask_n, N, num_blocks, BITS: tl.constexpr, BLO
 
 
 @triton.jit(do_not_specialize=["K", "stride_wk"])
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_group,
-                    BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
-    """The whole weight, transposed, (K, N) in out's dtype: (code - zero) * scale. For prefill through cuBLAS
-    (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM. UNPACK as in _code_tile."""
-    pid_k, pid_n = tl.program_id(0), tl.program_id(1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    codes = _code_tile(w_ptr, pid_k * BLOCK_K, offs_n, mask_n, N, tl.cdiv(K, BLOCK), BITS, BLOCK_K, BLOCK_N, UNPACK)
-    group = (offs_k // BLOCK) // blocks_per_group
-    mask = (offs_k < K)[:, None] & mask_n[None, :]
-    scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-    if HAS_ZERO:
-        zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-        w = (_as_float(codes) - zero) * scale
-    else:
-        w = (_as_float(codes) - ZERO) * scale
-    tl.store(out_ptr + offs_k[:, None] * stride_wk + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit(do_not_specialize=["K", "stride_wk"])
 def _dequant_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_group,
                           BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_B: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-    """_dequant_kernel unpacked on the store side: a program loads the words of BLOCK_B blocks of 32 codes x
+    """The whole weight, transposed, (K, N) in out's dtype: (code - zero) * scale. For prefill through cuBLAS
+    (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM. Unpacked on the store side: a
+    program loads the words of BLOCK_B blocks of 32 codes x
     BLOCK_N outputs once (a (BLOCK_B, BLOCK_N) tile per word of a block), with one scale (and zero point) per block,
     and writes each code of a block to its own row of out, k = 32 * block + code: one coalesced store per code, no
     reshape, no load per code. Bound by memory: it reads the packed bytes once and writes the weight once."""
