@@ -104,7 +104,7 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     assert not bad, bad
     # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM at 16 rows,
     # GEMV, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K); at 3 and 20
-    # rows the GEMM (split K too) and the dequantize also with each word loaded once (unpack)
+    # rows the GEMM (split K too) also with each word loaded once (unpack), and the dequantize with two more tiles
     ran = {(r[6], r[8]) for r in rows}
     unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K",
                                                         "dequant_mm words 4", "dequant_mm words 1")}

@@ -328,11 +328,11 @@ def _dequant_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_
                           BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_B: tl.constexpr,
                           BLOCK_N: tl.constexpr):
     """The whole weight, transposed, (K, N) in out's dtype: (code - zero) * scale. For prefill through cuBLAS
-    (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM. Unpacked on the store side: a
-    program loads the words of BLOCK_B blocks of 32 codes x
-    BLOCK_N outputs once (a (BLOCK_B, BLOCK_N) tile per word of a block), with one scale (and zero point) per block,
-    and writes each code of a block to its own row of out, k = 32 * block + code: one coalesced store per code, no
-    reshape, no load per code. Bound by memory: it reads the packed bytes once and writes the weight once."""
+    (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM. Unpacked on the store side: a program
+    loads the words of BLOCK_B blocks of 32 codes x BLOCK_N outputs once (a (BLOCK_B, BLOCK_N) tile per word of a
+    block), with one scale (and zero point) per block, and writes each code of a block to its own row of out,
+    k = 32 * block + code: one coalesced store per code, no reshape, no load per code. Bound by memory: it reads the
+    packed bytes once and writes the weight once."""
     pid_b, pid_n = tl.program_id(0), tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
