@@ -1,4 +1,4 @@
-"""Decode throughput and peak memory: bf16 against packed weights (W8, W4, W2, ternary, W1) and against PyTorch's
+"""Decode throughput and peak memory: bf16 against packed weights (W8, W4, W2, ternary, W1, RB2) and against PyTorch's
 own int4 kernel (tinygemm), eager and compiled, batch 1 and 16, for GPT-2 124M, GPT-2 XL and 6.7B shapes with
 random weights, in one run.
 
@@ -18,7 +18,9 @@ whose width 1600 is not a multiple of 128, W4 and W2 take groups of 64. `tinygem
 grid and groups) multiplied by aten._weight_int4pack_mm (quantization/kernels/tinygemm.py, bf16 scales and
 offsets), the kernel of gpt-fast and torchao's int4 weight-only: a row says "skipped" with the reason where it
 cannot run, and the run goes on. Rows run bf16 first, then tinygemm, then ours, whatever the order of --formats,
-so that "vs tinygemm" is known for each packed row. Each attention layer computes q, k and v
+so that "vs tinygemm" is known for each packed row. RB2 is residual binary with two terms (two sign matrices and
+their scales per output; quantization/binary_linear.py), one row of x through its Triton GEMV
+(kernels/binary_bitwise.py), several through PyTorch's bit operations. Each attention layer computes q, k and v
 as one layer (inference.fuse_qkv, as sample.py does); --qkv=fused,separate adds the rows of three layers beside them.
 """
 import argparse
@@ -48,6 +50,7 @@ FORMATS = {
     "W2": dict(method="affine_quant", bits=2, granularity="per_group", group_size=128),
     "ternary": dict(method="ternary_quant", granularity="per_channel"),
     "W1": dict(method="binary_quant", granularity="per_channel"),
+    "RB2": dict(method="residual_binary_quant", granularity="per_channel", binary_terms=2),
     "tinygemm": dict(method="affine_quant", bits=4, granularity="per_group", group_size=128),
 }
 PEER = "tinygemm"  # the format every packed row is also compared with

@@ -217,6 +217,25 @@ def test_pack_model_replaces_every_linear_site_and_keeps_the_function(one_cpu_th
         assert torch.allclose(packed(idx)[0], reference(idx)[0], atol=1e-5)
 
 
+def test_pack_model_gives_residual_binary_sites_their_kernel_and_their_function(one_cpu_thread):
+    """A residual-binary spec packs each site into a ResidualBinaryLinear with the one-row kernel attached (what
+    bench/decode.py's RB2 rows run); each computes x @ (sum of its dequantized terms)^T + b."""
+    from model import GPT, GPTConfig
+    from quantization.binary_linear import ResidualBinaryLinear
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, bias=True)).eval()
+    weights = {name: m.weight.detach().clone() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    spec = QuantSpec("residual_binary_quant", 8, "per_channel", binary_terms=2)
+    packed = pack_model(model, spec)
+    sites = {name: m for name, m in packed.named_modules() if isinstance(m, ResidualBinaryLinear)}
+    assert len(sites) == 2 * 6 and all(hasattr(m, "gemv_words") for m in sites.values())
+    for name, layer in sites.items():
+        x = torch.randn(3, layer.in_features)
+        codes, scale, _ = quantize_tensor(weights[name], spec)
+        expected = x.double() @ dequantize(codes, scale, None, spec).double().T + layer.bias.double()
+        assert torch.allclose(layer(x).double(), expected, atol=1e-4), name
+
+
 def test_convert_to_packed_reads_a_packed_checkpoint_record():
     from quantization.packing import pack_record, unpack_weight
     spec = QuantSpec("affine_quant", 3, "per_group", 32)
@@ -364,12 +383,13 @@ def test_tinygemm_is_skipped_with_its_reason_and_the_decode_run_goes_on(tmp_path
     assert "CUDA only" in tinygemm_refusal("cpu", 4, 128, 768, 768)
     out = tmp_path / "decode.md"
     assert run_main(decode.main, "--shapes=tiny", "--device=cpu", "--modes=eager", "--new_tokens=2",
-                    "--vocab_size=256", "--block_size=64", "--batches=1", "--formats=W4,tinygemm,bf16",
+                    "--vocab_size=256", "--block_size=64", "--batches=1", "--formats=W4,RB2,tinygemm,bf16",
                     f"--out={out}") is None
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
-    assert [r[1].strip() for r in rows] == ["bf16", "tinygemm", "W4"]  # the ratios' bases first
+    assert [r[1].strip() for r in rows] == ["bf16", "tinygemm", "W4", "RB2"]  # the ratios' bases first
     assert rows[1][4].strip().startswith("skipped: tinygemm runs on CUDA only"), rows[1]
-    assert float(rows[2][4].replace(",", "")) > 0 and rows[2][6].strip() == "-"
+    for row in rows[2:]:  # W4, and residual binary (pack_model's ResidualBinaryLinear sites)
+        assert float(row[4].replace(",", "")) > 0 and row[6].strip() == "-"
 
 
 def test_three_bit_codes_skip_the_unpack_configs():

@@ -129,11 +129,20 @@ def convert_to_packed(model, packed_weights):
 
 def pack_model(model, spec):
     """Round every linear site (model.LINEAR_SITES) of a float model to `spec` (a QuantSpec) and replace it by a
-    PackedLinear. Returns model."""
+    PackedLinear (a residual-binary spec: by a ResidualBinaryLinear with the one-row kernel attached, as
+    convert_to_packed loads one). Returns model."""
     from model import LINEAR_SITES
+    from quantization.binary_linear import ResidualBinaryLinear
     from quantization.layers import latent_weight
+
+    def make(linear):
+        weight = latent_weight(linear)
+        if spec.grid == "residual_binary":
+            codes, scale, _ = quantize_tensor(weight.detach(), spec)
+            return _binary(ResidualBinaryLinear.from_quantized(codes, scale, spec, linear.bias))
+        return PackedLinear.from_float(weight, spec, linear.bias)
     names = [name for name, module in model.named_modules()
              if name.rsplit(".", 1)[-1] in LINEAR_SITES and isinstance(module, nn.Linear)]
     for name in names:
-        _replace(model, name, lambda linear: PackedLinear.from_float(latent_weight(linear), spec, linear.bias))
+        _replace(model, name, make)
     return model
