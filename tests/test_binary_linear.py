@@ -149,6 +149,9 @@ def backend(gm, example_inputs):
     graphs.append(str(gm.graph))
     return gm.forward
 y = torch.compile(module, backend=backend, fullgraph=True)(x)
+# the op's fake (what inductor plans its buffers by) agrees with the real call: shapes, strides, dtype
+torch.library.opcheck(binary_bitwise.gemv_op, (x.reshape(1, -1).float(), module.gemv_words, module.gemv_scales),
+                      test_utils=("test_schema", "test_faketensor"))
 rows = torch.randn(3, 256)
 print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(rows[:1], module) is not None,
                   (module(rows).double() - (rows.double() @ weight.double().T + bias.double())).abs().max().item()]))

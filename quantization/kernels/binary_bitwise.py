@@ -89,6 +89,7 @@ def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIG
     block_w = max(1, min(block_w, triton.next_power_of_2(n_words)))
     y = torch.empty(n_out, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n_out, block_n),)
+    lead = x.shape[:-1]  # () or (1,): the shape y comes back in, as the custom op's fake below promises
     x = x.reshape(-1)
     if transpose_x:
         xs, x_word_stride, x_bit_stride = x.reshape(n_words, WORD_BITS).t().float().contiguous(), 1, n_words
@@ -99,7 +100,7 @@ def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIG
                                        TERMS=terms,
                                        TERMS_P2=triton.next_power_of_2(terms), BLOCK_N=block_n,
                                        BLOCK_W=block_w, num_warps=num_warps)
-    return y.reshape(*x.shape[:-1], n_out)
+    return y.reshape(*lead, n_out)
 
 
 def stack_terms(layer):
@@ -117,7 +118,7 @@ gemv_op = torch.library.custom_op("nanoqat::residual_binary_gemv", _gemv_op, mut
 
 @gemv_op.register_fake
 def _(x, words, scales):
-    return x.new_empty((1, words.shape[1]), dtype=torch.float32)
+    return x.new_empty((*x.shape[:-1], words.shape[1]), dtype=torch.float32)
 
 
 def kernel_gemv(x, layer):

@@ -422,3 +422,70 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit(do_not_specialize=["K", "blocks_per_group"])
+def _kmajor_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_wn, blocks_per_group,
+                        BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, N_FAST: tl.constexpr):
+    """One row of x, the words stored K-major (N, K_pad / 32 * BITS): the BITS words of a block are neighbours, so
+    a thread loads a whole block of one output with one wide load. A program takes BLOCK_N outputs and walks K in
+    steps of BLOCK_B blocks; each field of the (blocks, outputs, BITS) tile of words times x, summed per block,
+    scaled per block. N_FAST: the tile is (BLOCK_B, BLOCK_N, BITS), so the threads of a warp take neighbouring
+    outputs (each value of x is one broadcast load); else (BLOCK_N, BLOCK_B, BITS), neighbouring blocks of one
+    output (a warp's words are one contiguous run). 1, 2, 4 and 8-bit codes."""
+    P: tl.constexpr = 32 // BITS
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    num_blocks = tl.cdiv(K, BLOCK)
+    ar_b = tl.arange(0, BLOCK_B)
+    w3 = tl.arange(0, BITS)[None, None, :]
+    if N_FAST:
+        b2 = ar_b[:, None]
+        n2 = offs_n[None, :]
+        acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    else:
+        b2 = ar_b[None, :]
+        n2 = offs_n[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        bb = b0 + b2
+        w_ptrs = w_ptr + (n2 * stride_wn + bb * BITS)[:, :, None] + w3
+        x_ptrs = x_ptr + (bb * BLOCK)[:, :, None] + w3 * P
+        if EVEN:  # K a multiple of 32 * BLOCK_B: no masks along K
+            words = tl.load(w_ptrs, mask=(n2 < N)[:, :, None], other=0)
+        else:
+            words = tl.load(w_ptrs, mask=((n2 < N) & (bb < num_blocks))[:, :, None], other=0)
+        dot = tl.zeros(words.shape, tl.float32)
+        for j in tl.static_range(P):
+            if EVEN:
+                xj = tl.load(x_ptrs + j).to(tl.float32)
+            else:
+                xj = tl.load(x_ptrs + j, mask=(bb * BLOCK)[:, :, None] + w3 * P + j < K, other=0.0).to(tl.float32)
+            dot += _as_float((words >> (j * BITS)) & ((1 << BITS) - 1)) * xj
+        dot = tl.sum(dot, axis=2)
+        offs_x = (b0 + ar_b)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # x of the step's blocks, for the sums
+        if EVEN:
+            xsum = tl.sum(tl.load(x_ptr + offs_x).to(tl.float32), axis=1)
+        else:
+            xsum = tl.sum(tl.load(x_ptr + offs_x, mask=offs_x < K, other=0.0).to(tl.float32), axis=1)
+        if N_FAST:
+            xsum = xsum[:, None]
+        else:
+            xsum = xsum[None, :]
+        mask_w = (n2 < N) & (bb < num_blocks)
+        sz_offs = (bb // blocks_per_group) * N + n2
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+            acc += (dot - zero * xsum) * scale
+        else:
+            acc += (dot - ZERO * xsum) * scale
+    if N_FAST:
+        y = tl.sum(acc, axis=0)
+    else:
+        y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=mask_n)
