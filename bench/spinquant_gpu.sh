@@ -8,6 +8,7 @@
 #   bash bench/spinquant_gpu.sh
 #   ITERS=2000 BPE_ITERS=1000 STEPS=100 SEEDS="0 1 2" bash bench/spinquant_gpu.sh
 #   PHASE=train bash bench/spinquant_gpu.sh; PHASE=compare bash bench/spinquant_gpu.sh   # the same, in two parts
+#   MODELS=bpe VARIANTS=0 bash bench/spinquant_gpu.sh     # one model only
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -21,6 +22,7 @@ SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
 DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
 EXTRA=${EXTRA:-}              # more train.py flags for every run
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
+MODELS=${MODELS:-"baby bpe cpu"}  # which of the three models to train and compare
 QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
 RESULTS=bench/results
 LOGS=$RESULTS/spinquant_logs/gpu  # apart from bench/spinquant_cpu.sh's logs of the same names
@@ -45,6 +47,7 @@ pids=()
 TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of the table (its log says so)
 run() {  # name flags...; QAT_SETTINGS: Python assignments to quantization/spin_quant.py's QAT settings (module s)
   local name=$1; shift
+  case " $MODELS " in *" ${name%%_*} "*) ;; *) return 0 ;; esac  # a model not in MODELS
   (timeout $TRAIN_LIMIT python -c "import sys; import quantization.spin_quant as s; ${QAT_SETTINGS:-} import train; train.main(sys.argv[1:])" \
     --out_dir=out-sq/$name "$@" $EXTRA > "$TRAIN_LOGS/train_$name.log" 2>&1 \
     || { echo "train $name: stopped (exit $?)" >> "$TRAIN_LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
@@ -103,18 +106,20 @@ TABLE=; [ "$QAT_ONLY" = 1 ] && TABLE=_qat
 cpids=()
 for s in $SEEDS; do
   settings=4/4/4; [ "$s" = "$first" ] && settings=$SETTINGS; [ "$QAT_ONLY" = 1 ] && settings=none
-  compare baby $s 100000 $settings & cpids+=($!)
-  compare bpe $s 0 $settings & cpids+=($!)
-  compare cpu $s 100000 $settings & cpids+=($!)
+  for m in $MODELS; do
+    tokens=100000; [ "$m" = bpe ] && tokens=0
+    compare $m $s $tokens $settings & cpids+=($!)
+  done
 done
-[ "$QAT_ONLY" = 1 ] || python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant \
+case " $MODELS " in *" bpe "*) BPE_DEMO=1 ;; *) BPE_DEMO=0 ;; esac
+[ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] || python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant \
   --device=$DEVICE --steps=$STEPS --nsamples=64 --eval_tokens=50000 --progress=False > "$LOGS/spinquant_ptq_bpe.log" 2>&1
-[ "$QAT_ONLY" = 1 ] || tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
+[ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] || tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
 for pid in "${cpids[@]}"; do wait "$pid"; done
 date
 cat $RESULTS/spinquant_gpu${TABLE}_*_s*.md
 tail -n 5 "$LOGS"/compare_*.err
-[ "$QAT_ONLY" = 1 ] && exit 0
+[ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] && exit 0
 python sample.py --out_dir=out-sq/bpe_spinquant --device=$DEVICE --num_samples=1 --max_new_tokens=60 --start="ROMEO:" \
   > "$LOGS/sample_bpe_spinquant.log" 2>&1; tail -n 4 "$LOGS/sample_bpe_spinquant.log"
 exit 0
