@@ -125,11 +125,14 @@ def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer
         return torch.cat(batches)[:n]
 
     t = time.time()
-    learn, heldout = draw(args.spinquant_nsamples), draw(max(2, args.spinquant_nsamples))
-    model, new_args, info, new_optimizer = rotate_for_qat(
-        qat_model, model_args, learn, args.spinquant_steps, args.spinquant_lr, args.seed, optimizer=optimizer,
-        heldout=heldout, optimizer_args=dict(
-            weight_decay=args.weight_decay, learning_rate=lr, betas=(args.beta1, args.beta2), device_type=device_type))
+    # the draws below (batches, random starts) come from a forked random state: training goes on with the random
+    # numbers (dropout masks) it would have had without --spinquant, so keeping no rotation changes nothing
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device_type == "cuda" else []):
+        learn, heldout = draw(args.spinquant_nsamples), draw(max(2, args.spinquant_nsamples))
+        model, new_args, info, new_optimizer = rotate_for_qat(
+            qat_model, model_args, learn, args.spinquant_steps, args.spinquant_lr, args.seed, optimizer=optimizer,
+            heldout=heldout, optimizer_args=dict(weight_decay=args.weight_decay, learning_rate=lr,
+                                                 betas=(args.beta1, args.beta2), device_type=device_type))
     losses = info["losses"]
     print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
           f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; held-out "

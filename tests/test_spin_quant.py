@@ -245,6 +245,23 @@ def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, c
     assert load_checkpoint(out)["iter_num"] == 14
 
 
+def test_spinquant_that_keeps_no_rotation_trains_exactly_as_plain_qat(char_data, tmp_path, capsys, monkeypatch):
+    """Learning and scoring the rotations draws random numbers (the calibration batches, the random starts); they
+    come from a forked random state, so a run that keeps no rotation goes on with the dropout masks and batches of
+    plain QAT and ends with the same weights, bit for bit (on the CPU)."""
+    import quantization.spin_quant as spin_quant
+    monkeypatch.setattr(spin_quant, "CLEAR_Z", math.inf)
+    flags = ["--max_iters=10", "--eval_interval=10", "--quantization_warmup_iters=5", "--dropout=0.2",
+             "--linear_variant_mlp=quantized_linear", "--quantize_linear_bits=4", "--quantize_mlp_act_input",
+             "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token"]
+    plain, spin = str(tmp_path / "plain"), str(tmp_path / "spin")
+    train_in_process(plain, *flags)
+    train_in_process(spin, *flags, "--spinquant", "--spinquant_steps=2", "--spinquant_nsamples=8")
+    assert "; kept no rotation\n" in capsys.readouterr().out
+    a, b = load_checkpoint(plain)["model"], load_checkpoint(spin)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_qat_choice_scores_both_models_on_the_heldout_half(tiny_trained, monkeypatch):
     """rotate_for_qat's choice: `none` and `rotated` are the mean per-token losses, on the second half of the
     held-out sequences, of the QAT model as it is and of the rotated model it would train (checked here with plain
