@@ -5,14 +5,23 @@ benchmark sees), split-K, and a torch custom op so that torch.compile sees one o
     matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters) -> y
     (the custom op packed_matmul under torch.compile, a plain call in eager mode)
     kernel_refusal(x, bits, group_size) -> None (a kernel runs), "" (the CPU: silent fallback) or a reason
+
+The choices persist across processes in a JSON file (CHOICES_FILE: $NANOQAT_KERNEL_CACHE, by default
+~/.cache/nanoqat/kernel_choices.json; "off" keeps them in memory only), keyed by the GPU, the versions of torch and
+Triton, a digest of the kernels' source and the shape: a new process reuses them instead of timing every shape again
+(tens of seconds for a model). A stored choice is used only while it is still one of the candidates.
 """
 import functools
+import hashlib
+import json
 import math
 import os
 import sys
 from typing import Optional
 
 import torch
+
+from safety import write_text_atomic
 
 try:
     import triton
@@ -66,6 +75,7 @@ DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8)]
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
+_stored = None  # the choices file's entries, read once per process (choices_file)
 last_choice = {}  # the kernel and config of the latest timed call (bench/kernels.py prints it)
 _said = set()   # fallback messages already printed
 _scratch = {}   # (device, dtype) -> the dequantized-weight buffer that every dequant_mm call reuses
@@ -94,9 +104,15 @@ def kernel_refusal(x, bits, group_size):
 
 
 def say_once(reason):
-    if reason and reason not in _said:
-        _said.add(reason)
-        print(f"PackedLinear: {reason}; using the dequantize path (x @ dequant(W).T + b)", file=sys.stderr)
+    if reason:
+        note_once(f"{reason}; using the dequantize path (x @ dequant(W).T + b)")
+
+
+def note_once(message):
+    """One line on stderr, once per process."""
+    if message not in _said:
+        _said.add(message)
+        print(f"PackedLinear: {message}", file=sys.stderr)
 
 
 def multiprocessors(device):
@@ -248,10 +264,83 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             kernel, config = pairs[0]
             return bind(kernel, counters)(*args, config)  # no timing on the CPU or inside a CUDA graph capture
-        _best[key] = _fastest(args, pairs, counters)
+        name = stored_name(key)
+        _best[key] = stored_choice(name, pairs)
+        if _best[key] is None:
+            _best[key] = _fastest(args, pairs, counters)
+            store_choice(name, _best[key])
     kernel, config = _best[key]
     last_choice.update(kernel=kernel.__name__, config=config)
     return bind(kernel, counters)(*args, config)
+
+
+def choices_file():
+    """Where the chosen (kernel, config) of each shape persist, or None (NANOQAT_KERNEL_CACHE=off)."""
+    path = os.environ.get("NANOQAT_KERNEL_CACHE", os.path.join("~", ".cache", "nanoqat", "kernel_choices.json"))
+    return None if path.lower() in ("", "off", "0", "none") else os.path.expanduser(path)
+
+
+@functools.lru_cache(maxsize=None)
+def source_digest():
+    """A digest of the kernels' source and the candidate lists: a stored choice from other kernels is not reused."""
+    digest = hashlib.sha256()
+    for module in (sys.modules[__name__], triton_kernels):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def stored_name(key):
+    """The choices file's name for a tuning key: the GPU, torch, Triton and the kernels' source, then the shape."""
+    rows, n, k, bits, group_size, has_zero, has_bias, dtype, device = key
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return (f"{gpu}|torch {torch.__version__}|triton {triton.__version__}|{source_digest()}|rows {rows} n {n} k {k} "
+            f"bits {bits} group {group_size} zero {int(has_zero)} bias {int(has_bias)} {str(dtype).split('.')[-1]}")
+
+
+def _read_choices(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+        if not isinstance(entries, dict):
+            raise ValueError("not a JSON object")
+        return entries
+    except (FileNotFoundError, NotADirectoryError):  # none yet (store_choice says if it cannot write one)
+        return {}
+    except (OSError, ValueError) as e:  # unreadable or not ours: tune again and write a fresh one
+        note_once(f"{path} is not a kernel choices file ({str(e)[:80]}); the shapes are timed again")
+        return {}
+
+
+def stored_choice(name, pairs):
+    """The (kernel, config) stored under `name`, if it is still one of `pairs`; else None."""
+    global _stored
+    path = choices_file()
+    if path is None:
+        return None
+    if _stored is None:
+        _stored = _read_choices(path)
+    entry = _stored.get(name)
+    if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], list)):
+        return None
+    return next(((kernel, config) for kernel, config in pairs
+                 if kernel.__name__ == entry[0] and list(config) == entry[1]), None)
+
+
+def store_choice(name, pair):
+    """Add one shape's choice to the choices file (merged with what other processes wrote; written atomically).
+    A file that cannot be written only costs the timing again next time."""
+    global _stored
+    path = choices_file()
+    if path is None:
+        return
+    entries = _read_choices(path)
+    entries[name] = [pair[0].__name__, list(pair[1])]
+    _stored = entries
+    try:
+        write_text_atomic(path, json.dumps(entries, indent=0, sort_keys=True))
+    except OSError as e:
+        note_once(f"cannot write {path} ({e.strerror}); kernel choices are kept for this process only")
 
 
 def bind(kernel, counters):

@@ -1,0 +1,94 @@
+"""The launcher's persistent choices (quantization/kernels/ops.py): a shape timed once is not timed again in a new
+process; a stored choice that is no longer a candidate, a damaged file or an unwritable one only costs the timing."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from quantization.kernels import ops  # noqa: E402
+
+
+def fake_kernel(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    return x * config[0]
+
+
+def other_kernel(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+    return x * -config[0]
+
+
+@pytest.fixture
+def launcher(tmp_path, monkeypatch):
+    """ops.run with two fake candidates, timing replaced by a counter that picks the second; the choices file in
+    tmp_path; `fresh()` forgets what this process chose, as a new process would."""
+    path = tmp_path / "choices.json"
+    monkeypatch.setenv("NANOQAT_KERNEL_CACHE", str(path))
+    monkeypatch.setattr(ops, "interpreting", lambda: False)
+    pairs = [(fake_kernel, (2,)), (other_kernel, (3,))]
+    monkeypatch.setattr(ops, "candidates", lambda m, group_size, bits=None: list(pairs))
+    timed = []
+
+    def fastest(args, candidates, counters=None):
+        timed.append(len(candidates))
+        return candidates[1]
+    monkeypatch.setattr(ops, "_fastest", fastest)
+
+    def fresh():
+        monkeypatch.setattr(ops, "_best", {})
+        monkeypatch.setattr(ops, "_stored", None)
+    fresh()
+
+    def call():
+        x = torch.ones(1, 32)
+        return ops.run(x, torch.zeros(4, 8, dtype=torch.int32), torch.ones(1, 8), None, None, 4, 32, 32, 0.0)
+    return path, pairs, timed, fresh, call
+
+
+def test_a_shape_timed_once_is_reused_by_a_new_process(launcher):
+    path, pairs, timed, fresh, call = launcher
+    assert call()[0, 0].item() == -3 and timed == [2]  # timed, the second candidate chosen
+    entries = json.loads(path.read_text())
+    assert list(entries.values()) == [["other_kernel", [3]]]
+    (name,) = entries
+    assert name.startswith("cpu|torch ") and ops.source_digest() in name and "rows 1 n 8 k 32 bits 4" in name
+    fresh()
+    assert call()[0, 0].item() == -3 and timed == [2]  # read from the file, not timed again
+
+
+def test_a_stored_choice_that_is_no_longer_a_candidate_is_timed_again(launcher):
+    path, pairs, timed, fresh, call = launcher
+    call()
+    entries = json.loads(path.read_text())
+    path.write_text(json.dumps({name: ["other_kernel", [7]] for name in entries}))  # a config since removed
+    fresh()
+    assert call()[0, 0].item() == -3 and timed == [2, 2]
+    assert list(json.loads(path.read_text()).values()) == [["other_kernel", [3]]]
+
+
+def test_a_damaged_file_is_replaced_with_one_note(launcher, capsys):
+    path, pairs, timed, fresh, call = launcher
+    path.write_text("{not json")
+    call()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is not a kernel choices file" in err
+    assert list(json.loads(path.read_text()).values()) == [["other_kernel", [3]]]
+
+
+def test_an_unwritable_place_keeps_the_choice_in_memory(launcher, tmp_path, monkeypatch, capsys):
+    path, pairs, timed, fresh, call = launcher
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("NANOQAT_KERNEL_CACHE", str(blocker / "choices.json"))  # a folder that is a file
+    assert call()[0, 0].item() == -3 and call()[0, 0].item() == -3 and timed == [2]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err and "for this process only" in err
+
+
+def test_off_writes_nothing(launcher, tmp_path, monkeypatch):
+    path, pairs, timed, fresh, call = launcher
+    monkeypatch.setenv("NANOQAT_KERNEL_CACHE", "off")
+    call()
+    fresh()
+    call()
+    assert timed == [2, 2] and not os.listdir(tmp_path)
