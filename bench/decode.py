@@ -116,9 +116,10 @@ def format_label(shape, fmt, qkv="fused"):
 def weight_bytes(model):
     """Bytes of weights read by one decode step: every parameter and buffer but the position table (one row is
     read), the causal masks and the packed layers' split-K counters."""
-    total = sum(t.numel() * t.element_size() for name, t in list(model.named_parameters()) + list(model.named_buffers())
-                if not name.endswith("causal") and "kv_cache" not in name and "split_counters" not in name)
-    return total - model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()  # a tensor and its views count once
+                for name, t in list(model.named_parameters()) + list(model.named_buffers())
+                if not name.endswith("causal") and "kv_cache" not in name and "split_counters" not in name}
+    return sum(storages.values()) - model.transformer.wpe.weight.numel() * model.transformer.wpe.weight.element_size()
 
 
 def copy_bandwidth(device):

@@ -125,6 +125,26 @@ class ResidualBinaryLinear(nn.Module):
         codes, scale, _ = quantize_tensor(linear.latent_weight.detach().float(), linear.spec)
         return cls.from_quantized(codes, scale, linear.spec, linear.bias)
 
+    def share_stacked(self, words, scales):
+        """Hold the terms' words and scales stacked, (terms, out, in/32) and (terms, out, groups), as buffers of this
+        layer (not saved: the terms' own keys are), each term's being a view into them: a one-row kernel reads
+        all terms from one tensor, and the bits are held once. Kept shared through .to() and the like (_apply)."""
+        self.register_buffer("stacked_words", words, persistent=False)
+        self.register_buffer("stacked_scales", scales, persistent=False)
+        self._link_terms()
+
+    def _link_terms(self):
+        for t, term in enumerate(self.terms):
+            term._buffers["words"] = self.stacked_words[t]
+            term._buffers["scale"] = self.stacked_scales[t]
+
+    def _apply(self, fn, recurse=True):
+        # each buffer is converted on its own, which would give every term a copy of its own: link them again
+        super()._apply(fn, recurse)
+        if getattr(self, "stacked_words", None) is not None:
+            self._link_terms()
+        return self
+
     def forward(self, x):
         y = self.gemv(x.reshape(1, -1), self) if self.gemv is not None and x.numel() == self.in_features else None
         if y is not None:  # one row through the attached kernel

@@ -150,7 +150,7 @@ def backend(gm, example_inputs):
     return gm.forward
 y = torch.compile(module, backend=backend, fullgraph=True)(x)
 # the op's fake (what inductor plans its buffers by) agrees with the real call: shapes, strides, dtype
-torch.library.opcheck(binary_bitwise.gemv_op, (x.reshape(1, -1).float(), module.gemv_words, module.gemv_scales),
+torch.library.opcheck(binary_bitwise.gemv_op, (x.reshape(1, -1).float(), module.stacked_words, module.stacked_scales),
                       test_utils=("test_schema", "test_faketensor"))
 rows = torch.randn(3, 256)
 print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(rows[:1], module) is not None,
@@ -171,3 +171,28 @@ def test_the_attached_kernel_runs_one_row_of_a_loaded_layer():
     assert len(out) == len(CASES) and compiled_op and row_kernel and rows_error < 1e-4
     for attached, ran, error, bitwise_error, shape, shown in out:
         assert attached and ran and shown and shape == [1, 1, 24] and error < 1e-4 and bitwise_error < 1e-4, out
+
+
+def test_stacked_terms_hold_the_bits_once_through_moves_and_saves():
+    """share_stacked (what attaching the kernel does): the terms' words and scales become views into the stacked
+    buffers, stay so through .to() and deepcopy, the saved state keeps the terms' keys alone, and the output does not
+    change."""
+    import copy
+    module, weight, bias = layer(24, 256, "per_group", 64, 3)
+    x = torch.randn(2, 256)
+    before = module(x)
+    module.share_stacked(torch.stack([t.words for t in module.terms]), torch.stack([t.scale for t in module.terms]))
+
+    def shared(m):
+        base = {m.stacked_words.untyped_storage().data_ptr(), m.stacked_scales.untyped_storage().data_ptr()}
+        return all({t.words.untyped_storage().data_ptr(), t.scale.untyped_storage().data_ptr()} == base
+                   for t in m.terms)
+    assert shared(module) and torch.equal(module(x), before)
+    moved = copy.deepcopy(module).to(torch.float64)  # a conversion gives every buffer a new tensor: linked again
+    assert shared(moved) and moved.stacked_scales.dtype == torch.float64 and moved.terms[1].scale.dtype == torch.float64
+    assert torch.allclose(moved(x.double()), before.double(), atol=1e-4)
+    state = module.state_dict()
+    assert not any(k.startswith("stacked") for k in state) and "terms.2.words" in state
+    fresh, _, _ = layer(24, 256, "per_group", 64, 3, seed=1)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), before)

@@ -228,7 +228,7 @@ def test_pack_model_gives_residual_binary_sites_their_kernel_and_their_function(
     spec = QuantSpec("residual_binary_quant", 8, "per_channel", binary_terms=2)
     packed = pack_model(model, spec)
     sites = {name: m for name, m in packed.named_modules() if isinstance(m, ResidualBinaryLinear)}
-    assert len(sites) == 2 * 6 and all(hasattr(m, "gemv_words") for m in sites.values())
+    assert len(sites) == 2 * 6 and all(hasattr(m, "stacked_words") for m in sites.values())
     for name, layer in sites.items():
         x = torch.randn(3, layer.in_features)
         codes, scale, _ = quantize_tensor(weights[name], spec)

@@ -127,17 +127,17 @@ def kernel_gemv(x, layer):
     if not (x.is_cuda or ops.interpreting()):
         return None
     call = gemv_op if torch.compiler.is_compiling() else _gemv_op
-    return call(x.float().contiguous(), layer.gemv_words, layer.gemv_scales)
+    return call(x.float().contiguous(), layer.stacked_words, layer.stacked_scales)
 
 
 def attach(layer):
     """Give a ResidualBinaryLinear the one-row kernel (what convert_to_packed does), when its scale groups are
     whole words (the kernel's steps never straddle a group): its terms stacked once into buffers that follow the
-    module's device (not saved). Returns whether it was attached."""
+    module's device (not saved), the terms' own words and scales becoming views into them
+    (ResidualBinaryLinear.share_stacked: the bits are held once). Returns whether it was attached."""
     words, scales = stack_terms(layer)
     if words.shape[-1] % scales.shape[-1]:
         return False
-    layer.register_buffer("gemv_words", words, persistent=False)
-    layer.register_buffer("gemv_scales", scales.float(), persistent=False)
+    layer.share_stacked(words, scales.float())
     layer.gemv = kernel_gemv
     return True
