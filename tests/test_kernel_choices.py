@@ -92,3 +92,36 @@ def test_off_writes_nothing(launcher, tmp_path, monkeypatch):
     fresh()
     call()
     assert timed == [2, 2] and not os.listdir(tmp_path)
+
+
+def test_the_residual_binary_gemv_is_timed_once_per_shape(tmp_path, monkeypatch):
+    """binary_bitwise.tuned_config: the first call of a shape times CONFIGS (here a stub picks the third) and
+    stores the choice; a new process reads it back; another shape is timed on its own."""
+    from quantization.kernels import binary_bitwise as bb
+    monkeypatch.setenv("NANOQAT_KERNEL_CACHE", str(tmp_path / "choices.json"))
+    monkeypatch.setattr(bb, "can_time", lambda x: True)
+    timed = []
+
+    def fastest(x, words, scales, pairs):
+        timed.append(tuple(words.shape))
+        return pairs[2]
+    monkeypatch.setattr(bb, "_fastest", fastest)
+    monkeypatch.setattr(bb, "_best", {})
+    monkeypatch.setattr(ops, "_stored", None)
+    x, words, scales = torch.zeros(1, 256), torch.zeros(2, 24, 8, dtype=torch.int32), torch.ones(2, 24, 1)
+    assert bb.tuned_config(x, words, scales) == bb.CONFIGS[2] and timed == [(2, 24, 8)]
+    assert bb.tuned_config(x, words, scales) == bb.CONFIGS[2] and len(timed) == 1
+    monkeypatch.setattr(bb, "_best", {})
+    monkeypatch.setattr(ops, "_stored", None)
+    assert bb.tuned_config(x, words, scales) == bb.CONFIGS[2] and len(timed) == 1  # from the file
+    assert bb.tuned_config(x, torch.zeros(2, 48, 8, dtype=torch.int32), torch.ones(2, 48, 1)) == bb.CONFIGS[2]
+    assert timed == [(2, 24, 8), (2, 48, 8)]
+    names = list(json.loads((tmp_path / "choices.json").read_text()))
+    assert len(names) == 2 and all("residual binary terms 2" in n for n in names)
+
+
+def test_without_a_gpu_the_default_config_runs_untimed(monkeypatch):
+    from quantization.kernels import binary_bitwise as bb
+    monkeypatch.setattr(bb, "_fastest", lambda *a: pytest.fail("timed on the CPU"))
+    assert bb.tuned_config(torch.zeros(1, 256), torch.zeros(1, 8, 8, dtype=torch.int32), torch.ones(1, 8, 1)) \
+        == bb.CONFIGS[0]

@@ -20,9 +20,9 @@ import triton.language as tl
 from quantization.kernels import ops
 
 WORD_BITS = 32
-# (BLOCK_N output rows, BLOCK_W words of 32 inputs, num_warps): bench/kernels.py --binary times them all;
-# residual_binary_gemv's default is the first, the fastest at k = 1 and 2 on 4096 x 4096 on an H200 with x read
-# bit-major (9.1 and 12.9 us; bench/results/kernels_h200_goal.md)
+# (BLOCK_N output rows, BLOCK_W words of 32 inputs, num_warps): bench/kernels.py --binary times them all; an
+# attached layer times them once per shape (tuned_config); the first, the default, was the fastest at k = 1 and 2
+# on 4096 x 4096 on an H200 with x read bit-major (9.1 and 12.9 us; bench/results/kernels_h200_goal.md)
 CONFIGS = [(8, 64, 2), (16, 32, 4), (32, 32, 4), (8, 32, 2), (16, 32, 2), (64, 32, 8), (16, 64, 4), (8, 128, 4),
            (4, 128, 4), (4, 128, 2), (4, 64, 1)]
 XSCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
@@ -108,8 +108,55 @@ def stack_terms(layer):
     return (torch.stack([t.words for t in layer.terms]), torch.stack([t.scale for t in layer.terms]))
 
 
+_best = {}  # (terms, out, words, groups, device) -> the config of CONFIGS chosen for it
+
+
+def tuned_config(x, words, scales):
+    """The config of CONFIGS for this shape: timed once per shape (CUDA graph replays over copies of the words and
+    scales, as ops.py times PackedLinear's candidates), kept in ops' choices file across processes; CONFIGS[0]
+    under the interpreter and inside a CUDA graph capture of a shape never timed."""
+    key = (*words.shape, scales.shape[-1], x.device)
+    if key in _best:
+        return _best[key]
+    if not can_time(x):
+        return CONFIGS[0]
+    pairs = [(residual_binary_gemv, config) for config in CONFIGS]
+    name = ops.choice_name(x.device, "residual binary terms {} out {} words {} groups {}".format(*key[:4]), __file__)
+    pair = ops.stored_choice(name, pairs)
+    if pair is None:
+        pair = _fastest(x, words, scales, pairs)
+        ops.store_choice(name, pair)
+    _best[key] = pair[1]
+    return pair[1]
+
+
+def can_time(x):
+    return x.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _fastest(x, words, scales, pairs):
+    """The first pair within ops.TIE of the fastest, each timed over enough copies of the weights to leave L2."""
+    nbytes = words.numel() * words.element_size() + scales.numel() * scales.element_size()
+    l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
+    copies = [(words, scales)] + [(words.clone(), scales.clone())
+                                  for _ in range(max(2, min(ops.TUNE_COPIES, -(-2 * l2 // nbytes))) - 1)]
+    times = {}
+    for kernel, config in pairs:
+        calls = [lambda w=w, s=s, kernel=kernel, config=config: kernel(x, w, s, *config) for w, s in copies]
+        try:
+            for call in calls:
+                call()
+        except Exception as e:  # a config the device cannot run
+            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
+                raise
+            continue
+        times[kernel, config] = ops.replay_time(calls)
+    best = min(times.values())
+    return next(pair for pair in times if times[pair] <= best * (1 + ops.TIE))
+
+
 def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return residual_binary_gemv(x, words, scales)
+    return residual_binary_gemv(x, words, scales, *tuned_config(x, words, scales))
 
 
 # one opaque node per layer under torch.compile, as ops.packed_matmul

@@ -281,21 +281,28 @@ def choices_file():
 
 
 @functools.lru_cache(maxsize=None)
-def source_digest():
-    """A digest of the kernels' source and the candidate lists: a stored choice from other kernels is not reused."""
+def source_digest(*files):
+    """A digest of the kernels' source and the candidate lists (this file, triton_kernels.py and `files`): a stored
+    choice made for other kernels is not reused."""
     digest = hashlib.sha256()
-    for module in (sys.modules[__name__], triton_kernels):
-        with open(module.__file__, "rb") as f:
+    for path in (__file__, triton_kernels.__file__) + files:
+        with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
 
 
-def stored_name(key):
-    """The choices file's name for a tuning key: the GPU, torch, Triton and the kernels' source, then the shape."""
-    rows, n, k, bits, group_size, has_zero, has_bias, dtype, device = key
+def choice_name(device, shape, *files):
+    """The choices file's name for a shape: the GPU, torch, Triton and the kernels' source (source_digest(*files)),
+    then `shape` (a description of the call)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return (f"{gpu}|torch {torch.__version__}|triton {triton.__version__}|{source_digest()}|rows {rows} n {n} k {k} "
-            f"bits {bits} group {group_size} zero {int(has_zero)} bias {int(has_bias)} {str(dtype).split('.')[-1]}")
+    return f"{gpu}|torch {torch.__version__}|triton {triton.__version__}|{source_digest(*files)}|{shape}"
+
+
+def stored_name(key):
+    """choice_name of a tuning key of run()."""
+    rows, n, k, bits, group_size, has_zero, has_bias, dtype, device = key
+    return choice_name(device, f"rows {rows} n {n} k {k} bits {bits} group {group_size} zero {int(has_zero)} "
+                               f"bias {int(has_bias)} {str(dtype).split('.')[-1]}")
 
 
 def _read_choices(path):
