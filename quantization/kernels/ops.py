@@ -6,7 +6,7 @@ benchmark sees), split-K, and a torch custom op so that torch.compile sees one o
     (the custom op packed_matmul under torch.compile, a plain call in eager mode)
     kernel_refusal(x, bits, group_size) -> None (a kernel runs), "" (the CPU: silent fallback) or a reason
 
-The choices persist across processes in a JSON file (CHOICES_FILE: $NANOQAT_KERNEL_CACHE, by default
+The choices persist across processes in a JSON file (choices_file(): $NANOQAT_KERNEL_CACHE, by default
 ~/.cache/nanoqat/kernel_choices.json; "off" keeps them in memory only), keyed by the GPU, the versions of torch and
 Triton, a digest of the kernels' source and the shape: a new process reuses them instead of timing every shape again
 (tens of seconds for a model). A stored choice is used only while it is still one of the candidates.
