@@ -8,7 +8,7 @@
 #   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, kernels_goal,
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
-#                                          # prefill, peer_large, binary_decode
+#                                          # prefill, peer_large, binary_decode, choices_124m
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -22,7 +22,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -106,6 +106,13 @@ for PART in $PARTS; do
     binary_decode)  # residual binary (k = 2) decoding through its Triton GEMV, against bf16 and 1-bit, batch 1
         run 280 python bench/decode.py --shapes=gpt2_124m,gpt2_6.7b --formats=bf16,W1,RB2 --modes=compiled \
             --batches=1 --out="$R/decode_${GPU}_binary.md" ;;
+    choices_124m)  # the launcher's choices file: the same W4 decode twice with a new file, the warm-up column of
+                   # the second run read from it (tokens/s should not move)
+        F=$(mktemp -d)/kernel_choices.json
+        for i in 1 2; do
+            NANOQAT_KERNEL_CACHE=$F run 200 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4,RB2 \
+                --modes=compiled --batches=1 --out="$R/decode_${GPU}_124m_choices$i.md"
+        done ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
