@@ -47,8 +47,9 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="random Hadamard seeds (at least 1)")
     p.add_argument("--qat", default="", help="comma-separated label=checkpoint folder of QAT runs to score too")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    p.add_argument("--study", default="", help="instead of the table: comma-separated lr:steps:nsamples:learn_weights "
-                   "(learn_weights rtn or none) runs of SpinQuant + --method at the first setting")
+    p.add_argument("--study", default="", help="instead of the table: comma-separated "
+                   "lr:steps:nsamples:learn_weights[:objective] (learn_weights rtn or none; objective ce, the default, "
+                   "or kl) runs of SpinQuant + --method at the first setting")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     from inference import resolve_device
@@ -63,6 +64,14 @@ def main(argv=None):
                     raise ValueError(f"settings={args.settings}: {flag} {bits}: expected 2..8 or {FULL_BITS}")
         if args.seeds < 1:
             raise ValueError(f"seeds={args.seeds}: must be at least 1")
+        for item in filter(None, args.study.split(",")):
+            fields = item.split(":")
+            try:
+                ok = len(fields) in (4, 5) and float(fields[0]) > 0 and int(fields[1]) >= 0 and int(fields[2]) >= 1
+            except ValueError:
+                ok = False
+            if not ok or fields[3] not in ("rtn", "none") or fields[4:] not in ([], ["ce"], ["kl"]):
+                raise ValueError(f"study={args.study}: '{item}': expected lr:steps:nsamples:rtn|none[:ce|kl]")
         qat = [item.split("=", 1) for item in args.qat.split(",") if item]
         if any(len(q) != 2 for q in qat):
             raise ValueError(f"qat={args.qat}: expected label=folder pairs")
@@ -175,19 +184,21 @@ def study(args, base, checkpoint, setting, score, fp, device, heldout):
         windows = calibration_samples(train, most + heldout.shape[0], seqlen + 1, args.seed)
         heldout = windows[most:]
     rows, seen = [], set()
-    for lr, steps, nsamples, learn in runs:
+    for lr, steps, nsamples, learn, *objective in runs:
         lr, steps, nsamples, learn_weights = float(lr), int(steps), int(nsamples), learn == "rtn"
+        objective = objective[0] if objective else "ce"
         calibration = calibration_samples(train, nsamples, seqlen + 1, args.seed)
         sq = SpinQuant(base, seed=0, **common)
         sq.optimize(calibration, steps=steps, lr=lr, batch_size=args.batch_size, seed=args.seed, progress=False,
-                    eval_every=max(1, steps // 20), learn_weights=learn_weights, heldout=heldout)
+                    eval_every=max(1, steps // 20), learn_weights=learn_weights, heldout=heldout, objective=objective)
         best = sq.rotation_values()
         fit_best = sq.evaluate(sq.calibration, learn_weights)
         sq.set_rotations(*sq.start)
         fit_start = sq.evaluate(sq.calibration, learn_weights)
         sq.set_rotations(*best)
         sq.apply(nsamples=nsamples, progress=False, select=False)
-        row = dict(lr=lr, steps=steps, nsamples=nsamples, learns_on="A+W(RTN)" if learn_weights else "A",
+        row = dict(lr=lr, steps=steps, nsamples=nsamples,
+                   learns_on=("A+W(RTN)" if learn_weights else "A") + (", KL" if objective == "kl" else ""),
                    fit_start=fit_start, fit_best=fit_best, held_start=sq.heldout_losses[0][1],
                    held_best=min(h for _, h in sq.heldout_losses), held_last=sq.heldout_losses[-1][1],
                    best_step=sq.info["best_step"], val_learned=score(sq.model))

@@ -297,11 +297,31 @@ class SpinQuant:
     def loss(self, x, y, quantize_weights):
         return functional_call(self.model, self.rotated_state(quantize_weights), (x, y))[1]
 
+    def learning_loss(self, x, y, quantize_weights, objective="ce"):
+        """What the Cayley steps minimise: "ce", the quantized model's cross-entropy on the next tokens (the paper's),
+        or "kl", its KL divergence from the full-precision model's next-token distribution (the same model with its
+        quantizers off: a rotation leaves it unchanged), over every position."""
+        if objective == "ce":
+            return self.loss(x, y, quantize_weights)
+        if objective != "kl":
+            raise ValueError(f"objective={objective!r}: expected ce or kl")
+        was = self.model.quantization_enabled
+        with torch.no_grad():
+            self.model.set_quantization(False)
+            try:
+                target = functional_call(self.model, self.rotated_state(False), (x, y))[0]
+            finally:
+                self.model.set_quantization(was)
+        logits = functional_call(self.model, self.rotated_state(quantize_weights), (x, y))[0]
+        vocab = logits.shape[-1]
+        return F.kl_div(F.log_softmax(logits.float().reshape(-1, vocab), -1),
+                        F.log_softmax(target.float().reshape(-1, vocab), -1), log_target=True, reduction="batchmean")
+
     def parameters(self):
         return [R for R in ([self.R1] + (self.R2 or [])) if R is not None and R.requires_grad]
 
     def optimize(self, calib_data, steps=100, lr=1.5, batch_size=8, seed=0, progress=True, holdout=HOLDOUT,
-                 eval_every=0, learn_weights=None, heldout=None, from_identity=False):
+                 eval_every=0, learn_weights=None, heldout=None, from_identity=False, objective="ce"):
         """Learn R1 and R2 by Cayley SGD (cosine-decayed lr) on the cross-entropy of the quantized model over
         calibration samples (a list of (1, T) token tensors, or an (N, T) tensor); returns the loss per step.
         A `holdout` share of the samples (or the samples `heldout`, when given) is not learned on: the
@@ -312,11 +332,14 @@ class SpinQuant:
         activation quantization only). `from_identity`: learn R1/R2 a second time, from the identity (no rotation),
         on the same samples and batches; the result (self.learned_from_identity) is one more candidate of apply's
         choice, and the rotations stay those learned from the random Hadamard start. Where a random Hadamard
-        rotation quantizes worse than none (the small models here), learning from it rarely catches up."""
+        rotation quantizes worse than none (the small models here), learning from it rarely catches up.
+        `objective`: what the steps minimise (learning_loss: "ce" or "kl"); held-out scoring is cross-entropy."""
         if steps < 0:
             raise ValueError(f"steps={steps}: must be 0 (keep the random Hadamard start) or more")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        if objective not in ("ce", "kl"):
+            raise ValueError(f"objective={objective!r}: expected ce or kl")
         data = calibration_batch(calib_data)
         if data.shape[1] - 1 > self.config.block_size:
             raise ValueError(f"calibration samples of {data.shape[1]} tokens: longer than block_size + 1 "
@@ -340,7 +363,7 @@ class SpinQuant:
             quantize_weights = False
         learn = dict(data=data, steps_set=steps_set if heldout is not None else None, steps=steps, lr=lr,
                      batch_size=batch_size, seed=seed, progress=progress, quantize_weights=quantize_weights,
-                     eval_every=eval_every or max(1, steps // 10))
+                     eval_every=eval_every or max(1, steps // 10), objective=objective)
         losses, self.heldout_losses, best_step = self._learn(**learn)
         self.losses += losses
         if best_step is not None:
@@ -357,7 +380,8 @@ class SpinQuant:
         self.info["steps"] = self.info["steps"] + steps
         return self.losses
 
-    def _learn(self, data, steps_set, steps, lr, batch_size, seed, progress, quantize_weights, eval_every):
+    def _learn(self, data, steps_set, steps, lr, batch_size, seed, progress, quantize_weights, eval_every,
+               objective="ce"):
         """optimize's Cayley SGD from the current rotations: (losses, [(step, held-out loss)], best step or None);
         the rotations end at the best held-out step (the start included) when steps_set is given."""
         params = self.parameters()
@@ -369,7 +393,7 @@ class SpinQuant:
         for step in tqdm(range(steps), desc="spinquant", unit="step", disable=not progress):
             batch = data[torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),), generator=g)]
             batch = batch.to(self.device)
-            loss = self.loss(batch[:, :-1], batch[:, 1:], quantize_weights)
+            loss = self.learning_loss(batch[:, :-1], batch[:, 1:], quantize_weights, objective)
             grads = torch.autograd.grad(loss, params) if params else []
             step_lr = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
             with torch.no_grad():

@@ -123,6 +123,34 @@ def test_optimize_reduces_the_quantized_loss_and_keeps_rotations_orthogonal(tiny
         assert (R.detach().double() @ R.detach().double().t() - eye).abs().max() < 1e-5
 
 
+def test_the_kl_objective_measures_the_quantized_model_against_the_model_as_given(tiny_trained):
+    """learning_loss(objective="kl"): the KL divergence of the rotated, quantized model's next-token distribution
+    from the full-precision one, here computed from the unrotated model as given (rotations leave it unchanged), in
+    float64; learning on it lowers it, and an unknown objective is refused by name."""
+    import torch.nn.functional as F
+    from torch.func import functional_call
+    model, tokens = tiny_trained
+    calib = _calibration(tokens)
+    data = torch.cat(calib)
+    x, y = data[:, :-1], data[:, 1:]
+    sq = SpinQuant(model, bits=2, act_bits=4, kv_bits=4, method="rtn", seed=0)
+    with torch.no_grad():
+        teacher = model.double()(x, y)[0]
+        model.float()
+        student = functional_call(sq.model, sq.rotated_state(True), (x, y))[0].double()
+        expected = F.kl_div(F.log_softmax(student, -1).reshape(-1, student.shape[-1]),
+                            F.log_softmax(teacher, -1).reshape(-1, teacher.shape[-1]), log_target=True,
+                            reduction="batchmean").item()
+        before = sq.learning_loss(x, y, True, "kl").item()
+    assert expected > 0.01 and abs(before - expected) < 1e-3 * expected + 1e-5, (before, expected)
+    assert sq.model.quantization_enabled  # the teacher's forward switched the quantizers back on
+    sq.optimize(calib, steps=30, lr=1.5, batch_size=8, progress=False, holdout=0, objective="kl")
+    with torch.no_grad():
+        assert sq.learning_loss(x, y, True, "kl").item() < before
+    with pytest.raises(ValueError, match="objective='mse'"):
+        sq.optimize(calib, steps=1, progress=False, objective="mse")
+
+
 def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
     from inference import load_model
     model, tokens = tiny_trained
@@ -521,6 +549,14 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     assert "SpinQuant + RTN, learned from identity" in methods  # --from_identity, on by default
     off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False"])
     assert not any("from identity" in r["method"] for r in off)
-    study = compare.main(common + ["--method=rtn", "--study=0.5:2:8:rtn,1.5:2:8:none"])
-    assert len(study) == 2 and study[0]["held_best"] <= study[0]["held_start"] and "val_fold_only" in study[0]
+    study = compare.main(common + ["--method=rtn", "--study=0.5:2:8:rtn,1.5:2:8:none,1.5:2:8:rtn:kl"])
+    assert len(study) == 3 and study[0]["held_best"] <= study[0]["held_start"] and "val_fold_only" in study[0]
+    assert study[2]["learns_on"] == "A+W(RTN), KL" and study[0]["learns_on"] == "A+W(RTN)"
     assert "| lr | steps |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("study", ["1.5:2:8", "x:2:8:rtn", "1.5:2:8:rtn:mse", "1.5:2:0:none", "1.5:-1:8:rtn"])
+def test_compare_refuses_a_bad_study_in_one_line(plain_dir, study):
+    import demos.spinquant_compare as compare
+    error = run_main(compare.main, f"--out_dir={plain_dir}", "--device=cpu", f"--study={study}")
+    assert error.startswith(f"spinquant_compare.py: error: --study={study}: ") and "\n" not in error
