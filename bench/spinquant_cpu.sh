@@ -85,9 +85,9 @@ fi
 if [ "$PHASE" = study ]; then
   for method in ${METHODS:-gptq rtn}; do
     python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --method=$method --eval_tokens=100000 \
-      --settings=4/4/4 --progress=False --json=bench/results/spinquant_cpu_study_${method}_s$S.json \
+      --settings=4/4/4 --progress=False --json=bench/results/spinquant_cpu_study${TABLE:-}_${method}_s$S.json \
       --study=${STUDY:-1.5:40:32:none,1.5:40:32:rtn,1.5:100:128:none,1.5:100:128:rtn,0.5:100:128:rtn,0.1:100:128:rtn,1.5:100:512:rtn,1.5:300:512:rtn} \
-      > bench/results/spinquant_cpu_study_${method}_s$S.md 2> $LOGS/study_${method}_s$S.err
+      > bench/results/spinquant_cpu_study${TABLE:-}_${method}_s$S.md 2> $LOGS/study${TABLE:-}_${method}_s$S.err
   done
 fi
 if [ "$PHASE" = baby ]; then  # no GPU: the baby GPT preset, 300 iterations of 16 sequences, PTQ at W4A4KV4 only
