@@ -67,6 +67,8 @@ TRAINING_FLAGS = [
     ("dtype", "auto", "float32, bfloat16 or float16 autocast; auto: bfloat16 on CUDA that has it, else float32"),
     ("compile", False, "torch.compile the model"),
     ("seed", 1337, "random seed"),
+    ("deterministic", False, "deterministic kernels (torch.use_deterministic_algorithms, warning on ops that have "
+     "none; slower): runs that differ in one flag then differ by that flag alone, not by the GPU's atomics"),
     # quantization, global
     ("quantization_warmup_iters", 100, "iterations of full-precision training before the quantizers switch on"),
     ("quantize_linear_method", "symmetric_quant", f"weight quantizer: {', '.join(METHODS)}"),

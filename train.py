@@ -193,6 +193,22 @@ def start_wandb(args):
 
 def main(argv=None):
     args, given = parse_args_given(argv)
+    if not args.deterministic:
+        return train(args, given)
+    # deterministic kernels for this run only (main may run in a process that goes on: the tests)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when it starts
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        return train(args, given)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark = before[2]
+
+
+def train(args, given):
     quant, checkpoint, from_gpt2 = check_start(args, given)  # nothing is written before this
     ckpt_path, log_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "log.jsonl")
     procs = distributed.setup(args, resolve_device)  # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE

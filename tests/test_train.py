@@ -289,3 +289,26 @@ def test_ddp_compile_splits_a_qat_model_like_a_full_precision_one():
 
     fp, qat = buckets(False), buckets(True)
     assert len(fp) >= 3 and qat == fp
+
+
+def test_deterministic_holds_for_the_run_and_is_undone_after(char_data, tmp_path, monkeypatch):
+    """--deterministic: torch.use_deterministic_algorithms (warning, not failing, on an op that has none) and cuBLAS's
+    fixed workspace while the run trains; the process's own settings come back after it (the tests run train.py
+    in-process), and the run trains as without the flag (the CPU is deterministic either way)."""
+    seen = []
+    original = train_module.train
+
+    def spy(args, given):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                     os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return original(args, given)
+    monkeypatch.setattr(train_module, "train", spy)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train_in_process(str(tmp_path / "det"), "--max_iters=4", "--eval_interval=4", "--deterministic")
+    train_in_process(str(tmp_path / "plain"), "--max_iters=4", "--eval_interval=4")
+    assert seen[0] == (True, True, ":4096:8") and seen[1][0] is False
+    assert not torch.are_deterministic_algorithms_enabled()
+    a = torch.load(tmp_path / "det" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
