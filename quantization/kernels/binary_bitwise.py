@@ -111,16 +111,21 @@ def stack_terms(layer):
 _best = {}  # (terms, out, words, groups, device) -> the config of CONFIGS chosen for it
 
 
+def gemv_with_config(x, words, scales, config):
+    """residual_binary_gemv with a config of CONFIGS: (BLOCK_N, BLOCK_W, num_warps)."""
+    return residual_binary_gemv(x, words, scales, *config)
+
+
 def tuned_config(x, words, scales):
-    """The config of CONFIGS for this shape: timed once per shape (CUDA graph replays over copies of the words and
-    scales, as ops.py times PackedLinear's candidates), kept in ops' choices file across processes; CONFIGS[0]
-    under the interpreter and inside a CUDA graph capture of a shape never timed."""
+    """The config of CONFIGS for this shape: timed once per shape by ops.py's tuner (CUDA graph replays over copies
+    of the words and scales, as for PackedLinear), kept in ops' choices file across processes; CONFIGS[0] under the
+    interpreter and inside a CUDA graph capture of a shape never timed."""
     key = (*words.shape, scales.shape[-1], x.device)
     if key in _best:
         return _best[key]
     if not can_time(x):
         return CONFIGS[0]
-    pairs = [(residual_binary_gemv, config) for config in CONFIGS]
+    pairs = [(gemv_with_config, config) for config in CONFIGS]
     name = ops.choice_name(x.device, "residual binary terms {} out {} words {} groups {}".format(*key[:4]), __file__)
     pair = ops.stored_choice(name, pairs)
     if pair is None:
@@ -135,24 +140,7 @@ def can_time(x):
 
 
 def _fastest(x, words, scales, pairs):
-    """The first pair within ops.TIE of the fastest, each timed over enough copies of the weights to leave L2."""
-    nbytes = words.numel() * words.element_size() + scales.numel() * scales.element_size()
-    l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
-    copies = [(words, scales)] + [(words.clone(), scales.clone())
-                                  for _ in range(max(2, min(ops.TUNE_COPIES, -(-2 * l2 // nbytes))) - 1)]
-    times = {}
-    for kernel, config in pairs:
-        calls = [lambda w=w, s=s, kernel=kernel, config=config: kernel(x, w, s, *config) for w, s in copies]
-        try:
-            for call in calls:
-                call()
-        except Exception as e:  # a config the device cannot run
-            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
-                raise
-            continue
-        times[kernel, config] = ops.replay_time(calls)
-    best = min(times.values())
-    return next(pair for pair in times if times[pair] <= best * (1 + ops.TIE))
+    return ops._fastest((x, words, scales), pairs, weights=2)
 
 
 def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -355,15 +355,16 @@ def bind(kernel, counters):
     return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm) else kernel
 
 
-def _fastest(args, pairs, counters=None):
+def _fastest(args, pairs, counters=None, weights=3):
     """The first (kernel, config) within TIE of the fastest, each timed as the median replay of a CUDA graph of
     back-to-back calls over copies of the layer's weights (enough copies to be twice the L2 cache, or TUNE_COPIES):
     weights from memory and no launch gaps, as in a graph-captured decode step and in bench/kernels.py. An isolated
-    call's time (what this chose by before) includes a launch and ranked configs differently from run to run."""
-    times, copies = {}, weight_copies(args)  # one set of copies for every candidate
+    call's time (what this chose by before) includes a launch and ranked configs differently from run to run.
+    `weights`: how many of the arguments after x are the layer's weights (copied): (qweight, scale, zero) here."""
+    times, copies = {}, weight_copies(args, weights)  # one set of copies for every candidate
     for kernel, config in pairs:
         try:
-            times[kernel, config] = graph_time(args, bind(kernel, counters), config, copies)
+            times[kernel, config] = graph_time(args, bind(kernel, counters), config, copies, weights)
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
             if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
                 raise
@@ -371,22 +372,21 @@ def _fastest(args, pairs, counters=None):
     return next(pair for pair in times if times[pair] <= best * (1 + TIE))
 
 
-def weight_copies(args):
-    """Copies of (qweight, scale, zero) of a call's arguments, the first the layer's own: together at least twice
-    the L2 cache (at most TUNE_COPIES)."""
-    x, qweight, scale, zero = args[:4]
-    tensors = (qweight, scale, zero)
+def weight_copies(args, weights=3):
+    """Copies of the `weights` tensors after x in a call's arguments (qweight, scale, zero), the first the layer's
+    own: together at least twice the L2 cache (at most TUNE_COPIES)."""
+    x, tensors = args[0], tuple(args[1:1 + weights])
     nbytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 50 * 2**20)
     count = max(2, min(TUNE_COPIES, -(-2 * l2 // nbytes)))
     return [tensors] + [tuple(None if t is None else t.clone() for t in tensors) for _ in range(count - 1)]
 
 
-def graph_time(args, call, config, copies=None):
+def graph_time(args, call, config, copies=None, weights=3):
     """Milliseconds per call of call(*args, config): the median replay of one CUDA graph of a call on each copy
     of the weights (weight_copies), over the number of copies."""
-    copies = copies or weight_copies(args)
-    calls = [functools.partial(call, args[0], *weights, *args[4:], config) for weights in copies]
+    copies = copies or weight_copies(args, weights)
+    calls = [functools.partial(call, args[0], *copy, *args[1 + weights:], config) for copy in copies]
     for c in calls:  # compiles, and grows the dequant scratch, before the capture
         c()
     return replay_time(calls)
