@@ -125,6 +125,26 @@ class ResidualBinaryLinear(nn.Module):
         codes, scale, _ = quantize_tensor(linear.latent_weight.detach().float(), linear.spec)
         return cls.from_quantized(codes, scale, linear.spec, linear.bias)
 
+    @classmethod
+    def concatenate(cls, layers):
+        """One layer whose outputs are the layers' outputs side by side (inference.fuse_qkv: q, k and v in one
+        kernel call), or None where they differ in terms, input width, scale groups or bias. A term's words and
+        scales are per output row, so joining them along the rows is exact; a layer with the one-row kernel
+        attached gives the joined one the same kernel over its stacked terms."""
+        first = layers[0]
+        same = {(len(layer.terms), layer.in_features, layer.terms[0].scale.shape[1], layer.bias is None)
+                for layer in layers}
+        if len(same) > 1:
+            return None
+        terms = [BinaryLinear(torch.cat([layer.terms[t].words for layer in layers]),
+                              torch.cat([layer.terms[t].scale for layer in layers])) for t in range(len(first.terms))]
+        bias = None if first.bias is None else torch.cat([layer.bias for layer in layers])
+        fused = cls(terms, bias)
+        if first.gemv is not None and all(layer.gemv is first.gemv for layer in layers):
+            fused.share_stacked(torch.stack([t.words for t in terms]), torch.stack([t.scale for t in terms]))
+            fused.gemv = first.gemv
+        return fused
+
     def share_stacked(self, words, scales):
         """Hold the terms' words and scales stacked, (terms, out, in/32) and (terms, out, groups), as buffers of this
         layer (not saved: the terms' own keys are), each term's being a view into them: a one-row kernel reads

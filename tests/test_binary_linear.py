@@ -150,11 +150,19 @@ def backend(gm, example_inputs):
     return gm.forward
 y = torch.compile(module, backend=backend, fullgraph=True)(x)
 # the op's fake (what inductor plans its buffers by) agrees with the real call: shapes, strides, dtype
-torch.library.opcheck(binary_bitwise.gemv_op, (x.reshape(1, -1).float(), module.stacked_words, module.stacked_scales),
+torch.library.opcheck(binary_bitwise.gemv_op, (binary_bitwise.bit_major(x), module.stacked_words, module.stacked_scales),
                       test_utils=("test_schema", "test_faketensor"))
 rows = torch.randn(3, 256)
+# q, k and v joined (inference.fuse_qkv): one attached layer whose row is the three layers' rows side by side
+parts = [layer(24, 256, "per_group", 64, 2, seed=s) for s in range(3)]
+for part, _, _ in parts:
+    binary_bitwise.attach(part)
+from quantization.binary_linear import ResidualBinaryLinear
+joined = ResidualBinaryLinear.concatenate([part for part, _, _ in parts])
+reference = torch.cat([x.double() @ w.double().T + b.double() for _, w, b in parts], dim=-1)
 print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(rows[:1], module) is not None,
-                  (module(rows).double() - (rows.double() @ weight.double().T + bias.double())).abs().max().item()]))
+                  (module(rows).double() - (rows.double() @ weight.double().T + bias.double())).abs().max().item(),
+                  joined.gemv is not None, (joined(x).double() - reference).abs().max().item()]))
 """
 
 
@@ -167,10 +175,29 @@ def test_the_attached_kernel_runs_one_row_of_a_loaded_layer():
     result = subprocess.run([sys.executable, "-c", ATTACHED_CHECK, ROOT], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    out, compiled_op, row_kernel, rows_error = json.loads(result.stdout.strip().splitlines()[-1])
+    out, compiled_op, row_kernel, rows_error, joined_attached, joined_error = json.loads(
+        result.stdout.strip().splitlines()[-1])
     assert len(out) == len(CASES) and compiled_op and row_kernel and rows_error < 1e-4
+    assert joined_attached and joined_error < 1e-4
     for attached, ran, error, bitwise_error, shape, shown in out:
         assert attached and ran and shown and shape == [1, 1, 24] and error < 1e-4 and bitwise_error < 1e-4, out
+
+
+def test_concatenate_joins_layers_side_by_side_or_refuses():
+    """ResidualBinaryLinear.concatenate (inference.fuse_qkv): the joined layer's output is the layers' outputs side
+    by side, against the float64 product with each dequantized weight; layers that differ are not joined."""
+    from inference import concatenate_linears
+    for granularity, group_size, terms in CASES:
+        parts = [layer(24, 128, granularity, group_size, terms, seed=s) for s in range(3)]
+        joined = concatenate_linears([part for part, _, _ in parts])
+        x = torch.randn(2, 5, 128)
+        expected = torch.cat([x.double() @ w.double().T + b.double() for _, w, b in parts], dim=-1)
+        assert isinstance(joined, ResidualBinaryLinear) and joined.out_features == 72
+        assert (joined(x).double() - expected).abs().max().item() < 1e-4
+    a, _, _ = layer(24, 128, "per_channel", 0, 2)
+    assert ResidualBinaryLinear.concatenate([a, layer(24, 128, "per_channel", 0, 3)[0]]) is None  # terms
+    assert ResidualBinaryLinear.concatenate([a, layer(24, 128, "per_group", 64, 2)[0]]) is None  # groups
+    assert ResidualBinaryLinear.concatenate([a, layer(24, 128, "per_channel", 0, 2, bias=False)[0]]) is None
 
 
 def test_stacked_terms_hold_the_bits_once_through_moves_and_saves():

@@ -72,35 +72,62 @@ def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_wo
 def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIGS[0][1],
                          num_warps=CONFIGS[0][2], transpose_x=True):
     """x (in,) or (1, in); words (terms, out, in/32) int32; scales (terms, out, groups) float32 -> y (out,) float32
-    (or (1, out) for a (1, in) input). transpose_x: the kernel reads a bit-major float32 copy of x (one small
-    copy kernel more; the reads of x coalesce); False: x as it comes."""
-    terms, n_out, n_words = words.shape
-    n_groups = scales.shape[-1]
-    if words.dtype != torch.int32 or scales.shape[:2] != (terms, n_out) or x.shape[-1] != n_words * WORD_BITS:
-        raise ValueError(f"expected words (terms, out, in/32) int32 and scales (terms, out, groups) for an input of "
-                         f"width {x.shape[-1]}; got {words.dtype} {list(words.shape)} and {list(scales.shape)}")
+    (or (1, out) for a (1, in) input). transpose_x: the kernel reads a bit-major float32 copy of x (bit_major: one
+    small copy kernel more; the reads of x coalesce); False: x as it comes."""
+    _check(x.shape[-1], words, scales)
     if x.numel() != x.shape[-1]:
         raise ValueError(f"a GEMV takes one input row; got shape {list(x.shape)}")
+    n_words = words.shape[-1]
+    if transpose_x:
+        y = _launch(bit_major(x), words, scales, (block_n, block_w, num_warps), 1, n_words)
+    else:
+        y = _launch(x.reshape(-1).contiguous(), words, scales, (block_n, block_w, num_warps), WORD_BITS, 1)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def bit_major(x):
+    """One row of x (in,) or (1, in) as the float32 (32, in/32) tensor whose row j holds bit j of every word
+    column (input 32 w + j at [j, w]): what the kernel reads fastest. In a compiled decode step this copy is traced
+    before the GEMV's custom op, so inductor writes it from the kernel that makes x (a LayerNorm, GELU) instead of
+    launching a copy of its own."""
+    return x.reshape(-1, WORD_BITS).t().float().contiguous()
+
+
+def gemv_bit_major(xt, words, scales, config=CONFIGS[0]):
+    """The GEMV of bit_major(x) (32, in/32) float32 -> y (1, out) float32, with a config of CONFIGS."""
+    _check(xt.numel(), words, scales)
+    if xt.shape != (WORD_BITS, words.shape[-1]) or xt.dtype != torch.float32 or not xt.is_contiguous():
+        raise ValueError(f"expected x bit-major, a contiguous float32 ({WORD_BITS}, {words.shape[-1]}) tensor; "
+                         f"got {xt.dtype} {list(xt.shape)}")
+    return _launch(xt, words, scales, config, 1, words.shape[-1]).reshape(1, -1)
+
+
+def _check(in_features, words, scales):
+    terms, n_out, n_words = words.shape
+    n_groups = scales.shape[-1]
+    if words.dtype != torch.int32 or scales.shape[:2] != (terms, n_out) or in_features != n_words * WORD_BITS:
+        raise ValueError(f"expected words (terms, out, in/32) int32 and scales (terms, out, groups) for an input of "
+                         f"width {in_features}; got {words.dtype} {list(words.shape)} and {list(scales.shape)}")
     if n_words % n_groups:
         raise ValueError(f"{n_groups} scale groups do not split {n_words} words evenly (groups must be multiples of 32)")
+
+
+def _launch(xs, words, scales, config, x_word_stride, x_bit_stride):
+    """y (out,) float32 of x read at (x_word_stride, x_bit_stride); shapes already checked."""
+    block_n, block_w, num_warps = config
+    terms, n_out, n_words = words.shape
+    n_groups = scales.shape[-1]
     words_per_group = n_words // n_groups
     while words_per_group % block_w and n_groups > 1:  # keep each step inside one scale group
         block_w //= 2
     block_w = max(1, min(block_w, triton.next_power_of_2(n_words)))
-    y = torch.empty(n_out, device=x.device, dtype=torch.float32)
+    y = torch.empty(n_out, device=xs.device, dtype=torch.float32)
     grid = (triton.cdiv(n_out, block_n),)
-    lead = x.shape[:-1]  # () or (1,): the shape y comes back in, as the custom op's fake below promises
-    x = x.reshape(-1)
-    if transpose_x:
-        xs, x_word_stride, x_bit_stride = x.reshape(n_words, WORD_BITS).t().float().contiguous(), 1, n_words
-    else:
-        xs, x_word_stride, x_bit_stride = x.contiguous(), WORD_BITS, 1
     _residual_binary_gemv_kernel[grid](xs, words.contiguous(), scales.float().contiguous(), y,
                                        n_out, n_words, n_groups, words_per_group, 1, x_word_stride, x_bit_stride,
-                                       TERMS=terms,
-                                       TERMS_P2=triton.next_power_of_2(terms), BLOCK_N=block_n,
+                                       TERMS=terms, TERMS_P2=triton.next_power_of_2(terms), BLOCK_N=block_n,
                                        BLOCK_W=block_w, num_warps=num_warps)
-    return y.reshape(*lead, n_out)
+    return y
 
 
 def stack_terms(layer):
@@ -111,25 +138,20 @@ def stack_terms(layer):
 _best = {}  # (terms, out, words, groups, device) -> the config of CONFIGS chosen for it
 
 
-def gemv_with_config(x, words, scales, config):
-    """residual_binary_gemv with a config of CONFIGS: (BLOCK_N, BLOCK_W, num_warps)."""
-    return residual_binary_gemv(x, words, scales, *config)
-
-
-def tuned_config(x, words, scales):
+def tuned_config(xt, words, scales):
     """The config of CONFIGS for this shape: timed once per shape by ops.py's tuner (CUDA graph replays over copies
     of the words and scales, as for PackedLinear), kept in ops' choices file across processes; CONFIGS[0] under the
     interpreter and inside a CUDA graph capture of a shape never timed."""
-    key = (*words.shape, scales.shape[-1], x.device)
+    key = (*words.shape, scales.shape[-1], xt.device)
     if key in _best:
         return _best[key]
-    if not can_time(x):
+    if not can_time(xt):
         return CONFIGS[0]
-    pairs = [(gemv_with_config, config) for config in CONFIGS]
-    name = ops.choice_name(x.device, "residual binary terms {} out {} words {} groups {}".format(*key[:4]), __file__)
+    pairs = [(gemv_bit_major, config) for config in CONFIGS]
+    name = ops.choice_name(xt.device, "residual binary terms {} out {} words {} groups {}".format(*key[:4]), __file__)
     pair = ops.stored_choice(name, pairs)
     if pair is None:
-        pair = _fastest(x, words, scales, pairs)
+        pair = _fastest(xt, words, scales, pairs)
         ops.store_choice(name, pair)
     _best[key] = pair[1]
     return pair[1]
@@ -143,8 +165,8 @@ def _fastest(x, words, scales, pairs):
     return ops._fastest((x, words, scales), pairs, weights=2)
 
 
-def _gemv_op(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return residual_binary_gemv(x, words, scales, *tuned_config(x, words, scales))
+def _gemv_op(xt: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return gemv_bit_major(xt, words, scales, tuned_config(xt, words, scales))
 
 
 # one opaque node per layer under torch.compile, as ops.packed_matmul
@@ -152,8 +174,8 @@ gemv_op = torch.library.custom_op("nanoqat::residual_binary_gemv", _gemv_op, mut
 
 
 @gemv_op.register_fake
-def _(x, words, scales):
-    return x.new_empty((*x.shape[:-1], words.shape[1]), dtype=torch.float32)
+def _(xt, words, scales):
+    return xt.new_empty((1, words.shape[1]), dtype=torch.float32)
 
 
 def kernel_gemv(x, layer):
@@ -162,7 +184,7 @@ def kernel_gemv(x, layer):
     if not (x.is_cuda or ops.interpreting()):
         return None
     call = gemv_op if torch.compiler.is_compiling() else _gemv_op
-    return call(x.float().contiguous(), layer.stacked_words, layer.stacked_scales)
+    return call(bit_major(x), layer.stacked_words, layer.stacked_scales)
 
 
 def attach(layer):
