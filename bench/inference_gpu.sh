@@ -103,9 +103,11 @@ for PART in $PARTS; do
             --batches=1,16 --out="$R/decode_${GPU}_6.7b_peer.md"
         run 280 python bench/decode.py --shapes=gpt2_xl --formats=bf16,tinygemm,W4 --modes=compiled \
             --batches=1,16 --out="$R/decode_${GPU}_xl_peer.md" ;;
-    binary_decode)  # residual binary (k = 2) decoding through its Triton GEMV, against bf16 and 1-bit, batch 1
+    binary_decode)  # residual binary (k = 2) decoding through its Triton kernels, against bf16 and 1-bit, batch 1;
+                    # then its GEMV and many-rows path against each other and the bit operations
         run 280 python bench/decode.py --shapes=gpt2_124m,gpt2_6.7b --formats=bf16,W1,RB2 --modes=compiled \
-            --batches=1 --out="$R/decode_${GPU}_binary.md" ;;
+            --batches=1 --out="$R/decode_${GPU}_binary.md"
+        run 100 python bench/residual_binary_check.py ;;
     choices_124m)  # the launcher's choices file: the same W4 decode twice with a new file, the warm-up column of
                    # the second run read from it (tokens/s should not move)
         F=$(mktemp -d)/kernel_choices.json

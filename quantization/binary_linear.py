@@ -100,7 +100,7 @@ class ResidualBinaryLinear(nn.Module):
         self.terms = nn.ModuleList(terms)
         self.in_features, self.out_features = terms[0].in_features, terms[0].out_features
         self.register_buffer("bias", bias)
-        # gemv(x (1, in), module) -> y (1, out) float32, or None where it cannot run: a one-row kernel that
+        # gemv(x (rows, in), module) -> y (rows, out), or None where it cannot run: the kernels that
         # quantization.kernels attaches on loading (binary_bitwise.attach); None: the bit operations below
         self.gemv = None
 
@@ -166,8 +166,8 @@ class ResidualBinaryLinear(nn.Module):
         return self
 
     def forward(self, x):
-        y = self.gemv(x.reshape(1, -1), self) if self.gemv is not None and x.numel() == self.in_features else None
-        if y is not None:  # one row through the attached kernel
+        y = self.gemv(x.reshape(-1, self.in_features), self) if self.gemv is not None else None
+        if y is not None:  # through the attached kernels
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
             y = self.terms[0](x)

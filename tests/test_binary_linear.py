@@ -153,6 +153,15 @@ y = torch.compile(module, backend=backend, fullgraph=True)(x)
 torch.library.opcheck(binary_bitwise.gemv_op, (binary_bitwise.bit_major(x), module.stacked_words, module.stacked_scales),
                       test_utils=("test_schema", "test_faketensor"))
 rows = torch.randn(3, 256)
+# more rows: the weight dequantized by the Triton kernel (against quantizers.py's dequantize), then a matmul
+dequant_errors = []
+for granularity, group_size, terms in CASES:
+    m, w, _ = layer(24, 256, granularity, group_size, terms)
+    binary_bitwise.attach(m)
+    dequant_errors.append((binary_bitwise.dequantize(m.stacked_words, m.stacked_scales, torch.float32).double()
+                           - w.double()).abs().max().item())
+torch.library.opcheck(binary_bitwise.rows_mm_op, (rows, module.stacked_words, module.stacked_scales),
+                      test_utils=("test_schema", "test_faketensor"))
 # q, k and v joined (inference.fuse_qkv): one attached layer whose row is the three layers' rows side by side
 parts = [layer(24, 256, "per_group", 64, 2, seed=s) for s in range(3)]
 for part, _, _ in parts:
@@ -160,8 +169,9 @@ for part, _, _ in parts:
 from quantization.binary_linear import ResidualBinaryLinear
 joined = ResidualBinaryLinear.concatenate([part for part, _, _ in parts])
 reference = torch.cat([x.double() @ w.double().T + b.double() for _, w, b in parts], dim=-1)
-print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(rows[:1], module) is not None,
+print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(rows, module) is not None,
                   (module(rows).double() - (rows.double() @ weight.double().T + bias.double())).abs().max().item(),
+                  dequant_errors,
                   joined.gemv is not None, (joined(x).double() - reference).abs().max().item()]))
 """
 
@@ -169,15 +179,17 @@ print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(
 def test_the_attached_kernel_runs_one_row_of_a_loaded_layer():
     """binary_bitwise.attach (what convert_to_packed does for residual-binary records): one row of x goes through
     the Triton GEMV (here under TRITON_INTERPRET=1, on a GPU for real), equal to the float64 product with the
-    dequantized weight; torch.compile sees it as one custom op; several rows keep the bit operations."""
+    dequantized weight; torch.compile sees it as one custom op; several rows go through the weight dequantized by
+    the Triton kernel (equal to quantizers.py's dequantize) and a matmul."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-c", ATTACHED_CHECK, ROOT], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    out, compiled_op, row_kernel, rows_error, joined_attached, joined_error = json.loads(
+    out, compiled_op, rows_kernel, rows_error, dequant_errors, joined_attached, joined_error = json.loads(
         result.stdout.strip().splitlines()[-1])
-    assert len(out) == len(CASES) and compiled_op and row_kernel and rows_error < 1e-4
+    assert len(out) == len(CASES) and compiled_op and rows_kernel and rows_error < 1e-4
+    assert len(dequant_errors) == len(CASES) and max(dequant_errors) < 1e-6, dequant_errors
     assert joined_attached and joined_error < 1e-4
     for attached, ran, error, bitwise_error, shape, shown in out:
         assert attached and ran and shown and shape == [1, 1, 24] and error < 1e-4 and bitwise_error < 1e-4, out

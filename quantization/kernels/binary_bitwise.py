@@ -69,6 +69,59 @@ def _residual_binary_gemv_kernel(x_ptr, words_ptr, scale_ptr, y_ptr, n_out, n_wo
     tl.store(y_ptr + rows, tl.sum(acc, axis=0), mask=rows_ok)
 
 
+# Many rows (a prompt, batch >= 2): the weight W = sum over terms of scale_t * (2 B_t - 1) is written once into
+# ops' reused scratch in x's dtype, then one cuBLAS matmul (as PackedLinear's dequant_mm). A program writes a
+# (BLOCK_N rows, BLOCK_W words x 32 bits) tile of W, contiguous along the input.
+@triton.jit
+def _residual_binary_dequant_kernel(words_ptr, scale_ptr, w_ptr, n_out, n_words, n_groups, words_per_group,
+                                    TERMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    bits = tl.arange(0, 32)
+    ok = (rows < n_out)[:, None] & (cols < n_words)[None, :]
+    w = tl.zeros((BLOCK_N, BLOCK_W, 32), dtype=tl.float32)
+    for t in tl.static_range(TERMS):
+        word = tl.load(words_ptr + (t * n_out + rows[:, None]) * n_words + cols[None, :], mask=ok, other=0)
+        scale = tl.load(scale_ptr + (t * n_out + rows[:, None]) * n_groups + cols[None, :] // words_per_group,
+                        mask=ok, other=0.0)
+        bit = ((word[:, :, None] >> bits[None, None, :]) & 1).to(tl.float32)
+        w += scale[:, :, None] * (2.0 * bit - 1.0)
+    offsets = rows[:, None, None] * (n_words * 32) + cols[None, :, None] * 32 + bits[None, None, :]
+    tl.store(w_ptr + offsets, w.to(w_ptr.dtype.element_ty), mask=ok[:, :, None])
+
+
+DEQUANT_BLOCK = (16, 8)  # (BLOCK_N rows, BLOCK_W words): 4096 weights a program
+
+
+def dequantize(words, scales, dtype, out=None):
+    """The (out, in) weight of stacked terms in `dtype` (into `out` when given, e.g. ops' scratch)."""
+    terms, n_out, n_words = words.shape
+    n_groups = scales.shape[-1]
+    w = out if out is not None else torch.empty(n_out, n_words * WORD_BITS, device=words.device, dtype=dtype)
+    block_n, block_w = DEQUANT_BLOCK
+    grid = (triton.cdiv(n_out, block_n), triton.cdiv(n_words, block_w))
+    _residual_binary_dequant_kernel[grid](words.contiguous(), scales.float().contiguous(), w, n_out, n_words,
+                                          n_groups, n_words // n_groups, TERMS=terms, BLOCK_N=block_n,
+                                          BLOCK_W=block_w)
+    return w
+
+
+def _rows_mm(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) -> x @ W^T (rows, out) in x's dtype: W dequantized into ops' scratch, then cuBLAS."""
+    _check(x.shape[-1], words, scales)
+    n_out, in_features = words.shape[1], x.shape[-1]
+    w = dequantize(words, scales, x.dtype, ops.scratch(n_out * in_features, x.device, x.dtype).view(n_out, in_features))
+    return torch.mm(x, w.t())
+
+
+rows_mm_op = torch.library.custom_op("nanoqat::residual_binary_rows_mm", _rows_mm, mutates_args=())
+
+
+@rows_mm_op.register_fake
+def _(x, words, scales):
+    return x.new_empty((x.shape[0], words.shape[1]))
+
+
 def residual_binary_gemv(x, words, scales, block_n=CONFIGS[0][0], block_w=CONFIGS[0][1],
                          num_warps=CONFIGS[0][2], transpose_x=True):
     """x (in,) or (1, in); words (terms, out, in/32) int32; scales (terms, out, groups) float32 -> y (out,) float32
@@ -179,12 +232,15 @@ def _(xt, words, scales):
 
 
 def kernel_gemv(x, layer):
-    """ResidualBinaryLinear.gemv: one row of x through the kernel on CUDA (or under TRITON_INTERPRET=1), with the
-    terms stacked by attach; None elsewhere (the layer's bit operations run)."""
+    """ResidualBinaryLinear.gemv: rows of x (rows, in) through the kernels on CUDA (or under TRITON_INTERPRET=1),
+    with the terms stacked by attach: one row through the bitwise GEMV (float32 out), more through the dequantized
+    weight and cuBLAS (x's dtype out); None elsewhere (the layer's bit operations run)."""
     if not (x.is_cuda or ops.interpreting()):
         return None
-    call = gemv_op if torch.compiler.is_compiling() else _gemv_op
-    return call(bit_major(x), layer.stacked_words, layer.stacked_scales)
+    compiling = torch.compiler.is_compiling()
+    if x.shape[0] == 1:
+        return (gemv_op if compiling else _gemv_op)(bit_major(x), layer.stacked_words, layer.stacked_scales)
+    return (rows_mm_op if compiling else _rows_mm)(x.contiguous(), layer.stacked_words, layer.stacked_scales)
 
 
 def attach(layer):
