@@ -129,8 +129,8 @@ class ResidualBinaryLinear(nn.Module):
     def concatenate(cls, layers):
         """One layer whose outputs are the layers' outputs side by side (inference.fuse_qkv: q, k and v in one
         kernel call), or None where they differ in terms, input width, scale groups or bias. A term's words and
-        scales are per output row, so joining them along the rows is exact; a layer with the one-row kernel
-        attached gives the joined one the same kernel over its stacked terms."""
+        scales are per output row, so joining them along the rows is exact; layers with the Triton kernels attached
+        give the joined one the same kernels over its stacked terms."""
         first = layers[0]
         same = {(len(layer.terms), layer.in_features, layer.terms[0].scale.shape[1], layer.bias is None)
                 for layer in layers}
@@ -147,7 +147,7 @@ class ResidualBinaryLinear(nn.Module):
 
     def share_stacked(self, words, scales):
         """Hold the terms' words and scales stacked, (terms, out, in/32) and (terms, out, groups), as buffers of this
-        layer (not saved: the terms' own keys are), each term's being a view into them: a one-row kernel reads
+        layer (not saved: the terms' own keys are), each term's being a view into them: the Triton kernels read
         all terms from one tensor, and the bits are held once. Kept shared through .to() and the like (_apply)."""
         self.register_buffer("stacked_words", words, persistent=False)
         self.register_buffer("stacked_scales", scales, persistent=False)
@@ -176,7 +176,7 @@ class ResidualBinaryLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self):
-        return f"terms={len(self.terms)}" + (", one-row kernel" if self.gemv is not None else "")
+        return f"terms={len(self.terms)}" + (", Triton kernels" if self.gemv is not None else "")
 
 
 @torch.no_grad()

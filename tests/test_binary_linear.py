@@ -142,7 +142,7 @@ for granularity, group_size, terms in CASES:
     kernel = module.gemv(x.reshape(1, -1), module)  # None where the kernel cannot run
     y = module(x)
     out.append([attached, kernel is not None, (y.double() - expected).abs().max().item(),
-                (bitwise.double() - expected).abs().max().item(), list(y.shape), "one-row kernel" in repr(module)])
+                (bitwise.double() - expected).abs().max().item(), list(y.shape), "Triton kernels" in repr(module)])
 # torch.compile sees one custom op node; more than one row takes the bit operations
 graphs = []
 def backend(gm, example_inputs):

@@ -218,7 +218,7 @@ def test_pack_model_replaces_every_linear_site_and_keeps_the_function(one_cpu_th
 
 
 def test_pack_model_gives_residual_binary_sites_their_kernel_and_their_function(one_cpu_thread):
-    """A residual-binary spec packs each site into a ResidualBinaryLinear with the one-row kernel attached (what
+    """A residual-binary spec packs each site into a ResidualBinaryLinear with its Triton kernels attached (what
     bench/decode.py's RB2 rows run); each computes x @ (sum of its dequantized terms)^T + b."""
     from model import GPT, GPTConfig
     from quantization.binary_linear import ResidualBinaryLinear

@@ -9,9 +9,14 @@ one value per word column shared by every term and row: x * 2**-85 where the bit
 one-row kernel (triton_kernels._stream_gemv_kernel). So a bit costs an AND and an FMA; the sum is scaled back by
 2**85 per step.
 
-The PyTorch path, binary_linear.binary_matmul, is its reference. Runs on the CPU with TRITON_INTERPRET=1.
+More than one row (a prompt, batch >= 2) goes through a second kernel that writes the dequantized weight
+sum_t scale_t (2 B_t - 1) into ops.py's reused scratch in x's dtype, and one cuBLAS matmul (as PackedLinear's
+prefill does). An attached layer (attach) calls both as torch custom ops.
+
+The PyTorch path, binary_linear.binary_matmul, is their reference. Runs on the CPU with TRITON_INTERPRET=1.
 
     y = residual_binary_gemv(x, words, scales)   # x (in,), words (terms, out, in/32) int32, scales (terms, out, groups)
+    w = dequantize(words, scales, torch.bfloat16)   # (out, in)
 """
 import torch
 import triton
@@ -244,8 +249,8 @@ def kernel_gemv(x, layer):
 
 
 def attach(layer):
-    """Give a ResidualBinaryLinear the one-row kernel (what convert_to_packed does), when its scale groups are
-    whole words (the kernel's steps never straddle a group): its terms stacked once into buffers that follow the
+    """Give a ResidualBinaryLinear the kernels (what convert_to_packed does), when its scale groups are whole words
+    (the GEMV's steps never straddle a group): its terms stacked once into buffers that follow the
     module's device (not saved), the terms' own words and scales becoming views into them
     (ResidualBinaryLinear.share_stacked: the bits are held once). Returns whether it was attached."""
     words, scales = stack_terms(layer)

@@ -129,7 +129,7 @@ def convert_to_packed(model, packed_weights):
 
 def pack_model(model, spec):
     """Round every linear site (model.LINEAR_SITES) of a float model to `spec` (a QuantSpec) and replace it by a
-    PackedLinear (a residual-binary spec: by a ResidualBinaryLinear with the one-row kernel attached, as
+    PackedLinear (a residual-binary spec: by a ResidualBinaryLinear with its Triton kernels attached, as
     convert_to_packed loads one). Returns model."""
     from model import LINEAR_SITES
     from quantization.binary_linear import ResidualBinaryLinear
