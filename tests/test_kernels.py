@@ -236,6 +236,30 @@ def test_pack_model_gives_residual_binary_sites_their_kernel_and_their_function(
         assert torch.allclose(layer(x).double(), expected, atol=1e-4), name
 
 
+def test_residual_binary_groups_the_kernels_cannot_take_keep_the_bit_operations_with_one_line(capsys, monkeypatch):
+    """Scale groups of 16 inputs (not whole 32-bit words): no kernel is attached, one line says so once, and the
+    layers still compute x @ (sum of their dequantized terms)^T + b."""
+    pytest.importorskip("triton")
+    from model import GPT, GPTConfig
+    from quantization.binary_linear import ResidualBinaryLinear
+    from quantization.kernels import ops
+    monkeypatch.setattr(ops, "_said", set())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=16, vocab_size=50, bias=True)).eval()
+    weight = model.transformer.h[0].mlp.mlp_up.weight.detach().clone()
+    spec = QuantSpec("residual_binary_quant", 8, "per_group", 16, binary_terms=2)
+    packed = pack_model(model, spec)
+    sites = [m for m in packed.modules() if isinstance(m, ResidualBinaryLinear)]
+    assert len(sites) == 6 and all(m.gemv is None for m in sites)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "residual binary" in line]
+    assert len(lines) == 1 and "16 inputs" in lines[0] and "bit operations" in lines[0], lines
+    layer = packed.transformer.h[0].mlp.mlp_up
+    x = torch.randn(3, 64)
+    codes, scale, _ = quantize_tensor(weight, spec)
+    expected = x.double() @ dequantize(codes, scale, None, spec).double().T + layer.bias.double()
+    assert torch.allclose(layer(x).double(), expected, atol=1e-4)
+
+
 def test_convert_to_packed_reads_a_packed_checkpoint_record():
     from quantization.packing import pack_record, unpack_weight
     spec = QuantSpec("affine_quant", 3, "per_group", 32)

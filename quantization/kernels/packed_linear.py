@@ -108,7 +108,10 @@ def _binary(layer):
     """A ResidualBinaryLinear with the one-row Triton kernel attached where Triton is installed."""
     if ops.triton_kernels is not None:
         from quantization.kernels import binary_bitwise
-        binary_bitwise.attach(layer)
+        if not binary_bitwise.attach(layer):
+            group = layer.in_features // layer.terms[0].scale.shape[1]
+            ops.note_once(f"residual binary scale groups of {group} inputs are not whole 32-bit words: no Triton "
+                          f"kernel, those layers keep the bit operations")
     return layer
 
 
