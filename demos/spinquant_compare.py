@@ -7,7 +7,9 @@ Hadamard + GPTQ and SpinQuant + GPTQ, at each W/A/KV setting, plus QAT checkpoin
 
 "gap closed" is the share of RTN-without-rotation's loss gap to full precision that a row recovers. "SpinQuant +
 GPTQ, kept" is what SpinQuant.apply hands a user: the best of its candidates on held-out calibration samples (a
-quarter of --nsamples, never learned on); "learned" rows are the learned rotations whatever the choice.
+quarter of --nsamples, never learned on); "learned" rows are the learned rotations whatever the choice. Each
+--qat row after the first is set against the first on the same validation windows: the difference and how many
+standard errors of the per-window differences it is, printed under the table (and in --json).
 With --study, the table is instead what learning needs (steps, lr, calibration samples, the loss it learns on).
 """
 import json
@@ -26,7 +28,7 @@ from inference import load_checkpoint  # noqa: E402
 from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
-from quantization.spin_quant import FULL_BITS, SpinQuant, split_calibration, unrotated  # noqa: E402
+from quantization.spin_quant import FULL_BITS, SpinQuant, paired_gain, split_calibration, unrotated  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
 
 
@@ -83,9 +85,10 @@ def main(argv=None):
     base, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
     val = split_tokens(checkpoint["dataset"], "val")
 
-    def score(model):
-        return evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,
-                        progress=False)["loss"]
+    def score(model, windows=False):  # windows: (loss, per-window losses) to compare two models window by window
+        result = evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,
+                          progress=False, per_window=windows)
+        return (result["loss"], result["window_losses"]) if windows else result["loss"]
 
     fp = score(base)
     rows = [dict(setting="-", method="full precision", loss=fp)]
@@ -141,10 +144,18 @@ def main(argv=None):
             sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True))
             add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
                 candidates=sq.candidates)
+    first_qat = None  # (label, loss, per-window losses) of the first QAT row, which the others are compared with
     for label, folder in qat:
         model = from_pretrained(folder).to(device).eval()
         choice = load_checkpoint(folder).get("spinquant_choice")  # train.py --spinquant's decision at the switch
-        add("QAT", label + (f", kept {choice}" if choice not in (None, "off") else ""), score(model))
+        loss, per_window = score(model, windows=True)
+        extra = {}
+        if first_qat is not None:  # the same validation windows: a paired difference and its standard error
+            gain, z = paired_gain(first_qat[2], per_window)
+            extra = dict(against=first_qat[0], difference=loss - first_qat[1], standard_errors=-z,
+                         windows=len(per_window))
+        add("QAT", label + (f", kept {choice}" if choice not in (None, "off") else ""), loss, **extra)
+        first_qat = first_qat or (label, loss, per_window)
     cfg = (f"{args.out_dir}: {checkpoint['model_args']['n_layer']} layers, {checkpoint['model_args']['n_embd']} wide, "
            f"{checkpoint['dataset']}; weights {'symmetric' if args.sym else 'asymmetric'} "
            f"{'group ' + str(args.group_size) if args.group_size else 'per channel'}, activations per token "
@@ -158,6 +169,10 @@ def main(argv=None):
         spread = f"{r['min']:.4f} .. {r['max']:.4f}" if "min" in r else "-"
         print(f"| {r['setting']} | {r['method']} | {r['loss']:.4f} | {torch.tensor(r['loss']).exp().item():.2f} | "
               f"{gap} | {spread} |")
+    for r in rows:
+        if "against" in r:
+            print(f"\n{r['method']} against {r['against']}: {r['difference']:+.4f} on the same {r['windows']} "
+                  f"validation windows ({r['standard_errors']:+.1f} standard errors of the per-window differences)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": cfg, "rows": rows}, f, indent=1)

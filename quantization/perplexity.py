@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,10 +103,13 @@ def windows(n, seqlen, stride):
 
 
 @torch.no_grad()
-def evaluate(model, tokens, seqlen=None, stride=None, batch_size=8, max_tokens=0, device="cpu", progress=True):
+def evaluate(model, tokens, seqlen=None, stride=None, batch_size=8, max_tokens=0, device="cpu", progress=True,
+             per_window=False):
     """{"loss": mean negative log-likelihood per token, "perplexity": exp(loss), "tokens": targets scored}.
     Each window holds `seqlen` tokens of context (default: the model's block_size); windows start every `stride`
-    tokens (default seqlen: no overlap) and score only targets no earlier window scored."""
+    tokens (default seqlen: no overlap) and score only targets no earlier window scored. per_window: also
+    "window_losses", each window's mean over the targets it scored (float64), to compare two models on the same
+    windows (spin_quant.paired_gain)."""
     tokens = torch.as_tensor(tokens).long()
     if max_tokens:
         tokens = tokens[:max_tokens]
@@ -119,7 +123,7 @@ def evaluate(model, tokens, seqlen=None, stride=None, batch_size=8, max_tokens=0
         raise ValueError(f"stride={stride}: must be between 1 and seqlen={seqlen}")
     model.eval()
     spans = windows(len(tokens), seqlen, stride)
-    total, count = 0.0, 0
+    total, count, window_losses = 0.0, 0, []
     for b in tqdm(range(0, len(spans), batch_size), desc="perplexity", unit="batch", disable=not progress,
                   leave=False):
         batch = spans[b:b + batch_size]
@@ -128,11 +132,18 @@ def evaluate(model, tokens, seqlen=None, stride=None, batch_size=8, max_tokens=0
         for row, (_, first) in enumerate(batch):
             y[row, :first] = -1  # scored by an earlier window
         n = int((y != -1).sum())
-        _, loss = model(x.to(device), y.to(device))
+        logits, loss = model(x.to(device), y.to(device))
         total += loss.double().item() * n
         count += n
+        if per_window:
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=-1,
+                                  reduction="none").view(y.shape)
+            window_losses.append(nll.double().sum(dim=1).cpu() / (y != -1).sum(dim=1))
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    result = {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+    if per_window:
+        result["window_losses"] = torch.cat(window_losses)
+    return result
 
 
 def build_parser():

@@ -51,6 +51,25 @@ def test_non_overlapping_windows_equal_chunked_cross_entropy():
     assert result["tokens"] == 80 and result["loss"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_per_window_losses_are_each_windows_mean_over_its_targets():
+    """evaluate(per_window=True): one loss per window, each the mean over the targets that window scores (the last
+    window's only new ones), against a window-by-window reference; their token-weighted mean is the loss."""
+    model = small_model().eval()
+    tokens = torch.randint(0, 84, (16 * 4 + 6,))
+    result = evaluate(model, tokens, seqlen=16, batch_size=3, progress=False, per_window=True)
+    expected, weights = [], []
+    with torch.no_grad():
+        for start, first in windows(len(tokens), 16, 16):
+            logits, _ = model(tokens[start:start + 16][None], tokens[start + 1:start + 17][None])
+            nll = F.cross_entropy(logits[0], tokens[start + 1:start + 17], reduction="none")[first:]
+            expected.append(nll.double().mean().item())
+            weights.append(len(nll))
+    assert result["window_losses"].tolist() == pytest.approx(expected, rel=1e-5)
+    weighted = sum(l * w for l, w in zip(expected, weights)) / sum(weights)
+    assert result["loss"] == pytest.approx(weighted, rel=1e-5) and "window_losses" not in evaluate(
+        model, tokens, seqlen=16, progress=False)
+
+
 def test_bad_stride():
     with pytest.raises(ValueError, match="stride=20"):
         evaluate(small_model(), torch.randint(0, 84, (100,)), seqlen=16, stride=20)

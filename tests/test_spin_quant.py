@@ -555,6 +555,27 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     assert "| lr | steps |" in capsys.readouterr().out
 
 
+def test_compare_sets_every_qat_row_against_the_first_on_the_same_windows(plain_dir, quant_ckpt, capsys):
+    """--qat rows after the first carry their difference from it and its standard errors, over the per-window
+    losses of the same validation windows (checked against a paired computation done here)."""
+    import demos.spinquant_compare as compare
+    from quantization.hf import from_pretrained
+    from quantization.perplexity import evaluate
+    rows = compare.main([f"--out_dir={plain_dir}", "--device=cpu", "--settings=none", "--eval_tokens=3000",
+                         f"--qat=QAT={quant_ckpt},plain={plain_dir}"])
+    qat, plain = [r for r in rows if r["setting"] == "QAT"]
+    assert "against" not in qat and plain["against"] == "QAT" and plain["difference"] == plain["loss"] - qat["loss"]
+    val = split_tokens("shakespeare_char", "val")
+    a, b = (evaluate(from_pretrained(folder).eval(), val, max_tokens=3000, progress=False, per_window=True)
+            for folder in (quant_ckpt, plain_dir))
+    diff = b["window_losses"] - a["window_losses"]
+    assert plain["windows"] == len(diff) > 10
+    assert plain["standard_errors"] == pytest.approx(diff.mean().item() / (diff.std().item() / len(diff) ** 0.5),
+                                                     rel=1e-6)
+    assert f"plain against QAT: {plain['difference']:+.4f} on the same {len(diff)} validation windows" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize("study", ["1.5:2:8", "x:2:8:rtn", "1.5:2:8:rtn:mse", "1.5:2:0:none", "1.5:-1:8:rtn"])
 def test_compare_refuses_a_bad_study_in_one_line(plain_dir, study):
     import demos.spinquant_compare as compare
