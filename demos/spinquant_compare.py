@@ -151,7 +151,7 @@ def main(argv=None):
         loss, per_window = score(model, windows=True)
         extra = {}
         if first_qat is not None:  # the same validation windows: a paired difference and its standard error
-            gain, z = paired_gain(first_qat[2], per_window)
+            _, z = paired_gain(first_qat[2], per_window)
             extra = dict(against=first_qat[0], difference=loss - first_qat[1], standard_errors=-z,
                          windows=len(per_window))
         add("QAT", label + (f", kept {choice}" if choice not in (None, "off") else ""), loss, **extra)

@@ -105,7 +105,8 @@ def _replace(model, name, make):
 
 
 def _binary(layer):
-    """A ResidualBinaryLinear with the one-row Triton kernel attached where Triton is installed."""
+    """A ResidualBinaryLinear with its Triton kernels attached where Triton is installed (one line where they
+    cannot take its scale groups)."""
     if ops.triton_kernels is not None:
         from quantization.kernels import binary_bitwise
         if not binary_bitwise.attach(layer):
