@@ -259,6 +259,12 @@ def train(args, given):
     spinquant_choice = None if args.spinquant else "off"
     if args.spinquant and checkpoint is not None:
         spinquant_choice = "rotations" if is_rotated(model_args) else checkpoint.get("spinquant_choice")
+        if spinquant_choice == "off":  # saved by a run without --spinquant
+            if iter_num > args.quantization_warmup_iters:
+                sys.exit(f"train.py: error: --spinquant: {args.out_dir}/ckpt.pt was trained quantized without it from "
+                         f"iteration {args.quantization_warmup_iters} to {iter_num}; resume a checkpoint saved at or "
+                         f"before the switch (--quantization_warmup_iters), or leave the flag out")
+            spinquant_choice = None  # nothing trained quantized yet: decide at the switch, as a --spinquant run does
     if checkpoint is not None and "spinquant_qat" in checkpoint:  # QAT in the original basis after the rotation
         if procs.ddp:
             sys.exit(f"train.py: error: --init_from=resume: {ckpt_path} trains through SpinQuant rotations "

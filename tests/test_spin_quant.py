@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from inference import load_checkpoint
-from conftest import run_main, train_in_process
+from conftest import TINY, run_main, train_in_process
 from model import GPT, GPTConfig
 from quantization.fold import fold_norms
 from quantization.hf import from_pretrained
@@ -271,6 +271,29 @@ def test_train_spinquant_rotates_when_quantization_starts(char_data, tmp_path, c
     printed = capsys.readouterr().out
     assert "step 14:" in printed and "rotations learned" not in printed  # resumed, not decided again
     assert load_checkpoint(out)["iter_num"] == 14
+
+
+def test_spinquant_on_resume_of_a_run_without_it(char_data, tmp_path, capsys, monkeypatch):
+    """A run saved at the switch without --spinquant (nothing trained quantized yet), resumed with it, decides at
+    the switch as a --spinquant run would (what bench/spinquant_cpu.sh's variants do); one that already trained
+    quantized without it is refused in one line, and its checkpoint is left as it was."""
+    import quantization.spin_quant as spin_quant
+    import train
+    monkeypatch.setattr(spin_quant, "CLEAR_Z", -math.inf)
+    flags = ["--quantization_warmup_iters=5", "--linear_variant_mlp=quantized_linear", "--quantize_linear_bits=4",
+             "--quantize_mlp_act_input", "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token"]
+    spin = ["--spinquant", "--spinquant_steps=2", "--spinquant_nsamples=8"]
+    at_switch, later = str(tmp_path / "at_switch"), str(tmp_path / "later")
+    train_in_process(at_switch, "--max_iters=5", "--eval_interval=5", *flags)
+    train_in_process(later, "--max_iters=7", "--eval_interval=7", *flags)
+    capsys.readouterr()
+    train_in_process(at_switch, "--init_from=resume", "--max_iters=7", "--eval_interval=7", *flags, *spin)
+    assert "iter 5: spinquant rotations learned" in capsys.readouterr().out
+    assert load_checkpoint(at_switch)["spinquant_choice"] == "rotations"
+    before = os.path.getmtime(os.path.join(later, "ckpt.pt"))
+    error = run_main(train.main, f"--out_dir={later}", *TINY, "--init_from=resume", "--max_iters=9", *flags, *spin)
+    assert error.startswith("train.py: error: --spinquant: ") and "from iteration 5 to 7" in error
+    assert "\n" not in error and os.path.getmtime(os.path.join(later, "ckpt.pt")) == before
 
 
 def test_spinquant_that_keeps_no_rotation_trains_exactly_as_plain_qat(char_data, tmp_path, capsys, monkeypatch):
