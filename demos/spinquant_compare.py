@@ -152,7 +152,7 @@ def main(argv=None):
         extra = {}
         if first_qat is not None:  # the same validation windows: a paired difference and its standard error
             _, z = paired_gain(first_qat[2], per_window)
-            extra = dict(against=first_qat[0], difference=loss - first_qat[1], standard_errors=-z,
+            extra = dict(against=first_qat[0], difference=loss - first_qat[1], standard_errors=0.0 - z,
                          windows=len(per_window))
         add("QAT", label + (f", kept {choice}" if choice not in (None, "off") else ""), loss, **extra)
         first_qat = first_qat or (label, loss, per_window)
@@ -169,10 +169,11 @@ def main(argv=None):
         spread = f"{r['min']:.4f} .. {r['max']:.4f}" if "min" in r else "-"
         print(f"| {r['setting']} | {r['method']} | {r['loss']:.4f} | {torch.tensor(r['loss']).exp().item():.2f} | "
               f"{gap} | {spread} |")
-    for r in rows:
-        if "against" in r:
-            print(f"\n{r['method']} against {r['against']}: {r['difference']:+.4f} on the same {r['windows']} "
-                  f"validation windows ({r['standard_errors']:+.1f} standard errors of the per-window differences)")
+    paired = [f"- {r['method']} against {r['against']}: {r['difference']:+.4f} on the same {r['windows']} validation "
+              f"windows ({r['standard_errors']:+.1f} standard errors of the per-window differences)"
+              for r in rows if "against" in r]
+    if paired:
+        print("\n" + "\n".join(paired))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": cfg, "rows": rows}, f, indent=1)

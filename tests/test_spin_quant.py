@@ -595,7 +595,7 @@ def test_compare_sets_every_qat_row_against_the_first_on_the_same_windows(plain_
     assert plain["windows"] == len(diff) > 10
     assert plain["standard_errors"] == pytest.approx(diff.mean().item() / (diff.std().item() / len(diff) ** 0.5),
                                                      rel=1e-6)
-    assert f"plain against QAT: {plain['difference']:+.4f} on the same {len(diff)} validation windows" in \
+    assert f"- plain against QAT: {plain['difference']:+.4f} on the same {len(diff)} validation windows" in \
         capsys.readouterr().out
 
 
