@@ -21,8 +21,8 @@ cannot run, and the run goes on. Rows run bf16 first, then tinygemm, then ours, 
 so that "vs tinygemm" is known for each packed row. RB2 is residual binary with two terms (two sign matrices and
 their scales per output; quantization/binary_linear.py), one row of x through its Triton GEMV
 (kernels/binary_bitwise.py), several (the prompt, batch 16) through its dequantized weight and cuBLAS. Each
-attention layer computes q, k and v
-as one layer (inference.fuse_qkv, as sample.py does); --qkv=fused,separate adds the rows of three layers beside them.
+attention layer computes q, k and v as one layer (inference.fuse_qkv, as sample.py does); --qkv=fused,separate adds
+the rows of three layers beside them.
 """
 import argparse
 import gc
