@@ -261,7 +261,7 @@ def train(args, given):
         spinquant_choice = "rotations" if is_rotated(model_args) else checkpoint.get("spinquant_choice")
         if spinquant_choice == "off":  # saved by a run without --spinquant
             if iter_num > args.quantization_warmup_iters:
-                sys.exit(f"train.py: error: --spinquant: {args.out_dir}/ckpt.pt was trained quantized without it from "
+                sys.exit(f"train.py: error: --spinquant: {ckpt_path} was trained quantized without it from "
                          f"iteration {args.quantization_warmup_iters} to {iter_num}; resume a checkpoint saved at or "
                          f"before the switch (--quantization_warmup_iters), or leave the flag out")
             spinquant_choice = None  # nothing trained quantized yet: decide at the switch, as a --spinquant run does
