@@ -422,3 +422,67 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit(do_not_specialize=["M", "stride_ym", "blocks_per_group", "blocks_per_split"])
+def _gemm_fields_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xj, stride_xm,
+                        stride_ym, blocks_per_group, blocks_per_split,
+                        BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr):
+    """y^T tile (BLOCK_N outputs, BLOCK_M rows) = sum over fields j of W_j (BLOCK_N, R) @ X_j (R, BLOCK_M): the words
+    of a K tile (R = BLOCK_K / codes per word rows of them) loaded once, and field j of every word, a (BLOCK_N, R)
+    tile with one shift for all of it, dequantized in registers as the tensor cores' register operand; X_j holds
+    the inputs k = codes per word * r + j, contiguous in xp (codes per word, M, K / codes per word)."""
+    per_word: tl.constexpr = 32 // BITS
+    R: tl.constexpr = BLOCK_K // per_word
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    k_first = pid_k * blocks_per_split * BLOCK
+    k_last = tl.minimum(k_first + blocks_per_split * BLOCK, K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    rows = tl.cdiv(K, BLOCK) * BITS  # word rows (K padded to whole blocks; xp padded with zeros to match)
+    for k0 in range(k_first, k_last, BLOCK_K):
+        offs_r = k0 // per_word + tl.arange(0, R)
+        mask_r = offs_r < rows
+        words = tl.load(w_ptr + offs_r[None, :] * N + offs_n[:, None], mask=mask_n[:, None] & mask_r[None, :],
+                        other=0)
+        group = (k0 // BLOCK) // blocks_per_group
+        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+        for j in tl.static_range(per_word):
+            codes = (words >> (j * BITS)) & ((1 << BITS) - 1)
+            if HAS_ZERO:
+                w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]) * scale[:, None]
+            else:
+                w = (_as_float(codes) - ZERO) * scale[:, None]
+            if PERMUTED:  # xp (codes per word, M, padded K / codes per word)
+                xj = tl.load(xp_ptr + j * stride_xj + offs_m[None, :] * stride_xm + offs_r[:, None],
+                             mask=mask_m[None, :] & mask_r[:, None], other=0.0)
+            else:  # x as given: every codes-per-word-th input from L1
+                xj = tl.load(xp_ptr + offs_m[None, :] * stride_xm + (offs_r * per_word + j)[:, None],
+                             mask=mask_m[None, :] & (offs_r * per_word + j < K)[:, None], other=0.0)
+            acc = tl.dot(w.to(xj.dtype), xj, acc, input_precision=PRECISION)
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    mask_y = mask_m[None, :] & mask_n[:, None]
+    if SPLIT:
+        splits = tl.num_programs(2)
+        tile_offs = offs_m[None, :] * N + offs_n[:, None]
+        tl.store(ws_ptr + pid_k * M * N + tile_offs, acc, mask=mask_y)
+        tl.debug_barrier()
+        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for k in range(0, splits):
+                acc += tl.load(ws_ptr + k * M * N + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+            tl.atomic_xchg(counter, 0)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
