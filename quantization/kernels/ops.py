@@ -61,15 +61,16 @@ STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128
 GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0, 0), (64, 128, 64, 4, 3, 0, 0), (128, 64, 64, 4, 3, 0, 0),
                 (256, 128, 64, 8, 3, 0, 0), (128, 128, 128, 8, 2, 0, 0), (64, 64, 128, 4, 4, 0, 0),
                 (128, 128, 64, 8, 3, 0, 1), (256, 128, 64, 8, 3, 0, 1)]
-# the GEMM in fields (gemm_fields) for 1 to 16 rows: (BLOCK_M rows, BLOCK_N outputs, BLOCK_K, num_warps,
-# num_stages, programs per multiprocessor that split-K aims for (0: no split), x permuted first (1) or read as given
-# (0)). BLOCK_N of 16 or 32 keeps the dot on mma.sync (64 or more makes it a wgmma, which Triton 3.6 waits for after
-# every field). BLOCK_K grows to give each field at least 16 word rows (the tensor cores' K step) and shrinks to
-# divide the group size: where it cannot do both (2-bit codes in groups of 128, say), these are no candidates
-FIELDS_CONFIGS = [(16, 32, 128, 4, 3, 0, 0), (16, 16, 128, 4, 3, 0, 0), (16, 32, 128, 2, 3, 0, 0),
-                  (16, 32, 128, 4, 3, 4, 0), (16, 16, 128, 2, 3, 4, 0), (16, 32, 128, 4, 3, 2, 0),
-                  (16, 16, 128, 1, 3, 0, 0), (16, 32, 128, 4, 4, 8, 0), (16, 32, 128, 4, 3, 0, 1),
-                  (16, 16, 256, 2, 3, 0, 0)]
+# the GEMM in fields (gemm_fields): (BLOCK_M rows, BLOCK_N outputs, BLOCK_K, num_warps, num_stages, programs per
+# multiprocessor that split-K aims for (0: no split)); BLOCK_K grows to give each field at least 16 word rows (the
+# tensor cores' K step) and shrinks to divide the group size: where it cannot do both (2-bit codes in groups of
+# 128, say), these are no candidates
+FIELDS_CONFIGS = [(128, 128, 128, 8, 3, 0), (128, 128, 128, 4, 3, 0), (64, 128, 128, 4, 3, 0),
+                  (128, 64, 128, 4, 3, 0), (256, 128, 128, 8, 3, 0), (128, 128, 128, 8, 4, 0),
+                  (256, 64, 128, 4, 3, 0), (128, 128, 128, 8, 3, 1), (256, 128, 128, 8, 3, 1),
+                  (128, 128, 256, 8, 3, 0)]
+SMALL_FIELDS_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 3, 4), (16, 64, 128, 4, 4, 8),
+                        (16, 128, 128, 8, 3, 2), (16, 64, 128, 4, 3, 0), (16, 64, 256, 4, 3, 4)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
 SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16, 64, 128, 4, 4, 8, 0),
                       (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 0, 0),
@@ -214,20 +215,15 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
 
 
 def gemm_fields(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
-    """The GEMM in fields (triton_kernels._gemm_fields_kernel); counters as for gemm. Permuted (config[6]): x is
-    copied first so that the inputs of field j of every word are contiguous, xp (codes per word, M, padded K /
-    codes per word); else the kernel reads every (codes per word)-th input of x as given."""
-    block_m, block_n, block_k, warps, stages, split, permuted = config
+    """The GEMM in fields (triton_kernels._gemm_fields_kernel): x permuted once per call so that the inputs of
+    field j of every word are contiguous, xp (codes per word, M, padded K / codes per word); counters as for gemm."""
+    block_m, block_n, block_k, warps, stages, split = config
     m, k = x.shape
     n = qweight.shape[1]
-    if permuted:
-        per_word = 32 // bits
-        k_pad = triton.cdiv(k, BLOCK) * BLOCK
-        xp = torch.nn.functional.pad(x, (0, k_pad - k)) if k_pad != k else x
-        xp = xp.view(m, k_pad // per_word, per_word).permute(2, 0, 1).contiguous()
-        stride_xj, stride_xm = xp.stride(0), xp.stride(1)
-    else:
-        xp, stride_xj, stride_xm = x, 0, x.stride(0)
+    per_word = 32 // bits
+    k_pad = triton.cdiv(k, BLOCK) * BLOCK
+    xp = torch.nn.functional.pad(x, (0, k_pad - k)) if k_pad != k else x
+    xp = xp.view(m, k_pad // per_word, per_word).permute(2, 0, 1).contiguous()
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
     if split:  # split K until about `split` programs per multiprocessor, each at least one K tile
@@ -243,12 +239,11 @@ def gemm_fields(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     triton_kernels._gemm_fields_kernel[grid](
         xp, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
-        counters if counters is not None else y, m, n, k, stride_xj, stride_xm, y.stride(0), blocks_per_group,
+        counters if counters is not None else y, m, n, k, xp.stride(0), xp.stride(1), y.stride(0), blocks_per_group,
         per_split * block_k // BLOCK,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PERMUTED=bool(permuted), num_warps=warps,
-        num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -290,17 +285,18 @@ def candidates(m, group_size, bits=None):
     def keep(config):  # unpack configs ([-1] == 1) skip 3-bit codes
         return not (bits == 3 and config[-1])
     dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
-    fields = [] if bits == 3 or m > GEMV_MAX_ROWS else [
-        (gemm_fields, (bm, bn, bk, *rest)) for bm, bn, bk, *rest in FIELDS_CONFIGS
-        for bk in [_fit_k(max(bk, 16 * 32 // (bits or 4)), group_size)]
-        if interpreting() or bits is None or bk * bits // 32 >= 16]
     if m == 1:
-        return [(stream_gemv, c) for c in STREAM_CONFIGS] + fields
+        return [(stream_gemv, c) for c in STREAM_CONFIGS]
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
+    fields = [] if bits == 3 else [
+        (gemm_fields, (bm, bn, bk, *rest)) for bm, bn, bk, *rest in
+        (SMALL_FIELDS_CONFIGS if m <= GEMV_MAX_ROWS else FIELDS_CONFIGS)
+        for bk in [_fit_k(max(bk, 16 * 32 // (bits or 4)), group_size)]
+        if interpreting() or bits is None or bk * bits // 32 >= 16]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + fields + dequants
-    return gemms + dequants
+    return gemms + fields + dequants
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):

@@ -429,7 +429,7 @@ def _gemm_fields_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count
                         stride_ym, blocks_per_group, blocks_per_split,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PERMUTED: tl.constexpr):
+                        BLOCK_K: tl.constexpr):
     """y^T tile (BLOCK_N outputs, BLOCK_M rows) = sum over fields j of W_j (BLOCK_N, R) @ X_j (R, BLOCK_M): the words
     of a K tile (R = BLOCK_K / codes per word rows of them) loaded once, and field j of every word, a (BLOCK_N, R)
     tile with one shift for all of it, dequantized in registers as the tensor cores' register operand; X_j holds
@@ -459,12 +459,8 @@ def _gemm_fields_kernel(xp_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count
                 w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]) * scale[:, None]
             else:
                 w = (_as_float(codes) - ZERO) * scale[:, None]
-            if PERMUTED:  # xp (codes per word, M, padded K / codes per word)
-                xj = tl.load(xp_ptr + j * stride_xj + offs_m[None, :] * stride_xm + offs_r[:, None],
-                             mask=mask_m[None, :] & mask_r[:, None], other=0.0)
-            else:  # x as given: every codes-per-word-th input from L1
-                xj = tl.load(xp_ptr + offs_m[None, :] * stride_xm + (offs_r * per_word + j)[:, None],
-                             mask=mask_m[None, :] & (offs_r * per_word + j < K)[:, None], other=0.0)
+            xj = tl.load(xp_ptr + j * stride_xj + offs_m[None, :] * stride_xm + offs_r[:, None],
+                         mask=mask_m[None, :] & mask_r[:, None], other=0.0)
             acc = tl.dot(w.to(xj.dtype), xj, acc, input_precision=PRECISION)
     y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
     mask_y = mask_m[None, :] & mask_n[:, None]
