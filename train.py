@@ -292,6 +292,8 @@ def train(args, given):
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     trained = model.base if isinstance(model, RotatedQAT) else model  # RotatedQAT trains its base's parameters
     optimizer = trained.configure_optimizers(args.weight_decay, args.learning_rate, (args.beta1, args.beta2), device_type)
+    if isinstance(model, RotatedQAT) and model.rotation_group() is not None:  # learned rotations (a resumed run)
+        optimizer.add_param_group(model.rotation_group())
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if "scaler" in checkpoint:
@@ -340,7 +342,7 @@ def train(args, given):
         if args.spinquant and is_rotated(model_args):  # the lr after the rotation (QAT_REWARM)
             lr = qat_lr(lr, iter_num, args.quantization_warmup_iters, args.warmup_iters)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         last = iter_num >= args.max_iters
         # evaluate and checkpoint; a resumed run does not repeat the evaluation its checkpoint was written after
         # (rank 0 evaluates and decides; every process hands it its random state for the checkpoint)

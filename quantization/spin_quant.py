@@ -561,6 +561,10 @@ QAT_DECAY_FOLDED = True    # weight decay on the matrices that absorbed LayerNor
 # where QAT's weights train after the switch: "original" (their own basis, the rotations applied in the forward pass:
 # RotatedQAT) or "rotated" (R1-R4 baked into new latent weights; the three settings above apply to it alone)
 QAT_BASIS = "original"
+# R1 and R2 trained on with the weights after the switch (QAT_BASIS "original"), as orthogonal parametrizations
+# (torch.nn.utils.parametrizations.orthogonal: base @ matrix_exp(A), A skew-symmetric, starting at 0) in a
+# parameter group of their own, without weight decay, at this multiple of the run's learning rate; 0: fixed
+QAT_LEARN_ROTATIONS = 0.0
 # rotate_for_qat's default: keep the rotations only when they clearly beat no rotation (False: always keep them, as
 # the benches do to measure the rotated QAT itself)
 QAT_SELECT = True
@@ -670,7 +674,7 @@ class RotatedQAT(nn.Module):
     them through a GPT with the run's activation quantizers and R4's online Hadamard. With the quantizers off it
     computes `base`'s logits. `checkpoint_state` bakes it into an ordinary rotated QAT checkpoint."""
 
-    def __init__(self, base, base_args, R1, R2):
+    def __init__(self, base, base_args, R1, R2, learn=None):
         super().__init__()
         cfg = base.config
         C, hd = cfg.n_embd, cfg.n_embd // cfg.n_head
@@ -686,8 +690,16 @@ class RotatedQAT(nn.Module):
         self.rotated.train(base.training)
         self.specs = {site: QuantSpec(**fields) for site, fields in base_args.get("weight_quant", {}).items()
                       if base_args.get("linear_variants", {}).get(site) == "quantized_linear"}
-        self.register_buffer("R1", R1.detach().to(device, torch.float32).clone())
-        self.register_buffer("R2", torch.stack([R.detach() for R in R2]).to(device, torch.float32))
+        R1 = R1.detach().to(device, torch.float32).clone()
+        R2 = torch.stack([R.detach() for R in R2]).to(device, torch.float32)
+        self.learn_rotations = QAT_LEARN_ROTATIONS if learn is None else learn
+        if self.learn_rotations:  # trained on with the weights (QAT_LEARN_ROTATIONS), kept orthogonal
+            self.R1, self.R2 = nn.Parameter(R1), nn.Parameter(R2)
+            nn.utils.parametrizations.orthogonal(self, "R1")
+            nn.utils.parametrizations.orthogonal(self, "R2")
+        else:
+            self.register_buffer("R1", R1)
+            self.register_buffer("R2", R2)
         self.register_buffer("R3", hadamard_matrix(hd, torch.float32).to(device))
         self.register_buffer("R4", hadamard_matrix(4 * C, torch.float32).t().contiguous().to(device))
         self.config = plain
@@ -730,15 +742,25 @@ class RotatedQAT(nn.Module):
         state = {k: v.detach().clone() for k, v in self.rotated_state(quantize=False).items()}
         return self.rotated_args, qat_model_state(GPTConfig(**self.rotated_args), state)
 
+    def rotation_group(self):
+        """The optimizer's parameter group for learned rotations (train.py scales its lr by lr_scale), or None."""
+        if not self.learn_rotations:
+            return None
+        return {"params": [self.parametrizations.R1.original, self.parametrizations.R2.original],
+                "weight_decay": 0.0, "lr_scale": float(self.learn_rotations)}
+
     def resume_state(self):
-        """What a resumed run needs to rebuild this model: base's model_args and weights, and R1 and R2."""
-        return {"model_args": self.base_args, "model": self.base.state_dict(), "R1": self.R1, "R2": self.R2}
+        """What a resumed run needs to rebuild this model: base's model_args and weights, R1 and R2 (as they are
+        now), and whether they are learned."""
+        return {"model_args": self.base_args, "model": self.base.state_dict(), "R1": self.R1.detach().clone(),
+                "R2": self.R2.detach().clone(), "learn_rotations": float(self.learn_rotations)}
 
     @classmethod
     def from_resume_state(cls, saved):
         base = GPT(GPTConfig(**saved["model_args"]))
         base.load_state_dict(saved["model"])
-        return cls(base, saved["model_args"], saved["R1"], list(saved["R2"].unbind(0)))
+        return cls(base, saved["model_args"], saved["R1"], list(saved["R2"].unbind(0)),
+                   learn=saved.get("learn_rotations", 0.0))
 
 
 def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, optimizer=None,
@@ -772,6 +794,8 @@ def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progre
             return (model, model_args, info) + ((optimizer,) if optimizer_args is not None else ())
     if QAT_BASIS == "original":
         out = (wrapped, dict(wrapped.rotated_args), info)
+        if optimizer is not None and wrapped.rotation_group() is not None:
+            optimizer.add_param_group(wrapped.rotation_group())
         return out + (optimizer,) if optimizer_args is not None else out
     device = next(model.parameters()).device
     rotated = {k: v.detach() for k, v in sq.rotated_state().items()}
