@@ -7,7 +7,9 @@
 #             --spinquant with the weights trained in the rotated basis (QAT_BASIS = "rotated", a fresh AdamW); both
 #             again with the rotations kept whatever the held-out choice (QAT_SELECT = False: "forced"); with
 #             VARIANTS=1 also, in the rotated basis: AdamW state carried + lr warm-up; fresh AdamW + lr warm-up; state
-#             carried without warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices
+#             carried without warm-up; carried + warm-up + no weight decay on the gain-absorbing matrices; with
+#             VARIANTS=learn, forced and in the original basis, R1/R2 trained on with the weights at 1x and 10x the lr
+#             (QAT_LEARN_ROTATIONS)
 #   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
 #   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
 #   baby      no GPU: the baby GPT preset trained 300 iterations on the CPU, then the W4A4KV4 PTQ table
@@ -67,13 +69,18 @@ if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
       --spinquant
     wait
   fi
+  if [ "$VARIANTS" = learn ]; then  # R1/R2 trained on with the weights after the switch (QAT_LEARN_ROTATIONS), forced
+    run cpu_spin_learn1_s$S "$F s.QAT_LEARN_ROTATIONS = 1.0" --spinquant &
+    run cpu_spin_learn10_s$S "$F s.QAT_LEARN_ROTATIONS = 10.0" --spinquant
+    wait
+  fi
   grep -H "step 1500\|spinquant rotations" $LOGS/train_cpu_qat_s$S.log $LOGS/train_cpu_spin*_s$S.log
 fi
 if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
   qat=""  # the QAT runs a qat phase left (none: the PTQ rows alone)
   [ -f out-sq/cpu_qat_s$S/ckpt.pt ] && qat="QAT W4A4KV4=out-sq/cpu_qat_s$S"
   [ -f out-sq/cpu_spin_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations=out-sq/cpu_spin_s$S"
-  for v in rotated forced forced_rotated carry_rewarm fresh_rewarm carry carry_rewarm_nodecay; do
+  for v in rotated forced forced_rotated carry_rewarm fresh_rewarm carry carry_rewarm_nodecay learn1 learn10; do
     [ -f out-sq/cpu_spin_${v}_s$S/ckpt.pt ] && qat="$qat,QAT W4A4KV4 + rotations ($v)=out-sq/cpu_spin_${v}_s$S"
   done
   qat=${qat#,}

@@ -408,6 +408,45 @@ def test_rotated_qat_trains_the_original_weights(tiny_trained):
     assert torch.equal(resumed(x[:, :-1], x[:, 1:])[0], wrapped(x[:, :-1], x[:, 1:])[0])
 
 
+def test_learned_qat_rotations_start_where_given_stay_orthogonal_and_resume(tiny_trained):
+    """QAT_LEARN_ROTATIONS: R1 and R2 start at the rotations given, train in a parameter group of their own (no weight
+    decay, train.py scales its lr by lr_scale), move, stay orthogonal, and a resumed run rebuilds them as trained."""
+    import copy
+    from dataclasses import asdict
+    from quantization.spin_quant import RotatedQAT
+    model, tokens = copy.deepcopy(tiny_trained[0]), tiny_trained[1]
+    args = {**asdict(model.config), "linear_variants": {s: "quantized_linear" for s in ("q", "mlp_down")},
+            "weight_quant": {s: {"method": "affine_quant", "bits": 3} for s in ("q", "mlp_down")}}
+    qat = GPT(GPTConfig(**args))
+    qat.load_state_dict(_latent_names(model.state_dict()))
+    C, hd, L = model.config.n_embd, model.config.n_embd // model.config.n_head, model.config.n_layer
+    g = torch.Generator().manual_seed(0)
+    R1 = torch.linalg.qr(torch.randn(C, C, generator=g, dtype=torch.float64))[0].float()
+    R2 = [torch.linalg.qr(torch.randn(hd, hd, generator=g, dtype=torch.float64))[0].float() for _ in range(L)]
+    wrapped = RotatedQAT(qat, args, R1, R2, learn=10.0)
+    assert (wrapped.R1 - R1).abs().max() < 1e-6 and (wrapped.R2 - torch.stack(R2)).abs().max() < 1e-6
+    assert RotatedQAT(copy.deepcopy(qat), args, R1, R2, learn=0.0).rotation_group() is None
+    group = wrapped.rotation_group()
+    assert group["weight_decay"] == 0.0 and group["lr_scale"] == 10.0
+    optimizer = torch.optim.AdamW(qat.parameters(), lr=1e-3)
+    optimizer.add_param_group(group)
+    x = torch.cat(_calibration(tokens, n=2))
+    wrapped.train()
+    for _ in range(3):
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = 1e-3 * param_group.get("lr_scale", 1.0)
+        optimizer.zero_grad()
+        wrapped(x[:, :-1], x[:, 1:])[1].backward()
+        optimizer.step()
+    assert (wrapped.R1 - R1).abs().max() > 1e-3 and (wrapped.R2 - torch.stack(R2)).abs().max() > 1e-3
+    for R in [wrapped.R1.detach(), *wrapped.R2.detach().unbind(0)]:
+        assert (R @ R.T - torch.eye(R.shape[0])).abs().max() < 1e-5
+    wrapped.eval()
+    resumed = RotatedQAT.from_resume_state(wrapped.resume_state()).eval()
+    assert resumed.learn_rotations == 10.0 and resumed.rotation_group() is not None
+    assert (resumed(x[:, :-1])[0] - wrapped(x[:, :-1])[0]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--n_embd=36", "--n_head=2"], "--spinquant with --n_embd=36"),
     (["--spinquant_steps=-1"], "--spinquant_steps=-1"),
