@@ -61,16 +61,6 @@ STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128
 GEMM_CONFIGS = [(128, 128, 64, 8, 3, 0, 0), (64, 128, 64, 4, 3, 0, 0), (128, 64, 64, 4, 3, 0, 0),
                 (256, 128, 64, 8, 3, 0, 0), (128, 128, 128, 8, 2, 0, 0), (64, 64, 128, 4, 4, 0, 0),
                 (128, 128, 64, 8, 3, 0, 1), (256, 128, 64, 8, 3, 0, 1)]
-# the GEMM in fields (gemm_fields): (BLOCK_M rows, BLOCK_N outputs, BLOCK_K, num_warps, num_stages, programs per
-# multiprocessor that split-K aims for (0: no split)); BLOCK_K grows to give each field at least 16 word rows (the
-# tensor cores' K step) and shrinks to divide the group size: where it cannot do both (2-bit codes in groups of
-# 128, say), these are no candidates
-FIELDS_CONFIGS = [(128, 128, 128, 8, 3, 0), (128, 128, 128, 4, 3, 0), (64, 128, 128, 4, 3, 0),
-                  (128, 64, 128, 4, 3, 0), (256, 128, 128, 8, 3, 0), (128, 128, 128, 8, 4, 0),
-                  (256, 64, 128, 4, 3, 0), (128, 128, 128, 8, 3, 1), (256, 128, 128, 8, 3, 1),
-                  (128, 128, 256, 8, 3, 0)]
-SMALL_FIELDS_CONFIGS = [(16, 64, 128, 4, 3, 4), (16, 128, 128, 4, 3, 4), (16, 64, 128, 4, 4, 8),
-                        (16, 128, 128, 8, 3, 2), (16, 64, 128, 4, 3, 0), (16, 64, 256, 4, 3, 4)]
 # 2 to 16 rows on the tensor cores (tl.dot needs 16 rows: the rest are masked), split-K to fill the GPU
 SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16, 64, 128, 4, 4, 8, 0),
                       (16, 128, 128, 4, 3, 2, 0), (16, 64, 128, 4, 3, 0, 0),
@@ -214,39 +204,6 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return y
 
 
-def gemm_fields(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
-    """The GEMM in fields (triton_kernels._gemm_fields_kernel): x permuted once per call so that the inputs of
-    field j of every word are contiguous, xp (codes per word, M, padded K / codes per word); counters as for gemm."""
-    block_m, block_n, block_k, warps, stages, split = config
-    m, k = x.shape
-    n = qweight.shape[1]
-    per_word = 32 // bits
-    k_pad = triton.cdiv(k, BLOCK) * BLOCK
-    xp = torch.nn.functional.pad(x, (0, k_pad - k)) if k_pad != k else x
-    xp = xp.view(m, k_pad // per_word, per_word).permute(2, 0, 1).contiguous()
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    if split:  # split K until about `split` programs per multiprocessor, each at least one K tile
-        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles), k_tiles))
-    else:
-        split = 1
-    per_split = triton.cdiv(k_tiles, split)
-    split = triton.cdiv(k_tiles, per_split)
-    if split > 1 and (counters is None or counters.numel() < tiles):
-        counters = torch.zeros(tiles, device=x.device, dtype=torch.int32)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    triton_kernels._gemm_fields_kernel[grid](
-        xp, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
-        counters if counters is not None else y, m, n, k, xp.stride(0), xp.stride(1), y.stride(0), blocks_per_group,
-        per_split * block_k // BLOCK,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-    return y
-
-
 def scratch(numel, device, dtype):
     """A buffer of at least numel elements shared by every layer's dequant_mm (calls on one stream run one after
     another); grown outside CUDA graph captures only (run() tunes before any capture sees the shape)."""
@@ -289,14 +246,9 @@ def candidates(m, group_size, bits=None):
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
-    fields = [] if bits == 3 else [
-        (gemm_fields, (bm, bn, bk, *rest)) for bm, bn, bk, *rest in
-        (SMALL_FIELDS_CONFIGS if m <= GEMV_MAX_ROWS else FIELDS_CONFIGS)
-        for bk in [_fit_k(max(bk, 16 * 32 // (bits or 4)), group_size)]
-        if interpreting() or bits is None or bk * bits // 32 >= 16]
     if m <= GEMV_MAX_ROWS:
-        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + fields + dequants
-    return gemms + fields + dequants
+        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
+    return gemms + dequants
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
@@ -400,7 +352,7 @@ def store_choice(name, pair):
 
 def bind(kernel, counters):
     """A split-K kernel with the layer's own arrival counters (PackedLinear.split_counters)."""
-    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm, gemm_fields) else kernel
+    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm) else kernel
 
 
 def _fastest(args, pairs, counters=None, weights=3):
