@@ -70,7 +70,8 @@ TRAINING_FLAGS = [
     ("deterministic", False, "deterministic kernels (torch.use_deterministic_algorithms, warning on ops that have "
      "none; slower): runs that differ in one flag then differ by that flag alone, not by the GPU's atomics"),
     # quantization, global
-    ("quantization_warmup_iters", 100, "iterations of full-precision training before the quantizers switch on"),
+    ("quantization_warmup_iters", 100, "iterations of full-precision training before the quantizers switch on "
+                                      "(a resumed run keeps its checkpoint's unless given)"),
     ("quantize_linear_method", "symmetric_quant", f"weight quantizer: {', '.join(METHODS)}"),
     ("quantize_linear_bits", 8, f"weight bits ({MIN_BITS}..{MAX_BITS}; ternary and binary ignore it)"),
     ("quantize_linear_granularity", "per_channel", "weight scale per_tensor, per_channel or per_group"),
@@ -336,8 +337,9 @@ QUANT_FLAG_PREFIXES = ("linear_variant_", "quantize_linear_", "quantize_attn_act
 
 
 def apply_resume(args, given, checkpoint):
-    """A resumed run keeps its dataset, architecture and quantization: a flag left out takes the checkpoint's
-    value; a flag given (command line or preset) that contradicts the checkpoint raises ConfigError."""
+    """A resumed run keeps its dataset, architecture, quantization and --quantization_warmup_iters: a flag left out
+    takes the checkpoint's value; a flag given (command line or preset) that contradicts the checkpoint's dataset,
+    architecture or quantization raises ConfigError."""
     model_args = checkpoint["model_args"]
     saved = {k: model_args[k] for k in RESUME_KEPT if k in model_args}
     saved["dataset"] = checkpoint.get("dataset") or checkpoint.get("config", {}).get("dataset")
@@ -348,6 +350,11 @@ def apply_resume(args, given, checkpoint):
             raise ConfigError(f"--{name}={getattr(args, name)} contradicts the checkpoint being resumed "
                               f"({name}={value}); leave the flag out, or train anew with --overwrite")
         setattr(args, name, value)
+    # ... and its schedule: the warm-up a QAT run was started with, unless given (the default would switch the
+    # quantizers off again, or on early)
+    warmup = checkpoint.get("config", {}).get("quantization_warmup_iters")
+    if warmup is not None and "quantization_warmup_iters" not in given:
+        args.quantization_warmup_iters = warmup
     quant_flags = sorted(n for n in given if n.startswith(QUANT_FLAG_PREFIXES))
     if quant_flags:
         quant = model_quant_config(args)

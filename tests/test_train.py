@@ -59,6 +59,20 @@ def test_quantization_switches_on_at_warmup_also_after_resume(char_data, tmp_pat
     assert logged == {i: i >= 8 for i in range(12)}
 
 
+def test_a_resumed_run_keeps_its_warmup_unless_given(char_data, tmp_path, quantized_forwards):
+    """--quantization_warmup_iters left out on resume: the checkpoint's (here 3), not the default (100), which would
+    train the rest of this run in full precision again."""
+    out = str(tmp_path)
+    common = TINY + QAT + [f"--out_dir={out}", "--eval_interval=3", "--lr_decay_iters=9"]
+    train_module.main(common + ["--max_iters=6", "--quantization_warmup_iters=3"])
+    quantized_forwards.clear()
+    train_module.main(common + ["--max_iters=9", "--init_from=resume"])
+    assert quantized_forwards == [True] * 3  # iterations 6..8
+    quantized_forwards.clear()
+    train_module.main(common + ["--max_iters=12", "--init_from=resume", "--quantization_warmup_iters=11"])
+    assert quantized_forwards == [False, False, True]  # given: iterations 9 and 10 in full precision
+
+
 def test_training_lowers_the_loss(char_data, tmp_path):
     train_in_process(tmp_path, *QAT, "--quantize_linear_bits=4", "--quantization_warmup_iters=50", "--max_iters=150",
           "--eval_interval=150", "--lr_decay_iters=150", "--learning_rate=3e-3")
