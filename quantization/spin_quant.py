@@ -752,15 +752,21 @@ class RotatedQAT(nn.Module):
     def resume_state(self):
         """What a resumed run needs to rebuild this model: base's model_args and weights, R1 and R2 (as they are
         now), and whether they are learned."""
-        return {"model_args": self.base_args, "model": self.base.state_dict(), "R1": self.R1.detach().clone(),
-                "R2": self.R2.detach().clone(), "learn_rotations": float(self.learn_rotations)}
+        saved = {"model_args": self.base_args, "model": self.base.state_dict(), "R1": self.R1.detach().clone(),
+                 "R2": self.R2.detach().clone(), "learn_rotations": float(self.learn_rotations)}
+        if self.learn_rotations:  # the parametrizations' own tensors: the optimizer's state refers to them
+            saved["parametrizations"] = self.parametrizations.state_dict()
+        return saved
 
     @classmethod
     def from_resume_state(cls, saved):
         base = GPT(GPTConfig(**saved["model_args"]))
         base.load_state_dict(saved["model"])
-        return cls(base, saved["model_args"], saved["R1"], list(saved["R2"].unbind(0)),
-                   learn=saved.get("learn_rotations", 0.0))
+        model = cls(base, saved["model_args"], saved["R1"], list(saved["R2"].unbind(0)),
+                    learn=saved.get("learn_rotations", 0.0))
+        if "parametrizations" in saved:
+            model.parametrizations.load_state_dict(saved["parametrizations"])
+        return model
 
 
 def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progress=False, optimizer=None,

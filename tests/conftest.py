@@ -1,4 +1,5 @@
 """Shared test fixtures: the char-level data is prepared once, and tiny models are trained once per session."""
+import json
 import os
 import subprocess
 import sys
@@ -143,3 +144,9 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def read_log(out_dir):
+    """train.py's JSON log (out_dir/log.jsonl), one record per line."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]

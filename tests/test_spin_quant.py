@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from inference import load_checkpoint
-from conftest import TINY, run_main, train_in_process
+from conftest import TINY, read_log, run_main, train_in_process
 from model import GPT, GPTConfig
 from quantization.fold import fold_norms
 from quantization.hf import from_pretrained
@@ -441,10 +441,37 @@ def test_learned_qat_rotations_start_where_given_stay_orthogonal_and_resume(tiny
     assert (wrapped.R1 - R1).abs().max() > 1e-3 and (wrapped.R2 - torch.stack(R2)).abs().max() > 1e-3
     for R in [wrapped.R1.detach(), *wrapped.R2.detach().unbind(0)]:
         assert (R @ R.T - torch.eye(R.shape[0])).abs().max() < 1e-5
+    # resumed: the same parametrizations, so the optimizer's state (saved and loaded with them) goes on exactly
+    resumed = RotatedQAT.from_resume_state(copy.deepcopy(wrapped.resume_state()))
+    assert resumed.learn_rotations == 10.0
+    assert torch.equal(resumed.R1, wrapped.R1) and torch.equal(resumed.R2, wrapped.R2)
+    for mine, theirs in zip(resumed.rotation_group()["params"], group["params"]):
+        assert torch.equal(mine, theirs)
     wrapped.eval()
-    resumed = RotatedQAT.from_resume_state(wrapped.resume_state()).eval()
-    assert resumed.learn_rotations == 10.0 and resumed.rotation_group() is not None
-    assert (resumed(x[:, :-1])[0] - wrapped(x[:, :-1])[0]).abs().max() < 1e-4
+    resumed.eval()
+    assert torch.equal(resumed(x[:, :-1])[0], wrapped(x[:, :-1])[0])
+
+
+def test_train_with_learned_rotations_resumes_exactly(char_data, tmp_path, capsys, monkeypatch):
+    """train.py --spinquant with QAT_LEARN_ROTATIONS: the rotations train in their own group at lr x lr_scale, and a
+    run stopped after the switch and resumed logs the losses of the uninterrupted run."""
+    import quantization.spin_quant as spin_quant
+    monkeypatch.setattr(spin_quant, "CLEAR_Z", -math.inf)
+    monkeypatch.setattr(spin_quant, "QAT_LEARN_ROTATIONS", 10.0)
+    flags = ["--quantization_warmup_iters=4", "--eval_interval=6", "--lr_decay_iters=10", "--dropout=0.1",
+             "--linear_variant_mlp=quantized_linear", "--quantize_linear_bits=4", "--quantize_mlp_act_input",
+             "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token", "--spinquant",
+             "--spinquant_steps=2", "--spinquant_nsamples=8"]
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    train_in_process(whole, "--max_iters=10", *flags)
+    train_in_process(part, "--max_iters=6", *flags)
+    train_in_process(part, "--max_iters=10", "--init_from=resume", *flags)
+    assert "kept rotations" in capsys.readouterr().out
+    groups = load_checkpoint(part)["optimizer"]["param_groups"]
+    assert groups[-1]["lr_scale"] == 10.0 and groups[-1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    losses = lambda d: {r["iter"]: r["loss"] for r in read_log(d) if "loss" in r}
+    expected, got = losses(whole), losses(part)
+    assert [got[i] for i in range(6, 10)] == [expected[i] for i in range(6, 10)]
 
 
 @pytest.mark.parametrize("flags, named", [

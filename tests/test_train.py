@@ -1,5 +1,4 @@
 """train.py end to end on tiny models: the warm-up switch, learning, exact resumption, DDP, bad input."""
-import json
 import os
 import signal
 import subprocess
@@ -11,16 +10,11 @@ import torch
 
 import train as train_module
 from bench.ddp_scaling import worker_pid
-from conftest import ROOT, TINY, run_main, train, train_in_process
+from conftest import ROOT, TINY, read_log, run_main, train, train_in_process
 from model import GPT
 from quantization.layers import FakeQuantize
 
 QAT = ["--linear_variant_attn=quantized_linear", "--linear_variant_mlp=quantized_linear"]
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture
