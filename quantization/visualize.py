@@ -21,8 +21,10 @@ import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __name__ == "__main__" and ROOT not in sys.path:  # run as a command: python quantization/<this>.py
-    sys.path.insert(0, ROOT)
+if __name__ == "__main__":  # run as a command (python quantization/<this>.py): import from the root, not from
+    # quantization/ itself, whose kernels/ would shadow the `kernels` package that transformers looks for
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
 
 import matplotlib  # noqa: E402
 
