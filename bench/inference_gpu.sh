@@ -8,7 +8,7 @@
 #   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, kernels_goal,
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
-#                                          # prefill, peer_large, binary_decode, choices_124m
+#                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -22,7 +22,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -108,6 +108,15 @@ for PART in $PARTS; do
         run 280 python bench/decode.py --shapes=gpt2_124m,gpt2_6.7b --formats=bf16,W1,RB2 --modes=compiled \
             --batches=1 --out="$R/decode_${GPU}_binary.md"
         run 100 python bench/residual_binary_check.py ;;
+    ncu_small)  # Nsight Compute on one cold call of the one-row kernel (the launcher's config) and of tinygemm,
+                # GPT-2's four layer shapes (ncu must be on PATH)
+        for sc in 768x3072:32,32,0,8,0 768x2304:32,32,0,8,0 768x768:8,32,0,8,0 3072x768:8,128,0,16,0; do
+            for kernel in _stream_gemv_kernel tinygemm; do
+                run 120 ncu --kernel-name "regex:$kernel" --launch-skip 3 --launch-count 1 --section SpeedOfLight \
+                    --section LaunchStats --section Occupancy --section WarpStateStats --section SchedulerStats \
+                    --section MemoryWorkloadAnalysis python bench/ncu_one_row.py --shape="${sc%%:*}" --config="${sc#*:}"
+            done
+        done ;;
     choices_124m)  # the launcher's choices file: the same W4 decode twice with a new file, the warm-up column of
                    # the second run read from it (tokens/s should not move)
         F=$(mktemp -d)/kernel_choices.json
