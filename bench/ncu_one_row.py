@@ -28,13 +28,18 @@ def main():
     args = p.parse_args()
     try:
         k, n = map(int, args.shape.split("x"))
+    except ValueError:
+        sys.exit(f"ncu_one_row.py: error: --shape={args.shape!r}: expected IN x OUT, e.g. 768x3072")
+    try:
         config = tuple(int(v) for v in args.config.split(","))
     except ValueError:
-        sys.exit(f"ncu_one_row.py: error: --shape={args.shape!r} / --config={args.config!r}: expected INxOUT and "
-                 f"five comma-separated integers")
-    if len(config) != 5 or args.calls < 1:
-        sys.exit(f"ncu_one_row.py: error: --config={args.config!r}: expected five integers (BLOCK_N, BLOCK_B, split, "
-                 f"warps, prefetch); --calls at least 1")
+        config = ()
+    if len(config) != 5:
+        sys.exit(f"ncu_one_row.py: error: --config={args.config!r}: expected five comma-separated integers (BLOCK_N, "
+                 f"BLOCK_B, split, warps, prefetch)")
+    if args.calls < 1 or min(k, n) < 1:
+        sys.exit(f"ncu_one_row.py: error: --calls={args.calls} --shape={args.shape}: expected at least one call and "
+                 f"positive widths")
     if not torch.cuda.is_available():
         sys.exit("ncu_one_row.py: error: needs a CUDA GPU")
     torch.manual_seed(0)

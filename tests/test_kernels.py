@@ -348,6 +348,7 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
 
 
 @pytest.mark.parametrize("flags, named", [(["--shape=768"], "--shape="), (["--config=1,2"], "--config="),
+                                          (["--config=a"], "--config="), (["--calls=0"], "--calls=0"),
                                           ([], "needs a CUDA GPU")])
 def test_the_ncu_script_refuses_bad_flags_and_no_gpu_in_one_line(flags, named):
     if torch.cuda.is_available() and not flags:
