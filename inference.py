@@ -1,7 +1,8 @@
 """Loading a checkpoint for inference, and the device and precision choice: what sample.py, perplexity.py, hf.py,
 the demos and train.py share (scripts import this module, never each other). The layer over model.py: a checkpoint
 (checkpoint.py) becomes a GPT here, its packed weights dequantized or kept packed (quantization/kernels), its q, k
-and v joined for decoding (fuse_qkv), its fake-quantized weights frozen.
+and v joined for decoding (fuse_qkv) and its GELU left to a packed up projection's kernel (fuse_gelu), its
+fake-quantized weights frozen.
 
     model = from_checkpoint("out")                                  # a folder, a ckpt.pt, or a loaded dict
 
@@ -223,4 +224,21 @@ def fuse_qkv(model):
         if qkv is not None:
             attn.qkv, attn.q, attn.k, attn.v = qkv, None, None, None
             fused += 1
+    return fused
+
+
+def fuse_gelu(model):
+    """Inference: each MLP whose up projection can apply the GELU itself (a PackedLinear: the kernel that writes its
+    output applies it) hands it over, so that a decode step has no GELU kernel of its own; MLPs with an activation
+    quantizer or transform around the GELU keep theirs. The state dict does not change. Returns how many MLPs were
+    fused."""
+    fused = 0
+    for block in model.transformer.h:
+        mlp = block.mlp
+        sites = [mlp.act[site] for site in ("activation_input", "activation_output")]
+        if mlp.gelu_in_up or not hasattr(mlp.mlp_up, "gelu") or any(a.spec is not None or a.transform is not None
+                                                                     for a in sites):
+            continue
+        mlp.mlp_up.gelu, mlp.gelu_in_up = mlp.gelu_approximate, True
+        fused += 1
     return fused

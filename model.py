@@ -120,15 +120,17 @@ class CausalSelfAttention(nn.Module):
 
     def cached_attention(self, q, k, v, input_pos, visible=None):
         """Attention of the new tokens at input_pos over every token in the cache up to them (visible: that mask,
-        (T, cache length), which GPT computes once for all layers). The activation sites see only the new tokens'
-        rows (their per_tensor ranges cover this step's tokens); K and V are quantized as they enter the cache
-        (KVCache); the softmax input's masked scores are zeroed before quantizing, which widens neither a
-        symmetric nor an affine range."""
+        (T, cache length), True where seen, or as GPT.embed computes it once for all layers, added to the scores:
+        0 where seen, -inf elsewhere). The activation sites see only the new tokens' rows (their per_tensor ranges
+        cover this step's tokens); K and V are quantized as they enter the cache (KVCache); the softmax input's
+        masked scores are zeroed before quantizing, which widens neither a symmetric nor an affine range."""
         k, v = self.kv_cache.update(input_pos, k, v)
         if visible is None:
             visible = self.causal[input_pos, :k.size(2)]
         if not any(self.act[site].active for site in ATTN_INNER_SITES):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        if visible.dtype != torch.bool:
+            visible = visible == 0
         att = (self.act["qk_mult_q_input"](q) @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         att = self.act["softmax_input"](att.masked_fill(~visible, 0.0)).masked_fill(~visible, float("-inf"))
         y = self.act["pv_mult_p_input"](F.softmax(att, dim=-1)) @ v
@@ -144,10 +146,13 @@ class MLP(nn.Module):
         self.act = act_sites(config, "mlp")
         self.dropout = nn.Dropout(config.dropout)
         self.gelu_approximate = config.gelu_approximate
+        self.gelu_in_up = False  # inference.fuse_gelu: mlp_up applies the GELU itself (a packed kernel's epilogue)
 
     def forward(self, x):
         x = self.mlp_up(self.act["input"](x))
-        x = self.act["activation_output"](F.gelu(self.act["activation_input"](x), approximate=self.gelu_approximate))
+        if not self.gelu_in_up:
+            x = self.act["activation_output"](F.gelu(self.act["activation_input"](x),
+                                                     approximate=self.gelu_approximate))
         return self.act["output"](self.dropout(self.mlp_down(x)))
 
 
@@ -250,8 +255,10 @@ class GPT(nn.Module):
 
     def embed(self, idx, input_pos=None, wte=None):
         """The blocks' input for tokens idx (batch, T) at positions input_pos (default 0..T-1), and with
-        input_pos the (T, cache length) mask of the cached positions each token sees (None without). wte: the
-        token embedding weight as token_embedding_weight() gives it (computed here if not given)."""
+        input_pos the (T, cache length) mask of the cached positions each token sees, as the attention adds it to
+        its scores (0 where seen, -inf elsewhere, in the dtype the attention runs in: made once here, not by every
+        layer), None without. wte: the token embedding weight as token_embedding_weight() gives it (computed here if
+        not given)."""
         t = idx.size(1)
         assert t <= self.config.block_size, f"sequence of length {t} is longer than block_size {self.config.block_size}"
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device) if input_pos is None else input_pos
@@ -260,7 +267,10 @@ class GPT(nn.Module):
         if input_pos is None:
             return x, None
         cached = torch.arange(self.transformer.h[0].attn.kv_cache.max_len, device=idx.device)
-        return x, cached[None, :] <= input_pos[:, None]
+        device = idx.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        hidden = torch.full((t, cached.numel()), float("-inf"), dtype=dtype, device=idx.device)
+        return x, hidden.masked_fill(cached[None, :] <= input_pos[:, None], 0.0)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]

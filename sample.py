@@ -5,7 +5,8 @@ import torch
 
 from cli import BoolFlag, OneLineParser
 from generate import generate
-from inference import KERNEL_CHOICES, autocast_context, freeze_quantized_weights, fuse_qkv, load_model, resolve_device
+from inference import (KERNEL_CHOICES, autocast_context, freeze_quantized_weights, fuse_gelu, fuse_qkv, load_model,
+                       resolve_device)
 from safety import check_device, finite_float
 
 
@@ -67,6 +68,7 @@ def main(argv=None):
         sys.exit(f"sample.py: error: --out_dir={args.out_dir}: {e}")
     freeze_quantized_weights(model)
     fuse_qkv(model)  # one matmul (or packed kernel) for q, k and v where the three layers can be joined
+    fuse_gelu(model)  # packed up projections apply the GELU in their kernel
     start = args.start
     if start.startswith("FILE:"):
         try:

@@ -22,7 +22,9 @@ so that "vs tinygemm" is known for each packed row. RB2 is residual binary with 
 their scales per output; quantization/binary_linear.py), one row of x through its Triton GEMV
 (kernels/binary_bitwise.py), several (the prompt, batch 16) through its dequantized weight and cuBLAS. Each
 attention layer computes q, k and v as one layer (inference.fuse_qkv, as sample.py does); --qkv=fused,separate adds
-the rows of three layers beside them.
+the rows of three layers beside them. A packed model's MLP leaves its GELU to the up projection's kernel
+(inference.fuse_gelu, as sample.py does); --gelu=fused,separate adds the rows with a GELU kernel of its own (bf16 and
+tinygemm have no such fusion: their rows are the same either way, and run once).
 """
 import argparse
 import gc
@@ -34,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, reset_compiled  # noqa: E402
-from inference import fuse_qkv  # noqa: E402
+from inference import fuse_gelu, fuse_qkv  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
@@ -71,9 +73,10 @@ def parse_list(value, allowed, flag):
     return items
 
 
-def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused"):
+def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused", gelu="fused"):
     """A random-weight model of the shape, in dtype, its linears packed for a packed format, its q, k and v joined
-    into one layer (inference.fuse_qkv, as sample.py does) unless qkv is "separate"."""
+    into one layer (inference.fuse_qkv, as sample.py does) unless qkv is "separate", its GELU applied by packed up
+    projections (inference.fuse_gelu) unless gelu is "separate"."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -92,6 +95,8 @@ def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused"):
     if fmt == PEER:  # the W4 codes, through PyTorch's int4 kernel (raises TinyGemmUnsupported with the reason)
         from quantization.kernels.tinygemm import tinygemm_model
         model = tinygemm_model(model)
+    if gelu == "fused":  # after tinygemm's conversion: its layers take no activation
+        fuse_gelu(model)
     return model
 
 
@@ -107,11 +112,12 @@ def format_spec(shape, fmt):
     return spec
 
 
-def format_label(shape, fmt, qkv="fused"):
+def format_label(shape, fmt, qkv="fused", gelu="fused"):
     spec = format_spec(shape, fmt)
     changed = spec is not None and spec.granularity == "per_group" and spec.group_size != FORMATS[fmt]["group_size"]
     label = f"{fmt} (group {spec.group_size})" if changed else fmt
-    return label if qkv == "fused" else f"{label}, q/k/v apart"
+    label = label if qkv == "fused" else f"{label}, q/k/v apart"
+    return label if gelu == "fused" else f"{label}, GELU apart"
 
 
 def weight_bytes(model):
@@ -192,17 +198,31 @@ def check(args, dtype):
         lines.append(f"check ({args.shapes[0]}, float32, batch 2, {n} greedy tokens): cached {mode} agrees with "
                      f"the uncached forward on {agree:.0%} of tokens" + ("" if agree == 1 else "  <-- MISMATCH"))
     del model
+    # the GELU in the packed up projection's kernel (fuse_gelu) against a GELU of its own, W4 in float32
+    model = build(args.shapes[0], "W4", args.device, torch.float32, args.vocab_size, args.block_size, gelu="separate")
+    reference, logits = generate(model, prompt, n, temperature=0, use_cache=False), model(prompt, prompt)[0]
+    fuse_gelu(model)
+    error = ((model(prompt, prompt)[0] - logits).abs().max() / logits.abs().max()).item()
+    lines.append(f"check ({args.shapes[0]}, W4, float32): logits with the GELU in the up projection's kernel within "
+                 f"{error:.1e} of a GELU kernel of its own" + ("" if error < 1e-4 else "  <-- MISMATCH"))
+    for mode in args.modes:
+        tokens = generate(model, prompt, n, temperature=0, compile=MODES[mode])
+        agree = (tokens[:, args.prompt_len:] == reference[:, args.prompt_len:]).float().mean().item()
+        lines.append(f"check ({args.shapes[0]}, W4, float32, batch 2, {n} greedy tokens): cached {mode}, GELU in the "
+                     f"kernel, agrees with the uncached forward, GELU apart, on {agree:.0%} of tokens"
+                     + ("" if agree == 1 else "  <-- MISMATCH"))
+    del model
     return lines
 
 
-def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed):
-    """The rows of one model (shape, weight format, q/k/v fused or not): every mode and batch."""
+def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu="fused"):
+    """The rows of one model (shape, weight format, q/k/v fused or not, GELU fused or not): every mode and batch."""
     from quantization.kernels.tinygemm import TinyGemmUnsupported
     dtype_name = str(dtype).split(".")[-1]
     try:
-        model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size, qkv)
+        model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size, qkv, gelu)
     except (ImportError, TinyGemmUnsupported) as e:
-        row = f"| {shape} | {format_label(shape, fmt, qkv)} | - | - | skipped: {e} | | | | | | |"
+        row = f"| {shape} | {format_label(shape, fmt, qkv, gelu)} | - | - | skipped: {e} | | | | | | |"
         rows.append(row)
         print(row, flush=True)
         gc.collect()
@@ -216,7 +236,7 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
             try:
                 speed, peak, warm_s = measure(model, batch, mode, args)
             except RuntimeError as e:  # one row fails (a compile or CUDA graph error): say so, go on
-                row = (f"| {shape} | {format_label(shape, fmt, qkv)} | {mode} | {batch} | failed: "
+                row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu)} | {mode} | {batch} | failed: "
                        f"{str(e).splitlines()[0][:120]} | | | | | | |")
                 rows.append(row)
                 print(row, flush=True)
@@ -230,7 +250,7 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
             ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
             vs_peer = f"{speed / peer_speed[key]:.2f}" if key in peer_speed and fmt not in ("bf16", PEER) else "-"
             share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
-            row = (f"| {shape} | {format_label(shape, fmt, qkv)} | {mode} | {batch} | {speed:,.0f} | {ratio} | "
+            row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu)} | {mode} | {batch} | {speed:,.0f} | {ratio} | "
                    f"{vs_peer} | {share} | {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
             rows.append(row)
             print(row, flush=True)
@@ -249,6 +269,8 @@ def main(argv=None):
     p.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     p.add_argument("--qkv", default="fused", help="comma-separated subset of fused (q, k and v as one layer, "
                    "GPT.fuse_qkv, as sample.py runs) and separate (three layers)")
+    p.add_argument("--gelu", default="fused", help="comma-separated subset of fused (packed up projections apply the "
+                   "GELU, inference.fuse_gelu, as sample.py runs) and separate (a GELU kernel of its own)")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--vocab_size", type=int, default=50304)
@@ -264,6 +286,7 @@ def main(argv=None):
     args.formats = sorted(parse_list(args.formats, FORMATS, "formats"), key=order.index)
     args.modes = parse_list(args.modes, MODES, "modes")
     args.qkv = parse_list(args.qkv, ("fused", "separate"), "qkv")
+    args.gelu = parse_list(args.gelu, ("fused", "separate"), "gelu")
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         assert all(b >= 1 for b in args.batches)
@@ -303,9 +326,10 @@ def main(argv=None):
         with open(out, "w") as f:
             f.write(text + "\n")
 
-    models = [(shape, fmt, qkv) for shape in args.shapes for fmt in args.formats for qkv in args.qkv]
-    for i, (shape, fmt, qkv) in enumerate(models):
-        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed)
+    models = [(shape, fmt, qkv, gelu) for shape in args.shapes for fmt in args.formats for qkv in args.qkv
+              for gelu in (args.gelu if fmt not in ("bf16", PEER) else ["fused"])]
+    for i, (shape, fmt, qkv, gelu) in enumerate(models):
+        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu)
         write(done=i == len(models) - 1)
     print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
     print(f"wrote {out}")

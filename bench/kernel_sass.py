@@ -33,7 +33,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch):
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "stride_xm": "i32", "stride_ym": "i32", "blocks_per_group": "i32", "blocks_per_split": "i32"}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
-                     BLOCK_B=block_b, PREFETCH=prefetch)
+                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}
@@ -56,7 +56,7 @@ def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch):
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in GEMM_SAMPLE}}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=False, PRECISION="tf32",
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack))
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0)
     signature.update({name: "constexpr" for name in constants})
     specialized = {p.name for p in fn.params if not p.do_not_specialize}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)

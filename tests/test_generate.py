@@ -14,7 +14,7 @@ from checkpoint import save_checkpoint
 from functools import partial
 
 from generate import KVCache, chained_step, finish_step, generate, setup_cache
-from inference import freeze_quantized_weights, fuse_qkv, load_model, use_kernels
+from inference import freeze_quantized_weights, fuse_gelu, fuse_qkv, load_model, use_kernels
 from model import ACT_SITES, LINEAR_SITES, GPT, Block, GPTConfig
 from quantization.quantizers import QuantSpec, fake_quant
 from quantization.packing import save_packed
@@ -217,6 +217,29 @@ def test_fuse_qkv_leaves_layers_that_cannot_be_joined():
     torch.testing.assert_close(attn.qkv(x), separate, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fuse_gelu_hands_the_gelu_to_packed_up_projections(approximate):
+    """inference.fuse_gelu: packed up projections apply the GELU (on the CPU, after the dequantize path); the same
+    logits and greedy tokens, the same state dict; an MLP with a quantizer at the GELU, or a float up projection,
+    keeps its GELU."""
+    pytest.importorskip("triton")
+    from quantization.kernels import pack_model
+    assert fuse_gelu(build()) == 0  # float layers take no activation
+    model = pack_model(build(gelu_approximate=approximate), QuantSpec("affine_quant", 4, "per_group", 16))
+    idx = torch.randint(TINY["vocab_size"], (2, 8))
+    before, tokens, state = model(idx, idx)[0], generate(model, idx[:, :4], 10, temperature=0), model.state_dict()
+    assert fuse_gelu(model) == TINY["n_layer"] and fuse_gelu(model) == 0  # once
+    mlp = model.transformer.h[0].mlp
+    assert mlp.gelu_in_up and mlp.mlp_up.gelu == approximate and mlp.mlp_down.gelu is None
+    torch.testing.assert_close(model(idx, idx)[0], before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(generate(model, idx[:, :4], 10, temperature=0), tokens)
+    assert model.state_dict().keys() == state.keys()
+    sites = act_quant(skip=("softmax_input", "activation_output"))
+    quantized = pack_model(build(act_quant={"mlp_activation_input": sites["mlp_activation_input"]}),
+                           QuantSpec("affine_quant", 4, "per_group", 16))
+    assert fuse_gelu(quantized) == 0 and quantized.transformer.h[0].mlp.mlp_up.gelu is None
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, char_data):
     """A float and a packed (RTN W4) checkpoint of a random tiny model: {kind: folder}."""
@@ -269,22 +292,25 @@ def test_sample_cached_equals_uncached(checkpoints, capsys):
 
 def test_decode_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
     """bench/decode.py's table on a tiny shape (the GPU run reports speeds): every format, q/k/v fused and
-    separate, and its one-line error for a bad list."""
+    separate, the GELU fused and apart (packed formats only), and its one-line error for a bad list."""
     from bench import decode
     from conftest import run_main
     out = tmp_path / "decode.md"
     assert run_main(decode.main, "--shapes=tiny", "--device=cpu", "--modes=eager", "--new_tokens=3", "--vocab_size=256",
                     "--block_size=64", "--profile=3",
-                    "--batches=1,2", "--formats=bf16,W4,W1", "--qkv=fused,separate", f"--out={out}") is None
+                    "--batches=1,2", "--formats=bf16,W4,W1", "--qkv=fused,separate", "--gelu=fused,separate",
+                    f"--out={out}") is None
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    packed = [f"{w}{q}{g}" for w in ("W4", "W1") for q in ("", ", q/k/v apart") for g in ("", ", GELU apart")]
     assert [(r[1].strip(), r[3].strip()) for r in rows] == [
-        (label, batch) for label in ("bf16", "bf16, q/k/v apart", "W4", "W4, q/k/v apart", "W1", "W1, q/k/v apart")
-        for batch in ("1", "2")]
+        (label, batch) for label in ["bf16", "bf16, q/k/v apart"] + packed for batch in ("1", "2")]
     assert all(float(r[4].replace(",", "")) > 0 for r in rows) and rows[0][5].strip() == "1.00"
     assert "incomplete" not in out.read_text()
     assert capsys.readouterr().out.count("profile (eager, batch ") == len(rows)
     error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--qkv=fused,joined")
     assert error is not None and "--qkv=fused,joined: expected a comma-separated subset of fused, separate" in error
+    error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--gelu=erf")
+    assert error is not None and "--gelu=erf: expected a comma-separated subset of fused, separate" in error
 
 
 def test_the_gpu_script_names_a_bad_part_or_a_missing_gpu_in_one_line(tmp_path):

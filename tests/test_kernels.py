@@ -155,6 +155,81 @@ def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_spli
     assert not bad, bad
 
 
+GELU_EPILOGUE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.nn.functional as F
+from quantization.kernels import PackedLinear, ops
+from quantization.quantizers import QuantSpec
+torch.manual_seed(0)
+out = []
+for method, bits, granularity, group_size in json.loads(sys.argv[2]):
+    w, b = torch.randn(37, 128), torch.randn(37)
+    layer = PackedLinear.from_float(w, QuantSpec(method, bits, granularity, group_size), b)
+    blocks = group_size // 32 if group_size else 4
+    args = (layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const)
+    c = layer.split_counters
+    calls = {1: [("stream_gemv", ops.stream_gemv, (64, 4, 0, 4, 1), {}),
+                 ("stream_gemv split-K", ops.stream_gemv, (64, 1, 16, 4, 0), dict(counters=c))],
+             20: [("gemm", ops.gemm, (16, 64, 32, 4, 1, 0, 1), {}),
+                  ("gemm split-K", ops.gemm, (16, 64, 32, 4, 1, 64), dict(counters=c)),
+                  ("gemv", ops.gemv, (64, 2, 1, 4), {}), ("gemv split-K", ops.gemv, (64, 1, 4, 4), {}),
+                  ("dequant_mm", ops.dequant_mm, (1, 64, 2), {})]}
+    for rows, kernels in calls.items():
+        x = torch.randn(rows, 128) * 2
+        linear = x.double() @ layer.dequantized_weight().double().T + b.double()
+        for approximate in ("none", "tanh"):
+            expected = F.gelu(linear, approximate=approximate)
+            for name, kernel, config, kw in kernels:
+                x_in = x[:16] if kernel is ops.gemv else x  # the GEMV takes at most 16 rows
+                y = kernel(x_in, *args, config, activation=ops.ACTIVATIONS[approximate], **kw)
+                err = ((y.double() - expected[:len(x_in)]).abs().max() / expected.abs().max()).item()
+                out.append([method, bits, rows, approximate, name, err, int(c.abs().sum())])
+            layer.gelu = approximate  # the layer's own call: the launcher's default kernel
+            y = layer(x)
+            layer.gelu = None
+            err = ((y.double() - expected).abs().max() / expected.abs().max()).item()
+            out.append([method, bits, rows, approximate, "layer", err, 0])
+print(json.dumps(out))
+"""
+
+
+def test_the_kernels_apply_the_gelu_as_they_write_the_output():
+    """The GELU epilogue (inference.fuse_gelu) of every kernel family, exact and tanh, against float64 F.gelu of the
+    float64 matmul; split-K too (the last program activates the sum; the atomic GEMV leaves it to the launcher)."""
+    pytest.importorskip("triton")
+    specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", GELU_EPILOGUE, ROOT, json.dumps(specs)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(specs) * 2 * (3 + 6)
+    assert {r[4] for r in rows} == {"stream_gemv", "stream_gemv split-K", "gemm", "gemm split-K", "gemv",
+                                    "gemv split-K", "dequant_mm", "layer"}
+    bad = [r for r in rows if not (r[5] < 1e-5 and r[6] == 0)]
+    assert not bad, bad
+
+
+def test_a_packed_linear_with_outliers_applies_the_gelu_after_them():
+    """On the CPU (the dequantize path), and with sparse outliers (added after the kernel): F.gelu of the sum."""
+    import torch.nn.functional as F
+    from quantization.packing import unpack_weight
+    torch.manual_seed(0)
+    w, x = torch.randn(12, 64), torch.randn(3, 64)
+    sparse = torch.zeros_like(w)
+    sparse[2, 5] = 9.0
+    record = _record(w, QuantSpec("affine_quant", 3, "per_group", 32, outlier_fraction=0.01), sparse)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 12))
+    bias = model[0].bias.detach().clone()
+    convert_to_packed(model, {"0": record})
+    model[0].gelu = "tanh"
+    expected = F.gelu(x @ unpack_weight(record).T + bias, approximate="tanh")
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    assert "gelu=tanh" in repr(model[0])
+
+
 @pytest.mark.parametrize("method,bits,granularity,group_size", SPECS)
 def test_the_layout_dequantizes_exactly_to_the_reference(method, bits, granularity, group_size):
     spec = QuantSpec(method, bits, granularity, group_size)

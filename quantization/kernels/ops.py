@@ -2,8 +2,9 @@
 on the first call, as a CUDA graph of back-to-back calls over copies of the weights: the time a decode step or a
 benchmark sees), split-K, and a torch custom op so that torch.compile sees one opaque call per layer.
 
-    matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters) -> y
-    (the custom op packed_matmul under torch.compile, a plain call in eager mode)
+    matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters, activation) -> y
+    (the custom op packed_matmul under torch.compile, a plain call in eager mode; activation: ACTIVATIONS[gelu],
+    the GELU applied to y by the kernel that writes it)
     kernel_refusal(x, bits, group_size) -> None (a kernel runs), "" (the CPU: silent fallback) or a reason
 
 The choices persist across processes in a JSON file (choices_file(): $NANOQAT_KERNEL_CACHE, by default
@@ -72,6 +73,8 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
 # of triton_kernels._dequant_words_kernel (unpacked on the store side: at about 80% of the copy bandwidth on an H200,
 # bench/results/kernels_profile_h200_prefill.md)
 DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8)]
+# the epilogue activation of a call: F.gelu's `approximate` (None: none) -> the kernels' ACT code (_activate)
+ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -115,6 +118,13 @@ def note_once(message):
         print(f"PackedLinear: {message}", file=sys.stderr)
 
 
+def activate(y, activation):
+    """The epilogue activation (an ACTIVATIONS code) in PyTorch, for the paths whose last kernel is not ours."""
+    if activation == 0:
+        return y
+    return torch.nn.functional.gelu(y, approximate="none" if activation == 1 else "tanh")
+
+
 def multiprocessors(device):
     """Streaming multiprocessors of a CUDA device, which split-K aims to fill (1 elsewhere: the interpreter)."""
     return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device()) \
@@ -126,7 +136,7 @@ def _multiprocessor_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0):
     block_n, block_b, split, warps = config
     m, k = x.shape
     n = qweight.shape[1]
@@ -144,11 +154,12 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y,
         m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, num_warps=warps)
-    return y.to(x.dtype)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=block_b, ACT=0 if atomic else activation, num_warps=warps)
+    return activate(y, activation).to(x.dtype) if atomic else y
 
 
-def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
+def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
+                activation=0):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given."""
     block_n, block_b, split, warps, prefetch = config
@@ -171,11 +182,11 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), num_warps=warps)
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, num_warps=warps)
     return y
 
 
-def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None):
+def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None, activation=0):
     """counters as for stream_gemv: at least one per (BLOCK_M, BLOCK_N) tile of y when K is split."""
     block_m, block_n, block_k, warps, stages, split = config[:6]
     unpack = config[6] if len(config) > 6 else 0
@@ -200,7 +211,8 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
         per_split * block_k // BLOCK,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=activation, num_warps=warps,
+        num_stages=stages)
     return y
 
 
@@ -215,7 +227,7 @@ def scratch(numel, device, dtype):
     return buffer[:numel]
 
 
-def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config):
+def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0):
     """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
     dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
     block_b, block_n, warps = config
@@ -225,9 +237,8 @@ def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const
     triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
         qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps)
-    if bias is None:
-        return torch.mm(x, w)
-    return torch.addmm(bias.to(x.dtype), x, w)
+    y = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
+    return activate(y, activation)
 
 
 def _fit_k(block_k, group_size):
@@ -251,8 +262,10 @@ def candidates(m, group_size, bits=None):
     return gemms + dequants
 
 
-def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
-    """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest (kernel, config) of a small set."""
+def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None, activation=0):
+    """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest (kernel, config) of a small set, then
+    the activation (an ACTIVATIONS code) applied by the kernel that writes y. The choice of a shape does not depend
+    on the activation (a few instructions per output, the same in every config)."""
     m = x.shape[0]
     blocks_per_group = group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
     args = (x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const)
@@ -263,7 +276,8 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
         pairs = candidates(m, group_size, bits)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             kernel, config = pairs[0]
-            return bind(kernel, counters)(*args, config)  # no timing on the CPU or inside a CUDA graph capture
+            # no timing on the CPU or inside a CUDA graph capture
+            return bind(kernel, counters, activation)(*args, config)
         name = stored_name(key)
         _best[key] = stored_choice(name, pairs)
         if _best[key] is None:
@@ -271,7 +285,7 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
             store_choice(name, _best[key])
     kernel, config = _best[key]
     last_choice.update(kernel=kernel.__name__, config=config)
-    return bind(kernel, counters)(*args, config)
+    return bind(kernel, counters, activation)(*args, config)
 
 
 def choices_file():
@@ -350,9 +364,12 @@ def store_choice(name, pair):
         note_once(f"cannot write {path} ({e.strerror}); kernel choices are kept for this process only")
 
 
-def bind(kernel, counters):
-    """A split-K kernel with the layer's own arrival counters (PackedLinear.split_counters)."""
-    return functools.partial(kernel, counters=counters) if kernel in (stream_gemv, gemm) else kernel
+def bind(kernel, counters, activation=0):
+    """A kernel with the call's activation, a split-K kernel with the layer's own arrival counters
+    (PackedLinear.split_counters)."""
+    if kernel in (stream_gemv, gemm):
+        return functools.partial(kernel, counters=counters, activation=activation)
+    return functools.partial(kernel, activation=activation) if activation else kernel
 
 
 def _fastest(args, pairs, counters=None, weights=3):
@@ -407,12 +424,12 @@ def replay_time(calls, warmup=5, rep=25):
 
 def _packed_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-                   zero_const: float, counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   zero_const: float, counters: Optional[torch.Tensor] = None, activation: int = 0) -> torch.Tensor:
     # counters are written during the call and back to zero at its end: not a mutation the graph sees
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = run(x2, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters)
+    y = run(x2, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters, activation)
     return y.reshape(*x.shape[:-1], qweight.shape[1])
 
 
@@ -421,7 +438,7 @@ packed_matmul = torch.library.custom_op("nanoqat::packed_matmul", _packed_matmul
 
 
 @packed_matmul.register_fake
-def _(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None):
+def _(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None, activation=0):
     return x.new_empty((*x.shape[:-1], qweight.shape[1]))
 
 

@@ -27,6 +27,9 @@ class PackedLinear(nn.Module):
         # allocated when the module moves to the GPU, never inside a CUDA graph's memory pool
         self.register_buffer("split_counters", torch.zeros(-(-self.out_features // ops.BLOCK), dtype=torch.int32),
                              persistent=False)
+        # a GELU applied to the output (F.gelu's `approximate`: "none" or "tanh"; None: no activation), by the kernel
+        # that writes it where it can (inference.fuse_gelu: a decode step saves the GELU's own kernel)
+        self.gelu = None
 
     @classmethod
     def from_record(cls, record, bias=None):
@@ -77,9 +80,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x):
         refusal = ops.kernel_refusal(x, self.bits, self.group_size)
+        fused = self.sparse is None and refusal is None  # the kernel applies the GELU (after the outliers: not it)
         if refusal is None:
             y = ops.matmul(x, self.qweight, self.scale, self.zero, self.bias, self.bits, self.group_size,
-                           self.in_features, self.zero_const, self.split_counters)
+                           self.in_features, self.zero_const, self.split_counters,
+                           ops.ACTIVATIONS[self.gelu] if fused else 0)
         else:
             ops.say_once(refusal)
             bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -89,11 +94,14 @@ class PackedLinear(nn.Module):
         if self.sparse is not None:  # + x @ S^T, the outliers through torch.sparse
             outliers = torch.sparse.mm(self.sparse, x.reshape(-1, self.in_features).t().float()).t()
             y = y + outliers.to(y.dtype).reshape(y.shape)
+        if self.gelu is not None and not fused:
+            y = F.gelu(y, approximate=self.gelu)
         return y
 
     def extra_repr(self):
         groups = f"group {self.group_size}" if self.group_size else "per channel"
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {groups}"
+        gelu = "" if self.gelu is None else f", gelu={self.gelu}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {groups}{gelu}"
 
 
 def _replace(model, name, make):

@@ -41,6 +41,19 @@ def _field(word, shift: tl.constexpr, width: tl.constexpr):
 
 
 @triton.jit
+def _activate(y, ACT: tl.constexpr):
+    """The epilogue's activation of float32 outputs: ACT 0 none, 1 GELU (erf), 2 GELU's tanh approximation (tanh
+    written through exp: 1 - 2 / (1 + e^2u), exact at both ends)."""
+    if ACT == 1:
+        return 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        return 0.5 * y * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * inner)))
+    else:
+        return y
+
+
+@triton.jit
 def _code3(low0, low1, high, i: tl.constexpr):
     """Code i (0-31) of 3-bit blocks as float32: its low two bits from the 2-bit plane (words low0, low1), its high
     bit from the 1-bit plane."""
@@ -55,7 +68,9 @@ def _code3(low0, low1, high, i: tl.constexpr):
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+                 ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                 ACT: tl.constexpr):
+    """ACT (_activate) only without ATOMIC: split-K partial sums are activated by the launcher afterwards."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -109,7 +124,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
     if ATOMIC:
         tl.atomic_add(y_ptrs, y, mask=mask_y)
     else:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_y)
+        tl.store(y_ptrs, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 @triton.jit
@@ -168,7 +183,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         blocks_per_group, blocks_per_split,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        PREFETCH: tl.constexpr, ACT: tl.constexpr):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -182,7 +197,9 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     SPLIT (split-K over grid axis 1): each program stores its float32 partial sums in the workspace ws and counts
     itself in count (one counter per row and BLOCK_N outputs); the last to arrive adds the partials (loaded
     SPLIT_CHUNK at a time, in a fixed order: deterministic), writes y in its own dtype and sets the counter back to
-    0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards."""
+    0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards.
+    ACT: the activation applied to y (bias added) before it is written (_activate): a GELU after the layer costs no
+    kernel of its own."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -270,12 +287,12 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                                     mask=(ks < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg"), 0)
             if HAS_BIAS:
                 y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(y_ptrs, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_n)
             tl.atomic_xchg(counter, 0)
     else:
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(y_ptrs, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -373,11 +390,12 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, ACT: tl.constexpr):
     """A (BLOCK_M, BLOCK_N) tile of y per program over the K range of its split (grid axis 2: blocks_per_split
     blocks of 32 codes each, a whole number of K tiles). SPLIT: the partial tiles are added as in
     _stream_gemv_kernel (workspace, arrival counter per tile, the last program adds them in split order), which
-    gives a few-row problem (decode at batch 2 to 16) enough programs to stream the weights at full bandwidth."""
+    gives a few-row problem (decode at batch 2 to 16) enough programs to stream the weights at full bandwidth.
+    ACT: the activation of the output tile (_activate), as in _stream_gemv_kernel."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -416,9 +434,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
                 acc += tl.load(ws_ptr + k * M * N + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+            tl.store(y_ptrs, _activate(acc, ACT).to(y_ptr.dtype.element_ty), mask=mask_y)
             tl.atomic_xchg(counter, 0)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+        tl.store(y_ptrs, _activate(acc, ACT).to(y_ptr.dtype.element_ty), mask=mask_y)
