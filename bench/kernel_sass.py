@@ -24,7 +24,7 @@ def fail(message):
     sys.exit(f"kernel_sass.py: error: {message}")
 
 
-def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch):
+def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,7 +33,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch):
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "stride_xm": "i32", "stride_ym": "i32", "blocks_per_group": "i32", "blocks_per_split": "i32"}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
-                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0)
+                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}
@@ -56,13 +56,20 @@ def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch):
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in GEMM_SAMPLE}}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=False, PRECISION="tf32",
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0)
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0, PDL=False)
     signature.update({name: "constexpr" for name in constants})
     specialized = {p.name for p in fn.params if not p.do_not_specialize}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
              if signature[name].startswith("*") or (name in specialized and GEMM_SAMPLE.get(name, 1) % 16 == 0)}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+
+
+def loads_before_wait(ptx):
+    """Global loads a compiled kernel issues before it waits for the earlier kernels (griddepcontrol.wait, PDL), or
+    None where it does not wait."""
+    at = ptx.find("griddepcontrol.wait")
+    return None if at < 0 else ptx[:at].count("ld.global")
 
 
 def gemm_loads(ttgir):
@@ -112,6 +119,8 @@ def main():
                    "ops.STREAM_CONFIGS)")
     p.add_argument("--split", type=int, default=1, choices=(0, 1), help="compile the split-K epilogue (1) or not")
     p.add_argument("--prefetch", type=int, default=1, choices=(0, 1), help="compile the prefetch of the next step")
+    p.add_argument("--pdl", type=int, default=0, choices=(0, 1), help="compile the programmatic dependent launch "
+                   "(1): the table then says how many global loads come before the wait for the earlier kernels")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (90: H100/H200)")
     p.add_argument("--show", action="store_true", help="also print the main loop's instructions")
     args = p.parse_args()
@@ -139,17 +148,19 @@ def main():
         gemm_table(bits, args.arch, args.show)
         return
     print(f"| bits | BLOCK_N x BLOCK_B x warps | loop instructions | codes per thread per step | per code | "
-          f"registers | most frequent |")
-    print("|---:|---|---:|---:|---:|---:|---|")
+          f"registers | most frequent |" + (" loads before the PDL wait |" if args.pdl else ""))
+    print("|---:|---|---:|---:|---:|---:|---|" + ("---:|" if args.pdl else ""))
     for b in bits:
         for block_n, block_b, warps in configs:
-            kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch)
+            kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch,
+                                    bool(args.pdl))
             code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)
             codes = block_n * block_b * 32 // (32 * warps)
             top = collections.Counter(opcode(t) for t in loop).most_common(5)
             print(f"| {b} | {block_n}x{block_b}x{warps} | {len(loop)} | {codes} | {len(loop) / codes:.2f} | "
-                  f"{registers} | {', '.join(f'{k} {v}' for k, v in top)} |", flush=True)
+                  f"{registers} | {', '.join(f'{k} {v}' for k, v in top)} |"
+                  + (f" {loads_before_wait(kernel.asm['ptx'])} |" if args.pdl else ""), flush=True)
             if args.show:
                 print("\n".join(loop))
 

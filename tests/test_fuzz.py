@@ -631,11 +631,17 @@ def test_damaged_gguf_files_are_refused_by_name(bpe_data, tmp_path, capsys):
     files += [tmp_path / "truncated.gguf", tmp_path / "header_only.gguf"]
     cases = Cases(capsys)
     imp, ft = tmp_path / "imp", tmp_path / "ft"
+    # every file through the importer; train.py reads a GGUF with the same read_gguf, so it is given one file of
+    # each kind of damage (a read takes about 1.4 s: gguf's reader parses the 50k-token vocabulary)
+    through_train = {"block_count_2", "ffn_up_wrong", "missing_position", "nan_weight", "truncated"}
     for path in files:
         cases.refused(gguf_export.main, ["import", f"--gguf={path}", f"--out_dir={imp}"], [str(path)], absent=[imp])
-        cases.refused(train_script.main, [f"--out_dir={ft}", "--dataset=shakespeare", f"--init_from={path}",
-                                          "--device=cpu", "--max_iters=1", "--eval_iters=1", "--batch_size=2",
-                                          "--block_size=16"], [str(path)], absent=[ft])
+        if path.stem in through_train:
+            cases.refused(train_script.main, [f"--out_dir={ft}", "--dataset=shakespeare", f"--init_from={path}",
+                                              "--device=cpu", "--max_iters=1", "--eval_iters=1", "--batch_size=2",
+                                              "--block_size=16"], [str(path)], absent=[ft])
+            through_train.remove(path.stem)
+    assert not through_train, through_train  # each name is one of the damaged files
     cases.check()
 
 

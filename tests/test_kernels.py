@@ -460,6 +460,18 @@ def test_the_one_row_kernel_spends_about_two_instructions_per_int4_code():
     assert bad.returncode != 0 and len(lines) == 1 and "--bits='5'" in lines[0], bad.stderr
 
 
+def test_with_dependent_launch_the_one_row_kernel_loads_its_words_before_waiting():
+    """Programmatic dependent launch (ops.dependent_launch, on Hopper): the kernel compiled for sm_90 waits for the
+    earlier kernels (griddepcontrol.wait) after loading the first step's words (four for int4) and before any other
+    global load (x, scales, the split-K workspace); without PDL it never waits."""
+    pytest.importorskip("triton")
+    from bench.kernel_sass import compile_stream, loads_before_wait
+    for prefetch, loads in ((True, 4), (False, 0)):
+        ptx = compile_stream(4, 32, 32, 8, True, prefetch, 90, pdl=True).asm["ptx"]
+        assert loads_before_wait(ptx) == loads and "griddepcontrol.launch_dependents" in ptx
+    assert loads_before_wait(compile_stream(4, 32, 32, 8, True, True, 90).asm["ptx"]) is None
+
+
 def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():
     pytest.importorskip("triton")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_sass.py"), "--bits=1",

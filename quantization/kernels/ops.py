@@ -44,7 +44,10 @@ ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16,
                     (8, 128, 0, 4, 0), (8, 128, 0, 2, 0),
                     (8, 32, 0, 4, 0), (8, 32, 0, 8, 0), (16, 32, 0, 8, 0), (8, 128, 0, 8, 0), (16, 128, 0, 8, 0),
                     (8, 32, 0, 16, 0), (16, 32, 0, 16, 0), (32, 32, 0, 8, 0), (8, 128, 0, 16, 0),
-                    (16, 128, 0, 16, 0)]
+                    (16, 128, 0, 16, 0),
+                    # the winners above with their words loaded before the loop: under programmatic dependent
+                    # launch (dependent_launch) that load overlaps the end of the kernel before
+                    (32, 32, 0, 8, 1), (8, 32, 0, 8, 1), (8, 128, 0, 8, 1), (8, 128, 0, 16, 1), (16, 128, 0, 16, 1)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
 # no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)). The last
 # six before ONE_STEP_CONFIGS are for small layers (weights in L2, a few microseconds): narrow column tiles give
@@ -125,6 +128,20 @@ def activate(y, activation):
     return torch.nn.functional.gelu(y, approximate="none" if activation == 1 else "tanh")
 
 
+def dependent_launch(device):
+    """Whether the kernels launch with programmatic dependent launch (PDL: each may start while the kernel before it
+    finishes, loading its weights meanwhile; triton_kernels._after_earlier_kernels): on CUDA GPUs of compute
+    capability 9 or more (Hopper), unless NANOQAT_PDL=0 (to measure without it)."""
+    if device.type != "cuda" or os.environ.get("NANOQAT_PDL", "1") == "0":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index):
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def multiprocessors(device):
     """Streaming multiprocessors of a CUDA device, which split-K aims to fill (1 elsewhere: the interpreter)."""
     return _multiprocessor_count(device.index if device.index is not None else torch.cuda.current_device()) \
@@ -176,13 +193,15 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     if split > 1 and (counters is None or counters.numel() < tiles * m):
         counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
+    pdl = dependent_launch(x.device)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     triton_kernels._stream_gemv_kernel[(tiles, split, m)](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, num_warps=warps)
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl,
+        launch_pdl=pdl, num_warps=warps)
     return y
 
 
@@ -205,14 +224,15 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    pdl = dependent_launch(x.device)
     triton_kernels._gemm_kernel[grid](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group,
         per_split * block_k // BLOCK,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=activation, num_warps=warps,
-        num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=activation, PDL=pdl,
+        launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -234,9 +254,11 @@ def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const
     m, k = x.shape
     n = qweight.shape[1]
     w = scratch(k * n, x.device, x.dtype).view(k, n)
+    pdl = dependent_launch(x.device)
     triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
         qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, num_warps=warps)
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, PDL=pdl,
+        launch_pdl=pdl, num_warps=warps)
     y = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
     return activate(y, activation)
 

@@ -41,6 +41,17 @@ def _field(word, shift: tl.constexpr, width: tl.constexpr):
 
 
 @triton.jit
+def _after_earlier_kernels(PDL: tl.constexpr):
+    """Programmatic dependent launch (PDL, Hopper and later; the launcher passes launch_pdl): this kernel may start
+    while the kernel before it finishes. Everything above this call must read only what no earlier kernel writes (the
+    weights); here it waits until the earlier kernels' writes (x, and the buffers it is about to write) are done,
+    and lets the next kernel launch in turn."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _activate(y, ACT: tl.constexpr):
     """The epilogue's activation of float32 outputs: ACT 0 none, 1 GELU (erf), 2 GELU's tanh approximation (tanh
     written through exp: 1 - 2 / (1 + e^2u), exact at both ends)."""
@@ -183,7 +194,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         blocks_per_group, blocks_per_split,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                        PREFETCH: tl.constexpr, ACT: tl.constexpr):
+                        PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -199,7 +210,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     SPLIT_CHUNK at a time, in a fixed order: deterministic), writes y in its own dtype and sets the counter back to
     0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards.
     ACT: the activation applied to y (bias added) before it is written (_activate): a GELU after the layer costs no
-    kernel of its own."""
+    kernel of its own. PDL: launched before the kernel that writes x has finished (_after_earlier_kernels); with
+    PREFETCH the first step's words are loaded before the wait, so their round trip overlaps that kernel's end."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -213,6 +225,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         mask_w = (offs_b < last)[:, None] & mask_n[None, :]
         w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
         n0, n1, n2, n3, n4, n5, n6, n7 = _words(w_ptrs, N, mask_w, BITS)
+    _after_earlier_kernels(PDL)
     for b0 in range(first, last, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < last
@@ -343,13 +356,14 @@ def _code_tile(w_ptr, k0, offs_n, mask_n, N, num_blocks, BITS: tl.constexpr, BLO
 @triton.jit(do_not_specialize=["K", "stride_wk"])
 def _dequant_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_per_group,
                           BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, BLOCK_B: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """The whole weight, transposed, (K, N) in out's dtype: (code - zero) * scale. For prefill through cuBLAS
     (ops.dequant_mm): written once into a reused scratch, then one bf16 GEMM. Unpacked on the store side: a program
     loads the words of BLOCK_B blocks of 32 codes x BLOCK_N outputs once (a (BLOCK_B, BLOCK_N) tile per word of a
     block), with one scale (and zero point) per block, and writes each code of a block to its own row of out,
     k = 32 * block + code: one coalesced store per code, no reshape, no load per code. Bound by memory: it reads the
-    packed bytes once and writes the weight once."""
+    packed bytes once and writes the weight once. PDL: the scales and the first words are loaded before waiting for
+    the earlier kernels (the matmul before may still read the scratch this writes)."""
     pid_b, pid_n = tl.program_id(0), tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -367,14 +381,20 @@ def _dequant_words_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wk, blocks_
         low0 = tl.load(w_ptrs, mask=mask_w, other=0)
         low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
         high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
+        _after_earlier_kernels(PDL)
         for i in tl.static_range(BLOCK):
             w = (_code3(low0, low1, high, i) - zero) * scale
             tl.store(out_ptrs + i * stride_wk, w.to(out_ptr.dtype.element_ty),
                      mask=mask_w & (offs_b * BLOCK + i < K)[:, None])
     else:
         per_word: tl.constexpr = 32 // BITS
+        first_word = tl.load(w_ptrs, mask=mask_w, other=0)
+        _after_earlier_kernels(PDL)
         for v in tl.static_range(BITS):
-            word = tl.load(w_ptrs + v * N, mask=mask_w, other=0)
+            if v == 0:
+                word = first_word
+            else:
+                word = tl.load(w_ptrs + v * N, mask=mask_w, other=0)
             for j in tl.static_range(per_word):
                 i = v * per_word + j
                 w = (_as_float(_field(word, j * BITS, BITS)) - zero) * scale
@@ -390,12 +410,13 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, ACT: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
     """A (BLOCK_M, BLOCK_N) tile of y per program over the K range of its split (grid axis 2: blocks_per_split
     blocks of 32 codes each, a whole number of K tiles). SPLIT: the partial tiles are added as in
     _stream_gemv_kernel (workspace, arrival counter per tile, the last program adds them in split order), which
     gives a few-row problem (decode at batch 2 to 16) enough programs to stream the weights at full bandwidth.
-    ACT: the activation of the output tile (_activate), as in _stream_gemv_kernel."""
+    ACT: the activation of the output tile (_activate), as in _stream_gemv_kernel. PDL: waits for the earlier kernels
+    before its loop (_after_earlier_kernels): their end overlaps this kernel's launch."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -404,6 +425,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
     k_first = pid_k * blocks_per_split * BLOCK
     k_last = tl.minimum(k_first + blocks_per_split * BLOCK, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    _after_earlier_kernels(PDL)
     for k0 in range(k_first, k_last, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
