@@ -240,6 +240,25 @@ def test_fuse_gelu_hands_the_gelu_to_packed_up_projections(approximate):
     assert fuse_gelu(quantized) == 0 and quantized.transformer.h[0].mlp.mlp_up.gelu is None
 
 
+def test_the_compiled_decode_asks_inductor_for_dependent_launch_on_cuda_only(monkeypatch):
+    """generate.dependent_launch: inductor's triton.enable_pdl inside the compiled decode on CUDA (inductor itself
+    leaves it out on GPUs without it), nothing on the CPU, and TORCHINDUCTOR_ENABLE_PDL, when set, decides."""
+    from torch._inductor import config
+    from generate import dependent_launch
+    if not hasattr(config.triton, "enable_pdl"):
+        pytest.skip("this torch has no inductor PDL")
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    before = config.triton.enable_pdl
+    with dependent_launch("cuda"):
+        assert config.triton.enable_pdl is True
+    assert config.triton.enable_pdl == before
+    with dependent_launch("cpu"):
+        assert config.triton.enable_pdl == before
+    monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "0")
+    with dependent_launch("cuda"):
+        assert config.triton.enable_pdl == before
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, char_data):
     """A float and a packed (RTN W4) checkpoint of a random tiny model: {kind: folder}."""

@@ -78,6 +78,9 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
 DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8)]
 # the epilogue activation of a call: F.gelu's `approximate` (None: none) -> the kernels' ACT code (_activate)
 ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
+# PDL for layers of fewer bytes of codes than this: on an H200 it sped GPT-2 124M's decode (layers of 0.3-1.2 MiB)
+# and slowed the 6.7B shape's (8-22 MiB; bench/results/pdl_h200/README.md)
+PDL_MAX_BYTES = 8 * 2**20
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -128,11 +131,14 @@ def activate(y, activation):
     return torch.nn.functional.gelu(y, approximate="none" if activation == 1 else "tanh")
 
 
-def dependent_launch(device):
-    """Whether the kernels launch with programmatic dependent launch (PDL: each may start while the kernel before it
-    finishes, loading its weights meanwhile; triton_kernels._after_earlier_kernels): on CUDA GPUs of compute
-    capability 9 or more (Hopper), unless NANOQAT_PDL=0 (to measure without it)."""
+def dependent_launch(device, qweight):
+    """Whether a layer's kernels launch with programmatic dependent launch (PDL: each may start while the kernel
+    before it finishes, loading its weights meanwhile; triton_kernels._after_earlier_kernels): on CUDA GPUs of
+    compute capability 9 or more (Hopper), for layers of fewer than PDL_MAX_BYTES of codes, unless NANOQAT_PDL=0
+    (to measure without it)."""
     if device.type != "cuda" or os.environ.get("NANOQAT_PDL", "1") == "0":
+        return False
+    if qweight.numel() * qweight.element_size() >= PDL_MAX_BYTES:
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
@@ -193,7 +199,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     if split > 1 and (counters is None or counters.numel() < tiles * m):
         counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
-    pdl = dependent_launch(x.device)
+    pdl = dependent_launch(x.device, qweight)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     triton_kernels._stream_gemv_kernel[(tiles, split, m)](
@@ -224,7 +230,7 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
-    pdl = dependent_launch(x.device)
+    pdl = dependent_launch(x.device, qweight)
     triton_kernels._gemm_kernel[grid](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group,
@@ -254,7 +260,7 @@ def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const
     m, k = x.shape
     n = qweight.shape[1]
     w = scratch(k * n, x.device, x.dtype).view(k, n)
-    pdl = dependent_launch(x.device)
+    pdl = dependent_launch(x.device, qweight)
     triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
         qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, PDL=pdl,
