@@ -8,7 +8,8 @@
 #   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, kernels_goal,
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
-#                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small
+#                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
+#                                          # launch
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -22,7 +23,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -124,6 +125,19 @@ for PART in $PARTS; do
             NANOQAT_KERNEL_CACHE=$F run 200 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4,RB2 \
                 --modes=compiled --batches=1 --out="$R/decode_${GPU}_124m_choices$i.md"
         done ;;
+    launch)  # the GELU in the up projection's kernel and programmatic dependent launch (PDL), against bf16 and
+             # tinygemm: the 124M decode with the GELU fused and apart (checked first), then without our kernels'
+             # PDL (NANOQAT_PDL=0) and without any (TORCHINDUCTOR_ENABLE_PDL=0 too); the 6.7B shape and GPT-2 XL
+        run 280 python bench/decode.py --shapes=gpt2_124m --formats=bf16,tinygemm,W4 --modes=compiled --batches=1,16 \
+            --check --gelu=fused,separate --out="$R/decode_${GPU}_124m_launch.md"
+        NANOQAT_PDL=0 run 100 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 --modes=compiled \
+            --batches=1,16 --out="$R/decode_${GPU}_124m_launch_no_kernel_pdl.md"
+        NANOQAT_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 run 100 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 \
+            --modes=compiled --batches=1,16 --out="$R/decode_${GPU}_124m_launch_no_pdl.md"
+        run 250 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,tinygemm,W4 --modes=compiled --batches=1,16 \
+            --out="$R/decode_${GPU}_6.7b_launch.md"
+        run 220 python bench/decode.py --shapes=gpt2_xl --formats=bf16,tinygemm,W4 --modes=compiled --batches=1,16 \
+            --out="$R/decode_${GPU}_xl_launch.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
