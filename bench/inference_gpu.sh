@@ -9,7 +9,7 @@
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
-#                                          # launch
+#                                          # launch, launch_large
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,7 +23,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -127,13 +127,14 @@ for PART in $PARTS; do
         done ;;
     launch)  # the GELU in the up projection's kernel and programmatic dependent launch (PDL), against bf16 and
              # tinygemm: the 124M decode with the GELU fused and apart (checked first), then without our kernels'
-             # PDL (NANOQAT_PDL=0) and without any (TORCHINDUCTOR_ENABLE_PDL=0 too); the 6.7B shape and GPT-2 XL
+             # PDL (NANOQAT_PDL=0) and without any (TORCHINDUCTOR_ENABLE_PDL=0 too)
         run 280 python bench/decode.py --shapes=gpt2_124m --formats=bf16,tinygemm,W4 --modes=compiled --batches=1,16 \
             --check --gelu=fused,separate --out="$R/decode_${GPU}_124m_launch.md"
         NANOQAT_PDL=0 run 100 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 --modes=compiled \
             --batches=1,16 --out="$R/decode_${GPU}_124m_launch_no_kernel_pdl.md"
         NANOQAT_PDL=0 TORCHINDUCTOR_ENABLE_PDL=0 run 100 python bench/decode.py --shapes=gpt2_124m --formats=bf16,W4 \
-            --modes=compiled --batches=1,16 --out="$R/decode_${GPU}_124m_launch_no_pdl.md"
+            --modes=compiled --batches=1,16 --out="$R/decode_${GPU}_124m_launch_no_pdl.md" ;;
+    launch_large)  # as launch, on the 6.7B shape and GPT-2 XL, with every switch on
         run 250 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,tinygemm,W4 --modes=compiled --batches=1,16 \
             --out="$R/decode_${GPU}_6.7b_launch.md"
         run 220 python bench/decode.py --shapes=gpt2_xl --formats=bf16,tinygemm,W4 --modes=compiled --batches=1,16 \
