@@ -236,9 +236,9 @@ def fuse_gelu(model):
     for block in model.transformer.h:
         mlp = block.mlp
         sites = [mlp.act[site] for site in ("activation_input", "activation_output")]
-        if mlp.gelu_in_up or not hasattr(mlp.mlp_up, "gelu") or any(a.spec is not None or a.transform is not None
-                                                                     for a in sites):
-            continue
-        mlp.mlp_up.gelu, mlp.gelu_in_up = mlp.gelu_approximate, True
+        if getattr(mlp.mlp_up, "gelu", "") is not None or any(a.spec is not None or a.transform is not None
+                                                               for a in sites):
+            continue  # fused already, a layer that cannot apply it, or a quantizer at the GELU
+        mlp.mlp_up.gelu = mlp.gelu_approximate
         fused += 1
     return fused

@@ -146,11 +146,10 @@ class MLP(nn.Module):
         self.act = act_sites(config, "mlp")
         self.dropout = nn.Dropout(config.dropout)
         self.gelu_approximate = config.gelu_approximate
-        self.gelu_in_up = False  # inference.fuse_gelu: mlp_up applies the GELU itself (a packed kernel's epilogue)
 
     def forward(self, x):
         x = self.mlp_up(self.act["input"](x))
-        if not self.gelu_in_up:
+        if getattr(self.mlp_up, "gelu", None) is None:  # else mlp_up applies it (inference.fuse_gelu)
             x = self.act["activation_output"](F.gelu(self.act["activation_input"](x),
                                                      approximate=self.gelu_approximate))
         return self.act["output"](self.dropout(self.mlp_down(x)))

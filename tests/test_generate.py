@@ -230,10 +230,13 @@ def test_fuse_gelu_hands_the_gelu_to_packed_up_projections(approximate):
     before, tokens, state = model(idx, idx)[0], generate(model, idx[:, :4], 10, temperature=0), model.state_dict()
     assert fuse_gelu(model) == TINY["n_layer"] and fuse_gelu(model) == 0  # once
     mlp = model.transformer.h[0].mlp
-    assert mlp.gelu_in_up and mlp.mlp_up.gelu == approximate and mlp.mlp_down.gelu is None
+    assert mlp.mlp_up.gelu == approximate and mlp.mlp_down.gelu is None
     torch.testing.assert_close(model(idx, idx)[0], before, atol=1e-5, rtol=1e-5)
     assert torch.equal(generate(model, idx[:, :4], 10, temperature=0), tokens)
     assert model.state_dict().keys() == state.keys()
+    for block in model.transformer.h:  # an up projection that no longer applies it (replaced, say): the MLP does
+        block.mlp.mlp_up.gelu = None
+    torch.testing.assert_close(model(idx, idx)[0], before, atol=1e-5, rtol=1e-5)
     sites = act_quant(skip=("softmax_input", "activation_output"))
     quantized = pack_model(build(act_quant={"mlp_activation_input": sites["mlp_activation_input"]}),
                            QuantSpec("affine_quant", 4, "per_group", 16))
