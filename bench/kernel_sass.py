@@ -6,8 +6,8 @@ instructions of its main loop against the codes one thread handles per step.
     python bench/kernel_sass.py --bits=4 --configs=128x4x4 --show   # one kernel, and its loop's instructions
     python bench/kernel_sass.py --kernel=gemm --bits=4                # the GEMM: are x and the words copied ahead?
 
-A config here is BLOCK_N x BLOCK_B x num_warps (the split, prefetch and stages of ops.STREAM_CONFIGS are set by
---split, --prefetch and --stages). The count is static (one pass of the loop body), a measure of work, not of time.
+A config here is BLOCK_N x BLOCK_B x num_warps (the split and prefetch of ops.STREAM_CONFIGS are set by --split
+and --prefetch). The count is static (one pass of the loop body), a measure of work, not of time.
 """
 import argparse
 import collections
@@ -24,7 +24,7 @@ def fail(message):
     sys.exit(f"kernel_sass.py: error: {message}")
 
 
-def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False, stages=None):
+def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -33,7 +33,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "stride_xm": "i32", "stride_ym": "i32", "blocks_per_group": "i32", "blocks_per_split": "i32"}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
-                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl, STAGES=stages)
+                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}
@@ -121,8 +121,6 @@ def main():
     p.add_argument("--prefetch", type=int, default=1, choices=(0, 1), help="compile the prefetch of the next step")
     p.add_argument("--pdl", type=int, default=0, choices=(0, 1), help="compile the programmatic dependent launch "
                    "(1): the table then says how many global loads come before the wait for the earlier kernels")
-    p.add_argument("--stages", type=int, default=0, help="compile the loop software-pipelined in this many stages "
-                   "(the sixth field of a config; 0: not pipelined)")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (90: H100/H200)")
     p.add_argument("--show", action="store_true", help="also print the main loop's instructions")
     args = p.parse_args()
@@ -145,7 +143,7 @@ def main():
         if any(len(c) != 3 for c in configs):
             fail(f"--configs={args.configs!r}: expected BLOCK_NxBLOCK_Bxwarps, e.g. 128x4x4")
     else:
-        configs = sorted({(c[0], c[1], c[3]) for c in ops.STREAM_CONFIGS})
+        configs = sorted({(n, b, w) for n, b, _, w, _ in ops.STREAM_CONFIGS})
     if args.kernel == "gemm":
         gemm_table(bits, args.arch, args.show)
         return
@@ -155,7 +153,7 @@ def main():
     for b in bits:
         for block_n, block_b, warps in configs:
             kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch,
-                                    bool(args.pdl), args.stages or None)
+                                    bool(args.pdl))
             code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)
             codes = block_n * block_b * 32 // (32 * warps)

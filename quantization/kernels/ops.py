@@ -48,19 +48,13 @@ ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16,
                     # the winners above with their words loaded before the loop: under programmatic dependent
                     # launch (dependent_launch) that load overlaps the end of the kernel before
                     (32, 32, 0, 8, 1), (8, 32, 0, 8, 1), (8, 128, 0, 8, 1), (8, 128, 0, 16, 1), (16, 128, 0, 16, 1)]
-# many steps per program, the loop software-pipelined by Triton (the sixth field: tl.range's num_stages): each
-# step's words, scales and x go to shared memory by asynchronous copies STAGES - 1 steps ahead, so a program keeps
-# several steps' loads in flight while it computes on one (the register prefetch above keeps one, and ptxas sinks it)
-PIPELINED_CONFIGS = [(128, 4, 2, 4, 0, 3), (128, 4, 4, 4, 0, 3), (128, 4, 2, 4, 0, 5), (256, 2, 2, 4, 0, 4),
-                     (128, 8, 2, 8, 0, 3), (256, 4, 2, 8, 0, 3), (128, 4, 2, 2, 0, 4), (32, 32, 0, 8, 0, 3),
-                     (32, 32, 2, 8, 0, 2), (128, 4, 0, 4, 0, 4)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
-# no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)[, stages]).
-# The last six before ONE_STEP_CONFIGS are for small layers (weights in L2, a few microseconds): narrow column tiles
-# give many programs without split-K, whose hand-off (store, counter, reload) is a second round trip through memory
+# no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)). The last
+# six before ONE_STEP_CONFIGS are for small layers (weights in L2, a few microseconds): narrow column tiles give
+# many programs without split-K, whose hand-off (store, counter, reload) is a second round trip through memory
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
                   (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
-                  (32, 4, 4, 1, 1)] + ONE_STEP_CONFIGS + PIPELINED_CONFIGS
+                  (32, 4, 4, 1, 1)] + ONE_STEP_CONFIGS
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
 # split), unpack); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is
 # dequantized once per BLOCK_M rows of x. unpack 1: each word is loaded once and its codes shifted out along a new
@@ -191,8 +185,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
                 activation=0):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given."""
-    block_n, block_b, split, warps, prefetch = config[:5]
-    stages = config[5] if len(config) > 5 else None
+    block_n, block_b, split, warps, prefetch = config
     m, k = x.shape
     n = qweight.shape[1]
     num_blocks = triton.cdiv(k, BLOCK)
@@ -214,7 +207,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl,
-        STAGES=stages, launch_pdl=pdl, num_warps=warps)
+        launch_pdl=pdl, num_warps=warps)
     return y
 
 

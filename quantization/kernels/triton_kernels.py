@@ -194,7 +194,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         blocks_per_group, blocks_per_split,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                        PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr = None):
+                        PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -226,7 +226,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
         n0, n1, n2, n3, n4, n5, n6, n7 = _words(w_ptrs, N, mask_w, BITS)
     _after_earlier_kernels(PDL)
-    for b0 in tl.range(first, last, BLOCK_B, num_stages=STAGES):
+    for b0 in range(first, last, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < last
         mask_w = mask_b[:, None] & mask_n[None, :]
