@@ -60,12 +60,6 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
             # the split-K arrival counters are back to zero for the next call
             assert not layer.split_counters.any()
         else:  # the GEMM with K split into one tile per program (16-row tiles: 20 rows are two tiles)
-            if rows <= ops.GEMV_MAX_ROWS:  # the one-row kernel with 2 rows a program (3 rows: the last group's
-                # second row is past M) and K split
-                ys.append(("stream_gemv rows split-K", ops.stream_gemv(
-                    x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const,
-                    (32, 1, 16, 4, 0, 2), counters=layer.split_counters)))
-                assert not layer.split_counters.any()
             ys.append(("gemm split-K", ops.gemm(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
                                                 blocks, layer.zero_const, (16, 64, 32, 4, 1, 64),
                                                 counters=layer.split_counters)))
@@ -109,16 +103,15 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
     # every kernel ran on every spec: one row (streaming GEMV with and without split-K), 3 rows (GEMM at 16 rows,
-    # GEMV, the streaming GEMV with 4 and with 2 rows a program, split-K too, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K); at 3 and 20
+    # GEMV, dequantize then matmul, GEMM split-K), 20 (GEMM, dequantize then matmul, GEMM split-K); at 3 and 20
     # rows the GEMM (split K too) also with each word loaded once (unpack), and the dequantize with two more tiles
     ran = {(r[6], r[8]) for r in rows}
     unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K",
                                                         "dequant_mm words 4", "dequant_mm words 1")}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
-                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "stream_gemv"), (3, "stream_gemv rows split-K"),
-                   (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
+                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
                    (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")} | unpacked, ran
-    assert len(rows) == 23 * len(SPECS)
+    assert len(rows) == 21 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""

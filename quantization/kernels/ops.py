@@ -55,11 +55,6 @@ ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16,
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
                   (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
                   (32, 4, 4, 1, 1)] + ONE_STEP_CONFIGS
-# 2 to 16 rows on the CUDA cores, the one-row kernel with 2 or 4 rows a program (the sixth field): each code is
-# unpacked once and used by an FMA per row, and the words are read once per group of rows
-ROWS_CONFIGS = [(32, 32, 0, 8, 1, 4), (16, 32, 0, 8, 1, 4), (8, 32, 0, 8, 1, 4), (32, 32, 0, 8, 1, 2),
-                (16, 128, 0, 8, 1, 4), (8, 128, 0, 8, 1, 4), (32, 8, 2, 4, 1, 4), (64, 4, 4, 4, 1, 4),
-                (128, 4, 2, 4, 1, 4), (32, 32, 0, 4, 1, 4)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, programs per multiprocessor that split-K aims for (0: no
 # split), unpack); BLOCK_K shrinks to divide the group size. 128 or 256 rows a tile: each tile of weights is
 # dequantized once per BLOCK_M rows of x. unpack 1: each word is loaded once and its codes shifted out along a new
@@ -188,33 +183,30 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
 
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
                 activation=0):
-    """config: (BLOCK_N, BLOCK_B, split, num_warps, prefetch[, rows per program]). counters: int32 zeros, at least
-    one per column tile and group of rows (PackedLinear.split_counters), zero again after the call; zeroed here
-    when not given."""
-    block_n, block_b, split, warps, prefetch = config[:5]
-    rows = config[5] if len(config) > 5 else 1
+    """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
+    call; zeroed here when not given."""
+    block_n, block_b, split, warps, prefetch = config
     m, k = x.shape
     n = qweight.shape[1]
     num_blocks = triton.cdiv(k, BLOCK)
     tiles = triton.cdiv(n, block_n)
-    groups = triton.cdiv(m, rows)
     if split:  # split K until about `split` programs per multiprocessor
-        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles * groups), num_blocks // (2 * block_b)))
+        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles * m), num_blocks // (2 * block_b)))
     else:
         split = 1
     per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
     split = triton.cdiv(num_blocks, per_split)
-    if split > 1 and (counters is None or counters.numel() < tiles * groups):
-        counters = torch.zeros(tiles * groups, device=x.device, dtype=torch.int32)
+    if split > 1 and (counters is None or counters.numel() < tiles * m):
+        counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
     pdl = dependent_launch(x.device, qweight)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
-    triton_kernels._stream_gemv_kernel[(tiles, split, groups)](
+    triton_kernels._stream_gemv_kernel[(tiles, split, m)](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl, ROWS=rows,
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl,
         launch_pdl=pdl, num_warps=warps)
     return y
 
@@ -294,7 +286,7 @@ def candidates(m, group_size, bits=None):
     gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
-        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + [(stream_gemv, c) for c in ROWS_CONFIGS] + dequants
+        return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
     return gemms + dequants
 
 

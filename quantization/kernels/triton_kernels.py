@@ -189,108 +189,26 @@ BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
 SPLIT_CHUNK: tl.constexpr = tl.constexpr(16)  # partial sums the last program of a split-K tile loads at once
 
 
-@triton.jit
-def _row_part(x_ptrs, c0, c1, c2, c3, c4, c5, c6, c7, mask_b, offs_b, K, EVEN: tl.constexpr, BITS: tl.constexpr,
-              BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One row of x times a step's words: the (BLOCK_B, BLOCK_N) sums of x * code * 2**-85 over each block (see
-    _stream_gemv_kernel). Called once per row of a program, on the same words: the fields' ANDs are the same
-    expressions for every row, and the compiler computes them once."""
-    part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    if BITS == 3:
-        for h in tl.static_range(2):  # codes 16h .. 16h+15: low two bits in word h, high bit in half h of word 2
-            if h == 0:
-                low = c0
-                high = c2 & 0xFFFF
-            else:
-                low = c1
-                high = (c2 >> 16) & 0xFFFF
-            for q in tl.static_range(2):
-                if q == 0:
-                    lw = low
-                else:
-                    lw = (low >> 16) & 0xFFFF
-                for j in tl.static_range(8):
-                    xi = _x_at(x_ptrs, 16 * h + 8 * q + j, mask_b, offs_b, K, EVEN)
-                    part += (xi * (XSCALE / (1 << (2 * j))))[:, None] * _subnormal(lw & (3 << (2 * j)))
-                    part += (xi * (4.0 * XSCALE / (1 << (8 * q + j))))[:, None] * _subnormal(high & (1 << (8 * q + j)))
-    else:
-        for w in tl.static_range(BITS):
-            word = _pick(c0, c1, c2, c3, c4, c5, c6, c7, w)
-            for h in tl.static_range(2):  # the low 16 bits of the word, then the high 16
-                if h == 0:
-                    half = word
-                else:
-                    half = (word >> 16) & 0xFFFF
-                for j in tl.static_range(16 // BITS):
-                    xi = _x_at(x_ptrs, w * (32 // BITS) + h * (16 // BITS) + j, mask_b, offs_b, K, EVEN)
-                    code = _subnormal(half & (((1 << BITS) - 1) << (j * BITS)))
-                    part += (xi * (XSCALE / (1 << (j * BITS))))[:, None] * code
-    return part
-
-
-@triton.jit
-def _row_sum(x_row, offs_b, mask_b, K, EVEN: tl.constexpr):
-    """The sum of each block of a row of x (for the zero point), float32."""
-    offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    if EVEN:
-        return tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
-    else:
-        return tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0).to(tl.float32), 1)
-
-
-@triton.jit
-def _block_sums(acc, part, xsum, scale, zero, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr):
-    """acc plus a step's dot products scaled back (2**85), less the zero point times the sum of x, times the scale."""
-    if HAS_ZERO:
-        return acc + (part * BACK - xsum[:, None] * zero) * scale
-    else:
-        return acc + (part * BACK - ZERO * xsum[:, None]) * scale
-
-
-@triton.jit
-def _partial_out(ws_ptr, pid_k, M, N, row, offs_n, mask_n, y):
-    tl.store(ws_ptr + (pid_k * M + row) * N + offs_n, y, mask=mask_n)
-
-
-@triton.jit
-def _row_out(ws_ptr, b_ptr, y_ptr, splits, M, N, row, stride_ym, offs_n, mask_n, y, FROM_PARTIALS: tl.constexpr,
-             HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Writes a row of y: its partial sums added in split order (FROM_PARTIALS: the same sum every call), or y as
-    given, plus the bias, activated (_activate), in y's dtype."""
-    if FROM_PARTIALS:
-        y = tl.zeros((BLOCK_N,), tl.float32)
-        offs_s = tl.arange(0, SPLIT_CHUNK)
-        for k0 in range(0, splits, SPLIT_CHUNK):
-            ks = k0 + offs_s
-            y += tl.sum(tl.load(ws_ptr + ((ks * M + row) * N)[:, None] + offs_n[None, :],
-                                mask=(ks < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg"), 0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_ym + offs_n, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_n)
-
-
 @triton.jit(do_not_specialize=_VARYING)
 def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
                         blocks_per_group, blocks_per_split,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                        PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr = 1):
-    """ROWS (1, 2 or 4) rows of x per program (grid axis 2: groups of ROWS rows). Each step loads the words of
-    BLOCK_B blocks x BLOCK_N outputs and walks their fields in a static loop, each field times one value of x
-    broadcast along the outputs: no reshape, and no reduction inside the loop (the accumulator stays (BLOCK_B,
-    BLOCK_N) per row, summed once at the end).
+                        PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
+    """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
+    walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
+    and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
     A code costs two instructions: an AND that leaves the field where it lies in the low 16 bits of a word (the high
     16 bits are shifted down once per word), read as a subnormal float32 c * 2**(p - 149), and an FMA with x scaled
     by 2**(64 - p) (once per field, shared by the outputs a thread holds): the product is x * c * 2**-85, exact,
     and the sum is scaled back by 2**85 per block. Subnormals are exact and full speed in FMA (Triton does not
-    flush them). With ROWS rows a program unpacks each code once and spends one FMA per row on it: the words of a
-    layer are read once per ROWS rows, not once per row. Scale and zero point are applied per block row. EVEN: K
-    is a multiple of 32 and every split a whole number of steps, so x needs no masks (rows past M read row M - 1,
-    and are not written). PREFETCH: the next step's words are loaded before this step's fields are used.
+    flush them). Scale and zero point are applied per block row. EVEN: K is a multiple of 32 and every split a
+    whole number of steps, so x needs no masks. PREFETCH: the next step's words are loaded before this step's
+    fields are used.
     SPLIT (split-K over grid axis 1): each program stores its float32 partial sums in the workspace ws and counts
-    itself in count (one counter per group of rows and BLOCK_N outputs); the last to arrive adds the partials
-    (loaded SPLIT_CHUNK at a time, in a fixed order: deterministic), writes y in its own dtype and sets the counter
-    back to 0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards.
+    itself in count (one counter per row and BLOCK_N outputs); the last to arrive adds the partials (loaded
+    SPLIT_CHUNK at a time, in a fixed order: deterministic), writes y in its own dtype and sets the counter back to
+    0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards.
     ACT: the activation applied to y (bias added) before it is written (_activate): a GELU after the layer costs no
     kernel of its own. PDL: launched before the kernel that writes x has finished (_after_earlier_kernels); with
     PREFETCH the first step's words are loaded before the wait, so their round trip overlaps that kernel's end."""
@@ -300,14 +218,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     num_blocks = tl.cdiv(K, BLOCK)
     first = pid_k * blocks_per_split
     last = tl.minimum(first + blocks_per_split, num_blocks)
-    row0 = pid_m * ROWS
-    row1 = tl.minimum(row0 + 1, M - 1)
-    row2 = tl.minimum(row0 + 2, M - 1)
-    row3 = tl.minimum(row0 + 3, M - 1)
-    acc0 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    acc1 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
-    acc3 = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
+    x_row = x_ptr + pid_m * stride_xm
+    acc = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)
     if PREFETCH:  # the first step's words
         offs_b = first + tl.arange(0, BLOCK_B)
         mask_w = (offs_b < last)[:, None] & mask_n[None, :]
@@ -326,73 +238,74 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         else:
             w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
             c0, c1, c2, c3, c4, c5, c6, c7 = _words(w_ptrs, N, mask_w, BITS)
+        x_ptrs = x_row + offs_b * BLOCK
         # the step's scales, zero points and sums of x are loaded before its codes are used: their round trips
         # overlap the words' (loaded after the FMAs, they were a second wait in a one-step program)
-        xsum0 = _row_sum(x_ptr + row0 * stride_xm, offs_b, mask_b, K, EVEN)
-        if ROWS > 1:
-            xsum1 = _row_sum(x_ptr + row1 * stride_xm, offs_b, mask_b, K, EVEN)
-        if ROWS > 2:
-            xsum2 = _row_sum(x_ptr + row2 * stride_xm, offs_b, mask_b, K, EVEN)
-            xsum3 = _row_sum(x_ptr + row3 * stride_xm, offs_b, mask_b, K, EVEN)
+        offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        if EVEN:
+            xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
+        else:
+            xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0).to(tl.float32), 1)
         sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
         scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
-        zero = scale
         if HAS_ZERO:
             zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
-        part = _row_part(x_ptr + row0 * stride_xm + offs_b * BLOCK, c0, c1, c2, c3, c4, c5, c6, c7, mask_b, offs_b,
-                         K, EVEN, BITS, BLOCK_B, BLOCK_N)
-        acc0 = _block_sums(acc0, part, xsum0, scale, zero, HAS_ZERO, ZERO)
-        if ROWS > 1:
-            part = _row_part(x_ptr + row1 * stride_xm + offs_b * BLOCK, c0, c1, c2, c3, c4, c5, c6, c7, mask_b,
-                             offs_b, K, EVEN, BITS, BLOCK_B, BLOCK_N)
-            acc1 = _block_sums(acc1, part, xsum1, scale, zero, HAS_ZERO, ZERO)
-        if ROWS > 2:
-            part = _row_part(x_ptr + row2 * stride_xm + offs_b * BLOCK, c0, c1, c2, c3, c4, c5, c6, c7, mask_b,
-                             offs_b, K, EVEN, BITS, BLOCK_B, BLOCK_N)
-            acc2 = _block_sums(acc2, part, xsum2, scale, zero, HAS_ZERO, ZERO)
-            part = _row_part(x_ptr + row3 * stride_xm + offs_b * BLOCK, c0, c1, c2, c3, c4, c5, c6, c7, mask_b,
-                             offs_b, K, EVEN, BITS, BLOCK_B, BLOCK_N)
-            acc3 = _block_sums(acc3, part, xsum3, scale, zero, HAS_ZERO, ZERO)
-    y0 = tl.sum(acc0, axis=0)
-    y1 = tl.sum(acc1, axis=0)
-    y2 = tl.sum(acc2, axis=0)
-    y3 = tl.sum(acc3, axis=0)
-    # rows past M (the last group's clamped rows) are not written
-    mask1 = mask_n & (offs_n * 0 + row0 + 1 < M)
-    mask2 = mask_n & (offs_n * 0 + row0 + 2 < M)
-    mask3 = mask_n & (offs_n * 0 + row0 + 3 < M)
+        part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)  # sum of x * (code) * 2**-49 over the step's blocks
+        if BITS == 3:
+            for h in tl.static_range(2):  # codes 16h .. 16h+15: low two bits in word h, high bit in half h of word 2
+                if h == 0:
+                    low = c0
+                    high = c2 & 0xFFFF
+                else:
+                    low = c1
+                    high = (c2 >> 16) & 0xFFFF
+                for q in tl.static_range(2):
+                    if q == 0:
+                        lw = low
+                    else:
+                        lw = (low >> 16) & 0xFFFF
+                    for j in tl.static_range(8):
+                        xi = _x_at(x_ptrs, 16 * h + 8 * q + j, mask_b, offs_b, K, EVEN)
+                        part += (xi * (XSCALE / (1 << (2 * j))))[:, None] * _subnormal(lw & (3 << (2 * j)))
+                        part += (xi * (4.0 * XSCALE / (1 << (8 * q + j))))[:, None] * _subnormal(high & (1 << (8 * q + j)))
+        else:
+            for w in tl.static_range(BITS):
+                word = _pick(c0, c1, c2, c3, c4, c5, c6, c7, w)
+                for h in tl.static_range(2):  # the low 16 bits of the word, then the high 16
+                    if h == 0:
+                        half = word
+                    else:
+                        half = (word >> 16) & 0xFFFF
+                    for j in tl.static_range(16 // BITS):
+                        xi = _x_at(x_ptrs, w * (32 // BITS) + h * (16 // BITS) + j, mask_b, offs_b, K, EVEN)
+                        code = _subnormal(half & (((1 << BITS) - 1) << (j * BITS)))
+                        part += (xi * (XSCALE / (1 << (j * BITS))))[:, None] * code
+        if HAS_ZERO:
+            acc += (part * BACK - xsum[:, None] * zero) * scale
+        else:
+            acc += (part * BACK - ZERO * xsum[:, None]) * scale
+    y = tl.sum(acc, axis=0)
+    y_ptrs = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT:
         splits = tl.num_programs(1)
-        _partial_out(ws_ptr, pid_k, M, N, row0, offs_n, mask_n, y0)
-        if ROWS > 1:
-            _partial_out(ws_ptr, pid_k, M, N, row1, offs_n, mask1, y1)
-        if ROWS > 2:
-            _partial_out(ws_ptr, pid_k, M, N, row2, offs_n, mask2, y2)
-            _partial_out(ws_ptr, pid_k, M, N, row3, offs_n, mask3, y3)
+        tl.store(ws_ptr + (pid_k * M + pid_m) * N + offs_n, y, mask=mask_n)
         tl.debug_barrier()  # every thread's partials are written before the count says so
         counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
-            _row_out(ws_ptr, b_ptr, y_ptr, splits, M, N, row0, stride_ym, offs_n, mask_n, y0, True, HAS_BIAS, ACT,
-                     BLOCK_N)
-            if ROWS > 1:
-                _row_out(ws_ptr, b_ptr, y_ptr, splits, M, N, row1, stride_ym, offs_n, mask1, y1, True, HAS_BIAS,
-                         ACT, BLOCK_N)
-            if ROWS > 2:
-                _row_out(ws_ptr, b_ptr, y_ptr, splits, M, N, row2, stride_ym, offs_n, mask2, y2, True, HAS_BIAS,
-                         ACT, BLOCK_N)
-                _row_out(ws_ptr, b_ptr, y_ptr, splits, M, N, row3, stride_ym, offs_n, mask3, y3, True, HAS_BIAS,
-                         ACT, BLOCK_N)
+            y = tl.zeros((BLOCK_N,), tl.float32)
+            offs_s = tl.arange(0, SPLIT_CHUNK)
+            for k0 in range(0, splits, SPLIT_CHUNK):  # in split order: the same sum every call
+                ks = k0 + offs_s
+                y += tl.sum(tl.load(ws_ptr + ((ks * M + pid_m) * N)[:, None] + offs_n[None, :],
+                                    mask=(ks < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg"), 0)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_n)
             tl.atomic_xchg(counter, 0)
     else:
-        _row_out(ws_ptr, b_ptr, y_ptr, 1, M, N, row0, stride_ym, offs_n, mask_n, y0, False, HAS_BIAS, ACT, BLOCK_N)
-        if ROWS > 1:
-            _row_out(ws_ptr, b_ptr, y_ptr, 1, M, N, row1, stride_ym, offs_n, mask1, y1, False, HAS_BIAS, ACT,
-                     BLOCK_N)
-        if ROWS > 2:
-            _row_out(ws_ptr, b_ptr, y_ptr, 1, M, N, row2, stride_ym, offs_n, mask2, y2, False, HAS_BIAS, ACT,
-                     BLOCK_N)
-            _row_out(ws_ptr, b_ptr, y_ptr, 1, M, N, row3, stride_ym, offs_n, mask3, y3, False, HAS_BIAS, ACT,
-                     BLOCK_N)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptrs, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
