@@ -423,10 +423,15 @@ def main():
     short = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[-1].lower()
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     lines = []
+    out = args.out or os.path.join(results, f"kernels_profile_{short}.md" if args.profile else f"kernels_{short}.md")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    open(out, "w").close()
 
-    def log(line):
+    def log(line):  # each line also goes to the file as it is measured: a run cut short keeps what it printed
         print(line, flush=True)
         lines.append(line)
+        with open(out, "a") as f:
+            f.write(line + "\n")
 
     log(f"# Packed kernels vs cuBLAS bf16 and tinygemm: {gpu}, torch {torch.__version__}, triton {triton.__version__}")
     log("command: python bench/kernels.py " + " ".join(sys.argv[1:]))
@@ -437,13 +442,9 @@ def main():
     if args.profile:
         for shape in args.profile.split(","):
             profile(shape, bandwidth, log, variants, args.profile_rows)
-        out = args.out or os.path.join(results, f"kernels_profile_{short}.md")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             f.write("\n".join(lines) + "\n")
         return print(f"wrote {out}")
-    out = args.out or os.path.join(results, f"kernels_{short}.md")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     result = []
 
     def write():  # after every section: a run stopped at a time limit keeps what it measured
