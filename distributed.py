@@ -84,9 +84,14 @@ def rng_states(procs, device_type):
 
 
 def finish(procs):
-    if procs.ddp:  # wait for rank 0's last checkpoint before tearing the group down
+    """The end of a run: a DDP process waits for rank 0's last checkpoint, tears the group down and leaves at once
+    (leave_ddp_process): returning would free the training loop's DDP model on the way out, and the reducer's
+    teardown could then block with the work done and saved (seen as a resumed 2-process test run that never
+    exited)."""
+    if procs.ddp:
         torch.distributed.barrier()
         destroy_process_group()
+        leave_ddp_process(0)
 
 
 def exit_on_sigterm(rank):
