@@ -197,19 +197,61 @@ def chained_step(model, token, pos, out, temperature, top_k, regions=None):
     """decode_step that writes its own next input: the new token goes to out[:, pos + 1] and to `token`, and
     pos advances, so that the step can be replayed without Python in between. It runs the blocks as
     Block.step (each block's last residual add left to the next), so that a compiled decode compiles three
-    regions, `regions` = (model.embed, Block.step, finish_step) compiled, and one block serves every layer: the
-    compile time of one block, not of n_layer unrolled."""
-    embed, block_step, finish = regions or (model.embed, Block.step, partial(finish_step, model))
-    x, visible = embed(token, pos)
-    delta = None
+    regions, `regions` = (embed, block step, finish_step) compiled (step_regions), and one block serves every
+    layer: the compile time of one block, not of n_layer unrolled. A model whose normalizations went into its packed
+    layers (inference.fuse_norms) runs its blocks as fused_block_step at one row (batch 1)."""
+    embed, block_step, finish = regions or step_regions(model, token.size(0))
+    x, visible, delta = embed(token, pos)
     for block in model.transformer.h:
         x, delta = block_step(block, x, delta, pos, visible)
-    finish(x, delta, token, pos, out, temperature, top_k)
+    finish(x, None if norms_fused(model, token.size(0)) else delta, token, pos, out, temperature, top_k)
+
+
+def norms_fused(model, batch):
+    """Whether a decode step of `batch` rows runs the blocks as fused_block_step."""
+    return batch == 1 and all(getattr(block, "norms_fused", False) for block in model.transformer.h)
+
+
+def step_regions(model, batch, wrap=lambda f: f):
+    """(embed, block step, finish) of chained_step, each passed through `wrap` (torch.compile)."""
+    if norms_fused(model, batch):
+        return wrap(partial(fused_embed, model)), wrap(fused_block_step), wrap(partial(finish_step, model))
+    return wrap(partial(plain_embed, model)), wrap(Block.step), wrap(partial(finish_step, model))
+
+
+def plain_embed(model, token, pos):
+    return (*model.embed(token, pos), None)
+
+
+def fused_embed(model, token, pos):
+    """model.embed, and u = x * the first normalization's gain, the first block's fused_block_step input."""
+    x, visible = model.embed(token, pos)
+    gain = model.transformer.h[0].attn.qkv.norm_in_bits.view(torch.float32)[0]
+    return x, visible, x.float() * gain
+
+
+def fused_block_step(block, x, u, input_pos=None, visible=None):
+    """Block.step of a block whose normalizations and residual adds went into its packed layers
+    (inference.fuse_norms): x (the residual stream) and u = x * the gain of its first normalization in, the same
+    two for the next block out. Four kernels besides the attention's: the q/k/v layer normalizes x itself
+    (norm_forward), the output projection adds the residual and gives the up projection its u (residual_forward),
+    and so on."""
+    attn, mlp = block.attn, block.mlp
+    B, T, C = x.size()
+    qkv = attn.qkv.norm_forward(u, x).split(C, dim=-1)
+    q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in qkv)
+    y = attn.cached_attention(q, k, v, input_pos, visible).transpose(1, 2).contiguous().view(B, T, C)
+    x, u = attn.attn_proj.residual_forward(y, x)
+    h = mlp.mlp_up.norm_forward(u, x)
+    if getattr(mlp.mlp_up, "gelu", None) is None:
+        h = mlp.act["activation_output"](F.gelu(mlp.act["activation_input"](h), approximate=mlp.gelu_approximate))
+    return mlp.mlp_down.residual_forward(h, x)
 
 
 def finish_step(model, x, delta, token, pos, out, temperature, top_k):
-    """chained_step's end: the last residual add, ln_f, the head, sampling, and the writes of its token."""
-    new = sample_logits(model.head(model.transformer.ln_f(x + delta)), temperature, top_k)
+    """chained_step's end: the last residual add (none where delta is None), ln_f, the head, sampling, and the
+    writes of its token."""
+    new = sample_logits(model.head(model.transformer.ln_f(x if delta is None else x + delta)), temperature, top_k)
     out.index_copy_(1, pos + 1, new)
     token.copy_(new)
     pos.add_(1)
@@ -230,8 +272,7 @@ def decode_graphed(model, token, pos, steps, temperature, top_k, whole=False):
         model._graphed = None
         compiled = partial(torch.compile, fullgraph=True, dynamic=False)
         step = compiled(partial(chained_step, model)) if whole else partial(chained_step, model)
-        regions = None if whole else (compiled(model.embed), compiled(Block.step),
-                                      compiled(partial(finish_step, model)))
+        regions = None if whole else step_regions(model, token.size(0), compiled)
         state = dict(key=key, cache=cache, token=torch.empty_like(token),
                      pos=torch.empty(1, dtype=torch.long, device=token.device),
                      out=torch.zeros(token.size(0), cache.max_len, dtype=torch.long, device=token.device))

@@ -242,3 +242,39 @@ def fuse_gelu(model):
         mlp.mlp_up.gelu = mlp.gelu_approximate
         fused += 1
     return fused
+
+
+def fuse_norms(model):
+    """Inference: each block's two normalizations go into the packed layers after them (the q/k/v layer and the up
+    projection: PackedLinear.fuse_norm) and its two residual adds into the layers before (the output and down
+    projections, which also hand the next normalization its input: fuse_residual), so that a one-row decode step
+    (generate.fused_block_step) has no normalization or add kernel of its own. Run it after fuse_qkv and fuse_gelu.
+    It applies to every block or to none: each needs q, k and v joined, its four layers packed with no sparse
+    outliers, and no activation quantizer or transform at the sites the fused step skips (the attention's and the
+    MLP's input and output). The state dict and forward do not change. Returns how many blocks were fused."""
+    from quantization.kernels import PackedLinear
+    blocks = list(model.transformer.h)
+
+    def fusable(block):
+        attn, mlp = block.attn, block.mlp
+        layers = (attn.qkv, attn.attn_proj, mlp.mlp_up, mlp.mlp_down)
+        sites = (attn.act["input"], attn.act["output"], mlp.act["input"], mlp.act["output"])
+        return (all(isinstance(layer, PackedLinear) and layer.sparse is None for layer in layers)
+                and all(isinstance(norm, (nn.LayerNorm, nn.RMSNorm)) for norm in (block.ln_1, block.ln_2))
+                and not any(site.spec is not None or site.transform is not None for site in sites))
+    if model.training or not blocks or not all(fusable(block) for block in blocks):
+        return 0
+    norms_after = [block.ln_1 for block in blocks[1:]] + [model.transformer.ln_f]
+    for block, next_norm in zip(blocks, norms_after):
+        block.attn.qkv.fuse_norm(block.ln_1)
+        block.attn.attn_proj.fuse_residual(_gain(block.ln_2))
+        block.mlp.mlp_up.fuse_norm(block.ln_2)
+        block.mlp.mlp_down.fuse_residual(_gain(next_norm))
+        block.norms_fused = True
+    return len(blocks)
+
+
+def _gain(norm):
+    """A normalization's gain (ones where it has none)."""
+    weight = getattr(norm, "weight", None)
+    return weight if weight is not None else torch.ones(norm.normalized_shape)

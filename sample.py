@@ -5,8 +5,8 @@ import torch
 
 from cli import BoolFlag, OneLineParser
 from generate import generate
-from inference import (KERNEL_CHOICES, autocast_context, freeze_quantized_weights, fuse_gelu, fuse_qkv, load_model,
-                       resolve_device)
+from inference import (KERNEL_CHOICES, autocast_context, freeze_quantized_weights, fuse_gelu, fuse_norms, fuse_qkv,
+                       load_model, resolve_device)
 from safety import check_device, finite_float
 
 
@@ -69,6 +69,7 @@ def main(argv=None):
     freeze_quantized_weights(model)
     fuse_qkv(model)  # one matmul (or packed kernel) for q, k and v where the three layers can be joined
     fuse_gelu(model)  # packed up projections apply the GELU in their kernel
+    fuse_norms(model)  # and, at batch 1, the LayerNorm before them and the residual add after
     start = args.start
     if start.startswith("FILE:"):
         try:

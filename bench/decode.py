@@ -24,7 +24,9 @@ their scales per output; quantization/binary_linear.py), one row of x through it
 attention layer computes q, k and v as one layer (inference.fuse_qkv, as sample.py does); --qkv=fused,separate adds
 the rows of three layers beside them. A packed model's MLP leaves its GELU to the up projection's kernel
 (inference.fuse_gelu, as sample.py does); --gelu=fused,separate adds the rows with a GELU kernel of its own (bf16 and
-tinygemm have no such fusion: their rows are the same either way, and run once).
+tinygemm have no such fusion: their rows are the same either way, and run once). At batch 1 a packed model's
+blocks also leave their LayerNorms to the q/k/v and up projections' kernels and their residual adds to the output
+and down projections' (inference.fuse_norms, as sample.py does); --norms=fused,separate adds the rows without.
 """
 import argparse
 import gc
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, reset_compiled  # noqa: E402
-from inference import fuse_gelu, fuse_qkv  # noqa: E402
+from inference import fuse_gelu, fuse_norms, fuse_qkv  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
@@ -73,10 +75,11 @@ def parse_list(value, allowed, flag):
     return items
 
 
-def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused", gelu="fused"):
+def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused", gelu="fused", norms="fused"):
     """A random-weight model of the shape, in dtype, its linears packed for a packed format, its q, k and v joined
     into one layer (inference.fuse_qkv, as sample.py does) unless qkv is "separate", its GELU applied by packed up
-    projections (inference.fuse_gelu) unless gelu is "separate"."""
+    projections (inference.fuse_gelu) unless gelu is "separate", its LayerNorms and residual adds taken into the
+    packed kernels at batch 1 (inference.fuse_norms) unless norms is "separate"."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -97,6 +100,8 @@ def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused", gelu="
         model = tinygemm_model(model)
     if gelu == "fused":  # after tinygemm's conversion: its layers take no activation
         fuse_gelu(model)
+    if norms == "fused":  # packed layers only (bf16 and tinygemm fuse nothing)
+        fuse_norms(model)
     return model
 
 
@@ -112,12 +117,13 @@ def format_spec(shape, fmt):
     return spec
 
 
-def format_label(shape, fmt, qkv="fused", gelu="fused"):
+def format_label(shape, fmt, qkv="fused", gelu="fused", norms="fused"):
     spec = format_spec(shape, fmt)
     changed = spec is not None and spec.granularity == "per_group" and spec.group_size != FORMATS[fmt]["group_size"]
     label = f"{fmt} (group {spec.group_size})" if changed else fmt
     label = label if qkv == "fused" else f"{label}, q/k/v apart"
-    return label if gelu == "fused" else f"{label}, GELU apart"
+    label = label if gelu == "fused" else f"{label}, GELU apart"
+    return label if norms == "fused" or FORMATS[fmt] is None or fmt == PEER else f"{label}, norms apart"
 
 
 def weight_bytes(model):
@@ -213,17 +219,31 @@ def check(args, dtype):
                  f"the up projection's kernel against a GELU kernel of its own: logits within {error:.1e}, tokens "
                  f"agree on {agree:.0%}" + ("" if error < 1e-4 and agree == 1 else "  <-- MISMATCH"))
     del model
+    # the normalizations and residual adds in the packed kernels (fuse_norms) against their own kernels, the same
+    # model in float32 at batch 1
+    model = build(args.shapes[0], "W4", args.device, torch.float32, args.vocab_size, args.block_size,
+                  norms="separate")
+    reference = generate(model, prompt, n, temperature=0, compile=MODES[args.modes[0]])
+    fused = fuse_norms(model)
+    reset_compiled(model)
+    tokens = generate(model, prompt, n, temperature=0, compile=MODES[args.modes[0]])
+    agree = (tokens[:, args.prompt_len:] == reference[:, args.prompt_len:]).float().mean().item()
+    lines.append(f"check ({args.shapes[0]}, W4, float32, batch 1, {n} greedy tokens, {args.modes[0]}): norms and "
+                 f"residual adds in the packed kernels ({fused} blocks) against kernels of their own: tokens agree "
+                 f"on {agree:.0%}" + ("" if fused and agree == 1 else "  <-- MISMATCH"))
+    del model
     return lines
 
 
-def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu="fused"):
-    """The rows of one model (shape, weight format, q/k/v fused or not, GELU fused or not): every mode and batch."""
+def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu="fused",
+               norms="fused"):
+    """The rows of one model (shape, weight format, q/k/v, GELU and norms fused or not): every mode and batch."""
     from quantization.kernels.tinygemm import TinyGemmUnsupported
     dtype_name = str(dtype).split(".")[-1]
     try:
-        model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size, qkv, gelu)
+        model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size, qkv, gelu, norms)
     except (ImportError, TinyGemmUnsupported) as e:
-        row = f"| {shape} | {format_label(shape, fmt, qkv, gelu)} | - | - | skipped: {e} | | | | | | |"
+        row = f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms)} | - | - | skipped: {e} | | | | | | |"
         rows.append(row)
         print(row, flush=True)
         gc.collect()
@@ -237,7 +257,7 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
             try:
                 speed, peak, warm_s = measure(model, batch, mode, args)
             except RuntimeError as e:  # one row fails (a compile or CUDA graph error): say so, go on
-                row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu)} | {mode} | {batch} | failed: "
+                row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms)} | {mode} | {batch} | failed: "
                        f"{str(e).splitlines()[0][:120]} | | | | | | |")
                 rows.append(row)
                 print(row, flush=True)
@@ -251,7 +271,7 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
             ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
             vs_peer = f"{speed / peer_speed[key]:.2f}" if key in peer_speed and fmt not in ("bf16", PEER) else "-"
             share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
-            row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu)} | {mode} | {batch} | {speed:,.0f} | {ratio} | "
+            row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms)} | {mode} | {batch} | {speed:,.0f} | {ratio} | "
                    f"{vs_peer} | {share} | {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
             rows.append(row)
             print(row, flush=True)
@@ -272,6 +292,8 @@ def main(argv=None):
                    "GPT.fuse_qkv, as sample.py runs) and separate (three layers)")
     p.add_argument("--gelu", default="fused", help="comma-separated subset of fused (packed up projections apply the "
                    "GELU, inference.fuse_gelu, as sample.py runs) and separate (a GELU kernel of its own)")
+    p.add_argument("--norms", default="fused", help="comma-separated subset of fused (packed layers normalize their "
+                   "input and add the residual at batch 1, inference.fuse_norms, as sample.py runs) and separate")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--vocab_size", type=int, default=50304)
@@ -288,6 +310,7 @@ def main(argv=None):
     args.modes = parse_list(args.modes, MODES, "modes")
     args.qkv = parse_list(args.qkv, ("fused", "separate"), "qkv")
     args.gelu = parse_list(args.gelu, ("fused", "separate"), "gelu")
+    args.norms = parse_list(args.norms, ("fused", "separate"), "norms")
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         assert all(b >= 1 for b in args.batches)
@@ -327,10 +350,12 @@ def main(argv=None):
         with open(out, "w") as f:
             f.write(text + "\n")
 
-    models = [(shape, fmt, qkv, gelu) for shape in args.shapes for fmt in args.formats for qkv in args.qkv
-              for gelu in (args.gelu if fmt not in ("bf16", PEER) else ["fused"])]
-    for i, (shape, fmt, qkv, gelu) in enumerate(models):
-        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu)
+    packed = [fmt for fmt in args.formats if fmt not in ("bf16", PEER)]
+    models = [(shape, fmt, qkv, gelu, norms) for shape in args.shapes for fmt in args.formats for qkv in args.qkv
+              for gelu in (args.gelu if fmt in packed else ["fused"])
+              for norms in (args.norms if fmt in packed else ["fused"])]
+    for i, (shape, fmt, qkv, gelu, norms) in enumerate(models):
+        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu, norms)
         write(done=i == len(models) - 1)
     print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
     print(f"wrote {out}")

@@ -32,8 +32,12 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "stride_xm": "i32", "stride_ym": "i32", "blocks_per_group": "i32", "blocks_per_split": "i32"}
+    # the pointers and sizes of the normalization and residual epilogues (ops.norm_matmul, ops.residual_matmul),
+    # here unused
+    signature.update({"r_ptr": "*bf16", "wg_ptr": "*fp32", "res_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*fp32",
+                      "stride_rm": "i32", "stride_resm": "i32", "stride_um": "i32", "eps": "fp32"})
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
-                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl)
+                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl, NORM=0, KP=1, RESID=False, EMIT_U=False)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}

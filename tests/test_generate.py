@@ -5,7 +5,10 @@ except softmax_input, the cached path's logits equal the uncached forward's at e
 and greedy tokens are identical. softmax_input and per_tensor activation ranges span other tokens in the
 uncached forward (future scores, the whole sequence); the cached path takes them over what a causal step sees,
 so there the facts checked are causality (one-shot prefill == token by token) and the per-token K/V storage."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,9 +16,9 @@ import torch
 from checkpoint import save_checkpoint
 from functools import partial
 
-from generate import KVCache, chained_step, finish_step, generate, setup_cache
-from inference import freeze_quantized_weights, fuse_gelu, fuse_qkv, load_model, use_kernels
-from model import ACT_SITES, LINEAR_SITES, GPT, Block, GPTConfig
+from generate import KVCache, chained_step, generate, setup_cache, step_regions
+from inference import freeze_quantized_weights, fuse_gelu, fuse_norms, fuse_qkv, load_model, use_kernels
+from model import ACT_SITES, LINEAR_SITES, GPT, GPTConfig
 from quantization.quantizers import QuantSpec, fake_quant
 from quantization.packing import save_packed
 from quantization.rtn import rtn_quantize, weight_spec
@@ -137,8 +140,7 @@ def test_a_compiled_decode_compiles_one_block_for_every_layer():
     fuse_qkv(model)
     torch._dynamo.reset()
     counters.clear()
-    regions = tuple(torch.compile(f, fullgraph=True, dynamic=False)
-                    for f in (model.embed, Block.step, partial(finish_step, model)))
+    regions = step_regions(model, 2, partial(torch.compile, fullgraph=True, dynamic=False))
     runs = []
     for chosen, temperature, top_k in ((regions, 0, None), (None, 0, None), (regions, 1.0, 1)):
         setup_cache(model, 2, 12, "cpu", torch.float32)
@@ -241,6 +243,97 @@ def test_fuse_gelu_hands_the_gelu_to_packed_up_projections(approximate):
     quantized = pack_model(build(act_quant={"mlp_activation_input": sites["mlp_activation_input"]}),
                            QuantSpec("affine_quant", 4, "per_group", 16))
     assert fuse_gelu(quantized) == 0 and quantized.transformer.h[0].mlp.mlp_up.gelu is None
+
+
+FUSED_NORMS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from generate import chained_step, norms_fused, setup_cache
+from inference import fuse_gelu, fuse_norms, fuse_qkv
+from model import GPT, GPTConfig
+from quantization.kernels import ops, pack_model
+from quantization.quantizers import QuantSpec
+torch.manual_seed(0)
+config = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=65, norm=sys.argv[2])
+model = pack_model(GPT(GPTConfig(**config)).eval(), QuantSpec("affine_quant", 4, "per_group", 32))
+for block in model.transformer.h:  # gains and biases away from 1 and 0
+    for norm in (block.ln_1, block.ln_2):
+        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+        if getattr(norm, "bias", None) is not None:
+            torch.nn.init.normal_(norm.bias, std=0.5)
+fuse_qkv(model)
+fuse_gelu(model)
+calls = []
+stream_gemv = ops.stream_gemv
+ops.stream_gemv = lambda *a, **kw: calls.append(("norm" in kw, "residual" in kw)) or stream_gemv(*a, **kw)
+runs = []
+for fused in (False, True):
+    if fused:
+        assert fuse_norms(model) == 2 and norms_fused(model, 1) and not norms_fused(model, 2)
+    setup_cache(model, 1, 16, "cpu", torch.float32)
+    token, pos, out = torch.tensor([[5]]), torch.tensor([0]), torch.zeros(1, 16, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(6):
+            chained_step(model, token, pos, out, 0, None)
+    runs.append((out[0, 1:7].tolist(), [b.attn.kv_cache.stored.clone() for b in model.transformer.h]))
+(plain, plain_cache), (fused, fused_cache) = runs
+err = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(plain_cache, fused_cache))
+# per step of the fused run: per block one normalized (q/k/v, up) pair and one residual (output, down) pair
+print(json.dumps([plain, fused, err, calls.count((True, False)), calls.count((False, True))]))
+"""
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_fused_norms_decode_the_same_tokens_through_the_kernels(norm):
+    """inference.fuse_norms under the Triton interpreter: the decode step with each block's normalizations and
+    residual adds in its packed kernels (generate.fused_block_step) writes the plain step's greedy tokens, and its
+    K/V caches (every layer's normalized input through q/k/v) agree to float32 rounding."""
+    pytest.importorskip("triton")
+    from conftest import ROOT
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", FUSED_NORMS, ROOT, norm], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plain, fused, err, normed, residual = json.loads(result.stdout.strip().splitlines()[-1])
+    assert fused == plain and err < 1e-5, (plain, fused, err)
+    assert normed == residual == 6 * 2 * 2
+
+
+def test_fuse_norms_takes_every_block_or_none_and_keeps_the_tokens_on_the_cpu():
+    """On the CPU (the dequantize path: norm_forward normalizes, residual_forward adds) the fused step writes the
+    plain step's tokens at batch 1; batch 2 keeps Block.step; float layers, an activation quantizer at a block's
+    input, or a model in training fuse nothing; the state dict does not change."""
+    pytest.importorskip("triton")
+    from quantization.kernels import pack_model
+    from generate import norms_fused
+    spec = QuantSpec("affine_quant", 4, "per_group", 16)
+    assert fuse_norms(build()) == 0
+    sites = act_quant()
+    quantized = pack_model(build(act_quant={"attn_input": sites["attn_input"]}), spec)
+    fuse_qkv(quantized)
+    assert fuse_norms(quantized) == 0
+    model = pack_model(build(), spec)
+    assert fuse_norms(model) == 0  # q, k and v not joined yet
+    fuse_qkv(model)
+    fuse_gelu(model)
+    assert fuse_norms(model.train()) == 0
+    model.eval()
+    state = model.state_dict().keys()
+    runs = []
+    for fused in (False, True):
+        if fused:
+            assert fuse_norms(model) == TINY["n_layer"] and norms_fused(model, 1) and not norms_fused(model, 2)
+        for batch in (1, 2):
+            setup_cache(model, batch, 12, "cpu", torch.float32)
+            token, pos = torch.tensor([[3], [7]])[:batch], torch.tensor([0])
+            out = torch.zeros(batch, 12, dtype=torch.long)
+            with torch.no_grad():
+                for _ in range(6):
+                    chained_step(model, token, pos, out, 0, None)
+            runs.append(out.clone())
+    assert torch.equal(runs[0], runs[2]) and torch.equal(runs[1], runs[3]) and runs[0][:, 1:7].ne(0).any()
+    assert model.state_dict().keys() == state
 
 
 def test_the_compiled_decode_asks_inductor_for_dependent_launch_on_cuda_only(monkeypatch):

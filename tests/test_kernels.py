@@ -212,6 +212,109 @@ def test_the_kernels_apply_the_gelu_as_they_write_the_output():
     assert not bad, bad
 
 
+NORM_RESIDUAL = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.nn.functional as F
+from quantization.kernels import PackedLinear, ops
+from quantization.quantizers import QuantSpec
+assert ops.interpreting()
+torch.manual_seed(0)
+out = []
+
+
+def err(y, expected):
+    return ((y.double() - expected).abs().max() / expected.abs().max()).item()
+
+
+for method, bits, granularity, group_size in json.loads(sys.argv[2]):
+    spec = QuantSpec(method, bits, granularity, group_size)
+    for n, k, rows, dtype in ((37, 128, 1, "float32"), (40, 128, 3, "float32"), (24, 64, 1, "bfloat16")):
+        dt = getattr(torch, dtype)
+        w, b = torch.randn(n, k), torch.randn(n)
+        layer = PackedLinear.from_float(w, spec, b)
+        weight = layer.dequantized_weight().double()
+        blocks = group_size // 32 if group_size else k // 32
+        for norm in (torch.nn.LayerNorm(k), torch.nn.RMSNorm(k, eps=1e-5)):
+            with torch.no_grad():
+                norm.weight.uniform_(0.5, 1.5)
+                if getattr(norm, "bias", None) is not None:
+                    norm.bias.normal_()
+            layer.fuse_norm(norm)
+            r = (torch.randn(rows, k) * 3 + 2).to(dt)  # a mean far from zero: W u and mean W gain nearly cancel
+            u = r.float() * norm.weight.detach()
+            gain = norm.weight.detach().double()
+            if isinstance(norm, torch.nn.LayerNorm):
+                normed = F.layer_norm(r.double(), (k,), gain, norm.bias.detach().double(), norm.eps)
+            else:
+                normed = F.rms_norm(r.double(), (k,), gain, 1e-5)
+            expected = normed @ weight.T + b.double()
+            label = type(norm).__name__
+            ys = [("norm_forward", layer.norm_forward(u, r))]
+            wg, bias = layer.norm_out_bits.view(torch.float32)
+            for name, config in (("no split", (64, 4, 0, 4, 1)), ("split-K", (32, 1, 16, 4, 0))):
+                ys.append((f"norm {name}", ops.stream_gemv(u, layer.qweight, layer.scale, layer.zero, bias,
+                                                           layer.bits, blocks, layer.zero_const, config,
+                                                           counters=layer.split_counters,
+                                                           norm=(r, wg, layer.norm_kind, layer.norm_eps))))
+                assert not layer.split_counters.any()
+            layer.gelu = "tanh"
+            ys.append(("norm_forward gelu", layer.norm_forward(u, r)))
+            layer.gelu = None
+            for name, y in ys:
+                reference = F.gelu(expected, approximate="tanh") if "gelu" in name else expected
+                out.append([method, bits, n, k, rows, dtype, label, name, err(y, reference), str(y.dtype)])
+        # the residual add after the layer, and u for the next normalization
+        x, res = torch.randn(rows, k).to(dt), torch.randn(rows, n).to(dt)
+        gain = torch.rand(n) + 0.5
+        layer.fuse_residual(gain)
+        expected = res.double() + x.double() @ weight.T + b.double()
+        y, u = layer.residual_forward(x, res)
+        out.append([method, bits, n, k, rows, dtype, "residual", "y", err(y, expected), str(y.dtype)])
+        out.append([method, bits, n, k, rows, dtype, "residual", "u", err(u, y.double() * gain.double()),
+                    str(u.dtype)])
+        y, u = ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks,
+                               layer.zero_const, (32, 1, 16, 4, 0), counters=layer.split_counters,
+                               residual=(res, gain))
+        assert not layer.split_counters.any()
+        out.append([method, bits, n, k, rows, dtype, "residual", "y split-K", err(y, expected), str(y.dtype)])
+# the custom ops that torch.compile sees: schema, fake tensors, autograd registration
+layer = PackedLinear.from_float(torch.randn(40, 128), QuantSpec("affine_quant", 4, "per_group", 32), torch.randn(40))
+layer.fuse_norm(torch.nn.LayerNorm(128))
+layer.fuse_residual(torch.rand(40))
+wg, bias = layer.norm_out_bits.view(torch.float32)
+packed = (layer.qweight, layer.scale, layer.zero)
+config = (4, 32, 128, layer.zero_const, layer.split_counters)
+r, x, res = torch.randn(1, 1, 128), torch.randn(1, 1, 128), torch.randn(1, 1, 40)
+for op, args in ((ops.norm_matmul, (r * 1.5, r, *packed, bias, wg, *config, 0, 1, 1e-5)),
+                 (ops.residual_matmul, (x, res, layer.next_gain_bits.view(torch.float32), *packed, layer.bias,
+                                        *config))):
+    result = torch.library.opcheck(op, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+print(json.dumps(out))
+"""
+
+
+def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
+    """fuse_norms' kernels (PackedLinear.norm_forward, residual_forward) against float64: a LayerNorm or RMSNorm
+    then the layer (the statistics of r in the epilogue, W u - mean W gain), its GELU; the residual add and u for
+    the next normalization; with and without split-K, one and three rows, float32 and bfloat16 (the output in
+    the residual's dtype)."""
+    pytest.importorskip("triton")
+    specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", NORM_RESIDUAL, ROOT, json.dumps(specs)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(specs) * 3 * (2 * 4 + 3)
+    for row in rows:
+        bf16 = row[5] == "bfloat16"
+        assert row[8] < (1e-2 if bf16 else 2e-6), row
+        assert row[9] == ("torch.float32" if row[7] == "u" or not bf16 else "torch.bfloat16"), row
+
+
 def test_a_packed_linear_with_outliers_applies_the_gelu_after_them():
     """On the CPU (the dequantize path), and with sparse outliers (added after the kernel): F.gelu of the sum."""
     import torch.nn.functional as F

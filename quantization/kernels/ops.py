@@ -5,6 +5,8 @@ benchmark sees), split-K, and a torch custom op so that torch.compile sees one o
     matmul(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters, activation) -> y
     (the custom op packed_matmul under torch.compile, a plain call in eager mode; activation: ACTIVATIONS[gelu],
     the GELU applied to y by the kernel that writes it)
+    norm_mm(u, r, ...) -> y, residual_mm(x, res, gain, ...) -> (y, u): the same with the normalization before the
+    layer, or the residual add after it, in the one-row kernel (inference.fuse_norms)
     kernel_refusal(x, bits, group_size) -> None (a kernel runs), "" (the CPU: silent fallback) or a reason
 
 The choices persist across processes in a JSON file (choices_file(): $NANOQAT_KERNEL_CACHE, by default
@@ -182,9 +184,12 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
 
 
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
-                activation=0):
+                activation=0, norm=None, residual=None):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
-    call; zeroed here when not given."""
+    call; zeroed here when not given.
+    norm = (r, wg, kind, eps): x is u = r * gain (float32) and the output is the layer of the normalized r
+    (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it
+    (residual_matmul). The output then has r's or res's dtype."""
     block_n, block_b, split, warps, prefetch = config
     m, k = x.shape
     n = qweight.shape[1]
@@ -200,15 +205,25 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
     pdl = dependent_launch(x.device, qweight)
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    dtype = norm[0].dtype if norm is not None else residual[0].dtype if residual is not None else x.dtype
+    y = torch.empty((m, n), device=x.device, dtype=dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
+    extra = {}
+    if norm is not None:
+        r, wg, kind, eps = norm
+        extra = dict(r_ptr=r, wg_ptr=wg, stride_rm=r.stride(0), eps=eps, NORM=kind, KP=triton.next_power_of_2(k))
+    if residual is not None:
+        res, gain = residual
+        u = torch.empty((m, n), device=x.device, dtype=torch.float32)
+        extra = dict(res_ptr=res, g_ptr=gain, u_ptr=u, stride_resm=res.stride(0), stride_um=u.stride(0), RESID=True,
+                     EMIT_U=True)
     triton_kernels._stream_gemv_kernel[(tiles, split, m)](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl,
-        launch_pdl=pdl, num_warps=warps)
-    return y
+        launch_pdl=pdl, num_warps=warps, **extra)
+    return (y, u) if residual is not None else y
 
 
 def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None, activation=0):
@@ -294,18 +309,28 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
     """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest (kernel, config) of a small set, then
     the activation (an ACTIVATIONS code) applied by the kernel that writes y. The choice of a shape does not depend
     on the activation (a few instructions per output, the same in every config)."""
+    args = (x, qweight, scale, zero, bias, bits, blocks_of(group_size, in_features), zero_const)
+    kernel, config = choose(args, group_size, in_features, counters)
+    return bind(kernel, counters, activation)(*args, config)
+
+
+def blocks_of(group_size, in_features):
+    """Blocks of 32 codes per scale group (per channel: every block of the row)."""
+    return group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
+
+
+def choose(args, group_size, in_features, counters=None):
+    """The (kernel, config) that runs a call's arguments (x first): the stored or timed choice of its shape, or,
+    on the CPU and inside a CUDA graph capture (nothing is timed there), the default candidate."""
+    x, qweight, zero, bias, bits = args[0], args[1], args[3], args[4], args[5]
     m = x.shape[0]
-    blocks_per_group = group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
-    args = (x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const)
     rows = triton.next_power_of_2(m) if m > GEMV_MAX_ROWS else m
     key = (rows, qweight.shape[1], in_features, bits, group_size, zero is not None, bias is not None, x.dtype,
            x.device)
     if key not in _best:  # the candidates are listed only until a shape has its choice
         pairs = candidates(m, group_size, bits)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            kernel, config = pairs[0]
-            # no timing on the CPU or inside a CUDA graph capture
-            return bind(kernel, counters, activation)(*args, config)
+            return pairs[0]
         name = stored_name(key)
         _best[key] = stored_choice(name, pairs)
         if _best[key] is None:
@@ -313,7 +338,58 @@ def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const
             store_choice(name, _best[key])
     kernel, config = _best[key]
     last_choice.update(kernel=kernel.__name__, config=config)
-    return bind(kernel, counters, activation)(*args, config)
+    return kernel, config
+
+
+def one_row_config(args, group_size, in_features, counters=None):
+    """The one-row kernel's config for a call whose rows all go through stream_gemv (the fused normalization and
+    residual below): the choice of the shape at one row (timed on the first row of x)."""
+    args = (args[0][:1].contiguous(),) + tuple(args[1:])
+    return choose(args, group_size, in_features, counters)[1]
+
+
+def _norm_matmul(u: torch.Tensor, r: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], wg: torch.Tensor, bits: int,
+                 group_size: int, in_features: int, zero_const: float, counters: Optional[torch.Tensor],
+                 activation: int, kind: int, eps: float) -> torch.Tensor:
+    u2, r2 = u.reshape(-1, in_features).contiguous(), r.reshape(-1, in_features).contiguous()
+    args = (u2, qweight, scale, zero, bias, bits, blocks_of(group_size, in_features), zero_const)
+    config = one_row_config(args, group_size, in_features, counters)
+    y = stream_gemv(*args, config, counters=counters, activation=activation, norm=(r2, wg, kind, eps))
+    return y.reshape(*r.shape[:-1], qweight.shape[1])
+
+
+# y = norm(r) @ dequant(W).T + b in one kernel (PackedLinear.norm_forward): u = r * the norm's gain (float32), wg =
+# W @ gain, bias = b + W @ the norm's bias, kind 1 LayerNorm or 2 RMSNorm; the one-row kernel for every row
+norm_matmul = torch.library.custom_op("nanoqat::packed_norm_matmul", _norm_matmul, mutates_args=())
+
+
+@norm_matmul.register_fake
+def _(u, r, qweight, scale, zero, bias, wg, bits, group_size, in_features, zero_const, counters, activation, kind,
+      eps):
+    return r.new_empty((*r.shape[:-1], qweight.shape[1]))
+
+
+def _residual_matmul(x: torch.Tensor, res: torch.Tensor, gain: torch.Tensor, qweight: torch.Tensor,
+                     scale: torch.Tensor, zero: Optional[torch.Tensor], bias: Optional[torch.Tensor], bits: int,
+                     group_size: int, in_features: int, zero_const: float,
+                     counters: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = qweight.shape[1]
+    x2, res2 = x.reshape(-1, in_features).contiguous(), res.reshape(-1, n).contiguous()
+    args = (x2, qweight, scale, zero, bias, bits, blocks_of(group_size, in_features), zero_const)
+    config = one_row_config(args, group_size, in_features, counters)
+    y, u = stream_gemv(*args, config, counters=counters, residual=(res2, gain))
+    return y.reshape(res.shape), u.reshape(res.shape)
+
+
+# (res + x @ dequant(W).T + b, that sum * gain as float32) in one kernel (PackedLinear.residual_forward): the
+# residual add after a layer, and the next normalization's u for norm_matmul
+residual_matmul = torch.library.custom_op("nanoqat::packed_residual_matmul", _residual_matmul, mutates_args=())
+
+
+@residual_matmul.register_fake
+def _(x, res, gain, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters):
+    return res.new_empty(res.shape), res.new_empty(res.shape, dtype=torch.float32)
 
 
 def choices_file():
@@ -474,3 +550,13 @@ def matmul(*args):
     """packed_matmul's arguments -> y: through the custom op while torch.compile traces, else called directly (in
     eager mode the op's dispatch would only add its cost to every layer's call)."""
     return packed_matmul(*args) if torch.compiler.is_compiling() else _packed_matmul(*args)
+
+
+def norm_mm(*args):
+    """norm_matmul's arguments -> y, as matmul calls its op."""
+    return norm_matmul(*args) if torch.compiler.is_compiling() else _norm_matmul(*args)
+
+
+def residual_mm(*args):
+    """residual_matmul's arguments -> (y, u), as matmul calls its op."""
+    return residual_matmul(*args) if torch.compiler.is_compiling() else _residual_matmul(*args)

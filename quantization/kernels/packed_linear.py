@@ -30,6 +30,12 @@ class PackedLinear(nn.Module):
         # a GELU applied to the output (F.gelu's `approximate`: "none" or "tanh"; None: no activation), by the kernel
         # that writes it where it can (inference.fuse_gelu: a decode step saves the GELU's own kernel)
         self.gelu = None
+        # the normalization before the layer (fuse_norm) and the gain of the one after its residual add
+        # (fuse_residual), for norm_forward and residual_forward; float32 kept as int32 bits, as the scales are
+        self.norm_kind, self.norm_eps = 0, 0.0
+        self.register_buffer("norm_in_bits", None, persistent=False)   # (2, in): the norm's gain and bias
+        self.register_buffer("norm_out_bits", None, persistent=False)  # (2, out): W @ gain, bias + W @ norm bias
+        self.register_buffer("next_gain_bits", None, persistent=False)  # (out,): the next norm's gain
 
     @classmethod
     def from_record(cls, record, bias=None):
@@ -98,10 +104,68 @@ class PackedLinear(nn.Module):
             y = F.gelu(y, approximate=self.gelu)
         return y
 
+    def fuse_norm(self, norm):
+        """Take the normalization before this layer (an nn.LayerNorm or nn.RMSNorm over in_features) into the layer,
+        for norm_forward. The layer's weights and forward do not change."""
+        kind = 1 if isinstance(norm, nn.LayerNorm) else 2 if isinstance(norm, nn.RMSNorm) else 0
+        if not kind or norm.normalized_shape != (self.in_features,):
+            raise ValueError(f"fuse_norm takes a LayerNorm or RMSNorm over {self.in_features} inputs, not {norm}")
+        weight = self.dequantized_weight().double()
+        device = weight.device
+        gain = torch.ones(self.in_features) if norm.weight is None else norm.weight.detach()
+        gain = gain.to(device, torch.float64)
+        shift = getattr(norm, "bias", None)
+        shift = torch.zeros_like(gain) if shift is None else shift.detach().to(device, torch.float64)
+        bias = weight @ shift + (0 if self.bias is None else self.bias.double())
+        self.norm_kind = kind
+        self.norm_eps = float(norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps)
+        self.norm_in_bits = _bits(torch.stack([gain, shift]))
+        self.norm_out_bits = _bits(torch.stack([weight @ gain, bias]))
+
+    def fuse_residual(self, gain):
+        """Let residual_forward also give u = output * gain (float32): the input of the next layer's norm_forward,
+        gain that norm's (out_features,) weight."""
+        if gain.shape != (self.out_features,):
+            raise ValueError(f"fuse_residual takes a gain of {self.out_features} values, not {tuple(gain.shape)}")
+        self.next_gain_bits = _bits(gain.detach().to(self.qweight.device))
+
+    def _kernel_ok(self, x):
+        return self.sparse is None and ops.kernel_refusal(x, self.bits, self.group_size) is None
+
+    def norm_forward(self, u, r):
+        """self(norm(r)) (GELU included), norm the one fuse_norm took; u = r * its gain, as float32 (what
+        residual_forward gives). The one-row kernel computes it in one launch: the statistics of r in its epilogue."""
+        norm_in = self.norm_in_bits.view(torch.float32)
+        if not self._kernel_ok(r):
+            if self.norm_kind == 1:
+                h = F.layer_norm(r.float(), (self.in_features,), norm_in[0], norm_in[1], self.norm_eps)
+            else:
+                h = F.rms_norm(r.float(), (self.in_features,), norm_in[0], self.norm_eps)
+            return self(h.to(r.dtype))
+        wg, bias = self.norm_out_bits.view(torch.float32)
+        return ops.norm_mm(u, r, self.qweight, self.scale, self.zero, bias, wg, self.bits, self.group_size,
+                           self.in_features, self.zero_const, self.split_counters, ops.ACTIVATIONS[self.gelu],
+                           self.norm_kind, self.norm_eps)
+
+    def residual_forward(self, x, res):
+        """(res + self(x) in res's dtype, that sum * the gain of fuse_residual as float32), in one launch of the
+        one-row kernel."""
+        gain = self.next_gain_bits.view(torch.float32)
+        if not self._kernel_ok(x) or self.gelu is not None:
+            y = res + self(x).to(res.dtype)
+            return y, y.float() * gain
+        return ops.residual_mm(x, res, gain, self.qweight, self.scale, self.zero, self.bias, self.bits,
+                               self.group_size, self.in_features, self.zero_const, self.split_counters)
+
     def extra_repr(self):
         groups = f"group {self.group_size}" if self.group_size else "per channel"
         gelu = "" if self.gelu is None else f", gelu={self.gelu}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {groups}{gelu}"
+
+
+def _bits(t):
+    """A float tensor as the int32 bits of its float32 values (a buffer that model.to(dtype) leaves alone)."""
+    return t.float().contiguous().view(torch.int32)
 
 
 def _replace(model, name, make):

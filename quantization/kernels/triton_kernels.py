@@ -194,7 +194,10 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         blocks_per_group, blocks_per_split,
                         BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                        PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
+                        PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
+                        r_ptr=None, wg_ptr=None, res_ptr=None, g_ptr=None, u_ptr=None, stride_rm=0, stride_resm=0,
+                        stride_um=0, eps=0.0, NORM: tl.constexpr = 0, KP: tl.constexpr = 1,
+                        RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -211,7 +214,9 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards.
     ACT: the activation applied to y (bias added) before it is written (_activate): a GELU after the layer costs no
     kernel of its own. PDL: launched before the kernel that writes x has finished (_after_earlier_kernels); with
-    PREFETCH the first step's words are loaded before the wait, so their round trip overlaps that kernel's end."""
+    PREFETCH the first step's words are loaded before the wait, so their round trip overlaps that kernel's end.
+    NORM and RESID take the LayerNorm before a layer and the residual add after one into the kernel (ops.norm_matmul,
+    ops.residual_matmul; _epilogue): a decode step then has no normalization kernel of its own."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -226,6 +231,11 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
         n0, n1, n2, n3, n4, n5, n6, n7 = _words(w_ptrs, N, mask_w, BITS)
     _after_earlier_kernels(PDL)
+    if NORM != 0:  # the normalized row, loaded now: its round trip overlaps the loop (its statistics come after)
+        offs_r = tl.arange(0, KP)
+        r = tl.load(r_ptr + pid_m * stride_rm + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
+    else:
+        r = 0.0
     for b0 in range(first, last, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < last
@@ -298,14 +308,43 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                 ks = k0 + offs_s
                 y += tl.sum(tl.load(ws_ptr + ((ks * M + pid_m) * N)[:, None] + offs_n[None, :],
                                     mask=(ks < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg"), 0)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(y_ptrs, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_n)
+            _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, wg_ptr, res_ptr, g_ptr, u_ptr, stride_resm,
+                      stride_um, eps, HAS_BIAS, ACT, NORM, KP, RESID, EMIT_U)
             tl.atomic_xchg(counter, 0)
     else:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, _activate(y, ACT).to(y_ptr.dtype.element_ty), mask=mask_n)
+        _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, wg_ptr, res_ptr, g_ptr, u_ptr, stride_resm,
+                  stride_um, eps, HAS_BIAS, ACT, NORM, KP, RESID, EMIT_U)
+
+
+@triton.jit
+def _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, wg_ptr, res_ptr, g_ptr, u_ptr, stride_resm, stride_um,
+              eps, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, KP: tl.constexpr,
+              RESID: tl.constexpr, EMIT_U: tl.constexpr):
+    """The one-row kernel's end: y (float32, the whole sum over K) becomes the output and is written.
+    NORM (1 LayerNorm, 2 RMSNorm): the kernel multiplied u = r * gain, and r (the row before its normalization, KP
+    values loaded at the start, K used) gives the statistics here. W (r - mean) rstd gain = rstd (W u - mean W gain),
+    so y = rstd (y - mean wg) with wg = W gain per output; the normalization's bias is folded into the layer's bias.
+    RESID: the residual row res is added after the bias; EMIT_U: u = output * g (the next normalization's gain,
+    from the output as written, in its dtype) is written as float32 for the next layer's NORM."""
+    if NORM != 0:
+        offs_r = tl.arange(0, KP)
+        if NORM == 1:
+            mean = tl.sum(r, 0) / K
+            centered = tl.where(offs_r < K, r - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 0) / K + eps)
+            y = rstd * (y - mean * tl.load(wg_ptr + offs_n, mask=mask_n, other=0.0))
+        else:
+            rstd = 1.0 / tl.sqrt(tl.sum(r * r, 0) / K + eps)
+            y = rstd * y
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if RESID:
+        y += tl.load(res_ptr + pid_m * stride_resm + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    out = _activate(y, ACT).to(y_ptrs.dtype.element_ty)
+    tl.store(y_ptrs, out, mask=mask_n)
+    if EMIT_U:
+        gain = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(u_ptr + pid_m * stride_um + offs_n, out.to(tl.float32) * gain, mask=mask_n)
 
 
 @triton.jit
