@@ -230,7 +230,9 @@ def err(y, expected):
 
 for method, bits, granularity, group_size in json.loads(sys.argv[2]):
     spec = QuantSpec(method, bits, granularity, group_size)
-    for n, k, rows, dtype in ((37, 128, 1, "float32"), (40, 128, 3, "float32"), (24, 64, 1, "bfloat16")):
+    # 1056 inputs: a row longer than EARLY_ROW, loaded by the epilogue instead of before the loop
+    for n, k, rows, dtype in ((37, 128, 1, "float32"), (40, 128, 3, "float32"), (24, 64, 1, "bfloat16"),
+                              (8, 1056, 2, "float32")):
         dt = getattr(torch, dtype)
         w, b = torch.randn(n, k), torch.randn(n)
         layer = PackedLinear.from_float(w, spec, b)
@@ -300,7 +302,7 @@ def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
     """fuse_norms' kernels (PackedLinear.norm_forward, residual_forward) against float64: a LayerNorm or RMSNorm
     then the layer (the statistics of r in the epilogue, W u - mean W gain), its GELU; the residual add and u for
     the next normalization; with and without split-K, one and three rows, float32 and bfloat16 (the output in
-    the residual's dtype)."""
+    the residual's dtype), a row short enough to load before the loop and one loaded after it."""
     pytest.importorskip("triton")
     specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -308,7 +310,7 @@ def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(rows) == len(specs) * 3 * (2 * 4 + 3)
+    assert len(rows) == len(specs) * 4 * (2 * 4 + 3)
     for row in rows:
         bf16 = row[5] == "bfloat16"
         assert row[8] < (1e-2 if bf16 else 2e-6), row
