@@ -186,10 +186,10 @@ def _subnormal(field):
 # 2**-41, and x * 2**64 overflows only past |x| = 2**64
 XSCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
 BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
-# rows to normalize of up to this many values (GPT-2 124M's 768) are loaded before the one-row kernel's loop; longer
-# ones (the 6.7B shape's 4096) after it: held through the loop they cost registers, and an H200 decoded the 6.7B
-# shape 11% slower that way (bench/results/norms_h200/README.md)
-EARLY_ROW: tl.constexpr = tl.constexpr(1024)
+# rows to normalize of up to this many values (GPT-2 124M's 768, XL's 1600) are loaded before the one-row kernel's
+# loop; longer ones (the 6.7B shape's 4096) after it: held through the loop they cost registers, and an H200 decoded
+# the 6.7B shape 11% slower that way, where 124M and XL gained (bench/results/norms_h200/README.md)
+EARLY_ROW: tl.constexpr = tl.constexpr(2048)
 SPLIT_CHUNK: tl.constexpr = tl.constexpr(16)  # partial sums the last program of a split-K tile loads at once
 
 
