@@ -244,16 +244,25 @@ def fuse_gelu(model):
     return fused
 
 
-def fuse_norms(model):
+# fuse_norms applies to models at least this wide. On an H200 (bench/results/norms_h200/README.md, in-run repeats)
+# it sped GPT-2 XL's batch-1 decode (width 1600) by 4%, left the 6.7B shape's (4096) level and slowed 124M's (768)
+# by 2-3%: the kernels it removes cost less there than the work it adds to the packed kernels
+NORMS_MIN_WIDTH = 1024
+
+
+def fuse_norms(model, min_width=NORMS_MIN_WIDTH):
     """Inference: each block's two normalizations go into the packed layers after them (the q/k/v layer and the up
     projection: PackedLinear.fuse_norm) and its two residual adds into the layers before (the output and down
     projections, which also hand the next normalization its input: fuse_residual), so that a one-row decode step
     (generate.fused_block_step) has no normalization or add kernel of its own. Run it after fuse_qkv and fuse_gelu.
     It applies to every block or to none: each needs q, k and v joined, its four layers packed with no sparse
     outliers, and no activation quantizer or transform at the sites the fused step skips (the attention's and the
-    MLP's input and output). The state dict and forward do not change. Returns how many blocks were fused."""
+    MLP's input and output); and the model at least `min_width` wide (NORMS_MIN_WIDTH: where it was measured to
+    help). The state dict and forward do not change. Returns how many blocks were fused."""
     from quantization.kernels import PackedLinear
     blocks = list(model.transformer.h)
+    if model.config.n_embd < min_width:
+        return 0
 
     def fusable(block):
         attn, mlp = block.attn, block.mlp

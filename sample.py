@@ -69,7 +69,7 @@ def main(argv=None):
     freeze_quantized_weights(model)
     fuse_qkv(model)  # one matmul (or packed kernel) for q, k and v where the three layers can be joined
     fuse_gelu(model)  # packed up projections apply the GELU in their kernel
-    fuse_norms(model)  # and, at batch 1, the LayerNorm before them and the residual add after
+    fuse_norms(model)  # and, at batch 1 on wide models, the LayerNorm before them and the residual add after
     start = args.start
     if start.startswith("FILE:"):
         try:

@@ -26,7 +26,8 @@ the rows of three layers beside them. A packed model's MLP leaves its GELU to th
 (inference.fuse_gelu, as sample.py does); --gelu=fused,separate adds the rows with a GELU kernel of its own (bf16 and
 tinygemm have no such fusion: their rows are the same either way, and run once). At batch 1 a packed model's
 blocks also leave their LayerNorms to the q/k/v and up projections' kernels and their residual adds to the output
-and down projections' (inference.fuse_norms, as sample.py does); --norms=fused,separate adds the rows without.
+and down projections' (inference.fuse_norms, which sample.py runs on models of width 1024 or more, where it
+helped; here at every width); --norms=fused,separate adds the rows without.
 """
 import argparse
 import gc
@@ -100,8 +101,8 @@ def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused", gelu="
         model = tinygemm_model(model)
     if gelu == "fused":  # after tinygemm's conversion: its layers take no activation
         fuse_gelu(model)
-    if norms == "fused":  # packed layers only (bf16 and tinygemm fuse nothing)
-        fuse_norms(model)
+    if norms == "fused":  # packed layers only (bf16 and tinygemm fuse nothing); at every width, to measure it
+        fuse_norms(model, min_width=0)
     return model
 
 
@@ -224,7 +225,7 @@ def check(args, dtype):
     model = build(args.shapes[0], "W4", args.device, torch.float32, args.vocab_size, args.block_size,
                   norms="separate")
     reference = generate(model, prompt, n, temperature=0, compile=MODES[args.modes[0]])
-    fused = fuse_norms(model)
+    fused = fuse_norms(model, min_width=0)
     reset_compiled(model)
     tokens = generate(model, prompt, n, temperature=0, compile=MODES[args.modes[0]])
     agree = (tokens[:, args.prompt_len:] == reference[:, args.prompt_len:]).float().mean().item()
