@@ -27,6 +27,16 @@ def train(out_dir, *flags, check=True):
     return run_script("train.py", f"--out_dir={out_dir}", *TINY, *flags, check=check)
 
 
+def run_interpreted(script, *args, timeout=600):
+    """Run a test script (`python -c script ROOT *args`) in a fresh interpreter under TRITON_INTERPRET=1 (set before
+    Triton is imported), so that the Triton kernels run on the CPU; returns the JSON its last line prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", script, ROOT, *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run_main(main, *argv):
     """Call a script's main(argv) in this process (no interpreter start-up); returns its error line or None."""
     try:

@@ -1,18 +1,13 @@
 """The bitwise inference module of residual binary weights (quantization/binary_linear.py) and its Triton kernel
 (quantization/kernels/binary_bitwise.py), against the dequantize path of quantizers.py; the exported graph is
 checked to be k one-bit linears and an add, made of shifts and masks, with no float weight."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from conftest import run_interpreted
 from quantization.binary_linear import BinaryLinear, ResidualBinaryLinear, convert_model, pack_signs, unpack_signs
 from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("per_channel", 0, 2), ("per_group", 32, 3), ("per_group", 64, 1), ("per_tensor", 0, 4)]
 
 
@@ -118,11 +113,7 @@ print(json.dumps(errors))
 
 def test_triton_kernel_matches_pytorch_path():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")  # set before triton is imported: a fresh interpreter
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK, ROOT], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(KERNEL_CHECK, timeout=300)
     assert len(errors) == 3 * len(CASES) and max(errors) < 1e-4, errors
 
 
@@ -182,12 +173,8 @@ def test_the_attached_kernel_runs_one_row_of_a_loaded_layer():
     dequantized weight; torch.compile sees it as one custom op; several rows go through the weight dequantized by
     the Triton kernel (equal to quantizers.py's dequantize) and a matmul."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", ATTACHED_CHECK, ROOT], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out, compiled_op, rows_kernel, rows_error, dequant_errors, joined_attached, joined_error = json.loads(
-        result.stdout.strip().splitlines()[-1])
+    out, compiled_op, rows_kernel, rows_error, dequant_errors, joined_attached, joined_error = run_interpreted(
+        ATTACHED_CHECK, timeout=300)
     assert len(out) == len(CASES) and compiled_op and rows_kernel and rows_error < 1e-4
     assert len(dequant_errors) == len(CASES) and max(dequant_errors) < 1e-6, dequant_errors
     assert joined_attached and joined_error < 1e-4

@@ -5,10 +5,7 @@ except softmax_input, the cached path's logits equal the uncached forward's at e
 and greedy tokens are identical. softmax_input and per_tensor activation ranges span other tokens in the
 uncached forward (future scores, the whole sequence); the cached path takes them over what a causal step sees,
 so there the facts checked are causality (one-shot prefill == token by token) and the per-token K/V storage."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -291,12 +288,8 @@ def test_fused_norms_decode_the_same_tokens_through_the_kernels(norm):
     residual adds in its packed kernels (generate.fused_block_step) writes the plain step's greedy tokens, and its
     K/V caches (every layer's normalized input through q/k/v) agree to float32 rounding."""
     pytest.importorskip("triton")
-    from conftest import ROOT
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", FUSED_NORMS, ROOT, norm], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    plain, fused, err, normed, residual = json.loads(result.stdout.strip().splitlines()[-1])
+    from conftest import run_interpreted
+    plain, fused, err, normed, residual = run_interpreted(FUSED_NORMS, norm)
     assert fused == plain and err < 1e-5, (plain, fused, err)
     assert normed == residual == 6 * 2 * 2
 
@@ -410,7 +403,7 @@ def test_sample_cached_equals_uncached(checkpoints, capsys):
 
 def test_decode_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
     """bench/decode.py's table on a tiny shape (the GPU run reports speeds): every format, q/k/v fused and
-    separate, the GELU fused and apart (packed formats only), and its one-line error for a bad list."""
+    separate, the GELU and the norms fused and apart (packed formats only), and its one-line error for a bad list."""
     from bench import decode
     from conftest import run_main
     out = tmp_path / "decode.md"
@@ -429,6 +422,14 @@ def test_decode_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
     assert error is not None and "--qkv=fused,joined: expected a comma-separated subset of fused, separate" in error
     error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--gelu=erf")
     assert error is not None and "--gelu=erf: expected a comma-separated subset of fused, separate" in error
+    # the norms in the packed kernels or apart (packed formats only; bf16 runs once)
+    assert run_main(decode.main, "--shapes=tiny", "--device=cpu", "--modes=eager", "--new_tokens=3",
+                    "--vocab_size=256", "--block_size=64", "--batches=1", "--formats=bf16,W4",
+                    "--norms=fused,separate", f"--out={out}") is None
+    labels = [line.split("|")[2].strip() for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    assert labels == ["bf16", "W4", "W4, norms apart"]
+    error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--norms=both")
+    assert error is not None and "--norms=both: expected a comma-separated subset of fused, separate" in error
 
 
 def test_the_gpu_script_names_a_bad_part_or_a_missing_gpu_in_one_line(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_interpreted
 from quantization.kernels import PackedLinear, convert_to_packed, pack_model
 from quantization.kernels.layout import dequantize_kernel_layout
 from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
@@ -94,11 +94,7 @@ print(json.dumps(out))
 
 def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK, ROOT, json.dumps(SPECS)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = run_interpreted(KERNEL_CHECK, json.dumps(SPECS))
     # float32 accumulation over at most 128 products: relative error far below one quantization step
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
@@ -145,11 +141,7 @@ def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_spli
     pytest.importorskip("triton")
     # 4-bit codes over many splits; 1-bit codes (a field at every bit position) over a short K
     specs = [("affine_quant", 4, "per_group", 32, 1088), SPECS[-1] + (128,)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", ONE_ROW_RANGE, ROOT, json.dumps(specs)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = run_interpreted(ONE_ROW_RANGE, json.dumps(specs))
     assert len(rows) == 3 * len(specs)
     bad = [r for r in rows if not (r[3] < 1e-5 and r[4] == 0)]
     assert not bad, bad
@@ -200,11 +192,7 @@ def test_the_kernels_apply_the_gelu_as_they_write_the_output():
     float64 matmul; split-K too (the last program activates the sum; the atomic GEMV leaves it to the launcher)."""
     pytest.importorskip("triton")
     specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", GELU_EPILOGUE, ROOT, json.dumps(specs)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = run_interpreted(GELU_EPILOGUE, json.dumps(specs))
     assert len(rows) == len(specs) * 2 * (3 + 6)
     assert {r[4] for r in rows} == {"stream_gemv", "stream_gemv split-K", "gemm", "gemm split-K", "gemv",
                                     "gemv split-K", "dequant_mm", "layer"}
@@ -230,7 +218,7 @@ def err(y, expected):
 
 for method, bits, granularity, group_size in json.loads(sys.argv[2]):
     spec = QuantSpec(method, bits, granularity, group_size)
-    # 2080 inputs: a row longer than EARLY_ROW, loaded by the epilogue instead of before the loop
+    # 2080 inputs: a row longer than ops.EARLY_ROW, loaded by the epilogue instead of before the loop
     for n, k, rows, dtype in ((37, 128, 1, "float32"), (40, 128, 3, "float32"), (24, 64, 1, "bfloat16"),
                               (8, 2080, 2, "float32")):
         dt = getattr(torch, dtype)
@@ -305,11 +293,7 @@ def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
     the residual's dtype), a row short enough to load before the loop and one loaded after it."""
     pytest.importorskip("triton")
     specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", NORM_RESIDUAL, ROOT, json.dumps(specs)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = run_interpreted(NORM_RESIDUAL, json.dumps(specs))
     assert len(rows) == len(specs) * 4 * (2 * 4 + 3)
     for row in rows:
         bf16 = row[5] == "bfloat16"

@@ -83,6 +83,10 @@ ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
 # PDL for layers of fewer bytes of codes than this: on an H200 it sped GPT-2 124M's decode (layers of 0.3-1.2 MiB)
 # and slowed the 6.7B shape's (8-22 MiB; bench/results/pdl_h200/README.md)
 PDL_MAX_BYTES = 8 * 2**20
+# the fused normalization (norm_matmul) loads a row of up to this many values before the one-row kernel's loop, a
+# longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
+# XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
+EARLY_ROW = int(os.environ.get("NANOQAT_EARLY_ROW", 2048))
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -211,7 +215,8 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     extra = {}
     if norm is not None:
         r, wg, kind, eps = norm
-        extra = dict(r_ptr=r, wg_ptr=wg, stride_rm=r.stride(0), eps=eps, NORM=kind, KP=triton.next_power_of_2(k))
+        extra = dict(r_ptr=r, wg_ptr=wg, stride_rm=r.stride(0), eps=eps, NORM=kind, KP=triton.next_power_of_2(k),
+                     EARLY=k <= EARLY_ROW)
     if residual is not None:
         res, gain = residual
         u = torch.empty((m, n), device=x.device, dtype=torch.float32)

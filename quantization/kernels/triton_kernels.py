@@ -186,10 +186,6 @@ def _subnormal(field):
 # 2**-41, and x * 2**64 overflows only past |x| = 2**64
 XSCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
 BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
-# rows to normalize of up to this many values (GPT-2 124M's 768, XL's 1600) are loaded before the one-row kernel's
-# loop; longer ones (the 6.7B shape's 4096) after it: held through the loop they cost registers, and an H200 decoded
-# the 6.7B shape 11% slower that way, where 124M and XL gained (bench/results/norms_h200/README.md)
-EARLY_ROW: tl.constexpr = tl.constexpr(2048)
 SPLIT_CHUNK: tl.constexpr = tl.constexpr(16)  # partial sums the last program of a split-K tile loads at once
 
 
@@ -201,7 +197,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
                         r_ptr=None, wg_ptr=None, res_ptr=None, g_ptr=None, u_ptr=None, stride_rm=0, stride_resm=0,
                         stride_um=0, eps=0.0, NORM: tl.constexpr = 0, KP: tl.constexpr = 1,
-                        RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False):
+                        EARLY: tl.constexpr = True, RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -235,7 +231,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
         n0, n1, n2, n3, n4, n5, n6, n7 = _words(w_ptrs, N, mask_w, BITS)
     _after_earlier_kernels(PDL)
-    if NORM != 0 and KP <= EARLY_ROW:  # the row to normalize, loaded now: its round trip overlaps the loop
+    if NORM != 0 and EARLY:  # the row to normalize, loaded now: its round trip overlaps the loop
         offs_r = tl.arange(0, KP)
         r = tl.load(r_ptr + pid_m * stride_rm + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
     else:  # loaded by the epilogue (a long row held through the loop costs registers)
@@ -313,27 +309,27 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                 y += tl.sum(tl.load(ws_ptr + ((ks * M + pid_m) * N)[:, None] + offs_n[None, :],
                                     mask=(ks < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg"), 0)
             _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, wg_ptr, res_ptr, g_ptr, u_ptr,
-                      stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, RESID, EMIT_U)
+                      stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, EARLY, RESID, EMIT_U)
             tl.atomic_xchg(counter, 0)
     else:
         _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, wg_ptr, res_ptr, g_ptr, u_ptr,
-                  stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, RESID, EMIT_U)
+                  stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, EARLY, RESID, EMIT_U)
 
 
 @triton.jit
 def _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, wg_ptr, res_ptr, g_ptr, u_ptr,
               stride_resm, stride_um, eps, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
-              KP: tl.constexpr, RESID: tl.constexpr, EMIT_U: tl.constexpr):
+              KP: tl.constexpr, EARLY: tl.constexpr, RESID: tl.constexpr, EMIT_U: tl.constexpr):
     """The one-row kernel's end: y (float32, the whole sum over K) becomes the output and is written.
     NORM (1 LayerNorm, 2 RMSNorm): the kernel multiplied u = r * gain, and r (the row before its normalization, KP
     values loaded at the start, K used) gives the statistics here. W (r - mean) rstd gain = rstd (W u - mean W gain),
     so y = rstd (y - mean wg) with wg = W gain per output; the normalization's bias is folded into the layer's bias.
-    A row of up to EARLY_ROW values came with the kernel's first loads; a longer one is loaded here.
+    With EARLY the row came with the kernel's first loads; else it is loaded here (ops.EARLY_ROW).
     RESID: the residual row res is added after the bias; EMIT_U: u = output * g (the next normalization's gain,
     from the output as written, in its dtype) is written as float32 for the next layer's NORM."""
     if NORM != 0:
         offs_r = tl.arange(0, KP)
-        if KP > EARLY_ROW:  # not loaded before the loop
+        if not EARLY:  # not loaded before the loop
             r = tl.load(r_ptr + pid_m * stride_rm + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
         if NORM == 1:
             mean = tl.sum(r, 0) / K
