@@ -135,8 +135,8 @@ class PackedLinear(nn.Module):
     def norm_forward(self, u, r):
         """self(norm(r)) (GELU included), norm the one fuse_norm took; u = r * its gain, as float32 (what
         residual_forward gives). The one-row kernel computes it in one launch: the statistics of r in its epilogue."""
-        norm_in = self.norm_in_bits.view(torch.float32)
         if not self._kernel_ok(r):
+            norm_in = self.norm_in_bits.view(torch.float32)
             if self.norm_kind == 1:
                 h = F.layer_norm(r.float(), (self.in_features,), norm_in[0], norm_in[1], self.norm_eps)
             else:
