@@ -4,7 +4,6 @@ checked to be k one-bit linears and an add, made of shifts and masks, with no fl
 import pytest
 import torch
 
-from conftest import run_interpreted
 from quantization.binary_linear import BinaryLinear, ResidualBinaryLinear, convert_model, pack_signs, unpack_signs
 from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
 
@@ -113,6 +112,7 @@ print(json.dumps(errors))
 
 def test_triton_kernel_matches_pytorch_path():
     pytest.importorskip("triton")
+    from conftest import run_interpreted  # here: the script imports this module, without tests/ on its path
     errors = run_interpreted(KERNEL_CHECK, timeout=300)
     assert len(errors) == 3 * len(CASES) and max(errors) < 1e-4, errors
 
@@ -173,6 +173,7 @@ def test_the_attached_kernel_runs_one_row_of_a_loaded_layer():
     dequantized weight; torch.compile sees it as one custom op; several rows go through the weight dequantized by
     the Triton kernel (equal to quantizers.py's dequantize) and a matmul."""
     pytest.importorskip("triton")
+    from conftest import run_interpreted
     out, compiled_op, rows_kernel, rows_error, dequant_errors, joined_attached, joined_error = run_interpreted(
         ATTACHED_CHECK, timeout=300)
     assert len(out) == len(CASES) and compiled_op and rows_kernel and rows_error < 1e-4
