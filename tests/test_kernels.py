@@ -218,9 +218,10 @@ def err(y, expected):
 
 for method, bits, granularity, group_size in json.loads(sys.argv[2]):
     spec = QuantSpec(method, bits, granularity, group_size)
-    # 2080 inputs: a row longer than ops.EARLY_ROW, loaded by the epilogue instead of before the loop
-    for n, k, rows, dtype in ((37, 128, 1, "float32"), (40, 128, 3, "float32"), (24, 64, 1, "bfloat16"),
-                              (8, 2080, 2, "float32")):
+    # the last: a row longer than ops.EARLY_ROW (set to 0 here), loaded by the epilogue instead of before the loop
+    for n, k, rows, dtype, early_row in ((37, 128, 1, "float32", 2048), (40, 128, 3, "float32", 2048),
+                                         (24, 64, 1, "bfloat16", 2048), (8, 96, 2, "float32", 0)):
+        ops.EARLY_ROW = early_row
         dt = getattr(torch, dtype)
         w, b = torch.randn(n, k), torch.randn(n)
         layer = PackedLinear.from_float(w, spec, b)
@@ -297,7 +298,7 @@ def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
     assert len(rows) == len(specs) * 4 * (2 * 4 + 3)
     for row in rows:
         bf16 = row[5] == "bfloat16"
-        assert row[8] < (1e-2 if bf16 else 2e-6), row
+        assert row[8] < (1e-2 if bf16 else 1e-5), row  # float32: far below a quantization step
         assert row[9] == ("torch.float32" if row[7] == "u" or not bf16 else "torch.bfloat16"), row
 
 
