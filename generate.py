@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import Block
+from quantization.kernels import attention
 from quantization.quantizers import code_range, compute_qparams, dequantize, quantize, smallest_int_dtype
 
 
@@ -55,6 +56,11 @@ class KVCache(nn.Module):
         if self.plain:
             self.register_buffer("stored", torch.zeros((len(self.plain), *shape), device=device, dtype=dtype),
                                  persistent=False)
+        # a plain cache on a GPU: a one-token step writes and attends in one kernel (attend)
+        self.kernel = self.plain == ["k", "v"] and attention.refusal(device, dtype, head_dim) is None
+        if self.kernel:  # the kernel's arrival counters, zero between calls
+            self.register_buffer("counters", torch.zeros(batch * n_head, device=device, dtype=torch.int32),
+                                 persistent=False)
 
     @property
     def k(self):
@@ -70,6 +76,14 @@ class KVCache(nn.Module):
     @property
     def max_len(self):
         return self.k_or_codes().size(2)
+
+    def attend(self, q, k, v, input_pos):
+        """The attention of one new token (q, k, v: (batch, n_head, 1, head_dim)) over the cache, k and v written
+        at input_pos, in one kernel over the valid positions only (quantization/kernels/attention.py); None where
+        that kernel does not run (the caller then updates and attends in PyTorch)."""
+        if not self.kernel or q.dtype != self.dtype:
+            return None
+        return attention.decode_attention(q, k, v, self.stored, input_pos, self.counters)
 
     def update(self, input_pos, k, v):
         """Write k and v (batch, n_head, T, head_dim) at positions input_pos (T,); return the whole cache's keys
@@ -122,12 +136,31 @@ def sample_logits(logits, temperature, top_k):
     """The next token (batch, 1) from the last position's logits: argmax when temperature is 0."""
     logits = logits[:, -1, :]
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return greedy(logits)
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = logits.masked_fill(logits < v[:, [-1]], -float("Inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+
+
+GREEDY_CHUNK = 128  # argmax over a vocabulary in two stages: the best of each chunk of this many, then of those
+
+
+def greedy(logits):
+    """logits (batch, vocab) -> the index of the largest (batch, 1), the first of equal ones, as argmax. A large
+    vocabulary goes in two stages, the largest of each GREEDY_CHUNK logits and then of those, so that a GPU
+    reduces it with many programs where argmax over 50257 logits is one long serial reduction (about 10 us an H200
+    decode step; two short ones take a few)."""
+    batch, vocab = logits.shape
+    if vocab < 64 * GREEDY_CHUNK:
+        return logits.argmax(dim=-1, keepdim=True)
+    pad = -vocab % GREEDY_CHUNK
+    if pad:
+        logits = F.pad(logits, (0, pad), value=-float("inf"))
+    best, where = logits.view(batch, -1, GREEDY_CHUNK).max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return chunk * GREEDY_CHUNK + where.gather(1, chunk)
 
 
 @torch.no_grad()

@@ -124,10 +124,15 @@ class CausalSelfAttention(nn.Module):
         0 where seen, -inf elsewhere). The activation sites see only the new tokens' rows (their per_tensor ranges
         cover this step's tokens); K and V are quantized as they enter the cache (KVCache); the softmax input's
         masked scores are zeroed before quantizing, which widens neither a symmetric nor an affine range."""
+        plain = not any(self.act[site].active for site in ATTN_INNER_SITES)
+        if plain and q.size(2) == 1:  # one new token: the cache may write and attend in one kernel
+            y = self.kv_cache.attend(q, k, v, input_pos)
+            if y is not None:
+                return y
         k, v = self.kv_cache.update(input_pos, k, v)
         if visible is None:
             visible = self.causal[input_pos, :k.size(2)]
-        if not any(self.act[site].active for site in ATTN_INNER_SITES):
+        if plain:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
         if visible.dtype != torch.bool:
             visible = visible == 0

@@ -27,7 +27,10 @@ the rows of three layers beside them. A packed model's MLP leaves its GELU to th
 tinygemm have no such fusion: their rows are the same either way, and run once). At batch 1 a packed model's
 blocks also leave their LayerNorms to the q/k/v and up projections' kernels and their residual adds to the output
 and down projections' (inference.fuse_norms, which sample.py runs on models of width 1024 or more, where it
-helped; here at every width); --norms=fused,separate adds the rows without.
+helped; here at every width); --norms=fused,separate adds the rows without. A one-token step's attention writes
+the new k and v into the cache and attends over its valid positions in one kernel
+(quantization/kernels/attention.py, every format); --attention=kernel,sdpa adds the rows that write the cache and
+call F.scaled_dot_product_attention over all of it, as before that kernel.
 """
 import argparse
 import gc
@@ -118,12 +121,13 @@ def format_spec(shape, fmt):
     return spec
 
 
-def format_label(shape, fmt, qkv="fused", gelu="fused", norms="fused"):
+def format_label(shape, fmt, qkv="fused", gelu="fused", norms="fused", attn="kernel"):
     spec = format_spec(shape, fmt)
     changed = spec is not None and spec.granularity == "per_group" and spec.group_size != FORMATS[fmt]["group_size"]
     label = f"{fmt} (group {spec.group_size})" if changed else fmt
     label = label if qkv == "fused" else f"{label}, q/k/v apart"
     label = label if gelu == "fused" else f"{label}, GELU apart"
+    label = label if attn == "kernel" else f"{label}, attention sdpa"
     return label if norms == "fused" or FORMATS[fmt] is None or fmt == PEER else f"{label}, norms apart"
 
 
@@ -237,14 +241,17 @@ def check(args, dtype):
 
 
 def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu="fused",
-               norms="fused"):
-    """The rows of one model (shape, weight format, q/k/v, GELU and norms fused or not): every mode and batch."""
+               norms="fused", attn="kernel"):
+    """The rows of one model (shape, weight format, q/k/v, GELU and norms fused or not, the attention kernel or
+    SDPA): every mode and batch."""
+    from quantization.kernels import attention
     from quantization.kernels.tinygemm import TinyGemmUnsupported
     dtype_name = str(dtype).split(".")[-1]
+    attention.ENABLED = attn == "kernel"  # read when generate sets up the model's caches
     try:
         model = build(shape, fmt, args.device, dtype, args.vocab_size, args.block_size, qkv, gelu, norms)
     except (ImportError, TinyGemmUnsupported) as e:
-        row = f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms)} | - | - | skipped: {e} | | | | | | |"
+        row = f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms, attn)} | - | - | skipped: {e} | | | | | | |"
         rows.append(row)
         print(row, flush=True)
         gc.collect()
@@ -258,13 +265,13 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
             try:
                 speed, peak, warm_s = measure(model, batch, mode, args)
             except RuntimeError as e:  # one row fails (a compile or CUDA graph error): say so, go on
-                row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms)} | {mode} | {batch} | failed: "
+                row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms, attn)} | {mode} | {batch} | failed: "
                        f"{str(e).splitlines()[0][:120]} | | | | | | |")
                 rows.append(row)
                 print(row, flush=True)
                 torch._dynamo.reset()
                 continue
-            key = (shape, qkv, mode, batch)
+            key = (shape, qkv, mode, batch, attn)
             if fmt == "bf16":
                 bf16_speed[key] = speed
             if fmt == PEER:
@@ -272,7 +279,7 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
             ratio = f"{speed / bf16_speed[key]:.2f}" if key in bf16_speed else "-"
             vs_peer = f"{speed / peer_speed[key]:.2f}" if key in peer_speed and fmt not in ("bf16", PEER) else "-"
             share = f"{speed / (bandwidth / nbytes):.0%}" if bandwidth and batch == 1 else "-"
-            row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms)} | {mode} | {batch} | {speed:,.0f} | {ratio} | "
+            row = (f"| {shape} | {format_label(shape, fmt, qkv, gelu, norms, attn)} | {mode} | {batch} | {speed:,.0f} | {ratio} | "
                    f"{vs_peer} | {share} | {nbytes / 2**30:.2f} | {peak:.2f} | {warm_s:.0f} |")
             rows.append(row)
             print(row, flush=True)
@@ -295,6 +302,9 @@ def main(argv=None):
                    "GELU, inference.fuse_gelu, as sample.py runs) and separate (a GELU kernel of its own)")
     p.add_argument("--norms", default="fused", help="comma-separated subset of fused (packed layers normalize their "
                    "input and add the residual at batch 1, inference.fuse_norms, as sample.py runs) and separate")
+    p.add_argument("--attention", default="kernel", help="comma-separated subset of kernel (a one-token step writes "
+                   "the cache and attends in one kernel, as sample.py runs) and sdpa (a cache write, then "
+                   "F.scaled_dot_product_attention over the whole cache)")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--vocab_size", type=int, default=50304)
@@ -312,6 +322,7 @@ def main(argv=None):
     args.qkv = parse_list(args.qkv, ("fused", "separate"), "qkv")
     args.gelu = parse_list(args.gelu, ("fused", "separate"), "gelu")
     args.norms = parse_list(args.norms, ("fused", "separate"), "norms")
+    args.attention = parse_list(args.attention, ("kernel", "sdpa"), "attention")
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
         assert all(b >= 1 for b in args.batches)
@@ -352,11 +363,12 @@ def main(argv=None):
             f.write(text + "\n")
 
     packed = [fmt for fmt in args.formats if fmt not in ("bf16", PEER)]
-    models = [(shape, fmt, qkv, gelu, norms) for shape in args.shapes for fmt in args.formats for qkv in args.qkv
+    models = [(shape, fmt, qkv, gelu, norms, attn) for shape in args.shapes for attn in args.attention
+              for fmt in args.formats for qkv in args.qkv
               for gelu in (args.gelu if fmt in packed else ["fused"])
               for norms in (args.norms if fmt in packed else ["fused"])]
-    for i, (shape, fmt, qkv, gelu, norms) in enumerate(models):
-        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu, norms)
+    for i, (shape, fmt, qkv, gelu, norms, attn) in enumerate(models):
+        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu, norms, attn)
         write(done=i == len(models) - 1)
     print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
     print(f"wrote {out}")

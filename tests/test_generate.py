@@ -294,6 +294,98 @@ def test_fused_norms_decode_the_same_tokens_through_the_kernels(norm):
     assert normed == residual == 6 * 2 * 2
 
 
+DECODE_ATTENTION = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from generate import generate, reset_compiled, setup_cache
+from model import GPT, GPTConfig
+from quantization.kernels import attention
+torch.manual_seed(0)
+worst = {}
+counters_left, untouched = 0, True
+for per_sm in (2, 16):  # the interpreter counts one multiprocessor: 2 -> one chunk, 16 -> several
+    attention.PROGRAMS_PER_SM = per_sm
+    for dtype in (torch.float32, torch.bfloat16):
+        B, H, L, hd = 2, 3, 45, 24  # head_dim not a power of two
+        for pos in (0, 15, 16, 30, L - 1):
+            stored = torch.randn(2, B, H, L, hd).to(dtype)
+            qkv = torch.randn(B, 1, 3 * H * hd).to(dtype)
+            q, k, v = (t.view(B, 1, H, hd).transpose(1, 2) for t in qkv.split(H * hd, -1))
+            # the reference: the cache written at pos, softmax attention over 0..pos in float64
+            want = stored.clone()
+            want[0, :, :, pos], want[1, :, :, pos] = k[:, :, 0], v[:, :, 0]
+            K, V = want[:, :, :, :pos + 1].double()
+            ref = torch.softmax(q.double() @ K.transpose(-1, -2) / hd ** 0.5, -1) @ V
+            counters = torch.zeros(B * H, dtype=torch.int32)
+            y = attention.decode_attention(q, k, v, stored, torch.tensor([pos]), counters)
+            assert y.shape == (B, H, 1, hd) and y.transpose(1, 2).is_contiguous() and y.dtype == dtype
+            # float32: to rounding; bf16: the output's own rounding, one unit in the last place
+            ulp = 2.0 ** -23 if dtype == torch.float32 else 2.0 ** -7
+            err = ((y.double() - ref).abs() / (ref.abs().clamp(min=1) * ulp)).max().item()
+            key = f"{dtype}, {attention.chunking(B, H, L, q.device)[1]} chunks"
+            worst[key] = max(worst.get(key, 0), err)
+            counters_left += counters.abs().sum().item()
+            untouched &= torch.equal(stored, want)  # only position pos was written
+attention.PROGRAMS_PER_SM = 16
+B, H, L, hd = 1, 2, 40, 32
+stored = torch.randn(2, B, H, L, hd)
+q, k, v = (t.view(B, 1, H, hd).transpose(1, 2) for t in torch.randn(B, 1, 3 * H * hd).split(H * hd, -1))
+torch.library.opcheck(attention.decode_attention_op, (q, k, v, stored, torch.tensor([17]),
+                                                      torch.zeros(B * H, dtype=torch.int32)))
+# a model decodes the same tokens through the kernel (eager and compiled) as through SDPA
+model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=65)).eval()
+idx = torch.randint(0, 65, (2, 5))
+runs = {}
+for name, enabled, compile in (("sdpa", False, False), ("kernel", True, False), ("compiled", True, True)):
+    attention.ENABLED = enabled
+    setup_cache(model, 2, 32, "cpu", torch.float32)
+    reset_compiled(model)
+    runs[name] = (generate(model, idx, 14, temperature=0, compile=compile)[:, 5:].tolist(),
+                  model.transformer.h[0].attn.kv_cache.kernel)
+print(json.dumps([worst, counters_left, untouched, runs]))
+"""
+
+
+def test_the_decode_attention_kernel_writes_the_cache_and_attends_over_the_valid_positions():
+    """quantization/kernels/attention.py under the Triton interpreter: against float64 attention over positions
+    0..pos of the cache with the new k and v written at pos (float32 to a few units of rounding, bf16 to one unit
+    of its output's), in one chunk and in several (the last program combines them and sets its counter back to
+    zero), the cache untouched elsewhere; torch.library.opcheck on the custom op (it declares the cache written);
+    and a model's greedy tokens through it, eager and compiled, equal those through SDPA."""
+    pytest.importorskip("triton")
+    from conftest import run_interpreted
+    worst, counters_left, untouched, runs = run_interpreted(DECODE_ATTENTION)
+    assert len(worst) == 4 and any("1 chunks" in k for k in worst) and any("3 chunks" in k for k in worst), worst
+    assert all(err < (16 if "float32" in key else 1) for key, err in worst.items()), worst
+    assert counters_left == 0 and untouched
+    assert runs["sdpa"][1] is False and runs["kernel"][1] is True and runs["compiled"][1] is True
+    assert runs["kernel"][0] == runs["sdpa"][0] == runs["compiled"][0], runs
+
+
+def test_greedy_takes_the_first_largest_logit_as_argmax():
+    """generate.greedy (two stages over a large vocabulary) against argmax, ties included, eager and compiled."""
+    from generate import greedy
+    torch.manual_seed(0)
+    for vocab in (50257, 50304, 100):
+        logits = (torch.randn(4, vocab) * 4).round()  # many equal values
+        logits[1] = 3.0
+        logits[2] = -float("inf")
+        logits[3, [vocab // 3, vocab // 2]] = 100.0  # two maxima in different chunks
+        for fn in (greedy, torch.compile(greedy)):
+            assert torch.equal(fn(logits), logits.argmax(-1, keepdim=True)), vocab
+
+
+def test_the_decode_attention_kernel_stays_off_on_the_cpu():
+    """On the CPU (no interpreter) the cache keeps the PyTorch write and SDPA: attend declines."""
+    from quantization.kernels import attention
+    cache = KVCache(1, 2, 8, 16, "cpu", torch.float32)
+    assert attention.refusal("cpu", torch.float32, 16) == "" and not cache.kernel
+    assert cache.attend(*torch.zeros(3, 1, 2, 1, 16), torch.tensor([0])) is None
+    if attention.triton is not None:
+        assert attention.refusal("cuda", torch.float32, 512) == "head_dim 512 is over 256"
+
+
 def test_fuse_norms_takes_every_block_or_none_and_keeps_the_tokens_on_the_cpu():
     """On the CPU (the dequantize path: norm_forward normalizes, residual_forward adds) the fused step writes the
     plain step's tokens at batch 1; batch 2 keeps Block.step; float layers, an activation quantizer at a block's
