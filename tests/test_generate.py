@@ -363,6 +363,32 @@ def test_the_decode_attention_kernel_writes_the_cache_and_attends_over_the_valid
     assert runs["kernel"][0] == runs["sdpa"][0] == runs["compiled"][0], runs
 
 
+def test_the_decode_attention_kernel_compiles_for_hopper_with_its_first_tile_loaded_before_the_wait():
+    """The kernel compiled for sm_90 without a GPU (what the interpreter does not check: types, a value's type
+    changing in a loop), one chunk and several, head_dim 64 and 128; with PDL its first tile of cached keys and
+    values is loaded before griddepcontrol.wait (the earlier steps wrote them), q, k and v after."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from quantization.kernels import attention
+    signature = dict(zip(["q_ptr", "k_ptr", "v_ptr", "c_ptr", "pos_ptr", "y_ptr", "ws_ptr", "ml_ptr", "count_ptr"],
+                         ["*bf16"] * 4 + ["*i64", "*bf16", "*fp32", "*fp32", "*i32"]))
+    signature.update({name: "i32" for name in ["n_head", "chunk", "stride_qb", "stride_qh", "stride_kb", "stride_kh",
+                                               "stride_vb", "stride_vh", "stride_cs", "stride_cb", "stride_ch",
+                                               "stride_ct", "stride_yb", "stride_yh"]}, sm_scale="fp32")
+    for split in (False, True):
+        for head_dim in (64, 128):
+            constants = dict(HEAD_DIM=head_dim, HD_P=head_dim, BLOCK_T=attention.BLOCK_T, CHUNKS_P=32, SPLIT=split,
+                             PDL=True)
+            source = ASTSource(fn=attention._decode_attention_kernel, constexprs=constants,
+                               signature={**signature, **{name: "constexpr" for name in constants}})
+            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+            before, after = ptx.split("griddepcontrol.wait", 1)
+            # pos and the tile: (16 x head_dim) keys and values in bf16, at most 16 bytes a load per thread
+            assert before.count("ld.global") >= 1 + 2 * attention.BLOCK_T * head_dim * 2 // (16 * 128)
+            assert after.count("ld.global") > 0  # q, k and v
+
+
 def test_greedy_takes_the_first_largest_logit_as_argmax():
     """generate.greedy (two stages over a large vocabulary) against argmax, ties included, eager and compiled."""
     from generate import greedy

@@ -58,24 +58,44 @@ def chunking(batch, n_head, max_len, device):
 
 if triton is not None:
     @triton.jit
+    def _attend(kt, vt, t, pos, end, k_new, v_new, q, m, l, acc):
+        """One tile of positions t into the running maximum m, sum l and weighted sum acc (float32); the new
+        token's row (t == pos) from registers."""
+        new = (t == pos)[:, None]
+        kt = tl.where(new, k_new[None, :], kt).to(tl.float32)
+        vt = tl.where(new, v_new[None, :], vt).to(tl.float32)
+        s = tl.where(t < end, tl.sum(kt * q[None, :], axis=1), -float("inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        p = tl.exp2(s - m_new)
+        alpha = tl.exp2(m - m_new)
+        return m_new, l * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+
+    @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, c_ptr, pos_ptr, y_ptr, ws_ptr, ml_ptr, count_ptr, n_head,
                                  chunk, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
                                  stride_cs, stride_cb, stride_ch, stride_ct, stride_yb, stride_yh, sm_scale,
                                  HEAD_DIM: tl.constexpr, HD_P: tl.constexpr, BLOCK_T: tl.constexpr,
                                  CHUNKS_P: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
-        """Program (row x head, chunk). sm_scale carries log2(e): the softmax runs on exp2."""
+        """Program (row x head, chunk). sm_scale carries log2(e): the softmax runs on exp2. The chunk's first tile
+        of cached keys and values is loaded before the wait for the kernel before (PDL): those rows, and the
+        position, were written by earlier steps, whose kernels have finished (each of ours waits before it lets
+        the next launch); only q, k and v come from the kernel just before."""
         pid_bh, pid_c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // n_head, pid_bh % n_head
         d = tl.arange(0, HD_P)
         d_ok = d < HEAD_DIM
-        if PDL:  # q, k and v come from the kernel before (see triton_kernels._after_earlier_kernels)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        pos = tl.load(pos_ptr)
+        pos = tl.load(pos_ptr).to(tl.int32)
         start = pid_c * chunk
         end = tl.minimum(start + chunk, pos + 1)
         cache_k = c_ptr + b * stride_cb + h * stride_ch
         cache_v = cache_k + stride_cs
+        t = start + tl.arange(0, BLOCK_T)
+        old = ((t < end) & (t != pos))[:, None] & d_ok[None, :]  # the new row is not read back
+        kt = tl.load(cache_k + t[:, None] * stride_ct + d[None, :], mask=old, other=0.0)
+        vt = tl.load(cache_v + t[:, None] * stride_ct + d[None, :], mask=old, other=0.0)
+        if PDL:  # q, k and v come from the kernel before (see triton_kernels._after_earlier_kernels)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         m = tl.full([], -float("inf"), tl.float32)
         l = tl.zeros([], tl.float32)
         acc = tl.zeros((HD_P,), tl.float32)
@@ -89,22 +109,13 @@ if triton is not None:
             v_new = v_new.to(c_ptr.dtype.element_ty)
             tl.store(cache_k + pos * stride_ct + d, k_new, mask=holds)
             tl.store(cache_v + pos * stride_ct + d, v_new, mask=holds)
-            for t0 in range(start, end, BLOCK_T):
-                t = t0 + tl.arange(0, BLOCK_T)
-                t_ok = t < end
-                new = (t == pos)[:, None]
-                old = (t_ok & (t != pos))[:, None] & d_ok[None, :]  # the new row is not read back
-                kt = tl.load(cache_k + t[:, None] * stride_ct + d[None, :], mask=old, other=0.0)
-                vt = tl.load(cache_v + t[:, None] * stride_ct + d[None, :], mask=old, other=0.0)
-                kt = tl.where(new, k_new[None, :], kt).to(tl.float32)
-                vt = tl.where(new, v_new[None, :], vt).to(tl.float32)
-                s = tl.where(t_ok, tl.sum(kt * q[None, :], axis=1), -float("inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=0))
-                p = tl.exp2(s - m_new)
-                alpha = tl.exp2(m - m_new)
-                l = l * alpha + tl.sum(p, axis=0)
-                acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
-                m = m_new
+            m, l, acc = _attend(kt, vt, t, pos, end, k_new, v_new, q, m, l, acc)
+            for t0 in range(start + BLOCK_T, end, BLOCK_T):
+                tt = t0 + tl.arange(0, BLOCK_T)
+                old = ((tt < end) & (tt != pos))[:, None] & d_ok[None, :]
+                kt = tl.load(cache_k + tt[:, None] * stride_ct + d[None, :], mask=old, other=0.0)
+                vt = tl.load(cache_v + tt[:, None] * stride_ct + d[None, :], mask=old, other=0.0)
+                m, l, acc = _attend(kt, vt, tt, pos, end, k_new, v_new, q, m, l, acc)
         y_ptrs = y_ptr + b * stride_yb + h * stride_yh + d
         if SPLIT:
             chunks = tl.num_programs(1)
