@@ -28,7 +28,7 @@ except ImportError:
     triton = tl = None
 
 BLOCK_T = 16           # positions a program loads at once
-PROGRAMS_PER_SM = 2    # chunks are cut so that rows x heads x chunks is about this many programs per multiprocessor
+PROGRAMS_PER_SM = 8    # chunks are cut so that rows x heads x chunks is about this many programs per multiprocessor
 MAX_HEAD_DIM = 256
 ENABLED = os.environ.get("NANOQAT_DECODE_ATTENTION", "1") != "0"  # generate.setup_cache reads it
 
