@@ -257,7 +257,7 @@ def run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed
         gc.collect()
         return
     nbytes = weight_bytes(model)
-    if fmt == "bf16" and bandwidth and qkv == args.qkv[0]:
+    if fmt == "bf16" and bandwidth and qkv == args.qkv[0] and attn == args.attention[0]:
         floors.append(f"{shape}: {nbytes / 2**30:.2f} GiB of {dtype_name} weights per token -> floor "
                       f"{bandwidth / nbytes:,.0f} tokens/s at batch 1")
     for mode in args.modes:
