@@ -123,7 +123,9 @@ class CausalSelfAttention(nn.Module):
         (T, cache length), True where seen, or as GPT.embed computes it once for all layers, added to the scores:
         0 where seen, -inf elsewhere). The activation sites see only the new tokens' rows (their per_tensor ranges
         cover this step's tokens); K and V are quantized as they enter the cache (KVCache); the softmax input's
-        masked scores are zeroed before quantizing, which widens neither a symmetric nor an affine range."""
+        masked scores are zeroed before quantizing, which widens neither a symmetric nor an affine range. One new
+        token with none of those sites on may go through the cache's own kernel (KVCache.attend: the write and the
+        attention over the valid positions in one), which gives the same result."""
         plain = not any(self.act[site].active for site in ATTN_INNER_SITES)
         if plain and q.size(2) == 1:  # one new token: the cache may write and attend in one kernel
             y = self.kv_cache.attend(q, k, v, input_pos)
