@@ -57,7 +57,9 @@ class KVCache(nn.Module):
             self.register_buffer("stored", torch.zeros((len(self.plain), *shape), device=device, dtype=dtype),
                                  persistent=False)
         # a plain cache on a GPU: a one-token step writes and attends in one kernel (attend)
-        self.kernel = self.plain == ["k", "v"] and attention.refusal(device, dtype, head_dim) is None
+        refusal = attention.refusal(device, dtype, head_dim) if self.plain == ["k", "v"] else ""
+        attention.say_once(refusal)
+        self.kernel = refusal is None
         if self.kernel:  # the kernel's arrival counters, zero between calls
             self.register_buffer("counters", torch.zeros(batch * n_head, device=device, dtype=torch.int32),
                                  persistent=False)

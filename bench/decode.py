@@ -367,9 +367,15 @@ def main(argv=None):
               for fmt in args.formats for qkv in args.qkv
               for gelu in (args.gelu if fmt in packed else ["fused"])
               for norms in (args.norms if fmt in packed else ["fused"])]
-    for i, (shape, fmt, qkv, gelu, norms, attn) in enumerate(models):
-        run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu, norms, attn)
-        write(done=i == len(models) - 1)
+    from quantization.kernels import attention
+    enabled = attention.ENABLED  # run_format switches the attention kernel per row; back as it was afterwards
+    try:
+        for i, (shape, fmt, qkv, gelu, norms, attn) in enumerate(models):
+            run_format(shape, fmt, qkv, args, dtype, bandwidth, rows, floors, bf16_speed, peer_speed, gelu, norms,
+                       attn)
+            write(done=i == len(models) - 1)
+    finally:
+        attention.ENABLED = enabled
     print("\n".join([""] + ["Bandwidth floor (bf16):"] + [f"- {f}" for f in floors]) if floors else "")
     print(f"wrote {out}")
 

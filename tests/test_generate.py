@@ -402,14 +402,19 @@ def test_greedy_takes_the_first_largest_logit_as_argmax():
             assert torch.equal(fn(logits), logits.argmax(-1, keepdim=True)), vocab
 
 
-def test_the_decode_attention_kernel_stays_off_on_the_cpu():
-    """On the CPU (no interpreter) the cache keeps the PyTorch write and SDPA: attend declines."""
+def test_the_decode_attention_kernel_stays_off_on_the_cpu(capsys):
+    """On the CPU (no interpreter) the cache keeps the PyTorch write and SDPA: attend declines, silently; a GPU
+    cache the kernel cannot take says why in one line, once."""
     from quantization.kernels import attention
     cache = KVCache(1, 2, 8, 16, "cpu", torch.float32)
     assert attention.refusal("cpu", torch.float32, 16) == "" and not cache.kernel
     assert cache.attend(*torch.zeros(3, 1, 2, 1, 16), torch.tensor([0])) is None
     if attention.triton is not None:
         assert attention.refusal("cuda", torch.float32, 512) == "head_dim 512 is over 256"
+        attention.say_once("head_dim 512 is over 256")
+        attention.say_once("head_dim 512 is over 256")
+        err = capsys.readouterr().err
+        assert err.count("decode attention: head_dim 512 is over 256; using a cache write and F.scaled_dot") == 1
 
 
 def test_fuse_norms_takes_every_block_or_none_and_keeps_the_tokens_on_the_cpu():
@@ -548,6 +553,16 @@ def test_decode_benchmark_smoke_run_on_the_cpu(tmp_path, capsys):
     assert labels == ["bf16", "W4", "W4, norms apart"]
     error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--norms=both")
     assert error is not None and "--norms=both: expected a comma-separated subset of fused, separate" in error
+    # the attention kernel or SDPA (every format; each row's ratio against bf16 with the same attention)
+    from quantization.kernels import attention
+    assert run_main(decode.main, "--shapes=tiny", "--device=cpu", "--modes=eager", "--new_tokens=3",
+                    "--vocab_size=256", "--block_size=64", "--batches=1", "--formats=bf16,W4",
+                    "--attention=kernel,sdpa", f"--out={out}") is None
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    assert [r[1].strip() for r in rows] == ["bf16", "W4", "bf16, attention sdpa", "W4, attention sdpa"]
+    assert rows[2][5].strip() == "1.00" and attention.ENABLED
+    error = run_main(decode.main, "--shapes=tiny", "--device=cpu", "--attention=flash")
+    assert error is not None and "--attention=flash: expected a comma-separated subset of kernel, sdpa" in error
 
 
 def test_the_gpu_script_names_a_bad_part_or_a_missing_gpu_in_one_line(tmp_path):

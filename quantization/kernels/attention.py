@@ -16,6 +16,7 @@ CUDA for a cache that stores K and V unquantized, when no activation site inside
 NANOQAT_DECODE_ATTENTION=0 turns it off (bench/decode.py --attention=kernel,sdpa measures both).
 """
 import os
+import sys
 
 import torch
 
@@ -31,6 +32,7 @@ BLOCK_T = 16           # positions a program loads at once
 PROGRAMS_PER_SM = 8    # chunks are cut so that rows x heads x chunks is about this many programs per multiprocessor
 MAX_HEAD_DIM = 256
 ENABLED = os.environ.get("NANOQAT_DECODE_ATTENTION", "1") != "0"  # generate.setup_cache reads it
+_said = set()
 
 
 def refusal(device, dtype, head_dim):
@@ -47,6 +49,13 @@ def refusal(device, dtype, head_dim):
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"no kernel for a {dtype} cache"
     return None
+
+
+def say_once(reason):
+    """One line on stderr, once per process, where a GPU cache cannot use the kernel (the PyTorch path runs)."""
+    if reason and reason not in _said and reason != "NANOQAT_DECODE_ATTENTION=0":
+        _said.add(reason)
+        print(f"decode attention: {reason}; using a cache write and F.scaled_dot_product_attention", file=sys.stderr)
 
 
 def chunking(batch, n_head, max_len, device):
