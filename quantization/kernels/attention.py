@@ -87,8 +87,9 @@ if triton is not None:
                                  CHUNKS_P: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
         """Program (row x head, chunk). sm_scale carries log2(e): the softmax runs on exp2. The chunk's first tile
         of cached keys and values is loaded before the wait for the kernel before (PDL): those rows, and the
-        position, were written by earlier steps, whose kernels have finished (each of ours waits before it lets
-        the next launch); only q, k and v come from the kernel just before."""
+        position, were written by earlier steps, whose kernels have finished (the q/k/v projection launches this
+        one only after its own wait, and every kernel of a step reads what the one before it wrote, so waits in
+        turn); only q, k and v come from the kernel just before."""
         pid_bh, pid_c = tl.program_id(0), tl.program_id(1)
         b, h = pid_bh // n_head, pid_bh % n_head
         d = tl.arange(0, HD_P)
@@ -163,8 +164,7 @@ def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stored:
     split = chunks > 1
     ws = torch.empty((batch * n_head * chunks, hd_p), device=q.device, dtype=torch.float32) if split else y
     ml = torch.empty((batch * n_head * chunks, 2), device=q.device, dtype=torch.float32) if split else y
-    pdl = q.device.type == "cuda" and os.environ.get("NANOQAT_PDL", "1") != "0" \
-        and ops._capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) >= 9
+    pdl = ops.pdl_available(q.device)
     for t in (q, k, v, stored):
         assert t.stride(-1) == 1, "decode_attention: head_dim must be contiguous"
     extra = dict(launch_pdl=True) if pdl else {}

@@ -142,9 +142,13 @@ def dependent_launch(device, qweight):
     before it finishes, loading its weights meanwhile; triton_kernels._after_earlier_kernels): on CUDA GPUs of
     compute capability 9 or more (Hopper), for layers of fewer than PDL_MAX_BYTES of codes, unless NANOQAT_PDL=0
     (to measure without it)."""
+    return qweight.numel() * qweight.element_size() < PDL_MAX_BYTES and pdl_available(device)
+
+
+def pdl_available(device):
+    """Whether kernels on `device` may launch with programmatic dependent launch: a CUDA GPU of compute capability 9
+    or more, unless NANOQAT_PDL=0."""
     if device.type != "cuda" or os.environ.get("NANOQAT_PDL", "1") == "0":
-        return False
-    if qweight.numel() * qweight.element_size() >= PDL_MAX_BYTES:
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
