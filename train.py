@@ -5,6 +5,7 @@ then with every configured weight and activation quantizer on (straight-through 
 One process:       python train.py --linear_variant_attn=quantized_linear --quantize_linear_method=ternary_quant
 Several (DDP):     torchrun --standalone --nproc_per_node=4 train.py --config=configs/gpt2_124m.toml
 """
+import copy
 import json
 import math
 import os
@@ -20,7 +21,8 @@ from quantization.layers import restore_activations, stored_activations
 from configurator import ConfigError, apply_resume, model_quant_config, parse_args_given
 from inference import autocast_context, load_checkpoint, resolve_device
 from model import GPT, GPTConfig
-from quantization.spin_quant import RotatedQAT, check_qat, is_rotated, qat_lr, rotate_for_qat
+import quantization.spin_quant as spin_quant
+from quantization.spin_quant import RotatedQAT, check_qat, is_rotated, paired_gain, qat_lr, rotate_for_qat, sample_losses
 from safety import check_out_dir, clean_stale_tmp, wandb_needs_offline
 from tokenizer import load_dataset
 
@@ -106,6 +108,9 @@ def check_spinquant(args, model_args):
         check_qat(model_args)
     except ValueError as e:
         sys.exit(f"train.py: error: {e}")
+    if args.spinquant_probe and (spin_quant.QAT_BASIS != "original" or spin_quant.QAT_LEARN_ROTATIONS):
+        sys.exit(f"train.py: error: --spinquant_probe={args.spinquant_probe}: needs the weights trained in their own "
+                 f"basis with fixed rotations (spin_quant.QAT_BASIS 'original', QAT_LEARN_ROTATIONS 0)")
     for flag, low in (("spinquant_steps", 0), ("spinquant_nsamples", 1)):
         if getattr(args, flag) < low:
             sys.exit(f"train.py: error: --{flag}={getattr(args, flag)}: must be at least {low}")
@@ -116,7 +121,9 @@ def check_spinquant(args, model_args):
 def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer, lr, device_type):
     """Learn R1/R2 with the QAT quantizers on training sequences (weights frozen), once, when quantization
     switches on, and keep them only when they clearly beat no rotation on as many other training sequences:
-    (the model QAT goes on with, its model_args, its optimizer, the choice; spin_quant.rotate_for_qat)."""
+    (the model QAT goes on with, its model_args, its optimizer, the choice, the probe: None, or where the rotations
+    were kept and --spinquant_probe asks for one, (the unrotated model, its model_args, held-out sequences for the
+    probe's choice); spin_quant.rotate_for_qat)."""
     def draw(n):
         batches = []
         while sum(b.shape[0] for b in batches) < n:
@@ -133,12 +140,72 @@ def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer
             qat_model, model_args, learn, args.spinquant_steps, args.spinquant_lr, args.seed, optimizer=optimizer,
             heldout=heldout, optimizer_args=dict(weight_decay=args.weight_decay, learning_rate=lr,
                                                  betas=(args.beta1, args.beta2), device_type=device_type))
+        probe = None
+        if info["kept"] == "rotations" and args.spinquant_probe and iter_num < args.max_iters:
+            probe = (qat_model, model_args, draw(max(2, args.spinquant_nsamples)))
     losses = info["losses"]
     print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
           f"{losses[0] if losses else float('nan'):.4f} -> {losses[-1] if losses else float('nan'):.4f}; held-out "
           f"quantized loss without rotation {info['none']:.4f}, rotated {info['rotated']:.4f} ({info['z']:.1f} "
           f"standard errors); kept {info['kept']}")
-    return model, new_args, new_optimizer, info["kept"]
+    return model, new_args, new_optimizer, info["kept"], probe
+
+
+class SpinQuantProbe:
+    """--spinquant_probe: once the switch has kept the rotations, QAT runs N iterations with them and then the same
+    N again without them, from the same weights, optimizer state and random state (the same batches and dropout
+    masks), and keeps the rotations only if they are still CLEAR_Z standard errors better on held-out training
+    sequences (per sequence, spin_quant.paired_gain), as the switch's own choice. The run then goes on from the kept
+    branch's state, exactly as a run that had taken that branch from the switch. Nothing is evaluated or saved
+    inside the probe."""
+
+    def __init__(self, start, end, rotated, rotated_args, plain, plain_args, heldout, optimizer, scaler, data_rng,
+                 device_type):
+        self.start, self.end, self.heldout = start, end, heldout
+        self.branches = {"rotations": (rotated, rotated_args), "no rotation": (plain, plain_args)}
+        self.trained, self.optimizer, self.scaler, self.data_rng = plain, optimizer, scaler, data_rng
+        self.device_type, self.branch, self.losses = device_type, "rotations", {}
+        self.at_start = self.snapshot()
+
+    def snapshot(self):
+        cuda = self.device_type == "cuda"
+        return {"model": {k: v.detach().clone() for k, v in self.trained.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "scaler": self.scaler.state_dict(),
+                "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
+                "data_rng": self.data_rng.get_state()}
+
+    def restore(self, state):
+        self.trained.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))  # it would keep the snapshot's tensors
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        self.data_rng.set_state(state["data_rng"])
+
+    def score(self, model, device):
+        training = model.training
+        model.eval()
+        self.losses[self.branch] = sample_losses(model, self.heldout, device)
+        model.train(training)
+
+    def next(self, device):
+        """At the probe's end: (the model to train, its model_args, the iteration to go on from, the choice, or
+        None while the other branch still has to run)."""
+        self.score(self.branches[self.branch][0], device)
+        if self.branch == "rotations":
+            self.after_rotations = self.snapshot()
+            self.restore(self.at_start)
+            self.branch = "no rotation"
+            return (*self.branches["no rotation"], self.start, None)
+        gain, z = paired_gain(self.losses["no rotation"], self.losses["rotations"])
+        kept = "rotations" if z >= spin_quant.CLEAR_Z else "no rotation"
+        if kept == "rotations":
+            self.restore(self.after_rotations)
+        print(f"iter {self.end}: spinquant probe after {self.end - self.start} QAT iterations each: held-out "
+              f"quantized loss without rotation {self.losses['no rotation'].mean().item():.4f}, rotated "
+              f"{self.losses['rotations'].mean().item():.4f} ({z:.1f} standard errors); kept {kept}")
+        return (*self.branches[kept], self.end, kept)
 
 
 def model_entries(raw_model, model_args):
@@ -255,6 +322,9 @@ def train(args, given):
         model, model_args = build_model(args, quant, meta, from_gpt2)
     if args.spinquant:
         check_spinquant(args, model_args)
+    elif args.spinquant_probe:
+        sys.exit(f"train.py: error: --spinquant_probe={args.spinquant_probe}: probes --spinquant's rotations; add "
+                 f"--spinquant (or leave it 0)")
     # --spinquant decides once, when quantization switches on (None until then); a resumed run keeps the decision
     spinquant_choice = None if args.spinquant else "off"
     if args.spinquant and checkpoint is not None:
@@ -326,8 +396,16 @@ def train(args, given):
         checkpoint = None  # free the memory
     resumed = args.init_from == "resume"
     nonfinite = torch.tensor(-1, device=device)  # the first iteration whose loss was nan or inf (checked lazily)
+    probe = None  # --spinquant_probe under way (SpinQuantProbe)
     t0 = time.time()
     while True:
+        if probe is not None and iter_num == probe.end:  # one branch of the probe done
+            raw_model, model_args, iter_num, kept = probe.next(device)
+            if kept is None:
+                print(f"iter {probe.end}: spinquant probe: again without the rotations, from iteration {probe.start}")
+            else:
+                spinquant_choice, probe = kept, None
+            model = eval_model = torch.compile(raw_model) if args.compile else raw_model
         lr = get_lr(args, iter_num)
         quantize = iter_num >= args.quantization_warmup_iters  # the full-precision warm-up ends here
         if quantize != raw_model.quantization_enabled:
@@ -336,9 +414,15 @@ def train(args, given):
                 print(f"iter {iter_num}: quantization on")
         quantized = quantize and has_quantizers
         if spinquant_choice is None and raw_model.quantization_enabled:
-            raw_model, model_args, optimizer, spinquant_choice = spinquant_rotate(
+            raw_model, model_args, optimizer, spinquant_choice, race = spinquant_rotate(
                 args, raw_model, model_args, get_batch, iter_num, optimizer, lr, device_type)
             model = eval_model = torch.compile(raw_model) if args.compile else raw_model
+            if race is not None:
+                end = min(iter_num + args.spinquant_probe, args.max_iters)
+                probe = SpinQuantProbe(iter_num, end, raw_model, model_args, *race, optimizer, scaler, data_rng,
+                                       device_type)
+                print(f"iter {iter_num}: spinquant probe: QAT with the rotations to iteration {end}, then the same "
+                      f"iterations without them")
         if args.spinquant and is_rotated(model_args):  # the lr after the rotation (QAT_REWARM)
             lr = qat_lr(lr, iter_num, args.quantization_warmup_iters, args.warmup_iters)
         for group in optimizer.param_groups:
@@ -346,7 +430,7 @@ def train(args, given):
         last = iter_num >= args.max_iters
         # evaluate and checkpoint; a resumed run does not repeat the evaluation its checkpoint was written after
         # (rank 0 evaluates and decides; every process hands it its random state for the checkpoint)
-        if (iter_num % args.eval_interval == 0 or last) and not resumed:
+        if (iter_num % args.eval_interval == 0 or last) and not resumed and probe is None:
             decision = [False]
             if master:
                 losses = estimate_loss(eval_model, get_batch, ctx, args.eval_iters)
@@ -408,10 +492,12 @@ def train(args, given):
             t1 = time.time()
             dt, t0 = (t1 - t0) / (args.log_interval if iter_num > 0 else 1), t1
             lossf = step_loss.item() / procs.world_size
+            branch = {} if probe is None else {"probe": probe.branch}
             print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
-                  f"{tokens_per_iter / dt:,.0f} tok/s{', quantized' if quantized else ''}")
+                  f"{tokens_per_iter / dt:,.0f} tok/s{', quantized' if quantized else ''}"
+                  + (f", probe: {probe.branch}" if probe else ""))
             log({"iter": iter_num, "loss": lossf, "lr": lr, "ms": dt * 1000, "tok_per_s": tokens_per_iter / dt,
-                 "quantized": quantized})
+                 "quantized": quantized, **branch})
         iter_num += 1
 
     if device_type == "cuda":

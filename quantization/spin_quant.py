@@ -162,6 +162,18 @@ def paired_gain(base, other):
     return gain, gain / se
 
 
+def sample_losses(model, data, device, batch_size=16):
+    """Mean cross-entropy per token of each of the (N, T + 1) samples `data` under `model`: a (N,) float64 tensor
+    (the per-sample losses that paired_gain compares)."""
+    out = []
+    with torch.no_grad():
+        for b in range(0, data.shape[0], batch_size):
+            x = data[b:b + batch_size].to(device)
+            logits = model(x[:, :-1], x[:, 1:])[0]
+            out.append(F.cross_entropy(logits.transpose(1, 2).double(), x[:, 1:], reduction="none").mean(1).cpu())
+    return torch.cat(out)
+
+
 def split_calibration(calib_data, holdout=HOLDOUT):
     """(learn, held out): the last max(1, round(holdout N)) of N calibration samples are held out; ValueError when
     fewer than 2 samples leave nothing to learn on or nothing to choose on."""
@@ -262,12 +274,7 @@ class SpinQuant:
     @torch.no_grad()
     def sample_losses(self, data, model, batch_size=16):
         """Mean cross-entropy per token of each of the (N, T + 1) samples under `model`: a (N,) float64 tensor."""
-        out = []
-        for b in range(0, data.shape[0], batch_size):
-            x = data[b:b + batch_size].to(self.device)
-            logits = model(x[:, :-1], x[:, 1:])[0]
-            out.append(F.cross_entropy(logits.transpose(1, 2).double(), x[:, 1:], reduction="none").mean(1).cpu())
-        return torch.cat(out)
+        return sample_losses(model, data, self.device, batch_size)
 
     @torch.no_grad()
     def evaluate(self, data, quantize_weights=False, model=None, batch_size=16):

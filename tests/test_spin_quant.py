@@ -313,6 +313,48 @@ def test_spinquant_that_keeps_no_rotation_trains_exactly_as_plain_qat(char_data,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("probe_keeps", [True, False])
+def test_spinquant_probe_goes_on_exactly_as_the_branch_it_keeps(char_data, tmp_path, capsys, monkeypatch,
+                                                                probe_keeps):
+    """--spinquant_probe: the switch keeps the rotations (QAT_SELECT off); QAT runs 4 iterations with them, then the
+    same 4 again without them; the probe's own held-out choice (forced both ways through train.paired_gain) then
+    decides. The run ends with the weights, bit for bit (on the CPU), of the run that took that branch from the
+    switch: --spinquant without the probe, or plain QAT."""
+    import quantization.spin_quant as spin_quant
+    import train
+    monkeypatch.setattr(spin_quant, "QAT_SELECT", False)
+    flags = ["--max_iters=12", "--eval_interval=12", "--quantization_warmup_iters=6", "--dropout=0.2",
+             "--linear_variant_mlp=quantized_linear", "--quantize_linear_bits=4", "--quantize_mlp_act_input",
+             "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token"]
+    spin = ["--spinquant", "--spinquant_steps=2", "--spinquant_nsamples=8"]
+    reference, probed = str(tmp_path / "reference"), str(tmp_path / "probed")
+    train_in_process(reference, *flags, *(spin if probe_keeps else []))
+    capsys.readouterr()
+    scores = []
+    real_gain = train.paired_gain
+    monkeypatch.setattr(train, "paired_gain", lambda a, b: scores.append(real_gain(a, b))
+                        or (0.0, math.inf if probe_keeps else -math.inf))
+    train_in_process(probed, *flags, *spin, "--spinquant_probe=4")
+    printed = capsys.readouterr().out
+    kept = "rotations" if probe_keeps else "no rotation"
+    assert "iter 6: spinquant probe: QAT with the rotations to iteration 10" in printed
+    assert "iter 10: spinquant probe: again without the rotations, from iteration 6" in printed
+    assert f"iter 10: spinquant probe after 4 QAT iterations each: held-out quantized loss without rotation " in printed
+    assert f"; kept {kept}\n" in printed.split("spinquant probe after")[1]
+    assert len(scores) == 1 and math.isfinite(scores[0][1])  # the real per-sequence comparison ran once
+    a, b = load_checkpoint(reference), load_checkpoint(probed)
+    assert b["spinquant_choice"] == kept
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if probe_keeps:
+        ra, rb = a["spinquant_qat"]["model"], b["spinquant_qat"]["model"]
+        assert all(torch.equal(ra[k], rb[k]) for k in ra)
+    # bad input: without --spinquant, or a negative count
+    error = run_main(train.main, f"--out_dir={tmp_path / 'bad'}", *TINY, "--spinquant_probe=4")
+    assert error.startswith("train.py: error: --spinquant_probe=4: probes --spinquant's rotations") and "\n" not in error
+    error = run_main(train.main, f"--out_dir={tmp_path / 'bad'}", *TINY, *spin, "--spinquant_probe=-1")
+    assert error is not None and "--spinquant_probe" in error and not os.path.exists(tmp_path / "bad")
+
+
 def test_qat_choice_scores_both_models_on_the_heldout_half(tiny_trained, monkeypatch):
     """rotate_for_qat's choice: `none` and `rotated` are the mean per-token losses, on the second half of the
     held-out sequences, of the QAT model as it is and of the rotated model it would train (checked here with plain
