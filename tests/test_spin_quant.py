@@ -339,7 +339,7 @@ def test_spinquant_probe_goes_on_exactly_as_the_branch_it_keeps(char_data, tmp_p
     kept = "rotations" if probe_keeps else "no rotation"
     assert "iter 6: spinquant probe: QAT with the rotations to iteration 10" in printed
     assert "iter 10: spinquant probe: again without the rotations, from iteration 6" in printed
-    assert f"iter 10: spinquant probe after 4 QAT iterations each: held-out quantized loss without rotation " in printed
+    assert "iter 10: spinquant probe after 4 QAT iterations each: held-out quantized loss without rotation " in printed
     assert f"; kept {kept}\n" in printed.split("spinquant probe after")[1]
     assert len(scores) == 1 and math.isfinite(scores[0][1])  # the real per-sequence comparison ran once
     a, b = load_checkpoint(reference), load_checkpoint(probed)
