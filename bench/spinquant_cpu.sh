@@ -14,6 +14,8 @@
 #   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
 #   baby      no GPU: the baby GPT preset trained 300 iterations on the CPU, then the W4A4KV4 PTQ table
 #   demo      the issue's command: demos/spinquant_ptq.py --bits=4 --act_bits=4 --steps=40 --nsamples=32
+#   probe     train.py --spinquant_probe=$PROBE_ITERS (250) with the rotations kept at the switch whatever the
+#             held-out choice (QAT_SELECT = False), to 1500, beside plain QAT from the same run to 750
 # Logs: bench/results/spinquant_logs/; tables: bench/results/spinquant_cpu_*.md
 #   PHASE=fp SEED=1337 bash bench/spinquant_cpu.sh; PHASE=qat SEED=0 VARIANTS=1 bash bench/spinquant_cpu.sh
 set -uo pipefail
@@ -42,15 +44,19 @@ import train; train.main(sys.argv[1:])" "$@"
 if [ "$PHASE" = fp ] || [ "$PHASE" = all ]; then
   python train.py --max_iters=1500 --seed=$S --out_dir=out-sq/cpu_fp_s$S > $LOGS/train_cpu_fp_s$S.log 2>&1
 fi
+B=cpu_qatbase  # the run to the switch (iteration 750) that every QAT variant resumes a copy of
+base() {
+  [ -f out-sq/${B}_s$S/ckpt.pt ] || python train.py --max_iters=750 --seed=$S --out_dir=out-sq/${B}_s$S \
+    $QAT > $LOGS/train_${B}_s$S.log 2>&1
+}
+run() {  # name "settings" [--spinquant ...]
+  local name=$1; shift
+  rm -rf out-sq/$name; cp -r out-sq/${B}_s$S out-sq/$name
+  variant "$@" --init_from=resume --out_dir=out-sq/$name --max_iters=1500 --spinquant_steps=$STEPS $QAT \
+    > $LOGS/train_$name.log 2>&1
+}
 if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
-  [ -f out-sq/cpu_qatbase_s$S/ckpt.pt ] || python train.py --max_iters=750 --seed=$S --out_dir=out-sq/cpu_qatbase_s$S \
-    $QAT > $LOGS/train_cpu_qatbase_s$S.log 2>&1
-  run() {  # name "settings" [--spinquant]
-    local name=$1; shift
-    rm -rf out-sq/$name; cp -r out-sq/cpu_qatbase_s$S out-sq/$name
-    variant "$@" --init_from=resume --out_dir=out-sq/$name --max_iters=1500 --spinquant_steps=$STEPS $QAT \
-      > $LOGS/train_$name.log 2>&1
-  }
+  base
   R="s.QAT_BASIS = 'rotated';"  # the weights trained in the rotated basis, then (carry, rewarm, decay) settings
   [ -f out-sq/cpu_qat_s$S/ckpt.pt ] || run cpu_qat_s$S "" &
   run cpu_spin_s$S "" --spinquant  # the defaults: trained in the original basis, the rotations in the forward pass
@@ -75,6 +81,19 @@ if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
     wait
   fi
   grep -H "step 1500\|spinquant rotations" $LOGS/train_cpu_qat_s$S.log $LOGS/train_cpu_spin*_s$S.log
+fi
+if [ "$PHASE" = probe ]; then  # --spinquant_probe on the rotations forced at the switch, against plain QAT
+  B=cpu_qatbase_probe  # its own base and plain run: the qat phase's logs may come from another machine
+  base
+  run cpu_qat_probeplain_s$S "" &
+  run cpu_spin_forced_probe_s$S "s.QAT_SELECT = False;" --spinquant --spinquant_probe=${PROBE_ITERS:-250}
+  wait
+  { echo "# --spinquant_probe=${PROBE_ITERS:-250} on the default CPU model, seed $S (rotations forced at the switch)"
+    echo; echo "PHASE=probe SEED=$S bash bench/spinquant_cpu.sh"; echo; echo '```'
+    grep -H "spinquant\|step 1500" $LOGS/train_cpu_spin_forced_probe_s$S.log $LOGS/train_cpu_qat_probeplain_s$S.log \
+      | sed "s|$LOGS/||"
+    echo '```'; } > bench/results/spinquant_cpu_probe_s$S.md
+  cat bench/results/spinquant_cpu_probe_s$S.md
 fi
 if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
   qat=""  # the QAT runs a qat phase left (none: the PTQ rows alone)
