@@ -157,7 +157,8 @@ class SpinQuantProbe:
     masks), and keeps the rotations only if they are still CLEAR_Z standard errors better on held-out training
     sequences (per sequence, spin_quant.paired_gain), as the switch's own choice. The run then goes on from the kept
     branch's state, exactly as a run that had taken that branch from the switch. Nothing is evaluated or saved
-    inside the probe."""
+    inside the probe. It holds two more copies of the weights and the optimizer state (the start, and the end of
+    the rotated branch)."""
 
     def __init__(self, start, end, rotated, rotated_args, plain, plain_args, heldout, optimizer, scaler, data_rng,
                  device_type):
