@@ -56,10 +56,11 @@ class KVCache(nn.Module):
         if self.plain:
             self.register_buffer("stored", torch.zeros((len(self.plain), *shape), device=device, dtype=dtype),
                                  persistent=False)
-        # a plain cache on a GPU: a one-token step writes and attends in one kernel (attend)
+        # a plain cache on a GPU: a one-token step writes and attends in one kernel (attend), where that was
+        # measured faster (attention.worth_it)
         refusal = attention.refusal(device, dtype, head_dim) if self.plain == ["k", "v"] else ""
         attention.say_once(refusal)
-        self.kernel = refusal is None
+        self.kernel = refusal is None and attention.worth_it(batch, n_head, max_len, head_dim, dtype, device)
         if self.kernel:  # the kernel's arrival counters, zero between calls
             self.register_buffer("counters", torch.zeros(batch * n_head, device=device, dtype=torch.int32),
                                  persistent=False)

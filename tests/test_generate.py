@@ -389,6 +389,18 @@ def test_the_decode_attention_kernel_compiles_for_hopper_with_its_first_tile_loa
             assert after.count("ld.global") > 0  # q, k and v
 
 
+def test_the_decode_attention_kernel_runs_where_its_programs_read_little(monkeypatch):
+    """attention.worth_it on an H200's 132 multiprocessors, 272 cached positions, bf16: the H200 runs' shapes where the
+    kernel won (each program reads 4-24 KiB of keys and values) keep it; the 6.7B shape at batch 16 (48 KiB), where
+    SDPA was faster, does not."""
+    from quantization.kernels import attention, ops
+    monkeypatch.setattr(ops, "multiprocessors", lambda device: 132)
+    shapes = {(1, 12, 64): True, (16, 12, 64): True, (1, 25, 64): True, (16, 25, 64): True, (1, 32, 128): True,
+              (16, 32, 128): False}  # (batch, heads, head_dim): GPT-2 124M, XL, the 6.7B shape
+    for (batch, heads, head_dim), expected in shapes.items():
+        assert attention.worth_it(batch, heads, 272, head_dim, torch.bfloat16, "cpu") is expected
+
+
 def test_greedy_takes_the_first_largest_logit_as_argmax():
     """generate.greedy (two stages over a large vocabulary) against argmax, ties included, eager and compiled."""
     from generate import greedy

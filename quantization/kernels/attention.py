@@ -31,6 +31,10 @@ except ImportError:
 BLOCK_T = 16           # positions a program loads at once
 PROGRAMS_PER_SM = 8    # chunks are cut so that rows x heads x chunks is about this many programs per multiprocessor
 MAX_HEAD_DIM = 256
+# the kernel runs where each program reads at most this many bytes of cached keys and values: on an H200 it beat
+# SDPA where programs read 4-24 KiB, and lost where they read 36 KiB (124M at batch 16, 2 programs per SM) and
+# 48 KiB (the 6.7B shape at batch 16) (bench/results/attention_h200/README.md)
+MAX_PROGRAM_BYTES = 32 * 1024
 ENABLED = os.environ.get("NANOQAT_DECODE_ATTENTION", "1") != "0"  # generate.setup_cache reads it
 _said = set()
 
@@ -56,6 +60,13 @@ def say_once(reason):
     if reason and reason not in _said and reason != "NANOQAT_DECODE_ATTENTION=0":
         _said.add(reason)
         print(f"decode attention: {reason}; using a cache write and F.scaled_dot_product_attention", file=sys.stderr)
+
+
+def worth_it(batch, n_head, max_len, head_dim, dtype, device):
+    """Whether the kernel is expected to beat a cache write and SDPA for this cache: each of its programs reads at
+    most MAX_PROGRAM_BYTES of keys and values."""
+    chunk, _ = chunking(batch, n_head, max_len, torch.device(device))
+    return 2 * chunk * head_dim * torch.empty((), dtype=dtype).element_size() <= MAX_PROGRAM_BYTES
 
 
 def chunking(batch, n_head, max_len, device):
