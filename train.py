@@ -199,7 +199,7 @@ class SpinQuantProbe:
             self.restore(self.at_start)
             self.branch = "no rotation"
             return (*self.branches["no rotation"], self.start, None)
-        gain, z = paired_gain(self.losses["no rotation"], self.losses["rotations"])
+        _, z = paired_gain(self.losses["no rotation"], self.losses["rotations"])
         kept = "rotations" if z >= spin_quant.CLEAR_Z else "no rotation"
         if kept == "rotations":
             self.restore(self.after_rotations)

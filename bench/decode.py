@@ -29,8 +29,9 @@ blocks also leave their LayerNorms to the q/k/v and up projections' kernels and 
 and down projections' (inference.fuse_norms, which sample.py runs on models of width 1024 or more, where it
 helped; here at every width); --norms=fused,separate adds the rows without. A one-token step's attention writes
 the new k and v into the cache and attends over its valid positions in one kernel
-(quantization/kernels/attention.py, every format); --attention=kernel,sdpa adds the rows that write the cache and
-call F.scaled_dot_product_attention over all of it, as before that kernel.
+(quantization/kernels/attention.py, every format, where its programs read at most 32 KiB of the cache:
+attention.worth_it; elsewhere the kernel rows run SDPA too); --attention=kernel,sdpa adds the rows that write the
+cache and call F.scaled_dot_product_attention over all of it, as before that kernel.
 """
 import argparse
 import gc
@@ -303,7 +304,7 @@ def main(argv=None):
     p.add_argument("--norms", default="fused", help="comma-separated subset of fused (packed layers normalize their "
                    "input and add the residual at batch 1, inference.fuse_norms, as sample.py runs) and separate")
     p.add_argument("--attention", default="kernel", help="comma-separated subset of kernel (a one-token step writes "
-                   "the cache and attends in one kernel, as sample.py runs) and sdpa (a cache write, then "
+                   "the cache and attends in one kernel where attention.worth_it, as sample.py runs) and sdpa (a cache write, then "
                    "F.scaled_dot_product_attention over the whole cache)")
     p.add_argument("--prompt_len", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=256)
