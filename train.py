@@ -65,12 +65,13 @@ def check_start(args, given):
 
 
 def batch_loader(args, data_dir, device):
-    """get_batch(split, ix=None): inputs and targets of block_size tokens at offsets ix (random without), from the
+    """get_batch(split, ix=None, generator=None): inputs and targets of block_size tokens at offsets ix (random, from
+    generator, without), from the
     flat uint16 token files, memory-mapped anew per batch (avoids numpy's memmap leak)."""
-    def get_batch(split, ix=None):
+    def get_batch(split, ix=None, generator=None):
         data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
         if ix is None:
-            ix = torch.randint(len(data) - args.block_size, (args.batch_size,))
+            ix = torch.randint(len(data) - args.block_size, (args.batch_size,), generator=generator)
         x = torch.stack([torch.from_numpy(data[i:i + args.block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + args.block_size].astype(np.int64)) for i in ix])
         if device.startswith("cuda"):
@@ -232,13 +233,18 @@ def get_lr(args, it):
 
 
 @torch.no_grad()
-def estimate_loss(model, get_batch, ctx, eval_iters):
+def estimate_loss(model, get_batch, ctx, eval_iters, seed):
+    """Mean loss over eval_iters random batches of each split, drawn from a generator of their own seeded by `seed`:
+    an evaluation never moves the random state training draws from (dropout masks on the CPU), so a run that
+    evaluates less often (inside a --spinquant_probe) trains on exactly the same numbers, and two runs with the same
+    seed score an iteration on the same batches."""
     out = {}
     model.eval()
+    generator = torch.Generator().manual_seed(seed)
     for split in ("train", "val"):
         losses = torch.zeros(eval_iters)
         for k in range(eval_iters):
-            X, Y = get_batch(split)
+            X, Y = get_batch(split, generator=generator)
             with ctx:
                 _, loss = model(X, Y)
             losses[k] = loss.item()
@@ -434,7 +440,7 @@ def train(args, given):
         if (iter_num % args.eval_interval == 0 or last) and not resumed and probe is None:
             decision = [False]
             if master:
-                losses = estimate_loss(eval_model, get_batch, ctx, args.eval_iters)
+                losses = estimate_loss(eval_model, get_batch, ctx, args.eval_iters, seed=args.seed * 1_000_003 + iter_num)
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log({"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"], "lr": lr,
                      "quantized": quantized})

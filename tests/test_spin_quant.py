@@ -319,17 +319,19 @@ def test_spinquant_probe_goes_on_exactly_as_the_branch_it_keeps(char_data, tmp_p
     """--spinquant_probe: the switch keeps the rotations (QAT_SELECT off); QAT runs 4 iterations with them, then the
     same 4 again without them; the probe's own held-out choice (forced both ways through train.paired_gain) then
     decides. The run ends with the weights, bit for bit (on the CPU), of the run that took that branch from the
-    switch: --spinquant without the probe, or plain QAT."""
+    switch: --spinquant without the probe, or plain QAT, and its last evaluation prints the same losses, although
+    the probe skipped the evaluation at the switch that the other run made (evaluations draw their own batches)."""
     import quantization.spin_quant as spin_quant
     import train
     monkeypatch.setattr(spin_quant, "QAT_SELECT", False)
-    flags = ["--max_iters=12", "--eval_interval=12", "--quantization_warmup_iters=6", "--dropout=0.2",
+    flags = ["--max_iters=12", "--eval_interval=6", "--quantization_warmup_iters=6", "--dropout=0.2",
              "--linear_variant_mlp=quantized_linear", "--quantize_linear_bits=4", "--quantize_mlp_act_input",
              "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token"]
     spin = ["--spinquant", "--spinquant_steps=2", "--spinquant_nsamples=8"]
     reference, probed = str(tmp_path / "reference"), str(tmp_path / "probed")
     train_in_process(reference, *flags, *(spin if probe_keeps else []))
-    capsys.readouterr()
+    reference_printed = capsys.readouterr().out
+    assert "step 6: train loss" in reference_printed
     scores = []
     real_gain = train.paired_gain
     monkeypatch.setattr(train, "paired_gain", lambda a, b: scores.append(real_gain(a, b))
@@ -342,6 +344,11 @@ def test_spinquant_probe_goes_on_exactly_as_the_branch_it_keeps(char_data, tmp_p
     assert "iter 10: spinquant probe after 4 QAT iterations each: held-out quantized loss without rotation " in printed
     assert f"; kept {kept}\n" in printed.split("spinquant probe after")[1]
     assert len(scores) == 1 and math.isfinite(scores[0][1])  # the real per-sequence comparison ran once
+    assert "step 6: train loss" not in printed  # nothing is evaluated inside the probe
+
+    def last_eval(out):
+        return next(line for line in out.splitlines() if line.startswith("step 12: train loss"))
+    assert last_eval(printed) == last_eval(reference_printed)
     a, b = load_checkpoint(reference), load_checkpoint(probed)
     assert b["spinquant_choice"] == kept
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
