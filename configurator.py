@@ -91,9 +91,10 @@ TRAINING_FLAGS = [
     ("spinquant_steps", 100, "Cayley SGD steps of --spinquant"),
     ("spinquant_lr", 1.5, "Cayley SGD learning rate of --spinquant (cosine-decayed)"),
     ("spinquant_nsamples", 128, "training sequences --spinquant learns the rotations on"),
-    ("spinquant_probe", 0, "with --spinquant: where the switch keeps the rotations, run this many QAT iterations with "
-                           "them and the same again without them (same batches), and keep them only if still clearly "
-                           "better on held-out training text; 0: decide at the switch only"),
+    ("spinquant_probe", -1, "with --spinquant: where the switch keeps the rotations, run this many QAT iterations "
+                            "with them and the same again without them (same batches), and keep them only if still "
+                            "clearly better on held-out training text; -1: a third of the iterations left at the "
+                            "switch; 0: decide at the switch only"),
     ("gelu_approximate", "none", "GELU of the MLP: none (exact) or tanh (GPT-2's and llama.cpp's approximation)"),
 ]
 
@@ -112,7 +113,7 @@ INT_MIN = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "gradient_acc
            "batch_size": 1, "block_size": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "max_iters": 0,
            "warmup_iters": 0, "lr_decay_iters": 0, "seed": 0, "quantization_warmup_iters": 0,
            "quantize_linear_group_size": 1, "ddp_bucket_cap_mb": 1, "ddp_timeout": 1, "spinquant_steps": 0,
-           "spinquant_nsamples": 1, "spinquant_probe": 0}
+           "spinquant_nsamples": 1, "spinquant_probe": -1}
 MAX_INT = 2 ** 31 - 1
 # float flags: (lowest, highest, whether the lowest itself is allowed); all must be finite
 FLOAT_RANGES = {"learning_rate": (0.0, math.inf, True), "min_lr": (0.0, math.inf, True),

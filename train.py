@@ -104,12 +104,25 @@ def build_model(args, quant, meta, from_gpt2):
         sys.exit(f"train.py: error: --init_from={args.init_from}: {e}")
 
 
+def probe_supported():
+    """--spinquant_probe needs the weights trained in their own basis with fixed rotations (the defaults)."""
+    return spin_quant.QAT_BASIS == "original" and not spin_quant.QAT_LEARN_ROTATIONS
+
+
+def probe_iters(args, iter_num):
+    """How many QAT iterations --spinquant_probe runs each branch for, from a switch at iter_num: the flag, or with
+    -1 (the default) a third of the iterations left (none where the QAT settings do not support a probe)."""
+    if args.spinquant_probe >= 0:
+        return args.spinquant_probe
+    return (args.max_iters - iter_num) // 3 if probe_supported() else 0
+
+
 def check_spinquant(args, model_args):
     try:
         check_qat(model_args)
     except ValueError as e:
         sys.exit(f"train.py: error: {e}")
-    if args.spinquant_probe and (spin_quant.QAT_BASIS != "original" or spin_quant.QAT_LEARN_ROTATIONS):
+    if args.spinquant_probe > 0 and not probe_supported():
         sys.exit(f"train.py: error: --spinquant_probe={args.spinquant_probe}: needs the weights trained in their own "
                  f"basis with fixed rotations (spin_quant.QAT_BASIS 'original', QAT_LEARN_ROTATIONS 0)")
     for flag, low in (("spinquant_steps", 0), ("spinquant_nsamples", 1)):
@@ -142,7 +155,7 @@ def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer
             heldout=heldout, optimizer_args=dict(weight_decay=args.weight_decay, learning_rate=lr,
                                                  betas=(args.beta1, args.beta2), device_type=device_type))
         probe = None
-        if info["kept"] == "rotations" and args.spinquant_probe and iter_num < args.max_iters:
+        if info["kept"] == "rotations" and probe_iters(args, iter_num) and iter_num < args.max_iters:
             probe = (qat_model, model_args, draw(max(2, args.spinquant_nsamples)))
     losses = info["losses"]
     print(f"iter {iter_num}: spinquant rotations learned in {time.time() - t:.1f}s, quantized loss "
@@ -329,9 +342,9 @@ def train(args, given):
         model, model_args = build_model(args, quant, meta, from_gpt2)
     if args.spinquant:
         check_spinquant(args, model_args)
-    elif args.spinquant_probe:
+    elif args.spinquant_probe > 0:
         sys.exit(f"train.py: error: --spinquant_probe={args.spinquant_probe}: probes --spinquant's rotations; add "
-                 f"--spinquant (or leave it 0)")
+                 f"--spinquant (or leave the flag out)")
     # --spinquant decides once, when quantization switches on (None until then); a resumed run keeps the decision
     spinquant_choice = None if args.spinquant else "off"
     if args.spinquant and checkpoint is not None:
@@ -425,7 +438,7 @@ def train(args, given):
                 args, raw_model, model_args, get_batch, iter_num, optimizer, lr, device_type)
             model = eval_model = torch.compile(raw_model) if args.compile else raw_model
             if race is not None:
-                end = min(iter_num + args.spinquant_probe, args.max_iters)
+                end = min(iter_num + probe_iters(args, iter_num), args.max_iters)
                 probe = SpinQuantProbe(iter_num, end, raw_model, model_args, *race, optimizer, scaler, data_rng,
                                        device_type)
                 print(f"iter {iter_num}: spinquant probe: QAT with the rotations to iteration {end}, then the same "

@@ -49,11 +49,11 @@ base() {
   [ -f out-sq/${B}_s$S/ckpt.pt ] || python train.py --max_iters=750 --seed=$S --out_dir=out-sq/${B}_s$S \
     $QAT > $LOGS/train_${B}_s$S.log 2>&1
 }
-run() {  # name "settings" [--spinquant ...]
-  local name=$1; shift
+run() {  # name "settings" [--spinquant ...]: decides at the switch only (--spinquant_probe=0) unless the flags say
+  local name=$1 settings=$2; shift 2
   rm -rf out-sq/$name; cp -r out-sq/${B}_s$S out-sq/$name
-  variant "$@" --init_from=resume --out_dir=out-sq/$name --max_iters=1500 --spinquant_steps=$STEPS $QAT \
-    > $LOGS/train_$name.log 2>&1
+  variant "$settings" --spinquant_probe=0 "$@" --init_from=resume --out_dir=out-sq/$name --max_iters=1500 \
+    --spinquant_steps=$STEPS $QAT > $LOGS/train_$name.log 2>&1
 }
 if [ "$PHASE" = qat ] || [ "$PHASE" = all ]; then
   base

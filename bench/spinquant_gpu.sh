@@ -11,7 +11,8 @@
 #   MODELS=bpe VARIANTS=0 bash bench/spinquant_gpu.sh     # one model only
 # With the candidates learned from the identity (on by default) the compare phase of the BPE model alone took 6.7
 # min on an H200: in calls of 10 minutes, compare MODELS=bpe and MODELS="baby cpu" apart (same out-sq/, warm machine).
-# PROBE=33: the --spinquant runs probe the kept rotations over a third of QAT (train.py --spinquant_probe).
+# The --spinquant runs probe kept rotations over a third of QAT (train.py's default --spinquant_probe); PROBE=0
+# decides at the switch only, PROBE=N probes over N% of the QAT iterations.
 # EXTRA=--deterministic asks train.py for deterministic kernels: a run that keeps no rotation then equals plain QAT
 # (on an H200 without it the pair ended 0.01 apart); QAT runs at about half the tokens/s.
 set -uo pipefail
@@ -26,7 +27,7 @@ VARIANTS=${VARIANTS:-1}       # 1: also --spinquant with the rotations kept what
 SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
 DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
 EXTRA=${EXTRA:-}              # more train.py flags for every run
-PROBE=${PROBE:-0}             # --spinquant runs: --spinquant_probe over this percentage of the model's QAT iterations
+PROBE=${PROBE:-}              # --spinquant runs: --spinquant_probe over this percentage of QAT (empty: train.py's)
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
 MODELS=${MODELS:-"baby bpe cpu"}  # which of the three models to train and compare
 QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
@@ -65,26 +66,26 @@ for s in $SEEDS; do
   run baby_fp_s$s $BABY --seed=$s
   run baby_qat_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2))
   run baby_qat_spin_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2)) --spinquant --spinquant_steps=$STEPS \
-    --spinquant_probe=$((ITERS / 2 * PROBE / 100))
+    ${PROBE:+--spinquant_probe=$((ITERS / 2 * PROBE / 100))}
   run bpe_fp_s$s $BPE --seed=$s
   run bpe_qat_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2))
   run bpe_qat_spin_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant --spinquant_steps=$STEPS \
-    --spinquant_probe=$((BPE_ITERS / 2 * PROBE / 100))
+    ${PROBE:+--spinquant_probe=$((BPE_ITERS / 2 * PROBE / 100))}
   run cpu_fp_s$s $CPU --seed=$s
   run cpu_qat_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2))
   run cpu_qat_spin_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant --spinquant_steps=$STEPS \
-    --spinquant_probe=$((CPU_ITERS / 2 * PROBE / 100))
+    ${PROBE:+--spinquant_probe=$((CPU_ITERS / 2 * PROBE / 100))}
 done
 s=${SEEDS%% *}
-if [ "$VARIANTS" = 1 ]; then  # --spinquant with the rotations kept whatever the held-out choice (QAT_SELECT off):
+if [ "$VARIANTS" = 1 ]; then  # --spinquant with the rotations kept whatever the held-out choice (QAT_SELECT off, no probe):
   for v in "forced:s.QAT_SELECT = False;" "forced_rotated:s.QAT_SELECT = False; s.QAT_BASIS = 'rotated';"; do
     QAT_SETTINGS=${v#*:}  # ... in the original basis (the default) and in the rotated one
     run baby_qat_spin_${v%%:*}_s$s $BABY $QAT --seed=$s --quantization_warmup_iters=$((ITERS / 2)) --spinquant \
-      --spinquant_steps=$STEPS
+      --spinquant_steps=$STEPS --spinquant_probe=0
     run bpe_qat_spin_${v%%:*}_s$s $BPE $QAT --seed=$s --quantization_warmup_iters=$((BPE_ITERS / 2)) --spinquant \
-      --spinquant_steps=$STEPS
+      --spinquant_steps=$STEPS --spinquant_probe=0
     run cpu_qat_spin_${v%%:*}_s$s $CPU $QAT --seed=$s --quantization_warmup_iters=$((CPU_ITERS / 2)) --spinquant \
-      --spinquant_steps=$STEPS
+      --spinquant_steps=$STEPS --spinquant_probe=0
   done
   QAT_SETTINGS=
 fi

@@ -329,7 +329,7 @@ def test_spinquant_probe_goes_on_exactly_as_the_branch_it_keeps(char_data, tmp_p
              "--quantize_mlp_act_bits=4", "--activations_quant_granularity=per_token"]
     spin = ["--spinquant", "--spinquant_steps=2", "--spinquant_nsamples=8"]
     reference, probed = str(tmp_path / "reference"), str(tmp_path / "probed")
-    train_in_process(reference, *flags, *(spin if probe_keeps else []))
+    train_in_process(reference, *flags, *(spin + ["--spinquant_probe=0"] if probe_keeps else []))
     reference_printed = capsys.readouterr().out
     assert "step 6: train loss" in reference_printed
     scores = []
@@ -355,10 +355,18 @@ def test_spinquant_probe_goes_on_exactly_as_the_branch_it_keeps(char_data, tmp_p
     if probe_keeps:
         ra, rb = a["spinquant_qat"]["model"], b["spinquant_qat"]["model"]
         assert all(torch.equal(ra[k], rb[k]) for k in ra)
-    # bad input: without --spinquant, or a negative count
+    if not probe_keeps:  # the default, -1, probes a third of the 6 QAT iterations, and rejects as forced here
+        default = str(tmp_path / "default")
+        train_in_process(default, *flags, *spin)
+        printed = capsys.readouterr().out
+        assert "iter 6: spinquant probe: QAT with the rotations to iteration 8" in printed
+        assert "iter 8: spinquant probe after 2 QAT iterations each" in printed
+        c = load_checkpoint(default)["model"]
+        assert all(torch.equal(a["model"][k], c[k]) for k in a["model"])
+    # bad input: without --spinquant, or a count below -1; without --spinquant, the default asks for nothing
     error = run_main(train.main, f"--out_dir={tmp_path / 'bad'}", *TINY, "--spinquant_probe=4")
     assert error.startswith("train.py: error: --spinquant_probe=4: probes --spinquant's rotations") and "\n" not in error
-    error = run_main(train.main, f"--out_dir={tmp_path / 'bad'}", *TINY, *spin, "--spinquant_probe=-1")
+    error = run_main(train.main, f"--out_dir={tmp_path / 'bad'}", *TINY, *spin, "--spinquant_probe=-2")
     assert error is not None and "--spinquant_probe" in error and not os.path.exists(tmp_path / "bad")
 
 
