@@ -35,11 +35,8 @@ except ImportError:  # no Triton: every PackedLinear takes the dequantize path
 from quantization.kernels.layout import BLOCK, KERNEL_BITS  # noqa: E402 (the one definition of both)
 
 GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV kernel, else the GEMM kernel
-# 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps). The
-# configs after the first two are for small layers (K of 768 in one or two steps, narrow column tiles for enough
-# programs, no split-K): each code is dequantized once for the 16 rows, as tinygemm's kernel does
-GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8), (8, 32, 1, 8), (8, 32, 1, 4), (16, 32, 1, 8), (16, 16, 1, 4),
-                (32, 16, 1, 8), (8, 16, 1, 4)]
+# 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
+GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
 # one row, small layers in one step per program: every word of a program's tile loaded at once (one memory round
 # trip, the shape of tinygemm's kernel), narrow column tiles for enough programs without split-K: K = 768 in 32
 # blocks (24 used), K = 3072 in 128 (96 used). The configs after the first six give each thread fewer codes (more

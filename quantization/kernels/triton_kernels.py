@@ -5,9 +5,8 @@ Four kernels, each generic over BITS (1, 2, 3, 4, 8) as a compile-time constant:
   their fields in a static loop, one broadcast value of x per field, into a 2-D accumulator that is summed once
   at the end (two instructions per code); split-K over a second grid axis, the last program of a column tile
   adding the partials (one launch);
-- `_gemv_kernel` for 2 to 16 rows of x: CUDA cores, a static loop over the 32 codes of each block, each code
-  dequantized once for all the rows, split-K with fp32 atomics (ops.py times it against the GEMM with 16-row tiles
-  and keeps the faster per shape);
+- `_gemv_kernel` for 2 to 16 rows of x: CUDA cores, a static loop over the 32 codes of each block, split-K with
+  fp32 atomics (ops.py times it against the GEMM with 16-row tiles and keeps the faster per shape);
 - `_gemm_kernel` for more rows (prefill; from 2 rows with BLOCK_M = 16, if it times faster): each element of a
   (BLOCK_K, BLOCK_N) tile loads the word that holds its code and shifts it out (no reshape), the tile is
   dequantized to (code - zero) * scale in the activation dtype and accumulated in place on the tensor cores; a
@@ -98,30 +97,35 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
         w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_b[None, :] * BLOCK
         mask_x = mask_m[:, None] & mask_b[None, :]
-        # each code is dequantized once, (code - zero) * scale, for all BLOCK_M rows: one FMA per code and row
-        group = offs_b // blocks_per_group
-        sz_offs = group[:, None] * N + offs_n[None, :]
-        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
-        if HAS_ZERO:
-            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
-        else:
-            zero = ZERO
+        # sum over each block of x * code, and of x (the zero point is applied once per block, not per code)
+        dot = tl.zeros((BLOCK_M, BLOCK_B, BLOCK_N), tl.float32)
+        xsum = tl.zeros((BLOCK_M, BLOCK_B), tl.float32)
         if BITS == 3:
             low0 = tl.load(w_ptrs, mask=mask_w, other=0)
             low1 = tl.load(w_ptrs + N, mask=mask_w, other=0)
             high = tl.load(w_ptrs + 2 * N, mask=mask_w, other=0)
             for i in tl.static_range(BLOCK):
-                weight = (_code3(low0, low1, high, i) - zero) * scale
+                code = _code3(low0, low1, high, i)
                 xi = tl.load(x_ptrs + i, mask=mask_x & (offs_b[None, :] * BLOCK + i < K), other=0.0).to(tl.float32)
-                acc += xi[:, :, None] * weight[None, :, :]
+                dot += xi[:, :, None] * code[None, :, :]
+                xsum += xi
         else:
             for w in tl.static_range(BITS):
                 word = tl.load(w_ptrs + w * N, mask=mask_w, other=0)
                 for j in tl.static_range(32 // BITS):
                     i = w * (32 // BITS) + j
-                    weight = (_as_float(_field(word, j * BITS, BITS)) - zero) * scale
+                    code = _as_float(_field(word, j * BITS, BITS))
                     xi = tl.load(x_ptrs + i, mask=mask_x & (offs_b[None, :] * BLOCK + i < K), other=0.0).to(tl.float32)
-                    acc += xi[:, :, None] * weight[None, :, :]
+                    dot += xi[:, :, None] * code[None, :, :]
+                    xsum += xi
+        group = offs_b // blocks_per_group
+        sz_offs = group[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+            acc += (dot - zero[None, :, :] * xsum[:, :, None]) * scale[None, :, :]
+        else:
+            acc += (dot - ZERO * xsum[:, :, None]) * scale[None, :, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
