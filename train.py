@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 
 import distributed
 from checkpoint import save_checkpoint
@@ -172,7 +173,7 @@ class SpinQuantProbe:
     sequences (per sequence, spin_quant.paired_gain), as the switch's own choice. The run then goes on from the kept
     branch's state, exactly as a run that had taken that branch from the switch. Nothing is evaluated or saved
     inside the probe. It holds two more copies of the weights and the optimizer state (the start, and the end of
-    the rotated branch)."""
+    the rotated branch), in CPU memory."""
 
     def __init__(self, start, end, rotated, rotated_args, plain, plain_args, heldout, optimizer, scaler, data_rng,
                  device_type):
@@ -183,9 +184,12 @@ class SpinQuantProbe:
         self.at_start = self.snapshot()
 
     def snapshot(self):
+        """The training state, its tensors copied to CPU memory (the GPU holds only the model being trained)."""
         cuda = self.device_type == "cuda"
-        return {"model": {k: v.detach().clone() for k, v in self.trained.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "scaler": self.scaler.state_dict(),
+        return {"model": {k: v.detach().to("cpu", copy=True) for k, v in self.trained.state_dict().items()},
+                "optimizer": tree_map(lambda v: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v,
+                                      self.optimizer.state_dict()),
+                "scaler": self.scaler.state_dict(),
                 "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
                 "data_rng": self.data_rng.get_state()}
 
