@@ -66,9 +66,9 @@ def check_start(args, given):
 
 
 def batch_loader(args, data_dir, device):
-    """get_batch(split, ix=None, generator=None): inputs and targets of block_size tokens at offsets ix (random, from
-    generator, without), from the
-    flat uint16 token files, memory-mapped anew per batch (avoids numpy's memmap leak)."""
+    """get_batch(split, ix=None, generator=None): inputs and targets of block_size tokens at offsets ix (without,
+    random offsets drawn from generator), from the flat uint16 token files, memory-mapped anew per batch (avoids
+    numpy's memmap leak)."""
     def get_batch(split, ix=None, generator=None):
         data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
         if ix is None:
