@@ -50,7 +50,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
 GEMM_SAMPLE = dict(M=256, N=11008, K=4096, stride_xm=4096, stride_ym=11008, blocks_per_group=4, blocks_per_split=128)
 
 
-def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch, spans=False):
+def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch):
     """_gemm_kernel as the launcher would compile it for GEMM_SAMPLE: 16-byte aligned pointers, and each integer
     argument the kernel specializes on marked divisible by 16 where the sample's value is."""
     import triton
@@ -61,7 +61,7 @@ def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch, s
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in GEMM_SAMPLE}}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=False, PRECISION="tf32",
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0, PDL=False, SPANS=spans)
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0, PDL=False)
     signature.update({name: "constexpr" for name in constants})
     specialized = {p.name for p in fn.params if not p.do_not_specialize}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)
@@ -173,20 +173,17 @@ def main():
 def gemm_table(bits, arch, show):
     """Every config of ops.GEMM_CONFIGS and SMALL_GEMM_CONFIGS: how its tiles are loaded, its main loop's size."""
     from quantization.kernels import ops
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, unpack, K tiles across scale groups)
-    configs = sorted({(*c[:5], c[6] if len(c) > 6 else 0, bool(c[7]) if len(c) > 7 else False)
-                      for c in ops.SMALL_GEMM_CONFIGS + ops.GEMM_CONFIGS})
-    print("| bits | BLOCK_M x BLOCK_N x BLOCK_K x warps x stages x unpack (x spans) | asynchronous copies "
+    configs = sorted({(*c[:5], c[6] if len(c) > 6 else 0) for c in ops.SMALL_GEMM_CONFIGS + ops.GEMM_CONFIGS})
+    print("| bits | BLOCK_M x BLOCK_N x BLOCK_K x warps x stages x unpack | asynchronous copies "
           "| x tiles loaded synchronously | loop instructions | registers | shared memory (KiB) |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for b in bits:
         for config in configs:
-            kernel = compile_gemm(b, *config[:6], arch, spans=config[6])
+            kernel = compile_gemm(b, *config, arch)
             copies, sync_x = gemm_loads(kernel.asm["ttgir"])
             code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)
-            name = "x".join(map(str, config[:6])) + ("x spans" if config[6] else "")
-            print(f"| {b} | {name} | {copies} | {sync_x} | {len(loop)} | {registers} "
+            print(f"| {b} | {'x'.join(map(str, config))} | {copies} | {sync_x} | {len(loop)} | {registers} "
                   f"| {kernel.metadata.shared / 1024:.0f} |", flush=True)
             if show:
                 print("\n".join(loop))

@@ -72,20 +72,6 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                                                        layer.bits, blocks, layer.zero_const,
                                                        (16, 64, 32, 4, 1, 64, 1), counters=layer.split_counters)))
             assert not layer.split_counters.any()
-            # K tiles across scale groups (128 inputs over groups of 32; past K: masked)
-            ys.append(("gemm spanning groups", ops.gemm(x, layer.qweight, layer.scale, layer.zero, layer.bias,
-                                                        layer.bits, blocks, layer.zero_const,
-                                                        (16, 32, 128, 4, 1, 0, int(bits != 3), 1))))
-            if rows == 3:  # and split: K = 320 in tiles of 64 over groups of 32, 5 splits (one layer more)
-                w2, x2 = torch.randn(n, 320), torch.randn(rows, 320)
-                layer2 = PackedLinear.from_float(w2, spec, b)
-                expected2 = x2.double() @ layer2.dequantized_weight().double().T + (b.double() if bias else 0)
-                y2 = ops.gemm(x2, layer2.qweight, layer2.scale, layer2.zero, layer2.bias, layer2.bits,
-                              group_size // 32 if group_size else 10, layer2.zero_const,
-                              (16, 32, 64, 4, 1, 64, int(bits != 3), 1), counters=layer2.split_counters)
-                assert not layer2.split_counters.any()
-                out.append([method, bits, granularity, group_size, n, 320, rows, bias, "gemm spanning groups split-K",
-                            ((y2.double() - expected2).abs().max() / expected2.abs().max()).item()])
             for config in ((4, 32, 4), (1, 64, 2)):  # unpacked on the store side: a row of the scratch per code
                 ys.append((f"dequant_mm words {config[0]}", ops.dequant_mm(
                     x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const,
@@ -117,12 +103,11 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     # rows the GEMM (split K too) also with each word loaded once (unpack), and the dequantize with two more tiles
     ran = {(r[6], r[8]) for r in rows}
     unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K",
-                                                        "dequant_mm words 4", "dequant_mm words 1",
-                                                        "gemm spanning groups")} | {(3, "gemm spanning groups split-K")}
+                                                        "dequant_mm words 4", "dequant_mm words 1")}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
                    (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
                    (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")} | unpacked, ran
-    assert len(rows) == 24 * len(SPECS)
+    assert len(rows) == 21 * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""
@@ -626,9 +611,7 @@ def test_three_bit_codes_skip_the_unpack_configs():
     from quantization.kernels import ops
     for m in (16, 256):
         four, three = ops.candidates(m, 128, 4), ops.candidates(m, 128, 3)
-        unpack = [(k, c) for k, c in four if k is ops.gemm and c[6]]
+        unpack = [(k, c) for k, c in four if k is ops.gemm and c[-1]]
         assert unpack and not [p for p in three if p in unpack]
-        # left out for 3 bits: the GEMM's unpack configs (seventh field 1)
-        assert three == [p for p in four if p[0] is not ops.gemm or not p[1][6]]
-        # configs whose K tiles may span scale groups (eighth field 1) keep their BLOCK_K; the others fit it
-        assert all(c[2] in (64, 128) if len(c) < 8 else c[2] >= 256 for k, c in four if k is ops.gemm)
+        # left out for 3 bits: the GEMM's unpack configs (last field 1)
+        assert three == [p for p in four if p[0] is not ops.gemm or not p[1][-1]]

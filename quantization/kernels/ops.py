@@ -73,13 +73,7 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
                       (16, 64, 128, 4, 3, 4, 1), (16, 128, 64, 4, 3, 4, 1), (16, 64, 128, 4, 4, 8, 1),
                       (16, 128, 128, 4, 3, 2, 1), (16, 64, 128, 4, 3, 0, 1), (16, 32, 128, 4, 3, 4, 1),
                       (16, 32, 128, 4, 3, 0, 1), (16, 32, 128, 2, 4, 0, 1), (16, 16, 128, 2, 3, 0, 1),
-                      (16, 32, 128, 4, 3, 2, 1),
-                      # K tiles across scale groups (an eighth field, 1: BLOCK_K kept, not fitted to the group):
-                      # K = 768 in two steps (512) or three (256) where tiles within a group of 128 take six: for
-                      # the small layers, where each dependent step cost about a microsecond at 16 rows. 1024 (one
-                      # step) spilled registers for sm_90 (the per-row scales and zero points of the tile)
-                      (16, 16, 256, 4, 3, 0, 1, 1), (16, 32, 256, 4, 3, 0, 1, 1), (16, 16, 256, 8, 3, 0, 1, 1),
-                      (16, 16, 512, 8, 2, 0, 1, 1), (16, 16, 256, 4, 3, 4, 1, 1)]
+                      (16, 32, 128, 4, 3, 2, 1)]
 # the whole weight dequantized into a reused scratch, then cuBLAS: (BLOCK_B blocks of 32 codes, BLOCK_N, num_warps)
 # of triton_kernels._dequant_words_kernel (unpacked on the store side: at about 80% of the copy bandwidth on an H200,
 # bench/results/kernels_profile_h200_prefill.md)
@@ -245,8 +239,6 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     """counters as for stream_gemv: at least one per (BLOCK_M, BLOCK_N) tile of y when K is split."""
     block_m, block_n, block_k, warps, stages, split = config[:6]
     unpack = config[6] if len(config) > 6 else 0
-    group = blocks_per_group * BLOCK
-    spans = group < x.shape[1] and group % block_k != 0  # a K tile may cover several scale groups
     m, k = x.shape
     n = qweight.shape[1]
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -270,7 +262,7 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=activation, PDL=pdl,
-        SPANS=spans, launch_pdl=pdl, num_warps=warps, num_stages=stages)
+        launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return y
 
 
@@ -310,12 +302,12 @@ def candidates(m, group_size, bits=None):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
     unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins."""
-    def keep(rest):  # (warps, stages, split, unpack[, spans]): unpack configs skip 3-bit codes
-        return not (bits == 3 and rest[3])
+    def keep(config):  # unpack configs ([-1] == 1) skip 3-bit codes
+        return not (bits == 3 and config[-1])
     dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
     if m == 1:
         return [(stream_gemv, c) for c in STREAM_CONFIGS]
-    gemms = [(gemm, (bm, bn, bk if rest[4:] == [1] else _fit_k(bk, group_size), *rest))
+    gemms = [(gemm, (bm, bn, _fit_k(bk, group_size), *rest))
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants

@@ -452,12 +452,9 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
-                 SPANS: tl.constexpr = False):
+                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
     """A (BLOCK_M, BLOCK_N) tile of y per program over the K range of its split (grid axis 2: blocks_per_split
-    blocks of 32 codes each, a whole number of K tiles). SPANS: a K tile may cover inputs of several scale groups,
-    so each input row of the tile loads its own scale and zero point (a K of 768 in one tile: one step, where tiles
-    within a group of 128 took six dependent ones); else a tile lies within one group and loads one row of them. SPLIT: the partial tiles are added as in
+    blocks of 32 codes each, a whole number of K tiles). SPLIT: the partial tiles are added as in
     _stream_gemv_kernel (workspace, arrival counter per tile, the last program adds them in split order), which
     gives a few-row problem (decode at batch 2 to 16) enough programs to stream the weights at full bandwidth.
     ACT: the activation of the output tile (_activate), as in _stream_gemv_kernel. PDL: waits for the earlier kernels
@@ -476,19 +473,14 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         codes = _code_tile(w_ptr, k0, offs_n, mask_n, N, num_blocks, BITS, BLOCK_K, BLOCK_N, UNPACK)
-        if SPANS:  # a scale and zero point per input row of the tile (the rows past K: scale 0)
-            sz_offs = (offs_k // (BLOCK * blocks_per_group))[:, None] * N + offs_n[None, :]
-            mask_sz = (offs_k < K)[:, None] & mask_n[None, :]
-        else:  # one group per tile: one row of scales and zero points
-            sz_offs = ((k0 // BLOCK) // blocks_per_group) * N + offs_n[None, :]
-            mask_sz = mask_n[None, :]
-        scale = tl.load(s_ptr + sz_offs, mask=mask_sz, other=0.0)
+        group = (k0 // BLOCK) // blocks_per_group  # BLOCK_K divides the group size: one group per tile
+        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
         if HAS_ZERO:  # code | 2**23 read as a float is 2**23 + code: one subtraction of 2**23 + zero (integers
             # below 2**24: exact), where _as_float and the zero point were two
-            zero = tl.load(z_ptr + sz_offs, mask=mask_sz, other=0).to(tl.float32) + 8388608.0
-            w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero) * scale
+            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+            w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[None, :]) * scale[None, :]
         else:  # a constant zero point may be a half (binary): 2**23 + 1/2 is not a float32
-            w = (_as_float(codes) - ZERO) * scale
+            w = (_as_float(codes) - ZERO) * scale[None, :]
         # the dequantized weight in the activation dtype (bf16 rounds it as a bf16 weight would be), accumulated
         # in place on the tensor cores: no product to scale and add per K tile
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
