@@ -152,8 +152,8 @@ def main():
     if args.kernel == "gemm":
         gemm_table(bits, args.arch, args.show)
         return
-    print(f"| bits | BLOCK_N x BLOCK_B x warps | loop instructions | codes per thread per step | per code | "
-          f"registers | most frequent |" + (" loads before the PDL wait |" if args.pdl else ""))
+    print("| bits | BLOCK_N x BLOCK_B x warps | loop instructions | codes per thread per step | per code | "
+          "registers | most frequent |" + (" loads before the PDL wait |" if args.pdl else ""))
     print("|---:|---|---:|---:|---:|---:|---|" + ("---:|" if args.pdl else ""))
     for b in bits:
         for block_n, block_b, warps in configs:
