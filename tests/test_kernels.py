@@ -132,6 +132,17 @@ for method, bits, granularity, group_size, k in json.loads(sys.argv[2]):
     for row, magnitude in enumerate((1e15, 1.0, 1e-9)):
         err = ((y[row].double() - expected[row]).abs().max() / expected[row].abs().max()).item()
         out.append([method, bits, magnitude, err, int(counters.abs().sum())])
+    # 16-bit x (bfloat16: its bits moved into a float32's exponent in one instruction), some values exactly 0: the
+    # same float32 sums as the same values given as float32, so the outputs differ by the output's rounding alone
+    for dtype in (torch.bfloat16, torch.float16):
+        xh = (torch.randn(2, k) * torch.tensor([[30.0], [1e-3]])).to(dtype)
+        xh[:, ::3] = 0
+        y16, y32 = (ops.stream_gemv(v, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks,
+                                    layer.zero_const, (64, 1, 64, 4, 1), counters=counters) for v in (xh, xh.float()))
+        ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+        for row in range(2):
+            err = ((y16[row].float() - y32[row]).abs() / (y32[row].abs() * ulp + 1e-6 * y32[row].abs().max())).max()
+            out.append([method, bits, str(dtype), err.item(), int(counters.abs().sum())])
 print(json.dumps(out))
 """
 
@@ -142,8 +153,9 @@ def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_spli
     # 4-bit codes over many splits; 1-bit codes (a field at every bit position) over a short K
     specs = [("affine_quant", 4, "per_group", 32, 1088), SPECS[-1] + (128,)]
     rows = run_interpreted(ONE_ROW_RANGE, json.dumps(specs))
-    assert len(rows) == 3 * len(specs)
-    bad = [r for r in rows if not (r[3] < 1e-5 and r[4] == 0)]
+    assert len(rows) == 7 * len(specs)
+    # float32 x: far below a quantization step; 16-bit x: at most one unit in the last place of each output
+    bad = [r for r in rows if not (r[3] < (1e-5 if isinstance(r[2], float) else 1.0) and r[4] == 0)]
     assert not bad, bad
 
 

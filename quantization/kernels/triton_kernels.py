@@ -176,15 +176,28 @@ def _pick(c0, c1, c2, c3, c4, c5, c6, c7, W: tl.constexpr):
 
 
 @triton.jit
+def _term(x_ptrs, word, high, i: tl.constexpr, POS: tl.constexpr, BITS: tl.constexpr, mask_b, offs_b, K,
+          EVEN: tl.constexpr):
+    """x_i times the code in bits POS .. POS + BITS - 1 of each word, as x_i * c * 2**-85 (BLOCK_B, BLOCK_N): a
+    field that ends below bit 23 is read where it lies, one that does not from high, the word shifted down 16 bits
+    (the sign bits an arithmetic shift brings in lie outside every field's mask)."""
+    if POS + BITS <= 23:
+        xi = _x_times(x_ptrs, i, 64 - POS, mask_b, offs_b, K, EVEN)
+        return xi[:, None] * _subnormal(word & (((1 << BITS) - 1) << POS))
+    else:
+        xi = _x_times(x_ptrs, i, 80 - POS, mask_b, offs_b, K, EVEN)
+        return xi[:, None] * _subnormal(high & (((1 << BITS) - 1) << (POS - 16)))
+
+
+@triton.jit
 def _subnormal(field):
     """An unsigned field masked where it lies in the low 23 bits of a word, read as a float32: c * 2**(p - 149), a
     subnormal, exact (p = the field's lowest bit). One AND per code makes a float of it: no shift, no subtraction."""
     return field.to(tl.float32, bitcast=True)
 
 
-# x * 2**(64 - p) times the subnormal c * 2**(p - 149) is x * c * 2**-85: exact and a normal float for |x * c| >
-# 2**-41, and x * 2**64 overflows only past |x| = 2**64
-XSCALE: tl.constexpr = tl.constexpr(2.0 ** 64)
+# x * 2**(64 - p) (_x_times) times the subnormal c * 2**(p - 149) is x * c * 2**-85: exact and a normal float for
+# |x * c| > 2**-41, and x * 2**(64 - p) is exact for |x| < 2**64
 BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
 SPLIT_CHUNK: tl.constexpr = tl.constexpr(16)  # partial sums the last program of a split-K tile loads at once
 
@@ -201,10 +214,10 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
-    A code costs two instructions: an AND that leaves the field where it lies in the low 16 bits of a word (the high
-    16 bits are shifted down once per word), read as a subnormal float32 c * 2**(p - 149), and an FMA with x scaled
-    by 2**(64 - p) (once per field, shared by the outputs a thread holds): the product is x * c * 2**-85, exact,
-    and the sum is scaled back by 2**85 per block. Subnormals are exact and full speed in FMA (Triton does not
+    A code costs two instructions: an AND that leaves the field where it lies (a field that ends past bit 23 in
+    the word shifted down 16 bits, once per word), read as a subnormal float32 c * 2**(p - 149), and an FMA with x
+    scaled by 2**(64 - p) (_x_times: one integer instruction per value of x, shared by the outputs a thread
+    holds): the product is x * c * 2**-85, exact, and the sum is scaled back by 2**85 per block. Subnormals are exact and full speed in FMA (Triton does not
     flush them). Scale and zero point are applied per block row. EVEN: K is a multiple of 32 and every split a
     whole number of steps, so x needs no masks. PREFETCH: the next step's words are loaded before this step's
     fields are used.
@@ -275,21 +288,17 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                     else:
                         lw = (low >> 16) & 0xFFFF
                     for j in tl.static_range(8):
-                        xi = _x_at(x_ptrs, 16 * h + 8 * q + j, mask_b, offs_b, K, EVEN)
-                        part += (xi * (XSCALE / (1 << (2 * j))))[:, None] * _subnormal(lw & (3 << (2 * j)))
-                        part += (xi * (4.0 * XSCALE / (1 << (8 * q + j))))[:, None] * _subnormal(high & (1 << (8 * q + j)))
+                        i = 16 * h + 8 * q + j
+                        low_x = _x_times(x_ptrs, i, 64 - 2 * j, mask_b, offs_b, K, EVEN)
+                        high_x = _x_times(x_ptrs, i, 66 - (8 * q + j), mask_b, offs_b, K, EVEN)
+                        part += low_x[:, None] * _subnormal(lw & (3 << (2 * j)))
+                        part += high_x[:, None] * _subnormal(high & (1 << (8 * q + j)))
         else:
             for w in tl.static_range(BITS):
                 word = _pick(c0, c1, c2, c3, c4, c5, c6, c7, w)
-                for h in tl.static_range(2):  # the low 16 bits of the word, then the high 16
-                    if h == 0:
-                        half = word
-                    else:
-                        half = (word >> 16) & 0xFFFF
-                    for j in tl.static_range(16 // BITS):
-                        xi = _x_at(x_ptrs, w * (32 // BITS) + h * (16 // BITS) + j, mask_b, offs_b, K, EVEN)
-                        code = _subnormal(half & (((1 << BITS) - 1) << (j * BITS)))
-                        part += (xi * (XSCALE / (1 << (j * BITS))))[:, None] * code
+                high = word >> 16
+                for f in tl.static_range(32 // BITS):
+                    part += _term(x_ptrs, word, high, w * (32 // BITS) + f, f * BITS, BITS, mask_b, offs_b, K, EVEN)
         if HAS_ZERO:
             acc += (part * BACK - xsum[:, None] * zero) * scale
         else:
@@ -357,6 +366,33 @@ def _x_at(x_ptrs, i: tl.constexpr, mask_b, offs_b, K, EVEN: tl.constexpr):
         return tl.load(x_ptrs + i).to(tl.float32)
     else:
         return tl.load(x_ptrs + i, mask=mask_b & (offs_b * BLOCK + i < K), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _x_times(x_ptrs, i: tl.constexpr, E: tl.constexpr, mask_b, offs_b, K, EVEN: tl.constexpr):
+    """Value i of each block of x times 2**E, as float32, for the one-row kernel's FMAs with subnormal codes.
+    bfloat16 and float32 x: one integer instruction, E added to the exponent field of x's bits (bfloat16 moved into
+    the high half of a float32 first: bits * 2**16 + E * 2**23), where a conversion and a multiply took two. A zero
+    (or a masked position) becomes 2**(E - 127) instead, whose product with any code (at most c * 2**(16 - 149)) is
+    below half the smallest subnormal for E <= 64 and rounds to an exact 0. Exact for normal x below 2**(128 - E) in
+    magnitude; past it (or an infinite or NaN x) the product is wrong, and the block's sum of x (the zero-point term,
+    from x as loaded) still carries an infinite or NaN x into the output."""
+    if x_ptrs.dtype.element_ty == tl.bfloat16:
+        ptrs = x_ptrs.to(tl.pointer_type(tl.int16))
+        if EVEN:
+            bits = tl.load(ptrs + i)
+        else:
+            bits = tl.load(ptrs + i, mask=mask_b & (offs_b * BLOCK + i < K), other=0)
+        return (bits.to(tl.int32) * 65536 + (E << 23)).to(tl.float32, bitcast=True)
+    elif x_ptrs.dtype.element_ty == tl.float32:
+        ptrs = x_ptrs.to(tl.pointer_type(tl.int32))
+        if EVEN:
+            bits = tl.load(ptrs + i)
+        else:
+            bits = tl.load(ptrs + i, mask=mask_b & (offs_b * BLOCK + i < K), other=0)
+        return (bits + (E << 23)).to(tl.float32, bitcast=True)
+    else:
+        return _x_at(x_ptrs, i, mask_b, offs_b, K, EVEN) * (2.0 ** E)
 
 
 @triton.jit
