@@ -377,19 +377,15 @@ def _x_times(x_ptrs, i: tl.constexpr, E: tl.constexpr, mask_b, offs_b, K, EVEN: 
     below half the smallest subnormal for E <= 64 and rounds to an exact 0. Exact for normal x below 2**(128 - E) in
     magnitude; past it (or an infinite or NaN x) the product is wrong, and the block's sum of x (the zero-point term,
     from x as loaded) still carries an infinite or NaN x into the output."""
-    if x_ptrs.dtype.element_ty == tl.bfloat16:
-        ptrs = x_ptrs.to(tl.pointer_type(tl.int16))
+    BF16: tl.constexpr = x_ptrs.dtype.element_ty == tl.bfloat16
+    if BF16 or x_ptrs.dtype.element_ty == tl.float32:
+        ptrs = x_ptrs.to(tl.pointer_type(tl.int16 if BF16 else tl.int32))
         if EVEN:
-            bits = tl.load(ptrs + i)
+            bits = tl.load(ptrs + i).to(tl.int32)
         else:
-            bits = tl.load(ptrs + i, mask=mask_b & (offs_b * BLOCK + i < K), other=0)
-        return (bits.to(tl.int32) * 65536 + (E << 23)).to(tl.float32, bitcast=True)
-    elif x_ptrs.dtype.element_ty == tl.float32:
-        ptrs = x_ptrs.to(tl.pointer_type(tl.int32))
-        if EVEN:
-            bits = tl.load(ptrs + i)
-        else:
-            bits = tl.load(ptrs + i, mask=mask_b & (offs_b * BLOCK + i < K), other=0)
+            bits = tl.load(ptrs + i, mask=mask_b & (offs_b * BLOCK + i < K), other=0).to(tl.int32)
+        if BF16:
+            bits = bits * 65536
         return (bits + (E << 23)).to(tl.float32, bitcast=True)
     else:
         return _x_at(x_ptrs, i, mask_b, offs_b, K, EVEN) * (2.0 ** E)
