@@ -217,10 +217,10 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     A code costs two instructions: an AND that leaves the field where it lies (a field that ends past bit 23 in
     the word shifted down 16 bits, once per word), read as a subnormal float32 c * 2**(p - 149), and an FMA with x
     scaled by 2**(64 - p) (_x_times: one integer instruction per value of x, shared by the outputs a thread
-    holds): the product is x * c * 2**-85, exact, and the sum is scaled back by 2**85 per block. Subnormals are exact and full speed in FMA (Triton does not
-    flush them). Scale and zero point are applied per block row. EVEN: K is a multiple of 32 and every split a
-    whole number of steps, so x needs no masks. PREFETCH: the next step's words are loaded before this step's
-    fields are used.
+    holds): the product is x * c * 2**-85, exact, and the sum is scaled back by 2**85 per block. Subnormals are
+    exact and full speed in FMA (Triton does not flush them). Scale and zero point are applied per block row.
+    EVEN: K is a multiple of 32 and every split a whole number of steps, so x needs no masks. PREFETCH: the next
+    step's words are loaded before this step's fields are used.
     SPLIT (split-K over grid axis 1): each program stores its float32 partial sums in the workspace ws and counts
     itself in count (one counter per row and BLOCK_N outputs); the last to arrive adds the partials (loaded
     SPLIT_CHUNK at a time, in a fixed order: deterministic), writes y in its own dtype and sets the counter back to
@@ -373,10 +373,11 @@ def _x_times(x_ptrs, i: tl.constexpr, E: tl.constexpr, mask_b, offs_b, K, EVEN: 
     """Value i of each block of x times 2**E, as float32, for the one-row kernel's FMAs with subnormal codes.
     bfloat16 and float32 x: one integer instruction, E added to the exponent field of x's bits (bfloat16 moved into
     the high half of a float32 first: bits * 2**16 + E * 2**23), where a conversion and a multiply took two. A zero
-    (or a masked position) becomes 2**(E - 127) instead, whose product with any code (at most c * 2**(16 - 149)) is
-    below half the smallest subnormal for E <= 64 and rounds to an exact 0. Exact for normal x below 2**(128 - E) in
-    magnitude; past it (or an infinite or NaN x) the product is wrong, and the block's sum of x (the zero-point term,
-    from x as loaded) still carries an infinite or NaN x into the output."""
+    (or a masked position) becomes 2**(E - 127) instead: the code it multiplies lies at bit p = 64 - E (66 - E for
+    3-bit high bits), so the product is below 2**(E - 127) * 2**(p + 8 - 149) <= 2**-202, under half the smallest
+    subnormal: an exact 0. Exact for normal x below 2**(128 - E) in magnitude; past it (or an infinite or NaN x)
+    the product is wrong, and the block's sum of x (the zero-point term, from x as loaded) still carries an
+    infinite or NaN x into the output."""
     BF16: tl.constexpr = x_ptrs.dtype.element_ty == tl.bfloat16
     if BF16 or x_ptrs.dtype.element_ty == tl.float32:
         ptrs = x_ptrs.to(tl.pointer_type(tl.int16 if BF16 else tl.int32))
