@@ -143,6 +143,14 @@ for method, bits, granularity, group_size, k in json.loads(sys.argv[2]):
         for row in range(2):
             err = ((y16[row].float() - y32[row]).abs() / (y32[row].abs() * ulp + 1e-6 * y32[row].abs().max())).max()
             out.append([method, bits, str(dtype), err.item(), int(counters.abs().sum())])
+        # a NaN or an infinity in x is never swallowed: every output is then NaN or infinite
+        for bad in (float("nan"), float("inf")):
+            xb = xh[:1].clone()
+            xb[0, 7] = bad
+            yb = ops.stream_gemv(xb, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks,
+                                 layer.zero_const, (64, 1, 64, 4, 1), counters=counters)
+            out.append([method, bits, f"{dtype} {bad}", 0.0 if not yb.isfinite().any() else 2.0,
+                        int(counters.abs().sum())])
 print(json.dumps(out))
 """
 
@@ -153,7 +161,7 @@ def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_spli
     # 4-bit codes over many splits; 1-bit codes (a field at every bit position) over a short K
     specs = [("affine_quant", 4, "per_group", 32, 1088), SPECS[-1] + (128,)]
     rows = run_interpreted(ONE_ROW_RANGE, json.dumps(specs))
-    assert len(rows) == 7 * len(specs)
+    assert len(rows) == 11 * len(specs)
     # float32 x: far below a quantization step; 16-bit x: at most one unit in the last place of each output
     bad = [r for r in rows if not (r[3] < (1e-5 if isinstance(r[2], float) else 1.0) and r[4] == 0)]
     assert not bad, bad
