@@ -1,8 +1,11 @@
 """Shared test fixtures: the char-level data is prepared once, and tiny models are trained once per session."""
+import gc
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 
@@ -30,20 +33,51 @@ def train(out_dir, *flags, check=True):
 def run_interpreted(script, *args, timeout=600):
     """Run a test script (`python -c script ROOT *args`) in a fresh interpreter under TRITON_INTERPRET=1 (set before
     Triton is imported), so that the Triton kernels run on the CPU; returns the JSON its last line prints."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script, ROOT, *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return Interpreted(script, *args, timeout=timeout).result()
+
+
+class Interpreted:
+    """run_interpreted started now and read later (result()): the Triton interpreter keeps one core busy, so two
+    scripts that do not depend on each other, started together, take the time of the longer on a 2-core machine."""
+
+    def __init__(self, script, *args, timeout=600):
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        self.stdout, self.stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # no pipe to fill up
+        self.proc = subprocess.Popen([sys.executable, "-c", script, ROOT, *args], cwd=ROOT, env=env,
+                                     stdout=self.stdout, stderr=self.stderr, text=True)
+        self.deadline = time.monotonic() + timeout
+
+    def result(self):
+        """What run_interpreted returns (the JSON of the last line); waits for the script to end."""
+        try:
+            self.proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+        finally:
+            self.stop()
+        self.stderr.seek(0)
+        self.stdout.seek(0)
+        assert self.proc.returncode == 0, self.stderr.read()[-3000:]
+        return json.loads(self.stdout.read().strip().splitlines()[-1])
+
+    def stop(self):
+        """Ends the script if it still runs (a timeout, or a test that never asked for the result)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def run_main(main, *argv):
-    """Call a script's main(argv) in this process (no interpreter start-up); returns its error line or None."""
+    """Call a script's main(argv) in this process (no interpreter start-up); returns its error line or None.
+    The objects the session holds are frozen meanwhile (gc.freeze), so that a garbage collection during the call
+    walks what the call allocated, as in a fresh interpreter: bench/decode.py collects after every format, and
+    each full collection would walk the whole session's objects (a quarter to three quarters of a second)."""
+    gc.freeze()
     try:
         main(list(argv))
     except SystemExit as e:
         if e.code not in (None, 0):
             return str(e.code)
+    finally:
+        gc.unfreeze()  # back in the oldest generation: collected as before once garbage
     return None
 
 

@@ -110,10 +110,20 @@ print(json.dumps(errors))
 """
 
 
-def test_triton_kernel_matches_pytorch_path():
+@pytest.fixture(scope="module")
+def interpreted():
+    """KERNEL_CHECK and ATTACHED_CHECK started together at first use: each keeps one core of the Triton interpreter
+    busy, so that on two cores they take the time of the longer."""
     pytest.importorskip("triton")
-    from conftest import run_interpreted  # here: the script imports this module, without tests/ on its path
-    errors = run_interpreted(KERNEL_CHECK, timeout=300)
+    from conftest import Interpreted  # here: the scripts import this module, without tests/ on their path
+    jobs = {"kernel": Interpreted(KERNEL_CHECK, timeout=300), "attached": Interpreted(ATTACHED_CHECK, timeout=300)}
+    yield jobs
+    for job in jobs.values():
+        job.stop()
+
+
+def test_triton_kernel_matches_pytorch_path(interpreted):
+    errors = interpreted["kernel"].result()
     assert len(errors) == 3 * len(CASES) and max(errors) < 1e-4, errors
 
 
@@ -167,15 +177,13 @@ print(json.dumps([out, "nanoqat.residual_binary_gemv" in graphs[0], module.gemv(
 """
 
 
-def test_the_attached_kernel_runs_one_row_of_a_loaded_layer():
+def test_the_attached_kernel_runs_one_row_of_a_loaded_layer(interpreted):
     """binary_bitwise.attach (what convert_to_packed does for residual-binary records): one row of x goes through
     the Triton GEMV (here under TRITON_INTERPRET=1, on a GPU for real), equal to the float64 product with the
     dequantized weight; torch.compile sees it as one custom op; several rows go through the weight dequantized by
     the Triton kernel (equal to quantizers.py's dequantize) and a matmul."""
-    pytest.importorskip("triton")
-    from conftest import run_interpreted
-    out, compiled_op, rows_kernel, rows_error, dequant_errors, joined_attached, joined_error = run_interpreted(
-        ATTACHED_CHECK, timeout=300)
+    out, compiled_op, rows_kernel, rows_error, dequant_errors, joined_attached, joined_error = \
+        interpreted["attached"].result()
     assert len(out) == len(CASES) and compiled_op and rows_kernel and rows_error < 1e-4
     assert len(dequant_errors) == len(CASES) and max(dequant_errors) < 1e-6, dequant_errors
     assert joined_attached and joined_error < 1e-4

@@ -54,11 +54,15 @@ class Cases:
 
     def __init__(self, capsys, *watched):
         self.capsys, self.watched, self.failures, self.count = capsys, watched, [], 0
+        self.last = None  # the snapshot the previous case ended with
 
     def refused(self, main, argv, names, absent=(), every=()):
         """main(argv) must exit non-zero with one line naming one of `names` (and each of `every`), print nothing
         else to stderr, and leave the repository and the `watched` folders untouched and none of `absent` created."""
-        before = snapshot(ROOT, *self.watched)
+        # the files as the previous case left them (checked at its end): one walk of the repository per case, not
+        # two. A change made between two cases is charged to the second: reported, never missed
+        before = self.last if self.last is not None else snapshot(ROOT, *self.watched)
+        self.last = None
         self.capsys.readouterr()
         self.count += 1
         try:
@@ -75,8 +79,10 @@ class Cases:
             self.failures.append(f"{argv}: names none of {names}: {error}")
         elif not all(n in error for n in every):
             self.failures.append(f"{argv}: does not name all of {every}: {error}")
-        if snapshot(ROOT, *self.watched) != before:
-            self.failures.append(f"{argv}: changed files: {set(snapshot(ROOT, *self.watched).items()) ^ set(before.items())}")
+        after = snapshot(ROOT, *self.watched)
+        if after != before:
+            self.failures.append(f"{argv}: changed files: {set(after.items()) ^ set(before.items())}")
+        self.last = after
         for path in absent:
             if os.path.lexists(path):
                 self.failures.append(f"{argv}: created {path}")
@@ -534,7 +540,24 @@ def test_every_float_flag_refuses_nan_and_inf(tiny_ckpt, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # GGUF files whose metadata contradict their tensors, read by gguf_export.py import and train.py --init_from
 
-GGUF_ARGS = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=50257, bias=True)
+# A vocabulary of GGUF_VOCAB tokens (GPT-2's first 63 and its end of text) stands for GPT-2's 50257 in these files:
+# gguf's reader parses a token list string by string (about 1.3 s for GPT-2's), and every check of read_gguf after
+# the vocabulary's takes the file's token count as its vocab_size. The importer compares the list with
+# gpt2_vocab()[:GPT2_EOT + 1], so the test points both at the short vocabulary (small_gpt2_vocab); the real one is
+# read, imported and fine-tuned from in test_gguf.py.
+GGUF_VOCAB = 64
+GGUF_ARGS = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=GGUF_VOCAB, bias=True)
+
+
+@pytest.fixture
+def small_gpt2_vocab(monkeypatch):
+    """gguf_export's idea of GPT-2's vocabulary shortened to GGUF_VOCAB tokens: the first GGUF_VOCAB - 1 and the end
+    of text (token GGUF_VOCAB - 1), in the writer of write_gguf and the reader of the importer and of train.py."""
+    tokens, types, merges = gguf_export.gpt2_vocab()
+    short = (tokens[:GGUF_VOCAB - 1] + tokens[-1:], types[:GGUF_VOCAB - 1] + types[-1:], ())
+    monkeypatch.setattr(gguf_export, "gpt2_vocab", lambda: short)
+    monkeypatch.setattr(gguf_export, "GPT2_EOT", GGUF_VOCAB - 1)
+    return short
 
 
 def gguf_parts():
@@ -605,22 +628,24 @@ def damaged_ggufs():
         "ffn_up_wrong": tensor("blk.0.ffn_up.weight", np.ones((16, 8), np.float32)),
         "qkv_wrong": tensor("blk.0.attn_qkv.weight", np.ones((8, 8), np.float32)),
         "bias_wrong": tensor("output_norm.bias", np.ones(9, np.float32)),
-        "token_embd_wrong": tensor("token_embd.weight", np.ones((100, 8), np.float32)),
+        "token_embd_wrong": tensor("token_embd.weight", np.ones((GGUF_VOCAB + 36, 8), np.float32)),
         "missing_qkv_bias": tensor("blk.0.attn_qkv.bias", drop=True),
         "missing_position": tensor("position_embd.weight", drop=True),
         "extra_block": tensor("blk.1.ffn_norm.weight", np.ones(8, np.float32)),
         "stray_tensor": tensor("rope_freqs.weight", np.ones(8, np.float32)),
         "nan_weight": tensor("blk.0.ffn_down.weight", np.full((8, 32), np.nan, np.float32)),
         "inf_bias": tensor("blk.0.ffn_up.bias", np.full(32, np.inf, np.float32)),
-        "head_apart": tensor("output.weight", np.ones((50257, 8), np.float32)),
+        "head_apart": tensor("output.weight", np.ones((GGUF_VOCAB, 8), np.float32)),
     }
 
 
-def test_damaged_gguf_files_are_refused_by_name(bpe_data, tmp_path, capsys):
+def test_damaged_gguf_files_are_refused_by_name(bpe_data, small_gpt2_vocab, tmp_path, capsys):
     fields, tensors = gguf_parts()
     good = tmp_path / "good.gguf"
     write_gguf(good, fields, tensors)
     assert run_main(gguf_export.main, "import", f"--gguf={good}", f"--out_dir={tmp_path / 'good_imp'}") is None
+    # the short vocabulary passed the importer's check: the damaged files below reach the checks after it
+    assert load_checkpoint(str(tmp_path / "good_imp"))["model_args"]["vocab_size"] == GGUF_VOCAB
     files = []
     for name, damage in damaged_ggufs().items():
         path = tmp_path / f"{name}.gguf"
@@ -632,7 +657,7 @@ def test_damaged_gguf_files_are_refused_by_name(bpe_data, tmp_path, capsys):
     cases = Cases(capsys)
     imp, ft = tmp_path / "imp", tmp_path / "ft"
     # every file through the importer; train.py reads a GGUF with the same read_gguf, so it is given one file of
-    # each kind of damage (a read takes about 1.4 s: gguf's reader parses the 50k-token vocabulary)
+    # each kind of damage
     through_train = {"block_count_2", "ffn_up_wrong", "missing_position", "nan_weight", "truncated"}
     for path in files:
         cases.refused(gguf_export.main, ["import", f"--gguf={path}", f"--out_dir={imp}"], [str(path)], absent=[imp])

@@ -251,47 +251,73 @@ from inference import fuse_gelu, fuse_norms, fuse_qkv
 from model import GPT, GPTConfig
 from quantization.kernels import ops, pack_model
 from quantization.quantizers import QuantSpec
-torch.manual_seed(0)
-config = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=65, norm=sys.argv[2])
-model = pack_model(GPT(GPTConfig(**config)).eval(), QuantSpec("affine_quant", 4, "per_group", 32))
-for block in model.transformer.h:  # gains and biases away from 1 and 0
-    for norm in (block.ln_1, block.ln_2):
-        torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
-        if getattr(norm, "bias", None) is not None:
-            torch.nn.init.normal_(norm.bias, std=0.5)
-fuse_qkv(model)
-fuse_gelu(model)
-calls = []
+# decode steps: the first (position 0, an empty cache) and two that attend over earlier positions; a step after
+# those runs the same kernels on the same shapes (each step costs about 0.8 s of interpreted kernels per model)
+STEPS = 3
+results = {}
 stream_gemv = ops.stream_gemv
-ops.stream_gemv = lambda *a, **kw: calls.append(("norm" in kw, "residual" in kw)) or stream_gemv(*a, **kw)
-runs = []
-for fused in (False, True):
-    if fused:
-        assert fuse_norms(model) == 0  # narrower than NORMS_MIN_WIDTH: where it did not help
-        assert fuse_norms(model, min_width=64) == 2 and norms_fused(model, 1) and not norms_fused(model, 2)
-    setup_cache(model, 1, 16, "cpu", torch.float32)
-    token, pos, out = torch.tensor([[5]]), torch.tensor([0]), torch.zeros(1, 16, dtype=torch.long)
-    with torch.no_grad():
-        for _ in range(6):
-            chained_step(model, token, pos, out, 0, None)
-    runs.append((out[0, 1:7].tolist(), [b.attn.kv_cache.stored.clone() for b in model.transformer.h]))
-(plain, plain_cache), (fused, fused_cache) = runs
-err = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(plain_cache, fused_cache))
-# per step of the fused run: per block one normalized (q/k/v, up) pair and one residual (output, down) pair
-print(json.dumps([plain, fused, err, calls.count((True, False)), calls.count((False, True))]))
+for norm_kind in sys.argv[2:]:  # each normalization on a model of its own, in this one interpreter
+    torch.manual_seed(0)
+    config = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=65, norm=norm_kind)
+    model = pack_model(GPT(GPTConfig(**config)).eval(), QuantSpec("affine_quant", 4, "per_group", 32))
+    for block in model.transformer.h:  # gains and biases away from 1 and 0
+        for norm in (block.ln_1, block.ln_2):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            if getattr(norm, "bias", None) is not None:
+                torch.nn.init.normal_(norm.bias, std=0.5)
+    fuse_qkv(model)
+    fuse_gelu(model)
+    calls = []
+    ops.stream_gemv = lambda *a, **kw: calls.append(("norm" in kw, "residual" in kw)) or stream_gemv(*a, **kw)
+    runs = []
+    for fused in (False, True):
+        if fused:
+            assert fuse_norms(model) == 0  # narrower than NORMS_MIN_WIDTH: where it did not help
+            assert fuse_norms(model, min_width=64) == 2 and norms_fused(model, 1) and not norms_fused(model, 2)
+        setup_cache(model, 1, 16, "cpu", torch.float32)
+        token, pos, out = torch.tensor([[5]]), torch.tensor([0]), torch.zeros(1, 16, dtype=torch.long)
+        with torch.no_grad():
+            for _ in range(STEPS):
+                chained_step(model, token, pos, out, 0, None)
+        runs.append((out[0, 1:STEPS + 1].tolist(), [b.attn.kv_cache.stored.clone() for b in model.transformer.h]))
+    (plain, plain_cache), (fused, fused_cache) = runs
+    err = max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(plain_cache, fused_cache))
+    # per step of the fused run: per block one normalized (q/k/v, up) pair and one residual (output, down) pair
+    results[norm_kind] = [plain, fused, err, calls.count((True, False)), calls.count((False, True))]
+print(json.dumps(results))
 """
 
 
-@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
-def test_fused_norms_decode_the_same_tokens_through_the_kernels(norm):
+FUSED_NORM_KINDS = ["layernorm", "rmsnorm"]
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """This module's two Triton-interpreter scripts, started together at first use: each keeps one core busy for
+    about 15 s (FUSED_NORMS for every normalization in one interpreter, whose start costs about 2 s; and
+    DECODE_ATTENTION), so that on two cores they take the time of one."""
+    pytest.importorskip("triton")
+    from conftest import Interpreted
+    jobs = {"fused_norms": Interpreted(FUSED_NORMS, *FUSED_NORM_KINDS), "decode_attention": Interpreted(DECODE_ATTENTION)}
+    yield jobs
+    for job in jobs.values():
+        job.stop()
+
+
+@pytest.fixture(scope="module")
+def fused_norm_runs(interpreted):
+    """{normalization: FUSED_NORMS's results for it}."""
+    return interpreted["fused_norms"].result()
+
+
+@pytest.mark.parametrize("norm", FUSED_NORM_KINDS)
+def test_fused_norms_decode_the_same_tokens_through_the_kernels(norm, fused_norm_runs):
     """inference.fuse_norms under the Triton interpreter: the decode step with each block's normalizations and
     residual adds in its packed kernels (generate.fused_block_step) writes the plain step's greedy tokens, and its
     K/V caches (every layer's normalized input through q/k/v) agree to float32 rounding."""
-    pytest.importorskip("triton")
-    from conftest import run_interpreted
-    plain, fused, err, normed, residual = run_interpreted(FUSED_NORMS, norm)
-    assert fused == plain and err < 1e-5, (plain, fused, err)
-    assert normed == residual == 6 * 2 * 2
+    plain, fused, err, normed, residual = fused_norm_runs[norm]
+    assert len(plain) == 3 and fused == plain and err < 1e-5, (plain, fused, err)
+    assert normed == residual == 3 * 2 * 2
 
 
 DECODE_ATTENTION = r"""
@@ -347,15 +373,13 @@ print(json.dumps([worst, counters_left, untouched, runs]))
 """
 
 
-def test_the_decode_attention_kernel_writes_the_cache_and_attends_over_the_valid_positions():
+def test_the_decode_attention_kernel_writes_the_cache_and_attends_over_the_valid_positions(interpreted):
     """quantization/kernels/attention.py under the Triton interpreter: against float64 attention over positions
     0..pos of the cache with the new k and v written at pos (float32 to a few units of rounding, bf16 to one unit
     of its output's), in one chunk and in several (the last program combines them and sets its counter back to
     zero), the cache untouched elsewhere; torch.library.opcheck on the custom op (it declares the cache written);
     and a model's greedy tokens through it, eager and compiled, equal those through SDPA."""
-    pytest.importorskip("triton")
-    from conftest import run_interpreted
-    worst, counters_left, untouched, runs = run_interpreted(DECODE_ATTENTION)
+    worst, counters_left, untouched, runs = interpreted["decode_attention"].result()
     assert len(worst) == 4 and any("1 chunks" in k for k in worst) and any("3 chunks" in k for k in worst), worst
     assert all(err < (16 if "float32" in key else 1) for key, err in worst.items()), worst
     assert counters_left == 0 and untouched

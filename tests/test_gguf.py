@@ -45,15 +45,24 @@ def make_checkpoint(path, weight_quant=None, embedding_quant=None, dataset="shak
 
 
 @functools.lru_cache(maxsize=4)
-def read_back(path):
-    """{tensor name: (type name, float values as llama.cpp reads them)} through the gguf package alone."""
+def read_file(path):
+    """(tensors, metadata) of a written file through the gguf package alone, from one reader (it parses the whole
+    vocabulary, GPT-2's tokens and merges, as it opens: about 2 s): {tensor name: (type name, float values as
+    llama.cpp reads them)}, and {key: value} of its general.* and gpt2.* metadata."""
+    reader = gguf.GGUFReader(path)
     names = {v: k for k, v in gguf_export.GGML_TYPES.items()}
     out = {}
-    for t in gguf.GGUFReader(path).tensors:
+    for t in reader.tensors:
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         values = gguf.quants.dequantize(t.data, t.tensor_type)
         out[t.name] = (names[t.tensor_type], torch.from_numpy(np.asarray(values, np.float32).reshape(shape).copy()))
-    return out
+    metadata = {key: field.contents() for key, field in reader.fields.items() if key.startswith(("general.", "gpt2."))}
+    return out, metadata
+
+
+def read_back(path):
+    """{tensor name: (type name, float values as llama.cpp reads them)} through the gguf package alone."""
+    return read_file(path)[0]
 
 
 @functools.lru_cache(maxsize=4)
@@ -83,10 +92,10 @@ def test_llama_cpp_names_and_types(exported):
     for i in range(2):
         for tensor, type_name in EXPECTED.items():
             assert back[f"blk.{i}.{tensor}.weight"][0] == type_name
-    reader = gguf.GGUFReader(path)
-    assert reader.get_field("general.architecture").contents() == "gpt2"
-    assert reader.get_field("gpt2.block_count").contents() == 2
-    assert reader.get_field("gpt2.context_length").contents() == 32
+    metadata = read_file(path)[1]  # the reader that read the tensors above
+    assert metadata["general.architecture"] == "gpt2"
+    assert metadata["gpt2.block_count"] == 2
+    assert metadata["gpt2.context_length"] == 32
 
 
 def test_exact_grids_read_back_equal(exported):

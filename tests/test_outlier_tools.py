@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import run_main, run_script, train_in_process
+from conftest import run_main, train_in_process
 from model import GPT, GPTConfig
 from quantization import save_weights, visualize
 from quantization.packing import packed_checkpoint, unpack_weight
@@ -78,10 +78,13 @@ def test_every_format_holds_the_same_outliers(qat_saved):
                 assert np.array_equal(other[name][a], tensor[a]) and other[name][a].dtype == tensor[a].dtype
 
 
-def test_outlier_count_per_site_is_printed(qat_outliers, tmp_path):
-    result = run_script("quantization/save_weights.py", f"--out_dir={qat_outliers}",
-                        f"--file_name={tmp_path / 'x.npz'}", "--file_type=npz")
-    lines = [line.split() for line in result.stdout.splitlines() if line.startswith("  ")]
+def test_outlier_count_per_site_is_printed(qat_outliers, tmp_path, capsys):
+    # main() in this process: save_weights.py and visualize.py run as commands in test_save_weights.py and
+    # test_visualize.py
+    capsys.readouterr()
+    assert run_main(save_weights.main, f"--out_dir={qat_outliers}", f"--file_name={tmp_path / 'x.npz'}",
+                    "--file_type=npz") is None
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     checkpoint = torch.load(qat_outliers / "ckpt.pt", weights_only=True)
     for site in ("q", "k", "v", "attn_proj", "mlp_up", "mlp_down"):
         numel = sum(t.numel() for n, t in checkpoint["model"].items() if n.endswith(f".{site}{LATENT}"))
@@ -136,8 +139,8 @@ def test_outlier_map_counts_every_outlier_in_its_cell():
 
 def test_visualize_draws_the_outliers_and_their_channel(qat_saved, tmp_path):
     folder = tmp_path / "img"
-    run_script("quantization/visualize.py", f"--file_name={qat_saved['safetensors']}", f"--image_folder={folder}",
-               "--weight=mlp_up", "--graph=outliers")
+    assert run_main(visualize.main, f"--file_name={qat_saved['safetensors']}", f"--image_folder={folder}",
+                    "--weight=mlp_up", "--graph=outliers") is None
     names = ["transformer.h.0.mlp.mlp_up.weight", "transformer.h.1.mlp.mlp_up.weight"]
     assert sorted(os.listdir(folder)) == sorted([f"{n}_outliers.png" for n in names] + ["overview.png"])
     from test_visualize import assert_png
