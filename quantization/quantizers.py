@@ -30,6 +30,9 @@ class QuantSpec:
     fp16_scale: bool = False  # scales rounded to float16, as GGUF's blocks store them (an exact GGUF export)
     binary_terms: int = 2  # residual_binary_quant: W ~ sum of this many scaled sign matrices
     outlier_fraction: float = 0.0  # share of a weight's entries kept in full precision (dense-and-sparse)
+    # min/max grids: the range of a row is its min and max times this (QuaRot's and SpinQuant's activation and
+    # K/V clipping: below 1, the few largest values saturate and every other value gets a finer step)
+    clip_ratio: float = 1.0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -47,6 +50,11 @@ class QuantSpec:
         if not 0.0 <= self.outlier_fraction < MAX_OUTLIER_FRACTION:
             raise ValueError(f"outlier_fraction={self.outlier_fraction} is out of range; expected a fraction in "
                              f"[0, {MAX_OUTLIER_FRACTION})")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ValueError(f"clip_ratio={self.clip_ratio} is out of range; expected a fraction in (0, 1]")
+        if self.clip_ratio != 1.0 and self.grid not in ("symmetric", "affine"):
+            raise ValueError(f"clip_ratio={self.clip_ratio}: only the min/max grids (symmetric, affine) take a "
+                             f"clipping ratio; {self.method} has none")
 
     @property
     def grid(self):
@@ -110,7 +118,10 @@ def compute_qparams(x, spec):
     """Scale and zero point for each row of `to_rows(x, spec)`, shaped (rows, 1). No gradient flows through them."""
     rows = to_rows(x.detach(), spec).float()
     if spec.grid in ("symmetric", "affine"):
-        return qparams_from_range(rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True), spec)
+        lo, hi = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+        if spec.clip_ratio != 1.0:
+            lo, hi = lo * spec.clip_ratio, hi * spec.clip_ratio
+        return qparams_from_range(lo, hi, spec)
     if spec.grid == "residual_binary":
         return residual_binary_scales(rows, spec.binary_terms)
     # ternary (BitNet b1.58: absmean) and binary (mean absolute value)

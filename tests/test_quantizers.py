@@ -184,11 +184,43 @@ def test_codes_dequantize_to_fake_quant():
     assert torch.equal(dequantize(codes, scale, zp, spec), fake_quant(x, spec))
 
 
+@pytest.mark.parametrize("clip", [0.75, 0.6])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_clipped_affine_per_token_matches_pytorch(bits, clip):
+    """clip_ratio: each token's range is its min and max times the ratio (widened to include 0), so the values
+    past it saturate at the ends of the grid; PyTorch's kernel with that range is the reference."""
+    x = rand(16, 64, seed=40 + bits) + torch.linspace(-1, 1, 16)[:, None]
+    qmax = 2 ** bits - 1
+    lo, hi = (x.double().amin(dim=1) * clip).clamp(max=0), (x.double().amax(dim=1) * clip).clamp(min=0)
+    scale = ((hi - lo) / qmax).float()
+    zero_point = torch.clamp(-torch.round(lo / scale.double()), 0, qmax).to(torch.int32)
+    ref = torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, 0, qmax)
+    out = fake_quant(x, QuantSpec("affine_quant", bits, "per_token", clip_ratio=clip))
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    top, bottom = ((qmax - zero_point) * scale)[:, None], (-zero_point * scale)[:, None]  # the grid's ends
+    saturated = (x > top + scale[:, None]) | (x < bottom - scale[:, None])
+    assert saturated.any()  # the ratio clipped values a step or more past the ends: they sit at the ends
+    assert torch.allclose(out[saturated], torch.where(x > 0, top, bottom)[saturated], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_clipped_symmetric_per_channel_matches_pytorch(bits):
+    x = rand(16, 64, seed=50 + bits)
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=1) * 0.8 / qmax
+    ref = torch.fake_quantize_per_channel_affine(x, scale, torch.zeros(16, dtype=torch.int32), 0, -qmax - 1, qmax)
+    assert torch.allclose(fake_quant(x, QuantSpec("symmetric_quant", bits, "per_channel", clip_ratio=0.8)), ref,
+                          atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("fields,message", [
     (dict(bits=9), "bits=9 is out of range"),
     (dict(bits=1), "bits=1 is out of range"),
     (dict(method="fancy_quant"), "method 'fancy_quant' is unknown"),
     (dict(granularity="per_group", group_size=0), "group_size=0 must be > 0"),
+    (dict(clip_ratio=0.0), "clip_ratio=0.0 is out of range"),
+    (dict(clip_ratio=1.5), "clip_ratio=1.5 is out of range"),
+    (dict(method="ternary_quant", clip_ratio=0.9), "only the min/max grids"),
 ])
 def test_bad_specs_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):

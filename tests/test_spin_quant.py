@@ -218,6 +218,69 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     assert not os.path.exists(again)
 
 
+def test_mse_clipped_rtn_never_rounds_a_row_worse_than_rtn(tiny_trained):
+    """bench/spinquant_clipping.py's weight clipping: per row, the range shrink with the lowest sum of |w - q|^2.4
+    (1.0, plain RTN, among them): every row's error at most RTN's, some rows strictly lower, codes on the grid."""
+    import copy
+    sys_path_bench()
+    from spinquant_clipping import NORM, mse_clip_rtn
+    from quantization.quantizers import code_range
+    from quantization.rtn import rtn_quantize, weight_spec
+    spec = weight_spec(4)
+    plain, clipped = copy.deepcopy(tiny_trained[0]), copy.deepcopy(tiny_trained[0])
+    records = rtn_quantize(plain, spec)
+    mse_clip_rtn(clipped, spec)
+    lower = 0
+    for name, weight in tiny_trained[0].named_parameters():
+        if name.removesuffix(".weight") not in records:
+            continue
+        w = weight.detach().double()
+        rtn_err = (plain.get_parameter(name).double() - w).abs().pow(NORM).sum(1)
+        clip_err = (clipped.get_parameter(name).double() - w).abs().pow(NORM).sum(1)
+        assert (clip_err <= rtn_err * (1 + 1e-6)).all(), name
+        lower += int((clip_err < rtn_err * (1 - 1e-3)).sum())
+        # on the grid: each row is min/max-free codes times one scale plus an offset (at most 16 distinct values)
+        assert all(len(row.unique()) <= code_range(spec)[1] + 1 for row in clipped.get_parameter(name).detach())
+    assert lower > 0
+
+
+def sys_path_bench():
+    import sys
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+
+
+def test_clipping_bench_table_and_bad_flags(plain_dir, capsys):
+    """bench/spinquant_clipping.py on a tiny model: a row per rotation, weight rounding and clipping setting; the
+    plain row (no rotation, RTN, no clipping) is what rtn_quantize gives the unrotated model; a bad ratio is one line."""
+    sys_path_bench()
+    import spinquant_clipping
+    from quantization.perplexity import evaluate
+    from quantization.rtn import rtn_quantize, weight_spec
+    from quantization.spin_quant import unrotated
+    from quantization.spin_quant_flags import load_plain
+    flags = [f"--out_dir={plain_dir}", "--steps=2", "--nsamples=8", "--heldout_tokens=200", "--eval_tokens=1000",
+             "--device=cpu", "--progress=False"]
+    rows = spinquant_clipping.main(flags + ["--act_clips=1,0.5", "--kv_clips=1"])
+    rotations = {r["rotation"] for r in rows}
+    assert rotations >= {"no rotation", "random Hadamard", "learned"}
+    assert len(rows) == len(rotations) * 3  # RTN and MSE-clipped RTN unclipped, RTN with activations at 0.5
+    plain = [r for r in rows if r["rotation"] == "no rotation" and r["weights"] == "RTN" and r["act_clip"] == 1]
+    base, checkpoint = load_plain(plain_dir, "cpu")
+    model = unrotated(base, 4, 4)
+    rtn_quantize(model, weight_spec(4))
+    expected = evaluate(model, split_tokens(checkpoint["dataset"], "val"), max_tokens=1000, device="cpu",
+                        progress=False)["loss"]
+    assert len(plain) == 1 and math.isclose(plain[0]["loss"], expected, rel_tol=1e-6)
+    assert plain[0]["gap_closed"] == 0.0
+    halved = [r for r in rows if r["rotation"] == "no rotation" and r["act_clip"] == 0.5]
+    assert len(halved) == 1 and halved[0]["loss"] != plain[0]["loss"]
+    assert "| rotation | weights |" in capsys.readouterr().out
+    error = run_main(spinquant_clipping.main, *flags, "--act_clips=1,1.5")
+    assert error == "spinquant_clipping.py: error: --act_clips=1,1.5: expected comma-separated ratios in (0, 1]"
+
+
 @pytest.mark.parametrize("flags, named", [
     (["--steps=-1"], "--steps=-1"),
     (["--bits=9"], "--bits=9"),
