@@ -6,8 +6,8 @@ instructions of its main loop against the codes one thread handles per step.
     python bench/kernel_sass.py --bits=4 --configs=128x4x4 --show   # one kernel, and its loop's instructions
     python bench/kernel_sass.py --kernel=gemm --bits=4                # the GEMM: are x and the words copied ahead?
 
-A config here is BLOCK_N x BLOCK_B x num_warps (the split and prefetch of ops.STREAM_CONFIGS are set by --split
-and --prefetch). The count is static (one pass of the loop body), a measure of work, not of time.
+A config here is BLOCK_N x BLOCK_B x num_warps (the split, prefetch and x load of ops.STREAM_CONFIGS are set by
+--split, --prefetch and --xload). The count is static (one pass of the loop body), a measure of work, not of time.
 """
 import argparse
 import collections
@@ -24,7 +24,7 @@ def fail(message):
     sys.exit(f"kernel_sass.py: error: {message}")
 
 
-def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False):
+def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False, xload=0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,7 +38,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
                       "stride_rm": "i32", "stride_resm": "i32", "stride_um": "i32", "eps": "fp32"})
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
                      BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl, NORM=0, KP=1, EARLY=True, RESID=False,
-                     EMIT_U=False)
+                     EMIT_U=False, XLOAD=xload)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}
@@ -124,6 +124,8 @@ def main():
                    "ops.STREAM_CONFIGS)")
     p.add_argument("--split", type=int, default=1, choices=(0, 1), help="compile the split-K epilogue (1) or not")
     p.add_argument("--prefetch", type=int, default=1, choices=(0, 1), help="compile the prefetch of the next step")
+    p.add_argument("--xload", type=int, default=0, choices=(0, 1), help="how a step gets x (the kernel's XLOAD): "
+                   "0 a load per value, 1 the step's block in one load")
     p.add_argument("--pdl", type=int, default=0, choices=(0, 1), help="compile the programmatic dependent launch "
                    "(1): the table then says how many global loads come before the wait for the earlier kernels")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (90: H100/H200)")
@@ -148,7 +150,7 @@ def main():
         if any(len(c) != 3 for c in configs):
             fail(f"--configs={args.configs!r}: expected BLOCK_NxBLOCK_Bxwarps, e.g. 128x4x4")
     else:
-        configs = sorted({(n, b, w) for n, b, _, w, _ in ops.STREAM_CONFIGS})
+        configs = sorted({(c[0], c[1], c[3]) for c in ops.STREAM_CONFIGS})
     if args.kernel == "gemm":
         gemm_table(bits, args.arch, args.show)
         return
@@ -158,7 +160,7 @@ def main():
     for b in bits:
         for block_n, block_b, warps in configs:
             kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch,
-                                    bool(args.pdl))
+                                    bool(args.pdl), args.xload)
             code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)
             codes = block_n * block_b * 32 // (32 * warps)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_interpreted
-from quantization.kernels import PackedLinear, convert_to_packed, pack_model
+from quantization.kernels import PackedLinear, convert_to_packed, ops, pack_model
 from quantization.kernels.layout import dequantize_kernel_layout
 from quantization.quantizers import QuantSpec, dequantize, quantize_tensor
 
@@ -59,6 +59,15 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                                                                    config, counters=layer.split_counters)))
             # the split-K arrival counters are back to zero for the next call
             assert not layer.split_counters.any()
+            # a step's x in one load (XLOAD 1): the new configs of ops.STREAM_CONFIGS (K = 128: 4 of their 128 or 32
+            # blocks, masked) and an unmasked one (EVEN), each the same output as x loaded per value (XLOAD 0)
+            for config in [c for c in ops.STREAM_CONFIGS if len(c) > 5] + [(64, 2, 0, 4, 0, 1)]:
+                y = ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks,
+                                    layer.zero_const, config, counters=layer.split_counters)
+                assert torch.equal(y, ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero, layer.bias,
+                                                      layer.bits, blocks, layer.zero_const, config[:5],
+                                                      counters=layer.split_counters)), config
+                ys.append(("stream_gemv x block", y))
         else:  # the GEMM with K split into one tile per program (16-row tiles: 20 rows are two tiles)
             ys.append(("gemm split-K", ops.gemm(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
                                                 blocks, layer.zero_const, (16, 64, 32, 4, 1, 64),
@@ -105,9 +114,10 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
     unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K",
                                                         "dequant_mm words 4", "dequant_mm words 1")}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
-                   (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"), (3, "gemm split-K"), (20, "layer"),
-                   (20, "gemm"), (20, "dequant_mm"), (20, "gemm split-K")} | unpacked, ran
-    assert len(rows) == 21 * len(SPECS)
+                   (1, "stream_gemv x block"), (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"),
+                   (3, "gemm split-K"), (20, "layer"), (20, "gemm"), (20, "dequant_mm"),
+                   (20, "gemm split-K")} | unpacked, ran
+    assert len(rows) == (21 + sum(len(c) > 5 for c in ops.STREAM_CONFIGS) + 1) * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""
@@ -129,6 +139,9 @@ for method, bits, granularity, group_size, k in json.loads(sys.argv[2]):
     # k = 1088: 17 splits of 2 blocks, so the last program of a tile adds the partials in two chunks (16, then 1)
     y = ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks, layer.zero_const,
                         (64, 1, 64, 4, 1), counters=counters)
+    # the step's x in one load (XLOAD 1): the same output
+    assert torch.equal(y, ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks,
+                                          layer.zero_const, (64, 1, 64, 4, 1, 1), counters=counters))
     for row, magnitude in enumerate((1e15, 1.0, 1e-9)):
         err = ((y[row].double() - expected[row]).abs().max() / expected[row].abs().max()).item()
         out.append([method, bits, magnitude, err, int(counters.abs().sum())])
@@ -139,6 +152,8 @@ for method, bits, granularity, group_size, k in json.loads(sys.argv[2]):
         xh[:, ::3] = 0
         y16, y32 = (ops.stream_gemv(v, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks,
                                     layer.zero_const, (64, 1, 64, 4, 1), counters=counters) for v in (xh, xh.float()))
+        assert torch.equal(y16, ops.stream_gemv(xh, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks,
+                                                layer.zero_const, (64, 1, 64, 4, 1, 1), counters=counters))
         ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
         for row in range(2):
             err = ((y16[row].float() - y32[row]).abs() / (y32[row].abs() * ulp + 1e-6 * y32[row].abs().max())).max()
@@ -149,6 +164,9 @@ for method, bits, granularity, group_size, k in json.loads(sys.argv[2]):
             xb[0, 7] = bad
             yb = ops.stream_gemv(xb, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks,
                                  layer.zero_const, (64, 1, 64, 4, 1), counters=counters)
+            yb1 = ops.stream_gemv(xb, layer.qweight, layer.scale, layer.zero, None, layer.bits, blocks,
+                                  layer.zero_const, (64, 1, 64, 4, 1, 1), counters=counters)
+            assert not yb1.isfinite().any()
             out.append([method, bits, f"{dtype} {bad}", 0.0 if not yb.isfinite().any() else 2.0,
                         int(counters.abs().sum())])
 print(json.dumps(out))
@@ -635,3 +653,17 @@ def test_three_bit_codes_skip_the_unpack_configs():
         assert unpack and not [p for p in three if p in unpack]
         # left out for 3 bits: the GEMM's unpack configs (last field 1)
         assert three == [p for p in four if p[0] is not ops.gemm or not p[1][-1]]
+
+
+def test_prefill_probe_kernels_equal_the_dequantized_product_under_the_interpreter():
+    """bench/prefill_ws_probe.py --interpret: every fused-prefill probe variant (pointer and TMA loads, the operands
+    swapped, with and without warp specialization, which the interpreter ignores) against the float64 product of x
+    and the layer's dequantized weight, at 64 and 48 rows (masked rows), float32 x."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "bench/prefill_ws_probe.py", "--interpret"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "rows" not in line
+            and not line.startswith("|---")]
+    assert len(rows) == 16 and all(r[-1].strip() == "ok" for r in rows), result.stdout

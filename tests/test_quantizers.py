@@ -1,6 +1,5 @@
 """The quantizer math against independent references: PyTorch's fake_quantize kernels, brute force over the grid,
 the definitions of ternary and binary quantization, and statistics of stochastic rounding."""
-import math
 
 import pytest
 import torch

@@ -49,11 +49,17 @@ ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16,
                     (16, 128, 0, 16, 0),
                     # the winners above with their words loaded before the loop: under programmatic dependent
                     # launch (dependent_launch) that load overlaps the end of the kernel before
-                    (32, 32, 0, 8, 1), (8, 32, 0, 8, 1), (8, 128, 0, 8, 1), (8, 128, 0, 16, 1), (16, 128, 0, 16, 1)]
+                    (32, 32, 0, 8, 1), (8, 32, 0, 8, 1), (8, 128, 0, 8, 1), (8, 128, 0, 16, 1), (16, 128, 0, 16, 1),
+                    # 4096 x 4096's one-step configs with the step's x block in one load (XLOAD 1): every load of
+                    # x before the first FMA. With x loaded per value (665f6eb) the first went from 7.4 to 8.3 us
+                    # on an H200 and the launcher picks the second, 7.8 us (bench/results/one_row_h200/README.md)
+                    (16, 128, 0, 16, 0, 1), (32, 32, 0, 8, 1, 1)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
-# no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)). The last
-# six before ONE_STEP_CONFIGS are for small layers (weights in L2, a few microseconds): narrow column tiles give
-# many programs without split-K, whose hand-off (store, counter, reload) is a second round trip through memory
+# no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)[, how a step
+# gets x (the kernel's XLOAD; 0 where left out): 0 a load per value where it is used, 1 its (BLOCK_B, 32) block in
+# one load at the step's start]). The last six before ONE_STEP_CONFIGS are for small layers (weights in L2, a few
+# microseconds): narrow column tiles give many programs without split-K, whose hand-off (store, counter, reload) is
+# a second round trip through memory
 STREAM_CONFIGS = [(128, 4, 4, 4, 1), (256, 2, 4, 4, 1), (128, 8, 16, 4, 0), (128, 8, 4, 4, 1),
                   (32, 8, 0, 2, 1), (64, 4, 0, 2, 1), (32, 4, 2, 2, 1), (64, 8, 0, 4, 0), (32, 2, 8, 1, 1),
                   (32, 4, 4, 1, 1),
@@ -201,7 +207,8 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     norm = (r, wg, kind, eps): x is u = r * gain (float32) and the output is the layer of the normalized r
     (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it
     (residual_matmul). The output then has r's or res's dtype."""
-    block_n, block_b, split, warps, prefetch = config
+    block_n, block_b, split, warps, prefetch = config[:5]
+    xload = config[5] if len(config) > 5 else 0
     m, k = x.shape
     n = qweight.shape[1]
     num_blocks = triton.cdiv(k, BLOCK)
@@ -233,7 +240,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl,
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl, XLOAD=xload,
         launch_pdl=pdl, num_warps=warps, **extra)
     return (y, u) if residual is not None else y
 

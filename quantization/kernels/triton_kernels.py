@@ -176,16 +176,16 @@ def _pick(c0, c1, c2, c3, c4, c5, c6, c7, W: tl.constexpr):
 
 
 @triton.jit
-def _term(x_ptrs, word, high, i: tl.constexpr, POS: tl.constexpr, BITS: tl.constexpr, mask_b, offs_b, K,
-          EVEN: tl.constexpr):
+def _term(xb, x_ptrs, word, high, i: tl.constexpr, POS: tl.constexpr, BITS: tl.constexpr, mask_b, offs_b, K,
+          EVEN: tl.constexpr, BLOCK_B: tl.constexpr, XLOAD: tl.constexpr):
     """x_i times the code in bits POS .. POS + BITS - 1 of each word, as x_i * c * 2**-85 (BLOCK_B, BLOCK_N): a
     field that ends below bit 23 is read where it lies, one that does not from high, the word shifted down 16 bits
     (the sign bits an arithmetic shift brings in lie outside every field's mask)."""
     if POS + BITS <= 23:
-        xi = _x_times(x_ptrs, i, 64 - POS, mask_b, offs_b, K, EVEN)
+        xi = _x_scaled(xb, x_ptrs, i, 64 - POS, mask_b, offs_b, K, EVEN, BLOCK_B, XLOAD)
         return xi[:, None] * _subnormal(word & (((1 << BITS) - 1) << POS))
     else:
-        xi = _x_times(x_ptrs, i, 80 - POS, mask_b, offs_b, K, EVEN)
+        xi = _x_scaled(xb, x_ptrs, i, 80 - POS, mask_b, offs_b, K, EVEN, BLOCK_B, XLOAD)
         return xi[:, None] * _subnormal(high & (((1 << BITS) - 1) << (POS - 16)))
 
 
@@ -210,7 +210,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
                         r_ptr=None, wg_ptr=None, res_ptr=None, g_ptr=None, u_ptr=None, stride_rm=0, stride_resm=0,
                         stride_um=0, eps=0.0, NORM: tl.constexpr = 0, KP: tl.constexpr = 1,
-                        EARLY: tl.constexpr = True, RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False):
+                        EARLY: tl.constexpr = True, RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False,
+                        XLOAD: tl.constexpr = 0):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -229,7 +230,13 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     kernel of its own. PDL: launched before the kernel that writes x has finished (_after_earlier_kernels); with
     PREFETCH the first step's words are loaded before the wait, so their round trip overlaps that kernel's end.
     NORM and RESID take the LayerNorm before a layer and the residual add after one into the kernel (ops.norm_matmul,
-    ops.residual_matmul; _epilogue): a decode step then has no normalization kernel of its own."""
+    ops.residual_matmul; _epilogue): a decode step then has no normalization kernel of its own.
+    XLOAD: how a step gets x (_x_scaled; the same float32 values, so the same output). 0: a load per value where
+    it is used; ptxas (sm_90) issues 2 or 3 of them before the first FMA, so in a one-step program the rest wait
+    after the words' round trip. 1: the step's (BLOCK_B, 32) block in one load (the one its sum of x needs), the
+    values taken out of it (_x_column): every load of x comes before the first FMA, for a transpose of the block
+    through shared memory, a loop a few percent longer in most configs and more registers (bench/kernel_sass.py
+    --xload=1). For a one-step program; ops.STREAM_CONFIGS lets the launcher time it."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -265,10 +272,16 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         # the step's scales, zero points and sums of x are loaded before its codes are used: their round trips
         # overlap the words' (loaded after the FMAs, they were a second wait in a one-step program)
         offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        if EVEN:
-            xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
+        if XLOAD == 1:  # the step's x in one (BLOCK_B, 32) load: its sum, and its values (_x_scaled) from it
+            xb = _x_block(x_row, offs_x, mask_b, K, EVEN)
+            xsum = tl.sum(_x_value(xb, x_row), 1)
         else:
-            xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0).to(tl.float32), 1)
+            xb = 0
+            if EVEN:
+                xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
+            else:
+                xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0)
+                              .to(tl.float32), 1)
         sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
         scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
         if HAS_ZERO:
@@ -289,8 +302,9 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         lw = (low >> 16) & 0xFFFF
                     for j in tl.static_range(8):
                         i = 16 * h + 8 * q + j
-                        low_x = _x_times(x_ptrs, i, 64 - 2 * j, mask_b, offs_b, K, EVEN)
-                        high_x = _x_times(x_ptrs, i, 66 - (8 * q + j), mask_b, offs_b, K, EVEN)
+                        low_x = _x_scaled(xb, x_ptrs, i, 64 - 2 * j, mask_b, offs_b, K, EVEN, BLOCK_B, XLOAD)
+                        high_x = _x_scaled(xb, x_ptrs, i, 66 - (8 * q + j), mask_b, offs_b, K, EVEN, BLOCK_B,
+                                           XLOAD)
                         part += low_x[:, None] * _subnormal(lw & (3 << (2 * j)))
                         part += high_x[:, None] * _subnormal(high & (1 << (8 * q + j)))
         else:
@@ -298,7 +312,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                 word = _pick(c0, c1, c2, c3, c4, c5, c6, c7, w)
                 high = word >> 16
                 for f in tl.static_range(32 // BITS):
-                    part += _term(x_ptrs, word, high, w * (32 // BITS) + f, f * BITS, BITS, mask_b, offs_b, K, EVEN)
+                    part += _term(xb, x_ptrs, word, high, w * (32 // BITS) + f, f * BITS, BITS, mask_b, offs_b, K,
+                                  EVEN, BLOCK_B, XLOAD)
         if HAS_ZERO:
             acc += (part * BACK - xsum[:, None] * zero) * scale
         else:
@@ -390,6 +405,80 @@ def _x_times(x_ptrs, i: tl.constexpr, E: tl.constexpr, mask_b, offs_b, K, EVEN: 
         return (bits + (E << 23)).to(tl.float32, bitcast=True)
     else:
         return _x_at(x_ptrs, i, mask_b, offs_b, K, EVEN) * (2.0 ** E)
+
+
+@triton.jit
+def _x_scaled(xb, x_ptrs, i: tl.constexpr, E: tl.constexpr, mask_b, offs_b, K, EVEN: tl.constexpr,
+              BLOCK_B: tl.constexpr, XLOAD: tl.constexpr):
+    """Value i of each block of x times 2**E (float32, BLOCK_B), the same float32 either way. XLOAD 0: its own load
+    (_x_times). XLOAD 1: taken out of the step's block xb (_x_block, _x_column) and scaled as _x_times does."""
+    if XLOAD == 1:
+        return _x_pow2(_x_column(xb, i, BLOCK_B), E, x_ptrs)
+    else:
+        return _x_times(x_ptrs, i, E, mask_b, offs_b, K, EVEN)
+
+
+@triton.jit
+def _x_block(x_row, offs_x, mask_b, K, EVEN: tl.constexpr):
+    """The step's x (BLOCK_B, 32) in one load at the step's start (XLOAD 1): bfloat16 and float32 as their bits
+    (int16, int32: _x_pow2 scales them as _x_times does; 0 past K or past the split), float16 as float32."""
+    BF16: tl.constexpr = x_row.dtype.element_ty == tl.bfloat16
+    if BF16 or x_row.dtype.element_ty == tl.float32:
+        ptrs = x_row.to(tl.pointer_type(tl.int16 if BF16 else tl.int32)) + offs_x
+        if EVEN:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=mask_b[:, None] & (offs_x < K), other=0)
+    else:
+        if EVEN:
+            return tl.load(x_row + offs_x).to(tl.float32)
+        else:
+            return tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _x_value(xb, x_row):
+    """_x_block's values as float32 (for the block's sum of x): x as it was loaded."""
+    if x_row.dtype.element_ty == tl.bfloat16:
+        return xb.to(tl.bfloat16, bitcast=True).to(tl.float32)
+    elif x_row.dtype.element_ty == tl.float32:
+        return xb.to(tl.float32, bitcast=True)
+    else:
+        return xb
+
+
+@triton.jit
+def _x_column(xb, i: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Column i of the (BLOCK_B, 32) block xb, (BLOCK_B,): five halvings, each a reshape to (BLOCK_B, W / 2, 2)
+    and a split that keeps the half holding i (bit 0 of i picks the even or the odd columns, then bit 1, ...):
+    Triton cannot index a column. A split needs its pair in one thread, so Triton moves the block (loaded a column
+    per lane, coalesced) to a row per thread once per step, through shared memory (sm_90, bfloat16: a stmatrix,
+    two barriers, four 16-byte shared loads); a column is then a register of that row (the 32 columns share their
+    halvings: CSE), taken with no shuffle (_x_pow2 then scales it: two integer instructions for bfloat16, whose
+    values lie two to a register)."""
+    t0, t1 = tl.split(tl.reshape(xb, (BLOCK_B, 16, 2)))
+    t = t1 if i % 2 == 1 else t0
+    t0, t1 = tl.split(tl.reshape(t, (BLOCK_B, 8, 2)))
+    t = t1 if (i // 2) % 2 == 1 else t0
+    t0, t1 = tl.split(tl.reshape(t, (BLOCK_B, 4, 2)))
+    t = t1 if (i // 4) % 2 == 1 else t0
+    t0, t1 = tl.split(tl.reshape(t, (BLOCK_B, 2, 2)))
+    t = t1 if (i // 8) % 2 == 1 else t0
+    t0, t1 = tl.split(tl.reshape(t, (BLOCK_B, 1, 2)))
+    t = t1 if (i // 16) % 2 == 1 else t0
+    return tl.reshape(t, (BLOCK_B,))
+
+
+@triton.jit
+def _x_pow2(v, E: tl.constexpr, x_ptrs):
+    """A value of _x_block times 2**E as float32, as _x_times computes it from the same bits (exact in the same
+    range; a zero gives the same 2**(E - 127), whose products with codes round to an exact 0)."""
+    if x_ptrs.dtype.element_ty == tl.bfloat16:
+        return (v.to(tl.int32) * 65536 + (E << 23)).to(tl.float32, bitcast=True)
+    elif x_ptrs.dtype.element_ty == tl.float32:
+        return (v + (E << 23)).to(tl.float32, bitcast=True)
+    else:
+        return v * (2.0 ** E)
 
 
 @triton.jit

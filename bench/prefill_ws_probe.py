@@ -1,0 +1,507 @@
+"""Probe: can a fused dequantize-GEMM for int4 g128 prefill (256 rows of x) reach cuBLAS bf16 once its loads are
+overlapped with the dequantization, through Triton's automatic warp specialization (`tl.range(...,
+warp_specialize=True)`, Hopper) and TMA loads (`tl.make_tensor_descriptor`)? Times the probe kernels below against
+cuBLAS bf16 (x @ W.T) and the project's prefill path (PackedLinear's forward: the launcher's choice for 256 rows,
+dequant_mm on an H200) in one run, and checks each against the float64 product of x and the dequantized weight.
+
+    python bench/prefill_ws_probe.py                    # both shapes, every variant (CUDA GPU, ~2-3 minutes)
+    python bench/prefill_ws_probe.py --shapes=4096x4096 --variants=tma_ws,swap_ws
+    python bench/prefill_ws_probe.py --compile_only     # no GPU: compile every config for sm_90, print the SASS
+    TRITON_INTERPRET=1 python bench/prefill_ws_probe.py --interpret   # CPU: every variant at 64 rows, 256x256
+
+Shapes are `in x out` (the weight is out x in), as in bench/kernels.py. The weight is packed by the project's own
+code (PackedLinear.from_float, QuantSpec("affine_quant", 4, "per_group", 128)): words (K / 8, N) int32, scales
+(K / 128, N) float32, zero points (K / 128, N) uint8.
+
+The probe kernel (`_probe_kernel`), one (BLOCK_M, BLOCK_N) tile of y per program, K tiles of BLOCK_K (a divisor of
+the group: one scale and zero point per column per tile). Per K tile it gets x (BLOCK_M, BLOCK_K) and the words
+(BLOCK_K / 8, BLOCK_N), unpacks the words along a new axis (as triton_kernels._code_tile does), dequantizes
+(code - zero) * scale in float32 with the 2**23 trick, rounds to bf16 and runs tl.dot. Variants:
+- `ptr`     x and words through pointer loads (cp.async, software pipelined), no warp specialization: the
+            project's _gemm_kernel with UNPACK, restated (the baseline of the probe);
+- `ptr_ws`  the same loop with warp_specialize=True;
+- `tma`     x and words through TMA (device-side tensor descriptors), no warp specialization;
+- `tma_ws`  TMA loads with warp_specialize=True: the loads in a producer partition, unpack + wgmma in the
+            consumer warps (if Triton's Hopper pass partitions the loop; --compile_only says whether it did);
+- `swap`, `swap_ws`  the operands swapped: y^T tile (BLOCK_N, BLOCK_M) = W tile (BLOCK_N, BLOCK_K) @ x^T, the
+            dequantized weight the left operand (which wgmma can take from registers), x^T from shared memory
+            (TMA), without and with warp specialization.
+A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages. --compile_only reports, per variant and config,
+whether it compiled, whether the loop was warp-specialized (ttg.warp_specialize in the TTGIR), the TMA copies, how
+many wgmma take their left operand from registers, registers, shared memory, and SASS instructions.
+
+Times are the median replay of a CUDA graph over R copies of the weights (together 3x the L2 cache, so weights
+come from memory, as in bench/kernels.py's prefill rows), divided by R. "error" is ||y - ref|| / ||ref|| (as
+bench/kernels.py), "max err" max |y - ref| / max |ref|; a variant whose error is above 1e-2 is marked FAIL.
+
+Result on one H200 (torch 2.11, Triton 3.6; bench/results/prefill_ws_probe_h200/README.md): every variant that ran
+took 52-124 us on 4096x4096 against cuBLAS's 18.1 and the project's dequant_mm's 28.3; the TMA configs of 4 warps,
+and so every warp-specialized one (Triton specializes only 4-warp loops here), stopped with a CUDA "misaligned
+address" error (not found in the session it was written; run one variant per process), and ptr_ws does not
+compile (an assertion in Triton's warp-specialization pass). Known open, kept as the starting point of that work.
+"""
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # main() says Triton is needed
+    triton = None
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BITS, GROUP = 4, 128
+ROTATE_BYTES = 3 * 50 * 2**20   # 3x the H200's L2 (50 MiB): the weight copies a timing graph runs over
+MAX_COPIES = 64
+ERROR_LIMIT = 1e-2              # bf16 paths give ~2.5e-3 against the float64 reference (docs/kernels.md)
+VARIANTS = {  # name: (TMA, SWAP, WS)
+    "ptr": (False, False, False), "ptr_ws": (False, False, True),
+    "tma": (True, False, False), "tma_ws": (True, False, True),
+    "swap": (True, 1, False), "swap_ws": (True, 1, True),
+    "swap2": (True, 2, False), "swap2_ws": (True, 2, True),
+}
+# BLOCK_M x BLOCK_N x BLOCK_K x num_warps x num_stages. At 256 rows a 128x128 tile gives 64 programs on 4096
+# outputs (132 SMs on an H200), 128x64 gives 128: the narrower tiles are there for the square layer
+CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only); the _ws ones warp-specialize only
+    # with 4 warps (2 consumer warp groups of 4 and a producer), and ptr_ws not at all (kept to show it)
+    "ptr": ["128x128x64x8x3", "256x128x64x8x3", "128x64x128x4x4"],
+    "ptr_ws": ["128x64x128x4x4"],
+    "tma": ["128x128x64x8x3", "128x128x128x8x3", "256x128x64x8x3", "128x64x128x4x4", "128x128x64x4x3"],
+    "tma_ws": ["128x64x128x4x3", "128x64x64x4x4", "128x128x64x4x3", "128x128x64x4x4", "256x128x64x4x2",
+               "128x128x128x4x2", "128x256x64x4x2", "256x64x64x4x3"],
+    # here BLOCK_N (outputs) is wgmma's M (64 per warp group) and BLOCK_M (rows of x) its N (up to 256). With warp
+    # specialization only BLOCK_N = 64 compiles (128 fails in Triton's WSDataPartition), and there the two
+    # consumer warp groups each compute the whole tile (their accumulators are the full 64 x BLOCK_M)
+    "swap": ["256x128x64x8x3", "128x128x64x8x3", "256x64x128x4x3", "128x64x128x4x4"],
+    "swap_ws": ["128x64x128x4x3", "128x64x64x4x4"],
+    "swap2": ["128x128x64x8x3", "256x128x64x8x3"],
+    "swap2_ws": ["128x64x128x4x3"],
+}
+INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
+
+
+if triton is not None:
+    @triton.jit
+    def _probe_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, SWAP: tl.constexpr,
+                      WS: tl.constexpr):
+        """y (M, N) bf16 = x (M, K) bf16 @ dequant(W)^T, W packed as layout.py's words (K / 32 * BITS, N) int32
+        (code i of a word at bits i * BITS), scales and zero points (K / GROUP, N). N % BLOCK_N == 0 and
+        K % BLOCK_K == 0 (the launcher checks); rows of x past M are masked (pointer loads) or zero (TMA). x and y: bf16 (float32 under the interpreter)."""
+        PER: tl.constexpr = 32 // BITS            # codes per word
+        WK: tl.constexpr = BLOCK_K // PER         # word rows per K tile
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_r = tl.arange(0, WK)
+        shifts = tl.arange(0, PER) * BITS
+        if TMA:
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+            # the words as (K / PER, N / 64, 64): a TMA box 64 words (256 bytes) wide, whatever BLOCK_N is (Triton
+            # 3.6's Hopper warp specialization fails on a 128-word-wide box)
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K // PER, N // 64, 64], strides=[N, 64, 1],
+                                               block_shape=[WK, BLOCK_N // 64, 64])
+            s_desc = tl.make_tensor_descriptor(s_ptr, shape=[K // GROUP, N], strides=[N, 1], block_shape=[1, BLOCK_N])
+            z_desc = tl.make_tensor_descriptor(z_ptr, shape=[K // GROUP, N], strides=[N, 1], block_shape=[1, BLOCK_N])
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        k_tiles = K // BLOCK_K
+        for kt in tl.range(0, k_tiles, num_stages=STAGES, warp_specialize=WS):
+            k0 = kt * BLOCK_K
+            if TMA:
+                x = x_desc.load([off_m, k0])
+                words = tl.reshape(w_desc.load([k0 // PER, off_n // 64, 0]), (WK, BLOCK_N))
+            else:
+                x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], mask=(offs_m < M)[:, None],
+                            other=0.0)
+                words = tl.load(w_ptr + (k0 // PER + offs_r)[:, None] * N + offs_n[None, :])
+            group = k0 // GROUP
+            if TMA:
+                scale = tl.reshape(s_desc.load([group, off_n]), (BLOCK_N,))
+                zero = tl.reshape(z_desc.load([group, off_n]), (BLOCK_N,))
+            else:
+                scale = tl.load(s_ptr + group * N + offs_n)
+                zero = tl.load(z_ptr + group * N + offs_n)
+            # code | 2**23 read as a float is 2**23 + code: one subtraction of 2**23 + zero (exact below 2**24)
+            zero = zero.to(tl.float32) + 8388608.0
+            if SWAP == 2:  # unpacked as (BLOCK_K, BLOCK_N), the bf16 tile transposed in registers
+                codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+                codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+                w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[None, :]) * scale[None, :]
+                acc = tl.dot(w.to(x.dtype).T, x.T, acc)
+            elif SWAP:  # the weight tile (BLOCK_N, BLOCK_K), k = word row * PER + field
+                codes = (words.T[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+                codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
+                w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[:, None]) * scale[:, None]
+                acc = tl.dot(w.to(x.dtype), x.T, acc)
+            else:     # the weight tile (BLOCK_K, BLOCK_N)
+                codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+                codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+                w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[None, :]) * scale[None, :]
+                acc = tl.dot(x, w.to(x.dtype), acc)
+        if SWAP:
+            tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=(offs_m < M)[None, :])
+        else:
+            tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
+
+
+def parse_config(text):
+    values = tuple(int(v) for v in text.split("x"))
+    if len(values) != 5:
+        raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages")
+    return values
+
+
+def constants(variant, config):
+    block_m, block_n, block_k, _, stages = config
+    tma, swap, ws = VARIANTS[variant]
+    return dict(BITS=BITS, GROUP=GROUP, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
+                TMA=tma, SWAP=swap, WS=ws)
+
+
+def probe(x, qweight, scale, zero, variant, config, y=None):
+    """y = x @ dequant(W)^T through _probe_kernel."""
+    block_m, block_n, block_k, warps, stages = config
+    m, k = x.shape
+    n = qweight.shape[1]
+    if n % block_n or k % block_k or GROUP % block_k:
+        raise ValueError(f"{n}x{k} does not tile by BLOCK_N={block_n}, BLOCK_K={block_k} (group {GROUP})")
+    if y is None:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(m, block_m), n // block_n)  # the programs that share a weight tile launch together
+    _probe_kernel[grid](x, qweight, scale, zero, y, m, n, k, **constants(variant, config),
+                        num_warps=warps, num_stages=stages)
+    return y
+
+
+def set_allocator(device):
+    """tl.make_tensor_descriptor needs global scratch for the descriptors it builds on the device."""
+    def alloc(size, alignment, stream):
+        return torch.empty(size, device=device, dtype=torch.int8)
+    triton.set_allocator(alloc)
+
+
+def int4_layer(k, n, device, seed=0):
+    """A random bf16 weight (n out, k in), and its int4 g128 asymmetric PackedLinear (the project's packing)."""
+    from quantization.kernels import PackedLinear
+    from quantization.quantizers import QuantSpec
+    torch.manual_seed(seed)
+    weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+    layer = PackedLinear.from_float(weight.float(), QuantSpec("affine_quant", 4, "per_group", 128)).to(device)
+    if layer.bits != BITS or layer.group_size != GROUP or layer.zero is None:
+        raise RuntimeError(f"packing gave bits={layer.bits} group={layer.group_size} zero={layer.zero is not None}")
+    return weight, layer
+
+
+def errors(y, ref):
+    """(||y - ref|| / ||ref||, max |y - ref| / max |ref|) against a float64 reference."""
+    diff = y.double() - ref
+    return (diff.norm() / ref.norm()).item(), (diff.abs().max() / ref.abs().max()).item()
+
+
+# --- compile only (no GPU) --------------------------------------------------------------------------------------
+
+class quiet_stderr:
+    """Sends file descriptor 2 to a temporary file while a kernel compiles (a failing MLIR pass prints its whole
+    module there); .tail is the last error line it printed."""
+    def __enter__(self):
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        errors = [line for line in self.file.read().splitlines()
+                  if ("error:" in line or "Assertion" in line or "Unexpected" in line) and "Failures have been detected" not in line]
+        self.file.close()
+        self.tail = " ".join(errors[0].split()[-30:])[:240] if errors else ""
+        return False
+
+
+def compile_for(variant, config, arch):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "y_ptr": "*bf16",
+                 "M": "i32", "N": "i32", "K": "i32"}
+    consts = constants(variant, config)
+    signature.update({name: "constexpr" for name in consts})
+    # pointers 16-byte aligned, N and K divisible by 16 (4096, 11008): what a launch on the GPU specializes on
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7)}
+    source = ASTSource(fn=_probe_kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=config[3], num_stages=config[4]))
+
+
+def sass_stats(cubin):
+    """(SASS instructions, registers per thread) through the cuobjdump that Triton ships; (None, None) without."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None, None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True).stdout
+    count = len(re.findall(r"/\*[0-9a-f]{4,}\*/\s+[^;]*;", text))
+    registers = re.search(r"REG:(\d+)", usage)
+    return count, int(registers.group(1)) if registers else None
+
+
+def partitions(ttgir):
+    """(warp-specialized partitions besides the default one, the distinct accumulator shapes of the wgmma ops):
+    with an accumulator as large as the whole tile in two consumer partitions, both compute the same tile."""
+    count = len(re.findall(r"^\s*partition\d+\(", ttgir, flags=re.M))
+    shapes = sorted(set(re.findall(r"warp_group_dot [^\n]*-> tensor<(\d+x\d+)xf32", ttgir)))
+    return count, shapes
+
+
+def wgmma_operands(ptx):
+    """(wgmma instructions, those whose left operand comes from registers) in the PTX."""
+    lines = [line for line in ptx.splitlines() if "wgmma.mma_async" in line]
+    # wgmma ... {d...}, {a0, a1, a2, a3}, descB, ...: two braced lists where A is in registers, one where it is a
+    # shared-memory descriptor
+    return len(lines), sum(1 for line in lines if line.count("{") >= 2)
+
+
+def compile_only(variants, arch):
+    print(f"Triton {triton.__version__}, sm_{arch}")
+    print("| variant | config | compiled | warp-specialized (partitions, wgmma acc) | TMA copies "
+          "| wgmma (A from registers) | registers | shared KiB | SASS | PTX lines | compile s |")
+    print("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for variant in variants:
+        for text in CONFIGS[variant]:
+            config = parse_config(text)
+            start = time.time()
+            quiet = quiet_stderr()
+            try:
+                with quiet:
+                    kernel = compile_for(variant, config, arch)
+            except Exception as e:  # noqa: BLE001 (one line per variant, the run goes on)
+                message = " ".join(str(e).split())[:120] + (f" ({quiet.tail})" if quiet.tail else "")
+                print(f"| {variant} | {text} | no: {type(e).__name__}: {message} | | | | | | | | "
+                      f"{time.time() - start:.1f} |", flush=True)
+                continue
+            seconds = time.time() - start
+            ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+            count, shapes = partitions(ttgir)
+            ws = f"yes ({count}, {' '.join(shapes)})" if "ttg.warp_specialize" in ttgir else "no"
+            tma = len(re.findall(r"async_tma_copy_global_to_local", ttgir))
+            wgmma, from_registers = wgmma_operands(ptx)
+            sass, registers = sass_stats(kernel.asm["cubin"])
+            print(f"| {variant} | {text} | yes | {ws} | {tma} | {wgmma} ({from_registers}) | {registers} "
+                  f"| {kernel.metadata.shared / 1024:.0f} | {sass} | {len(ptx.splitlines())} | {seconds:.1f} |",
+                  flush=True)
+
+
+# --- the interpreter (CPU) --------------------------------------------------------------------------------------
+
+def interpret(variants):
+    """Every variant at INTERPRET_CONFIG on 64 rows, 256x256 (and 48 rows: masked rows), on the CPU."""
+    config = parse_config(INTERPRET_CONFIG)
+    _, layer = int4_layer(256, 256, "cpu")
+    ref_w = layer.dequantized_weight().double()
+    print(f"Triton {triton.__version__}, TRITON_INTERPRET=1, config {INTERPRET_CONFIG}, float32 x")
+    print("| variant | rows | error | max err | result |")
+    print("|---|---:|---:|---:|---|")
+    for variant in variants:
+        for m in (64, 48):
+            # float32 x: the interpreter multiplies bf16 tensors as their raw 16-bit patterns (tl.dot of bf16
+            # operands gives ~1e8), so the CPU check runs the kernel in float32; the GPU check is the bf16 gate
+            x = torch.randn(m, 256) * 0.5
+            try:
+                y = probe(x, layer.qweight, layer.scale, layer.zero, variant, config)
+                err, max_err = errors(y, x.double() @ ref_w.T)
+                result = "ok" if err < ERROR_LIMIT else "FAIL"
+                print(f"| {variant} | {m} | {err:.1e} | {max_err:.1e} | {result} |", flush=True)
+            except Exception as e:  # noqa: BLE001
+                print(f"| {variant} | {m} | | | error: {type(e).__name__}: {' '.join(str(e).split())[:160]} |",
+                      flush=True)
+
+
+# --- the GPU ----------------------------------------------------------------------------------------------------
+
+def graph_time(calls):
+    """Microseconds per call: the median replay of a CUDA graph of every call (each already run once)."""
+    from quantization.kernels import ops
+    return ops.replay_time(calls, warmup=10, rep=60) * 1e3
+
+
+def copies(nbytes):
+    return max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / nbytes)))
+
+
+def bench_shape(shape, m, variants, project, log):
+    from quantization.kernels import ops
+    k, n = map(int, shape.split("x"))
+    weight, layer = int4_layer(k, n, "cuda")
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ layer.dequantized_weight().double().T
+    rows = []
+
+    # cuBLAS bf16 over copies of the bf16 weight
+    count = copies(weight.numel() * 2)
+    weights = [weight] + [weight.clone() for _ in range(count - 1)]
+    for w in weights:
+        torch.mm(x, w.T)
+    base = graph_time([lambda w=w: torch.mm(x, w.T) for w in weights])
+    err, max_err = errors(torch.mm(x, weight.T), ref)
+    rows.append((shape, "cuBLAS bf16", "-", base, err, max_err, ""))
+    log(f"  {shape} cuBLAS bf16: {base:.1f} us ({count} copies)")
+    del weights
+
+    packed = [layer.qweight, layer.scale, layer.zero]
+    nbytes = sum(t.numel() * t.element_size() for t in packed)
+    count = copies(nbytes)
+    sets = [packed] + [[t.clone() for t in packed] for _ in range(count - 1)]
+
+    if project:  # PackedLinear's forward: ops.matmul, timed by the launcher on its first call for this shape
+        try:
+            layers = [layer] + [_clone_layer(layer, s) for s in sets[1:]]
+            y = layer(x)
+            chosen = f"{ops.last_choice.get('kernel')} {ops.last_choice.get('config')}"
+            for lay in layers:
+                lay(x)
+            t = graph_time([lambda lay=lay: lay(x) for lay in layers])
+            err, max_err = errors(y, ref)
+            rows.append((shape, "project (PackedLinear)", chosen, t, err, max_err,
+                         "" if err < ERROR_LIMIT else "FAIL"))
+            log(f"  {shape} project: {t:.1f} us, {chosen}, error {err:.1e}")
+            # the dequantize alone (the first half of dequant_mm), with the default config
+            scratch = torch.empty((k, n), device="cuda", dtype=torch.bfloat16)
+            calls = [lambda s=s: _dequant(s, scratch, k) for s in sets]
+            for c in calls:
+                c()
+            t = graph_time(calls)
+            rows.append((shape, "  its dequantize alone", str(ops.DEQUANT_CONFIGS[0]), t, float("nan"),
+                         float("nan"), ""))
+        except Exception as e:  # noqa: BLE001
+            rows.append((shape, "project (PackedLinear)", "-", float("nan"), float("nan"), float("nan"),
+                         f"error: {type(e).__name__}: {' '.join(str(e).split())[:120]}"))
+            log(f"  {shape} project: {type(e).__name__}: {e}")
+
+    for variant in variants:
+        for text in CONFIGS[variant]:
+            config = parse_config(text)
+            start = time.time()
+            try:
+                y = probe(x, *packed, variant, config)
+                torch.cuda.synchronize()
+                err, max_err = errors(y, ref)
+                outs = [torch.empty_like(y) for _ in sets]
+                calls = [lambda s=s, o=o: probe(x, *s, variant, config, o) for s, o in zip(sets, outs)]
+                for c in calls:
+                    c()
+                t = graph_time(calls)
+                status = "" if err < ERROR_LIMIT else "FAIL"
+                rows.append((shape, variant, text, t, err, max_err, status))
+                log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
+                    f"({time.time() - start:.1f} s)")
+            except Exception as e:  # noqa: BLE001 (a variant that fails to compile or run is one line)
+                message = " ".join(str(e).split())[:160]
+                rows.append((shape, variant, text, float("nan"), float("nan"), float("nan"),
+                             f"error: {type(e).__name__}: {message}"))
+                log(f"  {shape} {variant} {text}: {type(e).__name__}: {message}")
+                torch.cuda.synchronize()
+    return rows, base
+
+
+def _clone_layer(layer, tensors):
+    import copy
+    clone = copy.copy(layer)  # shares the module's settings; its own buffers below
+    clone._buffers = dict(layer._buffers)
+    clone._buffers["qweight"] = tensors[0]
+    clone._buffers["scale_bits"] = tensors[1].view(torch.int32)
+    clone._buffers["zero"] = tensors[2]
+    return clone
+
+
+def _dequant(tensors, out, k):
+    from quantization.kernels import ops, triton_kernels
+    from quantization.kernels.layout import BLOCK
+    block_b, block_n, warps = ops.DEQUANT_CONFIGS[0]
+    n = out.shape[1]
+    triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
+        tensors[0], tensors[1], tensors[2], out, n, k, out.stride(0), GROUP // BLOCK,
+        BITS=BITS, HAS_ZERO=True, ZERO=0.0, BLOCK_B=block_b, BLOCK_N=block_n, PDL=False, num_warps=warps)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="4096x4096,4096x11008", help="comma-separated in x out shapes")
+    p.add_argument("--rows", type=int, default=256, help="rows of x")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages for every "
+                   "variant (default: each variant's own list)")
+    p.add_argument("--no_project", action="store_true", help="skip the project's path (its first call tunes)")
+    p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")
+    p.add_argument("--arch", type=int, default=90, help="--compile_only's CUDA compute capability (90: H100/H200)")
+    p.add_argument("--interpret", action="store_true", help="CPU check under TRITON_INTERPRET=1 (64 rows, 256x256)")
+    args = p.parse_args()
+    if triton is None:
+        print("prefill_ws_probe.py: needs Triton")
+        return
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        sys.exit(f"prefill_ws_probe.py: error: unknown variant {unknown[0]!r}; expected some of {', '.join(VARIANTS)}")
+    if args.configs:
+        try:
+            for c in args.configs.split(","):
+                parse_config(c)
+        except ValueError as e:
+            sys.exit(f"prefill_ws_probe.py: error: --configs: {e}")
+        for v in variants:
+            CONFIGS[v] = args.configs.split(",")
+    if args.compile_only:
+        compile_only(variants, args.arch)
+        return
+    if args.interpret:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            sys.exit("prefill_ws_probe.py: error: --interpret needs TRITON_INTERPRET=1 in the environment")
+        interpret(variants)
+        return
+    if not torch.cuda.is_available():
+        print("prefill_ws_probe.py: needs a CUDA GPU (Hopper); --compile_only compiles the kernels without one")
+        return
+    set_allocator("cuda")
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731 (progress; the table on stdout)
+    log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}")
+    table = []
+    for shape in [s for s in args.shapes.split(",") if s]:
+        rows, base = bench_shape(shape, args.rows, variants, not args.no_project, log)
+        table += [(r, base) for r in rows]
+    print(f"\nPrefill probe, {args.rows} rows, int4 g128 asymmetric, {torch.cuda.get_device_name()}, "
+          f"Triton {triton.__version__}\n")
+    print("| in x out | variant | config | time (us) | vs cuBLAS | error | max err | note |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    for (shape, variant, config, t, err, max_err, note), base in table:
+        vs = f"{base / t:.2f}" if t == t else "-"
+        ts = f"{t:.1f}" if t == t else "-"
+        es = f"{err:.1e}" if err == err else "-"
+        ms = f"{max_err:.1e}" if max_err == max_err else "-"
+        print(f"| {shape} | {variant} | {config} | {ts} | {vs} | {es} | {ms} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
