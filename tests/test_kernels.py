@@ -667,3 +667,25 @@ def test_prefill_probe_kernels_equal_the_dequantized_product_under_the_interpret
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "rows" not in line
             and not line.startswith("|---")]
     assert len(rows) == 16 and all(r[-1].strip() == "ok" for r in rows), result.stdout
+
+
+def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
+    """bench/prefill_ws_probe.py --compile_only: a warp-specialized TMA variant compiles for sm_90 on the CPU and the
+    table says it was partitioned; without a GPU and without --compile_only it says a GPU is needed; an unknown
+    variant is one error line."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the probe would time kernels")
+    probe = [sys.executable, os.path.join(ROOT, "bench", "prefill_ws_probe.py")]
+    result = subprocess.run(probe + ["--compile_only", "--variants=tma_ws", "--configs=128x64x128x4x3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| tma_ws")]
+    assert len(row) == 1 and row[0][2].strip() == "yes" and row[0][3].strip().startswith("yes"), result.stdout
+    no_gpu = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert no_gpu.returncode == 0 and "GPU" in no_gpu.stdout + no_gpu.stderr
+    bad = subprocess.run(probe + ["--compile_only", "--variants=nope"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip() == (
+        "prefill_ws_probe.py: error: unknown variant 'nope'; expected some of " + ", ".join(
+            ["ptr", "ptr_ws", "tma", "tma_ws", "swap", "swap_ws", "swap2", "swap2_ws"]))

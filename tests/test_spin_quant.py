@@ -218,6 +218,14 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     assert not os.path.exists(again)
 
 
+def sys_path_bench():
+    """bench/ on the import path: its scripts are imported by name, as they import nothing of each other."""
+    import sys
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+
+
 def test_mse_clipped_rtn_never_rounds_a_row_worse_than_rtn(tiny_trained):
     """bench/spinquant_clipping.py's weight clipping: per row, the range shrink with the lowest sum of |w - q|^2.4
     (1.0, plain RTN, among them): every row's error at most RTN's, some rows strictly lower, codes on the grid."""
@@ -239,19 +247,12 @@ def test_mse_clipped_rtn_never_rounds_a_row_worse_than_rtn(tiny_trained):
         clip_err = (clipped.get_parameter(name).double() - w).abs().pow(NORM).sum(1)
         assert (clip_err <= rtn_err * (1 + 1e-6)).all(), name
         lower += int((clip_err < rtn_err * (1 - 1e-3)).sum())
-        # on the grid: each row is min/max-free codes times one scale plus an offset (at most 16 distinct values)
+        # on the grid: one scale and zero point per row, so at most 2**4 distinct values in a row
         assert all(len(row.unique()) <= code_range(spec)[1] + 1 for row in clipped.get_parameter(name).detach())
     assert lower > 0
 
 
-def sys_path_bench():
-    import sys
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-
-
-def test_clipping_bench_table_and_bad_flags(plain_dir, capsys):
+def test_clipping_bench_table_and_bad_flags(plain_dir, tmp_path, capsys):
     """bench/spinquant_clipping.py on a tiny model: a row per rotation, weight rounding and clipping setting; the
     plain row (no rotation, RTN, no clipping) is what rtn_quantize gives the unrotated model; a bad ratio is one line."""
     sys_path_bench()
@@ -262,7 +263,9 @@ def test_clipping_bench_table_and_bad_flags(plain_dir, capsys):
     from quantization.spin_quant_flags import load_plain
     flags = [f"--out_dir={plain_dir}", "--steps=2", "--nsamples=8", "--heldout_tokens=200", "--eval_tokens=1000",
              "--device=cpu", "--progress=False"]
-    rows = spinquant_clipping.main(flags + ["--act_clips=1,0.5", "--kv_clips=1"])
+    rows = spinquant_clipping.main(flags + ["--act_clips=1,0.5", "--kv_clips=1", f"--json={tmp_path / 'c.json'}"])
+    import json
+    assert json.loads((tmp_path / "c.json").read_text())["rows"] == rows
     rotations = {r["rotation"] for r in rows}
     assert rotations >= {"no rotation", "random Hadamard", "learned"}
     assert len(rows) == len(rotations) * 3  # RTN and MSE-clipped RTN unclipped, RTN with activations at 0.5
