@@ -50,9 +50,9 @@ ONE_STEP_CONFIGS = [(32, 32, 0, 4, 0), (16, 32, 0, 2, 0), (8, 32, 0, 1, 0), (16,
                     # the winners above with their words loaded before the loop: under programmatic dependent
                     # launch (dependent_launch) that load overlaps the end of the kernel before
                     (32, 32, 0, 8, 1), (8, 32, 0, 8, 1), (8, 128, 0, 8, 1), (8, 128, 0, 16, 1), (16, 128, 0, 16, 1),
-                    # 4096 x 4096's one-step configs with the step's x block in one load (XLOAD 1): every load of
-                    # x before the first FMA. With x loaded per value (665f6eb) the first went from 7.4 to 8.3 us
-                    # on an H200 and the launcher picks the second, 7.8 us (bench/results/one_row_h200/README.md)
+                    # the same with the step's x block in one load (XLOAD 1): every load of x before the first
+                    # FMA. Built for 4096 x 4096, which it did not speed up; on an H200 the launcher picks the
+                    # second for GPT-2's 768-wide layers, 15-20% faster (bench/results/xload_h200/README.md)
                     (16, 128, 0, 16, 0, 1), (32, 32, 0, 8, 1, 1)]
 # one row: (BLOCK_N, BLOCK_B blocks of 32 codes, programs per multiprocessor that split-K aims for (0: no split:
 # no atomics, no zeroing and no cast after), num_warps, prefetch the next step's words (1) or not (0)[, how a step
