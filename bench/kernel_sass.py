@@ -50,7 +50,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
 GEMM_SAMPLE = dict(M=256, N=11008, K=4096, stride_xm=4096, stride_ym=11008, blocks_per_group=4, blocks_per_split=128)
 
 
-def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch):
+def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch, zwords=True):
     """_gemm_kernel as the launcher would compile it for GEMM_SAMPLE: 16-byte aligned pointers, and each integer
     argument the kernel specializes on marked divisible by 16 where the sample's value is."""
     import triton
@@ -61,7 +61,8 @@ def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch):
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in GEMM_SAMPLE}}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=False, PRECISION="tf32",
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0, PDL=False)
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0, PDL=False,
+                     ZWORDS=zwords)
     signature.update({name: "constexpr" for name in constants})
     specialized = {p.name for p in fn.params if not p.do_not_specialize}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature)

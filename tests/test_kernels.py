@@ -35,7 +35,8 @@ out = []
 for method, bits, granularity, group_size in json.loads(sys.argv[2]):
     spec = QuantSpec(method, bits, granularity, group_size)
     # odd output width; input widths that are and are not multiples of the 32-code block (per channel only)
-    for n, k, rows, bias in ((37, 128, 1, True), (37, 64 if group_size else 80, 3, False), (19, 64, 20, True)):
+    # (36: a width whose uint8 zero points the GEMM reads as 32-bit words, ZWORDS)
+    for n, k, rows, bias in ((37, 128, 1, True), (36, 64 if group_size else 80, 3, False), (19, 64, 20, True)):
         w = torch.randn(n, k)
         b = torch.randn(n) if bias else None
         codes, scale, zero_point = quantize_tensor(w, spec)
@@ -617,13 +618,15 @@ def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():
 def test_the_gemm_copies_its_x_tiles_ahead():
     """bench/kernel_sass.py --kernel=gemm compiles every GEMM config for sm_90 as the launcher specializes it: the
     x tiles, like the words, are copied to shared memory asynchronously (K and x's row stride keep their
-    divisibility specialization; marked do_not_specialize, each K step waited for its x tile)."""
+    divisibility specialization; marked do_not_specialize, each K step waited for its x tile), and so are the zero
+    points, read as the 32-bit words that hold them (ZWORDS; as uint8 loads some configs waited for them every K
+    step): four tiles (x, words, scales, zero points) per pipeline stage."""
     pytest.importorskip("triton")
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_sass.py"), "--kernel=gemm",
                              "--bits=4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| 4 |")]
-    assert len(rows) >= 5 and all(int(r[3]) >= 4 and int(r[4]) == 0 for r in rows), rows
+    assert len(rows) >= 5 and all(int(r[3]) == 4 * int(r[2].split("x")[4]) and int(r[4]) == 0 for r in rows), rows
 
 
 def test_tinygemm_is_skipped_with_its_reason_and_the_decode_run_goes_on(tmp_path):

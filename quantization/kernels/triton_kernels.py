@@ -574,13 +574,17 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
                  blocks_per_group, blocks_per_split,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SPLIT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, UNPACK: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
+                 ZWORDS: tl.constexpr = False):
     """A (BLOCK_M, BLOCK_N) tile of y per program over the K range of its split (grid axis 2: blocks_per_split
     blocks of 32 codes each, a whole number of K tiles). SPLIT: the partial tiles are added as in
     _stream_gemv_kernel (workspace, arrival counter per tile, the last program adds them in split order), which
     gives a few-row problem (decode at batch 2 to 16) enough programs to stream the weights at full bandwidth.
     ACT: the activation of the output tile (_activate), as in _stream_gemv_kernel. PDL: waits for the earlier kernels
-    before its loop (_after_earlier_kernels): their end overlaps this kernel's launch."""
+    before its loop (_after_earlier_kernels): their end overlaps this kernel's launch. ZWORDS (N % 4 == 0, zero
+    points 4-byte aligned): the uint8 zero points are read as the 32-bit words that hold them, so that the software
+    pipeline copies them ahead like the other tiles (an asynchronous copy moves at least 4 bytes; a uint8 load
+    stays a synchronous load in the loop, a wait for memory every K tile)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -599,7 +603,12 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0)
         if HAS_ZERO:  # code | 2**23 read as a float is 2**23 + code: one subtraction of 2**23 + zero (integers
             # below 2**24: exact), where _as_float and the zero point were two
-            zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32) + 8388608.0
+            if ZWORDS:  # little-endian: zero point n is byte n % 4 of word n // 4
+                zword = tl.load(z_ptr.to(tl.pointer_type(tl.int32)) + (group * N + offs_n) // 4, mask=mask_n,
+                                other=0)
+                zero = ((zword >> ((offs_n % 4) * 8)) & 0xFF).to(tl.float32) + 8388608.0
+            else:
+                zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0).to(tl.float32) + 8388608.0
             w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[None, :]) * scale[None, :]
         else:  # a constant zero point may be a half (binary): 2**23 + 1/2 is not a float32
             w = (_as_float(codes) - ZERO) * scale[None, :]
