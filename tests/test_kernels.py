@@ -563,6 +563,17 @@ def test_the_ncu_script_refuses_bad_flags_and_no_gpu_in_one_line(flags, named):
     assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("flags, named", [(["--rows=a"], "--rows="), (["--shapes=4096"], "--shapes="),
+                                          ([], "needs a CUDA GPU")])
+def test_the_zero_words_benchmark_refuses_bad_flags_and_no_gpu_in_one_line(flags, named):
+    if torch.cuda.is_available() and not flags:
+        pytest.skip("a GPU is here: bench/gemm_zero_words.py would run")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gemm_zero_words.py"), *flags], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
+
+
 def test_the_kernel_benchmark_without_a_gpu_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: bench/kernels.py would run")
