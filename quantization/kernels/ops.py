@@ -91,7 +91,7 @@ DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8)]
 ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
 # PDL for layers of fewer bytes of codes than this: on an H200 it sped GPT-2 124M's decode (layers of 0.3-1.2 MiB)
 # and slowed the 6.7B shape's (8-22 MiB; bench/results/pdl_h200/README.md)
-PDL_MAX_BYTES = 8 * 2**20
+PDL_MAX_BYTES = int(os.environ.get("NANOQAT_PDL_MAX_BYTES", 8 * 2**20))  # the variable sets it, to measure
 # the fused normalization (norm_matmul) loads a row of up to this many values before the one-row kernel's loop, a
 # longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
 # XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
