@@ -551,27 +551,31 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
         result.stderr
 
 
-@pytest.mark.parametrize("flags, named", [(["--shape=768"], "--shape="), (["--config=1,2"], "--config="),
-                                          (["--config=a"], "--config="), (["--calls=0"], "--calls=0"),
-                                          ([], "needs a CUDA GPU")])
-def test_the_ncu_script_refuses_bad_flags_and_no_gpu_in_one_line(flags, named):
+@pytest.mark.parametrize("script, flags, named", [
+    ("ncu_one_row.py", ["--shape=768"], "--shape="), ("ncu_one_row.py", ["--config=1,2"], "--config="),
+    ("ncu_one_row.py", ["--config=a"], "--config="), ("ncu_one_row.py", ["--calls=0"], "--calls=0"),
+    ("ncu_one_row.py", [], "needs a CUDA GPU"), ("gemm_zero_words.py", ["--rows=a"], "--rows="),
+    ("gemm_zero_words.py", ["--shapes=4096"], "--shapes="), ("gemm_zero_words.py", [], "needs a CUDA GPU")])
+def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
     if torch.cuda.is_available() and not flags:
-        pytest.skip("a GPU is here: bench/ncu_one_row.py would run")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ncu_one_row.py"), *flags], cwd=ROOT,
+        pytest.skip(f"a GPU is here: bench/{script} would run")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *flags], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
 
 
-@pytest.mark.parametrize("flags, named", [(["--rows=a"], "--rows="), (["--shapes=4096"], "--shapes="),
-                                          ([], "needs a CUDA GPU")])
-def test_the_zero_words_benchmark_refuses_bad_flags_and_no_gpu_in_one_line(flags, named):
-    if torch.cuda.is_available() and not flags:
-        pytest.skip("a GPU is here: bench/gemm_zero_words.py would run")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gemm_zero_words.py"), *flags], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
+def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
+    """NANOQAT_PDL_MAX_BYTES and NANOQAT_EARLY_ROW (settings to measure with) are read as integers at import; a value
+    that is not one stops the import with the variable named, an empty one keeps the default."""
+    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW)"
+    def run(**env):
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "NANOQAT_PDL_MAX_BYTES": "", "NANOQAT_EARLY_ROW": "", **env})
+    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0").stdout.split() == ["8388609", "0"]
+    assert run().stdout.split() == [str(8 * 2**20), "2048"]
+    bad = run(NANOQAT_PDL_MAX_BYTES="8MiB")
+    assert bad.returncode != 0 and "NANOQAT_PDL_MAX_BYTES='8MiB': expected an integer" in bad.stderr
 
 
 def test_the_kernel_benchmark_without_a_gpu_is_one_line():

@@ -34,6 +34,18 @@ except ImportError:  # no Triton: every PackedLinear takes the dequantize path
 
 from quantization.kernels.layout import BLOCK, KERNEL_BITS  # noqa: E402 (the one definition of both)
 
+
+def _env_int(name, default):
+    """An integer setting from the environment variable `name`, or `default` where it is unset."""
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected an integer") from None
+
+
 GEMV_MAX_ROWS = 16      # up to this many rows of x (batch x sequence): the GEMV kernel, else the GEMM kernel
 # 2 to 16 rows: (BLOCK_N, BLOCK_B blocks of 32 codes, split-K parts (0: enough to fill the GPU), num_warps)
 GEMV_CONFIGS = [(64, 2, 0, 4), (128, 1, 0, 8)]
@@ -91,11 +103,11 @@ DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8)]
 ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
 # PDL for layers of fewer bytes of codes than this: on an H200 it sped GPT-2 124M's decode (layers of 0.3-1.2 MiB)
 # and slowed the 6.7B shape's (8-22 MiB; bench/results/pdl_h200/README.md)
-PDL_MAX_BYTES = int(os.environ.get("NANOQAT_PDL_MAX_BYTES", 8 * 2**20))  # the variable sets it, to measure
+PDL_MAX_BYTES = _env_int("NANOQAT_PDL_MAX_BYTES", 8 * 2**20)  # the variable sets it, to measure
 # the fused normalization (norm_matmul) loads a row of up to this many values before the one-row kernel's loop, a
 # longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
 # XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
-EARLY_ROW = int(os.environ.get("NANOQAT_EARLY_ROW", 2048))
+EARLY_ROW = _env_int("NANOQAT_EARLY_ROW", 2048)
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
