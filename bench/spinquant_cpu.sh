@@ -105,13 +105,13 @@ if [ "$PHASE" = compare ] || [ "$PHASE" = all ]; then
   qat=${qat#,}
   python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=128 \
     --seeds=3 --settings=${SETTINGS:-4/4/4} --eval_tokens=100000 --progress=False \
-    --json=bench/results/spinquant_cpu${TABLE:-}_s$S.json --qat="$qat" > bench/results/spinquant_cpu${TABLE:-}_s$S.md \
+    --overwrite --json=bench/results/spinquant_cpu${TABLE:-}_s$S.json --qat="$qat" > bench/results/spinquant_cpu${TABLE:-}_s$S.md \
     2> $LOGS/compare_cpu${TABLE:-}_s$S.err
 fi
 if [ "$PHASE" = study ]; then
   for method in ${METHODS:-gptq rtn}; do
     python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --method=$method --eval_tokens=100000 \
-      --settings=4/4/4 --progress=False --json=bench/results/spinquant_cpu_study${TABLE:-}_${method}_s$S.json \
+      --settings=4/4/4 --progress=False --overwrite --json=bench/results/spinquant_cpu_study${TABLE:-}_${method}_s$S.json \
       --study=${STUDY:-1.5:40:32:none,1.5:40:32:rtn,1.5:100:128:none,1.5:100:128:rtn,0.5:100:128:rtn,0.1:100:128:rtn,1.5:100:512:rtn,1.5:300:512:rtn} \
       > bench/results/spinquant_cpu_study${TABLE:-}_${method}_s$S.md 2> $LOGS/study${TABLE:-}_${method}_s$S.err
   done
@@ -121,7 +121,7 @@ if [ "$PHASE" = baby ]; then  # no GPU: the baby GPT preset, 300 iterations of 1
     --compile=False --max_iters=300 --lr_decay_iters=300 --batch_size=16 --eval_iters=10 --eval_interval=300 \
     --log_interval=20 --seed=$S --out_dir=out-sq/baby_cpu_fp_s$S > $LOGS/train_baby_cpu_fp_s$S.log 2>&1
   python demos/spinquant_compare.py --out_dir=out-sq/baby_cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=64 \
-    --seeds=2 --settings=4/4/4 --eval_tokens=50000 --progress=False --json=bench/results/spinquant_baby_cpu_s$S.json \
+    --seeds=2 --settings=4/4/4 --eval_tokens=50000 --progress=False --overwrite --json=bench/results/spinquant_baby_cpu_s$S.json \
     > bench/results/spinquant_baby_cpu_s$S.md 2> $LOGS/compare_baby_cpu_s$S.err
 fi
 if [ "$PHASE" = demo ] || [ "$PHASE" = all ]; then

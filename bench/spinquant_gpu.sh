@@ -108,7 +108,7 @@ compare() {
   [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0
   python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$seed --device=$DEVICE --steps=$STEPS --nsamples=64 \
     --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False \
-    --json=$RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.json --qat="${qat#,}" \
+    --overwrite --json=$RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.json --qat="${qat#,}" \
     > $RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.md 2> "$LOGS/compare${TABLE}_${name}_s$seed.err"
 }
 first=${SEEDS%% *}

@@ -24,7 +24,7 @@ from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.ptq import (PTQConfig, add_ptq_flags, calibration_tokens, check_args, check_method,  # noqa: E402
                               load_full_precision, make_quantizer, method_names)
 from quantization.rtn import bits_per_weight  # noqa: E402
-from safety import check_output_file  # noqa: E402
+from safety import check_output_file, write_text_atomic  # noqa: E402
 
 
 def main(argv=None):
@@ -129,8 +129,7 @@ def main(argv=None):
         print(f"| {r['method']} | {weights} | {r['group']} | {100 * r['outliers']:g}% | {r['bits_per_weight']:.3f} | "
               f"{r['loss']:.4f} | {r['ppl']:.2f} | {gap} | {r['seconds']:.1f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": cfg, "rows": rows}, f, indent=1)
+        write_text_atomic(args.json, json.dumps({"config": cfg, "rows": rows}, indent=1))
     return rows
 
 

@@ -30,6 +30,7 @@ from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, paired_gain, split_calibration, unrotated  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from safety import check_output_file, write_text_atomic  # noqa: E402
 
 
 def parse_settings(text):
@@ -49,6 +50,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="random Hadamard seeds (at least 1)")
     p.add_argument("--qat", default="", help="comma-separated label=checkpoint folder of QAT runs to score too")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--study", default="", help="instead of the table: comma-separated "
                    "lr:steps:nsamples:learn_weights[:objective] (learn_weights rtn or none; objective ce, the default, "
                    "or kl) runs of SpinQuant + --method at the first setting")
@@ -82,6 +84,12 @@ def main(argv=None):
                 raise ValueError(f"qat={args.qat}: {folder}/ckpt.pt not found")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
+    if args.json:  # never onto a checkpoint it reads, nor over an earlier result without --overwrite
+        sources = [os.path.join(folder, "ckpt.pt") for folder in [args.out_dir] + [f for _, f in qat]]
+        try:
+            check_output_file(args.json, sources, args.overwrite)
+        except ValueError as e:
+            sys.exit(f"{error} --json={args.json}: {e}")
     base, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
     val = split_tokens(checkpoint["dataset"], "val")
 
@@ -175,8 +183,7 @@ def main(argv=None):
     if paired:
         print("\n" + "\n".join(paired))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": cfg, "rows": rows}, f, indent=1)
+        write_text_atomic(args.json, json.dumps({"config": cfg, "rows": rows}, indent=1))
     return rows
 
 
@@ -241,8 +248,7 @@ def study(args, base, checkpoint, setting, score, fp, device, heldout):
                   f"{r['val_random']:.4f} | {r['val_fold_only']:.4f} | {r['val_no_rotation']:.4f} |"
                   if "val_random" in r else "- | - | - |"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rtn": rtn, "fp": fp, "rows": rows}, f, indent=1)
+        write_text_atomic(args.json, json.dumps({"rtn": rtn, "fp": fp, "rows": rows}, indent=1))
     return rows
 
 

@@ -865,9 +865,10 @@ def test_wandb_without_a_key_logs_offline(char_data, tmp_path):
 
 
 def test_report_tables_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_path, capsys):
-    """The demos that write a table or JSON rows (smoothquant_w8a8, qat_outliers_table, compare_methods,
-    residual_binary, gguf_llamacpp) keep the rule of every tool: never onto an input (through a symlink too), never
-    over an earlier result without --overwrite; refused before any work, nothing written."""
+    """The demos that write a table or JSON rows (smoothquant_w8a8, qat_outliers_table, ptq_compare,
+    spinquant_compare, compare_methods, residual_binary, gguf_llamacpp) keep the rule of every tool: never onto an
+    input (through a symlink too), never over an earlier result without --overwrite; refused before any work,
+    nothing written."""
     cases = Cases(capsys, tiny_ckpt)
     ckpt = os.path.join(tiny_ckpt, "ckpt.pt")
     link = tmp_path / "link.json"
@@ -878,7 +879,9 @@ def test_report_tables_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_p
         (earlier / name).write_text("earlier work")
     watch = snapshot(str(earlier))
     for demo, argv in (("smoothquant_w8a8", [f"--out_dir={tiny_ckpt}", "--device=cpu"]),
-                       ("qat_outliers_table", [f"--runs={tiny_ckpt}", "--device=cpu"])):
+                       ("qat_outliers_table", [f"--runs={tiny_ckpt}", "--device=cpu"]),
+                       ("ptq_compare", [f"--out_dir={tiny_ckpt}", "--device=cpu"]),
+                       ("spinquant_compare", [f"--out_dir={tiny_ckpt}", "--device=cpu"])):
         main = load_demo(demo).main
         cases.refused(main, [*argv, f"--json={link}"], ["--json"])
         cases.refused(main, [*argv, f"--json={earlier / 'rows.json'}"], ["--overwrite"])
