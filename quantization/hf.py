@@ -26,7 +26,7 @@ from checkpoint import save_checkpoint  # noqa: E402
 from cli import OneLineParser  # noqa: E402
 from inference import from_checkpoint, load_model  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from safety import check_output_file, same_file, safe_name  # noqa: E402
+from safety import check_output_file, same_file, safe_name, write_text_atomic  # noqa: E402
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -230,8 +230,7 @@ def export_checkpoint(out_dir, hf_dir):
               "activation_function": "gelu_new" if cfg.gelu_approximate == "tanh" else "gelu",
               "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
               "scale_attn_weights": True, "bos_token_id": eot, "eos_token_id": eot}
-    with open(os.path.join(hf_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_text_atomic(os.path.join(hf_dir, "config.json"), json.dumps(config, indent=2))
     return hf_dir
 
 
