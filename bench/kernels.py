@@ -83,10 +83,11 @@ def read_words(qweight, out, config):
                                                                      BLOCK_R=block_r, STAGES=stages, num_warps=warps)
 
 
-def profile(shape, bandwidth, log, variants, rows=1):
-    """`rows` rows of x through one layer: every candidate (kernel, config) timed as in the table; for the fastest,
-    the GPU time of each kernel it launches (torch.profiler); and, for one row, a kernel that only loads the same
-    words, the bandwidth that the access pattern reaches."""
+def profile(shape, bandwidth, log, variants, rows=1, gemm_configs=()):
+    """`rows` rows of x through one layer: every candidate (kernel, config) timed as in the table, and the GEMM
+    with each of `gemm_configs` (--gemm_configs: configs the launcher does not have, to try); for the fastest, the GPU
+    time of each kernel it launches (torch.profiler); and, for one row, a kernel that only loads the same words, the
+    bandwidth that the access pattern reaches."""
     k, n = map(int, shape.split("x"))
     torch.manual_seed(0)
     weight = torch.randn(n, k, device="cuda") * 0.02
@@ -126,7 +127,9 @@ def profile(shape, bandwidth, log, variants, rows=1):
         floor_us = (buffer_bytes(layer) + 2 * rows * (k + n)) / bandwidth * 1e6
         log(f"### {shape}, {what}, {name}: floor {floor_us:.1f} us")
         times = {}
-        for kernel, config in ops.candidates(rows, layer.group_size, layer.bits):
+        extra = [(ops.gemm, (c[0], c[1], ops._fit_k(c[2], layer.group_size), *c[3:])) for c in gemm_configs
+                 if rows > 1]
+        for kernel, config in ops.candidates(rows, layer.group_size, layer.bits) + extra:
             calls = [lambda lay=lay, x=x: ops.bind(kernel, lay.split_counters)(
                 x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
                 for lay, x in zip(layers, xs)]
@@ -402,6 +405,8 @@ def main():
     p.add_argument("--profile", default="", help="comma-separated shapes: time every candidate at one row, a "
                    "kernel breakdown and a loads-only kernel, instead of the table")
     p.add_argument("--profile_rows", type=int, default=1, help="rows of x for --profile (256: prefill)")
+    p.add_argument("--gemm_configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxSPLITx"
+                   "UNPACK GEMM configs that --profile (more than one row) also times, besides the launcher's")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args()
@@ -416,6 +421,12 @@ def main():
         bad = [s for s in getattr(args, flag).split(",") if s and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", s)]
         if bad:
             sys.exit(f"kernels.py: error: --{flag}={getattr(args, flag)}: {bad[0]!r} is not a shape; expected in x out, e.g. 4096x11008")
+    gemm_configs = [tuple(int(v) for v in c.split("x")) for c in args.gemm_configs.split(",")
+                    if re.fullmatch(r"[1-9][0-9]*(x[0-9]+){6}", c)]
+    if len(gemm_configs) != len([c for c in args.gemm_configs.split(",") if c]) or any(
+            c[0] < 16 or c[3] < 1 or c[4] < 1 or c[6] > 1 for c in gemm_configs):
+        sys.exit(f"kernels.py: error: --gemm_configs={args.gemm_configs}: expected BLOCK_MxBLOCK_NxBLOCK_KxWARPSx"
+                 "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1)")
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")
@@ -441,7 +452,7 @@ def main():
     log(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")
     if args.profile:
         for shape in args.profile.split(","):
-            profile(shape, bandwidth, log, variants, args.profile_rows)
+            profile(shape, bandwidth, log, variants, args.profile_rows, gemm_configs)
         return print(f"wrote {out}")  # log wrote every line
     result = []
 
