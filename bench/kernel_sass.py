@@ -61,7 +61,7 @@ def compile_gemm(bits, block_m, block_n, block_k, warps, stages, unpack, arch, z
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", **{name: "i32" for name in GEMM_SAMPLE}}
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=False, PRECISION="tf32",
-                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=unpack, ACT=0, PDL=False,
+                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=0, PDL=False,
                      ZWORDS=zwords)
     signature.update({name: "constexpr" for name in constants})
     specialized = {p.name for p in fn.params if not p.do_not_specialize}

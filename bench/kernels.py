@@ -424,9 +424,9 @@ def main():
     gemm_configs = [tuple(int(v) for v in c.split("x")) for c in args.gemm_configs.split(",")
                     if re.fullmatch(r"[1-9][0-9]*(x[0-9]+){6}", c)]
     if len(gemm_configs) != len([c for c in args.gemm_configs.split(",") if c]) or any(
-            c[0] < 16 or c[3] < 1 or c[4] < 1 or c[6] > 2 for c in gemm_configs):
+            c[0] < 16 or c[3] < 1 or c[4] < 1 or c[6] > 1 for c in gemm_configs):
         sys.exit(f"kernels.py: error: --gemm_configs={args.gemm_configs}: expected BLOCK_MxBLOCK_NxBLOCK_KxWARPSx"
-                 "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0, 1 or 2)")
+                 "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1)")
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")

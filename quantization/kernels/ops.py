@@ -283,7 +283,7 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
         per_split * block_k // BLOCK,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=unpack, ACT=activation, PDL=pdl,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=activation, PDL=pdl,
         ZWORDS=zero is not None and n % 4 == 0 and zero.data_ptr() % 4 == 0,
         launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return y

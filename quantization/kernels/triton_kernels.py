@@ -499,65 +499,17 @@ def _codes_along_k(w_ptr, offs_k, offs_n, mask_n, N, num_blocks, BITS: tl.conste
 
 
 @triton.jit
-def _f(words, i: tl.constexpr, BITS: tl.constexpr):
-    """Field i of every word (codes of BITS bits, field 0 in the low bits)."""
-    return (words >> (i * BITS)) & ((1 << BITS) - 1)
-
-
-# The fields of a tile of words side by side along new trailing axes of two, built by tl.join (each join adds an
-# axis held inside a thread): _join<L>(words, t, C) holds fields t + sum_l a_l * C / 2**l, so that reshaped to
-# (..., C) the fields of a word are in order, 0 .. C - 1, in one thread, next to each other.
-@triton.jit
-def _join1(words, t: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_f(words, t, BITS), _f(words, t + C // 2, BITS))
-
-
-@triton.jit
-def _join2(words, t: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_join1(words, t, C, BITS), _join1(words, t + C // 4, C, BITS))
-
-
-@triton.jit
-def _join3(words, t: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_join2(words, t, C, BITS), _join2(words, t + C // 8, C, BITS))
-
-
-@triton.jit
-def _join4(words, t: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_join3(words, t, C, BITS), _join3(words, t + C // 16, C, BITS))
-
-
-@triton.jit
-def _join5(words, t: tl.constexpr, C: tl.constexpr, BITS: tl.constexpr):
-    return tl.join(_join4(words, t, C, BITS), _join4(words, t + C // 32, C, BITS))
-
-
-@triton.jit
 def _code_tile(w_ptr, k0, offs_n, mask_n, N, num_blocks, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):
     """The codes of inputs k0 .. k0 + BLOCK_K - 1 (k0 a multiple of 32) at outputs offs_n, (BLOCK_K, BLOCK_N) int32.
-    UNPACK (1, 2, 4, 8 bits): each word is loaded once, as a (BLOCK_K / codes per word, BLOCK_N) tile, and its
-    fields taken out so that k = word row * codes per word + field; else (and for 3 bits) _codes_along_k, a load
-    per code. UNPACK 1: the fields shifted out along a new middle axis and the tile reshaped (a layout of one code
-    per thread and row: the tile goes to shared memory for the tensor cores in 2-byte stores). UNPACK 2: the fields
-    joined along trailing axes inside each thread, then moved in front of the outputs (tl.permute, a change of
-    layout only), so that a thread keeps the neighbouring outputs its word load gave it: 16-byte stores."""
+    UNPACK (1, 2, 4, 8 bits): each word is loaded once, as a (BLOCK_K / codes per word, BLOCK_N) tile, its fields
+    shifted out along a new middle axis and the tile reshaped, so k = word row * codes per word + field; else
+    (and for 3 bits) _codes_along_k, a load per code."""
     if UNPACK and BITS != 3:
         per_word: tl.constexpr = 32 // BITS
         offs_r = k0 // per_word + tl.arange(0, BLOCK_K // per_word)
         words = tl.load(w_ptr + offs_r[:, None] * N + offs_n[None, :],
                         mask=(offs_r < num_blocks * BITS)[:, None] & mask_n[None, :], other=0)
-        if UNPACK == 2:
-            if per_word == 4:
-                fields = _join2(words, 0, 4, BITS)
-            elif per_word == 8:
-                fields = _join3(words, 0, 8, BITS)
-            elif per_word == 16:
-                fields = _join4(words, 0, 16, BITS)
-            else:
-                fields = _join5(words, 0, 32, BITS)
-            fields = tl.reshape(fields, (BLOCK_K // per_word, BLOCK_N, per_word))
-            return tl.reshape(tl.permute(fields, (0, 2, 1)), (BLOCK_K, BLOCK_N))
         shifts = tl.arange(0, per_word) * BITS
         codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
         return tl.reshape(codes, (BLOCK_K, BLOCK_N))
