@@ -303,17 +303,23 @@ def scratch(numel, device, dtype):
 def dequant_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0):
     """y = x @ W + b through cuBLAS: the weight dequantized (one kernel) into the reused scratch as W (K, N) in x's
     dtype, then one matmul. For many rows, where cuBLAS's tiles outrun dequantizing inside the GEMM."""
-    block_b, block_n, warps = config
-    m, k = x.shape
-    n = qweight.shape[1]
-    w = scratch(k * n, x.device, x.dtype).view(k, n)
-    pdl = dependent_launch(x.device, qweight)
-    triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
-        qweight, scale, zero if zero is not None else scale, w, n, k, w.stride(0), blocks_per_group,
-        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, PDL=pdl,
-        launch_pdl=pdl, num_warps=warps)
+    k = x.shape[1]
+    w = scratch(k * qweight.shape[1], x.device, x.dtype).view(k, qweight.shape[1])
+    dequantize(qweight, scale, zero, bits, blocks_per_group, zero_const, w, config, dependent_launch(x.device, qweight))
     y = torch.mm(x, w) if bias is None else torch.addmm(bias.to(x.dtype), x, w)
     return activate(y, activation)
+
+
+def dequantize(qweight, scale, zero, bits, blocks_per_group, zero_const, out, config, pdl=False):
+    """The whole weight, transposed, into out (K, N), in out's dtype: one _dequant_words_kernel launch (a
+    DEQUANT_CONFIGS config)."""
+    block_b, block_n, warps = config
+    k, n = out.shape
+    triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
+        qweight, scale, zero if zero is not None else scale, out, n, k, out.stride(0), blocks_per_group,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, BLOCK_B=block_b, BLOCK_N=block_n, PDL=pdl,
+        launch_pdl=pdl, num_warps=warps)
+    return out
 
 
 def _fit_k(block_k, group_size):
