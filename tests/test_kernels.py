@@ -582,6 +582,19 @@ def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
     assert bad.returncode != 0 and "NANOQAT_PDL_MAX_BYTES='8MiB': expected an integer" in bad.stderr
 
 
+def test_dependent_launch_takes_layers_of_up_to_pdl_max_bytes_of_codes(monkeypatch):
+    """PDL (where the device has it) for layers of at most ops.PDL_MAX_BYTES of codes: the 6.7B shape's 4096 x 4096
+    int4 layer, exactly 8 MiB, included (it decoded faster with it), its 22 MiB layers not."""
+    monkeypatch.setattr(ops, "pdl_available", lambda device: True)
+    monkeypatch.setattr(ops, "PDL_MAX_BYTES", 8 * 2**20)
+    words = torch.empty(4096 // 8, 4096, dtype=torch.int32)  # 4096 x 4096 int4: 8 MiB
+    assert ops.dependent_launch(words.device, words)
+    assert not ops.dependent_launch(words.device, torch.empty(4096 // 8, 4097, dtype=torch.int32))
+    assert not ops.dependent_launch(words.device, torch.empty(4096 // 8, 11008, dtype=torch.int32))
+    monkeypatch.setattr(ops, "pdl_available", lambda device: False)
+    assert not ops.dependent_launch(words.device, words)
+
+
 def test_the_kernel_benchmark_without_a_gpu_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: bench/kernels.py would run")

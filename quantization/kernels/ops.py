@@ -101,8 +101,9 @@ SMALL_GEMM_CONFIGS = [(16, 64, 128, 4, 3, 4, 0), (16, 128, 64, 4, 3, 4, 0), (16,
 DEQUANT_CONFIGS = [(1, 256, 4), (1, 512, 4), (2, 256, 4), (4, 256, 8)]
 # the epilogue activation of a call: F.gelu's `approximate` (None: none) -> the kernels' ACT code (_activate)
 ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
-# PDL for layers of fewer bytes of codes than this: on an H200 it sped GPT-2 124M's decode (layers of 0.3-1.2 MiB)
-# and slowed the 6.7B shape's (8-22 MiB; bench/results/pdl_h200/README.md)
+# PDL for layers of at most this many bytes of codes: on an H200 it sped GPT-2 124M's decode (layers of 0.3-1.2 MiB),
+# slowed the 6.7B shape's on all its layers (8-22 MiB; bench/results/pdl_h200/README.md) and sped it on the 8 MiB
+# one alone (409-412 -> 428 tokens/s, bench/results/pdl_8mib_h200/README.md)
 PDL_MAX_BYTES = _env_int("NANOQAT_PDL_MAX_BYTES", 8 * 2**20)  # the variable sets it, to measure
 # the fused normalization (norm_matmul) loads a row of up to this many values before the one-row kernel's loop, a
 # longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
@@ -161,9 +162,9 @@ def activate(y, activation):
 def dependent_launch(device, qweight):
     """Whether a layer's kernels launch with programmatic dependent launch (PDL: each may start while the kernel
     before it finishes, loading its weights meanwhile; triton_kernels._after_earlier_kernels): on CUDA GPUs of
-    compute capability 9 or more (Hopper), for layers of fewer than PDL_MAX_BYTES of codes, unless NANOQAT_PDL=0
+    compute capability 9 or more (Hopper), for layers of at most PDL_MAX_BYTES of codes, unless NANOQAT_PDL=0
     (to measure without it)."""
-    return qweight.numel() * qweight.element_size() < PDL_MAX_BYTES and pdl_available(device)
+    return qweight.numel() * qweight.element_size() <= PDL_MAX_BYTES and pdl_available(device)
 
 
 def pdl_available(device):
