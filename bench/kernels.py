@@ -406,8 +406,7 @@ def main():
                    "kernel breakdown and a loads-only kernel, instead of the table")
     p.add_argument("--profile_rows", type=int, default=1, help="rows of x for --profile (256: prefill)")
     p.add_argument("--gemm_configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxSPLITx"
-                   "UNPACK[xMAXNREG] GEMM configs that --profile (more than one row) also times, besides the "
-                   "launcher's (MAXNREG: a cap on registers per thread)")
+                   "UNPACK GEMM configs that --profile (more than one row) also times, besides the launcher's")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args()
@@ -423,12 +422,11 @@ def main():
         if bad:
             sys.exit(f"kernels.py: error: --{flag}={getattr(args, flag)}: {bad[0]!r} is not a shape; expected in x out, e.g. 4096x11008")
     gemm_configs = [tuple(int(v) for v in c.split("x")) for c in args.gemm_configs.split(",")
-                    if re.fullmatch(r"[1-9][0-9]*(x[0-9]+){6,7}", c)]
+                    if re.fullmatch(r"[1-9][0-9]*(x[0-9]+){6}", c)]
     if len(gemm_configs) != len([c for c in args.gemm_configs.split(",") if c]) or any(
-            c[0] < 16 or c[3] < 1 or c[4] < 1 or c[6] > 1 or c[7:] and not 24 <= c[7] <= 255 for c in gemm_configs):
+            c[0] < 16 or c[3] < 1 or c[4] < 1 or c[6] > 1 for c in gemm_configs):
         sys.exit(f"kernels.py: error: --gemm_configs={args.gemm_configs}: expected BLOCK_MxBLOCK_NxBLOCK_KxWARPSx"
-                 "STAGESxSPLITxUNPACK[xMAXNREG], e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1, "
-                 "MAXNREG 24..255)")
+                 "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1)")
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")

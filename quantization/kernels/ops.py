@@ -262,8 +262,6 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     """counters as for stream_gemv: at least one per (BLOCK_M, BLOCK_N) tile of y when K is split."""
     block_m, block_n, block_k, warps, stages, split = config[:6]
     unpack = config[6] if len(config) > 6 else 0
-    # an eighth field caps the registers per thread (ptxas .maxnreg), so that more programs fit on a multiprocessor
-    limits = dict(maxnreg=config[7]) if len(config) > 7 else {}
     m, k = x.shape
     n = qweight.shape[1]
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -288,7 +286,7 @@ def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UNPACK=bool(unpack), ACT=activation, PDL=pdl,
         ZWORDS=zero is not None and n % 4 == 0 and zero.data_ptr() % 4 == 0,
-        launch_pdl=pdl, num_warps=warps, num_stages=stages, **limits)
+        launch_pdl=pdl, num_warps=warps, num_stages=stages)
     return y
 
 
