@@ -389,7 +389,7 @@ def bench_shape(shape, m, variants, project, log):
             log(f"  {shape} project: {t:.1f} us, {chosen}, error {err:.1e}")
             # the dequantize alone (the first half of dequant_mm), with the default config
             scratch = torch.empty((k, n), device="cuda", dtype=torch.bfloat16)
-            calls = [lambda s=s: _dequant(s, scratch, k) for s in sets]
+            calls = [lambda s=s: _dequant(s, scratch) for s in sets]
             for c in calls:
                 c()
             t = graph_time(calls)
@@ -436,14 +436,10 @@ def _clone_layer(layer, tensors):
     return clone
 
 
-def _dequant(tensors, out, k):
-    from quantization.kernels import ops, triton_kernels
+def _dequant(tensors, out):
+    from quantization.kernels import ops
     from quantization.kernels.layout import BLOCK
-    block_b, block_n, warps = ops.DEQUANT_CONFIGS[0]
-    n = out.shape[1]
-    triton_kernels._dequant_words_kernel[(triton.cdiv(triton.cdiv(k, BLOCK), block_b), triton.cdiv(n, block_n))](
-        tensors[0], tensors[1], tensors[2], out, n, k, out.stride(0), GROUP // BLOCK,
-        BITS=BITS, HAS_ZERO=True, ZERO=0.0, BLOCK_B=block_b, BLOCK_N=block_n, PDL=False, num_warps=warps)
+    return ops.dequantize(*tensors, BITS, GROUP // BLOCK, 0.0, out, ops.DEQUANT_CONFIGS[0])
 
 
 def main():
