@@ -2,8 +2,10 @@
 source, nothing overwritten unless asked, devices and output folders checked before anything is written.
 
 Each check raises ValueError with a one-line reason; the script prefixes the flag and exits. Every output of every
-tool (a file or a folder of results) goes through check_output_file or check_output_dir before anything is computed,
-and is written atomically (temp file, then rename); every float flag is parsed by finite_float. A bottom-layer
+tool (a file or a folder of results) goes through check_output_file or check_output_dir before anything is computed
+(a benchmark's table, rewritten by every run, through check_table_file), and is written atomically (temp file, then
+rename; a benchmark table that grows row by row, so that a run stopped at a time limit keeps its rows, is the
+exception); every float flag is parsed by finite_float. A bottom-layer
 module: it imports no other module of the project.
 """
 import argparse
@@ -63,6 +65,25 @@ def check_output_file(path, sources=(), overwrite=False, overwrite_flag="--overw
         raise ValueError(f"{path} is a folder, not a file")
     if os.path.lexists(path) and not overwrite:
         raise ValueError(f"{path} exists; pass {overwrite_flag} to replace it")
+    check_out_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def check_table_file(path):
+    """A benchmark's table or JSON rows, which every run of it rewrites (replacing an earlier table is the point):
+    refuse a folder, and an existing file that is not text, such as a checkpoint, a GGUF or a safetensors file
+    (a NUL byte or bytes that are not UTF-8 in its first 4 KiB), which the table would destroy. Creates nothing."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a file")
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        try:
+            head.decode("utf-8")
+            text = b"\0" not in head
+        except UnicodeDecodeError as e:  # a character cut at the end of the 4 KiB is still text
+            text = e.start >= len(head) - 3 and b"\0" not in head
+        if not text:
+            raise ValueError(f"{path} exists and is not a text table (a checkpoint?); it would be replaced")
     check_out_dir(os.path.dirname(os.path.abspath(path)))
 
 

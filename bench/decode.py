@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, reset_compiled  # noqa: E402
 from inference import fuse_gelu, fuse_norms, fuse_qkv  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from safety import check_table_file, write_text_atomic  # noqa: E402
 
 SHAPES = {
     "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768),
@@ -331,6 +332,11 @@ def main(argv=None):
         sys.exit(f"decode.py: error: --batches={args.batches}: expected comma-separated positive integers")
     if args.prompt_len + args.new_tokens > args.block_size:
         sys.exit(f"decode.py: error: --prompt_len + --new_tokens must be at most --block_size={args.block_size}")
+    if args.out:
+        try:
+            check_table_file(args.out)
+        except ValueError as e:
+            sys.exit(f"decode.py: error: --out: {e}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"decode.py: error: --device={args.device}: CUDA is not available (try --device=cpu)")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -360,8 +366,7 @@ def main(argv=None):
         note = [] if done else ["", "(incomplete: the run was stopped before its last row)"]
         text = "\n".join(header + rows + note + ([""] + ["Bandwidth floor (bf16):", ""] + [f"- {f}" for f in floors]
                                                 if floors else []))
-        with open(out, "w") as f:
-            f.write(text + "\n")
+        write_text_atomic(out, text + "\n")
 
     packed = [fmt for fmt in args.formats if fmt not in ("bf16", PEER)]
     models = [(shape, fmt, qkv, gelu, norms, attn) for shape in args.shapes for attn in args.attention

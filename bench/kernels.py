@@ -35,6 +35,7 @@ from quantization.kernels import PackedLinear  # noqa: E402
 from quantization.kernels import ops  # noqa: E402
 from quantization.kernels.tinygemm import TinyGemmLinear, TinyGemmUnsupported  # noqa: E402
 from quantization.quantizers import QuantSpec  # noqa: E402
+from safety import check_table_file  # noqa: E402
 
 SHAPES = ("768x768", "768x3072", "3072x768", "4096x4096", "4096x11008", "11008x4096", "8192x8192")
 VARIANTS = {
@@ -391,7 +392,7 @@ def bench_binary(shape, bandwidth, log):
     return rows
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated in x out shapes")
     p.add_argument("--batches", default="1,16", help="comma-separated rows of x (batch x sequence)")
@@ -409,7 +410,7 @@ def main():
                    "UNPACK GEMM configs that --profile (more than one row) also times, besides the launcher's")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.profile_rows < 1:
         sys.exit(f"kernels.py: error: --profile_rows={args.profile_rows}: expected a positive number of rows")
     variants, gemm_variants = ([v for v in value.split(",") if v] for value in (args.variants, args.gemm_variants))
@@ -427,6 +428,11 @@ def main():
             c[0] < 16 or c[3] < 1 or c[4] < 1 or c[6] > 1 for c in gemm_configs):
         sys.exit(f"kernels.py: error: --gemm_configs={args.gemm_configs}: expected BLOCK_MxBLOCK_NxBLOCK_KxWARPSx"
                  "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1)")
+    if args.out:
+        try:
+            check_table_file(args.out)
+        except ValueError as e:
+            sys.exit(f"kernels.py: error: --out: {e}")
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")
@@ -445,7 +451,7 @@ def main():
             f.write(line + "\n")
 
     log(f"# Packed kernels vs cuBLAS bf16 and tinygemm: {gpu}, torch {torch.__version__}, triton {triton.__version__}")
-    log("command: python bench/kernels.py " + " ".join(sys.argv[1:]))
+    log("command: python bench/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.check and check(log, variants):
         sys.exit("kernels.py: error: a kernel disagrees with the dequantize reference (see FAIL lines)")
     bandwidth = copy_bandwidth()

@@ -27,6 +27,7 @@ from quantization.quantizers import dequantize, qparams_from_range, quantize, to
 from quantization.rtn import rtn_quantize, set_quantized, target_layers, weight_spec  # noqa: E402
 from quantization.spin_quant import KV_SITES, SpinQuant, activation_quant  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from safety import check_table_file, write_text_atomic  # noqa: E402
 
 SHRINKS = [1.0 - 0.01 * i for i in range(51)]  # 1.0 .. 0.5
 NORM = 2.4  # the error norm of GPTQ's and QuaRot's clipping search
@@ -82,6 +83,11 @@ def main(argv=None):
         act_clips, kv_clips = ratios(args.act_clips, "act_clips"), ratios(args.kv_clips, "kv_clips")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
+    if args.json:
+        try:
+            check_table_file(args.json)
+        except ValueError as e:
+            sys.exit(f"{error} --json: {e}")
     from inference import resolve_device
     device, _ = resolve_device(args.device, "float32")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -143,8 +149,8 @@ def main(argv=None):
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
         print(f"| {r['rotation']} | {r['weights']} | {r['act_clip']:g} | {r['kv_clip']:g} | {r['loss']:.4f} | {gap} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(out_dir=args.out_dir, setting=setting, full_precision=fp, rows=rows), f, indent=1)
+        write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=setting, full_precision=fp,
+                                                     rows=rows), indent=1))
     return rows
 
 

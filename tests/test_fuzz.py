@@ -893,3 +893,24 @@ def test_report_tables_never_replace_sources_or_earlier_results(tiny_ckpt, tmp_p
                   ["--overwrite"], absent=[tmp_path / "w"])
     assert snapshot(str(earlier)) == watch
     cases.check()
+
+
+def test_benchmark_tables_never_replace_a_checkpoint(tiny_ckpt, capsys):
+    """A benchmark's table or JSON (--out of bench/decode.py and bench/kernels.py, --json of
+    bench/spinquant_clipping.py) replaces an earlier table, by design, but never a file that is not text: pointed at a
+    checkpoint it is refused in one line naming the flag, before anything runs, and the checkpoint is untouched."""
+    import importlib.util
+
+    def load_bench(name):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    cases = Cases(capsys, tiny_ckpt)
+    ckpt = os.path.join(tiny_ckpt, "ckpt.pt")
+    cases.refused(load_bench("decode").main, ["--shapes=tiny", "--device=cpu", f"--out={ckpt}"], ["--out"])
+    cases.refused(load_bench("spinquant_clipping").main, [f"--out_dir={tiny_ckpt}", "--device=cpu", f"--json={ckpt}"],
+                  ["--json"])
+    cases.refused(load_bench("kernels").main, [f"--out={ckpt}"], ["--out"])
+    cases.check()
