@@ -12,6 +12,7 @@ import argparse
 import glob
 import math
 import os
+import sys
 import tempfile
 import re
 import time
@@ -85,6 +86,14 @@ def check_table_file(path):
         if not text:
             raise ValueError(f"{path} exists and is not a text table (a checkpoint?); it would be replaced")
     check_out_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def table_file_or_exit(path, flag, prog):
+    """check_table_file(path), or exit with its reason in one line: `prog: error: flag: reason`."""
+    try:
+        check_table_file(path)
+    except ValueError as e:
+        sys.exit(f"{prog}: error: {flag}: {e}")
 
 
 def check_output_dir(folder, results, sources=(), source_dirs=(), overwrite=False, overwrite_flag="--overwrite"):

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, reset_compiled  # noqa: E402
 from inference import fuse_gelu, fuse_norms, fuse_qkv  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from safety import check_table_file, write_text_atomic  # noqa: E402
+from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
 SHAPES = {
     "gpt2_124m": dict(n_layer=12, n_head=12, n_embd=768),
@@ -333,10 +333,7 @@ def main(argv=None):
     if args.prompt_len + args.new_tokens > args.block_size:
         sys.exit(f"decode.py: error: --prompt_len + --new_tokens must be at most --block_size={args.block_size}")
     if args.out:
-        try:
-            check_table_file(args.out)
-        except ValueError as e:
-            sys.exit(f"decode.py: error: --out: {e}")
+        table_file_or_exit(args.out, "--out", "decode.py")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"decode.py: error: --device={args.device}: CUDA is not available (try --device=cpu)")
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32

@@ -35,7 +35,7 @@ from quantization.kernels import PackedLinear  # noqa: E402
 from quantization.kernels import ops  # noqa: E402
 from quantization.kernels.tinygemm import TinyGemmLinear, TinyGemmUnsupported  # noqa: E402
 from quantization.quantizers import QuantSpec  # noqa: E402
-from safety import check_table_file  # noqa: E402
+from safety import table_file_or_exit  # noqa: E402
 
 SHAPES = ("768x768", "768x3072", "3072x768", "4096x4096", "4096x11008", "11008x4096", "8192x8192")
 VARIANTS = {
@@ -429,10 +429,7 @@ def main(argv=None):
         sys.exit(f"kernels.py: error: --gemm_configs={args.gemm_configs}: expected BLOCK_MxBLOCK_NxBLOCK_KxWARPSx"
                  "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1)")
     if args.out:
-        try:
-            check_table_file(args.out)
-        except ValueError as e:
-            sys.exit(f"kernels.py: error: --out: {e}")
+        table_file_or_exit(args.out, "--out", "kernels.py")
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")

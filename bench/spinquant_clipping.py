@@ -27,7 +27,7 @@ from quantization.quantizers import dequantize, qparams_from_range, quantize, to
 from quantization.rtn import rtn_quantize, set_quantized, target_layers, weight_spec  # noqa: E402
 from quantization.spin_quant import KV_SITES, SpinQuant, activation_quant  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
-from safety import check_table_file, write_text_atomic  # noqa: E402
+from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
 SHRINKS = [1.0 - 0.01 * i for i in range(51)]  # 1.0 .. 0.5
 NORM = 2.4  # the error norm of GPTQ's and QuaRot's clipping search
@@ -84,10 +84,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"{error} --{e}")
     if args.json:
-        try:
-            check_table_file(args.json)
-        except ValueError as e:
-            sys.exit(f"{error} --json: {e}")
+        table_file_or_exit(args.json, "--json", p.prog)
     from inference import resolve_device
     device, _ = resolve_device(args.device, "float32")
     torch.backends.cuda.matmul.allow_tf32 = False
