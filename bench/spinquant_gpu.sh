@@ -9,6 +9,7 @@
 #   ITERS=2000 BPE_ITERS=1000 STEPS=100 SEEDS="0 1 2" bash bench/spinquant_gpu.sh
 #   PHASE=train bash bench/spinquant_gpu.sh; PHASE=compare bash bench/spinquant_gpu.sh   # the same, in two parts
 #   MODELS=bpe VARIANTS=0 bash bench/spinquant_gpu.sh     # one model only
+#   PHASE=sites MODELS=bpe bash bench/spinquant_gpu.sh      # after a train phase: where the W4A4KV4 gap sits
 # With the candidates learned from the identity (on by default) the compare phase of the BPE model alone took 6.7
 # min on an H200: in calls of 10 minutes, compare MODELS=bpe and MODELS="baby cpu" apart (same out-sq/, warm machine).
 # The --spinquant runs probe kept rotations over a third of QAT (train.py's default --spinquant_probe); PROBE=0
@@ -28,7 +29,7 @@ SETTINGS=${SETTINGS:-4/4/4,4/8/8,4/16/16}
 DEVICE=${DEVICE:-cuda}        # cpu: a smoke test of this script (with tiny ITERS, STEPS and EXTRA="--compile=False")
 EXTRA=${EXTRA:-}              # more train.py flags for every run
 PROBE=${PROBE:-}              # --spinquant runs: --spinquant_probe over this percentage of QAT (empty: train.py's)
-PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/) or all
+PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/), sites, or all
 MODELS=${MODELS:-"baby bpe cpu"}  # which of the three models to train and compare
 QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
 RESULTS=bench/results
@@ -60,7 +61,7 @@ run() {  # name flags...; QAT_SETTINGS: Python assignments to quantization/spin_
     || { echo "train $name: stopped (exit $?)" >> "$TRAIN_LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
   pids+=($!)
 }
-if [ "$PHASE" != compare ]; then
+if [ "$PHASE" != compare ] && [ "$PHASE" != sites ]; then
 date
 for s in $SEEDS; do
   run baby_fp_s$s $BABY --seed=$s
@@ -112,6 +113,18 @@ compare() {
     > $RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.md 2> "$LOGS/compare${TABLE}_${name}_s$seed.err"
 }
 first=${SEEDS%% *}
+if [ "$PHASE" = sites ]; then  # where each full-precision model's W4A4KV4 gap sits, site by site (--sites)
+  for s in $SEEDS; do
+    for m in $MODELS; do
+      tokens=100000; [ "$m" = bpe ] && tokens=0
+      [ -f out-sq/${m}_fp_s$s/ckpt.pt ] || continue
+      python demos/spinquant_compare.py --out_dir=out-sq/${m}_fp_s$s --device=$DEVICE --eval_tokens=$tokens \
+        --settings=4/4/4 --sites --progress=False --overwrite --json=$RESULTS/spinquant_gpu_sites_${m}_s$s.json \
+        > $RESULTS/spinquant_gpu_sites_${m}_s$s.md 2> "$LOGS/sites_${m}_s$s.err" &
+    done
+  done
+  wait; cat $RESULTS/spinquant_gpu_sites_*_s*.md; exit 0
+fi
 TABLE=; [ "$QAT_ONLY" = 1 ] && TABLE=_qat
 cpids=()
 for s in $SEEDS; do

@@ -11,6 +11,10 @@ quarter of --nsamples, never learned on); "learned" rows are the learned rotatio
 --qat row after the first is set against the first on the same validation windows: the difference and how many
 standard errors of the per-window differences it is, printed under the table (and in --json).
 With --study, the table is instead what learning needs (steps, lr, calibration samples, the loss it learns on).
+With --sites, it is where the first setting's gap sits: each quantized site (the weights, each activation site, the
+K and V caches) left in full precision while the others stay quantized, and quantized alone, without rotation and
+with random Hadamard rotations R1, R1+R2, R1+R2+R3 and all four (RTN weights), and the costliest activation site
+quantized alone block by block (and, for the attention's input, on q, k or v's input alone).
 """
 import json
 import os
@@ -27,6 +31,7 @@ from cli import OneLineParser  # noqa: E402
 from inference import load_checkpoint  # noqa: E402
 from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+from quantization.quantizers import fake_quant  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, paired_gain, split_calibration, unrotated  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
@@ -54,6 +59,9 @@ def main(argv=None):
     p.add_argument("--study", default="", help="instead of the table: comma-separated "
                    "lr:steps:nsamples:learn_weights[:objective] (learn_weights rtn or none; objective ce, the default, "
                    "or kl) runs of SpinQuant + --method at the first setting")
+    p.add_argument("--sites", action="store_true", help="instead of the table: the first setting's gap site by site "
+                   "(each site left in full precision, and quantized alone), without and with random Hadamard "
+                   "rotations")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     from inference import resolve_device
@@ -111,6 +119,10 @@ def main(argv=None):
                                                             if "gap_closed" in row else ""), flush=True)
         return loss
 
+    if args.sites:
+        if not settings:
+            sys.exit(f"{error} --sites needs a W/A/KV setting in --settings")
+        return site_gaps(args, base, settings[0], score, fp, device)
     if args.study:
         return study(args, base, checkpoint, settings[0], score, fp, device, heldout)
     for w, a, kv in settings:
@@ -184,6 +196,102 @@ def main(argv=None):
         print("\n" + "\n".join(paired))
     if args.json:
         write_text_atomic(args.json, json.dumps({"config": cfg, "rows": rows}, indent=1))
+    return rows
+
+
+ROTATION_SETS = ((), ("R1",), ("R1", "R2"), ("R1", "R2", "R3"), ("R1", "R2", "R3", "R4"))
+READERS = {"input": ("q", "k", "v")}  # the linears that read an attention activation site (one quantizer for three)
+
+
+def site_gaps(args, base, setting, score, fp, device):
+    """Where the setting's loss gap sits: for each rotation set (none, then random Hadamard R1, R1+R2, ...; seed 0,
+    RTN weights), the loss with every site quantized, with each site left in full precision (how much of the gap
+    it carries), with each site quantized alone, and with none (the rotated model itself, which should be the full
+    precision loss). A site is the weights of every linear, or one activation site in every block; the activation site
+    that costs most alone without rotation is also quantized alone block by block, and where it feeds q, k and v,
+    its quantizer is put on the input of one of them at a time in the costliest block."""
+    from quantization.layers import ActQuant
+    w, a, kv = setting
+    if w == FULL_BITS:
+        sys.exit("spinquant_compare.py: error: --sites needs quantized weights (W below 16 in --settings)")
+    common = dict(act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
+                  device=device, method="rtn", seed=0)
+    rows, top, worst = [], None, None
+    for names in ROTATION_SETS:
+        kwargs = dict(rotations=names) if names else dict(rotations=(), fold=False)
+        models = {}
+        for bits in (w, FULL_BITS):  # quantized and full-precision weights, the same rotations
+            sq = SpinQuant(base, bits=bits, **common, **kwargs)
+            sq.apply(progress=False, select=False)
+            models[bits] = sq.model.eval()
+        acts = {}  # activation site -> its quantizers in every block (each model its own)
+        for bits, model in models.items():
+            for name, module in model.named_modules():
+                if isinstance(module, ActQuant) and module.spec is not None:
+                    kind, site = name.split(".")[-3], name.split(".")[-1]  # ...h.<i>.<attn|mlp>.act.<site>
+                    acts.setdefault(f"{kind}_{site}", {}).setdefault(bits, []).append(module)
+
+        def only(bits, keep):  # the activation quantizers of models[bits] on for the sites in keep, off elsewhere
+            for site, per_model in acts.items():
+                for module in per_model.get(bits, []):
+                    module.enabled = site in keep
+            return score(models[bits])
+
+        label = "+".join(names) if names else "no rotation"
+        every = only(w, set(acts))
+        row = dict(rotations=label, all=every, none=only(FULL_BITS, set()),
+                   without={"weights": only(FULL_BITS, set(acts))}, alone={"weights": only(w, set())})
+        for site in acts:
+            row["without"][site] = only(w, set(acts) - {site})
+            row["alone"][site] = only(FULL_BITS, {site})
+        # the activation site that costs most alone without rotation, block by block (each block's quantizer alone)
+        top = top or max(acts, key=lambda site: row["alone"][site])
+        row["blocks"] = []
+        for i, module in enumerate(acts[top][FULL_BITS]):
+            only(FULL_BITS, set())
+            module.enabled = True
+            row["blocks"].append(score(models[FULL_BITS]))
+        only(FULL_BITS, set())
+        # in the costliest block (without rotation), the site's quantizer on the input of one reader at a time
+        worst = worst if worst is not None else max(range(len(row["blocks"])), key=row["blocks"].__getitem__)
+        row.update(top_site=top, top_block=worst, readers={})
+        spec = acts[top][FULL_BITS][worst].spec
+        kind, site = top.split("_", 1)
+        for reader in READERS.get(site, ()) if kind == "attn" else ():
+            layer = getattr(models[FULL_BITS].transformer.h[worst].attn, reader)
+            hook = layer.register_forward_pre_hook(lambda module, inputs: (fake_quant(inputs[0], spec),))
+            row["readers"][reader] = score(models[FULL_BITS])
+            hook.remove()
+        rows.append(row)
+        print(f"{label}: all {every:.4f}, none {row['none']:.4f}; without / alone: " + ", ".join(
+            f"{site} {row['without'][site]:.4f} / {row['alone'][site]:.4f}" for site in row["without"]), flush=True)
+    sites = list(rows[0]["without"])
+    print(f"\n{args.out_dir}: W{w}A{a}KV{kv}, RTN weights "
+          f"({'symmetric' if args.sym else 'asymmetric'}, {'group ' + str(args.group_size) if args.group_size else 'per channel'}), "
+          f"activations per token {'symmetric' if args.act_sym else 'asymmetric'}; full precision {fp:.4f}. "
+          "Per rotation set: the loss with every site quantized (its gap to full precision in brackets), then per "
+          "site the loss with that site in full precision and the others quantized (in brackets: the share of "
+          "the gap it carries), and with that site quantized alone (in brackets: its gap)\n")
+    print("| site | " + " | ".join(r["rotations"] for r in rows) + " |")
+    print("|---|" + "---:|" * len(rows))
+    print("| every site | " + " | ".join(f"{r['all']:.4f} ({r['all'] - fp:+.4f})" for r in rows) + " |")
+    print("| none (rotation only) | " + " | ".join(f"{r['none']:.4f} ({r['none'] - fp:+.4f})" for r in rows) + " |")
+    for site in sites:
+        print(f"| {site} in full precision | " + " | ".join(
+            f"{r['without'][site]:.4f} ({100 * (r['all'] - r['without'][site]) / (r['all'] - fp):.0f}%)"
+            if r["all"] > fp else f"{r['without'][site]:.4f}" for r in rows) + " |")
+    for site in sites:
+        print(f"| {site} alone | " + " | ".join(f"{r['alone'][site]:.4f} ({r['alone'][site] - fp:+.4f})"
+                                               for r in rows) + " |")
+    for i in range(len(rows[0]["blocks"])):
+        print(f"| {top} alone, block {i} only | " + " | ".join(f"{r['blocks'][i]:.4f} ({r['blocks'][i] - fp:+.4f})"
+                                                              for r in rows) + " |")
+    for reader in rows[0]["readers"]:
+        print(f"| {top}, block {worst}: the input of {reader} alone | " + " | ".join(
+            f"{r['readers'][reader]:.4f} ({r['readers'][reader] - fp:+.4f})" for r in rows) + " |")
+    if args.json:
+        write_text_atomic(args.json, json.dumps({"fp": fp, "setting": list(setting), "top_site": top,
+                                                 "top_block": worst, "rows": rows}, indent=1))
     return rows
 
 

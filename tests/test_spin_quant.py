@@ -788,6 +788,75 @@ def test_compare_sets_every_qat_row_against_the_first_on_the_same_windows(plain_
         capsys.readouterr().out
 
 
+def test_compare_sites_splits_the_gap_as_independently_built_models_do(plain_dir, capsys):
+    """--sites: without rotation, every quantized site's loss alone (and every site at once) equals a model built
+    here from the plain checkpoint with only that quantizer (model.py's act_quant config, rtn_quantize for the
+    weights); with no quantizer on, each rotation set leaves the full-precision loss (rotations are exact)."""
+    import demos.spinquant_compare as compare
+    from dataclasses import asdict
+    from quantization.fold import build_like
+    from quantization.perplexity import evaluate
+    from quantization.quantizers import QuantSpec, fake_quant
+    from quantization.rtn import rtn_quantize, weight_spec
+    from quantization.spin_quant import activation_quant, unrotated
+    rows = compare.main([f"--out_dir={plain_dir}", "--device=cpu", "--eval_tokens=2000", "--settings=4/4/4",
+                         "--sites"])
+    base = from_pretrained(plain_dir).eval()
+    val = split_tokens("shakespeare_char", "val")
+
+    def loss(model):
+        return evaluate(model, val, max_tokens=2000, progress=False)["loss"]
+
+    def built(act_quant, weights):
+        model = build_like(GPTConfig(**{**asdict(base.config), "act_quant": act_quant}), base.state_dict()).eval()
+        if weights:
+            rtn_quantize(model, weight_spec(4, 0, False))
+        return loss(model)
+
+    fp = loss(base)
+    assert [r["rotations"] for r in rows] == ["no rotation", "R1", "R1+R2", "R1+R2+R3", "R1+R2+R3+R4"]
+    plain = rows[0]
+    assert plain["none"] == pytest.approx(fp, abs=1e-6)
+    assert all(r["none"] == pytest.approx(fp, abs=1e-4) for r in rows)
+    every = unrotated(base, 4, 4)
+    rtn_quantize(every, weight_spec(4, 0, False))
+    assert plain["all"] == pytest.approx(loss(every), abs=1e-6)
+    assert plain["alone"]["weights"] == pytest.approx(built({}, True), abs=1e-6)
+    sites = activation_quant(4, 4)
+    assert set(plain["alone"]) == {"weights"} | set(sites) and set(plain["without"]) == set(plain["alone"])
+    for site, spec in sites.items():
+        assert plain["alone"][site] == pytest.approx(built({site: spec}, False), abs=1e-6), site
+    assert plain["without"]["weights"] == pytest.approx(built(sites, False), abs=1e-6)
+    assert all(len(r["blocks"]) == base.config.n_layer for r in rows)
+    out = capsys.readouterr().out
+    assert "| every site |" in out
+    # the top site of this model is the attention's input (q, k and v read it): each reader's input quantized
+    # alone in the costliest block, here by a hook on the plain model
+    assert plain["top_site"] == "attn_input" and set(plain["readers"]) == {"q", "k", "v"}
+    block = plain["top_block"]
+    assert f"| attn_input, block {block}: the input of k alone |" in out
+    spec = QuantSpec(**sites["attn_input"])
+    for reader, value in plain["readers"].items():
+        hook = getattr(base.transformer.h[block].attn, reader).register_forward_pre_hook(
+            lambda module, inputs: (fake_quant(inputs[0], spec),))
+        assert value == pytest.approx(loss(base), abs=1e-6), reader
+        hook.remove()
+    # the block's quantizer alone: the same as all three readers' inputs quantized
+    hooks = [getattr(base.transformer.h[block].attn, reader).register_forward_pre_hook(
+        lambda module, inputs: (fake_quant(inputs[0], spec),)) for reader in ("q", "k", "v")]
+    assert plain["blocks"][block] == pytest.approx(loss(base), abs=1e-6)
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize("flags, named", [(["--settings=16/4/4"], "--sites needs quantized weights"),
+                                          (["--settings=none"], "--sites needs a W/A/KV setting")])
+def test_compare_sites_refuses_a_setting_it_cannot_split_in_one_line(plain_dir, flags, named):
+    import demos.spinquant_compare as compare
+    error = run_main(compare.main, f"--out_dir={plain_dir}", "--device=cpu", "--sites", *flags)
+    assert error.startswith(f"spinquant_compare.py: error: {named}") and "\n" not in error
+
+
 @pytest.mark.parametrize("study", ["1.5:2:8", "x:2:8:rtn", "1.5:2:8:rtn:mse", "1.5:2:0:none", "1.5:-1:8:rtn"])
 def test_compare_refuses_a_bad_study_in_one_line(plain_dir, study):
     import demos.spinquant_compare as compare
