@@ -231,10 +231,13 @@ def site_gaps(args, base, setting, score, fp, device):
                     kind, site = name.split(".")[-3], name.split(".")[-1]  # ...h.<i>.<attn|mlp>.act.<site>
                     acts.setdefault(f"{kind}_{site}", {}).setdefault(bits, []).append(module)
 
-        def only(bits, keep):  # the activation quantizers of models[bits] on for the sites in keep, off elsewhere
+        def switch(bits, keep):  # the activation quantizers of models[bits] on for the sites in keep, off elsewhere
             for site, per_model in acts.items():
                 for module in per_model.get(bits, []):
                     module.enabled = site in keep
+
+        def only(bits, keep):
+            switch(bits, keep)
             return score(models[bits])
 
         label = "+".join(names) if names else "no rotation"
@@ -247,11 +250,11 @@ def site_gaps(args, base, setting, score, fp, device):
         # the activation site that costs most alone without rotation, block by block (each block's quantizer alone)
         top = top or max(acts, key=lambda site: row["alone"][site])
         row["blocks"] = []
-        for i, module in enumerate(acts[top][FULL_BITS]):
-            only(FULL_BITS, set())
+        for module in acts[top][FULL_BITS]:
+            switch(FULL_BITS, set())
             module.enabled = True
             row["blocks"].append(score(models[FULL_BITS]))
-        only(FULL_BITS, set())
+        switch(FULL_BITS, set())
         # in the costliest block (without rotation), the site's quantizer on the input of one reader at a time
         worst = worst if worst is not None else max(range(len(row["blocks"])), key=row["blocks"].__getitem__)
         row.update(top_site=top, top_block=worst, readers={})
