@@ -12,7 +12,8 @@
 #             (QAT_LEARN_ROTATIONS)
 #   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
 #   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
-#   sites     where the W4A4KV4 gap sits (demos/spinquant_compare.py --sites) on out-sq/cpu_fp_s$SEED
+#   sites     where the W4A4KV4 gap sits (demos/spinquant_compare.py --sites) on out-sq/cpu_fp_s$SEED (SITES="cpu
+#             baby_cpu": also on the baby phase's model)
 #   baby      no GPU: the baby GPT preset trained 300 iterations on the CPU, then the W4A4KV4 PTQ table
 #   demo      the issue's command: demos/spinquant_ptq.py --bits=4 --act_bits=4 --steps=40 --nsamples=32
 #   probe     train.py --spinquant_probe=$PROBE_ITERS (250) with the rotations kept at the switch whatever the
@@ -118,9 +119,12 @@ if [ "$PHASE" = study ]; then
   done
 fi
 if [ "$PHASE" = sites ]; then  # where the W4A4KV4 gap sits, site by site, without and with random Hadamard rotations
-  python demos/spinquant_compare.py --out_dir=out-sq/cpu_fp_s$S --device=cpu --eval_tokens=100000 --settings=4/4/4 \
-    --sites --progress=False --overwrite --json=bench/results/spinquant_cpu_sites_s$S.json \
-    > bench/results/spinquant_cpu_sites_s$S.md 2> $LOGS/sites_cpu_s$S.err
+  for name in ${SITES:-cpu}; do  # cpu: the default model; baby_cpu: the baby GPT of the baby phase (50,000 tokens)
+    tokens=100000; [ "$name" = baby_cpu ] && tokens=50000
+    python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$S --device=cpu --eval_tokens=$tokens \
+      --settings=4/4/4 --sites --progress=False --overwrite --json=bench/results/spinquant_${name}_sites_s$S.json \
+      > bench/results/spinquant_${name}_sites_s$S.md 2> $LOGS/sites_${name}_s$S.err
+  done
 fi
 if [ "$PHASE" = baby ]; then  # no GPU: the baby GPT preset, 300 iterations of 16 sequences, PTQ at W4A4KV4 only
   [ -f out-sq/baby_cpu_fp_s$S/ckpt.pt ] || python train.py --config=configs/baby_gpt.toml --device=cpu \
