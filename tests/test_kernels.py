@@ -559,7 +559,8 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     ("ncu_one_row.py", [], "needs a CUDA GPU"), ("gemm_zero_words.py", ["--rows=a"], "--rows="),
     ("gemm_zero_words.py", ["--shapes=4096"], "--shapes="), ("gemm_zero_words.py", [], "needs a CUDA GPU"),
     ("prefill_overlap.py", ["--blocks=0"], "--blocks=0"), ("prefill_overlap.py", ["--rows=a"], "--rows"),
-    ("prefill_overlap.py", ["--buffers=1"], "--buffers"), ("prefill_overlap.py", [], "needs a CUDA GPU")])
+    ("prefill_overlap.py", ["--buffers=1"], "--buffers"), ("prefill_overlap.py", ["--carveouts=a"], "--carveouts"),
+    ("prefill_overlap.py", [], "needs a CUDA GPU")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")
