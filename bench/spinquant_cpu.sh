@@ -13,8 +13,10 @@
 #   compare   demos/spinquant_compare.py (W4A4KV4) on out-sq/cpu_fp_s$SEED with its QAT runs
 #   study     what learning needs (demos/spinquant_compare.py --study) on out-sq/cpu_fp_s$SEED, GPTQ and RTN
 #   sites     where the W4A4KV4 gap sits (demos/spinquant_compare.py --sites) on out-sq/cpu_fp_s$SEED (SITES="cpu
-#             baby_cpu": also on the baby phase's model)
+#             baby_cpu bpe_cpu": also on the baby and bpe phases' models)
 #   baby      no GPU: the baby GPT preset trained 300 iterations on the CPU, then the W4A4KV4 PTQ table
+#   bpe       no GPU: a GPT-2-BPE model of 4 layers, 128 wide (block 128) trained 1000 iterations on data/shakespeare
+#             on the CPU (out-sq/bpe_cpu_fp_s$SEED), then the W4A4KV4 PTQ table
 #   demo      the issue's command: demos/spinquant_ptq.py --bits=4 --act_bits=4 --steps=40 --nsamples=32
 #   probe     train.py --spinquant_probe=$PROBE_ITERS (250) with the rotations kept at the switch whatever the
 #             held-out choice (QAT_SELECT = False), to 1500, beside plain QAT from the same run to 750
@@ -119,8 +121,8 @@ if [ "$PHASE" = study ]; then
   done
 fi
 if [ "$PHASE" = sites ]; then  # where the W4A4KV4 gap sits, site by site, without and with random Hadamard rotations
-  for name in ${SITES:-cpu}; do  # cpu: the default model; baby_cpu: the baby GPT of the baby phase (50,000 tokens)
-    tokens=100000; [ "$name" = baby_cpu ] && tokens=50000
+  for name in ${SITES:-cpu}; do  # cpu: the default model; baby_cpu, bpe_cpu: the baby and bpe phases' (50,000 tokens)
+    tokens=100000; [ "$name" != cpu ] && tokens=50000
     python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$S --device=cpu --eval_tokens=$tokens \
       --settings=4/4/4 --sites --progress=False --overwrite --json=bench/results/spinquant_${name}_sites_s$S.json \
       > bench/results/spinquant_${name}_sites_s$S.md 2> $LOGS/sites_${name}_s$S.err
@@ -133,6 +135,16 @@ if [ "$PHASE" = baby ]; then  # no GPU: the baby GPT preset, 300 iterations of 1
   python demos/spinquant_compare.py --out_dir=out-sq/baby_cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=64 \
     --seeds=2 --settings=4/4/4 --eval_tokens=50000 --progress=False --overwrite --json=bench/results/spinquant_baby_cpu_s$S.json \
     > bench/results/spinquant_baby_cpu_s$S.md 2> $LOGS/compare_baby_cpu_s$S.err
+fi
+if [ "$PHASE" = bpe ]; then  # no GPU: a small GPT-2-BPE model, 1000 iterations on the CPU, the W4A4KV4 PTQ table
+  [ -f data/shakespeare/val.bin ] || python data/shakespeare/prepare.py
+  [ -f out-sq/bpe_cpu_fp_s$S/ckpt.pt ] || python train.py --dataset=shakespeare --n_layer=4 --n_head=4 --n_embd=128 \
+    --block_size=128 --batch_size=16 --dropout=0.1 --learning_rate=1e-3 --min_lr=1e-4 --warmup_iters=100 \
+    --max_iters=1000 --lr_decay_iters=1000 --eval_iters=10 --eval_interval=1000 --log_interval=100 --dtype=float32 \
+    --compile=False --device=cpu --seed=$S --out_dir=out-sq/bpe_cpu_fp_s$S > $LOGS/train_bpe_cpu_fp_s$S.log 2>&1
+  python demos/spinquant_compare.py --out_dir=out-sq/bpe_cpu_fp_s$S --device=cpu --steps=$STEPS --nsamples=64 \
+    --seeds=2 --settings=4/4/4 --eval_tokens=50000 --progress=False --overwrite --json=bench/results/spinquant_bpe_cpu_s$S.json \
+    > bench/results/spinquant_bpe_cpu_s$S.md 2> $LOGS/compare_bpe_cpu_s$S.err
 fi
 if [ "$PHASE" = demo ] || [ "$PHASE" = all ]; then
   python demos/spinquant_ptq.py --out_dir=out-sq/cpu_fp_s$S --quantized_dir=out-sq/cpu_spinquant_s$S --bits=4 \

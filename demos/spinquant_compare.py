@@ -12,8 +12,9 @@ quarter of --nsamples, never learned on); "learned" rows are the learned rotatio
 standard errors of the per-window differences it is, printed under the table (and in --json).
 With --study, the table is instead what learning needs (steps, lr, calibration samples, the loss it learns on).
 With --sites, it is where the first setting's gap sits: each quantized site (the weights, each activation site, the
-K and V caches) left in full precision while the others stay quantized, and quantized alone, without rotation and
-with random Hadamard rotations R1, R1+R2, R1+R2+R3 and all four (RTN weights), and the costliest activation site
+K and V caches) left in full precision while the others stay quantized, and quantized alone, without rotation, with
+the norms folded alone, with the fixed Hadamards R4 and R3+R4 alone and with random Hadamard rotations R1, R1+R2,
+R1+R2+R3 and all four (RTN weights), and the costliest activation site
 quantized alone block by block (and, for the attention's input, on q, k or v's input alone).
 """
 import json
@@ -60,8 +61,8 @@ def main(argv=None):
                    "lr:steps:nsamples:learn_weights[:objective] (learn_weights rtn or none; objective ce, the default, "
                    "or kl) runs of SpinQuant + --method at the first setting")
     p.add_argument("--sites", action="store_true", help="instead of the table: the first setting's gap site by site "
-                   "(each site left in full precision, and quantized alone), without and with random Hadamard "
-                   "rotations")
+                   "(each site left in full precision, and quantized alone), without rotation, with the norms "
+                   "folded, and with Hadamard rotations")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     from inference import resolve_device
@@ -199,13 +200,16 @@ def main(argv=None):
     return rows
 
 
-ROTATION_SETS = ((), ("R1",), ("R1", "R2"), ("R1", "R2", "R3"), ("R1", "R2", "R3", "R4"))
+# (label, rotations, norms folded): no rotation, the folded norms alone, the fixed Hadamards without R1, then R1 on
+ROTATION_SETS = (("no rotation", (), False), ("folded", (), True), ("R4", ("R4",), True), ("R3+R4", ("R3", "R4"), True),
+                 ("R1", ("R1",), True), ("R1+R2", ("R1", "R2"), True), ("R1+R2+R3", ("R1", "R2", "R3"), True),
+                 ("R1+R2+R3+R4", ("R1", "R2", "R3", "R4"), True))
 READERS = {"input": ("q", "k", "v")}  # the linears that read an attention activation site (one quantizer for three)
 
 
 def site_gaps(args, base, setting, score, fp, device):
-    """Where the setting's loss gap sits: for each rotation set (none, then random Hadamard R1, R1+R2, ...; seed 0,
-    RTN weights), the loss with every site quantized, with each site left in full precision (how much of the gap
+    """Where the setting's loss gap sits: for each rotation set (none; the folded norms alone; the fixed Hadamards
+    R4 and R3+R4; random Hadamard R1, R1+R2, ...; seed 0, RTN weights), the loss with every site quantized, with each site left in full precision (how much of the gap
     it carries), with each site quantized alone, and with none (the rotated model itself, which should be the full
     precision loss). A site is the weights of every linear, or one activation site in every block; the activation site
     that costs most alone without rotation is also quantized alone block by block, and where it feeds q, k and v,
@@ -217,8 +221,8 @@ def site_gaps(args, base, setting, score, fp, device):
     common = dict(act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
                   device=device, method="rtn", seed=0)
     rows, top, worst = [], None, None
-    for names in ROTATION_SETS:
-        kwargs = dict(rotations=names) if names else dict(rotations=(), fold=False)
+    for label, names, fold in ROTATION_SETS:
+        kwargs = dict(rotations=names, fold=fold)
         models = {}
         for bits in (w, FULL_BITS):  # quantized and full-precision weights, the same rotations
             sq = SpinQuant(base, bits=bits, **common, **kwargs)
@@ -240,7 +244,6 @@ def site_gaps(args, base, setting, score, fp, device):
             switch(bits, keep)
             return score(models[bits])
 
-        label = "+".join(names) if names else "no rotation"
         every = only(w, set(acts))
         row = dict(rotations=label, all=every, none=only(FULL_BITS, set()),
                    without={"weights": only(FULL_BITS, set(acts))}, alone={"weights": only(w, set())})

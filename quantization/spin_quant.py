@@ -37,6 +37,9 @@ from quantization.rtn import SITES, weight_spec
 FULL_BITS = 16  # act_bits / kv_bits of 16: that activation is not quantized
 WEIGHT_METHODS = ("rtn", "gptq", "autoround")
 ROTATIONS = ("R1", "R2", "R3", "R4")
+# the fixed rotations without R1, each a candidate of SpinQuant.choose: R4 on the GELU output, whose heavy tails it
+# spreads, and R3 on the K cache; neither rotates the residual stream, where R1 can amplify the noise of some inputs
+FIXED_SETS = (("R4",), ("R3", "R4"))
 # the activation sites SpinQuant quantizes: the inputs of every linear layer, and the K and V caches
 LINEAR_INPUT_SITES = ("attn_input", "attn_pv_mult_output", "mlp_input", "mlp_activation_output")
 KV_SITES = ("attn_qk_mult_k_input", "attn_pv_mult_v_input")
@@ -222,8 +225,8 @@ class SpinQuant:
         self.rotations = tuple(rotations)
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
                          act_sym=act_sym, method=method, rotations=",".join(self.rotations), seed=seed, steps=0)
-        if not fold and rotations:
-            raise ValueError("fold=False: only without rotations (a rotation needs the norms folded)")
+        if not fold and "R1" in rotations:
+            raise ValueError("fold=False: only without R1 (R1 needs the norms folded; R2-R4 do not)")
         # fold in float64, apply the fixed rotations (R3, R4), keep `dtype` weights for optimisation
         folded = copy.deepcopy(model).to("cpu", torch.float64)
         folded = fold_norms(folded) if fold else folded
@@ -425,8 +428,9 @@ class SpinQuant:
     def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, select=True, log=print, **method_options):
         """Bake the rotations in and quantize the weights with the method: {module name: QuantizedWeight}
         (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data.
-        With `select` and held-out samples (optimize's), each candidate (no rotation; random Hadamard and learned
-        rotations, each as R1 only, R1+R2 and all) is quantized and scored on the held-out samples, `log` gets one
+        With `select` and held-out samples (optimize's), each candidate (no rotation; the folded norms alone; the
+        fixed Hadamards R4 and R3+R4 alone; random Hadamard and learned rotations, each as R1 only, R1+R2 and all)
+        is quantized and scored on the held-out samples, `log` gets one
         line per candidate and one for the choice, and the best is kept (self.choice, self.candidates); the
         weight method then calibrates on optimize's learning samples only (calib_data is not used)."""
         if select and self.heldout is not None:
@@ -446,10 +450,11 @@ class SpinQuant:
         return self.records
 
     def candidate_list(self):
-        """[(name, rotations, (R1, R2) or None for the random start)]: no rotation first (with GPTQ or AutoRound
-        also no rotation with RTN, the baseline spinquant_ptq.py reports: a weight method can lose to it), then per
-        rotation set the random Hadamard start and the learned rotations (left out where learning changed
-        nothing)."""
+        """[(name, rotations, (R1, R2) or None for the random start, fold)]: no rotation first (with GPTQ or
+        AutoRound also no rotation with RTN, the baseline spinquant_ptq.py reports: a weight method can lose to it),
+        the folded norms without rotation and the fixed Hadamards without R1 (R4, R3+R4: mlp_down's input and the K
+        cache, the residual stream as it was), then per rotation set with R1 the random Hadamard start and the learned
+        rotations (left out where learning changed nothing). Every candidate but the first two folds the norms."""
         sets = []
         for names in (("R1",), ("R1", "R2"), self.rotations):
             names = tuple(r for r in ROTATIONS if r in names)
@@ -463,29 +468,34 @@ class SpinQuant:
         from_identity = identity is not None and any(
             not torch.equal(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device))
             for R in [identity[0], *(identity[1] or [])] if R is not None)
-        out = [("no rotation", (), None)]
+        out = [("no rotation", (), None, False)]
         if self.method != "rtn" and self.spec is not None:  # what the demo reports as "no rotation": RTN
-            out.append(("no rotation, RTN", (), None))
+            out.append(("no rotation, RTN", (), None, False))
+        out.append(("folded norms, no rotation", (), None, True))
+        for names in FIXED_SETS:
+            if set(names) <= set(self.rotations):
+                out.append((f"Hadamard {'+'.join(names)}", names, None, True))
         for names in sets:
             label = "all" if names == ROTATIONS else "+".join(names)
-            out.append((f"random Hadamard {label}", names, self.start))
+            out.append((f"random Hadamard {label}", names, self.start, True))
             if changed and {"R1", "R2"} & set(names):
-                out.append((f"learned {label}", names, learned))
+                out.append((f"learned {label}", names, learned, True))
             if from_identity and {"R1", "R2"} & set(names):
-                out.append((f"learned from identity {label}", names, identity))
+                out.append((f"learned from identity {label}", names, identity, True))
         return out
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
-        the unrotated candidates and the rotations at least CLEAR_Z standard errors below the better unrotated one
+        the unrotated candidates and the others (folded, rotated) at least CLEAR_Z standard errors below the better
+        unrotated one
         (paired_gain, per sample). GPTQ and AutoRound calibrate on optimize's learning samples, never on the
         held-out ones."""
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
         results, base = [], None
-        for name, rotations, values in self.candidate_list():
+        for name, rotations, values, fold in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
-            sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=bool(rotations),
+            sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=fold,
                            **{**options, "method": method})
             if values is not None:
                 sq.set_rotations(*values)
@@ -495,7 +505,7 @@ class SpinQuant:
             per_sample = self.sample_losses(self.heldout, sq.model)
             loss = per_sample.mean().item()
             line = f"candidate {name}: held-out calibration loss {loss:.4f}"
-            if not rotations:  # no rotation (with the weight method, and with RTN): what rotations must clearly beat
+            if not fold:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
                 if base is None or loss < base.mean().item():
                     base = per_sample
                 clear = True
@@ -504,22 +514,22 @@ class SpinQuant:
                 clear = z >= CLEAR_Z
                 line += (f" (gain over no rotation {gain:+.4f}, {z:.1f} standard errors"
                          f"{'' if clear else ': not clearly better'})")
-            results.append((loss, name, sq, clear))
+            results.append((loss, name, sq, clear, fold))
             self.candidates.append(dict(name=name, heldout_loss=loss, clear=clear))
             log(line)
         # the lowest of the candidates that clearly beat no rotation (ties: the earlier, simpler one)
-        loss, name, best, _ = min((r for r in results if r[3]), key=lambda r: r[0])
+        loss, name, best, _, folded = min((r for r in results if r[3]), key=lambda r: r[0])
         for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state"):
             setattr(self, attr, getattr(best, attr))
         none = base.mean().item()
-        clear = sum(r[3] for r in results if r[2].rotations)
-        if not best.rotations:
-            others = [r for r in results if not r[2].rotations and r[1] != name]
-            reason = (f"none of the rotations beat it by {CLEAR_Z:g} standard errors"
+        clear = sum(r[3] for r in results if r[4])
+        if not folded:
+            others = [r for r in results if not r[4] and r[1] != name]
+            reason = (f"none of the others beat it by {CLEAR_Z:g} standard errors"
                       + (f"; {others[0][1]}: {others[0][0]:.4f}" if others else ""))
         else:
             reason = (f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {clear} "
-                      f"rotations {CLEAR_Z:g} or more standard errors below it")
+                      f"candidates {CLEAR_Z:g} or more standard errors below it")
         self.choice = dict(name=name, heldout_loss=loss, reason=reason)
         self.method = best.method
         self.info.update(rotations=",".join(best.rotations) or "none", choice=name, heldout_loss=loss,

@@ -689,6 +689,57 @@ def test_learning_from_the_identity_is_one_more_candidate(tiny_trained):
     assert sq.choice["name"] == best["name"]
 
 
+def test_the_fixed_hadamards_without_r1_match_a_model_built_with_hooks(tiny_trained):
+    """R4 alone, norms unfolded (a candidate's rotation without R1): the GELU output quantized in the Hadamard basis
+    equals the plain model with that one quantizer moved into a hook on mlp_down's input, x -> Q(x H) H^T (the
+    weights untouched); R3 alone leaves q k^T, so the full-precision model, unchanged. R1 still needs the fold."""
+    from dataclasses import asdict
+    from quantization.fold import build_like
+    from quantization.quantizers import QuantSpec, fake_quant
+    from quantization.spin_quant import activation_quant
+    model, tokens = tiny_trained
+    x = torch.cat(_calibration(tokens, n=2))[:, :-1]
+    site = {"mlp_activation_output": activation_quant(4, 16)["mlp_activation_output"]}
+    sq = SpinQuant(model, bits=16, act_quant=site, rotations=("R4",), fold=False, dtype=torch.float64)
+    rotated = sq.bake()
+    plain = build_like(GPTConfig(**asdict(model.config)), model.state_dict()).double().eval()
+    H = hadamard_matrix(4 * model.config.n_embd).t().double()
+    spec = QuantSpec(**site["mlp_activation_output"])
+    hooks = [block.mlp.mlp_down.register_forward_pre_hook(lambda m, i: (fake_quant(i[0] @ H, spec) @ H.t(),))
+             for block in plain.transformer.h]
+    assert sq.config.norm == "layernorm"
+    assert torch.allclose(rotated(x, x)[0], plain(x, x)[0], atol=1e-9)
+    for hook in hooks:
+        hook.remove()
+    r3 = SpinQuant(model, bits=16, act_bits=16, kv_bits=16, rotations=("R3",), fold=False, dtype=torch.float64)
+    assert torch.allclose(r3.bake()(x, x)[0], plain(x, x)[0], atol=1e-9)
+    with pytest.raises(ValueError, match="fold=False: only without R1"):
+        SpinQuant(model, rotations=("R1", "R4"), fold=False)
+
+
+def test_the_folded_norms_and_fixed_hadamards_are_candidates_that_must_clearly_win(tiny_trained):
+    """The choice also scores the folded norms without rotation and the fixed Hadamards R4 and R3+R4 (norms
+    folded), each as a model built apart scores it, and keeps one only when it clearly beats no rotation."""
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0)
+    sq.optimize(_calibration(tokens), steps=2, progress=False)
+    lines = []
+    sq.apply(progress=False, log=lines.append)
+    names = [c["name"] for c in sq.candidates]
+    assert names[:4] == ["no rotation", "folded norms, no rotation", "Hadamard R4", "Hadamard R3+R4"]
+    for name, rotations in (("folded norms, no rotation", ()), ("Hadamard R4", ("R4",)), ("Hadamard R3+R4", ("R3", "R4"))):
+        other = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, rotations=rotations)
+        other.apply(progress=False, select=False)
+        candidate = next(c for c in sq.candidates if c["name"] == name)
+        assert abs(sq.evaluate(sq.heldout, model=other.model) - candidate["heldout_loss"]) < 1e-6, name
+        line = next(line for line in lines if line.startswith(f"candidate {name}:"))
+        assert "gain over no rotation" in line and candidate["clear"] == ("not clearly better" not in line)
+    best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
+    assert sq.choice["name"] == best["name"]
+    if best["name"] != "no rotation":
+        assert best["heldout_loss"] < sq.candidates[0]["heldout_loss"]
+
+
 def test_a_rotation_must_clearly_beat_no_rotation():
     """paired_gain against a float64 reference: a consistent small gain is clear, a lower mean made of large
     opposite swings is not (the lowest of several noisy scores is how a worse rotation got kept)."""
@@ -814,7 +865,8 @@ def test_compare_sites_splits_the_gap_as_independently_built_models_do(plain_dir
         return loss(model)
 
     fp = loss(base)
-    assert [r["rotations"] for r in rows] == ["no rotation", "R1", "R1+R2", "R1+R2+R3", "R1+R2+R3+R4"]
+    assert [r["rotations"] for r in rows] == ["no rotation", "folded", "R4", "R3+R4", "R1", "R1+R2", "R1+R2+R3",
+                                              "R1+R2+R3+R4"]
     plain = rows[0]
     assert plain["none"] == pytest.approx(fp, abs=1e-6)
     assert all(r["none"] == pytest.approx(fp, abs=1e-4) for r in rows)
