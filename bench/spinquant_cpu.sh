@@ -122,7 +122,7 @@ if [ "$PHASE" = study ]; then
 fi
 if [ "$PHASE" = sites ]; then  # where the W4A4KV4 gap sits, site by site, without and with random Hadamard rotations
   for name in ${SITES:-cpu}; do  # cpu: the default model; baby_cpu, bpe_cpu: the baby and bpe phases' (50,000 tokens)
-    tokens=100000; [ "$name" != cpu ] && tokens=50000
+    tokens=100000; [ "$name" != cpu ] && tokens=50000; tokens=${TOKENS:-$tokens}  # validation tokens per score
     python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$S --device=cpu --eval_tokens=$tokens \
       --settings=4/4/4 --sites --progress=False --overwrite --json=bench/results/spinquant_${name}_sites_s$S.json \
       > bench/results/spinquant_${name}_sites_s$S.md 2> $LOGS/sites_${name}_s$S.err
