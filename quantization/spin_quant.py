@@ -200,8 +200,8 @@ class SpinQuant:
                  weight_specs=None, dtype=torch.float32, fold=True):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
         and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
-        the rotated model and the rotations (float64 to check exactness). `fold=False` (only with no rotations):
-        the norms stay LayerNorms, the model as it came (the no-rotation candidate)."""
+        the rotated model and the rotations (float64 to check exactness). `fold=False` (not with R1, which needs
+        the fold): the norms stay LayerNorms, the model as it came (the no-rotation candidate)."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -454,7 +454,7 @@ class SpinQuant:
         AutoRound also no rotation with RTN, the baseline spinquant_ptq.py reports: a weight method can lose to it),
         the folded norms without rotation and the fixed Hadamards without R1 (R4, R3+R4: mlp_down's input and the K
         cache, the residual stream as it was), then per rotation set with R1 the random Hadamard start and the learned
-        rotations (left out where learning changed nothing). Every candidate but the first two folds the norms."""
+        rotations (left out where learning changed nothing). All but the no-rotation ones fold the norms."""
         sets = []
         for names in (("R1",), ("R1", "R2"), self.rotations):
             names = tuple(r for r in ROTATIONS if r in names)
@@ -486,9 +486,8 @@ class SpinQuant:
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
-        the unrotated candidates and the others (folded, rotated) at least CLEAR_Z standard errors below the better
-        unrotated one
-        (paired_gain, per sample). GPTQ and AutoRound calibrate on optimize's learning samples, never on the
+        the unfolded no-rotation candidates and the others (folded, rotated) at least CLEAR_Z standard errors below
+        the better of those (paired_gain, per sample). GPTQ and AutoRound calibrate on optimize's learning samples, never on the
         held-out ones."""
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}

@@ -640,6 +640,15 @@ def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tm
     assert torch.equal(from_pretrained(str(tmp_path))(x, x)[0], sq.model(x, x)[0])
 
 
+def _chosen(model, tokens, method, steps, **optimize):
+    """A SpinQuant at W3A4KV4 after `steps` of optimize and apply's choice: (sq, the lines it logged, candidate names)."""
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method=method, seed=0)
+    sq.optimize(_calibration(tokens), steps=steps, progress=False, **optimize)
+    lines = []
+    sq.apply(progress=False, log=lines.append)
+    return sq, lines, [c["name"] for c in sq.candidates]
+
+
 def test_with_gptq_no_rotation_with_rtn_is_a_candidate_too(tiny_trained):
     """A weight method can lose to RTN on a model (GPTQ on the BPE model): the RTN model without rotation (what
     spinquant_ptq.py reports as "no rotation") is scored as well, equal to one built independently, and rotations
@@ -647,11 +656,7 @@ def test_with_gptq_no_rotation_with_rtn_is_a_candidate_too(tiny_trained):
     from quantization.rtn import rtn_quantize, weight_spec
     from quantization.spin_quant import unrotated
     model, tokens = tiny_trained
-    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="gptq", seed=0)
-    sq.optimize(_calibration(tokens), steps=2, progress=False)
-    lines = []
-    sq.apply(progress=False, log=lines.append)
-    names = [c["name"] for c in sq.candidates]
+    sq, lines, names = _chosen(model, tokens, "gptq", 2)
     assert names[:2] == ["no rotation", "no rotation, RTN"] and len(lines) == len(names) + 1
     baseline = unrotated(model, 4, 4)
     rtn_quantize(baseline, weight_spec(3, 0, False))
@@ -721,11 +726,7 @@ def test_the_folded_norms_and_fixed_hadamards_are_candidates_that_must_clearly_w
     """The choice also scores the folded norms without rotation and the fixed Hadamards R4 and R3+R4 (norms
     folded), each as a model built apart scores it, and keeps one only when it clearly beats no rotation."""
     model, tokens = tiny_trained
-    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0)
-    sq.optimize(_calibration(tokens), steps=2, progress=False)
-    lines = []
-    sq.apply(progress=False, log=lines.append)
-    names = [c["name"] for c in sq.candidates]
+    sq, lines, names = _chosen(model, tokens, "rtn", 2)
     assert names[:4] == ["no rotation", "folded norms, no rotation", "Hadamard R4", "Hadamard R3+R4"]
     for name, rotations in (("folded norms, no rotation", ()), ("Hadamard R4", ("R4",)), ("Hadamard R3+R4", ("R3", "R4"))):
         other = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, rotations=rotations)
