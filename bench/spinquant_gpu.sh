@@ -32,6 +32,8 @@ PROBE=${PROBE:-}              # --spinquant runs: --spinquant_probe over this pe
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/), sites, or all
 MODELS=${MODELS:-"baby bpe cpu"}  # which of the three models to train and compare
 QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
+COMPARE_FLAGS=${COMPARE_FLAGS:-}  # more demos/spinquant_compare.py flags for the compare phase (e.g. --heldout_tokens=65536)
+TABLE=${TABLE:-}              # a suffix for the compare phase's table names (spinquant_gpu${TABLE}_bpe_s1337.md)
 RESULTS=bench/results
 LOGS=$RESULTS/spinquant_logs/gpu  # apart from bench/spinquant_cpu.sh's logs of the same names
 TRAIN_LOGS=out-sq/logs            # training logs live with the checkpoints (a compare phase finds both) ...
@@ -108,7 +110,7 @@ compare() {
   done
   [ -f out-sq/${name}_fp_s$seed/ckpt.pt ] || return 0
   python demos/spinquant_compare.py --out_dir=out-sq/${name}_fp_s$seed --device=$DEVICE --steps=$STEPS --nsamples=64 \
-    --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False \
+    --seeds=3 --eval_tokens=$tokens --settings=$settings --progress=False $COMPARE_FLAGS \
     --overwrite --json=$RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.json --qat="${qat#,}" \
     > $RESULTS/spinquant_gpu${TABLE}_${name}_s$seed.md 2> "$LOGS/compare${TABLE}_${name}_s$seed.err"
 }
@@ -125,7 +127,7 @@ if [ "$PHASE" = sites ]; then  # where each full-precision model's W4A4KV4 gap s
   done
   wait; cat $RESULTS/spinquant_gpu_sites_*_s*.md; exit 0
 fi
-TABLE=; [ "$QAT_ONLY" = 1 ] && TABLE=_qat
+[ "$QAT_ONLY" = 1 ] && TABLE=_qat$TABLE
 cpids=()
 for s in $SEEDS; do
   settings=4/4/4; [ "$s" = "$first" ] && settings=$SETTINGS; [ "$QAT_ONLY" = 1 ] && settings=none
