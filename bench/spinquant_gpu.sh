@@ -31,6 +31,7 @@ EXTRA=${EXTRA:-}              # more train.py flags for every run
 PROBE=${PROBE:-}              # --spinquant runs: --spinquant_probe over this percentage of QAT (empty: train.py's)
 PHASE=${PHASE:-all}           # train, compare (on the checkpoints a train phase left in out-sq/), sites, or all
 MODELS=${MODELS:-"baby bpe cpu"}  # which of the three models to train and compare
+FP_ONLY=${FP_ONLY:-0}         # 1: the train phase trains the full-precision models alone (for PTQ tables, no QAT rows)
 QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
 COMPARE_FLAGS=${COMPARE_FLAGS:-}  # more demos/spinquant_compare.py flags for the compare phase (e.g. --heldout_tokens=65536)
 TABLE=${TABLE:-}              # a suffix for the compare phase's table names (spinquant_gpu${TABLE}_bpe_s1337.md)
@@ -58,6 +59,7 @@ TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of t
 run() {  # name flags...; QAT_SETTINGS: Python assignments to quantization/spin_quant.py's QAT settings (module s)
   local name=$1; shift
   case " $MODELS " in *" ${name%%_*} "*) ;; *) return 0 ;; esac  # a model not in MODELS
+  [ "$FP_ONLY" = 1 ] && [[ $name != *_fp_s* ]] && return 0  # FP_ONLY=1: the full-precision models alone
   (timeout $TRAIN_LIMIT python -c "import sys; import quantization.spin_quant as s; ${QAT_SETTINGS:-} import train; train.main(sys.argv[1:])" \
     --out_dir=out-sq/$name "$@" $EXTRA > "$TRAIN_LOGS/train_$name.log" 2>&1 \
     || { echo "train $name: stopped (exit $?)" >> "$TRAIN_LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
