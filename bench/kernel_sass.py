@@ -127,9 +127,8 @@ def main():
     p.add_argument("--prefetch", type=int, default=1, choices=(0, 1), help="compile the prefetch of the next step")
     p.add_argument("--xload", type=int, default=0, choices=(0, 1), help="how a step gets x (the kernel's XLOAD): "
                    "0 a load per value, 1 the step's block in one load")
-    p.add_argument("--pdl", type=int, default=0, choices=(0, 1, 2), help="compile the programmatic dependent launch "
-                   "(1: the next kernel let launch after the wait, 2: after the loop): the table then says how many "
-                   "global loads come before the wait for the earlier kernels")
+    p.add_argument("--pdl", type=int, default=0, choices=(0, 1), help="compile the programmatic dependent launch "
+                   "(1): the table then says how many global loads come before the wait for the earlier kernels")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (90: H100/H200)")
     p.add_argument("--show", action="store_true", help="also print the main loop's instructions")
     args = p.parse_args()
@@ -162,7 +161,7 @@ def main():
     for b in bits:
         for block_n, block_b, warps in configs:
             kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch,
-                                    args.pdl, args.xload)
+                                    bool(args.pdl), args.xload)
             code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)
             codes = block_n * block_b * 32 // (32 * warps)

@@ -571,16 +571,14 @@ def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script,
 
 
 def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
-    """NANOQAT_PDL_MAX_BYTES, NANOQAT_PDL_LATE_MAX_BYTES and NANOQAT_EARLY_ROW (settings to measure with) are read as integers at import; a value
+    """NANOQAT_PDL_MAX_BYTES and NANOQAT_EARLY_ROW (settings to measure with) are read as integers at import; a value
     that is not one stops the import with the variable named, an empty one keeps the default."""
-    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW, ops.PDL_LATE_MAX_BYTES)"
+    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW)"
     def run(**env):
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "NANOQAT_PDL_MAX_BYTES": "", "NANOQAT_EARLY_ROW": "",
-                                   "NANOQAT_PDL_LATE_MAX_BYTES": "", **env})
-    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0",
-               NANOQAT_PDL_LATE_MAX_BYTES="67108864").stdout.split() == ["8388609", "0", "67108864"]
-    assert run().stdout.split() == [str(8 * 2**20), "2048", "0"]
+                              env={**os.environ, "NANOQAT_PDL_MAX_BYTES": "", "NANOQAT_EARLY_ROW": "", **env})
+    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0").stdout.split() == ["8388609", "0"]
+    assert run().stdout.split() == [str(8 * 2**20), "2048"]
     bad = run(NANOQAT_PDL_MAX_BYTES="8MiB")
     assert bad.returncode != 0 and "NANOQAT_PDL_MAX_BYTES='8MiB': expected an integer" in bad.stderr
 
@@ -634,37 +632,6 @@ def test_with_dependent_launch_the_one_row_kernel_loads_its_words_before_waiting
         ptx = compile_stream(4, 32, 32, 8, True, prefetch, 90, pdl=True).asm["ptx"]
         assert loads_before_wait(ptx) == loads and "griddepcontrol.launch_dependents" in ptx
     assert loads_before_wait(compile_stream(4, 32, 32, 8, True, True, 90).asm["ptx"]) is None
-
-
-def test_with_late_dependent_launch_the_next_kernel_is_let_start_after_the_loop():
-    """PDL 1 lets the next kernel launch right after the wait (no FMA before griddepcontrol.launch_dependents); PDL 2
-    (ops.pdl_mode, layers above PDL_MAX_BYTES) only after the loop: every FMA of the loop comes before it, the
-    split-K hand-off after it."""
-    pytest.importorskip("triton")
-    from bench.kernel_sass import compile_stream
-    for pdl in (1, 2):
-        ptx = compile_stream(4, 32, 32, 8, True, True, 90, pdl=pdl).asm["ptx"]
-        before, after = ptx.split("griddepcontrol.wait", 1)
-        between, rest = after.split("griddepcontrol.launch_dependents", 1)
-        assert "griddepcontrol.launch_dependents" not in before + rest
-        if pdl == 1:
-            assert "fma.rn.f32" not in between
-        else:
-            assert between.count("fma.rn.f32") >= 128 and "fma.rn.f32" not in rest and "atom" in rest
-
-
-def test_pdl_mode_gives_small_layers_the_early_launch_and_larger_ones_the_late_one_up_to_its_limit(monkeypatch):
-    monkeypatch.setattr(ops, "pdl_available", lambda device: True)
-    monkeypatch.setattr(ops, "PDL_MAX_BYTES", 8 * 2**20)
-    monkeypatch.setattr(ops, "PDL_LATE_MAX_BYTES", 0)
-    small, large = torch.empty(512, 4096, dtype=torch.int32), torch.empty(512, 16384, dtype=torch.int32)
-    assert (ops.pdl_mode(small.device, small), ops.pdl_mode(large.device, large)) == (1, 0)
-    monkeypatch.setattr(ops, "PDL_LATE_MAX_BYTES", 32 * 2**20)
-    assert (ops.pdl_mode(small.device, small), ops.pdl_mode(large.device, large)) == (1, 2)
-    monkeypatch.setattr(ops, "PDL_LATE_MAX_BYTES", 32 * 2**20 - 1)
-    assert ops.pdl_mode(large.device, large) == 0
-    monkeypatch.setattr(ops, "pdl_available", lambda device: False)
-    assert (ops.pdl_mode(small.device, small), ops.pdl_mode(large.device, large)) == (0, 0)
 
 
 def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():

@@ -105,9 +105,6 @@ ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
 # slowed the 6.7B shape's on all its layers (8-22 MiB; bench/results/pdl_h200/README.md) and sped it on the 8 MiB
 # one alone (409-412 -> 428 tokens/s, bench/results/pdl_8mib_h200/README.md)
 PDL_MAX_BYTES = _env_int("NANOQAT_PDL_MAX_BYTES", 8 * 2**20)  # the variable sets it, to measure
-# larger layers' one-row kernel, up to this many bytes of codes: PDL with the next kernel let launch only after the
-# loop (pdl_mode); 0 (the default until measured): none. NANOQAT_PDL_LATE_MAX_BYTES sets it, to measure
-PDL_LATE_MAX_BYTES = _env_int("NANOQAT_PDL_LATE_MAX_BYTES", 0)
 # the fused normalization (norm_matmul) loads a row of up to this many values before the one-row kernel's loop, a
 # longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
 # XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
@@ -168,16 +165,6 @@ def dependent_launch(device, qweight):
     compute capability 9 or more (Hopper), for layers of at most PDL_MAX_BYTES of codes, unless NANOQAT_PDL=0
     (to measure without it)."""
     return qweight.numel() * qweight.element_size() <= PDL_MAX_BYTES and pdl_available(device)
-
-
-def pdl_mode(device, qweight):
-    """The one-row kernel's PDL (triton_kernels._stream_gemv_kernel): 1 as dependent_launch (the next kernel may
-    launch as soon as this one has waited for the one before), 2 for layers above PDL_MAX_BYTES and up to
-    PDL_LATE_MAX_BYTES of codes (the next kernel may launch once this one's loop is done), else 0."""
-    if dependent_launch(device, qweight):
-        return 1
-    size = qweight.numel() * qweight.element_size()
-    return 2 if size <= PDL_LATE_MAX_BYTES and pdl_available(device) else 0
 
 
 def pdl_available(device):
@@ -248,7 +235,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     if split > 1 and (counters is None or counters.numel() < tiles * m):
         counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
-    pdl = pdl_mode(x.device, qweight)
+    pdl = dependent_launch(x.device, qweight)
     dtype = norm[0].dtype if norm is not None else residual[0].dtype if residual is not None else x.dtype
     y = torch.empty((m, n), device=x.device, dtype=dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
@@ -267,7 +254,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl, XLOAD=xload,
-        launch_pdl=pdl > 0, num_warps=warps, **extra)
+        launch_pdl=pdl, num_warps=warps, **extra)
     return (y, u) if residual is not None else y
 
 

@@ -45,19 +45,9 @@ def _after_earlier_kernels(PDL: tl.constexpr):
     """Programmatic dependent launch (PDL, Hopper and later; the launcher passes launch_pdl): this kernel may start
     while the kernel before it finishes. Everything above this call must read only what no earlier kernel writes (the
     weights); here it waits until the earlier kernels' writes (x, and the buffers it is about to write) are done,
-    and lets the next kernel launch in turn. PDL 2: the next kernel is let launch later, by _let_later_kernels_start
-    after this kernel's loop (its programs then do not wait on the multiprocessors while this one streams)."""
+    and lets the next kernel launch in turn."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        if PDL != 2:
-            tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _let_later_kernels_start(PDL: tl.constexpr):
-    """PDL 2: the next kernel may launch once every program of this one has got here (at the end of its loop, its
-    last loads issued): its programs load their first weights while this kernel drains."""
-    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 
@@ -238,8 +228,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     0 for the next call. One launch: no zeroed output, no atomics on y, no cast afterwards.
     ACT: the activation applied to y (bias added) before it is written (_activate): a GELU after the layer costs no
     kernel of its own. PDL: launched before the kernel that writes x has finished (_after_earlier_kernels); with
-    PREFETCH the first step's words are loaded before the wait, so their round trip overlaps that kernel's end. PDL
-    1 lets the next kernel launch right after the wait, PDL 2 only after the loop (ops.pdl_mode).
+    PREFETCH the first step's words are loaded before the wait, so their round trip overlaps that kernel's end.
     NORM and RESID take the LayerNorm before a layer and the residual add after one into the kernel (ops.norm_matmul,
     ops.residual_matmul; _epilogue): a decode step then has no normalization kernel of its own.
     XLOAD: how a step gets x (_x_scaled; the same float32 values, so the same output). 0: a load per value where
@@ -329,7 +318,6 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
             acc += (part * BACK - xsum[:, None] * zero) * scale
         else:
             acc += (part * BACK - ZERO * xsum[:, None]) * scale
-    _let_later_kernels_start(PDL)
     y = tl.sum(acc, axis=0)
     y_ptrs = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT:
