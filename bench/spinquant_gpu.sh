@@ -12,6 +12,10 @@
 #   PHASE=sites MODELS=bpe bash bench/spinquant_gpu.sh      # after a train phase: where the W4A4KV4 gap sits
 # With the candidates learned from the identity (on by default) the compare phase of the BPE model alone took 6.7
 # min on an H200: in calls of 10 minutes, compare MODELS=bpe and MODELS="baby cpu" apart (same out-sq/, warm machine).
+# bench/results/spinquant_gpu_fixed/ (the BPE model, W4A4KV4 only, with the fixed Hadamard candidates):
+#   PHASE=train MODELS=bpe VARIANTS=0 FP_ONLY=1 bash bench/spinquant_gpu.sh                        # 1 min
+#   TABLE=_fixed PHASE=compare MODELS=bpe VARIANTS=0 SETTINGS=4/4/4 COMPARE_FLAGS=--heldout_tokens=65536 \
+#     bash bench/spinquant_gpu.sh                                                                  # 6.6 min
 # The --spinquant runs probe kept rotations over a third of QAT (train.py's default --spinquant_probe); PROBE=0
 # decides at the switch only, PROBE=N probes over N% of the QAT iterations.
 # EXTRA=--deterministic asks train.py for deterministic kernels: a run that keeps no rotation then equals plain QAT
@@ -139,7 +143,7 @@ for s in $SEEDS; do
   done
 done
 case " $MODELS " in *" bpe "*) BPE_DEMO=1 ;; *) BPE_DEMO=0 ;; esac
-[ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] || python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant \
+[ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] || python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant --overwrite \
   --device=$DEVICE --steps=$STEPS --nsamples=64 --eval_tokens=50000 --progress=False > "$LOGS/spinquant_ptq_bpe.log" 2>&1
 [ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] || tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
 for pid in "${cpids[@]}"; do wait "$pid"; done
