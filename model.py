@@ -54,16 +54,30 @@ class GPTConfig:
     # the output head shares the token embedding's matrix; False gives it its own (rotated models need that)
     tied_head: bool = True
     # "<kind>_<site>" -> online transform applied just before the site's quantizer (quantization/layers.py
-    # ONLINE_TRANSFORMS, e.g. "hadamard"); the layer reading the site carries its inverse in its weight
+    # ONLINE_TRANSFORMS: "hadamard", "scale" (one factor per channel, a saved buffer), "scale_hadamard"); the layer
+    # reading the site carries its inverse in its weight
     online_transforms: dict = field(default_factory=dict)
 
 
+def site_width(config, kind, site):
+    """Channels of an activation site whose last dimension is the model's width (or the MLP's); None for the sites
+    inside attention, which are per head."""
+    if kind == "mlp":
+        return 4 * config.n_embd if site.startswith("activation") else config.n_embd
+    return config.n_embd if site in ("input", "output") else None
+
+
 def act_sites(config, kind):
-    return nn.ModuleDict({
-        site: ActQuant(QuantSpec(**config.act_quant[f"{kind}_{site}"]) if f"{kind}_{site}" in config.act_quant
-                       else None, store=config.store_activations,
-                       transform=config.online_transforms.get(f"{kind}_{site}"))
-        for site in ACT_SITES[kind]})
+    sites = nn.ModuleDict()
+    for site in ACT_SITES[kind]:
+        name = f"{kind}_{site}"
+        try:
+            sites[site] = ActQuant(QuantSpec(**config.act_quant[name]) if name in config.act_quant else None,
+                                   store=config.store_activations, transform=config.online_transforms.get(name),
+                                   width=site_width(config, kind, site))
+        except ValueError as e:
+            raise ValueError(f"online_transforms: {name}: {e}") from None
+    return sites
 
 
 def make_norm(config):

@@ -34,8 +34,9 @@ from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.quantizers import fake_quant  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
-from quantization.spin_quant import FULL_BITS, SpinQuant, paired_gain, split_calibration, unrotated  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from quantization.spin_quant import (FULL_BITS, SpinQuant, gelu_output_scales, paired_gain, split_calibration,  # noqa: E402
+                                      unrotated)
+from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, smooth_alpha  # noqa: E402
 from safety import check_output_file, write_text_atomic  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def main(argv=None):
                    "or kl) runs of SpinQuant + --method at the first setting")
     p.add_argument("--sites", action="store_true", help="instead of the table: the first setting's gap site by site "
                    "(each site left in full precision, and quantized alone), without rotation, with the norms "
-                   "folded, and with Hadamard rotations")
+                   "folded, with S4 (--smooth), and with Hadamard rotations")
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     from inference import resolve_device
@@ -123,7 +124,7 @@ def main(argv=None):
     if args.sites:
         if not settings:
             sys.exit(f"{error} --sites needs a W/A/KV setting in --settings")
-        return site_gaps(args, base, settings[0], score, fp, device)
+        return site_gaps(args, base, settings[0], score, fp, device, calibration)
     if args.study:
         return study(args, base, checkpoint, settings[0], score, fp, device, heldout)
     for w, a, kv in settings:
@@ -148,7 +149,13 @@ def main(argv=None):
                 sq = SpinQuant(base, method="gptq", seed=0, **common)
                 sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False)
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
-            sq = SpinQuant(base, method=method, seed=0, **common)
+            if args.smooth:  # S4 alone, on the learning samples
+                scales = gelu_output_scales(base, learn_part, args.smooth_alpha)
+                sq = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, **common)
+                sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False, select=False)
+                add(setting, f"S4 (GELU output scale, alpha {args.smooth_alpha:g}) + {method.upper()}, no rotation",
+                    score(sq.model), rtn)
+            sq = SpinQuant(base, method=method, seed=0, smooth_alpha=smooth_alpha(args), **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                  seed=args.seed, progress=False, heldout=heldout, from_identity=args.from_identity)
             sq.apply(nsamples=args.nsamples, progress=False, select=False)
@@ -200,16 +207,19 @@ def main(argv=None):
     return rows
 
 
-# (label, rotations, norms folded): no rotation, the folded norms alone, the fixed Hadamards without R1, then R1 on
-ROTATION_SETS = (("no rotation", (), False), ("folded", (), True), ("R4", ("R4",), True), ("R3+R4", ("R3", "R4"), True),
-                 ("R1", ("R1",), True), ("R1+R2", ("R1", "R2"), True), ("R1+R2+R3", ("R1", "R2", "R3"), True),
-                 ("R1+R2+R3+R4", ("R1", "R2", "R3", "R4"), True))
+# (label, rotations, norms folded, S4): no rotation, the folded norms alone, the fixed Hadamards without R1, S4 alone
+# (with --smooth), then R1 on
+ROTATION_SETS = (("no rotation", (), False, False), ("folded", (), True, False), ("R4", ("R4",), True, False),
+                 ("R3+R4", ("R3", "R4"), True, False), ("S4", (), False, True), ("R1", ("R1",), True, False),
+                 ("R1+R2", ("R1", "R2"), True, False), ("R1+R2+R3", ("R1", "R2", "R3"), True, False),
+                 ("R1+R2+R3+R4", ("R1", "R2", "R3", "R4"), True, False))
 READERS = {"input": ("q", "k", "v")}  # the linears that read an attention activation site (one quantizer for three)
 
 
-def site_gaps(args, base, setting, score, fp, device):
+def site_gaps(args, base, setting, score, fp, device, calibration):
     """Where the setting's loss gap sits: for each rotation set (none; the folded norms alone; the fixed Hadamards
-    R4 and R3+R4; random Hadamard R1, R1+R2, ...; seed 0, RTN weights), the loss with every site quantized, with each site left in full precision (how much of the gap
+    R4 and R3+R4; S4 alone, its scales from the calibration samples; random Hadamard R1, R1+R2, ...; seed 0, RTN
+    weights), the loss with every site quantized, with each site left in full precision (how much of the gap
     it carries), with each site quantized alone, and with none (the rotated model itself, which should be the full
     precision loss). A site is the weights of every linear, or one activation site in every block; the activation site
     that costs most alone without rotation is also quantized alone block by block, and where it feeds q, k and v,
@@ -221,8 +231,12 @@ def site_gaps(args, base, setting, score, fp, device):
     common = dict(act_bits=a, kv_bits=kv, group_size=args.group_size, sym=args.sym, act_sym=args.act_sym,
                   device=device, method="rtn", seed=0)
     rows, top, worst = [], None, None
-    for label, names, fold in ROTATION_SETS:
+    for label, names, fold, smooth in ROTATION_SETS:
+        if smooth and not args.smooth:
+            continue
         kwargs = dict(rotations=names, fold=fold)
+        if smooth:
+            kwargs["smooth"] = gelu_output_scales(base, calibration, args.smooth_alpha)
         models = {}
         for bits in (w, FULL_BITS):  # quantized and full-precision weights, the same rotations
             sq = SpinQuant(base, bits=bits, **common, **kwargs)

@@ -20,7 +20,7 @@ from inference import resolve_device  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, unrotated  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, smooth_alpha  # noqa: E402
 from safety import check_output_dir, same_file  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main(argv=None):
     try:
         sq = SpinQuant(model, bits=args.bits, act_bits=args.act_bits, kv_bits=args.kv_bits,
                        group_size=args.group_size, sym=args.sym, act_sym=args.act_sym, method=args.method,
-                       seed=args.seed, device=device)
+                       seed=args.seed, device=device, smooth_alpha=smooth_alpha(args))
     except ValueError as e:
         sys.exit(f"{error} --out_dir={args.out_dir}: {e}")
     val = split_tokens(checkpoint["dataset"], "val")

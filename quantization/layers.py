@@ -11,8 +11,48 @@ from torch.nn.utils import parametrize
 from quantization.hadamard import HadamardTransform
 from quantization.quantizers import QuantSpec, code_range, fake_quant, fake_quant_with_codes, misfit, smallest_int_dtype
 
-# online transforms an activation site can apply before its quantizer (GPTConfig.online_transforms)
-ONLINE_TRANSFORMS = {"hadamard": HadamardTransform}
+
+class ChannelScale(nn.Module):
+    """An online transform x -> x * inv_scale over the last dimension, one factor per channel; the layer that reads
+    the site holds the scale in its input columns (W diag(s), inv_scale = 1 / s). SmoothQuant's move of a hard
+    activation's range into the weight, at a site no offline scale passes through (the GELU output mlp_down
+    reads). `inv_scale` is a buffer, saved with the model."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("inv_scale", torch.ones(width))
+
+    def forward(self, x):
+        return x * self.inv_scale.to(x.dtype)
+
+
+class ScaledHadamard(ChannelScale):
+    """x -> (x * inv_scale) H^T: the channel scale, then the Hadamard (the reader holds W diag(s) H^T)."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.hadamard = HadamardTransform()
+
+    def forward(self, x):
+        return self.hadamard(super().forward(x))
+
+
+# online transforms an activation site can apply before its quantizer (GPTConfig.online_transforms): name ->
+# (constructor of the site's width, whether it needs that width)
+ONLINE_TRANSFORMS = {"hadamard": (lambda width: HadamardTransform(), False), "scale": (ChannelScale, True),
+                     "scale_hadamard": (ScaledHadamard, True)}
+
+
+def make_transform(name, width=None):
+    """The online transform `name` (ONLINE_TRANSFORMS) of a site `width` channels wide; ValueError naming it when it
+    is unknown, or needs a width the site does not have."""
+    if name not in ONLINE_TRANSFORMS:
+        raise ValueError(f"online transform '{name}' is unknown; expected one of {', '.join(ONLINE_TRANSFORMS)}")
+    build, needs_width = ONLINE_TRANSFORMS[name]
+    if needs_width and not width:
+        raise ValueError(f"online transform '{name}' holds one scale per channel: only at a site of known width "
+                         "(attn_input, attn_output and the mlp_ sites)")
+    return build(width)
 
 
 class FakeQuantize(nn.Module):
@@ -80,13 +120,12 @@ class ActQuant(nn.Module):
     """Fake-quantizes the activation passing a named site; the identity when the site is off (spec None) or
     while quantization is switched off (warm-up). With `store`, keeps the last quantized activation's integer
     codes, scale and zero point as buffers (saved with the checkpoint by train.py). A `transform` (a name in
-    ONLINE_TRANSFORMS) is applied first, always: it is part of the function the model computes, not a quantizer."""
+    ONLINE_TRANSFORMS; `width`: the site's channels, for a transform with one scale per channel) is applied first,
+    always: it is part of the function the model computes, not a quantizer."""
 
-    def __init__(self, spec: QuantSpec = None, store=False, transform=None):
+    def __init__(self, spec: QuantSpec = None, store=False, transform=None, width=None):
         super().__init__()
-        if transform is not None and transform not in ONLINE_TRANSFORMS:
-            raise ValueError(f"online transform '{transform}' is unknown; expected one of {', '.join(ONLINE_TRANSFORMS)}")
-        self.transform = ONLINE_TRANSFORMS[transform]() if transform else None
+        self.transform = make_transform(transform, width) if transform else None
         self.spec = spec
         self.enabled = True
         self.store = store and spec is not None

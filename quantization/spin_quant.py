@@ -14,6 +14,9 @@ every norm a weight-free RMSNorm over a mean-free residual and untied the head:
 - R3 (head_dim, a Hadamard) on each head of q and k: q k^T is unchanged, the K cache quantizes better. Fixed.
 - R4: an online Hadamard on mlp_down's input (config online_transforms, applied before the site's quantizer),
   its inverse folded into mlp_down's weight. Fixed.
+- S4 (not in the paper): a scale per channel of mlp_down's input, the GELU output (x -> x / s online, W_down diag(s)):
+  SmoothQuant's move of a hard activation's range into the weight, at the one linear input no offline scale passes
+  through. Computed from calibration statistics (gelu_output_scales); a candidate of the held-out choice.
 Activations are quantized per token at the inputs of every linear layer, and the K and V caches per token and
 head, by model.py's own activation quantizers (config act_quant); only the weights differ from a plain model.
 """
@@ -40,6 +43,8 @@ ROTATIONS = ("R1", "R2", "R3", "R4")
 # the fixed rotations without R1, each a candidate of SpinQuant.choose: R4 on the GELU output, whose heavy tails it
 # spreads, and R3 on the K cache; neither rotates the residual stream, where R1 can amplify the noise of some inputs
 FIXED_SETS = (("R4",), ("R3", "R4"))
+# S4's scale s_j = rms_j^alpha / max_i |W_down[i, j]|^(1 - alpha) (SmoothQuant's migration strength alpha)
+SMOOTH_ALPHA = 0.5
 # the activation sites SpinQuant quantizes: the inputs of every linear layer, and the K and V caches
 LINEAR_INPUT_SITES = ("attn_input", "attn_pv_mult_output", "mlp_input", "mlp_activation_output")
 KV_SITES = ("attn_qk_mult_k_input", "attn_pv_mult_v_input")
@@ -114,6 +119,46 @@ def rotate_state(state, config, R1=None, R2=None, R3=None, R4=None):
         for key in ("transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"):
             s[key] = s[key] @ R1
     return s
+
+
+@torch.no_grad()
+def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16):
+    """S4: per block, a scale for each channel of the GELU output that mlp_down reads, s_j = rms_j^alpha /
+    max_i |W_down[i, j]|^(1 - alpha), rms_j that channel's root mean square over the (N, T + 1) calibration samples
+    `data` under `model` (full precision, unrotated: the GELU output is the same under R1-R3). SmoothQuant's rule with
+    the RMS where it takes the maximum: on a small GPT-2-BPE model (4 x 128, CPU), W4A4KV4 with RTN, the RMS at
+    alpha 0.5 left 0.0028 of a 0.0072 gap and the maximum 0.0033 (alpha 0.25 and 0.75: 0.0040-0.0044). A list of
+    (4 n_embd,) float64 tensors; mlp_down's input columns are multiplied by s and the site divides by it."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smooth_alpha={alpha}: must be in [0, 1]")
+    data = calibration_batch(data)
+    blocks = model.transformer.h
+    sums = [None] * len(blocks)
+    count = 0
+
+    def hook(i):
+        def record(module, inputs, out):
+            sq = out.detach().double().pow(2).flatten(0, -2).sum(0).cpu()
+            sums[i] = sq if sums[i] is None else sums[i] + sq
+        return record
+
+    handles = [b.mlp.act["activation_output"].register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    device = next(model.parameters()).device
+    try:
+        for b in range(0, data.shape[0], batch_size):
+            x = data[b:b + batch_size, :-1].to(device)
+            model(x)
+            count += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    scales = []
+    for i, block in enumerate(blocks):
+        rms = (sums[i] / count).sqrt()
+        w_max = block.mlp.mlp_down.weight.detach().double().abs().amax(dim=0).cpu()
+        s = rms.clamp(min=1e-8).pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
+        scales.append(s / s.mean())  # the mean does not matter to per-token or per-row quantizers: keep s near 1
+    return scales
 
 
 def cayley_step(R, grad, lr):
@@ -197,11 +242,13 @@ class SpinQuant:
 
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
                  method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
-                 weight_specs=None, dtype=torch.float32, fold=True):
+                 weight_specs=None, dtype=torch.float32, fold=True, smooth=None, smooth_alpha=SMOOTH_ALPHA):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
         and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
         the rotated model and the rotations (float64 to check exactness). `fold=False` (not with R1, which needs
-        the fold): the norms stay LayerNorms, the model as it came (the no-rotation candidate)."""
+        the fold): the norms stay LayerNorms, the model as it came (the no-rotation candidate). `smooth`: S4, one
+        scale per block for mlp_down's input (gelu_output_scales), applied before R4 when both are on.
+        `smooth_alpha`: the alpha of the S4 candidates of apply's choice (None: no S4 candidates)."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -223,20 +270,32 @@ class SpinQuant:
                 raise ValueError(f"group_size={group_size}: {misfit(self.spec, width)}")
         self.device = device or next(model.parameters()).device
         self.rotations = tuple(rotations)
+        self.smooth, self.smooth_alpha = smooth, smooth_alpha
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
-                         act_sym=act_sym, method=method, rotations=",".join(self.rotations), seed=seed, steps=0)
+                         act_sym=act_sym, method=method, rotations=",".join(self.rotations + (("S4",) if smooth else ())),
+                         seed=seed, steps=0)
         if not fold and "R1" in rotations:
             raise ValueError("fold=False: only without R1 (R1 needs the norms folded; R2-R4 do not)")
+        if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
+            raise ValueError(f"smooth_alpha={smooth_alpha}: must be in [0, 1], or None for no S4 candidates")
+        if smooth is not None and (len(smooth) != cfg.n_layer or any(t.shape != (4 * C,) for t in smooth)):
+            raise ValueError(f"smooth: expected {cfg.n_layer} scales of {4 * C} channels (gelu_output_scales)")
         # fold in float64, apply the fixed rotations (R3, R4), keep `dtype` weights for optimisation
         folded = copy.deepcopy(model).to("cpu", torch.float64)
         folded = fold_norms(folded) if fold else folded
         fixed = dict(R3=hadamard_matrix(hd) if "R3" in rotations else None,
                      R4=hadamard_matrix(4 * C).t() if "R4" in rotations else None)
-        state = rotate_state(folded.state_dict(), cfg, **fixed)
+        state = folded.state_dict()
+        for i, scale in enumerate(smooth or []):  # S4: W_down <- W_down diag(s), the site divides by s (before R4)
+            p = f"transformer.h.{i}.mlp."
+            state[p + "mlp_down.weight"] = state[p + "mlp_down.weight"] * scale.to(torch.float64)
+            state[p + "act.activation_output.transform.inv_scale"] = 1.0 / scale.to(torch.float64)
+        state = rotate_state(state, cfg, **fixed)
         if act_quant is None:
             act_quant = activation_quant(act_bits, kv_bits, act_sym)
+        transform = ("scale_" if smooth is not None else "") + ("hadamard" if "R4" in rotations else "")
         config = {**asdict(folded.config), "act_quant": act_quant,
-                  "online_transforms": {"mlp_activation_output": "hadamard"} if "R4" in rotations else {}}
+                  "online_transforms": {"mlp_activation_output": transform.strip("_")} if transform else {}}
         self.config = GPTConfig(**config)
         self.model = build_like(self.config, {k: v.to(dtype) for k, v in state.items()}).to(self.device).eval()
         self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -450,11 +509,13 @@ class SpinQuant:
         return self.records
 
     def candidate_list(self):
-        """[(name, rotations, (R1, R2) or None for the random start, fold)]: no rotation first (with GPTQ or
+        """[(name, rotations, (R1, R2) or None for the random start, fold, S4)]: no rotation first (with GPTQ or
         AutoRound also no rotation with RTN, the baseline spinquant_ptq.py reports: a weight method can lose to it),
         the folded norms without rotation and the fixed Hadamards without R1 (R4, R3+R4: mlp_down's input and the K
         cache, the residual stream as it was), then per rotation set with R1 the random Hadamard start and the learned
-        rotations (left out where learning changed nothing). All but the no-rotation ones fold the norms."""
+        rotations (left out where learning changed nothing). All but the no-rotation ones fold the norms. With
+        smooth_alpha, S4 takes R4's place in four more: S4 alone (unfolded), R3+S4, and the learned rotations of the
+        largest set (from the random start and from the identity) with S4 for R4."""
         sets = []
         for names in (("R1",), ("R1", "R2"), self.rotations):
             names = tuple(r for r in ROTATIONS if r in names)
@@ -468,20 +529,30 @@ class SpinQuant:
         from_identity = identity is not None and any(
             not torch.equal(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device))
             for R in [identity[0], *(identity[1] or [])] if R is not None)
-        out = [("no rotation", (), None, False)]
+        out = [("no rotation", (), None, False, False)]
         if self.method != "rtn" and self.spec is not None:  # what the demo reports as "no rotation": RTN
-            out.append(("no rotation, RTN", (), None, False))
-        out.append(("folded norms, no rotation", (), None, True))
+            out.append(("no rotation, RTN", (), None, False, False))
+        out.append(("folded norms, no rotation", (), None, True, False))
         for names in FIXED_SETS:
             if set(names) <= set(self.rotations):
-                out.append((f"Hadamard {'+'.join(names)}", names, None, True))
+                out.append((f"Hadamard {'+'.join(names)}", names, None, True, False))
         for names in sets:
             label = "all" if names == ROTATIONS else "+".join(names)
-            out.append((f"random Hadamard {label}", names, self.start, True))
+            out.append((f"random Hadamard {label}", names, self.start, True, False))
             if changed and {"R1", "R2"} & set(names):
-                out.append((f"learned {label}", names, learned, True))
+                out.append((f"learned {label}", names, learned, True, False))
             if from_identity and {"R1", "R2"} & set(names):
-                out.append((f"learned from identity {label}", names, identity, True))
+                out.append((f"learned from identity {label}", names, identity, True, False))
+        if self.smooth_alpha is not None:  # S4 in R4's place (on the small models R4 + S4 did worse than S4)
+            out.append(("S4, no rotation", (), None, False, True))
+            if "R3" in self.rotations:
+                out.append(("Hadamard R3+S4", ("R3",), None, True, True))
+            names = tuple(r for r in sets[-1] if r != "R4") if sets else ()
+            label = "+".join(names + ("S4",))
+            if changed and {"R1", "R2"} & set(names):
+                out.append((f"learned {label}", names, learned, True, True))
+            if from_identity and {"R1", "R2"} & set(names):
+                out.append((f"learned from identity {label}", names, identity, True, True))
         return out
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
@@ -491,11 +562,13 @@ class SpinQuant:
         held-out ones."""
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
-        results, base = [], None
-        for name, rotations, values, fold in self.candidate_list():
+        results, base, scales = [], None, None
+        for name, rotations, values, fold, smooth in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
+            if smooth and scales is None:  # S4's scales, from the learning samples
+                scales = gelu_output_scales(self.source, data, self.smooth_alpha)
             sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=fold,
-                           **{**options, "method": method})
+                           smooth=scales if smooth else None, **{**options, "method": method})
             if values is not None:
                 sq.set_rotations(*values)
             sq.calibration = self.calibration
@@ -504,7 +577,8 @@ class SpinQuant:
             per_sample = self.sample_losses(self.heldout, sq.model)
             loss = per_sample.mean().item()
             line = f"candidate {name}: held-out calibration loss {loss:.4f}"
-            if not fold:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
+            baseline = not fold and not smooth
+            if baseline:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
                 if base is None or loss < base.mean().item():
                     base = per_sample
                 clear = True
@@ -513,16 +587,16 @@ class SpinQuant:
                 clear = z >= CLEAR_Z
                 line += (f" (gain over no rotation {gain:+.4f}, {z:.1f} standard errors"
                          f"{'' if clear else ': not clearly better'})")
-            results.append((loss, name, sq, clear, fold))
+            results.append((loss, name, sq, clear, not baseline))
             self.candidates.append(dict(name=name, heldout_loss=loss, clear=clear))
             log(line)
         # the lowest of the candidates that clearly beat no rotation (ties: the earlier, simpler one)
-        loss, name, best, _, folded = min((r for r in results if r[3]), key=lambda r: r[0])
-        for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state"):
+        loss, name, best, _, changed = min((r for r in results if r[3]), key=lambda r: r[0])
+        for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state", "smooth"):
             setattr(self, attr, getattr(best, attr))
         none = base.mean().item()
         clear = sum(r[3] for r in results if r[4])
-        if not folded:
+        if not changed:
             others = [r for r in results if not r[4] and r[1] != name]
             reason = (f"none of the others beat it by {CLEAR_Z:g} standard errors"
                       + (f"; {others[0][1]}: {others[0][0]:.4f}" if others else ""))
@@ -531,7 +605,8 @@ class SpinQuant:
                       f"candidates {CLEAR_Z:g} or more standard errors below it")
         self.choice = dict(name=name, heldout_loss=loss, reason=reason)
         self.method = best.method
-        self.info.update(rotations=",".join(best.rotations) or "none", choice=name, heldout_loss=loss,
+        self.info.update(rotations=",".join(best.rotations + (("S4",) if best.smooth else ())) or "none",
+                         choice=name, heldout_loss=loss,
                          heldout_samples=self.heldout.shape[0], method=best.method)
         log(f"kept {name}: held-out calibration loss {loss:.4f} ({len(results)} candidates); {reason}")
         return self.records

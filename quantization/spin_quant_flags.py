@@ -9,7 +9,7 @@ from model import GPT, GPTConfig
 from quantization.autoround.calibration import calibration_samples
 from quantization.perplexity import split_tokens
 from quantization.rtn import weight_spec
-from quantization.spin_quant import FULL_BITS, WEIGHT_METHODS, check_plain
+from quantization.spin_quant import FULL_BITS, SMOOTH_ALPHA, WEIGHT_METHODS, check_plain
 from safety import finite_float
 
 
@@ -27,6 +27,11 @@ def add_spinquant_flags(p):
     p.add_argument("--lr", type=finite_float, default=1.5, help="Cayley SGD learning rate (cosine-decayed to 0)")
     p.add_argument("--from_identity", action=BoolFlag, default=True, help="also learn R1/R2 from the identity (no "
                    "rotation), a second run of --steps; both learned rotations are candidates of the held-out choice")
+    p.add_argument("--smooth", action=BoolFlag, default=True, help="also score S4, a scale per channel of the GELU "
+                   "output that mlp_down reads (divided online, multiplied into mlp_down), in R4's place: alone, with "
+                   "R3, and with the learned rotations")
+    p.add_argument("--smooth_alpha", type=finite_float, default=SMOOTH_ALPHA, help="S4's migration strength: "
+                   "s_j = rms_j^alpha / max|W_down[:, j]|^(1 - alpha), in [0, 1]")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
     p.add_argument("--heldout_tokens", type=int, default=16384, help="held-out calibration tokens (other windows of "
                    "the train split, never learned on) that choose among no rotation, random Hadamard and learned "
@@ -59,8 +64,15 @@ def check_args(args):
         raise ValueError(f"nsamples={args.nsamples}: must be at least 2 (too few calibration tokens to learn on)")
     if not args.lr > 0:
         raise ValueError(f"lr={args.lr}: must be positive")
+    if not 0.0 <= args.smooth_alpha <= 1.0:
+        raise ValueError(f"smooth_alpha={args.smooth_alpha}: must be in [0, 1]")
     if args.bits != FULL_BITS:
         weight_spec(args.bits, args.group_size, args.sym)
+
+
+def smooth_alpha(args):
+    """SpinQuant's smooth_alpha of the flags: None when --smooth is off."""
+    return args.smooth_alpha if args.smooth else None
 
 
 def load_plain(out_dir, device):

@@ -811,8 +811,10 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     methods = [r["method"] for r in rows]
     assert any(m.startswith("SpinQuant + GPTQ, kept: ") for m in methods) and "SpinQuant + RTN, learned" in methods
     assert "SpinQuant + RTN, learned from identity" in methods  # --from_identity, on by default
-    off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False"])
-    assert not any("from identity" in r["method"] for r in off)
+    for method in ("RTN", "GPTQ"):  # --smooth, on by default: S4 alone, a row per weight method
+        assert f"S4 (GELU output scale, alpha 0.5) + {method}, no rotation" in methods
+    off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False", "--smooth=False"])
+    assert not any("from identity" in r["method"] or "S4" in r["method"] for r in off)
     study = compare.main(common + ["--method=rtn", "--study=0.5:2:8:rtn,1.5:2:8:none,1.5:2:8:rtn:kl"])
     assert len(study) == 3 and study[0]["held_best"] <= study[0]["held_start"] and "val_fold_only" in study[0]
     assert study[2]["learns_on"] == "A+W(RTN), KL" and study[0]["learns_on"] == "A+W(RTN)"
@@ -866,7 +868,7 @@ def test_compare_sites_splits_the_gap_as_independently_built_models_do(plain_dir
         return loss(model)
 
     fp = loss(base)
-    assert [r["rotations"] for r in rows] == ["no rotation", "folded", "R4", "R3+R4", "R1", "R1+R2", "R1+R2+R3",
+    assert [r["rotations"] for r in rows] == ["no rotation", "folded", "R4", "R3+R4", "S4", "R1", "R1+R2", "R1+R2+R3",
                                               "R1+R2+R3+R4"]
     plain = rows[0]
     assert plain["none"] == pytest.approx(fp, abs=1e-6)

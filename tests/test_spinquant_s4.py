@@ -1,0 +1,151 @@
+"""S4, SpinQuant's scale per channel of the GELU output (quantization/spin_quant.py gelu_output_scales), and the
+online transforms that carry it (quantization/layers.py ChannelScale, ScaledHadamard)."""
+import os
+
+import pytest
+import torch
+
+from checkpoint import save_checkpoint
+from conftest import run_main
+from model import GPT, GPTConfig
+from quantization.hadamard import hadamard_matrix
+from quantization.hf import from_pretrained
+from quantization.quantizers import QuantSpec, fake_quant
+from quantization.spin_quant import SpinQuant, activation_quant, gelu_output_scales
+from test_spin_quant import _calibration, _random_model, _rel, plain_dir, tiny_trained  # noqa: F401 (fixtures)
+
+
+def _scales(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [0.25 + 2 * torch.rand(4 * model.config.n_embd, dtype=torch.float64, generator=g)
+            for _ in range(model.config.n_layer)]
+
+
+@pytest.mark.parametrize("rotations, transform", [((), "scale"), (("R4",), "scale_hadamard"),
+                                                  (("R1", "R2", "R3", "R4"), "scale_hadamard"),
+                                                  (("R1", "R2", "R3"), "scale")])
+def test_s4_float64_model_computes_the_same_logits_and_reloads(rotations, transform):
+    """W_down diag(s) with the site dividing by s (before R4 when both are on) is the model it came from: float64,
+    any positive scales, alone and with every rotation; a GPT built from its config and state computes the same."""
+    model = _random_model()
+    x = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(1))
+    reference = model(x, x)[0]
+    scales = _scales(model)
+    sq = SpinQuant(model, bits=16, act_bits=16, kv_bits=16, rotations=rotations, fold=bool(rotations), smooth=scales,
+                   dtype=torch.float64)
+    rotated = sq.bake()
+    assert rotated.config.online_transforms == {"mlp_activation_output": transform}
+    assert _rel(rotated(x, x)[0], reference) < 1e-6
+    inv = rotated.state_dict()["transformer.h.1.mlp.act.activation_output.transform.inv_scale"]
+    assert torch.allclose(inv, 1 / scales[1])
+    fresh = GPT(rotated.config).double().eval()
+    fresh.load_state_dict(rotated.state_dict())
+    assert torch.equal(fresh(x, x)[0], rotated(x, x)[0])
+
+
+def test_s4_quantizes_the_gelu_output_divided_by_its_scale(tiny_trained):
+    """With the GELU output's quantizer alone on, S4 equals the plain model with that quantizer moved into a hook on
+    mlp_down's input, x -> Q(x / s) s, the weights untouched (the reference does not use the transform)."""
+    from dataclasses import asdict
+    from quantization.fold import build_like
+    model, tokens = tiny_trained
+    x = torch.cat(_calibration(tokens, n=2))[:, :-1]
+    site = {"mlp_activation_output": activation_quant(4, 16)["mlp_activation_output"]}
+    scales = _scales(model, seed=3)
+    sq = SpinQuant(model, bits=16, act_quant=site, rotations=(), fold=False, smooth=scales, dtype=torch.float64)
+    plain = build_like(GPTConfig(**asdict(model.config)), model.state_dict()).double().eval()
+    spec = QuantSpec(**site["mlp_activation_output"])
+    for block, s in zip(plain.transformer.h, scales):
+        block.mlp.mlp_down.register_forward_pre_hook(lambda m, i, s=s: (fake_quant(i[0] / s, spec) * s,))
+    assert torch.allclose(sq.bake()(x, x)[0], plain(x, x)[0], atol=1e-9)
+
+
+def test_gelu_output_scales_follow_smoothquants_rule_with_the_rms(tiny_trained):
+    """Against a float64 reference taken at another point (mlp_down's input, not the activation site):
+    s_j = rms_j^alpha / max_i |W_down[i, j]|^(1 - alpha), up to one factor per block (the scales' mean is 1)."""
+    model, tokens = tiny_trained
+    data = torch.cat(_calibration(tokens, n=6))
+    seen = {i: [] for i in range(model.config.n_layer)}
+    handles = [b.mlp.mlp_down.register_forward_pre_hook(lambda m, inp, i=i: seen[i].append(inp[0].double()))
+               for i, b in enumerate(model.transformer.h)]
+    with torch.no_grad():
+        model(data[:, :-1])
+    for h in handles:
+        h.remove()
+    for alpha in (0.0, 0.5, 0.8):
+        got = gelu_output_scales(model, data, alpha=alpha, batch_size=4)
+        for i, block in enumerate(model.transformer.h):
+            acts = torch.cat(seen[i]).flatten(0, -2)
+            rms = acts.pow(2).mean(0).sqrt()
+            w = block.mlp.mlp_down.weight.detach().double().abs().amax(0)
+            expected = rms ** alpha / w ** (1 - alpha)
+            assert torch.allclose(got[i], expected / expected.mean(), rtol=1e-6), (alpha, i)
+            assert abs(got[i].mean().item() - 1) < 1e-9
+    with pytest.raises(ValueError, match=r"smooth_alpha=1.5: must be in \[0, 1\]"):
+        gelu_output_scales(model, data, alpha=1.5)
+
+
+def test_s4_candidates_are_scored_as_models_built_apart_and_can_be_left_out(tiny_trained, tmp_path):
+    """The choice scores S4 alone, R3+S4 and the learned rotations with S4 in R4's place, each as a model built
+    apart with the same scales scores it; smooth_alpha=None leaves them out. A kept S4 saves and reloads."""
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, smooth_alpha=0.5)
+    sq.optimize(_calibration(tokens), steps=2, progress=False, from_identity=True)
+    lines = []
+    sq.apply(progress=False, log=lines.append)
+    names = [c["name"] for c in sq.candidates]
+    assert {"S4, no rotation", "Hadamard R3+S4", "learned from identity R1+R2+R3+S4"} <= set(names)
+    assert ("learned R1+R2+R3+S4" in names) == ("learned all" in names)  # where learning moved the rotations
+    scales = gelu_output_scales(model, sq.calibration, 0.5)
+    for name, rotations, fold in (("S4, no rotation", (), False), ("Hadamard R3+S4", ("R3",), True)):
+        other = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, rotations=rotations, fold=fold,
+                          smooth=scales)
+        other.apply(progress=False, select=False)
+        candidate = next(c for c in sq.candidates if c["name"] == name)
+        assert abs(sq.evaluate(sq.heldout, model=other.model) - candidate["heldout_loss"]) < 1e-6, name
+        line = next(line for line in lines if line.startswith(f"candidate {name}:"))
+        assert "gain over no rotation" in line  # S4 must clearly beat no rotation, as a rotation must
+    off = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, smooth_alpha=None)
+    off.optimize(_calibration(tokens), steps=2, progress=False)
+    off.apply(progress=False, log=lambda line: None)
+    assert not any("S4" in c["name"] for c in off.candidates)
+    kept = SpinQuant(model, bits=4, act_bits=4, kv_bits=4, method="rtn", rotations=(), fold=False, smooth=scales)
+    kept.apply(progress=False, select=False)
+    save_checkpoint(str(tmp_path / "ckpt.pt"), kept.checkpoint({"model_args": {}, "dataset": "shakespeare_char"}))
+    x = torch.cat(_calibration(tokens, n=3))[:, :-1]
+    assert torch.equal(from_pretrained(str(tmp_path))(x, x)[0], kept.model(x, x)[0])
+    assert kept.info["rotations"] == "S4"
+
+
+def test_s4_bad_input_is_named():
+    model = _random_model()
+    with pytest.raises(ValueError, match="smooth: expected 2 scales of 96 channels"):
+        SpinQuant(model, smooth=_scales(model)[:1])
+    with pytest.raises(ValueError, match=r"smooth_alpha=-0.1: must be in \[0, 1\]"):
+        SpinQuant(model, smooth_alpha=-0.1)
+    with pytest.raises(ValueError, match="online_transforms: attn_softmax_input: online transform 'scale' holds one "
+                                         "scale per channel"):
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20,
+                      online_transforms={"attn_softmax_input": "scale"}))
+    with pytest.raises(ValueError, match="online_transforms: mlp_input: online transform 'rotate' is unknown"):
+        GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=20,
+                      online_transforms={"mlp_input": "rotate"}))
+
+
+def test_the_hadamard_transform_after_the_scale_is_the_dense_matrix():
+    from quantization.layers import make_transform
+    t = make_transform("scale_hadamard", 48)
+    with torch.no_grad():
+        t.inv_scale.copy_(torch.linspace(0.5, 2, 48))
+    x = torch.randn(3, 5, 48, dtype=torch.float64)
+    expected = (x * torch.linspace(0.5, 2, 48, dtype=torch.float64)) @ hadamard_matrix(48).t()
+    assert torch.allclose(t.double()(x), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("flag", ["--smooth_alpha=1.5", "--smooth_alpha=nan"])
+def test_demo_refuses_a_bad_smooth_alpha_in_one_line(plain_dir, tmp_path, flag):  # noqa: F811
+    import demos.spinquant_ptq as demo
+    out = str(tmp_path / "sq")
+    error = run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--device=cpu", flag)
+    assert error.startswith("spinquant_ptq.py: error: ") and "--smooth_alpha" in error and "\n" not in error
+    assert not os.path.exists(out)
