@@ -122,15 +122,16 @@ def rotate_state(state, config, R1=None, R2=None, R3=None, R4=None):
 
 
 @torch.no_grad()
-def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16):
-    """S4: per block, a scale for each channel of the GELU output that mlp_down reads, s_j = rms_j^alpha /
-    max_i |W_down[i, j]|^(1 - alpha), rms_j that channel's root mean square over the (N, T + 1) calibration samples
-    `data` under `model` (full precision, unrotated: the GELU output is the same under R1-R3). SmoothQuant's rule with
-    the RMS where it takes the maximum: on a small GPT-2-BPE model (4 x 128, CPU), W4A4KV4 with RTN, the RMS at
-    alpha 0.5 left 0.0028 of a 0.0072 gap and the maximum 0.0033 (alpha 0.25 and 0.75: 0.0040-0.0044). A list of
-    (4 n_embd,) float64 tensors; mlp_down's input columns are multiplied by s and the site divides by it."""
+def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16, statistic="rms"):
+    """S4: per block, a scale for each channel of the GELU output that mlp_down reads, s_j = a_j^alpha /
+    max_i |W_down[i, j]|^(1 - alpha), a_j that channel's root mean square ("rms") or largest magnitude ("max",
+    SmoothQuant's) over the (N, T + 1) calibration samples `data` under `model` (full precision, unrotated: the GELU
+    output is the same under R1-R3). The RMS at alpha 0.5 is the default: bench/spinquant_s4_alpha.py compares them.
+    A list of (4 n_embd,) float64 tensors; mlp_down's input columns are multiplied by s and the site divides by it."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smooth_alpha={alpha}: must be in [0, 1]")
+    if statistic not in ("rms", "max"):
+        raise ValueError(f"statistic={statistic!r}: expected rms or max")
     data = calibration_batch(data)
     blocks = model.transformer.h
     sums = [None] * len(blocks)
@@ -138,8 +139,10 @@ def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16):
 
     def hook(i):
         def record(module, inputs, out):
-            sq = out.detach().double().pow(2).flatten(0, -2).sum(0).cpu()
-            sums[i] = sq if sums[i] is None else sums[i] + sq
+            a = out.detach().double().flatten(0, -2)
+            a = a.pow(2).sum(0) if statistic == "rms" else a.abs().amax(0)
+            a = a.cpu()
+            sums[i] = a if sums[i] is None else (sums[i] + a if statistic == "rms" else torch.maximum(sums[i], a))
         return record
 
     handles = [b.mlp.act["activation_output"].register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
@@ -154,9 +157,9 @@ def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16):
             h.remove()
     scales = []
     for i, block in enumerate(blocks):
-        rms = (sums[i] / count).sqrt()
+        a = (sums[i] / count).sqrt() if statistic == "rms" else sums[i]
         w_max = block.mlp.mlp_down.weight.detach().double().abs().amax(dim=0).cpu()
-        s = rms.clamp(min=1e-8).pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
+        s = a.clamp(min=1e-8).pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
         scales.append(s / s.mean())  # the mean does not matter to per-token or per-row quantizers: keep s near 1
     return scales
 

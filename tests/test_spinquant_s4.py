@@ -72,17 +72,19 @@ def test_gelu_output_scales_follow_smoothquants_rule_with_the_rms(tiny_trained):
         model(data[:, :-1])
     for h in handles:
         h.remove()
-    for alpha in (0.0, 0.5, 0.8):
-        got = gelu_output_scales(model, data, alpha=alpha, batch_size=4)
+    for alpha, statistic in ((0.0, "rms"), (0.5, "rms"), (0.8, "rms"), (0.5, "max")):
+        got = gelu_output_scales(model, data, alpha=alpha, batch_size=4, statistic=statistic)
         for i, block in enumerate(model.transformer.h):
             acts = torch.cat(seen[i]).flatten(0, -2)
-            rms = acts.pow(2).mean(0).sqrt()
+            a = acts.pow(2).mean(0).sqrt() if statistic == "rms" else acts.abs().amax(0)
             w = block.mlp.mlp_down.weight.detach().double().abs().amax(0)
-            expected = rms ** alpha / w ** (1 - alpha)
-            assert torch.allclose(got[i], expected / expected.mean(), rtol=1e-6), (alpha, i)
+            expected = a ** alpha / w ** (1 - alpha)
+            assert torch.allclose(got[i], expected / expected.mean(), rtol=1e-6), (alpha, statistic, i)
             assert abs(got[i].mean().item() - 1) < 1e-9
     with pytest.raises(ValueError, match=r"smooth_alpha=1.5: must be in \[0, 1\]"):
         gelu_output_scales(model, data, alpha=1.5)
+    with pytest.raises(ValueError, match="statistic='mean': expected rms or max"):
+        gelu_output_scales(model, data, statistic="mean")
 
 
 def test_s4_candidates_are_scored_as_models_built_apart_and_can_be_left_out(tiny_trained, tmp_path):
@@ -149,3 +151,28 @@ def test_demo_refuses_a_bad_smooth_alpha_in_one_line(plain_dir, tmp_path, flag):
     error = run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--device=cpu", flag)
     assert error.startswith("spinquant_ptq.py: error: ") and "--smooth_alpha" in error and "\n" not in error
     assert not os.path.exists(out)
+
+
+def test_s4_alpha_bench_table_and_bad_flags(plain_dir, capsys):  # noqa: F811
+    """bench/spinquant_s4_alpha.py: its no-S4 row is plain RTN without rotation, built here apart; one row per
+    statistic and alpha; bad flags one line each."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import spinquant_s4_alpha as bench
+    from quantization.perplexity import evaluate, split_tokens
+    from quantization.rtn import rtn_quantize, weight_spec
+    from quantization.spin_quant import unrotated
+    rows = bench.main([f"--out_dir={plain_dir}", "--device=cpu", "--eval_tokens=1000", "--nsamples=4",
+                       "--alphas=0.5,1", "--statistics=rms,max", "--act_only"])
+    assert [(r["weights"], r["statistic"], r["alpha"]) for r in rows][:5] == [
+        ("RTN", "-", None), ("RTN", "rms", 0.5), ("RTN", "rms", 1.0), ("RTN", "max", 0.5), ("RTN", "max", 1.0)]
+    assert len(rows) == 10 and rows[5]["weights"] == "full precision"
+    model = unrotated(from_pretrained(plain_dir), 4, 4)
+    rtn_quantize(model, weight_spec(4))
+    expected = evaluate(model, split_tokens("shakespeare_char", "val"), max_tokens=1000, progress=False)["loss"]
+    assert rows[0]["loss"] == pytest.approx(expected, abs=1e-6)
+    assert "| weights | S4 statistic | alpha | val loss | gap closed |" in capsys.readouterr().out
+    for flag, named in (("--alphas=0.5,x", "--alphas=0.5,x"), ("--alphas=2", "--alphas=2"),
+                        ("--statistics=mean", "--statistics=mean"), ("--bits=16", "--bits=16")):
+        error = run_main(bench.main, f"--out_dir={plain_dir}", "--device=cpu", flag)
+        assert error.startswith(f"spinquant_s4_alpha.py: error: {named}") and "\n" not in error, error

@@ -1,0 +1,101 @@
+"""Which S4 scale? S4 (quantization/spin_quant.py gelu_output_scales) divides the GELU output that mlp_down reads by a
+scale per channel, s_j = a_j^alpha / max_i |W_down[i, j]|^(1 - alpha), and multiplies mlp_down's input columns by it.
+This prints the validation loss of a full-precision checkpoint at W`bits` A`act_bits` KV`kv_bits` with RTN weights
+and no rotation, without S4 and with S4 for each statistic a_j (the channel's root mean square over the calibration
+samples, or its largest magnitude as SmoothQuant takes it) and each alpha, with the share of RTN's gap to full
+precision each closes; and, with --act_only, the same with the weights in full precision.
+
+    python bench/spinquant_s4_alpha.py --out_dir=out --device=cpu --eval_tokens=50000
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from cli import BoolFlag, OneLineParser  # noqa: E402
+from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+from quantization.spin_quant import FULL_BITS, SpinQuant, gelu_output_scales  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from safety import table_file_or_exit, write_text_atomic  # noqa: E402
+
+
+def main(argv=None):
+    p = OneLineParser(prog="spinquant_s4_alpha.py", description="S4's statistic and alpha against RTN without rotation.")
+    add_spinquant_flags(p)
+    p.add_argument("--alphas", default="0.25,0.5,0.75", help="comma-separated alphas in [0, 1]")
+    p.add_argument("--statistics", default="rms,max", help="comma-separated: rms, max")
+    p.add_argument("--act_only", action=BoolFlag, default=False, help="also the rows with full-precision weights")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    error = f"{p.prog}: error:"
+    try:
+        check_args(args)
+        if args.bits == FULL_BITS:
+            raise ValueError(f"bits={args.bits}: needs quantized weights (2..8)")
+        try:
+            alphas = [float(a) for a in args.alphas.split(",")]
+        except ValueError:
+            alphas = [-1.0]
+        if not all(0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"alphas={args.alphas}: expected comma-separated numbers in [0, 1]")
+        statistics = args.statistics.split(",")
+        if not set(statistics) <= {"rms", "max"}:
+            raise ValueError(f"statistics={args.statistics}: expected comma-separated rms, max")
+    except ValueError as e:
+        sys.exit(f"{error} --{e}")
+    if args.json:
+        table_file_or_exit(args.json, "--json", p.prog)
+    from inference import resolve_device
+    device, _ = resolve_device(args.device, "float32")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    args.heldout_tokens = 0  # the scales come from the calibration samples; nothing is chosen here
+    base, checkpoint, seqlen, calibration, _ = load_inputs(args, device, error)
+    val = split_tokens(checkpoint["dataset"], "val")
+
+    def score(model):
+        return evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,
+                        progress=False)["loss"]
+
+    common = dict(act_bits=args.act_bits, kv_bits=args.kv_bits, group_size=args.group_size, sym=args.sym,
+                  act_sym=args.act_sym, method="rtn", rotations=(), fold=False, device=device)
+    fp = score(base)
+    print(f"full precision: val loss {fp:.4f}", flush=True)
+    rows, gaps = [], {}
+    for bits in [args.bits] + ([FULL_BITS] if args.act_only else []):
+        weights = "RTN" if bits != FULL_BITS else "full precision"
+        for statistic, alpha in [(None, None)] + [(s, a) for s in statistics for a in alphas]:
+            scales = None if statistic is None else gelu_output_scales(base, calibration, alpha, statistic=statistic)
+            sq = SpinQuant(base, bits=bits, smooth=scales, **common)
+            sq.apply(progress=False, select=False)
+            loss = score(sq.model)
+            row = dict(weights=weights, statistic=statistic or "-", alpha=alpha, loss=loss)
+            if statistic is None:
+                gaps[bits] = loss - fp
+            elif gaps[bits] > 0:
+                row["gap_closed"] = 1 - (loss - fp) / gaps[bits]
+            rows.append(row)
+            print(f"{weights}, S4 {statistic or 'off'}{'' if alpha is None else f' alpha {alpha:g}'}: val loss "
+                  f"{loss:.4f}", flush=True)
+    w = f"W{args.bits}" if args.bits != FULL_BITS else "W16"
+    setting = f"{w}A{args.act_bits}KV{args.kv_bits}"
+    print(f"\n{args.out_dir}: {setting}, no rotation, {args.nsamples} x {seqlen} calibration tokens, "
+          f"{args.eval_tokens or 'all'} validation tokens; full precision {fp:.4f}\n")
+    print("| weights | S4 statistic | alpha | val loss | gap closed |")
+    print("|---|---|---:|---:|---:|")
+    for r in rows:
+        gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
+        alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        print(f"| {r['weights']} | {r['statistic']} | {alpha} | {r['loss']:.4f} | {gap} |")
+    if args.json:
+        write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=setting, full_precision=fp,
+                                                     rows=rows), indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
