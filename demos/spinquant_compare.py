@@ -149,15 +149,15 @@ def main(argv=None):
                 sq = SpinQuant(base, method="gptq", seed=0, **common)
                 sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False)
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
-            if args.smooth:  # S4 alone, on the learning samples
-                scales = gelu_output_scales(base, learn_part, args.smooth_alpha)
-                sq = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, **common)
-                sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False, select=False)
-                add(setting, f"S4 (GELU output scale, alpha {args.smooth_alpha:g}) + {method.upper()}, no rotation",
-                    score(sq.model), rtn)
             sq = SpinQuant(base, method=method, seed=0, smooth_alpha=smooth_alpha(args), **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                  seed=args.seed, progress=False, heldout=heldout, from_identity=args.from_identity)
+            if args.smooth:  # S4 alone, its alpha chosen as the choice below will choose it
+                scales, alpha = sq.smooth_scales(log=lambda line: print(f"  {line}", flush=True))
+                s4 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, **common)
+                s4.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False)
+                add(setting, f"S4 (GELU output scale, alpha {alpha:g}) + {method.upper()}, no rotation",
+                    score(s4.model), rtn)
             sq.apply(nsamples=args.nsamples, progress=False, select=False)
             add(setting, f"SpinQuant + {method.upper()}, learned", score(sq.model), rtn,
                 calib_loss=[losses[0], losses[-1]] if losses else None, best_step=sq.info.get("best_step"),
@@ -236,7 +236,7 @@ def site_gaps(args, base, setting, score, fp, device, calibration):
             continue
         kwargs = dict(rotations=names, fold=fold)
         if smooth:
-            kwargs["smooth"] = gelu_output_scales(base, calibration, args.smooth_alpha)
+            kwargs["smooth"] = gelu_output_scales(base, calibration, args.smooth_alphas[0])
         models = {}
         for bits in (w, FULL_BITS):  # quantized and full-precision weights, the same rotations
             sq = SpinQuant(base, bits=bits, **common, **kwargs)

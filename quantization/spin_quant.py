@@ -43,8 +43,10 @@ ROTATIONS = ("R1", "R2", "R3", "R4")
 # the fixed rotations without R1, each a candidate of SpinQuant.choose: R4 on the GELU output, whose heavy tails it
 # spreads, and R3 on the K cache; neither rotates the residual stream, where R1 can amplify the noise of some inputs
 FIXED_SETS = (("R4",), ("R3", "R4"))
-# S4's scale s_j = rms_j^alpha / max_i |W_down[i, j]|^(1 - alpha) (SmoothQuant's migration strength alpha)
+# S4's scale s_j = rms_j^alpha / max_i |W_down[i, j]|^(1 - alpha) (SmoothQuant's migration strength alpha); the
+# choice tries each of these and keeps the one whose S4 alone scores lowest on held-out samples
 SMOOTH_ALPHA = 0.5
+SMOOTH_ALPHAS = (0.5, 0.75)
 # the activation sites SpinQuant quantizes: the inputs of every linear layer, and the K and V caches
 LINEAR_INPUT_SITES = ("attn_input", "attn_pv_mult_output", "mlp_input", "mlp_activation_output")
 KV_SITES = ("attn_qk_mult_k_input", "attn_pv_mult_v_input")
@@ -245,13 +247,14 @@ class SpinQuant:
 
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
                  method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
-                 weight_specs=None, dtype=torch.float32, fold=True, smooth=None, smooth_alpha=SMOOTH_ALPHA):
+                 weight_specs=None, dtype=torch.float32, fold=True, smooth=None, smooth_alpha=SMOOTH_ALPHAS):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
         and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
         the rotated model and the rotations (float64 to check exactness). `fold=False` (not with R1, which needs
         the fold): the norms stay LayerNorms, the model as it came (the no-rotation candidate). `smooth`: S4, one
         scale per block for mlp_down's input (gelu_output_scales), applied before R4 when both are on.
-        `smooth_alpha`: the alpha of the S4 candidates of apply's choice (None: no S4 candidates)."""
+        `smooth_alpha`: the alpha of the S4 candidates of apply's choice, or several (smooth_scales picks one on
+        held-out samples); None: no S4 candidates."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -273,14 +276,19 @@ class SpinQuant:
                 raise ValueError(f"group_size={group_size}: {misfit(self.spec, width)}")
         self.device = device or next(model.parameters()).device
         self.rotations = tuple(rotations)
-        self.smooth, self.smooth_alpha = smooth, smooth_alpha
+        self.smooth, self.smooth_choice = smooth, None
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
                          act_sym=act_sym, method=method, rotations=",".join(self.rotations + (("S4",) if smooth else ())),
                          seed=seed, steps=0)
         if not fold and "R1" in rotations:
             raise ValueError("fold=False: only without R1 (R1 needs the norms folded; R2-R4 do not)")
-        if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
-            raise ValueError(f"smooth_alpha={smooth_alpha}: must be in [0, 1], or None for no S4 candidates")
+        if smooth_alpha is not None:
+            alphas = tuple(smooth_alpha) if isinstance(smooth_alpha, (list, tuple)) else (smooth_alpha,)
+            if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
+                raise ValueError(f"smooth_alpha={smooth_alpha}: must be in [0, 1] (one or several), or None for no "
+                                 f"S4 candidates")
+            smooth_alpha = alphas
+        self.smooth_alpha = smooth_alpha
         if smooth is not None and (len(smooth) != cfg.n_layer or any(t.shape != (4 * C,) for t in smooth)):
             raise ValueError(f"smooth: expected {cfg.n_layer} scales of {4 * C} channels (gelu_output_scales)")
         # fold in float64, apply the fixed rotations (R3, R4), keep `dtype` weights for optimisation
@@ -558,6 +566,31 @@ class SpinQuant:
                 out.append((f"learned from identity {label}", names, identity, True, True))
         return out
 
+    def smooth_scales(self, log=print):
+        """(S4's scales, alpha) for the candidates, from the learning samples (optimize's); with several alphas,
+        the one whose S4 alone (no rotation, RTN weights) scores lowest on the held-out samples that chose the
+        Cayley step, never on those the final choice is made on. Computed once."""
+        if self.smooth_choice is None:
+            if self.calibration is None:
+                raise ValueError("S4's scales need calibration samples: call optimize first")
+            scored = []
+            for alpha in self.smooth_alpha:
+                scales = gelu_output_scales(self.source, self.calibration, alpha)
+                loss = None
+                if len(self.smooth_alpha) > 1:
+                    sq = SpinQuant(self.source, rotations=(), fold=False, smooth=scales,
+                                   **{**self.options, "method": "rtn", "seed": self.info["seed"]})
+                    sq.apply(progress=False, select=False)
+                    loss = self.evaluate(self.heldout_steps, model=sq.model)
+                scored.append((math.inf if loss is None else loss, alpha, scales))
+            loss, alpha, scales = min(scored, key=lambda r: r[0])
+            if len(scored) > 1:
+                log("S4 alpha: " + ", ".join(f"{a:g} {l:.4f}" for l, a, _ in scored) + f"; kept {alpha:g} (S4 "
+                    f"alone with RTN on the held-out samples that chose the Cayley step)")
+            self.smooth_choice = (scales, alpha)
+            self.info["smooth_alpha"] = alpha
+        return self.smooth_choice
+
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
         the unfolded no-rotation candidates and the others (folded, rotated) at least CLEAR_Z standard errors below
@@ -569,7 +602,7 @@ class SpinQuant:
         for name, rotations, values, fold, smooth in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
             if smooth and scales is None:  # S4's scales, from the learning samples
-                scales = gelu_output_scales(self.source, data, self.smooth_alpha)
+                scales, _ = self.smooth_scales(log)
             sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=fold,
                            smooth=scales if smooth else None, **{**options, "method": method})
             if values is not None:

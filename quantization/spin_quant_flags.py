@@ -9,7 +9,7 @@ from model import GPT, GPTConfig
 from quantization.autoround.calibration import calibration_samples
 from quantization.perplexity import split_tokens
 from quantization.rtn import weight_spec
-from quantization.spin_quant import FULL_BITS, SMOOTH_ALPHA, WEIGHT_METHODS, check_plain
+from quantization.spin_quant import FULL_BITS, SMOOTH_ALPHAS, WEIGHT_METHODS, check_plain
 from safety import finite_float
 
 
@@ -30,8 +30,9 @@ def add_spinquant_flags(p):
     p.add_argument("--smooth", action=BoolFlag, default=True, help="also score S4, a scale per channel of the GELU "
                    "output that mlp_down reads (divided online, multiplied into mlp_down), in R4's place: alone, with "
                    "R3, and with the learned rotations")
-    p.add_argument("--smooth_alpha", type=finite_float, default=SMOOTH_ALPHA, help="S4's migration strength: "
-                   "s_j = rms_j^alpha / max|W_down[:, j]|^(1 - alpha), in [0, 1]")
+    p.add_argument("--smooth_alpha", default=",".join(f"{a:g}" for a in SMOOTH_ALPHAS), help="S4's migration "
+                   "strength, s_j = rms_j^alpha / max|W_down[:, j]|^(1 - alpha), in [0, 1]; several, comma-separated: "
+                   "the one whose S4 alone scores lowest on held-out samples")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
     p.add_argument("--heldout_tokens", type=int, default=16384, help="held-out calibration tokens (other windows of "
                    "the train split, never learned on) that choose among no rotation, random Hadamard and learned "
@@ -64,15 +65,25 @@ def check_args(args):
         raise ValueError(f"nsamples={args.nsamples}: must be at least 2 (too few calibration tokens to learn on)")
     if not args.lr > 0:
         raise ValueError(f"lr={args.lr}: must be positive")
-    if not 0.0 <= args.smooth_alpha <= 1.0:
-        raise ValueError(f"smooth_alpha={args.smooth_alpha}: must be in [0, 1]")
+    args.smooth_alphas = parse_alphas(args.smooth_alpha, "smooth_alpha")
     if args.bits != FULL_BITS:
         weight_spec(args.bits, args.group_size, args.sym)
 
 
+def parse_alphas(text, flag):
+    """Comma-separated numbers in [0, 1] -> a tuple; ValueError 'flag=text: reason' otherwise."""
+    try:
+        alphas = tuple(float(a) for a in text.split(","))
+    except ValueError:
+        alphas = ()
+    if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
+        raise ValueError(f"{flag}={text}: expected comma-separated numbers in [0, 1]")
+    return alphas
+
+
 def smooth_alpha(args):
-    """SpinQuant's smooth_alpha of the flags: None when --smooth is off."""
-    return args.smooth_alpha if args.smooth else None
+    """SpinQuant's smooth_alpha of the flags (after check_args): None when --smooth is off."""
+    return args.smooth_alphas if args.smooth else None
 
 
 def load_plain(out_dir, device):

@@ -119,6 +119,27 @@ def test_s4_candidates_are_scored_as_models_built_apart_and_can_be_left_out(tiny
     assert kept.info["rotations"] == "S4"
 
 
+def test_s4_alpha_is_chosen_on_the_samples_that_chose_the_cayley_step(tiny_trained):
+    """With several alphas, S4 takes the one whose S4 alone (RTN) scores lowest on heldout_steps, as models built
+    here apart score them; the choice is logged, recorded, and made once."""
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, smooth_alpha=(0.25, 0.5, 0.9))
+    sq.optimize(_calibration(tokens), steps=1, progress=False)
+    lines = []
+    scales, alpha = sq.smooth_scales(log=lines.append)
+    losses = {}
+    for a in (0.25, 0.5, 0.9):
+        other = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, rotations=(), fold=False,
+                          smooth=gelu_output_scales(model, sq.calibration, a))
+        other.apply(progress=False, select=False)
+        losses[a] = sq.evaluate(sq.heldout_steps, model=other.model)
+    assert alpha == min(losses, key=losses.get) and sq.info["smooth_alpha"] == alpha
+    assert all(torch.equal(a, b) for a, b in zip(scales, gelu_output_scales(model, sq.calibration, alpha)))
+    assert len(lines) == 1 and lines[0].startswith("S4 alpha: 0.25 ") and lines[0].endswith(
+        "(S4 alone with RTN on the held-out samples that chose the Cayley step)")
+    assert sq.smooth_scales(log=lines.append)[1] == alpha and len(lines) == 1
+
+
 def test_s4_bad_input_is_named():
     model = _random_model()
     with pytest.raises(ValueError, match="smooth: expected 2 scales of 96 channels"):
@@ -144,7 +165,7 @@ def test_the_hadamard_transform_after_the_scale_is_the_dense_matrix():
     assert torch.allclose(t.double()(x), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("flag", ["--smooth_alpha=1.5", "--smooth_alpha=nan"])
+@pytest.mark.parametrize("flag", ["--smooth_alpha=1.5", "--smooth_alpha=nan", "--smooth_alpha=0.5,x", "--smooth_alpha="])
 def test_demo_refuses_a_bad_smooth_alpha_in_one_line(plain_dir, tmp_path, flag):  # noqa: F811
     import demos.spinquant_ptq as demo
     out = str(tmp_path / "sq")
