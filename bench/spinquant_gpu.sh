@@ -16,6 +16,10 @@
 #   PHASE=train MODELS=bpe VARIANTS=0 FP_ONLY=1 bash bench/spinquant_gpu.sh                        # 1 min
 #   TABLE=_fixed PHASE=compare MODELS=bpe VARIANTS=0 SETTINGS=4/4/4 COMPARE_FLAGS=--heldout_tokens=65536 \
 #     bash bench/spinquant_gpu.sh                                                                  # 6.6 min
+# bench/results/spinquant_gpu_s4/ (with S4, the GELU output's scale, among the candidates), in calls of 10 minutes:
+#   PHASE=train MODELS="baby bpe cpu" VARIANTS=0 FP_ONLY=1 bash bench/spinquant_gpu.sh
+#   TABLE=_s4 PHASE=compare MODELS=bpe SEEDS=1337 VARIANTS=0 SETTINGS=4/4/4 COMPARE_FLAGS=--heldout_tokens=65536 \
+#     bash bench/spinquant_gpu.sh                                          # then SEEDS=1, and MODELS="baby cpu"
 # The --spinquant runs probe kept rotations over a third of QAT (train.py's default --spinquant_probe); PROBE=0
 # decides at the switch only, PROBE=N probes over N% of the QAT iterations.
 # EXTRA=--deterministic asks train.py for deterministic kernels: a run that keeps no rotation then equals plain QAT
