@@ -25,7 +25,8 @@ from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
 
 def main(argv=None):
-    p = OneLineParser(prog="spinquant_s4_alpha.py", description="S4's statistic and alpha against RTN without rotation.")
+    p = OneLineParser(prog="spinquant_s4_alpha.py",
+                      description="S4's statistic and alpha against RTN without rotation.")
     add_spinquant_flags(p)
     p.add_argument("--alphas", default="0.25,0.5,0.75", help="comma-separated alphas in [0, 1]")
     p.add_argument("--statistics", default="rms,max", help="comma-separated: rms, max")

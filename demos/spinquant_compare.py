@@ -34,8 +34,8 @@ from quantization.hf import from_pretrained  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.quantizers import fake_quant  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
-from quantization.spin_quant import (FULL_BITS, SpinQuant, gelu_output_scales, paired_gain, split_calibration,  # noqa: E402
-                                      unrotated)
+from quantization.spin_quant import FULL_BITS, SpinQuant, gelu_output_scales, paired_gain  # noqa: E402
+from quantization.spin_quant import split_calibration, unrotated  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, smooth_alpha  # noqa: E402
 from safety import check_output_file, write_text_atomic  # noqa: E402
 

@@ -128,8 +128,9 @@ def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16, statistic
     """S4: per block, a scale for each channel of the GELU output that mlp_down reads, s_j = a_j^alpha /
     max_i |W_down[i, j]|^(1 - alpha), a_j that channel's root mean square ("rms") or largest magnitude ("max",
     SmoothQuant's) over the (N, T + 1) calibration samples `data` under `model` (full precision, unrotated: the GELU
-    output is the same under R1-R3). The RMS at alpha 0.5 is the default: bench/spinquant_s4_alpha.py compares them.
-    A list of (4 n_embd,) float64 tensors; mlp_down's input columns are multiplied by s and the site divides by it."""
+    output is the same under R1-R3). The RMS is the default (bench/spinquant_s4_alpha.py compares both at several
+    alphas). A list of (4 n_embd,) float64 tensors; mlp_down's input columns are multiplied by s, the site divides by
+    it."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smooth_alpha={alpha}: must be in [0, 1]")
     if statistic not in ("rms", "max"):
@@ -278,8 +279,8 @@ class SpinQuant:
         self.rotations = tuple(rotations)
         self.smooth, self.smooth_choice = smooth, None
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
-                         act_sym=act_sym, method=method, rotations=",".join(self.rotations + (("S4",) if smooth else ())),
-                         seed=seed, steps=0)
+                         act_sym=act_sym, method=method, seed=seed, steps=0,
+                         rotations=",".join(self.rotations + (("S4",) if smooth else ())))
         if not fold and "R1" in rotations:
             raise ValueError("fold=False: only without R1 (R1 needs the norms folded; R2-R4 do not)")
         if smooth_alpha is not None:

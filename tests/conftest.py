@@ -194,3 +194,42 @@ def read_log(out_dir):
     """train.py's JSON log (out_dir/log.jsonl), one record per line."""
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(char_data):
+    """A char-level GPT (2 layers, 32 wide, biases) trained 300 steps in this process: (model, train tokens). The
+    SpinQuant tests share it (tests/test_spin_quant.py, tests/test_spinquant_s4.py)."""
+    import torch
+    from model import GPT, GPTConfig
+    from quantization.perplexity import split_tokens
+    from tokenizer import load_meta
+    tokens = split_tokens("shakespeare_char", "train")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=load_meta(char_data)["vocab_size"],
+                          bias=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        ix = torch.randint(0, len(tokens) - 33, (16,), generator=g)
+        batch = torch.stack([tokens[i:i + 33] for i in ix.tolist()])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tokens
+
+
+def _save_plain(folder, model):
+    """A full-precision checkpoint of `model` (shakespeare_char) in `folder`."""
+    from dataclasses import asdict
+    from checkpoint import save_checkpoint
+    save_checkpoint(os.path.join(folder, "ckpt.pt"), {"model": model.state_dict(), "model_args": asdict(model.config),
+                                                      "dataset": "shakespeare_char", "iter_num": 0})
+
+
+@pytest.fixture(scope="session")
+def plain_dir(tiny_trained, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("plain"))
+    _save_plain(folder, tiny_trained[0])
+    return folder

@@ -8,7 +8,7 @@ import torch
 
 from checkpoint import save_checkpoint
 from inference import load_checkpoint
-from conftest import TINY, read_log, run_main, train_in_process
+from conftest import TINY, _save_plain, read_log, run_main, train_in_process
 from model import GPT, GPTConfig
 from quantization.fold import fold_norms
 from quantization.hf import from_pretrained
@@ -78,26 +78,6 @@ def test_rotated_float64_model_computes_the_same_logits(rotations):
     if "R4" in rotations:
         assert rotated.config.online_transforms == {"mlp_activation_output": "hadamard"}
     assert not rotated.config.tied_head and rotated.config.norm == "rmsnorm"
-
-
-@pytest.fixture(scope="module")
-def tiny_trained(char_data):
-    """A char-level GPT (2 layers, 32 wide, biases) trained 300 steps in this process: (model, train tokens)."""
-    from tokenizer import load_meta
-    tokens = split_tokens("shakespeare_char", "train")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=load_meta(char_data)["vocab_size"],
-                          bias=True))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        ix = torch.randint(0, len(tokens) - 33, (16,), generator=g)
-        batch = torch.stack([tokens[i:i + 33] for i in ix.tolist()])
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), tokens
 
 
 def _calibration(tokens, n=24, seqlen=33):
@@ -182,19 +162,6 @@ def test_random_hadamard_start_depends_on_the_seed(tiny_trained):
     a, b = (SpinQuant(model, bits=4, seed=s) for s in (0, 1))
     assert not torch.equal(a.R1, b.R1)
     assert torch.equal(random_hadamard_matrix(32, seed=5), random_hadamard_matrix(32, seed=5))
-
-
-def _save_plain(folder, model):
-    from dataclasses import asdict
-    save_checkpoint(os.path.join(folder, "ckpt.pt"), {"model": model.state_dict(), "model_args": asdict(model.config),
-                                                      "dataset": "shakespeare_char", "iter_num": 0})
-
-
-@pytest.fixture(scope="module")
-def plain_dir(tiny_trained, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("plain"))
-    _save_plain(folder, tiny_trained[0])
-    return folder
 
 
 def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(plain_dir, tmp_path, capsys):

@@ -12,7 +12,7 @@ from quantization.hadamard import hadamard_matrix
 from quantization.hf import from_pretrained
 from quantization.quantizers import QuantSpec, fake_quant
 from quantization.spin_quant import SpinQuant, activation_quant, gelu_output_scales
-from test_spin_quant import _calibration, _random_model, _rel, plain_dir, tiny_trained  # noqa: F401 (fixtures)
+from test_spin_quant import _calibration, _random_model, _rel
 
 
 def _scales(model, seed=0):
@@ -165,8 +165,9 @@ def test_the_hadamard_transform_after_the_scale_is_the_dense_matrix():
     assert torch.allclose(t.double()(x), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("flag", ["--smooth_alpha=1.5", "--smooth_alpha=nan", "--smooth_alpha=0.5,x", "--smooth_alpha="])
-def test_demo_refuses_a_bad_smooth_alpha_in_one_line(plain_dir, tmp_path, flag):  # noqa: F811
+@pytest.mark.parametrize("flag", ["--smooth_alpha=1.5", "--smooth_alpha=nan", "--smooth_alpha=0.5,x",
+                                  "--smooth_alpha="])
+def test_demo_refuses_a_bad_smooth_alpha_in_one_line(plain_dir, tmp_path, flag):
     import demos.spinquant_ptq as demo
     out = str(tmp_path / "sq")
     error = run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--device=cpu", flag)
@@ -174,7 +175,7 @@ def test_demo_refuses_a_bad_smooth_alpha_in_one_line(plain_dir, tmp_path, flag):
     assert not os.path.exists(out)
 
 
-def test_s4_alpha_bench_table_and_bad_flags(plain_dir, capsys):  # noqa: F811
+def test_s4_alpha_bench_table_and_bad_flags(plain_dir, capsys):
     """bench/spinquant_s4_alpha.py: its no-S4 row is plain RTN without rotation, built here apart; one row per
     statistic and alpha; bad flags one line each."""
     import sys
