@@ -93,15 +93,22 @@ def test_s4_candidates_are_scored_as_models_built_apart_and_can_be_left_out(tiny
     model, tokens = tiny_trained
     sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, smooth_alpha=0.5)
     sq.optimize(_calibration(tokens), steps=2, progress=False, from_identity=True)
+    g = torch.Generator().manual_seed(5)  # rotations that learning from the identity could have reached
+    moved = [torch.linalg.qr(torch.randn(n, n, generator=g))[0] for n in (32, 16, 16)]
+    sq.learned_from_identity = (moved[0], moved[1:])
     lines = []
     sq.apply(progress=False, log=lines.append)
     names = [c["name"] for c in sq.candidates]
     assert {"S4, no rotation", "Hadamard R3+S4", "learned from identity R1+R2+R3+S4"} <= set(names)
     assert ("learned R1+R2+R3+S4" in names) == ("learned all" in names)  # where learning moved the rotations
     scales = gelu_output_scales(model, sq.calibration, 0.5)
-    for name, rotations, fold in (("S4, no rotation", (), False), ("Hadamard R3+S4", ("R3",), True)):
+    for name, rotations, fold, values in (("S4, no rotation", (), False, None),
+                                          ("Hadamard R3+S4", ("R3",), True, None),
+                                          ("learned from identity R1+R2+R3+S4", ("R1", "R2", "R3"), True, moved)):
         other = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, rotations=rotations, fold=fold,
                           smooth=scales)
+        if values is not None:
+            other.set_rotations(values[0], values[1:])
         other.apply(progress=False, select=False)
         candidate = next(c for c in sq.candidates if c["name"] == name)
         assert abs(sq.evaluate(sq.heldout, model=other.model) - candidate["heldout_loss"]) < 1e-6, name
