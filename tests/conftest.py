@@ -233,3 +233,31 @@ def plain_dir(tiny_trained, tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("plain"))
     _save_plain(folder, tiny_trained[0])
     return folder
+
+
+def _random_model(bias=True, n_embd=24, n_head=2, seed=0):
+    """A float64 GPT with LayerNorm gains and biases, linear biases and a tied embedding, all far from their init."""
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=n_head, n_embd=n_embd, block_size=16, vocab_size=40, bias=bias)).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name or name.endswith("bias"):
+                p.add_(0.5 * torch.randn_like(p))
+    return model.eval()
+
+
+def _random_orthogonal(n, seed):
+    import torch
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _calibration(tokens, n=24, seqlen=33):
+    """n windows of seqlen tokens, 997 apart: the SpinQuant tests' calibration samples."""
+    return [tokens[i * 997:i * 997 + seqlen].reshape(1, -1) for i in range(n)]

@@ -8,7 +8,8 @@ import torch
 
 from checkpoint import save_checkpoint
 from inference import load_checkpoint
-from conftest import TINY, _save_plain, read_log, run_main, train_in_process
+from conftest import (TINY, _calibration, _random_model, _random_orthogonal, _rel, _save_plain, read_log, run_main,
+                      train_in_process)
 from model import GPT, GPTConfig
 from quantization.fold import fold_norms
 from quantization.hf import from_pretrained
@@ -41,26 +42,6 @@ def test_width_without_construction_is_named():
         hadamard_matrix(36)
 
 
-def _random_model(bias=True, n_embd=24, n_head=2, seed=0):
-    """A float64 GPT with LayerNorm gains and biases, linear biases and a tied embedding, all far from their init."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=2, n_head=n_head, n_embd=n_embd, block_size=16, vocab_size=40, bias=bias)).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ln_" in name or name.endswith("bias"):
-                p.add_(0.5 * torch.randn_like(p))
-    return model.eval()
-
-
-def _random_orthogonal(n, seed):
-    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
-    return q
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("rotations", [(), ("R1",), ("R2",), ("R3",), ("R4",), ("R1", "R2", "R3", "R4")])
 def test_rotated_float64_model_computes_the_same_logits(rotations):
     model = _random_model()
@@ -78,10 +59,6 @@ def test_rotated_float64_model_computes_the_same_logits(rotations):
     if "R4" in rotations:
         assert rotated.config.online_transforms == {"mlp_activation_output": "hadamard"}
     assert not rotated.config.tied_head and rotated.config.norm == "rmsnorm"
-
-
-def _calibration(tokens, n=24, seqlen=33):
-    return [tokens[i * 997:i * 997 + seqlen].reshape(1, -1) for i in range(n)]
 
 
 def test_optimize_reduces_the_quantized_loss_and_keeps_rotations_orthogonal(tiny_trained):

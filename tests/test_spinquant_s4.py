@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import run_main
+from conftest import _calibration, _random_model, _rel, run_main
 from model import GPT, GPTConfig
 from quantization.hadamard import hadamard_matrix
 from quantization.hf import from_pretrained
 from quantization.quantizers import QuantSpec, fake_quant
 from quantization.spin_quant import SpinQuant, activation_quant, gelu_output_scales
-from test_spin_quant import _calibration, _random_model, _rel
 
 
 def _scales(model, seed=0):
