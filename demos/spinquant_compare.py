@@ -35,7 +35,7 @@ from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.quantizers import fake_quant  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, gelu_output_scales, paired_gain  # noqa: E402
-from quantization.spin_quant import split_calibration, unrotated  # noqa: E402
+from quantization.spin_quant import NORM_SMOOTH_ALPHA, split_calibration, unrotated  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, smooth_alpha  # noqa: E402
 from safety import check_output_file, write_text_atomic  # noqa: E402
 
@@ -158,6 +158,11 @@ def main(argv=None):
                 s4.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False)
                 add(setting, f"S4 (GELU output scale, alpha {alpha:g}) + {method.upper()}, no rotation",
                     score(s4.model), rtn)
+                s12 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales,
+                                smooth_norms=NORM_SMOOTH_ALPHA, **common)
+                s12.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False)
+                add(setting, f"S1+S2+S4 (norm, v and GELU output scales) + {method.upper()}, no rotation",
+                    score(s12.model), rtn)
             sq.apply(nsamples=args.nsamples, progress=False, select=False)
             add(setting, f"SpinQuant + {method.upper()}, learned", score(sq.model), rtn,
                 calib_loss=[losses[0], losses[-1]] if losses else None, best_step=sq.info.get("best_step"),

@@ -17,6 +17,9 @@ every norm a weight-free RMSNorm over a mean-free residual and untied the head:
 - S4 (not in the paper): a scale per channel of mlp_down's input, the GELU output (x -> x / s online, W_down diag(s)):
   SmoothQuant's move of a hard activation's range into the weight, at the one linear input no offline scale passes
   through. Computed from calibration statistics (gelu_output_scales); a candidate of the held-out choice.
+- S1, S2 (not in the paper): SmoothQuant's scales where they fold offline, in the candidate's own basis: S1 at each
+  norm's output (the norm's gain divided by s, the columns of q, k, v or mlp_up multiplied), S2 at v's output (v's
+  rows divided, attn_proj's columns multiplied; it smooths the V cache and attn_proj's input). No online cost.
 Activations are quantized per token at the inputs of every linear layer, and the K and V caches per token and
 head, by model.py's own activation quantizers (config act_quant); only the weights differ from a plain model.
 """
@@ -47,6 +50,10 @@ FIXED_SETS = (("R4",), ("R3", "R4"))
 # choice tries each of these and keeps the one whose S4 alone scores lowest on held-out samples
 SMOOTH_ALPHA = 0.5
 SMOOTH_ALPHAS = (0.5, 0.75)
+# S1 and S2's alpha: s_j = rms_j^alpha / max_i |W[i, j]|^(1 - alpha) over every linear reading the channel
+# (bench/results/spinquant_s12: 0.5 did best with S4 on the CPU BPE model and the default CPU model)
+NORM_SMOOTH_ALPHA = 0.5
+SMOOTHINGS = ("S1", "S2", "S4")
 # the activation sites SpinQuant quantizes: the inputs of every linear layer, and the K and V caches
 LINEAR_INPUT_SITES = ("attn_input", "attn_pv_mult_output", "mlp_input", "mlp_activation_output")
 KV_SITES = ("attn_qk_mult_k_input", "attn_pv_mult_v_input")
@@ -167,6 +174,61 @@ def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16, statistic
     return scales
 
 
+def _smooth_scale(a, weights, alpha):
+    w_max = torch.stack([w.detach().double().abs().amax(dim=0) for w in weights]).amax(dim=0).cpu()
+    s = a.double().cpu().clamp(min=1e-8).pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
+    return s / s.mean()  # the mean does not matter to per-token or per-row quantizers: keep s near 1
+
+
+@torch.no_grad()
+def norm_smooth_scales(model, data, alpha=NORM_SMOOTH_ALPHA, batch_size=8):
+    """S1 and S2's scales: {"transformer.h.<i>.ln_1" / "ln_2" / "attn.v": (channels,) float64}, from the channels'
+    RMS at the inputs of q (ln_1's output), mlp_up (ln_2's) and attn_proj (v's, after attention) over the (N, T + 1)
+    samples `data` under `model` with its quantizers off (the scales belong to the basis `model` computes in)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smooth_norms={alpha}: must be in [0, 1]")
+    from quantization.channel_stats import input_channel_stats
+    data = calibration_batch(data)
+    was = model.quantization_enabled
+    model.set_quantization(False)
+    try:
+        stats = input_channel_stats(model, data[:, :-1], batch_size)
+    finally:
+        model.set_quantization(was)
+    scales = {}
+    for i, block in enumerate(model.transformer.h):
+        p, attn = f"transformer.h.{i}.", block.attn
+        scales[p + "ln_1"] = _smooth_scale(stats[p + "attn.q"]["rms"], [attn.q.weight, attn.k.weight, attn.v.weight],
+                                           alpha)
+        scales[p + "ln_2"] = _smooth_scale(stats[p + "mlp.mlp_up"]["rms"], [block.mlp.mlp_up.weight], alpha)
+        scales[p + "attn.v"] = _smooth_scale(stats[p + "attn.attn_proj"]["rms"], [attn.attn_proj.weight], alpha)
+    return scales
+
+
+def smooth_norms_state(state, scales):
+    """A state dict with S1 and S2 folded in (norm_smooth_scales' scales; differentiable in `state`): a norm's gain
+    and bias divided by s and its readers' input columns multiplied; v's rows and bias divided and attn_proj's
+    columns multiplied. The float model computes the same function."""
+    state = dict(state)
+
+    def divide(key, s):
+        for suffix in (".weight", ".bias"):
+            if key + suffix in state:
+                t = state[key + suffix]
+                state[key + suffix] = t / (s.reshape(-1, 1) if t.dim() == 2 else s).to(t)
+
+    def widen(key, s):
+        state[key + ".weight"] = state[key + ".weight"] * s.reshape(1, -1).to(state[key + ".weight"])
+
+    for key, s in scales.items():
+        p = key.rsplit(".", 1)[0] + "." if key.endswith((".ln_1", ".ln_2")) else key.rsplit(".", 2)[0] + "."
+        divide(key, s)
+        readers = {"ln_1": ("attn.q", "attn.k", "attn.v"), "ln_2": ("mlp.mlp_up",), "v": ("attn.attn_proj",)}
+        for r in readers[key.rsplit(".", 1)[1]]:
+            widen(p + r, s)
+    return state
+
+
 def cayley_step(R, grad, lr):
     """One Cayley SGD step on the orthogonal group (Li et al., arXiv 2002.01113, as SpinQuant uses it): the skew
     matrix A = G R^T - R G^T, a step alpha = min(lr, 1 / ||A||_1), and R <- (I + alpha/2 A)^-1 (I - alpha/2 A) R,
@@ -248,14 +310,16 @@ class SpinQuant:
 
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
                  method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
-                 weight_specs=None, dtype=torch.float32, fold=True, smooth=None, smooth_alpha=SMOOTH_ALPHAS):
+                 weight_specs=None, dtype=torch.float32, fold=True, smooth=None, smooth_alpha=SMOOTH_ALPHAS,
+                 smooth_norms=None):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
         and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
         the rotated model and the rotations (float64 to check exactness). `fold=False` (not with R1, which needs
         the fold): the norms stay LayerNorms, the model as it came (the no-rotation candidate). `smooth`: S4, one
         scale per block for mlp_down's input (gelu_output_scales), applied before R4 when both are on.
         `smooth_alpha`: the alpha of the S4 candidates of apply's choice, or several (smooth_scales picks one on
-        held-out samples); None: no S4 candidates."""
+        held-out samples); None: no S4 candidates. `smooth_norms`: S1 and S2 at this alpha (norm_smooth_scales),
+        taken by apply from the calibration samples in the rotated basis, before the weights are quantized."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -278,9 +342,12 @@ class SpinQuant:
         self.device = device or next(model.parameters()).device
         self.rotations = tuple(rotations)
         self.smooth, self.smooth_choice = smooth, None
+        if smooth_norms is not None and not 0.0 <= smooth_norms <= 1.0:
+            raise ValueError(f"smooth_norms={smooth_norms}: must be in [0, 1], or None for no S1 and S2")
+        self.smooth_norms, self.norm_scales = smooth_norms, None
         self.info = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
-                         act_sym=act_sym, method=method, seed=seed, steps=0,
-                         rotations=",".join(self.rotations + (("S4",) if smooth else ())))
+                         act_sym=act_sym, method=method, seed=seed, steps=0, rotations=",".join(
+                             self.rotations + self.smoothings()))
         if not fold and "R1" in rotations:
             raise ValueError("fold=False: only without R1 (R1 needs the norms folded; R2-R4 do not)")
         if smooth_alpha is not None:
@@ -333,6 +400,10 @@ class SpinQuant:
         # optimize(from_identity=True): R1/R2 learned from the identity, their losses, held-out losses
         self.learned_from_identity, self.identity_losses, self.identity_heldout_losses = None, [], []
 
+    def smoothings(self):
+        """The S names this instance applies: S1 and S2 with smooth_norms, S4 with smooth."""
+        return (("S1", "S2") if self.smooth_norms is not None else ()) + (("S4",) if self.smooth else ())
+
     def rotation_values(self):
         """Detached copies of (R1, R2)."""
         return (None if self.R1 is None else self.R1.detach().clone(),
@@ -368,6 +439,8 @@ class SpinQuant:
         """The model's weights under the current R1 and R2 (differentiable); with quantize_weights, the linear
         sites' weights are fake-quantized (straight-through) with the weight spec."""
         state = rotate_state(self.base_state, self.config, R1=self.R1, R2=self.R2)
+        if self.norm_scales is not None:
+            state = smooth_norms_state(state, self.norm_scales)
         if quantize_weights:
             for key in state:
                 spec = self.weight_specs.get(key.split(".")[-2]) if key.endswith(".weight") else None
@@ -506,11 +579,16 @@ class SpinQuant:
         weight method then calibrates on optimize's learning samples only (calib_data is not used)."""
         if select and self.heldout is not None:
             return self.choose(calib_data, nsamples, seed, log, **method_options)
+        data = calibration_batch(calib_data) if calib_data is not None else self.calibration
+        if self.smooth_norms is not None and self.norm_scales is None:  # S1, S2 in the basis of the rotations
+            if data is None:
+                raise ValueError("smooth_norms: S1 and S2 need calibration samples (pass calib_data, or call "
+                                 "optimize first)")
+            self.norm_scales = norm_smooth_scales(self.bake(), data, self.smooth_norms)
         model = self.bake()
         if self.spec is None:
             self.records = {}
             return self.records
-        data = calibration_batch(calib_data) if calib_data is not None else self.calibration
         if data is None and self.method != "rtn":
             raise ValueError(f"method={self.method} needs calibration data (pass calib_data, or call optimize first)")
         config = PTQConfig(bits=self.bits, group_size=self.group_size, sym=self.sym, device=self.device, seed=seed,
@@ -521,13 +599,15 @@ class SpinQuant:
         return self.records
 
     def candidate_list(self):
-        """[(name, rotations, (R1, R2) or None for the random start, fold, S4)]: no rotation first (with GPTQ or
+        """[(name, rotations, (R1, R2) or None for the random start, fold, smoothings)]: no rotation first (with GPTQ or
         AutoRound also no rotation with RTN, the baseline spinquant_ptq.py reports: a weight method can lose to it),
         the folded norms without rotation and the fixed Hadamards without R1 (R4, R3+R4: mlp_down's input and the K
         cache, the residual stream as it was), then per rotation set with R1 the random Hadamard start and the learned
         rotations (left out where learning changed nothing). All but the no-rotation ones fold the norms. With
         smooth_alpha, S4 takes R4's place in four more: S4 alone (unfolded), R3+S4, and the learned rotations of the
-        largest set (from the random start and from the identity) with S4 for R4."""
+        largest set (from the random start and from the identity) with S4 for R4; and three with S1 and S2 besides
+        (SMOOTHINGS): S1+S2+S4 alone (unfolded), R3+S1+S2+S4, and the rotations learned from the identity with
+        them."""
         sets = []
         for names in (("R1",), ("R1", "R2"), self.rotations):
             names = tuple(r for r in ROTATIONS if r in names)
@@ -541,30 +621,34 @@ class SpinQuant:
         from_identity = identity is not None and any(
             not torch.equal(R, torch.eye(R.shape[0], dtype=R.dtype, device=R.device))
             for R in [identity[0], *(identity[1] or [])] if R is not None)
-        out = [("no rotation", (), None, False, False)]
+        out = [("no rotation", (), None, False, ())]
         if self.method != "rtn" and self.spec is not None:  # what the demo reports as "no rotation": RTN
-            out.append(("no rotation, RTN", (), None, False, False))
-        out.append(("folded norms, no rotation", (), None, True, False))
+            out.append(("no rotation, RTN", (), None, False, ()))
+        out.append(("folded norms, no rotation", (), None, True, ()))
         for names in FIXED_SETS:
             if set(names) <= set(self.rotations):
-                out.append((f"Hadamard {'+'.join(names)}", names, None, True, False))
+                out.append((f"Hadamard {'+'.join(names)}", names, None, True, ()))
         for names in sets:
             label = "all" if names == ROTATIONS else "+".join(names)
-            out.append((f"random Hadamard {label}", names, self.start, True, False))
+            out.append((f"random Hadamard {label}", names, self.start, True, ()))
             if changed and {"R1", "R2"} & set(names):
-                out.append((f"learned {label}", names, learned, True, False))
+                out.append((f"learned {label}", names, learned, True, ()))
             if from_identity and {"R1", "R2"} & set(names):
-                out.append((f"learned from identity {label}", names, identity, True, False))
+                out.append((f"learned from identity {label}", names, identity, True, ()))
         if self.smooth_alpha is not None:  # S4 in R4's place (on the small models R4 + S4 did worse than S4)
-            out.append(("S4, no rotation", (), None, False, True))
+            out.append(("S4, no rotation", (), None, False, ("S4",)))
+            out.append(("S1+S2+S4, no rotation", (), None, False, SMOOTHINGS))
             if "R3" in self.rotations:
-                out.append(("Hadamard R3+S4", ("R3",), None, True, True))
+                out.append(("Hadamard R3+S4", ("R3",), None, True, ("S4",)))
+                out.append(("Hadamard R3+S1+S2+S4", ("R3",), None, True, SMOOTHINGS))
             names = tuple(r for r in sets[-1] if r != "R4") if sets else ()
             label = "+".join(names + ("S4",))
             if changed and {"R1", "R2"} & set(names):
-                out.append((f"learned {label}", names, learned, True, True))
+                out.append((f"learned {label}", names, learned, True, ("S4",)))
             if from_identity and {"R1", "R2"} & set(names):
-                out.append((f"learned from identity {label}", names, identity, True, True))
+                out.append((f"learned from identity {label}", names, identity, True, ("S4",)))
+                out.append((f"learned from identity {'+'.join(names + SMOOTHINGS)}", names, identity, True,
+                             SMOOTHINGS))
         return out
 
     def smooth_scales(self, log=print):
@@ -600,12 +684,14 @@ class SpinQuant:
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
         results, base, scales = [], None, None
-        for name, rotations, values, fold, smooth in self.candidate_list():
+        for name, rotations, values, fold, smoothings in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
-            if smooth and scales is None:  # S4's scales, from the learning samples
+            if "S4" in smoothings and scales is None:  # S4's scales, from the learning samples
                 scales, _ = self.smooth_scales(log)
             sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=fold,
-                           smooth=scales if smooth else None, **{**options, "method": method})
+                           smooth=scales if "S4" in smoothings else None,
+                           smooth_norms=NORM_SMOOTH_ALPHA if "S1" in smoothings else None,
+                           **{**options, "method": method})
             if values is not None:
                 sq.set_rotations(*values)
             sq.calibration = self.calibration
@@ -614,7 +700,7 @@ class SpinQuant:
             per_sample = self.sample_losses(self.heldout, sq.model)
             loss = per_sample.mean().item()
             line = f"candidate {name}: held-out calibration loss {loss:.4f}"
-            baseline = not fold and not smooth
+            baseline = not fold and not smoothings
             if baseline:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
                 if base is None or loss < base.mean().item():
                     base = per_sample
@@ -629,7 +715,8 @@ class SpinQuant:
             log(line)
         # the lowest of the candidates that clearly beat no rotation (ties: the earlier, simpler one)
         loss, name, best, _, changed = min((r for r in results if r[3]), key=lambda r: r[0])
-        for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state", "smooth"):
+        for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state", "smooth", "smooth_norms",
+                     "norm_scales"):
             setattr(self, attr, getattr(best, attr))
         none = base.mean().item()
         clear = sum(r[3] for r in results if r[4])
@@ -642,7 +729,7 @@ class SpinQuant:
                       f"candidates {CLEAR_Z:g} or more standard errors below it")
         self.choice = dict(name=name, heldout_loss=loss, reason=reason)
         self.method = best.method
-        self.info.update(rotations=",".join(best.rotations + (("S4",) if best.smooth else ())) or "none",
+        self.info.update(rotations=",".join(best.rotations + best.smoothings()) or "none",
                          choice=name, heldout_loss=loss,
                          heldout_samples=self.heldout.shape[0], method=best.method)
         log(f"kept {name}: held-out calibration loss {loss:.4f} ({len(results)} candidates); {reason}")

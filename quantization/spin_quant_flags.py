@@ -29,7 +29,8 @@ def add_spinquant_flags(p):
                    "rotation), a second run of --steps; both learned rotations are candidates of the held-out choice")
     p.add_argument("--smooth", action=BoolFlag, default=True, help="also score S4, a scale per channel of the GELU "
                    "output that mlp_down reads (divided online, multiplied into mlp_down), in R4's place: alone, with "
-                   "R3, and with the learned rotations")
+                   "R3, and with the learned rotations; and S4 with S1 and S2 (scales folded into the norms and v): "
+                   "alone, with R3, and with the rotations learned from the identity")
     p.add_argument("--smooth_alpha", default=",".join(f"{a:g}" for a in SMOOTH_ALPHAS), help="S4's migration "
                    "strength, s_j = rms_j^alpha / max|W_down[:, j]|^(1 - alpha), in [0, 1]; several, comma-separated: "
                    "the one whose S4 alone scores lowest on held-out samples")
