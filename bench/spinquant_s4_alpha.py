@@ -3,9 +3,12 @@ scale per channel, s_j = a_j^alpha / max_i |W_down[i, j]|^(1 - alpha), and multi
 This prints the validation loss of a full-precision checkpoint at W`bits` A`act_bits` KV`kv_bits` with RTN weights
 and no rotation, without S4 and with S4 for each statistic a_j (the channel's root mean square over the calibration
 samples, or its largest magnitude as SmoothQuant takes it) and each alpha, with the share of RTN's gap to full
-precision each closes; and, with --act_only, the same with the weights in full precision.
+precision each closes; and, with --act_only, the same with the weights in full precision. With --norm_alphas, also
+S1 and S2 (SmoothQuant's scales folded into the norms' gains and v's rows, quantization/spin_quant.py
+norm_smooth_scales) at each of those alphas, alone and with each S4.
 
     python bench/spinquant_s4_alpha.py --out_dir=out --device=cpu --eval_tokens=50000
+    python bench/spinquant_s4_alpha.py --out_dir=out --device=cpu --alphas=0.5,0.75 --statistics=rms --norm_alphas=0.25,0.5,0.75
 """
 import json
 import os
@@ -30,6 +33,8 @@ def main(argv=None):
     add_spinquant_flags(p)
     p.add_argument("--alphas", default="0.25,0.5,0.75", help="comma-separated alphas in [0, 1]")
     p.add_argument("--statistics", default="rms,max", help="comma-separated: rms, max")
+    p.add_argument("--norm_alphas", default="", help="comma-separated alphas in [0, 1] of S1 and S2, each alone and "
+                   "with every S4 row (empty: none)")
     p.add_argument("--act_only", action=BoolFlag, default=False, help="also the rows with full-precision weights")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -44,6 +49,12 @@ def main(argv=None):
             alphas = [-1.0]
         if not all(0.0 <= a <= 1.0 for a in alphas):
             raise ValueError(f"alphas={args.alphas}: expected comma-separated numbers in [0, 1]")
+        try:
+            norm_alphas = [float(a) for a in args.norm_alphas.split(",")] if args.norm_alphas else []
+        except ValueError:
+            norm_alphas = [-1.0]
+        if not all(0.0 <= a <= 1.0 for a in norm_alphas):
+            raise ValueError(f"norm_alphas={args.norm_alphas}: expected comma-separated numbers in [0, 1]")
         statistics = args.statistics.split(",")
         if not set(statistics) <= {"rms", "max"}:
             raise ValueError(f"statistics={args.statistics}: expected comma-separated rms, max")
@@ -69,29 +80,32 @@ def main(argv=None):
     rows, gaps = [], {}
     for bits in [args.bits] + ([FULL_BITS] if args.act_only else []):
         weights = "RTN" if bits != FULL_BITS else "full precision"
-        for statistic, alpha in [(None, None)] + [(s, a) for s in statistics for a in alphas]:
+        s4 = [(None, None)] + [(s, a) for s in statistics for a in alphas]
+        for norm_alpha, (statistic, alpha) in [(None, r) for r in s4] + [(n, r) for n in norm_alphas for r in s4]:
             scales = None if statistic is None else gelu_output_scales(base, calibration, alpha, statistic=statistic)
-            sq = SpinQuant(base, bits=bits, smooth=scales, **common)
-            sq.apply(progress=False, select=False)
+            sq = SpinQuant(base, bits=bits, smooth=scales, smooth_norms=norm_alpha, **common)
+            sq.apply(calibration, progress=False, select=False)
             loss = score(sq.model)
-            row = dict(weights=weights, statistic=statistic or "-", alpha=alpha, loss=loss)
-            if statistic is None:
+            row = dict(weights=weights, norm_alpha=norm_alpha, statistic=statistic or "-", alpha=alpha, loss=loss)
+            if statistic is None and norm_alpha is None:
                 gaps[bits] = loss - fp
             elif gaps[bits] > 0:
                 row["gap_closed"] = 1 - (loss - fp) / gaps[bits]
             rows.append(row)
-            print(f"{weights}, S4 {statistic or 'off'}{'' if alpha is None else f' alpha {alpha:g}'}: val loss "
-                  f"{loss:.4f}", flush=True)
+            print(f"{weights}, S1+S2 {'off' if norm_alpha is None else f'alpha {norm_alpha:g}'}, S4 "
+                  f"{statistic or 'off'}{'' if alpha is None else f' alpha {alpha:g}'}: val loss {loss:.4f}",
+                  flush=True)
     w = f"W{args.bits}" if args.bits != FULL_BITS else "W16"
     setting = f"{w}A{args.act_bits}KV{args.kv_bits}"
     print(f"\n{args.out_dir}: {setting}, no rotation, {args.nsamples} x {seqlen} calibration tokens, "
           f"{args.eval_tokens or 'all'} validation tokens; full precision {fp:.4f}\n")
-    print("| weights | S4 statistic | alpha | val loss | gap closed |")
-    print("|---|---|---:|---:|---:|")
+    print("| weights | S1+S2 alpha | S4 statistic | S4 alpha | val loss | gap closed |")
+    print("|---|---:|---|---:|---:|---:|")
     for r in rows:
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        print(f"| {r['weights']} | {r['statistic']} | {alpha} | {r['loss']:.4f} | {gap} |")
+        norm = "-" if r["norm_alpha"] is None else f"{r['norm_alpha']:g}"
+        print(f"| {r['weights']} | {norm} | {r['statistic']} | {alpha} | {r['loss']:.4f} | {gap} |")
     if args.json:
         write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=setting, full_precision=fp,
                                                      rows=rows), indent=1))

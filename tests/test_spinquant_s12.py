@@ -135,3 +135,27 @@ def test_s1_s2_bad_input_is_named():
     sq = SpinQuant(model, bits=4, rotations=(), fold=False, smooth_norms=0.5)
     with pytest.raises(ValueError, match="smooth_norms: S1 and S2 need calibration samples"):
         sq.apply(progress=False, select=False)
+
+
+def test_s4_alpha_bench_scores_s1_s2_as_built_apart(plain_dir):
+    """bench/spinquant_s4_alpha.py --norm_alphas: S1+S2 alone and with each S4, after the rows without them; the
+    S1+S2 row is SpinQuant with smooth_norms built here on the same calibration samples."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import spinquant_s4_alpha as bench
+    from cli import OneLineParser
+    from quantization.perplexity import evaluate, split_tokens
+    from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs
+    argv = [f"--out_dir={plain_dir}", "--device=cpu", "--eval_tokens=1000", "--nsamples=4"]
+    rows = bench.main(argv + ["--alphas=0.5", "--statistics=rms", "--norm_alphas=0.5"])
+    assert [(r["norm_alpha"], r["statistic"], r["alpha"]) for r in rows] == [
+        (None, "-", None), (None, "rms", 0.5), (0.5, "-", None), (0.5, "rms", 0.5)]
+    args = add_spinquant_flags(OneLineParser()).parse_args(argv)
+    check_args(args)
+    args.heldout_tokens = 0
+    base, _, _, calibration, _ = load_inputs(args, "cpu", "error")
+    sq = SpinQuant(base, bits=4, act_bits=4, kv_bits=4, method="rtn", rotations=(), fold=False, smooth_norms=0.5)
+    sq.apply(calibration, progress=False, select=False)
+    expected = evaluate(sq.model, split_tokens("shakespeare_char", "val"), max_tokens=1000, progress=False)["loss"]
+    assert rows[2]["loss"] == pytest.approx(expected, abs=1e-6) and "gap_closed" in rows[2]

@@ -199,8 +199,10 @@ def test_s4_alpha_bench_table_and_bad_flags(plain_dir, capsys):
     rtn_quantize(model, weight_spec(4))
     expected = evaluate(model, split_tokens("shakespeare_char", "val"), max_tokens=1000, progress=False)["loss"]
     assert rows[0]["loss"] == pytest.approx(expected, abs=1e-6)
-    assert "| weights | S4 statistic | alpha | val loss | gap closed |" in capsys.readouterr().out
+    assert "| weights | S1+S2 alpha | S4 statistic | S4 alpha | val loss | gap closed |" in capsys.readouterr().out
+    assert all(r["norm_alpha"] is None for r in rows)
     for flag, named in (("--alphas=0.5,x", "--alphas=0.5,x"), ("--alphas=2", "--alphas=2"),
+                        ("--norm_alphas=0.5,y", "--norm_alphas=0.5,y"), ("--norm_alphas=-1", "--norm_alphas=-1"),
                         ("--statistics=mean", "--statistics=mean"), ("--bits=16", "--bits=16")):
         error = run_main(bench.main, f"--out_dir={plain_dir}", "--device=cpu", flag)
         assert error.startswith(f"spinquant_s4_alpha.py: error: {named}") and "\n" not in error, error
