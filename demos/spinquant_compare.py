@@ -55,6 +55,8 @@ def main(argv=None):
     add_spinquant_flags(p)
     p.add_argument("--settings", default="4/4/4,4/8/8,4/16/16", help="comma-separated W/A/KV bits (16: off)")
     p.add_argument("--seeds", type=int, default=3, help="random Hadamard seeds (at least 1)")
+    p.add_argument("--methods", default="rtn,gptq", help="comma-separated weight methods of the SpinQuant rows, rtn "
+                   "and/or gptq (one per run splits a long table in two)")
     p.add_argument("--qat", default="", help="comma-separated label=checkpoint folder of QAT runs to score too")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
@@ -78,6 +80,9 @@ def main(argv=None):
                     raise ValueError(f"settings={args.settings}: {flag} {bits}: expected 2..8 or {FULL_BITS}")
         if args.seeds < 1:
             raise ValueError(f"seeds={args.seeds}: must be at least 1")
+        methods = args.methods.split(",")
+        if not methods or not set(methods) <= {"rtn", "gptq"} or len(set(methods)) != len(methods):
+            raise ValueError(f"methods={args.methods}: expected rtn, gptq or rtn,gptq")
         for item in filter(None, args.study.split(",")):
             fields = item.split(":")
             try:
@@ -145,6 +150,8 @@ def main(argv=None):
             **spread)
         learn_part = calibration if heldout is not None else split_calibration(calibration)[0]
         for method in ("rtn", "gptq"):
+            if method not in methods:
+                continue
             if method == "gptq":
                 sq = SpinQuant(base, method="gptq", seed=0, **common)
                 sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False)

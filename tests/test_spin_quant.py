@@ -761,8 +761,11 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     for method in ("RTN", "GPTQ"):  # --smooth, on by default: S4 alone, a row per weight method
         assert any(m.startswith("S4 (GELU output scale, alpha 0.5) + " + method) or
                    m.startswith("S4 (GELU output scale, alpha 0.75) + " + method) for m in methods), method
-    off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False", "--smooth=False"])
+    off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False", "--smooth=False",
+                                 "--methods=gptq"])
     assert not any("from identity" in r["method"] or "S4" in r["method"] for r in off)
+    assert not any(r["method"].startswith("SpinQuant + RTN") for r in off)  # --methods=gptq
+    assert any(r["method"].startswith("SpinQuant + GPTQ, kept: ") for r in off)
     study = compare.main(common + ["--method=rtn", "--study=0.5:2:8:rtn,1.5:2:8:none,1.5:2:8:rtn:kl"])
     assert len(study) == 3 and study[0]["held_best"] <= study[0]["held_start"] and "val_fold_only" in study[0]
     assert study[2]["learns_on"] == "A+W(RTN), KL" and study[0]["learns_on"] == "A+W(RTN)"
@@ -865,3 +868,10 @@ def test_compare_refuses_a_bad_study_in_one_line(plain_dir, study):
     import demos.spinquant_compare as compare
     error = run_main(compare.main, f"--out_dir={plain_dir}", "--device=cpu", f"--study={study}")
     assert error.startswith(f"spinquant_compare.py: error: --study={study}: ") and "\n" not in error
+
+
+@pytest.mark.parametrize("methods", ["awq", "rtn,rtn", "", "gptq,"])
+def test_compare_refuses_bad_methods_in_one_line(plain_dir, methods):
+    import demos.spinquant_compare as compare
+    error = run_main(compare.main, f"--out_dir={plain_dir}", "--device=cpu", f"--methods={methods}")
+    assert error.startswith(f"spinquant_compare.py: error: --methods={methods}: expected rtn, gptq") and "\n" not in error
