@@ -573,17 +573,19 @@ class SpinQuant:
         """Bake the rotations in and quantize the weights with the method: {module name: QuantizedWeight}
         (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data.
         With `select` and held-out samples (optimize's), each candidate (no rotation; the folded norms alone; the
-        fixed Hadamards R4 and R3+R4 alone; random Hadamard and learned rotations, each as R1 only, R1+R2 and all)
+        fixed Hadamards R4 and R3+R4 alone; random Hadamard and learned rotations, each as R1 only, R1+R2 and all;
+        with smooth_alpha the S4 and S1+S2+S4 ones, candidate_list)
         is quantized and scored on the held-out samples, `log` gets one
         line per candidate and one for the choice, and the best is kept (self.choice, self.candidates); the
         weight method then calibrates on optimize's learning samples only (calib_data is not used)."""
         if select and self.heldout is not None:
             return self.choose(calib_data, nsamples, seed, log, **method_options)
         data = calibration_batch(calib_data) if calib_data is not None else self.calibration
-        if self.smooth_norms is not None and self.norm_scales is None:  # S1, S2 in the basis of the rotations
+        if self.smooth_norms is not None:  # S1, S2 taken anew in the basis of the current rotations
             if data is None:
                 raise ValueError("smooth_norms: S1 and S2 need calibration samples (pass calib_data, or call "
                                  "optimize first)")
+            self.norm_scales = None
             self.norm_scales = norm_smooth_scales(self.bake(), data, self.smooth_norms)
         model = self.bake()
         if self.spec is None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import _calibration, _random_model, _rel
+from conftest import _calibration, _random_model, _random_orthogonal, _rel
 from model import GPT
 from quantization.hf import from_pretrained
 from quantization.quantizers import QuantSpec, fake_quant
@@ -159,3 +159,22 @@ def test_s4_alpha_bench_scores_s1_s2_as_built_apart(plain_dir):
     sq.apply(calibration, progress=False, select=False)
     expected = evaluate(sq.model, split_tokens("shakespeare_char", "val"), max_tokens=1000, progress=False)["loss"]
     assert rows[2]["loss"] == pytest.approx(expected, abs=1e-6) and "gap_closed" in rows[2]
+
+
+def test_s1_s2_are_taken_anew_when_the_rotations_change():
+    """apply takes S1 and S2 in the basis of the rotations it bakes: after set_rotations, new scales, and the float64
+    model still computes what the plain one does."""
+    model = _random_model()
+    x = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(1))
+    reference = model(x, x)[0]
+    data = torch.randint(0, 40, (4, 17), generator=torch.Generator().manual_seed(2))
+    sq = SpinQuant(model, bits=16, act_bits=16, kv_bits=16, rotations=("R1", "R2"), smooth_norms=0.5,
+                   dtype=torch.float64)
+    sq.apply(data, progress=False, select=False)
+    first = sq.norm_scales["transformer.h.0.ln_1"].clone()
+    hd = model.config.n_embd // model.config.n_head
+    sq.set_rotations(_random_orthogonal(model.config.n_embd, 7),
+                     [_random_orthogonal(hd, 8 + i) for i in range(model.config.n_layer)])
+    sq.apply(data, progress=False, select=False)
+    assert not torch.allclose(sq.norm_scales["transformer.h.0.ln_1"], first)
+    assert _rel(sq.model(x, x)[0], reference) < 1e-6
