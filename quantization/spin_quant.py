@@ -34,6 +34,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from model import GPT, GPTConfig
+from quantization.channel_stats import input_channel_stats
 from quantization.fold import build_like, fold_norms, fold_state
 from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
 from quantization.ptq import PTQConfig, make_quantizer
@@ -187,7 +188,6 @@ def norm_smooth_scales(model, data, alpha=NORM_SMOOTH_ALPHA, batch_size=8):
     samples `data` under `model` with its quantizers off (the scales belong to the basis `model` computes in)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smooth_norms={alpha}: must be in [0, 1]")
-    from quantization.channel_stats import input_channel_stats
     data = calibration_batch(data)
     was = model.quantization_enabled
     model.set_quantization(False)
