@@ -47,6 +47,7 @@ FP_ONLY=${FP_ONLY:-0}         # 1: the train phase trains the full-precision mod
 QAT_ONLY=${QAT_ONLY:-0}       # 1: compare scores the QAT rows alone (--settings=none), into spinquant_gpu_qat_*
 COMPARE_FLAGS=${COMPARE_FLAGS:-}  # more demos/spinquant_compare.py flags for the compare phase (e.g. --heldout_tokens=65536)
 TABLE=${TABLE:-}              # a suffix for the compare phase's table names (spinquant_gpu${TABLE}_bpe_s1337.md)
+DEMO=${DEMO:-1}               # 0: the compare phase leaves out demos/spinquant_ptq.py on the BPE model
 RESULTS=bench/results
 LOGS=$RESULTS/spinquant_logs/gpu  # apart from bench/spinquant_cpu.sh's logs of the same names
 TRAIN_LOGS=out-sq/logs            # training logs live with the checkpoints (a compare phase finds both) ...
@@ -150,7 +151,7 @@ for s in $SEEDS; do
     compare $m $s $tokens $settings & cpids+=($!)
   done
 done
-case " $MODELS " in *" bpe "*) BPE_DEMO=1 ;; *) BPE_DEMO=0 ;; esac
+case " $MODELS " in *" bpe "*) BPE_DEMO=$DEMO ;; *) BPE_DEMO=0 ;; esac
 [ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] || python demos/spinquant_ptq.py --out_dir=out-sq/bpe_fp_s$first --quantized_dir=out-sq/bpe_spinquant --overwrite \
   --device=$DEVICE --steps=$STEPS --nsamples=64 --eval_tokens=50000 --progress=False > "$LOGS/spinquant_ptq_bpe.log" 2>&1
 [ "$QAT_ONLY" = 1 ] || [ "$BPE_DEMO" = 0 ] || tail -n 1 "$LOGS/spinquant_ptq_bpe.log"
