@@ -17,12 +17,13 @@ def check_alpha(alpha, flag="alpha"):
         raise ValueError(f"{flag}={alpha}: must be in [0, 1]")
 
 
-def smooth_scale(act_max, weights, alpha):
-    """s_j = max|x_j|^alpha / max_i |W_ij|^(1-alpha), the weight maximum taken over every linear reading x."""
+def smooth_scale(act_max, weights, alpha, dtype=torch.float32, eps=_EPS):
+    """s_j = max|x_j|^alpha / max_i |W_ij|^(1-alpha), the weight maximum taken over every linear reading x (SpinQuant's
+    S1, S2 and S4 pass a channel's RMS for max|x_j|, in float64)."""
     check_alpha(alpha)
-    w_max = torch.stack([w.detach().abs().float().amax(dim=0) for w in weights]).amax(dim=0)
-    s = act_max.float().clamp(min=_EPS).pow(alpha) / w_max.clamp(min=_EPS).pow(1 - alpha)
-    return s.clamp(min=_EPS)
+    w_max = torch.stack([w.detach().abs().to(dtype).amax(dim=0) for w in weights]).amax(dim=0)
+    s = act_max.to(dtype).clamp(min=eps).pow(alpha) / w_max.clamp(min=eps).pow(1 - alpha)
+    return s.clamp(min=eps)
 
 
 @torch.no_grad()

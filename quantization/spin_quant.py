@@ -40,6 +40,7 @@ from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
 from quantization.ptq import PTQConfig, make_quantizer
 from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant, misfit
 from quantization.rtn import SITES, weight_spec
+from quantization.smoothquant import smooth_scale
 
 FULL_BITS = 16  # act_bits / kv_bits of 16: that activation is not quantized
 WEIGHT_METHODS = ("rtn", "gptq", "autoround")
@@ -169,15 +170,12 @@ def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16, statistic
     scales = []
     for i, block in enumerate(blocks):
         a = (sums[i] / count).sqrt() if statistic == "rms" else sums[i]
-        w_max = block.mlp.mlp_down.weight.detach().double().abs().amax(dim=0).cpu()
-        s = a.clamp(min=1e-8).pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
-        scales.append(s / s.mean())  # the mean does not matter to per-token or per-row quantizers: keep s near 1
+        scales.append(_smooth_scale(a, [block.mlp.mlp_down.weight], alpha))
     return scales
 
 
 def _smooth_scale(a, weights, alpha):
-    w_max = torch.stack([w.detach().double().abs().amax(dim=0) for w in weights]).amax(dim=0).cpu()
-    s = a.double().cpu().clamp(min=1e-8).pow(alpha) / w_max.clamp(min=1e-8).pow(1 - alpha)
+    s = smooth_scale(a.cpu(), [w.cpu() for w in weights], alpha, dtype=torch.float64, eps=1e-8)
     return s / s.mean()  # the mean does not matter to per-token or per-row quantizers: keep s near 1
 
 
