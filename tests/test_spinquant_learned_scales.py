@@ -1,6 +1,6 @@
 """bench/spinquant_learned_scales.py: S1, S2 and S4 scales learned by Adam (log-offsets on the closed-form ones)."""
+import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -8,8 +8,17 @@ import torch
 from conftest import _random_model, _rel, run_main
 from quantization.spin_quant import SpinQuant, gelu_output_scales
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import spinquant_learned_scales as bench  # noqa: E402
+
+@pytest.fixture(scope="module")
+def bench():
+    """The script, loaded from its file (bench/ stays off sys.path: its kernels.py would shadow a package of that
+    name for every later import)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                        "spinquant_learned_scales.py")
+    spec = importlib.util.spec_from_file_location("spinquant_learned_scales", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _smoothed(model, data, bits=16, act_bits=16):
@@ -19,7 +28,7 @@ def _smoothed(model, data, bits=16, act_bits=16):
     return sq
 
 
-def test_offsets_fold_without_changing_the_float64_function():
+def test_offsets_fold_without_changing_the_float64_function(bench):
     """Any log-offsets of S1, S2 and S4 are folded so that the float64 model (quantizers off) computes what the plain
     one does, and zero offsets give SpinQuant's own state."""
     model = _random_model()
@@ -39,7 +48,7 @@ def test_offsets_fold_without_changing_the_float64_function():
     assert all(torch.allclose(zero[k], own[k], rtol=1e-12, atol=0) for k in own)
 
 
-def test_learning_keeps_the_best_held_out_step_and_the_model_holds_it(tiny_trained):
+def test_learning_keeps_the_best_held_out_step_and_the_model_holds_it(tiny_trained, bench):
     """learn: the kept step's held-out loss is what sq.model scores on the held-out samples afterwards, and no higher
     than step 0's (the closed-form scales)."""
     from conftest import _calibration
@@ -57,7 +66,7 @@ def test_learning_keeps_the_best_held_out_step_and_the_model_holds_it(tiny_train
     assert sq.evaluate(heldout, model=sq.model) == pytest.approx(held, abs=1e-6)
 
 
-def test_bench_rows_and_bad_flags(plain_dir, capsys):
+def test_bench_rows_and_bad_flags(plain_dir, capsys, bench):
     """The bench's rows (none, closed form, one per learning rate) and its table; bad flags one line each."""
     rows = bench.main([f"--out_dir={plain_dir}", "--device=cpu", "--eval_tokens=1000", "--nsamples=4",
                        "--heldout_tokens=256", "--steps=2", "--scale_lrs=0.01", "--progress=False"])
