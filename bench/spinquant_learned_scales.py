@@ -93,7 +93,8 @@ def _loaded(sq, state):
 
 def main(argv=None):
     p = OneLineParser(prog="spinquant_learned_scales.py",
-                      description="S1, S2 and S4 scales learned by Adam against the closed-form ones (RTN, no rotation).")
+                      description="S1, S2 and S4 scales learned by Adam against the closed-form ones (RTN, no "
+                      "rotation).")
     add_spinquant_flags(p)
     p.add_argument("--scale_lrs", default="0.003,0.01", help="comma-separated Adam learning rates (> 0) of the scales' "
                    "log-offsets; --steps sets the steps, --batch_size the samples per step")

@@ -65,6 +65,18 @@ class Interpreted:
             self.proc.wait()
 
 
+def load_script(path):
+    """A script of the repository (path relative to its root, e.g. "bench/spinquant_clipping.py") loaded as a module
+    from its file, its folder kept off sys.path: bench/kernels.py would otherwise shadow the `kernels` package that
+    transformers imports, for every later test."""
+    import importlib.util
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_main(main, *argv):
     """Call a script's main(argv) in this process (no interpreter start-up); returns its error line or None.
     The objects the session holds are frozen meanwhile (gc.freeze), so that a garbage collection during the call

@@ -8,8 +8,8 @@ import torch
 
 from checkpoint import save_checkpoint
 from inference import load_checkpoint
-from conftest import (TINY, _calibration, _random_model, _random_orthogonal, _rel, _save_plain, read_log, run_main,
-                      train_in_process)
+from conftest import (TINY, _calibration, _random_model, _random_orthogonal, _rel, _save_plain, load_script, read_log,
+                      run_main, train_in_process)
 from model import GPT, GPTConfig
 from quantization.fold import fold_norms
 from quantization.hf import from_pretrained
@@ -162,20 +162,12 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     assert not os.path.exists(again)
 
 
-def sys_path_bench():
-    """bench/ on the import path: its scripts are imported by name, as they import nothing of each other."""
-    import sys
-    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-    if bench not in sys.path:
-        sys.path.insert(0, bench)
-
-
 def test_mse_clipped_rtn_never_rounds_a_row_worse_than_rtn(tiny_trained):
     """bench/spinquant_clipping.py's weight clipping: per row, the range shrink with the lowest sum of |w - q|^2.4
     (1.0, plain RTN, among them): every row's error at most RTN's, some rows strictly lower, codes on the grid."""
     import copy
-    sys_path_bench()
-    from spinquant_clipping import NORM, mse_clip_rtn
+    clipping = load_script("bench/spinquant_clipping.py")
+    NORM, mse_clip_rtn = clipping.NORM, clipping.mse_clip_rtn
     from quantization.quantizers import code_range
     from quantization.rtn import rtn_quantize, weight_spec
     spec = weight_spec(4)
@@ -199,8 +191,7 @@ def test_mse_clipped_rtn_never_rounds_a_row_worse_than_rtn(tiny_trained):
 def test_clipping_bench_table_and_bad_flags(plain_dir, tmp_path, capsys):
     """bench/spinquant_clipping.py on a tiny model: a row per rotation, weight rounding and clipping setting; the
     plain row (no rotation, RTN, no clipping) is what rtn_quantize gives the unrotated model; a bad ratio is one line."""
-    sys_path_bench()
-    import spinquant_clipping
+    spinquant_clipping = load_script("bench/spinquant_clipping.py")
     from quantization.perplexity import evaluate
     from quantization.rtn import rtn_quantize, weight_spec
     from quantization.spin_quant import unrotated

@@ -1,24 +1,14 @@
 """bench/spinquant_learned_scales.py: S1, S2 and S4 scales learned by Adam (log-offsets on the closed-form ones)."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
-from conftest import _random_model, _rel, run_main
+from conftest import _random_model, _rel, load_script, run_main
 from quantization.spin_quant import SpinQuant, gelu_output_scales
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script, loaded from its file (bench/ stays off sys.path: its kernels.py would shadow a package of that
-    name for every later import)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
-                        "spinquant_learned_scales.py")
-    spec = importlib.util.spec_from_file_location("spinquant_learned_scales", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/spinquant_learned_scales.py")
 
 
 def _smoothed(model, data, bits=16, act_bits=16):

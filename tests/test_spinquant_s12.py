@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import _calibration, _random_model, _random_orthogonal, _rel
+from conftest import _calibration, _random_model, _random_orthogonal, _rel, load_script
 from model import GPT
 from quantization.hf import from_pretrained
 from quantization.quantizers import QuantSpec, fake_quant
@@ -140,10 +140,7 @@ def test_s1_s2_bad_input_is_named():
 def test_s4_alpha_bench_scores_s1_s2_as_built_apart(plain_dir):
     """bench/spinquant_s4_alpha.py --norm_alphas: S1+S2 alone and with each S4, after the rows without them; the
     S1+S2 row is SpinQuant with smooth_norms built here on the same calibration samples."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import spinquant_s4_alpha as bench
+    bench = load_script("bench/spinquant_s4_alpha.py")
     from cli import OneLineParser
     from quantization.perplexity import evaluate, split_tokens
     from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from checkpoint import save_checkpoint
-from conftest import _calibration, _random_model, _rel, run_main
+from conftest import _calibration, _random_model, _rel, load_script, run_main
 from model import GPT, GPTConfig
 from quantization.hadamard import hadamard_matrix
 from quantization.hf import from_pretrained
@@ -184,9 +184,7 @@ def test_demo_refuses_a_bad_smooth_alpha_in_one_line(plain_dir, tmp_path, flag):
 def test_s4_alpha_bench_table_and_bad_flags(plain_dir, capsys):
     """bench/spinquant_s4_alpha.py: its no-S4 row is plain RTN without rotation, built here apart; one row per
     statistic and alpha; bad flags one line each."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    import spinquant_s4_alpha as bench
+    bench = load_script("bench/spinquant_s4_alpha.py")
     from quantization.perplexity import evaluate, split_tokens
     from quantization.rtn import rtn_quantize, weight_spec
     from quantization.spin_quant import unrotated
