@@ -1,5 +1,4 @@
 """AutoRound: its pieces against round-to-nearest, its result against RTN on a trained model, and the demo."""
-import importlib.util
 import os
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import ROOT, run_script
+from conftest import load_script, run_script
 from quantization.autoround import AutoRound, SignSGD, WrapperLinear, calibration_samples
 from quantization.quantizers import compute_qparams, fake_quant, qparams_from_range, quantize_tensor, to_rows
 from quantization.rtn import rtn_quantize, weight_spec
@@ -19,10 +18,7 @@ SPECS = [weight_spec(b, g, s) for b in (2, 3, 4, 8) for g in (0, 16) for s in (F
 
 
 def load_demo():
-    spec = importlib.util.spec_from_file_location("autoround_ptq", os.path.join(ROOT, "demos", "autoround_ptq.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demos/autoround_ptq.py")
 
 
 def small_model(seed=0):

@@ -106,12 +106,8 @@ def test_awq_keeps_float_outputs_and_never_loses_to_rtn_on_its_calibration():
 
 @pytest.mark.parametrize("alphas", ["1.5", "-0.1", "0.5,2"])
 def test_smoothquant_demo_refuses_alpha_outside_unit_interval(alphas, tmp_path):
-    import importlib.util
-    import os
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("smoothquant_w8a8", os.path.join(ROOT, "demos", "smoothquant_w8a8.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from conftest import load_script
+    demo = load_script("demos/smoothquant_w8a8.py")
     error = run_main(demo.main, f"--out_dir={tmp_path / 'none'}", f"--alphas={alphas}")
     assert error is not None and "\n" not in error and "--alphas" in error and "[0, 1]" in error
     assert list(tmp_path.iterdir()) == []

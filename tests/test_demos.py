@@ -19,11 +19,8 @@ def test_compare_methods_suite_out_root_and_jobs(char_data, tmp_path):
 
 
 def test_ptq_compare_bit_widths_methods_and_json(trained_fp, tmp_path):
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("ptq_compare", os.path.join(ROOT, "demos", "ptq_compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from conftest import load_script
+    module = load_script("demos/ptq_compare.py")
     out = tmp_path / "rows.json"
     error = run_main(module.main, f"--out_dir={trained_fp}", "--bit_widths=3", "--methods=rtn,gptq", "--nsamples=8",
                      "--eval_tokens=2000", "--device=cpu", "--progress=False", f"--json={out}")

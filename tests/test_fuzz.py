@@ -1,7 +1,6 @@
 """Fuzz every script's flags and file loaders with generated bad values and damaged files. For each case: a
 non-zero exit, exactly one line of error naming the flag or file, no traceback, and no file created or changed
 outside the test's temp folder (the repository's files are snapshotted before and after)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,16 +15,13 @@ import train as train_script
 from checkpoint import save_checkpoint
 from inference import load_checkpoint
 from configurator import build_parser
-from conftest import ROOT, TINY, run_main, train_in_process
+from conftest import ROOT, TINY, load_script, run_main, train_in_process
 from quantization import gguf_export, hf, perplexity, save_weights, visualize
 from quantization.quantizers import QuantSpec, quantize_tensor
 
 
 def load_demo(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "demos", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"demos/{name}.py")
 
 
 autoround_ptq, ptq_compare = load_demo("autoround_ptq"), load_demo("ptq_compare")
@@ -899,13 +895,8 @@ def test_benchmark_tables_never_replace_a_checkpoint(tiny_ckpt, capsys):
     """A benchmark's table or JSON (--out of bench/decode.py and bench/kernels.py, --json of
     bench/spinquant_clipping.py) replaces an earlier table, by design, but never a file that is not text: pointed at a
     checkpoint it is refused in one line naming the flag, before anything runs, and the checkpoint is untouched."""
-    import importlib.util
-
     def load_bench(name):
-        spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load_script(f"bench/{name}.py")
 
     cases = Cases(capsys, tiny_ckpt)
     ckpt = os.path.join(tiny_ckpt, "ckpt.pt")

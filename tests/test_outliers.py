@@ -204,12 +204,8 @@ def test_gptq_and_autoround_keep_the_outliers_apart(method):
 
 
 def load_demo(name):
-    import importlib.util
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "demos", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_script
+    return load_script(f"demos/{name}.py")
 
 
 def test_ptq_compare_bad_fraction_is_one_line(tmp_path):
