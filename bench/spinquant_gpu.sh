@@ -20,10 +20,10 @@
 #   PHASE=train MODELS="baby bpe cpu" VARIANTS=0 FP_ONLY=1 bash bench/spinquant_gpu.sh
 #   TABLE=_s4 PHASE=compare MODELS=bpe SEEDS=1337 VARIANTS=0 SETTINGS=4/4/4 COMPARE_FLAGS=--heldout_tokens=65536 \
 #     bash bench/spinquant_gpu.sh                                          # then SEEDS=1, and MODELS="baby cpu"
-# With S1 and S2 too (three more candidates; bench/results/spinquant_s12 on the CPU), one weight method per call
-# (--methods) so that each stays under 10 minutes:
-#   TABLE=_s12_rtn PHASE=compare MODELS=bpe SEEDS=1337 VARIANTS=0 SETTINGS=4/4/4 \
-#     COMPARE_FLAGS="--heldout_tokens=65536 --methods=rtn" bash bench/spinquant_gpu.sh   # then _s12_gptq, SEEDS=1
+# bench/results/spinquant_gpu_s12/ (S1 and S2 too, three more candidates): after the train phase above, one weight
+# method per compare (--methods), both at once on the one GPU, without the demo (DEMO=0): 6 minutes together
+#   for m in rtn gptq; do TABLE=_s12_$m PHASE=compare MODELS=bpe SEEDS="1337 1" VARIANTS=0 SETTINGS=4/4/4 DEMO=0 \
+#     COMPARE_FLAGS="--heldout_tokens=65536 --methods=$m" bash bench/spinquant_gpu.sh & done; wait
 # The --spinquant runs probe kept rotations over a third of QAT (train.py's default --spinquant_probe); PROBE=0
 # decides at the switch only, PROBE=N probes over N% of the QAT iterations.
 # EXTRA=--deterministic asks train.py for deterministic kernels: a run that keeps no rotation then equals plain QAT
