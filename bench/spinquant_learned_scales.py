@@ -26,7 +26,7 @@ from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.quantizers import fake_quant  # noqa: E402
 from quantization.spin_quant import (FULL_BITS, NORM_SMOOTH_ALPHA, SMOOTH_ALPHA, SpinQuant,  # noqa: E402
                                      gelu_output_scales, smooth_norms_state)
-from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, parse_numbers  # noqa: E402
 from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
 
@@ -105,12 +105,7 @@ def main(argv=None):
         check_args(args)
         if args.bits == FULL_BITS:
             raise ValueError(f"bits={args.bits}: needs quantized weights (2..8)")
-        try:
-            lrs = [float(a) for a in args.scale_lrs.split(",")]
-        except ValueError:
-            lrs = [-1.0]
-        if not lrs or not all(math.isfinite(a) and a > 0 for a in lrs):
-            raise ValueError(f"scale_lrs={args.scale_lrs}: expected comma-separated numbers above 0")
+        lrs = parse_numbers(args.scale_lrs, "scale_lrs", lambda a: a > 0, "numbers above 0")
         if args.batch_size < 1:
             raise ValueError(f"batch_size={args.batch_size}: must be at least 1")
     except ValueError as e:

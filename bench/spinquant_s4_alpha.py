@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from cli import BoolFlag, OneLineParser  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, gelu_output_scales  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, parse_alphas  # noqa: E402
 from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
 
@@ -43,18 +43,8 @@ def main(argv=None):
         check_args(args)
         if args.bits == FULL_BITS:
             raise ValueError(f"bits={args.bits}: needs quantized weights (2..8)")
-        try:
-            alphas = [float(a) for a in args.alphas.split(",")]
-        except ValueError:
-            alphas = [-1.0]
-        if not all(0.0 <= a <= 1.0 for a in alphas):
-            raise ValueError(f"alphas={args.alphas}: expected comma-separated numbers in [0, 1]")
-        try:
-            norm_alphas = [float(a) for a in args.norm_alphas.split(",")] if args.norm_alphas else []
-        except ValueError:
-            norm_alphas = [-1.0]
-        if not all(0.0 <= a <= 1.0 for a in norm_alphas):
-            raise ValueError(f"norm_alphas={args.norm_alphas}: expected comma-separated numbers in [0, 1]")
+        alphas = list(parse_alphas(args.alphas, "alphas"))
+        norm_alphas = list(parse_alphas(args.norm_alphas, "norm_alphas")) if args.norm_alphas else []
         statistics = args.statistics.split(",")
         if not set(statistics) <= {"rms", "max"}:
             raise ValueError(f"statistics={args.statistics}: expected comma-separated rms, max")

@@ -1,5 +1,6 @@
 """What the SpinQuant command lines (demos/spinquant_ptq.py, demos/spinquant_compare.py) share: their flags, the
 checks of those flags, and the inputs they load (a full-precision, unrotated model and its calibration windows)."""
+import math
 import sys
 
 from checkpoint import checkpoint_dataset
@@ -71,15 +72,21 @@ def check_args(args):
         weight_spec(args.bits, args.group_size, args.sym)
 
 
+def parse_numbers(text, flag, accept=lambda a: 0.0 <= a <= 1.0, expected="numbers in [0, 1]"):
+    """Comma-separated finite numbers that `accept` takes -> a tuple; ValueError 'flag=text: expected comma-separated
+    <expected>' otherwise."""
+    try:
+        values = tuple(float(a) for a in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(a) and accept(a) for a in values):
+        raise ValueError(f"{flag}={text}: expected comma-separated {expected}")
+    return values
+
+
 def parse_alphas(text, flag):
     """Comma-separated numbers in [0, 1] -> a tuple; ValueError 'flag=text: reason' otherwise."""
-    try:
-        alphas = tuple(float(a) for a in text.split(","))
-    except ValueError:
-        alphas = ()
-    if not alphas or not all(0.0 <= a <= 1.0 for a in alphas):
-        raise ValueError(f"{flag}={text}: expected comma-separated numbers in [0, 1]")
-    return alphas
+    return parse_numbers(text, flag)
 
 
 def smooth_alpha(args):
