@@ -23,7 +23,6 @@ from torch.func import functional_call  # noqa: E402
 
 from cli import OneLineParser  # noqa: E402
 from quantization.perplexity import evaluate, split_tokens  # noqa: E402
-from quantization.quantizers import fake_quant  # noqa: E402
 from quantization.spin_quant import (FULL_BITS, NORM_SMOOTH_ALPHA, SMOOTH_ALPHA, SpinQuant,  # noqa: E402
                                      gelu_output_scales, smooth_norms_state)
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, parse_numbers  # noqa: E402
@@ -41,12 +40,7 @@ def scaled_state(sq, s4_offsets, norm_offsets, quantize_weights=True):
         state[key] = state[key] * (-offset).exp()
     state = smooth_norms_state(state, {k: s.to(norm_offsets[k]) * norm_offsets[k].exp()
                                        for k, s in sq.norm_scales.items()})
-    if quantize_weights:
-        for key in state:
-            spec = sq.weight_specs.get(key.split(".")[-2]) if key.endswith(".weight") else None
-            if spec is not None:
-                state[key] = fake_quant(state[key], spec)
-    return state
+    return sq.quantized_state(state) if quantize_weights else state
 
 
 def learn(sq, calibration, heldout, steps, lr, batch_size, seed=0, eval_every=0):

@@ -439,11 +439,15 @@ class SpinQuant:
         state = rotate_state(self.base_state, self.config, R1=self.R1, R2=self.R2)
         if self.norm_scales is not None:
             state = smooth_norms_state(state, self.norm_scales)
-        if quantize_weights:
-            for key in state:
-                spec = self.weight_specs.get(key.split(".")[-2]) if key.endswith(".weight") else None
-                if spec is not None:
-                    state[key] = fake_quant(state[key], spec)
+        return self.quantized_state(state) if quantize_weights else state
+
+    def quantized_state(self, state):
+        """`state` with the linear sites' weights fake-quantized (straight-through) with their weight specs."""
+        state = dict(state)
+        for key in state:
+            spec = self.weight_specs.get(key.split(".")[-2]) if key.endswith(".weight") else None
+            if spec is not None:
+                state[key] = fake_quant(state[key], spec)
         return state
 
     def loss(self, x, y, quantize_weights):
