@@ -22,12 +22,12 @@ import torch  # noqa: E402
 
 from cli import OneLineParser  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+from quantization.perplexity import evaluate  # noqa: E402
 from quantization.quantizers import dequantize, qparams_from_range, quantize, to_rows  # noqa: E402
 from quantization.rtn import rtn_quantize, set_quantized, target_layers, weight_spec  # noqa: E402
 from quantization.spin_quant import KV_SITES, SpinQuant, activation_quant  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs  # noqa: E402
-from safety import table_file_or_exit, write_text_atomic  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args  # noqa: E402
+from safety import write_text_atomic  # noqa: E402
 
 SHRINKS = [1.0 - 0.01 * i for i in range(51)]  # 1.0 .. 0.5
 NORM = 2.4  # the error norm of GPTQ's and QuaRot's clipping search
@@ -83,13 +83,7 @@ def main(argv=None):
         act_clips, kv_clips = ratios(args.act_clips, "act_clips"), ratios(args.kv_clips, "kv_clips")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    if args.json:
-        table_file_or_exit(args.json, "--json", p.prog)
-    from inference import resolve_device
-    device, _ = resolve_device(args.device, "float32")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    base, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
-    val = split_tokens(checkpoint["dataset"], "val")
+    device, base, checkpoint, seqlen, calibration, heldout, val = bench_inputs(args, p.prog, error)
     spec = weight_spec(args.bits, args.group_size, args.sym)
     common = dict(bits=args.bits, act_bits=args.act_bits, kv_bits=args.kv_bits, group_size=args.group_size,
                   sym=args.sym, act_sym=args.act_sym, device=device)

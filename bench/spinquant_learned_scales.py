@@ -22,11 +22,11 @@ import torch  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
 from cli import OneLineParser  # noqa: E402
-from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+from quantization.perplexity import evaluate  # noqa: E402
 from quantization.spin_quant import (FULL_BITS, NORM_SMOOTH_ALPHA, SMOOTH_ALPHA, SpinQuant,  # noqa: E402
                                      gelu_output_scales, smooth_norms_state)
-from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, parse_numbers  # noqa: E402
-from safety import table_file_or_exit, write_text_atomic  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args, parse_numbers  # noqa: E402
+from safety import write_text_atomic  # noqa: E402
 
 
 def scaled_state(sq, s4_offsets, norm_offsets, quantize_weights=True):
@@ -102,17 +102,11 @@ def main(argv=None):
         lrs = parse_numbers(args.scale_lrs, "scale_lrs", lambda a: a > 0, "numbers above 0")
         if args.batch_size < 1:
             raise ValueError(f"batch_size={args.batch_size}: must be at least 1")
+        if not args.heldout_tokens:
+            raise ValueError("heldout_tokens=0: the learned step is chosen on held-out windows; give some")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    if args.json:
-        table_file_or_exit(args.json, "--json", p.prog)
-    from inference import resolve_device
-    device, _ = resolve_device(args.device, "float32")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    if not args.heldout_tokens:
-        sys.exit(f"{error} --heldout_tokens=0: the learned step is chosen on held-out windows; give some")
-    base, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
-    val = split_tokens(checkpoint["dataset"], "val")
+    device, base, checkpoint, seqlen, calibration, heldout, val = bench_inputs(args, p.prog, error)
 
     def score(model):
         return evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,

@@ -18,13 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
 from cli import BoolFlag, OneLineParser  # noqa: E402
-from quantization.perplexity import evaluate, split_tokens  # noqa: E402
+from quantization.perplexity import evaluate  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, gelu_output_scales  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, parse_alphas  # noqa: E402
-from safety import table_file_or_exit, write_text_atomic  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args, parse_alphas  # noqa: E402
+from safety import write_text_atomic  # noqa: E402
 
 
 def main(argv=None):
@@ -50,14 +48,8 @@ def main(argv=None):
             raise ValueError(f"statistics={args.statistics}: expected comma-separated rms, max")
     except ValueError as e:
         sys.exit(f"{error} --{e}")
-    if args.json:
-        table_file_or_exit(args.json, "--json", p.prog)
-    from inference import resolve_device
-    device, _ = resolve_device(args.device, "float32")
-    torch.backends.cuda.matmul.allow_tf32 = False
     args.heldout_tokens = 0  # the scales come from the calibration samples; nothing is chosen here
-    base, checkpoint, seqlen, calibration, _ = load_inputs(args, device, error)
-    val = split_tokens(checkpoint["dataset"], "val")
+    device, base, checkpoint, seqlen, calibration, _, val = bench_inputs(args, p.prog, error)
 
     def score(model):
         return evaluate(model, val, batch_size=args.eval_batch_size, max_tokens=args.eval_tokens, device=device,

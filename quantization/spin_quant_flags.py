@@ -1,17 +1,20 @@
-"""What the SpinQuant command lines (demos/spinquant_ptq.py, demos/spinquant_compare.py) share: their flags, the
-checks of those flags, and the inputs they load (a full-precision, unrotated model and its calibration windows)."""
+"""What the SpinQuant command lines (demos/spinquant_ptq.py, demos/spinquant_compare.py, the SpinQuant benches) share:
+their flags, the checks of those flags, and the inputs they load (a full-precision, unrotated model and its
+calibration windows)."""
 import math
 import sys
 
+import torch
+
 from checkpoint import checkpoint_dataset
 from cli import BoolFlag
-from inference import load_checkpoint
+from inference import load_checkpoint, resolve_device
 from model import GPT, GPTConfig
 from quantization.autoround.calibration import calibration_samples
 from quantization.perplexity import split_tokens
 from quantization.rtn import weight_spec
 from quantization.spin_quant import FULL_BITS, SMOOTH_ALPHAS, WEIGHT_METHODS, check_plain
-from safety import finite_float
+from safety import finite_float, table_file_or_exit
 
 
 def add_spinquant_flags(p):
@@ -104,6 +107,19 @@ def load_plain(out_dir, device):
     model.load_state_dict(checkpoint["model"])
     checkpoint["dataset"] = checkpoint_dataset(checkpoint)
     return model.to(device).eval(), checkpoint
+
+
+def bench_inputs(args, prog, error):
+    """What a SpinQuant bench starts from, after its flags were checked: the --json file checked (one line and exit if
+    it cannot be written), the device resolved, TF32 off (4-bit activations: keep the float math exact), then
+    load_inputs' (model, checkpoint, seqlen, calibration, held-out) and the validation tokens. Returns
+    (device, model, checkpoint, seqlen, calibration, heldout, val)."""
+    if getattr(args, "json", None):
+        table_file_or_exit(args.json, "--json", prog)
+    device, _ = resolve_device(args.device, "float32")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, checkpoint, seqlen, calibration, heldout = load_inputs(args, device, error)
+    return device, model, checkpoint, seqlen, calibration, heldout, split_tokens(checkpoint["dataset"], "val")
 
 
 def load_inputs(args, device, error):
