@@ -560,7 +560,9 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     ("gemm_zero_words.py", ["--shapes=4096"], "--shapes="), ("gemm_zero_words.py", [], "needs a CUDA GPU"),
     ("prefill_overlap.py", ["--blocks=0"], "--blocks=0"), ("prefill_overlap.py", ["--rows=a"], "--rows"),
     ("prefill_overlap.py", ["--buffers=1"], "--buffers"), ("prefill_overlap.py", ["--carveouts=a"], "--carveouts"),
-    ("prefill_overlap.py", [], "needs a CUDA GPU")])
+    ("prefill_overlap.py", [], "needs a CUDA GPU"), ("pdl_timeline.py", ["--blocks=1"], "--blocks=1"),
+    ("pdl_timeline.py", ["--modes=late"], "--modes=late"), ("pdl_timeline.py", ["--n_embd=100"], "--n_embd=100"),
+    ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", [], "needs a CUDA GPU")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")
@@ -568,6 +570,28 @@ def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script,
                             capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_the_pdl_timeline_measures_each_layer_from_the_end_of_the_kernel_before(tmp_path):
+    """bench/pdl_timeline.py's summary on made-up stamps (ns: start, wait returned, loop done, end, multiprocessor)
+    of three blocks of four layers: every layer starts 1 us before the one before it ends (PDL), waits until 0.5 us
+    after, runs 10 us; the medians over blocks 2 on are those figures, and the timeline draws to a PNG."""
+    from conftest import load_script
+    timeline = load_script("bench/pdl_timeline.py")
+    stack = [(name, None) for _ in range(3) for name in timeline.LAYERS]
+    rows, end = [], 0
+    for i in range(len(stack)):
+        start, wait = end - 1000, end + 500
+        rows.append(torch.tensor([[start + p, wait + p, wait + 8000, wait + 10000 + p, p % 3] for p in range(4)]))
+        end = int(rows[-1][:, 3].max())
+    summary = timeline.summarize(stack, rows)
+    assert set(summary) == set(timeline.LAYERS)
+    for s in summary.values():
+        assert (s["start"], s["gap"], s["resident"], s["programs"], s["sms"]) == (-1.0, 0.5, 4, 4, 3)
+        assert s["span"] == pytest.approx(10.003) and s["loop"] == pytest.approx(7.9985)
+    path = str(tmp_path / "t.png")
+    timeline.plot(path, stack, {"all": rows}, 4096)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_launch_settings_read_from_the_environment_name_a_bad_value():

@@ -213,29 +213,40 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return activate(y, activation).to(x.dtype) if atomic else y
 
 
+def stream_grid(m, n, k, config, device):
+    """The one-row kernel's grid for m rows of x, n outputs and k inputs under `config`: (column tiles, splits of
+    K, blocks of 32 inputs per split); its programs are tiles * splits * m."""
+    block_n, block_b, split = config[:3]
+    num_blocks = triton.cdiv(k, BLOCK)
+    tiles = triton.cdiv(n, block_n)
+    if split:  # split K until about `split` programs per multiprocessor
+        split = max(1, min(triton.cdiv(split * multiprocessors(device), tiles * m), num_blocks // (2 * block_b)))
+    else:
+        split = 1
+    per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
+    return tiles, triton.cdiv(num_blocks, per_split), per_split
+
+
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
-                activation=0, norm=None, residual=None):
+                activation=0, norm=None, residual=None, stamps=None, pdl=None):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given.
+    stamps (bench/pdl_timeline.py): an int64 tensor of at least 5 per program (stream_grid), where each program
+    writes when it ran (the kernel's STAMP). pdl: programmatic dependent launch on or off (None: dependent_launch).
     norm = (r, wg, kind, eps): x is u = r * gain (float32) and the output is the layer of the normalized r
     (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it
     (residual_matmul). The output then has r's or res's dtype."""
-    block_n, block_b, split, warps, prefetch = config[:5]
+    block_n, block_b, _, warps, prefetch = config[:5]
     xload = config[5] if len(config) > 5 else 0
     m, k = x.shape
     n = qweight.shape[1]
     num_blocks = triton.cdiv(k, BLOCK)
-    tiles = triton.cdiv(n, block_n)
-    if split:  # split K until about `split` programs per multiprocessor
-        split = max(1, min(triton.cdiv(split * multiprocessors(x.device), tiles * m), num_blocks // (2 * block_b)))
-    else:
-        split = 1
-    per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
-    split = triton.cdiv(num_blocks, per_split)
+    tiles, split, per_split = stream_grid(m, n, k, config, x.device)
     if split > 1 and (counters is None or counters.numel() < tiles * m):
         counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
-    pdl = dependent_launch(x.device, qweight)
+    if pdl is None:
+        pdl = dependent_launch(x.device, qweight)
     dtype = norm[0].dtype if norm is not None else residual[0].dtype if residual is not None else x.dtype
     y = torch.empty((m, n), device=x.device, dtype=dtype)
     workspace = torch.empty((split, m, n), device=x.device, dtype=torch.float32) if split > 1 else y
@@ -254,7 +265,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
         EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl, XLOAD=xload,
-        launch_pdl=pdl, num_warps=warps, **extra)
+        stamp_ptr=stamps, STAMP=stamps is not None, launch_pdl=pdl, num_warps=warps, **extra)
     return (y, u) if residual is not None else y
 
 

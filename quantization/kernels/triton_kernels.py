@@ -211,7 +211,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         r_ptr=None, wg_ptr=None, res_ptr=None, g_ptr=None, u_ptr=None, stride_rm=0, stride_resm=0,
                         stride_um=0, eps=0.0, NORM: tl.constexpr = 0, KP: tl.constexpr = 1,
                         EARLY: tl.constexpr = True, RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False,
-                        XLOAD: tl.constexpr = 0):
+                        XLOAD: tl.constexpr = 0, stamp_ptr=None, STAMP: tl.constexpr = False):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -236,8 +236,14 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     after the words' round trip. 1: the step's (BLOCK_B, 32) block in one load (the one its sum of x needs), the
     values taken out of it (_x_column): every load of x comes before the first FMA, for a transpose of the block
     through shared memory, a loop a few percent longer in most configs and more registers (bench/kernel_sass.py
-    --xload=1). For a one-step program; ops.STREAM_CONFIGS lets the launcher time it."""
+    --xload=1). For a one-step program; ops.STREAM_CONFIGS lets the launcher time it.
+    STAMP (bench/pdl_timeline.py, a GPU's timeline of a decode's kernels): each program writes five int64 to
+    stamp_ptr at 5 * its index: the global timer (ns) at its start, after the wait for earlier kernels, after its
+    loop and at its end, and its multiprocessor. Off, the kernel is the same code."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if STAMP:
+        stamp = stamp_ptr + 5 * (pid_n + tl.num_programs(0) * (pid_k + tl.num_programs(1) * pid_m))
+        tl.store(stamp, tl.extra.cuda.globaltimer())
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     num_blocks = tl.cdiv(K, BLOCK)
@@ -251,6 +257,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
         n0, n1, n2, n3, n4, n5, n6, n7 = _words(w_ptrs, N, mask_w, BITS)
     _after_earlier_kernels(PDL)
+    if STAMP:
+        tl.store(stamp + 1, tl.extra.cuda.globaltimer())
     if NORM != 0 and EARLY:  # the row to normalize, loaded now: its round trip overlaps the loop
         offs_r = tl.arange(0, KP)
         r = tl.load(r_ptr + pid_m * stride_rm + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
@@ -319,6 +327,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         else:
             acc += (part * BACK - ZERO * xsum[:, None]) * scale
     y = tl.sum(acc, axis=0)
+    if STAMP:  # after the sum, which needs every step's products
+        tl.store(stamp + 2, tl.extra.cuda.globaltimer() + 0 * tl.sum(y, 0).to(tl.int64))
     y_ptrs = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT:
         splits = tl.num_programs(1)
@@ -338,6 +348,9 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     else:
         _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, wg_ptr, res_ptr, g_ptr, u_ptr,
                   stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, EARLY, RESID, EMIT_U)
+    if STAMP:
+        tl.store(stamp + 3, tl.extra.cuda.globaltimer())
+        tl.store(stamp + 4, tl.extra.cuda.smid().to(tl.int64))
 
 
 @triton.jit

@@ -1,0 +1,241 @@
+"""When each program of a decode's packed layers runs, under programmatic dependent launch (PDL) or without it.
+
+    python bench/pdl_timeline.py                     # the 6.7B shape's layers, 8 blocks, PDL off / <= 8 MiB / all
+    python bench/pdl_timeline.py --modes=8mib,all --png=timeline.png --json=timeline.json
+
+A stack of --blocks blocks of one-row calls of the one-row kernel (ops.stream_gemv), each block the four layers of
+a GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, the MLP's up n -> 4n with the GELU
+and down 4n -> n), int4 g128, every layer its own random weights (so they come from memory), each with the config
+the launcher chooses for its shape. No attention or normalization between them: only the layers' kernels, back to
+back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers of at most
+8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
+
+1. Time: the median replay of the stack's graph, microseconds per block, each mode twice, alternating.
+2. Timeline: the stack once more with every program writing the GPU's global timer at its start, after its wait
+   for the kernels before it, after its loop and at its end (the kernel's STAMP), and its multiprocessor. Per layer
+   (blocks after the first, medians over blocks): when its first program started relative to the end of the kernel
+   before it (negative: launched early, under PDL), the gap from that end to its first program's wait returning,
+   how long from there to its last program's end (its span), the median and the longest loop of a program, and
+   how many of its programs were resident before the kernel before it ended.
+--png draws every program of two blocks per mode (a line from its wait to its end, a thin one from its start);
+--json writes the tables' rows.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from safety import table_file_or_exit, write_text_atomic  # noqa: E402
+
+MODES = ("none", "8mib", "all")
+LAYERS = ("qkv", "out", "up", "down")
+
+
+def block_shapes(n_embd):
+    """(name, in, out) of one block's layers."""
+    return [("qkv", n_embd, 3 * n_embd), ("out", n_embd, n_embd), ("up", n_embd, 4 * n_embd),
+            ("down", 4 * n_embd, n_embd)]
+
+
+def uses_pdl(mode, layer, limit):
+    nbytes = layer.qweight.numel() * layer.qweight.element_size()
+    return mode == "all" or (mode == "8mib" and nbytes <= limit)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n_embd", type=int, default=4096, help="block width (4096: the 6.7B shape)")
+    p.add_argument("--blocks", type=int, default=8, help="blocks in the stack (at least 2)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated PDL modes of {', '.join(MODES)}")
+    p.add_argument("--png", default="", help="write the programs' timeline here (a .png)")
+    p.add_argument("--json", default="", help="write the tables' rows here (a .json)")
+    args = p.parse_args(argv)
+    prog = "pdl_timeline.py"  # one-line errors (argparse's p.error adds its usage)
+    if args.n_embd < 32 or args.n_embd % 128:
+        sys.exit(f"{prog}: error: --n_embd={args.n_embd}: expected a positive multiple of 128 (groups of 128)")
+    if args.blocks < 2:
+        sys.exit(f"{prog}: error: --blocks={args.blocks}: expected at least 2 (the first has no kernel before it)")
+    args.modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        sys.exit(f"{prog}: error: --modes={','.join(args.modes)}: expected some of {', '.join(MODES)}")
+    if args.png and not args.png.endswith(".png"):
+        sys.exit(f"{prog}: error: --png={args.png}: expected a .png path")
+    for flag, path in (("--png", args.png), ("--json", args.json)):
+        if path:
+            table_file_or_exit(path, flag, prog)
+    return args
+
+
+def build(n_embd, blocks):
+    from quantization.kernels import PackedLinear, ops
+    from quantization.quantizers import QuantSpec
+    spec = QuantSpec("affine_quant", 4, "per_group", 128)
+    stack = []
+    for _ in range(blocks):
+        for name, k, n in block_shapes(n_embd):
+            layer = PackedLinear.from_float(torch.randn(n, k, device="cuda") * 0.02, spec).cuda()
+            stack.append((name, layer))
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (n_embd, 4 * n_embd)}
+    configs = {}
+    for name, layer in stack[:4]:
+        args = (xs[layer.in_features], layer.qweight, layer.scale, layer.zero, None, layer.bits,
+                ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const)
+        configs[name] = ops.one_row_config(args, layer.group_size, layer.in_features, layer.split_counters)
+    return stack, xs, configs
+
+
+def chain(stack, xs, configs, mode, stamps=None):
+    """One replayable call of the whole stack under `mode`; stamps: one int64 buffer per layer, or None."""
+    from quantization.kernels import ops
+
+    def call():
+        for i, (name, layer) in enumerate(stack):
+            ops.stream_gemv(xs[layer.in_features], layer.qweight, layer.scale, layer.zero, None, layer.bits,
+                            ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const, configs[name],
+                            counters=layer.split_counters, activation=ops.ACTIVATIONS["none"] if name == "up" else 0,
+                            stamps=None if stamps is None else stamps[i],
+                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES))
+    return call
+
+
+def programs(layer, config):
+    from quantization.kernels import ops
+    tiles, split, _ = ops.stream_grid(1, layer.out_features, layer.in_features, config, layer.qweight.device)
+    return tiles * split
+
+
+def timeline(stack, xs, configs, mode):
+    """Each layer's (programs, 5) stamps from one replay, in ns from the stack's first stamp."""
+    from quantization.kernels import ops
+    stamps = [torch.full((programs(layer, configs[name]), 5), -1, device="cuda", dtype=torch.int64)
+              for name, layer in stack]
+    call = chain(stack, xs, configs, mode, stamps)
+    call()
+    ms = ops.replay_time([call])  # the graph with stamps: its own time, to show what they cost
+    torch.cuda.synchronize()
+    for s in stamps:
+        s.fill_(-1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    rows = [s.cpu() for s in stamps]
+    if any((r < 0).any() for r in rows):
+        sys.exit("pdl_timeline.py: error: a program wrote no stamp")
+    origin = min(int(r[:, 0].min()) for r in rows)
+    for r in rows:
+        r[:, :4] -= origin
+    return rows, ms
+
+
+def summarize(stack, rows):
+    """Per layer name, medians over the blocks after the first (ns -> us)."""
+    per = {name: [] for name in LAYERS}
+    for i in range(4, len(stack)):
+        name = stack[i][0]
+        r, before = rows[i], rows[i - 1]
+        end_before = int(before[:, 3].max())
+        per[name].append(dict(
+            start=(int(r[:, 0].min()) - end_before) / 1e3,
+            gap=(int(r[:, 1].min()) - end_before) / 1e3,
+            span=(int(r[:, 3].max()) - int(r[:, 1].min())) / 1e3,
+            loop=statistics.median((r[:, 2] - r[:, 1]).tolist()) / 1e3,
+            longest=int((r[:, 2] - r[:, 1]).max()) / 1e3,
+            resident=int((r[:, 0] < end_before).sum()), programs=len(r),
+            sms=len(set(r[:, 4].tolist()))))
+    return {name: {key: statistics.median(v[key] for v in values) for key in values[0]}
+            for name, values in per.items() if values}
+
+
+def plot(path, stack, timelines, n_embd):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    colors = dict(qkv="tab:blue", out="tab:orange", up="tab:green", down="tab:red")
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(12, 3.2 * len(timelines)), squeeze=False)
+    for ax, (mode, rows) in zip(axes[:, 0], timelines.items()):
+        first = 4 * min(2, len(stack) // 4 - 2)  # two blocks after the first
+        base = int(rows[first][:, 0].min())
+        y = 0
+        for i in range(first, first + 8):
+            r = rows[i]
+            order = r[:, 0].argsort()
+            for row in r[order].tolist():
+                ax.plot([(row[0] - base) / 1e3, (row[1] - base) / 1e3], [y, y], color=colors[stack[i][0]],
+                        linewidth=0.3, alpha=0.4)
+                ax.plot([(row[1] - base) / 1e3, (row[3] - base) / 1e3], [y, y], color=colors[stack[i][0]],
+                        linewidth=1.0)
+                y += 1
+        ax.set_title(f"PDL {mode}: programs of two blocks (n_embd {n_embd}); thin: start to wait, thick: wait to end",
+                     fontsize=9)
+        ax.set_xlabel("microseconds")
+        ax.set_ylabel("program")
+    handles = [plt.Line2D([], [], color=c, label=n) for n, c in colors.items()]
+    axes[0, 0].legend(handles=handles, loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    os.replace(path + ".tmp.png", path)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if not torch.cuda.is_available():
+        sys.exit("pdl_timeline.py: error: needs a CUDA GPU")
+    import triton
+    from quantization.kernels import ops
+    if not ops.pdl_available(torch.device("cuda")) and set(args.modes) != {"none"}:
+        sys.exit("pdl_timeline.py: error: PDL needs compute capability 9 or more (and NANOQAT_PDL unset or 1); "
+                 "pass --modes=none")
+    torch.manual_seed(0)
+    stack, xs, configs = build(args.n_embd, args.blocks)
+    print(f"# PDL timeline: {args.blocks} blocks of n_embd {args.n_embd}, int4 g128, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}\n")
+    print("command: python " + " ".join(sys.argv) + "\n")
+    print("| layer | in x out | MiB of codes | config | programs | PDL in 8mib |\n|---|---|---:|---|---:|---|")
+    for name, layer in stack[:4]:
+        nbytes = layer.qweight.numel() * layer.qweight.element_size()
+        print(f"| {name} | {layer.in_features}x{layer.out_features} | {nbytes / 2**20:.1f} | {configs[name]} | "
+              f"{programs(layer, configs[name])} | {uses_pdl('8mib', layer, ops.PDL_MAX_BYTES)} |")
+    result = dict(n_embd=args.n_embd, blocks=args.blocks, device=torch.cuda.get_device_name(),
+                  configs={k: list(v) for k, v in configs.items()}, times={}, timeline={})
+    print("\n| mode | us per block (run 1) | us per block (run 2) |\n|---|---:|---:|")
+    calls = {mode: chain(stack, xs, configs, mode) for mode in args.modes}
+    for call in calls.values():
+        call()
+    times = {mode: [] for mode in args.modes}
+    for _ in range(2):
+        for mode, call in calls.items():
+            times[mode].append(ops.replay_time([call]) * 1e3 / args.blocks)
+    for mode in args.modes:
+        print(f"| {mode} | {times[mode][0]:.1f} | {times[mode][1]:.1f} |")
+    result["times"] = times
+    timelines = {}
+    print("\nPer layer, medians over blocks 2 on (us; start and gap from the end of the kernel before):\n")
+    print("| mode | layer | first start | first wait returns | span (wait to last end) | loop, median | "
+          "loop, longest | resident before | programs | SMs |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mode in args.modes:
+        rows, ms = timeline(stack, xs, configs, mode)
+        timelines[mode] = rows
+        summary = summarize(stack, rows)
+        result["timeline"][mode] = dict(us_per_block_with_stamps=ms * 1e3 / args.blocks, layers=summary)
+        for name, s in summary.items():
+            print(f"| {mode} | {name} | {s['start']:.1f} | {s['gap']:.1f} | {s['span']:.1f} | {s['loop']:.1f} | "
+                  f"{s['longest']:.1f} | {s['resident']:.0f} | {s['programs']:.0f} | {s['sms']:.0f} |")
+        print(f"| {mode} | (us per block with the stamps: {ms * 1e3 / args.blocks:.1f}) | | | | | | | | |")
+    if args.png:
+        plot(args.png, stack, timelines, args.n_embd)
+        print(f"\nwrote {args.png}")
+    if args.json:
+        write_text_atomic(args.json, json.dumps(result, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
