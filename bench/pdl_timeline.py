@@ -6,7 +6,7 @@
 A stack of --blocks blocks of one-row calls of the one-row kernel (ops.stream_gemv), each block the four layers of
 a GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, the MLP's up n -> 4n with the GELU
 and down 4n -> n), int4 g128, every layer its own random weights (so they come from memory), each with the config
-the launcher chooses for its shape. No attention or normalization between them: only the layers' kernels, back to
+the launcher chooses for its shape (or --configs). No attention or normalization between them: only the layers' kernels, back to
 back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers of at most
 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
 
@@ -51,6 +51,8 @@ def parse(argv=None):
     p.add_argument("--n_embd", type=int, default=4096, help="block width (4096: the 6.7B shape)")
     p.add_argument("--blocks", type=int, default=8, help="blocks in the stack (at least 2)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated PDL modes of {', '.join(MODES)}")
+    p.add_argument("--configs", default="", help="comma-separated layer:config overrides of the launcher's choice, "
+                   "a config as ops.STREAM_CONFIGS' fields joined by x (up:32x32x2x8x0: up's words not prefetched)")
     p.add_argument("--png", default="", help="write the programs' timeline here (a .png)")
     p.add_argument("--json", default="", help="write the tables' rows here (a .json)")
     args = p.parse_args(argv)
@@ -63,6 +65,18 @@ def parse(argv=None):
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         sys.exit(f"{prog}: error: --modes={','.join(args.modes)}: expected some of {', '.join(MODES)}")
+    overrides = {}
+    for item in (c for c in args.configs.split(",") if c):
+        name, _, fields = item.partition(":")
+        try:
+            config = tuple(int(f) for f in fields.split("x"))
+        except ValueError:
+            config = ()
+        if name not in LAYERS or not 5 <= len(config) <= 6 or min(config) < 0 or min(config[:2] + config[3:4]) < 1:
+            sys.exit(f"{prog}: error: --configs={item}: expected layer:config, layer one of {', '.join(LAYERS)}, "
+                     f"config 5 or 6 integers joined by x (BLOCK_N x BLOCK_B x split x warps x prefetch[ x xload])")
+        overrides[name] = config
+    args.configs = overrides
     if args.png and not args.png.endswith(".png"):
         sys.exit(f"{prog}: error: --png={args.png}: expected a .png path")
     for flag, path in (("--png", args.png), ("--json", args.json)):
@@ -71,7 +85,7 @@ def parse(argv=None):
     return args
 
 
-def build(n_embd, blocks):
+def build(n_embd, blocks, overrides):
     from quantization.kernels import PackedLinear, ops
     from quantization.quantizers import QuantSpec
     spec = QuantSpec("affine_quant", 4, "per_group", 128)
@@ -85,7 +99,8 @@ def build(n_embd, blocks):
     for name, layer in stack[:4]:
         args = (xs[layer.in_features], layer.qweight, layer.scale, layer.zero, None, layer.bits,
                 ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const)
-        configs[name] = ops.one_row_config(args, layer.group_size, layer.in_features, layer.split_counters)
+        configs[name] = overrides.get(name) or ops.one_row_config(args, layer.group_size, layer.in_features,
+                                                                  layer.split_counters)
     return stack, xs, configs
 
 
@@ -194,7 +209,7 @@ def main(argv=None):
         sys.exit("pdl_timeline.py: error: PDL needs compute capability 9 or more (and NANOQAT_PDL unset or 1); "
                  "pass --modes=none")
     torch.manual_seed(0)
-    stack, xs, configs = build(args.n_embd, args.blocks)
+    stack, xs, configs = build(args.n_embd, args.blocks, args.configs)
     print(f"# PDL timeline: {args.blocks} blocks of n_embd {args.n_embd}, int4 g128, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {triton.__version__}\n")
     print("command: python " + " ".join(sys.argv) + "\n")

@@ -149,12 +149,13 @@ def main(argv=None):
         add(setting, f"random Hadamard + RTN, mean of {args.seeds} seeds", statistics.mean(random_losses), rtn,
             **spread)
         learn_part = calibration if heldout is not None else split_calibration(calibration)[0]
+        gptq_options = dict(act_order=args.act_order)  # RTN ignores them
         for method in ("rtn", "gptq"):
             if method not in methods:
                 continue
             if method == "gptq":
                 sq = SpinQuant(base, method="gptq", seed=0, **common)
-                sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False)
+                sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False, **gptq_options)
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
             sq = SpinQuant(base, method=method, seed=0, smooth_alpha=smooth_alpha(args), **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
@@ -162,26 +163,26 @@ def main(argv=None):
             if args.smooth:  # S4 alone, its alpha chosen as the choice below will choose it
                 scales, alpha = sq.smooth_scales(log=lambda line: print(f"  {line}", flush=True))
                 s4 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, **common)
-                s4.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False)
+                s4.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False, **gptq_options)
                 add(setting, f"S4 (GELU output scale, alpha {alpha:g}) + {method.upper()}, no rotation",
                     score(s4.model), rtn)
                 s12 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales,
                                 smooth_norms=NORM_SMOOTH_ALPHA, **common)
-                s12.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False)
+                s12.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False, **gptq_options)
                 add(setting, f"S1+S2+S4 (norm, v and GELU output scales) + {method.upper()}, no rotation",
                     score(s12.model), rtn)
-            sq.apply(nsamples=args.nsamples, progress=False, select=False)
+            sq.apply(nsamples=args.nsamples, progress=False, select=False, **gptq_options)
             add(setting, f"SpinQuant + {method.upper()}, learned", score(sq.model), rtn,
                 calib_loss=[losses[0], losses[-1]] if losses else None, best_step=sq.info.get("best_step"),
                 heldout_losses=sq.heldout_losses)
             if sq.learned_from_identity is not None:  # the second learning, from no rotation
                 learned = sq.rotation_values()
                 sq.set_rotations(*sq.learned_from_identity)
-                sq.apply(nsamples=args.nsamples, progress=False, select=False)
+                sq.apply(nsamples=args.nsamples, progress=False, select=False, **gptq_options)
                 add(setting, f"SpinQuant + {method.upper()}, learned from identity", score(sq.model), rtn,
                     best_step=sq.info.get("identity_best_step"), heldout_losses=sq.identity_heldout_losses)
                 sq.set_rotations(*learned)
-            sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True))
+            sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True), **gptq_options)
             add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
                 candidates=sq.candidates)
     first_qat = None  # (label, loss, per-window losses) of the first QAT row, which the others are compared with
@@ -200,7 +201,8 @@ def main(argv=None):
            f"{checkpoint['dataset']}; weights {'symmetric' if args.sym else 'asymmetric'} "
            f"{'group ' + str(args.group_size) if args.group_size else 'per channel'}, activations per token "
            f"{'symmetric' if args.act_sym else 'asymmetric'}, K/V per token and head asymmetric; {args.steps} Cayley "
-           f"steps (lr {args.lr}), {args.nsamples} x {seqlen} calibration tokens; {device}")
+           f"steps (lr {args.lr}), {args.nsamples} x {seqlen} calibration tokens"
+           f"{'; GPTQ with act_order' if args.act_order else ''}; {device}")
     print(f"\n{cfg}\n")
     print("| setting | method | val loss | perplexity | RTN gap closed | random-seed spread |")
     print("|---|---|---:|---:|---:|---|")

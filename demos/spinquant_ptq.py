@@ -80,7 +80,7 @@ def main(argv=None):
         print(f"learned from the identity: held-out calibration loss {first:.4f} at the start, best {best[1]:.4f} "
               f"at step {best[0]} (kept)", flush=True)
     sq.apply(nsamples=args.nsamples, seed=args.seed, progress=args.progress,
-             log=lambda line: print(line, flush=True))
+             log=lambda line: print(line, flush=True), act_order=args.act_order)
     q = score(sq.model)
     path = os.path.join(args.quantized_dir, "ckpt.pt")
     save_checkpoint(path, sq.checkpoint(checkpoint, dict(val_loss=q["loss"], base_val_loss=fp["loss"],

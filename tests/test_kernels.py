@@ -562,7 +562,8 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     ("prefill_overlap.py", ["--buffers=1"], "--buffers"), ("prefill_overlap.py", ["--carveouts=a"], "--carveouts"),
     ("prefill_overlap.py", [], "needs a CUDA GPU"), ("pdl_timeline.py", ["--blocks=1"], "--blocks=1"),
     ("pdl_timeline.py", ["--modes=late"], "--modes=late"), ("pdl_timeline.py", ["--n_embd=100"], "--n_embd=100"),
-    ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", [], "needs a CUDA GPU")])
+    ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", ["--configs=up:32x32"], "--configs=up"),
+    ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"), ("pdl_timeline.py", [], "needs a CUDA GPU")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")

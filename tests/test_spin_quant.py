@@ -108,6 +108,24 @@ def test_the_kl_objective_measures_the_quantized_model_against_the_model_as_give
         sq.optimize(calib, steps=1, progress=False, objective="mse")
 
 
+def test_apply_passes_gptq_options_through_act_order_changes_the_codes(tiny_trained, monkeypatch):
+    """--act_order reaches GPTQ (gptq_weight called with it) and changes the weights it picks."""
+    from quantization import gptq
+    model, tokens = tiny_trained
+    calib = _calibration(tokens)
+    seen, original = [], gptq.gptq_weight
+    monkeypatch.setattr(gptq, "gptq_weight", lambda *a, **k: seen.append(k.get("act_order", a[4] if len(a) > 4
+                                                                             else False)) or original(*a, **k))
+    weights = []
+    for act_order in (False, True):
+        sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
+        sq.optimize(calib, steps=0, progress=False)
+        sq.apply(progress=False, select=False, act_order=act_order)
+        weights.append(sq.model.transformer.h[1].mlp.mlp_up.weight.detach().clone())
+    assert seen[:12] == [False] * 12 and seen[12:] == [True] * 12
+    assert not torch.equal(weights[0], weights[1])
+
+
 def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
     from inference import load_model
     model, tokens = tiny_trained
@@ -226,6 +244,7 @@ def test_clipping_bench_table_and_bad_flags(plain_dir, tmp_path, capsys):
     (["--nsamples=100000000"], "--nsamples=100000000"),
     (["--heldout_tokens=-1"], "--heldout_tokens=-1"),
     (["--heldout_tokens=1000000000"], "--heldout_tokens=1000000000"),
+    (["--act_order=maybe"], "argument --act_order"),
 ])
 def test_demo_bad_flags_one_line_nothing_written(plain_dir, tmp_path, flags, named):
     import demos.spinquant_ptq as demo
