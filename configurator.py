@@ -38,6 +38,8 @@ TRAINING_FLAGS = [
     ("gradient_accumulation_steps", 1, "micro-batches per optimizer step (summed over all processes)"),
     ("batch_size", 12, "sequences per micro-batch"),
     ("block_size", 64, "context length in tokens"),
+    ("calib_tokens", 0, "leave the last this many tokens of train.bin out of training (and of the train loss), for "
+     "calibration: SpinQuant (demos/spinquant_*.py) draws its calibration and held-out windows from them"),
     # model
     ("n_layer", 4, "transformer blocks"),
     ("n_head", 4, "attention heads"),
@@ -113,7 +115,7 @@ INT_MIN = {"eval_interval": 1, "log_interval": 1, "eval_iters": 1, "gradient_acc
            "batch_size": 1, "block_size": 1, "n_layer": 1, "n_head": 1, "n_embd": 1, "max_iters": 0,
            "warmup_iters": 0, "lr_decay_iters": 0, "seed": 0, "quantization_warmup_iters": 0,
            "quantize_linear_group_size": 1, "ddp_bucket_cap_mb": 1, "ddp_timeout": 1, "spinquant_steps": 0,
-           "spinquant_nsamples": 1, "spinquant_probe": -1}
+           "spinquant_nsamples": 1, "spinquant_probe": -1, "calib_tokens": 0}
 MAX_INT = 2 ** 31 - 1
 # float flags: (lowest, highest, whether the lowest itself is allowed); all must be finite
 FLOAT_RANGES = {"learning_rate": (0.0, math.inf, True), "min_lr": (0.0, math.inf, True),
@@ -354,6 +356,12 @@ def apply_resume(args, given, checkpoint):
             raise ConfigError(f"--{name}={getattr(args, name)} contradicts the checkpoint being resumed "
                               f"({name}={value}); leave the flag out, or train anew with --overwrite")
         setattr(args, name, value)
+    # ... and the tokens it kept out of training (calibration text must stay unseen)
+    calib = checkpoint.get("config", {}).get("calib_tokens", 0)
+    if "calib_tokens" in given and args.calib_tokens != calib:
+        raise ConfigError(f"--calib_tokens={args.calib_tokens} contradicts the checkpoint being resumed "
+                          f"(calib_tokens={calib}); leave the flag out, or train anew with --overwrite")
+    args.calib_tokens = calib
     # ... and its schedule: the warm-up a QAT run was started with, unless given (the default would switch the
     # quantizers off again, or on early)
     warmup = checkpoint.get("config", {}).get("quantization_warmup_iters")

@@ -71,8 +71,9 @@ def batch_loader(args, data_dir, device):
     numpy's memmap leak)."""
     def get_batch(split, ix=None, generator=None):
         data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-        if ix is None:
-            ix = torch.randint(len(data) - args.block_size, (args.batch_size,), generator=generator)
+        if ix is None:  # train windows end before the --calib_tokens kept for calibration
+            held = args.calib_tokens if split == "train" else 0
+            ix = torch.randint(len(data) - held - args.block_size, (args.batch_size,), generator=generator)
         x = torch.stack([torch.from_numpy(data[i:i + args.block_size].astype(np.int64)) for i in ix])
         y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + args.block_size].astype(np.int64)) for i in ix])
         if device.startswith("cuda"):
@@ -328,6 +329,10 @@ def train(args, given):
     # train on exactly the batches of one process with N times the gradient accumulation.
     data_rng = torch.Generator().manual_seed(args.seed)
     train_tokens = len(np.memmap(os.path.join(data_dir, "train.bin"), dtype=np.uint16, mode="r"))
+    if train_tokens - args.calib_tokens - args.block_size < 1:
+        sys.exit(f"train.py: error: --calib_tokens={args.calib_tokens}: --dataset={args.dataset}'s train.bin has "
+                 f"{train_tokens} tokens; keeping that many out leaves no training window of --block_size="
+                 f"{args.block_size}")
 
     iter_num, best_val_loss = 0, 1e9
     if checkpoint is not None:
@@ -485,8 +490,8 @@ def train(args, given):
         if last or (iter_num == 0 and args.eval_only):
             break
 
-        step_ix = torch.randint(train_tokens - args.block_size, (procs.grad_accum * procs.world_size, args.batch_size),
-                                generator=data_rng)
+        step_ix = torch.randint(train_tokens - args.calib_tokens - args.block_size,
+                                (procs.grad_accum * procs.world_size, args.batch_size), generator=data_rng)
         step_loss = 0.0
         for micro_step in range(procs.grad_accum):
             X, Y = get_batch("train", step_ix[micro_step * procs.world_size + procs.rank])

@@ -126,7 +126,8 @@ def bench_inputs(args, prog, error):
 
 def load_inputs(args, device, error):
     """(model, checkpoint, seqlen, calibration samples of seqlen + 1 tokens, held-out samples or None), or exit
-    with the flag's error line. The held-out windows are other windows of the train split than the calibration's."""
+    with the flag's error line. The held-out windows are other windows of the train split than the calibration's;
+    both come from the tokens at its end that training left out, where it was run with --calib_tokens."""
     try:
         model, checkpoint = load_plain(args.out_dir, device)
     except (FileNotFoundError, ValueError) as e:
@@ -136,6 +137,11 @@ def load_inputs(args, device, error):
         sys.exit(f"{error} --seqlen={seqlen}: longer than the model's block_size {model.config.block_size}")
     try:
         train_tokens = split_tokens(checkpoint["dataset"], "train")
+        calib = (checkpoint.get("config") or {}).get("calib_tokens", 0)
+        if calib:  # text the model never trained on
+            train_tokens = train_tokens[-calib:]
+            print(f"calibration and held-out windows: the last {calib:,} tokens of the train split, which training "
+                  f"left out (--calib_tokens)", flush=True)
         calibration = calibration_samples(train_tokens, args.nsamples, seqlen + 1, args.seed)
     except (OSError, ValueError) as e:
         sys.exit(f"{error} --nsamples={args.nsamples}: {e}")

@@ -885,3 +885,28 @@ def test_compare_refuses_bad_methods_in_one_line(plain_dir, methods):
     import demos.spinquant_compare as compare
     error = run_main(compare.main, f"--out_dir={plain_dir}", "--device=cpu", f"--methods={methods}")
     assert error.startswith(f"spinquant_compare.py: error: --methods={methods}: expected rtn, gptq") and "\n" not in error
+
+
+def test_calibration_comes_from_the_tokens_training_left_out(tiny_trained, char_data, tmp_path, capsys):
+    """A checkpoint trained with --calib_tokens=C: the demos' calibration and held-out windows all lie in the last C
+    tokens of the train split (text the model never saw); without it, anywhere in the split."""
+    import argparse
+    from quantization.spin_quant_flags import load_inputs
+    model, _ = tiny_trained
+    folder = str(tmp_path / "c")
+    _save_plain(folder, model)
+    path = os.path.join(folder, "ckpt.pt")
+    checkpoint = load_checkpoint(path)
+    calib, seqlen = 20000, 16
+    save_checkpoint(path, {**checkpoint, "config": {"calib_tokens": calib}})
+    args = argparse.Namespace(out_dir=folder, seqlen=seqlen, nsamples=8, seed=0, heldout_tokens=170)
+    _, _, _, calibration, heldout = load_inputs(args, "cpu", "error:")
+    assert "the last 20,000 tokens of the train split" in capsys.readouterr().out
+    tail = split_tokens("shakespeare_char", "train")[-calib:].long()
+    tail_windows = tail[:len(tail) // (seqlen + 1) * (seqlen + 1)].view(-1, seqlen + 1)
+    windows = torch.cat([calibration, heldout])
+    assert len(windows) == 8 + 10 and len({tuple(w.tolist()) for w in windows}) == 18
+    assert all((w == tail_windows).all(1).any() for w in windows)
+    save_checkpoint(path, {**checkpoint, "config": {}})
+    _, _, _, calibration, _ = load_inputs(args, "cpu", "error:")
+    assert not all((w == tail_windows).all(1).any() for w in calibration)

@@ -5,12 +5,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 import train as train_module
 from bench.ddp_scaling import worker_pid
 from conftest import ROOT, TINY, read_log, run_main, train, train_in_process
+from inference import load_checkpoint
 from model import GPT
 from quantization.layers import FakeQuantize
 
@@ -320,3 +322,34 @@ def test_deterministic_holds_for_the_run_and_is_undone_after(char_data, tmp_path
     a = torch.load(tmp_path / "det" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_calib_tokens_are_never_trained_on(char_data, tmp_path, monkeypatch):
+    """--calib_tokens=C: every training window (the steps' and the train-loss estimate's) ends before the last C
+    tokens of train.bin; the checkpoint records C, a resume keeps it and refuses another value; too many is one line."""
+    data = np.memmap(os.path.join(char_data, "train.bin"), dtype=np.uint16, mode="r")
+    total, block, calib = len(data), 32, len(data) - 32 - 40  # 40 window starts left
+    seen, real = [], train_module.batch_loader
+
+    def loader(args, data_dir, device):
+        get_batch = real(args, data_dir, device)
+
+        def recorded(split, ix=None, generator=None):
+            x, y = get_batch(split, ix, generator)
+            if split == "train":
+                seen.append(torch.cat([x, y[:, -1:]], 1))
+            return x, y
+        return recorded
+    monkeypatch.setattr(train_module, "batch_loader", loader)
+    out = tmp_path / "c"
+    train_in_process(out, "--max_iters=6", "--eval_interval=3", f"--calib_tokens={calib}")
+    allowed = torch.from_numpy(np.stack([data[i:i + block + 1].astype(np.int64) for i in range(40)]))
+    windows = torch.cat(seen)
+    assert len(windows) > 6 * 8  # training steps and the loss estimates
+    assert all((w == allowed).all(1).any() for w in windows)  # each window starts at one of the first 40 offsets
+    assert load_checkpoint(str(out / "ckpt.pt"))["config"]["calib_tokens"] == calib
+    error = run_main(train_module.main, f"--out_dir={out}", *TINY, "--max_iters=8", "--init_from=resume",
+                     "--calib_tokens=5")
+    assert error.startswith("train.py: error:") and "--calib_tokens=5 contradicts" in error
+    error = run_main(train_module.main, f"--out_dir={tmp_path / 'd'}", *TINY, f"--calib_tokens={total}")
+    assert error.startswith(f"train.py: error: --calib_tokens={total}:") and "\n" not in error
