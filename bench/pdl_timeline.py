@@ -173,6 +173,7 @@ def plot(path, stack, timelines, n_embd):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
     colors = dict(qkv="tab:blue", out="tab:orange", up="tab:green", down="tab:red")
     fig, axes = plt.subplots(len(timelines), 1, figsize=(12, 3.2 * len(timelines)), squeeze=False)
     for ax, (mode, rows) in zip(axes[:, 0], timelines.items()):
@@ -180,14 +181,16 @@ def plot(path, stack, timelines, n_embd):
         base = int(rows[first][:, 0].min())
         y = 0
         for i in range(first, first + 8):
-            r = rows[i]
-            order = r[:, 0].argsort()
-            for row in r[order].tolist():
-                ax.plot([(row[0] - base) / 1e3, (row[1] - base) / 1e3], [y, y], color=colors[stack[i][0]],
-                        linewidth=0.3, alpha=0.4)
-                ax.plot([(row[1] - base) / 1e3, (row[3] - base) / 1e3], [y, y], color=colors[stack[i][0]],
-                        linewidth=1.0)
-                y += 1
+            r = rows[i][rows[i][:, 0].argsort()]
+            t = (r[:, :4] - base).double().numpy() / 1e3
+            ys = range(y, y + len(r))
+            color = colors[stack[i][0]]
+            ax.add_collection(LineCollection([[(a, k), (b, k)] for a, b, k in zip(t[:, 0], t[:, 1], ys)],
+                                             colors=color, linewidths=0.3, alpha=0.4))
+            ax.add_collection(LineCollection([[(a, k), (b, k)] for a, b, k in zip(t[:, 1], t[:, 3], ys)],
+                                             colors=color, linewidths=1.0))
+            y += len(r)
+        ax.autoscale()
         ax.set_title(f"PDL {mode}: programs of two blocks (n_embd {n_embd}); thin: start to wait, thick: wait to end",
                      fontsize=9)
         ax.set_xlabel("microseconds")
