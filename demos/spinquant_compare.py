@@ -163,12 +163,14 @@ def main(argv=None):
             if args.smooth:  # S4 alone, its alpha chosen as the choice below will choose it
                 scales, alpha = sq.smooth_scales(log=lambda line: print(f"  {line}", flush=True))
                 s4 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, **common)
-                s4.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False, **gptq_options)
+                s4.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False,
+                         **gptq_options)
                 add(setting, f"S4 (GELU output scale, alpha {alpha:g}) + {method.upper()}, no rotation",
                     score(s4.model), rtn)
                 s12 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales,
                                 smooth_norms=NORM_SMOOTH_ALPHA, **common)
-                s12.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False, **gptq_options)
+                s12.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False,
+                          **gptq_options)
                 add(setting, f"S1+S2+S4 (norm, v and GELU output scales) + {method.upper()}, no rotation",
                     score(s12.model), rtn)
             sq.apply(nsamples=args.nsamples, progress=False, select=False, **gptq_options)
@@ -182,7 +184,8 @@ def main(argv=None):
                 add(setting, f"SpinQuant + {method.upper()}, learned from identity", score(sq.model), rtn,
                     best_step=sq.info.get("identity_best_step"), heldout_losses=sq.identity_heldout_losses)
                 sq.set_rotations(*learned)
-            sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True), **gptq_options)
+            sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True),
+                     **gptq_options)
             add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
                 candidates=sq.candidates)
     first_qat = None  # (label, loss, per-window losses) of the first QAT row, which the others are compared with
