@@ -3,12 +3,12 @@
     python bench/pdl_timeline.py                     # the 6.7B shape's layers, 8 blocks, PDL off / <= 8 MiB / all
     python bench/pdl_timeline.py --modes=8mib,all --png=timeline.png --json=timeline.json
 
-A stack of --blocks blocks of one-row calls of the one-row kernel (ops.stream_gemv), each block the four layers of
-a GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, the MLP's up n -> 4n with the GELU
+A stack of --blocks blocks of one-row calls of the one-row kernel (ops.stream_gemv), each block the four layers of a
+GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, the MLP's up n -> 4n with the GELU
 and down 4n -> n), int4 g128, every layer its own random weights (so they come from memory), each with the config
-the launcher chooses for its shape (or --configs). No attention or normalization between them: only the layers' kernels, back to
-back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers of at most
-8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
+the launcher chooses for its shape (or --configs). No attention or normalization between them: only the layers'
+kernels, back to back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers
+of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
 
 1. Time: the median replay of the stack's graph, microseconds per block, each mode twice, alternating.
 2. Timeline: the stack once more with every program writing the GPU's global timer at its start, after its wait
