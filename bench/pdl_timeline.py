@@ -16,9 +16,11 @@ of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PD
    (blocks after the first, medians over blocks): when its first program started relative to the end of the kernel
    before it (negative: launched early, under PDL), the gap from that end to its first program's wait returning,
    how long from there to its last program's end (its span), the median and the longest loop of a program, and
-   how many of its programs were resident before the kernel before it ended.
+   how many of its programs were resident before the kernel before it ended, how many multiprocessors it ran on,
+   the most programs one of them ran and the largest sum of loop times on one (an uneven spread of programs over
+   the multiprocessors shows there).
 --png draws every program of two blocks per mode (a line from its wait to its end, a thin one from its start);
---json writes the tables' rows.
+--json writes the tables' rows and every program's stamps.
 """
 import argparse
 import json
@@ -150,6 +152,23 @@ def timeline(stack, xs, configs, mode):
     return rows, ms
 
 
+def per_sm(r):
+    """Programs per multiprocessor."""
+    counts = {}
+    for sm in r[:, 4].tolist():
+        counts[sm] = counts.get(sm, 0) + 1
+    return counts
+
+
+def sum_loops(r):
+    """Each multiprocessor's summed loop time (ns) over its programs: the busiest bounds the layer when its programs
+    share the multiprocessor's loads."""
+    sums = {}
+    for sm, loop in zip(r[:, 4].tolist(), (r[:, 2] - r[:, 1]).tolist()):
+        sums[sm] = sums.get(sm, 0) + loop
+    return sums
+
+
 def summarize(stack, rows):
     """Per layer name, medians over the blocks after the first (ns -> us)."""
     per = {name: [] for name in LAYERS}
@@ -164,7 +183,8 @@ def summarize(stack, rows):
             loop=statistics.median((r[:, 2] - r[:, 1]).tolist()) / 1e3,
             longest=int((r[:, 2] - r[:, 1]).max()) / 1e3,
             resident=int((r[:, 0] < end_before).sum()), programs=len(r),
-            sms=len(set(r[:, 4].tolist()))))
+            sms=len(set(r[:, 4].tolist())), most=max(per_sm(r).values()),
+            busiest=max(sum_loops(r).values()) / 1e3))
     return {name: {key: statistics.median(v[key] for v in values) for key in values[0]}
             for name, values in per.items() if values}
 
@@ -237,16 +257,19 @@ def main(argv=None):
     timelines = {}
     print("\nPer layer, medians over blocks 2 on (us; start and gap from the end of the kernel before):\n")
     print("| mode | layer | first start | first wait returns | span (wait to last end) | loop, median | "
-          "loop, longest | resident before | programs | SMs |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "loop, longest | resident before | programs | SMs | most on one SM | busiest SM's loops |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes:
         rows, ms = timeline(stack, xs, configs, mode)
         timelines[mode] = rows
         summary = summarize(stack, rows)
-        result["timeline"][mode] = dict(us_per_block_with_stamps=ms * 1e3 / args.blocks, layers=summary)
+        result["timeline"][mode] = dict(us_per_block_with_stamps=ms * 1e3 / args.blocks, layers=summary,
+                                        stamps=[r.tolist() for r in rows])
         for name, s in summary.items():
             print(f"| {mode} | {name} | {s['start']:.1f} | {s['gap']:.1f} | {s['span']:.1f} | {s['loop']:.1f} | "
-                  f"{s['longest']:.1f} | {s['resident']:.0f} | {s['programs']:.0f} | {s['sms']:.0f} |")
-        print(f"| {mode} | (us per block with the stamps: {ms * 1e3 / args.blocks:.1f}) | | | | | | | | |")
+                  f"{s['longest']:.1f} | {s['resident']:.0f} | {s['programs']:.0f} | {s['sms']:.0f} | {s['most']:.0f} | "
+                  f"{s['busiest']:.1f} |")
+        print(f"| {mode} | (us per block with the stamps: {ms * 1e3 / args.blocks:.1f}) | | | | | | | | | | |")
     if args.png:
         plot(args.png, stack, timelines, args.n_embd)
         print(f"\nwrote {args.png}")

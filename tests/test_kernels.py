@@ -588,7 +588,8 @@ def test_the_pdl_timeline_measures_each_layer_from_the_end_of_the_kernel_before(
     summary = timeline.summarize(stack, rows)
     assert set(summary) == set(timeline.LAYERS)
     for s in summary.values():
-        assert (s["start"], s["gap"], s["resident"], s["programs"], s["sms"]) == (-1.0, 0.5, 4, 4, 3)
+        assert (s["start"], s["gap"], s["resident"], s["programs"], s["sms"], s["most"]) == (-1.0, 0.5, 4, 4, 3, 2)
+        assert s["busiest"] == pytest.approx(2 * 8 - 0.003)  # programs 0 and 3 on multiprocessor 0
         assert s["span"] == pytest.approx(10.003) and s["loop"] == pytest.approx(7.9985)
     path = str(tmp_path / "t.png")
     timeline.plot(path, stack, {"all": rows}, 4096)
