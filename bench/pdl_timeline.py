@@ -8,9 +8,7 @@ GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, 
 and down 4n -> n), int4 g128, every layer its own random weights (so they come from memory), each with the config
 the launcher chooses for its shape (or --configs). No attention or normalization between them: only the layers'
 kernels, back to back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers
-of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer), `queue` (PDL on
-every layer, the larger ones taking their units from a queue with a cap per multiprocessor: ops.stream_gemv's
-queue, what NANOQAT_QUEUE=1 does) and `queue_all` (every layer from a queue).
+of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
 
 1. Time: the median replay of the stack's graph, microseconds per block, each mode twice, alternating.
 2. Timeline: the stack once more with every program writing the GPU's global timer at its start, after its wait
@@ -35,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
-MODES = ("none", "8mib", "all", "queue", "queue_all")
+MODES = ("none", "8mib", "all")
 LAYERS = ("qkv", "out", "up", "down")
 
 
@@ -47,11 +45,7 @@ def block_shapes(n_embd):
 
 def uses_pdl(mode, layer, limit):
     nbytes = layer.qweight.numel() * layer.qweight.element_size()
-    return mode != "none" and (mode != "8mib" or nbytes <= limit)
-
-
-def uses_queue(mode, layer, limit):
-    return mode == "queue_all" or (mode == "queue" and layer.qweight.numel() * layer.qweight.element_size() > limit)
+    return mode == "all" or (mode == "8mib" and nbytes <= limit)
 
 
 def parse(argv=None):
@@ -61,16 +55,12 @@ def parse(argv=None):
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated PDL modes of {', '.join(MODES)}")
     p.add_argument("--configs", default="", help="comma-separated layer:config overrides of the launcher's choice, "
                    "a config as ops.STREAM_CONFIGS' fields joined by x (up:32x32x2x8x0: up's words not prefetched)")
-    p.add_argument("--queue_programs", type=int, default=0, help="programs per multiprocessor in a queue's grid "
-                   "(0: ops.QUEUE_PROGRAMS)")
     p.add_argument("--png", default="", help="write the programs' timeline here (a .png)")
     p.add_argument("--json", default="", help="write the tables' rows here (a .json)")
     args = p.parse_args(argv)
     prog = "pdl_timeline.py"  # one-line errors (argparse's p.error adds its usage)
     if args.n_embd < 32 or args.n_embd % 128:
         sys.exit(f"{prog}: error: --n_embd={args.n_embd}: expected a positive multiple of 128 (groups of 128)")
-    if args.queue_programs < 0:
-        sys.exit(f"{prog}: error: --queue_programs={args.queue_programs}: expected 0 or more")
     if args.blocks < 2:
         sys.exit(f"{prog}: error: --blocks={args.blocks}: expected at least 2 (the first has no kernel before it)")
     args.modes = [m for m in args.modes.split(",") if m]
@@ -116,37 +106,32 @@ def build(n_embd, blocks, overrides):
     return stack, xs, configs
 
 
-def chain(stack, xs, configs, mode, stamps=None, queue_programs=0):
+def chain(stack, xs, configs, mode, stamps=None):
     """One replayable call of the whole stack under `mode`; stamps: one int64 buffer per layer, or None."""
     from quantization.kernels import ops
-    queues = [torch.zeros(ops.QUEUE_COUNTERS, device="cuda", dtype=torch.int32) for _ in stack]
 
     def call():
         for i, (name, layer) in enumerate(stack):
-            queued = uses_queue(mode, layer, ops.PDL_MAX_BYTES)
             ops.stream_gemv(xs[layer.in_features], layer.qweight, layer.scale, layer.zero, None, layer.bits,
                             ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const, configs[name],
-                            counters=layer.split_counters[:-ops.QUEUE_COUNTERS],
-                            activation=ops.ACTIVATIONS["none"] if name == "up" else 0,
-                            stamps=None if stamps is None else stamps[i], pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES),
-                            queue=queues[i] if queued else None, queue_programs=queue_programs or None)
+                            counters=layer.split_counters, activation=ops.ACTIVATIONS["none"] if name == "up" else 0,
+                            stamps=None if stamps is None else stamps[i],
+                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES))
     return call
 
 
-def programs(layer, config, queued=False, queue_programs=0):
+def programs(layer, config):
     from quantization.kernels import ops
-    if queued:
-        return ops.multiprocessors(layer.qweight.device) * (queue_programs or ops.QUEUE_PROGRAMS)
     tiles, split, _ = ops.stream_grid(1, layer.out_features, layer.in_features, config, layer.qweight.device)
     return tiles * split
 
 
-def timeline(stack, xs, configs, mode, queue_programs=0):
+def timeline(stack, xs, configs, mode):
     """Each layer's (programs, 5) stamps from one replay, in ns from the stack's first stamp."""
     from quantization.kernels import ops
-    stamps = [torch.full((programs(layer, configs[name], uses_queue(mode, layer, ops.PDL_MAX_BYTES), queue_programs),
-                          5), -1, device="cuda", dtype=torch.int64) for name, layer in stack]
-    call = chain(stack, xs, configs, mode, stamps, queue_programs)
+    stamps = [torch.full((programs(layer, configs[name]), 5), -1, device="cuda", dtype=torch.int64)
+              for name, layer in stack]
+    call = chain(stack, xs, configs, mode, stamps)
     call()
     ms = ops.replay_time([call])  # the graph with stamps: its own time, to show what they cost
     torch.cuda.synchronize()
@@ -259,7 +244,7 @@ def main(argv=None):
     result = dict(n_embd=args.n_embd, blocks=args.blocks, device=torch.cuda.get_device_name(),
                   configs={k: list(v) for k, v in configs.items()}, times={}, timeline={})
     print("\n| mode | us per block (run 1) | us per block (run 2) |\n|---|---:|---:|")
-    calls = {mode: chain(stack, xs, configs, mode, queue_programs=args.queue_programs) for mode in args.modes}
+    calls = {mode: chain(stack, xs, configs, mode) for mode in args.modes}
     for call in calls.values():
         call()
     times = {mode: [] for mode in args.modes}
@@ -275,7 +260,7 @@ def main(argv=None):
           "loop, longest | resident before | programs | SMs | most on one SM | busiest SM's loops |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes:
-        rows, ms = timeline(stack, xs, configs, mode, args.queue_programs)
+        rows, ms = timeline(stack, xs, configs, mode)
         timelines[mode] = rows
         summary = summarize(stack, rows)
         result["timeline"][mode] = dict(us_per_block_with_stamps=ms * 1e3 / args.blocks, layers=summary,

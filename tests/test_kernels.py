@@ -186,45 +186,6 @@ def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_spli
     assert not bad, bad
 
 
-QUEUE_CHECK = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import torch
-from quantization.kernels import PackedLinear, ops
-from quantization.quantizers import QuantSpec
-torch.manual_seed(0)
-out = []
-for method, bits, granularity, group_size in json.loads(sys.argv[2]):
-    spec = QuantSpec(method, bits, granularity, group_size)
-    layer = PackedLinear.from_float(torch.randn(70, 256), spec, torch.randn(70))
-    blocks = group_size // 32 if group_size else 8
-    args = (layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits, blocks, layer.zero_const)
-    queue = torch.zeros(ops.QUEUE_COUNTERS, dtype=torch.int32)
-    assert ops.QUEUE_COUNTERS == 2 + ops.triton_kernels.QUEUE_SMS.value
-    # three column tiles; split-K into 4 (12 units) and the GELU epilogue; caps of 1 and all
-    for config, activation, cap in (((32, 2, 0, 4, 1), 0, None), ((32, 1, 16, 4, 0), 1, None),
-                                    ((32, 1, 16, 4, 1), 0, 1)):
-        for _ in range(2):  # the counters are zero again after a call
-            x = torch.randn(1, 256)
-            plain = ops.stream_gemv(x, *args, config, counters=layer.split_counters, activation=activation)
-            queued = ops.stream_gemv(x, *args, config, counters=layer.split_counters, activation=activation,
-                                     queue=queue, cap=cap)
-            out.append([bits, str(config), float((plain - queued).abs().max()), int(queue.abs().sum()),
-                        int(layer.split_counters.abs().sum())])
-print(json.dumps(out))
-"""
-
-
-def test_the_one_row_kernel_from_a_queue_computes_what_its_grid_does():
-    """The one-row kernel's QUEUE (programs that take units from a counter, a cap per multiprocessor): the same
-    outputs, bit for bit, as the plain grid (each unit is the same computation), with split-K and an epilogue, and
-    its counters and the split-K counters back at zero after every call."""
-    pytest.importorskip("triton")
-    rows = run_interpreted(QUEUE_CHECK, json.dumps([SPECS[2], SPECS[-1]]))
-    assert len(rows) == 12
-    assert all(r[2:] == [0.0, 0, 0] for r in rows), rows
-
-
 GELU_EPILOGUE = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -413,9 +374,8 @@ def test_a_packed_linear_holds_codes_not_a_float_weight():
     assert not list(layer.parameters())
     total = sum(t.numel() * t.element_size() for t in layer.buffers())
     # 4 bits a weight, plus one float32 scale and one uint8 zero point per group of 128, plus the bias, plus an
-    # int32 split-K counter per 32 outputs and the one-row kernel's queue counters (not saved: the state dict holds
-    # the rest)
-    assert total == 256 * 512 // 2 + 256 * 4 * (4 + 1) + 256 * 4 + (256 // 32 + ops.QUEUE_COUNTERS) * 4
+    # int32 split-K counter per 32 outputs (not saved: the state dict holds the rest)
+    assert total == 256 * 512 // 2 + 256 * 4 * (4 + 1) + 256 * 4 + 256 // 32 * 4
     assert "split_counters" not in layer.state_dict()
     assert total < w.numel() * w.element_size() / 7
 
@@ -603,8 +563,7 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     ("prefill_overlap.py", [], "needs a CUDA GPU"), ("pdl_timeline.py", ["--blocks=1"], "--blocks=1"),
     ("pdl_timeline.py", ["--modes=late"], "--modes=late"), ("pdl_timeline.py", ["--n_embd=100"], "--n_embd=100"),
     ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", ["--configs=up:32x32"], "--configs=up"),
-    ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"),
-    ("pdl_timeline.py", ["--queue_programs=-1"], "--queue_programs=-1"), ("pdl_timeline.py", [], "needs a CUDA GPU")])
+    ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"), ("pdl_timeline.py", [], "needs a CUDA GPU")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")

@@ -105,7 +105,6 @@ ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
 # slowed the 6.7B shape's on all its layers (8-22 MiB; bench/results/pdl_h200/README.md) and sped it on the 8 MiB
 # one alone (409-412 -> 428 tokens/s, bench/results/pdl_8mib_h200/README.md)
 PDL_MAX_BYTES = _env_int("NANOQAT_PDL_MAX_BYTES", 8 * 2**20)  # the variable sets it, to measure
-QUEUE = _env_int("NANOQAT_QUEUE", 0)  # 1: the larger layers' one-row calls with PDL and a queue (queued), to measure
 # the fused normalization (norm_matmul) loads a row of up to this many values before the one-row kernel's loop, a
 # longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
 # XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
@@ -214,20 +213,6 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return activate(y, activation).to(x.dtype) if atomic else y
 
 
-# the one-row kernel's queue (stream_gemv's queue): programs per multiprocessor in its grid, one more than the 6.7B
-# shape's configs fit on one (5: 48 registers x 256 threads), so that every multiprocessor gets some
-QUEUE_PROGRAMS = 6
-# int32 counters a queue needs: the next unit, the programs done, one per multiprocessor id (triton_kernels.QUEUE_SMS)
-QUEUE_COUNTERS = 2 + 256
-
-
-def queued(device, qweight):
-    """Whether a one-row call of a layer takes its units from a queue, with PDL (NANOQAT_QUEUE=1, to measure): for
-    layers above PDL_MAX_BYTES, where PDL alone packs the early-launched programs on some multiprocessors
-    (bench/results/pdl_timeline_h100/README.md)."""
-    return bool(QUEUE) and qweight.numel() * qweight.element_size() > PDL_MAX_BYTES and pdl_available(device)
-
-
 def stream_grid(m, n, k, config, device):
     """The one-row kernel's grid for m rows of x, n outputs and k inputs under `config`: (column tiles, splits of
     K, blocks of 32 inputs per split); its programs are tiles * splits * m."""
@@ -243,29 +228,20 @@ def stream_grid(m, n, k, config, device):
 
 
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
-                activation=0, norm=None, residual=None, stamps=None, pdl=None, queue=None, queue_programs=None,
-                cap=None):
+                activation=0, norm=None, residual=None, stamps=None, pdl=None):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given.
     stamps (bench/pdl_timeline.py): an int64 tensor of at least 5 per program (stream_grid), where each program
     writes when it ran (the kernel's STAMP). pdl: programmatic dependent launch on or off (None: dependent_launch).
     norm = (r, wg, kind, eps): x is u = r * gain (float32) and the output is the layer of the normalized r
     (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it
-    (residual_matmul). The output then has r's or res's dtype.
-    queue: int32 zeros, at least QUEUE_COUNTERS (zero again after the call): the programs take their units from a
-    queue, at most `cap` at a time on a multiprocessor (default: the units over the multiprocessors, rounded up),
-    queue_programs per multiprocessor in the grid (default QUEUE_PROGRAMS); the kernel's QUEUE. None: the last
-    QUEUE_COUNTERS of counters where the layer is `queued` and counters has room for them."""
+    (residual_matmul). The output then has r's or res's dtype."""
     block_n, block_b, _, warps, prefetch = config[:5]
     xload = config[5] if len(config) > 5 else 0
     m, k = x.shape
     n = qweight.shape[1]
     num_blocks = triton.cdiv(k, BLOCK)
     tiles, split, per_split = stream_grid(m, n, k, config, x.device)
-    if queue is None and counters is not None and counters.numel() >= QUEUE_COUNTERS + tiles * m \
-            and queued(x.device, qweight):
-        counters, queue = counters[:-QUEUE_COUNTERS], counters[-QUEUE_COUNTERS:]
-        pdl = True if pdl is None else pdl
     if split > 1 and (counters is None or counters.numel() < tiles * m):
         counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
     even = k % BLOCK == 0 and num_blocks % block_b == 0
@@ -284,13 +260,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         u = torch.empty((m, n), device=x.device, dtype=torch.float32)
         extra = dict(res_ptr=res, g_ptr=gain, u_ptr=u, stride_resm=res.stride(0), stride_um=u.stride(0), RESID=True,
                      EMIT_U=True)
-    grid = (tiles, split, m)
-    if queue is not None:
-        sms = multiprocessors(x.device)
-        grid = (sms * (queue_programs or QUEUE_PROGRAMS),)
-        extra.update(queue_ptr=queue, cap=cap or triton.cdiv(tiles * split * m, sms), QUEUE=True,
-                     SMID=not interpreting())
-    triton_kernels._stream_gemv_kernel[grid](
+    triton_kernels._stream_gemv_kernel[(tiles, split, m)](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,

@@ -23,10 +23,10 @@ class PackedLinear(nn.Module):
         self.register_buffer("zero", layout["zero"])
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("sparse", None)  # dense-and-sparse weights: the full-precision outliers, CSR
-        # split-K arrival counters of the one-row kernel, then its queue's (ops.stream_gemv; zero between calls; not
-        # saved). A buffer, so that it is allocated when the module moves to the GPU, never inside a CUDA graph's pool
-        self.register_buffer("split_counters", torch.zeros(-(-self.out_features // ops.BLOCK) + ops.QUEUE_COUNTERS,
-                                                           dtype=torch.int32), persistent=False)
+        # split-K arrival counters of the one-row kernel (zero between calls; not saved). A buffer, so that it is
+        # allocated when the module moves to the GPU, never inside a CUDA graph's memory pool
+        self.register_buffer("split_counters", torch.zeros(-(-self.out_features // ops.BLOCK), dtype=torch.int32),
+                             persistent=False)
         # a GELU applied to the output (F.gelu's `approximate`: "none" or "tanh"; None: no activation), by the kernel
         # that writes it where it can (inference.fuse_gelu: a decode step saves the GELU's own kernel)
         self.gelu = None

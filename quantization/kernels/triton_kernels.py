@@ -200,7 +200,6 @@ def _subnormal(field):
 # |x * c| > 2**-41, and x * 2**(64 - p) is exact for |x| < 2**64
 BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
 SPLIT_CHUNK: tl.constexpr = tl.constexpr(16)  # partial sums the last program of a split-K tile loads at once
-QUEUE_SMS: tl.constexpr = tl.constexpr(256)  # per-multiprocessor counters of the queue (ids taken modulo this)
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -212,8 +211,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         r_ptr=None, wg_ptr=None, res_ptr=None, g_ptr=None, u_ptr=None, stride_rm=0, stride_resm=0,
                         stride_um=0, eps=0.0, NORM: tl.constexpr = 0, KP: tl.constexpr = 1,
                         EARLY: tl.constexpr = True, RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False,
-                        XLOAD: tl.constexpr = 0, stamp_ptr=None, STAMP: tl.constexpr = False, queue_ptr=None,
-                        cap=0, QUEUE: tl.constexpr = False, SMID: tl.constexpr = True):
+                        XLOAD: tl.constexpr = 0, stamp_ptr=None, STAMP: tl.constexpr = False):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -241,81 +239,10 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     --xload=1). For a one-step program; ops.STREAM_CONFIGS lets the launcher time it.
     STAMP (bench/pdl_timeline.py, a GPU's timeline of a decode's kernels): each program writes five int64 to
     stamp_ptr at 5 * its index: the global timer (ns) at its start, after the wait for earlier kernels, after its
-    loop and at its end, and its multiprocessor. Off, the kernel is the same code.
-    QUEUE (ops.stream_gemv's queue): the grid is one axis of programs that take their units (a column tile, a split
-    of K and a row) from a counter, at most `cap` at a time on one multiprocessor (a counter per multiprocessor; the
-    surplus exits at once). Under PDL a kernel launched early fills the multiprocessors that have room up to its
-    occupancy, 5 programs of the 6.7B shape's config on some and none on others (bench/results/pdl_timeline_h100);
-    the cap keeps each at the even share and the queue hands the work to the programs that run. The wait comes first
-    and the next kernel may launch only once a program finds the queue empty; the last program to finish sets the
-    counters back to 0. SMID: the multiprocessor's id is read (0 under the interpreter, which has none)."""
-    if QUEUE:
-        tiles = tl.cdiv(N, BLOCK_N)
-        splits = tl.cdiv(tl.cdiv(K, BLOCK), blocks_per_split)
-        units = tiles * splits * M
-        pid = tl.program_id(0)
-        if STAMP:
-            stamp = stamp_ptr + 5 * pid
-            tl.store(stamp, tl.extra.cuda.globaltimer())
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        if SMID:
-            sm = tl.extra.cuda.smid() % QUEUE_SMS
-        else:
-            sm = 0
-        slot = tl.atomic_add(queue_ptr + 2 + sm, 1)
-        u = units
-        if slot < cap:
-            u = tl.atomic_add(queue_ptr, 1)
-        if STAMP:
-            tl.store(stamp + 1, tl.extra.cuda.globaltimer())
-        while u < units:
-            _stream_tile(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
-                         blocks_per_group, blocks_per_split, u % tiles, (u // tiles) % splits, u // (tiles * splits),
-                         tiles, splits, BITS, HAS_ZERO, ZERO, HAS_BIAS, SPLIT, EVEN, BLOCK_N, BLOCK_B, PREFETCH, ACT,
-                         False, r_ptr, wg_ptr, res_ptr, g_ptr, u_ptr, stride_rm, stride_resm, stride_um, eps, NORM, KP,
-                         EARLY, RESID, EMIT_U, XLOAD, stamp_ptr, False, False)
-            u = tl.atomic_add(queue_ptr, 1)
-        if PDL:  # the queue is empty: the next kernel's programs no longer take a multiprocessor this one needs
-            tl.extra.cuda.gdc_launch_dependents()
-        if STAMP:
-            tl.store(stamp + 2, tl.extra.cuda.globaltimer())
-        tl.atomic_add(queue_ptr + 2 + sm, -1)
-        if tl.atomic_add(queue_ptr + 1, 1) == tl.num_programs(0) - 1:  # the last program: counters back to 0
-            tl.atomic_xchg(queue_ptr, 0)
-            tl.atomic_xchg(queue_ptr + 1, 0)
-        if STAMP:
-            tl.store(stamp + 3, tl.extra.cuda.globaltimer())
-            if SMID:
-                tl.store(stamp + 4, tl.extra.cuda.smid().to(tl.int64))
-            else:
-                tl.store(stamp + 4, 0)
-    else:
-        _stream_tile(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
-                     blocks_per_group, blocks_per_split, 0, 0, 0, 0, 0, BITS, HAS_ZERO, ZERO, HAS_BIAS, SPLIT, EVEN,
-                     BLOCK_N, BLOCK_B, PREFETCH, ACT, PDL, r_ptr, wg_ptr, res_ptr, g_ptr, u_ptr, stride_rm, stride_resm,
-                     stride_um, eps, NORM, KP, EARLY, RESID, EMIT_U, XLOAD, stamp_ptr, STAMP, True)
-
-
-@triton.jit
-def _stream_tile(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
-                 blocks_per_group, blocks_per_split, pid_n, pid_k, pid_m, tiles, splits,
-                 BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                 PREFETCH: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr, r_ptr, wg_ptr, res_ptr, g_ptr, u_ptr,
-                 stride_rm, stride_resm, stride_um, eps, NORM: tl.constexpr, KP: tl.constexpr, EARLY: tl.constexpr,
-                 RESID: tl.constexpr, EMIT_U: tl.constexpr, XLOAD: tl.constexpr, stamp_ptr, STAMP: tl.constexpr,
-                 GRID: tl.constexpr):
-    """One unit of _stream_gemv_kernel: the column tile pid_n of row pid_m over split pid_k of K (of `tiles` and
-    `splits`). GRID: the program's own ids and the grid's extent instead, each read where it is used (read before
-    the loop and held through it, they changed the compiled loop)."""
-    if GRID:
-        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    loop and at its end, and its multiprocessor. Off, the kernel is the same code."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if STAMP:
-        if GRID:
-            stamp = stamp_ptr + 5 * (pid_n + tl.num_programs(0) * (pid_k + tl.num_programs(1) * pid_m))
-        else:
-            stamp = stamp_ptr + 5 * (pid_n + tiles * (pid_k + splits * pid_m))
+        stamp = stamp_ptr + 5 * (pid_n + tl.num_programs(0) * (pid_k + tl.num_programs(1) * pid_m))
         tl.store(stamp, tl.extra.cuda.globaltimer())
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -404,13 +331,10 @@ def _stream_tile(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M,
         tl.store(stamp + 2, tl.extra.cuda.globaltimer() + 0 * tl.sum(y, 0).to(tl.int64))
     y_ptrs = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT:
-        if GRID:
-            splits = tl.num_programs(1)
+        splits = tl.num_programs(1)
         tl.store(ws_ptr + (pid_k * M + pid_m) * N + offs_n, y, mask=mask_n)
         tl.debug_barrier()  # every thread's partials are written before the count says so
-        if GRID:
-            tiles = tl.num_programs(0)
-        counter = count_ptr + pid_m * tiles + pid_n
+        counter = count_ptr + pid_m * tl.num_programs(0) + pid_n
         if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
             y = tl.zeros((BLOCK_N,), tl.float32)
             offs_s = tl.arange(0, SPLIT_CHUNK)
