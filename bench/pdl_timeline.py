@@ -23,6 +23,7 @@ of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PD
 --json writes the tables' rows and every program's stamps.
 """
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -152,20 +153,12 @@ def timeline(stack, xs, configs, mode):
     return rows, ms
 
 
-def per_sm(r):
-    """Programs per multiprocessor."""
-    counts = {}
-    for sm in r[:, 4].tolist():
-        counts[sm] = counts.get(sm, 0) + 1
-    return counts
-
-
 def sum_loops(r):
     """Each multiprocessor's summed loop time (ns) over its programs: the busiest bounds the layer when its programs
     share the multiprocessor's loads."""
-    sums = {}
+    sums = collections.Counter()
     for sm, loop in zip(r[:, 4].tolist(), (r[:, 2] - r[:, 1]).tolist()):
-        sums[sm] = sums.get(sm, 0) + loop
+        sums[sm] += loop
     return sums
 
 
@@ -183,7 +176,7 @@ def summarize(stack, rows):
             loop=statistics.median((r[:, 2] - r[:, 1]).tolist()) / 1e3,
             longest=int((r[:, 2] - r[:, 1]).max()) / 1e3,
             resident=int((r[:, 0] < end_before).sum()), programs=len(r),
-            sms=len(set(r[:, 4].tolist())), most=max(per_sm(r).values()),
+            sms=len(set(r[:, 4].tolist())), most=max(collections.Counter(r[:, 4].tolist()).values()),
             busiest=max(sum_loops(r).values()) / 1e3))
     return {name: {key: statistics.median(v[key] for v in values) for key in values[0]}
             for name, values in per.items() if values}
