@@ -35,7 +35,7 @@ from quantization.perplexity import evaluate, split_tokens  # noqa: E402
 from quantization.quantizers import fake_quant  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, gelu_output_scales, paired_gain  # noqa: E402
-from quantization.spin_quant import NORM_SMOOTH_ALPHA, split_calibration, unrotated  # noqa: E402
+from quantization.spin_quant import CLEAR_Z, NORM_SMOOTH_ALPHA, split_calibration, unrotated  # noqa: E402
 from quantization.spin_quant_flags import add_spinquant_flags, check_args, load_inputs, smooth_alpha  # noqa: E402
 from safety import check_output_file, write_text_atomic  # noqa: E402
 
@@ -63,6 +63,8 @@ def main(argv=None):
     p.add_argument("--study", default="", help="instead of the table: comma-separated "
                    "lr:steps:nsamples:learn_weights[:objective] (learn_weights rtn or none; objective ce, the default, "
                    "or kl) runs of SpinQuant + --method at the first setting")
+    p.add_argument("--score_candidates", action="store_true", help="also score every candidate of the kept rows on "
+                   "the validation tokens and list them (a study of the held-out choice, which never sees them)")
     p.add_argument("--sites", action="store_true", help="instead of the table: the first setting's gap site by site "
                    "(each site left in full precision, and quantized alone), without rotation, with the norms "
                    "folded, with S4 (--smooth), and with Hadamard rotations")
@@ -185,7 +187,7 @@ def main(argv=None):
                     best_step=sq.info.get("identity_best_step"), heldout_losses=sq.identity_heldout_losses)
                 sq.set_rotations(*learned)
             sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True),
-                     **gptq_options)
+                     report=score if args.score_candidates else None, **gptq_options)
             add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
                 candidates=sq.candidates)
     first_qat = None  # (label, loss, per-window losses) of the first QAT row, which the others are compared with
@@ -214,6 +216,19 @@ def main(argv=None):
         spread = f"{r['min']:.4f} .. {r['max']:.4f}" if "min" in r else "-"
         print(f"| {r['setting']} | {r['method']} | {r['loss']:.4f} | {torch.tensor(r['loss']).exp().item():.2f} | "
               f"{gap} | {spread} |")
+    for r in rows:  # --score_candidates: each candidate on held-out text (its choice) and on validation (not)
+        if not any("report" in c for c in r.get("candidates", [])):
+            continue
+        rtn = next(x["loss"] for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN, no rotation")
+        print(f"\n{r['setting']}, {r['method']}: every candidate (eligible: no rotation, or {CLEAR_Z:g} standard "
+              f"errors below it on held-out text; the lowest eligible is kept; gap closed on validation)\n")
+        print("| candidate | held-out loss | gain over no rotation | standard errors | eligible | val loss | "
+              "RTN gap closed |\n|---|---:|---:|---:|---|---:|---:|")
+        for c in r["candidates"]:
+            gain = f"{c['gain']:+.4f} | {c['standard_errors']:.1f}" if "gain" in c else "- | -"
+            closed = f"{100 * (rtn - c['report']) / (rtn - fp):.0f}%" if rtn > fp else "-"
+            print(f"| {c['name']} | {c['heldout_loss']:.4f} | {gain} | {'yes' if c['clear'] else 'no'} | "
+                  f"{c['report']:.4f} | {closed} |")
     paired = [f"- {r['method']} against {r['against']}: {r['difference']:+.4f} on the same {r['windows']} validation "
               f"windows ({r['standard_errors']:+.1f} standard errors of the per-window differences)"
               for r in rows if "against" in r]

@@ -571,7 +571,8 @@ class SpinQuant:
         self.model.load_state_dict({k: v.detach() for k, v in self.rotated_state().items()})
         return self.model
 
-    def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, select=True, log=print, **method_options):
+    def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, select=True, log=print, report=None,
+              **method_options):
         """Bake the rotations in and quantize the weights with the method: {module name: QuantizedWeight}
         (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data.
         With `select` and held-out samples (optimize's), each candidate (no rotation; the folded norms alone; the
@@ -579,9 +580,11 @@ class SpinQuant:
         with smooth_alpha the S4 and S1+S2+S4 ones, candidate_list)
         is quantized and scored on the held-out samples, `log` gets one
         line per candidate and one for the choice, and the best is kept (self.choice, self.candidates); the
-        weight method then calibrates on optimize's learning samples only (calib_data is not used)."""
+        weight method then calibrates on optimize's learning samples only (calib_data is not used). `report`: a
+        function of a model whose value each candidate's entry records (a study of the choice, e.g. the validation
+        loss; never used to choose)."""
         if select and self.heldout is not None:
-            return self.choose(calib_data, nsamples, seed, log, **method_options)
+            return self.choose(calib_data, nsamples, seed, log, report=report, **method_options)
         data = calibration_batch(calib_data) if calib_data is not None else self.calibration
         if self.smooth_norms is not None:  # S1, S2 taken anew in the basis of the current rotations
             if data is None:
@@ -680,7 +683,7 @@ class SpinQuant:
             self.info["smooth_alpha"] = alpha
         return self.smooth_choice
 
-    def choose(self, calib_data=None, nsamples=128, seed=0, log=print, **method_options):
+    def choose(self, calib_data=None, nsamples=128, seed=0, log=print, report=None, **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
         the unfolded no-rotation candidates and the others (folded, rotated) at least CLEAR_Z standard errors below
         the better of those (paired_gain, per sample). GPTQ and AutoRound calibrate on optimize's learning samples, never on the
@@ -705,6 +708,7 @@ class SpinQuant:
             loss = per_sample.mean().item()
             line = f"candidate {name}: held-out calibration loss {loss:.4f}"
             baseline = not fold and not smoothings
+            entry = dict(name=name, heldout_loss=loss)
             if baseline:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
                 if base is None or loss < base.mean().item():
                     base = per_sample
@@ -712,10 +716,13 @@ class SpinQuant:
             else:
                 gain, z = paired_gain(base, per_sample)
                 clear = z >= CLEAR_Z
+                entry.update(gain=gain, standard_errors=z)
                 line += (f" (gain over no rotation {gain:+.4f}, {z:.1f} standard errors"
                          f"{'' if clear else ': not clearly better'})")
             results.append((loss, name, sq, clear, not baseline))
-            self.candidates.append(dict(name=name, heldout_loss=loss, clear=clear))
+            if report is not None:
+                entry["report"] = report(sq.model)
+            self.candidates.append(dict(entry, clear=clear))
             log(line)
         # the lowest of the candidates that clearly beat no rotation (ties: the earlier, simpler one)
         loss, name, best, _, changed = min((r for r in results if r[3]), key=lambda r: r[0])

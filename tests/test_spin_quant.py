@@ -782,6 +782,22 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     assert "| lr | steps |" in capsys.readouterr().out
 
 
+def test_compare_scores_every_candidate_on_validation_without_changing_the_choice(plain_dir, capsys):
+    """--score_candidates: each candidate of the kept row carries its validation loss; the kept one's is the kept
+    row's own loss; and the choice (made on held-out text) is the one made without the flag."""
+    import demos.spinquant_compare as compare
+    common = [f"--out_dir={plain_dir}", "--device=cpu", "--steps=2", "--nsamples=8", "--eval_tokens=1000",
+              "--settings=4/4/4", "--seeds=1", "--progress=False", "--methods=rtn", "--smooth=False"]
+    kept = [r for r in compare.main(common + ["--score_candidates"]) if r["method"].startswith("SpinQuant + RTN, kept")]
+    assert len(kept) == 1 and len(kept[0]["candidates"]) > 3
+    assert all("report" in c for c in kept[0]["candidates"])
+    name = kept[0]["method"].split("kept: ")[1]
+    assert [c["report"] for c in kept[0]["candidates"] if c["name"] == name] == [kept[0]["loss"]]
+    assert "| candidate | held-out loss |" in capsys.readouterr().out
+    plain = [r for r in compare.main(common) if r["method"].startswith("SpinQuant + RTN, kept")]
+    assert plain[0]["method"] == kept[0]["method"] and not any("report" in c for c in plain[0]["candidates"])
+
+
 def test_compare_sets_every_qat_row_against_the_first_on_the_same_windows(plain_dir, quant_ckpt, capsys):
     """--qat rows after the first carry their difference from it and its standard errors, over the per-window
     losses of the same validation windows (checked against a paired computation done here)."""
