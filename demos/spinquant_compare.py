@@ -224,6 +224,8 @@ def main(argv=None):
               f"errors below it on held-out text; the lowest eligible is kept; gap closed on validation)\n")
         print("| candidate | held-out loss | gain over no rotation | standard errors | eligible | val loss | "
               "RTN gap closed |\n|---|---:|---:|---:|---|---:|---:|")
+        held, val = [c["heldout_loss"] for c in r["candidates"]], [c["report"] for c in r["candidates"]]
+        print(f"Spearman rank correlation of held-out and validation losses: {rank_correlation(held, val):.2f}\n")
         for c in r["candidates"]:
             gain = f"{c['gain']:+.4f} | {c['standard_errors']:.1f}" if "gain" in c else "- | -"
             closed = f"{100 * (rtn - c['report']) / (rtn - fp):.0f}%" if rtn > fp else "-"
@@ -237,6 +239,13 @@ def main(argv=None):
     if args.json:
         write_text_atomic(args.json, json.dumps({"config": cfg, "rows": rows}, indent=1))
     return rows
+
+
+def rank_correlation(a, b):
+    """Spearman's rank correlation of two lists (ties broken by order): Pearson's on their ranks."""
+    ranks = [torch.tensor(v, dtype=torch.float64).argsort().argsort().double() for v in (a, b)]
+    x, y = (r - r.mean() for r in ranks)
+    return float((x * y).sum() / (x.norm() * y.norm()))
 
 
 # (label, rotations, norms folded, S4): no rotation, the folded norms alone, the fixed Hadamards without R1, S4 alone

@@ -793,7 +793,10 @@ def test_compare_scores_every_candidate_on_validation_without_changing_the_choic
     assert all("report" in c for c in kept[0]["candidates"])
     name = kept[0]["method"].split("kept: ")[1]
     assert [c["report"] for c in kept[0]["candidates"] if c["name"] == name] == [kept[0]["loss"]]
-    assert "| candidate | held-out loss |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| candidate | held-out loss |" in out and "Spearman rank correlation" in out
+    assert compare.rank_correlation([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert compare.rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     plain = [r for r in compare.main(common) if r["method"].startswith("SpinQuant + RTN, kept")]
     assert plain[0]["method"] == kept[0]["method"] and not any("report" in c for c in plain[0]["candidates"])
 
