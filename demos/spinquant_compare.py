@@ -222,10 +222,10 @@ def main(argv=None):
         rtn = next(x["loss"] for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN, no rotation")
         print(f"\n{r['setting']}, {r['method']}: every candidate (eligible: no rotation, or {CLEAR_Z:g} standard "
               f"errors below it on held-out text; the lowest eligible is kept; gap closed on validation)\n")
-        print("| candidate | held-out loss | gain over no rotation | standard errors | eligible | val loss | "
-              "RTN gap closed |\n|---|---:|---:|---:|---|---:|---:|")
         held, val = [c["heldout_loss"] for c in r["candidates"]], [c["report"] for c in r["candidates"]]
         print(f"Spearman rank correlation of held-out and validation losses: {rank_correlation(held, val):.2f}\n")
+        print("| candidate | held-out loss | gain over no rotation | standard errors | eligible | val loss | "
+              "RTN gap closed |\n|---|---:|---:|---:|---|---:|---:|")
         for c in r["candidates"]:
             gain = f"{c['gain']:+.4f} | {c['standard_errors']:.1f}" if "gain" in c else "- | -"
             closed = f"{100 * (rtn - c['report']) / (rtn - fp):.0f}%" if rtn > fp else "-"
