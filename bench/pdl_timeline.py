@@ -8,8 +8,7 @@ GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, 
 and down 4n -> n), int4 g128, every layer its own random weights (so they come from memory), each with the config
 the launcher chooses for its shape (or --configs). No attention or normalization between them: only the layers'
 kernels, back to back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers
-of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer), `spread` (PDL on
-every layer, each kernel's programs capped per multiprocessor at its even share: ops.launch_spread).
+of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
 
 1. Time: the median replay of the stack's graph, microseconds per block, each mode twice, alternating.
 2. Timeline: the stack once more with every program writing the GPU's global timer at its start, after its wait
@@ -35,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
-MODES = ("none", "8mib", "all", "spread")
+MODES = ("none", "8mib", "all")
 LAYERS = ("qkv", "out", "up", "down")
 
 
@@ -47,7 +46,7 @@ def block_shapes(n_embd):
 
 def uses_pdl(mode, layer, limit):
     nbytes = layer.qweight.numel() * layer.qweight.element_size()
-    return mode in ("all", "spread") or (mode == "8mib" and nbytes <= limit)
+    return mode == "all" or (mode == "8mib" and nbytes <= limit)
 
 
 def parse(argv=None):
@@ -118,7 +117,7 @@ def chain(stack, xs, configs, mode, stamps=None):
                             ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const, configs[name],
                             counters=layer.split_counters, activation=ops.ACTIVATIONS["none"] if name == "up" else 0,
                             stamps=None if stamps is None else stamps[i],
-                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES), spread=mode == "spread")
+                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES))
     return call
 
 

@@ -622,52 +622,6 @@ def test_dependent_launch_takes_layers_of_up_to_pdl_max_bytes_of_codes(monkeypat
     assert not ops.dependent_launch(words.device, words)
 
 
-def test_a_spread_launch_leaves_room_for_only_the_even_share_of_programs(monkeypatch):
-    """ops.launch_spread asks for as much shared memory as lets exactly ceil(programs / multiprocessors) programs
-    share a multiprocessor (an H100's 228 KiB each, 1 KiB kept per program; checked by counting how many fit), opts
-    the kernel in above 48 KiB, and leaves the compiled kernel's own metadata as it was."""
-    import types
-    per_mp, optin = 233472, 232448
-    calls = []
-
-    class Compiled:
-        metadata = types.SimpleNamespace(shared=3072)
-        packed_metadata = (8, 1, 3072)
-        function = 77
-
-        def _init_handles(self):
-            pass
-
-    class Kernel:
-        compiled = Compiled()
-
-        def warmup(self, *args, grid, **kwargs):
-            return self.compiled
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((grid, self.compiled.packed_metadata, args, kwargs))
-
-    opted = []
-    monkeypatch.setattr(ops, "multiprocessors", lambda device: 132)
-    monkeypatch.setattr(ops, "_shared_memory", lambda index: (per_mp, optin))
-    monkeypatch.setattr(ops, "_libcuda", lambda: types.SimpleNamespace(
-        cuFuncSetAttribute=lambda fn, attribute, value: opted.append((fn.value, attribute, value.value)) or 0))
-    monkeypatch.setattr(ops, "_opted_in", {})
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    kernel = Kernel()
-    for programs in (1, 128, 132, 133, 384, 512, 700):
-        ops.launch_spread(kernel, (programs, 1, 1), "x", BITS=4)
-        grid, packed, args, kwargs = calls[-1]
-        assert grid == (programs, 1, 1) and args == ("x",) and kwargs == {"BITS": 4} and packed[:2] == (8, 1)
-        fit = max(c for c in range(1, 64) if c * (packed[2] + 1024) <= per_mp)  # programs one multiprocessor holds
-        assert fit == -(-programs // 132) and packed[2] <= optin, (programs, packed)
-        assert kernel.compiled.packed_metadata == (8, 1, 3072)
-    assert [value for _, _, value in opted] == [optin] and opted[0][:2] == (77, 8)  # once, at the largest ask
-    kernel.compiled.metadata.shared = 200_000  # a kernel that already needs more keeps what it needs
-    ops.launch_spread(kernel, (700, 1, 1), "x")
-    assert calls[-1][1][2] == 200_000
-
-
 def test_the_kernel_benchmark_without_a_gpu_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: bench/kernels.py would run")

@@ -14,7 +14,6 @@ The choices persist across processes in a JSON file (choices_file(): $NANOQAT_KE
 Triton, a digest of the kernels' source and the shape: a new process reuses them instead of timing every shape again
 (tens of seconds for a model). A stored choice is used only while it is still one of the candidates.
 """
-import ctypes
 import functools
 import hashlib
 import json
@@ -106,10 +105,6 @@ ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}
 # slowed the 6.7B shape's on all its layers (8-22 MiB; bench/results/pdl_h200/README.md) and sped it on the 8 MiB
 # one alone (409-412 -> 428 tokens/s, bench/results/pdl_8mib_h200/README.md)
 PDL_MAX_BYTES = _env_int("NANOQAT_PDL_MAX_BYTES", 8 * 2**20)  # the variable sets it, to measure
-# PDL's one-row launches spread: each kernel asks for as much shared memory as leaves room for only its even share
-# of programs on a multiprocessor (launch_spread), so that programs launched early cannot pile onto the
-# multiprocessors the kernel before frees first (bench/results/pdl_timeline_h100/README.md). NANOQAT_PDL_SPREAD=0/1
-PDL_SPREAD = _env_int("NANOQAT_PDL_SPREAD", 0)
 # the fused normalization (norm_matmul) loads a row of up to this many values before the one-row kernel's loop, a
 # longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
 # XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
@@ -233,12 +228,11 @@ def stream_grid(m, n, k, config, device):
 
 
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
-                activation=0, norm=None, residual=None, stamps=None, pdl=None, spread=None):
+                activation=0, norm=None, residual=None, stamps=None, pdl=None):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given.
     stamps (bench/pdl_timeline.py): an int64 tensor of at least 5 per program (stream_grid), where each program
-    writes when it ran (the kernel's STAMP). pdl: programmatic dependent launch on or off (None: dependent_launch);
-    spread: PDL's launches capped at the even share of programs per multiprocessor (launch_spread; None: PDL_SPREAD).
+    writes when it ran (the kernel's STAMP). pdl: programmatic dependent launch on or off (None: dependent_launch).
     norm = (r, wg, kind, eps): x is u = r * gain (float32) and the output is the layer of the normalized r
     (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it
     (residual_matmul). The output then has r's or res's dtype."""
@@ -266,57 +260,13 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         u = torch.empty((m, n), device=x.device, dtype=torch.float32)
         extra = dict(res_ptr=res, g_ptr=gain, u_ptr=u, stride_resm=res.stride(0), stride_um=u.stride(0), RESID=True,
                      EMIT_U=True)
-    launch = launch_spread if pdl and (PDL_SPREAD if spread is None else spread) else _launch
-    launch(triton_kernels._stream_gemv_kernel, (tiles, split, m),
-           x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
-           counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
-           BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-           EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl,
-           XLOAD=xload, stamp_ptr=stamps, STAMP=stamps is not None, launch_pdl=pdl, num_warps=warps, **extra)
+    triton_kernels._stream_gemv_kernel[(tiles, split, m)](
+        x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
+        counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
+        BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl, XLOAD=xload,
+        stamp_ptr=stamps, STAMP=stamps is not None, launch_pdl=pdl, num_warps=warps, **extra)
     return (y, u) if residual is not None else y
-
-
-def _launch(kernel, grid, *args, **kwargs):
-    kernel[grid](*args, **kwargs)
-
-
-def launch_spread(kernel, grid, *args, **kwargs):
-    """kernel[grid](*args, **kwargs) with at most ceil(programs / multiprocessors) programs on a multiprocessor at
-    once: the launch asks for as much dynamic shared memory (unused) as leaves room for only that many."""
-    device = torch.device("cuda", torch.cuda.current_device())
-    programs = math.prod(grid)
-    per_mp = -(-programs // multiprocessors(device))
-    compiled = kernel.warmup(*args, grid=grid, **kwargs)
-    compiled._init_handles()
-    per_mp_bytes, optin = _shared_memory(device.index)
-    shared = min(optin, max(compiled.metadata.shared, per_mp_bytes // per_mp - 1024))  # 1 KiB kept per program
-    if shared > 48 * 1024 and _opted_in.get(compiled.function, 0) < shared:  # above 48 KiB a kernel must opt in
-        # attribute 8: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        err = _libcuda().cuFuncSetAttribute(ctypes.c_void_p(compiled.function), 8, ctypes.c_int(shared))
-        if err:
-            raise RuntimeError(f"cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, {shared}) failed: error {err}")
-        _opted_in[compiled.function] = shared
-    packed = compiled.packed_metadata
-    compiled.packed_metadata = packed[:2] + (shared,) + tuple(packed[3:])  # (warps, ctas, shared memory)
-    try:
-        kernel[grid](*args, **kwargs)
-    finally:
-        compiled.packed_metadata = packed
-
-
-_opted_in = {}  # CUfunction -> the dynamic shared memory it may ask for
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_memory(index):
-    """(shared memory of a multiprocessor, the most one program may ask for) in bytes."""
-    optin = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return torch.cuda.get_device_properties(index).shared_memory_per_multiprocessor, optin
-
-
-@functools.lru_cache(maxsize=None)
-def _libcuda():
-    return ctypes.CDLL("libcuda.so.1")
 
 
 def gemm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None, activation=0):
