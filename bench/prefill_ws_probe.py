@@ -26,7 +26,14 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
 - `swap`, `swap_ws`  the operands swapped: y^T tile (BLOCK_N, BLOCK_M) = W tile (BLOCK_N, BLOCK_K) @ x^T, the
             dequantized weight the left operand (which wgmma can take from registers), x^T from shared memory
             (TMA), without and with warp specialization.
-A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages. --compile_only reports, per variant and config,
+- `i8`      int8 tensor cores (twice bf16's rate) on the codes as they are: x is first split per row into two int8
+            halves, x = sx * (256 hi + lo) (`_split_x_kernel`: x as 16-bit integers per row, more precise than x in
+            bf16), then per group of 128 inputs `_i8_kernel` runs two int8 products with the codes (0..15, no
+            dequantization), exact in int32, scales them by the group's scales, and subtracts the zero points'
+            share at the end (a float32 product of the groups' sums of x and s * z); two int8 passes cost what one
+            bf16 pass does, the work per code is an unpack, and the scaling is per output, not per code. Its table
+            rows add the GEMM alone (x already split) and the split alone.
+A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 BLOCK_K is the group, 128). --compile_only reports, per variant and config,
 whether it compiled, whether the loop was warp-specialized (ttg.warp_specialize in the TTGIR), the TMA copies, how
 many wgmma take their left operand from registers, registers, shared memory, and SASS instructions.
 
@@ -68,6 +75,7 @@ VARIANTS = {  # name: (TMA, SWAP, WS)
     "tma": (True, False, False), "tma_ws": (True, False, True),
     "swap": (True, 1, False), "swap_ws": (True, 1, True),
     "swap2": (True, 2, False), "swap2_ws": (True, 2, True),
+    "i8": None,  # int8 tensor cores, x in two int8 halves (_split_x_kernel, _i8_kernel): not a TMA/swap/ws variant
 }
 # BLOCK_M x BLOCK_N x BLOCK_K x num_warps x num_stages. At 256 rows a 128x128 tile gives 64 programs on 4096
 # outputs (132 SMs on an H200), 128x64 gives 128: the narrower tiles are there for the square layer
@@ -85,8 +93,13 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     "swap_ws": ["128x64x128x4x3", "128x64x64x4x4"],
     "swap2": ["128x128x64x8x3", "256x128x64x8x3"],
     "swap2_ws": ["128x64x128x4x3"],
+    # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
+    "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
+           "128x128x128x4x2"],
 }
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
+INTERPRET_I8 = "64x64x128x4x2"      # the int8 variant's (BLOCK_K = GROUP)
+X_RANGE = 32639                     # x as integers in [-X_RANGE, X_RANGE] per row and group: 256 * hi + lo, both int8
 
 
 if triton is not None:
@@ -160,6 +173,70 @@ if triton is not None:
             tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None])
 
 
+    @triton.jit
+    def _split_x_kernel(x_ptr, hi_ptr, lo_ptr, sx_ptr, r_ptr, M, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+        """x (M, K) as integers per row: xi = round(x / sx) in [-X_RANGE, X_RANGE] with sx = max |x| / X_RANGE
+        (M,) float32, written as hi = floor((xi + 128) / 256) and lo = xi - 256 hi (both int8: xi = 256 hi + lo
+        exactly), and r (M, K / GROUP) int32, each group's sum of xi."""
+        pid_m = tl.program_id(0)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, GROUP)
+        mask = (offs_m < M)[:, None]
+        amax = tl.zeros((BLOCK_M,), tl.float32)
+        for k0 in range(0, K, GROUP):
+            x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], mask=mask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        sx = amax / 32639.0
+        sx = tl.where(sx > 0, sx, 1.0)
+        tl.store(sx_ptr + offs_m, sx, mask=offs_m < M)
+        for k0 in range(0, K, GROUP):
+            x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], mask=mask, other=0.0).to(tl.float32)
+            xi = tl.minimum(tl.maximum(tl.floor(x / sx[:, None] + 0.5), -32639.0), 32639.0)
+            hi = tl.floor((xi + 128.0) / 256.0)
+            tl.store(hi_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], hi.to(tl.int8), mask=mask)
+            tl.store(lo_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], (xi - 256.0 * hi).to(tl.int8), mask=mask)
+            tl.store(r_ptr + offs_m * (K // GROUP) + k0 // GROUP, tl.sum(xi, axis=1).to(tl.int32), mask=offs_m < M)
+
+    @triton.jit
+    def _i8_kernel(hi_ptr, lo_ptr, sx_ptr, r_ptr, w_ptr, s_ptr, sz_ptr, y_ptr, M, N, K,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   STAGES: tl.constexpr):
+        """y = x @ dequant(W)^T on int8 tensor cores: with x = sx * (256 hi + lo) (_split_x_kernel) and
+        W[n, k] = s[g, n] * (q - z[g, n]) for k in group g,
+        y[m, n] = sx[m] * (sum_g s[g, n] * (256 * (hi @ q) + lo @ q)[m, n] - sum_g r[m, g] * sz[g, n]),
+        sz = s * z (float32, made once per weight), the int32 products per group exact, q the codes as int8."""
+        PER: tl.constexpr = 32 // BITS
+        WK: tl.constexpr = GROUP // PER
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, GROUP)
+        offs_r = tl.arange(0, WK)
+        shifts = tl.arange(0, PER) * BITS
+        mask_m = offs_m < M
+        groups = K // GROUP
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for g in tl.range(0, groups, num_stages=STAGES):
+            k0 = g * GROUP
+            a_hi = tl.load(hi_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0)
+            a_lo = tl.load(lo_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0)
+            words = tl.load(w_ptr + (k0 // PER + offs_r)[:, None] * N + offs_n[None, :])
+            codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            codes = tl.reshape(codes, (GROUP, BLOCK_N)).to(tl.int8)
+            t = tl.dot(a_hi, codes)
+            t = tl.dot(a_lo, codes, t * 256)
+            acc += t.to(tl.float32) * tl.load(s_ptr + g * N + offs_n)[None, :]
+        for g0 in range(0, groups, 16):  # the zero points: r (BLOCK_M, 16) @ sz (16, BLOCK_N) per 16 groups
+            offs_g = g0 + tl.arange(0, 16)
+            r = tl.load(r_ptr + offs_m[:, None] * groups + offs_g[None, :],
+                        mask=mask_m[:, None] & (offs_g < groups)[None, :], other=0)
+            sz = tl.load(sz_ptr + offs_g[:, None] * N + offs_n[None, :], mask=(offs_g < groups)[:, None], other=0.0)
+            acc -= tl.dot(r.to(tl.float32), sz, input_precision="ieee")
+        sx = tl.load(sx_ptr + offs_m, mask=mask_m, other=0.0)
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], (acc * sx[:, None]).to(y_ptr.dtype.element_ty),
+                 mask=mask_m[:, None])
+
+
 def parse_config(text):
     values = tuple(int(v) for v in text.split("x"))
     if len(values) != 5:
@@ -174,9 +251,42 @@ def constants(variant, config):
                 TMA=tma, SWAP=swap, WS=ws)
 
 
-def probe(x, qweight, scale, zero, variant, config, y=None):
-    """y = x @ dequant(W)^T through _probe_kernel."""
+def split_x(x, split=None):
+    """x's int8 halves, row scales and group sums for _i8_kernel (into `split`'s tensors when given)."""
+    m, k = x.shape
+    if split is None:
+        hi, lo = (torch.empty((m, k), device=x.device, dtype=torch.int8) for _ in range(2))
+        sx = torch.empty(m, device=x.device, dtype=torch.float32)
+        split = (hi, lo, sx, torch.empty((m, k // GROUP), device=x.device, dtype=torch.int32))
+    _split_x_kernel[(triton.cdiv(m, 4),)](x, *split, m, k, GROUP=GROUP, BLOCK_M=4, num_warps=4)
+    return split
+
+
+def scaled_zeros(scale, zero):
+    """sz = s * z (K / GROUP, N) float32: what _i8_kernel takes for the zero points (made once per weight)."""
+    return scale * zero.float()
+
+
+def i8(split, qweight, scale, sz, config, y, m):
+    """y = x @ dequant(W)^T through _i8_kernel, x already split (split_x), sz = scaled_zeros(scale, zero)."""
     block_m, block_n, block_k, warps, stages = config
+    k, n = split[0].shape[1], qweight.shape[1]
+    _i8_kernel[(triton.cdiv(m, block_m), n // block_n)](*split, qweight, scale, sz, y, m, n, k, BITS=BITS,
+                                                          GROUP=GROUP, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                          STAGES=stages, num_warps=warps, num_stages=stages)
+    return y
+
+
+def probe(x, qweight, scale, zero, variant, config, y=None, split=None):
+    """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
+    for the halves of x, made here when not given; `zero` may then be scaled_zeros(scale, zero), float32)."""
+    block_m, block_n, block_k, warps, stages = config
+    if variant == "i8":
+        if block_k != GROUP or qweight.shape[1] % block_n or x.shape[1] % GROUP:
+            raise ValueError(f"i8 needs BLOCK_K = {GROUP} and N % BLOCK_N == 0 (got {config})")
+        y = torch.empty((x.shape[0], qweight.shape[1]), device=x.device, dtype=x.dtype) if y is None else y
+        sz = zero if zero.dtype == torch.float32 else scaled_zeros(scale, zero)  # the timed calls pass sz
+        return i8(split_x(x, split), qweight, scale, sz, config, y, x.shape[0])
     m, k = x.shape
     n = qweight.shape[1]
     if n % block_n or k % block_k or GROUP % block_k:
@@ -241,6 +351,15 @@ class quiet_stderr:
 def compile_for(variant, config, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    if variant == "i8":
+        signature = {"hi_ptr": "*i8", "lo_ptr": "*i8", "sx_ptr": "*fp32", "r_ptr": "*i32", "w_ptr": "*i32",
+                     "s_ptr": "*fp32", "sz_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
+        consts = dict(BITS=BITS, GROUP=GROUP, BLOCK_M=config[0], BLOCK_N=config[1], STAGES=config[4])
+        signature.update({name: "constexpr" for name in consts})
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10)}
+        source = ASTSource(fn=_i8_kernel, signature=signature, constexprs=consts, attrs=attrs)
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=config[3], num_stages=config[4]))
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "y_ptr": "*bf16",
                  "M": "i32", "N": "i32", "K": "i32"}
     consts = constants(variant, config)
@@ -318,13 +437,13 @@ def compile_only(variants, arch):
 
 def interpret(variants):
     """Every variant at INTERPRET_CONFIG on 64 rows, 256x256 (and 48 rows: masked rows), on the CPU."""
-    config = parse_config(INTERPRET_CONFIG)
     _, layer = int4_layer(256, 256, "cpu")
     ref_w = layer.dequantized_weight().double()
     print(f"Triton {triton.__version__}, TRITON_INTERPRET=1, config {INTERPRET_CONFIG}, float32 x")
     print("| variant | rows | error | max err | result |")
     print("|---|---:|---:|---:|---|")
     for variant in variants:
+        config = parse_config(INTERPRET_I8 if variant == "i8" else INTERPRET_CONFIG)
         for m in (64, 48):
             # float32 x: the interpreter multiplies bf16 tensors as their raw 16-bit patterns (tl.dot of bf16
             # operands gives ~1e8), so the CPU check runs the kernel in float32; the GPU check is the bf16 gate
@@ -405,11 +524,14 @@ def bench_shape(shape, m, variants, project, log):
             config = parse_config(text)
             start = time.time()
             try:
-                y = probe(x, *packed, variant, config)
+                split = split_x(x) if variant == "i8" else None  # buffers for x's halves, made before any capture
+                y = probe(x, *packed, variant, config, split=split)
                 torch.cuda.synchronize()
                 err, max_err = errors(y, ref)
                 outs = [torch.empty_like(y) for _ in sets]
-                calls = [lambda s=s, o=o: probe(x, *s, variant, config, o) for s, o in zip(sets, outs)]
+                # i8 takes s * z for the zero points, made here once per weight copy as a packed layer would
+                timed = [[q, sc, scaled_zeros(sc, z)] for q, sc, z in sets] if variant == "i8" else sets
+                calls = [lambda s=s, o=o: probe(x, *s, variant, config, o, split) for s, o in zip(timed, outs)]
                 for c in calls:
                     c()
                 t = graph_time(calls)
@@ -417,6 +539,15 @@ def bench_shape(shape, m, variants, project, log):
                 rows.append((shape, variant, text, t, err, max_err, status))
                 log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
                     f"({time.time() - start:.1f} s)")
+                if variant == "i8":  # its two kernels apart: the GEMM on x already split, and the split alone
+                    calls = [lambda s=s, o=o: i8(split, *s, config, o, x.shape[0]) for s, o in zip(timed, outs)]
+                    for c in calls:
+                        c()
+                    t = graph_time(calls)
+                    rows.append((shape, "  its GEMM alone", text, t, float("nan"), float("nan"), ""))
+                    if text == CONFIGS[variant][0]:
+                        t = graph_time([lambda: split_x(x, split)])
+                        rows.append((shape, "  its split of x alone", "-", t, float("nan"), float("nan"), ""))
             except Exception as e:  # noqa: BLE001 (a variant that fails to compile or run is one line)
                 message = " ".join(str(e).split())[:160]
                 rows.append((shape, variant, text, float("nan"), float("nan"), float("nan"),
