@@ -223,8 +223,7 @@ if triton is not None:
             words = tl.load(w_ptr + (k0 // PER + offs_r)[:, None] * N + offs_n[None, :])
             codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
             codes = tl.reshape(codes, (GROUP, BLOCK_N)).to(tl.int8)
-            t = tl.dot(a_hi, codes)
-            t = tl.dot(a_lo, codes, t * 256)
+            t = tl.dot(a_hi, codes) * 256 + tl.dot(a_lo, codes)  # (Triton 3.6 takes no int32 accumulator here)
             acc += t.to(tl.float32) * tl.load(s_ptr + g * N + offs_n)[None, :]
         for g0 in range(0, groups, 16):  # the zero points: r (BLOCK_M, 16) @ sz (16, BLOCK_N) per 16 groups
             offs_g = g0 + tl.arange(0, 16)
