@@ -8,7 +8,9 @@ GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, 
 and down 4n -> n), int4 g128, every layer its own random weights (so they come from memory), each with the config
 the launcher chooses for its shape (or --configs). No attention or normalization between them: only the layers'
 kernels, back to back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers
-of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
+of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer), `l2next` and
+`l2start` (no PDL; each layer's programs ask the L2 cache for the next layer's words, after their loops or before
+them: the kernel's NEXT, so that the next layer reads from L2 what the tail of this one left the memory time for).
 
 1. Time: the median replay of the stack's graph, microseconds per block, each mode twice, alternating.
 2. Timeline: the stack once more with every program writing the GPU's global timer at its start, after its wait
@@ -34,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
-MODES = ("none", "8mib", "all")
+MODES = ("none", "8mib", "all", "l2next", "l2start")
 LAYERS = ("qkv", "out", "up", "down")
 
 
@@ -47,6 +49,14 @@ def block_shapes(n_embd):
 def uses_pdl(mode, layer, limit):
     nbytes = layer.qweight.numel() * layer.qweight.element_size()
     return mode == "all" or (mode == "8mib" and nbytes <= limit)
+
+
+def next_words(stack, i, mode):
+    """The words of the layer after stack[i] where the mode asks the L2 cache for them, and when (the kernel's
+    NEXT: 1 after a program's loop, 2 before it)."""
+    if mode not in ("l2next", "l2start") or i + 1 == len(stack):
+        return None, 1
+    return stack[i + 1][1].qweight, 1 if mode == "l2next" else 2
 
 
 def parse(argv=None):
@@ -113,11 +123,12 @@ def chain(stack, xs, configs, mode, stamps=None):
 
     def call():
         for i, (name, layer) in enumerate(stack):
+            words, at = next_words(stack, i, mode)
             ops.stream_gemv(xs[layer.in_features], layer.qweight, layer.scale, layer.zero, None, layer.bits,
                             ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const, configs[name],
                             counters=layer.split_counters, activation=ops.ACTIVATIONS["none"] if name == "up" else 0,
                             stamps=None if stamps is None else stamps[i],
-                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES))
+                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES), next_words=words, next_at=at)
     return call
 
 

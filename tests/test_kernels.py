@@ -596,6 +596,21 @@ def test_the_pdl_timeline_measures_each_layer_from_the_end_of_the_kernel_before(
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_pdl_timeline_gives_each_layer_the_next_ones_words_in_the_l2_modes():
+    """bench/pdl_timeline.py's l2next and l2start: every layer but the last is given the words of the layer after
+    it (for the kernel's NEXT 1 and 2); the other modes give none."""
+    import types
+    from conftest import load_script
+    timeline = load_script("bench/pdl_timeline.py")
+    stack = [(name, types.SimpleNamespace(qweight=torch.zeros(i + 1))) for i, name in enumerate(timeline.LAYERS * 2)]
+    for mode, at in (("l2next", 1), ("l2start", 2)):
+        for i in range(len(stack) - 1):
+            words, where = timeline.next_words(stack, i, mode)
+            assert words is stack[i + 1][1].qweight and where == at
+        assert timeline.next_words(stack, len(stack) - 1, mode)[0] is None
+    assert all(timeline.next_words(stack, 0, mode)[0] is None for mode in ("none", "8mib", "all"))
+
+
 def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
     """NANOQAT_PDL_MAX_BYTES and NANOQAT_EARLY_ROW (settings to measure with) are read as integers at import; a value
     that is not one stops the import with the variable named, an empty one keeps the default."""
@@ -658,6 +673,25 @@ def test_with_dependent_launch_the_one_row_kernel_loads_its_words_before_waiting
         ptx = compile_stream(4, 32, 32, 8, True, prefetch, 90, pdl=True).asm["ptx"]
         assert loads_before_wait(ptx) == loads and "griddepcontrol.launch_dependents" in ptx
     assert loads_before_wait(compile_stream(4, 32, 32, 8, True, True, 90).asm["ptx"]) is None
+
+
+def test_the_one_row_kernel_asks_the_l2_for_the_next_layer_only_where_told():
+    """NEXT (bench/pdl_timeline.py's l2next and l2start modes): compiled for sm_90 the kernel asks the L2 cache for
+    lines (prefetch.global.L2) after its loop's last FMA (1) or before its first (2), and never without it (0)."""
+    pytest.importorskip("triton")
+    from bench.kernel_sass import compile_stream
+
+    def where(next_at):
+        lines = compile_stream(4, 32, 32, 8, True, True, 90, next_at=next_at).asm["ptx"].splitlines()
+        fma = [i for i, line in enumerate(lines) if line.strip().startswith("fma.rn.f32")]
+        asks = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
+        return fma, asks
+    fma, asks = where(0)
+    assert fma and not asks
+    fma, asks = where(1)
+    assert asks and min(asks) > max(fma)
+    fma, asks = where(2)
+    assert asks and max(asks) < min(fma)
 
 
 def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():

@@ -228,11 +228,13 @@ def stream_grid(m, n, k, config, device):
 
 
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
-                activation=0, norm=None, residual=None, stamps=None, pdl=None):
+                activation=0, norm=None, residual=None, stamps=None, pdl=None, next_words=None, next_at=1):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given.
     stamps (bench/pdl_timeline.py): an int64 tensor of at least 5 per program (stream_grid), where each program
     writes when it ran (the kernel's STAMP). pdl: programmatic dependent launch on or off (None: dependent_launch).
+    next_words (bench/pdl_timeline.py, to measure): the next layer's words, which the programs ask the L2 cache for,
+    after their loops (next_at 1) or before (2): the kernel's NEXT; not under the interpreter (no inline assembly).
     norm = (r, wg, kind, eps): x is u = r * gain (float32) and the output is the layer of the normalized r
     (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it
     (residual_matmul). The output then has r's or res's dtype."""
@@ -260,6 +262,9 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         u = torch.empty((m, n), device=x.device, dtype=torch.float32)
         extra = dict(res_ptr=res, g_ptr=gain, u_ptr=u, stride_resm=res.stride(0), stride_um=u.stride(0), RESID=True,
                      EMIT_U=True)
+    if next_words is not None and not interpreting():
+        extra.update(next_ptr=next_words, next_lines=next_words.numel() * next_words.element_size() // 128,
+                     NEXT=next_at)
     triton_kernels._stream_gemv_kernel[(tiles, split, m)](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
