@@ -2,6 +2,7 @@
 
     python bench/pdl_timeline.py                     # the 6.7B shape's layers, 8 blocks, PDL off / <= 8 MiB / all
     python bench/pdl_timeline.py --modes=8mib,all --png=timeline.png --json=timeline.json
+    python bench/pdl_timeline.py --modes=none,l2next --fused      # as a decode step runs them on wide models
 
 A stack of --blocks blocks of one-row calls of the one-row kernel (ops.stream_gemv), each block the four layers of a
 GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, the MLP's up n -> 4n with the GELU
@@ -66,6 +67,8 @@ def parse(argv=None):
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated PDL modes of {', '.join(MODES)}")
     p.add_argument("--configs", default="", help="comma-separated layer:config overrides of the launcher's choice, "
                    "a config as ops.STREAM_CONFIGS' fields joined by x (up:32x32x2x8x0: up's words not prefetched)")
+    p.add_argument("--fused", action="store_true", help="the layers as a decode step runs them on wide models "
+                   "(inference.fuse_norms): the LayerNorm in q/k/v and up, the residual add in out and down")
     p.add_argument("--png", default="", help="write the programs' timeline here (a .png)")
     p.add_argument("--json", default="", help="write the tables' rows here (a .json)")
     args = p.parse_args(argv)
@@ -117,18 +120,36 @@ def build(n_embd, blocks, overrides):
     return stack, xs, configs
 
 
-def chain(stack, xs, configs, mode, stamps=None):
-    """One replayable call of the whole stack under `mode`; stamps: one int64 buffer per layer, or None."""
+def fusions(stack, n_embd):
+    """What the fused layers take besides x (--fused): the residual stream r (bf16) and u = r * gain (float32) for
+    the LayerNorm in q/k/v and up, W @ gain per layer, and the residual and next gain for out and down."""
+    return dict(r=torch.randn(1, n_embd, device="cuda", dtype=torch.bfloat16),
+                u=torch.randn(1, n_embd, device="cuda", dtype=torch.float32),
+                res=torch.randn(1, n_embd, device="cuda", dtype=torch.bfloat16),
+                gain=torch.rand(n_embd, device="cuda", dtype=torch.bfloat16) + 0.5,
+                wg=[torch.randn(layer.out_features, device="cuda") if name in ("qkv", "up") else None
+                    for name, layer in stack])
+
+
+def chain(stack, xs, configs, mode, stamps=None, fused=None):
+    """One replayable call of the whole stack under `mode`; stamps: one int64 buffer per layer, or None; fused:
+    fusions(), the LayerNorm in q/k/v and up and the residual add in out and down, as ops.norm_matmul and
+    ops.residual_matmul run them."""
     from quantization.kernels import ops
 
     def call():
         for i, (name, layer) in enumerate(stack):
             words, at = next_words(stack, i, mode)
-            ops.stream_gemv(xs[layer.in_features], layer.qweight, layer.scale, layer.zero, None, layer.bits,
+            x, extra = xs[layer.in_features], {}
+            if fused is not None and name in ("qkv", "up"):
+                x, extra = fused["u"], dict(norm=(fused["r"], fused["wg"][i], 1, 1e-5))
+            elif fused is not None:
+                extra = dict(residual=(fused["res"], fused["gain"]))
+            ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero, None, layer.bits,
                             ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const, configs[name],
                             counters=layer.split_counters, activation=ops.ACTIVATIONS["none"] if name == "up" else 0,
                             stamps=None if stamps is None else stamps[i],
-                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES), next_words=words, next_at=at)
+                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES), next_words=words, next_at=at, **extra)
     return call
 
 
@@ -138,12 +159,12 @@ def programs(layer, config):
     return tiles * split
 
 
-def timeline(stack, xs, configs, mode):
+def timeline(stack, xs, configs, mode, fused=None):
     """Each layer's (programs, 5) stamps from one replay, in ns from the stack's first stamp."""
     from quantization.kernels import ops
     stamps = [torch.full((programs(layer, configs[name]), 5), -1, device="cuda", dtype=torch.int64)
               for name, layer in stack]
-    call = chain(stack, xs, configs, mode, stamps)
+    call = chain(stack, xs, configs, mode, stamps, fused)
     call()
     ms = ops.replay_time([call])  # the graph with stamps: its own time, to show what they cost
     torch.cuda.synchronize()
@@ -237,18 +258,20 @@ def main(argv=None):
                  "pass --modes=none")
     torch.manual_seed(0)
     stack, xs, configs = build(args.n_embd, args.blocks, args.configs)
+    fused = fusions(stack, args.n_embd) if args.fused else None
     print(f"# PDL timeline: {args.blocks} blocks of n_embd {args.n_embd}, int4 g128, {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}, triton {triton.__version__}\n")
+          f"torch {torch.__version__}, triton {triton.__version__}"
+          f"{'; LayerNorms and residual adds in the layers (--fused)' if fused else ''}\n")
     print("command: python " + " ".join(sys.argv) + "\n")
     print("| layer | in x out | MiB of codes | config | programs | PDL in 8mib |\n|---|---|---:|---|---:|---|")
     for name, layer in stack[:4]:
         nbytes = layer.qweight.numel() * layer.qweight.element_size()
         print(f"| {name} | {layer.in_features}x{layer.out_features} | {nbytes / 2**20:.1f} | {configs[name]} | "
               f"{programs(layer, configs[name])} | {uses_pdl('8mib', layer, ops.PDL_MAX_BYTES)} |")
-    result = dict(n_embd=args.n_embd, blocks=args.blocks, device=torch.cuda.get_device_name(),
+    result = dict(n_embd=args.n_embd, blocks=args.blocks, device=torch.cuda.get_device_name(), fused=args.fused,
                   configs={k: list(v) for k, v in configs.items()}, times={}, timeline={})
     print("\n| mode | us per block (run 1) | us per block (run 2) |\n|---|---:|---:|")
-    calls = {mode: chain(stack, xs, configs, mode) for mode in args.modes}
+    calls = {mode: chain(stack, xs, configs, mode, fused=fused) for mode in args.modes}
     for call in calls.values():
         call()
     times = {mode: [] for mode in args.modes}
@@ -264,7 +287,7 @@ def main(argv=None):
           "loop, longest | resident before | programs | SMs | most on one SM | busiest SM's loops |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes:
-        rows, ms = timeline(stack, xs, configs, mode)
+        rows, ms = timeline(stack, xs, configs, mode, fused)
         timelines[mode] = rows
         summary = summarize(stack, rows)
         result["timeline"][mode] = dict(us_per_block_with_stamps=ms * 1e3 / args.blocks, layers=summary,

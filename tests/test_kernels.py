@@ -611,6 +611,35 @@ def test_the_pdl_timeline_gives_each_layer_the_next_ones_words_in_the_l2_modes()
     assert all(timeline.next_words(stack, 0, mode)[0] is None for mode in ("none", "8mib", "all"))
 
 
+def test_the_pdl_timeline_fuses_the_norm_into_qkv_and_up_and_the_residual_into_out_and_down(monkeypatch):
+    """bench/pdl_timeline.py --fused: q/k/v and up get u (float32) and the LayerNorm of r with their own W @ gain,
+    out and down their x and the residual add; without --fused every layer gets its x alone."""
+    import types
+    from conftest import load_script
+    timeline = load_script("bench/pdl_timeline.py")
+    calls = []
+    monkeypatch.setattr(ops, "stream_gemv", lambda x, *args, **kwargs: calls.append((x, kwargs)))
+    stack = [(name, types.SimpleNamespace(qweight=torch.zeros(4, 8, dtype=torch.int32), scale=None, zero=None, bits=4,
+                                          group_size=128, in_features=k, out_features=n, zero_const=0.0,
+                                          split_counters=None))
+             for name, k, n in timeline.block_shapes(128)]
+    xs = {k: torch.zeros(1, k) for k in (128, 512)}
+    fused = dict(r=torch.ones(1, 128), u=torch.full((1, 128), 2.0), res=torch.ones(1, 128), gain=torch.ones(128),
+                 wg=[torch.zeros(n) if name in ("qkv", "up") else None for name, _, n in timeline.block_shapes(128)])
+    timeline.chain(stack, xs, {name: None for name in timeline.LAYERS}, "none", fused=fused)()
+    for (name, layer), (x, kwargs) in zip(stack, calls):
+        if name in ("qkv", "up"):
+            r, wg, kind, _ = kwargs["norm"]
+            assert x is fused["u"] and r is fused["r"] and wg.shape == (layer.out_features,) and kind == 1
+            assert "residual" not in kwargs
+        else:
+            assert x is xs[layer.in_features] and kwargs["residual"] == (fused["res"], fused["gain"])
+    calls.clear()
+    timeline.chain(stack, xs, {name: None for name in timeline.LAYERS}, "none")()
+    assert all(x is xs[layer.in_features] and "norm" not in kw and "residual" not in kw
+               for (_, layer), (x, kw) in zip(stack, calls))
+
+
 def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
     """NANOQAT_PDL_MAX_BYTES and NANOQAT_EARLY_ROW (settings to measure with) are read as integers at import; a value
     that is not one stops the import with the variable named, an empty one keeps the default."""
