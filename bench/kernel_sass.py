@@ -40,7 +40,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
     # (bench/pdl_timeline.py: stamps, the next layer's words for the L2), unused
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
                      BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl, NORM=0, KP=1, EARLY=True, RESID=False,
-                     EMIT_U=False, XLOAD=xload, STAMP=False, NEXT=next_at)
+                     EMIT_U=False, XLOAD=xload, STAMP=False, NEXT=next_at, STATS=False)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}

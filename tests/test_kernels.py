@@ -257,10 +257,12 @@ def err(y, expected):
 
 for method, bits, granularity, group_size in json.loads(sys.argv[2]):
     spec = QuantSpec(method, bits, granularity, group_size)
-    # the last: a row longer than ops.EARLY_ROW (set to 0 here), loaded by the epilogue instead of before the loop
-    for n, k, rows, dtype, early_row in ((37, 128, 1, "float32", 2048), (40, 128, 3, "float32", 2048),
-                                         (24, 64, 1, "bfloat16", 2048), (8, 96, 2, "float32", 0)):
-        ops.EARLY_ROW = early_row
+    # the fourth: a row longer than ops.EARLY_ROW (set to 0 here), loaded by the epilogue instead of before the
+    # loop; the last: its statistics computed before the loop (ops.NORM_STATS, the kernel's STATS)
+    for n, k, rows, dtype, early_row, stats in ((37, 128, 1, "float32", 2048, 0), (40, 128, 3, "float32", 2048, 0),
+                                                (24, 64, 1, "bfloat16", 2048, 0), (8, 96, 2, "float32", 0, 0),
+                                                (8, 96, 2, "float32", 0, 1)):
+        ops.EARLY_ROW, ops.NORM_STATS = early_row, stats
         dt = getattr(torch, dtype)
         w, b = torch.randn(n, k), torch.randn(n)
         layer = PackedLinear.from_float(w, spec, b)
@@ -330,11 +332,12 @@ def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
     """fuse_norms' kernels (PackedLinear.norm_forward, residual_forward) against float64: a LayerNorm or RMSNorm
     then the layer (the statistics of r in the epilogue, W u - mean W gain), its GELU; the residual add and u for
     the next normalization; with and without split-K, one and three rows, float32 and bfloat16 (the output in
-    the residual's dtype), a row short enough to load before the loop and one loaded after it."""
+    the residual's dtype), a row short enough to load before the loop and one loaded after it, and its statistics
+    computed before the loop (ops.NORM_STATS)."""
     pytest.importorskip("triton")
     specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
     rows = run_interpreted(NORM_RESIDUAL, json.dumps(specs))
-    assert len(rows) == len(specs) * 4 * (2 * 4 + 3)
+    assert len(rows) == len(specs) * 5 * (2 * 4 + 3)
     for row in rows:
         bf16 = row[5] == "bfloat16"
         assert row[8] < (1e-2 if bf16 else 1e-5), row  # float32: far below a quantization step
@@ -641,14 +644,16 @@ def test_the_pdl_timeline_fuses_the_norm_into_qkv_and_up_and_the_residual_into_o
 
 
 def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
-    """NANOQAT_PDL_MAX_BYTES and NANOQAT_EARLY_ROW (settings to measure with) are read as integers at import; a value
-    that is not one stops the import with the variable named, an empty one keeps the default."""
-    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW)"
+    """NANOQAT_PDL_MAX_BYTES, NANOQAT_EARLY_ROW and NANOQAT_NORM_STATS (settings to measure with) are read as integers
+    at import; a value that is not one stops the import with the variable named, an empty one keeps the default."""
+    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW, ops.NORM_STATS)"
     def run(**env):
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "NANOQAT_PDL_MAX_BYTES": "", "NANOQAT_EARLY_ROW": "", **env})
-    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0").stdout.split() == ["8388609", "0"]
-    assert run().stdout.split() == [str(8 * 2**20), "2048"]
+                              env={**os.environ, "NANOQAT_PDL_MAX_BYTES": "", "NANOQAT_EARLY_ROW": "",
+                                   "NANOQAT_NORM_STATS": "", **env})
+    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0",
+               NANOQAT_NORM_STATS="1").stdout.split() == ["8388609", "0", "1"]
+    assert run().stdout.split() == [str(8 * 2**20), "2048", "0"]
     bad = run(NANOQAT_PDL_MAX_BYTES="8MiB")
     assert bad.returncode != 0 and "NANOQAT_PDL_MAX_BYTES='8MiB': expected an integer" in bad.stderr
 

@@ -109,6 +109,9 @@ PDL_MAX_BYTES = _env_int("NANOQAT_PDL_MAX_BYTES", 8 * 2**20)  # the variable set
 # longer one after it: held through the loop, the 6.7B shape's rows of 4096 cost 11% of its decode on an H200, where
 # XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
 EARLY_ROW = _env_int("NANOQAT_EARLY_ROW", 2048)
+# 1: the fused normalization's statistics computed before the one-row kernel's loop, whatever the row's length (the
+# kernel's STATS: two values held through the loop, no reduction in the epilogue). NANOQAT_NORM_STATS, to measure
+NORM_STATS = _env_int("NANOQAT_NORM_STATS", 0)
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -256,7 +259,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     if norm is not None:
         r, wg, kind, eps = norm
         extra = dict(r_ptr=r, wg_ptr=wg, stride_rm=r.stride(0), eps=eps, NORM=kind, KP=triton.next_power_of_2(k),
-                     EARLY=k <= EARLY_ROW)
+                     EARLY=k <= EARLY_ROW or bool(NORM_STATS), STATS=bool(NORM_STATS))
     if residual is not None:
         res, gain = residual
         u = torch.empty((m, n), device=x.device, dtype=torch.float32)

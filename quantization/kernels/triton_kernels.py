@@ -212,7 +212,7 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         stride_um=0, eps=0.0, NORM: tl.constexpr = 0, KP: tl.constexpr = 1,
                         EARLY: tl.constexpr = True, RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False,
                         XLOAD: tl.constexpr = 0, stamp_ptr=None, STAMP: tl.constexpr = False, next_ptr=None,
-                        next_lines=0, NEXT: tl.constexpr = 0):
+                        next_lines=0, NEXT: tl.constexpr = 0, STATS: tl.constexpr = False):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -241,6 +241,9 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     STAMP (bench/pdl_timeline.py, a GPU's timeline of a decode's kernels): each program writes five int64 to
     stamp_ptr at 5 * its index: the global timer (ns) at its start, after the wait for earlier kernels, after its
     loop and at its end, and its multiprocessor. Off, the kernel is the same code.
+    STATS (with NORM and EARLY; to measure, ops.NORM_STATS): the row's statistics are computed as soon as it is
+    loaded, before the loop (while the first step's words are on their way), and only they are kept: the epilogue,
+    which every program ends with, no longer reduces the row.
     NEXT (to measure; bench/pdl_timeline.py): the programs ask the L2 cache for next_lines lines of 128 bytes from
     next_ptr (the next layer's words), each its share, 1 after its loop (while the layer's slowest programs still
     stream), 2 before it (_prefetch_l2). Off (0), the kernel is the same code."""
@@ -270,6 +273,10 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         r = tl.load(r_ptr + pid_m * stride_rm + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
     else:  # loaded by the epilogue (a long row held through the loop costs registers)
         r = 0.0
+    if NORM != 0 and STATS:  # reduced now: two values held through the loop instead of the row
+        mean, rstd = _row_statistics(r, tl.arange(0, KP), K, eps, NORM)
+    else:
+        mean, rstd = 0.0, 0.0
     for b0 in range(first, last, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < last
@@ -351,11 +358,11 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                 y += tl.sum(tl.load(ws_ptr + ((ks * M + pid_m) * N)[:, None] + offs_n[None, :],
                                     mask=(ks < splits)[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg"), 0)
             _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, wg_ptr, res_ptr, g_ptr, u_ptr,
-                      stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, EARLY, RESID, EMIT_U)
+                      stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, EARLY, RESID, EMIT_U, mean, rstd, STATS)
             tl.atomic_xchg(counter, 0)
     else:
         _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, wg_ptr, res_ptr, g_ptr, u_ptr,
-                  stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, EARLY, RESID, EMIT_U)
+                  stride_resm, stride_um, eps, HAS_BIAS, ACT, NORM, KP, EARLY, RESID, EMIT_U, mean, rstd, STATS)
     if STAMP:
         tl.store(stamp + 3, tl.extra.cuda.globaltimer())
         tl.store(stamp + 4, tl.extra.cuda.smid().to(tl.int64))
@@ -378,27 +385,41 @@ def _prefetch_l2(next_ptr, next_lines, pid_n, pid_k, pid_m):
 
 
 @triton.jit
+def _row_statistics(r, offs_r, K, eps, NORM: tl.constexpr):
+    """(mean, 1 / standard deviation) of the first K values of the row r (float32) for a LayerNorm (NORM 1), or
+    (0, 1 / root mean square) for an RMSNorm (2)."""
+    if NORM == 1:
+        mean = tl.sum(r, 0) / K
+        centered = tl.where(offs_r < K, r - mean, 0.0)
+        squares = tl.sum(centered * centered, 0)
+    else:
+        mean = 0.0
+        squares = tl.sum(r * r, 0)
+    return mean, 1.0 / tl.sqrt(squares / K + eps)
+
+
+@triton.jit
 def _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, wg_ptr, res_ptr, g_ptr, u_ptr,
               stride_resm, stride_um, eps, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr,
-              KP: tl.constexpr, EARLY: tl.constexpr, RESID: tl.constexpr, EMIT_U: tl.constexpr):
+              KP: tl.constexpr, EARLY: tl.constexpr, RESID: tl.constexpr, EMIT_U: tl.constexpr, mean, rstd,
+              STATS: tl.constexpr):
     """The one-row kernel's end: y (float32, the whole sum over K) becomes the output and is written.
     NORM (1 LayerNorm, 2 RMSNorm): the kernel multiplied u = r * gain, and r (the row before its normalization, KP
     values loaded at the start, K used) gives the statistics here. W (r - mean) rstd gain = rstd (W u - mean W gain),
     so y = rstd (y - mean wg) with wg = W gain per output; the normalization's bias is folded into the layer's bias.
-    With EARLY the row came with the kernel's first loads; else it is loaded here (ops.EARLY_ROW).
+    With EARLY the row came with the kernel's first loads; else it is loaded here (ops.EARLY_ROW). With STATS the
+    kernel already reduced it to mean and rstd (_row_statistics).
     RESID: the residual row res is added after the bias; EMIT_U: u = output * g (the next normalization's gain,
     from the output as written, in its dtype) is written as float32 for the next layer's NORM."""
     if NORM != 0:
-        offs_r = tl.arange(0, KP)
-        if not EARLY:  # not loaded before the loop
-            r = tl.load(r_ptr + pid_m * stride_rm + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
+        if not STATS:
+            offs_r = tl.arange(0, KP)
+            if not EARLY:  # not loaded before the loop
+                r = tl.load(r_ptr + pid_m * stride_rm + offs_r, mask=offs_r < K, other=0.0).to(tl.float32)
+            mean, rstd = _row_statistics(r, offs_r, K, eps, NORM)
         if NORM == 1:
-            mean = tl.sum(r, 0) / K
-            centered = tl.where(offs_r < K, r - mean, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, 0) / K + eps)
             y = rstd * (y - mean * tl.load(wg_ptr + offs_n, mask=mask_n, other=0.0))
         else:
-            rstd = 1.0 / tl.sqrt(tl.sum(r * r, 0) / K + eps)
             y = rstd * y
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
