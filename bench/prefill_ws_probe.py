@@ -33,9 +33,10 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             share at the end (a float32 product of the groups' sums of x and s * z); two int8 passes cost what one
             bf16 pass does, the work per code is an unpack, and the scaling is per output, not per code. Its table
             rows add the GEMM alone (x already split) and the split alone.
-A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 BLOCK_K is the group, 128). --compile_only reports, per variant and config,
-whether it compiled, whether the loop was warp-specialized (ttg.warp_specialize in the TTGIR), the TMA copies, how
-many wgmma take their left operand from registers, registers, shared memory, and SASS instructions.
+A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 BLOCK_K is the group, 128). --compile_only
+reports, per variant and config, whether it compiled, whether the loop was warp-specialized (ttg.warp_specialize
+in the TTGIR), the TMA copies, how many wgmma take their left operand from registers, registers, shared memory,
+and SASS instructions.
 
 Times are the median replay of a CUDA graph over R copies of the weights (together 3x the L2 cache, so weights
 come from memory, as in bench/kernels.py's prefill rows), divided by R. "error" is ||y - ref|| / ||ref|| (as
@@ -99,7 +100,6 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
 }
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
 INTERPRET_I8 = "64x64x128x4x2"      # the int8 variant's (BLOCK_K = GROUP)
-X_RANGE = 32639                     # x as integers in [-X_RANGE, X_RANGE] per row and group: 256 * hi + lo, both int8
 
 
 if triton is not None:
@@ -175,9 +175,9 @@ if triton is not None:
 
     @triton.jit
     def _split_x_kernel(x_ptr, hi_ptr, lo_ptr, sx_ptr, r_ptr, M, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-        """x (M, K) as integers per row: xi = round(x / sx) in [-X_RANGE, X_RANGE] with sx = max |x| / X_RANGE
-        (M,) float32, written as hi = floor((xi + 128) / 256) and lo = xi - 256 hi (both int8: xi = 256 hi + lo
-        exactly), and r (M, K / GROUP) int32, each group's sum of xi."""
+        """x (M, K) as integers per row: xi = round(x / sx) in [-32639, 32639] with sx = max |x| / 32639 (M,)
+        float32, written as hi = floor((xi + 128) / 256) and lo = xi - 256 hi (both int8, since 32639 = 127 * 256
+        + 127: xi = 256 hi + lo exactly), and r (M, K / GROUP) int32, each group's sum of xi."""
         pid_m = tl.program_id(0)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = tl.arange(0, GROUP)
