@@ -9,7 +9,8 @@
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
-#                                          # launch, launch_large, step_budget, step_budget_decode
+#                                          # launch, launch_large, step_budget, step_budget_decode,
+#                                          # step_budget_l2
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,7 +24,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode step_budget_l2"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -159,6 +160,12 @@ for PART in $PARTS; do
             --out="$R/decode_${GPU}_6.7b_stats0_again.md"
         NANOQAT_NORM_STATS=1 run 70 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled \
             --batches=1 --out="$R/decode_${GPU}_6.7b_stats1_again.md" ;;
+    step_budget_l2)  # the 6.7B decode with each layer asking the L2 for the next one's words (after its loop, 1;
+                     # before, 2) and without, alternating (after step_budget_decode: the kernels already tuned)
+        for L2 in 0 1 2 0 1 2; do
+            NANOQAT_L2_NEXT=$L2 run 90 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled \
+                --batches=1 --out="$R/decode_${GPU}_6.7b_l2next$L2.md"
+        done ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

@@ -424,6 +424,33 @@ def test_pack_model_replaces_every_linear_site_and_keeps_the_function(one_cpu_th
         assert torch.allclose(packed(idx)[0], reference(idx)[0], atol=1e-5)
 
 
+def test_chain_next_words_registers_each_packed_layer_before_the_one_a_decode_step_runs_next(one_cpu_thread):
+    """inference.chain_next_words (for NANOQAT_L2_NEXT): q/k/v (fused or not), the output projection, up and down,
+    block after block, each layer's words pointing at the next one's, the last at none; weak references, so a
+    freed model leaves nothing alive."""
+    import gc
+    from inference import chain_next_words, fuse_qkv
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, bias=True)).eval()
+    packed = pack_model(model, QuantSpec("affine_quant", 4, "per_group", 32))
+    for fuse in (False, True):
+        if fuse:
+            fuse_qkv(packed)
+        order = []
+        for block in packed.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            qkv = [attn.qkv] if fuse else [attn.q, attn.k, attn.v]
+            order += qkv + [attn.attn_proj, mlp.mlp_up, mlp.mlp_down]
+        assert chain_next_words(packed) == len(order) == (8 if fuse else 12)
+        for a, b in zip(order, order[1:]):
+            assert ops.next_words_of(a.qweight) is b.qweight
+        assert ops.next_words_of(order[-1].qweight) is None
+    del packed, model, order, a, b, block, attn, mlp, qkv
+    gc.collect()
+    assert ops._next_words and all(ref() is None for ref in ops._next_words.values())
+
+
 def test_pack_model_gives_residual_binary_sites_their_kernel_and_their_function(one_cpu_thread):
     """A residual-binary spec packs each site into a ResidualBinaryLinear with its Triton kernels attached (what
     bench/decode.py's RB2 rows run); each computes x @ (sum of its dequantized terms)^T + b."""
@@ -644,16 +671,17 @@ def test_the_pdl_timeline_fuses_the_norm_into_qkv_and_up_and_the_residual_into_o
 
 
 def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
-    """NANOQAT_PDL_MAX_BYTES, NANOQAT_EARLY_ROW and NANOQAT_NORM_STATS (settings to measure with) are read as integers
-    at import; a value that is not one stops the import with the variable named, an empty one keeps the default."""
-    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW, ops.NORM_STATS)"
+    """NANOQAT_PDL_MAX_BYTES, NANOQAT_EARLY_ROW, NANOQAT_NORM_STATS and NANOQAT_L2_NEXT (settings to measure with) are
+    read as integers at import; a value that is not one stops the import with the variable named, an empty one
+    keeps the default."""
+    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW, ops.NORM_STATS, ops.L2_NEXT)"
     def run(**env):
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "NANOQAT_PDL_MAX_BYTES": "", "NANOQAT_EARLY_ROW": "",
-                                   "NANOQAT_NORM_STATS": "", **env})
-    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0",
-               NANOQAT_NORM_STATS="1").stdout.split() == ["8388609", "0", "1"]
-    assert run().stdout.split() == [str(8 * 2**20), "2048", "0"]
+                                   "NANOQAT_NORM_STATS": "", "NANOQAT_L2_NEXT": "", **env})
+    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0", NANOQAT_NORM_STATS="1",
+               NANOQAT_L2_NEXT="2").stdout.split() == ["8388609", "0", "1", "2"]
+    assert run().stdout.split() == [str(8 * 2**20), "2048", "0", "0"]
     bad = run(NANOQAT_PDL_MAX_BYTES="8MiB")
     assert bad.returncode != 0 and "NANOQAT_PDL_MAX_BYTES='8MiB': expected an integer" in bad.stderr
 

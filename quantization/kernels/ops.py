@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import weakref
 from typing import Optional
 
 import torch
@@ -112,6 +113,9 @@ EARLY_ROW = _env_int("NANOQAT_EARLY_ROW", 2048)
 # 1: the fused normalization's statistics computed before the one-row kernel's loop, whatever the row's length (the
 # kernel's STATS: two values held through the loop, no reduction in the epilogue). NANOQAT_NORM_STATS, to measure
 NORM_STATS = _env_int("NANOQAT_NORM_STATS", 0)
+# 1 (after a program's loop) or 2 (before it): each one-row call asks the L2 cache for the words of the layer after
+# it in a decode step (the kernel's NEXT), as inference.chain_next_words registered them. NANOQAT_L2_NEXT, to measure
+L2_NEXT = _env_int("NANOQAT_L2_NEXT", 0)
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -216,6 +220,23 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return activate(y, activation).to(x.dtype) if atomic else y
 
 
+_next_words = {}  # a layer's words' address -> a weak reference to the next layer's words (chain_next_words)
+
+
+def chain_next_words(words):
+    """Register, for L2_NEXT, the words of consecutive layers in the order a decode step runs them (the last has no
+    next). Weak references: a model freed frees its words; a prefetch is a hint, never read as data."""
+    _next_words.clear()
+    for a, b in zip(words, words[1:]):
+        _next_words[a.data_ptr()] = weakref.ref(b)
+
+
+def next_words_of(qweight):
+    """The words registered after `qweight`'s (chain_next_words), or None."""
+    ref = _next_words.get(qweight.data_ptr())
+    return ref() if ref is not None else None
+
+
 def stream_grid(m, n, k, config, device):
     """The one-row kernel's grid for m rows of x, n outputs and k inputs under `config`: (column tiles, splits of
     K, blocks of 32 inputs per split); its programs are tiles * splits * m."""
@@ -265,6 +286,8 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         u = torch.empty((m, n), device=x.device, dtype=torch.float32)
         extra = dict(res_ptr=res, g_ptr=gain, u_ptr=u, stride_resm=res.stride(0), stride_um=u.stride(0), RESID=True,
                      EMIT_U=True)
+    if next_words is None and L2_NEXT:
+        next_words, next_at = next_words_of(qweight), L2_NEXT
     if next_words is not None and not interpreting():
         extra.update(next_ptr=next_words, next_lines=next_words.numel() * next_words.element_size() // 128,
                      NEXT=next_at)
