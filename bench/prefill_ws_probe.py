@@ -276,15 +276,15 @@ def i8(split, qweight, scale, sz, config, y, m):
     return y
 
 
-def probe(x, qweight, scale, zero, variant, config, y=None, split=None):
+def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None):
     """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
-    for the halves of x, made here when not given; `zero` may then be scaled_zeros(scale, zero), float32)."""
+    for the halves of x, sz: scaled_zeros(scale, zero), each made here when not given)."""
     block_m, block_n, block_k, warps, stages = config
     if variant == "i8":
         if block_k != GROUP or qweight.shape[1] % block_n or x.shape[1] % GROUP:
             raise ValueError(f"i8 needs BLOCK_K = {GROUP} and N % BLOCK_N == 0 (got {config})")
         y = torch.empty((x.shape[0], qweight.shape[1]), device=x.device, dtype=x.dtype) if y is None else y
-        sz = zero if zero.dtype == torch.float32 else scaled_zeros(scale, zero)  # the timed calls pass sz
+        sz = scaled_zeros(scale, zero) if sz is None else sz
         return i8(split_x(x, split), qweight, scale, sz, config, y, x.shape[0])
     m, k = x.shape
     n = qweight.shape[1]
@@ -529,8 +529,9 @@ def bench_shape(shape, m, variants, project, log):
                 err, max_err = errors(y, ref)
                 outs = [torch.empty_like(y) for _ in sets]
                 # i8 takes s * z for the zero points, made here once per weight copy as a packed layer would
-                timed = [[q, sc, scaled_zeros(sc, z)] for q, sc, z in sets] if variant == "i8" else sets
-                calls = [lambda s=s, o=o: probe(x, *s, variant, config, o, split) for s, o in zip(timed, outs)]
+                szs = [scaled_zeros(sc, z) if variant == "i8" else None for _, sc, z in sets]
+                calls = [lambda s=s, o=o, sz=sz: probe(x, *s, variant, config, o, split, sz)
+                         for s, o, sz in zip(sets, outs, szs)]
                 for c in calls:
                     c()
                 t = graph_time(calls)
@@ -539,7 +540,8 @@ def bench_shape(shape, m, variants, project, log):
                 log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
                     f"({time.time() - start:.1f} s)")
                 if variant == "i8":  # its two kernels apart: the GEMM on x already split, and the split alone
-                    calls = [lambda s=s, o=o: i8(split, *s, config, o, x.shape[0]) for s, o in zip(timed, outs)]
+                    calls = [lambda s=s, o=o, sz=sz: i8(split, s[0], s[1], sz, config, o, x.shape[0])
+                             for s, o, sz in zip(sets, outs, szs)]
                     for c in calls:
                         c()
                     t = graph_time(calls)
