@@ -227,21 +227,6 @@ def fuse_qkv(model):
     return fused
 
 
-def chain_next_words(model):
-    """To measure (NANOQAT_L2_NEXT, ops.L2_NEXT): register the packed layers' words in the order a decode step runs
-    them (q/k/v, the attention's output projection, up, down; block after block), so that each one-row call can ask
-    the L2 cache for the next layer's words. Returns how many layers were chained."""
-    from quantization.kernels import PackedLinear, ops
-    layers = []
-    for block in model.transformer.h:
-        attn, mlp = block.attn, block.mlp
-        qkv = (attn.qkv,) if attn.qkv is not None else (attn.q, attn.k, attn.v)
-        step = qkv + (attn.attn_proj, mlp.mlp_up, mlp.mlp_down)
-        layers += [layer for layer in step if isinstance(layer, PackedLinear)]
-    ops.chain_next_words([layer.qweight for layer in layers])
-    return len(layers)
-
-
 def fuse_gelu(model):
     """Inference: each MLP whose up projection can apply the GELU itself (a PackedLinear: the kernel that writes its
     output applies it) hands it over, so that a decode step has no GELU kernel of its own; MLPs with an activation

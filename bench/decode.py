@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from generate import generate, reset_compiled  # noqa: E402
-from inference import chain_next_words, fuse_gelu, fuse_norms, fuse_qkv  # noqa: E402
+from inference import fuse_gelu, fuse_norms, fuse_qkv  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
@@ -108,8 +108,6 @@ def build(shape, fmt, device, dtype, vocab_size, block_size, qkv="fused", gelu="
         fuse_gelu(model)
     if norms == "fused":  # packed layers only (bf16 and tinygemm fuse nothing); at every width, to measure it
         fuse_norms(model, min_width=0)
-    if spec is not None and fmt != PEER:  # for NANOQAT_L2_NEXT (ops.L2_NEXT): each layer's successor, to measure it
-        chain_next_words(model)
     return model
 
 

@@ -9,8 +9,7 @@
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
-#                                          # launch, launch_large, step_budget, step_budget_decode,
-#                                          # step_budget_l2
+#                                          # launch, launch_large, step_budget, step_budget_decode
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -24,7 +23,7 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode step_budget_l2"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -141,31 +140,20 @@ for PART in $PARTS; do
         run 220 python bench/decode.py --shapes=gpt2_xl --formats=bf16,tinygemm,W4 --modes=compiled --batches=1,16 \
             --out="$R/decode_${GPU}_xl_launch.md" ;;
     step_budget)  # where a 6.7B step's time goes (docs/kernels.md): the stack of its one-row layers as they are,
-                  # with the next layer's words asked of the L2, and with the model's LayerNorms and residual adds
-                  # in the layers, their statistics in the epilogue (default) or before the loop
+                  # and with the model's LayerNorms and residual adds in the layers, their statistics before the
+                  # loop (default) or in the epilogue (NANOQAT_NORM_STATS=0)
         C=qkv:32x32x2x8x1,out:32x32x0x8x1x1,up:32x32x2x8x1,down:32x32x2x8x1
-        run 150 python bench/pdl_timeline.py --modes=none,l2next,l2start --configs=$C \
-            --json="$R/step_budget_${GPU}_plain.json"
-        run 120 python bench/pdl_timeline.py --modes=none,l2next --fused --configs=$C \
+        run 150 python bench/pdl_timeline.py --modes=none --configs=$C --json="$R/step_budget_${GPU}_plain.json"
+        NANOQAT_NORM_STATS=0 run 120 python bench/pdl_timeline.py --modes=none --fused --configs=$C \
             --json="$R/step_budget_${GPU}_fused.json"
-        NANOQAT_NORM_STATS=1 run 120 python bench/pdl_timeline.py --modes=none,l2next --fused --configs=$C \
+        run 120 python bench/pdl_timeline.py --modes=none --fused --configs=$C \
             --json="$R/step_budget_${GPU}_fused_stats.json" ;;
     step_budget_decode)  # the 6.7B decode with the statistics in the epilogue and before the loop, alternating
                          # (the first process tunes the kernels on a fresh machine: 2-4 minutes)
-        run 400 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled --batches=1 \
-            --out="$R/decode_${GPU}_6.7b_stats0.md"
-        NANOQAT_NORM_STATS=1 run 70 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled \
-            --batches=1 --out="$R/decode_${GPU}_6.7b_stats1.md"
-        run 70 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled --batches=1 \
-            --out="$R/decode_${GPU}_6.7b_stats0_again.md"
-        NANOQAT_NORM_STATS=1 run 70 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled \
-            --batches=1 --out="$R/decode_${GPU}_6.7b_stats1_again.md" ;;
-    step_budget_l2)  # the 6.7B decode with each layer asking the L2 for the next one's words (after its loop, 1;
-                     # before, 2) and without, alternating (after step_budget_decode: the kernels already tuned)
-        for L2 in 0 1 2 0 1 2; do
-            NANOQAT_L2_NEXT=$L2 run 90 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled \
-                --batches=1 --out="$R/decode_${GPU}_6.7b_l2next$L2.md"
-        done ;;
+        for RUN in 1 2; do for STATS in 0 1; do
+            NANOQAT_NORM_STATS=$STATS run 400 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 \
+                --modes=compiled --batches=1 --out="$R/decode_${GPU}_6.7b_stats${STATS}_run$RUN.md"
+        done; done ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

@@ -24,7 +24,7 @@ def fail(message):
     sys.exit(f"kernel_sass.py: error: {message}")
 
 
-def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False, xload=0, next_at=0):
+def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False, xload=0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,11 +36,10 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
     # here unused
     signature.update({"r_ptr": "*bf16", "wg_ptr": "*fp32", "res_ptr": "*bf16", "g_ptr": "*bf16", "u_ptr": "*fp32",
                       "stride_rm": "i32", "stride_resm": "i32", "stride_um": "i32", "eps": "fp32",
-                      "stamp_ptr": "*i64", "next_ptr": "*i32", "next_lines": "i32"})  # and the timeline's
-    # (bench/pdl_timeline.py: stamps, the next layer's words for the L2), unused
+                      "stamp_ptr": "*i64"})  # and the timeline's (bench/pdl_timeline.py), unused
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
                      BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl, NORM=0, KP=1, EARLY=True, RESID=False,
-                     EMIT_U=False, XLOAD=xload, STAMP=False, NEXT=next_at, STATS=False)
+                     EMIT_U=False, XLOAD=xload, STAMP=False, STATS=False)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}

@@ -2,16 +2,14 @@
 
     python bench/pdl_timeline.py                     # the 6.7B shape's layers, 8 blocks, PDL off / <= 8 MiB / all
     python bench/pdl_timeline.py --modes=8mib,all --png=timeline.png --json=timeline.json
-    python bench/pdl_timeline.py --modes=none,l2next --fused      # as a decode step runs them on wide models
+    python bench/pdl_timeline.py --modes=none --fused        # as a decode step runs them on wide models
 
 A stack of --blocks blocks of one-row calls of the one-row kernel (ops.stream_gemv), each block the four layers of a
 GPT block of width --n_embd (q/k/v fused n -> 3n, the output projection n -> n, the MLP's up n -> 4n with the GELU
 and down 4n -> n), int4 g128, every layer its own random weights (so they come from memory), each with the config
 the launcher chooses for its shape (or --configs). No attention or normalization between them: only the layers'
 kernels, back to back in one CUDA graph, as in a compiled decode step. Modes: `none` (no PDL), `8mib` (PDL on layers
-of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer), `l2next` and
-`l2start` (no PDL; each layer's programs ask the L2 cache for the next layer's words, after their loops or before
-them: the kernel's NEXT, so that the next layer reads from L2 what the tail of this one left the memory time for).
+of at most 8 MiB of codes: the launcher's default, ops.PDL_MAX_BYTES), `all` (PDL on every layer).
 
 1. Time: the median replay of the stack's graph, microseconds per block, each mode twice, alternating.
 2. Timeline: the stack once more with every program writing the GPU's global timer at its start, after its wait
@@ -37,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safety import table_file_or_exit, write_text_atomic  # noqa: E402
 
-MODES = ("none", "8mib", "all", "l2next", "l2start")
+MODES = ("none", "8mib", "all")
 LAYERS = ("qkv", "out", "up", "down")
 
 
@@ -52,14 +50,6 @@ def uses_pdl(mode, layer, limit):
     return mode == "all" or (mode == "8mib" and nbytes <= limit)
 
 
-def next_words(stack, i, mode):
-    """The words of the layer after stack[i] where the mode asks the L2 cache for them, and when (the kernel's
-    NEXT: 1 after a program's loop, 2 before it)."""
-    if mode not in ("l2next", "l2start") or i + 1 == len(stack):
-        return None, 1
-    return stack[i + 1][1].qweight, 1 if mode == "l2next" else 2
-
-
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_embd", type=int, default=4096, help="block width (4096: the 6.7B shape)")
@@ -69,12 +59,16 @@ def parse(argv=None):
                    "a config as ops.STREAM_CONFIGS' fields joined by x (up:32x32x2x8x0: up's words not prefetched)")
     p.add_argument("--fused", action="store_true", help="the layers as a decode step runs them on wide models "
                    "(inference.fuse_norms): the LayerNorm in q/k/v and up, the residual add in out and down")
+    p.add_argument("--u_bf16", action="store_true", help="with --fused: u, q/k/v's and up's x, in bfloat16 instead "
+                   "of float32 (the model's), to measure what a float32 x costs their loops")
     p.add_argument("--png", default="", help="write the programs' timeline here (a .png)")
     p.add_argument("--json", default="", help="write the tables' rows here (a .json)")
     args = p.parse_args(argv)
     prog = "pdl_timeline.py"  # one-line errors (argparse's p.error adds its usage)
     if args.n_embd < 32 or args.n_embd % 128:
         sys.exit(f"{prog}: error: --n_embd={args.n_embd}: expected a positive multiple of 128 (groups of 128)")
+    if args.u_bf16 and not args.fused:
+        sys.exit(f"{prog}: error: --u_bf16 needs --fused (u is the fused LayerNorm's input)")
     if args.blocks < 2:
         sys.exit(f"{prog}: error: --blocks={args.blocks}: expected at least 2 (the first has no kernel before it)")
     args.modes = [m for m in args.modes.split(",") if m]
@@ -120,14 +114,15 @@ def build(n_embd, blocks, overrides):
     return stack, xs, configs
 
 
-def fusions(stack, n_embd):
-    """What the fused layers take besides x (--fused): the residual stream r (bf16) and u = r * gain (float32) for
-    the LayerNorm in q/k/v and up, W @ gain per layer, and the residual and next gain for out and down."""
-    return dict(r=torch.randn(1, n_embd, device="cuda", dtype=torch.bfloat16),
-                u=torch.randn(1, n_embd, device="cuda", dtype=torch.float32),
-                res=torch.randn(1, n_embd, device="cuda", dtype=torch.bfloat16),
-                gain=torch.rand(n_embd, device="cuda", dtype=torch.bfloat16) + 0.5,
-                wg=[torch.randn(layer.out_features, device="cuda") if name in ("qkv", "up") else None
+def fusions(stack, n_embd, u_dtype=torch.float32, device="cuda"):
+    """What the fused layers take besides x (--fused): the residual stream r (bf16) and u = r * gain (float32 as the
+    model has it, or --u_bf16) for the LayerNorm in q/k/v and up, W @ gain per layer, and the residual and next gain
+    for out and down."""
+    return dict(r=torch.randn(1, n_embd, device=device, dtype=torch.bfloat16),
+                u=torch.randn(1, n_embd, device=device, dtype=u_dtype),
+                res=torch.randn(1, n_embd, device=device, dtype=torch.bfloat16),
+                gain=torch.rand(n_embd, device=device, dtype=torch.bfloat16) + 0.5,
+                wg=[torch.randn(layer.out_features, device=device) if name in ("qkv", "up") else None
                     for name, layer in stack])
 
 
@@ -139,7 +134,6 @@ def chain(stack, xs, configs, mode, stamps=None, fused=None):
 
     def call():
         for i, (name, layer) in enumerate(stack):
-            words, at = next_words(stack, i, mode)
             x, extra = xs[layer.in_features], {}
             if fused is not None and name in ("qkv", "up"):
                 x, extra = fused["u"], dict(norm=(fused["r"], fused["wg"][i], 1, 1e-5))
@@ -149,7 +143,7 @@ def chain(stack, xs, configs, mode, stamps=None, fused=None):
                             ops.blocks_of(layer.group_size, layer.in_features), layer.zero_const, configs[name],
                             counters=layer.split_counters, activation=ops.ACTIVATIONS["none"] if name == "up" else 0,
                             stamps=None if stamps is None else stamps[i],
-                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES), next_words=words, next_at=at, **extra)
+                            pdl=uses_pdl(mode, layer, ops.PDL_MAX_BYTES), **extra)
     return call
 
 
@@ -258,10 +252,11 @@ def main(argv=None):
                  "pass --modes=none")
     torch.manual_seed(0)
     stack, xs, configs = build(args.n_embd, args.blocks, args.configs)
-    fused = fusions(stack, args.n_embd) if args.fused else None
+    fused = fusions(stack, args.n_embd, torch.bfloat16 if args.u_bf16 else torch.float32) if args.fused else None
     print(f"# PDL timeline: {args.blocks} blocks of n_embd {args.n_embd}, int4 g128, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {triton.__version__}"
-          f"{'; LayerNorms and residual adds in the layers (--fused)' if fused else ''}\n")
+          f"{'; LayerNorms and residual adds in the layers (--fused)' if fused else ''}"
+          f"{'; u in bfloat16 (--u_bf16)' if args.u_bf16 else ''}\n")
     print("command: python " + " ".join(sys.argv) + "\n")
     print("| layer | in x out | MiB of codes | config | programs | PDL in 8mib |\n|---|---|---:|---|---:|---|")
     for name, layer in stack[:4]:
@@ -269,6 +264,7 @@ def main(argv=None):
         print(f"| {name} | {layer.in_features}x{layer.out_features} | {nbytes / 2**20:.1f} | {configs[name]} | "
               f"{programs(layer, configs[name])} | {uses_pdl('8mib', layer, ops.PDL_MAX_BYTES)} |")
     result = dict(n_embd=args.n_embd, blocks=args.blocks, device=torch.cuda.get_device_name(), fused=args.fused,
+                  u_bf16=args.u_bf16,
                   configs={k: list(v) for k, v in configs.items()}, times={}, timeline={})
     print("\n| mode | us per block (run 1) | us per block (run 2) |\n|---|---:|---:|")
     calls = {mode: chain(stack, xs, configs, mode, fused=fused) for mode in args.modes}

@@ -424,33 +424,6 @@ def test_pack_model_replaces_every_linear_site_and_keeps_the_function(one_cpu_th
         assert torch.allclose(packed(idx)[0], reference(idx)[0], atol=1e-5)
 
 
-def test_chain_next_words_registers_each_packed_layer_before_the_one_a_decode_step_runs_next(one_cpu_thread):
-    """inference.chain_next_words (for NANOQAT_L2_NEXT): q/k/v (fused or not), the output projection, up and down,
-    block after block, each layer's words pointing at the next one's, the last at none; weak references, so a
-    freed model leaves nothing alive."""
-    import gc
-    from inference import chain_next_words, fuse_qkv
-    from model import GPT, GPTConfig
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=50, bias=True)).eval()
-    packed = pack_model(model, QuantSpec("affine_quant", 4, "per_group", 32))
-    for fuse in (False, True):
-        if fuse:
-            fuse_qkv(packed)
-        order = []
-        for block in packed.transformer.h:
-            attn, mlp = block.attn, block.mlp
-            qkv = [attn.qkv] if fuse else [attn.q, attn.k, attn.v]
-            order += qkv + [attn.attn_proj, mlp.mlp_up, mlp.mlp_down]
-        assert chain_next_words(packed) == len(order) == (8 if fuse else 12)
-        for a, b in zip(order, order[1:]):
-            assert ops.next_words_of(a.qweight) is b.qweight
-        assert ops.next_words_of(order[-1].qweight) is None
-    del packed, model, order, a, b, block, attn, mlp, qkv
-    gc.collect()
-    assert ops._next_words and all(ref() is None for ref in ops._next_words.values())
-
-
 def test_pack_model_gives_residual_binary_sites_their_kernel_and_their_function(one_cpu_thread):
     """A residual-binary spec packs each site into a ResidualBinaryLinear with its Triton kernels attached (what
     bench/decode.py's RB2 rows run); each computes x @ (sum of its dequantized terms)^T + b."""
@@ -593,7 +566,8 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     ("prefill_overlap.py", [], "needs a CUDA GPU"), ("pdl_timeline.py", ["--blocks=1"], "--blocks=1"),
     ("pdl_timeline.py", ["--modes=late"], "--modes=late"), ("pdl_timeline.py", ["--n_embd=100"], "--n_embd=100"),
     ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", ["--configs=up:32x32"], "--configs=up"),
-    ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"), ("pdl_timeline.py", [], "needs a CUDA GPU")])
+    ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"), ("pdl_timeline.py", [], "needs a CUDA GPU"),
+    ("pdl_timeline.py", ["--u_bf16"], "--u_bf16 needs --fused")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")
@@ -626,21 +600,6 @@ def test_the_pdl_timeline_measures_each_layer_from_the_end_of_the_kernel_before(
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_pdl_timeline_gives_each_layer_the_next_ones_words_in_the_l2_modes():
-    """bench/pdl_timeline.py's l2next and l2start: every layer but the last is given the words of the layer after
-    it (for the kernel's NEXT 1 and 2); the other modes give none."""
-    import types
-    from conftest import load_script
-    timeline = load_script("bench/pdl_timeline.py")
-    stack = [(name, types.SimpleNamespace(qweight=torch.zeros(i + 1))) for i, name in enumerate(timeline.LAYERS * 2)]
-    for mode, at in (("l2next", 1), ("l2start", 2)):
-        for i in range(len(stack) - 1):
-            words, where = timeline.next_words(stack, i, mode)
-            assert words is stack[i + 1][1].qweight and where == at
-        assert timeline.next_words(stack, len(stack) - 1, mode)[0] is None
-    assert all(timeline.next_words(stack, 0, mode)[0] is None for mode in ("none", "8mib", "all"))
-
-
 def test_the_pdl_timeline_fuses_the_norm_into_qkv_and_up_and_the_residual_into_out_and_down(monkeypatch):
     """bench/pdl_timeline.py --fused: q/k/v and up get u (float32) and the LayerNorm of r with their own W @ gain,
     out and down their x and the residual add; without --fused every layer gets its x alone."""
@@ -668,20 +627,22 @@ def test_the_pdl_timeline_fuses_the_norm_into_qkv_and_up_and_the_residual_into_o
     timeline.chain(stack, xs, {name: None for name in timeline.LAYERS}, "none")()
     assert all(x is xs[layer.in_features] and "norm" not in kw and "residual" not in kw
                for (_, layer), (x, kw) in zip(stack, calls))
+    made = [timeline.fusions(stack, 128, dtype, device="cpu") for dtype in (torch.float32, torch.bfloat16)]
+    assert [f["u"].dtype for f in made] == [torch.float32, torch.bfloat16]  # --u_bf16
+    assert all(f["r"].dtype == torch.bfloat16 and len(f["wg"]) == len(stack) for f in made)
 
 
 def test_the_launch_settings_read_from_the_environment_name_a_bad_value():
-    """NANOQAT_PDL_MAX_BYTES, NANOQAT_EARLY_ROW, NANOQAT_NORM_STATS and NANOQAT_L2_NEXT (settings to measure with) are
-    read as integers at import; a value that is not one stops the import with the variable named, an empty one
-    keeps the default."""
-    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW, ops.NORM_STATS, ops.L2_NEXT)"
+    """NANOQAT_PDL_MAX_BYTES, NANOQAT_EARLY_ROW and NANOQAT_NORM_STATS (settings to measure with) are read as integers
+    at import; a value that is not one stops the import with the variable named, an empty one keeps the default."""
+    code = "from quantization.kernels import ops; print(ops.PDL_MAX_BYTES, ops.EARLY_ROW, ops.NORM_STATS)"
     def run(**env):
         return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**os.environ, "NANOQAT_PDL_MAX_BYTES": "", "NANOQAT_EARLY_ROW": "",
-                                   "NANOQAT_NORM_STATS": "", "NANOQAT_L2_NEXT": "", **env})
-    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0", NANOQAT_NORM_STATS="1",
-               NANOQAT_L2_NEXT="2").stdout.split() == ["8388609", "0", "1", "2"]
-    assert run().stdout.split() == [str(8 * 2**20), "2048", "0", "0"]
+                                   "NANOQAT_NORM_STATS": "", **env})
+    assert run(NANOQAT_PDL_MAX_BYTES="8388609", NANOQAT_EARLY_ROW="0",
+               NANOQAT_NORM_STATS="0").stdout.split() == ["8388609", "0", "0"]
+    assert run().stdout.split() == [str(8 * 2**20), "2048", "1"]
     bad = run(NANOQAT_PDL_MAX_BYTES="8MiB")
     assert bad.returncode != 0 and "NANOQAT_PDL_MAX_BYTES='8MiB': expected an integer" in bad.stderr
 
@@ -735,25 +696,6 @@ def test_with_dependent_launch_the_one_row_kernel_loads_its_words_before_waiting
         ptx = compile_stream(4, 32, 32, 8, True, prefetch, 90, pdl=True).asm["ptx"]
         assert loads_before_wait(ptx) == loads and "griddepcontrol.launch_dependents" in ptx
     assert loads_before_wait(compile_stream(4, 32, 32, 8, True, True, 90).asm["ptx"]) is None
-
-
-def test_the_one_row_kernel_asks_the_l2_for_the_next_layer_only_where_told():
-    """NEXT (bench/pdl_timeline.py's l2next and l2start modes): compiled for sm_90 the kernel asks the L2 cache for
-    lines (prefetch.global.L2) after its loop's last FMA (1) or before its first (2), and never without it (0)."""
-    pytest.importorskip("triton")
-    from bench.kernel_sass import compile_stream
-
-    def where(next_at):
-        lines = compile_stream(4, 32, 32, 8, True, True, 90, next_at=next_at).asm["ptx"].splitlines()
-        fma = [i for i, line in enumerate(lines) if line.strip().startswith("fma.rn.f32")]
-        asks = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
-        return fma, asks
-    fma, asks = where(0)
-    assert fma and not asks
-    fma, asks = where(1)
-    assert asks and min(asks) > max(fma)
-    fma, asks = where(2)
-    assert asks and max(asks) < min(fma)
 
 
 def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import weakref
 from typing import Optional
 
 import torch
@@ -111,11 +110,10 @@ PDL_MAX_BYTES = _env_int("NANOQAT_PDL_MAX_BYTES", 8 * 2**20)  # the variable set
 # XL's (1600) gained (bench/results/norms_h200/README.md). NANOQAT_EARLY_ROW sets it, to measure
 EARLY_ROW = _env_int("NANOQAT_EARLY_ROW", 2048)
 # 1: the fused normalization's statistics computed before the one-row kernel's loop, whatever the row's length (the
-# kernel's STATS: two values held through the loop, no reduction in the epilogue). NANOQAT_NORM_STATS, to measure
-NORM_STATS = _env_int("NANOQAT_NORM_STATS", 0)
-# 1 (after a program's loop) or 2 (before it): each one-row call asks the L2 cache for the words of the layer after
-# it in a decode step (the kernel's NEXT), as inference.chain_next_words registered them. NANOQAT_L2_NEXT, to measure
-L2_NEXT = _env_int("NANOQAT_L2_NEXT", 0)
+# kernel's STATS: two values held through the loop, no reduction in the epilogue; EARLY_ROW then unused). On an H100
+# the 6.7B decode went 402, 402 -> 413, 409 tokens/s, alternating, and a block of its layers 68.1 -> 65.2 us
+# (bench/results/step_budget_h100/README.md). NANOQAT_NORM_STATS=0 puts the statistics back in the epilogue
+NORM_STATS = _env_int("NANOQAT_NORM_STATS", 1)
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -220,23 +218,6 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return activate(y, activation).to(x.dtype) if atomic else y
 
 
-_next_words = {}  # a layer's words' address -> a weak reference to the next layer's words (chain_next_words)
-
-
-def chain_next_words(words):
-    """Register, for L2_NEXT, the words of consecutive layers in the order a decode step runs them (the last has no
-    next). Weak references: a model freed frees its words; a prefetch is a hint, never read as data."""
-    _next_words.clear()
-    for a, b in zip(words, words[1:]):
-        _next_words[a.data_ptr()] = weakref.ref(b)
-
-
-def next_words_of(qweight):
-    """The words registered after `qweight`'s (chain_next_words), or None."""
-    ref = _next_words.get(qweight.data_ptr())
-    return ref() if ref is not None else None
-
-
 def stream_grid(m, n, k, config, device):
     """The one-row kernel's grid for m rows of x, n outputs and k inputs under `config`: (column tiles, splits of
     K, blocks of 32 inputs per split); its programs are tiles * splits * m."""
@@ -252,13 +233,11 @@ def stream_grid(m, n, k, config, device):
 
 
 def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, counters=None,
-                activation=0, norm=None, residual=None, stamps=None, pdl=None, next_words=None, next_at=1):
+                activation=0, norm=None, residual=None, stamps=None, pdl=None):
     """counters: int32 zeros, at least one per column tile (PackedLinear.split_counters), zero again after the
     call; zeroed here when not given.
     stamps (bench/pdl_timeline.py): an int64 tensor of at least 5 per program (stream_grid), where each program
     writes when it ran (the kernel's STAMP). pdl: programmatic dependent launch on or off (None: dependent_launch).
-    next_words (bench/pdl_timeline.py, to measure): the next layer's words, which the programs ask the L2 cache for,
-    after their loops (next_at 1) or before (2): the kernel's NEXT; not under the interpreter (no inline assembly).
     norm = (r, wg, kind, eps): x is u = r * gain (float32) and the output is the layer of the normalized r
     (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it
     (residual_matmul). The output then has r's or res's dtype."""
@@ -286,11 +265,6 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         u = torch.empty((m, n), device=x.device, dtype=torch.float32)
         extra = dict(res_ptr=res, g_ptr=gain, u_ptr=u, stride_resm=res.stride(0), stride_um=u.stride(0), RESID=True,
                      EMIT_U=True)
-    if next_words is None and L2_NEXT:
-        next_words, next_at = next_words_of(qweight), L2_NEXT
-    if next_words is not None and not interpreting():
-        extra.update(next_ptr=next_words, next_lines=next_words.numel() * next_words.element_size() // 128,
-                     NEXT=next_at)
     triton_kernels._stream_gemv_kernel[(tiles, split, m)](
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,

@@ -211,8 +211,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
                         r_ptr=None, wg_ptr=None, res_ptr=None, g_ptr=None, u_ptr=None, stride_rm=0, stride_resm=0,
                         stride_um=0, eps=0.0, NORM: tl.constexpr = 0, KP: tl.constexpr = 1,
                         EARLY: tl.constexpr = True, RESID: tl.constexpr = False, EMIT_U: tl.constexpr = False,
-                        XLOAD: tl.constexpr = 0, stamp_ptr=None, STAMP: tl.constexpr = False, next_ptr=None,
-                        next_lines=0, NEXT: tl.constexpr = 0, STATS: tl.constexpr = False):
+                        XLOAD: tl.constexpr = 0, stamp_ptr=None, STAMP: tl.constexpr = False,
+                        STATS: tl.constexpr = False):
     """One row of x per program (grid axis 2). Each step loads the words of BLOCK_B blocks x BLOCK_N outputs and
     walks their fields in a static loop, each field times one value of x broadcast along the outputs: no reshape,
     and no reduction inside the loop (the accumulator stays (BLOCK_B, BLOCK_N), summed once at the end).
@@ -241,15 +241,10 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     STAMP (bench/pdl_timeline.py, a GPU's timeline of a decode's kernels): each program writes five int64 to
     stamp_ptr at 5 * its index: the global timer (ns) at its start, after the wait for earlier kernels, after its
     loop and at its end, and its multiprocessor. Off, the kernel is the same code.
-    STATS (with NORM and EARLY; to measure, ops.NORM_STATS): the row's statistics are computed as soon as it is
+    STATS (with NORM and EARLY; the default, ops.NORM_STATS): the row's statistics are computed as soon as it is
     loaded, before the loop (while the first step's words are on their way), and only they are kept: the epilogue,
-    which every program ends with, no longer reduces the row.
-    NEXT (to measure; bench/pdl_timeline.py): the programs ask the L2 cache for next_lines lines of 128 bytes from
-    next_ptr (the next layer's words), each its share, 1 after its loop (while the layer's slowest programs still
-    stream), 2 before it (_prefetch_l2). Off (0), the kernel is the same code."""
+    which every program ends with, no longer reduces the row."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    if NEXT == 2:
-        _prefetch_l2(next_ptr, next_lines, pid_n, pid_k, pid_m)
     if STAMP:
         stamp = stamp_ptr + 5 * (pid_n + tl.num_programs(0) * (pid_k + tl.num_programs(1) * pid_m))
         tl.store(stamp, tl.extra.cuda.globaltimer())
@@ -342,8 +337,6 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     y = tl.sum(acc, axis=0)
     if STAMP:  # after the sum, which needs every step's products
         tl.store(stamp + 2, tl.extra.cuda.globaltimer() + 0 * tl.sum(y, 0).to(tl.int64))
-    if NEXT == 1:
-        _prefetch_l2(next_ptr, next_lines, pid_n, pid_k, pid_m)
     y_ptrs = y_ptr + pid_m * stride_ym + offs_n
     if SPLIT:
         splits = tl.num_programs(1)
@@ -366,22 +359,6 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     if STAMP:
         tl.store(stamp + 3, tl.extra.cuda.globaltimer())
         tl.store(stamp + 4, tl.extra.cuda.smid().to(tl.int64))
-
-
-@triton.jit
-def _prefetch_l2(next_ptr, next_lines, pid_n, pid_k, pid_m):
-    """This program's share of next_lines lines of 128 bytes from next_ptr (an int32 pointer) asked of the L2 cache
-    (`prefetch.global.L2`, no registers waiting for them), 256 lines a round."""
-    programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-    program = pid_n + tl.num_programs(0) * (pid_k + tl.num_programs(1) * pid_m)
-    per = tl.cdiv(next_lines, programs)
-    start = program * per
-    end = tl.minimum(start + per, next_lines)
-    for line0 in range(start, end, 256):
-        lines = line0 + tl.arange(0, 256)
-        ptrs = next_ptr + tl.where(lines < end, lines, start).to(tl.int64) * 32
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit
