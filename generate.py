@@ -263,7 +263,7 @@ def fused_embed(model, token, pos):
     """model.embed, and u = x * the first normalization's gain, the first block's fused_block_step input."""
     x, visible = model.embed(token, pos)
     gain = model.transformer.h[0].attn.qkv.norm_in_bits.view(torch.float32)[0]
-    return x, visible, x.float() * gain
+    return x, visible, (x.float() * gain).to(x.dtype)
 
 
 def fused_block_step(block, x, u, input_pos=None, visible=None):

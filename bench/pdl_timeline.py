@@ -59,16 +59,16 @@ def parse(argv=None):
                    "a config as ops.STREAM_CONFIGS' fields joined by x (up:32x32x2x8x0: up's words not prefetched)")
     p.add_argument("--fused", action="store_true", help="the layers as a decode step runs them on wide models "
                    "(inference.fuse_norms): the LayerNorm in q/k/v and up, the residual add in out and down")
-    p.add_argument("--u_bf16", action="store_true", help="with --fused: u, q/k/v's and up's x, in bfloat16 instead "
-                   "of float32 (the model's), to measure what a float32 x costs their loops")
+    p.add_argument("--u_float32", action="store_true", help="with --fused: u, q/k/v's and up's x, in float32 "
+                   "instead of bfloat16 (the model's since it was measured faster), to measure what it costs")
     p.add_argument("--png", default="", help="write the programs' timeline here (a .png)")
     p.add_argument("--json", default="", help="write the tables' rows here (a .json)")
     args = p.parse_args(argv)
     prog = "pdl_timeline.py"  # one-line errors (argparse's p.error adds its usage)
     if args.n_embd < 32 or args.n_embd % 128:
         sys.exit(f"{prog}: error: --n_embd={args.n_embd}: expected a positive multiple of 128 (groups of 128)")
-    if args.u_bf16 and not args.fused:
-        sys.exit(f"{prog}: error: --u_bf16 needs --fused (u is the fused LayerNorm's input)")
+    if args.u_float32 and not args.fused:
+        sys.exit(f"{prog}: error: --u_float32 needs --fused (u is the fused LayerNorm's input)")
     if args.blocks < 2:
         sys.exit(f"{prog}: error: --blocks={args.blocks}: expected at least 2 (the first has no kernel before it)")
     args.modes = [m for m in args.modes.split(",") if m]
@@ -114,10 +114,10 @@ def build(n_embd, blocks, overrides):
     return stack, xs, configs
 
 
-def fusions(stack, n_embd, u_dtype=torch.float32, device="cuda"):
-    """What the fused layers take besides x (--fused): the residual stream r (bf16) and u = r * gain (float32 as the
-    model has it, or --u_bf16) for the LayerNorm in q/k/v and up, W @ gain per layer, and the residual and next gain
-    for out and down."""
+def fusions(stack, n_embd, u_dtype=torch.bfloat16, device="cuda"):
+    """What the fused layers take besides x (--fused): the residual stream r (bf16) and u = r * gain (bf16 as the
+    model has it, or float32: --u_float32) for the LayerNorm in q/k/v and up, W @ gain per layer, and the residual
+    and next gain for out and down."""
     return dict(r=torch.randn(1, n_embd, device=device, dtype=torch.bfloat16),
                 u=torch.randn(1, n_embd, device=device, dtype=u_dtype),
                 res=torch.randn(1, n_embd, device=device, dtype=torch.bfloat16),
@@ -252,11 +252,11 @@ def main(argv=None):
                  "pass --modes=none")
     torch.manual_seed(0)
     stack, xs, configs = build(args.n_embd, args.blocks, args.configs)
-    fused = fusions(stack, args.n_embd, torch.bfloat16 if args.u_bf16 else torch.float32) if args.fused else None
+    fused = fusions(stack, args.n_embd, torch.float32 if args.u_float32 else torch.bfloat16) if args.fused else None
     print(f"# PDL timeline: {args.blocks} blocks of n_embd {args.n_embd}, int4 g128, {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}, triton {triton.__version__}"
           f"{'; LayerNorms and residual adds in the layers (--fused)' if fused else ''}"
-          f"{'; u in bfloat16 (--u_bf16)' if args.u_bf16 else ''}\n")
+          f"{'; u in float32 (--u_float32)' if args.u_float32 else ''}\n")
     print("command: python " + " ".join(sys.argv) + "\n")
     print("| layer | in x out | MiB of codes | config | programs | PDL in 8mib |\n|---|---|---:|---|---:|---|")
     for name, layer in stack[:4]:
@@ -264,7 +264,7 @@ def main(argv=None):
         print(f"| {name} | {layer.in_features}x{layer.out_features} | {nbytes / 2**20:.1f} | {configs[name]} | "
               f"{programs(layer, configs[name])} | {uses_pdl('8mib', layer, ops.PDL_MAX_BYTES)} |")
     result = dict(n_embd=args.n_embd, blocks=args.blocks, device=torch.cuda.get_device_name(), fused=args.fused,
-                  u_bf16=args.u_bf16,
+                  u_float32=args.u_float32,
                   configs={k: list(v) for k, v in configs.items()}, times={}, timeline={})
     print("\n| mode | us per block (run 1) | us per block (run 2) |\n|---|---:|---:|")
     calls = {mode: chain(stack, xs, configs, mode, fused=fused) for mode in args.modes}

@@ -284,6 +284,8 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
             expected = normed @ weight.T + b.double()
             label = type(norm).__name__
             ys = [("norm_forward", layer.norm_forward(u, r))]
+            if dt != torch.float32:  # u as residual_forward gives it in a bfloat16 model: rounded to bfloat16
+                ys.append(("norm_forward bf16 u", layer.norm_forward(u.to(dt), r)))
             wg, bias = layer.norm_out_bits.view(torch.float32)
             for name, config in (("no split", (64, 4, 0, 4, 1)), ("split-K", (32, 1, 16, 4, 0))):
                 ys.append((f"norm {name}", ops.stream_gemv(u, layer.qweight, layer.scale, layer.zero, bias,
@@ -331,17 +333,18 @@ print(json.dumps(out))
 def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
     """fuse_norms' kernels (PackedLinear.norm_forward, residual_forward) against float64: a LayerNorm or RMSNorm
     then the layer (the statistics of r in the epilogue, W u - mean W gain), its GELU; the residual add and u for
-    the next normalization; with and without split-K, one and three rows, float32 and bfloat16 (the output in
-    the residual's dtype), a row short enough to load before the loop and one loaded after it, and its statistics
-    computed before the loop (ops.NORM_STATS)."""
+    the next normalization; with and without split-K, one and three rows, float32 and bfloat16 (the output and u in
+    the residual's dtype; norm_forward also from a bfloat16 u, r's mean 2 against a spread of 3), a row short
+    enough to load before the loop and one loaded after it, and its statistics computed before the loop
+    (ops.NORM_STATS)."""
     pytest.importorskip("triton")
     specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
     rows = run_interpreted(NORM_RESIDUAL, json.dumps(specs))
-    assert len(rows) == len(specs) * 5 * (2 * 4 + 3)
+    assert len(rows) == len(specs) * (5 * (2 * 4 + 3) + 2)
     for row in rows:
         bf16 = row[5] == "bfloat16"
         assert row[8] < (1e-2 if bf16 else 1e-5), row  # float32: far below a quantization step
-        assert row[9] == ("torch.float32" if row[7] == "u" or not bf16 else "torch.bfloat16"), row
+        assert row[9] == ("torch.bfloat16" if bf16 else "torch.float32"), row  # u too: the residual stream's dtype
 
 
 def test_a_packed_linear_with_outliers_applies_the_gelu_after_them():
@@ -567,7 +570,7 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     ("pdl_timeline.py", ["--modes=late"], "--modes=late"), ("pdl_timeline.py", ["--n_embd=100"], "--n_embd=100"),
     ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", ["--configs=up:32x32"], "--configs=up"),
     ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"), ("pdl_timeline.py", [], "needs a CUDA GPU"),
-    ("pdl_timeline.py", ["--u_bf16"], "--u_bf16 needs --fused")])
+    ("pdl_timeline.py", ["--u_float32"], "--u_float32 needs --fused")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")
@@ -601,8 +604,8 @@ def test_the_pdl_timeline_measures_each_layer_from_the_end_of_the_kernel_before(
 
 
 def test_the_pdl_timeline_fuses_the_norm_into_qkv_and_up_and_the_residual_into_out_and_down(monkeypatch):
-    """bench/pdl_timeline.py --fused: q/k/v and up get u (float32) and the LayerNorm of r with their own W @ gain,
-    out and down their x and the residual add; without --fused every layer gets its x alone."""
+    """bench/pdl_timeline.py --fused: q/k/v and up get u (bf16, or float32) and the LayerNorm of r with their own
+    W @ gain, out and down their x and the residual add; without --fused every layer gets its x alone."""
     import types
     from conftest import load_script
     timeline = load_script("bench/pdl_timeline.py")
@@ -627,8 +630,8 @@ def test_the_pdl_timeline_fuses_the_norm_into_qkv_and_up_and_the_residual_into_o
     timeline.chain(stack, xs, {name: None for name in timeline.LAYERS}, "none")()
     assert all(x is xs[layer.in_features] and "norm" not in kw and "residual" not in kw
                for (_, layer), (x, kw) in zip(stack, calls))
-    made = [timeline.fusions(stack, 128, dtype, device="cpu") for dtype in (torch.float32, torch.bfloat16)]
-    assert [f["u"].dtype for f in made] == [torch.float32, torch.bfloat16]  # --u_bf16
+    made = [timeline.fusions(stack, 128, device="cpu"), timeline.fusions(stack, 128, torch.float32, device="cpu")]
+    assert [f["u"].dtype for f in made] == [torch.bfloat16, torch.float32]  # the model's, --u_float32
     assert all(f["r"].dtype == torch.bfloat16 and len(f["wg"]) == len(stack) for f in made)
 
 

@@ -387,7 +387,11 @@ def _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, w
     With EARLY the row came with the kernel's first loads; else it is loaded here (ops.EARLY_ROW). With STATS the
     kernel already reduced it to mean and rstd (_row_statistics).
     RESID: the residual row res is added after the bias; EMIT_U: u = output * g (the next normalization's gain,
-    from the output as written, in its dtype) is written as float32 for the next layer's NORM."""
+    from the output as written, in its dtype) is written in u_ptr's dtype (the residual stream's: ops.stream_gemv) for
+    the next layer's NORM. A bfloat16 u rounds relative to |r| where the layer needs r - mean: as accurate as a
+    bfloat16 LayerNorm output where the row's mean is small against its spread (sqrt(1 + mean^2 / var) times the
+    error otherwise), and its loop ran 2.7 us a block faster than with float32 x on the 6.7B shape
+    (bench/results/step_budget_h100/README.md)."""
     if NORM != 0:
         if not STATS:
             offs_r = tl.arange(0, KP)
@@ -406,7 +410,8 @@ def _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, w
     tl.store(y_ptrs, out, mask=mask_n)
     if EMIT_U:
         gain = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(u_ptr + pid_m * stride_um + offs_n, out.to(tl.float32) * gain, mask=mask_n)
+        u = out.to(tl.float32) * gain
+        tl.store(u_ptr + pid_m * stride_um + offs_n, u.to(u_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
