@@ -24,7 +24,10 @@ def fail(message):
     sys.exit(f"kernel_sass.py: error: {message}")
 
 
-def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False, xload=0):
+def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=False, xload=0, norm=0, kp=1,
+                   stats=False, act=0):
+    """_stream_gemv_kernel compiled for `arch` as the launcher calls it; norm (1 LayerNorm, 2 RMSNorm) over kp
+    values with stats (ops.norm_matmul), act (ops.ACTIVATIONS) for a fused layer's variant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -38,8 +41,8 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
                       "stride_rm": "i32", "stride_resm": "i32", "stride_um": "i32", "eps": "fp32",
                       "stamp_ptr": "*i64"})  # and the timeline's (bench/pdl_timeline.py), unused
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
-                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=0, PDL=pdl, NORM=0, KP=1, EARLY=True, RESID=False,
-                     EMIT_U=False, XLOAD=xload, STAMP=False, STATS=False)
+                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=act, PDL=pdl, NORM=norm, KP=kp, EARLY=kp <= 2048,
+                     RESID=False, EMIT_U=False, XLOAD=xload, STAMP=False, STATS=stats)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}

@@ -258,10 +258,11 @@ def err(y, expected):
 for method, bits, granularity, group_size in json.loads(sys.argv[2]):
     spec = QuantSpec(method, bits, granularity, group_size)
     # the fourth: a row longer than ops.EARLY_ROW (set to 0 here), loaded by the epilogue instead of before the
-    # loop; the last: its statistics computed before the loop (ops.NORM_STATS, the kernel's STATS)
+    # loop; the last two: its statistics computed before the loop (ops.NORM_STATS, the kernel's STATS), the last in
+    # two chunks of 1024, the second part masked
     for n, k, rows, dtype, early_row, stats in ((37, 128, 1, "float32", 2048, 0), (40, 128, 3, "float32", 2048, 0),
                                                 (24, 64, 1, "bfloat16", 2048, 0), (8, 96, 2, "float32", 0, 0),
-                                                (8, 96, 2, "float32", 0, 1)):
+                                                (8, 96, 2, "float32", 0, 1), (8, 1056, 1, "float32", 2048, 1)):
         ops.EARLY_ROW, ops.NORM_STATS = early_row, stats
         dt = getattr(torch, dtype)
         w, b = torch.randn(n, k), torch.randn(n)
@@ -340,7 +341,7 @@ def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
     pytest.importorskip("triton")
     specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
     rows = run_interpreted(NORM_RESIDUAL, json.dumps(specs))
-    assert len(rows) == len(specs) * (5 * (2 * 4 + 3) + 2)
+    assert len(rows) == len(specs) * (6 * (2 * 4 + 3) + 2)
     for row in rows:
         bf16 = row[5] == "bfloat16"
         assert row[8] < (1e-2 if bf16 else 1e-5), row  # float32: far below a quantization step
@@ -699,6 +700,20 @@ def test_with_dependent_launch_the_one_row_kernel_loads_its_words_before_waiting
         ptx = compile_stream(4, 32, 32, 8, True, prefetch, 90, pdl=True).asm["ptx"]
         assert loads_before_wait(ptx) == loads and "griddepcontrol.launch_dependents" in ptx
     assert loads_before_wait(compile_stream(4, 32, 32, 8, True, True, 90).asm["ptx"]) is None
+
+
+def test_the_fused_norms_statistics_keep_the_6_7b_up_projection_at_4_programs_a_multiprocessor():
+    """The LayerNorm fused into the 6.7B shape's up projection (K = 4096, 8 warps, its statistics before the loop:
+    the default) compiles for sm_90 to at most 64 registers a thread, so that 4 of its programs fit a multiprocessor
+    (65,536 registers) and its 512 run in one wave on 132; holding the whole row took 80 on Triton 3.6 (3 a
+    multiprocessor, two waves: its span 20 -> 26 us in bench/results/step_budget_h100). No more than the epilogue's
+    statistics by more than the one step of allocation (8 registers)."""
+    pytest.importorskip("triton")
+    from bench.kernel_sass import compile_stream, disassemble
+    up = dict(norm=1, kp=4096, act=ops.ACTIVATIONS["none"])
+    stats = disassemble(compile_stream(4, 32, 32, 8, True, True, 90, stats=True, **up).asm["cubin"])[1]
+    epilogue = disassemble(compile_stream(4, 32, 32, 8, True, True, 90, stats=False, **up).asm["cubin"])[1]
+    assert stats <= 64 and stats <= epilogue + 8, (stats, epilogue)
 
 
 def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():

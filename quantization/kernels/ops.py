@@ -112,7 +112,9 @@ EARLY_ROW = _env_int("NANOQAT_EARLY_ROW", 2048)
 # 1: the fused normalization's statistics computed before the one-row kernel's loop, whatever the row's length (the
 # kernel's STATS: two values held through the loop, no reduction in the epilogue; EARLY_ROW then unused). On an H100
 # the 6.7B decode went 402, 402 -> 413, 409 tokens/s, alternating, and a block of its layers 68.1 -> 65.2 us
-# (bench/results/step_budget_h100/README.md). NANOQAT_NORM_STATS=0 puts the statistics back in the epilogue
+# (bench/results/step_budget_h100/README.md), with the whole row held for the reduction: 80 registers, two waves of
+# the up projection's programs. The row is now read in chunks (64 registers, one wave; not yet timed on a GPU).
+# NANOQAT_NORM_STATS=0 puts the statistics back in the epilogue
 NORM_STATS = _env_int("NANOQAT_NORM_STATS", 1)
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
@@ -259,7 +261,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     if norm is not None:
         r, wg, kind, eps = norm
         extra = dict(r_ptr=r, wg_ptr=wg, stride_rm=r.stride(0), eps=eps, NORM=kind, KP=triton.next_power_of_2(k),
-                     EARLY=k <= EARLY_ROW or bool(NORM_STATS), STATS=bool(NORM_STATS))
+                     EARLY=k <= EARLY_ROW, STATS=bool(NORM_STATS))
     if residual is not None:
         res, gain = residual
         u = torch.empty((m, n), device=x.device, dtype=res.dtype)
