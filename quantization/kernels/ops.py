@@ -261,7 +261,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     if norm is not None:
         r, wg, kind, eps = norm
         extra = dict(r_ptr=r, wg_ptr=wg, stride_rm=r.stride(0), eps=eps, NORM=kind, KP=triton.next_power_of_2(k),
-                     EARLY=k <= EARLY_ROW, STATS=bool(NORM_STATS))
+                     EARLY=k <= EARLY_ROW and not NORM_STATS, STATS=bool(NORM_STATS))
     if residual is not None:
         res, gain = residual
         u = torch.empty((m, n), device=x.device, dtype=res.dtype)
