@@ -41,8 +41,8 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
                       "stride_rm": "i32", "stride_resm": "i32", "stride_um": "i32", "eps": "fp32",
                       "stamp_ptr": "*i64"})  # and the timeline's (bench/pdl_timeline.py), unused
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
-                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=act, PDL=pdl, NORM=norm, KP=kp, EARLY=kp <= 2048 and not stats,
-                     RESID=False, EMIT_U=False, XLOAD=xload, STAMP=False, STATS=stats)
+                     BLOCK_B=block_b, PREFETCH=prefetch, ACT=act, PDL=pdl, NORM=norm, KP=kp,
+                     EARLY=kp <= 2048 and not stats, RESID=False, EMIT_U=False, XLOAD=xload, STAMP=False, STATS=stats)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}

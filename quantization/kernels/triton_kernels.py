@@ -381,8 +381,8 @@ def _chunked_row_statistics(r_row, K, eps, NORM: tl.constexpr, KP: tl.constexpr)
     """_row_statistics of the first K values at r_row, loaded CHUNK (at most 1024) at a time in a loop, summed
     elementwise and reduced across the program once per pass: a few registers a thread, where holding the whole row
     (4096 values: 16 a thread at 8 warps) took the 6.7B shape's up projection to 80 (Triton 3.6; 64 this way), 3
-    programs a multiprocessor instead of 4 (two waves of its 512). Two passes for a LayerNorm (the mean, then the centred squares,
-    re-read from the L1 cache), as _row_statistics computes them."""
+    programs a multiprocessor instead of 4 (two waves of its 512). Two passes for a LayerNorm (the mean, then the
+    centred squares, re-read from the L1 cache), as _row_statistics computes them."""
     CHUNK: tl.constexpr = KP if KP < 1024 else 1024
     offs = tl.arange(0, CHUNK)
     if NORM == 1:
