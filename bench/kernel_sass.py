@@ -5,6 +5,7 @@ instructions of its main loop against the codes one thread handles per step.
     python bench/kernel_sass.py                       # every width, every config of ops.STREAM_CONFIGS, sm_90
     python bench/kernel_sass.py --bits=4 --configs=128x4x4 --show   # one kernel, and its loop's instructions
     python bench/kernel_sass.py --kernel=gemm --bits=4                # the GEMM: are x and the words copied ahead?
+    python bench/kernel_sass.py --bits=4 --norm=4096 --split=1         # the 6.7B up projection's fused variant
 
 A config here is BLOCK_N x BLOCK_B x num_warps (the split, prefetch and x load of ops.STREAM_CONFIGS are set by
 --split, --prefetch and --xload). The count is static (one pass of the loop body), a measure of work, not of time.
@@ -133,6 +134,9 @@ def main():
                    "0 a load per value, 1 the step's block in one load")
     p.add_argument("--pdl", type=int, default=0, choices=(0, 1), help="compile the programmatic dependent launch "
                    "(1): the table then says how many global loads come before the wait for the earlier kernels")
+    p.add_argument("--norm", type=int, default=0, help="compile the LayerNorm-fused variant over this many inputs "
+                   "(ops.norm_matmul as the up projection runs it: statistics before the loop, the GELU); 0: the "
+                   "plain kernel. The registers column then says how many of its programs fit a multiprocessor")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability as a number (90: H100/H200)")
     p.add_argument("--show", action="store_true", help="also print the main loop's instructions")
     args = p.parse_args()
@@ -142,6 +146,8 @@ def main():
         fail(f"--bits={args.bits!r}: expected comma-separated integers")
     if any(b not in (1, 2, 3, 4, 8) for b in bits):
         fail(f"--bits={args.bits!r}: the kernels take 1, 2, 3, 4 and 8")
+    if args.norm < 0 or args.norm % 32:
+        fail(f"--norm={args.norm}: expected 0 or a positive multiple of 32 (the row's length)")
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -164,8 +170,9 @@ def main():
     print("|---:|---|---:|---:|---:|---:|---|" + ("---:|" if args.pdl else ""))
     for b in bits:
         for block_n, block_b, warps in configs:
+            fused = dict(norm=1, kp=1 << (args.norm - 1).bit_length(), stats=True, act=1) if args.norm else {}
             kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch,
-                                    bool(args.pdl), args.xload)
+                                    bool(args.pdl), args.xload, **fused)
             code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)
             codes = block_n * block_b * 32 // (32 * warps)

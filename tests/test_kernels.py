@@ -714,6 +714,17 @@ def test_the_fused_norms_statistics_keep_the_6_7b_up_projection_at_4_programs_a_
     stats = disassemble(compile_stream(4, 32, 32, 8, True, True, 90, stats=True, **up).asm["cubin"])[1]
     epilogue = disassemble(compile_stream(4, 32, 32, 8, True, True, 90, stats=False, **up).asm["cubin"])[1]
     assert stats <= 64 and stats <= epilogue + 8, (stats, epilogue)
+    # bench/kernel_sass.py --norm prints the same count (the default split and prefetch are the config's)
+    script = os.path.join(ROOT, "bench", "kernel_sass.py")
+    result = subprocess.run([sys.executable, script, "--bits=4", "--configs=32x32x8", "--norm=4096"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = [line for line in result.stdout.splitlines() if line.startswith("| 4 |")][0].split("|")
+    assert int(row[6]) == stats, row
+    bad = subprocess.run([sys.executable, script, "--norm=100"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "kernel_sass.py: error: --norm=100: expected 0 or a positive multiple of 32 (the row's length)"], bad.stderr
 
 
 def test_kernel_sass_takes_the_split_prefetch_arch_and_show_flags():
