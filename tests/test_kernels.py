@@ -820,3 +820,30 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     assert bad.returncode != 0 and bad.stderr.strip() == (
         "prefill_ws_probe.py: error: unknown variant 'nope'; expected some of " + ", ".join(
             ["ptr", "ptr_ws", "tma", "tma_ws", "swap", "swap_ws", "swap2", "swap2_ws", "i8"]))
+
+
+def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp, tmp_path):
+    """bench/fused_norm_precision.py on a trained checkpoint: per LayerNorm the layer's error with the unfused bf16
+    output, a float32 u and a bf16 u; a float32 u far below both bf16 ways, a bf16 u near the unfused path where
+    the rows' mean is small against their spread; on rows of mean 10 and spread 1 a bf16 u is about 10 times worse
+    (the factor it prints); bad input in one line."""
+    import numpy as np
+    from conftest import load_script
+    precision = load_script("bench/fused_norm_precision.py")
+    out = str(tmp_path / "t.md")
+    precision.main([f"--out_dir={trained_fp}", "--tokens=1024", f"--out={out}"])
+    rows = [line.split("|")[1:-1] for line in open(out).read().splitlines() if line.startswith("| h")]
+    assert [r[0].strip() for r in rows] == ["h0.ln_1", "h0.ln_2", "h1.ln_1", "h1.ln_2"]
+    for _, unfused, u32, u16, median, largest in ([float(v) if i else v for i, v in enumerate(r)] for r in rows):
+        assert u32 < 1e-6 < unfused < 1e-2 and 0.5 < u16 / unfused < 2 and 1 <= median <= largest
+    torch.manual_seed(0)
+    norm, weight = torch.nn.LayerNorm(64), torch.randn(32, 64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)  # a gain of ones leaves a bf16 r's product exact
+    (unfused, u32, u16), factor = precision.layer_errors(torch.randn(256, 64) + 10, norm, weight)
+    assert 8 < float(np.median(factor.numpy())) < 12 and u16 > 4 * unfused and u32 < 1e-6
+    for flags, named in ((["--tokens=0"], "--tokens=0"), ([f"--out_dir={tmp_path}/none"], "not found")):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "fused_norm_precision.py"), *flags],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
