@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from model import Block
-from quantization.kernels import attention
+from quantization.kernels import attention, ops
 from quantization.quantizers import code_range, compute_qparams, dequantize, quantize, smallest_int_dtype
 
 
@@ -263,7 +263,7 @@ def fused_embed(model, token, pos):
     """model.embed, and u = x * the first normalization's gain, the first block's fused_block_step input."""
     x, visible = model.embed(token, pos)
     gain = model.transformer.h[0].attn.qkv.norm_in_bits.view(torch.float32)[0]
-    return x, visible, (x.float() * gain).to(x.dtype)
+    return x, visible, (x.float() * gain).to(ops.norm_input_dtype(x.dtype))
 
 
 def fused_block_step(block, x, u, input_pos=None, visible=None):

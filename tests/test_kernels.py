@@ -847,3 +847,26 @@ def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_the_fused_norms_input_is_bf16_for_a_bf16_stream_and_float32_otherwise():
+    """residual_forward's u = output * the next norm's gain (the fused LayerNorm's input, ops.norm_input_dtype):
+    bfloat16 for a bfloat16 residual stream, float32 for float32 and for float16, whose range a large residual times
+    its gain would overflow (30,000 * 4); the fake tensor that torch.compile sees agrees."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    torch.manual_seed(0)
+    layer = PackedLinear.from_float(torch.randn(64, 64) * 0.02, QuantSpec("affine_quant", 4, "per_group", 32))
+    layer.fuse_residual(torch.full((64,), 4.0))
+    for dtype, expected in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                            (torch.float32, torch.float32)):
+        res = torch.full((2, 64), 30000.0, dtype=dtype)
+        y, u = layer.residual_forward(torch.randn(2, 64, dtype=dtype), res)
+        assert y.dtype == dtype and u.dtype == expected and torch.isfinite(u).all(), (dtype, u.dtype)
+        assert torch.allclose(u.double(), y.double() * 4, rtol=1e-2)
+        real = (torch.randn(2, 64, dtype=dtype), res, layer.next_gain_bits.view(torch.float32), layer.qweight,
+                layer.scale, layer.zero, layer.bias, layer.split_counters)
+        with FakeTensorMode() as mode:
+            fake = [None if t is None else mode.from_tensor(t) for t in real]
+            _, fake_u = ops.residual_matmul(*fake[:7], layer.bits, layer.group_size, layer.in_features,
+                                            layer.zero_const, fake[7])
+        assert fake_u.dtype == expected

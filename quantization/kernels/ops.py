@@ -220,6 +220,14 @@ def gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, conf
     return activate(y, activation).to(x.dtype) if atomic else y
 
 
+def norm_input_dtype(dtype):
+    """The dtype of u = r * gain, a fused normalization's input (residual_matmul writes it, norm_matmul reads it as
+    x) for a residual stream of `dtype`: bfloat16 for bfloat16 (a float32 x cost the 6.7B shape's q/k/v and up loops
+    2.7 us a block, bench/results/step_budget_h100; bench/fused_norm_precision.py measures the precision), float32
+    otherwise (float16's range would overflow where |r * gain| passes 65,504)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def stream_grid(m, n, k, config, device):
     """The one-row kernel's grid for m rows of x, n outputs and k inputs under `config`: (column tiles, splits of
     K, blocks of 32 inputs per split); its programs are tiles * splits * m."""
@@ -240,9 +248,9 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     call; zeroed here when not given.
     stamps (bench/pdl_timeline.py): an int64 tensor of at least 5 per program (stream_grid), where each program
     writes when it ran (the kernel's STAMP). pdl: programmatic dependent launch on or off (None: dependent_launch).
-    norm = (r, wg, kind, eps): x is u = r * gain (float32 or r's dtype) and the output is the layer of the normalized r
+    norm = (r, wg, kind, eps): x is u = r * gain (norm_input_dtype) and the output is the layer of the normalized r
     (norm_matmul); residual = (res, gain): res is added to the output, and u = output * gain is returned with it,
-    in res's dtype (residual_matmul). The output then has r's or res's dtype."""
+    in norm_input_dtype(res.dtype) (residual_matmul). The output then has r's or res's dtype."""
     block_n, block_b, _, warps, prefetch = config[:5]
     xload = config[5] if len(config) > 5 else 0
     m, k = x.shape
@@ -264,7 +272,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
                      EARLY=k <= EARLY_ROW and not NORM_STATS, STATS=bool(NORM_STATS))
     if residual is not None:
         res, gain = residual
-        u = torch.empty((m, n), device=x.device, dtype=res.dtype)
+        u = torch.empty((m, n), device=x.device, dtype=norm_input_dtype(res.dtype))
         extra = dict(res_ptr=res, g_ptr=gain, u_ptr=u, stride_resm=res.stride(0), stride_um=u.stride(0), RESID=True,
                      EMIT_U=True)
     triton_kernels._stream_gemv_kernel[(tiles, split, m)](
@@ -416,7 +424,7 @@ def _norm_matmul(u: torch.Tensor, r: torch.Tensor, qweight: torch.Tensor, scale:
     return y.reshape(*r.shape[:-1], qweight.shape[1])
 
 
-# y = norm(r) @ dequant(W).T + b in one kernel (PackedLinear.norm_forward): u = r * the norm's gain (r's dtype), wg =
+# y = norm(r) @ dequant(W).T + b in one kernel (PackedLinear.norm_forward): u = r * the norm's gain, wg =
 # W @ gain, bias = b + W @ the norm's bias, kind 1 LayerNorm or 2 RMSNorm; the one-row kernel for every row
 norm_matmul = torch.library.custom_op("nanoqat::packed_norm_matmul", _norm_matmul, mutates_args=())
 
@@ -439,14 +447,14 @@ def _residual_matmul(x: torch.Tensor, res: torch.Tensor, gain: torch.Tensor, qwe
     return y.reshape(res.shape), u.reshape(res.shape)
 
 
-# (res + x @ dequant(W).T + b, that sum * gain in res's dtype) in one kernel (PackedLinear.residual_forward): the
+# (res + x @ dequant(W).T + b, that sum * gain: norm_input_dtype) in one kernel (PackedLinear.residual_forward): the
 # residual add after a layer, and the next normalization's u for norm_matmul
 residual_matmul = torch.library.custom_op("nanoqat::packed_residual_matmul", _residual_matmul, mutates_args=())
 
 
 @residual_matmul.register_fake
 def _(x, res, gain, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters):
-    return res.new_empty(res.shape), res.new_empty(res.shape)
+    return res.new_empty(res.shape), res.new_empty(res.shape, dtype=norm_input_dtype(res.dtype))
 
 
 def choices_file():

@@ -123,7 +123,7 @@ class PackedLinear(nn.Module):
         self.norm_out_bits = _bits(torch.stack([weight @ gain, bias]))
 
     def fuse_residual(self, gain):
-        """Let residual_forward also give u = output * gain (in the output's dtype): the input of the next layer's
+        """Let residual_forward also give u = output * gain (ops.norm_input_dtype): the input of the next layer's
         norm_forward, gain that norm's (out_features,) weight."""
         if gain.shape != (self.out_features,):
             raise ValueError(f"fuse_residual takes a gain of {self.out_features} values, not {tuple(gain.shape)}")
@@ -133,7 +133,7 @@ class PackedLinear(nn.Module):
         return self.sparse is None and ops.kernel_refusal(x, self.bits, self.group_size) is None
 
     def norm_forward(self, u, r):
-        """self(norm(r)) (GELU included), norm the one fuse_norm took; u = r * its gain, in r's dtype (what
+        """self(norm(r)) (GELU included), norm the one fuse_norm took; u = r * its gain (ops.norm_input_dtype: what
         residual_forward gives). The one-row kernel computes it in one launch: the statistics of r in its epilogue."""
         if not self._kernel_ok(r):
             norm_in = self.norm_in_bits.view(torch.float32)
@@ -148,12 +148,12 @@ class PackedLinear(nn.Module):
                            self.norm_kind, self.norm_eps)
 
     def residual_forward(self, x, res):
-        """(res + self(x) in res's dtype, that sum * the gain of fuse_residual in the same dtype), in one launch of the
-        one-row kernel."""
+        """(res + self(x) in res's dtype, that sum * the gain of fuse_residual in ops.norm_input_dtype), in one
+        launch of the one-row kernel."""
         gain = self.next_gain_bits.view(torch.float32)
         if not self._kernel_ok(x) or self.gelu is not None:
             y = res + self(x).to(res.dtype)
-            return y, (y.float() * gain).to(y.dtype)
+            return y, (y.float() * gain).to(ops.norm_input_dtype(y.dtype))
         return ops.residual_mm(x, res, gain, self.qweight, self.scale, self.zero, self.bias, self.bits,
                                self.group_size, self.in_features, self.zero_const, self.split_counters)
 

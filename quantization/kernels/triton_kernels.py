@@ -416,11 +416,11 @@ def _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, w
     With EARLY the row came with the kernel's first loads; else it is loaded here (ops.EARLY_ROW). With STATS the
     kernel already reduced it to mean and rstd (_row_statistics).
     RESID: the residual row res is added after the bias; EMIT_U: u = output * g (the next normalization's gain,
-    from the output as written, in its dtype) is written in u_ptr's dtype (the residual stream's: ops.stream_gemv) for
-    the next layer's NORM. A bfloat16 u rounds relative to |r| where the layer needs r - mean: as accurate as a
-    bfloat16 LayerNorm output where the row's mean is small against its spread (sqrt(1 + mean^2 / var) times the
-    error otherwise), and its loop ran 2.7 us a block faster than with float32 x on the 6.7B shape
-    (bench/results/step_budget_h100/README.md)."""
+    from the output as written, in its dtype) is written in u_ptr's dtype (ops.norm_input_dtype: bfloat16 for a
+    bfloat16 stream, else float32) for the next layer's NORM. A bfloat16 u rounds relative to |r| where the layer
+    needs r - mean: as accurate as a bfloat16 LayerNorm output where the row's mean is small against its spread
+    (sqrt(1 + mean^2 / var) times the error otherwise), and its loop ran 2.7 us a block faster than with float32 x
+    on the 6.7B shape (bench/results/step_budget_h100/README.md)."""
     if NORM != 0:
         if not STATS:
             offs_r = tl.arange(0, KP)
