@@ -32,7 +32,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from quantization.kernels import triton_kernels
+    from quantization.kernels import ops, triton_kernels
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "b_ptr": "*bf16",
                  "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                  "stride_xm": "i32", "stride_ym": "i32", "blocks_per_group": "i32", "blocks_per_split": "i32"}
@@ -43,7 +43,7 @@ def compile_stream(bits, block_n, block_b, warps, split, prefetch, arch, pdl=Fal
                       "stamp_ptr": "*i64"})  # and the timeline's (bench/pdl_timeline.py), unused
     constants = dict(BITS=bits, HAS_ZERO=True, ZERO=0.0, HAS_BIAS=False, SPLIT=split, EVEN=True, BLOCK_N=block_n,
                      BLOCK_B=block_b, PREFETCH=prefetch, ACT=act, PDL=pdl, NORM=norm, KP=kp,
-                     EARLY=kp <= 2048 and not stats, RESID=False, EMIT_U=False, XLOAD=xload, STAMP=False, STATS=stats)
+                     EARLY=kp <= ops.EARLY_ROW and not stats, RESID=False, EMIT_U=False, XLOAD=xload, STAMP=False, STATS=stats)
     signature.update({name: "constexpr" for name in constants})
     # pointers and N 16-aligned, as the launcher's arguments are in practice (vectorized word loads)
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9)}

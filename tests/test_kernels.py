@@ -345,7 +345,7 @@ def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
     for row in rows:
         bf16 = row[5] == "bfloat16"
         assert row[8] < (1e-2 if bf16 else 1e-5), row  # float32: far below a quantization step
-        assert row[9] == ("torch.bfloat16" if bf16 else "torch.float32"), row  # u too: the residual stream's dtype
+        assert row[9] == ("torch.bfloat16" if bf16 else "torch.float32"), row  # u too: ops.norm_input_dtype
 
 
 def test_a_packed_linear_with_outliers_applies_the_gelu_after_them():
@@ -827,7 +827,6 @@ def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp
     output, a float32 u and a bf16 u; a float32 u far below both bf16 ways, a bf16 u near the unfused path where
     the rows' mean is small against their spread; on rows of mean 10 and spread 1 a bf16 u is about 10 times worse
     (the factor it prints); bad input in one line."""
-    import numpy as np
     from conftest import load_script
     precision = load_script("bench/fused_norm_precision.py")
     out = str(tmp_path / "t.md")
@@ -841,7 +840,7 @@ def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)  # a gain of ones leaves a bf16 r's product exact
     (unfused, u32, u16), factor = precision.layer_errors(torch.randn(256, 64) + 10, norm, weight)
-    assert 8 < float(np.median(factor.numpy())) < 12 and u16 > 4 * unfused and u32 < 1e-6
+    assert 8 < factor.median().item() < 12 and u16 > 4 * unfused and u32 < 1e-6
     for flags, named in ((["--tokens=0"], "--tokens=0"), ([f"--out_dir={tmp_path}/none"], "not found")):
         result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "fused_norm_precision.py"), *flags],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)

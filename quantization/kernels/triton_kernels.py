@@ -414,7 +414,7 @@ def _epilogue(y, y_ptrs, offs_n, mask_n, pid_m, K, b_ptr, r, r_ptr, stride_rm, w
     values loaded at the start, K used) gives the statistics here. W (r - mean) rstd gain = rstd (W u - mean W gain),
     so y = rstd (y - mean wg) with wg = W gain per output; the normalization's bias is folded into the layer's bias.
     With EARLY the row came with the kernel's first loads; else it is loaded here (ops.EARLY_ROW). With STATS the
-    kernel already reduced it to mean and rstd (_row_statistics).
+    kernel already reduced it to mean and rstd (_chunked_row_statistics).
     RESID: the residual row res is added after the bias; EMIT_U: u = output * g (the next normalization's gain,
     from the output as written, in its dtype) is written in u_ptr's dtype (ops.norm_input_dtype: bfloat16 for a
     bfloat16 stream, else float32) for the next layer's NORM. A bfloat16 u rounds relative to |r| where the layer
