@@ -54,8 +54,9 @@ class GPTConfig:
     # the output head shares the token embedding's matrix; False gives it its own (rotated models need that)
     tied_head: bool = True
     # "<kind>_<site>" -> online transform applied just before the site's quantizer (quantization/layers.py
-    # ONLINE_TRANSFORMS: "hadamard", "scale" (one factor per channel, a saved buffer), "scale_hadamard"); the layer
-    # reading the site carries its inverse in its weight
+    # ONLINE_TRANSFORMS: "hadamard", "scale" (one factor per channel, a saved buffer), "scale_hadamard", and
+    # "shift_scale", "shift_scale_hadamard" with a channel mean taken out first); the layer reading the site carries
+    # the inverse in its weight (and the shift in its bias)
     online_transforms: dict = field(default_factory=dict)
 
 

@@ -159,21 +159,24 @@ def main(argv=None):
                 sq = SpinQuant(base, method="gptq", seed=0, **common)
                 sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False, **gptq_options)
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
-            sq = SpinQuant(base, method=method, seed=0, smooth_alpha=smooth_alpha(args), **common)
+            sq = SpinQuant(base, method=method, seed=0, smooth_alpha=smooth_alpha(args), gelu_shift=args.gelu_shift,
+                           **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                  seed=args.seed, progress=False, heldout=heldout, from_identity=args.from_identity)
-            if args.smooth:  # S4 alone, its alpha chosen as the choice below will choose it
-                scales, alpha = sq.smooth_scales(log=lambda line: print(f"  {line}", flush=True))
-                s4 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, **common)
+            if args.smooth:  # S4 alone, its alpha (and the shift) chosen as the choice below will choose them
+                scales, alpha, shift = sq.smooth_scales(log=lambda line: print(f"  {line}", flush=True))
+                s4 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, shift=shift,
+                               **common)
                 s4.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False,
                          **gptq_options)
-                add(setting, f"S4 (GELU output scale, alpha {alpha:g}) + {method.upper()}, no rotation",
+                shifted = ", shifted" if shift is not None else ""
+                add(setting, f"S4 (GELU output scale, alpha {alpha:g}{shifted}) + {method.upper()}, no rotation",
                     score(s4.model), rtn)
-                s12 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales,
+                s12 = SpinQuant(base, method=method, seed=0, rotations=(), fold=False, smooth=scales, shift=shift,
                                 smooth_norms=NORM_SMOOTH_ALPHA, **common)
                 s12.apply(sq.calibration[:, :seqlen], nsamples=args.nsamples, progress=False, select=False,
                           **gptq_options)
-                add(setting, f"S1+S2+S4 (norm, v and GELU output scales) + {method.upper()}, no rotation",
+                add(setting, f"S1+S2+S4 (norm, v and GELU output scales{shifted}) + {method.upper()}, no rotation",
                     score(s12.model), rtn)
             sq.apply(nsamples=args.nsamples, progress=False, select=False, **gptq_options)
             add(setting, f"SpinQuant + {method.upper()}, learned", score(sq.model), rtn,

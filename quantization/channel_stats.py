@@ -7,8 +7,8 @@ from quantization.rtn import SITES, target_layers
 
 @torch.no_grad()
 def input_channel_stats(model, samples, batch_size=8, device=None, sites=SITES):
-    """{module name: {"mean_abs", "max_abs", "rms"}} (each one value per input channel) of every target linear,
-    from running the model over (nsamples, seqlen) token ids."""
+    """{module name: {"mean", "mean_abs", "max_abs", "rms"}} (each one value per input channel) of every target
+    linear, from running the model over (nsamples, seqlen) token ids."""
     device = device or next(model.parameters()).device
     layers = target_layers(model, sites)
     sums = {}
@@ -16,8 +16,9 @@ def input_channel_stats(model, samples, batch_size=8, device=None, sites=SITES):
     def hook(name):
         def record(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            s = sums.setdefault(name, {"abs": 0.0, "sq": 0.0, "max_abs": torch.zeros(x.shape[1], device=x.device),
-                                       "n": 0})
+            s = sums.setdefault(name, {"sum": 0.0, "abs": 0.0, "sq": 0.0, "n": 0,
+                                       "max_abs": torch.zeros(x.shape[1], device=x.device)})
+            s["sum"] = s["sum"] + x.sum(0)
             s["abs"] = s["abs"] + x.abs().sum(0)
             s["sq"] = s["sq"] + (x * x).sum(0)
             s["max_abs"] = torch.maximum(s["max_abs"], x.abs().amax(0))
@@ -34,7 +35,8 @@ def input_channel_stats(model, samples, batch_size=8, device=None, sites=SITES):
         for h in handles:
             h.remove()
         model.train(was_training)
-    return {name: {"mean_abs": s["abs"] / s["n"], "max_abs": s["max_abs"], "rms": (s["sq"] / s["n"]).sqrt()}
+    return {name: {"mean": s["sum"] / s["n"], "mean_abs": s["abs"] / s["n"], "max_abs": s["max_abs"],
+                   "rms": (s["sq"] / s["n"]).sqrt()}
             for name, s in sums.items()}
 
 

@@ -90,6 +90,19 @@ def build_like(config, state):
     model.load_state_dict(state)
     return model
 
+def with_biases(model):
+    """A copy of `model` computing the same function with bias=True: every linear and LayerNorm that had no bias
+    gets a zero one (for a change of basis that must add a constant to a layer's output)."""
+    config = GPTConfig(**{**asdict(model.config), "bias": True})
+    state = dict(model.state_dict())
+    like = next(iter(state.values()))
+    with torch.random.fork_rng(devices=[]):
+        shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
+    state.update({k: torch.zeros(shape, dtype=like.dtype, device=like.device)
+                  for k, shape in shapes.items() if k not in state})
+    return build_like(config, state)
+
+
 def check_scale(scale, width, what):
     if scale.dim() != 1 or scale.numel() != width:
         raise ValueError(f"scale of shape {list(scale.shape)} does not fit {what} of width {width}")

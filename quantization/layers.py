@@ -37,10 +37,35 @@ class ScaledHadamard(ChannelScale):
         return self.hadamard(super().forward(x))
 
 
+class ShiftedScale(ChannelScale):
+    """x -> (x - shift) * inv_scale: a channel's mean taken out before its scale (Outlier Suppression+'s shift,
+    arXiv 2304.09145), so that a channel which is on for every token no longer sets every token's range. The reader
+    holds W diag(s) and adds W shift to its bias. `shift` is a buffer, saved with the model."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.register_buffer("shift", torch.zeros(width))
+
+    def forward(self, x):
+        return (x - self.shift.to(x.dtype)) * self.inv_scale.to(x.dtype)
+
+
+class ShiftedScaledHadamard(ShiftedScale):
+    """x -> ((x - shift) * inv_scale) H^T: the shift and scale, then the Hadamard."""
+
+    def __init__(self, width):
+        super().__init__(width)
+        self.hadamard = HadamardTransform()
+
+    def forward(self, x):
+        return self.hadamard(super().forward(x))
+
+
 # online transforms an activation site can apply before its quantizer (GPTConfig.online_transforms): name ->
 # (constructor of the site's width, whether it needs that width)
 ONLINE_TRANSFORMS = {"hadamard": (lambda width: HadamardTransform(), False), "scale": (ChannelScale, True),
-                     "scale_hadamard": (ScaledHadamard, True)}
+                     "scale_hadamard": (ScaledHadamard, True), "shift_scale": (ShiftedScale, True),
+                     "shift_scale_hadamard": (ShiftedScaledHadamard, True)}
 
 
 def make_transform(name, width=None):

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from model import GPT, GPTConfig
 from quantization.channel_stats import input_channel_stats
-from quantization.fold import build_like, fold_norms, fold_state
+from quantization.fold import build_like, fold_norms, fold_state, with_biases
 from quantization.hadamard import hadamard_matrix, random_hadamard_matrix
 from quantization.ptq import PTQConfig, make_quantizer
 from quantization.quantizers import MAX_BITS, MIN_BITS, QuantSpec, fake_quant, misfit
@@ -174,6 +174,16 @@ def gelu_output_scales(model, data, alpha=SMOOTH_ALPHA, batch_size=16, statistic
     return scales
 
 
+@torch.no_grad()
+def gelu_output_means(model, data, batch_size=16):
+    """The shift before S4: per block, each channel's mean of the GELU output that mlp_down reads, over the (N, T + 1)
+    calibration samples `data` under `model` (full precision, unrotated: the same under R1-R3). A list of
+    (4 n_embd,) float64 tensors; the site subtracts it, mlp_down's bias adds W_down times it back."""
+    data = calibration_batch(data)
+    stats = input_channel_stats(model, data[:, :-1], batch_size, sites=("mlp_down",))
+    return [stats[f"transformer.h.{i}.mlp.mlp_down"]["mean"].double().cpu() for i in range(model.config.n_layer)]
+
+
 def _smooth_scale(a, weights, alpha):
     s = smooth_scale(a.cpu(), [w.cpu() for w in weights], alpha, dtype=torch.float64, eps=1e-8)
     return s / s.mean()  # the mean does not matter to per-token or per-row quantizers: keep s near 1
@@ -309,7 +319,7 @@ class SpinQuant:
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
                  method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
                  weight_specs=None, dtype=torch.float32, fold=True, smooth=None, smooth_alpha=SMOOTH_ALPHAS,
-                 smooth_norms=None):
+                 smooth_norms=None, shift=None, gelu_shift=True):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
         and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
         the rotated model and the rotations (float64 to check exactness). `fold=False` (not with R1, which needs
@@ -317,7 +327,11 @@ class SpinQuant:
         scale per block for mlp_down's input (gelu_output_scales), applied before R4 when both are on.
         `smooth_alpha`: the alpha of the S4 candidates of apply's choice, or several (smooth_scales picks one on
         held-out samples); None: no S4 candidates. `smooth_norms`: S1 and S2 at this alpha (norm_smooth_scales),
-        taken by apply from the calibration samples in the rotated basis, before the weights are quantized."""
+        taken by apply from the calibration samples in the rotated basis, before the weights are quantized.
+        `shift`: one mean per block for mlp_down's input (gelu_output_means), subtracted online before S4's scale;
+        mlp_down's bias holds W_down times it (a model without biases gets zero ones everywhere). `gelu_shift`: apply's
+        choice also tries the shift under its S4 and R4 candidates, and keeps it for each where it scores lower
+        (smooth_scales, r4_shift)."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -339,7 +353,8 @@ class SpinQuant:
                 raise ValueError(f"group_size={group_size}: {misfit(self.spec, width)}")
         self.device = device or next(model.parameters()).device
         self.rotations = tuple(rotations)
-        self.smooth, self.smooth_choice = smooth, None
+        self.smooth, self.smooth_choice, self.shift, self.means = smooth, None, shift, None
+        self.gelu_shift, self.r4_choice = bool(gelu_shift), None
         if smooth_norms is not None and not 0.0 <= smooth_norms <= 1.0:
             raise ValueError(f"smooth_norms={smooth_norms}: must be in [0, 1], or None for no S1 and S2")
         self.smooth_norms, self.norm_scales = smooth_norms, None
@@ -357,12 +372,22 @@ class SpinQuant:
         self.smooth_alpha = smooth_alpha
         if smooth is not None and (len(smooth) != cfg.n_layer or any(t.shape != (4 * C,) for t in smooth)):
             raise ValueError(f"smooth: expected {cfg.n_layer} scales of {4 * C} channels (gelu_output_scales)")
+        if shift is not None and (len(shift) != cfg.n_layer or any(t.shape != (4 * C,) for t in shift)):
+            raise ValueError(f"shift: expected {cfg.n_layer} means of {4 * C} channels (gelu_output_means)")
         # fold in float64, apply the fixed rotations (R3, R4), keep `dtype` weights for optimisation
         folded = copy.deepcopy(model).to("cpu", torch.float64)
         folded = fold_norms(folded) if fold else folded
+        if shift is not None and not folded.config.bias:  # the shift comes back through mlp_down's bias
+            folded = with_biases(folded)
         fixed = dict(R3=hadamard_matrix(hd) if "R3" in rotations else None,
                      R4=hadamard_matrix(4 * C).t() if "R4" in rotations else None)
         state = folded.state_dict()
+        for i, mean in enumerate(shift or []):  # the shift: the site subtracts the mean, mlp_down's bias adds W mean
+            p = f"transformer.h.{i}.mlp."
+            mean = mean.to(torch.float64)
+            state[p + "mlp_down.bias"] = state[p + "mlp_down.bias"] + state[p + "mlp_down.weight"] @ mean
+            state[p + "act.activation_output.transform.shift"] = mean
+            state[p + "act.activation_output.transform.inv_scale"] = torch.ones_like(mean)
         for i, scale in enumerate(smooth or []):  # S4: W_down <- W_down diag(s), the site divides by s (before R4)
             p = f"transformer.h.{i}.mlp."
             state[p + "mlp_down.weight"] = state[p + "mlp_down.weight"] * scale.to(torch.float64)
@@ -370,7 +395,8 @@ class SpinQuant:
         state = rotate_state(state, cfg, **fixed)
         if act_quant is None:
             act_quant = activation_quant(act_bits, kv_bits, act_sym)
-        transform = ("scale_" if smooth is not None else "") + ("hadamard" if "R4" in rotations else "")
+        transform = ("shift_" if shift is not None else "") + ("scale_" if smooth is not None or shift is not None
+                                                                 else "") + ("hadamard" if "R4" in rotations else "")
         config = {**asdict(folded.config), "act_quant": act_quant,
                   "online_transforms": {"mlp_activation_output": transform.strip("_")} if transform else {}}
         self.config = GPTConfig(**config)
@@ -392,15 +418,16 @@ class SpinQuant:
         self.source, self.learn = model, tuple(learn)
         self.options = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
                             act_sym=act_sym, method=method, seed=seed, device=self.device, act_quant=act_quant,
-                            weight_specs=weight_specs, dtype=dtype)
+                            weight_specs=weight_specs, dtype=dtype, gelu_shift=gelu_shift)
         self.start = self.rotation_values()
         self.heldout, self.heldout_steps, self.heldout_losses, self.candidates, self.choice = None, None, [], [], None
         # optimize(from_identity=True): R1/R2 learned from the identity, their losses, held-out losses
         self.learned_from_identity, self.identity_losses, self.identity_heldout_losses = None, [], []
 
     def smoothings(self):
-        """The S names this instance applies: S1 and S2 with smooth_norms, S4 with smooth."""
-        return (("S1", "S2") if self.smooth_norms is not None else ()) + (("S4",) if self.smooth else ())
+        """The S names this instance applies: S1 and S2 with smooth_norms, S4 with smooth, "shift" with shift."""
+        return ((("S1", "S2") if self.smooth_norms is not None else ()) + (("S4",) if self.smooth else ())
+                + (("shift",) if self.shift else ()))
 
     def rotation_values(self):
         """Detached copies of (R1, R2)."""
@@ -658,30 +685,64 @@ class SpinQuant:
                              SMOOTHINGS))
         return out
 
+    def gelu_means(self):
+        """The shift's means (gelu_output_means) from the learning samples (optimize's); computed once."""
+        if self.means is None:
+            if self.calibration is None:
+                raise ValueError("the shift's means need calibration samples: call optimize first")
+            self.means = gelu_output_means(self.source, self.calibration)
+        return self.means
+
+    def _pick_score(self, **kwargs):
+        """The loss, on the held-out samples that chose the Cayley step, of the source with RTN weights and `kwargs`
+        (S4's scales, the shift, R4): the score of smooth_scales' and r4_shift's picks."""
+        sq = SpinQuant(self.source, **{**self.options, "method": "rtn", "seed": self.info["seed"], "fold": False,
+                                       "rotations": (), **kwargs})
+        sq.apply(progress=False, select=False)
+        return self.evaluate(self.heldout_steps, model=sq.model)
+
     def smooth_scales(self, log=print):
-        """(S4's scales, alpha) for the candidates, from the learning samples (optimize's); with several alphas,
-        the one whose S4 alone (no rotation, RTN weights) scores lowest on the held-out samples that chose the
-        Cayley step, never on those the final choice is made on. Computed once."""
+        """(S4's scales, alpha, the shift's means or None) for the candidates, from the learning samples (optimize's);
+        with several alphas, or with gelu_shift (each alpha also after the shift), the one whose S4 alone (no
+        rotation, RTN weights) scores lowest on the held-out samples that chose the Cayley step, never on those the
+        final choice is made on. Computed once."""
         if self.smooth_choice is None:
             if self.calibration is None:
                 raise ValueError("S4's scales need calibration samples: call optimize first")
+            options = [(alpha, shift) for shift in ((False, True) if self.gelu_shift else (False,))
+                       for alpha in self.smooth_alpha]
             scored = []
-            for alpha in self.smooth_alpha:
+            for alpha, shift in options:
                 scales = gelu_output_scales(self.source, self.calibration, alpha)
-                loss = None
-                if len(self.smooth_alpha) > 1:
-                    sq = SpinQuant(self.source, rotations=(), fold=False, smooth=scales,
-                                   **{**self.options, "method": "rtn", "seed": self.info["seed"]})
-                    sq.apply(progress=False, select=False)
-                    loss = self.evaluate(self.heldout_steps, model=sq.model)
-                scored.append((math.inf if loss is None else loss, alpha, scales))
-            loss, alpha, scales = min(scored, key=lambda r: r[0])
+                means = self.gelu_means() if shift else None
+                loss = self._pick_score(smooth=scales, shift=means) if len(options) > 1 else math.inf
+                scored.append((loss, alpha, scales, means))
+            loss, alpha, scales, means = min(scored, key=lambda r: r[0])
             if len(scored) > 1:
-                log("S4 alpha: " + ", ".join(f"{a:g} {l:.4f}" for l, a, _ in scored) + f"; kept {alpha:g} (S4 "
-                    f"alone with RTN on the held-out samples that chose the Cayley step)")
-            self.smooth_choice = (scales, alpha)
+                log("S4 alpha: " + ", ".join(f"{a:g}{'+shift' if m is not None else ''} {l:.4f}"
+                                             for l, a, _, m in scored)
+                    + f"; kept {alpha:g}{'+shift' if means is not None else ''} (S4 alone with RTN on the held-out "
+                      f"samples that chose the Cayley step)")
+            self.smooth_choice = (scales, alpha, means)
             self.info["smooth_alpha"] = alpha
         return self.smooth_choice
+
+    def r4_shift(self, log=print):
+        """The shift's means for the candidates with R4, or None: with gelu_shift, R4 alone (unfolded, RTN weights)
+        without and with the shift, scored on the held-out samples that chose the Cayley step; the shift is kept
+        where it scores lower. (A GELU output's channel means, rotated by the Hadamard, add up in one coordinate,
+        which then sets every token's range.) Computed once."""
+        if not self.gelu_shift:
+            return None
+        if self.r4_choice is None:
+            if self.calibration is None:
+                raise ValueError("R4's shift needs calibration samples: call optimize first")
+            off = self._pick_score(rotations=("R4",))
+            on = self._pick_score(rotations=("R4",), shift=self.gelu_means())
+            log(f"R4 shift: off {off:.4f}, on {on:.4f}; kept {'on' if on < off else 'off'} (R4 alone with RTN on the "
+                f"held-out samples that chose the Cayley step)")
+            self.r4_choice = (on < off,)
+        return self.gelu_means() if self.r4_choice[0] else None
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, report=None, **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
@@ -690,13 +751,16 @@ class SpinQuant:
         held-out ones."""
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
-        results, base, scales = [], None, None
+        results, base = [], None
         for name, rotations, values, fold, smoothings in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
-            if "S4" in smoothings and scales is None:  # S4's scales, from the learning samples
-                scales, _ = self.smooth_scales(log)
-            sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=fold,
-                           smooth=scales if "S4" in smoothings else None,
+            scales, shift = None, None
+            if "S4" in smoothings:  # S4's scales (and the shift, where it was picked), from the learning samples
+                scales, _, shift = self.smooth_scales(log)
+            elif "R4" in rotations:
+                shift = self.r4_shift(log)
+            name += " + shift" if shift is not None else ""
+            sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=fold, smooth=scales, shift=shift,
                            smooth_norms=NORM_SMOOTH_ALPHA if "S1" in smoothings else None,
                            **{**options, "method": method})
             if values is not None:
@@ -727,7 +791,7 @@ class SpinQuant:
         # the lowest of the candidates that clearly beat no rotation (ties: the earlier, simpler one)
         loss, name, best, _, changed = min((r for r in results if r[3]), key=lambda r: r[0])
         for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state", "smooth", "smooth_norms",
-                     "norm_scales"):
+                     "norm_scales", "shift"):
             setattr(self, attr, getattr(best, attr))
         none = base.mean().item()
         clear = sum(r[3] for r in results if r[4])

@@ -40,6 +40,9 @@ def add_spinquant_flags(p):
     p.add_argument("--smooth_alpha", default=",".join(f"{a:g}" for a in SMOOTH_ALPHAS), help="S4's migration "
                    "strength, s_j = rms_j^alpha / max|W_down[:, j]|^(1 - alpha), in [0, 1]; several, comma-separated: "
                    "the one whose S4 alone scores lowest on held-out samples")
+    p.add_argument("--gelu_shift", action=BoolFlag, default=True, help="also try each channel's mean taken out of "
+                   "the GELU output (added back through mlp_down's bias) before S4 and before R4; kept for each where "
+                   "it scores lower on held-out samples")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
     p.add_argument("--heldout_tokens", type=int, default=16384, help="held-out calibration tokens (other windows of "
                    "the train split, never learned on) that choose among no rotation, random Hadamard and learned "

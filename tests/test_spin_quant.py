@@ -2,6 +2,7 @@
 train.py --spinquant, and bad input."""
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -582,9 +583,10 @@ def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tm
     assert not any(torch.equal(a, b) for a in sq.heldout for b in sq.heldout_steps)
     lines = []
     sq.apply(progress=False, log=lines.append)
-    assert sum(line.startswith("S4 alpha: ") for line in lines) == 1  # S4's alpha, chosen before its candidates
-    lines = [line for line in lines if not line.startswith("S4 alpha: ")]
-    names = [c["name"] for c in sq.candidates]
+    # S4's alpha and the shift under S4 and under R4, each picked once before its candidates
+    assert [sum(line.startswith(pick) for line in lines) for pick in PICKS] == [1, 1]
+    lines = [line for line in lines if not line.startswith(PICKS)]
+    names = [c["name"].removesuffix(" + shift") for c in sq.candidates]
     assert names[0] == "no rotation" and "random Hadamard all" in names and len(lines) == len(names) + 1
     # the lowest of the candidates that clearly beat no rotation (no rotation itself always counts)
     assert sq.candidates[0]["clear"] and all("standard errors" in line for line in lines[1:-1])
@@ -596,13 +598,17 @@ def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tm
     assert torch.equal(from_pretrained(str(tmp_path))(x, x)[0], sq.model(x, x)[0])
 
 
-def _chosen(model, tokens, method, steps, **optimize):
-    """A SpinQuant at W3A4KV4 after `steps` of optimize and apply's choice: (sq, the lines it logged, candidate names)."""
-    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method=method, seed=0)
+PICKS = ("S4 alpha: ", "R4 shift: ")  # the lines of smooth_scales' and r4_shift's picks (tests/test_spinquant_s4.py)
+
+
+def _chosen(model, tokens, method, steps, gelu_shift=True, **optimize):
+    """A SpinQuant at W3A4KV4 after `steps` of optimize and apply's choice: (sq, the lines it logged but the picks',
+    candidate names)."""
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method=method, seed=0, gelu_shift=gelu_shift)
     sq.optimize(_calibration(tokens), steps=steps, progress=False, **optimize)
     lines = []
     sq.apply(progress=False, log=lines.append)
-    lines = [line for line in lines if not line.startswith("S4 alpha: ")]  # S4's alpha (tests/test_spinquant_s4.py)
+    lines = [line for line in lines if not line.startswith(PICKS)]
     return sq, lines, [c["name"] for c in sq.candidates]
 
 
@@ -645,7 +651,7 @@ def test_learning_from_the_identity_is_one_more_candidate(tiny_trained):
     assert sq.identity_heldout_losses[0][0] == 0 and len(sq.identity_heldout_losses) >= 2
     lines = []
     sq.apply(progress=False, log=lines.append)
-    names = [c["name"] for c in sq.candidates]
+    names = [c["name"].removesuffix(" + shift") for c in sq.candidates]
     assert "learned from identity all" in names and "learned from identity R1" in names
     best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
     assert sq.choice["name"] == best["name"]
@@ -681,9 +687,10 @@ def test_the_fixed_hadamards_without_r1_match_a_model_built_with_hooks(tiny_trai
 
 def test_the_folded_norms_and_fixed_hadamards_are_candidates_that_must_clearly_win(tiny_trained):
     """The choice also scores the folded norms without rotation and the fixed Hadamards R4 and R3+R4 (norms
-    folded), each as a model built apart scores it, and keeps one only when it clearly beats no rotation."""
+    folded), each as a model built apart scores it, and keeps one only when it clearly beats no rotation (without
+    the shift: test_spinquant_s4.py has the candidates with it)."""
     model, tokens = tiny_trained
-    sq, lines, names = _chosen(model, tokens, "rtn", 2)
+    sq, lines, names = _chosen(model, tokens, "rtn", 2, gelu_shift=False)
     assert names[:4] == ["no rotation", "folded norms, no rotation", "Hadamard R4", "Hadamard R3+R4"]
     for name, rotations in (("folded norms, no rotation", ()), ("Hadamard R4", ("R4",)), ("Hadamard R3+R4", ("R3", "R4"))):
         other = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, rotations=rotations)
@@ -769,8 +776,8 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     assert any(m.startswith("SpinQuant + GPTQ, kept: ") for m in methods) and "SpinQuant + RTN, learned" in methods
     assert "SpinQuant + RTN, learned from identity" in methods  # --from_identity, on by default
     for method in ("RTN", "GPTQ"):  # --smooth, on by default: S4 alone, a row per weight method
-        assert any(m.startswith("S4 (GELU output scale, alpha 0.5) + " + method) or
-                   m.startswith("S4 (GELU output scale, alpha 0.75) + " + method) for m in methods), method
+        assert any(re.match(r"S4 \(GELU output scale, alpha 0\.(5|75)(, shifted)?\) \+ " + method, m)
+                   for m in methods), method
     off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False", "--smooth=False",
                                  "--methods=gptq"])
     assert not any("from identity" in r["method"] or "S4" in r["method"] for r in off)
