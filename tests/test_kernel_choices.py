@@ -29,8 +29,8 @@ def launcher(tmp_path, monkeypatch):
     monkeypatch.setattr(ops, "candidates", lambda m, group_size, bits=None: list(pairs))
     timed = []
 
-    def fastest(args, candidates, counters=None):
-        timed.append(len(candidates))
+    def fastest(args, candidates, counters=None, fused=None):
+        timed.append(len(candidates) if fused is None else (len(candidates), fused))
         return candidates[1]
     monkeypatch.setattr(ops, "_fastest", fastest)
 
@@ -54,6 +54,29 @@ def test_a_shape_timed_once_is_reused_by_a_new_process(launcher):
     assert name.startswith("cpu|torch ") and ops.source_digest() in name and "rows 1 n 8 k 32 bits 4" in name
     fresh()
     assert call()[0, 0].item() == -3 and timed == [2]  # read from the file, not timed again
+
+
+def test_a_fused_call_is_timed_with_its_own_arguments_under_its_own_key(launcher, monkeypatch):
+    """one_row_config(fused=...): the LayerNorm's or the residual's arguments (their first row, as x's) go to the
+    timing, and the choice is stored under a name of its own, apart from the plain call of the shape and from the
+    other fusion; NANOQAT_FUSED_TUNING=0 (FUSED_TUNING) takes the plain call's choice, timed once."""
+    path, pairs, timed, fresh, call = launcher
+    x, r = torch.ones(3, 32), torch.randn(3, 32)
+    args = (x, torch.zeros(4, 8, dtype=torch.int32), torch.ones(1, 8), None, None, 4, 1, 0.0)
+    wg = torch.ones(8)
+    assert ops.one_row_config(args, 32, 32, None, dict(norm=(r, wg, 1, 1e-5))) == (3,)
+    (count, fused), = timed
+    assert count == 2 and torch.equal(fused["norm"][0], r[:1]) and fused["norm"][1:] == (wg, 1, 1e-5)
+    ops.one_row_config(args, 32, 32, None, dict(residual=(r, wg)))
+    assert torch.equal(timed[1][1]["residual"][0], r[:1]) and timed[1][1]["residual"][1] is wg
+    call()
+    assert timed[2] == 2  # the plain call of the shape: timed apart
+    names = sorted(json.loads(path.read_text()))
+    assert [n.split("float32")[-1] for n in names] == ["", " fused norm1", " fused residual"]
+    fresh()
+    monkeypatch.setattr(ops, "FUSED_TUNING", 0)
+    assert ops.one_row_config(args, 32, 32, None, dict(norm=(r, wg, 1, 1e-5))) == (3,) and len(timed) == 3
+    assert ops.fused_tag(None) is None and ops.fused_tag(dict(norm=(r, wg, 2, 1e-5))) == "norm2"
 
 
 def test_a_stored_choice_that_is_no_longer_a_candidate_is_timed_again(launcher):

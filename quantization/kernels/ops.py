@@ -116,6 +116,11 @@ EARLY_ROW = _env_int("NANOQAT_EARLY_ROW", 2048)
 # the up projection's programs. The row is now read in chunks (64 registers, one wave; not yet timed on a GPU).
 # NANOQAT_NORM_STATS=0 puts the statistics back in the epilogue
 NORM_STATS = _env_int("NANOQAT_NORM_STATS", 1)
+# 1: a fused call (norm_matmul, residual_matmul) is tuned as it runs, with its LayerNorm or residual add, under a
+# key of its own: the fused kernels hold more registers than the plain one (docs/kernels.md: 5 of 34 configs more
+# with the norm), so another config may fit more programs. 0: the plain kernel's choice of the shape (as before;
+# NANOQAT_FUSED_TUNING=0, to measure)
+FUSED_TUNING = _env_int("NANOQAT_FUSED_TUNING", 1)
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
 _best = {}      # tuning key -> (kernel, config)
@@ -384,14 +389,24 @@ def blocks_of(group_size, in_features):
     return group_size // BLOCK if group_size else triton.cdiv(in_features, BLOCK)
 
 
-def choose(args, group_size, in_features, counters=None):
+def fused_tag(fused):
+    """The tuning key's name of a fused call's extra arguments (stream_gemv's norm= or residual=): "norm1" (LayerNorm),
+    "norm2" (RMSNorm), "residual", or None for a plain call."""
+    if not fused:
+        return None
+    return f"norm{fused['norm'][2]}" if "norm" in fused else "residual"
+
+
+def choose(args, group_size, in_features, counters=None, fused=None):
     """The (kernel, config) that runs a call's arguments (x first): the stored or timed choice of its shape, or,
-    on the CPU and inside a CUDA graph capture (nothing is timed there), the default candidate."""
+    on the CPU and inside a CUDA graph capture (nothing is timed there), the default candidate. `fused`: the
+    norm= or residual= arguments of a one-row fused call, timed with them under a key of their own (FUSED_TUNING)."""
     x, qweight, zero, bias, bits = args[0], args[1], args[3], args[4], args[5]
     m = x.shape[0]
     rows = triton.next_power_of_2(m) if m > GEMV_MAX_ROWS else m
+    tag = fused_tag(fused) if FUSED_TUNING else None
     key = (rows, qweight.shape[1], in_features, bits, group_size, zero is not None, bias is not None, x.dtype,
-           x.device)
+           x.device) + ((tag,) if tag else ())
     if key not in _best:  # the candidates are listed only until a shape has its choice
         pairs = candidates(m, group_size, bits)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -399,18 +414,25 @@ def choose(args, group_size, in_features, counters=None):
         name = stored_name(key)
         _best[key] = stored_choice(name, pairs)
         if _best[key] is None:
-            _best[key] = _fastest(args, pairs, counters)
+            _best[key] = _fastest(args, pairs, counters, fused=fused if tag else None)
             store_choice(name, _best[key])
     kernel, config = _best[key]
     last_choice.update(kernel=kernel.__name__, config=config)
     return kernel, config
 
 
-def one_row_config(args, group_size, in_features, counters=None):
+def one_row_config(args, group_size, in_features, counters=None, fused=None):
     """The one-row kernel's config for a call whose rows all go through stream_gemv (the fused normalization and
-    residual below): the choice of the shape at one row (timed on the first row of x)."""
+    residual below): the choice of the shape at one row (timed on the first row of x, and of the fused call's r or
+    res, with `fused`: stream_gemv's norm= or residual=)."""
     args = (args[0][:1].contiguous(),) + tuple(args[1:])
-    return choose(args, group_size, in_features, counters)[1]
+    if fused and "norm" in fused:
+        r, wg, kind, eps = fused["norm"]
+        fused = dict(norm=(r[:1].contiguous(), wg, kind, eps))
+    elif fused:
+        res, gain = fused["residual"]
+        fused = dict(residual=(res[:1].contiguous(), gain))
+    return choose(args, group_size, in_features, counters, fused)[1]
 
 
 def _norm_matmul(u: torch.Tensor, r: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
@@ -419,7 +441,7 @@ def _norm_matmul(u: torch.Tensor, r: torch.Tensor, qweight: torch.Tensor, scale:
                  activation: int, kind: int, eps: float) -> torch.Tensor:
     u2, r2 = u.reshape(-1, in_features).contiguous(), r.reshape(-1, in_features).contiguous()
     args = (u2, qweight, scale, zero, bias, bits, blocks_of(group_size, in_features), zero_const)
-    config = one_row_config(args, group_size, in_features, counters)
+    config = one_row_config(args, group_size, in_features, counters, dict(norm=(r2, wg, kind, eps)))
     y = stream_gemv(*args, config, counters=counters, activation=activation, norm=(r2, wg, kind, eps))
     return y.reshape(*r.shape[:-1], qweight.shape[1])
 
@@ -442,7 +464,7 @@ def _residual_matmul(x: torch.Tensor, res: torch.Tensor, gain: torch.Tensor, qwe
     n = qweight.shape[1]
     x2, res2 = x.reshape(-1, in_features).contiguous(), res.reshape(-1, n).contiguous()
     args = (x2, qweight, scale, zero, bias, bits, blocks_of(group_size, in_features), zero_const)
-    config = one_row_config(args, group_size, in_features, counters)
+    config = one_row_config(args, group_size, in_features, counters, dict(residual=(res2, gain)))
     y, u = stream_gemv(*args, config, counters=counters, residual=(res2, gain))
     return y.reshape(res.shape), u.reshape(res.shape)
 
@@ -483,9 +505,10 @@ def choice_name(device, shape, *files):
 
 def stored_name(key):
     """choice_name of a tuning key of run()."""
-    rows, n, k, bits, group_size, has_zero, has_bias, dtype, device = key
+    rows, n, k, bits, group_size, has_zero, has_bias, dtype, device = key[:9]
+    fused = f" fused {key[9]}" if len(key) > 9 else ""
     return choice_name(device, f"rows {rows} n {n} k {k} bits {bits} group {group_size} zero {int(has_zero)} "
-                               f"bias {int(has_bias)} {str(dtype).split('.')[-1]}")
+                               f"bias {int(has_bias)} {str(dtype).split('.')[-1]}{fused}")
 
 
 def _read_choices(path):
@@ -541,16 +564,18 @@ def bind(kernel, counters, activation=0):
     return functools.partial(kernel, activation=activation) if activation else kernel
 
 
-def _fastest(args, pairs, counters=None, weights=3):
+def _fastest(args, pairs, counters=None, weights=3, fused=None):
     """The first (kernel, config) within TIE of the fastest, each timed as the median replay of a CUDA graph of
     back-to-back calls over copies of the layer's weights (enough copies to be twice the L2 cache, or TUNE_COPIES):
     weights from memory and no launch gaps, as in a graph-captured decode step and in bench/kernels.py. An isolated
     call's time (what this chose by before) includes a launch and ranked configs differently from run to run.
-    `weights`: how many of the arguments after x are the layer's weights (copied): (qweight, scale, zero) here."""
+    `weights`: how many of the arguments after x are the layer's weights (copied): (qweight, scale, zero) here.
+    `fused`: stream_gemv's norm= or residual=, passed to every (stream_gemv) candidate."""
     times, copies = {}, weight_copies(args, weights)  # one set of copies for every candidate
     for kernel, config in pairs:
+        call = functools.partial(bind(kernel, counters), **fused) if fused else bind(kernel, counters)
         try:
-            times[kernel, config] = graph_time(args, bind(kernel, counters), config, copies, weights)
+            times[kernel, config] = graph_time(args, call, config, copies, weights)
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
             if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
                 raise
