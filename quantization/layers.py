@@ -50,15 +50,9 @@ class ShiftedScale(ChannelScale):
         return (x - self.shift.to(x.dtype)) * self.inv_scale.to(x.dtype)
 
 
-class ShiftedScaledHadamard(ShiftedScale):
-    """x -> ((x - shift) * inv_scale) H^T: the shift and scale, then the Hadamard."""
-
-    def __init__(self, width):
-        super().__init__(width)
-        self.hadamard = HadamardTransform()
-
-    def forward(self, x):
-        return self.hadamard(super().forward(x))
+class ShiftedScaledHadamard(ScaledHadamard, ShiftedScale):
+    """x -> ((x - shift) * inv_scale) H^T: the shift and scale (ShiftedScale, next in the method order), then the
+    Hadamard (ScaledHadamard's forward)."""
 
 
 # online transforms an activation site can apply before its quantizer (GPTConfig.online_transforms): name ->

@@ -255,12 +255,18 @@ def test_s4_bad_input_is_named():
 
 def test_the_hadamard_transform_after_the_scale_is_the_dense_matrix():
     from quantization.layers import make_transform
-    t = make_transform("scale_hadamard", 48)
+    t = make_transform("scale_hadamard", 48).double()  # float64 before the scale is set: no float32 rounding
+    scale, shift = torch.linspace(0.5, 2, 48, dtype=torch.float64), torch.linspace(-1, 1, 48, dtype=torch.float64)
     with torch.no_grad():
-        t.inv_scale.copy_(torch.linspace(0.5, 2, 48))
-    x = torch.randn(3, 5, 48, dtype=torch.float64)
-    expected = (x * torch.linspace(0.5, 2, 48, dtype=torch.float64)) @ hadamard_matrix(48).t()
-    assert torch.allclose(t.double()(x), expected, atol=1e-12)
+        t.inv_scale.copy_(scale)
+    x = torch.randn(3, 5, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(t(x), (x * scale) @ hadamard_matrix(48).t(), atol=1e-12)
+    shifted = make_transform("shift_scale_hadamard", 48).double()
+    with torch.no_grad():
+        shifted.inv_scale.copy_(scale)
+        shifted.shift.copy_(shift)
+    assert torch.allclose(shifted(x), ((x - shift) * scale) @ hadamard_matrix(48).t(), atol=1e-12)
+    assert sorted(shifted.state_dict()) == ["inv_scale", "shift"]
 
 
 @pytest.mark.parametrize("flag", ["--smooth_alpha=1.5", "--smooth_alpha=nan", "--smooth_alpha=0.5,x",
