@@ -246,6 +246,7 @@ def test_clipping_bench_table_and_bad_flags(plain_dir, tmp_path, capsys):
     (["--heldout_tokens=-1"], "--heldout_tokens=-1"),
     (["--heldout_tokens=1000000000"], "--heldout_tokens=1000000000"),
     (["--act_order=maybe"], "argument --act_order"),
+    (["--gelu_shift=maybe"], "argument --gelu_shift"),
 ])
 def test_demo_bad_flags_one_line_nothing_written(plain_dir, tmp_path, flags, named):
     import demos.spinquant_ptq as demo
@@ -772,6 +773,7 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
     common = [f"--out_dir={plain_dir}", "--device=cpu", "--steps=2", "--nsamples=8", "--eval_tokens=1000",
               "--settings=4/4/4"]
     rows = compare.main(common + ["--seeds=1", "--progress=False"])
+    assert "  R4 shift: off " in capsys.readouterr().out  # --gelu_shift, on by default: its pick under R4
     methods = [r["method"] for r in rows]
     assert any(m.startswith("SpinQuant + GPTQ, kept: ") for m in methods) and "SpinQuant + RTN, learned" in methods
     assert "SpinQuant + RTN, learned from identity" in methods  # --from_identity, on by default
@@ -779,8 +781,9 @@ def test_compare_table_has_the_kept_rows_and_the_study_runs(plain_dir, capsys):
         assert any(re.match(r"S4 \(GELU output scale, alpha 0\.(5|75)(, shifted)?\) \+ " + method, m)
                    for m in methods), method
     off = compare.main(common + ["--seeds=1", "--progress=False", "--from_identity=False", "--smooth=False",
-                                 "--methods=gptq"])
+                                 "--methods=gptq", "--gelu_shift=False"])
     assert not any("from identity" in r["method"] or "S4" in r["method"] for r in off)
+    assert "shift" not in capsys.readouterr().out  # --gelu_shift=False: no pick, no shifted candidate
     assert not any(r["method"].startswith("SpinQuant + RTN") for r in off)  # --methods=gptq
     assert any(r["method"].startswith("SpinQuant + GPTQ, kept: ") for r in off)
     study = compare.main(common + ["--method=rtn", "--study=0.5:2:8:rtn,1.5:2:8:none,1.5:2:8:rtn:kl"])
