@@ -90,6 +90,7 @@ def build_like(config, state):
     model.load_state_dict(state)
     return model
 
+
 def with_biases(model):
     """A copy of `model` computing the same function with bias=True: every linear and LayerNorm that had no bias
     gets a zero one (for a change of basis that must add a constant to a layer's output)."""
