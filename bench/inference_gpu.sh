@@ -157,7 +157,7 @@ for PART in $PARTS; do
         done; done ;;
     fused_tuning_decode)  # the 6.7B decode with its fused layers (LayerNorm in q/k/v and up, residual in out and
                           # down) on the plain kernel's config (NANOQAT_FUSED_TUNING=0) and tuned as they run,
-                          # alternating (the first two processes tune: 3-6 minutes on a fresh machine)
+                          # alternating (the first two processes tune; 6 minutes in all on a fresh H100)
         for RUN in 1 2; do for TUNED in 0 1; do
             NANOQAT_FUSED_TUNING=$TUNED run 400 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 \
                 --modes=compiled --batches=1 --out="$R/decode_${GPU}_6.7b_fused_tuning${TUNED}_run$RUN.md"
