@@ -24,6 +24,15 @@ run() {  # run <seconds> <command...>: the command echoed into the log, then its
     timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
 }
 
+alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and W4, compiled, batch 1) with the
+                   # variable 0, 1, 0, 1, one process each, into decode_<gpu>_6.7b_<tag><value>_run<n>.md
+    local n value
+    for n in 1 2; do for value in 0 1; do
+        run 400 env "$1=$value" python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 --modes=compiled \
+            --batches=1 --out="$R/decode_${GPU}_6.7b_$2${value}_run$n.md"
+    done; done
+}
+
 KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
@@ -151,17 +160,11 @@ for PART in $PARTS; do
             --json="$R/step_budget_${GPU}_fused_stats.json" ;;
     step_budget_decode)  # the 6.7B decode with the statistics in the epilogue and before the loop, alternating
                          # (the first process tunes the kernels on a fresh machine: 2-4 minutes)
-        for RUN in 1 2; do for STATS in 0 1; do
-            NANOQAT_NORM_STATS=$STATS run 400 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 \
-                --modes=compiled --batches=1 --out="$R/decode_${GPU}_6.7b_stats${STATS}_run$RUN.md"
-        done; done ;;
+        alternate_6_7b NANOQAT_NORM_STATS stats ;;
     fused_tuning_decode)  # the 6.7B decode with its fused layers (LayerNorm in q/k/v and up, residual in out and
                           # down) on the plain kernel's config (NANOQAT_FUSED_TUNING=0) and tuned as they run,
                           # alternating (the first two processes tune; 6 minutes in all on a fresh H100)
-        for RUN in 1 2; do for TUNED in 0 1; do
-            NANOQAT_FUSED_TUNING=$TUNED run 400 python bench/decode.py --shapes=gpt2_6.7b --formats=bf16,W4 \
-                --modes=compiled --batches=1 --out="$R/decode_${GPU}_6.7b_fused_tuning${TUNED}_run$RUN.md"
-        done; done ;;
+        alternate_6_7b NANOQAT_FUSED_TUNING fused_tuning ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
