@@ -711,9 +711,11 @@ class SpinQuant:
                 raise ValueError("S4's scales need calibration samples: call optimize first")
             options = [(alpha, shift) for shift in ((False, True) if self.gelu_shift else (False,))
                        for alpha in self.smooth_alpha]
-            scored = []
+            scored, by_alpha = [], {}  # each alpha's scales once, with and without the shift
             for alpha, shift in options:
-                scales = gelu_output_scales(self.source, self.calibration, alpha)
+                if alpha not in by_alpha:
+                    by_alpha[alpha] = gelu_output_scales(self.source, self.calibration, alpha)
+                scales = by_alpha[alpha]
                 means = self.gelu_means() if shift else None
                 loss = self._pick_score(smooth=scales, shift=means) if len(options) > 1 else math.inf
                 scored.append((loss, alpha, scales, means))
