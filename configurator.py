@@ -86,7 +86,7 @@ TRAINING_FLAGS = [
     ("activations_quant_method", "symmetric_quant", "activation quantizer: symmetric_quant, affine_quant, stochastic_quant"),
     ("activations_quant_granularity", "per_tensor", "activation range per_tensor or per_token (dynamic)"),
     ("store_activations", False, "keep the last quantized activation of each active site (saved with checkpoints)"),
-    # SpinQuant rotations in QAT (quantization/spin_quant.py)
+    # SpinQuant rotations in QAT (quantization/spin_quant_qat.py)
     ("spinquant", False, "learn SpinQuant rotations when quantization switches on and keep them only if they clearly "
                          "beat no rotation on held-out training text; the weights train in their own basis "
                          "(docs/spinquant.md; measured: docs/results.md#spinquant)"),

@@ -23,7 +23,9 @@ from configurator import ConfigError, apply_resume, model_quant_config, parse_ar
 from inference import autocast_context, load_checkpoint, resolve_device
 from model import GPT, GPTConfig
 import quantization.spin_quant as spin_quant
-from quantization.spin_quant import RotatedQAT, check_qat, is_rotated, paired_gain, qat_lr, rotate_for_qat, sample_losses
+import quantization.spin_quant_qat as spin_quant_qat
+from quantization.spin_quant import is_rotated, paired_gain, sample_losses
+from quantization.spin_quant_qat import RotatedQAT, check_qat, qat_lr, rotate_for_qat
 from safety import check_out_dir, clean_stale_tmp, wandb_needs_offline
 from tokenizer import load_dataset
 
@@ -108,7 +110,7 @@ def build_model(args, quant, meta, from_gpt2):
 
 def probe_supported():
     """--spinquant_probe needs the weights trained in their own basis with fixed rotations (the defaults)."""
-    return spin_quant.QAT_BASIS == "original" and not spin_quant.QAT_LEARN_ROTATIONS
+    return spin_quant_qat.QAT_BASIS == "original" and not spin_quant_qat.QAT_LEARN_ROTATIONS
 
 
 def probe_iters(args, iter_num):
@@ -126,7 +128,7 @@ def check_spinquant(args, model_args):
         sys.exit(f"train.py: error: {e}")
     if args.spinquant_probe > 0 and not probe_supported():
         sys.exit(f"train.py: error: --spinquant_probe={args.spinquant_probe}: needs the weights trained in their own "
-                 f"basis with fixed rotations (spin_quant.QAT_BASIS 'original', QAT_LEARN_ROTATIONS 0)")
+                 f"basis with fixed rotations (spin_quant_qat.QAT_BASIS 'original', QAT_LEARN_ROTATIONS 0)")
     for flag, low in (("spinquant_steps", 0), ("spinquant_nsamples", 1)):
         if getattr(args, flag) < low:
             sys.exit(f"train.py: error: --{flag}={getattr(args, flag)}: must be at least {low}")
@@ -139,7 +141,7 @@ def spinquant_rotate(args, qat_model, model_args, get_batch, iter_num, optimizer
     switches on, and keep them only when they clearly beat no rotation on as many other training sequences:
     (the model QAT goes on with, its model_args, its optimizer, the choice, the probe: None, or where the rotations
     were kept and --spinquant_probe asks for one, (the unrotated model, its model_args, held-out sequences for the
-    probe's choice); spin_quant.rotate_for_qat)."""
+    probe's choice); spin_quant_qat.rotate_for_qat)."""
     def draw(n):
         batches = []
         while sum(b.shape[0] for b in batches) < n:

@@ -38,11 +38,11 @@ QAT="--linear_variant_attn=quantized_linear --linear_variant_mlp=quantized_linea
  --quantize_attn_act_input --quantize_attn_act_pv_mult_output --quantize_mlp_act_input
  --quantize_mlp_act_activation_output --quantize_attn_act_qk_mult_k_input --quantize_attn_act_pv_mult_v_input
  --quantize_attn_act_bits=4 --quantize_mlp_act_bits=4 --quantization_warmup_iters=750"
-# train.py with quantization/spin_quant.py's QAT settings set first: variant "ASSIGNMENTS" flags... (Python, on
+# train.py with quantization/spin_quant_qat.py's QAT settings set first: variant "ASSIGNMENTS" flags... (Python, on
 # the module as s: "s.QAT_BASIS = 'rotated'"; "" keeps the defaults)
 variant() {
   local settings=$1; shift
-  python -c "import sys; import quantization.spin_quant as s; $settings
+  python -c "import sys; import quantization.spin_quant_qat as s; $settings
 import train; train.main(sys.argv[1:])" "$@"
 }
 if [ "$PHASE" = fp ] || [ "$PHASE" = all ]; then

@@ -69,11 +69,11 @@ BPE="--dataset=shakespeare --n_layer=6 --n_head=6 --n_embd=384 --block_size=256 
 CPU="--device=$DEVICE --dtype=float32 --max_iters=$CPU_ITERS --log_interval=100"
 pids=()
 TRAIN_LIMIT=${TRAIN_LIMIT:-300}  # seconds; a run cut off by it is left out of the table (its log says so)
-run() {  # name flags...; QAT_SETTINGS: Python assignments to quantization/spin_quant.py's QAT settings (module s)
+run() {  # name flags...; QAT_SETTINGS: Python assignments to quantization/spin_quant_qat.py's settings (module s)
   local name=$1; shift
   case " $MODELS " in *" ${name%%_*} "*) ;; *) return 0 ;; esac  # a model not in MODELS
   [ "$FP_ONLY" = 1 ] && [[ $name != *_fp_s* ]] && return 0  # FP_ONLY=1: the full-precision models alone
-  (timeout $TRAIN_LIMIT python -c "import sys; import quantization.spin_quant as s; ${QAT_SETTINGS:-} import train; train.main(sys.argv[1:])" \
+  (timeout $TRAIN_LIMIT python -c "import sys; import quantization.spin_quant_qat as s; ${QAT_SETTINGS:-} import train; train.main(sys.argv[1:])" \
     --out_dir=out-sq/$name "$@" $EXTRA > "$TRAIN_LOGS/train_$name.log" 2>&1 \
     || { echo "train $name: stopped (exit $?)" >> "$TRAIN_LOGS/train_$name.log"; rm -f out-sq/$name/ckpt.pt; }) &
   pids+=($!)

@@ -211,7 +211,7 @@ def read_log(out_dir):
 @pytest.fixture(scope="session")
 def tiny_trained(char_data):
     """A char-level GPT (2 layers, 32 wide, biases) trained 300 steps in this process: (model, train tokens). The
-    SpinQuant tests share it (tests/test_spin_quant.py, tests/test_spinquant_s4.py)."""
+    SpinQuant tests share it (tests/test_spin_quant.py, test_spin_quant_qat.py, test_spinquant_s4.py)."""
     import torch
     from model import GPT, GPTConfig
     from quantization.perplexity import split_tokens
