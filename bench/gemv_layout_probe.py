@@ -4,7 +4,9 @@
   words of each of R rows N words apart (the access pattern of `_stream_gemv_kernel`);
 - strips: the same words stored strip by strip, each (R, TN) strip contiguous, so that a program's words are one
   run of memory (TN = BLOCK_N);
-- flat: the same bytes read as one contiguous array by programs of contiguous chunks (the ceiling of a read).
+- flat: the same bytes read as one contiguous array by programs of contiguous chunks, UNROLL blocks loaded before
+  any is used (more bytes in flight a thread), optionally with the streaming hint evict_first;
+- torch.sum: PyTorch's own reduction over the same words, the peer: what a tuned read of these bytes reaches.
 Each is the median replay of a CUDA graph over enough copies that the words come from memory, as bench/kernels.py
 times a layer. Prints a markdown table; shapes are in x out of an int4 weight (R = in / 8 rows of words).
 
@@ -46,13 +48,18 @@ def _read(w_ptr, out_ptr, R, N, rows_per_split, STRIPS: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _read_flat(w_ptr, out_ptr, total, per_program, BLOCK: tl.constexpr):
+def _read_flat(w_ptr, out_ptr, total, per_program, BLOCK: tl.constexpr, UNROLL: tl.constexpr,
+               EVICT_FIRST: tl.constexpr):
     pid = tl.program_id(0)
     acc = tl.zeros((BLOCK,), tl.int32)
     start = pid.to(tl.int64) * per_program
-    for i in range(0, per_program, BLOCK):
-        offs = start + i + tl.arange(0, BLOCK)
-        acc ^= tl.load(w_ptr + offs, mask=offs < total, other=0)
+    for i in range(0, per_program, BLOCK * UNROLL):
+        for u in tl.static_range(UNROLL):  # UNROLL independent loads, then their uses
+            offs = start + i + u * BLOCK + tl.arange(0, BLOCK)
+            if EVICT_FIRST:
+                acc ^= tl.load(w_ptr + offs, mask=offs < total, other=0, eviction_policy="evict_first")
+            else:
+                acc ^= tl.load(w_ptr + offs, mask=offs < total, other=0)
     tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
 
 
@@ -69,6 +76,8 @@ def main():
     p.add_argument("--block_r", default="16,32,64", help="rows of words a step loads")
     p.add_argument("--per_sm", default="2,4,8", help="programs per multiprocessor that split-K aims for")
     p.add_argument("--warps", default="4,8", help="num_warps")
+    p.add_argument("--layouts", default="rows,strips", help="tiled layouts to time (rows, strips; empty: none)")
+    p.add_argument("--unroll", default="1", help="flat reads: blocks loaded before any is used")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gemv_layout_probe.py: error: needs a CUDA GPU")
@@ -85,7 +94,7 @@ def main():
         words = [torch.randint(-2**31, 2**31 - 1, (r, n), device="cuda", dtype=torch.int32) for _ in range(count)]
         nbytes = r * n * 4
         best = {}
-        for layout in ("rows", "strips"):
+        for layout in [v for v in args.layouts.split(",") if v]:
             for bn in ints(args.block_n):
                 for br in ints(args.block_r):
                     for per_sm in ints(args.per_sm):
@@ -103,19 +112,27 @@ def main():
                             if layout not in best or us < best[layout][6]:
                                 best[layout] = row
                             print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
-        for block, per_sm in ((1024, 2), (1024, 4), (2048, 4), (4096, 2)):
-            programs = per_sm * sms
-            per_program = triton.cdiv(triton.cdiv(r * n, programs), block) * block
-            programs = triton.cdiv(r * n, per_program)
-            out = torch.empty(programs * block, device="cuda", dtype=torch.int32)
-            calls = [lambda w=w, out=out: _read_flat[(programs,)](w, out, r * n, per_program, BLOCK=block,
-                                                                  num_warps=8) for w in words]
-            us = replay_us(calls)
-            row = (shape, "flat", "-", block, per_sm, 8, us, nbytes / us / 1e3)
-            if "flat" not in best or us < best["flat"][6]:
-                best["flat"] = row
-            print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
-        print(f"\nbest of {shape}: " + "; ".join(f"{lay} {row[6]:.1f} us ({row[7]:,.0f} GB/s, BLOCK_N {row[2]}, "
+        for unroll in ints(args.unroll):
+            for evict in (False, True):
+                for block, per_sm in ((1024, 2), (1024, 4), (2048, 4), (4096, 2)):
+                    programs = per_sm * sms
+                    per_program = triton.cdiv(triton.cdiv(r * n, programs), block * unroll) * block * unroll
+                    programs = triton.cdiv(r * n, per_program)
+                    out = torch.empty(programs * block, device="cuda", dtype=torch.int32)
+                    calls = [lambda w=w, out=out: _read_flat[(programs,)](
+                        w, out, r * n, per_program, BLOCK=block, UNROLL=unroll, EVICT_FIRST=evict, num_warps=8)
+                        for w in words]
+                    us = replay_us(calls)
+                    name = f"flat x{unroll}" + (" evict_first" if evict else "")
+                    row = (shape, name, "-", block, per_sm, 8, us, nbytes / us / 1e3)
+                    if "flat" not in best or us < best["flat"][6]:
+                        best["flat"] = row
+                    print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
+        sums = [torch.empty((), device="cuda", dtype=torch.int64) for _ in words]
+        us = replay_us([lambda w=w, o=o: torch.sum(w, out=o) for w, o in zip(words, sums)])
+        best["torch.sum"] = row = (shape, "torch.sum", "-", "-", "-", "-", us, nbytes / us / 1e3)
+        print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
+        print(f"\nbest of {shape}: " + "; ".join(f"{row[1]} {row[6]:.1f} us ({row[7]:,.0f} GB/s, BLOCK_N {row[2]}, "
                                                 f"BLOCK_R {row[3]}, {row[4]}/SM, {row[5]} warps)"
                                                 for lay, row in best.items()) + "\n", flush=True)
         del words
