@@ -6,6 +6,8 @@ with less error, learn two of the rotations on calibration text, then quantize t
     records = sq.apply()                                    # bake the rotations in, quantize the weights
     save_checkpoint(path, sq.checkpoint(base_checkpoint))   # an ordinary packed checkpoint
 
+The same rotations at the switch to quantized training (train.py --spinquant): quantization/spin_quant_qat.py.
+
 The rotations, for a GPT-2 (LayerNorm, biases, learned positions, no RoPE), after quantization/fold.py has made
 every norm a weight-free RMSNorm over a mean-free residual and untied the head:
 - R1 (n_embd x n_embd) on the residual stream: embeddings and the head read x R1; q, k, v, mlp_up read it;
