@@ -10,7 +10,7 @@
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
-#                                          # fused_tuning_decode
+#                                          # fused_tuning_decode, read_ceiling
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -33,7 +33,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -165,6 +165,10 @@ for PART in $PARTS; do
                           # down) on the plain kernel's config (NANOQAT_FUSED_TUNING=0) and tuned as they run,
                           # alternating (the first two processes tune; 6 minutes in all on a fresh H100)
         alternate_6_7b NANOQAT_FUSED_TUNING fused_tuning ;;
+    read_ceiling)  # how fast the bytes of a 6.7B layer can be read at all: flat Triton reads (1, 2, 4 blocks in
+                   # flight, with and without evict_first) against PyTorch's own torch.sum over the same words
+        run 60 python bench/gemv_layout_probe.py --shapes=4096x16384,4096x4096 --layouts= --unroll=1,2,4 \
+            > "$R/read_ceiling_$GPU.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
