@@ -63,6 +63,10 @@ def _read_flat(w_ptr, out_ptr, total, per_program, BLOCK: tl.constexpr, UNROLL: 
     tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
 
 
+def print_row(row):
+    print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
+
+
 def replay_us(calls):
     for c in calls:
         c()
@@ -111,7 +115,7 @@ def main():
                             row = (shape, layout, bn, br, per_sm, warps, us, nbytes / us / 1e3)
                             if layout not in best or us < best[layout][6]:
                                 best[layout] = row
-                            print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
+                            print_row(row)
         for unroll in ints(args.unroll):
             for evict in (False, True):
                 for block, per_sm in ((1024, 2), (1024, 4), (2048, 4), (4096, 2)):
@@ -127,15 +131,15 @@ def main():
                     row = (shape, name, "-", block, per_sm, 8, us, nbytes / us / 1e3)
                     if "flat" not in best or us < best["flat"][6]:
                         best["flat"] = row
-                    print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
+                    print_row(row)
         sums = [torch.empty((), device="cuda") for _ in words]  # a float32 reduction: PyTorch's vectorized path
         us = replay_us([lambda w=w, o=o: torch.sum(w.view(torch.float32), dim=(0, 1), out=o)
                         for w, o in zip(words, sums)])
         best["torch.sum"] = row = (shape, "torch.sum", "-", "-", "-", "-", us, nbytes / us / 1e3)
-        print("| {} | {} | {} | {} | {} | {} | {:.1f} | {:,.0f} |".format(*row), flush=True)
+        print_row(row)
         print(f"\nbest of {shape}: " + "; ".join(f"{row[1]} {row[6]:.1f} us ({row[7]:,.0f} GB/s, BLOCK_N {row[2]}, "
                                                 f"BLOCK_R {row[3]}, {row[4]}/SM, {row[5]} warps)"
-                                                for lay, row in best.items()) + "\n", flush=True)
+                                                for row in best.values()) + "\n", flush=True)
         del words
 
 
