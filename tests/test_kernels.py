@@ -869,3 +869,37 @@ def test_the_fused_norms_input_is_bf16_for_a_bf16_stream_and_float32_otherwise()
             _, fake_u = ops.residual_matmul(*fake[:7], layer.bits, layer.group_size, layer.in_features,
                                             layer.zero_const, fake[7])
         assert fake_u.dtype == expected
+
+
+READ_PROBE = r"""
+import importlib.util, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+spec = importlib.util.spec_from_file_location("probe", os.path.join(sys.argv[1], "bench", "gemv_layout_probe.py"))
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+torch.manual_seed(0)
+out = []
+w = torch.randint(-2**31, 2**31 - 1, (1000,), dtype=torch.int32)
+for unroll in (1, 3):
+    for evict in (False, True):
+        per_program = 64 * unroll * 2  # two trips of UNROLL blocks of 64
+        programs = -(-1000 // per_program)
+        got = torch.empty(programs * 64, dtype=torch.int32)
+        probe._read_flat[(programs,)](w, got, 1000, per_program, BLOCK=64, UNROLL=unroll, EVICT_FIRST=evict)
+        padded = torch.cat([w, torch.zeros(programs * per_program - 1000, dtype=torch.int32)])
+        expected = padded.view(programs, -1, 64)
+        acc = torch.zeros(programs, 64, dtype=torch.int32)
+        for i in range(expected.shape[1]):
+            acc ^= expected[:, i]
+        out.append([unroll, evict, torch.equal(got.view(programs, 64), acc)])
+print(json.dumps(out))
+"""
+
+
+def test_the_read_probes_flat_kernel_reads_every_word_once():
+    """bench/gemv_layout_probe.py's flat read (the ceiling the one-row kernel is measured against): with UNROLL
+    blocks in flight and with evict_first, each program XORs exactly its own words, the tail masked."""
+    pytest.importorskip("triton")
+    rows = run_interpreted(READ_PROBE)
+    assert rows == [[u, e, True] for u in (1, 3) for e in (False, True)], rows
