@@ -102,9 +102,23 @@ print(json.dumps(out))
 """
 
 
-def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter():
+@pytest.fixture(scope="module")
+def interpreted():
+    """This module's three longest Triton-interpreter scripts, started together at first use: each keeps one core
+    busy (KERNEL_CHECK about 40 s, ONE_ROW_RANGE and NORM_RESIDUAL about 50-75 s each on 2 cores), so that they take
+    about half their sum; each test reads its own result."""
     pytest.importorskip("triton")
-    rows = run_interpreted(KERNEL_CHECK, json.dumps(SPECS))
+    from conftest import Interpreted
+    jobs = {"kernels": Interpreted(KERNEL_CHECK, json.dumps(SPECS)),
+            "one_row_range": Interpreted(ONE_ROW_RANGE, json.dumps(ONE_ROW_SPECS)),
+            "norm_residual": Interpreted(NORM_RESIDUAL, json.dumps(NORM_SPECS))}
+    yield jobs
+    for job in jobs.values():
+        job.stop()
+
+
+def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter(interpreted):
+    rows = interpreted["kernels"].result()
     # float32 accumulation over at most 128 products: relative error far below one quantization step
     bad = [r for r in rows if not r[-1] < 1e-5]
     assert not bad, bad
@@ -174,13 +188,14 @@ print(json.dumps(out))
 """
 
 
-def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_splits():
+# 4-bit codes over many splits; 1-bit codes (a field at every bit position) over a short K
+ONE_ROW_SPECS = [("affine_quant", 4, "per_group", 32, 1088), SPECS[-1] + (128,)]
+
+
+def test_the_one_row_kernel_keeps_float32_accuracy_over_magnitudes_and_many_splits(interpreted):
     """Codes become subnormal floats and x is scaled by 2**(64 - p): exact for |x| from about 1e-12 to 1e19."""
-    pytest.importorskip("triton")
-    # 4-bit codes over many splits; 1-bit codes (a field at every bit position) over a short K
-    specs = [("affine_quant", 4, "per_group", 32, 1088), SPECS[-1] + (128,)]
-    rows = run_interpreted(ONE_ROW_RANGE, json.dumps(specs))
-    assert len(rows) == 11 * len(specs)
+    rows = interpreted["one_row_range"].result()
+    assert len(rows) == 11 * len(ONE_ROW_SPECS)
     # float32 x: far below a quantization step; 16-bit x: at most one unit in the last place of each output
     bad = [r for r in rows if not (r[3] < (1e-5 if isinstance(r[2], float) else 1.0) and r[4] == 0)]
     assert not bad, bad
@@ -331,17 +346,18 @@ print(json.dumps(out))
 """
 
 
-def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after():
+NORM_SPECS = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
+
+
+def test_the_one_row_kernel_normalizes_before_and_adds_the_residual_after(interpreted):
     """fuse_norms' kernels (PackedLinear.norm_forward, residual_forward) against float64: a LayerNorm or RMSNorm
     then the layer (the statistics of r in the epilogue, W u - mean W gain), its GELU; the residual add and u for
     the next normalization; with and without split-K, one and three rows, float32 and bfloat16 (the output and u in
     the residual's dtype; norm_forward also from a bfloat16 u, r's mean 2 against a spread of 3), a row short
     enough to load before the loop and one loaded after it, and its statistics computed before the loop
     (ops.NORM_STATS)."""
-    pytest.importorskip("triton")
-    specs = [("affine_quant", 4, "per_group", 32), ("symmetric_quant", 3, "per_channel", 0)]
-    rows = run_interpreted(NORM_RESIDUAL, json.dumps(specs))
-    assert len(rows) == len(specs) * (6 * (2 * 4 + 3) + 2)
+    rows = interpreted["norm_residual"].result()
+    assert len(rows) == len(NORM_SPECS) * (6 * (2 * 4 + 3) + 2)
     for row in rows:
         bf16 = row[5] == "bfloat16"
         assert row[8] < (1e-2 if bf16 else 1e-5), row  # float32: far below a quantization step
