@@ -6,7 +6,7 @@
   run of memory (TN = BLOCK_N);
 - flat: the same bytes read as one contiguous array by programs of contiguous chunks, UNROLL blocks loaded before
   any is used (more bytes in flight a thread), optionally with the streaming hint evict_first;
-- torch.sum: PyTorch's own reduction over the same words, the peer: what a tuned read of these bytes reaches.
+- torch.sum: the peer, PyTorch's own reduction over the same bytes (read as float32, its vectorized path).
 Each is the median replay of a CUDA graph over enough copies that the words come from memory, as bench/kernels.py
 times a layer. Prints a markdown table; shapes are in x out of an int4 weight (R = in / 8 rows of words).
 

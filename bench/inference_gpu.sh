@@ -166,7 +166,7 @@ for PART in $PARTS; do
                           # alternating (the first two processes tune; 6 minutes in all on a fresh H100)
         alternate_6_7b NANOQAT_FUSED_TUNING fused_tuning ;;
     read_ceiling)  # how fast the bytes of a 6.7B layer can be read at all: flat Triton reads (1, 2, 4 blocks in
-                   # flight, with and without evict_first) against PyTorch's own torch.sum over the same words
+                   # flight, with and without evict_first) against PyTorch's own float32 sum over the same bytes
         run 60 python bench/gemv_layout_probe.py --shapes=4096x16384,4096x4096 --layouts= --unroll=1,2,4 \
             > "$R/read_ceiling_$GPU.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
