@@ -78,6 +78,10 @@ VARIANTS = {  # name: (TMA, SWAP, WS)
     "swap2": (True, 2, False), "swap2_ws": (True, 2, True),
     "i8": None,  # int8 tensor cores, x in two int8 halves (_split_x_kernel, _i8_kernel): not a TMA/swap/ws variant
 }
+FIELD_VARIANTS = {  # name: (SWAP, PERM) of _field_kernel: one tl.dot per code field of a word, no unpack reshape
+    "field": (0, 0), "field_swap": (1, 0), "fperm": (0, 1), "fperm_swap": (1, 1),
+}
+VARIANTS.update({name: None for name in FIELD_VARIANTS})
 # BLOCK_M x BLOCK_N x BLOCK_K x num_warps x num_stages. At 256 rows a 128x128 tile gives 64 programs on 4096
 # outputs (132 SMs on an H200), 128x64 gives 128: the narrower tiles are there for the square layer
 CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only); the _ws ones warp-specialize only
@@ -95,11 +99,23 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     "swap2": ["128x128x64x8x3", "256x128x64x8x3"],
     "swap2_ws": ["128x64x128x4x3"],
     # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
+    # BLOCK_K is the group (128): 16 word rows, a dot of K = 16 per code field
+    "field": ["128x64x128x4x3", "128x128x128x8x3", "256x64x128x8x3", "128x64x128x4x4", "64x64x128x4x4",
+              "256x32x128x8x3", "128x32x128x4x4", "256x64x128x8x3x2", "128x64x128x4x3x2"],
+    "field_swap": ["128x64x128x4x3", "128x128x128x8x3", "256x64x128x4x3", "64x64x128x4x4", "256x128x128x8x2"],
+    "fperm": ["128x64x128x4x3", "128x128x128x8x3", "256x64x128x8x3", "128x64x128x4x4", "64x64x128x4x4",
+              "256x32x128x8x3", "128x32x128x4x4", "256x32x256x8x2", "128x64x256x4x3", "256x64x128x8x3x2",
+              "256x32x128x8x3x2", "128x64x128x4x3x2"],
+    "fperm_swap": ["128x64x128x4x3", "128x128x128x8x3", "256x64x128x4x3", "64x64x128x4x4", "256x128x128x8x2",
+                   "128x64x128x4x4", "128x64x256x4x3", "256x64x256x4x2", "128x128x256x8x2", "128x64x128x4x3x2",
+                   "256x64x128x4x3x2", "256x64x128x4x3x4", "128x128x128x8x3x2"],
     "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
            "128x128x128x4x2"],
 }
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
 INTERPRET_I8 = "64x64x128x4x2"      # the int8 variant's (BLOCK_K = GROUP)
+INTERPRET_FIELD = ["64x64x128x4x2", "64x64x128x4x2x2"]  # the field variants': one tile of K per group, split-K 2
+INTERPRET_FPERM = INTERPRET_FIELD + ["64x64x256x4x2"]     # and for fperm two groups per K tile
 
 
 if triton is not None:
@@ -174,6 +190,105 @@ if triton is not None:
 
 
     @triton.jit
+    def _field_dot(acc, xf, words, scale, zero, F: tl.constexpr, BITS: tl.constexpr, SWAP: tl.constexpr):
+        """acc += x_f @ dequant(field F of the words): xf (BLOCK_M, WK) holds the inputs of field F's codes."""
+        codes = (words >> (F * BITS)) & ((1 << BITS) - 1)      # (WK, BLOCK_N), no reshape
+        w = ((codes | 0x4B000000).to(tl.float32, bitcast=True) - zero[None, :]) * scale[None, :]
+        w = w.to(xf.dtype)
+        if SWAP:
+            return tl.dot(w.T, xf.T, acc)   # (BLOCK_N, WK) @ (WK, BLOCK_M): the weight the register operand
+        else:
+            return tl.dot(xf, w, acc)       # (BLOCK_M, WK) @ (WK, BLOCK_N)
+
+    @triton.jit
+    def _field_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, count_ptr, M, N, K,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, STAGES: tl.constexpr, SWAP: tl.constexpr, PERM: tl.constexpr,
+                      SPLIT: tl.constexpr):
+        """y (M, N) = x (M, K) @ dequant(W)^T for 4-bit codes, one tl.dot of K = BLOCK_K / 8 per code field of a
+        word, so that no (BLOCK_K / 8, 8, BLOCK_N) -> (BLOCK_K, BLOCK_N) reshape stands between the loaded words
+        and the tensor cores. BLOCK_K == GROUP (or 2 GROUP with PERM). PERM = 0: the project's words (code f of word row i is input
+        8 i + f), x's tile split in registers into its 8 fields (tl.split of (BLOCK_M, BLOCK_K / 8, 2, 2, 2));
+        PERM = 1: words repacked field-major inside each K tile (field_major(): code f of word row r is input
+        k0 + f * BLOCK_K / 8 + r), each field's x a contiguous (BLOCK_M, BLOCK_K / 8) tile of its own. SPLIT:
+        split-K over grid axis 2, the partial tiles added as in triton_kernels._gemm_kernel (float32 workspace,
+        an arrival counter per tile, the last program adds them in split order)."""
+        PER: tl.constexpr = 32 // BITS
+        WK: tl.constexpr = BLOCK_K // PER
+        NG: tl.constexpr = BLOCK_K // GROUP      # groups per K tile: 1, or 2 (PERM only: fields 0-3 and 4-7)
+        tl.static_assert(PER == 8)
+        tl.static_assert(NG * GROUP == BLOCK_K)
+        tl.static_assert(NG == 1 or (NG == 2 and PERM == 1))
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, WK)
+        tiles = K // BLOCK_K // tl.num_programs(2)
+        mmask = (offs_m < M)[:, None]
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for kt in tl.range(pid_k * tiles, pid_k * tiles + tiles, num_stages=STAGES):
+            k0 = kt * BLOCK_K
+            words = tl.load(w_ptr + (kt * WK + offs_r)[:, None] * N + offs_n[None, :])
+            scale = tl.load(s_ptr + kt * NG * N + offs_n)
+            zero = tl.load(z_ptr + kt * NG * N + offs_n).to(tl.float32) + 8388608.0
+            if NG == 2:
+                scale1 = tl.load(s_ptr + (kt * NG + 1) * N + offs_n)
+                zero1 = tl.load(z_ptr + (kt * NG + 1) * N + offs_n).to(tl.float32) + 8388608.0
+            else:
+                scale1 = scale
+                zero1 = zero
+            if PERM:
+                xrow = x_ptr + offs_m[:, None] * K + (k0 + offs_r)[None, :]
+                x0 = tl.load(xrow, mask=mmask, other=0.0)
+                x1 = tl.load(xrow + WK, mask=mmask, other=0.0)
+                x2 = tl.load(xrow + 2 * WK, mask=mmask, other=0.0)
+                x3 = tl.load(xrow + 3 * WK, mask=mmask, other=0.0)
+                x4 = tl.load(xrow + 4 * WK, mask=mmask, other=0.0)
+                x5 = tl.load(xrow + 5 * WK, mask=mmask, other=0.0)
+                x6 = tl.load(xrow + 6 * WK, mask=mmask, other=0.0)
+                x7 = tl.load(xrow + 7 * WK, mask=mmask, other=0.0)
+            else:
+                x = tl.load(x_ptr + offs_m[:, None] * K + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=mmask,
+                            other=0.0)
+                # input 8 r + f with f = 4 a + 2 b + c: dims (r, a, b, c), split c, then b, then a
+                c0, c1 = tl.split(tl.reshape(x, (BLOCK_M, WK, 2, 2, 2)))
+                b0c0, b1c0 = tl.split(c0)
+                b0c1, b1c1 = tl.split(c1)
+                x0, x4 = tl.split(b0c0)
+                x2, x6 = tl.split(b1c0)
+                x1, x5 = tl.split(b0c1)
+                x3, x7 = tl.split(b1c1)
+            acc = _field_dot(acc, x0, words, scale, zero, 0, BITS, SWAP)
+            acc = _field_dot(acc, x1, words, scale, zero, 1, BITS, SWAP)
+            acc = _field_dot(acc, x2, words, scale, zero, 2, BITS, SWAP)
+            acc = _field_dot(acc, x3, words, scale, zero, 3, BITS, SWAP)
+            acc = _field_dot(acc, x4, words, scale1, zero1, 4, BITS, SWAP)
+            acc = _field_dot(acc, x5, words, scale1, zero1, 5, BITS, SWAP)
+            acc = _field_dot(acc, x6, words, scale1, zero1, 6, BITS, SWAP)
+            acc = _field_dot(acc, x7, words, scale1, zero1, 7, BITS, SWAP)
+        if SWAP:  # y's offsets and mask in the accumulator's orientation
+            tile_offs = offs_m[None, :] * N + offs_n[:, None]
+            mask_y = (offs_m < M)[None, :]
+        else:
+            tile_offs = offs_m[:, None] * N + offs_n[None, :]
+            mask_y = mmask
+        if SPLIT:
+            tl.store(ws_ptr + pid_k * M * N + tile_offs, acc, mask=mask_y)
+            tl.debug_barrier()  # every thread's partials are written before the count says so
+            counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == tl.num_programs(2) - 1:
+                acc = tl.load(ws_ptr + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
+                for k in range(1, tl.num_programs(2)):  # in split order: the same sum every call
+                    acc += tl.load(ws_ptr + k * M * N + tile_offs, mask=mask_y, other=0.0, cache_modifier=".cg")
+                tl.store(y_ptr + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+                tl.atomic_xchg(counter, 0)
+        else:
+            tl.store(y_ptr + tile_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+    @triton.jit
     def _split_x_kernel(x_ptr, hi_ptr, lo_ptr, sx_ptr, r_ptr, M, K, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
         """x (M, K) as integers per row: xi = round(x / sx) in [-32639, 32639] with sx = max |x| / 32639 (M,)
         float32, written as hi = floor((xi + 128) / 256) and lo = xi - 256 hi (both int8, since 32639 = 127 * 256
@@ -237,17 +352,33 @@ if triton is not None:
 
 
 def parse_config(text):
+    """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) != 5:
-        raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages")
+    if len(values) not in (5, 6):
+        raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
 
 def constants(variant, config):
-    block_m, block_n, block_k, _, stages = config
+    block_m, block_n, block_k, _, stages = config[:5]
     tma, swap, ws = VARIANTS[variant]
     return dict(BITS=BITS, GROUP=GROUP, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages,
                 TMA=tma, SWAP=swap, WS=ws)
+
+
+def field_major(qweight, block_k=GROUP):
+    """The words (K / 8, N) int32 repacked for fperm: inside each K tile of block_k inputs, code f of word row r
+    holds input f * block_k / 8 + r (the project's layout: 8 r + f). The same codes, the same bytes."""
+    per = 32 // BITS
+    k, n = qweight.shape[0] * per, qweight.shape[1]
+    shifts = torch.arange(per, device=qweight.device, dtype=torch.int64) * BITS
+    codes = (qweight.long()[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)   # (K / 8, 8, N): 8 i + f
+    codes = codes.reshape(k // block_k, per, block_k // per, n).transpose(1, 2)         # (tile, r, f, N)
+    words = (codes << shifts[None, None, :, None]).sum(2).reshape(k // per, n)          # disjoint bits: a sum
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+_SPLIT_BUFFERS = {}  # (device, M, N, split, BLOCK_M, BLOCK_N): (float32 partials, arrival counters) of _field_kernel
 
 
 def split_x(x, split=None):
@@ -279,7 +410,10 @@ def i8(split, qweight, scale, sz, config, y, m):
 def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None):
     """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
     for the halves of x, sz: scaled_zeros(scale, zero), each made here when not given)."""
-    block_m, block_n, block_k, warps, stages = config
+    block_m, block_n, block_k, warps, stages = config[:5]
+    split_k = config[5] if len(config) > 5 else 1
+    if split_k > 1 and variant not in FIELD_VARIANTS:
+        raise ValueError(f"{variant}: split-K is only in the field variants (got {config})")
     if variant == "i8":
         if block_k != GROUP or qweight.shape[1] % block_n or x.shape[1] % GROUP:
             raise ValueError(f"i8 needs BLOCK_K = {GROUP} and N % BLOCK_N == 0 (got {config})")
@@ -288,6 +422,26 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
         return i8(split_x(x, split), qweight, scale, sz, config, y, x.shape[0])
     m, k = x.shape
     n = qweight.shape[1]
+    if variant in FIELD_VARIANTS:  # qweight already field_major() for the fperm variants
+        if block_k not in ((GROUP, 2 * GROUP) if variant.startswith("fperm") else (GROUP,)) or n % block_n \
+                or k % block_k:
+            raise ValueError(f"{variant}: BLOCK_K must be the group ({GROUP}; fperm: or twice it), N % BLOCK_N "
+                             f"== 0 (got {config})")
+        if (k // block_k) % split_k:
+            raise ValueError(f"{variant}: {k // block_k} K tiles do not split in {split_k}")
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype) if y is None else y
+        swap, perm = FIELD_VARIANTS[variant]
+        grid = (triton.cdiv(m, block_m), n // block_n, split_k)
+        key = (x.device, m, n, split_k, block_m, block_n)
+        if key not in _SPLIT_BUFFERS:  # made on the first call, before any graph capture
+            ws = torch.empty((split_k if split_k > 1 else 0, m, n), device=x.device, dtype=torch.float32)
+            _SPLIT_BUFFERS[key] = (ws, torch.zeros(grid[0] * grid[1], device=x.device, dtype=torch.int32))
+        ws, count = _SPLIT_BUFFERS[key]
+        _field_kernel[grid](
+            x, qweight, scale, zero, y, ws, count, m, n, k, BITS=BITS, GROUP=GROUP, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, SWAP=swap, PERM=perm, SPLIT=split_k > 1,
+            num_warps=warps, num_stages=stages)
+        return y
     if n % block_n or k % block_k or GROUP % block_k:
         raise ValueError(f"{n}x{k} does not tile by BLOCK_N={block_n}, BLOCK_K={block_k} (group {GROUP})")
     if y is None:
@@ -361,11 +515,22 @@ def compile_for(variant, config, arch):
                               options=dict(num_warps=config[3], num_stages=config[4]))
     signature = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "y_ptr": "*bf16",
                  "M": "i32", "N": "i32", "K": "i32"}
-    consts = constants(variant, config)
+    fn = _probe_kernel
+    if variant in FIELD_VARIANTS:
+        fn = _field_kernel
+        signature = dict(list(signature.items())[:5] + [("ws_ptr", "*fp32"), ("count_ptr", "*i32")]
+                         + list(signature.items())[5:])
+        consts = dict(BITS=BITS, GROUP=GROUP, BLOCK_M=config[0], BLOCK_N=config[1], BLOCK_K=config[2],
+                      STAGES=config[4], SWAP=FIELD_VARIANTS[variant][0], PERM=FIELD_VARIANTS[variant][1],
+                      SPLIT=len(config) > 5 and config[5] > 1)
+    else:
+        consts = constants(variant, config)
     signature.update({name: "constexpr" for name in consts})
     # pointers 16-byte aligned, N and K divisible by 16 (4096, 11008): what a launch on the GPU specializes on
     attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7)}
-    source = ASTSource(fn=_probe_kernel, signature=signature, constexprs=consts, attrs=attrs)
+    if variant in FIELD_VARIANTS:  # pointers (with ws, count), M, N, K
+        attrs = {(i,): [["tt.divisibility", 16]] for i in range(10)}
+    source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=config[3], num_stages=config[4]))
 
@@ -438,23 +603,26 @@ def interpret(variants):
     """Every variant at INTERPRET_CONFIG on 64 rows, 256x256 (and 48 rows: masked rows), on the CPU."""
     _, layer = int4_layer(256, 256, "cpu")
     ref_w = layer.dequantized_weight().double()
-    print(f"Triton {triton.__version__}, TRITON_INTERPRET=1, config {INTERPRET_CONFIG}, float32 x")
-    print("| variant | rows | error | max err | result |")
-    print("|---|---:|---:|---:|---|")
-    for variant in variants:
-        config = parse_config(INTERPRET_I8 if variant == "i8" else INTERPRET_CONFIG)
+    print(f"Triton {triton.__version__}, TRITON_INTERPRET=1, float32 x")
+    print("| variant | config | rows | error | max err | result |")
+    print("|---|---|---:|---:|---:|---|")
+    for variant, text in [(v, c) for v in variants for c in (
+            INTERPRET_FPERM if v.startswith("fperm") else INTERPRET_FIELD if v in FIELD_VARIANTS
+            else [INTERPRET_I8] if v == "i8" else [INTERPRET_CONFIG])]:
+        config = parse_config(text)
+        words = field_major(layer.qweight, config[2]) if variant.startswith("fperm") else layer.qweight
         for m in (64, 48):
             # float32 x: the interpreter multiplies bf16 tensors as their raw 16-bit patterns (tl.dot of bf16
             # operands gives ~1e8), so the CPU check runs the kernel in float32; the GPU check is the bf16 gate
             x = torch.randn(m, 256) * 0.5
             try:
-                y = probe(x, layer.qweight, layer.scale, layer.zero, variant, config)
+                y = probe(x, words, layer.scale, layer.zero, variant, config)
                 err, max_err = errors(y, x.double() @ ref_w.T)
                 result = "ok" if err < ERROR_LIMIT else "FAIL"
-                print(f"| {variant} | {m} | {err:.1e} | {max_err:.1e} | {result} |", flush=True)
+                print(f"| {variant} | {text} | {m} | {err:.1e} | {max_err:.1e} | {result} |", flush=True)
             except Exception as e:  # noqa: BLE001
-                print(f"| {variant} | {m} | | | error: {type(e).__name__}: {' '.join(str(e).split())[:160]} |",
-                      flush=True)
+                print(f"| {variant} | {text} | {m} | | | error: {type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:160]} |", flush=True)
 
 
 # --- the GPU ----------------------------------------------------------------------------------------------------
@@ -518,20 +686,27 @@ def bench_shape(shape, m, variants, project, log):
                          f"error: {type(e).__name__}: {' '.join(str(e).split())[:120]}"))
             log(f"  {shape} project: {type(e).__name__}: {e}")
 
+    perm_sets = {}  # BLOCK_K: the weight copies with their codes repacked field-major (fperm), made once
     for variant in variants:
         for text in CONFIGS[variant]:
             config = parse_config(text)
+            vsets = sets
+            if variant.startswith("fperm"):
+                if config[2] not in perm_sets:
+                    perm_sets[config[2]] = [[field_major(s[0], config[2])] + s[1:] for s in sets]
+                vsets = perm_sets[config[2]]
+            vpacked = vsets[0]
             start = time.time()
             try:
                 split = split_x(x) if variant == "i8" else None  # buffers for x's halves, made before any capture
-                y = probe(x, *packed, variant, config, split=split)
+                y = probe(x, *vpacked, variant, config, split=split)
                 torch.cuda.synchronize()
                 err, max_err = errors(y, ref)
-                outs = [torch.empty_like(y) for _ in sets]
+                outs = [torch.empty_like(y) for _ in vsets]
                 # i8 takes s * z for the zero points, made here once per weight copy as a packed layer would
-                szs = [scaled_zeros(sc, z) if variant == "i8" else None for _, sc, z in sets]
+                szs = [scaled_zeros(sc, z) if variant == "i8" else None for _, sc, z in vsets]
                 calls = [lambda s=s, o=o, sz=sz: probe(x, *s, variant, config, o, split, sz)
-                         for s, o, sz in zip(sets, outs, szs)]
+                         for s, o, sz in zip(vsets, outs, szs)]
                 for c in calls:
                     c()
                 t = graph_time(calls)

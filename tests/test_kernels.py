@@ -804,7 +804,9 @@ def test_prefill_probe_kernels_equal_the_dequantized_product_under_the_interpret
     """bench/prefill_ws_probe.py --interpret: every fused-prefill probe variant (pointer and TMA loads, the operands
     swapped, with and without warp specialization, which the interpreter ignores) against the float64 product of x
     and the layer's dequantized weight, at 64 and 48 rows (masked rows), float32 x; and the int8 variant (x split into
-    two int8 halves, int32 products per group), whose error is that of x as 16-bit integers per row (~3e-5)."""
+    two int8 halves, int32 products per group), whose error is that of x as 16-bit integers per row (~3e-5); and the
+    field variants (one dot per code field of a word; the project's words and field_major()'s, with split-K and, for
+    fperm, two groups per K tile)."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "bench/prefill_ws_probe.py", "--interpret"], cwd=ROOT, env=env,
@@ -812,8 +814,11 @@ def test_prefill_probe_kernels_equal_the_dequantized_product_under_the_interpret
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| ") and "rows" not in line
             and not line.startswith("|---")]
-    assert len(rows) == 18 and all(r[-1].strip() == "ok" for r in rows), result.stdout
-    assert all(float(r[2]) < 1e-4 for r in rows if r[0].strip() == "i8"), result.stdout
+    assert len(rows) == 38 and all(r[-1].strip() == "ok" for r in rows), result.stdout
+    assert all(float(r[3]) < 1e-4 for r in rows if r[0].strip() == "i8"), result.stdout
+    assert all(float(r[3]) < 1e-6 for r in rows if r[0].strip().startswith("f")), result.stdout
+    assert {r[1].strip() for r in rows if r[0].strip() == "fperm"} == {"64x64x128x4x2", "64x64x128x4x2x2",
+                                                                       "64x64x256x4x2"}, result.stdout
 
 
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
@@ -835,7 +840,8 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
                          timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip() == (
         "prefill_ws_probe.py: error: unknown variant 'nope'; expected some of " + ", ".join(
-            ["ptr", "ptr_ws", "tma", "tma_ws", "swap", "swap_ws", "swap2", "swap2_ws", "i8"]))
+            ["ptr", "ptr_ws", "tma", "tma_ws", "swap", "swap_ws", "swap2", "swap2_ws", "i8", "field", "field_swap",
+             "fperm", "fperm_swap"]))
 
 
 def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp, tmp_path):
