@@ -33,7 +33,14 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             share at the end (a float32 product of the groups' sums of x and s * z); two int8 passes cost what one
             bf16 pass does, the work per code is an unpack, and the scaling is per output, not per code. Its table
             rows add the GEMM alone (x already split) and the split alone.
-A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 BLOCK_K is the group, 128). --compile_only
+- `field`, `field_swap`, `fperm`, `fperm_swap` (`_field_kernel`): no unpack reshape at all. Code f of every word is
+            a (BLOCK_K / 8, BLOCK_N) tile by itself, dequantized and multiplied by its own slice of x, one tl.dot
+            per field: `field` on the project's words, x's tile split into its 8 fields in registers (tl.split);
+            `fperm` on the words repacked field-major inside each K tile (field_major(): each field's x a
+            contiguous tile); `_swap` with the weight the left operand (from registers). A sixth config number
+            is split-K (the partials added as the project's GEMM adds them).
+A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
+fperm also takes 256). --compile_only
 reports, per variant and config, whether it compiled, whether the loop was warp-specialized (ttg.warp_specialize
 in the TTGIR), the TMA copies, how many wgmma take their left operand from registers, registers, shared memory,
 and SASS instructions.
@@ -47,6 +54,8 @@ took 52-124 us on 4096x4096 against cuBLAS's 18.1 and the project's dequant_mm's
 and so every warp-specialized one (Triton specializes only 4-warp loops here), stopped with a CUDA "misaligned
 address" error (not found in the session it was written; run one variant per process), and ptr_ws does not
 compile (an assertion in Triton's warp-specialization pass). Known open, kept as the starting point of that work.
+The field variants on one H100 (bench/results/prefill_field_h100/README.md): 39.6 us at best on 4096x4096 against
+cuBLAS's 20.5 and dequant_mm's 33.6.
 """
 import argparse
 import math
