@@ -107,8 +107,7 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     "swap_ws": ["128x64x128x4x3", "128x64x64x4x4"],
     "swap2": ["128x128x64x8x3", "256x128x64x8x3"],
     "swap2_ws": ["128x64x128x4x3"],
-    # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
-    # BLOCK_K is the group (128): 16 word rows, a dot of K = 16 per code field
+    # BLOCK_K is the group (128): 16 word rows, a dot of K = 16 per code field (fperm: also 256, two groups)
     "field": ["128x64x128x4x3", "128x128x128x8x3", "256x64x128x8x3", "128x64x128x4x4", "64x64x128x4x4",
               "256x32x128x8x3", "128x32x128x4x4", "256x64x128x8x3x2", "128x64x128x4x3x2"],
     "field_swap": ["128x64x128x4x3", "128x128x128x8x3", "256x64x128x4x3", "64x64x128x4x4", "256x128x128x8x2"],
@@ -118,6 +117,7 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     "fperm_swap": ["128x64x128x4x3", "128x128x128x8x3", "256x64x128x4x3", "64x64x128x4x4", "256x128x128x8x2",
                    "128x64x128x4x4", "128x64x256x4x3", "256x64x256x4x2", "128x128x256x8x2", "128x64x128x4x3x2",
                    "256x64x128x4x3x2", "256x64x128x4x3x4", "128x128x128x8x3x2"],
+    # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
     "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
            "128x128x128x4x2"],
 }
@@ -216,8 +216,9 @@ if triton is not None:
                       SPLIT: tl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T for 4-bit codes, one tl.dot of K = BLOCK_K / 8 per code field of a
         word, so that no (BLOCK_K / 8, 8, BLOCK_N) -> (BLOCK_K, BLOCK_N) reshape stands between the loaded words
-        and the tensor cores. BLOCK_K == GROUP (or 2 GROUP with PERM). PERM = 0: the project's words (code f of word row i is input
-        8 i + f), x's tile split in registers into its 8 fields (tl.split of (BLOCK_M, BLOCK_K / 8, 2, 2, 2));
+        and the tensor cores. BLOCK_K == GROUP (or 2 GROUP with PERM). PERM = 0: the project's words (code f of
+        word row i is input 8 i + f), x's tile split in registers into its 8 fields (tl.split of (BLOCK_M,
+        BLOCK_K / 8, 2, 2, 2));
         PERM = 1: words repacked field-major inside each K tile (field_major(): code f of word row r is input
         k0 + f * BLOCK_K / 8 + r), each field's x a contiguous (BLOCK_M, BLOCK_K / 8) tile of its own. SPLIT:
         split-K over grid axis 2, the partial tiles added as in triton_kernels._gemm_kernel (float32 workspace,
