@@ -821,9 +821,35 @@ def test_prefill_probe_kernels_equal_the_dequantized_product_under_the_interpret
                                                                        "64x64x256x4x2"}, result.stdout
 
 
+def test_gluon_probe_dequantize_arithmetic_matches_the_project_dequantize():
+    """The Gluon prefill kernel's per-code arithmetic, done here in float64 on the project's words: code f of word
+    row r (input 8 r + f) put into a float's mantissa as 1 + c / 16, times 16 s, plus -(16 + z) s (gluon_scales),
+    each float32 operand as the kernel holds it. Against the project's own dequantize ((c - z) s, float64): within
+    a few float32 roundings of s, and the same bf16 weight but for rare ties and the zeros (c = z)."""
+    from conftest import load_script
+    probe = load_script("bench/prefill_ws_probe.py")
+    _, layer = probe.int4_layer(512, 192, "cpu", seed=3)
+    scale16, bias = probe.gluon_scales(layer.scale, layer.zero)
+    assert scale16.dtype == bias.dtype == torch.float32 and scale16.shape == bias.shape == (4, 192)
+    words = layer.qweight.long()                                                  # (K / 8, N)
+    shifts = torch.arange(8) * 4
+    bits = (((words[:, None, :] >> shifts[None, :, None]) & 15) << 19) | 0x3F800000  # (K / 8, 8, N)
+    mantissa = bits.to(torch.int32).view(torch.float32).double().reshape(512, 192)  # k = 8 r + f
+    group = torch.arange(512) // 128
+    w = (mantissa * scale16.double()[group] + bias.double()[group]).float()        # an FMA, then float32
+    ref = layer.dequantized_weight().double().T                                    # (K, N)
+    s = layer.scale.double()[group]
+    assert ((w.double() - ref).abs() <= 64 * 2.0**-24 * s).all()
+    # where c = z the kernel's weight is a float32 rounding of s away from 0 (the FMA's bias is rounded), else its
+    # bf16 is the project's but for values within such a rounding of a bf16 tie
+    nonzero = ref != 0
+    assert 0.02 < (~nonzero).float().mean() < 0.5
+    assert (w.bfloat16() != ref.bfloat16())[nonzero].float().mean() < 1e-3
+
+
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
-    """bench/prefill_ws_probe.py --compile_only: a warp-specialized TMA variant compiles for sm_90 on the CPU and the
-    table says it was partitioned; without a GPU and without --compile_only it says a GPU is needed; an unknown
+    """bench/prefill_ws_probe.py --compile_only: a warp-specialized TMA variant and the Gluon kernel compile for
+    sm_90 on the CPU and the table says they were partitioned; without a GPU and without --compile_only it says a GPU is needed; an unknown
     variant is one error line."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
@@ -834,6 +860,12 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     assert result.returncode == 0, result.stderr[-2000:]
     row = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| tma_ws")]
     assert len(row) == 1 and row[0][2].strip() == "yes" and row[0][3].strip().startswith("yes"), result.stdout
+    # the hand warp-specialized Gluon kernel: three partitions (the default and two workers), 8 TMA copies a slot
+    result = subprocess.run(probe + ["--compile_only", "--variants=gluon", "--configs=128x64x64x4x4x4"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| gluon")]
+    assert len(row) == 1 and row[0][2].strip() == "yes" and row[0][3].strip().startswith("yes (2"), result.stdout
     no_gpu = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert no_gpu.returncode == 0 and "GPU" in no_gpu.stdout + no_gpu.stderr
     bad = subprocess.run(probe + ["--compile_only", "--variants=nope"], cwd=ROOT, capture_output=True, text=True,
@@ -841,7 +873,7 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     assert bad.returncode != 0 and bad.stderr.strip() == (
         "prefill_ws_probe.py: error: unknown variant 'nope'; expected some of " + ", ".join(
             ["ptr", "ptr_ws", "tma", "tma_ws", "swap", "swap_ws", "swap2", "swap2_ws", "i8", "field", "field_swap",
-             "fperm", "fperm_swap"]))
+             "fperm", "fperm_swap", "gluon"]))
 
 
 def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp, tmp_path):
