@@ -849,8 +849,8 @@ def test_gluon_probe_dequantize_arithmetic_matches_the_project_dequantize():
 
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     """bench/prefill_ws_probe.py --compile_only: a warp-specialized TMA variant and the Gluon kernel compile for
-    sm_90 on the CPU and the table says they were partitioned; without a GPU and without --compile_only it says a GPU is needed; an unknown
-    variant is one error line."""
+    sm_90 on the CPU and the table says they were partitioned; without a GPU and without --compile_only it says a
+    GPU is needed; an unknown variant is one error line."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the probe would time kernels")
