@@ -137,10 +137,10 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
     "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
            "128x128x128x4x2"],
-    # the sixth number is the dequantize partition's warps; BLOCK_K 64 (a 128-byte row of x and of the weight
+    # the sixth number is the dequantize partitions' warps, the seventh how many (1 or 2); BLOCK_K 64 (a 128-byte row of x and of the weight
     # tile, the widest TMA/wgmma swizzle)
-    "gluon": ["128x128x64x4x4x4", "128x64x64x4x4x4", "128x64x64x4x4x2", "128x128x64x4x4x8", "128x128x64x8x4x4",
-              "256x64x64x8x3x4", "64x128x64x4x4x4", "128x64x64x4x6x4"],
+    "gluon": ["128x64x64x4x6x4", "128x64x64x4x6x4x2", "128x64x64x4x8x4x2", "128x64x64x4x6x2x2", "128x128x64x4x4x4x2",
+              "128x128x64x8x4x4x2", "64x128x64x4x6x4x2", "256x64x64x8x3x4x2", "128x64x64x4x4x4", "128x128x64x4x4x4"],
 }
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
 INTERPRET_I8 = "64x64x128x4x2"      # the int8 variant's (BLOCK_K = GROUP)
@@ -386,7 +386,8 @@ if triton is not None:
 
 if gluon is not None:
     @gluon.jit
-    def _gws_loader(descs, bufs, bars, off_m, off_n, k_tiles, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr):
+    def _gws_loader(descs, bufs, bars, off_m, off_n, k_tiles, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr,
+                    DQ_PARTS: gl.constexpr):
         """One warp: the TMA copies of each K tile's x, words, scales and biases into the ring's next free slot
         (free once the MMA partition has finished the product that read it)."""
         x_desc, q_desc, s_desc, b_desc = descs
@@ -408,8 +409,11 @@ if gluon is not None:
             _tma_load(b_desc, [k0 // GROUP, off_n], bar, b_bufs.index(s))
 
     @gluon.jit
-    def _gws_dequant(descs, bufs, bars, off_m, off_n, k_tiles, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr):
-        """DQ warps: each K tile's words (BLOCK_K / 8, BLOCK_N) to the bf16 weight tile (BLOCK_N, BLOCK_K),
+    def _gws_dequant(descs, bufs, bars, off_m, off_n, k_tiles, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr,
+                     DQ_PARTS: gl.constexpr):
+        """DQ warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...: while one waits on its
+        loads, stores and barriers the other computes): each K tile's words (BLOCK_K / 8, BLOCK_N) to the bf16
+        weight tile (BLOCK_N, BLOCK_K),
         K-contiguous in shared memory, where wgmma reads it. Code c of field f (input 8 r + f) is put in the top
         4 bits of a float's mantissa, 1 + c / 16, and w = (1 + c / 16) * 16 s + b with b = -(16 + z) s: one
         shift, one logic op and one FMA per code (gluon_scales makes 16 s and b once per weight)."""
@@ -422,7 +426,7 @@ if gluon is not None:
         rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
         fields = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
         shifts = gl.expand_dims(gl.expand_dims(fields * 4, 0), 2)             # (1, 8, 1)
-        for i in range(k_tiles):
+        for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             words = gl.expand_dims(q_bufs.index(s).load(rows), 1)            # (BLOCK_K / 8, 1, BLOCK_N)
@@ -463,10 +467,11 @@ if gluon is not None:
     @gluon.jit
     def _gws_kernel(x_desc, q_desc, s_desc, b_desc, y_ptr, M, N, K, GROUP: gl.constexpr, STAGES: gl.constexpr,
                     W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                    DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr):
+                    DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr):
         """y (M, N) bf16 = x (M, K) bf16 @ dequant(W)^T, int4 codes in the project's words (K / 8, N), explicitly
-        warp-specialized: a TMA partition (1 warp), a dequantize partition (DQ_WARPS) and the wgmma partition
-        (num_warps), a ring of STAGES slots between them, each with its own barriers."""
+        warp-specialized: a TMA partition (1 warp), DQ_PARTS dequantize partitions (DQ_WARPS each, taking the K tiles
+        in turn) and the wgmma partition (num_warps), a ring of STAGES slots between them, each with its own
+        barriers."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = q_desc.block_type.shape[1]
@@ -488,11 +493,21 @@ if gluon is not None:
         descs = (x_desc, q_desc, s_desc, b_desc)
         bufs = (x_bufs, q_bufs, s_bufs, b_bufs, w_bufs)
         bars = (ready, w_ready, empty)
-        gl.warp_specialize([
-            (_gws_mma, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT)),
-            (_gws_loader, (descs, bufs, bars, off_m, off_n, k_tiles, GROUP, DQ_LAYOUT)),
-            (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_tiles, GROUP, DQ_LAYOUT)),
-        ], [1, DQ_WARPS], [24, DQ_REGS])
+        first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
+        if DQ_PARTS == 1:
+            gl.warp_specialize([
+                (_gws_mma, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT)),
+                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+            ], [1, DQ_WARPS], [24, DQ_REGS])
+        else:
+            gl.static_assert(DQ_PARTS == 2)
+            gl.warp_specialize([
+                (_gws_mma, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT)),
+                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_tiles, first + 1, GROUP, DQ_LAYOUT, DQ_PARTS)),
+            ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
 
 
 def gluon_scales(scale, zero):
@@ -504,8 +519,8 @@ def gluon_scales(scale, zero):
 
 def gluon_layouts(config):
     """(x, words, scales, W tile shared layouts; accumulator, dequantize register layouts) of a gluon config
-    BLOCK_M x BLOCK_N x BLOCK_K x num_warps x stages x DQ_WARPS."""
-    block_m, block_n, block_k, warps, _, dq_warps = config
+    BLOCK_M x BLOCK_N x BLOCK_K x num_warps x stages x DQ_WARPS [x DQ_PARTS]."""
+    block_m, block_n, block_k, warps, _, dq_warps = config[:6]
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
@@ -521,23 +536,26 @@ def gluon_layouts(config):
     return x_layout, flat, w_layout, acc, dq
 
 
-GLUON_DQ_REGS = 128
-
-
-def gluon_maxnreg(config):
-    """Registers per thread that let one program of the config's warps (num_warps, the loader's warp and the
-    dequantize partition's, in warp groups of 4) fit the 64K of a multiprocessor."""
-    warps = config[3] + 4 + 4 * -(-config[5] // 4)
-    return min(256, 65536 // (32 * warps) // 8 * 8)
+def gluon_registers(config):
+    """(registers per thread for the whole program, for each dequantize partition's threads): one program of the
+    config's warps (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fits
+    the 64K registers of a multiprocessor; the dequantize partitions get 96 where there are two, else 128 (the
+    default partition, with the accumulator, gets what the others leave)."""
+    parts = config[6] if len(config) > 6 else 1
+    warps = config[3] + 4 + parts * 4 * -(-config[5] // 4)
+    return min(256, 65536 // (32 * warps) // 8 * 8), 96 if parts > 1 else 128
 
 
 def gluon_ws(x, qweight, scale16, bias, config, y=None):
     """y = x @ dequant(W)^T through _gws_kernel; scale16, bias = gluon_scales(scale, zero)."""
-    block_m, block_n, block_k, warps, stages, dq_warps = config
+    block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
+    parts = config[6] if len(config) > 6 else 1
     m, k = x.shape
     n = qweight.shape[1]
-    if n % block_n or k % block_k or GROUP % block_k or block_n % 32 or dq_warps & (dq_warps - 1):
-        raise ValueError(f"gluon: {k}x{n} does not tile by {config} (BLOCK_N a multiple of 32, DQ_WARPS a power of 2)")
+    if n % block_n or k % block_k or GROUP % block_k or block_n % 32 or dq_warps & (dq_warps - 1) \
+            or parts not in (1, 2):
+        raise ValueError(f"gluon: {k}x{n} does not tile by {config} (BLOCK_N a multiple of 32, DQ_WARPS a power "
+                         f"of 2, DQ_PARTS 1 or 2)")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype) if y is None else y
     x_layout, flat, w_layout, acc, dq = gluon_layouts(config)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
@@ -546,15 +564,16 @@ def gluon_ws(x, qweight, scale16, bias, config, y=None):
              TensorDescriptor.from_tensor(bias, [1, block_n], flat))
     _gws_kernel[(triton.cdiv(m, block_m), n // block_n)](
         *descs, y, m, n, k, GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq,
-        DQ_WARPS=dq_warps, DQ_REGS=GLUON_DQ_REGS, num_warps=warps, maxnreg=gluon_maxnreg(config))
+        DQ_WARPS=dq_warps, DQ_REGS=gluon_registers(config)[1], DQ_PARTS=parts, num_warps=warps,
+        maxnreg=gluon_registers(config)[0])
     return y
 
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for gluon xDQ_WARPS (the dequantize partition's warps)."""
+    for gluon xDQ_WARPS[xDQ_PARTS] (the dequantize partitions' warps, and how many there are, default 1)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6):
+    if len(values) not in (5, 6, 7):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -614,8 +633,9 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant == "gluon":
-        if len(config) != 6:
-            raise ValueError(f"gluon: a config is BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPS (got {config})")
+        if len(config) not in (6, 7):
+            raise ValueError(f"gluon: a config is BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPS[xDQ_PARTS] (got "
+                             f"{config})")
         return gluon_ws(x, qweight, *(gluon_scales(scale, zero) if sz is None else sz), config, y)
     if split_k > 1 and variant not in FIELD_VARIANTS:
         raise ValueError(f"{variant}: split-K is only in the field variants (got {config})")
@@ -711,19 +731,19 @@ def compile_for(variant, config, arch):
     from triton.compiler import ASTSource
     if variant == "gluon":
         from triton.experimental.gluon._runtime import GluonASTSource
-        block_m, block_n, block_k, warps, stages, dq_warps = config
+        block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
         x_layout, flat, w_layout, acc, dq = gluon_layouts(config)
         desc = lambda dtype, shape, layout: f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"  # noqa
         signature = {"x_desc": desc("bf16", [block_m, block_k], x_layout),
                      "q_desc": desc("i32", [block_k // 8, block_n], flat), "s_desc": desc("fp32", [1, block_n], flat),
                      "b_desc": desc("fp32", [1, block_n], flat), "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
         consts = dict(GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=dq_warps,
-                      DQ_REGS=GLUON_DQ_REGS)
+                      DQ_REGS=gluon_registers(config)[1], DQ_PARTS=config[6] if len(config) > 6 else 1)
         signature.update({name: "constexpr" for name in consts})
         attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7)}
         source = GluonASTSource(fn=_gws_kernel, signature=signature, constexprs=consts, attrs=attrs)
         return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, maxnreg=gluon_maxnreg(config)))
+                              options=dict(num_warps=warps, maxnreg=gluon_registers(config)[0]))
     if variant == "i8":
         signature = {"hi_ptr": "*i8", "lo_ptr": "*i8", "sx_ptr": "*fp32", "r_ptr": "*i32", "w_ptr": "*i32",
                      "s_ptr": "*fp32", "sz_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
