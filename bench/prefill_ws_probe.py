@@ -137,10 +137,11 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
     "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
            "128x128x128x4x2"],
-    # the sixth number is the dequantize partitions' warps, the seventh how many (1 or 2); BLOCK_K 64 (a 128-byte row of x and of the weight
-    # tile, the widest TMA/wgmma swizzle)
-    "gluon": ["128x64x64x4x6x4", "128x64x64x4x6x4x2", "128x64x64x4x8x4x2", "128x64x64x4x6x2x2", "128x128x64x4x4x4x2",
-              "128x128x64x8x4x4x2", "64x128x64x4x6x4x2", "256x64x64x8x3x4x2", "128x64x64x4x4x4", "128x128x64x4x4x4"],
+    # gluon_config: the sixth number is the dequantize partitions' warps, the seventh how many (1-3), the eighth
+    # split-K; BLOCK_K 64 (a 128-byte row of x and of the weight tile, the widest TMA/wgmma swizzle)
+    "gluon": ["128x64x64x4x8x4x2", "128x64x64x4x8x4x3", "128x64x64x4x6x4x3", "128x128x64x4x5x4x2x2",
+              "128x128x64x4x5x4x3x2", "128x128x64x4x4x4x3x2", "64x128x64x4x6x4x3", "128x64x64x4x6x4x2",
+              "128x64x64x4x6x4", "128x128x64x4x4x4"],
 }
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
 INTERPRET_I8 = "64x64x128x4x2"      # the int8 variant's (BLOCK_K = GROUP)
@@ -386,8 +387,8 @@ if triton is not None:
 
 if gluon is not None:
     @gluon.jit
-    def _gws_loader(descs, bufs, bars, off_m, off_n, k_tiles, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                    DQ_PARTS: gl.constexpr):
+    def _gws_loader(descs, bufs, bars, off_m, off_n, k_first, k_tiles, part, GROUP: gl.constexpr,
+                    DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
         """One warp: the TMA copies of each K tile's x, words, scales and biases into the ring's next free slot
         (free once the MMA partition has finished the product that read it)."""
         x_desc, q_desc, s_desc, b_desc = descs
@@ -400,7 +401,7 @@ if gluon is not None:
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            k0 = i * BLOCK_K
+            k0 = (k_first + i) * BLOCK_K
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
@@ -409,8 +410,8 @@ if gluon is not None:
             _tma_load(b_desc, [k0 // GROUP, off_n], bar, b_bufs.index(s))
 
     @gluon.jit
-    def _gws_dequant(descs, bufs, bars, off_m, off_n, k_tiles, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                     DQ_PARTS: gl.constexpr):
+    def _gws_dequant(descs, bufs, bars, off_m, off_n, k_first, k_tiles, part, GROUP: gl.constexpr,
+                     DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
         """DQ warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...: while one waits on its
         loads, stores and barriers the other computes): each K tile's words (BLOCK_K / 8, BLOCK_N) to the bf16
         weight tile (BLOCK_N, BLOCK_K),
@@ -440,10 +441,14 @@ if gluon is not None:
             mbarrier.arrive(w_ready.index(s), count=1)
 
     @gluon.jit
-    def _gws_mma(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr):
+    def _gws_mma(bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
+                 SPLIT: gl.constexpr):
         """The default partition (one or two warp groups): one asynchronous wgmma per K tile, x from the ring, the
         weight tile from the dequantize partition; a slot is released once the product after it is issued and
-        the one that read it has finished (one wgmma in flight)."""
+        the one that read it has finished (one wgmma in flight). SPLIT > 1 (split-K over grid axis 2): the partial
+        tile goes to ws (float32), and the last of the tile's programs to arrive adds the partials in split order
+        and writes y (as triton_kernels._gemm_kernel does; `done`, a barrier of this program, orders every
+        thread's partial stores before the arrival count)."""
         x_bufs, q_bufs, s_bufs, b_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -461,17 +466,30 @@ if gluon is not None:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
-        ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
-        gl.store(ptrs, acc.to(gl.bfloat16), mask=gl.expand_dims(offs_m < M, 1))
+        tile = gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
+        mask = gl.expand_dims(offs_m < M, 1)
+        if SPLIT == 1:
+            gl.store(y_ptr + tile, acc.to(gl.bfloat16), mask=mask)
+        else:
+            gl.store(ws_ptr + gl.program_id(2) * M * N + tile, acc, mask=mask)
+            mbarrier.arrive(done, count=1)  # after this partition's threads all stored
+            mbarrier.wait(done, 0)
+            counter = count_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
+            if gl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
+                total = gl.load(ws_ptr + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                for k in gl.static_range(1, SPLIT):  # in split order: the same sum every call
+                    total += gl.load(ws_ptr + k * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.store(y_ptr + tile, total.to(gl.bfloat16), mask=mask)
+                gl.atomic_xchg(counter, 0)
 
     @gluon.jit
-    def _gws_kernel(x_desc, q_desc, s_desc, b_desc, y_ptr, M, N, K, GROUP: gl.constexpr, STAGES: gl.constexpr,
-                    W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                    DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr):
+    def _gws_kernel(x_desc, q_desc, s_desc, b_desc, y_ptr, ws_ptr, count_ptr, M, N, K, GROUP: gl.constexpr,
+                    STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
+                    DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, SPLIT: gl.constexpr):
         """y (M, N) bf16 = x (M, K) bf16 @ dequant(W)^T, int4 codes in the project's words (K / 8, N), explicitly
         warp-specialized: a TMA partition (1 warp), DQ_PARTS dequantize partitions (DQ_WARPS each, taking the K tiles
         in turn) and the wgmma partition (num_warps), a ring of STAGES slots between them, each with its own
-        barriers."""
+        barriers; split-K in SPLIT parts over grid axis 2."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = q_desc.block_type.shape[1]
@@ -483,31 +501,48 @@ if gluon is not None:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(done, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(w_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         off_m = gl.program_id(0) * BLOCK_M
         off_n = gl.program_id(1) * BLOCK_N
-        k_tiles = K // BLOCK_K
+        k_tiles = K // BLOCK_K // SPLIT
+        k_first = gl.program_id(2) * k_tiles
         descs = (x_desc, q_desc, s_desc, b_desc)
         bufs = (x_bufs, q_bufs, s_bufs, b_bufs, w_bufs)
         bars = (ready, w_ready, empty)
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if DQ_PARTS == 1:
             gl.warp_specialize([
-                (_gws_mma, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT)),
-                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, SPLIT)),
+                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT,
+                                DQ_PARTS)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
-        else:
-            gl.static_assert(DQ_PARTS == 2)
+        elif DQ_PARTS == 2:
             gl.warp_specialize([
-                (_gws_mma, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT)),
-                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_tiles, first + 1, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, SPLIT)),
+                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT,
+                                DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first + 1, GROUP, DQ_LAYOUT,
+                                DQ_PARTS)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
+        else:
+            gl.static_assert(DQ_PARTS == 3)
+            gl.warp_specialize([
+                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, SPLIT)),
+                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT,
+                                DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first + 1, GROUP, DQ_LAYOUT,
+                                DQ_PARTS)),
+                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first + 2, GROUP, DQ_LAYOUT,
+                                DQ_PARTS)),
+            ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
 def gluon_scales(scale, zero):
@@ -536,44 +571,61 @@ def gluon_layouts(config):
     return x_layout, flat, w_layout, acc, dq
 
 
+def gluon_config(config):
+    """A gluon config's numbers, named: BLOCK_M x BLOCK_N x BLOCK_K x num_warps x stages x DQ_WARPS, then optionally
+    DQ_PARTS (dequantize partitions, 1-3, default 1) and SPLIT (split-K, default 1)."""
+    block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
+    parts, split = (tuple(config[6:]) + (1, 1))[:2]
+    return block_m, block_n, block_k, warps, stages, dq_warps, parts, split
+
+
 def gluon_registers(config):
     """(registers per thread for the whole program, for each dequantize partition's threads): one program of the
     config's warps (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fits
-    the 64K registers of a multiprocessor; the dequantize partitions get 96 where there are two, else 128 (the
-    default partition, with the accumulator, gets what the others leave)."""
-    parts = config[6] if len(config) > 6 else 1
-    warps = config[3] + 4 + parts * 4 * -(-config[5] // 4)
-    return min(256, 65536 // (32 * warps) // 8 * 8), 96 if parts > 1 else 128
+    the 64K registers of a multiprocessor; the default partition (the accumulator) is left 168 a thread, the
+    loader's warp group 24, and the dequantize partitions share the rest (at most 128 a thread)."""
+    _, _, _, warps, _, dq_warps, parts, _ = gluon_config(config)
+    dq_threads = parts * 128 * -(-dq_warps // 4)
+    total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
+    return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
+
+
+_GLUON_SPLIT = {}  # (device, M, N, BLOCK_M, BLOCK_N, SPLIT): (float32 partials, arrival counters) of _gws_kernel
 
 
 def gluon_ws(x, qweight, scale16, bias, config, y=None):
     """y = x @ dequant(W)^T through _gws_kernel; scale16, bias = gluon_scales(scale, zero)."""
-    block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
-    parts = config[6] if len(config) > 6 else 1
+    block_m, block_n, block_k, warps, stages, dq_warps, parts, split = gluon_config(config)
     m, k = x.shape
     n = qweight.shape[1]
-    if n % block_n or k % block_k or GROUP % block_k or block_n % 32 or dq_warps & (dq_warps - 1) \
-            or parts not in (1, 2):
+    if n % block_n or k % (block_k * split) or GROUP % block_k or block_n % 32 or dq_warps & (dq_warps - 1) \
+            or parts not in (1, 2, 3):
         raise ValueError(f"gluon: {k}x{n} does not tile by {config} (BLOCK_N a multiple of 32, DQ_WARPS a power "
-                         f"of 2, DQ_PARTS 1 or 2)")
+                         f"of 2, DQ_PARTS 1-3, K a multiple of BLOCK_K x SPLIT)")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype) if y is None else y
+    grid = (triton.cdiv(m, block_m), n // block_n, split)
+    key = (x.device, m, n, block_m, block_n, split)
+    if key not in _GLUON_SPLIT:  # made on the first call, before any graph capture
+        _GLUON_SPLIT[key] = (torch.empty((split if split > 1 else 0, m, n), device=x.device, dtype=torch.float32),
+                             torch.zeros(grid[0] * grid[1], device=x.device, dtype=torch.int32))
+    ws, count = _GLUON_SPLIT[key]
     x_layout, flat, w_layout, acc, dq = gluon_layouts(config)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
              TensorDescriptor.from_tensor(qweight, [block_k // 8, block_n], flat),
              TensorDescriptor.from_tensor(scale16, [1, block_n], flat),
              TensorDescriptor.from_tensor(bias, [1, block_n], flat))
-    _gws_kernel[(triton.cdiv(m, block_m), n // block_n)](
-        *descs, y, m, n, k, GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq,
-        DQ_WARPS=dq_warps, DQ_REGS=gluon_registers(config)[1], DQ_PARTS=parts, num_warps=warps,
-        maxnreg=gluon_registers(config)[0])
+    total, dq_regs = gluon_registers(config)
+    _gws_kernel[grid](*descs, y, ws, count, m, n, k, GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc,
+                      DQ_LAYOUT=dq, DQ_WARPS=dq_warps, DQ_REGS=dq_regs, DQ_PARTS=parts, SPLIT=split, num_warps=warps,
+                      maxnreg=total)
     return y
 
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for gluon xDQ_WARPS[xDQ_PARTS] (the dequantize partitions' warps, and how many there are, default 1)."""
+    for gluon xDQ_WARPS[xDQ_PARTS[xSPLIT]] (gluon_config)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7):
+    if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -633,12 +685,12 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant == "gluon":
-        if len(config) not in (6, 7):
-            raise ValueError(f"gluon: a config is BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPS[xDQ_PARTS] (got "
-                             f"{config})")
+        if len(config) < 6:
+            raise ValueError(f"gluon: a config is BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPS[xDQ_PARTS[xSPLIT]] "
+                             f"(got {config})")
         return gluon_ws(x, qweight, *(gluon_scales(scale, zero) if sz is None else sz), config, y)
-    if split_k > 1 and variant not in FIELD_VARIANTS:
-        raise ValueError(f"{variant}: split-K is only in the field variants (got {config})")
+    if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
+        raise ValueError(f"{variant}: split-K (a sixth number) is only in the field variants (got {config})")
     if variant == "i8":
         if block_k != GROUP or qweight.shape[1] % block_n or x.shape[1] % GROUP:
             raise ValueError(f"i8 needs BLOCK_K = {GROUP} and N % BLOCK_N == 0 (got {config})")
@@ -731,16 +783,17 @@ def compile_for(variant, config, arch):
     from triton.compiler import ASTSource
     if variant == "gluon":
         from triton.experimental.gluon._runtime import GluonASTSource
-        block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
+        block_m, block_n, block_k, warps, stages, dq_warps, parts, split = gluon_config(config)
         x_layout, flat, w_layout, acc, dq = gluon_layouts(config)
         desc = lambda dtype, shape, layout: f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"  # noqa
         signature = {"x_desc": desc("bf16", [block_m, block_k], x_layout),
                      "q_desc": desc("i32", [block_k // 8, block_n], flat), "s_desc": desc("fp32", [1, block_n], flat),
-                     "b_desc": desc("fp32", [1, block_n], flat), "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
+                     "b_desc": desc("fp32", [1, block_n], flat), "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32",
+                     "M": "i32", "N": "i32", "K": "i32"}
         consts = dict(GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=dq_warps,
-                      DQ_REGS=gluon_registers(config)[1], DQ_PARTS=config[6] if len(config) > 6 else 1)
+                      DQ_REGS=gluon_registers(config)[1], DQ_PARTS=parts, SPLIT=split)
         signature.update({name: "constexpr" for name in consts})
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7)}
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8, 9)}
         source = GluonASTSource(fn=_gws_kernel, signature=signature, constexprs=consts, attrs=attrs)
         return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, maxnreg=gluon_registers(config)[0]))
