@@ -107,7 +107,11 @@ FIELD_VARIANTS = {  # name: (SWAP, PERM) of _field_kernel: one tl.dot per code f
     "field": (0, 0), "field_swap": (1, 0), "fperm": (0, 1), "fperm_swap": (1, 1),
 }
 VARIANTS.update({name: None for name in FIELD_VARIANTS})
-VARIANTS["gluon"] = None  # _gws_kernel (Gluon): TMA, dequantize and wgmma in three partitions; GPU or compile only
+# _gws_kernel (Gluon): TMA, dequantize and wgmma partitions; GPU or compile only. The _loads, _nomma and _nodq
+# diagnostics time the same kernel with its products, its dequantize or both left out (DIAG bits 1 and 2; their
+# output is not the product): what each partition costs alone
+GLUON_VARIANTS = {"gluon": 0, "gluon_nomma": 1, "gluon_nodq": 2, "gluon_loads": 3}
+VARIANTS.update({name: None for name in GLUON_VARIANTS})
 # BLOCK_M x BLOCK_N x BLOCK_K x num_warps x num_stages. At 256 rows a 128x128 tile gives 64 programs on 4096
 # outputs (132 SMs on an H200), 128x64 gives 128: the narrower tiles are there for the square layer
 CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only); the _ws ones warp-specialize only
@@ -139,10 +143,11 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
            "128x128x128x4x2"],
     # gluon_config: the sixth number is the dequantize partitions' warps, the seventh how many (1-3), the eighth
     # split-K; BLOCK_K 64 (a 128-byte row of x and of the weight tile, the widest TMA/wgmma swizzle)
-    "gluon": ["128x64x64x4x8x4x2", "128x64x64x4x8x4x3", "128x64x64x4x6x4x3", "128x128x64x4x5x4x2x2",
-              "128x128x64x4x5x4x3x2", "128x128x64x4x4x4x3x2", "64x128x64x4x6x4x3", "128x64x64x4x6x4x2",
-              "128x64x64x4x6x4", "128x128x64x4x4x4"],
+    # (split-K on 128x128 tiles measured 44-142 us on an H100, and 128x128x64x4x4x4x3x2 did not finish: left out)
+    "gluon": ["128x64x64x4x8x4x3", "128x64x64x4x8x4x2", "128x64x64x4x6x4x3", "128x64x64x4x6x4x2", "128x64x64x4x6x4",
+              "64x128x64x4x6x4x3", "128x128x64x4x4x4x3", "128x128x64x4x4x4"],
 }
+CONFIGS.update({name: CONFIGS["gluon"][:3] for name in GLUON_VARIANTS if name != "gluon"})
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
 INTERPRET_I8 = "64x64x128x4x2"      # the int8 variant's (BLOCK_K = GROUP)
 INTERPRET_FIELD = ["64x64x128x4x2", "64x64x128x4x2x2"]  # the field variants': one tile of K per group, split-K 2
@@ -387,10 +392,11 @@ if triton is not None:
 
 if gluon is not None:
     @gluon.jit
-    def _gws_loader(descs, bufs, bars, off_m, off_n, k_first, k_tiles, part, GROUP: gl.constexpr,
-                    DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
+    def _gws_loader(common, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
+                    DIAG: gl.constexpr):
         """One warp: the TMA copies of each K tile's x, words, scales and biases into the ring's next free slot
         (free once the MMA partition has finished the product that read it)."""
+        descs, bufs, bars, off_m, off_n, k_first, k_tiles = common
         x_desc, q_desc, s_desc, b_desc = descs
         x_bufs, q_bufs, s_bufs, b_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -410,14 +416,15 @@ if gluon is not None:
             _tma_load(b_desc, [k0 // GROUP, off_n], bar, b_bufs.index(s))
 
     @gluon.jit
-    def _gws_dequant(descs, bufs, bars, off_m, off_n, k_first, k_tiles, part, GROUP: gl.constexpr,
-                     DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
+    def _gws_dequant(common, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
+                     DIAG: gl.constexpr):
         """DQ warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...: while one waits on its
         loads, stores and barriers the other computes): each K tile's words (BLOCK_K / 8, BLOCK_N) to the bf16
         weight tile (BLOCK_N, BLOCK_K),
         K-contiguous in shared memory, where wgmma reads it. Code c of field f (input 8 r + f) is put in the top
         4 bits of a float's mantissa, 1 + c / 16, and w = (1 + c / 16) * 16 s + b with b = -(16 + z) s: one
         shift, one logic op and one FMA per code (gluon_scales makes 16 s and b once per weight)."""
+        descs, bufs, bars, off_m, off_n, k_first, k_tiles = common
         x_desc, q_desc, s_desc, b_desc = descs
         x_bufs, q_bufs, s_bufs, b_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -430,19 +437,20 @@ if gluon is not None:
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            words = gl.expand_dims(q_bufs.index(s).load(rows), 1)            # (BLOCK_K / 8, 1, BLOCK_N)
-            scale = gl.expand_dims(s_bufs.index(s).load(rows), 1)            # (1, 1, BLOCK_N)
-            bias = gl.expand_dims(b_bufs.index(s).load(rows), 1)
-            bits = (((words >> shifts) & 15) << 19) | 0x3F800000
-            w = (bits.to(gl.float32, bitcast=True) * scale + bias).to(gl.bfloat16)   # (BLOCK_K / 8, 8, BLOCK_N)
-            w = gl.reshape(gl.permute(w, (2, 0, 1)), [BLOCK_N, BLOCK_K])
-            w_bufs.index(s).store(w)
+            if (DIAG & 2) == 0:
+                words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (BLOCK_K / 8, 1, BLOCK_N)
+                scale = gl.expand_dims(s_bufs.index(s).load(rows), 1)        # (1, 1, BLOCK_N)
+                bias = gl.expand_dims(b_bufs.index(s).load(rows), 1)
+                bits = (((words >> shifts) & 15) << 19) | 0x3F800000
+                w = (bits.to(gl.float32, bitcast=True) * scale + bias).to(gl.bfloat16)  # (BLOCK_K / 8, 8, BLOCK_N)
+                w = gl.reshape(gl.permute(w, (2, 0, 1)), [BLOCK_N, BLOCK_K])
+                w_bufs.index(s).store(w)
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
             mbarrier.arrive(w_ready.index(s), count=1)
 
     @gluon.jit
     def _gws_mma(bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                 SPLIT: gl.constexpr):
+                 SPLIT: gl.constexpr, DIAG: gl.constexpr):
         """The default partition (one or two warp groups): one asynchronous wgmma per K tile, x from the ring, the
         weight tile from the dequantize partition; a slot is released once the product after it is issued and
         the one that read it has finished (one wgmma in flight). SPLIT > 1 (split-K over grid axis 2): the partial
@@ -460,8 +468,9 @@ if gluon is not None:
             phase = (i // STAGES) & 1
             mbarrier.wait(ready.index(s), phase)
             mbarrier.wait(w_ready.index(s), phase)
-            acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            if (DIAG & 1) == 0:
+                acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
@@ -485,7 +494,8 @@ if gluon is not None:
     @gluon.jit
     def _gws_kernel(x_desc, q_desc, s_desc, b_desc, y_ptr, ws_ptr, count_ptr, M, N, K, GROUP: gl.constexpr,
                     STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                    DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, SPLIT: gl.constexpr):
+                    DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, SPLIT: gl.constexpr,
+                    DIAG: gl.constexpr):
         """y (M, N) bf16 = x (M, K) bf16 @ dequant(W)^T, int4 codes in the project's words (K / 8, N), explicitly
         warp-specialized: a TMA partition (1 warp), DQ_PARTS dequantize partitions (DQ_WARPS each, taking the K tiles
         in turn) and the wgmma partition (num_warps), a ring of STAGES slots between them, each with its own
@@ -515,33 +525,31 @@ if gluon is not None:
         bufs = (x_bufs, q_bufs, s_bufs, b_bufs, w_bufs)
         bars = (ready, w_ready, empty)
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
+        common = (descs, bufs, bars, off_m, off_n, k_first, k_tiles)  # what every worker partition takes
         if DQ_PARTS == 1:
             gl.warp_specialize([
-                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, SPLIT)),
-                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT,
-                                DQ_PARTS)),
+                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
+                            SPLIT, DIAG)),
+                (_gws_loader, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_gws_dequant, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
-                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, SPLIT)),
-                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT,
-                                DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first + 1, GROUP, DQ_LAYOUT,
-                                DQ_PARTS)),
+                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
+                            SPLIT, DIAG)),
+                (_gws_loader, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_gws_dequant, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_gws_dequant, (common, first + 1, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
-                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, SPLIT)),
-                (_gws_loader, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT, DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first, GROUP, DQ_LAYOUT,
-                                DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first + 1, GROUP, DQ_LAYOUT,
-                                DQ_PARTS)),
-                (_gws_dequant, (descs, bufs, bars, off_m, off_n, k_first, k_tiles, first + 2, GROUP, DQ_LAYOUT,
-                                DQ_PARTS)),
+                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
+                            SPLIT, DIAG)),
+                (_gws_loader, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_gws_dequant, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_gws_dequant, (common, first + 1, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_gws_dequant, (common, first + 2, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
@@ -593,8 +601,9 @@ def gluon_registers(config):
 _GLUON_SPLIT = {}  # (device, M, N, BLOCK_M, BLOCK_N, SPLIT): (float32 partials, arrival counters) of _gws_kernel
 
 
-def gluon_ws(x, qweight, scale16, bias, config, y=None):
-    """y = x @ dequant(W)^T through _gws_kernel; scale16, bias = gluon_scales(scale, zero)."""
+def gluon_ws(x, qweight, scale16, bias, config, y=None, diag=0):
+    """y = x @ dequant(W)^T through _gws_kernel; scale16, bias = gluon_scales(scale, zero); diag: GLUON_VARIANTS's
+    bits (1: no products, 2: no dequantize; y is then not the product)."""
     block_m, block_n, block_k, warps, stages, dq_warps, parts, split = gluon_config(config)
     m, k = x.shape
     n = qweight.shape[1]
@@ -616,8 +625,8 @@ def gluon_ws(x, qweight, scale16, bias, config, y=None):
              TensorDescriptor.from_tensor(bias, [1, block_n], flat))
     total, dq_regs = gluon_registers(config)
     _gws_kernel[grid](*descs, y, ws, count, m, n, k, GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc,
-                      DQ_LAYOUT=dq, DQ_WARPS=dq_warps, DQ_REGS=dq_regs, DQ_PARTS=parts, SPLIT=split, num_warps=warps,
-                      maxnreg=total)
+                      DQ_LAYOUT=dq, DQ_WARPS=dq_warps, DQ_REGS=dq_regs, DQ_PARTS=parts, SPLIT=split, DIAG=diag,
+                      num_warps=warps, maxnreg=total)
     return y
 
 
@@ -684,11 +693,12 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     each made here when not given)."""
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
-    if variant == "gluon":
+    if variant in GLUON_VARIANTS:
         if len(config) < 6:
-            raise ValueError(f"gluon: a config is BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPS[xDQ_PARTS[xSPLIT]] "
+            raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPS[xDQ_PARTS[xSPLIT]] "
                              f"(got {config})")
-        return gluon_ws(x, qweight, *(gluon_scales(scale, zero) if sz is None else sz), config, y)
+        return gluon_ws(x, qweight, *(gluon_scales(scale, zero) if sz is None else sz), config, y,
+                        GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
         raise ValueError(f"{variant}: split-K (a sixth number) is only in the field variants (got {config})")
     if variant == "i8":
@@ -781,7 +791,7 @@ class quiet_stderr:
 def compile_for(variant, config, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    if variant == "gluon":
+    if variant in GLUON_VARIANTS:
         from triton.experimental.gluon._runtime import GluonASTSource
         block_m, block_n, block_k, warps, stages, dq_warps, parts, split = gluon_config(config)
         x_layout, flat, w_layout, acc, dq = gluon_layouts(config)
@@ -791,7 +801,7 @@ def compile_for(variant, config, arch):
                      "b_desc": desc("fp32", [1, block_n], flat), "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32",
                      "M": "i32", "N": "i32", "K": "i32"}
         consts = dict(GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=dq_warps,
-                      DQ_REGS=gluon_registers(config)[1], DQ_PARTS=parts, SPLIT=split)
+                      DQ_REGS=gluon_registers(config)[1], DQ_PARTS=parts, SPLIT=split, DIAG=GLUON_VARIANTS[variant])
         signature.update({name: "constexpr" for name in consts})
         attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8, 9)}
         source = GluonASTSource(fn=_gws_kernel, signature=signature, constexprs=consts, attrs=attrs)
@@ -894,9 +904,9 @@ def compile_only(variants, arch):
 
 def interpret(variants):
     """Every variant at INTERPRET_CONFIG on 64 rows, 256x256 (and 48 rows: masked rows), on the CPU."""
-    if "gluon" in variants:
-        print("gluon: not run: Gluon kernels do not run under the interpreter (--compile_only compiles it)")
-        variants = [v for v in variants if v != "gluon"]
+    if set(variants) & set(GLUON_VARIANTS):
+        print("gluon: not run: Gluon kernels do not run under the interpreter (--compile_only compiles them)")
+        variants = [v for v in variants if v not in GLUON_VARIANTS]
     _, layer = int4_layer(256, 256, "cpu")
     ref_w = layer.dequantized_weight().double()
     print(f"Triton {triton.__version__}, TRITON_INTERPRET=1, float32 x")
@@ -1001,7 +1011,7 @@ def bench_shape(shape, m, variants, project, log):
                 outs = [torch.empty_like(y) for _ in vsets]
                 # i8 takes s * z for the zero points, gluon 16 s and -(16 + z) s: made here once per weight copy,
                 # as a packed layer would
-                szs = [scaled_zeros(sc, z) if variant == "i8" else gluon_scales(sc, z) if variant == "gluon"
+                szs = [scaled_zeros(sc, z) if variant == "i8" else gluon_scales(sc, z) if variant in GLUON_VARIANTS
                        else None for _, sc, z in vsets]
                 calls = [lambda s=s, o=o, sz=sz: probe(x, *s, variant, config, o, split, sz)
                          for s, o, sz in zip(vsets, outs, szs)]
@@ -1009,6 +1019,8 @@ def bench_shape(shape, m, variants, project, log):
                     c()
                 t = graph_time(calls)
                 status = "" if err < ERROR_LIMIT else "FAIL"
+                if GLUON_VARIANTS.get(variant):
+                    status = "diagnostic: parts left out, not the product"
                 rows.append((shape, variant, text, t, err, max_err, status))
                 log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
                     f"({time.time() - start:.1f} s)")
