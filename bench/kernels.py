@@ -130,7 +130,10 @@ def profile(shape, bandwidth, log, variants, rows=1, gemm_configs=()):
         times = {}
         extra = [(ops.gemm, (c[0], c[1], ops._fit_k(c[2], layer.group_size), *c[3:])) for c in gemm_configs
                  if rows > 1]
-        for kernel, config in ops.candidates(rows, layer.group_size, layer.bits) + extra:
+        gluon = rows > ops.GEMV_MAX_ROWS and ops.gluon_gemm.supports(xs[0], layer.qweight, layer.bits,
+                                                                      layer.group_size, k, layer.zero)
+        pairs = ops.candidates(rows, layer.group_size, layer.bits, gluon) + extra
+        for kernel, config in pairs:
             calls = [lambda lay=lay, x=x: ops.bind(kernel, lay.split_counters)(
                 x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
                 for lay, x in zip(layers, xs)]
@@ -143,7 +146,7 @@ def profile(shape, bandwidth, log, variants, rows=1, gemm_configs=()):
             times[kernel.__name__, config] = t = graph_time(calls) * 1e6
             log(f"  {kernel.__name__} {config}: {t:.1f} us ({100 * floor_us / t:.0f}% of floor)")
         (kname, config), best = min(times.items(), key=lambda kv: kv[1])
-        kernel = getattr(ops, kname)
+        kernel = next(kern for kern, _ in pairs if kern.__name__ == kname)
         lay, x = layers[0], xs[0]
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
@@ -210,17 +213,21 @@ def check(log, variants):
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
     cases = [(1, torch.bfloat16, False, "all"), (16, torch.bfloat16, False, "all"),
              (300, torch.bfloat16, False, "all"), (1, torch.float32, True, "first"),
-             (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
+             (5, torch.float16, True, "first"), (70, torch.float32, True, "first"), (300, torch.float16, True, "first")]
     for name in variants:
         spec = VARIANTS[name]
-        for k, n in ((768, 1000),) + (((1000, 200),) if spec.granularity != "per_group" else ((1024, 333),)):
+        # (and for 4-bit codes a layer of 64-wide tiles, where the Gluon prefill GEMM runs on Hopper)
+        for k, n in ((768, 1000),) + (((1000, 200),) if spec.granularity != "per_group" else ((1024, 333),)) + (
+                ((512, 384),) if spec.bits == 4 else ()):
             weight = torch.randn(n, k, device="cuda")
             layer = PackedLinear.from_float(weight, spec, bias=torch.randn(n, device="cuda")).cuda()
             for m, dtype, bias, which in cases:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 b = layer.bias.to(dtype) if bias else None
                 ref = x.double() @ layer.dequantized_weight().double().T + (b.double() if bias else 0)
-                pairs = ops.candidates(m, layer.group_size, layer.bits)
+                gluon = m > ops.GEMV_MAX_ROWS and ops.gluon_gemm.supports(x, layer.qweight, layer.bits,
+                                                                          layer.group_size, k, layer.zero)
+                pairs = ops.candidates(m, layer.group_size, layer.bits, gluon)
                 if which == "first":  # the first config of each kernel
                     pairs = [p for i, p in enumerate(pairs) if p[0] not in [q[0] for q in pairs[:i]]]
                 blocks = layer.group_size // 32 if layer.group_size else math.ceil(k / 32)

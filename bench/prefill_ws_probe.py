@@ -39,13 +39,11 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             `fperm` on the words repacked field-major inside each K tile (field_major(): each field's x a
             contiguous tile); `_swap` with the weight the left operand (from registers). A sixth config number
             is split-K (the partials added as the project's GEMM adds them).
-- `gluon`   (`_gws_kernel`, written in Gluon, Triton's dialect with explicit layouts, shared memory, barriers and
-            partitions) warp-specialized by hand: a TMA partition (1 warp) copies x, the words and the per-group
-            scales into a ring of STAGES slots; a dequantize partition (the config's sixth number of warps) turns
-            each slot's words into the bf16 weight tile in shared memory (16-byte stores, one FMA per code); the
-            default partition (num_warps, one or two warp groups) runs one asynchronous wgmma per K tile with one
-            in flight. Barriers per slot: loaded, dequantized, free again. GPU or --compile_only (Gluon does not
-            run under the interpreter).
+- `gluon`   the project's own Gluon GEMM (quantization/kernels/gluon_gemm.py, ops' prefill candidate on Hopper),
+            warp-specialized by hand: a TMA partition, DQ_PARTS dequantize partitions of DQ_WARPS warps (the
+            config's last two numbers) and the wgmma partition; `gluon_nomma`, `gluon_nodq`, `gluon_loads` time it
+            with its products, its dequantize or both left out (diagnostics: their output is not the product).
+            GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
 reports, per variant and config, whether it compiled, whether the loop was warp-specialized (ttg.warp_specialize
@@ -80,17 +78,9 @@ try:
     import triton.language as tl
 except ImportError:  # main() says Triton is needed
     triton = None
-try:  # Gluon (Triton's explicit-layout dialect, 3.5+): the hand warp-specialized variant
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                   warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9's name, 3.6's
-except ImportError:
-    gluon = None
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from quantization.kernels import gluon_gemm  # noqa: E402 (after the path)
 
 BITS, GROUP = 4, 128
 ROTATE_BYTES = 3 * 50 * 2**20   # 3x the H200's L2 (50 MiB): the weight copies a timing graph runs over
@@ -107,9 +97,9 @@ FIELD_VARIANTS = {  # name: (SWAP, PERM) of _field_kernel: one tl.dot per code f
     "field": (0, 0), "field_swap": (1, 0), "fperm": (0, 1), "fperm_swap": (1, 1),
 }
 VARIANTS.update({name: None for name in FIELD_VARIANTS})
-# _gws_kernel (Gluon): TMA, dequantize and wgmma partitions; GPU or compile only. The _loads, _nomma and _nodq
-# diagnostics time the same kernel with its products, its dequantize or both left out (DIAG bits 1 and 2; their
-# output is not the product): what each partition costs alone
+# the project's Gluon GEMM (quantization/kernels/gluon_gemm.py: TMA, dequantize and wgmma partitions; GPU or compile
+# only). The _nomma, _nodq and _loads diagnostics time the same kernel with its products, its dequantize or both left
+# out (its DIAG bits 1 and 2; their output is not the product): what each partition costs alone
 GLUON_VARIANTS = {"gluon": 0, "gluon_nomma": 1, "gluon_nodq": 2, "gluon_loads": 3}
 VARIANTS.update({name: None for name in GLUON_VARIANTS})
 # BLOCK_M x BLOCK_N x BLOCK_K x num_warps x num_stages. At 256 rows a 128x128 tile gives 64 programs on 4096
@@ -141,11 +131,11 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
     "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
            "128x128x128x4x2"],
-    # gluon_config: the sixth number is the dequantize partitions' warps, the seventh how many (1-3), the eighth
-    # split-K; BLOCK_K 64 (a 128-byte row of x and of the weight tile, the widest TMA/wgmma swizzle)
-    # (split-K on 128x128 tiles measured 44-142 us on an H100, and 128x128x64x4x4x4x3x2 did not finish: left out)
-    "gluon": ["128x64x64x4x8x4x3", "128x64x64x4x8x4x2", "128x64x64x4x6x4x3", "128x64x64x4x6x4x2", "128x64x64x4x6x4",
-              "64x128x64x4x6x4x3", "128x128x64x4x4x4x3", "128x128x64x4x4x4"],
+    # BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPSxDQ_PARTS (gluon_gemm.CONFIGS, and the narrower and wider
+    # tiles measured beside them; split-K, tried in the commit that added bench/results/prefill_gluon_h100, was
+    # 44-142 us on 128x128 tiles and is not in the kernel)
+    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
+                                                                    "64x128x64x4x6x4x3", "128x128x64x4x4x4x1"],
 }
 CONFIGS.update({name: CONFIGS["gluon"][:3] for name in GLUON_VARIANTS if name != "gluon"})
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
@@ -388,253 +378,11 @@ if triton is not None:
                  mask=mask_m[:, None])
 
 
-# --- the explicitly warp-specialized kernel (Gluon) ------------------------------------------------------------
-
-if gluon is not None:
-    @gluon.jit
-    def _gws_loader(common, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
-                    DIAG: gl.constexpr):
-        """One warp: the TMA copies of each K tile's x, words, scales and biases into the ring's next free slot
-        (free once the MMA partition has finished the product that read it)."""
-        descs, bufs, bars, off_m, off_n, k_first, k_tiles = common
-        x_desc, q_desc, s_desc, b_desc = descs
-        x_bufs, q_bufs, s_bufs, b_bufs, w_bufs = bufs
-        ready, w_ready, empty = bars
-        STAGES: gl.constexpr = x_bufs.type.shape[0]
-        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        nbytes: gl.constexpr = (x_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes
-                                + b_desc.block_type.nbytes)
-        for i in range(k_tiles):
-            s = i % STAGES
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            k0 = (k_first + i) * BLOCK_K
-            bar = ready.index(s)
-            mbarrier.expect(bar, nbytes)
-            _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
-            _tma_load(q_desc, [k0 // 8, off_n], bar, q_bufs.index(s))
-            _tma_load(s_desc, [k0 // GROUP, off_n], bar, s_bufs.index(s))
-            _tma_load(b_desc, [k0 // GROUP, off_n], bar, b_bufs.index(s))
-
-    @gluon.jit
-    def _gws_dequant(common, part, GROUP: gl.constexpr, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
-                     DIAG: gl.constexpr):
-        """DQ warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...: while one waits on its
-        loads, stores and barriers the other computes): each K tile's words (BLOCK_K / 8, BLOCK_N) to the bf16
-        weight tile (BLOCK_N, BLOCK_K),
-        K-contiguous in shared memory, where wgmma reads it. Code c of field f (input 8 r + f) is put in the top
-        4 bits of a float's mantissa, 1 + c / 16, and w = (1 + c / 16) * 16 s + b with b = -(16 + z) s: one
-        shift, one logic op and one FMA per code (gluon_scales makes 16 s and b once per weight)."""
-        descs, bufs, bars, off_m, off_n, k_first, k_tiles = common
-        x_desc, q_desc, s_desc, b_desc = descs
-        x_bufs, q_bufs, s_bufs, b_bufs, w_bufs = bufs
-        ready, w_ready, empty = bars
-        STAGES: gl.constexpr = x_bufs.type.shape[0]
-        BLOCK_N: gl.constexpr = w_bufs.type.shape[1]
-        BLOCK_K: gl.constexpr = w_bufs.type.shape[2]
-        rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
-        fields = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
-        shifts = gl.expand_dims(gl.expand_dims(fields * 4, 0), 2)             # (1, 8, 1)
-        for i in range(part, k_tiles, DQ_PARTS):
-            s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            if (DIAG & 2) == 0:
-                words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (BLOCK_K / 8, 1, BLOCK_N)
-                scale = gl.expand_dims(s_bufs.index(s).load(rows), 1)        # (1, 1, BLOCK_N)
-                bias = gl.expand_dims(b_bufs.index(s).load(rows), 1)
-                bits = (((words >> shifts) & 15) << 19) | 0x3F800000
-                w = (bits.to(gl.float32, bitcast=True) * scale + bias).to(gl.bfloat16)  # (BLOCK_K / 8, 8, BLOCK_N)
-                w = gl.reshape(gl.permute(w, (2, 0, 1)), [BLOCK_N, BLOCK_K])
-                w_bufs.index(s).store(w)
-            fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
-            mbarrier.arrive(w_ready.index(s), count=1)
-
-    @gluon.jit
-    def _gws_mma(bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                 SPLIT: gl.constexpr, DIAG: gl.constexpr):
-        """The default partition (one or two warp groups): one asynchronous wgmma per K tile, x from the ring, the
-        weight tile from the dequantize partition; a slot is released once the product after it is issued and
-        the one that read it has finished (one wgmma in flight). SPLIT > 1 (split-K over grid axis 2): the partial
-        tile goes to ws (float32), and the last of the tile's programs to arrive adds the partials in split order
-        and writes y (as triton_kernels._gemm_kernel does; `done`, a barrier of this program, orders every
-        thread's partial stores before the arrival count)."""
-        x_bufs, q_bufs, s_bufs, b_bufs, w_bufs = bufs
-        ready, w_ready, empty = bars
-        STAGES: gl.constexpr = x_bufs.type.shape[0]
-        BLOCK_M: gl.constexpr = x_bufs.type.shape[1]
-        BLOCK_N: gl.constexpr = w_bufs.type.shape[1]
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, ACC_LAYOUT)
-        for i in range(k_tiles):
-            s = i % STAGES
-            phase = (i // STAGES) & 1
-            mbarrier.wait(ready.index(s), phase)
-            mbarrier.wait(w_ready.index(s), phase)
-            if (DIAG & 1) == 0:
-                acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
-        tile = gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
-        mask = gl.expand_dims(offs_m < M, 1)
-        if SPLIT == 1:
-            gl.store(y_ptr + tile, acc.to(gl.bfloat16), mask=mask)
-        else:
-            gl.store(ws_ptr + gl.program_id(2) * M * N + tile, acc, mask=mask)
-            mbarrier.arrive(done, count=1)  # after this partition's threads all stored
-            mbarrier.wait(done, 0)
-            counter = count_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
-            if gl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-                total = gl.load(ws_ptr + tile, mask=mask, other=0.0, cache_modifier=".cg")
-                for k in gl.static_range(1, SPLIT):  # in split order: the same sum every call
-                    total += gl.load(ws_ptr + k * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.store(y_ptr + tile, total.to(gl.bfloat16), mask=mask)
-                gl.atomic_xchg(counter, 0)
-
-    @gluon.jit
-    def _gws_kernel(x_desc, q_desc, s_desc, b_desc, y_ptr, ws_ptr, count_ptr, M, N, K, GROUP: gl.constexpr,
-                    STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                    DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, SPLIT: gl.constexpr,
-                    DIAG: gl.constexpr):
-        """y (M, N) bf16 = x (M, K) bf16 @ dequant(W)^T, int4 codes in the project's words (K / 8, N), explicitly
-        warp-specialized: a TMA partition (1 warp), DQ_PARTS dequantize partitions (DQ_WARPS each, taking the K tiles
-        in turn) and the wgmma partition (num_warps), a ring of STAGES slots between them, each with its own
-        barriers; split-K in SPLIT parts over grid axis 2."""
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = q_desc.block_type.shape[1]
-        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_K // 8, BLOCK_N], q_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, BLOCK_N], s_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, BLOCK_N], b_desc.layout)
-        w_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, BLOCK_K], W_LAYOUT)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(done, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(w_ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        off_m = gl.program_id(0) * BLOCK_M
-        off_n = gl.program_id(1) * BLOCK_N
-        k_tiles = K // BLOCK_K // SPLIT
-        k_first = gl.program_id(2) * k_tiles
-        descs = (x_desc, q_desc, s_desc, b_desc)
-        bufs = (x_bufs, q_bufs, s_bufs, b_bufs, w_bufs)
-        bars = (ready, w_ready, empty)
-        first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
-        common = (descs, bufs, bars, off_m, off_n, k_first, k_tiles)  # what every worker partition takes
-        if DQ_PARTS == 1:
-            gl.warp_specialize([
-                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
-                            SPLIT, DIAG)),
-                (_gws_loader, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_gws_dequant, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-            ], [1, DQ_WARPS], [24, DQ_REGS])
-        elif DQ_PARTS == 2:
-            gl.warp_specialize([
-                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
-                            SPLIT, DIAG)),
-                (_gws_loader, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_gws_dequant, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_gws_dequant, (common, first + 1, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-            ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
-        else:
-            gl.static_assert(DQ_PARTS == 3)
-            gl.warp_specialize([
-                (_gws_mma, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
-                            SPLIT, DIAG)),
-                (_gws_loader, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_gws_dequant, (common, first, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_gws_dequant, (common, first + 1, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_gws_dequant, (common, first + 2, GROUP, DQ_LAYOUT, DQ_PARTS, DIAG)),
-            ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
-
-
-def gluon_scales(scale, zero):
-    """(16 s, -(16 + z) s) float32 (K / GROUP, N): what _gws_dequant takes for the scales and zero points, made
-    once per weight. w = (1 + c / 16) * 16 s - (16 + z) s = (c - z) s, within a float32 rounding of the
-    project's (c - z) * s."""
-    return (scale * 16).contiguous(), (-(16 + zero.float()) * scale).contiguous()
-
-
-def gluon_layouts(config):
-    """(x, words, scales, W tile shared layouts; accumulator, dequantize register layouts) of a gluon config
-    BLOCK_M x BLOCK_N x BLOCK_K x num_warps x stages x DQ_WARPS [x DQ_PARTS]."""
-    block_m, block_n, block_k, warps, _, dq_warps = config[:6]
-    x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
-    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
-    flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
-    # warp groups along M (64 rows each) while M allows, else along N
-    wm = min(warps, block_m // 16)
-    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, warps // wm],
-                                    instr_shape=[16, block_n // (warps // wm), 16])
-    # lanes along the outputs (conflict-free word loads), each thread a word's 8 fields for every word row:
-    # after the permute it holds BLOCK_K contiguous inputs of one output, stored 16 bytes at a time
-    wn = min(dq_warps, block_n // 32)  # the dequantize warps along the outputs, the rest along the word rows
-    dq = gl.BlockedLayout(size_per_thread=[1, 8, 1], threads_per_warp=[1, 1, 32],
-                          warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
-    return x_layout, flat, w_layout, acc, dq
-
-
-def gluon_config(config):
-    """A gluon config's numbers, named: BLOCK_M x BLOCK_N x BLOCK_K x num_warps x stages x DQ_WARPS, then optionally
-    DQ_PARTS (dequantize partitions, 1-3, default 1) and SPLIT (split-K, default 1)."""
-    block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
-    parts, split = (tuple(config[6:]) + (1, 1))[:2]
-    return block_m, block_n, block_k, warps, stages, dq_warps, parts, split
-
-
-def gluon_registers(config):
-    """(registers per thread for the whole program, for each dequantize partition's threads): one program of the
-    config's warps (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fits
-    the 64K registers of a multiprocessor; the default partition (the accumulator) is left 168 a thread, the
-    loader's warp group 24, and the dequantize partitions share the rest (at most 128 a thread)."""
-    _, _, _, warps, _, dq_warps, parts, _ = gluon_config(config)
-    dq_threads = parts * 128 * -(-dq_warps // 4)
-    total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
-    return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
-
-
-_GLUON_SPLIT = {}  # (device, M, N, BLOCK_M, BLOCK_N, SPLIT): (float32 partials, arrival counters) of _gws_kernel
-
-
-def gluon_ws(x, qweight, scale16, bias, config, y=None, diag=0):
-    """y = x @ dequant(W)^T through _gws_kernel; scale16, bias = gluon_scales(scale, zero); diag: GLUON_VARIANTS's
-    bits (1: no products, 2: no dequantize; y is then not the product)."""
-    block_m, block_n, block_k, warps, stages, dq_warps, parts, split = gluon_config(config)
-    m, k = x.shape
-    n = qweight.shape[1]
-    if n % block_n or k % (block_k * split) or GROUP % block_k or block_n % 32 or dq_warps & (dq_warps - 1) \
-            or parts not in (1, 2, 3):
-        raise ValueError(f"gluon: {k}x{n} does not tile by {config} (BLOCK_N a multiple of 32, DQ_WARPS a power "
-                         f"of 2, DQ_PARTS 1-3, K a multiple of BLOCK_K x SPLIT)")
-    y = torch.empty((m, n), device=x.device, dtype=x.dtype) if y is None else y
-    grid = (triton.cdiv(m, block_m), n // block_n, split)
-    key = (x.device, m, n, block_m, block_n, split)
-    if key not in _GLUON_SPLIT:  # made on the first call, before any graph capture
-        _GLUON_SPLIT[key] = (torch.empty((split if split > 1 else 0, m, n), device=x.device, dtype=torch.float32),
-                             torch.zeros(grid[0] * grid[1], device=x.device, dtype=torch.int32))
-    ws, count = _GLUON_SPLIT[key]
-    x_layout, flat, w_layout, acc, dq = gluon_layouts(config)
-    descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
-             TensorDescriptor.from_tensor(qweight, [block_k // 8, block_n], flat),
-             TensorDescriptor.from_tensor(scale16, [1, block_n], flat),
-             TensorDescriptor.from_tensor(bias, [1, block_n], flat))
-    total, dq_regs = gluon_registers(config)
-    _gws_kernel[grid](*descs, y, ws, count, m, n, k, GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc,
-                      DQ_LAYOUT=dq, DQ_WARPS=dq_warps, DQ_REGS=dq_regs, DQ_PARTS=parts, SPLIT=split, DIAG=diag,
-                      num_warps=warps, maxnreg=total)
-    return y
-
-
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for gluon xDQ_WARPS[xDQ_PARTS[xSPLIT]] (gluon_config)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS (gluon_gemm.CONFIGS)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8):
+    if len(values) not in (5, 6, 7):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -689,16 +437,16 @@ def i8(split, qweight, scale, sz, config, y, m):
 
 def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None):
     """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
-    for the halves of x, sz: scaled_zeros(scale, zero); for gluon, _gws_kernel, sz: gluon_scales(scale, zero);
-    each made here when not given)."""
+    for the halves of x, sz: scaled_zeros(scale, zero), each made here when not given; for the gluon variants
+    gluon_gemm.gluon_mm)."""
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) < 6:
-            raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPS[xDQ_PARTS[xSPLIT]] "
-                             f"(got {config})")
-        return gluon_ws(x, qweight, *(gluon_scales(scale, zero) if sz is None else sz), config, y,
-                        GLUON_VARIANTS[variant])
+        if len(config) != 7 or config[2] != gluon_gemm.BLOCK_K:
+            raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
+                             f"DQ_PARTS (got {config})")
+        return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
+                                   diag=GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
         raise ValueError(f"{variant}: split-K (a sixth number) is only in the field variants (got {config})")
     if variant == "i8":
@@ -792,21 +540,7 @@ def compile_for(variant, config, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     if variant in GLUON_VARIANTS:
-        from triton.experimental.gluon._runtime import GluonASTSource
-        block_m, block_n, block_k, warps, stages, dq_warps, parts, split = gluon_config(config)
-        x_layout, flat, w_layout, acc, dq = gluon_layouts(config)
-        desc = lambda dtype, shape, layout: f"tensordesc<{dtype}[{','.join(map(str, shape))}],{layout!r}>"  # noqa
-        signature = {"x_desc": desc("bf16", [block_m, block_k], x_layout),
-                     "q_desc": desc("i32", [block_k // 8, block_n], flat), "s_desc": desc("fp32", [1, block_n], flat),
-                     "b_desc": desc("fp32", [1, block_n], flat), "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32",
-                     "M": "i32", "N": "i32", "K": "i32"}
-        consts = dict(GROUP=GROUP, STAGES=stages, W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=dq_warps,
-                      DQ_REGS=gluon_registers(config)[1], DQ_PARTS=parts, SPLIT=split, DIAG=GLUON_VARIANTS[variant])
-        signature.update({name: "constexpr" for name in consts})
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8, 9)}
-        source = GluonASTSource(fn=_gws_kernel, signature=signature, constexprs=consts, attrs=attrs)
-        return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=warps, maxnreg=gluon_registers(config)[0]))
+        return gluon_gemm.compile_for(config, arch, diag=GLUON_VARIANTS[variant])
     if variant == "i8":
         signature = {"hi_ptr": "*i8", "lo_ptr": "*i8", "sx_ptr": "*fp32", "r_ptr": "*i32", "w_ptr": "*i32",
                      "s_ptr": "*fp32", "sz_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
@@ -1009,10 +743,8 @@ def bench_shape(shape, m, variants, project, log):
                 torch.cuda.synchronize()
                 err, max_err = errors(y, ref)
                 outs = [torch.empty_like(y) for _ in vsets]
-                # i8 takes s * z for the zero points, gluon 16 s and -(16 + z) s: made here once per weight copy,
-                # as a packed layer would
-                szs = [scaled_zeros(sc, z) if variant == "i8" else gluon_scales(sc, z) if variant in GLUON_VARIANTS
-                       else None for _, sc, z in vsets]
+                # i8 takes s * z for the zero points, made here once per weight copy as a packed layer would
+                szs = [scaled_zeros(sc, z) if variant == "i8" else None for _, sc, z in vsets]
                 calls = [lambda s=s, o=o, sz=sz: probe(x, *s, variant, config, o, split, sz)
                          for s, o, sz in zip(vsets, outs, szs)]
                 for c in calls:

@@ -821,30 +821,51 @@ def test_prefill_probe_kernels_equal_the_dequantized_product_under_the_interpret
                                                                        "64x64x256x4x2"}, result.stdout
 
 
-def test_gluon_probe_dequantize_arithmetic_matches_the_project_dequantize():
-    """The Gluon prefill kernel's per-code arithmetic, done here in float64 on the project's words: code f of word
-    row r (input 8 r + f) put into a float's mantissa as 1 + c / 16, times 16 s, plus -(16 + z) s (gluon_scales),
-    each float32 operand as the kernel holds it. Against the project's own dequantize ((c - z) s, float64): within
-    a few float32 roundings of s, and the same bf16 weight but for rare ties and the zeros (c = z)."""
-    from conftest import load_script
-    probe = load_script("bench/prefill_ws_probe.py")
-    _, layer = probe.int4_layer(512, 192, "cpu", seed=3)
-    scale16, bias = probe.gluon_scales(layer.scale, layer.zero)
-    assert scale16.dtype == bias.dtype == torch.float32 and scale16.shape == bias.shape == (4, 192)
-    words = layer.qweight.long()                                                  # (K / 8, N)
+def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize():
+    """The Gluon prefill GEMM's per-code arithmetic (quantization/kernels/gluon_gemm.py, _dequantize), done here in
+    float64 on the project's words: code f of word row r (input 8 r + f) put into a float's mantissa as 1 + c / 16,
+    times 16 s, plus -(z + 16) s, each float32 operand as the kernel makes it. Against the project's own dequantize
+    ((c - z) s, float64): within a few float32 roundings of s, and the same bf16 weight but for rare ties and the
+    zeros (c = z)."""
+    layer = PackedLinear.from_float(torch.randn(192, 512) * 0.02, QuantSpec("affine_quant", 4, "per_group", 128))
+    assert layer.qweight.shape == (64, 192) and layer.zero.dtype == torch.uint8
+    scale16 = layer.scale * 16.0                                                    # float32, as the kernel's
+    bias = -(layer.zero.float() + 16.0) * layer.scale
+    words = layer.qweight.long()                                                    # (K / 8, N)
     shifts = torch.arange(8) * 4
-    bits = (((words[:, None, :] >> shifts[None, :, None]) & 15) << 19) | 0x3F800000  # (K / 8, 8, N)
-    mantissa = bits.to(torch.int32).view(torch.float32).double().reshape(512, 192)  # k = 8 r + f
+    bits = (((words[:, None, :] >> shifts[None, :, None]) & 15) << 19) | 0x3F800000   # (K / 8, 8, N)
+    mantissa = bits.to(torch.int32).view(torch.float32).double().reshape(512, 192)   # k = 8 r + f
     group = torch.arange(512) // 128
-    w = (mantissa * scale16.double()[group] + bias.double()[group]).float()        # an FMA, then float32
-    ref = layer.dequantized_weight().double().T                                    # (K, N)
+    w = (mantissa * scale16.double()[group] + bias.double()[group]).float()         # an FMA, then float32
+    ref = layer.dequantized_weight().double().T                                     # (K, N)
     s = layer.scale.double()[group]
     assert ((w.double() - ref).abs() <= 64 * 2.0**-24 * s).all()
-    # where c = z the kernel's weight is a float32 rounding of s away from 0 (the FMA's bias is rounded), else its
-    # bf16 is the project's but for values within such a rounding of a bf16 tie
-    nonzero = ref != 0
+    nonzero = ref != 0  # where c = z the kernel's weight is a float32 rounding of s from 0 (its bias is rounded)
     assert 0.02 < (~nonzero).float().mean() < 0.5
     assert (w.bfloat16() != ref.bfloat16())[nonzero].float().mean() < 1e-3
+
+
+def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_where_it_runs():
+    """gluon_gemm compiles for sm_90 without a GPU (with zero points; without them, with a bias and GELU; fp16), three
+    partitions besides the default one and one wgmma per 16 inputs of a K tile per 64 rows; ops.candidates lists
+    its configs after the others for more than GEMV_MAX_ROWS rows when asked, and supports() says no on the CPU."""
+    pytest.importorskip("triton")
+    from quantization.kernels import gluon_gemm
+    if gluon_gemm.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    config = gluon_gemm.CONFIGS[0]
+    for kwargs in (dict(), dict(has_zero=False, has_bias=True, activation=1, dtype="fp16")):
+        kernel = gluon_gemm.compile_for(config, **kwargs)
+        ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
+        assert "ttg.warp_specialize" in ttgir and ptx.count("wgmma.mma_async") == config[0] // 64 * 4, kwargs
+        assert kernel.metadata.shared <= 227 * 1024
+    many = ops.candidates(256, 128, 4, gluon=True)
+    assert many[:-len(gluon_gemm.CONFIGS)] == ops.candidates(256, 128, 4)
+    assert many[-len(gluon_gemm.CONFIGS):] == [(gluon_gemm.gluon_mm, c) for c in gluon_gemm.CONFIGS]
+    assert ops.candidates(16, 128, 4, gluon=True) == ops.candidates(16, 128, 4)
+    layer = PackedLinear.from_float(torch.randn(128, 256), QuantSpec("affine_quant", 4, "per_group", 128))
+    x = torch.randn(300, 256, dtype=torch.bfloat16)
+    assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, layer.zero)
 
 
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
@@ -860,12 +881,12 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     assert result.returncode == 0, result.stderr[-2000:]
     row = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| tma_ws")]
     assert len(row) == 1 and row[0][2].strip() == "yes" and row[0][3].strip().startswith("yes"), result.stdout
-    # the hand warp-specialized Gluon kernel: three partitions (the default and two workers), 8 TMA copies a slot
-    result = subprocess.run(probe + ["--compile_only", "--variants=gluon", "--configs=128x64x64x4x4x4"], cwd=ROOT,
+    # the project's Gluon GEMM: the default partition and four workers (the loader, three dequantize partitions)
+    result = subprocess.run(probe + ["--compile_only", "--variants=gluon", "--configs=128x64x64x4x8x4x3"], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     row = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| gluon")]
-    assert len(row) == 1 and row[0][2].strip() == "yes" and row[0][3].strip().startswith("yes (2"), result.stdout
+    assert len(row) == 1 and row[0][2].strip() == "yes" and row[0][3].strip().startswith("yes (4"), result.stdout
     no_gpu = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert no_gpu.returncode == 0 and "GPU" in no_gpu.stdout + no_gpu.stderr
     bad = subprocess.run(probe + ["--compile_only", "--variants=nope"], cwd=ROOT, capture_output=True, text=True,

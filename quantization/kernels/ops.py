@@ -28,9 +28,9 @@ from safety import write_text_atomic
 
 try:
     import triton
-    from quantization.kernels import triton_kernels
+    from quantization.kernels import gluon_gemm, triton_kernels
 except ImportError:  # no Triton: every PackedLinear takes the dequantize path
-    triton = triton_kernels = None
+    triton = triton_kernels = gluon_gemm = None
 
 from quantization.kernels.layout import BLOCK, KERNEL_BITS  # noqa: E402 (the one definition of both)
 
@@ -359,10 +359,12 @@ def _fit_k(block_k, group_size):
     return math.gcd(block_k, group_size) if group_size else block_k
 
 
-def candidates(m, group_size, bits=None):
+def candidates(m, group_size, bits=None, gluon=False):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
-    unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins."""
+    unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins. gluon:
+    the call is one that gluon_gemm.gluon_mm runs (gluon_gemm.supports: Hopper, 4-bit codes), whose configs join
+    the many-row candidates."""
     def keep(config):  # unpack configs ([-1] == 1) skip 3-bit codes
         return not (bits == 3 and config[-1])
     dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
@@ -372,7 +374,7 @@ def candidates(m, group_size, bits=None):
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
-    return gemms + dequants
+    return gemms + dequants + ([(gluon_gemm.gluon_mm, c) for c in gluon_gemm.CONFIGS] if gluon else [])
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None, activation=0):
@@ -408,7 +410,8 @@ def choose(args, group_size, in_features, counters=None, fused=None):
     key = (rows, qweight.shape[1], in_features, bits, group_size, zero is not None, bias is not None, x.dtype,
            x.device) + ((tag,) if tag else ())
     if key not in _best:  # the candidates are listed only until a shape has its choice
-        pairs = candidates(m, group_size, bits)
+        gluon = m > GEMV_MAX_ROWS and gluon_gemm.supports(x, qweight, bits, group_size, in_features, zero)
+        pairs = candidates(m, group_size, bits, gluon)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return pairs[0]
         name = stored_name(key)
@@ -487,10 +490,10 @@ def choices_file():
 
 @functools.lru_cache(maxsize=None)
 def source_digest(*files):
-    """A digest of the kernels' source and the candidate lists (this file, triton_kernels.py and `files`): a stored
-    choice made for other kernels is not reused."""
+    """A digest of the kernels' source and the candidate lists (this file, triton_kernels.py, gluon_gemm.py and
+    `files`): a stored choice made for other kernels is not reused."""
     digest = hashlib.sha256()
-    for path in (__file__, triton_kernels.__file__) + files:
+    for path in (__file__, triton_kernels.__file__, gluon_gemm.__file__) + files:
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:16]
@@ -577,8 +580,12 @@ def _fastest(args, pairs, counters=None, weights=3, fused=None):
         try:
             times[kernel, config] = graph_time(args, call, config, copies, weights)
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
-            if "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
+            if kernel is not getattr(gluon_gemm, "gluon_mm", None) and "OutOfResources" not in type(e).__name__ \
+                    and "out of resource" not in str(e).lower():
                 raise
+            if kernel is getattr(gluon_gemm, "gluon_mm", None):  # Gluon is experimental: one line, the others run
+                print(f"packed kernels: gluon_mm {config} did not run here ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:160]}); timing the other kernels", file=sys.stderr)
     best = min(times.values())
     return next(pair for pair in times if times[pair] <= best * (1 + TIE))
 

@@ -1,0 +1,293 @@
+"""The many-row (prefill) GEMM of 4-bit packed weights on Hopper, warp-specialized by hand in Gluon (Triton's dialect
+with explicit layouts, shared memory, barriers and partitions; Triton 3.5 or later), one of the launcher's candidates
+for more than ops.GEMV_MAX_ROWS rows (ops.candidates), where supports() says it runs.
+
+    gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation) -> y
+
+Per program a (BLOCK_M, BLOCK_N) tile of y, its K in tiles of BLOCK_K = 64 (a 128-byte row of x and of the weight
+tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots between three kinds of partitions:
+- the loader (one warp): TMA copies of each K tile's x (BLOCK_M, 64), words (8, BLOCK_N) int32 (the project's layout,
+  code f of word row r is input 8 r + f), scales and zero points (one row each) into the next free slot;
+- DQ_PARTS dequantize partitions of DQ_WARPS warps, taking the K tiles in turn (while one waits on its loads, stores
+  and barriers, the next computes): code c goes into the top 4 bits of a float's mantissa, 1 + c / 16, and
+  w = (1 + c / 16) * 16 s - (16 + z) s = (c - z) s (one shift, one logic op and one FMA per code), stored as the
+  (BLOCK_N, 64) weight tile in x's dtype, K-contiguous, 16 bytes a store;
+- the default partition (num_warps, one warp group per 64 rows): one asynchronous wgmma per K tile, one in flight,
+  then the epilogue (bias, activation, y in x's dtype).
+Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128: 23.0 us on 4096x4096 against
+cuBLAS bf16's 20.0-20.2 and the cuBLAS path's 33.6 (bench/results/prefill_gluon_h100/README.md).
+
+Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
+check its arithmetic in float64; bench/kernels.py --check and bench/prefill_ws_probe.py check it on
+the GPU.
+"""
+import functools
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.9's name, 3.6's
+except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API: supports() says no
+    gluon = None
+
+# BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES, DQ_WARPS, DQ_PARTS. At 256 rows a 128 x 64 tile gives 128 programs on
+# 4096 outputs (132 multiprocessors on an H100); three dequantize partitions of 4 warps kept up where one did not
+# (30.2 -> 24.1 (two) -> 23.0 us on 4096x4096); wider tiles left multiprocessors idle (128x128: 37-42 us) and a
+# 128x128 tile with three dequantize partitions did not finish in one run: not listed
+CONFIGS = [(128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2), (128, 64, 64, 4, 6, 4, 3)]
+BLOCK_K = 64
+MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
+
+
+if gluon is not None:
+    @gluon.jit
+    def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, HAS_ZERO: gl.constexpr,
+                ZERO: gl.constexpr, DIAG: gl.constexpr):
+        """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
+        free slot (free once the default partition has finished the product that read it)."""
+        descs, bufs, bars, off_m, off_n, k_tiles, group = common
+        x_desc, q_desc, s_desc, z_desc = descs
+        x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+        ready, w_ready, empty = bars
+        STAGES: gl.constexpr = x_bufs.type.shape[0]
+        TILE_K: gl.constexpr = x_desc.block_type.shape[1]
+        nbytes: gl.constexpr = (x_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes
+                                + (z_desc.block_type.nbytes if HAS_ZERO else 0))
+        for i in range(k_tiles):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
+            k0 = i * TILE_K
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
+            _tma_load(q_desc, [k0 // 8, off_n], bar, q_bufs.index(s))
+            _tma_load(s_desc, [k0 // group, off_n], bar, s_bufs.index(s))
+            if HAS_ZERO:
+                _tma_load(z_desc, [k0 // group, off_n], bar, z_bufs.index(s))
+
+    @gluon.jit
+    def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, HAS_ZERO: gl.constexpr,
+                    ZERO: gl.constexpr, DIAG: gl.constexpr):
+        """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
+        the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. DIAG & 2: left out (a
+        diagnostic: the slot is passed on as it is)."""
+        descs, bufs, bars, off_m, off_n, k_tiles, group = common
+        x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+        ready, w_ready, empty = bars
+        STAGES: gl.constexpr = x_bufs.type.shape[0]
+        TILE_N: gl.constexpr = w_bufs.type.shape[1]
+        TILE_K: gl.constexpr = w_bufs.type.shape[2]
+        rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
+        fields = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
+        shifts = gl.expand_dims(gl.expand_dims(fields * 4, 0), 2)             # (1, 8, 1)
+        for i in range(part, k_tiles, DQ_PARTS):
+            s = i % STAGES
+            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            if (DIAG & 2) == 0:
+                words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (TILE_K / 8, 1, TILE_N)
+                scale = s_bufs.index(s).load(rows)                          # (1, TILE_N)
+                if HAS_ZERO:
+                    bias = gl.expand_dims(-(z_bufs.index(s).load(rows).to(gl.float32) + 16.0) * scale, 1)
+                else:
+                    bias = gl.expand_dims(scale * -(ZERO + 16.0), 1)
+                scale16 = gl.expand_dims(scale * 16.0, 1)                    # (1, 1, TILE_N)
+                bits = (((words >> shifts) & 15) << 19) | 0x3F800000
+                w = (bits.to(gl.float32, bitcast=True) * scale16 + bias).to(w_bufs.dtype)  # (TILE_K / 8, 8, TILE_N)
+                w_bufs.index(s).store(gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K]))
+            fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
+            mbarrier.arrive(w_ready.index(s), count=1)
+
+    @gluon.jit
+    def _products(bufs, bars, y_ptr, b_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, ACT: gl.constexpr, DIAG: gl.constexpr):
+        """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
+        released once the product after it is issued and the one that read it has finished; then y = acc + bias,
+        the activation (ACT as ops.ACTIVATIONS: 0 none, 1 GELU, 2 its tanh form), in y's dtype. DIAG & 1: no
+        products (a diagnostic)."""
+        x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+        ready, w_ready, empty = bars
+        STAGES: gl.constexpr = x_bufs.type.shape[0]
+        TILE_M: gl.constexpr = x_bufs.type.shape[1]
+        TILE_N: gl.constexpr = w_bufs.type.shape[1]
+        acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
+        for i in range(k_tiles):
+            s = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(ready.index(s), phase)
+            mbarrier.wait(w_ready.index(s), phase)
+            if (DIAG & 1) == 0:
+                acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
+        offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
+        if HAS_BIAS:
+            acc = acc + gl.expand_dims(gl.load(b_ptr + offs_n).to(gl.float32), 0)
+        if ACT == 1:
+            acc = 0.5 * acc * (1.0 + gl.erf(acc * 0.7071067811865476))
+        elif ACT == 2:  # tanh written through exp, as triton_kernels._activate
+            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (2.0 - 2.0 / (1.0 + gl.exp(2.0 * inner)))
+        ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
+        gl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(offs_m < M, 1))
+
+    @gluon.jit
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, b_ptr, M, N, K, group, STAGES: gl.constexpr,
+                         W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
+                         DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr,
+                         HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, HAS_BIAS: gl.constexpr, ACT: gl.constexpr,
+                         DIAG: gl.constexpr):
+        """y (M, N) = x (M, K) @ dequant(W)^T (+ bias, activation): the module docstring's partitions. `group`: the
+        inputs per scale row (a multiple of BLOCK_K; K for one scale per output). Without zero points (HAS_ZERO 0)
+        every code's zero is ZERO and z_desc is not read."""
+        TILE_M: gl.constexpr = x_desc.block_type.shape[0]
+        TILE_K: gl.constexpr = x_desc.block_type.shape[1]
+        TILE_N: gl.constexpr = q_desc.block_type.shape[1]
+        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TILE_K // 8, TILE_N], q_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
+        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, 1, TILE_N], z_desc.layout)
+        w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(w_ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        off_m = gl.program_id(0) * TILE_M
+        off_n = gl.program_id(1) * TILE_N
+        k_tiles = K // TILE_K
+        bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
+        bars = (ready, w_ready, empty)
+        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, group)  # every worker's
+        first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
+        if DQ_PARTS == 1:
+            gl.warp_specialize([
+                (_products, (bufs, bars, y_ptr, b_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, HAS_BIAS, ACT,
+                             DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+            ], [1, DQ_WARPS], [24, DQ_REGS])
+        elif DQ_PARTS == 2:
+            gl.warp_specialize([
+                (_products, (bufs, bars, y_ptr, b_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, HAS_BIAS, ACT,
+                             DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+            ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
+        else:
+            gl.static_assert(DQ_PARTS == 3)
+            gl.warp_specialize([
+                (_products, (bufs, bars, y_ptr, b_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, HAS_BIAS, ACT,
+                             DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, HAS_ZERO, ZERO, DIAG)),
+            ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
+
+
+def layouts(config, dtype=torch.bfloat16):
+    """(x tile, words/scales, zero points, weight tile shared layouts; accumulator and dequantize register layouts)."""
+    block_m, block_n, block_k, warps, _, dq_warps, _ = config
+    element = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], element)
+    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], element)
+    flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
+    bytes_ = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)  # zero points
+    wm = min(warps, block_m // 16)  # warps along M (16 rows each, 64 a warp group) while M allows, then along N
+    acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, warps // wm],
+                                    instr_shape=[16, block_n // (warps // wm), 16])
+    # lanes along the outputs (conflict-free word loads), each thread a word's 8 fields for its word rows: after
+    # the permute it holds contiguous inputs of one output, stored 16 bytes at a time
+    wn = min(dq_warps, block_n // 32)
+    dq = gl.BlockedLayout(size_per_thread=[1, 8, 1], threads_per_warp=[1, 1, 32],
+                          warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
+    return x_layout, flat, bytes_, w_layout, acc, dq
+
+
+def registers(config):
+    """(registers per thread for the program, for each dequantize partition's threads): the program's warps
+    (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fit the 64K registers of
+    a multiprocessor; the default partition (the accumulator) is left 168 a thread, the loader's warp group 24, and
+    the dequantize partitions share the rest (at most 128 a thread)."""
+    _, _, _, warps, _, dq_warps, parts = config
+    dq_threads = parts * 128 * -(-dq_warps // 4)
+    total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
+    return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(index):
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def supports(x, qweight, bits, group_size, in_features, zero):
+    """Whether gluon_mm runs this call: Gluon's Hopper API, a CUDA GPU of compute capability 9 (wgmma), x bf16 or
+    fp16 and contiguous, 4-bit codes in words (in_features / 8, N), N a multiple of 64, in_features a multiple of
+    64, groups of a multiple of 64 inputs (or one scale per output), uint8 zero points or none."""
+    if gluon is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or bits != 4:
+        return False
+    n = qweight.shape[1]
+    group = group_size or in_features
+    return (_hopper(x.device.index if x.device.index is not None else torch.cuda.current_device())
+            and x.is_contiguous() and n % 64 == 0 and in_features % BLOCK_K == 0 and group % MIN_GROUP == 0
+            and in_features % group == 0 and qweight.shape[0] * 8 == in_features
+            and (zero is None or zero.dtype == torch.uint8))
+
+
+def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
+    """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), through _gluon_mm_kernel: the
+    signature of ops' other kernels (blocks_per_group: blocks of 32 codes per scale row). diag: the diagnostics'
+    bits (1: no products, 2: no dequantize; y is then not the product)."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    group = blocks_per_group * 32
+    block_m, block_n, block_k = config[:3]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, x.dtype)
+    scales = TensorDescriptor.from_tensor(scale, [1, block_n], flat)
+    descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
+             TensorDescriptor.from_tensor(qweight, [block_k // 8, block_n], flat), scales,
+             TensorDescriptor.from_tensor(zero, [1, block_n], bytes_) if zero is not None else scales)
+    total, dq_regs = registers(config)
+    _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
+        *descs, y, bias if bias is not None else y, m, n, k, group, STAGES=config[4], W_LAYOUT=w_layout,
+        ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6],
+        HAS_ZERO=zero is not None, ZERO=float(zero_const), HAS_BIAS=bias is not None, ACT=activation, DIAG=diag,
+        num_warps=config[3], maxnreg=total)
+    return y
+
+
+def compile_for(config, arch=90, dtype="bf16", has_zero=True, has_bias=False, activation=0, diag=0):
+    """The kernel compiled for `arch` without a GPU (triton.compile with an explicit target): what the CPU tests and
+    bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    block_m, block_n, block_k = config[:3]
+    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+    def desc(element, shape, layout):  # the signature a TensorDescriptor argument specializes to
+        return f"tensordesc<{element}[{','.join(map(str, shape))}],{layout!r}>"
+
+    signature = {"x_desc": desc(dtype, [block_m, block_k], x_layout),
+                 "q_desc": desc("i32", [block_k // 8, block_n], flat), "s_desc": desc("fp32", [1, block_n], flat),
+                 "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
+                 "y_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "M": "i32", "N": "i32", "K": "i32", "group": "i32"}
+    total, dq_regs = registers(config)
+    consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
+                  DQ_REGS=dq_regs, DQ_PARTS=config[6], HAS_ZERO=has_zero, ZERO=8.0, HAS_BIAS=has_bias, ACT=activation,
+                  DIAG=diag)
+    signature.update({name: "constexpr" for name in consts})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8, 9)}
+    source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
