@@ -69,7 +69,7 @@ if gluon is not None:
             _tma_load(q_desc, [k0 // 8, off_n], bar, q_bufs.index(s))
             _tma_load(s_desc, [k0 // group, off_n], bar, s_bufs.index(s))
             if HAS_ZERO:
-                _tma_load(z_desc, [k0 // group, off_n], bar, z_bufs.index(s))
+                _tma_load(z_desc, [k0 // group, off_n], bar, z_bufs.index(s).slice(0, 1))
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, HAS_ZERO: gl.constexpr,
@@ -93,7 +93,7 @@ if gluon is not None:
                 words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (TILE_K / 8, 1, TILE_N)
                 scale = s_bufs.index(s).load(rows)                          # (1, TILE_N)
                 if HAS_ZERO:
-                    bias = gl.expand_dims(-(z_bufs.index(s).load(rows).to(gl.float32) + 16.0) * scale, 1)
+                    bias = gl.expand_dims(-(z_bufs.index(s).slice(0, 1).load(rows).to(gl.float32) + 16.0) * scale, 1)
                 else:
                     bias = gl.expand_dims(scale * -(ZERO + 16.0), 1)
                 scale16 = gl.expand_dims(scale * 16.0, 1)                    # (1, 1, TILE_N)
@@ -153,7 +153,10 @@ if gluon is not None:
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TILE_K // 8, TILE_N], q_desc.layout)
         s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
-        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, 1, TILE_N], z_desc.layout)
+        # a TMA copy lands on 128-byte boundaries: a slot of zero points (64 bytes for 64 outputs) is padded to that
+        ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
+        Z_ROWS: gl.constexpr = (1024 + ROW_BITS - 1) // ROW_BITS
+        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, Z_ROWS, TILE_N], z_desc.layout)
         w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
