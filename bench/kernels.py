@@ -213,7 +213,7 @@ def check(log, variants):
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
     cases = [(1, torch.bfloat16, False, "all"), (16, torch.bfloat16, False, "all"),
              (300, torch.bfloat16, False, "all"), (1, torch.float32, True, "first"),
-             (5, torch.float16, True, "first"), (70, torch.float32, True, "first"), (300, torch.float16, True, "first")]
+             (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
     for name in variants:
         spec = VARIANTS[name]
         # (and for 4-bit codes a layer of 64-wide tiles, where the Gluon prefill GEMM runs on Hopper)
