@@ -60,7 +60,8 @@ and so every warp-specialized one (Triton specializes only 4-warp loops here), s
 address" error (not found in the session it was written; run one variant per process), and ptr_ws does not
 compile (an assertion in Triton's warp-specialization pass). Known open, kept as the starting point of that work.
 The field variants on one H100 (bench/results/prefill_field_h100/README.md): 39.6 us at best on 4096x4096 against
-cuBLAS's 20.5 and dequant_mm's 33.6.
+cuBLAS's 20.5 and dequant_mm's 33.6. The Gluon kernel on one H100 (bench/results/prefill_gluon_h100/README.md):
+22.9-24.0 us on 4096x4096 with three dequantize partitions (cuBLAS 20.0-20.2), 65.8 on 4096x11008 (cuBLAS 44.4).
 """
 import argparse
 import math
