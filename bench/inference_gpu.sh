@@ -10,7 +10,7 @@
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
-#                                          # fused_tuning_decode, read_ceiling
+#                                          # fused_tuning_decode, read_ceiling, prefill_gluon
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -33,7 +33,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -169,6 +169,13 @@ for PART in $PARTS; do
                    # flight, with and without evict_first) against PyTorch's own float32 sum over the same bytes
         run 60 python bench/gemv_layout_probe.py --shapes=4096x16384,4096x4096 --layouts= --unroll=1,2,4 \
             > "$R/read_ceiling_$GPU.md" ;;
+    prefill_gluon)  # the Gluon prefill GEMM (quantization/kernels/gluon_gemm.py): every int4 kernel and config
+                    # checked (it runs on the 512x384 layer), then it and its diagnostics (products, dequantize or
+                    # both left out) against cuBLAS and the launcher's choice, 256 rows
+        run 300 python bench/kernels.py --check --variants="int4 g128" --shapes= --gemm_shapes= \
+            --out="$R/kernels_${GPU}_check_int4.md"
+        run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma,gluon_nodq,gluon_loads \
+            > "$R/prefill_gluon_$GPU.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
