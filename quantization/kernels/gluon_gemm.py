@@ -40,7 +40,7 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES, DQ_WARPS, DQ_PARTS. At 256 rows a 128 x 64 tile gives 128 programs on
 # 4096 outputs (132 multiprocessors on an H100); three dequantize partitions of 4 warps kept up where one did not
 # (30.2 -> 24.1 (two) -> 23.0 us on 4096x4096); wider tiles left multiprocessors idle (128x128: 37-42 us) and a
-# 128x128 tile with three dequantize partitions did not finish in one run: not listed
+# 128x128 tile with three dequantize partitions did not finish in two runs: not listed
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2), (128, 64, 64, 4, 6, 4, 3)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
@@ -50,7 +50,7 @@ if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, DIAG: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points) into the ring's next free slot (free
-        once the default partition has finished the product that read it)."""
+        once the default partition has finished the product that read it). The workers share one signature."""
         descs, bufs, bars, off_m, off_n, k_tiles, group = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs

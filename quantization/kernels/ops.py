@@ -411,7 +411,7 @@ def choose(args, group_size, in_features, counters=None, fused=None):
            x.device) + ((tag,) if tag else ())
     if key not in _best:  # the candidates are listed only until a shape has its choice
         gluon = m > GEMV_MAX_ROWS and gluon_gemm.supports(x, qweight, bits, group_size, in_features, zero)
-        pairs = candidates(m, group_size, bits, gluon)
+        pairs = candidates(m, group_size, bits, gluon=gluon)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return pairs[0]
         name = stored_name(key)
