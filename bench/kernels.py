@@ -130,9 +130,7 @@ def profile(shape, bandwidth, log, variants, rows=1, gemm_configs=()):
         times = {}
         extra = [(ops.gemm, (c[0], c[1], ops._fit_k(c[2], layer.group_size), *c[3:])) for c in gemm_configs
                  if rows > 1]
-        gluon = rows > ops.GEMV_MAX_ROWS and ops.gluon_gemm.supports(xs[0], layer.qweight, layer.bits,
-                                                                      layer.group_size, k, layer.zero)
-        pairs = ops.candidates(rows, layer.group_size, layer.bits, gluon) + extra
+        pairs = ops.call_candidates(xs[0], layer.qweight, layer.zero, layer.bits, layer.group_size, k) + extra
         for kernel, config in pairs:
             calls = [lambda lay=lay, x=x: ops.bind(kernel, lay.split_counters)(
                 x, lay.qweight, lay.scale, lay.zero, None, lay.bits, blocks, lay.zero_const, config)
@@ -225,9 +223,7 @@ def check(log, variants):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 b = layer.bias.to(dtype) if bias else None
                 ref = x.double() @ layer.dequantized_weight().double().T + (b.double() if bias else 0)
-                gluon = m > ops.GEMV_MAX_ROWS and ops.gluon_gemm.supports(x, layer.qweight, layer.bits,
-                                                                          layer.group_size, k, layer.zero)
-                pairs = ops.candidates(m, layer.group_size, layer.bits, gluon)
+                pairs = ops.call_candidates(x, layer.qweight, layer.zero, layer.bits, layer.group_size, k)
                 if which == "first":  # the first config of each kernel
                     pairs = [p for i, p in enumerate(pairs) if p[0] not in [q[0] for q in pairs[:i]]]
                 blocks = layer.group_size // 32 if layer.group_size else math.ceil(k / 32)

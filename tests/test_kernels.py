@@ -848,7 +848,8 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize():
 def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_where_it_runs():
     """gluon_gemm compiles for sm_90 without a GPU (Triton's own toolchain): warp-specialized, one wgmma per 16 inputs
     of a K tile per 64 rows, within the 227 KiB of shared memory; ops.candidates lists its configs after the others
-    for more than GEMV_MAX_ROWS rows when asked, and supports() says no on the CPU and without zero points."""
+    for more than GEMV_MAX_ROWS rows when asked, and supports() (so call_candidates) says no on the CPU and without
+    zero points."""
     pytest.importorskip("triton")
     from quantization.kernels import gluon_gemm
     if gluon_gemm.gluon is None:
@@ -866,6 +867,7 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     x = torch.randn(300, 256, dtype=torch.bfloat16)
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, layer.zero)
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, None)
+    assert ops.call_candidates(x, layer.qweight, layer.zero, 4, 128, 256) == ops.candidates(300, 128, 4)
 
 
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():

@@ -377,6 +377,14 @@ def candidates(m, group_size, bits=None, gluon=False):
     return gemms + dequants + ([(gluon_gemm.gluon_mm, c) for c in gluon_gemm.CONFIGS] if gluon else [])
 
 
+def call_candidates(x, qweight, zero, bits, group_size, in_features):
+    """candidates() for one call's arguments: with gluon_gemm's configs where it runs the call (more than
+    GEMV_MAX_ROWS rows, gluon_gemm.supports)."""
+    m = x.shape[0]
+    gluon = m > GEMV_MAX_ROWS and gluon_gemm.supports(x, qweight, bits, group_size, in_features, zero)
+    return candidates(m, group_size, bits, gluon=gluon)
+
+
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None, activation=0):
     """y = x @ dequant(W).T + bias for a 2-D contiguous x, with the fastest (kernel, config) of a small set, then
     the activation (an ACTIVATIONS code) applied by the kernel that writes y. The choice of a shape does not depend
@@ -410,8 +418,7 @@ def choose(args, group_size, in_features, counters=None, fused=None):
     key = (rows, qweight.shape[1], in_features, bits, group_size, zero is not None, bias is not None, x.dtype,
            x.device) + ((tag,) if tag else ())
     if key not in _best:  # the candidates are listed only until a shape has its choice
-        gluon = m > GEMV_MAX_ROWS and gluon_gemm.supports(x, qweight, bits, group_size, in_features, zero)
-        pairs = candidates(m, group_size, bits, gluon=gluon)
+        pairs = call_candidates(x, qweight, zero, bits, group_size, in_features)
         if interpreting() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return pairs[0]
         name = stored_name(key)
