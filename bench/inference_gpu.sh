@@ -10,7 +10,8 @@
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
-#                                          # fused_tuning_decode, read_ceiling, prefill_gluon
+#                                          # fused_tuning_decode, read_ceiling, prefill_gluon,
+#                                          # prefill_gluon_all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -33,7 +34,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -176,6 +177,13 @@ for PART in $PARTS; do
             --out="$R/kernels_${GPU}_check_int4.md"
         run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma,gluon_nodq,gluon_loads \
             > "$R/prefill_gluon_$GPU.md" ;;
+    prefill_gluon_all)  # the Gluon prefill GEMM offered for the other formats it takes (1, 2 and 8-bit codes,
+                        # constant zero points; NANOQAT_GLUON_ALL_FORMATS=1): checked, then the prefill table
+        run 320 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --check --shapes= --gemm_shapes= \
+            --variants="int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
+            --out="$R/kernels_${GPU}_check_gluon_all.md"
+        run 200 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --shapes= \
+            --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

@@ -1,17 +1,20 @@
-"""The many-row (prefill) GEMM of 4-bit packed weights on Hopper, warp-specialized by hand in Gluon (Triton's dialect
-with explicit layouts, shared memory, barriers and partitions; Triton 3.5 or later), one of the launcher's candidates
-for more than ops.GEMV_MAX_ROWS rows (ops.candidates), where supports() says it runs.
+"""The many-row (prefill) GEMM of packed weights on Hopper, warp-specialized by hand in Gluon (Triton's dialect with
+explicit layouts, shared memory, barriers and partitions; Triton 3.5 or later), one of the launcher's candidates for
+more than ops.GEMV_MAX_ROWS rows (ops.call_candidates), where supports() says it runs: 4-bit codes with zero points
+(measured), or, with NANOQAT_GLUON_ALL_FORMATS=1, 1, 2 and 8-bit codes and constant zero points (written and
+compiled, their arithmetic checked on the CPU, not yet run on a GPU: `bash bench/inference_gpu.sh prefill_gluon_all`).
 
     gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation) -> y
 
 Per program a (BLOCK_M, BLOCK_N) tile of y, its K in tiles of BLOCK_K = 64 (a 128-byte row of x and of the weight
 tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots between three kinds of partitions:
-- the loader (one warp): TMA copies of each K tile's x (BLOCK_M, 64), words (8, BLOCK_N) int32 (the project's layout,
-  code f of word row r is input 8 r + f), scales and zero points (one row each) into the next free slot;
+- the loader (one warp): TMA copies of each K tile's x (BLOCK_M, 64), words (64 B / 32, BLOCK_N) int32 (the
+  project's layout for B-bit codes: code f of word row r is input r * 32 / B + f), scales and zero points (one row
+  each) into the next free slot;
 - DQ_PARTS dequantize partitions of DQ_WARPS warps, taking the K tiles in turn (while one waits on its loads, stores
-  and barriers, the next computes): code c goes into the top 4 bits of a float's mantissa, 1 + c / 16, and
-  w = (1 + c / 16) * 16 s - (16 + z) s = (c - z) s (one shift, one logic op and one FMA per code), stored as the
-  (BLOCK_N, 64) bf16 weight tile, K-contiguous, 16 bytes a store;
+  and barriers, the next computes): code c goes into the top B bits of a float's mantissa, 1 + c / 2^B, and
+  w = (1 + c / 2^B) 2^B s - (2^B + z) s = (c - z) s (one shift, one logic op and one FMA per code), stored as the
+  (BLOCK_N, 64) bf16 weight tile, K-contiguous (4-bit codes: 16 bytes a store);
 - the default partition (num_warps, one warp group per 64 rows): one asynchronous wgmma per K tile, one in flight,
   then y (bf16).
 Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128: 23.3-24.0 us on 4096x4096
@@ -23,6 +26,7 @@ check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it 
 bench/kernels.py --check with the other kernels.
 """
 import functools
+import os
 
 import torch
 
@@ -48,9 +52,11 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 
 if gluon is not None:
     @gluon.jit
-    def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, DIAG: gl.constexpr):
-        """One warp: each K tile's TMA copies (x, words, scales, zero points) into the ring's next free slot (free
-        once the default partition has finished the product that read it). The workers share one signature."""
+    def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
+        """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
+        free slot (free once the default partition has finished the product that read it). The workers share one
+        signature."""
         descs, bufs, bars, off_m, off_n, k_tiles, group = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
@@ -58,7 +64,7 @@ if gluon is not None:
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         nbytes: gl.constexpr = (x_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes
-                                + z_desc.block_type.nbytes)
+                                + (z_desc.block_type.nbytes if HAS_ZERO else 0))
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
@@ -66,35 +72,44 @@ if gluon is not None:
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
-            _tma_load(q_desc, [k0 // 8, off_n], bar, q_bufs.index(s))
+            _tma_load(q_desc, [k0 // (32 // BITS), off_n], bar, q_bufs.index(s))
             _tma_load(s_desc, [k0 // group, off_n], bar, s_bufs.index(s))
-            _tma_load(z_desc, [k0 // group, off_n], bar, z_bufs.index(s).slice(0, 1))
+            if HAS_ZERO:
+                _tma_load(z_desc, [k0 // group, off_n], bar, z_bufs.index(s).slice(0, 1))
 
     @gluon.jit
-    def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, DIAG: gl.constexpr):
+    def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
-        the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. DIAG & 2: left out (a
-        diagnostic: the slot is passed on as it is)."""
+        the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
+        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. DIAG & 2:
+        left out (a diagnostic: the slot is passed on as it is)."""
         descs, bufs, bars, off_m, off_n, k_tiles, group = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
+        PER: gl.constexpr = 32 // BITS                                        # codes per word
+        SPAN: gl.constexpr = 1 << BITS                                        # 2^BITS, a float below
         rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
-        fields = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
-        shifts = gl.expand_dims(gl.expand_dims(fields * 4, 0), 2)             # (1, 8, 1)
+        fields = gl.arange(0, PER, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
+        shifts = gl.expand_dims(gl.expand_dims(fields * BITS, 0), 2)          # (1, PER, 1)
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             if (DIAG & 2) == 0:
-                words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (TILE_K / 8, 1, TILE_N)
+                words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (TILE_K / PER, 1, TILE_N)
                 scale = s_bufs.index(s).load(rows)                          # (1, TILE_N)
-                zero = z_bufs.index(s).slice(0, 1).load(rows).to(gl.float32)
-                bias = gl.expand_dims(-(zero + 16.0) * scale, 1)
-                scale16 = gl.expand_dims(scale * 16.0, 1)                    # (1, 1, TILE_N)
-                bits = (((words >> shifts) & 15) << 19) | 0x3F800000
-                w = (bits.to(gl.float32, bitcast=True) * scale16 + bias).to(w_bufs.dtype)  # (TILE_K / 8, 8, TILE_N)
+                if HAS_ZERO:
+                    zero = z_bufs.index(s).slice(0, 1).load(rows).to(gl.float32)
+                    bias = gl.expand_dims(-(zero + SPAN) * scale, 1)
+                else:
+                    bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
+                scaled = gl.expand_dims(scale * SPAN, 1)                     # (1, 1, TILE_N)
+                # code c in the top BITS bits of the mantissa of 1.0: 1 + c / 2^BITS
+                bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
+                w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(w_bufs.dtype)  # (TILE_K / PER, PER, TILE_N)
                 w_bufs.index(s).store(gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K]))
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
             mbarrier.arrive(w_ready.index(s), count=1)
@@ -128,14 +143,16 @@ if gluon is not None:
     @gluon.jit
     def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, M, N, K, group, STAGES: gl.constexpr,
                          W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                         DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, DIAG: gl.constexpr):
+                         DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
+                         HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. `group`: the inputs per scale row
-        (a multiple of BLOCK_K; K for one scale per output)."""
+        (a multiple of BLOCK_K; K for one scale per output). Without zero points (HAS_ZERO 0) every code's is ZERO
+        and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TILE_K // 8, TILE_N], q_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TILE_K * BITS // 32, TILE_N], q_desc.layout)
         s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
         # a TMA copy lands on 128-byte boundaries: a slot of zero points (64 bytes for 64 outputs) is padded to that
         ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
@@ -159,28 +176,28 @@ if gluon is not None:
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, DIAG)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
-def layouts(config):
+def layouts(config, bits=4):
     """(x tile, words/scales, zero points, weight tile shared layouts; accumulator and dequantize register layouts)."""
     block_m, block_n, block_k, warps, _, dq_warps, _ = config
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
@@ -190,10 +207,10 @@ def layouts(config):
     wm = min(warps, block_m // 16)  # warps along M (16 rows each, 64 a warp group) while M allows, then along N
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, warps // wm],
                                     instr_shape=[16, block_n // (warps // wm), 16])
-    # lanes along the outputs (conflict-free word loads), each thread a word's 8 fields for its word rows: after
-    # the permute it holds contiguous inputs of one output, stored 16 bytes at a time
+    # lanes along the outputs (conflict-free word loads), each thread a word's 32 / bits fields for its word rows:
+    # after the permute it holds contiguous inputs of one output (for 4-bit codes stored 16 bytes at a time)
     wn = min(dq_warps, block_n // 32)
-    dq = gl.BlockedLayout(size_per_thread=[1, 8, 1], threads_per_warp=[1, 1, 32],
+    dq = gl.BlockedLayout(size_per_thread=[1, 32 // bits, 1], threads_per_warp=[1, 1, 32],
                           warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
     return x_layout, flat, bytes_, w_layout, acc, dq
 
@@ -209,6 +226,16 @@ def registers(config):
     return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
 
 
+# the formats the launcher offers gluon_mm for: those checked and timed on a GPU (affine int4 with zero points,
+# bench/results/prefill_gluon_h100). NANOQAT_GLUON_ALL_FORMATS=1 offers it for 1, 2 and 8-bit codes and constant
+# zero points too, to check and time them (bash bench/inference_gpu.sh prefill_gluon)
+_ALL = os.environ.get("NANOQAT_GLUON_ALL_FORMATS", "0")
+if _ALL not in ("0", "1"):
+    raise ValueError(f"NANOQAT_GLUON_ALL_FORMATS={_ALL!r}: expected 0 or 1")
+ALL_FORMATS = _ALL == "1"
+KERNEL_BITS = (1, 2, 4, 8)  # one code never straddles a word (3-bit codes are split over planes: not here)
+
+
 @functools.lru_cache(maxsize=None)
 def _hopper(index):
     return torch.cuda.get_device_capability(index)[0] == 9
@@ -216,21 +243,25 @@ def _hopper(index):
 
 def supports(x, qweight, bits, group_size, in_features, zero):
     """Whether gluon_mm runs this call: Gluon's Hopper API, a CUDA GPU of compute capability 9 (wgmma), x bf16 and
-    contiguous, 4-bit codes in words (in_features / 8, N) with uint8 zero points (the affine grid, the format measured
-    on the GPU), N a multiple of 64, in_features a multiple of 64, groups of a multiple of 64 inputs (or one scale
-    per output)."""
-    if gluon is None or not x.is_cuda or x.dtype != torch.bfloat16 or bits != 4 or zero is None:
+    contiguous, codes in words (in_features * bits / 32, N), N a multiple of 64, in_features a multiple of 64,
+    groups of a multiple of 64 inputs (or one scale per output); 4-bit codes with uint8 zero points (the format
+    measured on the GPU), or with NANOQAT_GLUON_ALL_FORMATS=1 1, 2, 4 or 8-bit codes, zero points or one constant."""
+    if gluon is None or not x.is_cuda or x.dtype != torch.bfloat16 or bits not in KERNEL_BITS:
+        return False
+    if not ALL_FORMATS and (bits != 4 or zero is None):
         return False
     n = qweight.shape[1]
     group = group_size or in_features
     return (_hopper(x.device.index if x.device.index is not None else torch.cuda.current_device())
             and x.is_contiguous() and n % 64 == 0 and in_features % BLOCK_K == 0 and group % MIN_GROUP == 0
-            and in_features % group == 0 and qweight.shape[0] * 8 == in_features and zero.dtype == torch.uint8)
+            and in_features % group == 0 and qweight.shape[0] * 32 == in_features * bits
+            and (zero is None or zero.dtype == torch.uint8))
 
 
 def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
-    kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const unused: zero points are required).
+    kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
+    is None).
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: the diagnostics' bits (1: no products, 2: no dequantize; y is
     then not the product)."""
@@ -238,16 +269,16 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config)
+    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, bits)
+    scales = TensorDescriptor.from_tensor(scale, [1, block_n], flat)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
-             TensorDescriptor.from_tensor(qweight, [block_k // 8, block_n], flat),
-             TensorDescriptor.from_tensor(scale, [1, block_n], flat),
-             TensorDescriptor.from_tensor(zero, [1, block_n], bytes_))
+             TensorDescriptor.from_tensor(qweight, [block_k * bits // 32, block_n], flat), scales,
+             TensorDescriptor.from_tensor(zero, [1, block_n], bytes_) if zero is not None else scales)
     total, dq_regs = registers(config)
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
         *descs, y, m, n, k, blocks_per_group * 32, STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
-        DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], DIAG=diag, num_warps=config[3],
-        maxnreg=total)
+        DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
+        ZERO=float(zero_const), DIAG=diag, num_warps=config[3], maxnreg=total)
     if bias is not None:
         y += bias.to(y.dtype)
     if activation:  # ops.ACTIVATIONS: 1 GELU, 2 its tanh form
@@ -255,24 +286,26 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     return y
 
 
-def compile_for(config, arch=90, diag=0):
+def compile_for(config, arch=90, diag=0, bits=4, has_zero=True):
     """The kernel compiled for `arch` without a GPU (triton.compile with an explicit target): what the CPU tests and
     bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     block_m, block_n, block_k = config[:3]
-    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config)
+    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, bits)
 
     def desc(element, shape, layout):  # the signature a TensorDescriptor argument specializes to
         return f"tensordesc<{element}[{','.join(map(str, shape))}],{layout!r}>"
 
     signature = {"x_desc": desc("bf16", [block_m, block_k], x_layout),
-                 "q_desc": desc("i32", [block_k // 8, block_n], flat), "s_desc": desc("fp32", [1, block_n], flat),
-                 "z_desc": desc("u8", [1, block_n], bytes_), "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32",
-                 "group": "i32"}
+                 "q_desc": desc("i32", [block_k * bits // 32, block_n], flat),
+                 "s_desc": desc("fp32", [1, block_n], flat),
+                 "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
+                 "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "group": "i32"}
     total, dq_regs = registers(config)
     consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
-                  DQ_REGS=dq_regs, DQ_PARTS=config[6], DIAG=diag)
+                  DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=has_zero, ZERO=0.0 if has_zero else 8.0,
+                  DIAG=diag)
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
