@@ -798,7 +798,8 @@ def main():
     p.add_argument("--rows", type=int, default=256, help="rows of x")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages for every "
-                   "variant, with xSPLIT (split-K) for the field variants (default: each variant's own list)")
+                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS for the gluon ones "
+                   "(default: each variant's own list)")
     p.add_argument("--no_project", action="store_true", help="skip the project's path (its first call tunes)")
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")
     p.add_argument("--arch", type=int, default=90, help="--compile_only's CUDA compute capability (90: H100/H200)")
