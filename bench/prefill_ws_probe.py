@@ -133,7 +133,7 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
            "128x128x128x4x2"],
     # BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPSxDQ_PARTS (gluon_gemm.CONFIGS, and the narrower and wider
-    # tiles measured beside them; split-K, tried in the commit that added bench/results/prefill_gluon_h100, was
+    # tiles measured beside them; split-K, tried in commit 2141e22 (bench/results/prefill_gluon_h100, file 3), was
     # 44-142 us on 128x128 tiles and is not in the kernel)
     "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1"],
