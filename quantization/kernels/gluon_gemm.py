@@ -229,10 +229,15 @@ def registers(config):
 # the formats the launcher offers gluon_mm for: those checked and timed on a GPU (affine int4 with zero points,
 # bench/results/prefill_gluon_h100). NANOQAT_GLUON_ALL_FORMATS=1 offers it for 1, 2 and 8-bit codes and constant
 # zero points too, to check and time them (bash bench/inference_gpu.sh prefill_gluon)
-_ALL = os.environ.get("NANOQAT_GLUON_ALL_FORMATS", "0")
-if _ALL not in ("0", "1"):
-    raise ValueError(f"NANOQAT_GLUON_ALL_FORMATS={_ALL!r}: expected 0 or 1")
-ALL_FORMATS = _ALL == "1"
+def all_formats(value):
+    """NANOQAT_GLUON_ALL_FORMATS's value as a bool: "1" on, "0" or "" (unset) off; anything else stops the import
+    with the variable named."""
+    if value not in ("", "0", "1"):
+        raise ValueError(f"NANOQAT_GLUON_ALL_FORMATS={value!r}: expected 0 or 1")
+    return value == "1"
+
+
+ALL_FORMATS = all_formats(os.environ.get("NANOQAT_GLUON_ALL_FORMATS", ""))
 KERNEL_BITS = (1, 2, 4, 8)  # one code never straddles a word (3-bit codes are split over planes: not here)
 
 
