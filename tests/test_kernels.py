@@ -886,8 +886,8 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
 
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     """bench/prefill_ws_probe.py --compile_only: a warp-specialized TMA variant compiles for sm_90 on the CPU and the
-    table says it was partitioned (the Gluon variants compile gluon_gemm's kernel, tested on its own); without a GPU and
-    without --compile_only it says a GPU is needed; an unknown variant is one error line."""
+    table says it was partitioned (the Gluon variants compile gluon_gemm's kernel, tested on its own); without a GPU
+    and without --compile_only it says a GPU is needed; an unknown variant is one error line."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the probe would time kernels")
