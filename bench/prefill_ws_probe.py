@@ -381,9 +381,9 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS[xSPLIT] (gluon_gemm.CONFIGS; split-K, default 1)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS (gluon_gemm.CONFIGS)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8):
+    if len(values) not in (5, 6, 7):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -443,9 +443,9 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K:
+        if len(config) != 7 or config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS[xSPLIT] (got {config})")
+                             f"DQ_PARTS (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
                                    diag=GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):

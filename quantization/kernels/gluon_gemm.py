@@ -57,7 +57,7 @@ if gluon is not None:
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it). The workers share one
         signature."""
-        descs, bufs, bars, off_m, off_n, k_first, k_tiles, group = common
+        descs, bufs, bars, off_m, off_n, k_tiles, group = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -68,7 +68,7 @@ if gluon is not None:
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            k0 = (k_first + i) * TILE_K
+            k0 = i * TILE_K
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
@@ -84,7 +84,7 @@ if gluon is not None:
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. DIAG & 2:
         left out (a diagnostic: the slot is passed on as it is)."""
-        descs, bufs, bars, off_m, off_n, k_first, k_tiles, group = common
+        descs, bufs, bars, off_m, off_n, k_tiles, group = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -115,14 +115,10 @@ if gluon is not None:
             mbarrier.arrive(w_ready.index(s), count=1)
 
     @gluon.jit
-    def _products(bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                  DIAG: gl.constexpr, SPLIT: gl.constexpr):
+    def _products(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr, DIAG: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
-        SPLIT > 1 (split-K over grid axis 2): the float32 partial tile goes to ws, and the last of the tile's
-        programs to arrive (a counter per tile, reset by it for the next call) adds the partials in split order,
-        the same sum every call, and writes y (`done`, a barrier of this program, orders every thread's partial
-        stores before the arrival). DIAG & 1: no products (a diagnostic)."""
+        DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -141,32 +137,17 @@ if gluon is not None:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
         offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
-        tile = gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
-        mask = gl.expand_dims(offs_m < M, 1)
-        if SPLIT == 1:
-            gl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            gl.store(ws_ptr + gl.program_id(2) * M * N + tile, acc, mask=mask)
-            mbarrier.arrive(done, count=1)  # after this partition's threads have all stored
-            mbarrier.wait(done, 0)
-            counter = count_ptr + gl.program_id(0) * gl.num_programs(1) + gl.program_id(1)
-            if gl.atomic_add(counter, 1, sem="acq_rel") == SPLIT - 1:
-                total = gl.load(ws_ptr + tile, mask=mask, other=0.0, cache_modifier=".cg")
-                for k in gl.static_range(1, SPLIT):  # in split order: the same sum every call
-                    total += gl.load(ws_ptr + k * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
-                gl.store(y_ptr + tile, total.to(y_ptr.dtype.element_ty), mask=mask)
-                gl.atomic_xchg(counter, 0)
+        ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
+        gl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(offs_m < M, 1))
 
     @gluon.jit
-    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, ws_ptr, count_ptr, M, N, K, group,
-                         STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
-                         DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr,
-                         BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr,
-                         SPLIT: gl.constexpr):
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, M, N, K, group, STAGES: gl.constexpr,
+                         W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
+                         DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
+                         HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. `group`: the inputs per scale row
         (a multiple of BLOCK_K; K for one scale per output). Without zero points (HAS_ZERO 0) every code's is ZERO
-        and z_desc is not read. SPLIT > 1: K in SPLIT parts over grid axis 2, the partials in ws (SPLIT, M, N)
-        float32, one int32 arrival counter per output tile in count (zeros before the first call)."""
+        and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
@@ -181,60 +162,44 @@ if gluon is not None:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(w_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
-        mbarrier.init(done, count=1)
         off_m = gl.program_id(0) * TILE_M
         off_n = gl.program_id(1) * TILE_N
-        k_tiles = K // TILE_K // SPLIT
-        k_first = gl.program_id(2) * k_tiles
+        k_tiles = K // TILE_K
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
         bars = (ready, w_ready, empty)
-        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_first, k_tiles, group)  # workers'
+        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, group)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if DQ_PARTS == 1:
             gl.warp_specialize([
-                (_products, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
-                             DIAG, SPLIT)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
-                (_products, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
-                             DIAG, SPLIT)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
-        elif DQ_PARTS == 3:
+        else:
+            gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
-                (_products, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
-                             DIAG, SPLIT)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
-        else:
-            gl.static_assert(DQ_PARTS == 4)
-            gl.warp_specialize([
-                (_products, (bufs, bars, done, y_ptr, ws_ptr, count_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT,
-                             DIAG, SPLIT)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 3, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-            ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
 def layouts(config, bits=4):
     """(x tile, words/scales, zero points, weight tile shared layouts; accumulator and dequantize register layouts)."""
-    block_m, block_n, block_k, warps, _, dq_warps = config[:6]
+    block_m, block_n, block_k, warps, _, dq_warps, _ = config
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
@@ -253,19 +218,12 @@ def layouts(config, bits=4):
 def registers(config):
     """(registers per thread for the program, for each dequantize partition's threads): the program's warps
     (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fit the 64K registers of
-    a multiprocessor; the default partition (the accumulator) is left 168 a thread with one warp group, 128 with
-    two (half the accumulator each), the loader's warp group 24, and the dequantize partitions share the rest (at
-    most 128 a thread)."""
-    _, _, _, warps, _, dq_warps, parts = config[:7]
+    a multiprocessor; the default partition (the accumulator) is left 168 a thread, the loader's warp group 24, and
+    the dequantize partitions share the rest (at most 128 a thread)."""
+    _, _, _, warps, _, dq_warps, parts = config
     dq_threads = parts * 128 * -(-dq_warps // 4)
     total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
-    default = 168 if warps <= 4 else 128
-    return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * default) // dq_threads // 8 * 8))
-
-
-def split_of(config):
-    """A config's split-K parts: its eighth number, 1 where it has seven."""
-    return config[7] if len(config) > 7 else 1
+    return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
 
 
 # the formats the launcher offers gluon_mm for: those checked and timed on a GPU (affine int4 with zero points,
@@ -305,46 +263,27 @@ def supports(x, qweight, bits, group_size, in_features, zero):
             and (zero is None or zero.dtype == torch.uint8))
 
 
-_SPLIT_BUFFERS = {}  # (device, M, N, BLOCK_M, BLOCK_N, SPLIT): (float32 partials, int32 arrival counters)
-
-
-def _split_buffers(x, m, n, block_m, block_n, split):
-    """The split-K workspace of a call's shape, made on its first call (before any CUDA graph capture: the
-    launcher times a candidate eagerly first) and reused: the counters are back at zero after every call."""
-    key = (x.device, m, n, block_m, block_n, split)
-    if key not in _SPLIT_BUFFERS:
-        _SPLIT_BUFFERS[key] = (torch.empty((split, m, n), device=x.device, dtype=torch.float32),
-                               torch.zeros(triton.cdiv(m, block_m) * (n // block_n), device=x.device,
-                                           dtype=torch.int32))
-    return _SPLIT_BUFFERS[key]
-
-
 def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
-    is None). config: CONFIGS' seven numbers, and an eighth for split-K (K in that many parts, their partials
-    added by the last program of each tile).
+    is None).
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: the diagnostics' bits (1: no products, 2: no dequantize; y is
     then not the product)."""
     m, k = x.shape
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
-    split = split_of(config)
-    if (k // block_k) % split:
-        raise ValueError(f"gluon_mm: split-K {split} does not divide the {k // block_k} K tiles of in_features {k}")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    ws, count = _split_buffers(x, m, n, block_m, block_n, split) if split > 1 else (y, y)
     x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, bits)
     scales = TensorDescriptor.from_tensor(scale, [1, block_n], flat)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
              TensorDescriptor.from_tensor(qweight, [block_k * bits // 32, block_n], flat), scales,
              TensorDescriptor.from_tensor(zero, [1, block_n], bytes_) if zero is not None else scales)
     total, dq_regs = registers(config)
-    _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n, split)](
-        *descs, y, ws, count, m, n, k, blocks_per_group * 32, STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
+    _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
+        *descs, y, m, n, k, blocks_per_group * 32, STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, SPLIT=split, num_warps=config[3], maxnreg=total)
+        ZERO=float(zero_const), DIAG=diag, num_warps=config[3], maxnreg=total)
     if bias is not None:
         y += bias.to(y.dtype)
     if activation:  # ops.ACTIVATIONS: 1 GELU, 2 its tanh form
@@ -367,13 +306,12 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True):
                  "q_desc": desc("i32", [block_k * bits // 32, block_n], flat),
                  "s_desc": desc("fp32", [1, block_n], flat),
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
-                 "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                 "group": "i32"}
+                 "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "group": "i32"}
     total, dq_regs = registers(config)
     consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                   DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=has_zero, ZERO=0.0 if has_zero else 8.0,
-                  DIAG=diag, SPLIT=split_of(config))
+                  DIAG=diag)
     signature.update({name: "constexpr" for name in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8, 9, 10)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
