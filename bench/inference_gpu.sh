@@ -178,11 +178,13 @@ for PART in $PARTS; do
         run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma,gluon_nodq,gluon_loads \
             > "$R/prefill_gluon_$GPU.md" ;;
     prefill_gluon_all)  # the Gluon prefill GEMM offered for the other formats it takes (1, 2 and 8-bit codes,
-                        # constant zero points; NANOQAT_GLUON_ALL_FORMATS=1): checked, then the prefill table
-        run 320 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --check --shapes= --gemm_shapes= \
-            --variants="int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
+                        # constant zero points; NANOQAT_GLUON_ALL_FORMATS=1): checked (its configs alone, on a
+                        # layer of 64-wide tiles), then the prefill table of those formats
+        run 240 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= \
+            --gemm_shapes= --variants="int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --out="$R/kernels_${GPU}_check_gluon_all.md"
-        run 200 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --shapes= \
+        run 240 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --shapes= \
+            --gemm_variants="int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \

@@ -46,6 +46,9 @@ VARIANTS = {
     "ternary per tensor": QuantSpec("ternary_quant", 2, "per_tensor"),
     "1-bit per channel": QuantSpec("binary_quant", 8, "per_channel"),
 }
+# the names --check_kernels takes: every kernel of the launcher's candidates (the Gluon GEMM's where it imports)
+KERNEL_NAMES = sorted({kernel.__name__ for m in (1, ops.GEMV_MAX_ROWS, ops.GEMV_MAX_ROWS + 1)
+                       for kernel, _ in ops.candidates(m, 128, 4, gluon=ops.gluon_gemm is not None)})
 TINYGEMM = "tinygemm int4 g128"  # PyTorch's int4 kernel on the int4 g128 variant's codes
 ROTATE_BYTES = 3 * 50 * 2**20  # 3x an H100's L2
 MAX_COPIES = 512
@@ -201,11 +204,11 @@ def reference(x, layer):
     return ref + layer.bias.double() if layer.bias is not None else ref
 
 
-def check(log, variants):
+def check(log, variants, kernels=()):
     """Every variant on odd shapes (N not a multiple of any block; K not a multiple of 32 per channel): every
     config the benchmark may pick for 1, 16 and 300 rows (bf16), the first config of each kernel with bias and
     fp32/fp16 activations (1, 5 and 70 rows); relative error to the float64 reference, and the split-K arrival
-    counters back at zero after every call."""
+    counters back at zero after every call. kernels: only these (names of ops' kernels; empty: all)."""
     torch.manual_seed(0)
     failures = 0
     tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -214,9 +217,10 @@ def check(log, variants):
              (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
     for name in variants:
         spec = VARIANTS[name]
-        # (and for 4-bit codes a layer of 64-wide tiles, where the Gluon prefill GEMM runs on Hopper)
+        # (and a layer of 64-wide tiles for the formats the Gluon prefill GEMM takes on Hopper: 4-bit codes, with
+        # NANOQAT_GLUON_ALL_FORMATS=1 the others it is offered for)
         for k, n in ((768, 1000),) + (((1000, 200),) if spec.granularity != "per_group" else ((1024, 333),)) + (
-                ((512, 384),) if spec.bits == 4 else ()):
+                ((512, 384),) if spec.bits == 4 or (ops.gluon_gemm and ops.gluon_gemm.ALL_FORMATS) else ()):
             weight = torch.randn(n, k, device="cuda")
             layer = PackedLinear.from_float(weight, spec, bias=torch.randn(n, device="cuda")).cuda()
             for m, dtype, bias, which in cases:
@@ -224,6 +228,8 @@ def check(log, variants):
                 b = layer.bias.to(dtype) if bias else None
                 ref = x.double() @ layer.dequantized_weight().double().T + (b.double() if bias else 0)
                 pairs = ops.call_candidates(x, layer.qweight, layer.zero, layer.bits, layer.group_size, k)
+                if kernels:
+                    pairs = [p for p in pairs if p[0].__name__ in kernels]
                 if which == "first":  # the first config of each kernel
                     pairs = [p for i, p in enumerate(pairs) if p[0] not in [q[0] for q in pairs[:i]]]
                 blocks = layer.group_size // 32 if layer.group_size else math.ceil(k / 32)
@@ -406,6 +412,8 @@ def main(argv=None):
     p.add_argument("--gemm_variants", default=",".join(VARIANTS), help="packed formats of the prefill rows")
     p.add_argument("--binary", default="", help="comma-separated shapes: residual binary (k = 1, 2) at batch 1")
     p.add_argument("--check", action="store_true", help="verify every kernel against the reference first")
+    p.add_argument("--check_kernels", default="", help="comma-separated kernels that --check verifies (default "
+                   f"all), of: {', '.join(KERNEL_NAMES)}")
     p.add_argument("--profile", default="", help="comma-separated shapes: time every candidate at one row, a "
                    "kernel breakdown and a loads-only kernel, instead of the table")
     p.add_argument("--profile_rows", type=int, default=1, help="rows of x for --profile (256: prefill)")
@@ -421,6 +429,11 @@ def main(argv=None):
         unknown = [v for v in chosen if v not in VARIANTS]
         if unknown:
             sys.exit(f"kernels.py: error: --{flag}: unknown variant {unknown[0]!r}; expected some of: {', '.join(VARIANTS)}")
+    check_kernels = [k for k in args.check_kernels.split(",") if k]
+    unknown = [k for k in check_kernels if k not in KERNEL_NAMES]
+    if unknown:
+        sys.exit(f"kernels.py: error: --check_kernels: unknown kernel {unknown[0]!r}; expected some of: "
+                 f"{', '.join(KERNEL_NAMES)}")
     for flag in ("shapes", "gemm_shapes", "binary", "profile"):  # in x out, positive integers
         bad = [s for s in getattr(args, flag).split(",") if s and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", s)]
         if bad:
@@ -452,7 +465,7 @@ def main(argv=None):
 
     log(f"# Packed kernels vs cuBLAS bf16 and tinygemm: {gpu}, torch {torch.__version__}, triton {triton.__version__}")
     log("command: python bench/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    if args.check and check(log, variants):
+    if args.check and check(log, variants, check_kernels):
         sys.exit("kernels.py: error: a kernel disagrees with the dequantize reference (see FAIL lines)")
     bandwidth = copy_bandwidth()
     log(f"copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s")

@@ -566,7 +566,8 @@ def test_the_loads_only_kernel_of_the_profile_reads_every_word_under_the_interpr
                                          ("--binary=4096", "--binary"), ("--shapes=0x768", "--shapes"),
                                          ("--profile_rows=0", "--profile_rows=0"),
                                          ("--gemm_configs=128x128x64x4x3x4", "--gemm_configs"),
-                                         ("--gemm_configs=8x128x64x4x3x0x1", "--gemm_configs")])
+                                         ("--gemm_configs=8x128x64x4x3x0x1", "--gemm_configs"),
+                                         ("--check_kernels=gemm,tinygemm", "--check_kernels")])
 def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     """Unknown formats and malformed shapes are refused before anything runs, on any machine."""
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernels.py"), flag],
