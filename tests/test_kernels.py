@@ -883,6 +883,13 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert [gluon_gemm.all_formats(v) for v in ("1", "0", "")] == [True, False, False]
     with pytest.raises(ValueError, match=r"NANOQAT_GLUON_ALL_FORMATS='yes': expected 0 or 1"):
         gluon_gemm.all_formats("yes")
+    # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
+    # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
+    per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))
+    rows = gluon_gemm._rows(per_channel.scale, 384)
+    assert per_channel.scale.stride() == (1, 1) and rows.stride() == (384, 1)
+    assert rows.data_ptr() == per_channel.scale.data_ptr() and torch.equal(rows, per_channel.scale)
+    assert gluon_gemm._rows(layer.scale, 128).stride() == layer.scale.stride() == (128, 1)
 
 
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():

@@ -263,6 +263,12 @@ def supports(x, qweight, bits, group_size, in_features, zero):
             and (zero is None or zero.dtype == torch.uint8))
 
 
+def _rows(t, n):
+    """Scales or zero points (rows, n) as a TMA copy takes them: one row (per channel) is an unsqueezed view with
+    strides (1, 1), and a descriptor wants every stride but the last a multiple of 16 bytes (the same memory)."""
+    return t.as_strided(t.shape, (n, 1)) if t.shape[0] == 1 else t
+
+
 def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
@@ -275,10 +281,10 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     block_m, block_n, block_k = config[:3]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, bits)
-    scales = TensorDescriptor.from_tensor(scale, [1, block_n], flat)
+    scales = TensorDescriptor.from_tensor(_rows(scale, n), [1, block_n], flat)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
              TensorDescriptor.from_tensor(qweight, [block_k * bits // 32, block_n], flat), scales,
-             TensorDescriptor.from_tensor(zero, [1, block_n], bytes_) if zero is not None else scales)
+             TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales)
     total, dq_regs = registers(config)
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
         *descs, y, m, n, k, blocks_per_group * 32, STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
