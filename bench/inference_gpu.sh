@@ -48,7 +48,7 @@ for PART in $PARTS; do
     : > "$LOG"
     case $PART in
     check)  # every config of every kernel, on odd shapes
-        run 300 python bench/kernels.py --check --shapes= --gemm_shapes= --out="$R/kernels_${GPU}_check.md" ;;
+        run 420 python bench/kernels.py --check --shapes= --gemm_shapes= --out="$R/kernels_${GPU}_check.md" ;;
     kernels)  # the goal's shape first, so that a run cut short still has it
         run 290 python bench/kernels.py --out="$R/kernels_$GPU.md" --gemm_shapes=4096x11008 \
             --shapes=4096x11008,768x768,768x3072,3072x768,4096x4096,11008x4096,8192x8192 ;;
@@ -177,13 +177,13 @@ for PART in $PARTS; do
             --out="$R/kernels_${GPU}_check_int4.md"
         run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma,gluon_nodq,gluon_loads \
             > "$R/prefill_gluon_$GPU.md" ;;
-    prefill_gluon_all)  # the Gluon prefill GEMM offered for the other formats it takes (1, 2 and 8-bit codes,
-                        # constant zero points; NANOQAT_GLUON_ALL_FORMATS=1): checked (its configs alone, on a
-                        # layer of 64-wide tiles), then the prefill table of those formats
-        run 240 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= \
-            --gemm_shapes= --variants="int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
+    prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes (1, 2, 4 and 8-bit codes, zero points or
+                        # one constant): checked (its configs alone, on a layer of 64-wide tiles), then the prefill
+                        # table of those formats
+        run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
+            --variants="int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --out="$R/kernels_${GPU}_check_gluon_all.md"
-        run 240 env NANOQAT_GLUON_ALL_FORMATS=1 python bench/kernels.py --shapes= \
+        run 300 python bench/kernels.py --shapes= \
             --gemm_variants="int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16

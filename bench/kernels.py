@@ -217,10 +217,9 @@ def check(log, variants, kernels=()):
              (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
     for name in variants:
         spec = VARIANTS[name]
-        # (and a layer of 64-wide tiles for the formats the Gluon prefill GEMM takes on Hopper: 4-bit codes, with
-        # NANOQAT_GLUON_ALL_FORMATS=1 the others it is offered for)
+        # (and a layer of 64-wide tiles for the formats the Gluon prefill GEMM takes on Hopper: 1, 2, 4, 8-bit codes)
         for k, n in ((768, 1000),) + (((1000, 200),) if spec.granularity != "per_group" else ((1024, 333),)) + (
-                ((512, 384),) if spec.bits == 4 or (ops.gluon_gemm and ops.gluon_gemm.ALL_FORMATS) else ()):
+                ((512, 384),) if ops.gluon_gemm and spec.bits in ops.gluon_gemm.KERNEL_BITS else ()):
             weight = torch.randn(n, k, device="cuda")
             layer = PackedLinear.from_float(weight, spec, bias=torch.randn(n, device="cuda")).cuda()
             for m, dtype, bias, which in cases:

@@ -857,8 +857,7 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
 def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_where_it_runs():
     """gluon_gemm compiles for sm_90 without a GPU (Triton's own toolchain): warp-specialized, one wgmma per 16 inputs
     of a K tile per 64 rows, within the 227 KiB of shared memory; ops.candidates lists its configs after the others
-    for more than GEMV_MAX_ROWS rows when asked, and supports() (so call_candidates) says no on the CPU and without
-    zero points."""
+    for more than GEMV_MAX_ROWS rows when asked, and supports() (so call_candidates) says no on the CPU."""
     pytest.importorskip("triton")
     from quantization.kernels import gluon_gemm
     if gluon_gemm.gluon is None:
@@ -877,12 +876,7 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, layer.zero)
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, None)
     assert ops.call_candidates(x, layer.qweight, layer.zero, 4, 128, 256) == ops.candidates(300, 128, 4)
-    # the formats not yet measured on a GPU only with NANOQAT_GLUON_ALL_FORMATS=1, read at import (0 or 1)
-    assert gluon_gemm.KERNEL_BITS == (1, 2, 4, 8)
-    assert gluon_gemm.ALL_FORMATS is (os.environ.get("NANOQAT_GLUON_ALL_FORMATS") == "1")
-    assert [gluon_gemm.all_formats(v) for v in ("1", "0", "")] == [True, False, False]
-    with pytest.raises(ValueError, match=r"NANOQAT_GLUON_ALL_FORMATS='yes': expected 0 or 1"):
-        gluon_gemm.all_formats("yes")
+    assert gluon_gemm.KERNEL_BITS == (1, 2, 4, 8)  # 3-bit codes straddle words: not taken
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

@@ -1,8 +1,8 @@
 """The many-row (prefill) GEMM of packed weights on Hopper, warp-specialized by hand in Gluon (Triton's dialect with
 explicit layouts, shared memory, barriers and partitions; Triton 3.5 or later), one of the launcher's candidates for
-more than ops.GEMV_MAX_ROWS rows (ops.call_candidates), where supports() says it runs: 4-bit codes with zero points
-(measured), or, with NANOQAT_GLUON_ALL_FORMATS=1, 1, 2 and 8-bit codes and constant zero points (written and
-compiled, their arithmetic checked on the CPU, not yet run on a GPU: `bash bench/inference_gpu.sh prefill_gluon_all`).
+more than ops.GEMV_MAX_ROWS rows (ops.call_candidates), where supports() says it runs: 1, 2, 4 and 8-bit codes, with
+uint8 zero points or one constant zero point (checked and timed on an H100 for int4 g128, int8 and 1-bit per
+channel, int2 g128 and ternary: `bash bench/inference_gpu.sh prefill_gluon_all`).
 
     gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation) -> y
 
@@ -26,7 +26,6 @@ check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it 
 bench/kernels.py --check with the other kernels.
 """
 import functools
-import os
 
 import torch
 
@@ -226,18 +225,6 @@ def registers(config):
     return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
 
 
-# the formats the launcher offers gluon_mm for: those checked and timed on a GPU (affine int4 with zero points,
-# bench/results/prefill_gluon_h100). NANOQAT_GLUON_ALL_FORMATS=1 offers it for 1, 2 and 8-bit codes and constant
-# zero points too, to check and time them (bash bench/inference_gpu.sh prefill_gluon)
-def all_formats(value):
-    """NANOQAT_GLUON_ALL_FORMATS's value as a bool: "1" on, "0" or "" (unset) off; anything else stops the import
-    with the variable named."""
-    if value not in ("", "0", "1"):
-        raise ValueError(f"NANOQAT_GLUON_ALL_FORMATS={value!r}: expected 0 or 1")
-    return value == "1"
-
-
-ALL_FORMATS = all_formats(os.environ.get("NANOQAT_GLUON_ALL_FORMATS", ""))
 KERNEL_BITS = (1, 2, 4, 8)  # one code never straddles a word (3-bit codes are split over planes: not here)
 
 
@@ -249,11 +236,9 @@ def _hopper(index):
 def supports(x, qweight, bits, group_size, in_features, zero):
     """Whether gluon_mm runs this call: Gluon's Hopper API, a CUDA GPU of compute capability 9 (wgmma), x bf16 and
     contiguous, codes in words (in_features * bits / 32, N), N a multiple of 64, in_features a multiple of 64,
-    groups of a multiple of 64 inputs (or one scale per output); 4-bit codes with uint8 zero points (the format
-    measured on the GPU), or with NANOQAT_GLUON_ALL_FORMATS=1 1, 2, 4 or 8-bit codes, zero points or one constant."""
+    groups of a multiple of 64 inputs (or one scale per output); 1, 2, 4 or 8-bit codes, uint8 zero points or one
+    constant."""
     if gluon is None or not x.is_cuda or x.dtype != torch.bfloat16 or bits not in KERNEL_BITS:
-        return False
-    if not ALL_FORMATS and (bits != 4 or zero is None):
         return False
     n = qweight.shape[1]
     group = group_size or in_features
