@@ -171,11 +171,11 @@ for PART in $PARTS; do
         run 60 python bench/gemv_layout_probe.py --shapes=4096x16384,4096x4096 --layouts= --unroll=1,2,4 \
             > "$R/read_ceiling_$GPU.md" ;;
     prefill_gluon)  # the Gluon prefill GEMM (quantization/kernels/gluon_gemm.py): every int4 kernel and config
-                    # checked (it runs on the 512x384 layer), then it and its diagnostics (products, dequantize or
-                    # both left out) against cuBLAS and the launcher's choice, 256 rows
+                    # checked (it runs on the 512x384 layer), then it and its diagnostic (products left out)
+                    # against cuBLAS and the launcher's choice, 256 rows
         run 300 python bench/kernels.py --check --variants="int4 g128" --shapes= --gemm_shapes= \
             --out="$R/kernels_${GPU}_check_int4.md"
-        run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma,gluon_nodq,gluon_loads \
+        run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma \
             > "$R/prefill_gluon_$GPU.md" ;;
     prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes (1, 2, 4 and 8-bit codes, zero points or
                         # one constant): checked (its configs alone, on a layer of 64-wide tiles), then the prefill

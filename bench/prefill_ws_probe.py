@@ -41,8 +41,8 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             is split-K (the partials added as the project's GEMM adds them).
 - `gluon`   the project's own Gluon GEMM (quantization/kernels/gluon_gemm.py, ops' prefill candidate on Hopper),
             warp-specialized by hand: a TMA partition, DQ_PARTS dequantize partitions of DQ_WARPS warps (the
-            config's last two numbers) and the wgmma partition; `gluon_nomma`, `gluon_nodq`, `gluon_loads` time it
-            with its products, its dequantize or both left out (diagnostics: their output is not the product).
+            config's last two numbers) and the wgmma partition; `gluon_nomma` times it with its products left
+            out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -99,9 +99,9 @@ FIELD_VARIANTS = {  # name: (SWAP, PERM) of _field_kernel: one tl.dot per code f
 }
 VARIANTS.update({name: None for name in FIELD_VARIANTS})
 # the project's Gluon GEMM (quantization/kernels/gluon_gemm.py: TMA, dequantize and wgmma partitions; GPU or compile
-# only). The _nomma, _nodq and _loads diagnostics time the same kernel with its products, its dequantize or both left
-# out (its DIAG bits 1 and 2; their output is not the product): what each partition costs alone
-GLUON_VARIANTS = {"gluon": 0, "gluon_nomma": 1, "gluon_nodq": 2, "gluon_loads": 3}
+# only). The _nomma diagnostic times the same kernel with its products left out (its DIAG bit 1; the output is not the
+# product); the dequantize left out as well (_nodq, _loads) hung on an H100 (prefill_gluon_h100 files 4, 7, 10): gone
+GLUON_VARIANTS = {"gluon": 0, "gluon_nomma": 1}
 VARIANTS.update({name: None for name in GLUON_VARIANTS})
 # BLOCK_M x BLOCK_N x BLOCK_K x num_warps x num_stages. At 256 rows a 128x128 tile gives 64 programs on 4096
 # outputs (132 SMs on an H200), 128x64 gives 128: the narrower tiles are there for the square layer

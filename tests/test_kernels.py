@@ -906,7 +906,7 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     assert bad.returncode != 0 and bad.stderr.strip() == (
         "prefill_ws_probe.py: error: unknown variant 'nope'; expected some of " + ", ".join(
             ["ptr", "ptr_ws", "tma", "tma_ws", "swap", "swap_ws", "swap2", "swap2_ws", "i8", "field", "field_swap",
-             "fperm", "fperm_swap", "gluon", "gluon_nomma", "gluon_nodq", "gluon_loads"]))
+             "fperm", "fperm_swap", "gluon", "gluon_nomma"]))
 
 
 def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp, tmp_path):

@@ -81,8 +81,7 @@ if gluon is not None:
                     HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
-        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. DIAG & 2:
-        left out (a diagnostic: the slot is passed on as it is)."""
+        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
         descs, bufs, bars, off_m, off_n, k_tiles, group = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -97,19 +96,18 @@ if gluon is not None:
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            if (DIAG & 2) == 0:
-                words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (TILE_K / PER, 1, TILE_N)
-                scale = s_bufs.index(s).load(rows)                          # (1, TILE_N)
-                if HAS_ZERO:
-                    zero = z_bufs.index(s).slice(0, 1).load(rows).to(gl.float32)
-                    bias = gl.expand_dims(-(zero + SPAN) * scale, 1)
-                else:
-                    bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
-                scaled = gl.expand_dims(scale * SPAN, 1)                     # (1, 1, TILE_N)
-                # code c in the top BITS bits of the mantissa of 1.0: 1 + c / 2^BITS
-                bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
-                w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(w_bufs.dtype)  # (TILE_K / PER, PER, TILE_N)
-                w_bufs.index(s).store(gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K]))
+            words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (TILE_K / PER, 1, TILE_N)
+            scale = s_bufs.index(s).load(rows)                          # (1, TILE_N)
+            if HAS_ZERO:
+                zero = z_bufs.index(s).slice(0, 1).load(rows).to(gl.float32)
+                bias = gl.expand_dims(-(zero + SPAN) * scale, 1)
+            else:
+                bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
+            scaled = gl.expand_dims(scale * SPAN, 1)                     # (1, 1, TILE_N)
+            # code c in the top BITS bits of the mantissa of 1.0: 1 + c / 2^BITS
+            bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
+            w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(w_bufs.dtype)  # (TILE_K / PER, PER, TILE_N)
+            w_bufs.index(s).store(gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K]))
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
             mbarrier.arrive(w_ready.index(s), count=1)
 
@@ -259,8 +257,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
     is None).
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
-    could take them, once measured on a GPU). diag: the diagnostics' bits (1: no products, 2: no dequantize; y is
-    then not the product)."""
+    could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
+    product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100)."""
     m, k = x.shape
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
