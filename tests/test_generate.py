@@ -251,16 +251,17 @@ from inference import fuse_gelu, fuse_norms, fuse_qkv
 from model import GPT, GPTConfig
 from quantization.kernels import ops, pack_model
 from quantization.quantizers import QuantSpec
-# decode steps: the first (position 0, an empty cache) and two that attend over earlier positions; a step after
-# those runs the same kernels on the same shapes (each step costs about 0.8 s of interpreted kernels per model)
-STEPS = 3
+# decode steps: the first (position 0, an empty cache) and one that attends over an earlier position; a step after
+# those runs the same kernels on the same shapes (each step costs about 0.6 s of interpreted kernels per model)
+STEPS = 2
 results = {}
 stream_gemv = ops.stream_gemv
 for norm_kind, dtype in [(k, d) for k in sys.argv[2:] for d in (torch.float32, torch.bfloat16)]:
     # each normalization on a model of its own, in this one interpreter; in bfloat16 the fused step's u between the
-    # kernels is bfloat16 too (ops.norm_input_dtype)
-    torch.manual_seed(0)
-    config = dict(n_layer=2, n_head=2, n_embd=64, block_size=16, vocab_size=65, norm=norm_kind)
+    # kernels is bfloat16 too (ops.norm_input_dtype). 32 wide (one block of 32 codes per row of q/k/v and up, one
+    # column tile each): about 30% less interpreter time than 64; seed 3: greedy tokens that are not all the prompt's
+    torch.manual_seed(3)
+    config = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=65, norm=norm_kind)
     model = pack_model(GPT(GPTConfig(**config)).eval(), QuantSpec("affine_quant", 4, "per_group", 32))
     for block in model.transformer.h:  # gains and biases away from 1 and 0
         for norm in (block.ln_1, block.ln_2):
@@ -276,7 +277,7 @@ for norm_kind, dtype in [(k, d) for k in sys.argv[2:] for d in (torch.float32, t
     for fused in (False, True):
         if fused:
             assert fuse_norms(model) == 0  # narrower than NORMS_MIN_WIDTH: where it did not help
-            assert fuse_norms(model, min_width=64) == 2 and norms_fused(model, 1) and not norms_fused(model, 2)
+            assert fuse_norms(model, min_width=32) == 2 and norms_fused(model, 1) and not norms_fused(model, 2)
         setup_cache(model, 1, 16, "cpu", dtype)
         token, pos, out = torch.tensor([[5]]), torch.tensor([0]), torch.zeros(1, 16, dtype=torch.long)
         with torch.no_grad():
@@ -299,7 +300,7 @@ FUSED_NORM_KINDS = ["layernorm", "rmsnorm"]
 @pytest.fixture(scope="module")
 def interpreted():
     """This module's two Triton-interpreter scripts, started together at first use: each keeps one core busy
-    (FUSED_NORMS, about 26 s, for every normalization and dtype in one interpreter, whose start costs about 2 s;
+    (FUSED_NORMS, about 20 s, for every normalization and dtype in one interpreter, whose start costs about 2 s;
     DECODE_ATTENTION, about 15 s), so that on two cores they take the time of the longer."""
     pytest.importorskip("triton")
     from conftest import Interpreted
@@ -323,8 +324,8 @@ def test_fused_norms_decode_the_same_tokens_through_the_kernels(norm, dtype, fus
     K/V caches (every layer's normalized input through q/k/v) agree to float32 rounding, or in a bfloat16 model (u
     between the kernels in bfloat16 too) to a few bfloat16 roundings (2**-8 each)."""
     plain, fused, err, normed, residual = fused_norm_runs[f"{norm} {dtype}"]
-    assert len(plain) == 3 and fused == plain and err < (1e-5 if dtype == "float32" else 2e-2), (plain, fused, err)
-    assert normed == residual == 3 * 2 * 2
+    assert len(plain) == 2 and fused == plain and err < (1e-5 if dtype == "float32" else 2e-2), (plain, fused, err)
+    assert normed == residual == 2 * 2 * 2
 
 
 DECODE_ATTENTION = r"""
