@@ -96,14 +96,14 @@ if gluon is not None:
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            words = gl.expand_dims(q_bufs.index(s).load(rows), 1)        # (TILE_K / PER, 1, TILE_N)
-            scale = s_bufs.index(s).load(rows)                          # (1, TILE_N)
+            words = gl.expand_dims(q_bufs.index(s).load(rows), 1)            # (TILE_K / PER, 1, TILE_N)
+            scale = s_bufs.index(s).load(rows)                              # (1, TILE_N)
             if HAS_ZERO:
                 zero = z_bufs.index(s).slice(0, 1).load(rows).to(gl.float32)
                 bias = gl.expand_dims(-(zero + SPAN) * scale, 1)
             else:
                 bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
-            scaled = gl.expand_dims(scale * SPAN, 1)                     # (1, 1, TILE_N)
+            scaled = gl.expand_dims(scale * SPAN, 1)                         # (1, 1, TILE_N)
             # code c in the top BITS bits of the mantissa of 1.0: 1 + c / 2^BITS
             bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
             w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(w_bufs.dtype)  # (TILE_K / PER, PER, TILE_N)
