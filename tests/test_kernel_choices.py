@@ -148,3 +148,33 @@ def test_without_a_gpu_the_default_config_runs_untimed(monkeypatch):
     monkeypatch.setattr(bb, "_fastest", lambda *a: pytest.fail("timed on the CPU"))
     assert bb.tuned_config(torch.zeros(1, 256), torch.zeros(1, 8, 8, dtype=torch.int32), torch.ones(1, 8, 1)) \
         == bb.CONFIGS[0]
+
+
+def test_a_gluon_candidate_that_disagrees_with_the_first_is_not_timed(monkeypatch, capsys):
+    """ops._fastest checks the experimental Gluon GEMM's output against the first candidate's (a Triton kernel
+    checked under the interpreter) once per tuning: one that disagrees (a Triton version that miscompiles it, say)
+    is left out with one line and never chosen, however fast; one that agrees is timed like the others."""
+    if ops.gluon_gemm is None:
+        pytest.skip("no gluon_gemm module")
+    timings = {}
+    monkeypatch.setattr(ops, "weight_copies", lambda args, weights=3: [tuple(args[1:1 + weights])])
+    monkeypatch.setattr(ops, "graph_time", lambda args, call, config, copies, weights: timings[config])
+    args = (torch.randn(20, 32), torch.zeros(4, 8, dtype=torch.int32), torch.ones(1, 8), None, None, 4, 1, 0.0)
+    for factor, agrees in ((-2, False), (2 * (1 + 1e-3), True)):
+        def gluon(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, factor=factor):
+            return x * factor  # the first candidate gives x * 2
+        monkeypatch.setattr(ops.gluon_gemm, "gluon_mm", gluon)
+        timings.clear()
+        timings.update({(2,): 1.0, (7,): 0.1})
+        assert ops._fastest(args, [(fake_kernel, (2,)), (gluon, (7,))])[0] is (gluon if agrees else fake_kernel)
+        err = capsys.readouterr().err
+        assert err.count("gluon_mm (7,) disagrees with fake_kernel") == (0 if agrees else 1), err
+
+
+def test_agrees_compares_relative_error_and_where_values_are_not_finite():
+    ref = torch.tensor([[1.0, -2.0, float("inf")], [3.0, float("nan"), 0.5]])
+    close = ref * (1 + 1e-3)
+    assert ops.agrees(close, ref) and ops.agrees(close.bfloat16(), ref)
+    assert not ops.agrees(ref * 1.1, ref)  # 10% off
+    assert not ops.agrees(torch.where(torch.isfinite(ref), ref, 0.0), ref)  # finite where the reference is not
+    assert not ops.agrees(torch.full_like(ref, float("nan")), ref)

@@ -123,6 +123,7 @@ NORM_STATS = _env_int("NANOQAT_NORM_STATS", 1)
 FUSED_TUNING = _env_int("NANOQAT_FUSED_TUNING", 1)
 TUNE_COPIES = 64    # at most this many copies of a layer's weights in a tuning graph (enough to leave L2 for most)
 TIE = 0.03          # a later candidate must beat an earlier one by this share to be chosen: stable choices
+AGREE = 1e-2        # a Gluon candidate's relative error to the first candidate at tuning (each is ~2e-3 in bf16)
 _best = {}      # tuning key -> (kernel, config)
 _stored = None  # the choices file's entries, read once per process (choices_file)
 last_choice = {}  # the kernel and config of the latest timed call (bench/kernels.py prints it)
@@ -582,18 +583,35 @@ def _fastest(args, pairs, counters=None, weights=3, fused=None):
     `weights`: how many of the arguments after x are the layer's weights (copied): (qweight, scale, zero) here.
     `fused`: stream_gemv's norm= or residual=, passed to every (stream_gemv) candidate."""
     times, copies = {}, weight_copies(args, weights)  # one set of copies for every candidate
+    reference = []  # the first candidate's output, made for the first Gluon candidate
     for kernel, config in pairs:
         call = functools.partial(bind(kernel, counters), **fused) if fused else bind(kernel, counters)
         try:
+            if kernel is gluon_gemm.gluon_mm:  # Gluon is experimental: its output is checked before it is timed
+                reference = reference or [bind(pairs[0][0], counters)(*args, pairs[0][1])]
+                if not agrees(call(*args, config), reference[0]):
+                    print(f"packed kernels: gluon_mm {config} disagrees with {pairs[0][0].__name__} here (relative "
+                          f"error above {AGREE}); timing the other kernels", file=sys.stderr)
+                    continue
             times[kernel, config] = graph_time(args, call, config, copies, weights)
         except Exception as e:  # a config the device cannot run (too many registers, shared memory)
-            if kernel is gluon_gemm.gluon_mm:  # Gluon is experimental: one line, and the others are timed
+            if kernel is gluon_gemm.gluon_mm:  # one line, and the others are timed
                 print(f"packed kernels: gluon_mm {config} did not run here ({type(e).__name__}: "
                       f"{' '.join(str(e).split())[:160]}); timing the other kernels", file=sys.stderr)
             elif "OutOfResources" not in type(e).__name__ and "out of resource" not in str(e).lower():
                 raise
     best = min(times.values())
     return next(pair for pair in times if times[pair] <= best * (1 + TIE))
+
+
+def agrees(y, reference, tolerance=AGREE):
+    """Whether y is the reference to within `tolerance` relative (Frobenius) error over the reference's finite
+    values, and not finite exactly where the reference is not."""
+    y, reference = y.float(), reference.float()
+    finite = torch.isfinite(reference)
+    if not torch.equal(torch.isfinite(y), finite):
+        return False
+    return (y - reference)[finite].norm().item() <= tolerance * reference[finite].norm().item()
 
 
 def weight_copies(args, weights=3):
