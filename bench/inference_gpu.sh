@@ -177,14 +177,14 @@ for PART in $PARTS; do
             --out="$R/kernels_${GPU}_check_int4.md"
         run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma \
             > "$R/prefill_gluon_$GPU.md" ;;
-    prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes (1, 2, 4 and 8-bit codes, zero points or
-                        # one constant): checked (its configs alone, on a layer of 64-wide tiles), then the prefill
-                        # table of those formats
+    prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes (1, 2, 3, 4 and 8-bit codes, zero points
+                        # or one constant): checked (its configs alone, on a layer of 64-wide tiles), then the
+                        # prefill table of those formats
         run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
-            --variants="int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
+            --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --out="$R/kernels_${GPU}_check_gluon_all.md"
         run 300 python bench/kernels.py --shapes= \
-            --gemm_variants="int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
+            --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \

@@ -837,25 +837,36 @@ def test_prefill_probe_kernels_equal_the_dequantized_product_under_the_interpret
                                   QuantSpec("symmetric_quant", 8, "per_channel"),
                                   QuantSpec("affine_quant", 2, "per_group", 128),
                                   QuantSpec("ternary_quant", 2, "per_tensor"),
-                                  QuantSpec("binary_quant", 8, "per_channel")],
-                         ids=["int4 g128", "int8 per channel", "int2 g128", "ternary", "1-bit"])
+                                  QuantSpec("binary_quant", 8, "per_channel"),
+                                  QuantSpec("affine_quant", 3, "per_group", 128)],
+                         ids=["int4 g128", "int8 per channel", "int2 g128", "ternary", "1-bit", "int3 g128"])
 def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
     """The Gluon prefill GEMM's per-code arithmetic (quantization/kernels/gluon_gemm.py, _dequantize), done here in
     float64 on the project's words of every format it takes: code f of word row r (input r * 32 / B + f, B bits a
     code) put into a float's mantissa as 1 + c / 2^B, times 2^B s, plus -(2^B + z) s (z the zero points, or the
-    layer's constant), each float32 operand as the kernel makes it. Against the project's own dequantize ((c - z) s,
-    float64): within a few float32 roundings of the bias, and the same bf16 weight but for rare ties and the zeros."""
+    layer's constant), each float32 operand as the kernel makes it; 3-bit codes from their planes as _plane_tile
+    reads them (word rows 3b, 3b + 1: the low two bits of codes 0-15, 16-31 of block b; 3b + 2: the high bits).
+    Against the project's own dequantize ((c - z) s, float64): within a few float32 roundings of the bias, and the
+    same bf16 weight but for rare ties and the zeros."""
+    from quantization.kernels import gluon_gemm
     layer = PackedLinear.from_float(torch.randn(192, 512) * 0.02, spec)
     bits, k = layer.bits, 512
-    assert bits in (1, 2, 4, 8) and layer.qweight.shape == (k * bits // 32, 192)
-    per, span = 32 // bits, 2.0**bits
+    assert bits in gluon_gemm.KERNEL_BITS and layer.qweight.shape == (k * bits // 32, 192)
+    span = 2.0**bits
     zero = layer.zero.float() if layer.zero is not None else torch.full_like(layer.scale, layer.zero_const)
     scaled = layer.scale * span                                                     # float32, as the kernel's
     bias = -(zero + span) * layer.scale
-    words = layer.qweight.long()                                                    # (K / per, N)
-    shifts = torch.arange(per) * bits
-    fields = (((words[:, None, :] >> shifts[None, :, None]) & (2**bits - 1)) << (23 - bits)) | 0x3F800000
-    mantissa = fields.to(torch.int32).view(torch.float32).double().reshape(k, 192)   # k = r * per + f
+    words = layer.qweight.long()                                                    # (K * bits / 32, N)
+    if bits == 3:
+        planes = words.reshape(k // 32, 3, 1, 192)                                  # (block, word, 1, N)
+        f = torch.arange(16)[None, None, :, None]
+        codes = torch.cat([((planes[:, h] >> 2 * f[:, 0]) & 3) | (((planes[:, 2] >> (16 * h + f[:, 0])) & 1) << 2)
+                           for h in (0, 1)], dim=1)                                 # (block, 32 codes, N)
+    else:
+        per = 32 // bits
+        codes = (words[:, None, :] >> (torch.arange(per) * bits)[None, :, None]) & (2**bits - 1)
+    fields = (codes << (23 - bits)) | 0x3F800000
+    mantissa = fields.to(torch.int32).view(torch.float32).double().reshape(k, 192)   # in input order
     group = torch.arange(k) // (layer.group_size or k)
     w = (mantissa * scaled.double()[group] + bias.double()[group]).float()          # an FMA, then float32
     ref = layer.dequantized_weight().double().T                                     # (K, N)
@@ -887,7 +898,10 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, layer.zero)
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, None)
     assert ops.call_candidates(x, layer.qweight, layer.zero, 4, 128, 256) == ops.candidates(300, 128, 4)
-    assert gluon_gemm.KERNEL_BITS == (1, 2, 4, 8)  # 3-bit codes straddle words: not taken
+    assert gluon_gemm.KERNEL_BITS == (1, 2, 3, 4, 8)
+    for bits in (3, 8):  # 3-bit planes (their own tile code) and 8-bit codes with one constant zero point compile
+        kernel = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0], bits=bits, has_zero=bits == 3)
+        assert kernel.asm["ptx"].count("st.shared.v4") and not kernel.asm["ptx"].count("st.local")
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

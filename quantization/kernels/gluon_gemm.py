@@ -1,8 +1,10 @@
 """The many-row (prefill) GEMM of packed weights on Hopper, warp-specialized by hand in Gluon (Triton's dialect with
 explicit layouts, shared memory, barriers and partitions; Triton 3.5 or later), one of the launcher's candidates for
-more than ops.GEMV_MAX_ROWS rows (ops.call_candidates), where supports() says it runs: 1, 2, 4 and 8-bit codes, with
-uint8 zero points or one constant zero point (checked and timed on an H100 for int4 g128, int8 and 1-bit per
-channel, int2 g128 and ternary: `bash bench/inference_gpu.sh prefill_gluon_all`).
+more than ops.GEMV_MAX_ROWS rows (ops.call_candidates), where supports() says it runs: 1, 2, 3, 4 and 8-bit codes,
+with uint8 zero points or one constant zero point (checked and timed on an H100 for int4 g128, int8 and 1-bit per
+channel, int2 g128 and ternary: `bash bench/inference_gpu.sh prefill_gluon_all`; 3-bit codes, read from their planes
+by _plane_tile, compiled and their arithmetic checked on the CPU, not yet run on a GPU: the launcher compares every
+Gluon candidate's output with another kernel's before timing it, ops.agrees).
 
     gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation) -> y
 
@@ -71,10 +73,62 @@ if gluon is not None:
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
-            _tma_load(q_desc, [k0 // (32 // BITS), off_n], bar, q_bufs.index(s))
+            _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
             _tma_load(s_desc, [k0 // group, off_n], bar, s_bufs.index(s))
             if HAS_ZERO:
                 _tma_load(z_desc, [k0 // group, off_n], bar, z_bufs.index(s).slice(0, 1))
+
+    @gluon.jit
+    def _word_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr,
+                   ZERO: gl.constexpr, TILE_N: gl.constexpr, TILE_K: gl.constexpr, DTYPE: gl.constexpr):
+        """One slot's weight tile (TILE_N, TILE_K) in DTYPE from B-bit codes in words, 32 / B a word (code f of
+        word row r is input r * 32 / B + f): code c goes into the top B bits of a float's mantissa, 1 + c / 2^B,
+        and w = (1 + c / 2^B) 2^B s - (2^B + z) s = (c - z) s (one shift, one logic op and one FMA per code)."""
+        PER: gl.constexpr = 32 // BITS                                        # codes per word
+        SPAN: gl.constexpr = 1 << BITS                                        # 2^BITS, a float below
+        rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
+        fields = gl.arange(0, PER, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
+        shifts = gl.expand_dims(gl.expand_dims(fields * BITS, 0), 2)          # (1, PER, 1)
+        words = gl.expand_dims(q.load(rows), 1)                               # (TILE_K / PER, 1, TILE_N)
+        scale = scales.load(rows)                                             # (1, TILE_N)
+        if HAS_ZERO:
+            bias = gl.expand_dims(-(zeros.load(rows).to(gl.float32) + SPAN) * scale, 1)
+        else:
+            bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
+        scaled = gl.expand_dims(scale * SPAN, 1)                              # (1, 1, TILE_N)
+        bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
+        w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)     # (TILE_K / PER, PER, TILE_N)
+        return gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K])
+
+    @gluon.jit
+    def _plane_half(q, row, high, base, scale, bias, L: gl.constexpr, DTYPE: gl.constexpr):
+        """16 codes (16, TILE_N) of 3-bit planes in DTYPE: the low two bits from word row `row`, the high bit from
+        the word `high` (its bits base .. base + 15), the value as _word_tile makes it (2^3 = 8)."""
+        f = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, L)), 1)  # (16, 1)
+        low = q.slice(row, 1).load(L)                                         # (1, TILE_N)
+        codes = ((low >> (f * 2)) & 3) | (((high >> (f + base)) & 1) << 2)  # (16, TILE_N)
+        return (((codes << 20) | 0x3F800000).to(gl.float32, bitcast=True) * (scale * 8) + bias).to(DTYPE)
+
+    @gluon.jit
+    def _plane_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
+                    TILE_N: gl.constexpr, TILE_K: gl.constexpr, DTYPE: gl.constexpr):
+        """One slot's weight tile (TILE_N, TILE_K = 64) in DTYPE from 3-bit codes, two blocks of 32 in planes
+        (layout.py): word rows 3b and 3b + 1 the low two bits of codes 0-15 and 16-31 of block b, 3b + 2 their
+        high bits; each half of a block by _plane_half, joined in input order."""
+        gl.static_assert(TILE_K == 64)
+        scale = scales.load(DQ_LAYOUT)                                        # (1, TILE_N)
+        if HAS_ZERO:
+            bias = -(zeros.load(DQ_LAYOUT).to(gl.float32) + 8) * scale
+        else:
+            bias = -(ZERO + 8) * scale
+        high0 = q.slice(2, 1).load(DQ_LAYOUT)
+        high1 = q.slice(5, 1).load(DQ_LAYOUT)
+        block0 = gl.join(_plane_half(q, 0, high0, 0, scale, bias, DQ_LAYOUT, DTYPE),
+                         _plane_half(q, 1, high0, 16, scale, bias, DQ_LAYOUT, DTYPE))  # (16, TILE_N, 2 halves)
+        block1 = gl.join(_plane_half(q, 3, high1, 0, scale, bias, DQ_LAYOUT, DTYPE),
+                         _plane_half(q, 4, high1, 16, scale, bias, DQ_LAYOUT, DTYPE))
+        w = gl.join(block0, block1)                                           # (16, TILE_N, half, block)
+        return gl.reshape(gl.permute(w, (1, 3, 2, 0)), [TILE_N, TILE_K])      # input 32 block + 16 half + f
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
@@ -88,26 +142,16 @@ if gluon is not None:
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
-        PER: gl.constexpr = 32 // BITS                                        # codes per word
-        SPAN: gl.constexpr = 1 << BITS                                        # 2^BITS, a float below
-        rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
-        fields = gl.arange(0, PER, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
-        shifts = gl.expand_dims(gl.expand_dims(fields * BITS, 0), 2)          # (1, PER, 1)
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            words = gl.expand_dims(q_bufs.index(s).load(rows), 1)            # (TILE_K / PER, 1, TILE_N)
-            scale = s_bufs.index(s).load(rows)                              # (1, TILE_N)
-            if HAS_ZERO:
-                zero = z_bufs.index(s).slice(0, 1).load(rows).to(gl.float32)
-                bias = gl.expand_dims(-(zero + SPAN) * scale, 1)
+            if BITS == 3:
+                w = _plane_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, HAS_ZERO,
+                                ZERO, TILE_N, TILE_K, w_bufs.dtype)
             else:
-                bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
-            scaled = gl.expand_dims(scale * SPAN, 1)                         # (1, 1, TILE_N)
-            # code c in the top BITS bits of the mantissa of 1.0: 1 + c / 2^BITS
-            bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
-            w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(w_bufs.dtype)  # (TILE_K / PER, PER, TILE_N)
-            w_bufs.index(s).store(gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K]))
+                w = _word_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, BITS,
+                               HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
+            w_bufs.index(s).store(w)
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
             mbarrier.arrive(w_ready.index(s), count=1)
 
@@ -149,7 +193,7 @@ if gluon is not None:
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES, TILE_K * BITS // 32, TILE_N], q_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
         s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
         # a TMA copy lands on 128-byte boundaries: a slot of zero points (64 bytes for 64 outputs) is padded to that
         ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
@@ -207,8 +251,12 @@ def layouts(config, bits=4):
     # lanes along the outputs (conflict-free word loads), each thread a word's 32 / bits fields for its word rows:
     # after the permute it holds contiguous inputs of one output (for 4-bit codes stored 16 bytes at a time)
     wn = min(dq_warps, block_n // 32)
-    dq = gl.BlockedLayout(size_per_thread=[1, 32 // bits, 1], threads_per_warp=[1, 1, 32],
-                          warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
+    if bits == 3:  # (16 codes of a plane's half, output): _plane_half's tensors, the rest of the warps along codes
+        dq = gl.BlockedLayout(size_per_thread=[16 * wn // dq_warps, 1], threads_per_warp=[1, 32],
+                              warps_per_cta=[dq_warps // wn, wn], order=[0, 1])
+    else:
+        dq = gl.BlockedLayout(size_per_thread=[1, 32 // bits, 1], threads_per_warp=[1, 1, 32],
+                              warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
     return x_layout, flat, bytes_, w_layout, acc, dq
 
 
@@ -223,7 +271,7 @@ def registers(config):
     return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
 
 
-KERNEL_BITS = (1, 2, 4, 8)  # one code never straddles a word (3-bit codes are split over planes: not here)
+KERNEL_BITS = (1, 2, 3, 4, 8)  # 3-bit codes in planes (layout.py), the others one field of a word each
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,6 +294,12 @@ def supports(x, qweight, bits, group_size, in_features, zero):
             and (zero is None or zero.dtype == torch.uint8))
 
 
+def word_rows(block_k, bits):
+    """Rows of words a K tile's TMA copy takes: block_k * bits / 32, for 3-bit codes (6) rounded up to a power of two
+    (8: the next tile's first two rows come along unused, or zeros past the end)."""
+    return triton.next_power_of_2(block_k * bits // 32)
+
+
 def _rows(t, n):
     """Scales or zero points (rows, n) as a TMA copy takes them: one row (per channel) is an unsqueezed view with
     strides (1, 1), and a descriptor wants every stride but the last a multiple of 16 bytes (the same memory)."""
@@ -266,7 +320,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, bits)
     scales = TensorDescriptor.from_tensor(_rows(scale, n), [1, block_n], flat)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
-             TensorDescriptor.from_tensor(qweight, [block_k * bits // 32, block_n], flat), scales,
+             TensorDescriptor.from_tensor(qweight, [word_rows(block_k, bits), block_n], flat), scales,
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales)
     total, dq_regs = registers(config)
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
@@ -292,7 +346,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True):
         return f"tensordesc<{element}[{','.join(map(str, shape))}],{layout!r}>"
 
     signature = {"x_desc": desc("bf16", [block_m, block_k], x_layout),
-                 "q_desc": desc("i32", [block_k * bits // 32, block_n], flat),
+                 "q_desc": desc("i32", [word_rows(block_k, bits), block_n], flat),
                  "s_desc": desc("fp32", [1, block_n], flat),
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "group": "i32"}
