@@ -132,11 +132,12 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # BLOCK_K is the group (one scale and zero point per column per tile, applied to the tile's int32 products)
     "i8": ["128x64x128x4x3", "128x64x128x8x3", "128x128x128x8x3", "64x128x128x4x3", "256x64x128x8x2",
            "128x128x128x4x2"],
-    # BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPSxDQ_PARTS (gluon_gemm.CONFIGS, and the narrower and wider
-    # tiles measured beside them; split-K, tried in commit 2141e22 (bench/results/prefill_gluon_h100, file 3), was
-    # 44-142 us on 128x128 tiles and is not in the kernel)
+    # BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS, and the narrower and wider
+    # tiles measured beside them; split-K, tried in 2141e22 and e6f3dd9 (bench/results/prefill_gluon_h100, files 3
+    # and 7), was slower and is not in the kernel; SWAP 1, the weight tile as wgmma's left operand, not yet timed)
     "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
-                                                                    "64x128x64x4x6x4x3", "128x128x64x4x4x4x1"],
+                                                                    "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
+                                                                    "128x64x64x4x8x4x3x1", "128x64x64x4x6x4x3x1"],
 }
 CONFIGS.update({name: CONFIGS["gluon"][:3] for name in GLUON_VARIANTS if name != "gluon"})
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
@@ -381,9 +382,10 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS (gluon_gemm.CONFIGS)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
+    operand)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7):
+    if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -443,9 +445,9 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) != 7 or config[2] != gluon_gemm.BLOCK_K:
+        if len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K or config[7:] not in ((), (0,), (1,)):
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS (got {config})")
+                             f"DQ_PARTS[xSWAP], SWAP 0 or 1 (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
                                    diag=GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
@@ -798,8 +800,8 @@ def main():
     p.add_argument("--rows", type=int, default=256, help="rows of x")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages for every "
-                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS for the gluon ones "
-                   "(default: each variant's own list)")
+                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS[xSWAP] for the "
+                   "gluon ones (default: each variant's own list)")
     p.add_argument("--no_project", action="store_true", help="skip the project's path (its first call tunes)")
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")
     p.add_argument("--arch", type=int, default=90, help="--compile_only's CUDA compute capability (90: H100/H200)")

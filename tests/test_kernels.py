@@ -899,6 +899,10 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, None)
     assert ops.call_candidates(x, layer.qweight, layer.zero, 4, 128, 256) == ops.candidates(300, 128, 4)
     assert gluon_gemm.KERNEL_BITS == (1, 2, 3, 4, 8)
+    # an eighth config number 1 (not in CONFIGS until timed): the weight tile as the left operand, one
+    # m64 x BLOCK_M instruction per 16 inputs of a K tile instead of one per 64 rows
+    swap = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0] + (1,)).asm["ptx"]
+    assert swap.count("wgmma.mma_async.sync.aligned.m64n128k16") == 4 and not swap.count("st.local")
     for bits in (3, 8):  # 3-bit planes (their own tile code) and 8-bit codes with one constant zero point compile
         kernel = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0], bits=bits, has_zero=bits == 3)
         assert kernel.asm["ptx"].count("st.shared.v4") and not kernel.asm["ptx"].count("st.local")

@@ -156,36 +156,52 @@ if gluon is not None:
             mbarrier.arrive(w_ready.index(s), count=1)
 
     @gluon.jit
-    def _products(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr, DIAG: gl.constexpr):
+    def _products(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr, DIAG: gl.constexpr,
+                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
+        SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
+        instruction per 16 inputs, each operand read from shared memory once), then written through OUT_LAYOUT.
         DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
-        acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
+        if SWAP:
+            acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC_LAYOUT)
+        else:
+            acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
         for i in range(k_tiles):
             s = i % STAGES
             phase = (i // STAGES) & 1
             mbarrier.wait(ready.index(s), phase)
             mbarrier.wait(w_ready.index(s), phase)
             if (DIAG & 1) == 0:
-                acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                if SWAP:
+                    acc = warpgroup_mma(w_bufs.index(s), x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                else:
+                    acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
-        offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
+        if SWAP:
+            out = gl.convert_layout(gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0)), OUT_LAYOUT)
+            offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, OUT_LAYOUT))
+            offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        else:
+            out = acc.to(y_ptr.dtype.element_ty)
+            offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
+            offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
         ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
-        gl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(offs_m < M, 1))
+        gl.store(ptrs, out, mask=gl.expand_dims(offs_m < M, 1))
 
     @gluon.jit
     def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, M, N, K, group, STAGES: gl.constexpr,
                          W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
                          DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                         HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
+                         HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr, SWAP: gl.constexpr,
+                         OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. `group`: the inputs per scale row
         (a multiple of BLOCK_K; K for one scale per output). Without zero points (HAS_ZERO 0) every code's is ZERO
         and z_desc is not read."""
@@ -216,13 +232,13 @@ if gluon is not None:
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if DQ_PARTS == 1:
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
@@ -230,7 +246,7 @@ if gluon is not None:
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
@@ -238,16 +254,26 @@ if gluon is not None:
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
+def swapped(config):
+    """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP; 0 where absent)."""
+    return config[7] if len(config) > 7 else 0
+
+
 def layouts(config, bits=4):
-    """(x tile, words/scales, zero points, weight tile shared layouts; accumulator and dequantize register layouts)."""
-    block_m, block_n, block_k, warps, _, dq_warps, _ = config
+    """(x tile, words/scales, zero points, weight tile shared layouts; accumulator, dequantize and (for SWAP) output
+    register layouts)."""
+    block_m, block_n, block_k, warps, _, dq_warps = config[:6]
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
     bytes_ = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)  # zero points
-    wm = min(warps, block_m // 16)  # warps along M (16 rows each, 64 a warp group) while M allows, then along N
+    rows, cols = (block_n, block_m) if swapped(config) else (block_m, block_n)  # the accumulator's
+    wm = min(warps, rows // 16)  # warps along its rows (16 each, 64 a warp group) while they allow, then columns
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, warps // wm],
-                                    instr_shape=[16, block_n // (warps // wm), 16])
+                                    instr_shape=[16, cols // (warps // wm), 16])
+    # SWAP's y tile (block_m, block_n) written 16 bytes a thread along the outputs
+    out = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // block_n, block_n // 8],
+                           warps_per_cta=[warps, 1], order=[1, 0])
     # lanes along the outputs (conflict-free word loads), each thread a word's 32 / bits fields for its word rows:
     # after the permute it holds contiguous inputs of one output (for 4-bit codes stored 16 bytes at a time)
     wn = min(dq_warps, block_n // 32)
@@ -257,7 +283,7 @@ def layouts(config, bits=4):
     else:
         dq = gl.BlockedLayout(size_per_thread=[1, 32 // bits, 1], threads_per_warp=[1, 1, 32],
                               warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
-    return x_layout, flat, bytes_, w_layout, acc, dq
+    return x_layout, flat, bytes_, w_layout, acc, dq, out
 
 
 def registers(config):
@@ -265,7 +291,7 @@ def registers(config):
     (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fit the 64K registers of
     a multiprocessor; the default partition (the accumulator) is left 168 a thread, the loader's warp group 24, and
     the dequantize partitions share the rest (at most 128 a thread)."""
-    _, _, _, warps, _, dq_warps, parts = config
+    _, _, _, warps, _, dq_warps, parts = config[:7]
     dq_threads = parts * 128 * -(-dq_warps // 4)
     total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
     return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
@@ -309,7 +335,7 @@ def _rows(t, n):
 def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
-    is None).
+    is None). config: CONFIGS' seven numbers, and an optional eighth, 1 for _products' SWAP (not yet timed).
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
     product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100)."""
@@ -317,7 +343,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, bits)
+    x_layout, flat, bytes_, w_layout, acc, dq, out = layouts(config, bits)
     scales = TensorDescriptor.from_tensor(_rows(scale, n), [1, block_n], flat)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
              TensorDescriptor.from_tensor(qweight, [word_rows(block_k, bits), block_n], flat), scales,
@@ -326,7 +352,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
         *descs, y, m, n, k, blocks_per_group * 32, STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, num_warps=config[3], maxnreg=total)
+        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
+        maxnreg=total)
     if bias is not None:
         y += bias.to(y.dtype)
     if activation:  # ops.ACTIVATIONS: 1 GELU, 2 its tanh form
@@ -340,7 +367,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     block_m, block_n, block_k = config[:3]
-    x_layout, flat, bytes_, w_layout, acc, dq = layouts(config, bits)
+    x_layout, flat, bytes_, w_layout, acc, dq, out = layouts(config, bits)
 
     def desc(element, shape, layout):  # the signature a TensorDescriptor argument specializes to
         return f"tensordesc<{element}[{','.join(map(str, shape))}],{layout!r}>"
@@ -353,7 +380,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True):
     total, dq_regs = registers(config)
     consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                   DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=has_zero, ZERO=0.0 if has_zero else 8.0,
-                  DIAG=diag)
+                  DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
