@@ -364,8 +364,8 @@ def candidates(m, group_size, bits=None, gluon=False):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
     unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins. gluon:
-    the call is one that gluon_gemm.gluon_mm runs (gluon_gemm.supports: Hopper, 1 to 4 or 8-bit codes), whose configs join
-    the many-row candidates."""
+    the call is one that gluon_gemm.gluon_mm runs (gluon_gemm.supports: Hopper, 1 to 4 or 8-bit codes), whose
+    configs join the many-row candidates."""
     def keep(config):  # unpack configs ([-1] == 1) skip 3-bit codes
         return not (bits == 3 and config[-1])
     dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
