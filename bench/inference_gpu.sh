@@ -22,7 +22,7 @@ PARTS=${1:-check kernels modes_124m decode_124m decode_6.7b decode_xl}
 run() {  # run <seconds> <command...>: the command echoed into the log, then its output without warnings
     local limit=$1; shift
     echo "# $*" | tee -a "$LOG"
-    timeout "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"
+    timeout -k 10 "$limit" "$@" 2>&1 | grep -v -i warn | tee -a "$LOG"  # -k: a hung GPU kernel ignores SIGTERM
 }
 
 alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and W4, compiled, batch 1) with the
