@@ -884,10 +884,11 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     from quantization.kernels import gluon_gemm
     if gluon_gemm.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
-    for config in gluon_gemm.CONFIGS[:2]:
+    for config in gluon_gemm.CONFIGS[:2]:  # with SWAP, one m64 x BLOCK_M product per 16 inputs of a K tile
         kernel = gluon_gemm.compile_for(config)
         ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
-        assert "ttg.warp_specialize" in ttgir and ptx.count("wgmma.mma_async") == config[0] // 64 * 4, config
+        per_16 = config[1] // 64 if gluon_gemm.swapped(config) else config[0] // 64
+        assert "ttg.warp_specialize" in ttgir and ptx.count("wgmma.mma_async") == per_16 * 4, config
         assert kernel.metadata.shared <= 227 * 1024
     many = ops.candidates(256, 128, 4, gluon=True)
     assert many[:-len(gluon_gemm.CONFIGS)] == ops.candidates(256, 128, 4)
@@ -899,13 +900,15 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, None)
     assert ops.call_candidates(x, layer.qweight, layer.zero, 4, 128, 256) == ops.candidates(300, 128, 4)
     assert gluon_gemm.KERNEL_BITS == (1, 2, 3, 4, 8)
-    # an eighth config number 1 (not in CONFIGS until timed): the weight tile as the left operand, one
-    # m64 x BLOCK_M instruction per 16 inputs of a K tile instead of one per 64 rows
-    swap = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0] + (1,)).asm["ptx"]
+    # the first config: an eighth number 1, the weight tile as the left operand, one m64n128 instruction per 16
+    # inputs of a K tile instead of one m64n64 per 64 rows; the second without it
+    assert gluon_gemm.swapped(gluon_gemm.CONFIGS[0]) == 1 and gluon_gemm.swapped(gluon_gemm.CONFIGS[1]) == 0
+    swap = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ptx"]
     assert swap.count("wgmma.mma_async.sync.aligned.m64n128k16") == 4 and not swap.count("st.local")
     for bits in (3, 8):  # 3-bit planes (their own tile code) and 8-bit codes with one constant zero point compile
-        kernel = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0], bits=bits, has_zero=bits == 3)
-        assert kernel.asm["ptx"].count("st.shared.v4") and not kernel.asm["ptx"].count("st.local")
+        for config in gluon_gemm.CONFIGS[:2]:
+            kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=bits == 3)
+            assert kernel.asm["ptx"].count("st.shared.v4") and not kernel.asm["ptx"].count("st.local"), config
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

@@ -42,11 +42,12 @@ try:
 except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API: supports() says no
     gluon = None
 
-# BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES, DQ_WARPS, DQ_PARTS. At 256 rows a 128 x 64 tile gives 128 programs on
-# 4096 outputs (132 multiprocessors on an H100); three dequantize partitions of 4 warps kept up where one did not
-# (30.2 -> 24.1 (two) -> 23.0 us on 4096x4096); wider tiles left multiprocessors idle (128x128: 37-42 us) and a
-# 128x128 tile with three dequantize partitions did not finish in two runs: not listed
-CONFIGS = [(128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2), (128, 64, 64, 4, 6, 4, 3)]
+# BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES, DQ_WARPS, DQ_PARTS[, SWAP]. At 256 rows a 128 x 64 tile gives 128
+# programs on 4096 outputs (132 multiprocessors on an H100); three dequantize partitions of 4 warps kept up where one
+# did not (30.2 -> 24.1 (two) -> 23.0 us on 4096x4096); wider tiles left multiprocessors idle (128x128: 37-42 us) and
+# a 128x128 tile with three dequantize partitions did not finish in two runs: not listed. SWAP (the weight tile as
+# wgmma's left operand) took 21.6 us against 23.5 on 4096x4096 and 62.8 against 68.2 on 4096x11008 (one H100 run)
+CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -335,7 +336,7 @@ def _rows(t, n):
 def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
-    is None). config: CONFIGS' seven numbers, and an optional eighth, 1 for _products' SWAP (not yet timed).
+    is None). config: CONFIGS' seven numbers, and an optional eighth, 1 for _products' SWAP.
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
     product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100)."""
