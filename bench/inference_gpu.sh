@@ -183,7 +183,7 @@ for PART in $PARTS; do
         run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
             --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --out="$R/kernels_${GPU}_check_gluon_all.md"
-        run 300 python bench/kernels.py --shapes= \
+        run 420 python bench/kernels.py --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16

@@ -137,8 +137,7 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand)
     "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
-                                                                    "128x64x64x4x8x4x2x1", "128x64x64x4x6x4x3x1",
-                                                                    "128x64x64x4x7x4x3x1"],
+                                                                    "128x64x64x4x8x4x2x1"],
 }
 CONFIGS.update({name: CONFIGS["gluon"][:3] for name in GLUON_VARIANTS if name != "gluon"})
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)

@@ -171,6 +171,28 @@ def test_a_gluon_candidate_that_disagrees_with_the_first_is_not_timed(monkeypatc
         assert err.count("gluon_mm (7,) disagrees with fake_kernel") == (0 if agrees else 1), err
 
 
+def test_a_gluon_config_out_of_shared_memory_is_skipped_quietly_and_other_errors_in_one_line(monkeypatch, capsys):
+    """A Gluon config that needs more shared memory than the device has (8-bit codes at 8 stages: a property of the
+    config and the format) is left out without a word, as the Triton kernels' are; any other error it raises is
+    one line on stderr, and the other candidates are timed either way."""
+    if ops.gluon_gemm is None:
+        pytest.skip("no gluon_gemm module")
+    monkeypatch.setattr(ops, "weight_copies", lambda args, weights=3: [tuple(args[1:1 + weights])])
+    monkeypatch.setattr(ops, "graph_time", lambda args, call, config, copies, weights: {(2,): 1.0}[config])
+    args = (torch.randn(20, 32), torch.zeros(4, 8, dtype=torch.int32), torch.ones(1, 8), None, None, 4, 1, 0.0)
+
+    class OutOfResources(Exception):
+        pass
+    for error, lines in ((OutOfResources("out of resource: shared memory, Required: 233680"), 0),
+                         (AssertionError("strides must be 16-byte aligned"), 1)):
+        def gluon(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, error=error):
+            raise error
+        monkeypatch.setattr(ops.gluon_gemm, "gluon_mm", gluon)
+        assert ops._fastest(args, [(fake_kernel, (2,)), (gluon, (7,))]) == (fake_kernel, (2,))
+        err = capsys.readouterr().err
+        assert err.count("gluon_mm (7,) did not run here") == lines and err.count("\n") == lines, err
+
+
 def test_agrees_compares_relative_error_and_where_values_are_not_finite():
     ref = torch.tensor([[1.0, -2.0, float("inf")], [3.0, float("nan"), 0.5]])
     close = ref * (1 + 1e-3)

@@ -46,8 +46,10 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # programs on 4096 outputs (132 multiprocessors on an H100); three dequantize partitions of 4 warps kept up where one
 # did not (30.2 -> 24.1 (two) -> 23.0 us on 4096x4096); wider tiles left multiprocessors idle (128x128: 37-42 us) and
 # a 128x128 tile with three dequantize partitions did not finish in two runs: not listed. SWAP (the weight tile as
-# wgmma's left operand) took 21.6 us against 23.5 on 4096x4096 and 62.8 against 68.2 on 4096x11008 (one H100 run)
-CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2)]
+# wgmma's left operand) took 21.6 us against 23.5 on 4096x4096 and 62.8 against 68.2 on 4096x11008 (one H100 run);
+# with 8-bit codes its 8 stages need 233,680 bytes of shared memory (227 KiB on Hopper): 6 stages for those
+CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2),
+           (128, 64, 64, 4, 6, 4, 3, 1)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
