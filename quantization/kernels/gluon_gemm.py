@@ -1,10 +1,10 @@
 """The many-row (prefill) GEMM of packed weights on Hopper, warp-specialized by hand in Gluon (Triton's dialect with
 explicit layouts, shared memory, barriers and partitions; Triton 3.5 or later), one of the launcher's candidates for
 more than ops.GEMV_MAX_ROWS rows (ops.call_candidates), where supports() says it runs: 1, 2, 3, 4 and 8-bit codes,
-with uint8 zero points or one constant zero point (checked and timed on an H100 for int4 g128, int8 and 1-bit per
-channel, int2 g128 and ternary: `bash bench/inference_gpu.sh prefill_gluon_all`; 3-bit codes, read from their planes
-by _plane_tile, compiled and their arithmetic checked on the CPU, not yet run on a GPU: the launcher compares every
-Gluon candidate's output with another kernel's before timing it, ops.agrees).
+with uint8 zero points or one constant zero point (checked and timed on an H100 for int4, int3 (read from its bit
+planes by _plane_tile) and int2 g128, int8 and 1-bit per channel and ternary: `bash bench/inference_gpu.sh
+prefill_gluon_all`; the launcher also compares every Gluon candidate's output with another kernel's before timing
+it, ops.agrees).
 
     gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation) -> y
 
@@ -17,11 +17,12 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
   and barriers, the next computes): code c goes into the top B bits of a float's mantissa, 1 + c / 2^B, and
   w = (1 + c / 2^B) 2^B s - (2^B + z) s = (c - z) s (one shift, one logic op and one FMA per code), stored as the
   (BLOCK_N, 64) bf16 weight tile, K-contiguous (4-bit codes: 16 bytes a store);
-- the default partition (num_warps, one warp group per 64 rows): one asynchronous wgmma per K tile, one in flight,
-  then y (bf16).
-Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128: 23.3-24.0 us on 4096x4096
-against cuBLAS bf16's 20.1 and the dequantize-then-cuBLAS path's 33.6; 67.1 on 4096x11008 against 43.3
-(bench/results/prefill_gluon_h100/README.md).
+- the default partition (num_warps): the asynchronous wgmmas of each K tile, one tile in flight, then y (bf16);
+  one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number, the first config) the
+  weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
+Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128 with SWAP: 21.6 us on
+4096x4096 against cuBLAS bf16's 20.1 (23.5 without SWAP; the dequantize-then-cuBLAS path 33.6); 62.8 on 4096x11008
+against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11 and 13).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
