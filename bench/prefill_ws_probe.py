@@ -43,6 +43,9 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             warp-specialized by hand: a TMA partition, DQ_PARTS dequantize partitions of DQ_WARPS warps (the
             config's last two numbers) and the wgmma partition; `gluon_nomma` times it with its products left
             out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
+            A config's eighth number: 1 the weight tile as wgmma's left operand (SWAP, the first config), 2 the
+            weight dequantized straight into wgmma's register operand by DQ_PARTS warp groups that each
+            dequantize and multiply every DQ_PARTS-th K tile (no weight tile in shared memory; not yet timed).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -134,8 +137,10 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
            "128x128x128x4x2"],
     # BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS, and the narrower and wider
     # tiles measured beside them; split-K, tried in 2141e22 and e6f3dd9 (bench/results/prefill_gluon_h100, files 3
-    # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand)
-    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
+    # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand; 2: the weight
+    # dequantized into wgmma's register operand by 2 or 3 warp groups of products, not yet timed)
+    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x2", "128x64x64x4x8x4x2x2",
+                                                                    "128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
                                                                     "128x64x64x4x8x4x2x1"],
 }
@@ -383,7 +388,7 @@ if triton is not None:
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
     for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
-    operand)."""
+    operand, 2: its register operand, DQ_PARTS warp groups each dequantizing and multiplying)."""
     values = tuple(int(v) for v in text.split("x"))
     if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
@@ -445,9 +450,10 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K or config[7:] not in ((), (0,), (1,)):
+        if (len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K or config[7:] not in ((), (0,), (1,), (2,))
+                or (config[7:] == (2,) and variant != "gluon")):
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS[xSWAP], SWAP 0 or 1 (got {config})")
+                             f"DQ_PARTS[xSWAP], SWAP 0, 1 or 2 (2 for gluon alone) (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
                                    diag=GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
