@@ -221,7 +221,7 @@ class Bench:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
-            proc.log_file.write(f"\n[ddp_scaling] killed: out of time budget\n")
+            proc.log_file.write("\n[ddp_scaling] killed: out of time budget\n")
             self.say(f"{proc.name}: out of time, killed")
         proc.log_file.close()
         return rc
@@ -481,7 +481,7 @@ def render(rep, args, gpu):
             out.append(f"\nprobe failed (exit {probe['rc']}): see ddp_scaling_logs/probe.log")
         out.append("")
     if rep["throughput"]:
-        out += [f"## Throughput: GPT-2 124M, block 1024, batch 16 per GPU, compile, bf16 autocast",
+        out += ["## Throughput: GPT-2 124M, block 1024, batch 16 per GPU, compile, bf16 autocast",
                 "",
                 f"{args.iters} iterations per run, tokens/s over iterations {args.skip_iters + 1}..{args.iters - 1} "
                 f"(train.py's own log). One GPU: {args.single_runs or args.nproc} independent single-GPU run(s) at "

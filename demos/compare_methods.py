@@ -78,7 +78,7 @@ def main(argv=None):
     with ThreadPoolExecutor(args.jobs) as pool:
         results = dict(zip(suite, pool.map(lambda kv: run(*kv, args.out_root, extra), suite.items())))
     base = results["full precision"]["val_loss"]
-    lines = [f"| setting | steps | val loss | vs full precision |", "|---|---:|---:|---:|"]
+    lines = ["| setting | steps | val loss | vs full precision |", "|---|---:|---:|---:|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['iter']} | {r['val_loss']:.4f} | {100 * (r['val_loss'] / base - 1):+.1f}% |")
     table = "\n".join(lines)

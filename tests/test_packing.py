@@ -77,7 +77,7 @@ def test_four_bit_file_is_about_an_eighth_of_float32(tmp_path):
 
 def test_load_refuses_mismatched_model(tmp_path):
     model = tiny_model()
-    records = rtn_quantize(model, weight_spec(4, 32))
+    rtn_quantize(model, weight_spec(4, 32))
     checkpoint = {"model": {k: v for k, v in model.state_dict().items() if "wte" not in k},
                   "packed_weights": {}, "model_args": {}}
     with pytest.raises(ValueError, match="does not match"):
