@@ -88,6 +88,21 @@ if gluon is not None:
                 _tma_load(z_desc, [k0 // group, off_n], bar, z_bufs.index(s).slice(0, 1))
 
     @gluon.jit
+    def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr):
+        """The ring's slots, STAGES of each TMA copy's tile: x, the words, a row of scales and of zero points (a TMA
+        copy lands on 128-byte boundaries: a slot of zero points, 64 bytes for 64 outputs, is padded to that)."""
+        TILE_M: gl.constexpr = x_desc.block_type.shape[0]
+        TILE_K: gl.constexpr = x_desc.block_type.shape[1]
+        TILE_N: gl.constexpr = q_desc.block_type.shape[1]
+        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
+        ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
+        Z_ROWS: gl.constexpr = (1024 + ROW_BITS - 1) // ROW_BITS
+        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, Z_ROWS, TILE_N], z_desc.layout)
+        return x_bufs, q_bufs, s_bufs, z_bufs
+
+    @gluon.jit
     def _word_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr,
                    ZERO: gl.constexpr, TILE_N: gl.constexpr, TILE_K: gl.constexpr, DTYPE: gl.constexpr):
         """One slot's weight tile (TILE_N, TILE_K) in DTYPE from B-bit codes in words, 32 / B a word (code f of
@@ -217,13 +232,7 @@ if gluon is not None:
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
-        # a TMA copy lands on 128-byte boundaries: a slot of zero points (64 bytes for 64 outputs) is padded to that
-        ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
-        Z_ROWS: gl.constexpr = (1024 + ROW_BITS - 1) // ROW_BITS
-        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, Z_ROWS, TILE_N], z_desc.layout)
+        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES)
         w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -371,12 +380,7 @@ if gluon is not None:
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
-        ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
-        Z_ROWS: gl.constexpr = (1024 + ROW_BITS - 1) // ROW_BITS
-        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, Z_ROWS, TILE_N], z_desc.layout)
+        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES)
         red_bufs = gl.allocate_shared_memory(gl.float32, [PARTS - 1, TILE_N, TILE_M],
                                              gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
