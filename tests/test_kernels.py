@@ -885,6 +885,8 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     from quantization.kernels import gluon_gemm
     if gluon_gemm.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API")
+    import tempfile
+    import triton
     for config in gluon_gemm.CONFIGS[:2]:  # with SWAP, one m64 x BLOCK_M product per 16 inputs of a K tile
         kernel = gluon_gemm.compile_for(config)
         ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
@@ -919,6 +921,18 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
         products = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.bf16\.bf16 \{[^}]*\}, (\S)", ptx)
         assert len(products) == 4 * config[6] and set(products) == {"{"}, (config, products)
         assert not ptx.count("st.local") and ptx.count("st.shared") <= 2 * 16 * (config[6] - 1) + 8, config
+    # and ptxas keeps a tile's four products in one group, one wait a tile (it serializes them, a wait after each,
+    # when an accumulator or an operand of a product in flight is written by other instructions: an earlier
+    # version kept the previous tile's operand in flight while dequantizing the next)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 2)).asm["cubin"])
+            sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+        products = [line for line in sass.splitlines() if "HGMMA" in line]
+        assert len(products) == 12 and sum("gsb0" in line for line in products) == 3, products
     with pytest.raises(ValueError, match="register operand .* takes 4 warps, 2 or 3 warp groups of products and 1, "
                                          "2, 4 or 8-bit codes"):
         gluon_gemm.gluon_mm(x, layer.qweight, layer.scale, layer.zero, None, 3, 4, 0.0, (128, 64, 64, 4, 8, 4, 3, 2))

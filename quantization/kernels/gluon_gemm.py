@@ -286,7 +286,10 @@ if gluon is not None:
         outputs: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, CODES))
         words = gl.expand_dims(q.permute((1, 0)).load(gl.SliceLayout(2, CODES)), 2)          # (TILE_N, rows, 1)
         fields = gl.arange(0, PER, layout=gl.SliceLayout(0, gl.SliceLayout(1, CODES)))
-        shifts = gl.expand_dims(gl.expand_dims(fields * BITS, 0), 1)                          # (1, 1, PER)
+        # a field's shift in two: its lane's part (field bits 1 and 2, the same for a thread's registers: one shift
+        # a word) and its register's part (a constant of each register)
+        lane = gl.expand_dims(gl.expand_dims((fields & 6) * BITS, 0), 1)                      # (1, 1, PER)
+        reg = gl.expand_dims(gl.expand_dims((fields & ~6) * BITS, 0), 1)
         row: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # a slot's row, unswizzled: as it is
         if _PUBLIC_REINTERPRET:  # Triton 3.9's name; 3.6's has the underscore
             scale = scales.reinterpret(gl.float32, [TILE_N], row).load(outputs)              # (TILE_N,)
@@ -302,7 +305,7 @@ if gluon is not None:
             bias = -(ZERO + SPAN) * scale
         scaled = gl.expand_dims(gl.expand_dims(scale * SPAN, 1), 2)
         bias = gl.expand_dims(gl.expand_dims(bias, 1), 2)
-        bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
+        bits = ((((words >> lane) >> reg) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
         w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)                    # (TILE_N, rows, PER)
         return gl.convert_layout(gl.reshape(w, [TILE_N, TILE_K]), A_LAYOUT)
 
@@ -310,9 +313,11 @@ if gluon is not None:
     def _register_products(common, part, CODES: gl.constexpr, PARTS: gl.constexpr, BITS: gl.constexpr,
                            HAS_ZERO: gl.constexpr, ZERO: gl.constexpr):
         """One warp group, one of PARTS taking the K tiles in turn (part, part + PARTS, ...): each tile's weight
-        dequantized into registers (_register_tile) while the previous tile's asynchronous wgmma runs, then
-        y^T's tile (TILE_N, TILE_M) += W (registers) @ x^T (the slot). A slot is released once the product that
-        read it has finished; the operand registers of a product in flight stay live (the wait's deps)."""
+        dequantized into registers (_register_tile), then y^T's tile (TILE_N, TILE_M) += W (registers) @ x^T (the
+        slot), waited for before the next tile: the tensor cores stay busy with the other warp groups' products.
+        (Dequantizing the next tile while this one's product ran serialized the four products of a tile: ptxas
+        waits after each when registers of a product in flight are written, and 128 registers a thread are not
+        enough to keep two tiles' operands apart.) A slot is released once its product has finished."""
         descs, bufs, bars, off_m, off_n, k_tiles, group = common
         x_bufs, q_bufs, s_bufs, z_bufs, red_bufs = bufs
         ready, done, empty = bars
@@ -324,19 +329,14 @@ if gluon is not None:
                                                       instr_shape=[16, TILE_M, 16])
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
         acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC)
-        held = gl.zeros([TILE_N, TILE_K], x_bufs.dtype, A_LAYOUT)  # the operand of the product in flight
-        last = part % STAGES
         for i in range(part, k_tiles, PARTS):
             s = i % STAGES
             mbarrier.wait(ready.index(s), (i // STAGES) & 1)
             a = _register_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s), CODES, A_LAYOUT, BITS, HAS_ZERO,
                                ZERO, TILE_K, x_bufs.dtype)
             acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc, held = warpgroup_mma_wait(num_outstanding=1, deps=(acc, held))
-            held = a
-            mbarrier.arrive(empty.index(last), count=1, pred=i > part)  # the previous tile's product is done
-            last = s
-        acc, held = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held))
+            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+            mbarrier.arrive(empty.index(s), count=1)
         return acc
 
     @gluon.jit
