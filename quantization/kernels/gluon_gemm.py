@@ -274,6 +274,16 @@ if gluon is not None:
 
 if gluon is not None:
     @gluon.jit
+    def _flat(slot, n: gl.constexpr):
+        """A slot's first row of n values (scales, zero points) as a flat, unswizzled view: the same bytes."""
+        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        numel: gl.constexpr = slot.type.shape[0] * slot.type.shape[1]
+        if _PUBLIC_REINTERPRET:  # Triton 3.9's name; 3.6's has the underscore
+            return slot.reinterpret(slot.dtype, [numel], flat).slice(0, n)
+        else:
+            return slot._reinterpret(slot.dtype, [numel], flat).slice(0, n)
+
+    @gluon.jit
     def _register_tile(q, scales, zeros, CODES: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr,
                        HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, TILE_K: gl.constexpr, DTYPE: gl.constexpr):
         """One slot's weight tile (TILE_N, TILE_K) as wgmma's register operand (A_LAYOUT), _word_tile's arithmetic:
@@ -290,17 +300,9 @@ if gluon is not None:
         # a word) and its register's part (a constant of each register)
         lane = gl.expand_dims(gl.expand_dims((fields & 6) * BITS, 0), 1)                      # (1, 1, PER)
         reg = gl.expand_dims(gl.expand_dims((fields & ~6) * BITS, 0), 1)
-        row: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])  # a slot's row, unswizzled: as it is
-        if _PUBLIC_REINTERPRET:  # Triton 3.9's name; 3.6's has the underscore
-            scale = scales.reinterpret(gl.float32, [TILE_N], row).load(outputs)              # (TILE_N,)
-        else:
-            scale = scales._reinterpret(gl.float32, [TILE_N], row).load(outputs)
+        scale = _flat(scales, TILE_N).load(outputs)                                           # (TILE_N,)
         if HAS_ZERO:
-            if _PUBLIC_REINTERPRET:
-                zero = zeros.reinterpret(gl.uint8, [zeros.type.shape[0] * TILE_N], row).slice(0, TILE_N)
-            else:
-                zero = zeros._reinterpret(gl.uint8, [zeros.type.shape[0] * TILE_N], row).slice(0, TILE_N)
-            bias = -(zero.load(outputs).to(gl.float32) + SPAN) * scale
+            bias = -(_flat(zeros, TILE_N).load(outputs).to(gl.float32) + SPAN) * scale
         else:
             bias = -(ZERO + SPAN) * scale
         scaled = gl.expand_dims(gl.expand_dims(scale * SPAN, 1), 2)
