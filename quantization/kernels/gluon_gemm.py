@@ -575,18 +575,18 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True):
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "group": "i32"}
     total, dq_regs = registers(config)
+    zero = 0.0 if has_zero else 8.0
     if swapped(config) == 2:
         codes, out = register_layouts(config, bits)
+        kernel, warps = _gluon_register_kernel, 4
         consts = dict(STAGES=config[4], CODES=codes, PARTS=config[6], REGS=dq_regs, BITS=bits, HAS_ZERO=has_zero,
-                      ZERO=0.0 if has_zero else 8.0, OUT_LAYOUT=out)
-        signature.update({name: "constexpr" for name in consts})
-        attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8)}
-        source = GluonASTSource(fn=_gluon_register_kernel, signature=signature, constexprs=consts, attrs=attrs)
-        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, maxnreg=total))
-    consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
-                  DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=has_zero, ZERO=0.0 if has_zero else 8.0,
-                  DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
+                      ZERO=zero, OUT_LAYOUT=out)
+    else:
+        kernel, warps = _gluon_mm_kernel, config[3]
+        consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
+                      DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=has_zero, ZERO=zero, DIAG=diag,
+                      SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8)}
-    source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
+    source = GluonASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, maxnreg=total))
