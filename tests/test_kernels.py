@@ -850,6 +850,9 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
     Against the project's own dequantize ((c - z) s, float64): within a few float32 roundings of the bias, and the
     same bf16 weight but for rare ties and the zeros."""
     from quantization.kernels import gluon_gemm
+    # seeded: with one scale a column (1-bit, 8-bit per channel) one tie moves a whole column's weights, and about
+    # 1 seed in 100 then exceeds the 1e-3 rate below (0.26%, seeds 108, 117, 248 for 1-bit)
+    torch.manual_seed(0)
     layer = PackedLinear.from_float(torch.randn(192, 512) * 0.02, spec)
     bits, k = layer.bits, 512
     assert bits in gluon_gemm.KERNEL_BITS and layer.qweight.shape == (k * bits // 32, 192)
