@@ -11,7 +11,7 @@
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
 #                                          # fused_tuning_decode, read_ceiling, prefill_gluon,
-#                                          # prefill_gluon_all, prefill_register
+#                                          # prefill_gluon_all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,7 +34,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check check_low kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_register"
+KNOWN="check check_low kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -97,7 +97,7 @@ for PART in $PARTS; do
         pids=()
         for v in "${FORMATS[@]}"; do
             f=${v// /_}
-            (timeout 280 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
+            (timeout -k 10 280 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
                 --out="$D/kernels_${GPU}_check_$f.md" > "$D/check_${GPU}_$f.log" 2>&1
              echo "$v: exit $? (124: stopped by the time limit)" | tee -a "$LOG") & pids+=($!)
         done
@@ -193,12 +193,6 @@ for PART in $PARTS; do
         run 420 python bench/kernels.py --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
-    prefill_register)  # the register-operand Gluon GEMM (a config's eighth number 2) against the first config
-                       # (SWAP), int4 g128, 256 rows, one config a process (a new kernel: a hang costs 70 s)
-        for C in 128x64x64x4x8x4x3x1 128x64x64x4x8x4x3x2 128x64x64x4x8x4x2x2; do
-            run 60 python bench/prefill_ws_probe.py --variants=gluon --no_project --configs=$C \
-                --shapes=4096x4096,4096x11008 >> "$R/prefill_register_$GPU.md"
-        done ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

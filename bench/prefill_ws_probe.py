@@ -43,9 +43,7 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             warp-specialized by hand: a TMA partition, DQ_PARTS dequantize partitions of DQ_WARPS warps (the
             config's last two numbers) and the wgmma partition; `gluon_nomma` times it with its products left
             out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
-            A config's eighth number: 1 the weight tile as wgmma's left operand (SWAP, the first config), 2 the
-            weight dequantized straight into wgmma's register operand by DQ_PARTS warp groups that each
-            dequantize and multiply every DQ_PARTS-th K tile (no weight tile in shared memory; not yet timed).
+            A config's eighth number 1: the weight tile as wgmma's left operand (SWAP, the first config).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -137,12 +135,11 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
            "128x128x128x4x2"],
     # BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS, and the narrower and wider
     # tiles measured beside them; split-K, tried in 2141e22 and e6f3dd9 (bench/results/prefill_gluon_h100, files 3
-    # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand; 2: the weight
-    # dequantized into wgmma's register operand by 2 or 3 warp groups of products, not yet timed)
-    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x2", "128x64x64x4x8x4x2x2",
-                                                                    "128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
+    # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand; 64x128 tiles
+    # (128 outputs, half the reads of x) were slower with SWAP, 28.0-32.0 us against 21.2 (file 16)
+    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
-                                                                    "128x64x64x4x8x4x2x1"],
+                                                                    "128x64x64x4x8x4x2x1", "64x128x64x4x6x4x3x1"],
 }
 CONFIGS.update({name: CONFIGS["gluon"][:3] for name in GLUON_VARIANTS if name != "gluon"})
 INTERPRET_CONFIG = "64x64x64x4x2"   # --interpret: every variant at this config (M = 64, 256x256)
@@ -388,7 +385,7 @@ if triton is not None:
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
     for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
-    operand, 2: its register operand, DQ_PARTS warp groups each dequantizing and multiplying)."""
+    operand)."""
     values = tuple(int(v) for v in text.split("x"))
     if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")

@@ -20,9 +20,6 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
 - the default partition (num_warps): the asynchronous wgmmas of each K tile, one tile in flight, then y (bf16);
   one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number, the first config) the
   weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
-A config's eighth number 2 (_gluon_register_kernel; compiled, not yet run on a GPU, not in CONFIGS) keeps the
-weight out of shared memory: DQ_PARTS warp groups each dequantize every DQ_PARTS-th K tile straight into wgmma's
-register operand (register_layouts) and multiply it by x's tile, the workers' partial y^T tiles added at the end.
 Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128 with SWAP: 21.6 us on
 4096x4096 against cuBLAS bf16's 20.1 (23.5 without SWAP; the dequantize-then-cuBLAS path 33.6); 62.8 on 4096x11008
 against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11 and 13).
@@ -43,8 +40,6 @@ try:
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.9's name, 3.6's
-    from triton.experimental.gluon.language._core import shared_memory_descriptor as _smem
-    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(_smem, "reinterpret"))
 except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API: supports() says no
     gluon = None
 
@@ -272,171 +267,12 @@ if gluon is not None:
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
-if gluon is not None:
-    @gluon.jit
-    def _flat(slot, n: gl.constexpr):
-        """A slot's first row of n values (scales, zero points) as a flat, unswizzled view: the same bytes."""
-        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-        numel: gl.constexpr = slot.type.shape[0] * slot.type.shape[1]
-        if _PUBLIC_REINTERPRET:  # Triton 3.9's name; 3.6's has the underscore
-            return slot.reinterpret(slot.dtype, [numel], flat).slice(0, n)
-        else:
-            return slot._reinterpret(slot.dtype, [numel], flat).slice(0, n)
-
-    @gluon.jit
-    def _register_tile(q, scales, zeros, CODES: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr,
-                       HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, TILE_K: gl.constexpr, DTYPE: gl.constexpr):
-        """One slot's weight tile (TILE_N, TILE_K) as wgmma's register operand (A_LAYOUT), _word_tile's arithmetic:
-        the words (TILE_N, word rows) loaded straight into CODES (register_layouts: each thread the words of its
-        own outputs and inputs, its fields split off in registers), so the tile never passes through shared
-        memory."""
-        PER: gl.constexpr = 32 // BITS
-        SPAN: gl.constexpr = 1 << BITS
-        TILE_N: gl.constexpr = q.type.shape[1]
-        outputs: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, CODES))
-        words = gl.expand_dims(q.permute((1, 0)).load(gl.SliceLayout(2, CODES)), 2)          # (TILE_N, rows, 1)
-        fields = gl.arange(0, PER, layout=gl.SliceLayout(0, gl.SliceLayout(1, CODES)))
-        # a field's shift in two: its lane's part (field bits 1 and 2, the same for a thread's registers: one shift
-        # a word) and its register's part (a constant of each register)
-        lane = gl.expand_dims(gl.expand_dims((fields & 6) * BITS, 0), 1)                      # (1, 1, PER)
-        reg = gl.expand_dims(gl.expand_dims((fields & ~6) * BITS, 0), 1)
-        scale = _flat(scales, TILE_N).load(outputs)                                           # (TILE_N,)
-        if HAS_ZERO:
-            bias = -(_flat(zeros, TILE_N).load(outputs).to(gl.float32) + SPAN) * scale
-        else:
-            bias = -(ZERO + SPAN) * scale
-        scaled = gl.expand_dims(gl.expand_dims(scale * SPAN, 1), 2)
-        bias = gl.expand_dims(gl.expand_dims(bias, 1), 2)
-        bits = ((((words >> lane) >> reg) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
-        w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)                    # (TILE_N, rows, PER)
-        return gl.convert_layout(gl.reshape(w, [TILE_N, TILE_K]), A_LAYOUT)
-
-    @gluon.jit
-    def _register_products(common, part, CODES: gl.constexpr, PARTS: gl.constexpr, BITS: gl.constexpr,
-                           HAS_ZERO: gl.constexpr, ZERO: gl.constexpr):
-        """One warp group, one of PARTS taking the K tiles in turn (part, part + PARTS, ...): each tile's weight
-        dequantized into registers (_register_tile), then y^T's tile (TILE_N, TILE_M) += W (registers) @ x^T (the
-        slot), waited for before the next tile: the tensor cores stay busy with the other warp groups' products.
-        (Dequantizing the next tile while this one's product ran serialized the four products of a tile: ptxas
-        waits after each when registers of a product in flight are written, and 128 registers a thread are not
-        enough to keep two tiles' operands apart.) A slot is released once its product has finished."""
-        descs, bufs, bars, off_m, off_n, k_tiles, group = common
-        x_bufs, q_bufs, s_bufs, z_bufs, red_bufs = bufs
-        ready, done, empty = bars
-        STAGES: gl.constexpr = x_bufs.type.shape[0]
-        TILE_M: gl.constexpr = x_bufs.type.shape[1]
-        TILE_K: gl.constexpr = x_bufs.type.shape[2]
-        TILE_N: gl.constexpr = q_bufs.type.shape[2]
-        ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, TILE_M, 16])
-        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC, k_width=2)
-        acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC)
-        for i in range(part, k_tiles, PARTS):
-            s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            a = _register_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s), CODES, A_LAYOUT, BITS, HAS_ZERO,
-                               ZERO, TILE_K, x_bufs.dtype)
-            acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
-            mbarrier.arrive(empty.index(s), count=1)
-        return acc
-
-    @gluon.jit
-    def _register_worker(common, part, CODES: gl.constexpr, PARTS: gl.constexpr, BITS: gl.constexpr,
-                         HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
-        """A worker warp group's share (_register_products), its partial y^T tile left in shared memory for the
-        default partition, and one arrival on `done`."""
-        acc = _register_products(common, part, CODES, PARTS, BITS, HAS_ZERO, ZERO)
-        descs, bufs, bars, off_m, off_n, k_tiles, group = common
-        red_bufs = bufs[4]
-        red_bufs.index(part - 1).store(acc)
-        fence_async_shared()
-        mbarrier.arrive(bars[1].index(0), count=1)
-
-    @gluon.jit
-    def _register_default(common, y_ptr, M, N, CODES: gl.constexpr, PARTS: gl.constexpr, BITS: gl.constexpr,
-                          HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, OUT_LAYOUT: gl.constexpr):
-        """The default warp group: share 0 of the K tiles, then the workers' partial tiles added (once `done` has
-        all their arrivals) and y written as SWAP writes it."""
-        acc = _register_products(common, 0, CODES, PARTS, BITS, HAS_ZERO, ZERO)
-        descs, bufs, bars, off_m, off_n, k_tiles, group = common
-        red_bufs = bufs[4]
-        TILE_N: gl.constexpr = red_bufs.type.shape[1]
-        TILE_M: gl.constexpr = red_bufs.type.shape[2]
-        mbarrier.wait(bars[1].index(0), 0)
-        for p in gl.static_range(PARTS - 1):
-            acc = acc + red_bufs.index(p).load(acc.type.layout)
-        out = gl.convert_layout(gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0)), OUT_LAYOUT)
-        offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, OUT_LAYOUT))
-        offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, OUT_LAYOUT))
-        ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
-        gl.store(ptrs, out, mask=(gl.expand_dims(offs_m, 1) < M) & (gl.expand_dims(offs_n, 0) < N))
-
-    @gluon.jit
-    def _gluon_register_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, M, N, K, group, STAGES: gl.constexpr,
-                               CODES: gl.constexpr, PARTS: gl.constexpr, REGS: gl.constexpr, BITS: gl.constexpr,
-                               HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, OUT_LAYOUT: gl.constexpr):
-        """y (M, N) = x (M, K) @ dequant(W)^T with the weight as wgmma's register operand (a config's eighth number
-        2): PARTS warp groups (the default and PARTS - 1 workers) each dequantize and multiply every PARTS-th K
-        tile, the loader warp (_loader) last; the workers' partial y^T tiles are added through shared memory."""
-        TILE_M: gl.constexpr = x_desc.block_type.shape[0]
-        TILE_K: gl.constexpr = x_desc.block_type.shape[1]
-        TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES)
-        red_bufs = gl.allocate_shared_memory(gl.float32, [PARTS - 1, TILE_N, TILE_M],
-                                             gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        done = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        mbarrier.init(done.index(0), count=PARTS - 1)
-        off_m = gl.program_id(0) * TILE_M
-        off_n = gl.program_id(1) * TILE_N
-        common = ((x_desc, q_desc, s_desc, z_desc), (x_bufs, q_bufs, s_bufs, z_bufs, red_bufs), (ready, done, empty),
-                  off_m, off_n, K // TILE_K, group)
-        first = gl.to_tensor(0)
-        if PARTS == 2:
-            gl.warp_specialize([
-                (_register_default, (common, y_ptr, M, N, CODES, PARTS, BITS, HAS_ZERO, ZERO, OUT_LAYOUT)),
-                (_register_worker, (common, first + 1, CODES, PARTS, BITS, HAS_ZERO, ZERO, 0)),
-                (_loader, (common, first, CODES, PARTS, BITS, HAS_ZERO, ZERO, 0)),
-            ], [4, 1], [REGS, 24])
-        else:
-            gl.static_assert(PARTS == 3)
-            gl.warp_specialize([
-                (_register_default, (common, y_ptr, M, N, CODES, PARTS, BITS, HAS_ZERO, ZERO, OUT_LAYOUT)),
-                (_register_worker, (common, first + 1, CODES, PARTS, BITS, HAS_ZERO, ZERO, 0)),
-                (_register_worker, (common, first + 2, CODES, PARTS, BITS, HAS_ZERO, ZERO, 0)),
-                (_loader, (common, first, CODES, PARTS, BITS, HAS_ZERO, ZERO, 0)),
-            ], [4, 4, 1], [REGS, REGS, 24])
-
-
-def register_layouts(config, bits):
-    """The register-operand kernel's (codes, output) layouts: CODES (TILE_N, word rows, 32 / bits) such that its
-    reshape to (TILE_N, TILE_K) is wgmma's register operand (k_width 2, four warps of 16 outputs): input k = word
-    row * 32 / bits + field, its bits 0, 3, 4, 5 a thread's registers and 1, 2 its lane's (lanes 4 apart hold
-    the same outputs), outputs 0-7 across lanes, + 8 in registers, 16 and 32 across warps."""
-    block_m, block_n, block_k = config[:3]
-    per = 32 // bits
-    low = per.bit_length() - 1  # input bits that are field bits
-
-    def k(b):  # input bit b in (output, word row, field) coordinates
-        return [0, 0, 1 << b] if b < low else [0, 1 << (b - low), 0]
-    codes = gl.DistributedLinearLayout(reg_bases=[k(0), [8, 0, 0], k(3), k(4), k(5)],
-                                       lane_bases=[k(1), k(2), [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-                                       warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[],
-                                       shape=[block_n, block_k * bits // 32, per])
-    out = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 * 8 // block_n, block_n // 8],
-                           warps_per_cta=[4, 1], order=[1, 0])
-    return codes, out
-
-
 def swapped(config):
-    """A config's eighth number, 1 for the weight tile as wgmma's left operand from shared memory (_products' SWAP),
-    2 as its register operand (_gluon_register_kernel); 0 where absent."""
-    return config[7] if len(config) > 7 else 0
+    """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP); 0 where absent."""
+    swap = config[7] if len(config) > 7 else 0
+    if swap not in (0, 1):
+        raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 or 1, got {swap} in {config}")
+    return swap
 
 
 def layouts(config, bits=4):
@@ -472,9 +308,6 @@ def registers(config):
     a multiprocessor; the default partition (the accumulator) is left 168 a thread, the loader's warp group 24, and
     the dequantize partitions share the rest (at most 128 a thread)."""
     _, _, _, warps, _, dq_warps, parts = config[:7]
-    if swapped(config) == 2:  # PARTS warp groups of products and the loader's (24 a thread) share them alike
-        total = 65536 // (128 * (parts + 1)) // 8 * 8
-        return total, min(256, (65536 - 128 * 24) // (128 * parts) // 8 * 8)
     dq_threads = parts * 128 * -(-dq_warps // 4)
     total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
     return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
@@ -522,9 +355,6 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
     product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100)."""
-    if swapped(config) == 2 and (config[3] != 4 or config[6] not in (2, 3) or bits == 3):
-        raise ValueError(f"gluon_mm: the register operand (a config's eighth number 2) takes 4 warps, 2 or 3 warp "
-                         f"groups of products and 1, 2, 4 or 8-bit codes (got {config}, {bits}-bit)")
     m, k = x.shape
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
@@ -535,12 +365,6 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
              TensorDescriptor.from_tensor(qweight, [word_rows(block_k, bits), block_n], flat), scales,
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales)
     total, dq_regs = registers(config)
-    if swapped(config) == 2:
-        codes, out = register_layouts(config, bits)
-        _gluon_register_kernel[(triton.cdiv(m, block_m), n // block_n)](
-            *descs, y, m, n, k, blocks_per_group * 32, STAGES=config[4], CODES=codes, PARTS=config[6], REGS=dq_regs,
-            BITS=bits, HAS_ZERO=zero is not None, ZERO=float(zero_const), OUT_LAYOUT=out, num_warps=4, maxnreg=total)
-        return _epilogue(y, bias, activation)
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
         *descs, y, m, n, k, blocks_per_group * 32, STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
@@ -576,17 +400,10 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True):
                  "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "group": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
-    if swapped(config) == 2:
-        codes, out = register_layouts(config, bits)
-        kernel, warps = _gluon_register_kernel, 4
-        consts = dict(STAGES=config[4], CODES=codes, PARTS=config[6], REGS=dq_regs, BITS=bits, HAS_ZERO=has_zero,
-                      ZERO=zero, OUT_LAYOUT=out)
-    else:
-        kernel, warps = _gluon_mm_kernel, config[3]
-        consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
-                      DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=has_zero, ZERO=zero, DIAG=diag,
-                      SWAP=swapped(config), OUT_LAYOUT=out)
+    consts = dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
+                  DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=has_zero, ZERO=zero, DIAG=diag,
+                  SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7, 8)}
-    source = GluonASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, maxnreg=total))
+    source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
