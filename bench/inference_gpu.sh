@@ -90,17 +90,18 @@ for PART in $PARTS; do
             run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16 \
                 --modes=compiled_whole,compiled,reduce_overhead --batches=1 --out="$R/decode_${GPU}_124m_repeat$i.md"
         done ;;
-    check_parallel)  # as check, one process per format (their kernels compile in parallel), a table and a log
-                     # each in $R/kernels_check_<gpu>/
+    check_parallel)  # as check, one process per format and kernel (their kernels compile in parallel: int3's in one
+                     # process did not finish in 280 s on an H100), a table and a log each in $R/kernels_check_<gpu>/
         D="$R/kernels_check_$GPU"
         mkdir -p "$D"
         pids=()
-        for v in "${FORMATS[@]}"; do
-            f=${v// /_}
-            (timeout -k 10 280 python bench/kernels.py --check --variants="$v" --shapes= --gemm_shapes= \
-                --out="$D/kernels_${GPU}_check_$f.md" > "$D/check_${GPU}_$f.log" 2>&1
-             echo "$v: exit $? (124: stopped by the time limit)" | tee -a "$LOG") & pids+=($!)
-        done
+        KERNELS=$(python -c "import sys; sys.path.insert(0, 'bench'); import kernels; print(*kernels.KERNEL_NAMES)")
+        for v in "${FORMATS[@]}"; do for k in $KERNELS; do
+            f=${v// /_}_$k
+            (timeout -k 10 280 python bench/kernels.py --check --variants="$v" --check_kernels="$k" --shapes= \
+                --gemm_shapes= --out="$D/kernels_${GPU}_check_$f.md" > "$D/check_${GPU}_$f.log" 2>&1
+             echo "$v, $k: exit $? (124: stopped by the time limit)" | tee -a "$LOG") & pids+=($!)
+        done; done
         for pid in "${pids[@]}"; do wait "$pid"; done
         grep -H "check:\|FAIL" "$D"/check_"${GPU}"_*.log | tee -a "$LOG" ;;
     prefill_profile)  # every prefill candidate (GEMM configs, dequantize then cuBLAS) timed at 256 rows, int4
