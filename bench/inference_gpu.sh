@@ -11,7 +11,7 @@
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
 #                                          # fused_tuning_decode, read_ceiling, prefill_gluon,
-#                                          # prefill_gluon_all
+#                                          # prefill_gluon_all, prefill_ncu
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,7 +34,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check check_low kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all"
+KNOWN="check check_low kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -194,6 +194,13 @@ for PART in $PARTS; do
         run 420 python bench/kernels.py --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
+    prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
+                  # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
+        run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/prefill_ncu_$GPU" -f \
+            python bench/prefill_ws_probe.py --variants=gluon --no_project --configs=128x64x64x4x8x4x3x1 \
+            --shapes=4096x4096
+        run 60 ncu -i "$R/prefill_ncu_$GPU.ncu-rep" --page details
+        ncu -i "$R/prefill_ncu_$GPU.ncu-rep" --page source --csv --print-source sass > "$R/prefill_ncu_${GPU}_sass.csv" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
