@@ -20,9 +20,9 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
 - the default partition (num_warps): the asynchronous wgmmas of each K tile, one tile in flight, then y (bf16);
   one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number, the first config) the
   weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
-Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128 with SWAP: 21.6 us on
-4096x4096 against cuBLAS bf16's 20.1 (23.5 without SWAP; the dequantize-then-cuBLAS path 33.6); 62.8 on 4096x11008
-against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11 and 13).
+Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128 with SWAP: 20.7 us on
+4096x4096 against cuBLAS bf16's 19.8-20.3 (23.5 without SWAP; the dequantize-then-cuBLAS path 33.6); 59.6 on
+4096x11008 against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11, 13 and 17).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
