@@ -43,7 +43,8 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             warp-specialized by hand: a TMA partition, DQ_PARTS dequantize partitions of DQ_WARPS warps (the
             config's last two numbers) and the wgmma partition; `gluon_nomma` times it with its products left
             out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
-            A config's eighth number 1: the weight tile as wgmma's left operand (SWAP, the first config).
+            A config's eighth number 1: the weight tile as wgmma's left operand (SWAP, the first config); 2:
+            the same with y stored straight from the accumulator (no shared-memory scratch in the epilogue).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -385,7 +386,7 @@ if triton is not None:
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
     for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
-    operand)."""
+    operand, 2: the same, y stored from the accumulator)."""
     values = tuple(int(v) for v in text.split("x"))
     if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")

@@ -912,8 +912,15 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
         for config in gluon_gemm.CONFIGS[:2]:
             kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=bits == 3)
             assert kernel.asm["ptx"].count("st.shared.v4") and not kernel.asm["ptx"].count("st.local"), config
-    with pytest.raises(ValueError, match=r"eighth number \(SWAP\) is 0 or 1, got 2"):
-        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 2))
+    with pytest.raises(ValueError, match=r"eighth number \(SWAP\) is 0, 1 or 2, got 3"):
+        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3))
+    # 8-bit codes (one scale a column, no zero points) at 8 stages: over a Hopper program's 232,448 bytes of shared
+    # memory with SWAP 1's epilogue scratch, within them with y stored from the accumulator (SWAP 2, a listed config)
+    eight = dict(bits=8, has_zero=False, group=4096, in_features=4096)
+    assert gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1), **eight).metadata.shared > 232448
+    direct = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 2), **eight)
+    assert direct.metadata.shared <= 232448 and not direct.asm["ptx"].count("st.local")
+    assert (128, 64, 64, 4, 8, 4, 3, 2) in gluon_gemm.CONFIGS
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

@@ -49,8 +49,10 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # a 128x128 tile with three dequantize partitions did not finish in two runs: not listed. SWAP (the weight tile as
 # wgmma's left operand) took 21.6 us against 23.5 on 4096x4096 and 62.8 against 68.2 on 4096x11008 (one H100 run);
 # with 8-bit codes its 8 stages need 233,680 bytes of shared memory (227 KiB on Hopper): 6 stages for those
+# (0.85x cuBLAS against 0.94-0.97x for 1, 2 and 4-bit codes), or 8 with y stored straight from the accumulator
+# (SWAP 2: 231,808 bytes, no epilogue scratch; not yet timed on a GPU)
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2),
-           (128, 64, 64, 4, 6, 4, 3, 1)]
+           (128, 64, 64, 4, 6, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3, 2)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -184,7 +186,8 @@ if gluon is not None:
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
-        instruction per 16 inputs, each operand read from shared memory once), then written through OUT_LAYOUT.
+        instruction per 16 inputs, each operand read from shared memory once), then written through OUT_LAYOUT
+        (SWAP 1: 16 bytes a thread, through shared-memory scratch) or straight from the accumulator (SWAP 2).
         DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -208,7 +211,11 @@ if gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if SWAP:
+        if SWAP == 2:  # y stored from the accumulator's registers (2-byte stores): no shared-memory scratch
+            out = gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0))
+            offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, out.type.layout))
+            offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, out.type.layout))
+        elif SWAP:
             out = gl.convert_layout(gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0)), OUT_LAYOUT)
             offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, OUT_LAYOUT))
             offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, OUT_LAYOUT))
@@ -273,10 +280,11 @@ if gluon is not None:
 
 
 def swapped(config):
-    """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP); 0 where absent."""
+    """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
+    stored straight from the accumulator; 0 where absent."""
     swap = config[7] if len(config) > 7 else 0
-    if swap not in (0, 1):
-        raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 or 1, got {swap} in {config}")
+    if swap not in (0, 1, 2):
+        raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0, 1 or 2, got {swap} in {config}")
     return swap
 
 
