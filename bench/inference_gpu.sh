@@ -11,7 +11,7 @@
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
 #                                          # fused_tuning_decode, read_ceiling, prefill_gluon,
-#                                          # prefill_gluon_all, prefill_ncu
+#                                          # prefill_gluon_all, prefill_ncu, prefill_rings
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,7 +34,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check check_low kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu"
+KNOWN="check check_low kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_rings"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -194,6 +194,17 @@ for PART in $PARTS; do
         run 420 python bench/kernels.py --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
+    prefill_rings)  # int4 g128, 256 rows, one config a process (new barrier logic: a hang costs 70 s): the first
+                    # config (SWAP), SWAP 2 (y from the accumulator), and the words in a ring of their own (a ninth
+                    # number: 12, 13 slots beside 8 of x, 32 beside 6); then int8 per channel through the launcher,
+                    # which now offers 8 stages with SWAP 2
+        for C in 128x64x64x4x8x4x3x1 128x64x64x4x8x4x3x2 128x64x64x4x8x4x3x1x12 128x64x64x4x8x4x3x1x13 \
+                 128x64x64x4x6x4x3x1x32 128x64x64x4x8x4x3x1; do
+            run 60 python bench/prefill_ws_probe.py --variants=gluon --no_project --configs=$C \
+                --shapes=4096x4096,4096x11008 >> "$R/prefill_rings_$GPU.md"
+        done
+        run 240 python bench/kernels.py --shapes= --gemm_variants="int8 per channel" \
+            --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_int8.md" ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
         run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/prefill_ncu_$GPU" -f \

@@ -44,7 +44,10 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             config's last two numbers) and the wgmma partition; `gluon_nomma` times it with its products left
             out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
             A config's eighth number 1: the weight tile as wgmma's left operand (SWAP, the first config); 2:
-            the same with y stored straight from the accumulator (no shared-memory scratch in the epilogue).
+            the same with y stored straight from the accumulator (no shared-memory scratch in the epilogue). A
+            ninth: the words, scales and zero points in a ring of their own that many slots deep, copied by a
+            loader warp of their own, so that they run further ahead of the dequantize than x's ring allows (not
+            yet run on a GPU; not in CONFIGS).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -138,7 +141,10 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # tiles measured beside them; split-K, tried in 2141e22 and e6f3dd9 (bench/results/prefill_gluon_h100, files 3
     # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand; 64x128 tiles
     # (128 outputs, half the reads of x) were slower with SWAP, 28.0-32.0 us against 21.2 (file 16)
-    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
+    # (the ninth number: the words' own ring, 12 or 13 slots beside 8 of x, 32 beside 6; not yet timed)
+    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x1x12", "128x64x64x4x8x4x3x1x13",
+                                                                    "128x64x64x4x6x4x3x1x32",
+                                                                    "128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
                                                                     "128x64x64x4x8x4x2x1", "64x128x64x4x6x4x3x1"],
 }
@@ -385,10 +391,10 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
-    operand, 2: the same, y stored from the accumulator)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xW_STAGES]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as
+    wgmma's left operand, 2: the same, y stored from the accumulator; W_STAGES: the words' own ring)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8):
+    if len(values) not in (5, 6, 7, 8, 9):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -448,10 +454,9 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if (len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K or config[7:] not in ((), (0,), (1,), (2,))
-                or (config[7:] == (2,) and variant != "gluon")):
+        if len(config) not in (7, 8, 9) or config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS[xSWAP], SWAP 0, 1 or 2 (2 for gluon alone) (got {config})")
+                             f"DQ_PARTS[xSWAP[xW_STAGES]] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
                                    diag=GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):

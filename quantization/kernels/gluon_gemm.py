@@ -20,7 +20,11 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
 - the default partition (num_warps): the asynchronous wgmmas of each K tile, one tile in flight, then y (bf16);
   one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number, the first config) the
   weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
-Barriers per slot: loaded, dequantized, free again. On one H100, 256 rows of int4 g128 with SWAP: 20.7 us on
+Barriers per slot: loaded, dequantized, free again. A config's ninth number (not yet run on a GPU, not in CONFIGS)
+gives the words, scales and zero points a ring of their own, that many slots deep, with a second loader warp: the
+weights' copies, from memory, then run further ahead than x's ring allows (with one ring, Nsight Compute showed the
+dequantize warps waiting for their words with three of the eight slots held by them and two by the products).
+On one H100, 256 rows of int4 g128 with SWAP: 20.7 us on
 4096x4096 against cuBLAS bf16's 19.8-20.3 (23.5 without SWAP; the dequantize-then-cuBLAS path 33.6); 59.6 on
 4096x11008 against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11, 13 and 17).
 
@@ -60,18 +64,44 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr, RINGS: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
-        free slot (free once the default partition has finished the product that read it). The workers share one
-        signature."""
+        free slot (free once the default partition has finished the product that read it). RINGS 2: two such
+        warps, part 0 copying x into its ring (on x_ready, free again on empty), part 1 the words, scales and zero
+        points into theirs, of W_STAGES slots (on ready, free again on w_free, once dequantized). The workers share
+        one signature."""
         descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty = bars
+        ready, w_ready, empty, x_ready, w_free = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
+        W_STAGES: gl.constexpr = q_bufs.type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
-        nbytes: gl.constexpr = (x_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes
-                                + (z_desc.block_type.nbytes if HAS_ZERO else 0))
+        w_bytes: gl.constexpr = (q_desc.block_type.nbytes + s_desc.block_type.nbytes
+                                 + (z_desc.block_type.nbytes if HAS_ZERO else 0))
+        if RINGS == 2:
+            if part == 0:
+                for i in range(k_tiles):
+                    s = i % STAGES
+                    mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+                    mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
+                    _tma_load(x_desc, [off_m, i * TILE_K], x_ready.index(s), x_bufs.index(s))
+            else:
+                for i in range(k_tiles):
+                    s = i % W_STAGES
+                    mbarrier.wait(w_free.index(s), ((i // W_STAGES) & 1) ^ 1)
+                    bar = ready.index(s)
+                    mbarrier.expect(bar, w_bytes)
+                    _tma_load(q_desc, [i * TILE_K * BITS // 32, off_n], bar, q_bufs.index(s))
+                    if GROUP_TILES == 0:
+                        row = i * 0
+                    else:
+                        row = i // GROUP_TILES
+                    _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
+                    if HAS_ZERO:
+                        _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
+            return
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_bytes
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
@@ -89,18 +119,18 @@ if gluon is not None:
                 _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
 
     @gluon.jit
-    def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr):
-        """The ring's slots, STAGES of each TMA copy's tile: x, the words, a row of scales and of zero points (a TMA
+    def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr, W_STAGES: gl.constexpr):
+        """The ring's slots: STAGES of x's tile, W_STAGES of the words, a row of scales and of zero points (a TMA
         copy lands on 128-byte boundaries: a slot of zero points, 64 bytes for 64 outputs, is padded to that)."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [W_STAGES] + q_desc.block_type.shape, q_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [W_STAGES, 1, TILE_N], s_desc.layout)
         ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
         Z_ROWS: gl.constexpr = (1024 + ROW_BITS - 1) // ROW_BITS
-        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, Z_ROWS, TILE_N], z_desc.layout)
+        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [W_STAGES, Z_ROWS, TILE_N], z_desc.layout)
         return x_bufs, q_bufs, s_bufs, z_bufs
 
     @gluon.jit
@@ -157,32 +187,40 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr, RINGS: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
-        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
+        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. RINGS 2:
+        the words from their own ring (slot i % W_STAGES, released on w_free once the tile is stored), the weight
+        tile into slot i % STAGES once the product that read it before has finished (empty)."""
         descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty = bars
+        ready, w_ready, empty, x_ready, w_free = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
+        W_STAGES: gl.constexpr = q_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+            q = i % W_STAGES
+            mbarrier.wait(ready.index(q), (i // W_STAGES) & 1)
             if BITS == 3:
-                w = _plane_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, HAS_ZERO,
+                w = _plane_tile(q_bufs.index(q), s_bufs.index(q), z_bufs.index(q).slice(0, 1), DQ_LAYOUT, HAS_ZERO,
                                 ZERO, TILE_N, TILE_K, w_bufs.dtype)
             else:
-                w = _word_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, BITS,
+                w = _word_tile(q_bufs.index(q), s_bufs.index(q), z_bufs.index(q).slice(0, 1), DQ_LAYOUT, BITS,
                                HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
+            if RINGS == 2:  # the weight tile's slot, once the product that read it last has finished
+                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             w_bufs.index(s).store(w)
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
             mbarrier.arrive(w_ready.index(s), count=1)
+            if RINGS == 2:
+                mbarrier.arrive(w_free.index(q), count=1)
 
     @gluon.jit
     def _products(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr, DIAG: gl.constexpr,
-                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
+                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, RINGS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
@@ -190,7 +228,7 @@ if gluon is not None:
         (SWAP 1: 16 bytes a thread, through shared-memory scratch) or straight from the accumulator (SWAP 2).
         DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty = bars
+        ready, w_ready, empty, x_ready, w_free = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
@@ -201,7 +239,10 @@ if gluon is not None:
         for i in range(k_tiles):
             s = i % STAGES
             phase = (i // STAGES) & 1
-            mbarrier.wait(ready.index(s), phase)
+            if RINGS == 2:
+                mbarrier.wait(x_ready.index(s), phase)
+            else:
+                mbarrier.wait(ready.index(s), phase)
             mbarrier.wait(w_ready.index(s), phase)
             if (DIAG & 1) == 0:
                 if SWAP:
@@ -228,55 +269,98 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, M, N, K, GROUP_TILES: gl.constexpr,
-                         STAGES: gl.constexpr,
-                         W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
+                         STAGES: gl.constexpr, W_STAGES: gl.constexpr, W_LAYOUT: gl.constexpr,
+                         ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
                          DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
                          HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr, SWAP: gl.constexpr,
                          OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
-        of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO
-        and z_desc is not read."""
+        of scales (group_tiles()). W_STAGES: 0 for one ring of STAGES slots and one loader warp; more for the
+        words, scales and zero points in a ring of their own, that many slots deep, with a loader warp of their own
+        (RINGS 2: the weights' copies, from memory, can run further ahead than x's, from L2; three dequantize
+        partitions). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES)
+        RINGS: gl.constexpr = 2 if W_STAGES > 0 else 1
+        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES,
+                                               W_STAGES if W_STAGES > 0 else STAGES)
         w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # ready: a slot's copies landed (RINGS 2: the words' ring's); w_ready: its weight tile stored; empty: its
+        # product finished; RINGS 2 also x_ready (x's copy landed) and w_free (a words slot dequantized)
+        READY: gl.constexpr = W_STAGES if RINGS == 2 else STAGES
+        ready = gl.allocate_shared_memory(gl.int64, [READY, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
+            if RINGS == 1:
+                mbarrier.init(ready.index(i), count=1)
             mbarrier.init(w_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        if RINGS == 2:
+            w_free = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
+            x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(W_STAGES):
+                mbarrier.init(ready.index(i), count=1)
+                mbarrier.init(w_free.index(i), count=1)
+            for i in gl.static_range(STAGES):
+                mbarrier.init(x_ready.index(i), count=1)
+        else:  # not used
+            x_ready = ready
+            w_free = ready
         off_m = gl.program_id(0) * TILE_M
         off_n = gl.program_id(1) * TILE_N
         k_tiles = K // TILE_K
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
-        bars = (ready, w_ready, empty)
+        bars = (ready, w_ready, empty, x_ready, w_free)
         common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, GROUP_TILES)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
-        if DQ_PARTS == 1:
+        if RINGS == 2:
+            gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                              RINGS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_loader, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+            ], [1, 1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, 24, DQ_REGS, DQ_REGS, DQ_REGS])
+        elif DQ_PARTS == 1:
+            gl.warp_specialize([
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                              RINGS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                              RINGS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                              RINGS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
+
+
+def word_stages(config):
+    """A config's ninth number: the slots of the words' own ring (_gluon_mm_kernel's W_STAGES, three dequantize
+    partitions), 0 (or absent) for one ring."""
+    stages = config[8] if len(config) > 8 else 0
+    if stages and (stages < 2 or config[6] != 3):
+        raise ValueError(f"gluon_gemm: a config's ninth number (the words' ring) is 0 or at least 2 slots, with three "
+                         f"dequantize partitions, got {config}")
+    return stages
 
 
 def swapped(config):
@@ -379,7 +463,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales)
     total, dq_regs = registers(config)
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
-        *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
+        *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4],
+        W_STAGES=word_stages(config), W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
         ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
         maxnreg=total)
@@ -420,7 +505,8 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
-    consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
+    consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4],
+                  W_STAGES=word_stages(config), W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
                   HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
