@@ -1048,3 +1048,21 @@ def test_the_read_probes_flat_kernel_reads_every_word_once():
     pytest.importorskip("triton")
     rows = run_interpreted(READ_PROBE)
     assert rows == [[u, e, True] for u in (1, 3) for e in (False, True)], rows
+
+
+def test_ring_protocol_of_the_gluon_gemm_has_no_deadlock_or_early_read_in_any_interleaving():
+    """bench/ring_protocol_check.py explores every interleaving of the Gluon GEMM's partitions and TMA copies (landing
+    in any order) with parity waits as the hardware's: the kernel's protocols (one ring with a `ready` barrier per
+    dequantize partition and slot; the words in rings of their own per partition) finish without an unsafe step, and
+    the check finds what the earlier designs got wrong (one `ready` per slot with 4 stages: a partition that skips
+    the others' tiles reads a slot whose tile has not landed; one shared words ring; the weight slot with 2 stages)."""
+    from bench.ring_protocol_check import check
+    for tiles, stages, words, protocol in ((7, 4, 4, "one"), (7, 3, 3, "one"), (7, 3, 6, "rings"), (6, 4, 9, "rings")):
+        states, problems = check(tiles, stages, words, protocol)
+        assert states > 500 and not problems, (protocol, tiles, stages, words, problems[:2])
+    _, problems = check(6, 4, 4, "one_shared")
+    assert any("read tile 4's words from a slot holding tile -1" in p for p in problems), problems
+    _, problems = check(7, 3, 4, "shared_words")
+    assert any("read tile" in p for p in problems), problems
+    _, problems = check(7, 2, 6, "rings")
+    assert any("overwritten before its product finished" in p for p in problems), problems

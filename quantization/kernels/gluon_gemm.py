@@ -20,7 +20,9 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
 - the default partition (num_warps): the asynchronous wgmmas of each K tile, one tile in flight, then y (bf16);
   one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number, the first config) the
   weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
-Barriers per slot: loaded, dequantized, free again. A config's ninth number (not yet run on a GPU, not in CONFIGS)
+Barriers per slot: loaded (one per dequantize partition and slot: a partition skips the others' tiles, and on a
+barrier of the slot alone it could wait two phases behind, where the parity passes before its tile has landed;
+bench/ring_protocol_check.py explores every interleaving), dequantized, free again. A config's ninth number (not yet run on a GPU, not in CONFIGS)
 gives the words, scales and zero points a ring of their own, that many slots deep, with a second loader warp: the
 weights' copies, from memory, then run further ahead than x's ring allows (with one ring, Nsight Compute showed the
 dequantize warps waiting for their words with three of the eight slots held by them and two by the products).
@@ -86,10 +88,12 @@ if gluon is not None:
                     mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
                     mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
                     _tma_load(x_desc, [off_m, i * TILE_K], x_ready.index(s), x_bufs.index(s))
-            else:
+            else:  # tile i into dequantize partition i % DQ_PARTS's own ring (see _dequantize)
+                PART_STAGES: gl.constexpr = W_STAGES // DQ_PARTS
                 for i in range(k_tiles):
-                    s = i % W_STAGES
-                    mbarrier.wait(w_free.index(s), ((i // W_STAGES) & 1) ^ 1)
+                    k = i // DQ_PARTS
+                    s = (i % DQ_PARTS) * PART_STAGES + k % PART_STAGES
+                    mbarrier.wait(w_free.index(s), ((k // PART_STAGES) & 1) ^ 1)
                     bar = ready.index(s)
                     mbarrier.expect(bar, w_bytes)
                     _tma_load(q_desc, [i * TILE_K * BITS // 32, off_n], bar, q_bufs.index(s))
@@ -106,7 +110,7 @@ if gluon is not None:
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
             k0 = i * TILE_K
-            bar = ready.index(s)
+            bar = ready.index((i % DQ_PARTS) * STAGES + s)  # one barrier per partition and slot (_dequantize)
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
             _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
@@ -202,8 +206,18 @@ if gluon is not None:
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
-            q = i % W_STAGES
-            mbarrier.wait(ready.index(q), (i // W_STAGES) & 1)
+            if RINGS == 2:  # W_STAGES / DQ_PARTS slots of its own, taken in turn: a partition that skips the others'
+                # tiles in a shared ring could wait on a slot two phases behind (its parity then passes too early)
+                PART_STAGES: gl.constexpr = W_STAGES // DQ_PARTS
+                k = i // DQ_PARTS
+                q = part * PART_STAGES + k % PART_STAGES
+                mbarrier.wait(ready.index(q), (k // PART_STAGES) & 1)
+            else:  # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier
+                # of the slot alone it could wait two phases behind, where its parity passes before the tile landed
+                # (bench/ring_protocol_check.py); this one it waits on every time it is used
+                q = s
+                LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # (DQ_PARTS <= 3)
+                mbarrier.wait(ready.index((i % DQ_PARTS) * STAGES + s), (i // LAP) & 1)
             if BITS == 3:
                 w = _plane_tile(q_bufs.index(q), s_bufs.index(q), z_bufs.index(q).slice(0, 1), DQ_LAYOUT, HAS_ZERO,
                                 ZERO, TILE_N, TILE_K, w_bufs.dtype)
@@ -220,7 +234,7 @@ if gluon is not None:
 
     @gluon.jit
     def _products(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr, DIAG: gl.constexpr,
-                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, RINGS: gl.constexpr):
+                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, RINGS: gl.constexpr, DQ_PARTS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
@@ -242,7 +256,8 @@ if gluon is not None:
             if RINGS == 2:
                 mbarrier.wait(x_ready.index(s), phase)
             else:
-                mbarrier.wait(ready.index(s), phase)
+                LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS
+                mbarrier.wait(ready.index((i % DQ_PARTS) * STAGES + s), (i // LAP) & 1)
             mbarrier.wait(w_ready.index(s), phase)
             if (DIAG & 1) == 0:
                 if SWAP:
@@ -286,22 +301,22 @@ if gluon is not None:
         x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES,
                                                W_STAGES if W_STAGES > 0 else STAGES)
         w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
-        # ready: a slot's copies landed (RINGS 2: the words' ring's); w_ready: its weight tile stored; empty: its
-        # product finished; RINGS 2 also x_ready (x's copy landed) and w_free (a words slot dequantized)
-        READY: gl.constexpr = W_STAGES if RINGS == 2 else STAGES
+        # ready: a slot's copies landed, one barrier per dequantize partition and slot (RINGS 2: per slot of the
+        # words' rings); w_ready: its weight tile stored; empty: its product finished; RINGS 2 also x_ready (x's
+        # copy landed) and w_free (a words slot dequantized)
+        READY: gl.constexpr = W_STAGES if RINGS == 2 else STAGES * DQ_PARTS
         ready = gl.allocate_shared_memory(gl.int64, [READY, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            if RINGS == 1:
-                mbarrier.init(ready.index(i), count=1)
             mbarrier.init(w_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(READY):
+            mbarrier.init(ready.index(i), count=1)
         if RINGS == 2:
             w_free = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
             x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(W_STAGES):
-                mbarrier.init(ready.index(i), count=1)
                 mbarrier.init(w_free.index(i), count=1)
             for i in gl.static_range(STAGES):
                 mbarrier.init(x_ready.index(i), count=1)
@@ -319,7 +334,7 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS)),
+                              RINGS, DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
                 (_loader, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
@@ -329,14 +344,14 @@ if gluon is not None:
         elif DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS)),
+                              RINGS, DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS)),
+                              RINGS, DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
@@ -345,7 +360,7 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS)),
+                              RINGS, DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
@@ -354,12 +369,12 @@ if gluon is not None:
 
 
 def word_stages(config):
-    """A config's ninth number: the slots of the words' own ring (_gluon_mm_kernel's W_STAGES, three dequantize
-    partitions), 0 (or absent) for one ring."""
+    """A config's ninth number: the slots of the words' own rings (_gluon_mm_kernel's W_STAGES, a third for each of
+    three dequantize partitions), 0 (or absent) for one ring."""
     stages = config[8] if len(config) > 8 else 0
-    if stages and (stages < 2 or config[6] != 3):
-        raise ValueError(f"gluon_gemm: a config's ninth number (the words' ring) is 0 or at least 2 slots, with three "
-                         f"dequantize partitions, got {config}")
+    if stages and (stages % 3 or config[6] != 3 or config[4] < 3):
+        raise ValueError(f"gluon_gemm: a config's ninth number (the words' rings) is 0 or a multiple of 3, with three "
+                         f"dequantize partitions and at least 3 stages, got {config}")
     return stages
 
 
