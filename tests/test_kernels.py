@@ -1066,3 +1066,25 @@ def test_ring_protocol_of_the_gluon_gemm_has_no_deadlock_or_early_read_in_any_in
     assert any("read tile" in p for p in problems), problems
     _, problems = check(7, 2, 6, "rings")
     assert any("overwritten before its product finished" in p for p in problems), problems
+
+
+def test_ncu_stalls_cuts_the_source_page_to_samples_and_barrier_waits(tmp_path):
+    """bench/ncu_stalls.py on a source page in ncu's CSV form: one line per SASS instruction with its samples and
+    top reasons; --waits lists each mbarrier wait with the samples of the branch after it (where they land)."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Warp Stall Sampling (Not-issued Samples)",
+              "# Samples", "Instructions Executed", "stall_long_sb", "stall_wait", "stall_long_sb (Not Issued)"]
+    rows = [["0x10", "  LDC R1, c[0x0][0x28]", "3", "3", "3", "128", "0", "3", "0"],
+            ["0x20", "  SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR7+0x35400], R5", "2", "2", "2", "640", "0", "2", "0"],
+            ["0x30", "  @!P1  BRA 0x90", "40", "40", "40", "640", "39", "1", "39"]]
+    path = tmp_path / "source.csv"
+    with open(path, "w", newline="") as f:
+        import csv
+        csv.writer(f, quoting=csv.QUOTE_ALL).writerows([["Kernel Name", "_gluon_mm_kernel", ""], header, *rows])
+    script = os.path.join(ROOT, "bench", "ncu_stalls.py")
+    out = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("# 3 SASS instructions, 45 warp stall samples")
+    assert lines[3].split("\t") == ["2", "640", "40", "long_sb 39, wait 1", "@!P1  BRA 0x90"]
+    waits = subprocess.run([sys.executable, script, str(path), "--waits"], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert waits[1].split("\t")[:4] == ["1", "640", "42", "[UR7+0x35400]"] and len(waits) == 2
