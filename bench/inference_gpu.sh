@@ -194,12 +194,20 @@ for PART in $PARTS; do
         run 420 python bench/kernels.py --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
-    prefill_rings)  # int4 g128, 256 rows, one config a process (new barrier logic: a hang costs 70 s): the first
-                    # config (SWAP), SWAP 2 (y from the accumulator), and the words in a ring of their own (a ninth
-                    # number: 12, 13 slots beside 8 of x, 32 beside 6); then int8 per channel through the launcher,
-                    # which now offers 8 stages with SWAP 2
-        for C in 128x64x64x4x8x4x3x1 128x64x64x4x8x4x3x2 128x64x64x4x8x4x3x1x12 128x64x64x4x8x4x3x1x13 \
-                 128x64x64x4x6x4x3x1x32 128x64x64x4x8x4x3x1; do
+    prefill_rings)  # the Gluon GEMM checked on every format (one process each, at once: the ready barriers per
+                    # partition and slot are new), then int4 g128, 256 rows, one config a process (new barrier
+                    # logic: a hang costs 70 s): the first config (SWAP), SWAP 2 (y from the accumulator), the
+                    # words in rings of their own (a ninth number: 12 slots beside 8 of x, 24 beside 7, 30 beside
+                    # 6); then int8 per channel through the launcher, which now offers 8 stages with SWAP 2
+        pids=()
+        for v in "${FORMATS[@]}"; do
+            (timeout -k 10 200 python bench/kernels.py --check --check_kernels=gluon_mm --variants="$v" --shapes= \
+                --gemm_shapes= --out="$R/kernels_${GPU}_check_gluon_${v// /_}.md" 2>&1 | grep "check:\|FAIL" |
+                sed "s/^/$v: /" | tee -a "$LOG") & pids+=($!)
+        done
+        for pid in "${pids[@]}"; do wait "$pid"; done
+        for C in 128x64x64x4x8x4x3x1 128x64x64x4x8x4x3x2 128x64x64x4x8x4x3x1x12 128x64x64x4x7x4x3x1x24 \
+                 128x64x64x4x6x4x3x1x30 128x64x64x4x8x4x3x1; do
             run 60 python bench/prefill_ws_probe.py --variants=gluon --no_project --configs=$C \
                 --shapes=4096x4096,4096x11008 >> "$R/prefill_rings_$GPU.md"
         done

@@ -141,9 +141,9 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # tiles measured beside them; split-K, tried in 2141e22 and e6f3dd9 (bench/results/prefill_gluon_h100, files 3
     # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand; 64x128 tiles
     # (128 outputs, half the reads of x) were slower with SWAP, 28.0-32.0 us against 21.2 (file 16)
-    # (the ninth number: the words' own ring, 12 or 13 slots beside 8 of x, 32 beside 6; not yet timed)
-    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x1x12", "128x64x64x4x8x4x3x1x13",
-                                                                    "128x64x64x4x6x4x3x1x32",
+    # (the ninth number: the words' own rings, 12 slots beside 8 of x, 24 beside 7, 30 beside 6; not yet timed)
+    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x1x12", "128x64x64x4x7x4x3x1x24",
+                                                                    "128x64x64x4x6x4x3x1x30",
                                                                     "128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
                                                                     "128x64x64x4x8x4x2x1", "64x128x64x4x6x4x3x1"],
