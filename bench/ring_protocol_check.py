@@ -7,6 +7,7 @@ done, a tile read before it landed). No GPU.
 
     python bench/ring_protocol_check.py                  # both protocols of the kernel, K up to 8 tiles
     python bench/ring_protocol_check.py --tiles=6 --protocol=one_shared,shared_words   # the unsafe ones
+    python bench/ring_protocol_check.py --tiles=10 --stages=7,8 --protocol=one,one_shared
 
 Protocols (DQ_PARTS 3 dequantize partitions taking K tiles part, part + 3, ...):
 - `one`: one ring of STAGES slots (RINGS 1): one loader waits `empty` (the product that read the slot finished),
@@ -158,13 +159,15 @@ def check(tiles, stages, w_stages, protocol):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiles", type=int, default=8, help="the largest number of K tiles checked (every count from 0)")
+    p.add_argument("--stages", default="2,3,4", help="comma-separated ring sizes for one and one_shared (the kernel's "
+                   "first config has 8: --stages=8 --tiles=10 takes about a minute a protocol)")
     p.add_argument("--protocol", default="one,rings", help="comma-separated: one, one_shared, rings, "
                    "shared_words")
     args = p.parse_args()
     bad = 0
     for protocol in args.protocol.split(","):
         if protocol in ("one", "one_shared"):
-            sizes = [(s, s) for s in (2, 3, 4)]
+            sizes = [(int(s), int(s)) for s in args.stages.split(",")]
         else:  # the words' rings: a third for each partition; x's ring at least 3 slots (gluon_gemm.word_stages)
             sizes = list(itertools.product((3, 4), (3, 6, 9)))
         for (stages, w_stages), tiles in itertools.product(sizes, range(args.tiles + 1)):
