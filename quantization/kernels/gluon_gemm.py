@@ -22,13 +22,14 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
   weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
 Barriers per slot: loaded (one per dequantize partition and slot: a partition skips the others' tiles, and on a
 barrier of the slot alone it could wait two phases behind, where the parity passes before its tile has landed;
-bench/ring_protocol_check.py explores every interleaving), dequantized, free again. A config's ninth number (not yet run on a GPU, not in CONFIGS)
-gives the words, scales and zero points a ring of their own, that many slots deep, with a second loader warp: the
-weights' copies, from memory, then run further ahead than x's ring allows (with one ring, Nsight Compute showed the
-dequantize warps waiting for their words with three of the eight slots held by them and two by the products).
-On one H100, 256 rows of int4 g128 with SWAP: 20.7 us on
+bench/ring_protocol_check.py explores every interleaving), dequantized, free again. A config's ninth number (not
+yet run on a GPU, not in CONFIGS) gives the words, scales and zero points rings of their own, one per dequantize
+partition, with a second loader warp: the weights' copies, from memory, then run further ahead than x's ring
+allows (with one ring, Nsight Compute showed the dequantize warps waiting for their words with three of the eight
+slots held by them and two by the products). On one H100, 256 rows of int4 g128 with SWAP: 20.7 us on
 4096x4096 against cuBLAS bf16's 19.8-20.3 (23.5 without SWAP; the dequantize-then-cuBLAS path 33.6); 59.6 on
-4096x11008 against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11, 13 and 17).
+4096x11008 against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11, 13 and 17; measured before the ready
+barriers per partition and slot, which are not yet timed).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
