@@ -503,6 +503,7 @@ def group_tiles(group, in_features, block_k=BLOCK_K):
     return 0 if group >= in_features else group // block_k
 
 
+@functools.lru_cache(maxsize=None)
 def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096):
     """The kernel compiled for `arch` without a GPU (triton.compile with an explicit target): what the CPU tests and
     bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
