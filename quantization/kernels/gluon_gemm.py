@@ -71,8 +71,8 @@ if gluon is not None:
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it). RINGS 2: two such
         warps, part 0 copying x into its ring (on x_ready, free again on empty), part 1 the words, scales and zero
-        points into theirs, of W_STAGES slots (on ready, free again on w_free, once dequantized). The workers share
-        one signature."""
+        points into the rings of the dequantize partitions, W_STAGES slots in all (on ready, free again on w_free,
+        once dequantized). The workers share one signature."""
         descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
@@ -196,8 +196,9 @@ if gluon is not None:
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. RINGS 2:
-        the words from their own ring (slot i % W_STAGES, released on w_free once the tile is stored), the weight
-        tile into slot i % STAGES once the product that read it before has finished (empty)."""
+        the words from the partition's own ring (W_STAGES / DQ_PARTS slots taken in turn, released on w_free once
+        the tile is stored), the weight tile into slot i % STAGES once the product that read it before has finished
+        (empty)."""
         descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty, x_ready, w_free = bars
@@ -292,9 +293,9 @@ if gluon is not None:
                          OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). W_STAGES: 0 for one ring of STAGES slots and one loader warp; more for the
-        words, scales and zero points in a ring of their own, that many slots deep, with a loader warp of their own
-        (RINGS 2: the weights' copies, from memory, can run further ahead than x's, from L2; three dequantize
-        partitions). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
+        words, scales and zero points in rings of their own, one per dequantize partition, W_STAGES slots in all,
+        with a loader warp of their own (RINGS 2: the weights' copies, from memory, can run further ahead than x's,
+        from L2; three dequantize partitions). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
