@@ -5,7 +5,7 @@
 # shape (124M, 6.7B, GPT-2 XL). Tables go to $RESULTS (default bench/results), the output of a part to
 # $RESULTS/inference_<gpu>_<part>_log.txt.
 #   bash bench/inference_gpu.sh            # every part, in order
-#   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, check_low, kernels, kernels_goal,
+#   bash bench/inference_gpu.sh kernels    # one part (or several, quoted): check, kernels, kernels_goal,
 #                                          # modes_124m, decode_124m, decode_6.7b, decode_xl, profile_124m,
 #                                          # repeats_124m, check_parallel, prefill_profile, peer,
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 R=${RESULTS:-bench/results}
 mkdir -p "$R"
-PARTS=${1:-check check_low kernels modes_124m decode_124m decode_6.7b decode_xl}
+PARTS=${1:-check kernels modes_124m decode_124m decode_6.7b decode_xl}
 
 run() {  # run <seconds> <command...>: the command echoed into the log, then its output without warnings
     local limit=$1; shift
@@ -34,7 +34,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check check_low kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_rings"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_rings"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -47,15 +47,6 @@ for PART in $PARTS; do
     LOG="$R/inference_${GPU}_${PART}_log.txt"
     : > "$LOG"
     case $PART in
-    check|check_low)  # every config of every kernel, on odd shapes: one process per format (all six in one did
-                      # not finish in 420 s on an H100: int8 and int4 did); check: 8, 4 and 3-bit codes,
-                      # check_low: 2-bit, ternary and 1-bit
-        if [ "$PART" = check ]; then set -- "int8 per channel" "int4 g128" "int3 g128"
-        else set -- "int2 g128" "ternary per tensor" "1-bit per channel"; fi
-        for F in "$@"; do
-            run 190 python bench/kernels.py --check --variants="$F" --shapes= --gemm_shapes= \
-                --out="$R/kernels_${GPU}_check_${F// /_}.md"
-        done ;;
     kernels)  # the goal's shape first, so that a run cut short still has it
         run 290 python bench/kernels.py --out="$R/kernels_$GPU.md" --gemm_shapes=4096x11008 \
             --shapes=4096x11008,768x768,768x3072,3072x768,4096x4096,11008x4096,8192x8192 ;;
@@ -90,8 +81,10 @@ for PART in $PARTS; do
             run 120 python bench/decode.py --shapes=gpt2_124m --formats=bf16 \
                 --modes=compiled_whole,compiled,reduce_overhead --batches=1 --out="$R/decode_${GPU}_124m_repeat$i.md"
         done ;;
-    check_parallel)  # as check, one process per format and kernel (their kernels compile in parallel: int3's in one
-                     # process did not finish in 280 s on an H100), a table and a log each in $R/kernels_check_<gpu>/
+    check|check_parallel)  # every config of every kernel, on odd shapes, one process per format and kernel, all at
+                           # once (their kernels compile in parallel: every format in one process did not finish in
+                           # 420 s on an H100, nor int3's alone in 280 s), a table and a log each in
+                           # $R/kernels_check_<gpu>/
         D="$R/kernels_check_$GPU"
         mkdir -p "$D"
         pids=()

@@ -45,9 +45,9 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
             A config's eighth number 1: the weight tile as wgmma's left operand (SWAP, the first config); 2:
             the same with y stored straight from the accumulator (no shared-memory scratch in the epilogue). A
-            ninth: the words, scales and zero points in a ring of their own that many slots deep, copied by a
-            loader warp of their own, so that they run further ahead of the dequantize than x's ring allows (not
-            yet run on a GPU; not in CONFIGS).
+            ninth: the words, scales and zero points in rings of their own (one per dequantize partition, that
+            many slots in all), copied by a loader warp of their own, so that they run further ahead of the
+            dequantize than x's ring allows (not yet run on a GPU; not in CONFIGS).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -392,7 +392,7 @@ if triton is not None:
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
     for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xW_STAGES]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as
-    wgmma's left operand, 2: the same, y stored from the accumulator; W_STAGES: the words' own ring)."""
+    wgmma's left operand, 2: the same, y stored from the accumulator; W_STAGES: the words' own rings)."""
     values = tuple(int(v) for v in text.split("x"))
     if len(values) not in (5, 6, 7, 8, 9):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
@@ -809,8 +809,8 @@ def main():
     p.add_argument("--rows", type=int, default=256, help="rows of x")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages for every "
-                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS[xSWAP] for the "
-                   "gluon ones (default: each variant's own list)")
+                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS[xSWAP[xW_STAGES]] "
+                   "for the gluon ones (default: each variant's own list)")
     p.add_argument("--no_project", action="store_true", help="skip the project's path (its first call tunes)")
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")
     p.add_argument("--arch", type=int, default=90, help="--compile_only's CUDA compute capability (90: H100/H200)")

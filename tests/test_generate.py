@@ -616,7 +616,7 @@ def test_the_gpu_script_names_a_bad_part_or_a_missing_gpu_in_one_line(tmp_path):
     env = dict(os.environ, RESULTS=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     bad = subprocess.run(["bash", script, "check bogus"], capture_output=True, text=True, env=env, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == ("inference_gpu.sh: error: part 'bogus' is unknown; expected "
-                                                          "one of: check check_low kernels kernels_goal modes_124m "
+                                                          "one of: check kernels kernels_goal modes_124m "
                                                           "decode_124m decode_6.7b decode_xl profile_124m repeats_124m "
                                                           "check_parallel prefill_profile peer prefill peer_large "
                                                           "binary_decode choices_124m ncu_small launch "
