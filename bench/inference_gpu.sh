@@ -11,7 +11,7 @@
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
 #                                          # fused_tuning_decode, read_ceiling, prefill_gluon,
-#                                          # prefill_gluon_all, prefill_ncu, prefill_rings
+#                                          # prefill_gluon_all, prefill_ncu
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,7 +34,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_rings"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -187,25 +187,6 @@ for PART in $PARTS; do
         run 420 python bench/kernels.py --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
-    prefill_rings)  # the Gluon GEMM checked on every format (one process each, at once: the ready barriers per
-                    # partition and slot are new), then int4 g128, 256 rows, one config a process (new barrier
-                    # logic: a hang costs 70 s): the first config (SWAP), SWAP 2 (y from the accumulator), the
-                    # words in rings of their own (a ninth number: 12 slots beside 8 of x, 24 beside 7, 30 beside
-                    # 6); then int8 per channel through the launcher, which now offers 8 stages with SWAP 2
-        pids=()
-        for v in "${FORMATS[@]}"; do
-            (timeout -k 10 200 python bench/kernels.py --check --check_kernels=gluon_mm --variants="$v" --shapes= \
-                --gemm_shapes= --out="$R/kernels_${GPU}_check_gluon_${v// /_}.md" 2>&1 | grep "check:\|FAIL" |
-                sed "s/^/$v: /" | tee -a "$LOG") & pids+=($!)
-        done
-        for pid in "${pids[@]}"; do wait "$pid"; done
-        for C in 128x64x64x4x8x4x3x1 128x64x64x4x8x4x3x2 128x64x64x4x8x4x3x1x12 128x64x64x4x7x4x3x1x24 \
-                 128x64x64x4x6x4x3x1x30 128x64x64x4x8x4x3x1; do
-            run 60 python bench/prefill_ws_probe.py --variants=gluon --no_project --configs=$C \
-                --shapes=4096x4096,4096x11008 >> "$R/prefill_rings_$GPU.md"
-        done
-        run 240 python bench/kernels.py --shapes= --gemm_variants="int8 per channel" \
-            --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_int8.md" ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
         run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/prefill_ncu_$GPU" -f \

@@ -44,10 +44,9 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             config's last two numbers) and the wgmma partition; `gluon_nomma` times it with its products left
             out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
             A config's eighth number 1: the weight tile as wgmma's left operand (SWAP, the first config); 2:
-            the same with y stored straight from the accumulator (no shared-memory scratch in the epilogue). A
-            ninth: the words, scales and zero points in rings of their own (one per dequantize partition, that
-            many slots in all), copied by a loader warp of their own, so that they run further ahead of the
-            dequantize than x's ring allows (not yet run on a GPU; not in CONFIGS).
+            the same with y stored straight from the accumulator (no shared-memory scratch in the epilogue;
+            slower, not in CONFIGS). The words in rings of their own with a second loader warp (a ninth number
+            until commit 578c0c9) were slower and are not in the kernel (bench/results/prefill_gluon_h100, file 20).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -140,10 +139,9 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # BLOCK_MxBLOCK_NxBLOCK_KxwarpsxstagesxDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS, and the narrower and wider
     # tiles measured beside them; split-K, tried in 2141e22 and e6f3dd9 (bench/results/prefill_gluon_h100, files 3
     # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand; 64x128 tiles
-    # (128 outputs, half the reads of x) were slower with SWAP, 28.0-32.0 us against 21.2 (file 16)
-    # (the ninth number: the words' own rings, 12 slots beside 8 of x, 24 beside 7, 30 beside 6; not yet timed)
-    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x1x12", "128x64x64x4x7x4x3x1x24",
-                                                                    "128x64x64x4x6x4x3x1x30",
+    # (128 outputs, half the reads of x) were slower with SWAP, 28.0-32.0 us against 21.2 (file 16); SWAP 2 (y from
+    # the accumulator) 22.8 against 22.2 (file 20)
+    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x2",
                                                                     "128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
                                                                     "128x64x64x4x8x4x2x1", "64x128x64x4x6x4x3x1"],
@@ -391,10 +389,10 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xW_STAGES]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as
-    wgmma's left operand, 2: the same, y stored from the accumulator; W_STAGES: the words' own rings)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
+    operand, 2: the same, y stored from the accumulator)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8, 9):
+    if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -454,9 +452,9 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8, 9) or config[2] != gluon_gemm.BLOCK_K:
+        if len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS[xSWAP[xW_STAGES]] (got {config})")
+                             f"DQ_PARTS[xSWAP] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
                                    diag=GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
@@ -809,7 +807,7 @@ def main():
     p.add_argument("--rows", type=int, default=256, help="rows of x")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages for every "
-                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS[xSWAP[xW_STAGES]] "
+                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS[xSWAP] "
                    "for the gluon ones (default: each variant's own list)")
     p.add_argument("--no_project", action="store_true", help="skip the project's path (its first call tunes)")
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")

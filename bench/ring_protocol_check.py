@@ -10,7 +10,7 @@ done, a tile read before it landed). No GPU.
     python bench/ring_protocol_check.py --tiles=10 --stages=7,8 --protocol=one,one_shared
 
 Protocols (DQ_PARTS 3 dequantize partitions taking K tiles part, part + 3, ...):
-- `one`: one ring of STAGES slots (RINGS 1): one loader waits `empty` (the product that read the slot finished),
+- `one` (the kernel's): one ring of STAGES slots: one loader waits `empty` (the product that read the slot finished),
   copies x and the words on `ready`, one barrier per dequantize partition and slot (tile i's is
   (i % 3) * STAGES + i % STAGES, its phase i // lcm(3, STAGES)); a dequantize partition waits on it, stores the
   weight tile, arrives `w_ready`; the products wait on it and on `w_ready`, release the slot before on `empty`.
@@ -18,9 +18,10 @@ Protocols (DQ_PARTS 3 dequantize partitions taking K tiles part, part + 3, ...):
   unsafe where STAGES is not a multiple of 3. A partition skips the others' tiles, so it can wait on a slot whose
   barrier is two phases behind (the copy of the tile STAGES before still in flight while a later one landed), and
   the parity then passes before its tile landed.
-- `rings`: RINGS 2: x in a ring of STAGES slots (its own loader, `x_ready`), the words in one ring per dequantize
+- `rings`: x in a ring of STAGES slots (its own loader, `x_ready`), the words in one ring per dequantize
   partition of W_STAGES / 3 slots (a second loader, `ready`, freed on `w_free` once dequantized); the dequantize
-  partition waits `empty` for its weight tile's slot before storing it.
+  partition waits `empty` for its weight tile's slot before storing it. Safe, but slower on an H100 and taken out
+  of the kernel (bench/results/prefill_gluon_h100, file 20; the code is in commit 578c0c9).
 - `shared_words`: as `rings` with one words ring that every partition takes its tiles from (a partition skips the
   others' tiles): unsafe, a partition can wait on a slot two phases behind; kept to show that the check finds it.
 """
@@ -168,7 +169,7 @@ def main():
     for protocol in args.protocol.split(","):
         if protocol in ("one", "one_shared"):
             sizes = [(int(s), int(s)) for s in args.stages.split(",")]
-        else:  # the words' rings: a third for each partition; x's ring at least 3 slots (gluon_gemm.word_stages)
+        else:  # the words' rings: a third for each partition; x's ring at least 3 slots (as the kernel had them)
             sizes = list(itertools.product((3, 4), (3, 6, 9)))
         for (stages, w_stages), tiles in itertools.product(sizes, range(args.tiles + 1)):
             states, problems = check(tiles, stages, w_stages, protocol)

@@ -22,14 +22,11 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
   weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
 Barriers per slot: loaded (one per dequantize partition and slot: a partition skips the others' tiles, and on a
 barrier of the slot alone it could wait two phases behind, where the parity passes before its tile has landed;
-bench/ring_protocol_check.py explores every interleaving), dequantized, free again. A config's ninth number (not
-yet run on a GPU, not in CONFIGS) gives the words, scales and zero points rings of their own, one per dequantize
-partition, with a second loader warp: the weights' copies, from memory, then run further ahead than x's ring
-allows (with one ring, Nsight Compute showed the dequantize warps waiting for their words with three of the eight
-slots held by them and two by the products). On one H100, 256 rows of int4 g128 with SWAP: 20.7 us on
-4096x4096 against cuBLAS bf16's 19.8-20.3 (23.5 without SWAP; the dequantize-then-cuBLAS path 33.6); 59.6 on
-4096x11008 against 43.4 (bench/results/prefill_gluon_h100/README.md, files 11, 13 and 17; measured before the ready
-barriers per partition and slot, which are not yet timed).
+bench/ring_protocol_check.py explores every interleaving), dequantized, free again. On one H100, 256 rows of int4
+g128 with SWAP: 21.4-21.7 us on 4096x4096 against cuBLAS bf16's 20.1-20.3 (23.5 without SWAP; the
+dequantize-then-cuBLAS path 33.6); 62.4-62.9 on 4096x11008 against 44.7 (bench/results/prefill_gluon_h100/README.md,
+files 11, 13 and 21). The words, scales and zero points in rings of their own, one per dequantize partition with a
+second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -56,10 +53,11 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # a 128x128 tile with three dequantize partitions did not finish in two runs: not listed. SWAP (the weight tile as
 # wgmma's left operand) took 21.6 us against 23.5 on 4096x4096 and 62.8 against 68.2 on 4096x11008 (one H100 run);
 # with 8-bit codes its 8 stages need 233,680 bytes of shared memory (227 KiB on Hopper): 6 stages for those
-# (0.85x cuBLAS against 0.94-0.97x for 1, 2 and 4-bit codes), or 8 with y stored straight from the accumulator
-# (SWAP 2: 231,808 bytes, no epilogue scratch; not yet timed on a GPU)
+# (0.85x cuBLAS against 0.91-0.98x for 1, 2 and 4-bit codes). 8 stages fit with y stored straight from the
+# accumulator (SWAP 2: 231,808 bytes, no epilogue scratch), which lost (file 20 of bench/results/prefill_gluon_h100:
+# 22.8 us against 22.2 for int4, and the launcher kept 6 stages for int8 over it): not listed
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2),
-           (128, 64, 64, 4, 6, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3, 2)]
+           (128, 64, 64, 4, 6, 4, 3, 1)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -67,51 +65,25 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr, RINGS: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
-        free slot (free once the default partition has finished the product that read it). RINGS 2: two such
-        warps, part 0 copying x into its ring (on x_ready, free again on empty), part 1 the words, scales and zero
-        points into the rings of the dequantize partitions, W_STAGES slots in all (on ready, free again on w_free,
-        once dequantized). The workers share one signature."""
+        free slot (free once the default partition has finished the product that read it), on the ready barrier of
+        the dequantize partition that takes the tile. The workers share one signature."""
         descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty, x_ready, w_free = bars
+        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
-        W_STAGES: gl.constexpr = q_bufs.type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
-        w_bytes: gl.constexpr = (q_desc.block_type.nbytes + s_desc.block_type.nbytes
-                                 + (z_desc.block_type.nbytes if HAS_ZERO else 0))
-        if RINGS == 2:
-            if part == 0:
-                for i in range(k_tiles):
-                    s = i % STAGES
-                    mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
-                    mbarrier.expect(x_ready.index(s), x_desc.block_type.nbytes)
-                    _tma_load(x_desc, [off_m, i * TILE_K], x_ready.index(s), x_bufs.index(s))
-            else:  # tile i into dequantize partition i % DQ_PARTS's own ring (see _dequantize)
-                PART_STAGES: gl.constexpr = W_STAGES // DQ_PARTS
-                for i in range(k_tiles):
-                    k = i // DQ_PARTS
-                    s = (i % DQ_PARTS) * PART_STAGES + k % PART_STAGES
-                    mbarrier.wait(w_free.index(s), ((k // PART_STAGES) & 1) ^ 1)
-                    bar = ready.index(s)
-                    mbarrier.expect(bar, w_bytes)
-                    _tma_load(q_desc, [i * TILE_K * BITS // 32, off_n], bar, q_bufs.index(s))
-                    if GROUP_TILES == 0:
-                        row = i * 0
-                    else:
-                        row = i // GROUP_TILES
-                    _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
-                    if HAS_ZERO:
-                        _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
-            return
-        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_bytes
+        nbytes: gl.constexpr = (x_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes
+                                + (z_desc.block_type.nbytes if HAS_ZERO else 0))
+        p = gl.to_tensor(0)  # i % DQ_PARTS, counted (no division in the one warp's loop)
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
             k0 = i * TILE_K
-            bar = ready.index((i % DQ_PARTS) * STAGES + s)  # one barrier per partition and slot (_dequantize)
+            bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
+            p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
             _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
@@ -124,18 +96,18 @@ if gluon is not None:
                 _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
 
     @gluon.jit
-    def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr, W_STAGES: gl.constexpr):
-        """The ring's slots: STAGES of x's tile, W_STAGES of the words, a row of scales and of zero points (a TMA
-        copy lands on 128-byte boundaries: a slot of zero points, 64 bytes for 64 outputs, is padded to that)."""
+    def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr):
+        """The ring's STAGES slots: x's tile, the words, a row of scales and of zero points (a TMA copy lands on
+        128-byte boundaries: a slot of zero points, 64 bytes for 64 outputs, is padded to that)."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
-        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [W_STAGES] + q_desc.block_type.shape, q_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [W_STAGES, 1, TILE_N], s_desc.layout)
+        q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
         ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
         Z_ROWS: gl.constexpr = (1024 + ROW_BITS - 1) // ROW_BITS
-        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [W_STAGES, Z_ROWS, TILE_N], z_desc.layout)
+        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, Z_ROWS, TILE_N], z_desc.layout)
         return x_bufs, q_bufs, s_bufs, z_bufs
 
     @gluon.jit
@@ -192,51 +164,36 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr, RINGS: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
-        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. RINGS 2:
-        the words from the partition's own ring (W_STAGES / DQ_PARTS slots taken in turn, released on w_free once
-        the tile is stored), the weight tile into slot i % STAGES once the product that read it before has finished
-        (empty)."""
+        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
         descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty, x_ready, w_free = bars
+        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
-        W_STAGES: gl.constexpr = q_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
+        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
         for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
-            if RINGS == 2:  # W_STAGES / DQ_PARTS slots of its own, taken in turn: a partition that skips the others'
-                # tiles in a shared ring could wait on a slot two phases behind (its parity then passes too early)
-                PART_STAGES: gl.constexpr = W_STAGES // DQ_PARTS
-                k = i // DQ_PARTS
-                q = part * PART_STAGES + k % PART_STAGES
-                mbarrier.wait(ready.index(q), (k // PART_STAGES) & 1)
-            else:  # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier
-                # of the slot alone it could wait two phases behind, where its parity passes before the tile landed
-                # (bench/ring_protocol_check.py); this one it waits on every time it is used
-                q = s
-                LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # (DQ_PARTS <= 3)
-                mbarrier.wait(ready.index((i % DQ_PARTS) * STAGES + s), (i // LAP) & 1)
+            # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier of the
+            # slot alone it could wait two phases behind, where its parity passes before the tile landed
+            # (bench/ring_protocol_check.py); this one it waits on every time it is used (i % DQ_PARTS is part)
+            mbarrier.wait(ready.index(part * STAGES + s), (i // LAP) & 1)
             if BITS == 3:
-                w = _plane_tile(q_bufs.index(q), s_bufs.index(q), z_bufs.index(q).slice(0, 1), DQ_LAYOUT, HAS_ZERO,
+                w = _plane_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, HAS_ZERO,
                                 ZERO, TILE_N, TILE_K, w_bufs.dtype)
             else:
-                w = _word_tile(q_bufs.index(q), s_bufs.index(q), z_bufs.index(q).slice(0, 1), DQ_LAYOUT, BITS,
+                w = _word_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, BITS,
                                HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
-            if RINGS == 2:  # the weight tile's slot, once the product that read it last has finished
-                mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             w_bufs.index(s).store(w)
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
             mbarrier.arrive(w_ready.index(s), count=1)
-            if RINGS == 2:
-                mbarrier.arrive(w_free.index(q), count=1)
 
     @gluon.jit
     def _products(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr, DIAG: gl.constexpr,
-                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, RINGS: gl.constexpr, DQ_PARTS: gl.constexpr):
+                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
@@ -244,7 +201,7 @@ if gluon is not None:
         (SWAP 1: 16 bytes a thread, through shared-memory scratch) or straight from the accumulator (SWAP 2).
         DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty, x_ready, w_free = bars
+        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
@@ -252,14 +209,13 @@ if gluon is not None:
             acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC_LAYOUT)
         else:
             acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
+        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
+        p = gl.to_tensor(0)  # i % DQ_PARTS, counted
         for i in range(k_tiles):
             s = i % STAGES
             phase = (i // STAGES) & 1
-            if RINGS == 2:
-                mbarrier.wait(x_ready.index(s), phase)
-            else:
-                LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS
-                mbarrier.wait(ready.index((i % DQ_PARTS) * STAGES + s), (i // LAP) & 1)
+            mbarrier.wait(ready.index(p * STAGES + s), (i // LAP) & 1)  # x's copy landed
+            p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
             mbarrier.wait(w_ready.index(s), phase)
             if (DIAG & 1) == 0:
                 if SWAP:
@@ -286,103 +242,66 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, M, N, K, GROUP_TILES: gl.constexpr,
-                         STAGES: gl.constexpr, W_STAGES: gl.constexpr, W_LAYOUT: gl.constexpr,
-                         ACC_LAYOUT: gl.constexpr, DQ_LAYOUT: gl.constexpr,
-                         DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                         HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr, SWAP: gl.constexpr,
-                         OUT_LAYOUT: gl.constexpr):
+                         STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
+                         DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
+                         DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
-        of scales (group_tiles()). W_STAGES: 0 for one ring of STAGES slots and one loader warp; more for the
-        words, scales and zero points in rings of their own, one per dequantize partition, W_STAGES slots in all,
-        with a loader warp of their own (RINGS 2: the weights' copies, from memory, can run further ahead than x's,
-        from L2; three dequantize partitions). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
+        of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        RINGS: gl.constexpr = 2 if W_STAGES > 0 else 1
-        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES,
-                                               W_STAGES if W_STAGES > 0 else STAGES)
+        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES)
         w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
-        # ready: a slot's copies landed, one barrier per dequantize partition and slot (RINGS 2: per slot of the
-        # words' rings); w_ready: its weight tile stored; empty: its product finished; RINGS 2 also x_ready (x's
-        # copy landed) and w_free (a words slot dequantized)
-        READY: gl.constexpr = W_STAGES if RINGS == 2 else STAGES * DQ_PARTS
-        ready = gl.allocate_shared_memory(gl.int64, [READY, 1], mbarrier.MBarrierLayout())
+        # ready: a slot's copies landed, one barrier per dequantize partition and slot; w_ready: its weight tile
+        # stored; empty: its product finished
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES * DQ_PARTS, 1], mbarrier.MBarrierLayout())
         w_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(w_ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(READY):
+        for i in gl.static_range(STAGES * DQ_PARTS):
             mbarrier.init(ready.index(i), count=1)
-        if RINGS == 2:
-            w_free = gl.allocate_shared_memory(gl.int64, [W_STAGES, 1], mbarrier.MBarrierLayout())
-            x_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(W_STAGES):
-                mbarrier.init(w_free.index(i), count=1)
-            for i in gl.static_range(STAGES):
-                mbarrier.init(x_ready.index(i), count=1)
-        else:  # not used
-            x_ready = ready
-            w_free = ready
         off_m = gl.program_id(0) * TILE_M
         off_n = gl.program_id(1) * TILE_N
         k_tiles = K // TILE_K
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
-        bars = (ready, w_ready, empty, x_ready, w_free)
+        bars = (ready, w_ready, empty)
         common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, GROUP_TILES)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
-        if RINGS == 2:
-            gl.static_assert(DQ_PARTS == 3)
+        if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS, DQ_PARTS)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_loader, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-            ], [1, 1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, 24, DQ_REGS, DQ_REGS, DQ_REGS])
-        elif DQ_PARTS == 1:
-            gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS, DQ_PARTS)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                              DQ_PARTS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS, DQ_PARTS)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                              DQ_PARTS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              RINGS, DQ_PARTS)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG, RINGS)),
+                              DQ_PARTS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
-
-
-def word_stages(config):
-    """A config's ninth number: the slots of the words' own rings (_gluon_mm_kernel's W_STAGES, a third for each of
-    three dequantize partitions), 0 (or absent) for one ring."""
-    stages = config[8] if len(config) > 8 else 0
-    if stages and (stages % 3 or config[6] != 3 or config[4] < 3):
-        raise ValueError(f"gluon_gemm: a config's ninth number (the words' rings) is 0 or a multiple of 3, with three "
-                         f"dequantize partitions and at least 3 stages, got {config}")
-    return stages
 
 
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
     stored straight from the accumulator; 0 where absent."""
+    if not 7 <= len(config) <= 8:
+        raise ValueError(f"gluon_gemm: a config has 7 numbers, or 8 with SWAP, got {config}")
     swap = config[7] if len(config) > 7 else 0
     if swap not in (0, 1, 2):
         raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0, 1 or 2, got {swap} in {config}")
@@ -481,7 +400,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     total, dq_regs = registers(config)
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
         *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4],
-        W_STAGES=word_stages(config), W_LAYOUT=w_layout, ACC_LAYOUT=acc,
+        W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
         ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
         maxnreg=total)
@@ -523,8 +442,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
-    consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4],
-                  W_STAGES=word_stages(config), W_LAYOUT=w_layout,
+    consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
                   HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
