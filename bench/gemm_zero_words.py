@@ -80,13 +80,13 @@ def bench(shape, rows, configs):
         print(f"| {shape} | {rows} | {name} | {config} | {t:.1f} | {base / t:.2f} | {err:.1e} |", flush=True)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="", help="comma-separated in x out shapes (default: 768x3072, 3072x768, "
                    "768x2304, 4096x4096 at 16 rows; 4096x4096, 4096x11008 at 256)")
     p.add_argument("--rows", default="16,256", help="comma-separated rows of x: 16 times ops.SMALL_GEMM_CONFIGS, "
                    "more rows ops.GEMM_CONFIGS and a few more")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         rows = [int(r) for r in args.rows.split(",") if r]
     except ValueError:

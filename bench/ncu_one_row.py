@@ -20,12 +20,12 @@ from quantization.kernels.tinygemm import TinyGemmLinear  # noqa: E402
 from quantization.quantizers import QuantSpec  # noqa: E402
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="768x3072", help="in x out")
     p.add_argument("--config", default="32,32,0,8,0", help="the one-row kernel's config (ops.STREAM_CONFIGS)")
     p.add_argument("--calls", type=int, default=4, help="calls of each kernel")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     try:
         k, n = map(int, args.shape.split("x"))
     except ValueError:

@@ -70,14 +70,14 @@ def overlapped(layers, xs, config, buffers, side):
     return y
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=4, help="blocks of 4 layers in the stack")
     p.add_argument("--rows", default="256", help="comma-separated prompt rows")
     p.add_argument("--buffers", default="2,3", help="comma-separated scratch buffer counts to try")
     p.add_argument("--carveouts", default="0", help="comma-separated multiprocessors that cuBLAS leaves free "
                    "(torch._C._set_sm_carveout_experimental) in the overlapped rows, for the dequantize to run on")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.blocks < 1:
         sys.exit(f"prefill_overlap.py: error: --blocks={args.blocks}: expected at least 1")
     try:

@@ -580,13 +580,13 @@ def test_the_loads_only_kernel_of_the_profile_reads_every_word_under_the_interpr
                                          ("--gemm_configs=128x128x64x4x3x4", "--gemm_configs"),
                                          ("--gemm_configs=8x128x64x4x3x0x1", "--gemm_configs"),
                                          ("--check_kernels=gemm,tinygemm", "--check_kernels")])
-def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
-    """Unknown formats and malformed shapes are refused before anything runs, on any machine."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernels.py"), flag],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"kernels.py: error: {named}"), \
-        result.stderr
+def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named, capsys):
+    """Unknown formats and malformed shapes are refused before anything runs, on any machine (main in this process:
+    the error is the message it exits with, one line, and nothing else is written)."""
+    from conftest import load_script, run_main
+    error = run_main(load_script("bench/kernels.py").main, flag)
+    assert error is not None and "\n" not in error and error.startswith(f"kernels.py: error: {named}"), error
+    assert not capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script, flags, named", [
@@ -601,13 +601,13 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named):
     ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", ["--configs=up:32x32"], "--configs=up"),
     ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"), ("pdl_timeline.py", [], "needs a CUDA GPU"),
     ("pdl_timeline.py", ["--u_float32"], "--u_float32 needs --fused")])
-def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named):
+def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named, capsys):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *flags], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0 and len(lines) == 1 and named in lines[0], result.stderr
+    from conftest import load_script, run_main
+    error = run_main(load_script(f"bench/{script}").main, *flags)
+    assert error is not None and "\n" not in error and named in error and error.startswith(f"{script}: error:"), error
+    assert not capsys.readouterr().err
 
 
 def test_the_pdl_timeline_measures_each_layer_from_the_end_of_the_kernel_before(tmp_path):
