@@ -26,7 +26,8 @@ bench/ring_protocol_check.py explores every interleaving), dequantized, free aga
 g128 with SWAP: 21.4-21.7 us on 4096x4096 against cuBLAS bf16's 20.1-20.3 (23.5 without SWAP; the
 dequantize-then-cuBLAS path 33.6); 62.4-62.9 on 4096x11008 against 44.7 (bench/results/prefill_gluon_h100/README.md,
 files 11, 13 and 21). The words, scales and zero points in rings of their own, one per dequantize partition with a
-second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9).
+second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9); 7 stages,
+which hung before the race fix, ran correctly after it and were slower too (file 22).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
