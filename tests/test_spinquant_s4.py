@@ -309,3 +309,31 @@ def test_s4_alpha_bench_table_and_bad_flags(plain_dir, capsys):
                         ("--statistics=mean", "--statistics=mean"), ("--bits=16", "--bits=16")):
         error = run_main(bench.main, f"--out_dir={plain_dir}", "--device=cpu", flag)
         assert error.startswith(f"spinquant_s4_alpha.py: error: {named}") and "\n" not in error, error
+
+
+def test_input_shift_study_keeps_the_function_and_takes_the_means_of_what_the_quantizers_read(plain_dir, tiny_trained):
+    """bench/spinquant_input_shift.py: in every rotation set the shifted models compute the model's logits in full
+    precision (the mean comes back through q, k, v's and mlp_up's biases); each row scores no shift and the three
+    shifts; the means are those of ln_1's and ln_2's outputs, computed here from the blocks directly; bits 16 and a
+    bad flag are refused in one line."""
+    bench = load_script("bench/spinquant_input_shift.py")
+    rows = bench.main([f"--out_dir={plain_dir}", "--device=cpu", "--nsamples=4", "--eval_tokens=300"])
+    assert [r["rotations"] for r in rows] == [name for name, _, _ in bench.SETS]
+    for r in rows:
+        assert r["full_precision_difference"] < 1e-4, r
+        assert set(r["gap_closed"]) == {"attn", "mlp", "attn+mlp"} and all(r[k] > 0 for k in ("attn", "mlp"))
+    model = tiny_trained[0].eval()
+    data = _calibration(tiny_trained[1], n=6, seqlen=17)
+    means = bench.input_means(model, data)
+    with torch.no_grad():
+        x = torch.cat(data)[:, :-1]
+        pos = torch.arange(x.shape[1])
+        h = model.transformer.wte(x) + model.transformer.wpe(pos)
+        block = model.transformer.h[0]
+        expected_attn = block.ln_1(h).double().mean((0, 1))
+        h = h + block.attn(block.ln_1(h))
+        expected_mlp = block.ln_2(h).double().mean((0, 1))
+    assert torch.allclose(means[(0, "attn")], expected_attn, atol=1e-6)
+    assert torch.allclose(means[(0, "mlp")], expected_mlp, atol=1e-6)
+    error = run_main(bench.main, f"--out_dir={plain_dir}", "--bits=16")
+    assert error is not None and error.startswith("spinquant_input_shift.py: error: --bits=16")
