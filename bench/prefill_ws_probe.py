@@ -43,10 +43,11 @@ the group: one scale and zero point per column per tile). Per K tile it gets x (
             warp-specialized by hand: a TMA partition, DQ_PARTS dequantize partitions of DQ_WARPS warps (the
             config's last two numbers) and the wgmma partition; `gluon_nomma` times it with its products left
             out (a diagnostic: its output is not the product; without the dequantize too it hung on an H100).
-            A config's eighth number 1: the weight tile as wgmma's left operand (SWAP, the first config); 2:
-            the same with y stored straight from the accumulator (no shared-memory scratch in the epilogue;
-            slower, not in CONFIGS). The words in rings of their own with a second loader warp (a ninth number
-            until commit 578c0c9) were slower and are not in the kernel (bench/results/prefill_gluon_h100, file 20).
+            A config's eighth number 1: the weight tile as wgmma's left operand (SWAP); 2: the same with y
+            stored straight from the accumulator (no shared-memory scratch in the epilogue; slower, not in
+            CONFIGS); 3 (the first config): y through a slot of x's ring and one TMA copy. The words in rings
+            of their own with a second loader warp (a ninth number until commit 578c0c9) were slower and are not
+            in the kernel (bench/results/prefill_gluon_h100, file 20).
             GPU or --compile_only (Gluon does not run under the interpreter).
 A config is BLOCK_MxBLOCK_NxBLOCK_Kxnum_warpsxnum_stages (for i8 and the field variants BLOCK_K is the group, 128;
 fperm also takes 256). --compile_only
@@ -140,8 +141,8 @@ CONFIGS = {  # each compiled for sm_90 with Triton 3.6 and 3.9 (--compile_only);
     # tiles measured beside them; split-K, tried in 2141e22 and e6f3dd9 (bench/results/prefill_gluon_h100, files 3
     # and 7), was slower and is not in the kernel; SWAP 1: the weight tile as wgmma's left operand; 64x128 tiles
     # (128 outputs, half the reads of x) were slower with SWAP, 28.0-32.0 us against 21.2 (file 16); SWAP 2 (y from
-    # the accumulator) 22.8 against 22.2 (file 20)
-    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x2",
+    # the accumulator) 22.8 against 22.2 (file 20); 6 stages, int8's before SWAP 3 (file 23)
+    "gluon": ["x".join(map(str, c)) for c in gluon_gemm.CONFIGS] + ["128x64x64x4x8x4x3x2", "128x64x64x4x6x4x3x1",
                                                                     "128x64x64x4x6x4x2", "128x64x64x4x6x4x1",
                                                                     "64x128x64x4x6x4x3", "128x128x64x4x4x4x1",
                                                                     "128x64x64x4x8x4x2x1", "64x128x64x4x6x4x3x1"],

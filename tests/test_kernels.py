@@ -845,8 +845,8 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
     """The Gluon prefill GEMM's per-code arithmetic (quantization/kernels/gluon_gemm.py, _dequantize), done here in
     float64 on the project's words of every format it takes: code f of word row r (input r * 32 / B + f, B bits a
     code) put into a float's mantissa as 1 + c / 2^B, times 2^B s, plus -(2^B + z) s (z the zero points, or the
-    layer's constant), each float32 operand as the kernel makes it; 3-bit codes from their planes as _plane_tile
-    reads them (word rows 3b, 3b + 1: the low two bits of codes 0-15, 16-31 of block b; 3b + 2: the high bits).
+    layer's constant), each float32 operand as the kernel makes it; 3-bit codes from their planes as _plane_half
+    shifts them (word rows 3b, 3b + 1: the low two bits of codes 0-15, 16-31 of block b; 3b + 2: the high bits).
     Against the project's own dequantize ((c - z) s, float64): within a few float32 roundings of the bias, and the
     same bf16 weight but for rare ties and the zeros."""
     from quantization.kernels import gluon_gemm
@@ -861,15 +861,16 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
     scaled = layer.scale * span                                                     # float32, as the kernel's
     bias = -(zero + span) * layer.scale
     words = layer.qweight.long()                                                    # (K * bits / 32, N)
-    if bits == 3:
-        planes = words.reshape(k // 32, 3, 1, 192)                                  # (block, word, 1, N)
-        f = torch.arange(16)[None, None, :, None]
-        codes = torch.cat([((planes[:, h] >> 2 * f[:, 0]) & 3) | (((planes[:, 2] >> (16 * h + f[:, 0])) & 1) << 2)
-                           for h in (0, 1)], dim=1)                                 # (block, 32 codes, N)
-    else:
-        per = 32 // bits
-        codes = (words[:, None, :] >> (torch.arange(per) * bits)[None, :, None]) & (2**bits - 1)
-    fields = (codes << (23 - bits)) | 0x3F800000
+    if bits == 3:  # code f = 8 g + r of half h: low bits 2f, 2f + 1 moved to 20-21, high bit 16 h + f to 22
+        planes = words.reshape(k // 32, 3, 1, 1, 192)                               # (block, word, g, r, N)
+        g, r = torch.arange(2)[:, None, None], torch.arange(8)[None, :, None]
+        fields = torch.cat([((((planes[:, h] >> 16 * g) << (20 - 2 * r)) & 0x300000)
+                             | (((planes[:, 2] >> (8 * g + 16 * h)) << (22 - r)) & 0x400000) | 0x3F800000
+                             ).reshape(k // 32, 16, 192) for h in (0, 1)], dim=1)  # (block, 32 codes, N)
+    else:  # code f (bits f B .. f B + B - 1) shifted to 23 - B .. 22 (left or right), masked, the exponent put in
+        shift = (torch.arange(32 // bits) * bits)[None, :, None]
+        left, right = (23 - bits - shift).clamp(min=0), (shift - 23 + bits).clamp(min=0)
+        fields = (((words[:, None, :] << left) >> right) & ((2**bits - 1) << (23 - bits))) | 0x3F800000
     mantissa = fields.to(torch.int32).view(torch.float32).double().reshape(k, 192)   # in input order
     group = torch.arange(k) // (layer.group_size or k)
     w = (mantissa * scaled.double()[group] + bias.double()[group]).float()          # an FMA, then float32
@@ -904,25 +905,31 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, None)
     assert ops.call_candidates(x, layer.qweight, layer.zero, 4, 128, 256) == ops.candidates(300, 128, 4)
     assert gluon_gemm.KERNEL_BITS == (1, 2, 3, 4, 8)
-    # the first config: an eighth number 1, the weight tile as the left operand, one m64n128 instruction per 16
-    # inputs of a K tile instead of one m64n64 per 64 rows; the second without it
-    assert gluon_gemm.swapped(gluon_gemm.CONFIGS[0]) == 1 and gluon_gemm.swapped(gluon_gemm.CONFIGS[1]) == 0
+    # the first config: an eighth number 3, the weight tile as the left operand, one m64n128 instruction per 16
+    # inputs of a K tile instead of one m64n64 per 64 rows, y's tile through a slot of x's ring and one TMA copy
+    # (SWAP 3); the second the same with the compiler's scratch for y (SWAP 1)
+    assert gluon_gemm.swapped(gluon_gemm.CONFIGS[0]) == 3 and gluon_gemm.swapped(gluon_gemm.CONFIGS[1]) == 1
     swap = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ptx"]
     assert swap.count("wgmma.mma_async.sync.aligned.m64n128k16") == 4 and not swap.count("st.local")
+    assert swap.count("cp.async.bulk.tensor.2d.global.shared") == 1  # y's one TMA store
     for bits in (3, 8):  # 3-bit planes (their own tile code) and 8-bit codes with one constant zero point compile
-        for config in gluon_gemm.CONFIGS[:2]:
+        for config in gluon_gemm.CONFIGS[:3]:
             kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=bits == 3)
             assert kernel.asm["ptx"].count("st.shared.v4") and not kernel.asm["ptx"].count("st.local"), config
-    with pytest.raises(ValueError, match=r"eighth number \(SWAP\) is 0, 1 or 2, got 3"):
-        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"eighth number \(SWAP\) is 0 to 3, got 4"):
+        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 4))
     # 8-bit codes (one scale a column, no zero points) at 8 stages: over a Hopper program's 232,448 bytes of shared
-    # memory with SWAP 1's epilogue scratch, within them with y stored from the accumulator (SWAP 2, which was slower
-    # on an H100 and is not listed)
+    # memory with SWAP 1's epilogue scratch; within them with y through x's ring (SWAP 3) or stored from the
+    # accumulator (SWAP 2, slower on an H100 and not listed), where the row of scales takes one slot per dequantize
+    # partition (not one per stage) and the unused zero points one
     eight = dict(bits=8, has_zero=False, group=4096, in_features=4096)
     assert gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1), **eight).metadata.shared > 232448
-    direct = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 2), **eight)
-    assert direct.metadata.shared <= 232448 and not direct.asm["ptx"].count("st.local")
-    assert all(len(c) <= 8 and gluon_gemm.swapped(c) < 2 for c in gluon_gemm.CONFIGS)
+    for swap in (2, 3):
+        fits = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, swap), **eight)
+        assert fits.metadata.shared <= 232448 and not fits.asm["ptx"].count("st.local")
+    per_group = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=False, group=128)
+    assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
+    assert all(len(c) <= 8 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
     # the loader, the three dequantize partitions, the products: one loader warp, a ready barrier per dequantize
     # partition and slot (8 slots x 3), and a config of more than 8 numbers (the words' own rings, measured slower
     # and taken out) refused in one line

@@ -15,19 +15,22 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
   each) into the next free slot;
 - DQ_PARTS dequantize partitions of DQ_WARPS warps, taking the K tiles in turn (while one waits on its loads, stores
   and barriers, the next computes): code c goes into the top B bits of a float's mantissa, 1 + c / 2^B, and
-  w = (1 + c / 2^B) 2^B s - (2^B + z) s = (c - z) s (one shift, one logic op and one FMA per code), stored as the
-  (BLOCK_N, 64) bf16 weight tile, K-contiguous (4-bit codes: 16 bytes a store);
+  w = (1 + c / 2^B) 2^B s - (2^B + z) s = (c - z) s (one constant shift, one 3-input logic op and one FMA per code;
+  3-bit codes from their planes two shifts and two logic ops), stored as the (BLOCK_N, 64) bf16 weight tile,
+  K-contiguous (16 bytes a store);
 - the default partition (num_warps): the asynchronous wgmmas of each K tile, one tile in flight, then y (bf16);
-  one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number, the first config) the
-  weight tile as the left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs.
+  one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number) the weight tile as the
+  left operand and y^T's tile accumulated, one m64 x BLOCK_M product per 16 inputs; with SWAP 3 (the first config)
+  y's tile goes out through a slot of x's ring and one TMA copy.
 Barriers per slot: loaded (one per dequantize partition and slot: a partition skips the others' tiles, and on a
 barrier of the slot alone it could wait two phases behind, where the parity passes before its tile has landed;
-bench/ring_protocol_check.py explores every interleaving), dequantized, free again. On one H100, 256 rows of int4
-g128 with SWAP: 21.4-21.7 us on 4096x4096 against cuBLAS bf16's 20.1-20.3 (23.5 without SWAP; the
-dequantize-then-cuBLAS path 33.6); 62.4-62.9 on 4096x11008 against 44.7 (bench/results/prefill_gluon_h100/README.md,
-files 11, 13 and 21). The words, scales and zero points in rings of their own, one per dequantize partition with a
-second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9); 7 stages,
-which hung before the race fix, ran correctly after it and were slower too (file 22).
+bench/ring_protocol_check.py explores every interleaving), dequantized, free again. With one row of scales for
+all inputs (per channel) each dequantize partition has its own slot of them, loaded with its first tile. On one
+H100, 256 rows against cuBLAS bf16's 20.2 us on 4096x4096: 20.7-21.0 us for int4 g128, int2, ternary and 1-bit,
+23.5-23.6 for int8 and int3; 57.8-68.3 against 45.1 on 4096x11008 (bench/results/prefill_gluon_h100/README.md,
+files 23-24). The words, scales and zero points in rings of their own, one per dequantize partition with a second
+loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9); 7 stages, which hung
+before the race fix, ran correctly after it and were slower too (file 22).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -45,20 +48,21 @@ try:
                                                                    warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.9's name, 3.6's
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API: supports() says no
     gluon = None
 
 # BLOCK_M, BLOCK_N, BLOCK_K, num_warps, STAGES, DQ_WARPS, DQ_PARTS[, SWAP]. At 256 rows a 128 x 64 tile gives 128
 # programs on 4096 outputs (132 multiprocessors on an H100); three dequantize partitions of 4 warps kept up where one
 # did not (30.2 -> 24.1 (two) -> 23.0 us on 4096x4096); wider tiles left multiprocessors idle (128x128: 37-42 us) and
-# a 128x128 tile with three dequantize partitions did not finish in two runs: not listed. SWAP (the weight tile as
-# wgmma's left operand) took 21.6 us against 23.5 on 4096x4096 and 62.8 against 68.2 on 4096x11008 (one H100 run);
-# with 8-bit codes its 8 stages need 233,680 bytes of shared memory (227 KiB on Hopper): 6 stages for those
-# (0.85x cuBLAS against 0.91-0.98x for 1, 2 and 4-bit codes). 8 stages fit with y stored straight from the
-# accumulator (SWAP 2: 231,808 bytes, no epilogue scratch), which lost (file 20 of bench/results/prefill_gluon_h100:
-# 22.8 us against 22.2 for int4, and the launcher kept 6 stages for int8 over it): not listed
-CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3), (128, 64, 64, 4, 8, 4, 2),
-           (128, 64, 64, 4, 6, 4, 3, 1)]
+# a 128x128 tile with three dequantize partitions did not finish in two runs, 64x128 tiles (x read half as often, the
+# weight dequantized twice as often) took 27.6-30.1 us (file 25): not listed. SWAP (the weight tile as wgmma's left
+# operand) took 21.6 us against 23.5 on 4096x4096 and 62.8 against 68.2 on 4096x11008 (one H100 run). Its epilogue
+# through the compiler's scratch (SWAP 1) left 8-bit codes 6 stages (232,528 bytes at 8, 232,448 on Hopper); through
+# x's ring (SWAP 3) they have 8: int8 24.1 -> 23.3 us, int4 level with SWAP 1 (files 23, 24 of
+# bench/results/prefill_gluon_h100). y stored straight from the accumulator (SWAP 2) lost (file 20): not listed
+CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
+           (128, 64, 64, 4, 8, 4, 2)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -66,49 +70,58 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
         the dequantize partition that takes the tile. The workers share one signature."""
-        descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
+        descs, bufs, bars, off_m, off_n, k_tiles = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
-        nbytes: gl.constexpr = (x_desc.block_type.nbytes + q_desc.block_type.nbytes + s_desc.block_type.nbytes
-                                + (z_desc.block_type.nbytes if HAS_ZERO else 0))
+        ONE_ROW: gl.constexpr = GROUP_TILES == 0  # one row of scales (and zero points) for all inputs
+        rows: gl.constexpr = s_desc.block_type.nbytes + (z_desc.block_type.nbytes if HAS_ZERO else 0)
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes + (0 if ONE_ROW else rows)
+        first_bytes: gl.constexpr = nbytes + rows  # with one row: a partition's first tile brings the row
         p = gl.to_tensor(0)  # i % DQ_PARTS, counted (no division in the one warp's loop)
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
             k0 = i * TILE_K
             bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
+            if ONE_ROW:  # the row once for each dequantize partition, with its first tile, into a slot of its own
+                first = i < DQ_PARTS
+                mbarrier.expect(bar, first_bytes, pred=first)
+                mbarrier.expect(bar, nbytes, pred=i >= DQ_PARTS)
+                _tma_load(s_desc, [0, off_n], bar, s_bufs.index(p), pred=first)
+                if HAS_ZERO:
+                    _tma_load(z_desc, [0, off_n], bar, z_bufs.index(p).slice(0, 1), pred=first)
+            else:  # a constant divisor: a shift or a multiply, not a division a tile (the one warp's loop is short)
+                mbarrier.expect(bar, nbytes)
+                row = i // GROUP_TILES
+                _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
+                if HAS_ZERO:
+                    _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
             p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
-            mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
             _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
-            if GROUP_TILES == 0:  # one row of scales (and zero points) for all inputs
-                row = i * 0
-            else:  # a constant divisor: a shift or a multiply, not a division a tile (the one warp's loop is short)
-                row = i // GROUP_TILES
-            _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
-            if HAS_ZERO:
-                _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
 
     @gluon.jit
-    def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr):
-        """The ring's STAGES slots: x's tile, the words, a row of scales and of zero points (a TMA copy lands on
-        128-byte boundaries: a slot of zero points, 64 bytes for 64 outputs, is padded to that)."""
+    def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr, ROW_SLOTS: gl.constexpr, Z_SLOTS: gl.constexpr):
+        """The ring's STAGES slots: x's tile, the words; ROW_SLOTS rows of scales and Z_SLOTS of zero points (a TMA
+        copy lands on 128-byte boundaries: a slot of zero points, 64 bytes for 64 outputs, is padded to that).
+        With one row for all inputs (per channel) each dequantize partition has a slot of its own, loaded once, and
+        without zero points one unused slot: 8-bit codes' 8 stages fit in shared memory then."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
         x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_M, TILE_K], x_desc.layout)
         q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, TILE_N], s_desc.layout)
+        s_bufs = gl.allocate_shared_memory(s_desc.dtype, [ROW_SLOTS, 1, TILE_N], s_desc.layout)
         ROW_BITS: gl.constexpr = TILE_N * z_desc.dtype.primitive_bitwidth
         Z_ROWS: gl.constexpr = (1024 + ROW_BITS - 1) // ROW_BITS
-        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, Z_ROWS, TILE_N], z_desc.layout)
+        z_bufs = gl.allocate_shared_memory(z_desc.dtype, [Z_SLOTS, Z_ROWS, TILE_N], z_desc.layout)
         return x_bufs, q_bufs, s_bufs, z_bufs
 
     @gluon.jit
@@ -129,18 +142,34 @@ if gluon is not None:
         else:
             bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
         scaled = gl.expand_dims(scale * SPAN, 1)                              # (1, 1, TILE_N)
-        bits = (((words >> shifts) & (SPAN - 1)) << (23 - BITS)) | 0x3F800000
+        # code f moved to mantissa bits 23 - BITS .. 22 by one constant shift (left or right), then masked and the
+        # exponent put in by one 3-input logic op (LOP3)
+        left = gl.maximum(23 - BITS - shifts, 0)
+        right = gl.maximum(shifts - (23 - BITS), 0)
+        mask = gl.full(shifts.shape, ((1 << BITS) - 1) << (23 - BITS), gl.int32, layout=shifts.type.layout)
+        bits = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x3F800000, 0xEA;", "=r,r,r",
+                                         [(words << left) >> right, mask], dtype=gl.int32, is_pure=True, pack=1)
         w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)     # (TILE_K / PER, PER, TILE_N)
         return gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K])
 
     @gluon.jit
     def _plane_half(q, row, high, base, scale, bias, L: gl.constexpr, DTYPE: gl.constexpr):
-        """16 codes (16, TILE_N) of 3-bit planes in DTYPE: the low two bits from word row `row`, the high bit from
-        the word `high` (its bits base .. base + 15), the value as _word_tile makes it (2^3 = 8)."""
-        f = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(1, L)), 1)  # (16, 1)
-        low = q.slice(row, 1).load(L)                                         # (1, TILE_N)
-        codes = ((low >> (f * 2)) & 3) | (((high >> (f + base)) & 1) << 2)  # (16, TILE_N)
-        return (((codes << 20) | 0x3F800000).to(gl.float32, bitcast=True) * (scale * 8) + bias).to(DTYPE)
+        """16 codes (16, TILE_N) of 3-bit planes in DTYPE: code f = 8 g + r, g across warps (or a register pair), r
+        a thread's 8 registers, so each shift below is a constant; the low two bits (2f, 2f + 1) from word row
+        `row`, the high bit (base + f) from the word `high` (1, 1, TILE_N), put into mantissa bits 20-22 and the
+        value made as _word_tile makes it (2^3 = 8): two shifts and two logic ops a code."""
+        TILE_N: gl.constexpr = scale.shape[2]
+        g = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, L))), 1), 2)
+        r = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0), 2)
+        low = gl.expand_dims(q.slice(row, 1).load(gl.SliceLayout(1, L)), 1) >> (g * 16)  # (2, 1, TILE_N)
+        top = high >> (g * 8 + base)                                                      # (2, 1, TILE_N)
+        # (low' & 0x300000) | (top' & 0x400000) | 0x3F800000 as two 3-input logic ops (LOP3), which the compiler
+        # left at three
+        bits = gl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 0x400000, 0x3F800000, 0xEA; lop3.b32 $0, $1, 0x300000, t, 0xEA; }",
+            "=r,r,r", [low << (20 - 2 * r), top << (22 - r)], dtype=gl.int32, is_pure=True, pack=1)
+        w = (bits.to(gl.float32, bitcast=True) * (scale * 8) + bias).to(DTYPE)
+        return gl.reshape(w, [16, TILE_N])
 
     @gluon.jit
     def _plane_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
@@ -149,13 +178,14 @@ if gluon is not None:
         (layout.py): word rows 3b and 3b + 1 the low two bits of codes 0-15 and 16-31 of block b, 3b + 2 their
         high bits; each half of a block by _plane_half, joined in input order."""
         gl.static_assert(TILE_K == 64)
-        scale = scales.load(DQ_LAYOUT)                                        # (1, TILE_N)
+        ROW: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                    # (1, TILE_N), expanded to (1, 1, TILE_N)
+        scale = gl.expand_dims(scales.load(ROW), 1)
         if HAS_ZERO:
-            bias = -(zeros.load(DQ_LAYOUT).to(gl.float32) + 8) * scale
+            bias = -(gl.expand_dims(zeros.load(ROW), 1).to(gl.float32) + 8) * scale
         else:
             bias = -(ZERO + 8) * scale
-        high0 = q.slice(2, 1).load(DQ_LAYOUT)
-        high1 = q.slice(5, 1).load(DQ_LAYOUT)
+        high0 = gl.expand_dims(q.slice(2, 1).load(ROW), 1)
+        high1 = gl.expand_dims(q.slice(5, 1).load(ROW), 1)
         block0 = gl.join(_plane_half(q, 0, high0, 0, scale, bias, DQ_LAYOUT, DTYPE),
                          _plane_half(q, 1, high0, 16, scale, bias, DQ_LAYOUT, DTYPE))  # (16, TILE_N, 2 halves)
         block1 = gl.join(_plane_half(q, 3, high1, 0, scale, bias, DQ_LAYOUT, DTYPE),
@@ -165,11 +195,11 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DIAG: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
-        descs, bufs, bars, off_m, off_n, k_tiles, GROUP_TILES = common
+        descs, bufs, bars, off_m, off_n, k_tiles = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -182,24 +212,28 @@ if gluon is not None:
             # slot alone it could wait two phases behind, where its parity passes before the tile landed
             # (bench/ring_protocol_check.py); this one it waits on every time it is used (i % DQ_PARTS is part)
             mbarrier.wait(ready.index(part * STAGES + s), (i // LAP) & 1)
+            r = part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row (_ring)
+            scales = s_bufs.index(r)
+            zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
             if BITS == 3:
-                w = _plane_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, HAS_ZERO,
-                                ZERO, TILE_N, TILE_K, w_bufs.dtype)
+                w = _plane_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
             else:
-                w = _word_tile(q_bufs.index(s), s_bufs.index(s), z_bufs.index(s).slice(0, 1), DQ_LAYOUT, BITS,
-                               HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
+                w = _word_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, BITS, HAS_ZERO, ZERO, TILE_N, TILE_K,
+                               w_bufs.dtype)
             w_bufs.index(s).store(w)
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
             mbarrier.arrive(w_ready.index(s), count=1)
 
     @gluon.jit
-    def _products(bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr, DIAG: gl.constexpr,
-                  SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
+    def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
+                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
         instruction per 16 inputs, each operand read from shared memory once), then written through OUT_LAYOUT
-        (SWAP 1: 16 bytes a thread, through shared-memory scratch) or straight from the accumulator (SWAP 2).
+        (SWAP 1: 16 bytes a thread, through shared-memory scratch), straight from the accumulator (SWAP 2), or
+        (SWAP 3) stored into a slot of x's ring, free once the last product has finished, and copied out by TMA: no
+        scratch beside the ring.
         DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -226,23 +260,31 @@ if gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if SWAP == 2:  # y stored from the accumulator's registers (2-byte stores): no shared-memory scratch
-            out = gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0))
-            offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, out.type.layout))
-            offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, out.type.layout))
-        elif SWAP:
-            out = gl.convert_layout(gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0)), OUT_LAYOUT)
-            offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, OUT_LAYOUT))
-            offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, OUT_LAYOUT))
+        if SWAP == 3:  # y's tile through x's first slot (every product has read its x) and one TMA copy
+            gl.static_assert(x_bufs.type.shape[2] == TILE_N)  # the slot's shape and layout are y's tile's
+            slot = x_bufs.index(0)
+            slot.store(gl.permute(acc.to(y_desc.dtype), (1, 0)))
+            fence_async_shared()
+            _tma_store(y_desc, [off_m, off_n], slot)
+            tma.store_wait(0)
         else:
-            out = acc.to(y_ptr.dtype.element_ty)
-            offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
-            offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
-        ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
-        gl.store(ptrs, out, mask=gl.expand_dims(offs_m < M, 1))
+            if SWAP == 2:  # y stored from the accumulator's registers (2-byte stores): no shared-memory scratch
+                out = gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0))
+                offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, out.type.layout))
+                offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, out.type.layout))
+            elif SWAP:
+                out = gl.convert_layout(gl.permute(acc.to(y_ptr.dtype.element_ty), (1, 0)), OUT_LAYOUT)
+                offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, OUT_LAYOUT))
+                offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, OUT_LAYOUT))
+            else:
+                out = acc.to(y_ptr.dtype.element_ty)
+                offs_m = off_m + gl.arange(0, TILE_M, layout=gl.SliceLayout(1, ACC_LAYOUT))
+                offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
+            ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
+            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < M, 1))
 
     @gluon.jit
-    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_ptr, M, N, K, GROUP_TILES: gl.constexpr,
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, M, N, K, GROUP_TILES: gl.constexpr,
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
@@ -252,7 +294,9 @@ if gluon is not None:
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES)
+        ROW_SLOTS: gl.constexpr = DQ_PARTS if GROUP_TILES == 0 else STAGES
+        x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES, ROW_SLOTS,
+                                               ROW_SLOTS if HAS_ZERO else 1)
         w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
         # ready: a slot's copies landed, one barrier per dequantize partition and slot; w_ready: its weight tile
         # stored; empty: its product finished
@@ -269,43 +313,43 @@ if gluon is not None:
         k_tiles = K // TILE_K
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
         bars = (ready, w_ready, empty)
-        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, GROUP_TILES)  # every worker's
+        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if DQ_PARTS == 1:
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
-                (_products, (bufs, bars, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, DIAG)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
-    stored straight from the accumulator; 0 where absent."""
+    stored straight from the accumulator, 3 with y through a slot of x's ring and TMA; 0 where absent."""
     if not 7 <= len(config) <= 8:
         raise ValueError(f"gluon_gemm: a config has 7 numbers, or 8 with SWAP, got {config}")
     swap = config[7] if len(config) > 7 else 0
-    if swap not in (0, 1, 2):
-        raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0, 1 or 2, got {swap} in {config}")
+    if swap not in (0, 1, 2, 3):
+        raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 to 3, got {swap} in {config}")
     return swap
 
 
@@ -327,9 +371,12 @@ def layouts(config, bits=4):
     # lanes along the outputs (conflict-free word loads), each thread a word's 32 / bits fields for its word rows:
     # after the permute it holds contiguous inputs of one output (for 4-bit codes stored 16 bytes at a time)
     wn = min(dq_warps, block_n // 32)
-    if bits == 3:  # (16 codes of a plane's half, output): _plane_half's tensors, the rest of the warps along codes
-        dq = gl.BlockedLayout(size_per_thread=[16 * wn // dq_warps, 1], threads_per_warp=[1, 32],
-                              warps_per_cta=[dq_warps // wn, wn], order=[0, 1])
+    if bits == 3:  # (g, r, output), code 8 g + r of a plane's half (_plane_half): r in a thread's registers
+        gw = dq_warps // wn  # warps along g: one or two
+        if gw > 2:
+            raise ValueError(f"gluon_gemm: 3-bit codes take at most {2 * wn} dequantize warps, got {dq_warps}")
+        dq = gl.BlockedLayout(size_per_thread=[2 // gw, 8, 1], threads_per_warp=[1, 1, 32],
+                              warps_per_cta=[gw, 1, wn], order=[1, 0, 2])
     else:
         dq = gl.BlockedLayout(size_per_thread=[1, 32 // bits, 1], threads_per_warp=[1, 1, 32],
                               warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
@@ -397,7 +444,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     scales = TensorDescriptor.from_tensor(_rows(scale, n), [1, block_n], flat)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
              TensorDescriptor.from_tensor(qweight, [word_rows(block_k, bits), block_n], flat), scales,
-             TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales)
+             TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales,
+             TensorDescriptor.from_tensor(y, [block_m, block_n], _y_layout(config)))
     total, dq_regs = registers(config)
     _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
         *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4],
@@ -406,6 +454,11 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
         maxnreg=total)
     return _epilogue(y, bias, activation)
+
+
+def _y_layout(config):
+    """The shared layout of y's (BLOCK_M, BLOCK_N) tile for its TMA copy (SWAP 3): x's tile's where the shapes agree."""
+    return gl.NVMMASharedLayout.get_default_for(list(config[:2]), gl.bfloat16)
 
 
 def _epilogue(y, bias, activation):
@@ -440,6 +493,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "q_desc": desc("i32", [word_rows(block_k, bits), block_n], flat),
                  "s_desc": desc("fp32", [1, block_n], flat),
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
+                 "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
                  "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
@@ -447,6 +501,6 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
                   HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (4, 5, 6, 7)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
