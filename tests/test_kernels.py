@@ -845,8 +845,8 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
     """The Gluon prefill GEMM's per-code arithmetic (quantization/kernels/gluon_gemm.py, _dequantize), done here in
     float64 on the project's words of every format it takes: code f of word row r (input r * 32 / B + f, B bits a
     code) put into a float's mantissa as 1 + c / 2^B, times 2^B s, plus -(2^B + z) s (z the zero points, or the
-    layer's constant), each float32 operand as the kernel makes it; 3-bit codes from their planes as _plane_half
-    shifts them (word rows 3b, 3b + 1: the low two bits of codes 0-15, 16-31 of block b; 3b + 2: the high bits).
+    layer's constant), each float32 operand as the kernel makes it; 3-bit codes from their planes as _plane_block
+    makes them (word rows 3b, 3b + 1: the low two bits of codes 0-15, 16-31 of block b; 3b + 2: the high bits).
     Against the project's own dequantize ((c - z) s, float64): within a few float32 roundings of the bias, and the
     same bf16 weight but for rare ties and the zeros."""
     from quantization.kernels import gluon_gemm
@@ -861,12 +861,19 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
     scaled = layer.scale * span                                                     # float32, as the kernel's
     bias = -(zero + span) * layer.scale
     words = layer.qweight.long()                                                    # (K * bits / 32, N)
-    if bits == 3:  # code f = 8 g + r of half h: low bits 2f, 2f + 1 moved to 20-21, high bit 16 h + f to 22
-        planes = words.reshape(k // 32, 3, 1, 1, 192)                               # (block, word, g, r, N)
-        g, r = torch.arange(2)[:, None, None], torch.arange(8)[None, :, None]
-        fields = torch.cat([((((planes[:, h] >> 16 * g) << (20 - 2 * r)) & 0x300000)
-                             | (((planes[:, 2] >> (8 * g + 16 * h)) << (22 - r)) & 0x400000) | 0x3F800000
-                             ).reshape(k // 32, 16, 192) for h in (0, 1)], dim=1)  # (block, 32 codes, N)
+    if bits == 3:  # codes r and r + 8 of half h at once (_plane_block): a bfloat16 pair, then each a float32
+        planes = words.reshape(k // 32, 3, 1, 192)                                  # (block, word, r, N)
+        r = torch.arange(8)[None, :, None]
+        halves = []
+        for h in (0, 1):
+            top = planes[:, 2] >> 16 * h
+            top = (top & 0xFF) | ((top & 0xFF00) << 8)                              # code r + 8's bit at 16 + r
+            lows = (planes[:, h] << (4 - 2 * r).clamp(min=0)) >> (2 * r - 4).clamp(min=0)
+            tops = (top << (6 - r).clamp(min=0)) >> (r - 6).clamp(min=0)
+            pair = (lows & 0x00300030) | (tops & 0x00400040) | 0x3F803F80         # (block, r, N)
+            halves.append(torch.cat([(pair << 16) & 0xFFFFFFFF, pair & 0xFFFF0000], dim=1))  # codes r, then r + 8
+        fields = torch.cat(halves, dim=1)                                           # (block, 32 codes, N)
+        fields = torch.where(fields >= 2**31, fields - 2**32, fields)               # as int32
     else:  # code f (bits f B .. f B + B - 1) shifted to 23 - B .. 22 (left or right), masked, the exponent put in
         shift = (torch.arange(32 // bits) * bits)[None, :, None]
         left, right = (23 - bits - shift).clamp(min=0), (shift - 23 + bits).clamp(min=0)

@@ -16,7 +16,7 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
 - DQ_PARTS dequantize partitions of DQ_WARPS warps, taking the K tiles in turn (while one waits on its loads, stores
   and barriers, the next computes): code c goes into the top B bits of a float's mantissa, 1 + c / 2^B, and
   w = (1 + c / 2^B) 2^B s - (2^B + z) s = (c - z) s (one constant shift, one 3-input logic op and one FMA per code;
-  3-bit codes from their planes two shifts and two logic ops), stored as the (BLOCK_N, 64) bf16 weight tile,
+  3-bit codes from their planes two at a time, _plane_block), stored as the (BLOCK_N, 64) bf16 weight tile,
   K-contiguous (16 bytes a store);
 - the default partition (num_warps): the asynchronous wgmmas of each K tile, one tile in flight, then y (bf16);
   one warp group per 64 rows with x as the left operand, or (SWAP, a config's eighth number) the weight tile as the
@@ -26,11 +26,11 @@ Barriers per slot: loaded (one per dequantize partition and slot: a partition sk
 barrier of the slot alone it could wait two phases behind, where the parity passes before its tile has landed;
 bench/ring_protocol_check.py explores every interleaving), dequantized, free again. With one row of scales for
 all inputs (per channel) each dequantize partition has its own slot of them, loaded with its first tile. On one
-H100, 256 rows against cuBLAS bf16's 20.2 us on 4096x4096: 20.7-21.0 us for int4 g128, int2, ternary and 1-bit,
-23.5-23.6 for int8 and int3; 57.8-68.3 against 45.1 on 4096x11008 (bench/results/prefill_gluon_h100/README.md,
-files 23-24). The words, scales and zero points in rings of their own, one per dequantize partition with a second
-loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9); 7 stages, which hung
-before the race fix, ran correctly after it and were slower too (file 22).
+H100, 256 rows against cuBLAS bf16's 20.2 us on 4096x4096: 20.4-21.4 us for int4 g128, int2, ternary and 1-bit,
+21.8-22.4 for int3, 23.1-23.5 for int8; 58.8-67.0 against 44.7 on 4096x11008 (bench/results/prefill_gluon_h100/
+README.md, files 23-26). The words, scales and zero points in rings of their own, one per dequantize partition with
+a second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9); 7 stages,
+which hung before the race fix, ran correctly after it and were slower too (file 22).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -153,30 +153,34 @@ if gluon is not None:
         return gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K])
 
     @gluon.jit
-    def _plane_half(q, row, high, base, scale, bias, L: gl.constexpr, DTYPE: gl.constexpr):
-        """16 codes (16, TILE_N) of 3-bit planes in DTYPE: code f = 8 g + r, g across warps (or a register pair), r
-        a thread's 8 registers, so each shift below is a constant; the low two bits (2f, 2f + 1) from word row
-        `row`, the high bit (base + f) from the word `high` (1, 1, TILE_N), put into mantissa bits 20-22 and the
-        value made as _word_tile makes it (2^3 = 8): two shifts and two logic ops a code."""
-        TILE_N: gl.constexpr = scale.shape[2]
-        g = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, L))), 1), 2)
+    def _plane_block(q, row, scale, bias, L: gl.constexpr, DTYPE: gl.constexpr):
+        """Block b's 32 codes (row = 3b) of 3-bit planes as (half h, r, TILE_N, g) in DTYPE, code 16 h + 8 g + r: h
+        across warps, r and g in a thread's registers. Codes r and r + 8 of a half are 16 bits apart in its low word
+        (2 bits a code); their high bits (8 apart) are first spread 16 apart, so that two shifts and two logic ops
+        make both codes at once, as bfloat16 1 + c / 8 in the two halves of a word; each is then a float32 (one
+        logic op) for the FMA, w = (1 + c / 8) 8 s - (8 + z) s, as _word_tile makes it."""
+        HALF: gl.constexpr = gl.SliceLayout(1, L)                             # (h, TILE_N)
+        h = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(1, HALF)), 1)
+        low = gl.where(h == 0, q.slice(row, 1).load(HALF), q.slice(row + 1, 1).load(HALF))  # word row 3b + h
+        low = gl.expand_dims(low, 1)                                          # (2, 1, TILE_N)
+        top = q.slice(row + 2, 1).load(HALF) >> (h * 16)                      # (2, TILE_N): this half's high bits
+        top = gl.expand_dims((top & 0xFF) | ((top & 0xFF00) << 8), 1)         # code r + 8's bit moved to 16 + r
         r = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0), 2)
-        low = gl.expand_dims(q.slice(row, 1).load(gl.SliceLayout(1, L)), 1) >> (g * 16)  # (2, 1, TILE_N)
-        top = high >> (g * 8 + base)                                                      # (2, 1, TILE_N)
-        # (low' & 0x300000) | (top' & 0x400000) | 0x3F800000 as two 3-input logic ops (LOP3), which the compiler
-        # left at three
-        bits = gl.inline_asm_elementwise(
-            "{ .reg .b32 t; lop3.b32 t, $2, 0x400000, 0x3F800000, 0xEA; lop3.b32 $0, $1, 0x300000, t, 0xEA; }",
-            "=r,r,r", [low << (20 - 2 * r), top << (22 - r)], dtype=gl.int32, is_pure=True, pack=1)
-        w = (bits.to(gl.float32, bitcast=True) * (scale * 8) + bias).to(DTYPE)
-        return gl.reshape(w, [16, TILE_N])
+        lows = (low << gl.maximum(4 - 2 * r, 0)) >> gl.maximum(2 * r - 4, 0)  # bits 2r -> 4, 2r + 16 -> 20
+        tops = (top << gl.maximum(6 - r, 0)) >> gl.maximum(r - 6, 0)          # bits r -> 6, 16 + r -> 22
+        pair = gl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 0x00400040, 0x3F803F80, 0xEA; lop3.b32 $0, $1, 0x00300030, t, 0xEA; }",
+            "=r,r,r", [lows, tops], dtype=gl.int32, is_pure=True, pack=1)     # (2, 8, TILE_N)
+        first = ((pair << 16).to(gl.float32, bitcast=True) * (scale * 8) + bias).to(DTYPE)        # code r
+        second = ((pair & -65536).to(gl.float32, bitcast=True) * (scale * 8) + bias).to(DTYPE)    # code r + 8
+        return gl.join(first, second)                                         # (h, r, TILE_N, g)
 
     @gluon.jit
     def _plane_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                     TILE_N: gl.constexpr, TILE_K: gl.constexpr, DTYPE: gl.constexpr):
         """One slot's weight tile (TILE_N, TILE_K = 64) in DTYPE from 3-bit codes, two blocks of 32 in planes
         (layout.py): word rows 3b and 3b + 1 the low two bits of codes 0-15 and 16-31 of block b, 3b + 2 their
-        high bits; each half of a block by _plane_half, joined in input order."""
+        high bits; each block by _plane_block, joined in input order."""
         gl.static_assert(TILE_K == 64)
         ROW: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                    # (1, TILE_N), expanded to (1, 1, TILE_N)
         scale = gl.expand_dims(scales.load(ROW), 1)
@@ -184,14 +188,9 @@ if gluon is not None:
             bias = -(gl.expand_dims(zeros.load(ROW), 1).to(gl.float32) + 8) * scale
         else:
             bias = -(ZERO + 8) * scale
-        high0 = gl.expand_dims(q.slice(2, 1).load(ROW), 1)
-        high1 = gl.expand_dims(q.slice(5, 1).load(ROW), 1)
-        block0 = gl.join(_plane_half(q, 0, high0, 0, scale, bias, DQ_LAYOUT, DTYPE),
-                         _plane_half(q, 1, high0, 16, scale, bias, DQ_LAYOUT, DTYPE))  # (16, TILE_N, 2 halves)
-        block1 = gl.join(_plane_half(q, 3, high1, 0, scale, bias, DQ_LAYOUT, DTYPE),
-                         _plane_half(q, 4, high1, 16, scale, bias, DQ_LAYOUT, DTYPE))
-        w = gl.join(block0, block1)                                           # (16, TILE_N, half, block)
-        return gl.reshape(gl.permute(w, (1, 3, 2, 0)), [TILE_N, TILE_K])      # input 32 block + 16 half + f
+        w = gl.join(_plane_block(q, 0, scale, bias, DQ_LAYOUT, DTYPE),
+                    _plane_block(q, 3, scale, bias, DQ_LAYOUT, DTYPE))      # (h, r, TILE_N, g, b)
+        return gl.reshape(gl.permute(w, (2, 4, 0, 3, 1)), [TILE_N, TILE_K])  # input 32 b + 16 h + 8 g + r
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
