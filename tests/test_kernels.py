@@ -600,7 +600,10 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named, capsys)
     ("pdl_timeline.py", ["--modes=late"], "--modes=late"), ("pdl_timeline.py", ["--n_embd=100"], "--n_embd=100"),
     ("pdl_timeline.py", ["--png=t.jpg"], "--png=t.jpg"), ("pdl_timeline.py", ["--configs=up:32x32"], "--configs=up"),
     ("pdl_timeline.py", ["--configs=mlp:32x32x2x8x0"], "--configs=mlp"), ("pdl_timeline.py", [], "needs a CUDA GPU"),
-    ("pdl_timeline.py", ["--u_float32"], "--u_float32 needs --fused")])
+    ("pdl_timeline.py", ["--u_float32"], "--u_float32 needs --fused"),
+    ("l2_read_probe.py", ["--shapes=4096x100"], "--shapes="), ("l2_read_probe.py", ["--formats=int5"], "--formats="),
+    ("l2_read_probe.py", ["--stages=0"], "--stages="), ("l2_read_probe.py", ["--rows=0"], "--rows=0"),
+    ("l2_read_probe.py", [], "needs a CUDA GPU")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named, capsys):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")
@@ -1059,6 +1062,44 @@ def test_the_read_probes_flat_kernel_reads_every_word_once():
     pytest.importorskip("triton")
     rows = run_interpreted(READ_PROBE)
     assert rows == [[u, e, True] for u in (1, 3) for e in (False, True)], rows
+
+
+L2_PROBE = r"""
+import importlib.util, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+spec = importlib.util.spec_from_file_location("probe", os.path.join(sys.argv[1], "bench", "l2_read_probe.py"))
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+torch.manual_seed(0)
+x = torch.randn(256, 256).to(torch.bfloat16)
+q = torch.randint(-2**31, 2**31 - 1, (32, 128), dtype=torch.int32)  # 4-bit words of 256 inputs, 8 rows a K tile
+out = []
+for words in (0, 1):
+    got = torch.empty(4, dtype=torch.int32)
+    probe._kernel()[(2, 2)](TensorDescriptor.from_tensor(x, [128, 64]), TensorDescriptor.from_tensor(q, [8, 64]), got,
+                            256, BITS=4, WORDS=words, STAGES=2)
+    expected = []
+    for m in range(2):
+        for n in range(2):
+            tiles = x.view(torch.int16)[128 * m:128 * (m + 1)].reshape(128, 4, 64)
+            acc = tiles[:, 0] ^ tiles[:, 1] ^ tiles[:, 2] ^ tiles[:, 3]
+            w = q[:, 64 * n:64 * (n + 1)].reshape(4, 8, 64)
+            w = w[0] ^ w[1] ^ w[2] ^ w[3] if words else torch.zeros(8, 64, dtype=torch.int32)
+            total = (int(acc.int().sum()) ^ int(w.long().sum())) & 0xFFFFFFFF
+            expected.append(total - 2**32 if total >= 2**31 else total)
+    out.append(got.tolist() == expected)
+print(json.dumps(out))
+"""
+
+
+def test_the_l2_probe_reads_each_programs_x_rows_and_words_once():
+    """bench/l2_read_probe.py's loads-only kernel (the prefill GEMM's grid, TMA copies and nothing else): each
+    program of a (row tile, output tile) grid folds exactly its 128 rows of x over every K tile, and with WORDS its
+    64 outputs' words, as computed here in PyTorch."""
+    pytest.importorskip("triton")
+    assert run_interpreted(L2_PROBE) == [True, True]
 
 
 def test_ring_protocol_of_the_gluon_gemm_has_no_deadlock_or_early_read_in_any_interleaving():
