@@ -1079,7 +1079,7 @@ out = []
 for words in (0, 1):
     got = torch.empty(4, dtype=torch.int32)
     probe._kernel()[(2, 2)](TensorDescriptor.from_tensor(x, [128, 64]), TensorDescriptor.from_tensor(q, [8, 64]), got,
-                            256, BITS=4, WORDS=words, STAGES=2)
+                            256, BITS=4, WORDS=words, STAGES=2, TILE_M=128, TILE_K=64, WORD_ROWS=8, TILE_N=64)
     expected = []
     for m in range(2):
         for n in range(2):
