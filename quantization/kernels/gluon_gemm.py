@@ -370,8 +370,8 @@ def layouts(config, bits=4):
     # lanes along the outputs (conflict-free word loads), each thread a word's 32 / bits fields for its word rows:
     # after the permute it holds contiguous inputs of one output (for 4-bit codes stored 16 bytes at a time)
     wn = min(dq_warps, block_n // 32)
-    if bits == 3:  # (g, r, output), code 8 g + r of a plane's half (_plane_half): r in a thread's registers
-        gw = dq_warps // wn  # warps along g: one or two
+    if bits == 3:  # (h, r, output): a block's half h, codes r and r + 8 of it (_plane_block) in a thread's registers
+        gw = dq_warps // wn  # warps along h: one or two
         if gw > 2:
             raise ValueError(f"gluon_gemm: 3-bit codes take at most {2 * wn} dequantize warps, got {dq_warps}")
         dq = gl.BlockedLayout(size_per_thread=[2 // gw, 8, 1], threads_per_warp=[1, 1, 32],
