@@ -9,7 +9,6 @@ of plain RTN-without-rotation's gap to full precision each row closes.
     python bench/spinquant_clipping.py --out_dir=out --device=cpu --eval_tokens=50000
     python bench/spinquant_clipping.py --out_dir=out-sq/bpe_fp_s1337 --device=cuda --act_clips=1,0.95,0.9
 """
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -26,8 +25,7 @@ from quantization.perplexity import evaluate  # noqa: E402
 from quantization.quantizers import dequantize, qparams_from_range, quantize, to_rows  # noqa: E402
 from quantization.rtn import rtn_quantize, set_quantized, target_layers, weight_spec  # noqa: E402
 from quantization.spin_quant import KV_SITES, SpinQuant, activation_quant  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args  # noqa: E402
-from safety import write_text_atomic  # noqa: E402
+from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args, write_rows  # noqa: E402
 
 SHRINKS = [1.0 - 0.01 * i for i in range(51)]  # 1.0 .. 0.5
 NORM = 2.4  # the error norm of GPTQ's and QuaRot's clipping search
@@ -139,9 +137,7 @@ def main(argv=None):
             r["gap_closed"] = (rtn - r["loss"]) / (rtn - fp)
         gap = f"{100 * r['gap_closed']:.0f}%" if "gap_closed" in r else "-"
         print(f"| {r['rotation']} | {r['weights']} | {r['act_clip']:g} | {r['kv_clip']:g} | {r['loss']:.4f} | {gap} |")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=setting, full_precision=fp,
-                                                     rows=rows), indent=1))
+    write_rows(args, setting, fp, rows)
     return rows
 
 

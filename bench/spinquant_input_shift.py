@@ -10,7 +10,6 @@ moves them) from the calibration samples, in full precision. A study, not a cand
 
     python bench/spinquant_input_shift.py --out_dir=out-sq/bpe_cpu_fp_s1337 --device=cpu --eval_tokens=50000
 """
-import json
 import os
 import sys
 from dataclasses import asdict
@@ -27,8 +26,8 @@ from quantization.fold import build_like, with_biases  # noqa: E402
 from quantization.perplexity import evaluate  # noqa: E402
 from quantization.rtn import rtn_quantize, weight_spec  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, calibration_batch  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args  # noqa: E402
-from safety import write_text_atomic  # noqa: E402
+from quantization.spin_quant_flags import (add_spinquant_flags, bench_inputs, check_quantized_args,  # noqa: E402
+                                          write_rows)
 
 SETS = [("no rotation", (), False), ("folded norms", (), True), ("Hadamard R3+R4", ("R3", "R4"), True),
         ("random Hadamard R1", ("R1",), True), ("random Hadamard R1+R2", ("R1", "R2"), True),
@@ -99,9 +98,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     try:
-        check_args(args)
-        if args.bits == FULL_BITS:
-            raise ValueError(f"bits={args.bits}: needs quantized weights (2..8)")
+        check_quantized_args(args)
     except ValueError as e:
         sys.exit(f"{error} --{e}")
     args.heldout_tokens = 0  # nothing is chosen here
@@ -153,9 +150,7 @@ def main(argv=None):
                  for k in ("attn", "mlp", "attn+mlp")]
         print(f"| {r['rotations']} | {r['no shift']:.4f} | " + " | ".join(cells)
               + f" | {r['full_precision_difference']:.1e} |")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=setting, full_precision=fp,
-                                                     rows=rows), indent=1))
+    write_rows(args, setting, fp, rows)
     return rows
 
 

@@ -9,7 +9,6 @@ learned ones at each learning rate, and the share of RTN's gap to full precision
 
     python bench/spinquant_learned_scales.py --out_dir=out --device=cpu --eval_tokens=50000 --scale_lrs=0.003,0.01
 """
-import json
 import math
 import os
 import sys
@@ -23,10 +22,10 @@ from torch.func import functional_call  # noqa: E402
 
 from cli import OneLineParser  # noqa: E402
 from quantization.perplexity import evaluate  # noqa: E402
-from quantization.spin_quant import (FULL_BITS, NORM_SMOOTH_ALPHA, SMOOTH_ALPHA, SpinQuant,  # noqa: E402
+from quantization.spin_quant import (NORM_SMOOTH_ALPHA, SMOOTH_ALPHA, SpinQuant,  # noqa: E402
                                      gelu_output_scales, smooth_norms_state)
-from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args, parse_numbers  # noqa: E402
-from safety import write_text_atomic  # noqa: E402
+from quantization.spin_quant_flags import (add_spinquant_flags, bench_inputs, check_quantized_args,  # noqa: E402
+                                          parse_numbers, write_rows)
 
 
 def scaled_state(sq, s4_offsets, norm_offsets, quantize_weights=True):
@@ -96,9 +95,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     try:
-        check_args(args)
-        if args.bits == FULL_BITS:
-            raise ValueError(f"bits={args.bits}: needs quantized weights (2..8)")
+        check_quantized_args(args)
         lrs = parse_numbers(args.scale_lrs, "scale_lrs", lambda a: a > 0, "numbers above 0")
         if args.batch_size < 1:
             raise ValueError(f"batch_size={args.batch_size}: must be at least 1")
@@ -148,9 +145,7 @@ def main(argv=None):
         lr = "-" if r["lr"] is None else f"{r['lr']:g}"
         print(f"| {r['scales']} | {lr} | "
               f"{'-' if r['best_step'] is None else r['best_step']} | {r['loss']:.4f} | {closed} |")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=w, full_precision=fp, rows=rows),
-                                                indent=1))
+    write_rows(args, w, fp, rows)
     return rows
 
 

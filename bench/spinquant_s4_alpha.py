@@ -14,7 +14,6 @@ the online Hadamard R4 after them (the unfolded model: R4 needs no fold).
     python bench/spinquant_s4_alpha.py --out_dir=out --device=cpu --alphas=0.5,0.75 --statistics=rms --norm_alphas=0.25,0.5,0.75
     python bench/spinquant_s4_alpha.py --out_dir=out --device=cpu --alphas=0.5,0.75 --statistics=rms --shift --r4
 """
-import json
 import os
 import sys
 
@@ -25,8 +24,8 @@ if ROOT not in sys.path:
 from cli import BoolFlag, OneLineParser  # noqa: E402
 from quantization.perplexity import evaluate  # noqa: E402
 from quantization.spin_quant import FULL_BITS, SpinQuant, gelu_output_means, gelu_output_scales  # noqa: E402
-from quantization.spin_quant_flags import add_spinquant_flags, bench_inputs, check_args, parse_alphas  # noqa: E402
-from safety import write_text_atomic  # noqa: E402
+from quantization.spin_quant_flags import (add_spinquant_flags, bench_inputs, check_quantized_args,  # noqa: E402
+                                          parse_alphas, write_rows)
 
 
 def main(argv=None):
@@ -46,9 +45,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     error = f"{p.prog}: error:"
     try:
-        check_args(args)
-        if args.bits == FULL_BITS:
-            raise ValueError(f"bits={args.bits}: needs quantized weights (2..8)")
+        check_quantized_args(args)
         alphas = list(parse_alphas(args.alphas, "alphas"))
         norm_alphas = list(parse_alphas(args.norm_alphas, "norm_alphas")) if args.norm_alphas else []
         statistics = args.statistics.split(",")
@@ -103,9 +100,7 @@ def main(argv=None):
         norm = "-" if r["norm_alpha"] is None else f"{r['norm_alpha']:g}"
         print(f"| {r['weights']} | {norm} | {r['statistic']} | {alpha} | {'on' if r['shift'] else '-'} | "
               f"{'on' if r['r4'] else '-'} | {r['loss']:.4f} | {gap} |")
-    if args.json:
-        write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=setting, full_precision=fp,
-                                                     rows=rows), indent=1))
+    write_rows(args, setting, fp, rows)
     return rows
 
 

@@ -1,6 +1,7 @@
 """What the SpinQuant command lines (demos/spinquant_ptq.py, demos/spinquant_compare.py, the SpinQuant benches) share:
 their flags, the checks of those flags, and the inputs they load (a full-precision, unrotated model and its
 calibration windows)."""
+import json
 import math
 import sys
 
@@ -14,7 +15,7 @@ from quantization.autoround.calibration import calibration_samples
 from quantization.perplexity import split_tokens
 from quantization.rtn import weight_spec
 from quantization.spin_quant import FULL_BITS, SMOOTH_ALPHAS, WEIGHT_METHODS, check_plain
-from safety import finite_float, table_file_or_exit
+from safety import finite_float, table_file_or_exit, write_text_atomic
 
 
 def add_spinquant_flags(p):
@@ -78,6 +79,21 @@ def check_args(args):
     args.smooth_alphas = parse_alphas(args.smooth_alpha, "smooth_alpha")
     if args.bits != FULL_BITS:
         weight_spec(args.bits, args.group_size, args.sym)
+
+
+def check_quantized_args(args):
+    """check_args, and quantized weights: what a bench that compares weight quantizers needs."""
+    check_args(args)
+    if args.bits == FULL_BITS:
+        raise ValueError(f"bits={args.bits}: needs quantized weights (2..8)")
+
+
+def write_rows(args, setting, full_precision, rows):
+    """A bench's rows, with its checkpoint folder, setting and full-precision loss, to --json (atomically) where
+    given."""
+    if getattr(args, "json", None):
+        write_text_atomic(args.json, json.dumps(dict(out_dir=args.out_dir, setting=setting,
+                                                     full_precision=full_precision, rows=rows), indent=1))
 
 
 def parse_numbers(text, flag, accept=lambda a: 0.0 <= a <= 1.0, expected="numbers in [0, 1]"):
