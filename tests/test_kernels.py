@@ -1030,14 +1030,17 @@ def test_the_fused_norms_input_is_bf16_for_a_bf16_stream_and_float32_otherwise()
         assert fake_u.dtype == expected
 
 
-READ_PROBE = r"""
+PROBE_HEADER = r"""
 import importlib.util, json, os, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-spec = importlib.util.spec_from_file_location("probe", os.path.join(sys.argv[1], "bench", "gemv_layout_probe.py"))
+spec = importlib.util.spec_from_file_location("probe", os.path.join(sys.argv[1], "bench", sys.argv[2]))
 probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
 torch.manual_seed(0)
+"""  # an interpreted test script's start: the bench script argv[2] loaded as `probe`
+
+READ_PROBE = PROBE_HEADER + r"""
 out = []
 w = torch.randint(-2**31, 2**31 - 1, (1000,), dtype=torch.int32)
 for unroll in (1, 3):
@@ -1060,19 +1063,12 @@ def test_the_read_probes_flat_kernel_reads_every_word_once():
     """bench/gemv_layout_probe.py's flat read (the ceiling the one-row kernel is measured against): with UNROLL
     blocks in flight and with evict_first, each program XORs exactly its own words, the tail masked."""
     pytest.importorskip("triton")
-    rows = run_interpreted(READ_PROBE)
+    rows = run_interpreted(READ_PROBE, "gemv_layout_probe.py")
     assert rows == [[u, e, True] for u in (1, 3) for e in (False, True)], rows
 
 
-L2_PROBE = r"""
-import importlib.util, json, os, sys
-sys.path.insert(0, sys.argv[1])
-import torch
+L2_PROBE = PROBE_HEADER + r"""
 from triton.tools.tensor_descriptor import TensorDescriptor
-spec = importlib.util.spec_from_file_location("probe", os.path.join(sys.argv[1], "bench", "l2_read_probe.py"))
-probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(probe)
-torch.manual_seed(0)
 x = torch.randn(256, 256).to(torch.bfloat16)
 q = torch.randint(-2**31, 2**31 - 1, (32, 128), dtype=torch.int32)  # 4-bit words of 256 inputs, 8 rows a K tile
 out = []
@@ -1099,7 +1095,7 @@ def test_the_l2_probe_reads_each_programs_x_rows_and_words_once():
     program of a (row tile, output tile) grid folds exactly its 128 rows of x over every K tile, and with WORDS its
     64 outputs' words, as computed here in PyTorch."""
     pytest.importorskip("triton")
-    assert run_interpreted(L2_PROBE) == [True, True]
+    assert run_interpreted(L2_PROBE, "l2_read_probe.py") == [True, True]
 
 
 def test_ring_protocol_of_the_gluon_gemm_has_no_deadlock_or_early_read_in_any_interleaving():
