@@ -937,6 +937,8 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     for swap in (2, 3):
         fits = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, swap), **eight)
         assert fits.metadata.shared <= 232448 and not fits.asm["ptx"].count("st.local")
+    zeros = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=True, group=4096)  # affine
+    assert zeros.metadata.shared <= 232448 and not zeros.asm["ptx"].count("st.local")
     per_group = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=False, group=128)
     assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
     assert all(len(c) <= 8 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
