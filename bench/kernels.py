@@ -40,6 +40,7 @@ from safety import table_file_or_exit  # noqa: E402
 SHAPES = ("768x768", "768x3072", "3072x768", "4096x4096", "4096x11008", "11008x4096", "8192x8192")
 VARIANTS = {
     "int8 per channel": QuantSpec("symmetric_quant", 8, "per_channel"),
+    "int8 affine per channel": QuantSpec("affine_quant", 8, "per_channel"),
     "int4 g128": QuantSpec("affine_quant", 4, "per_group", 128),
     "int3 g128": QuantSpec("affine_quant", 3, "per_group", 128),
     "int2 g128": QuantSpec("affine_quant", 2, "per_group", 128),
