@@ -926,6 +926,10 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
         for config in gluon_gemm.CONFIGS[:3]:
             kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=bits == 3)
             assert kernel.asm["ptx"].count("st.shared.v4") and not kernel.asm["ptx"].count("st.local"), config
+            # every shared-memory store 16 bytes wide: 8-bit codes two word rows a thread (8-byte stores before, file
+            # 29 of bench/results/prefill_gluon_h100)
+            stores = re.findall(r"st\.shared(\.v\d)?\.b32", kernel.asm["ptx"])
+            assert stores and set(stores) == {".v4"}, (config, bits, stores)
     with pytest.raises(ValueError, match=r"eighth number \(SWAP\) is 0 to 3, got 4"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 4))
     # 8-bit codes (one scale a column, no zero points) at 8 stages: over a Hopper program's 232,448 bytes of shared
