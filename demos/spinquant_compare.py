@@ -190,9 +190,9 @@ def main(argv=None):
                     best_step=sq.info.get("identity_best_step"), heldout_losses=sq.identity_heldout_losses)
                 sq.set_rotations(*learned)
             sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True),
-                     report=score if args.score_candidates else None, **gptq_options)
+                     report=score if args.score_candidates else None, choose_by=args.choose_by, **gptq_options)
             add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
-                candidates=sq.candidates)
+                candidates=sq.candidates, choose_by=args.choose_by, kept_by=sq.choice["by"])
     first_qat = None  # (label, loss, per-window losses) of the first QAT row, which the others are compared with
     for label, folder in qat:
         model = from_pretrained(folder).to(device).eval()
@@ -225,14 +225,23 @@ def main(argv=None):
         rtn = next(x["loss"] for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN, no rotation")
         print(f"\n{r['setting']}, {r['method']}: every candidate (eligible: no rotation, or {CLEAR_Z:g} standard "
               f"errors below it on held-out text; the lowest eligible is kept; gap closed on validation)\n")
-        held, val = [c["heldout_loss"] for c in r["candidates"]], [c["report"] for c in r["candidates"]]
-        print(f"Spearman rank correlation of held-out and validation losses: {rank_correlation(held, val):.2f}\n")
-        print("| candidate | held-out loss | gain over no rotation | standard errors | eligible | val loss | "
-              "RTN gap closed |\n|---|---:|---:|---:|---|---:|---:|")
+        val = [c["report"] for c in r["candidates"]]
+        for key, what in (("heldout_loss", "losses"), ("heldout_kl", "KL divergences from full precision")):
+            if all(key in c for c in r["candidates"]):
+                print(f"Spearman rank correlation of held-out {what} and validation losses: "
+                      f"{rank_correlation([c[key] for c in r['candidates']], val):.2f}")
+        by, report = r["choose_by"], {c["name"]: c["report"] for c in r["candidates"]}
+        gap = {name: f", {100 * (rtn - v) / (rtn - fp):.0f}% of the gap" if rtn > fp else ""
+               for name, v in report.items()}
+        print(f"\nChosen by {by}; kept by each score: "
+              + "; ".join(f"{c}: {name}{gap[name]}" for c, name in r["kept_by"].items()) + "\n")
+        print(f"| candidate | held-out loss | held-out KL | gain over no rotation ({by}) | standard errors | "
+              "eligible | val loss | RTN gap closed |\n|---|---:|---:|---:|---:|---|---:|---:|")
         for c in r["candidates"]:
             gain = f"{c['gain']:+.4f} | {c['standard_errors']:.1f}" if "gain" in c else "- | -"
             closed = f"{100 * (rtn - c['report']) / (rtn - fp):.0f}%" if rtn > fp else "-"
-            print(f"| {c['name']} | {c['heldout_loss']:.4f} | {gain} | {'yes' if c['clear'] else 'no'} | "
+            kl = f"{c['heldout_kl']:.4f}" if "heldout_kl" in c else "-"
+            print(f"| {c['name']} | {c['heldout_loss']:.4f} | {kl} | {gain} | {'yes' if c['clear'] else 'no'} | "
                   f"{c['report']:.4f} | {closed} |")
     paired = [f"- {r['method']} against {r['against']}: {r['difference']:+.4f} on the same {r['windows']} validation "
               f"windows ({r['standard_errors']:+.1f} standard errors of the per-window differences)"

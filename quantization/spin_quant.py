@@ -299,6 +299,23 @@ def sample_losses(model, data, device, batch_size=16):
     return torch.cat(out)
 
 
+def sample_kl(model, reference, data, device, batch_size=8):
+    """Mean KL divergence per token of `model`'s next-token distributions from `reference`'s (the full-precision
+    model), KL(reference || model), for each of the (N, T + 1) samples `data`: a (N,) float64 tensor. Unlike the
+    cross-entropy it needs no target token: a candidate's damage, read from every token of the vocabulary."""
+    out = []
+    with torch.no_grad():
+        for b in range(0, data.shape[0], batch_size):
+            x = data[b:b + batch_size].to(device)
+            log_q = F.log_softmax(model(x[:, :-1], x[:, 1:])[0].float(), -1)
+            log_p = F.log_softmax(reference(x[:, :-1], x[:, 1:])[0].float(), -1)
+            out.append((log_p.exp() * (log_p - log_q)).sum(-1).double().mean(1).cpu())
+    return torch.cat(out)
+
+
+CHOOSE_BY = ("ce", "kl")  # what SpinQuant.choose scores candidates by on the held-out samples
+
+
 def split_calibration(calib_data, holdout=HOLDOUT):
     """(learn, held out): the last max(1, round(holdout N)) of N calibration samples are held out; ValueError when
     fewer than 2 samples leave nothing to learn on or nothing to choose on."""
@@ -600,7 +617,7 @@ class SpinQuant:
         return self.model
 
     def apply(self, calib_data=None, nsamples=128, seed=0, progress=True, select=True, log=print, report=None,
-              **method_options):
+              choose_by="ce", **method_options):
         """Bake the rotations in and quantize the weights with the method: {module name: QuantizedWeight}
         (empty at 16 bits). GPTQ and AutoRound calibrate on calib_data, or on optimize's calibration data.
         With `select` and held-out samples (optimize's), each candidate (no rotation; the folded norms alone; the
@@ -610,9 +627,9 @@ class SpinQuant:
         line per candidate and one for the choice, and the best is kept (self.choice, self.candidates); the
         weight method then calibrates on optimize's learning samples only (calib_data is not used). `report`: a
         function of a model whose value each candidate's entry records (a study of the choice, e.g. the validation
-        loss; never used to choose)."""
+        loss; never used to choose). `choose_by`: choose()'s score, "ce" or "kl"."""
         if select and self.heldout is not None:
-            return self.choose(calib_data, nsamples, seed, log, report=report, **method_options)
+            return self.choose(calib_data, nsamples, seed, log, report=report, choose_by=choose_by, **method_options)
         data = calibration_batch(calib_data) if calib_data is not None else self.calibration
         if self.smooth_norms is not None:  # S1, S2 taken anew in the basis of the current rotations
             if data is None:
@@ -747,14 +764,19 @@ class SpinQuant:
             self.r4_choice = (on < off,)
         return self.gelu_means() if self.r4_choice[0] else None
 
-    def choose(self, calib_data=None, nsamples=128, seed=0, log=print, report=None, **method_options):
-        """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest loss among
+    def choose(self, calib_data=None, nsamples=128, seed=0, log=print, report=None, choose_by="ce", **method_options):
+        """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest score among
         the unfolded no-rotation candidates and the others (folded, rotated) at least CLEAR_Z standard errors below
-        the better of those (paired_gain, per sample). GPTQ and AutoRound calibrate on optimize's learning samples, never on the
-        held-out ones."""
+        the better of those (paired_gain, per sample). `choose_by`: the score, "ce" (the held-out cross-entropy) or
+        "kl" (the KL divergence from the full-precision model, sample_kl; the loss is scored too); with a `report`
+        (a study) both are, and self.choice["by"] records what each would keep. GPTQ and AutoRound calibrate on
+        optimize's learning samples, never on the held-out ones."""
+        if choose_by not in CHOOSE_BY:
+            raise ValueError(f"choose_by={choose_by!r}: expected one of {', '.join(CHOOSE_BY)}")
+        criteria = CHOOSE_BY if report is not None or choose_by == "kl" else ("ce",)  # the loss always
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
-        results, base = [], None
+        scored, base = [], {}  # (name, sq, baseline, {criterion: per-sample scores}); the baselines' best per criterion
         for name, rotations, values, fold, smoothings in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
             scales, shift = None, None
@@ -771,46 +793,63 @@ class SpinQuant:
             sq.calibration = self.calibration
             sq.apply(data, nsamples=nsamples, seed=seed, progress=False, select=False,
                      **(method_options if method == self.method else {}))
-            per_sample = self.sample_losses(self.heldout, sq.model)
-            loss = per_sample.mean().item()
-            line = f"candidate {name}: held-out calibration loss {loss:.4f}"
+            scores = {c: self.sample_losses(self.heldout, sq.model) if c == "ce"
+                      else sample_kl(sq.model, self.source, self.heldout, self.device) for c in criteria}
+            loss = scores["ce"].mean().item()
+            line = f"candidate {name}: held-out " + ", ".join(
+                f"{'calibration loss' if c == 'ce' else 'KL from full precision'} {scores[c].mean().item():.4f}"
+                for c in criteria)
             baseline = not fold and not smoothings
             entry = dict(name=name, heldout_loss=loss)
-            if baseline:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
-                if base is None or loss < base.mean().item():
-                    base = per_sample
-                clear = True
-            else:
-                gain, z = paired_gain(base, per_sample)
-                clear = z >= CLEAR_Z
-                entry.update(gain=gain, standard_errors=z)
-                line += (f" (gain over no rotation {gain:+.4f}, {z:.1f} standard errors"
-                         f"{'' if clear else ': not clearly better'})")
-            results.append((loss, name, sq, clear, not baseline))
+            if "kl" in scores:
+                entry["heldout_kl"] = scores["kl"].mean().item()
+            clear = {}
+            for c in criteria:
+                if baseline:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
+                    if c not in base or scores[c].mean() < base[c].mean():
+                        base[c] = scores[c]
+                    clear[c] = True
+                else:
+                    gain, z = paired_gain(base[c], scores[c])
+                    clear[c] = z >= CLEAR_Z
+                    prefix = "" if c == choose_by else f"{c}_"
+                    entry.update({f"{prefix}gain": gain, f"{prefix}standard_errors": z})
+                    if c == choose_by:
+                        line += (f" (gain over no rotation {gain:+.4f}, {z:.1f} standard errors"
+                                 f"{'' if clear[c] else ': not clearly better'})")
+            scored.append((name, sq, baseline, scores, clear))
             if report is not None:
                 entry["report"] = report(sq.model)
-            self.candidates.append(dict(entry, clear=clear))
+            self.candidates.append(dict(entry, clear=clear[choose_by]))
             log(line)
-        # the lowest of the candidates that clearly beat no rotation (ties: the earlier, simpler one)
-        loss, name, best, _, changed = min((r for r in results if r[3]), key=lambda r: r[0])
+
+        def lowest(c):  # the lowest of the candidates that clearly beat no rotation by c (ties: the earlier, simpler)
+            return min((r for r in scored if r[4][c]), key=lambda r: r[3][c].mean().item())
+        name, best, baseline, scores, _ = lowest(choose_by)
+        loss = scores[choose_by].mean().item()
         for attr in ("model", "config", "records", "R1", "R2", "rotations", "base_state", "smooth", "smooth_norms",
                      "norm_scales", "shift"):
             setattr(self, attr, getattr(best, attr))
-        none = base.mean().item()
-        clear = sum(r[3] for r in results if r[4])
-        if not changed:
-            others = [r for r in results if not r[4] and r[1] != name]
+        none = base[choose_by].mean().item()
+        what = "held-out calibration loss" if choose_by == "ce" else "held-out KL from full precision"
+        if baseline:
+            others = [r for r in scored if r[2] and r[0] != name]
             reason = (f"none of the others beat it by {CLEAR_Z:g} standard errors"
-                      + (f"; {others[0][1]}: {others[0][0]:.4f}" if others else ""))
+                      + (f"; {others[0][0]}: {others[0][3][choose_by].mean().item():.4f}" if others else ""))
         else:
+            clear = sum(r[4][choose_by] for r in scored if not r[2])
             reason = (f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {clear} "
                       f"candidates {CLEAR_Z:g} or more standard errors below it")
-        self.choice = dict(name=name, heldout_loss=loss, reason=reason)
+        heldout_loss = scores["ce"].mean().item()
+        self.choice = dict(name=name, heldout_loss=heldout_loss, reason=reason, choose_by=choose_by,
+                           by={c: lowest(c)[0] for c in criteria})
+        if choose_by == "kl":
+            self.choice["heldout_kl"] = loss
         self.method = best.method
         self.info.update(rotations=",".join(best.rotations + best.smoothings()) or "none",
-                         choice=name, heldout_loss=loss,
+                         choice=name, heldout_loss=heldout_loss, choose_by=choose_by,
                          heldout_samples=self.heldout.shape[0], method=best.method)
-        log(f"kept {name}: held-out calibration loss {loss:.4f} ({len(results)} candidates); {reason}")
+        log(f"kept {name}: {what} {loss:.4f} ({len(scored)} candidates); {reason}")
         return self.records
 
     def checkpoint(self, base, extra_info=None):

@@ -14,7 +14,7 @@ from model import GPT, GPTConfig
 from quantization.autoround.calibration import calibration_samples
 from quantization.perplexity import split_tokens
 from quantization.rtn import weight_spec
-from quantization.spin_quant import FULL_BITS, SMOOTH_ALPHAS, WEIGHT_METHODS, check_plain
+from quantization.spin_quant import CHOOSE_BY, FULL_BITS, SMOOTH_ALPHAS, WEIGHT_METHODS, check_plain
 from safety import finite_float, table_file_or_exit, write_text_atomic
 
 
@@ -48,6 +48,9 @@ def add_spinquant_flags(p):
     p.add_argument("--heldout_tokens", type=int, default=16384, help="held-out calibration tokens (other windows of "
                    "the train split, never learned on) that choose among no rotation, random Hadamard and learned "
                    "rotations; 0: a quarter of --nsamples")
+    p.add_argument("--choose_by", default="ce", choices=CHOOSE_BY, help="what scores each candidate on the held-out "
+                   "tokens: ce, their cross-entropy, or kl, the KL divergence of its next-token distributions from "
+                   "the full-precision model's")
     p.add_argument("--seqlen", type=int, default=0, help="tokens per calibration sample (0: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=8, help="calibration samples per Cayley step")
     p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")

@@ -16,7 +16,7 @@ from quantization.hf import from_pretrained
 from quantization.hadamard import (factor, hadamard_matrix, hadamard_transform, paley_hadamard,
                                    random_hadamard_matrix)
 from quantization.perplexity import split_tokens
-from quantization.spin_quant import SpinQuant
+from quantization.spin_quant import SpinQuant, sample_kl
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -246,6 +246,7 @@ def test_clipping_bench_table_and_bad_flags(plain_dir, tmp_path, capsys):
     (["--heldout_tokens=1000000000"], "--heldout_tokens=1000000000"),
     (["--act_order=maybe"], "argument --act_order"),
     (["--gelu_shift=maybe"], "argument --gelu_shift"),
+    (["--choose_by=mse"], "argument --choose_by"),
 ])
 def test_demo_bad_flags_one_line_nothing_written(plain_dir, tmp_path, flags, named):
     import demos.spinquant_ptq as demo
@@ -295,6 +296,44 @@ def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tm
     save_checkpoint(str(tmp_path / "ckpt.pt"), sq.checkpoint({"model_args": {}, "dataset": "shakespeare_char"}))
     x = sq.heldout[:2, :-1]
     assert torch.equal(from_pretrained(str(tmp_path))(x, x)[0], sq.model(x, x)[0])
+
+
+def test_sample_kl_is_pytorchs_kl_div_in_float64(tiny_trained):
+    """sample_kl against torch's own kl_div in float64, per sample, with the full-precision model as the reference;
+    a model is at KL 0 from itself."""
+    model, tokens = tiny_trained
+    data = torch.cat(_calibration(tokens)[:5])
+    other = GPT(model.config).eval()
+    kl = sample_kl(other, model, data, "cpu", batch_size=2)
+    with torch.no_grad():
+        log_q = torch.log_softmax(other(data[:, :-1], data[:, 1:])[0].double(), -1)
+        log_p = torch.log_softmax(model(data[:, :-1], data[:, 1:])[0].double(), -1)
+    ref = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1).mean(1)
+    assert kl.shape == (5,) and kl.dtype == torch.float64 and torch.allclose(kl, ref, rtol=1e-4, atol=1e-6)
+    assert kl.min() > 0 and sample_kl(model, model, data, "cpu").abs().max() < 1e-6
+
+
+def test_choose_by_kl_keeps_the_lowest_heldout_kl_and_a_study_scores_both(tiny_trained):
+    """choose_by="kl": each candidate's KL from the full-precision model on the held-out samples decides (the lowest
+    of those clearly below no rotation by it); with a report both scores are kept and what each would keep is named;
+    an unknown score is one ValueError."""
+    model, tokens = tiny_trained
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0)
+    sq.optimize(_calibration(tokens), steps=4, progress=False, from_identity=False)
+    lines = []
+    sq.apply(progress=False, log=lines.append, choose_by="kl", report=lambda m: 0.0)
+    assert all("KL from full precision" in line for line in lines if line.startswith("candidate "))
+    candidates = sq.candidates
+    assert all("heldout_kl" in c and "heldout_loss" in c for c in candidates)
+    best = min((c for c in candidates if c["clear"]), key=lambda c: c["heldout_kl"])
+    assert sq.choice["name"] == best["name"] == sq.choice["by"]["kl"] and sq.choice["choose_by"] == "kl"
+    kl = sample_kl(sq.model, model, sq.heldout, "cpu").mean().item()
+    assert abs(kl - best["heldout_kl"]) < 1e-6 and lines[-1].startswith(f"kept {best['name']}: held-out KL")
+    by_loss = min((c for c in candidates if c.get("ce_standard_errors", math.inf) >= 2),
+                  key=lambda c: c["heldout_loss"])
+    assert sq.choice["by"]["ce"] == by_loss["name"]
+    with pytest.raises(ValueError, match="choose_by='mse'"):
+        sq.choose(choose_by="mse")
 
 
 PICKS = ("S4 alpha: ", "R4 shift: ")  # the lines of smooth_scales' and r4_shift's picks (tests/test_spinquant_s4.py)
