@@ -26,11 +26,12 @@ Barriers per slot: loaded (one per dequantize partition and slot: a partition sk
 barrier of the slot alone it could wait two phases behind, where the parity passes before its tile has landed;
 bench/ring_protocol_check.py explores every interleaving), dequantized, free again. With one row of scales for
 all inputs (per channel) each dequantize partition has its own slot of them, loaded with its first tile. On one
-H100, 256 rows against cuBLAS bf16's 19.9-20.3 us on 4096x4096: 20.4-21.4 us for int4 g128, int2, ternary and 1-bit,
-21.4-21.7 for int8 (symmetric and affine), 21.8-22.4 for int3; 57.9-63.6 against 43.3-44.7 on 4096x11008
-(bench/results/prefill_gluon_h100/README.md, files 23-30). The words, scales and zero points in rings of their own, one per dequantize partition with
-a second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code is in commit 578c0c9); 7 stages,
-which hung before the race fix, ran correctly after it and were slower too (file 22).
+H100, 256 rows against cuBLAS bf16's 19.9-20.3 us on 4096x4096: 20.4-21.4 us for int4 g128, int2, ternary and
+1-bit, 21.4-21.7 for int8 (symmetric and affine), 21.8-22.4 for int3; 57.9-63.6 against 43.3-44.7 on 4096x11008
+(bench/results/prefill_gluon_h100/README.md, files 23-30). The words, scales and zero points in rings of their own,
+one per dequantize partition with a second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code
+is in commit 578c0c9); 7 stages, which hung before the race fix, ran correctly after it and were slower too (file
+22); so was each dequantize partition loading its next tile's words before its stores (file 29, commit cb0372a).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
