@@ -776,7 +776,8 @@ class SpinQuant:
         criteria = CHOOSE_BY if report is not None or choose_by == "kl" else ("ce",)  # the loss always
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
-        scored, base = [], {}  # (name, sq, baseline, {criterion: per-sample scores}); the baselines' best per criterion
+        # (name, sq, baseline, {criterion: per-sample scores}, {criterion: clear}); the best baseline per criterion
+        scored, base = [], {}
         for name, rotations, values, fold, smoothings in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
             scales, shift = None, None
