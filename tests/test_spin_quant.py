@@ -514,6 +514,9 @@ def test_compare_scores_every_candidate_on_validation_without_changing_the_choic
     assert [c["report"] for c in kept[0]["candidates"] if c["name"] == name] == [kept[0]["loss"]]
     out = capsys.readouterr().out
     assert "| candidate | held-out loss |" in out and "Spearman rank correlation" in out
+    # both scores of the choice (--choose_by): the loss's pick is the kept one, KL's is named beside it
+    assert kept[0]["kept_by"]["ce"] == name and all("heldout_kl" in c for c in kept[0]["candidates"])
+    assert f"Chosen by ce; kept by each score: ce: {name}" in out and f"; kl: {kept[0]['kept_by']['kl']}" in out
     table = out[out.index("| candidate | held-out loss |"):].split("\n\n")[0].splitlines()
     assert len(table) == 2 + len(kept[0]["candidates"]) and all(line.startswith("|") for line in table)
     assert compare.rank_correlation([1, 2, 3, 4], [10, 30, 20, 40]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
