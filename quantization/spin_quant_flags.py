@@ -50,7 +50,7 @@ def add_spinquant_flags(p):
                    "rotations; 0: a quarter of --nsamples")
     p.add_argument("--choose_by", default="ce", choices=CHOOSE_BY, help="what scores each candidate on the held-out "
                    "tokens: ce, their cross-entropy, or kl, the KL divergence of its next-token distributions from "
-                   "the full-precision model's")
+                   "the full-precision model's (chose worse on four GPT-2-BPE trainings: docs/spinquant.md)")
     p.add_argument("--seqlen", type=int, default=0, help="tokens per calibration sample (0: the model's block_size)")
     p.add_argument("--batch_size", type=int, default=8, help="calibration samples per Cayley step")
     p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
