@@ -838,8 +838,8 @@ class SpinQuant:
             reason = (f"none of the others beat it by {CLEAR_Z:g} standard errors"
                       + (f"; {others[0][0]}: {others[0][3][choose_by].mean().item():.4f}" if others else ""))
         else:
-            clear = sum(r[4][choose_by] for r in scored if not r[2])
-            reason = (f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {clear} "
+            n_clear = sum(r[4][choose_by] for r in scored if not r[2])
+            reason = (f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {n_clear} "
                       f"candidates {CLEAR_Z:g} or more standard errors below it")
         heldout_loss = scores["ce"].mean().item()
         self.choice = dict(name=name, heldout_loss=heldout_loss, reason=reason, choose_by=choose_by,
