@@ -171,6 +171,17 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     assert ", kept " in last and any(line.startswith("candidate no rotation: held-out") for line in lines)
     assert any(line.startswith("learned from the identity: held-out calibration loss") for line in lines)
     assert os.path.samefile(os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_spinquant.pt"))
+    assert load_checkpoint(out)["ptq"]["choose_by"] == "ce"
+    # --choose_by=kl: every candidate scored by its KL from full precision too, the choice by it, recorded
+    kl_out = str(tmp_path / "sq_kl")
+    assert run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={kl_out}", "--steps=2", "--nsamples=8",
+                    "--heldout_tokens=200", "--eval_tokens=2000", "--device=cpu", "--progress=False",
+                    "--method=rtn", "--from_identity=False", "--smooth=False", "--choose_by=kl") is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("candidate no rotation: held-out calibration loss ") and "KL from full precision"
+               in line for line in lines)
+    assert any(line.startswith("kept ") and ": held-out KL from full precision " in line for line in lines)
+    assert load_checkpoint(kl_out)["ptq"]["choose_by"] == "kl"
     import sample
     assert run_main(sample.main, f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=5", "--device=cpu") is None
     # an already rotated checkpoint is refused
