@@ -489,9 +489,9 @@ def render(rep, args, gpu):
                 f"(each value listed); {args.nproc} GPUs: torchrun, gradient accumulation {args.nproc}, so each GPU "
                 f"does the same work per step. Peak memory: torch's max allocated per process, and nvidia-smi's "
                 f"largest memory.used per GPU.", "",
-                f"ms/step is per micro-step. Overlap: train.py --ddp_overlap (buckets: the compiled graph split at "
-                f"the gradient buckets so their all-reduce overlaps the backward pass; off: one compiled graph, "
-                f"all-reduce after it). Rows after the first variant's use the overlap that scaled best there.", "",
+                "ms/step is per micro-step. Overlap: train.py --ddp_overlap (buckets: the compiled graph split at "
+                "the gradient buckets so their all-reduce overlaps the backward pass; off: one compiled graph, "
+                "all-reduce after it). Rows after the first variant's use the overlap that scaled best there.", "",
                 "| weights | GPUs | grads on the wire | overlap | tokens/s | ms/step | scaling | efficiency "
                 "| peak allocated GiB | nvidia-smi peak GiB |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         single = {}
