@@ -303,12 +303,13 @@ def sample_kl(model, reference, data, device, batch_size=8):
     """Mean KL divergence per token of `model`'s next-token distributions from `reference`'s (the full-precision
     model), KL(reference || model), for each of the (N, T + 1) samples `data`: a (N,) float64 tensor. Unlike the
     cross-entropy it needs no target token: a candidate's damage, read from every token of the vocabulary."""
-    out = []
+    out, home = [], next(reference.parameters()).device  # the reference where it is (a user's model is not moved)
     with torch.no_grad():
         for b in range(0, data.shape[0], batch_size):
             x = data[b:b + batch_size].to(device)
             log_q = F.log_softmax(model(x[:, :-1], x[:, 1:])[0].float(), -1)
-            log_p = F.log_softmax(reference(x[:, :-1], x[:, 1:])[0].float(), -1)
+            r = x.to(home)
+            log_p = F.log_softmax(reference(r[:, :-1], r[:, 1:])[0].float(), -1).to(log_q.device)
             out.append((log_p.exp() * (log_p - log_q)).sum(-1).double().mean(1).cpu())
     return torch.cat(out)
 
