@@ -930,6 +930,8 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
             # 29 of bench/results/prefill_gluon_h100)
             stores = re.findall(r"st\.shared(\.v\d)?\.b32", kernel.asm["ptx"])
             assert stores and set(stores) == {".v4"}, (config, bits, stores)
+            # 3-bit planes: each half's high bits spread by one byte permute a word (_plane_block), in each partition
+            assert kernel.asm["ptx"].count("prmt.b32") == (2 * config[6] if bits == 3 else 0), (config, bits)
     with pytest.raises(ValueError, match=r"eighth number \(SWAP\) is 0 to 3, got 4"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 4))
     # 8-bit codes (one scale a column, no zero points) at 8 stages: over a Hopper program's 232,448 bytes of shared
@@ -945,16 +947,18 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert zeros.metadata.shared <= 232448 and not zeros.asm["ptx"].count("st.local")
     per_group = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=False, group=128)
     assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
-    assert all(len(c) <= 8 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
+    assert all(len(c) <= 9 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
     # the loader, the three dequantize partitions, the products: one loader warp, a ready barrier per dequantize
     # partition and slot (8 slots x 3), and a config of more than 8 numbers (the words' own rings, measured slower
     # and taken out) refused in one line
     ttgir = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ttgir"]
     assert len(re.findall(r"^\s*partition\d+\(", ttgir, flags=re.M)) == 4
     assert ttgir.count("ttng.init_barrier") == 8 * 3 + 8 + 8  # ready, w_ready, empty
-    with pytest.raises(ValueError, match=r"a config has 7 numbers, or 8 with SWAP, got \(128, 64, 64, 4, 8, 4, 3, 1, "
-                                         r"12\)"):
-        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 12))
+    with pytest.raises(ValueError, match=r"a config has 7 numbers, or 8 with SWAP, or 9 with TURN, got \(128, 64, 64, 4, "
+                                         r"8, 4, 3, 1, 2, 12\)"):
+        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 2, 12))
+    with pytest.raises(ValueError, match=r"uses slot 0 twice in 30 tiles"):  # 5 stages, 3 partitions of 2 tiles
+        gluon_gemm.lap((128, 64, 64, 4, 5, 4, 3, 3, 2))
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

@@ -140,9 +140,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, s
 
 @triton.jit
 def _word(w_ptrs, N, mask, W: tl.constexpr, BITS: tl.constexpr):
-    """Word W of each block (a block has BITS words, N apart); a constant 0 where W >= BITS."""
+    """Word W of each block (a block has BITS words, N apart); a constant 0 where W >= BITS. A step reads each
+    word once: loaded with the streaming hint evict_first (4096x16384 18.25 -> 17.9 us on an H100,
+    bench/results/evict_first_h100)."""
     if W < BITS:
-        return tl.load(w_ptrs + W * N, mask=mask, other=0)
+        return tl.load(w_ptrs + W * N, mask=mask, other=0, eviction_policy="evict_first")
     else:
         return tl.zeros(w_ptrs.shape, tl.int32)
 
