@@ -32,10 +32,8 @@ import math
 PARTS = 3
 
 
-def check(tiles, stages, w_stages, protocol, turn=1):
-    """(states explored, [problems]) for `tiles` K tiles, STAGES x slots, W_STAGES words slots (unused by `one`);
-    `turn` (`one` only): the K tiles a dequantize partition takes at a time (the kernel's TURN), arriving on their
-    `w_ready` barriers together after the last."""
+def check(tiles, stages, w_stages, protocol):
+    """(states explored, [problems]) for `tiles` K tiles, STAGES x slots, W_STAGES words slots (unused by `one`)."""
     w_stages = stages if protocol in ("one", "one_shared") else w_stages
 
     def word_slot(i):  # (slot, lap) of tile i's words
@@ -46,11 +44,11 @@ def check(tiles, stages, w_stages, protocol, turn=1):
         return i % w_stages, i // w_stages
 
     one = protocol in ("one", "one_shared")
-    period = math.lcm(PARTS * turn, stages) if protocol == "one" else None
+    period = math.lcm(PARTS, stages) if protocol == "one" else None
 
     def ready_index(i):  # the barrier a tile's copies complete: per (partition, slot) for `one`
         if protocol == "one":
-            return ((i // turn) % PARTS) * stages + i % stages
+            return (i % PARTS) * stages + i % stages
         return word_slot(i)[0]
 
     def ready_lap(i):
@@ -62,7 +60,7 @@ def check(tiles, stages, w_stages, protocol, turn=1):
     # state: loader x (or the one loader), loader w, each partition's (tile, step), products' (tile, step), the
     # barriers' completed phases (empty, x_ready, w_ready, ready, w_free), copies in flight, what each slot holds,
     # the tiles dequantized, the last tile whose slot the products released
-    start = (0, 0, tuple((p * turn, 0) for p in range(PARTS)), (0, 0),
+    start = (0, 0, tuple((p, 0) for p in range(PARTS)), (0, 0),
              ((0,) * stages, (0,) * stages, (0,) * stages, (0,) * (PARTS * stages if protocol == "one" else w_stages),
               (0,) * w_stages),
              frozenset(), ((-1,) * stages, (-1,) * stages, (-1,) * w_stages), frozenset(), -1)
@@ -133,18 +131,7 @@ def check(tiles, stages, w_stages, protocol, turn=1):
                 if q_slots[q] != i:
                     problems.append(f"partition {p} read tile {i}'s words from a slot holding tile {q_slots[q]}")
                     continue
-                last = (i + 1) % turn == 0 or i + 1 >= tiles  # the turn's last tile: its arrivals next
-                step(parts=put(parts, p, (i, 1) if last else (i + 1, 0)))
-            elif stage == 1 and turn > 1:  # the turn's tiles stored: every w_ready of the turn arrives
-                first = i - i % turn
-                arrived = w_ready
-                for t in range(first, i + 1):
-                    if released < t - stages:
-                        problems.append(f"weight slot of tile {t - stages} overwritten before its product finished")
-                    arrived = bump(arrived, t % stages)
-                step(parts=put(parts, p, (first + PARTS * turn, 0)), w_slots=tuple(
-                    next((t for t in range(first, i + 1) if t % stages == k), v) for k, v in enumerate(w_slots)),
-                    w_ready=arrived, done=done | set(range(first, i + 1)))
+                step(parts=put(parts, p, (i, 1)))
             elif stage == 1 and (one or passes(empty[s], ((i // stages) & 1) ^ 1)):
                 if released < i - stages:
                     problems.append(f"weight slot of tile {i - stages} overwritten before its product finished")
@@ -177,7 +164,6 @@ def main():
                    "first config has 8: --stages=8 --tiles=10 takes about a minute a protocol)")
     p.add_argument("--protocol", default="one,rings", help="comma-separated: one, one_shared, rings, "
                    "shared_words")
-    p.add_argument("--turn", type=int, default=1, help="K tiles a dequantize partition takes at a time (`one`)")
     args = p.parse_args()
     bad = 0
     for protocol in args.protocol.split(","):
@@ -186,7 +172,7 @@ def main():
         else:  # the words' rings: a third for each partition; x's ring at least 3 slots (as the kernel had them)
             sizes = list(itertools.product((3, 4), (3, 6, 9)))
         for (stages, w_stages), tiles in itertools.product(sizes, range(args.tiles + 1)):
-            states, problems = check(tiles, stages, w_stages, protocol, args.turn if protocol == "one" else 1)
+            states, problems = check(tiles, stages, w_stages, protocol)
             if problems:
                 bad += 1
                 print(f"{protocol}: {tiles} tiles, {stages} stages, {w_stages} words slots: {problems[0]} "

@@ -734,6 +734,20 @@ def test_with_dependent_launch_the_one_row_kernel_loads_its_words_before_waiting
     assert loads_before_wait(compile_stream(4, 32, 32, 8, True, True, 90).asm["ptx"]) is None
 
 
+def test_the_one_row_kernel_streams_its_words_past_the_caches_and_nothing_else():
+    """A decode step reads each word once: the one-row kernel loads the words (BITS a block; with prefetch at the first
+    step and in the loop) with evict_first, which took 4096x16384 from 18.25 to 17.9 us on an H100
+    (bench/results/evict_first_h100), and x, the scales and the sums keep the default policy."""
+    pytest.importorskip("triton")
+    from bench.kernel_sass import compile_stream
+    for bits in (2, 4, 8):
+        for prefetch in (True, False):
+            ptx = compile_stream(bits, 32, 32, 8, True, prefetch, 90).asm["ptx"]
+            hinted = re.findall(r"ld\.global\.L1::evict_first\S*", ptx)
+            assert len(hinted) == bits * (2 if prefetch else 1), (bits, prefetch, hinted)
+            assert len(re.findall(r"ld\.global\S*evict", ptx)) == len(hinted)  # no other load hinted
+
+
 def test_the_fused_norms_statistics_keep_the_6_7b_up_projection_at_4_programs_a_multiprocessor():
     """The LayerNorm fused into the 6.7B shape's up projection (K = 4096, 8 warps, its statistics before the loop:
     the default) compiles for sm_90 to at most 64 registers a thread, so that 4 of its programs fit a multiprocessor
@@ -947,18 +961,16 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert zeros.metadata.shared <= 232448 and not zeros.asm["ptx"].count("st.local")
     per_group = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=False, group=128)
     assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
-    assert all(len(c) <= 9 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
+    assert all(len(c) <= 8 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
     # the loader, the three dequantize partitions, the products: one loader warp, a ready barrier per dequantize
     # partition and slot (8 slots x 3), and a config of more than 8 numbers (the words' own rings, measured slower
     # and taken out) refused in one line
     ttgir = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ttgir"]
     assert len(re.findall(r"^\s*partition\d+\(", ttgir, flags=re.M)) == 4
     assert ttgir.count("ttng.init_barrier") == 8 * 3 + 8 + 8  # ready, w_ready, empty
-    with pytest.raises(ValueError, match=r"a config has 7 numbers, or 8 with SWAP, or 9 with TURN, got \(128, 64, 64, 4, "
-                                         r"8, 4, 3, 1, 2, 12\)"):
-        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 2, 12))
-    with pytest.raises(ValueError, match=r"uses slot 0 twice in 30 tiles"):  # 5 stages, 3 partitions of 2 tiles
-        gluon_gemm.lap((128, 64, 64, 4, 5, 4, 3, 3, 2))
+    with pytest.raises(ValueError, match=r"a config has 7 numbers, or 8 with SWAP, got \(128, 64, 64, 4, 8, 4, 3, 1, "
+                                         r"12\)"):
+        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 12))
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

@@ -27,18 +27,19 @@ barrier of the slot alone it could wait two phases behind, where the parity pass
 bench/ring_protocol_check.py explores every interleaving), dequantized, free again. With one row of scales for
 all inputs (per channel) each dequantize partition has its own slot of them, loaded with its first tile. On one
 H100, 256 rows against cuBLAS bf16's 19.9-20.3 us on 4096x4096: 20.4-21.4 us for int4 g128, int2, ternary and
-1-bit, 21.4-21.7 for int8 (symmetric and affine), 21.8-22.4 for int3; 57.9-63.6 against 43.3-44.7 on 4096x11008
-(bench/results/prefill_gluon_h100/README.md, files 23-30). The words, scales and zero points in rings of their own,
+1-bit, 21.4-21.7 for int8 (symmetric and affine), 21.5-22.4 for int3; 57.9-63.6 against 43.3-45.1 on 4096x11008
+(bench/results/prefill_gluon_h100/README.md, files 23-31). The words, scales and zero points in rings of their own,
 one per dequantize partition with a second loader warp, were slower (23.3-23.9 us against 22.2, file 20; the code
 is in commit 578c0c9); 7 stages, which hung before the race fix, ran correctly after it and were slower too (file
-22); so was each dequantize partition loading its next tile's words before its stores (file 29, commit cb0372a).
+22); so was each dequantize partition loading its next tile's words before its stores (file 29, commit cb0372a);
+two partitions taking two K tiles a turn (one fence for both) were level with three taking one (file 31, commit
+b095765).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
 bench/kernels.py --check with the other kernels.
 """
 import functools
-import math
 
 import torch
 
@@ -64,7 +65,7 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # x's ring (SWAP 3) they have 8: int8 24.1 -> 23.3 us, int4 level with SWAP 1 (files 23, 24 of
 # bench/results/prefill_gluon_h100). y stored straight from the accumulator (SWAP 2) lost (file 20): not listed
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
-           (128, 64, 64, 4, 8, 4, 2), (128, 64, 64, 4, 8, 4, 3, 3, 2), (128, 64, 64, 4, 8, 4, 2, 3, 2)]
+           (128, 64, 64, 4, 8, 4, 2)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -72,8 +73,7 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, TURN: gl.constexpr,
-                LAP: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
         the dequantize partition that takes the tile. The workers share one signature."""
@@ -87,16 +87,16 @@ if gluon is not None:
         rows: gl.constexpr = s_desc.block_type.nbytes + (z_desc.block_type.nbytes if HAS_ZERO else 0)
         nbytes: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes + (0 if ONE_ROW else rows)
         first_bytes: gl.constexpr = nbytes + rows  # with one row: a partition's first tile brings the row
-        p = gl.to_tensor(0)  # (i // TURN) % DQ_PARTS, counted (no division in the one warp's loop)
+        p = gl.to_tensor(0)  # i % DQ_PARTS, counted (no division in the one warp's loop)
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
             k0 = i * TILE_K
             bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
             if ONE_ROW:  # the row once for each dequantize partition, with its first tile, into a slot of its own
-                first = (i < DQ_PARTS * TURN) & (i % TURN == 0)
+                first = i < DQ_PARTS
                 mbarrier.expect(bar, first_bytes, pred=first)
-                mbarrier.expect(bar, nbytes, pred=(i >= DQ_PARTS * TURN) | (i % TURN != 0))
+                mbarrier.expect(bar, nbytes, pred=i >= DQ_PARTS)
                 _tma_load(s_desc, [0, off_n], bar, s_bufs.index(p), pred=first)
                 if HAS_ZERO:
                     _tma_load(z_desc, [0, off_n], bar, z_bufs.index(p).slice(0, 1), pred=first)
@@ -106,7 +106,7 @@ if gluon is not None:
                 _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
                 if HAS_ZERO:
                     _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
-            p = gl.where(i % TURN != TURN - 1, p, gl.where(p == DQ_PARTS - 1, 0, p + 1))
+            p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
             _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
 
@@ -167,7 +167,7 @@ if gluon is not None:
         low = gl.where(h == 0, q.slice(row, 1).load(HALF), q.slice(row + 1, 1).load(HALF))  # word row 3b + h
         low = gl.expand_dims(low, 1)                                          # (2, 1, TILE_N)
         # this half's high bits, code r + 8's moved to bit 16 + r: bytes 2h and 2h + 1 of the word to bytes 0 and 2
-        # of a zero word, one byte permute (PRMT; a shift, two masks, a shift and an OR before)
+        # of a zero word, one byte permute (PRMT; a shift, two masks, a shift and an OR before: file 31)
         top = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r",
                                         [q.slice(row + 2, 1).load(HALF), 0x4140 + h * 0x0202], dtype=gl.int32,
                                         is_pure=True, pack=1)                 # (2, TILE_N)
@@ -201,8 +201,7 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, TURN: gl.constexpr,
-                    LAP: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
@@ -212,34 +211,28 @@ if gluon is not None:
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
-        for j in range(part, gl.cdiv(k_tiles, TURN), DQ_PARTS):  # TURN K tiles a turn, then one fence for them
-            for t in gl.static_range(TURN):
-                i = j * TURN + t
-                if i < k_tiles:
-                    s = i % STAGES
-                    # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier
-                    # of the slot alone it could wait two phases behind, where its parity passes before the tile
-                    # landed (bench/ring_protocol_check.py); this one it waits on every LAP tiles (lap())
-                    mbarrier.wait(ready.index(part * STAGES + s), (i // LAP) & 1)
-                    r = part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row
-                    scales = s_bufs.index(r)
-                    zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
-                    if BITS == 3:
-                        w = _plane_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, HAS_ZERO, ZERO, TILE_N, TILE_K,
-                                        w_bufs.dtype)
-                    else:
-                        w = _word_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, BITS, HAS_ZERO, ZERO, TILE_N,
-                                       TILE_K, w_bufs.dtype)
-                    w_bufs.index(s).store(w)
+        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
+        for i in range(part, k_tiles, DQ_PARTS):
+            s = i % STAGES
+            # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier of the
+            # slot alone it could wait two phases behind, where its parity passes before the tile landed
+            # (bench/ring_protocol_check.py); this one it waits on every time it is used (i % DQ_PARTS is part)
+            mbarrier.wait(ready.index(part * STAGES + s), (i // LAP) & 1)
+            r = part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row (_ring)
+            scales = s_bufs.index(r)
+            zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
+            if BITS == 3:
+                w = _plane_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
+            else:
+                w = _word_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, BITS, HAS_ZERO, ZERO, TILE_N, TILE_K,
+                               w_bufs.dtype)
+            w_bufs.index(s).store(w)
             fence_async_shared()  # the stores (and the loads above) before wgmma and the next TMA copy
-            for t in gl.static_range(TURN):
-                i = j * TURN + t
-                mbarrier.arrive(w_ready.index(i % STAGES), count=1, pred=i < k_tiles)
+            mbarrier.arrive(w_ready.index(s), count=1)
 
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
-                  TURN: gl.constexpr, LAP: gl.constexpr):
+                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
@@ -257,12 +250,13 @@ if gluon is not None:
             acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC_LAYOUT)
         else:
             acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
-        p = gl.to_tensor(0)  # (i // TURN) % DQ_PARTS, counted
+        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
+        p = gl.to_tensor(0)  # i % DQ_PARTS, counted
         for i in range(k_tiles):
             s = i % STAGES
             phase = (i // STAGES) & 1
             mbarrier.wait(ready.index(p * STAGES + s), (i // LAP) & 1)  # x's copy landed
-            p = gl.where(i % TURN != TURN - 1, p, gl.where(p == DQ_PARTS - 1, 0, p + 1))
+            p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
             mbarrier.wait(w_ready.index(s), phase)
             if (DIAG & 1) == 0:
                 if SWAP:
@@ -300,8 +294,7 @@ if gluon is not None:
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, TURN: gl.constexpr,
-                         LAP: gl.constexpr):
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -331,60 +324,39 @@ if gluon is not None:
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, TURN, LAP)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
+                              DQ_PARTS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, TURN, LAP)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
+                              DQ_PARTS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, TURN, LAP)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, TURN, LAP)),
+                              DQ_PARTS)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
     stored straight from the accumulator, 3 with y through a slot of x's ring and TMA; 0 where absent."""
-    if not 7 <= len(config) <= 9:
-        raise ValueError(f"gluon_gemm: a config has 7 numbers, or 8 with SWAP, or 9 with TURN, got {config}")
+    if not 7 <= len(config) <= 8:
+        raise ValueError(f"gluon_gemm: a config has 7 numbers, or 8 with SWAP, got {config}")
     swap = config[7] if len(config) > 7 else 0
     if swap not in (0, 1, 2, 3):
         raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 to 3, got {swap} in {config}")
     return swap
-
-
-def turn(config):
-    """A config's ninth number, TURN: the K tiles a dequantize partition takes at a time (their stores, then one fence
-    and their arrivals); 1 where absent."""
-    value = config[8] if len(config) > 8 else 1
-    if value not in (1, 2):
-        raise ValueError(f"gluon_gemm: a config's ninth number (TURN) is 1 or 2, got {value} in {config}")
-    return value
-
-
-def lap(config):
-    """The tiles between two uses of one ready barrier (a partition's for one slot): lcm(STAGES, DQ_PARTS * TURN),
-    where each barrier is used once a period (checked)."""
-    stages, parts, t = config[4], config[6], turn(config)
-    period = stages * parts * t // math.gcd(stages, parts * t)
-    for s in range(stages):  # the partitions of slot s's tiles over one period: each at most once
-        owners = [(i // t) % parts for i in range(s, period, stages)]
-        if len(set(owners)) != len(owners):
-            raise ValueError(f"gluon_gemm: {config}: a partition uses slot {s} twice in {period} tiles")
-    return period
 
 
 def layouts(config, bits=4):
@@ -486,8 +458,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4],
         W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, TURN=turn(config), LAP=lap(config),
-        num_warps=config[3],
+        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
         maxnreg=total)
     return _epilogue(y, bias, activation)
 
@@ -535,8 +506,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
-                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out,
-                  TURN=turn(config), LAP=lap(config))
+                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
