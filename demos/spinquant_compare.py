@@ -160,7 +160,7 @@ def main(argv=None):
                 sq.apply(learn_part[:, :seqlen], nsamples=args.nsamples, progress=False, **gptq_options)
                 add(setting, "random Hadamard + GPTQ", score(sq.model), rtn)
             sq = SpinQuant(base, method=method, seed=0, smooth_alpha=smooth_alpha(args), gelu_shift=args.gelu_shift,
-                           **common)
+                           learn_with_s4=args.learn_with_s4, **common)
             losses = sq.optimize(calibration, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                  seed=args.seed, progress=False, heldout=heldout, from_identity=args.from_identity)
             if args.smooth:  # S4 alone, its alpha (and the shift) chosen as the choice below will choose them

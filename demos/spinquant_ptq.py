@@ -50,7 +50,7 @@ def main(argv=None):
         sq = SpinQuant(model, bits=args.bits, act_bits=args.act_bits, kv_bits=args.kv_bits,
                        group_size=args.group_size, sym=args.sym, act_sym=args.act_sym, method=args.method,
                        seed=args.seed, device=device, smooth_alpha=smooth_alpha(args),
-                       gelu_shift=args.gelu_shift)
+                       gelu_shift=args.gelu_shift, learn_with_s4=args.learn_with_s4)
     except ValueError as e:
         sys.exit(f"{error} --out_dir={args.out_dir}: {e}")
     val = split_tokens(checkpoint["dataset"], "val")

@@ -265,6 +265,8 @@ def calibration_batch(calib_data):
     return calib_data
 
 
+# candidate_list's markers for rotations that choose() learns with S4 in the model (learn_with_s4)
+LEARN_FROM_IDENTITY, LEARN_ON = "from identity", "on from identity"
 HOLDOUT = 0.25  # share of the calibration samples held out to choose among the candidates (never learned on)
 
 
@@ -338,7 +340,7 @@ class SpinQuant:
     def __init__(self, model, bits=4, act_bits=4, kv_bits=4, group_size=0, sym=False, act_sym=False,
                  method="rtn", rotations=ROTATIONS, learn=("R1", "R2"), seed=0, device=None, act_quant=None,
                  weight_specs=None, dtype=torch.float32, fold=True, smooth=None, smooth_alpha=SMOOTH_ALPHAS,
-                 smooth_norms=None, shift=None, gelu_shift=True):
+                 smooth_norms=None, shift=None, gelu_shift=True, learn_with_s4=False):
         """`act_quant` (model.py's config dict) replaces the activation quantizers that act_bits/kv_bits describe,
         and `weight_specs` ({site: QuantSpec}) the weight quantizers of optimisation, as QAT needs. `dtype`: of
         the rotated model and the rotations (float64 to check exactness). `fold=False` (not with R1, which needs
@@ -350,7 +352,10 @@ class SpinQuant:
         `shift`: one mean per block for mlp_down's input (gelu_output_means), subtracted online before S4's scale;
         mlp_down's bias holds W_down times it (a model without biases gets zero ones everywhere). `gelu_shift`: apply's
         choice also tries the shift under its S4 and R4 candidates, and keeps it for each where it scores lower
-        (smooth_scales, r4_shift)."""
+        (smooth_scales, r4_shift). `learn_with_s4` (with smooth_alpha and optimize(from_identity=True)): two more
+        candidates whose R1/R2 apply's choice learns with S4 (and the shift, where picked) in the model, as optimize
+        learned the others (its samples, steps and step choice): from the identity, and on from the rotations
+        learned from it (the others are learned with R4 and get S4 in its place afterwards)."""
         if bits != FULL_BITS and not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(f"bits={bits}: expected {MIN_BITS}..{MAX_BITS}, or {FULL_BITS} for full-precision weights")
         if method not in WEIGHT_METHODS:
@@ -438,6 +443,7 @@ class SpinQuant:
         self.options = dict(bits=bits, act_bits=act_bits, kv_bits=kv_bits, group_size=group_size, sym=sym,
                             act_sym=act_sym, method=method, seed=seed, device=self.device, act_quant=act_quant,
                             weight_specs=weight_specs, dtype=dtype, gelu_shift=gelu_shift)
+        self.learn_with_s4, self.learn_args = bool(learn_with_s4), None  # learn_args: optimize's, for those candidates
         self.start = self.rotation_values()
         self.heldout, self.heldout_steps, self.heldout_losses, self.candidates, self.choice = None, None, [], [], None
         # optimize(from_identity=True): R1/R2 learned from the identity, their losses, held-out losses
@@ -566,6 +572,7 @@ class SpinQuant:
         learn = dict(data=data, steps_set=steps_set if heldout is not None else None, steps=steps, lr=lr,
                      batch_size=batch_size, seed=seed, progress=progress, quantize_weights=quantize_weights,
                      eval_every=eval_every or max(1, steps // 10), objective=objective)
+        self.learn_args = learn
         losses, self.heldout_losses, best_step = self._learn(**learn)
         self.losses += losses
         if best_step is not None:
@@ -660,7 +667,8 @@ class SpinQuant:
         smooth_alpha, S4 takes R4's place in four more: S4 alone (unfolded), R3+S4, and the learned rotations of the
         largest set (from the random start and from the identity) with S4 for R4; and three with S1 and S2 besides
         (SMOOTHINGS): S1+S2+S4 alone (unfolded), R3+S1+S2+S4, and the rotations learned from the identity with
-        them."""
+        them. With learn_with_s4, two whose rotations choose() learns with S4 in the model (LEARN_FROM_IDENTITY,
+        LEARN_ON in place of the values)."""
         sets = []
         for names in (("R1",), ("R1", "R2"), self.rotations):
             names = tuple(r for r in ROTATIONS if r in names)
@@ -702,6 +710,9 @@ class SpinQuant:
                 out.append((f"learned from identity {label}", names, identity, True, ("S4",)))
                 out.append((f"learned from identity {'+'.join(names + SMOOTHINGS)}", names, identity, True,
                              SMOOTHINGS))
+                if self.learn_with_s4 and self.learn_args is not None:  # learned by choose(), S4 in the model
+                    out.append((f"learned with S4 from identity {label}", names, LEARN_FROM_IDENTITY, True, ("S4",)))
+                    out.append((f"learned from identity, then with S4, {label}", names, LEARN_ON, True, ("S4",)))
         return out
 
     def gelu_means(self):
@@ -790,7 +801,16 @@ class SpinQuant:
             sq = SpinQuant(self.source, rotations=rotations, learn=self.learn, fold=fold, smooth=scales, shift=shift,
                            smooth_norms=NORM_SMOOTH_ALPHA if "S1" in smoothings else None,
                            **{**options, "method": method})
-            if values is not None:
+            if isinstance(values, str):  # learned now, with S4 (and the shift) in the model, as optimize learned
+                start = self.learned_from_identity
+                if values == LEARN_FROM_IDENTITY:
+                    start = [None if R is None else torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+                             for R in (start[0], *(start[1] or []))]
+                    start = (start[0], start[1:] or None)
+                sq.set_rotations(*start)
+                sq.heldout_steps = self.heldout_steps
+                sq._learn(**self.learn_args)
+            elif values is not None:
                 sq.set_rotations(*values)
             sq.calibration = self.calibration
             sq.apply(data, nsamples=nsamples, seed=seed, progress=False, select=False,

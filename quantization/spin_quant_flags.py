@@ -44,6 +44,9 @@ def add_spinquant_flags(p):
     p.add_argument("--gelu_shift", action=BoolFlag, default=True, help="also try each channel's mean taken out of "
                    "the GELU output (added back through mlp_down's bias) before S4 and before R4; kept for each where "
                    "it scores lower on held-out samples")
+    p.add_argument("--learn_with_s4", action=BoolFlag, default=False, help="with --smooth and --from_identity: two "
+                   "more candidates whose R1/R2 are learned with S4 (and the GELU shift) in the model, from the "
+                   "identity and on from the rotations learned from it (two more runs of --steps)")
     p.add_argument("--nsamples", type=int, default=64, help="calibration samples (from the train split)")
     p.add_argument("--heldout_tokens", type=int, default=16384, help="held-out calibration tokens (other windows of "
                    "the train split, never learned on) that choose among no rotation, random Hadamard and learned "

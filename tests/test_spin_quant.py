@@ -164,9 +164,12 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     out = str(tmp_path / "sq")
     assert run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={out}", "--steps=2", "--nsamples=8",
                     "--heldout_tokens=200", "--eval_tokens=2000", "--device=cpu", "--progress=False",
-                    "--method=rtn") is None
+                    "--method=rtn", "--learn_with_s4") is None
     lines = capsys.readouterr().out.strip().splitlines()
     last = lines[-1]
+    # --learn_with_s4: the two candidates learned with S4 in the model, scored like the others
+    assert any(line.startswith("candidate learned with S4 from identity R1+R2+R3+S4") for line in lines)
+    assert any(line.startswith("candidate learned from identity, then with S4, R1+R2+R3+S4") for line in lines)
     assert last.startswith("spinquant perplexity: ") and "(no rotation " in last and ", full precision " in last
     assert ", kept " in last and any(line.startswith("candidate no rotation: held-out") for line in lines)
     assert any(line.startswith("learned from the identity: held-out calibration loss") for line in lines)
@@ -404,6 +407,43 @@ def test_learning_from_the_identity_is_one_more_candidate(tiny_trained):
     assert "learned from identity all" in names and "learned from identity R1" in names
     best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
     assert sq.choice["name"] == best["name"]
+
+
+def test_learn_with_s4_learns_two_more_candidates_with_the_scales_in_the_model(tiny_trained, monkeypatch):
+    """learn_with_s4: choose() learns R1/R2 twice more, as optimize learned (its samples, steps and step choice), on a
+    model that has S4 (the GELU output's scales, online) instead of R4: from the identity and on from the rotations
+    learned from the identity; both are candidates, scored like the others, and the lowest clear one is kept.
+    Off (the default), neither is learned or listed."""
+    model, tokens = tiny_trained
+    calls = []
+    learn = SpinQuant._learn
+
+    def record(self, **kwargs):
+        R1, R2 = self.rotation_values()
+        calls.append((self.config.online_transforms, R1.clone(), kwargs["steps"], kwargs["data"]))
+        return learn(self, **kwargs)
+
+    monkeypatch.setattr(SpinQuant, "_learn", record)
+    sq = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, smooth_alpha=0.5, learn_with_s4=True)
+    sq.optimize(_calibration(tokens), steps=3, progress=False, from_identity=True)
+    assert len(calls) == 2 and all("scale" not in t.get("mlp_activation_output", "") for t, *_ in calls)
+    sq.apply(progress=False, log=lambda line: None)
+    assert len(calls) == 4, len(calls)
+    for transforms, R1, steps, data in calls[2:]:  # with S4 (and maybe the shift) online, no Hadamard: R4's place
+        assert "scale" in transforms["mlp_activation_output"] and "hadamard" not in transforms["mlp_activation_output"]
+        assert steps == 3 and data is sq.calibration
+    eye = torch.eye(calls[2][1].shape[0])
+    assert torch.equal(calls[2][1], eye) and torch.equal(calls[3][1], sq.learned_from_identity[0])
+    names = [c["name"].removesuffix(" + shift") for c in sq.candidates]
+    assert "learned with S4 from identity R1+R2+R3+S4" in names
+    assert "learned from identity, then with S4, R1+R2+R3+S4" in names
+    best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
+    assert sq.choice["name"] == best["name"]
+    calls.clear()
+    off = SpinQuant(model, bits=3, act_bits=4, kv_bits=4, method="rtn", seed=0, smooth_alpha=0.5)
+    off.optimize(_calibration(tokens), steps=3, progress=False, from_identity=True)
+    off.apply(progress=False, log=lambda line: None)
+    assert len(calls) == 2 and not any("with S4" in c["name"] for c in off.candidates)
 
 
 def test_the_fixed_hadamards_without_r1_match_a_model_built_with_hooks(tiny_trained):
