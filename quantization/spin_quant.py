@@ -265,6 +265,13 @@ def calibration_batch(calib_data):
     return calib_data
 
 
+def identity_like(values):
+    """(R1, R2) as rotation_values() gives them, each rotation replaced by the identity of its size."""
+    eye = [None if R is None else torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+           for R in (values[0], *(values[1] or []))]
+    return eye[0], eye[1:] or None
+
+
 # candidate_list's markers for rotations that choose() learns with S4 in the model (learn_with_s4)
 LEARN_FROM_IDENTITY, LEARN_ON = "from identity", "on from identity"
 HOLDOUT = 0.25  # share of the calibration samples held out to choose among the candidates (never learned on)
@@ -579,9 +586,7 @@ class SpinQuant:
             self.info["best_step"] = self.info["steps"] + best_step
         if from_identity and self.parameters():
             learned = self.rotation_values()
-            identity = [None if R is None else torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-                        for R in (learned[0], *(learned[1] or []))]
-            self.set_rotations(identity[0], identity[1:] or None)
+            self.set_rotations(*identity_like(learned))
             self.identity_losses, self.identity_heldout_losses, best_step = self._learn(**learn)
             self.learned_from_identity = self.rotation_values()
             self.info["identity_best_step"] = best_step
@@ -803,12 +808,7 @@ class SpinQuant:
                            **{**options, "method": method})
             if isinstance(values, str):  # learned now, with S4 (and the shift) in the model, as optimize learned
                 start = self.learned_from_identity
-                if values == LEARN_FROM_IDENTITY:
-                    start = [None if R is None else torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-                             for R in (start[0], *(start[1] or []))]
-                    start = (start[0], start[1:] or None)
-                sq.set_rotations(*start)
-                sq.heldout_steps = self.heldout_steps
+                sq.set_rotations(*(identity_like(start) if values == LEARN_FROM_IDENTITY else start))
                 sq._learn(**self.learn_args)
             elif values is not None:
                 sq.set_rotations(*values)
