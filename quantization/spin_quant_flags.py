@@ -82,6 +82,9 @@ def check_args(args):
         raise ValueError(f"nsamples={args.nsamples}: must be at least 2 (too few calibration tokens to learn on)")
     if not args.lr > 0:
         raise ValueError(f"lr={args.lr}: must be positive")
+    if args.learn_with_s4 and not (args.smooth and args.from_identity and args.steps > 0):
+        raise ValueError("learn_with_s4: needs --smooth, --from_identity and --steps above 0 (its candidates are S4's, "
+                         "learned from the identity)")
     args.smooth_alphas = parse_alphas(args.smooth_alpha, "smooth_alpha")
     if args.bits != FULL_BITS:
         weight_spec(args.bits, args.group_size, args.sym)

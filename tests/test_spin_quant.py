@@ -261,6 +261,8 @@ def test_clipping_bench_table_and_bad_flags(plain_dir, tmp_path, capsys):
     (["--act_order=maybe"], "argument --act_order"),
     (["--gelu_shift=maybe"], "argument --gelu_shift"),
     (["--choose_by=mse"], "argument --choose_by"),
+    (["--learn_with_s4", "--smooth=False"], "--learn_with_s4: needs --smooth, --from_identity and --steps above 0"),
+    (["--learn_with_s4", "--steps=0"], "--learn_with_s4: needs --smooth"),
 ])
 def test_demo_bad_flags_one_line_nothing_written(plain_dir, tmp_path, flags, named):
     import demos.spinquant_ptq as demo
