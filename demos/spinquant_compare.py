@@ -192,7 +192,7 @@ def main(argv=None):
             sq.apply(nsamples=args.nsamples, progress=False, log=lambda line: print(f"  {line}", flush=True),
                      report=score if args.score_candidates else None, choose_by=args.choose_by, **gptq_options)
             add(setting, f"SpinQuant + {method.upper()}, kept: {sq.choice['name']}", score(sq.model), rtn,
-                candidates=sq.candidates, choose_by=args.choose_by, kept_by=sq.choice["by"])
+                candidates=sq.candidates, choose_by=args.choose_by, kept_by=sq.choice["by"], bar=sq.choice["bar"])
     first_qat = None  # (label, loss, per-window losses) of the first QAT row, which the others are compared with
     for label, folder in qat:
         model = from_pretrained(folder).to(device).eval()
@@ -223,8 +223,9 @@ def main(argv=None):
         if not any("report" in c for c in r.get("candidates", [])):
             continue
         rtn = next(x["loss"] for x in rows if x["setting"] == r["setting"] and x["method"] == "RTN, no rotation")
-        print(f"\n{r['setting']}, {r['method']}: every candidate (eligible: no rotation, or {CLEAR_Z:g} standard "
-              f"errors below it on held-out text; the lowest eligible is kept; gap closed on validation)\n")
+        print(f"\n{r['setting']}, {r['method']}: every candidate (eligible: no rotation, or "
+              f"{r.get('bar', CLEAR_Z):.2f} standard errors below it on held-out text; the lowest eligible is kept; "
+              f"gap closed on validation)\n")
         val = [c["report"] for c in r["candidates"]]
         for key, what in (("heldout_loss", "losses"), ("heldout_kl", "KL divergences from full precision")):
             if all(key in c for c in r["candidates"]):

@@ -296,6 +296,25 @@ def paired_gain(base, other):
     return gain, gain / se
 
 
+def family_threshold(diffs, level=CLEAR_Z, draws=4000, seed=0):
+    """The standard errors a candidate must be below no rotation when the lowest of several is kept. `diffs`: (m, n),
+    per held-out sample, no rotation's score minus each of m candidates'. The lowest of many noisy scores beats
+    `level` by luck more often than one does, so the bar is the normal quantile of `level` (97.7% for 2) of the
+    largest z over the m candidates when every sample's differences are flipped in sign at random, one flip a sample
+    for all candidates so that their correlation is kept (Westfall and Young's max-T). One candidate, or m that
+    move together: about `level`; m independent ones: the Sidak bar. Never below `level`."""
+    d = diffs.double()
+    m, n = d.shape
+    if m == 0 or n < 2 or not math.isfinite(level):
+        return level
+    signs = torch.randint(0, 2, (draws, n), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 - 1
+    mean = signs @ d.T / n  # (draws, m); a flip leaves each candidate's sum of squares as it is
+    var = ((d * d).sum(1) - n * mean * mean) / (n - 1)
+    z = mean / (var.clamp_min(1e-300).sqrt() / math.sqrt(n))
+    q = torch.distributions.Normal(0.0, 1.0).cdf(torch.tensor(level, dtype=torch.float64)).item()
+    return max(level, torch.quantile(z.max(1).values, q).item())
+
+
 def sample_losses(model, data, device, batch_size=16):
     """Mean cross-entropy per token of each of the (N, T + 1) samples `data` under `model`: a (N,) float64 tensor
     (the per-sample losses that paired_gain compares)."""
@@ -783,8 +802,9 @@ class SpinQuant:
 
     def choose(self, calib_data=None, nsamples=128, seed=0, log=print, report=None, choose_by="ce", **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest score among
-        the unfolded no-rotation candidates and the others (folded, rotated) at least CLEAR_Z standard errors below
-        the better of those (paired_gain, per sample). `choose_by`: the score, "ce" (the held-out cross-entropy) or
+        the unfolded no-rotation candidates and the others (folded, rotated) clearly below the better of those: by at
+        least family_threshold's standard errors of the per-sample differences (paired_gain), CLEAR_Z for one
+        candidate and more for many (self.choice["bar"]). `choose_by`: the score, "ce" (the held-out cross-entropy) or
         "kl" (the KL divergence from the full-precision model, sample_kl; the loss is scored too); with a `report`
         (a study) both are, and self.choice["by"] records what each would keep. GPTQ and AutoRound calibrate on
         optimize's learning samples, never on the held-out ones."""
@@ -794,7 +814,7 @@ class SpinQuant:
         data = self.calibration
         options = {**self.options, "seed": self.info["seed"]}
         # (name, sq, baseline, {criterion: per-sample scores}, {criterion: clear}); the best baseline per criterion
-        scored, base = [], {}
+        scored, base, lines, entries = [], {}, [], []
         for name, rotations, values, fold, smoothings in self.candidate_list():
             method = "rtn" if name == "no rotation, RTN" else self.method
             scales, shift = None, None
@@ -825,24 +845,30 @@ class SpinQuant:
             entry = dict(name=name, heldout_loss=loss)
             if "kl" in scores:
                 entry["heldout_kl"] = scores["kl"].mean().item()
-            clear = {}
             for c in criteria:
-                if baseline:  # no rotation (with the weight method, and with RTN): what the others must clearly beat
-                    if c not in base or scores[c].mean() < base[c].mean():
-                        base[c] = scores[c]
-                    clear[c] = True
-                else:
+                if baseline and (c not in base or scores[c].mean() < base[c].mean()):
+                    base[c] = scores[c]  # no rotation (with the weight method, and with RTN): what others must beat
+            scored.append((name, sq, baseline, scores, {}))
+            if report is not None:
+                entry["report"] = report(sq.model)
+            entries.append(entry)
+            lines.append(line)
+        # clear: each criterion's bar for the lowest of the rotated candidates (family_threshold), lines printed then
+        bars = {c: family_threshold(torch.stack([base[c] - r[3][c] for r in scored if not r[2]]), CLEAR_Z)
+                if any(not r[2] for r in scored) else CLEAR_Z for c in criteria}
+        for (name, sq, baseline, scores, clear), entry, line in zip(scored, entries, lines):
+            for c in criteria:
+                clear[c] = baseline
+                if not baseline:
                     gain, z = paired_gain(base[c], scores[c])
-                    clear[c] = z >= CLEAR_Z
+                    clear[c] = z >= bars[c]
                     prefix = "" if c == choose_by else f"{c}_"
                     entry.update({f"{prefix}gain": gain, f"{prefix}standard_errors": z})
                     if c == choose_by:
                         line += (f" (gain over no rotation {gain:+.4f}, {z:.1f} standard errors"
                                  f"{'' if clear[c] else ': not clearly better'})")
-            scored.append((name, sq, baseline, scores, clear))
-            if report is not None:
-                entry["report"] = report(sq.model)
-            self.candidates.append(dict(entry, clear=clear[choose_by]))
+            entry["clear"] = clear[choose_by]
+            self.candidates.append(entry)
             log(line)
 
         def lowest(c):  # the lowest of the candidates that clearly beat no rotation by c (ties: the earlier, simpler)
@@ -856,15 +882,15 @@ class SpinQuant:
         what = "held-out calibration loss" if choose_by == "ce" else "held-out KL from full precision"
         if baseline:
             others = [r for r in scored if r[2] and r[0] != name]
-            reason = (f"none of the others beat it by {CLEAR_Z:g} standard errors"
+            reason = (f"none of the others beat it by {bars[choose_by]:.2f} standard errors"
                       + (f"; {others[0][0]}: {others[0][3][choose_by].mean().item():.4f}" if others else ""))
         else:
             n_clear = sum(r[4][choose_by] for r in scored if not r[2])
             reason = (f"{100 * (none - loss) / none:.2f}% below no rotation ({none:.4f}); the lowest of the {n_clear} "
-                      f"candidates {CLEAR_Z:g} or more standard errors below it")
+                      f"candidates {bars[choose_by]:.2f} or more standard errors below it")
         heldout_loss = scores["ce"].mean().item()
         self.choice = dict(name=name, heldout_loss=heldout_loss, reason=reason, choose_by=choose_by,
-                           by={c: lowest(c)[0] for c in criteria})
+                           by={c: lowest(c)[0] for c in criteria}, bar=bars[choose_by], bars=bars)
         if choose_by == "kl":
             self.choice["heldout_kl"] = loss
         self.method = best.method

@@ -306,6 +306,10 @@ def test_apply_keeps_the_candidate_with_the_lowest_heldout_loss(tiny_trained, tm
     assert names[0] == "no rotation" and "random Hadamard all" in names and len(lines) == len(names) + 1
     # the lowest of the candidates that clearly beat no rotation (no rotation itself always counts)
     assert sq.candidates[0]["clear"] and all("standard errors" in line for line in lines[1:-1])
+    # ... by the bar for the lowest of this many (family_threshold), never below CLEAR_Z
+    from quantization.spin_quant import CLEAR_Z
+    assert sq.choice["bar"] >= CLEAR_Z and f"{sq.choice['bar']:.2f} " in lines[-1]
+    assert all(c["clear"] == (c["standard_errors"] >= sq.choice["bar"]) for c in sq.candidates if "gain" in c)
     best = min((c for c in sq.candidates if c["clear"]), key=lambda c: c["heldout_loss"])
     assert sq.choice["name"] == best["name"] and lines[-1].startswith(f"kept {best['name']}: ")
     assert abs(sq.evaluate(sq.heldout, model=sq.model) - best["heldout_loss"]) < 1e-6
@@ -345,7 +349,8 @@ def test_choose_by_kl_keeps_the_lowest_heldout_kl_and_a_study_scores_both(tiny_t
     assert sq.choice["name"] == best["name"] == sq.choice["by"]["kl"] and sq.choice["choose_by"] == "kl"
     kl = sample_kl(sq.model, model, sq.heldout, "cpu").mean().item()
     assert abs(kl - best["heldout_kl"]) < 1e-6 and lines[-1].startswith(f"kept {best['name']}: held-out KL")
-    by_loss = min((c for c in candidates if c.get("ce_standard_errors", math.inf) >= 2),
+    assert set(sq.choice["bars"]) == {"ce", "kl"} and min(sq.choice["bars"].values()) >= 2
+    by_loss = min((c for c in candidates if c.get("ce_standard_errors", math.inf) >= sq.choice["bars"]["ce"]),
                   key=lambda c: c["heldout_loss"])
     assert sq.choice["by"]["ce"] == by_loss["name"]
     with pytest.raises(ValueError, match="choose_by='mse'"):
@@ -494,6 +499,28 @@ def test_the_folded_norms_and_fixed_hadamards_are_candidates_that_must_clearly_w
     assert sq.choice["name"] == best["name"]
     if best["name"] != "no rotation":
         assert best["heldout_loss"] < sq.candidates[0]["heldout_loss"]
+
+
+def test_the_bar_for_the_lowest_of_many_candidates_grows_with_how_many_move_apart():
+    """family_threshold (max-T over random sign flips of the per-sample differences) against float64 references:
+    one candidate, or many that move together, about CLEAR_Z (the 97.7% normal quantile); m independent ones, the
+    Sidak bar for the largest of m normal z; never below CLEAR_Z; a level that is not finite (a test forcing the
+    choice) comes back as it is."""
+    from statistics import NormalDist
+    from quantization.spin_quant import CLEAR_Z, family_threshold
+    g = torch.Generator().manual_seed(3)
+    one = torch.randn(1, 2000, generator=g, dtype=torch.float64)
+    assert CLEAR_Z <= family_threshold(one, CLEAR_Z) < CLEAR_Z + 0.1
+    together = one * torch.linspace(0.5, 2, 12, dtype=torch.float64)[:, None]
+    assert abs(family_threshold(together, CLEAR_Z) - family_threshold(one, CLEAR_Z)) < 1e-9
+    normal = NormalDist()
+    for m in (5, 20):
+        apart = torch.randn(m, 2000, generator=g, dtype=torch.float64)
+        sidak = normal.inv_cdf(normal.cdf(CLEAR_Z) ** (1 / m))
+        assert abs(family_threshold(apart, CLEAR_Z) - sidak) < 0.12, (m, sidak)
+        assert abs(family_threshold(apart + 0.3, CLEAR_Z) - sidak) < 0.12  # a real gain does not move the bar
+    assert family_threshold(torch.zeros(3, 50, dtype=torch.float64), CLEAR_Z) == CLEAR_Z
+    assert family_threshold(one, -math.inf) == -math.inf and family_threshold(one[:, :1], 2.5) == 2.5
 
 
 def test_a_rotation_must_clearly_beat_no_rotation():
