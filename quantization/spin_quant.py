@@ -661,7 +661,8 @@ class SpinQuant:
         function of a model whose value each candidate's entry records (a study of the choice, e.g. the validation
         loss; never used to choose). `choose_by`: choose()'s score, "ce" or "kl"."""
         if select and self.heldout is not None:
-            return self.choose(calib_data, nsamples, seed, log, report=report, choose_by=choose_by, **method_options)
+            return self.choose(calib_data, nsamples, seed, log, report=report, choose_by=choose_by, progress=progress,
+                               **method_options)
         data = calibration_batch(calib_data) if calib_data is not None else self.calibration
         if self.smooth_norms is not None:  # S1, S2 taken anew in the basis of the current rotations
             if data is None:
@@ -800,14 +801,16 @@ class SpinQuant:
             self.r4_choice = (on < off,)
         return self.gelu_means() if self.r4_choice[0] else None
 
-    def choose(self, calib_data=None, nsamples=128, seed=0, log=print, report=None, choose_by="ce", **method_options):
+    def choose(self, calib_data=None, nsamples=128, seed=0, log=print, report=None, choose_by="ce", progress=False,
+               **method_options):
         """apply's choice: quantize every candidate and score it on the held-out samples; keep the lowest score among
         the unfolded no-rotation candidates and the others (folded, rotated) clearly below the better of those: by at
         least family_threshold's standard errors of the per-sample differences (paired_gain), CLEAR_Z for one
         candidate and more for many (self.choice["bar"]). `choose_by`: the score, "ce" (the held-out cross-entropy) or
         "kl" (the KL divergence from the full-precision model, sample_kl; the loss is scored too); with a `report`
         (a study) both are, and self.choice["by"] records what each would keep. GPTQ and AutoRound calibrate on
-        optimize's learning samples, never on the held-out ones."""
+        optimize's learning samples, never on the held-out ones. The candidates' lines are logged once all are scored
+        (their verdicts need the bar); `progress` shows a bar while they are."""
         if choose_by not in CHOOSE_BY:
             raise ValueError(f"choose_by={choose_by!r}: expected one of {', '.join(CHOOSE_BY)}")
         criteria = CHOOSE_BY if report is not None or choose_by == "kl" else ("ce",)  # the loss always
@@ -815,7 +818,8 @@ class SpinQuant:
         options = {**self.options, "seed": self.info["seed"]}
         # (name, sq, baseline, {criterion: per-sample scores}, {criterion: clear}); the best baseline per criterion
         scored, base, lines, entries = [], {}, [], []
-        for name, rotations, values, fold, smoothings in self.candidate_list():
+        candidates = self.candidate_list()  # scored one by one (a bar with progress), printed once all are scored
+        for name, rotations, values, fold, smoothings in tqdm(candidates, desc="candidates", disable=not progress):
             method = "rtn" if name == "no rotation, RTN" else self.method
             scales, shift = None, None
             if "S4" in smoothings:  # S4's scales (and the shift, where it was picked), from the learning samples

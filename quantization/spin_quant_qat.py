@@ -258,9 +258,9 @@ def rotate_for_qat(model, model_args, batches, steps=100, lr=1.5, seed=0, progre
     quantizers (weights frozen) and return (the model QAT goes on with, its model_args, info).
     Both are scored on held-out training sequences (the quantized model as it is and as QAT would train it rotated,
     per sequence); with `select` (None: QAT_SELECT) the rotations are kept only when they are
-    `spin_quant.CLEAR_Z` standard errors better (as SpinQuant.choose), else `model` and `model_args` come back
-    unchanged. info: {"kept": "rotations" or "no rotation", "losses": the learning losses, "none", "rotated": the
-    held-out losses, "z"}.
+    `spin_quant.CLEAR_Z` standard errors better (SpinQuant.choose's bar for one candidate), else `model` and
+    `model_args` come back unchanged. info: {"kept": "rotations" or "no rotation", "losses": the learning losses,
+    "none", "rotated": the held-out losses, "z"}.
     With QAT_BASIS "original" the rotated model is a RotatedQAT that trains `model`'s own parameters; with
     "rotated", R1-R4 are baked in and the new model's latent weights are the rotated ones, so training continues in
     the rotated basis. `batches`: (N, T + 1) training tokens; `heldout`: more, never learned on (None: a quarter of
