@@ -1,7 +1,13 @@
-"""Shared test fixtures: the char-level data is prepared once, and tiny models are trained once per session."""
+"""Shared test fixtures: the char-level data is prepared once, and tiny models are trained once per session.
+
+pytest.ini runs the suite on two pytest-xdist workers (`-n 2 --dist loadfile`; `-n 0` runs it in one process). Each
+worker runs whole test files, the costliest first (COST); files that share an in-memory fixture run on one worker
+(SHARED); the trained checkpoints (folders) are built once for both workers (shared_folder); each worker and what it
+starts computes on one thread, so that two workers do not fight over the two cores."""
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -11,6 +17,83 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:  # before torch is imported here or in a script a test starts: one intra-op thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# seconds each test file took on one of two workers (2 CPU cores): the scheduler hands out the costliest first, so that
+# the two workers end together; a file not named here goes after these
+COST = {"test_kernels.py": 220, "test_spin_quant.py": 120, "test_train.py": 55, "test_fuzz.py": 50,
+        "test_generate.py": 50, "test_gguf.py": 45, "test_perplexity.py": 16, "test_hf.py": 15, "test_demos.py": 14,
+        "test_binary_linear.py": 13}
+# files that share a session fixture held in memory (not a folder): one worker runs them, so it is built once
+SHARED = {"test_autoround.py": "ptq_w3", "test_gptq.py": "ptq_w3", "test_spin_quant.py": "tiny_trained",
+          "test_spin_quant_qat.py": "tiny_trained", "test_spinquant_s4.py": "tiny_trained"}
+
+
+def pytest_sessionstart(session):
+    """The datasets are prepared before any worker starts: test_fuzz.py checks that refused commands write nothing
+    into the repository, so no other worker may write there meanwhile."""
+    if not WORKER:
+        for dataset in ("shakespeare_char", "shakespeare"):
+            prepared(dataset)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """loadfile scheduling (a test file is one work unit) with the units of SHARED joined and COST's order."""
+    from xdist.scheduler import LoadFileScheduling
+    if config.getvalue("dist") != "loadfile":
+        return None
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            name = os.path.basename(nodeid.split("::", 1)[0])
+            return SHARED.get(name, name)
+
+        def schedule(self):
+            self.config.option.loadscopereorder = False  # the collection's order, which COST sorted
+            super().schedule()
+
+    return Scheduling(config, log)
+
+
+def pytest_collection_modifyitems(items):
+    """The costliest files first (COST; every worker sorts the same collection the same way)."""
+    unit = {name: SHARED.get(name, name) for name in COST}
+    cost = {}
+    for name, seconds in COST.items():
+        cost[unit[name]] = cost.get(unit[name], 0) + seconds
+    items.sort(key=lambda item: -cost.get(SHARED.get(item.path.name, item.path.name), 0))
+
+
+def once(tmp_path_factory, name, build):
+    """Calls build() once in this test session: under pytest-xdist the first worker to ask builds under a file lock
+    and the others wait for it."""
+    if not WORKER:
+        return build()
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp().parent  # this session's, shared by its workers
+    with FileLock(str(root / f"{name}.lock")):
+        if not (root / f"{name}.done").exists():
+            build()
+            (root / f"{name}.done").touch()
+
+
+def shared_folder(tmp_path_factory, name, build):
+    """A folder made by build(folder) once in this test session, for every worker; returns its path."""
+    if not WORKER:
+        folder = str(tmp_path_factory.mktemp(name))
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name
+
+    def make():
+        shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed midway left
+        folder.mkdir()
+        build(str(folder))
+    once(tmp_path_factory, name, make)
+    return str(folder)
 
 # a model small enough to train in seconds on 2 CPU cores
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8", "--eval_iters=2",
@@ -121,11 +204,10 @@ def bpe_data():
 @pytest.fixture(scope="session")
 def trained_fp(char_data, tmp_path_factory):
     """A full-precision char-level model (2 layers, 64 wide) trained for 600 steps: the base for PTQ tests."""
-    out = tmp_path_factory.mktemp("trained_fp")
-    run_script("train.py", f"--out_dir={out}", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64",
-               "--batch_size=16", "--max_iters=600", "--lr_decay_iters=600", "--eval_interval=600",
-               "--eval_iters=10", "--device=cpu", "--dtype=float32", "--log_interval=100")
-    return str(out)
+    return shared_folder(tmp_path_factory, "trained_fp", lambda out: run_script(
+        "train.py", f"--out_dir={out}", "--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=64",
+        "--batch_size=16", "--max_iters=600", "--lr_decay_iters=600", "--eval_interval=600", "--eval_iters=10",
+        "--device=cpu", "--dtype=float32", "--log_interval=100"))
 
 
 # flags of a tiny model with every weight and activation quantizer on, mixing methods, granularities and bits
@@ -141,20 +223,21 @@ QUANT_FLAGS = ["--quantization_warmup_iters=0", "--store_activations", "--quanti
 @pytest.fixture(scope="session")
 def quant_ckpt(char_data, tmp_path_factory):
     """A tiny model trained 20 steps with QUANT_FLAGS (per-token affine activations): its out_dir."""
-    out = tmp_path_factory.mktemp("quant_ckpt")
-    train(out, "--max_iters=20", "--eval_interval=20", "--activations_quant_method=affine_quant",
-          "--activations_quant_granularity=per_token", *QUANT_FLAGS)
-    return str(out)
+    return shared_folder(tmp_path_factory, "quant_ckpt", lambda out: train(
+        out, "--max_iters=20", "--eval_interval=20", "--activations_quant_method=affine_quant",
+        "--activations_quant_granularity=per_token", *QUANT_FLAGS))
 
 
 @pytest.fixture(scope="session")
-def quant_saved(quant_ckpt):
+def quant_saved(quant_ckpt, tmp_path_factory):
     """quant_ckpt saved by save_weights.py in every format: {file type: path}."""
     from quantization import save_weights
-    paths = {}
-    for file_type in save_weights.FILE_TYPES:
-        paths[file_type] = os.path.join(quant_ckpt, f"quantized_data.{file_type}")
-        save_weights.main([f"--out_dir={quant_ckpt}", f"--file_name={paths[file_type]}", f"--file_type={file_type}"])
+    paths = {t: os.path.join(quant_ckpt, f"quantized_data.{t}") for t in save_weights.FILE_TYPES}
+
+    def save():
+        for file_type, path in paths.items():
+            save_weights.main([f"--out_dir={quant_ckpt}", f"--file_name={path}", f"--file_type={file_type}"])
+    once(tmp_path_factory, "quant_saved", save)
     return paths
 
 
