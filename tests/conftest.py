@@ -60,10 +60,9 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(items):
     """The costliest files first (COST; every worker sorts the same collection the same way)."""
-    unit = {name: SHARED.get(name, name) for name in COST}
-    cost = {}
+    cost = {}  # per work unit
     for name, seconds in COST.items():
-        cost[unit[name]] = cost.get(unit[name], 0) + seconds
+        cost[SHARED.get(name, name)] = cost.get(SHARED.get(name, name), 0) + seconds
     items.sort(key=lambda item: -cost.get(SHARED.get(item.path.name, item.path.name), 0))
 
 
