@@ -72,7 +72,8 @@ def main(argv=None):
     info = dict(method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, iters=args.iters,
                 nsamples=args.nsamples, seqlen=args.seqlen or model.config.block_size, seconds=seconds,
                 val_loss=q["loss"], base_val_loss=fp["loss"], outlier_fraction=args.outlier_fraction,
-                outlier_criterion=args.outlier_criterion, bits_per_weight=bits_per_weight(records))
+                outlier_criterion=args.outlier_criterion, fp_target=args.fp_target,
+                bits_per_weight=bits_per_weight(records))
     save_packed(os.path.join(quantized_dir, "ckpt.pt"), checkpoint, model, records, info)
     print(f"{args.method} W{args.bits} g{args.group_size or 'channel'} outliers {100 * args.outlier_fraction:g}%: "
           f"{bits_per_weight(records):.3f} bits/weight, quantized in {seconds:.1f}s, saved {quantized_dir}/ckpt.pt")

@@ -151,7 +151,7 @@ def main(argv=None):
         add(setting, f"random Hadamard + RTN, mean of {args.seeds} seeds", statistics.mean(random_losses), rtn,
             **spread)
         learn_part = calibration if heldout is not None else split_calibration(calibration)[0]
-        gptq_options = dict(act_order=args.act_order)  # RTN ignores them
+        gptq_options = dict(act_order=args.act_order, fp_target=args.fp_target)  # RTN ignores them
         for method in ("rtn", "gptq"):
             if method not in methods:
                 continue
@@ -210,7 +210,8 @@ def main(argv=None):
            f"{'group ' + str(args.group_size) if args.group_size else 'per channel'}, activations per token "
            f"{'symmetric' if args.act_sym else 'asymmetric'}, K/V per token and head asymmetric; {args.steps} Cayley "
            f"steps (lr {args.lr}), {args.nsamples} x {seqlen} calibration tokens"
-           f"{'; GPTQ with act_order' if args.act_order else ''}; {device}")
+           f"{'; GPTQ with act_order' if args.act_order else ''}"
+           f"{'; GPTQ to the full-precision outputs (--fp_target)' if args.fp_target else ''}; {device}")
     print(f"\n{cfg}\n")
     print("| setting | method | val loss | perplexity | RTN gap closed | random-seed spread |")
     print("|---|---|---:|---:|---:|---|")

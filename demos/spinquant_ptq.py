@@ -81,7 +81,8 @@ def main(argv=None):
         print(f"learned from the identity: held-out calibration loss {first:.4f} at the start, best {best[1]:.4f} "
               f"at step {best[0]} (kept)", flush=True)
     sq.apply(nsamples=args.nsamples, seed=args.seed, progress=args.progress,
-             log=lambda line: print(line, flush=True), act_order=args.act_order, choose_by=args.choose_by)
+             log=lambda line: print(line, flush=True), act_order=args.act_order, fp_target=args.fp_target,
+             choose_by=args.choose_by)
     q = score(sq.model)
     path = os.path.join(args.quantized_dir, "ckpt.pt")
     save_checkpoint(path, sq.checkpoint(checkpoint, dict(val_loss=q["loss"], base_val_loss=fp["loss"],

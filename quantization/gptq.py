@@ -5,8 +5,12 @@ Block by block over the cached calibration inputs, like AutoRound; the rounding 
 Options: damp_percent (the fraction of the mean Hessian diagonal added to it), group_size (0: per output channel),
 sym, act_order (columns in order of decreasing Hessian diagonal; the group ranges are then taken up front, so a
 group is still a run of consecutive columns and packs like any other) and true_sequential (q/k/v, then
-attn_proj, then mlp_up, then mlp_down, each seeing the inputs that the already-quantized layers produce).
+attn_proj, then mlp_up, then mlp_down, each seeing the inputs that the already-quantized layers produce) and
+fp_target (asymmetric calibration, GPTAQ, arXiv 2504.02692: match the full-precision model's outputs X W^T from the
+inputs X~ the quantized model gives the layer, quantized activations and earlier layers' errors included, instead of
+X~ W^T; `asymmetric_weight` reduces it to GPTQ on the least-squares solution).
 """
+import copy
 import dataclasses
 import time
 
@@ -14,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantization.autoround.calibration import capture_block_inputs, prepare_samples, run_block
+from quantization.layers import ActQuant
 from quantization.quantizers import compute_qparams, dequantize, outlier_mask, quantize
 from quantization.rtn import SITES, check_layers, set_quantized, target_layers, weight_spec
 
@@ -87,45 +92,89 @@ def gptq_weight(weight, hessian, spec, damp_percent=0.01, act_order=False, block
     return codes, scale.reshape(-1, 1), zero_point.reshape(-1, 1)
 
 
+@torch.no_grad()
+def asymmetric_weight(weight, hessian, cross, damp_percent=0.01):
+    """The weight that GPTQ quantizes under asymmetric calibration: W + W D H^-1, with H = 2 X~^T X~ / n the
+    quantized inputs' Hessian (damped as gptq_weight damps it) and D = 2 (X - X~)^T X~ / n, X the full-precision
+    inputs. Undamped it is the least-squares W* = W X^T X~ (X~^T X~)^-1, and ||X W^T - X~ Q^T||^2 =
+    ||X W^T - X~ W*^T||^2 + ||X~ (W* - Q)^T||^2 for any Q, so GPTQ of W* with H minimizes the asymmetric error.
+    With X = X~ it is W."""
+    H = hessian.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp_percent * torch.mean(torch.diag(H)))
+    W = weight.detach().double()
+    correction = torch.cholesky_solve((W @ cross.double()).t(), torch.linalg.cholesky(H)).t()
+    return (W + correction).to(weight.dtype)
+
+
+def full_precision_copy(block):
+    """A copy of a block as the full-precision model computes it: its weights as they are now, every activation
+    quantizer off (the online transforms, part of the function, stay)."""
+    fp_block = copy.deepcopy(block)
+    for module in fp_block.modules():
+        if isinstance(module, ActQuant):
+            module.enabled = False
+    return fp_block
+
+
 class GPTQ:
     """Quantize `model`'s linear sites in place with GPTQ; `quantize()` returns {module name: QuantizedWeight}.
-    `calibration` is a 1-D token array or a ready (nsamples, seqlen) tensor, as for AutoRound."""
+    `calibration` is a 1-D token array or a ready (nsamples, seqlen) tensor, as for AutoRound. With `fp_target`
+    each layer matches the full-precision model's outputs (asymmetric calibration; the block losses logged are then
+    against the full-precision model's block outputs)."""
 
     def __init__(self, model, calibration, bits=4, group_size=128, sym=False, damp_percent=0.01, act_order=False,
                  true_sequential=True, nsamples=128, seqlen=None, batch_size=8, sites=SITES, device=None, seed=0,
-                 progress=True, log=tqdm.write, outlier_fraction=0.0, act_scales=None):
+                 progress=True, log=tqdm.write, outlier_fraction=0.0, act_scales=None, fp_target=False):
         if not 0 <= damp_percent <= 1:
             raise ValueError(f"damp_percent={damp_percent}: must be between 0 and 1")
         self.model, self.spec, self.sites = model, weight_spec(bits, group_size, sym, outlier_fraction), sites
         self.act_scales = act_scales or {}  # {module name: per-input-channel scale}: outliers by sensitivity
         self.damp_percent, self.act_order, self.true_sequential = damp_percent, act_order, true_sequential
+        self.fp_target = fp_target
         self.batch_size, self.progress, self.log = batch_size, progress, log
         self.device = device or next(model.parameters()).device
         check_layers(target_layers(model, sites), self.spec)
         self.samples = prepare_samples(model, calibration, nsamples, seqlen, seed)
         self.block_losses = []
 
-    def hessians(self, block, layers, inputs):
-        """H = 2 X^T X / n for each named layer, over the block's cached inputs."""
+    def hessians(self, block, layers, inputs, fp_block=None, fp_inputs=None):
+        """{name: (H, D)} for each named layer over the block's cached inputs: H = 2 X~^T X~ / n, and with a
+        full-precision block and its inputs (fp_target) D = 2 (X - X~)^T X~ / n, X the inputs the full-precision
+        block gives the same layer (D None without)."""
         sums = {name: torch.zeros(layer.in_features, layer.in_features, device=inputs.device)
                 for name, layer in layers.items()}
-        count = [0]
+        cross = {name: torch.zeros_like(s) for name, s in sums.items()} if fp_block is not None else {}
+        fp_seen, count = {}, [0]
 
         def hook(name):
             def fn(module, args):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sums[name].addmm_(x.t(), x)
+                if name in cross:
+                    cross[name].addmm_((fp_seen.pop(name) - x).t(), x)
+            return fn
+
+        def fp_hook(name):
+            def fn(module, args):
+                fp_seen[name] = args[0].reshape(-1, args[0].shape[-1]).float()
             return fn
 
         handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+        if fp_block is not None:
+            fp_layers = target_layers(fp_block, self.sites)
+            handles += [fp_layers[name].register_forward_pre_hook(fp_hook(name)) for name in layers]
         try:
-            for x in inputs.split(self.batch_size):
+            for j, x in enumerate(inputs.split(self.batch_size)):
+                if fp_block is not None:
+                    fp_block(fp_inputs[j * self.batch_size:(j + 1) * self.batch_size])
                 block(x)
                 count[0] += x.shape[0] * x.shape[1]
         finally:
             for h in handles:
                 h.remove()
-        return {name: 2 * s / count[0] for name, s in sums.items()}
+        return {name: (2 * s / count[0], 2 * cross[name] / count[0] if cross else None) for name, s in sums.items()}
 
     @torch.no_grad()
     def quantize(self):
@@ -133,27 +182,32 @@ class GPTQ:
         was_training = model.training
         model.eval()
         inputs = capture_block_inputs(model, self.samples, self.batch_size, self.device)
+        fp_inputs = inputs if self.fp_target else None
         records = {}
         groups = SEQUENTIAL_GROUPS if self.true_sequential else (SITES,)
         for i, block in enumerate(tqdm(model.transformer.h, desc="gptq", unit="block", disable=not self.progress)):
             t0 = time.time()
-            targets = run_block(block, inputs, self.batch_size)
+            fp_block = full_precision_copy(block) if self.fp_target else None
+            targets = run_block(block, inputs, self.batch_size) if fp_block is None else run_block(fp_block, fp_inputs,
+                                                                                         self.batch_size)
             layers = target_layers(block, self.sites)
             for group in groups:
                 group_layers = {n: l for n, l in layers.items() if n.rsplit(".", 1)[-1] in group}
                 if not group_layers:
                     continue
-                for name, H in self.hessians(block, group_layers, inputs).items():
+                for name, (H, D) in self.hessians(block, group_layers, inputs, fp_block, fp_inputs).items():
                     layer, full_name = group_layers[name], f"transformer.h.{i}.{name}"
+                    weight = layer.weight if D is None else asymmetric_weight(layer.weight, H, D, self.damp_percent)
                     outliers = None
                     if self.spec.outlier_fraction > 0:
-                        outliers = outlier_mask(layer.weight, self.spec.outlier_fraction,
+                        outliers = outlier_mask(weight, self.spec.outlier_fraction,
                                                 self.act_scales.get(full_name))
-                    codes, scale, zero_point, *sparse = gptq_weight(layer.weight, H, self.spec, self.damp_percent,
+                    codes, scale, zero_point, *sparse = gptq_weight(weight, H, self.spec, self.damp_percent,
                                                                     self.act_order, outliers=outliers)
                     records[full_name] = set_quantized(layer, codes, scale, zero_point, self.spec, *sparse)
-                    del H
+                    del H, D
             inputs = run_block(block, inputs, self.batch_size)
+            fp_inputs = targets if self.fp_target else None
             mse = torch.mean((inputs - targets) ** 2).item()
             self.block_losses.append(mse)
             self.log(f"block {i}: output mse {mse:.3e} ({time.time() - t0:.1f}s)")

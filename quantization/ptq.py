@@ -51,6 +51,7 @@ class PTQConfig:
     damp_percent: float = 0.01  # GPTQ
     act_order: bool = False  # GPTQ
     true_sequential: bool = True  # GPTQ
+    fp_target: bool = False  # GPTQ: asymmetric calibration (the full-precision outputs as the target)
     awq_grid: int = 20  # AWQ
     log: object = None  # where the methods' per-block lines go (None: tqdm.write)
 
@@ -87,7 +88,7 @@ class RTN:
 def gptq(model, calibration, config):
     return GPTQ(model, calibration, bits=config.bits, group_size=config.group_size, sym=config.sym,
                 damp_percent=config.damp_percent, act_order=config.act_order, true_sequential=config.true_sequential,
-                outlier_fraction=config.outlier_fraction, sites=config.sites, **config.calibration_options())
+                fp_target=config.fp_target, outlier_fraction=config.outlier_fraction, sites=config.sites, **config.calibration_options())
 
 
 def autoround(model, calibration, config):
@@ -167,6 +168,8 @@ def add_ptq_flags(p):
     p.add_argument("--damp_percent", type=finite_float, default=0.01, help="GPTQ: dampening, a fraction of mean(diag H)")
     p.add_argument("--act_order", action=BoolFlag, default=False, help="GPTQ: columns by decreasing Hessian diagonal")
     p.add_argument("--true_sequential", action=BoolFlag, default=True, help="GPTQ: quantize a block's layers in order")
+    p.add_argument("--fp_target", action=BoolFlag, default=False, help="GPTQ: match the full-precision model's layer "
+                   "outputs from the quantized model's inputs (asymmetric calibration, GPTAQ)")
     p.add_argument("--eval_tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
     p.add_argument("--eval_batch_size", type=int, default=16, help="windows per forward pass when scoring")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")

@@ -30,6 +30,9 @@ def add_spinquant_flags(p):
     p.add_argument("--method", default="gptq", choices=WEIGHT_METHODS, help="weight quantizer after the rotations")
     p.add_argument("--act_order", action=BoolFlag, default=False, help="GPTQ (--method=gptq, the compare table's "
                    "GPTQ rows): columns in order of decreasing Hessian diagonal")
+    p.add_argument("--fp_target", action=BoolFlag, default=False, help="GPTQ (--method=gptq, the compare table's "
+                   "GPTQ rows): each layer matches the full-precision model's outputs from the quantized model's "
+                   "inputs (asymmetric calibration, GPTAQ) instead of its own outputs on those inputs")
     p.add_argument("--steps", type=int, default=100, help="Cayley SGD steps on R1/R2 (0: random Hadamard rotations)")
     p.add_argument("--lr", type=finite_float, default=1.5, help="Cayley SGD learning rate (cosine-decayed to 0)")
     p.add_argument("--from_identity", action=BoolFlag, default=True, help="also learn R1/R2 from the identity (no "

@@ -35,7 +35,7 @@ def test_autoround_ptq_sites_sym_and_gptq_options(trained_fp, tmp_path):
     demo = load_demo()
     qdir = tmp_path / "q"
     error = run_main(demo.main, f"--out_dir={trained_fp}", "--method=gptq", "--bits=4", "--group_size=16", "--sym",
-                     "--sites=q,mlp_down", "--act_order", "--true_sequential=False", "--damp_percent=0.05",
+                     "--sites=q,mlp_down", "--act_order", "--true_sequential=False", "--damp_percent=0.05", "--fp_target",
                      "--seed=3", "--nsamples=8", "--eval_tokens=2000", "--eval_batch_size=4", "--device=cpu",
                      "--progress=False", f"--quantized_dir={qdir}")
     assert error is None, error
@@ -43,7 +43,7 @@ def test_autoround_ptq_sites_sym_and_gptq_options(trained_fp, tmp_path):
     assert sorted(ckpt["packed_weights"]) == ["transformer.h.0.attn.q", "transformer.h.0.mlp.mlp_down",
                                               "transformer.h.1.attn.q", "transformer.h.1.mlp.mlp_down"]
     assert all(p["spec"]["method"] == "symmetric_quant" for p in ckpt["packed_weights"].values())
-    assert ckpt["ptq"]["sym"] is True and ckpt["ptq"]["method"] == "gptq"
+    assert ckpt["ptq"]["sym"] is True and ckpt["ptq"]["method"] == "gptq" and ckpt["ptq"]["fp_target"] is True
     assert run_main(demo.main, f"--out_dir={trained_fp}", "--eval_batch_size=0").endswith("must be at least 1")
 
 

@@ -126,6 +126,22 @@ def test_apply_passes_gptq_options_through_act_order_changes_the_codes(tiny_trai
     assert not torch.equal(weights[0], weights[1])
 
 
+def test_apply_passes_fp_target_through(tiny_trained, monkeypatch):
+    """fp_target reaches GPTQ: every layer's weight goes through asymmetric_weight, and the weights differ."""
+    from quantization import gptq
+    model, tokens = tiny_trained
+    calib = _calibration(tokens)
+    calls, original = [], gptq.asymmetric_weight
+    monkeypatch.setattr(gptq, "asymmetric_weight", lambda *a, **k: calls.append(1) or original(*a, **k))
+    weights = []
+    for fp_target in (False, True):
+        sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
+        sq.optimize(calib, steps=0, progress=False)
+        sq.apply(progress=False, select=False, fp_target=fp_target)
+        weights.append(sq.model.transformer.h[1].mlp.mlp_up.weight.detach().clone())
+    assert len(calls) == 12 and not torch.equal(weights[0], weights[1])
+
+
 def test_apply_saves_an_ordinary_packed_checkpoint(tiny_trained, tmp_path):
     from inference import load_model
     model, tokens = tiny_trained
@@ -259,6 +275,7 @@ def test_clipping_bench_table_and_bad_flags(plain_dir, tmp_path, capsys):
     (["--heldout_tokens=-1"], "--heldout_tokens=-1"),
     (["--heldout_tokens=1000000000"], "--heldout_tokens=1000000000"),
     (["--act_order=maybe"], "argument --act_order"),
+    (["--fp_target=maybe"], "argument --fp_target"),
     (["--gelu_shift=maybe"], "argument --gelu_shift"),
     (["--choose_by=mse"], "argument --choose_by"),
     (["--learn_with_s4", "--smooth=False"], "--learn_with_s4: needs --smooth, --from_identity and --steps above 0"),
