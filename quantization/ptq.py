@@ -88,7 +88,8 @@ class RTN:
 def gptq(model, calibration, config):
     return GPTQ(model, calibration, bits=config.bits, group_size=config.group_size, sym=config.sym,
                 damp_percent=config.damp_percent, act_order=config.act_order, true_sequential=config.true_sequential,
-                fp_target=config.fp_target, outlier_fraction=config.outlier_fraction, sites=config.sites, **config.calibration_options())
+                fp_target=config.fp_target, outlier_fraction=config.outlier_fraction, sites=config.sites,
+                **config.calibration_options())
 
 
 def autoround(model, calibration, config):

@@ -35,7 +35,8 @@ def test_autoround_ptq_sites_sym_and_gptq_options(trained_fp, tmp_path):
     demo = load_demo()
     qdir = tmp_path / "q"
     error = run_main(demo.main, f"--out_dir={trained_fp}", "--method=gptq", "--bits=4", "--group_size=16", "--sym",
-                     "--sites=q,mlp_down", "--act_order", "--true_sequential=False", "--damp_percent=0.05", "--fp_target",
+                     "--sites=q,mlp_down", "--act_order", "--true_sequential=False", "--damp_percent=0.05",
+                     "--fp_target",
                      "--seed=3", "--nsamples=8", "--eval_tokens=2000", "--eval_batch_size=4", "--device=cpu",
                      "--progress=False", f"--quantized_dir={qdir}")
     assert error is None, error
