@@ -108,6 +108,14 @@ def test_the_kl_objective_measures_the_quantized_model_against_the_model_as_give
         sq.optimize(calib, steps=1, progress=False, objective="mse")
 
 
+def _gptq_mlp_up(model, calib, **options):
+    """The second block's mlp_up weight after random Hadamard rotations and GPTQ with `options`."""
+    sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
+    sq.optimize(calib, steps=0, progress=False)
+    sq.apply(progress=False, select=False, **options)
+    return sq.model.transformer.h[1].mlp.mlp_up.weight.detach().clone()
+
+
 def test_apply_passes_gptq_options_through_act_order_changes_the_codes(tiny_trained, monkeypatch):
     """--act_order reaches GPTQ (gptq_weight called with it) and changes the weights it picks."""
     from quantization import gptq
@@ -116,12 +124,7 @@ def test_apply_passes_gptq_options_through_act_order_changes_the_codes(tiny_trai
     seen, original = [], gptq.gptq_weight
     monkeypatch.setattr(gptq, "gptq_weight", lambda *a, **k: seen.append(k.get("act_order", a[4] if len(a) > 4
                                                                              else False)) or original(*a, **k))
-    weights = []
-    for act_order in (False, True):
-        sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
-        sq.optimize(calib, steps=0, progress=False)
-        sq.apply(progress=False, select=False, act_order=act_order)
-        weights.append(sq.model.transformer.h[1].mlp.mlp_up.weight.detach().clone())
+    weights = [_gptq_mlp_up(model, calib, act_order=act_order) for act_order in (False, True)]
     assert seen[:12] == [False] * 12 and seen[12:] == [True] * 12
     assert not torch.equal(weights[0], weights[1])
 
@@ -133,12 +136,7 @@ def test_apply_passes_fp_target_through(tiny_trained, monkeypatch):
     calib = _calibration(tokens)
     calls, original = [], gptq.asymmetric_weight
     monkeypatch.setattr(gptq, "asymmetric_weight", lambda *a, **k: calls.append(1) or original(*a, **k))
-    weights = []
-    for fp_target in (False, True):
-        sq = SpinQuant(model, bits=4, act_bits=8, kv_bits=4, method="gptq", seed=1)
-        sq.optimize(calib, steps=0, progress=False)
-        sq.apply(progress=False, select=False, fp_target=fp_target)
-        weights.append(sq.model.transformer.h[1].mlp.mlp_up.weight.detach().clone())
+    weights = [_gptq_mlp_up(model, calib, fp_target=fp_target) for fp_target in (False, True)]
     assert len(calls) == 12 and not torch.equal(weights[0], weights[1])
 
 
