@@ -188,8 +188,9 @@ class GPTQ:
         for i, block in enumerate(tqdm(model.transformer.h, desc="gptq", unit="block", disable=not self.progress)):
             t0 = time.time()
             fp_block = full_precision_copy(block) if self.fp_target else None
-            targets = run_block(block, inputs, self.batch_size) if fp_block is None else run_block(fp_block, fp_inputs,
-                                                                                         self.batch_size)
+            # what the block should output: the full-precision block's outputs (fp_target), or its own now
+            targets = run_block(fp_block, fp_inputs, self.batch_size) if self.fp_target else run_block(
+                block, inputs, self.batch_size)
             layers = target_layers(block, self.sites)
             for group in groups:
                 group_layers = {n: l for n, l in layers.items() if n.rsplit(".", 1)[-1] in group}
