@@ -92,7 +92,7 @@ def main(argv=None):
     if os.path.exists(alias):
         os.remove(alias)
     os.link(path, alias)
-    print(f"saved {path}: W{args.bits}A{args.act_bits}KV{args.kv_bits} spinquant+{args.method}, val loss "
+    print(f"saved {path}: W{args.bits}A{args.act_bits}KV{args.kv_bits} spinquant+{sq.method}, val loss "
           f"{q['loss']:.4f}")
     print(f"spinquant perplexity: {q['perplexity']:.2f} (no rotation {rtn['perplexity']:.2f}, "
           f"full precision {fp['perplexity']:.2f}), kept {sq.choice['name']}")

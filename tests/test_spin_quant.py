@@ -189,6 +189,9 @@ def test_demo_ends_with_the_perplexity_line_and_writes_a_sampleable_checkpoint(p
     assert any(line.startswith("learned from the identity: held-out calibration loss") for line in lines)
     assert os.path.samefile(os.path.join(out, "ckpt.pt"), os.path.join(out, "ckpt_spinquant.pt"))
     assert load_checkpoint(out)["ptq"]["choose_by"] == "ce"
+    # the saved line names the weight method of the kept candidate (RTN where "no rotation, RTN" was kept)
+    saved = next(line for line in lines if line.startswith("saved "))
+    assert f"spinquant+{load_checkpoint(out)['ptq']['method'].removeprefix('spinquant+')}," in saved
     # --choose_by=kl: every candidate scored by its KL from full precision too, the choice by it, recorded
     kl_out = str(tmp_path / "sq_kl")
     assert run_main(demo.main, f"--out_dir={plain_dir}", f"--quantized_dir={kl_out}", "--steps=2", "--nsamples=8",
