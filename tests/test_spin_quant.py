@@ -751,3 +751,34 @@ def test_calibration_comes_from_the_tokens_training_left_out(tiny_trained, char_
     save_checkpoint(path, {**checkpoint, "config": {}})
     _, _, _, calibration, _ = load_inputs(args, "cpu", "error:")
     assert not all((w == tail_windows).all(1).any() for w in calibration)
+
+
+def test_choice_rules_bench_replays_each_rule(tmp_path, capsys):
+    """bench/spinquant_choice_rules.py on a made-up table: the held-out rule keeps the lowest held-out loss among the
+    clear candidates, the simplest-within-k-SE rule the candidate with the fewest fitted parts among those near it,
+    the validation best the lowest validation loss; opt-in candidates are left out; bad flags are refused."""
+    import json
+    rules = load_script("bench/spinquant_choice_rules.py")
+    # name, held-out loss, validation loss (report), clear; the best held-out gain is 0.010 at 5 standard errors
+    cands = [("no rotation", 3.000, 4.000, True), ("learned R1+R2+R3+S4 + shift", 2.990, 3.996, True),
+             ("learned all + shift", 2.9915, 3.994, True), ("Hadamard R4 + shift", 2.996, 3.997, True),
+             ("random Hadamard R1", 2.995, 3.990, False),
+             ("learned with S4 from identity R1+R2+R3+S4", 2.980, 3.9, True)]
+    gains = [{} if n == "no rotation" else dict(gain=3.0 - h, standard_errors=(3.0 - h) / 0.002) for n, h, _, _ in cands]
+    table = [dict(name=n, heldout_loss=h, report=v, clear=c, **g) for (n, h, v, c), g in zip(cands, gains)]
+    rows = [dict(method="full precision", loss=3.990), dict(method="RTN, no rotation", loss=4.000),
+            dict(method="SpinQuant + RTN, kept", loss=3.996, candidates=table)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(dict(rows=rows)))
+    assert run_main(rules.main, f"--files={path}", "--k=0.5,1") is None
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if "/t.json |" in row)
+    # held-out: 2.990 (the opt-in 2.980 left out); within 0.5 SE (0.001) only it; within 1 SE (0.002) also 2.9915,
+    # learned all (3 fitted parts against 4); the validation best: the candidate that was not clear, 3.990
+    assert ("| 0.0100 | 40% learned R1+R2+R3+S4 + shift | 40% learned R1+R2+R3+S4 + shift | 60% learned all + shift "
+            "| 100% random Hadamard R1 |") in line
+    assert "| at least 70% | 0 | 0 | 0 | 1 |" in out
+    assert rules.fitted_parts("learned from identity R1+R2+R3+S1+S2+S4 + shift") == 6
+    assert rules.fitted_parts("Hadamard R3+R4 + shift") == 1 and rules.fitted_parts("learned R1") == 1
+    assert "--k=x" in run_main(rules.main, f"--files={path}", "--k=x")
+    assert "no JSON table" in run_main(rules.main, f"--files={tmp_path}/none*.json")
