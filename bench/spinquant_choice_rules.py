@@ -10,7 +10,8 @@ model:
 - validation best: the candidate lowest on validation, an upper bound that no rule without validation can pass.
 Candidates of opt-in flags (--learn_with_s4) are left out, so each file offers the default code's candidates.
 
-    python bench/spinquant_choice_rules.py                 # the 18 GPU trainings of the BPE model in the README
+    python bench/spinquant_choice_rules.py                 # the 18 GPU trainings of the BPE model the rules were
+                                                           # first replayed on (bench/results/spinquant_choice_rules)
     python bench/spinquant_choice_rules.py --files='bench/results/x/*.json' --k=0.5,1,2
 """
 import argparse
