@@ -390,10 +390,10 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's
-    left operand, 2: the same, y stored from the accumulator; TAIL 1: the last wave's tiles split in K)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
+    operand, 2: the same, y stored from the accumulator)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8, 9):
+    if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -446,9 +446,6 @@ def i8(split, qweight, scale, sz, config, y, m):
     return y
 
 
-_COUNTERS = {}
-
-
 def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None):
     """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
     for the halves of x, sz: scaled_zeros(scale, zero), each made here when not given; for the gluon variants
@@ -456,13 +453,11 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8, 9) or config[2] != gluon_gemm.BLOCK_K:
+        if len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS[xSWAP[xTAIL]] (got {config})")
-        if x.device not in _COUNTERS:  # a split tile's arrival counters, zero again after each call (as a layer's)
-            _COUNTERS[x.device] = torch.zeros(4096, device=x.device, dtype=torch.int32)
+                             f"DQ_PARTS[xSWAP] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
-                                   diag=GLUON_VARIANTS[variant], counters=_COUNTERS[x.device])
+                                   diag=GLUON_VARIANTS[variant])
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
         raise ValueError(f"{variant}: split-K (a sixth number) is only in the field variants (got {config})")
     if variant == "i8":

@@ -2,7 +2,6 @@
 
 The Triton kernels run on the CPU under TRITON_INTERPRET=1, in a fresh interpreter (the variable must be set before
 Triton compiles anything); the GPU runs the same check in `bench/kernels.py --check`."""
-import collections
 import json
 import os
 import re
@@ -969,10 +968,8 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     ttgir = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ttgir"]
     assert len(re.findall(r"^\s*partition\d+\(", ttgir, flags=re.M)) == 4
     assert ttgir.count("ttng.init_barrier") == 8 * 3 + 8 + 8  # ready, w_ready, empty
-    with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, got \(128, 64, 64, 4, 8, "
-                                         r"4, 3, 1, 0, 12\)"):
-        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 12))
-    with pytest.raises(ValueError, match=r"ninth number \(TAIL\) is 0 or 1, got 12 in \(128, 64, 64, 4, 8, 4, 3, 1, 12\)"):
+    with pytest.raises(ValueError, match=r"a config has 7 numbers, or 8 with SWAP, got \(128, 64, 64, 4, 8, 4, 3, 1, "
+                                         r"12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 12))
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
@@ -1121,43 +1118,6 @@ def test_the_l2_probe_reads_each_programs_x_rows_and_words_once():
     64 outputs' words, as computed here in PyTorch."""
     pytest.importorskip("triton")
     assert run_interpreted(L2_PROBE, "l2_read_probe.py") == [True, True]
-
-
-def test_gluon_gemm_tail_schedule_covers_every_output_and_input_once_and_its_split_compiles():
-    """TAIL (a config's ninth number): the column tiles of whole waves run whole, the last wave's split in K
-    (schedule(), worked out by hand here); with the kernel's own program-to-(tile, K range) arithmetic restated, every
-    (output column, K tile) is covered exactly once. The split kernel compiles for sm_90 on Triton's toolchain with
-    its hand-off: each program's part to the workspace, a partition-local barrier (the default partition's warps
-    only: a barrier of the whole program would wait on the other partitions forever), one acq_rel count, and the
-    last program's L2 loads of the parts and its reset of the counter."""
-    pytest.importorskip("triton")
-    from quantization.kernels import gluon_gemm
-    if gluon_gemm.gluon is None:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    # 4096 x 11008 at 256 rows, 256 x 64 tiles, 132 multiprocessors: 132 whole, then 40 in 3 parts (120 programs)
-    assert gluon_gemm.schedule(1, 172, 64, 132, 1) == [(0, 132, 1), (132, 40, 3)]
-    assert gluon_gemm.schedule(1, 172, 64, 132, 0) == [(0, 172, 1)]  # without TAIL: one launch, as before
-    assert gluon_gemm.schedule(1, 64, 64, 132, 1) == [(0, 64, 2)]  # under one wave: every tile in 2 parts
-    assert gluon_gemm.schedule(2, 172, 64, 132, 1) == [(0, 132, 1), (132, 40, 1)]  # 80 tiles left: no split
-    assert gluon_gemm.schedule(1, 4, 3, 132, 1) == [(0, 4, 3)]  # never more parts than K tiles
-    for m_tiles, n_tiles, k_tiles in ((1, 172, 64), (1, 64, 64), (2, 172, 64), (1, 7, 5), (3, 10, 9)):
-        seen = collections.Counter()
-        for first, tiles, split in gluon_gemm.schedule(m_tiles, n_tiles, k_tiles, 132, 1):
-            for pid_m in range(m_tiles):
-                for pid_n in range(tiles * split):  # _gluon_mm_kernel's own arithmetic
-                    tile_n, part = divmod(pid_n, split)
-                    k_lo = part * k_tiles // split
-                    k_hi = (part + 1) * k_tiles // split
-                    seen.update((pid_m, first + tile_n, k) for k in range(k_lo, k_hi))
-        assert seen == collections.Counter({(i, j, k): 1 for i in range(m_tiles) for j in range(n_tiles)
-                                            for k in range(k_tiles)}), (m_tiles, n_tiles, k_tiles)
-    split = gluon_gemm.compile_for((256, 64, 64, 8, 5, 4, 2, 3, 1), split=3)
-    ptx = split.asm["ptx"]
-    assert ptx.count("atom.global.gpu.acq_rel.add") == 1 and ptx.count("atom.global.gpu.acq_rel.exch") == 1
-    assert ptx.count("ld.global.cg") >= 3 and split.metadata.shared <= 227 * 1024 and not ptx.count("st.local")
-    assert re.search(r"bar\.sync\s+\d+, 256;", ptx)  # the default partition's 8 warps, not the whole program
-    whole = gluon_gemm.compile_for((256, 64, 64, 8, 5, 4, 2, 3, 1)).asm["ptx"]
-    assert "atom." not in whole  # a launch of whole tiles has no hand-off
 
 
 def test_ring_protocol_of_the_gluon_gemm_has_no_deadlock_or_early_read_in_any_interleaving():

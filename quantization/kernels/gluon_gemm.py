@@ -52,7 +52,6 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.9's name, 3.6's
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6's name, 3.9's
 except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API: supports() says no
     gluon = None
 
@@ -78,7 +77,7 @@ if gluon is not None:
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
         the dequantize partition that takes the tile. The workers share one signature."""
-        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
+        descs, bufs, bars, off_m, off_n, k_tiles = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -92,7 +91,7 @@ if gluon is not None:
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            k0 = (k_lo + i) * TILE_K  # this program's K range starts at tile k_lo (SPLIT)
+            k0 = i * TILE_K
             bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
             if ONE_ROW:  # the row once for each dequantize partition, with its first tile, into a slot of its own
                 first = i < DQ_PARTS
@@ -103,7 +102,7 @@ if gluon is not None:
                     _tma_load(z_desc, [0, off_n], bar, z_bufs.index(p).slice(0, 1), pred=first)
             else:  # a constant divisor: a shift or a multiply, not a division a tile (the one warp's loop is short)
                 mbarrier.expect(bar, nbytes)
-                row = (k_lo + i) // GROUP_TILES
+                row = i // GROUP_TILES
                 _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
                 if HAS_ZERO:
                     _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
@@ -206,7 +205,7 @@ if gluon is not None:
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
-        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
+        descs, bufs, bars, off_m, off_n, k_tiles = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -233,8 +232,7 @@ if gluon is not None:
 
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
-                  split_args, SPLIT: gl.constexpr):
+                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
@@ -242,9 +240,7 @@ if gluon is not None:
         (SWAP 1: 16 bytes a thread, through shared-memory scratch), straight from the accumulator (SWAP 2), or
         (SWAP 3) stored into a slot of x's ring, free once the last product has finished, and copied out by TMA: no
         scratch beside the ring.
-        DIAG & 1: no products (a diagnostic).
-        SPLIT > 1: the program's product covers a part of K (split_args: the workspace, the counters, its tile and
-        part); _hand_off adds the parts, and the last program to arrive writes y."""
+        DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -270,41 +266,6 @@ if gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if SPLIT > 1:
-            acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
-            if last:
-                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
-        else:
-            _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
-
-    @gluon.jit
-    def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
-        """Split-K's hand-off (as triton_kernels._gemm_kernel's): the partial tile to the workspace, one count on
-        the tile's counter; the last of its SPLIT programs to arrive adds the parts in split order (the same sum
-        every call), sets the counter back to 0 for the next call and returns (the sum, True)."""
-        part_ptr, cnt_ptr, tile, split = split_args
-        R: gl.constexpr = acc.type.shape[0]
-        C: gl.constexpr = acc.type.shape[1]
-        rows = gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT))
-        cols = gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT))
-        offs = gl.expand_dims(rows, 1) * C + gl.expand_dims(cols, 0)
-        base = part_ptr + tile.to(gl.int64) * (SPLIT * R * C)
-        gl.store(base + split * (R * C) + offs, acc)
-        _barrier()  # every thread's part is written before the count says so
-        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
-        if last:
-            acc = gl.load(base + offs, cache_modifier=".cg")
-            for s in gl.static_range(1, SPLIT):
-                acc += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
-            gl.atomic_xchg(cnt_ptr + tile, 0)
-        return acc, last
-
-    @gluon.jit
-    def _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT: gl.constexpr, SWAP: gl.constexpr,
-                 OUT_LAYOUT: gl.constexpr):
-        """The accumulated tile to y, in y's dtype (_products' SWAP)."""
-        TILE_M: gl.constexpr = x_bufs.type.shape[1]
-        TILE_N: gl.constexpr = acc.type.shape[0] if SWAP else acc.type.shape[1]
         if SWAP == 3:  # y's tile through x's first slot (every product has read its x) and one TMA copy
             gl.static_assert(x_bufs.type.shape[2] == TILE_N)  # the slot's shape and layout are y's tile's
             slot = x_bufs.index(0)
@@ -329,17 +290,13 @@ if gluon is not None:
             gl.store(ptrs, out, mask=gl.expand_dims(offs_m < M, 1))
 
     @gluon.jit
-    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, part_ptr, cnt_ptr, M, N, K, N_OFF,
-                         GROUP_TILES: gl.constexpr,
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, M, N, K, GROUP_TILES: gl.constexpr,
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr):
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
-        of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
-        The outputs from N_OFF on, a tile per program; with SPLIT > 1, SPLIT programs a tile (grid axis 1), each a
-        part of K, added by _hand_off (part_ptr: float32 workspace, SPLIT tiles per tile; cnt_ptr: int32 zeros, one
-        per tile)."""
+        of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
@@ -358,27 +315,23 @@ if gluon is not None:
         for i in gl.static_range(STAGES * DQ_PARTS):
             mbarrier.init(ready.index(i), count=1)
         off_m = gl.program_id(0) * TILE_M
-        tile_n = gl.program_id(1) // SPLIT
-        split = gl.program_id(1) % SPLIT
-        off_n = N_OFF + tile_n * TILE_N
-        k_lo = split * (K // TILE_K) // SPLIT  # the program's K tiles: [k_lo, k_lo + k_tiles)
-        k_tiles = (split + 1) * (K // TILE_K) // SPLIT - k_lo
+        off_n = gl.program_id(1) * TILE_N
+        k_tiles = K // TILE_K
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
         bars = (ready, w_ready, empty)
-        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo)  # every worker's
-        split_args = (part_ptr, cnt_ptr, gl.program_id(0) * (gl.num_programs(1) // SPLIT) + tile_n, split)
+        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, split_args, SPLIT)),
+                              DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, split_args, SPLIT)),
+                              DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -387,7 +340,7 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, split_args, SPLIT)),
+                              DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -398,43 +351,18 @@ if gluon is not None:
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
     stored straight from the accumulator, 3 with y through a slot of x's ring and TMA; 0 where absent."""
-    if not 7 <= len(config) <= 9:
-        raise ValueError(f"gluon_gemm: a config has 7 numbers, 8 with SWAP, 9 with TAIL, got {config}")
+    if not 7 <= len(config) <= 8:
+        raise ValueError(f"gluon_gemm: a config has 7 numbers, or 8 with SWAP, got {config}")
     swap = config[7] if len(config) > 7 else 0
     if swap not in (0, 1, 2, 3):
         raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 to 3, got {swap} in {config}")
     return swap
 
 
-def tail(config):
-    """A config's ninth number, TAIL: 1 splits the tiles past the last whole wave in K (schedule()); 0 where absent."""
-    split = config[8] if len(config) > 8 else 0
-    if split not in (0, 1):
-        raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0 or 1, got {split} in {config}")
-    return split
-
-
-def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
-    """The launches of one call, [(first column tile, column tiles, SPLIT)], for a grid of m_tiles x n_tiles tiles
-    on `programs` multiprocessors (one program each: a program takes most of a multiprocessor's shared memory).
-    Without tail_split one launch of every tile. With it, the column tiles that fill whole waves run whole, and
-    the rest (the last wave's, which would leave multiprocessors idle) split in K among up to `programs` programs:
-    on 4096 x 11008 at 256 rows, 172 tiles of 256 x 64 are 132 whole ones, then 40 split in 3 (120 programs)."""
-    if not tail_split:
-        return [(0, n_tiles, 1)]
-    whole = m_tiles * n_tiles // programs * programs // m_tiles
-    rest = n_tiles - whole
-    out = [(0, whole, 1)] if whole else []
-    if rest:
-        out.append((whole, rest, max(1, min(programs // (m_tiles * rest), k_tiles))))
-    return out
-
-
 def layouts(config, bits=4):
     """(x tile, words/scales, zero points, weight tile shared layouts; accumulator, dequantize and (for SWAP) output
     register layouts)."""
     block_m, block_n, block_k, warps, _, dq_warps = config[:6]
-    tail(config)  # a config's numbers checked, each in one line
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
@@ -481,11 +409,6 @@ def _hopper(index):
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def supports(x, qweight, bits, group_size, in_features, zero):
     """Whether gluon_mm runs this call: Gluon's Hopper API, a CUDA GPU of compute capability 9 (wgmma), x bf16 and
     contiguous, codes in words (in_features * bits / 32, N), N a multiple of 64, in_features a multiple of 64,
@@ -513,16 +436,13 @@ def _rows(t, n):
     return t.as_strided(t.shape, (n, 1)) if t.shape[0] == 1 else t
 
 
-def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0,
-             counters=None):
+def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
     is None). config: CONFIGS' seven numbers, and an optional eighth, 1 for _products' SWAP.
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
-    product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100).
-    counters: int32 zeros, at least one per split tile (PackedLinear.split_counters; zero again after the call),
-    where the config's TAIL splits some (schedule())."""
+    product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100)."""
     m, k = x.shape
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
@@ -534,19 +454,12 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales,
              TensorDescriptor.from_tensor(y, [block_m, block_n], _y_layout(config)))
     total, dq_regs = registers(config)
-    m_tiles = triton.cdiv(m, block_m)
-    programs = _multiprocessors(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    for first, tiles, split in schedule(m_tiles, n // block_n, k // block_k, programs, tail(config)):
-        part, count = y, y  # not read without a split
-        if split > 1:
-            part = torch.empty((m_tiles * tiles * split, block_m * block_n), device=x.device, dtype=torch.float32)
-            count = counters if counters is not None and counters.numel() >= m_tiles * tiles else torch.zeros(
-                m_tiles * tiles, device=x.device, dtype=torch.int32)
-        _gluon_mm_kernel[(m_tiles, tiles * split)](
-            *descs, y, part, count, m, n, k, first * block_n, group_tiles(blocks_per_group * 32, k, block_k),
-            STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs,
-            DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None, ZERO=float(zero_const), DIAG=diag,
-            SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, num_warps=config[3], maxnreg=total)
+    _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
+        *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4],
+        W_LAYOUT=w_layout, ACC_LAYOUT=acc,
+        DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
+        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
+        maxnreg=total)
     return _epilogue(y, bias, activation)
 
 
@@ -572,7 +485,7 @@ def group_tiles(group, in_features, block_k=BLOCK_K):
 
 
 @functools.lru_cache(maxsize=None)
-def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096, split=1):
+def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096):
     """The kernel compiled for `arch` without a GPU (triton.compile with an explicit target): what the CPU tests and
     bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
     from triton.backends.compiler import GPUTarget
@@ -588,14 +501,13 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "s_desc": desc("fp32", [1, block_n], flat),
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
-                 "y_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
-                 "N_OFF": "i32"}
+                 "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
-                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split)
+                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
