@@ -393,7 +393,7 @@ def parse_config(text):
     for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
     operand, 2: the same, y stored from the accumulator)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8, 9):
+    if len(values) not in (5, 6, 7, 8):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -453,7 +453,7 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None)
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8, 9) or config[2] != gluon_gemm.BLOCK_K:
+        if len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
                              f"DQ_PARTS[xSWAP] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,

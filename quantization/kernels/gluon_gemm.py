@@ -232,8 +232,7 @@ if gluon is not None:
 
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
-                  IN_FLIGHT: gl.constexpr):
+                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
@@ -241,8 +240,7 @@ if gluon is not None:
         (SWAP 1: 16 bytes a thread, through shared-memory scratch), straight from the accumulator (SWAP 2), or
         (SWAP 3) stored into a slot of x's ring, free once the last product has finished, and copied out by TMA: no
         scratch beside the ring.
-        DIAG & 1: no products (a diagnostic). IN_FLIGHT: the products left running while the next K tile's is
-        issued (a slot is released once the one that read it has finished)."""
+        DIAG & 1: no products (a diagnostic)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -265,8 +263,8 @@ if gluon is not None:
                     acc = warpgroup_mma(w_bufs.index(s), x_bufs.index(s).permute((1, 0)), acc, is_async=True)
                 else:
                     acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
-            mbarrier.arrive(empty.index((i + STAGES - IN_FLIGHT) % STAGES), count=1, pred=i >= IN_FLIGHT)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if SWAP == 3:  # y's tile through x's first slot (every product has read its x) and one TMA copy
             gl.static_assert(x_bufs.type.shape[2] == TILE_N)  # the slot's shape and layout are y's tile's
@@ -296,7 +294,7 @@ if gluon is not None:
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, IN_FLIGHT: gl.constexpr):
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -326,14 +324,14 @@ if gluon is not None:
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, IN_FLIGHT)),
+                              DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, IN_FLIGHT)),
+                              DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -342,7 +340,7 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, IN_FLIGHT)),
+                              DQ_PARTS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -353,21 +351,12 @@ if gluon is not None:
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
     stored straight from the accumulator, 3 with y through a slot of x's ring and TMA; 0 where absent."""
-    if not 7 <= len(config) <= 9:
-        raise ValueError(f"gluon_gemm: a config has 7 numbers, 8 with SWAP, 9 with IN_FLIGHT, got {config}")
+    if not 7 <= len(config) <= 8:
+        raise ValueError(f"gluon_gemm: a config has 7 numbers, or 8 with SWAP, got {config}")
     swap = config[7] if len(config) > 7 else 0
     if swap not in (0, 1, 2, 3):
         raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 to 3, got {swap} in {config}")
     return swap
-
-
-def in_flight(config):
-    """A config's ninth number, IN_FLIGHT: the products (one K tile's wgmmas each) left running while the next is
-    issued, 1 where absent."""
-    count = config[8] if len(config) > 8 else 1
-    if count not in (1, 2, 3):
-        raise ValueError(f"gluon_gemm: a config's ninth number (IN_FLIGHT) is 1 to 3, got {count} in {config}")
-    return count
 
 
 def layouts(config, bits=4):
@@ -469,8 +458,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4],
         W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, IN_FLIGHT=in_flight(config),
-        num_warps=config[3],
+        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
         maxnreg=total)
     return _epilogue(y, bias, activation)
 
@@ -518,8 +506,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
-                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out,
-                  IN_FLIGHT=in_flight(config))
+                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
