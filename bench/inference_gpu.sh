@@ -11,7 +11,8 @@
 #                                          # prefill, peer_large, binary_decode, choices_124m, ncu_small,
 #                                          # launch, launch_large, step_budget, step_budget_decode,
 #                                          # fused_tuning_decode, read_ceiling, prefill_gluon,
-#                                          # prefill_gluon_all, prefill_ncu
+#                                          # prefill_gluon_all, prefill_ncu, prefill_timeline,
+#                                          # prefill_ncu_peer
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -34,7 +35,7 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_timeline prefill_ncu_peer"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -194,6 +195,25 @@ for PART in $PARTS; do
             --shapes=4096x4096
         run 60 ncu -i "$R/prefill_ncu_$GPU.ncu-rep" --page details
         ncu -i "$R/prefill_ncu_$GPU.ncu-rep" --page source --csv --print-source sass > "$R/prefill_ncu_${GPU}_sass.csv" ;;
+    prefill_timeline)  # when each program of the Gluon GEMM runs, per round on a multiprocessor (int4 g128, 256 rows):
+                       # the listed tile and two wider ones, on 4096x4096, 4096x8448 (132 tiles of 128 x 128) and
+                       # 4096x11008 (--timeline of bench/prefill_ws_probe.py)
+        run 400 python bench/prefill_ws_probe.py --variants=gluon --no_project --timeline \
+            --configs=128x64x64x4x8x4x3x3,128x128x64x8x6x4x2x1,256x64x64x8x5x4x2x3 \
+            --shapes=4096x4096,4096x8448,4096x11008 ;;
+    prefill_ncu_peer)  # Nsight Compute on one call each of the Gluon GEMM (its first config) and cuBLAS bf16 on
+                       # 4096x11008, 256 rows: every section of each, then chosen metrics side by side
+        probe="python bench/prefill_ws_probe.py --variants=gluon --no_project --configs=128x64x64x4x8x4x3x3"
+        run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/ncu_peer_ours_$GPU" -f \
+            $probe --shapes=4096x11008
+        run 150 ncu --kernel-name regex:"nvjet|bf16" --launch-count 1 --set full -o "$R/ncu_peer_cublas_$GPU" -f \
+            $probe --shapes=4096x11008
+        for k in ours cublas; do
+            run 60 ncu -i "$R/ncu_peer_${k}_$GPU.ncu-rep" --page details
+            ncu -i "$R/ncu_peer_${k}_$GPU.ncu-rep" --page raw --csv > "$R/ncu_peer_${k}_${GPU}_raw.csv"
+        done
+        run 30 python bench/ncu_side_by_side.py "$R/ncu_peer_ours_${GPU}_raw.csv" "$R/ncu_peer_cublas_${GPU}_raw.csv" \
+            --names="ours (Gluon int4 g128),cuBLAS bf16" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

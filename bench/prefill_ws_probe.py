@@ -446,6 +446,45 @@ def i8(split, qweight, scale, sz, config, y, m):
     return y
 
 
+def timeline(stamps):
+    """What gluon_gemm's STAMP stamps (an int64 (programs, 4) array: start, last product finished, y written, in ns of
+    the global timer, and the multiprocessor) say about one call: its span, how many multiprocessors it used and the
+    most programs one ran, and per round (a program's place among those of its multiprocessor, by start) how many
+    programs, when the round's first and median program started (us after the call's first), and the median and
+    longest time from a program's start to its last product and from there to y written. A dict: span_us, programs,
+    multiprocessors, most, rounds [(round, programs, first start, median start, median loop, longest loop, median
+    epilogue)]."""
+    import statistics
+    rows = [tuple(int(v) for v in row) for row in stamps]
+    t0 = min(r[0] for r in rows)
+    per_sm = {}
+    for r in sorted(rows):
+        per_sm.setdefault(r[3], []).append(r)
+    rounds = {}
+    for runs in per_sm.values():
+        for i, r in enumerate(runs):
+            rounds.setdefault(i, []).append(r)
+    out = []
+    for i in sorted(rounds):
+        rs = rounds[i]
+        loops = [(r[1] - r[0]) / 1e3 for r in rs]
+        starts = [(r[0] - t0) / 1e3 for r in rs]
+        out.append((i + 1, len(rs), min(starts), statistics.median(starts), statistics.median(loops), max(loops),
+                    statistics.median((r[2] - r[1]) / 1e3 for r in rs)))
+    return dict(span_us=(max(r[2] for r in rows) - t0) / 1e3, programs=len(rows), multiprocessors=len(per_sm),
+                most=max(len(v) for v in per_sm.values()), rounds=out)
+
+
+def timeline_lines(shape, text, summary):
+    """timeline()'s dict as the lines --timeline prints."""
+    lines = [f"  timeline {shape} {text}: span {summary['span_us']:.1f} us, {summary['programs']} programs on "
+             f"{summary['multiprocessors']} multiprocessors, at most {summary['most']} on one"]
+    for rnd, n, first, median, loop, longest, epilogue in summary["rounds"]:
+        lines.append(f"    round {rnd}: {n} programs, first start {first:.1f} us, median start {median:.1f}, "
+                     f"loop median {loop:.1f} (longest {longest:.1f}), epilogue {epilogue:.2f}")
+    return lines
+
+
 def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None):
     """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
     for the halves of x, sz: scaled_zeros(scale, zero), each made here when not given; for the gluon variants
@@ -688,7 +727,7 @@ def copies(nbytes):
     return max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / nbytes)))
 
 
-def bench_shape(shape, m, variants, project, log):
+def bench_shape(shape, m, variants, project, log, stamp=False):
     from quantization.kernels import ops
     k, n = map(int, shape.split("x"))
     weight, layer = int4_layer(k, n, "cuda")
@@ -767,6 +806,14 @@ def bench_shape(shape, m, variants, project, log):
                 rows.append((shape, variant, text, t, err, max_err, status))
                 log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
                     f"({time.time() - start:.1f} s)")
+                if stamp and variant == "gluon":  # the timeline of each copy's call, back to back; the last printed
+                    grid = (triton.cdiv(m, config[0]), int(shape.split("x")[1]) // config[1])
+                    stamps = [torch.zeros(grid[0] * grid[1], 4, dtype=torch.int64, device="cuda") for _ in vsets]
+                    for s, o, st in zip(vsets, outs, stamps):
+                        gluon_gemm.gluon_mm(x, *s, None, BITS, GROUP // 32, 0.0, config, stamps=st)
+                    torch.cuda.synchronize()
+                    for line in timeline_lines(shape, text, timeline(stamps[-1].cpu().tolist())):
+                        log(line)
                 if variant == "i8":  # its two kernels apart: the GEMM on x already split, and the split alone
                     calls = [lambda s=s, o=o, sz=sz: i8(split, s[0], s[1], sz, config, o, x.shape[0])
                              for s, o, sz in zip(sets, outs, szs)]
@@ -814,6 +861,8 @@ def main():
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")
     p.add_argument("--arch", type=int, default=90, help="--compile_only's CUDA compute capability (90: H100/H200)")
     p.add_argument("--interpret", action="store_true", help="CPU check under TRITON_INTERPRET=1 (64 rows, 256x256)")
+    p.add_argument("--timeline", action="store_true", help="gluon: print each config's timeline per round of programs "
+                   "on a multiprocessor (when programs started, their loop and epilogue times; timeline())")
     args = p.parse_args()
     if triton is None:
         print("prefill_ws_probe.py: needs Triton")
@@ -846,7 +895,7 @@ def main():
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}")
     table = []
     for shape in [s for s in args.shapes.split(",") if s]:
-        rows, base = bench_shape(shape, args.rows, variants, not args.no_project, log)
+        rows, base = bench_shape(shape, args.rows, variants, not args.no_project, log, args.timeline)
         table += [(r, base) for r in rows]
     print(f"\nPrefill probe, {args.rows} rows, int4 g128 asymmetric, {torch.cuda.get_device_name()}, "
           f"Triton {triton.__version__}\n")

@@ -980,6 +980,39 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert gluon_gemm._rows(layer.scale, 128).stride() == layer.scale.stride() == (128, 1)
 
 
+def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them_in_rounds():
+    """gluon_mm's stamps (the kernel's DIAG bit 2): the compiled kernel reads the global timer three times (start,
+    last product, y written) and its multiprocessor once, and without stamps not at all; stamps of the wrong shape
+    are refused in one line before any launch. bench/prefill_ws_probe.py's timeline() puts each program in the round
+    of its place on its multiprocessor (checked on stamps made up here, their figures worked out by hand)."""
+    pytest.importorskip("triton")
+    from conftest import load_script
+    from quantization.kernels import gluon_gemm
+    if gluon_gemm.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    plain = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ptx"]
+    stamped = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0], diag=2).asm["ptx"]
+    assert "%globaltimer" not in plain and "%smid" not in plain
+    assert stamped.count("%globaltimer") == 3 and stamped.count("%smid") == 1
+    layer = PackedLinear.from_float(torch.randn(128, 256), QuantSpec("affine_quant", 4, "per_group", 128))
+    x = torch.randn(256, 256, dtype=torch.bfloat16)  # 2 x 2 programs of 128 x 64
+    with pytest.raises(ValueError, match=r"^gluon_gemm: stamps must be int64 of shape \(4, 4\), one row a program, "
+                                         r"got \(3, 4\) torch.int64$"):
+        gluon_gemm.gluon_mm(x, layer.qweight, layer.scale, layer.zero, None, 4, 4, 0.0, gluon_gemm.CONFIGS[0],
+                            stamps=torch.zeros(3, 4, dtype=torch.int64))
+    probe = load_script("bench/prefill_ws_probe.py")
+    # multiprocessor 0 runs two programs in a row (the second starts at 11.5 us), 1 and 2 one each
+    stamps = [[1000, 11000, 12000, 0], [12500, 22500, 23000, 0], [1200, 11200, 11700, 1], [1500, 6000, 6600, 2]]
+    summary = probe.timeline(stamps)
+    assert (summary["span_us"], summary["programs"], summary["multiprocessors"], summary["most"]) == (22.0, 4, 3, 2)
+    first, second = summary["rounds"]
+    assert first[:4] == (1, 3, 0.0, 0.2) and first[4:6] == (10.0, 10.0) and first[6] == pytest.approx(0.6)
+    assert second == (2, 1, 11.5, 11.5, 10.0, 10.0, 0.5)
+    lines = probe.timeline_lines("4096x4096", "c", summary)
+    assert lines[0] == "  timeline 4096x4096 c: span 22.0 us, 4 programs on 3 multiprocessors, at most 2 on one"
+    assert len(lines) == 3 and lines[2].startswith("    round 2: 1 programs, first start 11.5 us")
+
+
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     """bench/prefill_ws_probe.py --compile_only: a warp-specialized TMA variant compiles for sm_90 on the CPU and the
     table says it was partitioned (the Gluon variants compile gluon_gemm's kernel, tested on its own); without a GPU
@@ -1158,3 +1191,35 @@ def test_ncu_stalls_cuts_the_source_page_to_samples_and_barrier_waits(tmp_path):
     waits = subprocess.run([sys.executable, script, str(path), "--waits"], capture_output=True, text=True,
                            check=True).stdout.splitlines()
     assert waits[1].split("\t")[:4] == ["1", "640", "42", "[UR7+0x35400]"] and len(waits) == 2
+
+
+def test_ncu_side_by_side_puts_the_chosen_metrics_of_each_raw_page_in_one_table(tmp_path):
+    """bench/ncu_side_by_side.py on two raw pages in ncu's CSV form (a header row, a units row, a kernel's row): the
+    metrics matching the patterns, one row each with its unit and each page's value, '-' where a page lacks one;
+    a file that is not a raw page, or labels that do not match the files, are one error line."""
+    import csv
+    names = ["ID", "Kernel Name", "gpu__time_duration.sum", "sm__cycles_active.avg", "launch__grid_size",
+             "smsp__warps_launched.sum"]
+    pages = {"a": [names, ["", "", "us", "cycle", "", "warp"], ["0", "_gluon_mm_kernel", "78.78", "91,349.64",
+                                                                  "344", "6880"]],
+             "b": [names[:4], ["", "", "us", "cycle"], ["0", "nvjet_tst", "40.51", "51,036.92"]]}
+    for name, rows in pages.items():
+        with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+            csv.writer(f, quoting=csv.QUOTE_ALL).writerows([["==PROF== note"], *rows])
+    script = [sys.executable, os.path.join(ROOT, "bench", "ncu_side_by_side.py")]
+    out = subprocess.run(script + [str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), "--names=ours,cuBLAS"],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["| metric | unit | ours | cuBLAS |", "|---|---|---:|---:|",
+                   "| gpu__time_duration.sum | us | 78.78 | 40.51 |",
+                   "| sm__cycles_active.avg | cycle | 91,349.64 | 51,036.92 |",
+                   "| launch__grid_size |  | 344 | - |"]
+    chosen = subprocess.run(script + [str(tmp_path / "a.csv"), "--patterns=warps"], capture_output=True, text=True,
+                            check=True).stdout.splitlines()
+    assert chosen[2:] == ["| smsp__warps_launched.sum | warp | 6880 |"]
+    (tmp_path / "c.csv").write_text("Address,Source\n0x10,LDC\n")
+    for args, message in ((["c.csv"], "c.csv: not an ncu raw page (no 'Kernel Name' column)"),
+                          (["a.csv", "b.csv", "--names=ours"], "--names has 1 labels for 2 files"),
+                          (["a.csv", "--patterns=("], "--patterns: ")):
+        bad = subprocess.run(script + [a if a.startswith("--") else str(tmp_path / a) for a in args],
+                             capture_output=True, text=True)
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and message in bad.stderr, bad.stderr

@@ -232,7 +232,7 @@ if gluon is not None:
 
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr):
+                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype.
         SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
@@ -240,7 +240,8 @@ if gluon is not None:
         (SWAP 1: 16 bytes a thread, through shared-memory scratch), straight from the accumulator (SWAP 2), or
         (SWAP 3) stored into a slot of x's ring, free once the last product has finished, and copied out by TMA: no
         scratch beside the ring.
-        DIAG & 1: no products (a diagnostic)."""
+        DIAG & 1: no products (a diagnostic). DIAG & 2: the global timer once the last product has finished and
+        again once y is written, into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -266,6 +267,8 @@ if gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if DIAG & 2:
+            gl.store(stamp + 1, _timer())
         if SWAP == 3:  # y's tile through x's first slot (every product has read its x) and one TMA copy
             gl.static_assert(x_bufs.type.shape[2] == TILE_N)  # the slot's shape and layout are y's tile's
             slot = x_bufs.index(0)
@@ -288,15 +291,23 @@ if gluon is not None:
                 offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
             ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
             gl.store(ptrs, out, mask=gl.expand_dims(offs_m < M, 1))
+        if DIAG & 2:
+            gl.store(stamp + 2, _timer())
 
     @gluon.jit
-    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, M, N, K, GROUP_TILES: gl.constexpr,
+    def _timer():
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, M, N, K, GROUP_TILES: gl.constexpr,
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                          DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
-        of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read."""
+        of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
+        DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
+        timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
@@ -314,6 +325,11 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=1)
         for i in gl.static_range(STAGES * DQ_PARTS):
             mbarrier.init(ready.index(i), count=1)
+        stamp = stamp_ptr + 4 * (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0))
+        if DIAG & 2:
+            gl.store(stamp, _timer())
+            gl.store(stamp + 3, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=True,
+                                                          pack=1).to(gl.int64))
         off_m = gl.program_id(0) * TILE_M
         off_n = gl.program_id(1) * TILE_N
         k_tiles = K // TILE_K
@@ -324,14 +340,14 @@ if gluon is not None:
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS)),
+                              DQ_PARTS, stamp)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS)),
+                              DQ_PARTS, stamp)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -340,7 +356,7 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS)),
+                              DQ_PARTS, stamp)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -436,13 +452,16 @@ def _rows(t, n):
     return t.as_strided(t.shape, (n, 1)) if t.shape[0] == 1 else t
 
 
-def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0):
+def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0,
+             stamps=None):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
     is None). config: CONFIGS' seven numbers, and an optional eighth, 1 for _products' SWAP.
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
-    product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100)."""
+    product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100).
+    stamps: an int64 tensor of (programs, 4) that each program fills with its timeline (_gluon_mm_kernel's STAMP;
+    bench/prefill_ws_probe.py --timeline)."""
     m, k = x.shape
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
@@ -454,9 +473,15 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales,
              TensorDescriptor.from_tensor(y, [block_m, block_n], _y_layout(config)))
     total, dq_regs = registers(config)
-    _gluon_mm_kernel[(triton.cdiv(m, block_m), n // block_n)](
-        *descs, y, m, n, k, group_tiles(blocks_per_group * 32, k, block_k), STAGES=config[4],
-        W_LAYOUT=w_layout, ACC_LAYOUT=acc,
+    grid = (triton.cdiv(m, block_m), n // block_n)
+    if stamps is not None:
+        if stamps.shape != (grid[0] * grid[1], 4) or stamps.dtype != torch.int64:
+            raise ValueError(f"gluon_gemm: stamps must be int64 of shape ({grid[0] * grid[1]}, 4), one row a program,"
+                             f" got {tuple(stamps.shape)} {stamps.dtype}")
+        diag |= 2
+    _gluon_mm_kernel[grid](
+        *descs, y, y if stamps is None else stamps, m, n, k, group_tiles(blocks_per_group * 32, k, block_k),
+        STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
         ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
         maxnreg=total)
@@ -501,13 +526,13 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "s_desc": desc("fp32", [1, block_n], flat),
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
-                 "y_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
+                 "y_ptr": "*bf16", "stamp_ptr": "*i64", "M": "i32", "N": "i32", "K": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
                   HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
     signature.update({name: "constexpr" for name in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
