@@ -393,7 +393,7 @@ def parse_config(text):
     for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
     operand, 2: the same, y stored from the accumulator)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8):
+    if len(values) not in (5, 6, 7, 8, 9):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -485,18 +485,29 @@ def timeline_lines(shape, text, summary):
     return lines
 
 
-def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None):
+_COUNTERS = {}
+
+
+def _counters(device):
+    """A split tile's arrival counters for the gluon variants' TAIL configs, zero again after each call (as a
+    layer's split_counters), one set per device."""
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(4096, device=device, dtype=torch.int32)
+    return _COUNTERS[device]
+
+
+def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None, stamps=None):
     """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
     for the halves of x, sz: scaled_zeros(scale, zero), each made here when not given; for the gluon variants
     gluon_gemm.gluon_mm)."""
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8) or config[2] != gluon_gemm.BLOCK_K:
+        if len(config) not in (7, 8, 9) or config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS[xSWAP] (got {config})")
+                             f"DQ_PARTS[xSWAP[xTAIL]] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
-                                   diag=GLUON_VARIANTS[variant])
+                                   diag=GLUON_VARIANTS[variant], counters=_counters(x.device), stamps=stamps)
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
         raise ValueError(f"{variant}: split-K (a sixth number) is only in the field variants (got {config})")
     if variant == "i8":
@@ -807,10 +818,11 @@ def bench_shape(shape, m, variants, project, log, stamp=False):
                 log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
                     f"({time.time() - start:.1f} s)")
                 if stamp and variant == "gluon":  # the timeline of each copy's call, back to back; the last printed
-                    grid = (triton.cdiv(m, config[0]), int(shape.split("x")[1]) // config[1])
-                    stamps = [torch.zeros(grid[0] * grid[1], 4, dtype=torch.int64, device="cuda") for _ in vsets]
-                    for s, o, st in zip(vsets, outs, stamps):
-                        gluon_gemm.gluon_mm(x, *s, None, BITS, GROUP // 32, 0.0, config, stamps=st)
+                    m_tiles, (whole, rest, split_) = gluon_gemm.call_schedule(m, n, k, config, x.device)
+                    programs = m_tiles * (whole + rest * split_)
+                    stamps = [torch.zeros(programs, 4, dtype=torch.int64, device="cuda") for _ in vsets]
+                    for s, st in zip(vsets, stamps):
+                        probe(x, *s, variant, config, stamps=st)
                     torch.cuda.synchronize()
                     for line in timeline_lines(shape, text, timeline(stamps[-1].cpu().tolist())):
                         log(line)

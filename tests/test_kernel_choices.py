@@ -161,7 +161,8 @@ def test_a_gluon_candidate_that_disagrees_with_the_first_is_not_timed(monkeypatc
     monkeypatch.setattr(ops, "graph_time", lambda args, call, config, copies, weights: timings[config])
     args = (torch.randn(20, 32), torch.zeros(4, 8, dtype=torch.int32), torch.ones(1, 8), None, None, 4, 1, 0.0)
     for factor, agrees in ((-2, False), (2 * (1 + 1e-3), True)):
-        def gluon(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, factor=factor):
+        def gluon(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, factor=factor,
+                  counters=None):
             return x * factor  # the first candidate gives x * 2
         monkeypatch.setattr(ops.gluon_gemm, "gluon_mm", gluon)
         timings.clear()
@@ -185,7 +186,8 @@ def test_a_gluon_config_out_of_shared_memory_is_skipped_quietly_and_other_errors
         pass
     for error, lines in ((OutOfResources("out of resource: shared memory, Required: 233680"), 0),
                          (AssertionError("strides must be 16-byte aligned"), 1)):
-        def gluon(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, error=error):
+        def gluon(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, error=error,
+                  counters=None):
             raise error
         monkeypatch.setattr(ops.gluon_gemm, "gluon_mm", gluon)
         assert ops._fastest(args, [(fake_kernel, (2,)), (gluon, (7,))]) == (fake_kernel, (2,))

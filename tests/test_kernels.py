@@ -963,14 +963,17 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
     assert all(len(c) <= 8 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
     # the loader, the three dequantize partitions, the products: one loader warp, a ready barrier per dequantize
-    # partition and slot (8 slots x 3), and a config of more than 8 numbers (the words' own rings, measured slower
-    # and taken out) refused in one line
+    # partition and slot (8 slots x 3), and a ninth number other than TAIL's 0 or 1 (it was the words' own rings,
+    # measured slower and taken out) or a tenth refused in one line
     ttgir = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ttgir"]
     assert len(re.findall(r"^\s*partition\d+\(", ttgir, flags=re.M)) == 4
     assert ttgir.count("ttng.init_barrier") == 8 * 3 + 8 + 8  # ready, w_ready, empty
-    with pytest.raises(ValueError, match=r"a config has 7 numbers, or 8 with SWAP, got \(128, 64, 64, 4, 8, 4, 3, 1, "
+    with pytest.raises(ValueError, match=r"ninth number \(TAIL\) is 0 or 1, got 12 in \(128, 64, 64, 4, 8, 4, 3, 1, "
                                          r"12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 12))
+    with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, got \(128, 64, 64, 4, 8, "
+                                         r"4, 3, 1, 0, 12\)"):
+        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 12))
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

@@ -52,6 +52,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.9's name, 3.6's
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6's name, 3.9's
 except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API: supports() says no
     gluon = None
 
@@ -77,7 +78,7 @@ if gluon is not None:
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
         the dequantize partition that takes the tile. The workers share one signature."""
-        descs, bufs, bars, off_m, off_n, k_tiles = common
+        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -91,7 +92,7 @@ if gluon is not None:
         for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            k0 = i * TILE_K
+            k0 = (k_lo + i) * TILE_K  # the program's K tiles start at k_lo (TAIL)
             bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
             if ONE_ROW:  # the row once for each dequantize partition, with its first tile, into a slot of its own
                 first = i < DQ_PARTS
@@ -102,7 +103,7 @@ if gluon is not None:
                     _tma_load(z_desc, [0, off_n], bar, z_bufs.index(p).slice(0, 1), pred=first)
             else:  # a constant divisor: a shift or a multiply, not a division a tile (the one warp's loop is short)
                 mbarrier.expect(bar, nbytes)
-                row = i // GROUP_TILES
+                row = (k_lo + i) // GROUP_TILES
                 _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
                 if HAS_ZERO:
                     _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
@@ -205,7 +206,7 @@ if gluon is not None:
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
-        descs, bufs, bars, off_m, off_n, k_tiles = common
+        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -232,16 +233,16 @@ if gluon is not None:
 
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
-                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp):
+                  DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
+                  split_args, SPLIT: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
-        released once the product after it is issued and the one that read it has finished; then y in its dtype.
-        SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x TILE_M
-        instruction per 16 inputs, each operand read from shared memory once), then written through OUT_LAYOUT
-        (SWAP 1: 16 bytes a thread, through shared-memory scratch), straight from the accumulator (SWAP 2), or
-        (SWAP 3) stored into a slot of x's ring, free once the last product has finished, and copied out by TMA: no
-        scratch beside the ring.
+        released once the product after it is issued and the one that read it has finished; then y in its dtype
+        (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
+        TILE_M instruction per 16 inputs, each operand read from shared memory once).
+        SPLIT > 1 (TAIL): a program of the tail (split_args' first value) holds a part of its tile's K; _hand_off
+        adds the parts and the last of them writes y.
         DIAG & 1: no products (a diagnostic). DIAG & 2: the global timer once the last product has finished and
-        again once y is written, into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
+        again once y is written (or the part handed off), into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
@@ -269,6 +270,48 @@ if gluon is not None:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if DIAG & 2:
             gl.store(stamp + 1, _timer())
+        if SPLIT > 1:
+            tail = split_args[0]
+            last = gl.to_tensor(True)
+            if tail:
+                acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
+            if last:
+                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
+        else:
+            _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
+        if DIAG & 2:
+            gl.store(stamp + 2, _timer())
+
+    @gluon.jit
+    def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
+        """Split-K's hand-off (as triton_kernels._gemm_kernel's): the partial tile to the float32 workspace, one
+        count on the tile's counter; the last of its SPLIT programs to arrive adds the parts in split order (the
+        same sum every call), sets the counter back to 0 for the next call and returns (the sum, True)."""
+        _, part_ptr, cnt_ptr, tile, split = split_args
+        R: gl.constexpr = acc.type.shape[0]
+        C: gl.constexpr = acc.type.shape[1]
+        rows = gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT))
+        cols = gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT))
+        offs = gl.expand_dims(rows, 1) * C + gl.expand_dims(cols, 0)
+        base = part_ptr + tile.to(gl.int64) * (SPLIT * R * C)
+        gl.store(base + split * (R * C) + offs, acc)
+        _barrier()  # every thread's part is written before the count says so
+        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+        if last:
+            acc = gl.load(base + offs, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT):
+                acc += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+        return acc, last
+
+    @gluon.jit
+    def _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT: gl.constexpr, SWAP: gl.constexpr,
+                 OUT_LAYOUT: gl.constexpr):
+        """The accumulated tile to y in y's dtype: with SWAP, through OUT_LAYOUT (SWAP 1: 16 bytes a thread, through
+        shared-memory scratch), straight from the accumulator (SWAP 2), or (SWAP 3) stored into a slot of x's ring,
+        free once the last product has finished, and copied out by TMA: no scratch beside the ring."""
+        TILE_M: gl.constexpr = x_bufs.type.shape[1]
+        TILE_N: gl.constexpr = acc.type.shape[0] if SWAP else acc.type.shape[1]
         if SWAP == 3:  # y's tile through x's first slot (every product has read its x) and one TMA copy
             gl.static_assert(x_bufs.type.shape[2] == TILE_N)  # the slot's shape and layout are y's tile's
             slot = x_bufs.index(0)
@@ -291,23 +334,25 @@ if gluon is not None:
                 offs_n = off_n + gl.arange(0, TILE_N, layout=gl.SliceLayout(0, ACC_LAYOUT))
             ptrs = y_ptr + gl.expand_dims(offs_m, 1) * N + gl.expand_dims(offs_n, 0)
             gl.store(ptrs, out, mask=gl.expand_dims(offs_m < M, 1))
-        if DIAG & 2:
-            gl.store(stamp + 2, _timer())
 
     @gluon.jit
     def _timer():
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
     @gluon.jit
-    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, M, N, K, GROUP_TILES: gl.constexpr,
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, part_ptr, cnt_ptr, M, N, K, WHOLE,
+                         GROUP_TILES: gl.constexpr,
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr):
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
-        timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor."""
+        timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor.
+        SPLIT > 1 (TAIL, schedule()): the column tiles from WHOLE on are split in K, SPLIT programs a tile (grid axis
+        1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT parts a split tile) and cnt_ptr
+        (int32 zeros, one a split tile); the programs before them take whole tiles."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
@@ -331,23 +376,36 @@ if gluon is not None:
             gl.store(stamp + 3, gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=True,
                                                           pack=1).to(gl.int64))
         off_m = gl.program_id(0) * TILE_M
-        off_n = gl.program_id(1) * TILE_N
-        k_tiles = K // TILE_K
+        k_all = K // TILE_K
+        if SPLIT > 1:  # the tail's programs (column index WHOLE on) take a part of K of a split tile each
+            after = gl.program_id(1) - WHOLE
+            tail = after >= 0
+            split = gl.where(tail, after % SPLIT, 0)
+            tile_n = gl.where(tail, WHOLE + after // SPLIT, gl.program_id(1))
+            k_lo = split * k_all // SPLIT
+            k_tiles = gl.where(tail, (split + 1) * k_all // SPLIT - k_lo, k_all)
+            split_args = (tail, part_ptr, cnt_ptr, (after // SPLIT) * gl.num_programs(0) + gl.program_id(0), split)
+        else:
+            tile_n = gl.program_id(1)
+            k_lo = 0
+            k_tiles = k_all
+            split_args = (False, part_ptr, cnt_ptr, 0, 0)
+        off_n = tile_n * TILE_N
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
         bars = (ready, w_ready, empty)
-        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles)  # every worker's
+        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -356,7 +414,7 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -367,18 +425,39 @@ if gluon is not None:
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
     stored straight from the accumulator, 3 with y through a slot of x's ring and TMA; 0 where absent."""
-    if not 7 <= len(config) <= 8:
-        raise ValueError(f"gluon_gemm: a config has 7 numbers, or 8 with SWAP, got {config}")
+    if not 7 <= len(config) <= 9:
+        raise ValueError(f"gluon_gemm: a config has 7 numbers, 8 with SWAP, 9 with TAIL, got {config}")
     swap = config[7] if len(config) > 7 else 0
     if swap not in (0, 1, 2, 3):
         raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 to 3, got {swap} in {config}")
     return swap
 
 
+def tail(config):
+    """A config's ninth number, TAIL: 1 splits the tiles past the last whole wave in K (schedule()); 0 where absent."""
+    split = config[8] if len(config) > 8 else 0
+    if split not in (0, 1):
+        raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0 or 1, got {split} in {config}")
+    return split
+
+
+def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
+    """(WHOLE, REST, SPLIT) of one call, one launch: the first WHOLE column tiles (m_tiles x WHOLE tiles, whole waves
+    on `programs` multiprocessors, one program each: a program takes most of a multiprocessor's shared memory) run
+    whole, and the REST after them (the last wave's, which would leave multiprocessors idle) SPLIT programs a tile,
+    each a part of K, on as many multiprocessors as that fills. Without tail_split, or where no split helps:
+    (n_tiles, 0, 1). On 4096 x 11008 at 256 rows, 172 tiles of 256 x 64 are 132 whole ones and 40 split in 3."""
+    whole = m_tiles * n_tiles // programs * programs // m_tiles if tail_split else n_tiles
+    rest = n_tiles - whole
+    split = min(programs // (m_tiles * rest), k_tiles) if rest else 1
+    return (whole, rest, split) if split > 1 else (n_tiles, 0, 1)
+
+
 def layouts(config, bits=4):
     """(x tile, words/scales, zero points, weight tile shared layouts; accumulator, dequantize and (for SWAP) output
     register layouts)."""
     block_m, block_n, block_k, warps, _, dq_warps = config[:6]
+    tail(config)  # a config's numbers checked, each in one line
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
@@ -425,6 +504,11 @@ def _hopper(index):
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def supports(x, qweight, bits, group_size, in_features, zero):
     """Whether gluon_mm runs this call: Gluon's Hopper API, a CUDA GPU of compute capability 9 (wgmma), x bf16 and
     contiguous, codes in words (in_features * bits / 32, N), N a multiple of 64, in_features a multiple of 64,
@@ -453,7 +537,7 @@ def _rows(t, n):
 
 
 def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0,
-             stamps=None):
+             stamps=None, counters=None):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
     is None). config: CONFIGS' seven numbers, and an optional eighth, 1 for _products' SWAP.
@@ -461,7 +545,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
     product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100).
     stamps: an int64 tensor of (programs, 4) that each program fills with its timeline (_gluon_mm_kernel's STAMP;
-    bench/prefill_ws_probe.py --timeline)."""
+    bench/prefill_ws_probe.py --timeline). counters: int32 zeros, at least one per split tile (PackedLinear's
+    split_counters, zero again after the call), where the config's TAIL splits some (schedule())."""
     m, k = x.shape
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
@@ -473,19 +558,35 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales,
              TensorDescriptor.from_tensor(y, [block_m, block_n], _y_layout(config)))
     total, dq_regs = registers(config)
-    grid = (triton.cdiv(m, block_m), n // block_n)
+    m_tiles, (whole, rest, split) = call_schedule(m, n, k, config, x.device)
+    part, count = y, y  # not read without a split
+    if split > 1:
+        part = torch.empty((m_tiles * rest * split, block_m * block_n), device=x.device, dtype=torch.float32)
+        count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
+            m_tiles * rest, device=x.device, dtype=torch.int32)
+    grid = (m_tiles, whole + rest * split)
     if stamps is not None:
         if stamps.shape != (grid[0] * grid[1], 4) or stamps.dtype != torch.int64:
             raise ValueError(f"gluon_gemm: stamps must be int64 of shape ({grid[0] * grid[1]}, 4), one row a program,"
                              f" got {tuple(stamps.shape)} {stamps.dtype}")
         diag |= 2
     _gluon_mm_kernel[grid](
-        *descs, y, y if stamps is None else stamps, m, n, k, group_tiles(blocks_per_group * 32, k, block_k),
+        *descs, y, y if stamps is None else stamps, part, count, m, n, k, whole,
+        group_tiles(blocks_per_group * 32, k, block_k),
         STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, num_warps=config[3],
+        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, num_warps=config[3],
         maxnreg=total)
     return _epilogue(y, bias, activation)
+
+
+def call_schedule(m, n, k, config, device):
+    """(row tiles, schedule()'s (WHOLE, REST, SPLIT)) of a call of m rows, n outputs and k inputs on `device`: its
+    grid is (row tiles, WHOLE + REST * SPLIT)."""
+    m_tiles = triton.cdiv(m, config[0])
+    programs = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) if tail(
+        config) else 0
+    return m_tiles, schedule(m_tiles, n // config[1], k // config[2], programs, tail(config))
 
 
 def _y_layout(config):
@@ -510,7 +611,7 @@ def group_tiles(group, in_features, block_k=BLOCK_K):
 
 
 @functools.lru_cache(maxsize=None)
-def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096):
+def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096, split=1):
     """The kernel compiled for `arch` without a GPU (triton.compile with an explicit target): what the CPU tests and
     bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
     from triton.backends.compiler import GPUTarget
@@ -526,13 +627,14 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "s_desc": desc("fp32", [1, block_n], flat),
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
-                 "y_ptr": "*bf16", "stamp_ptr": "*i64", "M": "i32", "N": "i32", "K": "i32"}
+                 "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
+                 "N": "i32", "K": "i32", "WHOLE": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
-                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out)
+                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split)
     signature.update({name: "constexpr" for name in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))

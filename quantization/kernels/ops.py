@@ -572,7 +572,10 @@ def bind(kernel, counters, activation=0):
     (PackedLinear.split_counters)."""
     if kernel in (stream_gemv, gemm):
         return functools.partial(kernel, counters=counters, activation=activation)
-    return functools.partial(kernel, activation=activation) if activation else kernel
+    extra = dict(activation=activation) if activation else {}
+    if gluon_gemm is not None and kernel is gluon_gemm.gluon_mm:  # counters for a config whose TAIL splits K
+        extra["counters"] = counters
+    return functools.partial(kernel, **extra) if extra else kernel
 
 
 def _fastest(args, pairs, counters=None, weights=3, fused=None):
