@@ -451,9 +451,9 @@ def timeline(stamps):
     the global timer, and the multiprocessor) say about one call: its span, how many multiprocessors it used and the
     most programs one ran, and per round (a program's place among those of its multiprocessor, by start) how many
     programs, when the round's first and median program started (us after the call's first), and the median and
-    longest time from a program's start to its last product and from there to y written. A dict: span_us, programs,
-    multiprocessors, most, rounds [(round, programs, first start, median start, median loop, longest loop, median
-    epilogue)]."""
+    longest time from a program's start to its last product and from there to y written (or its part handed off).
+    A dict: span_us, programs, multiprocessors, most, rounds [(round, programs, first start, median start, median
+    loop, longest loop, median epilogue, longest epilogue)]."""
     import statistics
     rows = [tuple(int(v) for v in row) for row in stamps]
     t0 = min(r[0] for r in rows)
@@ -469,8 +469,9 @@ def timeline(stamps):
         rs = rounds[i]
         loops = [(r[1] - r[0]) / 1e3 for r in rs]
         starts = [(r[0] - t0) / 1e3 for r in rs]
+        tails = [(r[2] - r[1]) / 1e3 for r in rs]
         out.append((i + 1, len(rs), min(starts), statistics.median(starts), statistics.median(loops), max(loops),
-                    statistics.median((r[2] - r[1]) / 1e3 for r in rs)))
+                    statistics.median(tails), max(tails)))
     return dict(span_us=(max(r[2] for r in rows) - t0) / 1e3, programs=len(rows), multiprocessors=len(per_sm),
                 most=max(len(v) for v in per_sm.values()), rounds=out)
 
@@ -479,9 +480,9 @@ def timeline_lines(shape, text, summary):
     """timeline()'s dict as the lines --timeline prints."""
     lines = [f"  timeline {shape} {text}: span {summary['span_us']:.1f} us, {summary['programs']} programs on "
              f"{summary['multiprocessors']} multiprocessors, at most {summary['most']} on one"]
-    for rnd, n, first, median, loop, longest, epilogue in summary["rounds"]:
+    for rnd, n, first, median, loop, longest, epilogue, slowest in summary["rounds"]:
         lines.append(f"    round {rnd}: {n} programs, first start {first:.1f} us, median start {median:.1f}, "
-                     f"loop median {loop:.1f} (longest {longest:.1f}), epilogue {epilogue:.2f}")
+                     f"loop median {loop:.1f} (longest {longest:.1f}), epilogue {epilogue:.2f} (longest {slowest:.2f})")
     return lines
 
 

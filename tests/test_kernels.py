@@ -1009,8 +1009,8 @@ def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them
     summary = probe.timeline(stamps)
     assert (summary["span_us"], summary["programs"], summary["multiprocessors"], summary["most"]) == (22.0, 4, 3, 2)
     first, second = summary["rounds"]
-    assert first[:4] == (1, 3, 0.0, 0.2) and first[4:6] == (10.0, 10.0) and first[6] == pytest.approx(0.6)
-    assert second == (2, 1, 11.5, 11.5, 10.0, 10.0, 0.5)
+    assert first[:4] == (1, 3, 0.0, 0.2) and first[4:6] == (10.0, 10.0) and first[6:] == pytest.approx((0.6, 1.0))
+    assert second == (2, 1, 11.5, 11.5, 10.0, 10.0, 0.5, 0.5)
     lines = probe.timeline_lines("4096x4096", "c", summary)
     assert lines[0] == "  timeline 4096x4096 c: span 22.0 us, 4 programs on 3 multiprocessors, at most 2 on one"
     assert len(lines) == 3 and lines[2].startswith("    round 2: 1 programs, first start 11.5 us")

@@ -286,7 +286,8 @@ if gluon is not None:
     def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
         """Split-K's hand-off (as triton_kernels._gemm_kernel's): the partial tile to the float32 workspace, one
         count on the tile's counter; the last of its SPLIT programs to arrive adds the parts in split order (the
-        same sum every call), sets the counter back to 0 for the next call and returns (the sum, True)."""
+        same sum every call; its own from its registers, only the others' loaded), sets the counter back to 0
+        for the next call and returns (the sum, True)."""
         _, part_ptr, cnt_ptr, tile, split = split_args
         R: gl.constexpr = acc.type.shape[0]
         C: gl.constexpr = acc.type.shape[1]
@@ -298,9 +299,12 @@ if gluon is not None:
         _barrier()  # every thread's part is written before the count says so
         last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
         if last:
-            acc = gl.load(base + offs, cache_modifier=".cg")
-            for s in gl.static_range(1, SPLIT):
-                acc += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
+            every = offs >= 0
+            total = gl.where(split == 0, acc, gl.load(base + offs, mask=every & (split != 0), cache_modifier=".cg"))
+            for s in gl.static_range(1, SPLIT):  # the loads are independent of the sum: issued together
+                total += gl.where(split == s, acc, gl.load(base + s * (R * C) + offs, mask=every & (split != s),
+                                                           cache_modifier=".cg"))
+            acc = total
             gl.atomic_xchg(cnt_ptr + tile, 0)
         return acc, last
 
