@@ -284,29 +284,33 @@ if gluon is not None:
 
     @gluon.jit
     def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
-        """Split-K's hand-off (as triton_kernels._gemm_kernel's): the partial tile to the float32 workspace, one
-        count on the tile's counter; the last of its SPLIT programs to arrive adds the parts in split order (the
-        same sum every call; its own from its registers, only the others' loaded), sets the counter back to 0
-        for the next call and returns (the sum, True)."""
+        """Split-K's hand-off within a tile's SPLIT programs: the first SPLIT - 1 each store their float32 part to
+        the workspace and count themselves on the tile's counter (release); the last (the tile's owner, launched
+        after them) waits for the count (acquire), adds the parts in split order to its own from its registers (the
+        same sum every call), sets the counter back to 0 for the next call and returns (the sum, True); the others
+        return (their part, False). The owner's wait cannot hold up the others: they are launched before it, and
+        schedule() gives the split programs at most one multiprocessor each."""
         _, part_ptr, cnt_ptr, tile, split = split_args
         R: gl.constexpr = acc.type.shape[0]
         C: gl.constexpr = acc.type.shape[1]
         rows = gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT))
         cols = gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT))
         offs = gl.expand_dims(rows, 1) * C + gl.expand_dims(cols, 0)
-        base = part_ptr + tile.to(gl.int64) * (SPLIT * R * C)
-        gl.store(base + split * (R * C) + offs, acc)
-        _barrier()  # every thread's part is written before the count says so
-        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
-        if last:
-            every = offs >= 0
-            total = gl.where(split == 0, acc, gl.load(base + offs, mask=every & (split != 0), cache_modifier=".cg"))
-            for s in gl.static_range(1, SPLIT):  # the loads are independent of the sum: issued together
-                total += gl.where(split == s, acc, gl.load(base + s * (R * C) + offs, mask=every & (split != s),
-                                                           cache_modifier=".cg"))
-            acc = total
+        base = part_ptr + tile.to(gl.int64) * ((SPLIT - 1) * R * C)
+        owner = split == SPLIT - 1
+        if owner:
+            while gl.atomic_add(cnt_ptr + tile, 0, sem="acquire") < SPLIT - 1:
+                pass
+            total = gl.load(base + offs, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT - 1):  # the loads are independent of the sum: issued together
+                total += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
+            acc = total + acc
             gl.atomic_xchg(cnt_ptr + tile, 0)
-        return acc, last
+        else:
+            gl.store(base + split * (R * C) + offs, acc)
+            _barrier()  # every thread's part is written before the count says so
+            gl.atomic_add(cnt_ptr + tile, 1, sem="release")
+        return acc, owner
 
     @gluon.jit
     def _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT: gl.constexpr, SWAP: gl.constexpr,
@@ -355,7 +359,7 @@ if gluon is not None:
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
         timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor.
         SPLIT > 1 (TAIL, schedule()): the column tiles from WHOLE on are split in K, SPLIT programs a tile (grid axis
-        1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT parts a split tile) and cnt_ptr
+        1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT - 1 parts a split tile) and cnt_ptr
         (int32 zeros, one a split tile); the programs before them take whole tiles."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
@@ -565,7 +569,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     m_tiles, (whole, rest, split) = call_schedule(m, n, k, config, x.device)
     part, count = y, y  # not read without a split
     if split > 1:
-        part = torch.empty((m_tiles * rest * split, block_m * block_n), device=x.device, dtype=torch.float32)
+        part = torch.empty((m_tiles * rest * (split - 1), block_m * block_n), device=x.device, dtype=torch.float32)
         count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
             m_tiles * rest, device=x.device, dtype=torch.int32)
     grid = (m_tiles, whole + rest * split)
