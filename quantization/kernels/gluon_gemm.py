@@ -293,9 +293,17 @@ if gluon is not None:
         _, part_ptr, cnt_ptr, tile, split = split_args
         R: gl.constexpr = acc.type.shape[0]
         C: gl.constexpr = acc.type.shape[1]
-        rows = gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT))
-        cols = gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT))
-        offs = gl.expand_dims(rows, 1) * C + gl.expand_dims(cols, 0)
+        # the part in the order of the accumulator's registers (a private layout: the store and the loads agree):
+        # element (r, c) of warp row r // 16, column block c // IN, 8-column group j, half h of the 16 rows, lane
+        # 4 (r % 8) + (c % 8) // 2, pair e = c % 2, so that a warp's store of one register pair is 256 contiguous
+        # bytes (row-major, a warp's store touched 8 rows' 32 bytes each)
+        IN: gl.constexpr = ACC_LAYOUT.instr_shape[1]
+        rr = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT)), 1)
+        cc = gl.expand_dims(gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT)), 0)
+        block = (rr // 16) * (C // IN) + cc // IN
+        offs = (((block * (IN // 8) + (cc % IN) // 8) * 2 + (rr % 16) // 8) * 32 + (rr % 8) * 4 + (cc % 8) // 2) * 2 \
+            + cc % 2
+        offs = gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])  # each register pair: one 8-byte access
         base = part_ptr + tile.to(gl.int64) * ((SPLIT - 1) * R * C)
         owner = split == SPLIT - 1
         if owner:
