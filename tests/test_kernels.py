@@ -961,7 +961,7 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert zeros.metadata.shared <= 232448 and not zeros.asm["ptx"].count("st.local")
     per_group = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=False, group=128)
     assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
-    assert all(len(c) <= 8 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
+    assert all(len(c) <= 9 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
     # the loader, the three dequantize partitions, the products: one loader warp, a ready barrier per dequantize
     # partition and slot (8 slots x 3), and a ninth number other than TAIL's 0 or 1 (it was the words' own rings,
     # measured slower and taken out) or a tenth refused in one line
@@ -981,6 +981,33 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert per_channel.scale.stride() == (1, 1) and rows.stride() == (384, 1)
     assert rows.data_ptr() == per_channel.scale.data_ptr() and torch.equal(rows, per_channel.scale)
     assert gluon_gemm._rows(layer.scale, 128).stride() == layer.scale.stride() == (128, 1)
+
+
+def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_tile_owner():
+    """TAIL (a config's ninth number): schedule() runs the column tiles of whole waves whole and splits the rest in K
+    over the multiprocessors left (4096x11008 at 256 rows: 132 tiles of 256 x 64 whole, 40 in thirds); where no
+    split helps, or without TAIL, every tile whole. The compiled kernel of a split: the owner waits for its parts with
+    an acquire load, the others count themselves with a release add after storing theirs, 8 bytes a store; the
+    launcher lists the TAIL config, and it fits every format's shared memory."""
+    pytest.importorskip("triton")
+    from quantization.kernels import gluon_gemm
+    if gluon_gemm.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    assert gluon_gemm.schedule(1, 172, 64, 132, 1) == (132, 40, 3)        # 256 x 64 tiles on 4096x11008
+    assert gluon_gemm.schedule(1, 64, 64, 132, 1) == (0, 64, 2)           # on 4096x4096: every tile in halves
+    assert gluon_gemm.schedule(2, 172, 64, 132, 1) == (172, 0, 1)         # 128 x 64: 80 left, no split fills 132
+    assert gluon_gemm.schedule(1, 6, 8, 132, 1) == (0, 6, 8)              # a small layer: at most its K tiles
+    assert gluon_gemm.schedule(1, 172, 64, 132, 0) == (172, 0, 1)         # TAIL 0
+    config = (256, 64, 64, 8, 5, 4, 2, 3, 1)
+    assert config in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 1 and gluon_gemm.tail(config[:8]) == 0
+    ptx = gluon_gemm.compile_for(config, split=3).asm["ptx"]
+    assert ptx.count("ld.global.gpu.acquire.b32") == 1 and ptx.count("red.global.gpu.release.add.u32") == 1
+    assert ptx.count("atom.global.gpu.acq_rel.exch.b32") == 1  # the owner sets the counter back to 0
+    assert ptx.count("st.global.v2.b32") == 32 and ptx.count("ld.global.cg.v2.b32") == 2 * 32 and "st.local" not in ptx
+    assert "ld.global.gpu.acquire" not in gluon_gemm.compile_for(config).asm["ptx"]  # SPLIT 1: no hand-off
+    for bits, has_zero, group in ((8, False, 4096), (8, True, 4096), (3, True, 128), (1, False, 4096)):
+        kernel = gluon_gemm.compile_for(config, split=3, bits=bits, has_zero=has_zero, group=group)
+        assert kernel.metadata.shared <= 232448 and "st.local" not in kernel.asm["ptx"], (bits, has_zero)
 
 
 def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them_in_rounds():

@@ -65,8 +65,12 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # through the compiler's scratch (SWAP 1) left 8-bit codes 6 stages (232,528 bytes at 8, 232,448 on Hopper); through
 # x's ring (SWAP 3) they have 8: int8 24.1 -> 23.3 us, int4 level with SWAP 1 (files 23, 24 of
 # bench/results/prefill_gluon_h100). y stored straight from the accumulator (SWAP 2) lost (file 20): not listed
+# TAIL (a ninth number 1, schedule()): the tiles past the last whole wave split in K within the one launch. On
+# 4096x11008 at 256 rows the 128 x 64 tiles run in three rounds of about 18 us on the 132 multiprocessors (a
+# program's loop takes as long whatever runs beside it: `bench/prefill_ws_probe.py --timeline`); 256 x 64 tiles with
+# TAIL run 132 whole tiles and then 40 in thirds: 60.3 -> 47.7 us (bench/results/prefill_timeline_h100)
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
-           (128, 64, 64, 4, 8, 4, 2)]
+           (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
