@@ -10,13 +10,14 @@ import csv
 import re
 import sys
 
-PATTERNS = ("gpu__time_duration.sum", r"^sm__cycles_(active|elapsed)\.avg$", r"^launch__(grid_size|block_size|"
-            r"cluster_|registers_per_thread|shared_mem_per_block)", r"tensor.*pct_of_peak_sustained_(active|elapsed)",
-            r"^sm__inst_executed_pipe_tensor", r"^l1tex__data_pipe_lsu_wavefronts_mem_shared",
-            r"^l1tex__data_bank_conflicts_pipe_lsu_mem_shared", r"^smsp__inst_executed_op_shared_(ld|st)\.sum$",
-            r"^lts__t_bytes\.sum(\.per_second)?$", r"^lts__throughput\.avg\.pct", r"^dram__bytes_read\.sum$",
-            r"^l1tex__m_xbar2l1tex_read_bytes\.sum$", r"^smsp__issue_active\.avg\.pct",
-            r"^sm__throughput\.avg\.pct")
+PATTERNS = (r"^gpu__time_duration\.sum$", r"^sm__cycles_(active|elapsed)\.avg$",
+            r"^launch__(grid_size|block_size|cluster_size|registers_per_thread|shared_mem_per_block)$",
+            r"^sm__pipe_tensor_cycles_active\.avg\.pct_of_peak_sustained_(active|elapsed)$",
+            r"^smsp__issue_active\.avg\.pct_of_peak_sustained_active$",
+            r"^l1tex__data_pipe_lsu_wavefronts_mem_shared(_op_ld|_op_st)?\.sum(\.pct_of_peak_sustained_elapsed)?$",
+            r"^l1tex__data_bank_conflicts_pipe_lsu_mem_shared(_op_ld|_op_st)?\.sum$",
+            r"^l1tex__m_xbar2l1tex_read_bytes\.sum$", r"^lts__throughput\.avg\.pct_of_peak_sustained_elapsed$",
+            r"^dram__bytes_read\.sum$")
 
 
 def read(path):
