@@ -986,9 +986,9 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
 def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_tile_owner():
     """TAIL (a config's ninth number): schedule() runs the column tiles of whole waves whole and splits the rest in K
     over the multiprocessors left (4096x11008 at 256 rows: 132 tiles of 256 x 64 whole, 40 in thirds); where no
-    split helps, or without TAIL, every tile whole. The compiled kernel of a split: each part stored 8 bytes a store
-    and counted with one acq_rel add, the last to arrive loading the others' (no program waits on another) and
-    setting the counter back to 0; the launcher lists the TAIL config, and it fits every format's shared memory."""
+    split helps, or without TAIL, every tile whole. The compiled kernel of a split: the owner waits for its parts with
+    an acquire load, the others count themselves with a release add after storing theirs, 8 bytes a store; the
+    launcher lists the TAIL config, and it fits every format's shared memory."""
     pytest.importorskip("triton")
     from quantization.kernels import gluon_gemm
     if gluon_gemm.gluon is None:
@@ -1001,10 +1001,10 @@ def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_ti
     config = (256, 64, 64, 8, 5, 4, 2, 3, 1)
     assert config in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 1 and gluon_gemm.tail(config[:8]) == 0
     ptx = gluon_gemm.compile_for(config, split=3).asm["ptx"]
-    assert ptx.count("atom.global.gpu.acq_rel.add.u32") == 1 and "ld.global.gpu.acquire" not in ptx
-    assert ptx.count("atom.global.gpu.acq_rel.exch.b32") == 1  # the last sets the counter back to 0
-    assert ptx.count("st.global.v2.b32") == 32 and ptx.count("ld.global.cg.v2.b32") == 3 * 32 and "st.local" not in ptx
-    assert "atom.global" not in gluon_gemm.compile_for(config).asm["ptx"]  # SPLIT 1: no hand-off
+    assert ptx.count("ld.global.gpu.acquire.b32") == 1 and ptx.count("red.global.gpu.release.add.u32") == 1
+    assert ptx.count("atom.global.gpu.acq_rel.exch.b32") == 1  # the owner sets the counter back to 0
+    assert ptx.count("st.global.v2.b32") == 32 and ptx.count("ld.global.cg.v2.b32") == 2 * 32 and "st.local" not in ptx
+    assert "ld.global.gpu.acquire" not in gluon_gemm.compile_for(config).asm["ptx"]  # SPLIT 1: no hand-off
     for bits, has_zero, group in ((8, False, 4096), (8, True, 4096), (3, True, 128), (1, False, 4096)):
         kernel = gluon_gemm.compile_for(config, split=3, bits=bits, has_zero=has_zero, group=group)
         assert kernel.metadata.shared <= 232448 and "st.local" not in kernel.asm["ptx"], (bits, has_zero)

@@ -288,10 +288,12 @@ if gluon is not None:
 
     @gluon.jit
     def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
-        """Split-K's hand-off within a tile's SPLIT programs: each stores its float32 part to the workspace and counts
-        itself on the tile's counter (acq_rel); the last to arrive adds the parts in split order (the same sum every
-        call; its own from its registers, only the others' loaded), sets the counter back to 0 for the next call
-        and returns (the sum, True); the others return (their part, False). No program waits for another."""
+        """Split-K's hand-off within a tile's SPLIT programs: the first SPLIT - 1 each store their float32 part to
+        the workspace and count themselves on the tile's counter (release); the last (the tile's owner, launched
+        after them) waits for the count (acquire), adds the parts in split order to its own from its registers (the
+        same sum every call), sets the counter back to 0 for the next call and returns (the sum, True); the others
+        return (their part, False). The owner's wait cannot hold up the others: they are launched before it, and
+        schedule() gives the split programs at most one multiprocessor each."""
         _, part_ptr, cnt_ptr, tile, split = split_args
         R: gl.constexpr = acc.type.shape[0]
         C: gl.constexpr = acc.type.shape[1]
@@ -306,19 +308,21 @@ if gluon is not None:
         offs = (((block * (IN // 8) + (cc % IN) // 8) * 2 + (rr % 16) // 8) * 32 + (rr % 8) * 4 + (cc % 8) // 2) * 2 \
             + cc % 2
         offs = gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])  # each register pair: one 8-byte access
-        base = part_ptr + tile.to(gl.int64) * (SPLIT * R * C)
-        gl.store(base + split * (R * C) + offs, acc)
-        _barrier()  # every thread's part is written before the count says so
-        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
-        if last:
-            every = offs >= 0
-            total = gl.where(split == 0, acc, gl.load(base + offs, mask=every & (split != 0), cache_modifier=".cg"))
-            for s in gl.static_range(1, SPLIT):  # the loads are independent of the sum: issued together
-                total += gl.where(split == s, acc, gl.load(base + s * (R * C) + offs, mask=every & (split != s),
-                                                           cache_modifier=".cg"))
-            acc = total
+        base = part_ptr + tile.to(gl.int64) * ((SPLIT - 1) * R * C)
+        owner = split == SPLIT - 1
+        if owner:
+            while gl.atomic_add(cnt_ptr + tile, 0, sem="acquire") < SPLIT - 1:
+                pass
+            total = gl.load(base + offs, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT - 1):  # the loads are independent of the sum: issued together
+                total += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
+            acc = total + acc
             gl.atomic_xchg(cnt_ptr + tile, 0)
-        return acc, last
+        else:
+            gl.store(base + split * (R * C) + offs, acc)
+            _barrier()  # every thread's part is written before the count says so
+            gl.atomic_add(cnt_ptr + tile, 1, sem="release")
+        return acc, owner
 
     @gluon.jit
     def _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT: gl.constexpr, SWAP: gl.constexpr,
@@ -356,7 +360,7 @@ if gluon is not None:
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
     @gluon.jit
-    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, part_ptr, cnt_ptr, M, N, K, REST,
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, part_ptr, cnt_ptr, M, N, K, WHOLE,
                          GROUP_TILES: gl.constexpr,
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
@@ -366,9 +370,9 @@ if gluon is not None:
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
         timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor.
-        SPLIT > 1 (TAIL, schedule()): the first REST column tiles are split in K, SPLIT programs a tile (grid axis 1
-        below REST * SPLIT, launched first), each adding its part through part_ptr (float32, SPLIT parts a split
-        tile) and cnt_ptr (int32 zeros, one a split tile); the programs after them take whole tiles."""
+        SPLIT > 1 (TAIL, schedule()): the column tiles from WHOLE on are split in K, SPLIT programs a tile (grid axis
+        1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT - 1 parts a split tile) and cnt_ptr
+        (int32 zeros, one a split tile); the programs before them take whole tiles."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
@@ -393,14 +397,14 @@ if gluon is not None:
                                                           pack=1).to(gl.int64))
         off_m = gl.program_id(0) * TILE_M
         k_all = K // TILE_K
-        if SPLIT > 1:  # the split tiles' programs (launched first) take a part of K of one each
-            pid = gl.program_id(1)
-            tail = pid < REST * SPLIT
-            split = gl.where(tail, pid % SPLIT, 0)
-            tile_n = gl.where(tail, pid // SPLIT, pid - REST * (SPLIT - 1))
+        if SPLIT > 1:  # the tail's programs (column index WHOLE on) take a part of K of a split tile each
+            after = gl.program_id(1) - WHOLE
+            tail = after >= 0
+            split = gl.where(tail, after % SPLIT, 0)
+            tile_n = gl.where(tail, WHOLE + after // SPLIT, gl.program_id(1))
             k_lo = split * k_all // SPLIT
             k_tiles = gl.where(tail, (split + 1) * k_all // SPLIT - k_lo, k_all)
-            split_args = (tail, part_ptr, cnt_ptr, (pid // SPLIT) * gl.num_programs(0) + gl.program_id(0), split)
+            split_args = (tail, part_ptr, cnt_ptr, (after // SPLIT) * gl.num_programs(0) + gl.program_id(0), split)
         else:
             tile_n = gl.program_id(1)
             k_lo = 0
@@ -458,13 +462,11 @@ def tail(config):
 
 
 def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
-    """(WHOLE, REST, SPLIT) of one call, one launch: WHOLE column tiles (m_tiles x WHOLE tiles, whole waves on
-    `programs` multiprocessors, one program each: a program takes most of a multiprocessor's shared memory) run
-    whole, and REST (the last wave's, which would leave multiprocessors idle) SPLIT programs a tile, each a part of
-    K, on as many multiprocessors as that fills. The split tiles' programs are launched first: their
-    multiprocessors take whole tiles next, while those that began with whole tiles finish theirs. Without
-    tail_split, or where no split helps: (n_tiles, 0, 1). On 4096 x 11008 at 256 rows, 172 tiles of 256 x 64 are
-    132 whole ones and 40 split in 3."""
+    """(WHOLE, REST, SPLIT) of one call, one launch: the first WHOLE column tiles (m_tiles x WHOLE tiles, whole waves
+    on `programs` multiprocessors, one program each: a program takes most of a multiprocessor's shared memory) run
+    whole, and the REST after them (the last wave's, which would leave multiprocessors idle) SPLIT programs a tile,
+    each a part of K, on as many multiprocessors as that fills. Without tail_split, or where no split helps:
+    (n_tiles, 0, 1). On 4096 x 11008 at 256 rows, 172 tiles of 256 x 64 are 132 whole ones and 40 split in 3."""
     whole = m_tiles * n_tiles // programs * programs // m_tiles if tail_split else n_tiles
     rest = n_tiles - whole
     split = min(programs // (m_tiles * rest), k_tiles) if rest else 1
@@ -579,7 +581,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     m_tiles, (whole, rest, split) = call_schedule(m, n, k, config, x.device)
     part, count = y, y  # not read without a split
     if split > 1:
-        part = torch.empty((m_tiles * rest * split, block_m * block_n), device=x.device, dtype=torch.float32)
+        part = torch.empty((m_tiles * rest * (split - 1), block_m * block_n), device=x.device, dtype=torch.float32)
         count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
             m_tiles * rest, device=x.device, dtype=torch.int32)
     grid = (m_tiles, whole + rest * split)
@@ -589,7 +591,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
                              f" got {tuple(stamps.shape)} {stamps.dtype}")
         diag |= 2
     _gluon_mm_kernel[grid](
-        *descs, y, y if stamps is None else stamps, part, count, m, n, k, rest,
+        *descs, y, y if stamps is None else stamps, part, count, m, n, k, whole,
         group_tiles(blocks_per_group * 32, k, block_k),
         STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
@@ -646,7 +648,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
                  "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
-                 "N": "i32", "K": "i32", "REST": "i32"}
+                 "N": "i32", "K": "i32", "WHOLE": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
