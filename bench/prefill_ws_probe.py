@@ -819,8 +819,8 @@ def bench_shape(shape, m, variants, project, log, stamp=False):
                 log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
                     f"({time.time() - start:.1f} s)")
                 if stamp and variant == "gluon":  # the timeline of each copy's call, back to back; the last printed
-                    grid, _, _ = gluon_gemm.call_schedule(m, n, k, config, x.device)
-                    programs = grid[0] * grid[1]
+                    m_tiles, (whole, rest, split_) = gluon_gemm.call_schedule(m, n, k, config, x.device)
+                    programs = m_tiles * (whole + rest * split_)
                     stamps = [torch.zeros(programs, 4, dtype=torch.int64, device="cuda") for _ in vsets]
                     for s, st in zip(vsets, stamps):
                         probe(x, *s, variant, config, stamps=st)

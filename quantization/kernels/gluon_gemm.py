@@ -78,27 +78,11 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, SEG: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
-        the dequantize partition that takes the tile; with SEG, first the K tiles of the program's part of a split
-        tile, then those of its whole tile, on in the one ring. The workers share one signature."""
-        descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg_a = common
-        p = gl.to_tensor(0)  # i % DQ_PARTS, counted (no division in the one warp's loop)
-        n_a = 0
-        if SEG:
-            off_m_a, off_n_a, k_lo_a, n_a = seg_a
-            p = _load_tiles(descs, bufs, bars, 0, n_a, off_m_a, off_n_a, k_lo_a, p, 0, DQ_PARTS, BITS, HAS_ZERO,
-                            GROUP_TILES)
-        _load_tiles(descs, bufs, bars, n_a, n_a + k_tiles, off_m, off_n, k_lo - n_a, p, DQ_PARTS if SEG else 0,
-                    DQ_PARTS, BITS, HAS_ZERO, GROUP_TILES)
-
-    @gluon.jit
-    def _load_tiles(descs, bufs, bars, i0, i1, off_m, off_n, k_base, p, row_base, DQ_PARTS: gl.constexpr,
-                    BITS: gl.constexpr, HAS_ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
-        """The loader's ring positions i0 .. i1 - 1: K tile k_base + i of the (off_m, off_n) tile; with one row of
-        scales, each partition's from its first position here into slot row_base + its index. Returns p, the
-        partition of position i1."""
+        the dequantize partition that takes the tile. The workers share one signature."""
+        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -108,28 +92,28 @@ if gluon is not None:
         rows: gl.constexpr = s_desc.block_type.nbytes + (z_desc.block_type.nbytes if HAS_ZERO else 0)
         nbytes: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes + (0 if ONE_ROW else rows)
         first_bytes: gl.constexpr = nbytes + rows  # with one row: a partition's first tile brings the row
-        for i in range(i0, i1):
+        p = gl.to_tensor(0)  # i % DQ_PARTS, counted (no division in the one warp's loop)
+        for i in range(k_tiles):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            k0 = (k_base + i) * TILE_K  # the program's K tiles start at k_base + i0 (TAIL)
+            k0 = (k_lo + i) * TILE_K  # the program's K tiles start at k_lo (TAIL)
             bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
             if ONE_ROW:  # the row once for each dequantize partition, with its first tile, into a slot of its own
-                first = i - i0 < DQ_PARTS
+                first = i < DQ_PARTS
                 mbarrier.expect(bar, first_bytes, pred=first)
-                mbarrier.expect(bar, nbytes, pred=i - i0 >= DQ_PARTS)
-                _tma_load(s_desc, [0, off_n], bar, s_bufs.index(row_base + p), pred=first)
+                mbarrier.expect(bar, nbytes, pred=i >= DQ_PARTS)
+                _tma_load(s_desc, [0, off_n], bar, s_bufs.index(p), pred=first)
                 if HAS_ZERO:
-                    _tma_load(z_desc, [0, off_n], bar, z_bufs.index(row_base + p).slice(0, 1), pred=first)
+                    _tma_load(z_desc, [0, off_n], bar, z_bufs.index(p).slice(0, 1), pred=first)
             else:  # a constant divisor: a shift or a multiply, not a division a tile (the one warp's loop is short)
                 mbarrier.expect(bar, nbytes)
-                row = (k_base + i) // GROUP_TILES
+                row = (k_lo + i) // GROUP_TILES
                 _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
                 if HAS_ZERO:
                     _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
             p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
             _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
-        return p
 
     @gluon.jit
     def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr, ROW_SLOTS: gl.constexpr, Z_SLOTS: gl.constexpr):
@@ -222,40 +206,24 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, SEG: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
-        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. With SEG
-        the positions of the program's part first, then its whole tile's (with one row of scales, a slot for each)."""
-        descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg_a = common
-        if SEG:
-            n_a = seg_a[3]
-            _dequantize_tiles(bufs, bars, part, part, n_a, 0, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)
-            start = n_a + (part - n_a % DQ_PARTS + DQ_PARTS) % DQ_PARTS  # the partition's first position from n_a
-            _dequantize_tiles(bufs, bars, part, start, n_a + k_tiles, DQ_PARTS, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES)
-        else:
-            _dequantize_tiles(bufs, bars, part, part, k_tiles, 0, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO,
-                              GROUP_TILES)
-
-    @gluon.jit
-    def _dequantize_tiles(bufs, bars, part, i0, i1, row_base, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
-                          BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
-        """_dequantize's positions i0, i0 + DQ_PARTS, ... below i1 (with one row of scales, from slot row_base +
-        part)."""
+        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
+        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
         LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
-        for i in range(i0, i1, DQ_PARTS):
+        for i in range(part, k_tiles, DQ_PARTS):
             s = i % STAGES
             # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier of the
             # slot alone it could wait two phases behind, where its parity passes before the tile landed
             # (bench/ring_protocol_check.py); this one it waits on every time it is used (i % DQ_PARTS is part)
             mbarrier.wait(ready.index(part * STAGES + s), (i // LAP) & 1)
-            r = row_base + part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row
+            r = part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row (_ring)
             scales = s_bufs.index(r)
             zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
             if BITS == 3:
@@ -270,58 +238,27 @@ if gluon is not None:
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
-                  split_args, SPLIT: gl.constexpr, SEG: gl.constexpr, seg_a):
+                  split_args, SPLIT: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
         TILE_M instruction per 16 inputs, each operand read from shared memory once).
         SPLIT > 1 (TAIL): a program of the tail (split_args' first value) holds a part of its tile's K; _hand_off
-        adds the parts and the tile's owner writes y. With SEG the program's part comes first, stored and counted
-        (_store_part), then its whole tile, written; the owner of the part's tile then adds the parts (_sum_parts)
-        and writes that tile too.
+        adds the parts and the last of them writes y.
         DIAG & 1: no products (a diagnostic). DIAG & 2: the global timer once the last product has finished and
         again once y is written (or the part handed off), into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        TILE_M: gl.constexpr = x_bufs.type.shape[1]
-        TILE_N: gl.constexpr = w_bufs.type.shape[1]
-        SHAPE: gl.constexpr = [TILE_N, TILE_M] if SWAP else [TILE_M, TILE_N]
-        p = gl.to_tensor(0)  # i % DQ_PARTS, counted
-        n_a = 0
-        if SEG:
-            off_m_a, off_n_a, k_lo_a, n_a = seg_a
-            part, p = _mma_tiles(bufs, bars, 0, n_a, gl.zeros(SHAPE, gl.float32, ACC_LAYOUT), p, DIAG, SWAP, DQ_PARTS)
-            if split_args[0]:
-                _store_part(part, split_args, SPLIT, ACC_LAYOUT)
-        acc, p = _mma_tiles(bufs, bars, n_a, n_a + k_tiles, gl.zeros(SHAPE, gl.float32, ACC_LAYOUT), p, DIAG, SWAP,
-                            DQ_PARTS)
-        if DIAG & 2:
-            gl.store(stamp + 1, _timer())
-        if SEG:
-            _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
-            if split_args[0] & (split_args[4] == SPLIT - 1):  # the owner of the part's tile
-                total = _sum_parts(split_args, SPLIT, ACC_LAYOUT, SHAPE)
-                _write_y(total, x_bufs, y_desc, y_ptr, off_m_a, off_n_a, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
-        elif SPLIT > 1:
-            tail = split_args[0]
-            last = gl.to_tensor(True)
-            if tail:
-                acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
-            if last:
-                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
-        else:
-            _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
-        if DIAG & 2:
-            gl.store(stamp + 2, _timer())
-
-    @gluon.jit
-    def _mma_tiles(bufs, bars, i0, i1, acc, p, DIAG: gl.constexpr, SWAP: gl.constexpr, DQ_PARTS: gl.constexpr):
-        """_products' ring positions i0 .. i1 - 1 accumulated into acc (p: the partition of position i0); returns
-        (acc once every product has finished, the partition of position i1)."""
-        x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
+        TILE_M: gl.constexpr = x_bufs.type.shape[1]
+        TILE_N: gl.constexpr = w_bufs.type.shape[1]
+        if SWAP:
+            acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC_LAYOUT)
+        else:
+            acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
         LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
-        for i in range(i0, i1):
+        p = gl.to_tensor(0)  # i % DQ_PARTS, counted
+        for i in range(k_tiles):
             s = i % STAGES
             phase = (i // STAGES) & 1
             mbarrier.wait(ready.index(p * STAGES + s), (i // LAP) & 1)  # x's copy landed
@@ -335,50 +272,19 @@ if gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
             mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        return acc, p
-
-    @gluon.jit
-    def _part_offsets(R: gl.constexpr, C: gl.constexpr, ACC_LAYOUT: gl.constexpr):
-        """A part's offsets in the workspace, in the order of the accumulator's registers (a private layout: the
-        stores and the loads agree): element (r, c) of warp row r // 16, column block c // IN, 8-column group j,
-        half h of the 16 rows, lane 4 (r % 8) + (c % 8) // 2, pair e = c % 2, so that a warp's store of one register
-        pair is 256 contiguous bytes (row-major, a warp's store touched 8 rows' 32 bytes each)."""
-        IN: gl.constexpr = ACC_LAYOUT.instr_shape[1]
-        rr = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT)), 1)
-        cc = gl.expand_dims(gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT)), 0)
-        block = (rr // 16) * (C // IN) + cc // IN
-        offs = (((block * (IN // 8) + (cc % IN) // 8) * 2 + (rr % 16) // 8) * 32 + (rr % 8) * 4 + (cc % 8) // 2) * 2 \
-            + cc % 2
-        return gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])  # each register pair: one 8-byte access
-
-    @gluon.jit
-    def _store_part(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
-        """SEG: the program's part of a split tile to the workspace (SPLIT parts a tile), then one count (release)."""
-        _, part_ptr, cnt_ptr, tile, split = split_args
-        R: gl.constexpr = acc.type.shape[0]
-        C: gl.constexpr = acc.type.shape[1]
-        base = part_ptr + tile.to(gl.int64) * (SPLIT * R * C)
-        gl.store(base + split * (R * C) + _part_offsets(R, C, ACC_LAYOUT), acc)
-        _barrier()  # every thread's part is written before the count says so
-        gl.atomic_add(cnt_ptr + tile, 1, sem="release")
-
-    @gluon.jit
-    def _sum_parts(split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr, SHAPE: gl.constexpr):
-        """SEG, the owner of a split tile, after its whole tile: waits for the count of SPLIT parts (acquire; its
-        siblings, launched before it, stored theirs before their whole tiles), adds them in split order (the same
-        sum every call), sets the counter back to 0 for the next call and returns the sum."""
-        _, part_ptr, cnt_ptr, tile, split = split_args
-        R: gl.constexpr = SHAPE[0]
-        C: gl.constexpr = SHAPE[1]
-        offs = _part_offsets(R, C, ACC_LAYOUT)
-        base = part_ptr + tile.to(gl.int64) * (SPLIT * R * C)
-        while gl.atomic_add(cnt_ptr + tile, 0, sem="acquire") < SPLIT:
-            pass
-        total = gl.load(base + offs, cache_modifier=".cg")
-        for s in gl.static_range(1, SPLIT):  # the loads are independent of the sum: issued together
-            total += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
-        gl.atomic_xchg(cnt_ptr + tile, 0)
-        return total
+        if DIAG & 2:
+            gl.store(stamp + 1, _timer())
+        if SPLIT > 1:
+            tail = split_args[0]
+            last = gl.to_tensor(True)
+            if tail:
+                acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
+            if last:
+                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
+        else:
+            _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
+        if DIAG & 2:
+            gl.store(stamp + 2, _timer())
 
     @gluon.jit
     def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
@@ -391,7 +297,17 @@ if gluon is not None:
         _, part_ptr, cnt_ptr, tile, split = split_args
         R: gl.constexpr = acc.type.shape[0]
         C: gl.constexpr = acc.type.shape[1]
-        offs = _part_offsets(R, C, ACC_LAYOUT)
+        # the part in the order of the accumulator's registers (a private layout: the store and the loads agree):
+        # element (r, c) of warp row r // 16, column block c // IN, 8-column group j, half h of the 16 rows, lane
+        # 4 (r % 8) + (c % 8) // 2, pair e = c % 2, so that a warp's store of one register pair is 256 contiguous
+        # bytes (row-major, a warp's store touched 8 rows' 32 bytes each)
+        IN: gl.constexpr = ACC_LAYOUT.instr_shape[1]
+        rr = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT)), 1)
+        cc = gl.expand_dims(gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT)), 0)
+        block = (rr // 16) * (C // IN) + cc // IN
+        offs = (((block * (IN // 8) + (cc % IN) // 8) * 2 + (rr % 16) // 8) * 32 + (rr % 8) * 4 + (cc % 8) // 2) * 2 \
+            + cc % 2
+        offs = gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])  # each register pair: one 8-byte access
         base = part_ptr + tile.to(gl.int64) * ((SPLIT - 1) * R * C)
         owner = split == SPLIT - 1
         if owner:
@@ -449,21 +365,18 @@ if gluon is not None:
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         SEG: gl.constexpr):
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
         timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor.
         SPLIT > 1 (TAIL, schedule()): the column tiles from WHOLE on are split in K, SPLIT programs a tile (grid axis
         1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT - 1 parts a split tile) and cnt_ptr
-        (int32 zeros, one a split tile); the programs before them take whole tiles. SEG (schedule(): the whole tiles
-        one wave): a program per whole tile, which first takes one part of a split tile (programs in order, SPLIT a
-        tile, while there are parts; SPLIT parts a split tile in part_ptr), then its whole tile."""
+        (int32 zeros, one a split tile); the programs before them take whole tiles."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        ROW_SLOTS: gl.constexpr = DQ_PARTS * (1 + SEG) if GROUP_TILES == 0 else STAGES  # with SEG: one a segment
+        ROW_SLOTS: gl.constexpr = DQ_PARTS if GROUP_TILES == 0 else STAGES
         x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES, ROW_SLOTS,
                                                ROW_SLOTS if HAS_ZERO else 1)
         w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
@@ -484,20 +397,7 @@ if gluon is not None:
                                                           pack=1).to(gl.int64))
         off_m = gl.program_id(0) * TILE_M
         k_all = K // TILE_K
-        seg_a = (0, 0, 0, 0)
-        if SEG:  # a whole tile each, after a part of a split tile (the column tiles from WHOLE on) while there are
-            tile_n = gl.program_id(1)
-            k_lo = 0
-            k_tiles = k_all
-            pid = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-            has = pid < gl.num_programs(0) * (N // TILE_N - WHOLE) * SPLIT
-            t = pid // SPLIT
-            split = pid % SPLIT
-            k_lo_a = split * k_all // SPLIT
-            seg_a = ((t % gl.num_programs(0)) * TILE_M, (WHOLE + t // gl.num_programs(0)) * TILE_N, k_lo_a,
-                     gl.where(has, (split + 1) * k_all // SPLIT - k_lo_a, 0))
-            split_args = (has, part_ptr, cnt_ptr, t, split)
-        elif SPLIT > 1:  # the tail's programs (column index WHOLE on) take a part of K of a split tile each
+        if SPLIT > 1:  # the tail's programs (column index WHOLE on) take a part of K of a split tile each
             after = gl.program_id(1) - WHOLE
             tail = after >= 0
             split = gl.where(tail, after % SPLIT, 0)
@@ -513,32 +413,32 @@ if gluon is not None:
         off_n = tile_n * TILE_N
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
         bars = (ready, w_ready, empty)
-        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo, seg_a)  # all workers'
+        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, SEG, seg_a)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, SEG, seg_a)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, SEG, seg_a)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, SEG)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
@@ -678,13 +578,13 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales,
              TensorDescriptor.from_tensor(y, [block_m, block_n], _y_layout(config)))
     total, dq_regs = registers(config)
-    grid, (whole, rest, split), seg = call_schedule(m, n, k, config, x.device)
+    m_tiles, (whole, rest, split) = call_schedule(m, n, k, config, x.device)
     part, count = y, y  # not read without a split
     if split > 1:
-        part = torch.empty((grid[0] * rest * (split - 1 + seg), block_m * block_n), device=x.device,
-                           dtype=torch.float32)
-        count = counters if counters is not None and counters.numel() >= grid[0] * rest else torch.zeros(
-            grid[0] * rest, device=x.device, dtype=torch.int32)
+        part = torch.empty((m_tiles * rest * (split - 1), block_m * block_n), device=x.device, dtype=torch.float32)
+        count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
+            m_tiles * rest, device=x.device, dtype=torch.int32)
+    grid = (m_tiles, whole + rest * split)
     if stamps is not None:
         if stamps.shape != (grid[0] * grid[1], 4) or stamps.dtype != torch.int64:
             raise ValueError(f"gluon_gemm: stamps must be int64 of shape ({grid[0] * grid[1]}, 4), one row a program,"
@@ -695,23 +595,18 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         group_tiles(blocks_per_group * 32, k, block_k),
         STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, SEG=seg,
-        num_warps=config[3],
+        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, num_warps=config[3],
         maxnreg=total)
     return _epilogue(y, bias, activation)
 
 
 def call_schedule(m, n, k, config, device):
-    """(grid, schedule()'s (WHOLE, REST, SPLIT), SEG) of a call of m rows, n outputs and k inputs on `device`. SEG
-    where the whole tiles are one wave and some are split: a program per whole tile, each taking a part of a split
-    tile first (grid (row tiles, WHOLE)); otherwise the split tiles' programs after the whole ones (grid (row tiles,
-    WHOLE + REST * SPLIT))."""
+    """(row tiles, schedule()'s (WHOLE, REST, SPLIT)) of a call of m rows, n outputs and k inputs on `device`: its
+    grid is (row tiles, WHOLE + REST * SPLIT)."""
     m_tiles = triton.cdiv(m, config[0])
     programs = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) if tail(
         config) else 0
-    whole, rest, split = schedule(m_tiles, n // config[1], k // config[2], programs, tail(config))
-    seg = int(rest > 0 and 0 < whole and m_tiles * whole == programs)
-    return (m_tiles, whole if seg else whole + rest * split), (whole, rest, split), seg
+    return m_tiles, schedule(m_tiles, n // config[1], k // config[2], programs, tail(config))
 
 
 def _y_layout(config):
@@ -736,7 +631,7 @@ def group_tiles(group, in_features, block_k=BLOCK_K):
 
 
 @functools.lru_cache(maxsize=None)
-def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096, split=1, seg=0):
+def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096, split=1):
     """The kernel compiled for `arch` without a GPU (triton.compile with an explicit target): what the CPU tests and
     bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
     from triton.backends.compiler import GPUTarget
@@ -758,8 +653,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
-                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split,
-                  SEG=seg)
+                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split)
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
