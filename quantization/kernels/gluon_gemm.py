@@ -35,6 +35,14 @@ is in commit 578c0c9); 7 stages, which hung before the race fix, ran correctly a
 two partitions taking two K tiles a turn (one fence for both) were level with three taking one (file 31, commit
 b095765).
 
+TAIL (a config's ninth number, schedule()): the tiles of whole waves run whole and the rest, which would leave
+multiprocessors idle in a last wave, split in K in the same launch; a split tile's owner (its last part, launched
+after the others) waits for their float32 parts (stored in the accumulator's register order) and adds them to its
+own (_hand_off). On 4096x11008 (256 x 64 tiles: 132 whole, 40 in thirds) 47.7 us against 60.3 for the first
+config and cuBLAS's 42.9; the launcher takes it there for every format, 0.87-0.94x cuBLAS
+(bench/results/prefill_timeline_h100). stamps= has each program write its timeline (bench/prefill_ws_probe.py
+--timeline).
+
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
 bench/kernels.py --check with the other kernels.
