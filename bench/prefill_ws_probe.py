@@ -390,8 +390,8 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's left
-    operand, 2: the same, y stored from the accumulator)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as wgmma's
+    left operand, 2: the same, y stored from the accumulator; TAIL 1: the last wave's tiles split in K)."""
     values = tuple(int(v) for v in text.split("x"))
     if len(values) not in (5, 6, 7, 8, 9):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
