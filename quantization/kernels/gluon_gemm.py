@@ -61,7 +61,6 @@ try:
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # Triton 3.9's name, 3.6's
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # Triton 3.6's name, 3.9's
-    _NEW_VIEW = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))  # 3.9's name; 3.6's _reinterpret
 except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hopper API: supports() says no
     gluon = None
 
@@ -247,7 +246,7 @@ if gluon is not None:
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
-                  split_args, SPLIT: gl.constexpr, PART_LAYOUT: gl.constexpr):
+                  split_args, SPLIT: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
@@ -287,7 +286,7 @@ if gluon is not None:
             tail = split_args[0]
             last = gl.to_tensor(True)
             if tail:
-                acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT, x_bufs, PART_LAYOUT)
+                acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
             if last:
                 _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
         else:
@@ -296,17 +295,14 @@ if gluon is not None:
             gl.store(stamp + 2, _timer())
 
     @gluon.jit
-    def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr, x_bufs, PART_LAYOUT: gl.constexpr):
+    def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
         """Split-K's hand-off within a tile's SPLIT programs: the first SPLIT - 1 each store their float32 part to
         the workspace and count themselves on the tile's counter (release); the last (the tile's owner, launched
         after them) waits for the count (acquire), adds the parts in split order to its own from its registers (the
         same sum every call), sets the counter back to 0 for the next call and returns (the sum, True); the others
         return (their part, False). The owner's wait cannot hold up the others: they are launched before it, and
-        schedule() gives the split programs at most one multiprocessor each. Where the others' parts fit in x's ring
-        (free once the products have finished), the owner copies them there with TMA (part_desc: the workspace as
-        rows of 256 floats) and reads them through PART_LAYOUT (part_layout(): the order of offs below); plain
-        loads of 64 KB a part took up to 5 us on one multiprocessor (bench/results/prefill_timeline_h100)."""
-        _, part_ptr, cnt_ptr, tile, split, part_desc, part_bar = split_args
+        schedule() gives the split programs at most one multiprocessor each."""
+        _, part_ptr, cnt_ptr, tile, split = split_args
         R: gl.constexpr = acc.type.shape[0]
         C: gl.constexpr = acc.type.shape[1]
         # the part in the order of the accumulator's registers (a private layout: the store and the loads agree):
@@ -325,29 +321,9 @@ if gluon is not None:
         if owner:
             while gl.atomic_add(cnt_ptr + tile, 0, sem="acquire") < SPLIT - 1:
                 pass
-            ROWS: gl.constexpr = R * C // 256
-            BYTES: gl.constexpr = x_bufs.type.shape[0] * x_bufs.type.shape[1] * x_bufs.type.shape[2] * 2
-            if (SPLIT - 1) * R * C * 4 <= BYTES:  # TMA copies of the others' parts into x's ring
-                # the parts were written through the generic proxy (by other programs, acquired above); the copies
-                # read them through the async proxy
-                gl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
-                                          is_pure=False, pack=1)
-                if _NEW_VIEW:  # Triton 3.9's name; 3.6's _reinterpret
-                    flat = x_bufs.reinterpret(gl.float32, [(SPLIT - 1) * ROWS, 256], part_desc.layout)
-                else:
-                    flat = x_bufs._reinterpret(gl.float32, [(SPLIT - 1) * ROWS, 256], part_desc.layout)
-                mbarrier.expect(part_bar, (SPLIT - 1) * R * C * 4)
-                for s in gl.static_range(SPLIT - 1):
-                    _tma_load(part_desc, [(tile * (SPLIT - 1) + s) * ROWS, 0], part_bar, flat.slice(s * ROWS, ROWS))
-                mbarrier.wait(part_bar, 0)
-                total = _view(flat.slice(0, ROWS), gl.float32, [R, C], PART_LAYOUT).load(ACC_LAYOUT)
-                for s in gl.static_range(1, SPLIT - 1):
-                    total += _view(flat.slice(s * ROWS, ROWS), gl.float32, [R, C], PART_LAYOUT).load(ACC_LAYOUT)
-                _barrier()  # every thread has read the parts before y's tile goes through x's first slot
-            else:
-                total = gl.load(base + offs, cache_modifier=".cg")
-                for s in gl.static_range(1, SPLIT - 1):  # the loads are independent of the sum: issued together
-                    total += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
+            total = gl.load(base + offs, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT - 1):  # the loads are independent of the sum: issued together
+                total += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
             acc = total + acc
             gl.atomic_xchg(cnt_ptr + tile, 0)
         else:
@@ -355,14 +331,6 @@ if gluon is not None:
             _barrier()  # every thread's part is written before the count says so
             gl.atomic_add(cnt_ptr + tile, 1, sem="release")
         return acc, owner
-
-    @gluon.jit
-    def _view(buf, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
-        """The same shared memory as another dtype, shape and layout."""
-        if _NEW_VIEW:
-            return buf.reinterpret(dtype, shape, layout)
-        else:
-            return buf._reinterpret(dtype, shape, layout)
 
     @gluon.jit
     def _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT: gl.constexpr, SWAP: gl.constexpr,
@@ -400,14 +368,12 @@ if gluon is not None:
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
     @gluon.jit
-    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, part_ptr, part_desc, cnt_ptr, M, N,
-                         K, WHOLE,
+    def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, part_ptr, cnt_ptr, M, N, K, WHOLE,
                          GROUP_TILES: gl.constexpr,
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         PART_LAYOUT: gl.constexpr):
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
@@ -446,15 +412,12 @@ if gluon is not None:
             tile_n = gl.where(tail, WHOLE + after // SPLIT, gl.program_id(1))
             k_lo = split * k_all // SPLIT
             k_tiles = gl.where(tail, (split + 1) * k_all // SPLIT - k_lo, k_all)
-            part_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(part_bar, count=1)
-            split_args = (tail, part_ptr, cnt_ptr, (after // SPLIT) * gl.num_programs(0) + gl.program_id(0), split,
-                          part_desc, part_bar)
+            split_args = (tail, part_ptr, cnt_ptr, (after // SPLIT) * gl.num_programs(0) + gl.program_id(0), split)
         else:
             tile_n = gl.program_id(1)
             k_lo = 0
             k_tiles = k_all
-            split_args = (False, part_ptr, cnt_ptr, 0, 0, part_desc, 0)
+            split_args = (False, part_ptr, cnt_ptr, 0, 0)
         off_n = tile_n * TILE_N
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
         bars = (ready, w_ready, empty)
@@ -463,14 +426,14 @@ if gluon is not None:
         if DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, PART_LAYOUT)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, PART_LAYOUT)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -479,7 +442,7 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, PART_LAYOUT)),
+                              DQ_PARTS, stamp, split_args, SPLIT)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -516,18 +479,6 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
     rest = n_tiles - whole
     split = min(programs // (m_tiles * rest), k_tiles) if rest else 1
     return (whole, rest, split) if split > 1 else (n_tiles, 0, 1)
-
-
-def part_layout(rows, cols, instr_n):
-    """The shared layout through which a split tile's owner reads a part copied by TMA: the workspace's order of
-    _hand_off's offs (the accumulator's registers: pair e = c % 2, lane 4 (r % 8) + (c % 8) // 2, half h of 16 rows,
-    8-column group j of an instr_n-wide column block, then the column block and the warp row r // 16), as the
-    logical (r, c) of each bit of a float's offset."""
-    bases = [[0, 1], [0, 2], [0, 4], [1, 0], [2, 0], [4, 0], [8, 0]]                    # e, t, q, h
-    bases += [[0, 1 << b] for b in range(3, instr_n.bit_length() - 1)]                  # j
-    bases += [[0, 1 << b] for b in range(instr_n.bit_length() - 1, cols.bit_length() - 1)]  # the column block
-    bases += [[1 << b, 0] for b in range(4, rows.bit_length() - 1)]                      # the warp row
-    return gl.SharedLinearLayout(offset_bases=bases)
 
 
 def layouts(config, bits=4):
@@ -637,12 +588,10 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     total, dq_regs = registers(config)
     m_tiles, (whole, rest, split) = call_schedule(m, n, k, config, x.device)
     part, count = y, y  # not read without a split
-    part_desc = descs[4]  # y's: not read without a split
     if split > 1:
         part = torch.empty((m_tiles * rest * (split - 1), block_m * block_n), device=x.device, dtype=torch.float32)
         count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
             m_tiles * rest, device=x.device, dtype=torch.int32)
-        part_desc = TensorDescriptor.from_tensor(part.view(-1, 256), [block_m * block_n // 256, 256], flat)
     grid = (m_tiles, whole + rest * split)
     if stamps is not None:
         if stamps.shape != (grid[0] * grid[1], 4) or stamps.dtype != torch.int64:
@@ -650,12 +599,11 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
                              f" got {tuple(stamps.shape)} {stamps.dtype}")
         diag |= 2
     _gluon_mm_kernel[grid](
-        *descs, y, y if stamps is None else stamps, part, part_desc, count, m, n, k, whole,
+        *descs, y, y if stamps is None else stamps, part, count, m, n, k, whole,
         group_tiles(blocks_per_group * 32, k, block_k),
         STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split,
-        PART_LAYOUT=_part_layout(config, acc), num_warps=config[3],
+        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, num_warps=config[3],
         maxnreg=total)
     return _epilogue(y, bias, activation)
 
@@ -667,12 +615,6 @@ def call_schedule(m, n, k, config, device):
     programs = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) if tail(
         config) else 0
     return m_tiles, schedule(m_tiles, n // config[1], k // config[2], programs, tail(config))
-
-
-def _part_layout(config, acc):
-    """part_layout() for a config's accumulator (acc: its register layout)."""
-    rows, cols = (config[1], config[0]) if swapped(config) else config[:2]
-    return part_layout(rows, cols, acc.instr_shape[1])
 
 
 def _y_layout(config):
@@ -713,16 +655,14 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "s_desc": desc("fp32", [1, block_n], flat),
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
-                 "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32",
-                 "part_desc": desc("fp32", [block_m * block_n // 256, 256], flat), "cnt_ptr": "*i32", "M": "i32",
+                 "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
                  "N": "i32", "K": "i32", "WHOLE": "i32"}
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
-                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split,
-                  PART_LAYOUT=_part_layout(config, acc))
+                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split)
     signature.update({name: "constexpr" for name in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 9, 10, 11, 12)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
