@@ -365,6 +365,7 @@ if gluon is not None:
 
     @gluon.jit
     def _timer():
+        """The GPU's global timer in ns (STAMP)."""
         return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
     @gluon.jit
@@ -568,7 +569,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
              stamps=None, counters=None):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
-    is None). config: CONFIGS' seven numbers, and an optional eighth, 1 for _products' SWAP.
+    is None). config: CONFIGS' seven numbers, an optional eighth (_products' SWAP) and ninth (TAIL, schedule()).
     The product is _gluon_mm_kernel's; the bias and the activation are PyTorch ops after it (the kernel's epilogue
     could take them, once measured on a GPU). diag: 1 leaves the products out (a diagnostic: y is then not the
     product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100).
