@@ -196,10 +196,11 @@ for PART in $PARTS; do
         run 60 ncu -i "$R/prefill_ncu_$GPU.ncu-rep" --page details
         ncu -i "$R/prefill_ncu_$GPU.ncu-rep" --page source --csv --print-source sass > "$R/prefill_ncu_${GPU}_sass.csv" ;;
     prefill_timeline)  # when each program of the Gluon GEMM runs, per round on a multiprocessor (int4 g128, 256 rows):
-                       # the listed tile and two wider ones, on 4096x4096, 4096x8448 (132 tiles of 128 x 128) and
-                       # 4096x11008 (--timeline of bench/prefill_ws_probe.py)
+                       # the listed tile, two wider ones and the TAIL config (the last wave split in K), on
+                       # 4096x4096, 4096x8448 (132 tiles of 128 x 128) and 4096x11008 (--timeline of
+                       # bench/prefill_ws_probe.py)
         run 400 python bench/prefill_ws_probe.py --variants=gluon --no_project --timeline \
-            --configs=128x64x64x4x8x4x3x3,128x128x64x8x6x4x2x1,256x64x64x8x5x4x2x3 \
+            --configs=128x64x64x4x8x4x3x3,128x128x64x8x6x4x2x1,256x64x64x8x5x4x2x3,256x64x64x8x5x4x2x3x1 \
             --shapes=4096x4096,4096x8448,4096x11008 ;;
     prefill_ncu_peer)  # Nsight Compute on one call each of the Gluon GEMM (its first config) and cuBLAS bf16 on
                        # 4096x11008, 256 rows: every section of each, then chosen metrics side by side
