@@ -1058,6 +1058,9 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     assert len(row) == 1 and row[0][2].strip() == "yes" and row[0][3].strip().startswith("yes"), result.stdout
     no_gpu = subprocess.run(probe, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert no_gpu.returncode == 0 and "GPU" in no_gpu.stdout + no_gpu.stderr
+    timeline = subprocess.run(probe + ["--variants=gluon", "--timeline"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)  # each program's timeline (stamps) needs the GPU too
+    assert timeline.returncode == 0 and "needs a CUDA GPU" in timeline.stdout + timeline.stderr
     bad = subprocess.run(probe + ["--compile_only", "--variants=nope"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip() == (
