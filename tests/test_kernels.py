@@ -1001,7 +1001,8 @@ def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_ti
     config = (256, 64, 64, 8, 5, 4, 2, 3, 1)
     assert config in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 1 and gluon_gemm.tail(config[:8]) == 0
     ptx = gluon_gemm.compile_for(config, split=3).asm["ptx"]
-    assert ptx.count("ld.global.gpu.acquire.b32") == 1 and ptx.count("red.global.gpu.release.add.u32") == 1
+    released = ptx.count("red.global.gpu.release.add.u32") + ptx.count("atom.global.gpu.release.add.u32")  # 3.9, 3.6
+    assert ptx.count("ld.global.gpu.acquire.b32") == 1 and released == 1
     assert ptx.count("atom.global.gpu.acq_rel.exch.b32") == 1  # the owner sets the counter back to 0
     assert ptx.count("st.global.v2.b32") == 32 and ptx.count("ld.global.cg.v2.b32") == 2 * 32 and "st.local" not in ptx
     assert "ld.global.gpu.acquire" not in gluon_gemm.compile_for(config).asm["ptx"]  # SPLIT 1: no hand-off
