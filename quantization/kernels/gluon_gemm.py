@@ -78,7 +78,8 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # program's loop takes as long whatever runs beside it: `bench/prefill_ws_probe.py --timeline`); 256 x 64 tiles with
 # TAIL run 132 whole tiles and then 40 in thirds: 60.3 -> 47.7 us (bench/results/prefill_timeline_h100)
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
-           (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1)]
+           (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1),
+           (256, 64, 64, 4, 6, 0, 0, 3, 1), (256, 64, 64, 8, 6, 0, 0, 3, 1), (128, 64, 64, 4, 8, 0, 0, 3)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -212,6 +213,48 @@ if gluon is not None:
                     _plane_block(q, 3, scale, bias, DQ_LAYOUT, DTYPE))      # (h, r, TILE_N, g, b)
         return gl.reshape(gl.permute(w, (2, 4, 0, 3, 1)), [TILE_N, TILE_K])  # input 32 b + 16 h + 8 g + r
 
+    if hasattr(gl.shared_memory_descriptor, "reinterpret"):  # Triton 3.9's name
+        @gluon.jit
+        def _row(slot):
+            """A (1, N) slot of scales or zero points as an (N,) view (a rank-2 TMA layout cannot be indexed down)."""
+            return slot.reinterpret(slot.dtype, [slot.shape[1]], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+    else:  # Triton 3.6's
+        @gluon.jit
+        def _row(slot):
+            """A (1, N) slot of scales or zero points as an (N,) view (a rank-2 TMA layout cannot be indexed down)."""
+            return slot._reinterpret(slot.dtype, [slot.shape[1]], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+
+    @gluon.jit
+    def _register_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr,
+                       HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DTYPE: gl.constexpr):
+        """REG_A (DQ_PARTS 0): one slot's weight tile (TILE_N, TILE_K) dequantized straight into wgmma's left operand
+        layout A_LAYOUT (registers): DQ_LAYOUT is that layout over (output, word row, field) (register_layout()), so
+        that each thread loads the words its own codes are in and the reshape to (output, input) moves nothing
+        (convert_layout asserts it). The arithmetic is _word_tile's: (1 + c / 2^B) 2^B s - (2^B + z) s."""
+        PER: gl.constexpr = 32 // BITS
+        SPAN: gl.constexpr = 1 << BITS
+        TILE_N: gl.constexpr = q.type.shape[1]
+        TILE_K: gl.constexpr = q.type.shape[0] * PER
+        WORDS: gl.constexpr = gl.SliceLayout(2, DQ_LAYOUT)                   # (output, word row)
+        ROW: gl.constexpr = gl.SliceLayout(1, WORDS)                          # (output,)
+        fields = gl.arange(0, PER, layout=gl.SliceLayout(0, gl.SliceLayout(0, DQ_LAYOUT)))
+        shifts = gl.expand_dims(gl.expand_dims(fields * BITS, 0), 0)          # (1, 1, PER)
+        words = gl.expand_dims(q.permute((1, 0)).load(WORDS), 2)              # (TILE_N, TILE_K / PER, 1)
+        scale = _row(scales).load(ROW)                                        # (TILE_N,)
+        if HAS_ZERO:
+            bias = -(_row(zeros).load(ROW).to(gl.float32) + SPAN) * scale
+        else:
+            bias = -(ZERO + SPAN) * scale
+        bias = gl.expand_dims(gl.expand_dims(bias, 1), 2)                     # (TILE_N, 1, 1)
+        scaled = gl.expand_dims(gl.expand_dims(scale * SPAN, 1), 2)
+        left = gl.maximum(23 - BITS - shifts, 0)
+        right = gl.maximum(shifts - (23 - BITS), 0)
+        mask = gl.full(shifts.shape, ((1 << BITS) - 1) << (23 - BITS), gl.int32, layout=shifts.type.layout)
+        bits = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x3F800000, 0xEA;", "=r,r,r",
+                                         [(words << left) >> right, mask], dtype=gl.int32, is_pure=True, pack=1)
+        w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)     # (TILE_N, TILE_K / PER, PER)
+        return gl.convert_layout(gl.reshape(w, [TILE_N, TILE_K]), A_LAYOUT, assert_trivial=True)
+
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
                     HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
@@ -246,40 +289,63 @@ if gluon is not None:
     @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
-                  split_args, SPLIT: gl.constexpr):
+                  split_args, SPLIT: gl.constexpr, REG_A: gl.constexpr, DQ_LAYOUT: gl.constexpr, BITS: gl.constexpr,
+                  HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
         TILE_M instruction per 16 inputs, each operand read from shared memory once).
         SPLIT > 1 (TAIL): a program of the tail (split_args' first value) holds a part of its tile's K; _hand_off
         adds the parts and the last of them writes y.
+        REG_A (a config's DQ_PARTS 0, with SWAP): no dequantize partitions; this partition dequantizes each slot's
+        words into registers (_register_tile) while the previous tile's wgmma runs, and wgmma reads the weight tile
+        from them (no weight tile in shared memory: its stores and wgmma's reads of it were a third of the
+        shared-memory traffic); the registers of the tile in flight stay live until the wait after the next one.
         DIAG & 1: no products (a diagnostic). DIAG & 2: the global timer once the last product has finished and
         again once y is written (or the part handed off), into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
-        TILE_N: gl.constexpr = w_bufs.type.shape[1]
+        TILE_N: gl.constexpr = q_bufs.type.shape[2]
         if SWAP:
             acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC_LAYOUT)
         else:
             acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
         LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
         p = gl.to_tensor(0)  # i % DQ_PARTS, counted
-        for i in range(k_tiles):
-            s = i % STAGES
-            phase = (i // STAGES) & 1
-            mbarrier.wait(ready.index(p * STAGES + s), (i // LAP) & 1)  # x's copy landed
-            p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
-            mbarrier.wait(w_ready.index(s), phase)
-            if (DIAG & 1) == 0:
-                if SWAP:
-                    acc = warpgroup_mma(w_bufs.index(s), x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                else:
-                    acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        if REG_A:
+            gl.static_assert(SWAP != 0)  # the weight tile is the left operand
+            A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_LAYOUT, k_width=2)
+            TILE_K: gl.constexpr = x_bufs.type.shape[2]
+            held = gl.zeros([TILE_N, TILE_K], x_bufs.dtype, A_LAYOUT)  # the tile of the wgmma in flight
+            for i in range(k_tiles):
+                s = i % STAGES
+                mbarrier.wait(ready.index(s), (i // STAGES) & 1)  # the slot's copies landed
+                r = 0 if GROUP_TILES == 0 else s  # one row: the loader's first slot of rows (_ring)
+                a = _register_tile(q_bufs.index(s), s_bufs.index(r), z_bufs.index(r if HAS_ZERO else 0).slice(0, 1),
+                                   DQ_LAYOUT, A_LAYOUT, BITS, HAS_ZERO, ZERO, x_bufs.dtype)
+                if (DIAG & 1) == 0:
+                    acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                    acc, held = warpgroup_mma_wait(num_outstanding=1, deps=(acc, held))
+                held = a
+                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+            acc, held = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held))
+        else:
+            for i in range(k_tiles):
+                s = i % STAGES
+                phase = (i // STAGES) & 1
+                mbarrier.wait(ready.index(p * STAGES + s), (i // LAP) & 1)  # x's copy landed
+                p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
+                mbarrier.wait(w_ready.index(s), phase)
+                if (DIAG & 1) == 0:
+                    if SWAP:
+                        acc = warpgroup_mma(w_bufs.index(s), x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                    else:
+                        acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         if DIAG & 2:
             gl.store(stamp + 1, _timer())
         if SPLIT > 1:
@@ -374,21 +440,27 @@ if gluon is not None:
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr):
+                         DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
+                         REG_A: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
         timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor.
         SPLIT > 1 (TAIL, schedule()): the column tiles from WHOLE on are split in K, SPLIT programs a tile (grid axis
         1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT - 1 parts a split tile) and cnt_ptr
-        (int32 zeros, one a split tile); the programs before them take whole tiles."""
+        (int32 zeros, one a split tile); the programs before them take whole tiles. REG_A (a config's DQ_PARTS 0,
+        passed as DQ_PARTS 1 for the ring's barriers): no dequantize partitions, _products dequantizes into
+        registers."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
         ROW_SLOTS: gl.constexpr = DQ_PARTS if GROUP_TILES == 0 else STAGES
         x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES, ROW_SLOTS,
                                                ROW_SLOTS if HAS_ZERO else 1)
-        w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
+        if REG_A:  # no weight tile in shared memory (a placeholder in the tuple of buffers)
+            w_bufs = q_bufs
+        else:
+            w_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, TILE_N, TILE_K], W_LAYOUT)
         # ready: a slot's copies landed, one barrier per dequantize partition and slot; w_ready: its weight tile
         # stored; empty: its product finished
         ready = gl.allocate_shared_memory(gl.int64, [STAGES * DQ_PARTS, 1], mbarrier.MBarrierLayout())
@@ -424,17 +496,26 @@ if gluon is not None:
         bars = (ready, w_ready, empty)
         common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
-        if DQ_PARTS == 1:
+        if REG_A:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT)),
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
+                              GROUP_TILES)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+            ], [1], [24])
+        elif DQ_PARTS == 1:
+            gl.warp_specialize([
+                (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
+                              GROUP_TILES)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT)),
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
+                              GROUP_TILES)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -443,7 +524,8 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT)),
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
+                              GROUP_TILES)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -501,6 +583,8 @@ def layouts(config, bits=4):
     # lanes along the outputs (conflict-free word loads), each thread a word's 32 / bits fields for its word rows:
     # after the permute it holds contiguous inputs of one output, stored 16 bytes at a time: 8-bit codes two word
     # rows a thread for that (8-byte stores before: int8 23.2 -> 21.6-21.7 us on 4096x4096, file 29)
+    if reg_a(config):
+        return x_layout, flat, bytes_, w_layout, acc, register_layout(warps, bits, block_k), out
     wn = min(dq_warps, block_n // 32)
     if bits == 3:  # (h, r, output): a block's half h, codes r and r + 8 of it (_plane_block) in a thread's registers
         gw = dq_warps // wn  # warps along h: one or two
@@ -514,12 +598,46 @@ def layouts(config, bits=4):
     return x_layout, flat, bytes_, w_layout, acc, dq, out
 
 
+def reg_a(config):
+    """Whether a config dequantizes into wgmma's registers (its DQ_PARTS, the seventh number, 0: _products' REG_A):
+    SWAP only (the weight tile is the left operand, the one wgmma takes from registers), 64 outputs a tile (one m64
+    operand), and codes one field of a word (not 3-bit planes)."""
+    if config[6] != 0:
+        return False
+    if not swapped(config) or config[1] != 64 or config[2] != BLOCK_K:
+        raise ValueError(f"gluon_gemm: DQ_PARTS 0 (registers) takes SWAP and 64 x 64 weight tiles, got {config}")
+    return True
+
+
+def register_layout(warps, bits, block_k=BLOCK_K):
+    """REG_A's layout of a weight tile over (output, word row, field), 64 outputs: the layout of wgmma's left operand
+    (64 outputs x block_k inputs, two bf16 a register; each warp group holds all of it) with input k = word row *
+    32 / bits + field split into its word row and field, so that the reshape to (output, input) is the operand's
+    layout itself. The operand's bases (Triton's linear layout of DotOperandLayout(0, the m64 accumulator, 2)):
+    registers k0, n3, k3, k4, k5; lanes k1, k2, n0, n1, n2; warps n4, n5, then none (the other warp groups')."""
+    per = 32 // bits
+    p = per.bit_length() - 1
+
+    def k(b):  # input bit b as (output, word row, field)
+        return [0, 0, 1 << b] if b < p else [0, 1 << (b - p), 0]
+
+    def n(b):
+        return [1 << b, 0, 0]
+    regs = [k(0), n(3), k(3)] + [k(b) for b in range(4, block_k.bit_length() - 1)]
+    lanes = [k(1), k(2), n(0), n(1), n(2)]
+    warp_bases = [n(4), n(5)] + [[0, 0, 0]] * ((warps // 4).bit_length() - 1)
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warp_bases, block_bases=[],
+                                      shape=[64, block_k // per, per])
+
+
 def registers(config):
     """(registers per thread for the program, for each dequantize partition's threads): the program's warps
     (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fit the 64K registers of
     a multiprocessor; the default partition (the accumulator) is left 168 a thread, the loader's warp group 24, and
     the dequantize partitions share the rest (at most 128 a thread)."""
     _, _, _, warps, _, dq_warps, parts = config[:7]
+    if parts == 0:  # REG_A: the default partition and the loader's warp group alone
+        return min(256, 65536 // (32 * (warps + 4)) // 8 * 8), 24
     dq_threads = parts * 128 * -(-dq_warps // 4)
     total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
     return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
@@ -603,9 +721,9 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         *descs, y, y if stamps is None else stamps, part, count, m, n, k, whole,
         group_tiles(blocks_per_group * 32, k, block_k),
         STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
-        DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits, HAS_ZERO=zero is not None,
-        ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, num_warps=config[3],
-        maxnreg=total)
+        DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=max(1, config[6]), BITS=bits,
+        HAS_ZERO=zero is not None, ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split,
+        REG_A=reg_a(config), num_warps=config[3], maxnreg=total)
     return _epilogue(y, bias, activation)
 
 
@@ -661,8 +779,9 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
     total, dq_regs = registers(config)
     zero = 0.0 if has_zero else 8.0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
-                  ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=config[6], BITS=bits,
-                  HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split)
+                  ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=max(1, config[6]),
+                  BITS=bits, HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out,
+                  SPLIT=split, REG_A=reg_a(config))
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
