@@ -983,6 +983,60 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert gluon_gemm._rows(layer.scale, 128).stride() == layer.scale.stride() == (128, 1)
 
 
+def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap():
+    """REG_A (a config's DQ_PARTS 0): register_layout() over (output, word row, field), flattened to (output, input),
+    is Triton's own layout of wgmma's left operand (DotOperandLayout of the m64 accumulator, two bf16 a register),
+    for every code width and one or two warp groups, so the reshape moves nothing (the kernel asserts it too); the
+    kernel compiles for sm_90 with the operand from registers, no weight tile in shared memory and its wgmmas
+    overlapping the next tile's dequantization (ptxas serializes them when one loop body's registers feed every
+    wgmma: two K tiles a turn); the launcher offers these configs for every width but 3-bit planes; a config that
+    cannot take registers is refused in one line."""
+    pytest.importorskip("triton")
+    from quantization.kernels import gluon_gemm
+    if gluon_gemm.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon import language as gl
+    from triton.tools.disasm import get_sass
+    context = ir.context()
+    ir.load_dialects(context)
+    builder = gluon_ir.GluonOpBuilder(context)
+    for warps in (4, 8):
+        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, warps // 4], instr_shape=[16, 256 // (
+            warps // 4), 16])
+        operand = builder.to_linear_layout(gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)._to_ir(builder),
+                                           [64, 64])
+        for bits in (1, 2, 4, 8):
+            mine = gluon_gemm.register_layout(warps, bits)
+            per = 32 // bits
+            assert mine.shape == [64, 64 // per, per]
+
+            def flat(bases):  # (output, word row, field) -> (output, input = word row * per + field)
+                return [[n, w * per + f] for n, w, f in bases]
+            assert flat(mine.reg_bases) == operand.reg_bases, (warps, bits)
+            assert flat(mine.lane_bases) == operand.lane_bases and flat(mine.warp_bases) == operand.warp_bases
+            words = gluon_gemm.word_layout((256, 64, 64, warps, 6, 0, 0, 3, 1), bits, mine)
+            assert words.shape == [64 // per, 64] and words.lane_bases[2:] == [[0, 1], [0, 2], [0, 4]]
+    for config in [c for c in gluon_gemm.CONFIGS if gluon_gemm.reg_a(c)]:
+        for bits, has_zero, group in ((4, True, 128), (8, False, 4096), (1, False, 4096)):
+            kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=has_zero, group=group)
+            ptx = kernel.asm["ptx"]
+            products = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16 \{[^}]*\}, "
+                                  r"\{([^}]*)\}", ptx)
+            assert products and all(len(a.split(",")) == 4 for _, a in products), config  # A: 4 registers a thread
+            assert "st.shared.v4" not in ptx and not ptx.count("st.local"), config  # no weight tile stored
+            assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx) and kernel.metadata.shared <= 232448
+            # each tile's wgmmas left in flight while the next is dequantized: one wait for all at the end
+            waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d)", get_sass(kernel.asm["cubin"]))
+            assert waits.count("1") >= 2 and waits.count("0") == 1, (config, bits, waits)
+    many = ops.candidates(256, 128, 4, gluon=True)
+    assert sum(gluon_gemm.reg_a(c) for k, c in many if k is gluon_gemm.gluon_mm) == 3
+    assert not any(gluon_gemm.reg_a(c) for k, c in ops.candidates(256, 128, 3, gluon=True) if k is gluon_gemm.gluon_mm)
+    with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes SWAP and 64 x 64 weight tiles, got "
+                                         r"\(128, 128, 64, 4, 8, 0, 0, 3\)"):
+        gluon_gemm.compile_for((128, 128, 64, 4, 8, 0, 0, 3))
+
+
 def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_tile_owner():
     """TAIL (a config's ninth number): schedule() runs the column tiles of whole waves whole and splits the rest in K
     over the multiprocessors left (4096x11008 at 256 rows: 132 tiles of 256 x 64 whole, 40 in thirds); where no

@@ -225,8 +225,8 @@ if gluon is not None:
             return slot._reinterpret(slot.dtype, [slot.shape[1]], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
     @gluon.jit
-    def _register_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, A_LAYOUT: gl.constexpr, BITS: gl.constexpr,
-                       HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DTYPE: gl.constexpr):
+    def _register_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, WORD_LAYOUT: gl.constexpr, A_LAYOUT: gl.constexpr,
+                       BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DTYPE: gl.constexpr):
         """REG_A (DQ_PARTS 0): one slot's weight tile (TILE_N, TILE_K) dequantized straight into wgmma's left operand
         layout A_LAYOUT (registers): DQ_LAYOUT is that layout over (output, word row, field) (register_layout()), so
         that each thread loads the words its own codes are in and the reshape to (output, input) moves nothing
@@ -239,7 +239,10 @@ if gluon is not None:
         ROW: gl.constexpr = gl.SliceLayout(1, WORDS)                          # (output,)
         fields = gl.arange(0, PER, layout=gl.SliceLayout(0, gl.SliceLayout(0, DQ_LAYOUT)))
         shifts = gl.expand_dims(gl.expand_dims(fields * BITS, 0), 0)          # (1, 1, PER)
-        words = gl.expand_dims(q.permute((1, 0)).load(WORDS), 2)              # (TILE_N, TILE_K / PER, 1)
+        # the words as the slot holds them, (word row, output), in WORD_LAYOUT (WORDS transposed), then transposed
+        # in registers (loading through a transposed view of the slot read the wrong words on Triton 3.6)
+        words = gl.convert_layout(gl.permute(q.load(WORD_LAYOUT), (1, 0)), WORDS, assert_trivial=True)
+        words = gl.expand_dims(words, 2)                                      # (TILE_N, TILE_K / PER, 1)
         scale = _row(scales).load(ROW)                                        # (TILE_N,)
         if HAS_ZERO:
             bias = -(_row(zeros).load(ROW).to(gl.float32) + SPAN) * scale
@@ -287,10 +290,31 @@ if gluon is not None:
             mbarrier.arrive(w_ready.index(s), count=1)
 
     @gluon.jit
+    def _register_step(i, acc, bufs, bars, DQ_LAYOUT: gl.constexpr, WORD_LAYOUT: gl.constexpr, BITS: gl.constexpr,
+                       HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, DIAG: gl.constexpr):
+        """REG_A's K tile i: its slot's words dequantized into wgmma's left operand (_register_tile), the
+        asynchronous wgmma, the wait for the one before it, and that one's slot released."""
+        x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+        ready, w_ready, empty = bars
+        STAGES: gl.constexpr = x_bufs.type.shape[0]
+        A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+        s = i % STAGES
+        mbarrier.wait(ready.index(s), (i // STAGES) & 1)  # the slot's copies landed
+        r = 0 if GROUP_TILES == 0 else s  # one row: the loader's first slot of rows (_ring)
+        a = _register_tile(q_bufs.index(s), s_bufs.index(r), z_bufs.index(r if HAS_ZERO else 0).slice(0, 1),
+                           DQ_LAYOUT, WORD_LAYOUT, A_LAYOUT, BITS, HAS_ZERO, ZERO, x_bufs.dtype)
+        if (DIAG & 1) == 0:
+            acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        return acc
+
+    @gluon.jit
     def _products(bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT: gl.constexpr,
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
-                  split_args, SPLIT: gl.constexpr, REG_A: gl.constexpr, DQ_LAYOUT: gl.constexpr, BITS: gl.constexpr,
-                  HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
+                  split_args, SPLIT: gl.constexpr, REG_A: gl.constexpr, DQ_LAYOUT: gl.constexpr,
+                  WORD_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
+                  GROUP_TILES: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
@@ -316,21 +340,18 @@ if gluon is not None:
         p = gl.to_tensor(0)  # i % DQ_PARTS, counted
         if REG_A:
             gl.static_assert(SWAP != 0)  # the weight tile is the left operand
-            A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_LAYOUT, k_width=2)
-            TILE_K: gl.constexpr = x_bufs.type.shape[2]
-            held = gl.zeros([TILE_N, TILE_K], x_bufs.dtype, A_LAYOUT)  # the tile of the wgmma in flight
-            for i in range(k_tiles):
-                s = i % STAGES
-                mbarrier.wait(ready.index(s), (i // STAGES) & 1)  # the slot's copies landed
-                r = 0 if GROUP_TILES == 0 else s  # one row: the loader's first slot of rows (_ring)
-                a = _register_tile(q_bufs.index(s), s_bufs.index(r), z_bufs.index(r if HAS_ZERO else 0).slice(0, 1),
-                                   DQ_LAYOUT, A_LAYOUT, BITS, HAS_ZERO, ZERO, x_bufs.dtype)
-                if (DIAG & 1) == 0:
-                    acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                    acc, held = warpgroup_mma_wait(num_outstanding=1, deps=(acc, held))
-                held = a
-                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-            acc, held = warpgroup_mma_wait(num_outstanding=0, deps=(acc, held))
+            # two K tiles a turn: each step's operand registers are its own values, so that the tile being
+            # dequantized never writes the registers of the wgmma still in flight (one loop body's registers
+            # are the same every turn, and ptxas serialized every wgmma for that)
+            for j in range(k_tiles // 2):
+                acc = _register_step(2 * j, acc, bufs, bars, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO, ZERO,
+                                     GROUP_TILES, DIAG)
+                acc = _register_step(2 * j + 1, acc, bufs, bars, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO, ZERO,
+                                     GROUP_TILES, DIAG)
+            if k_tiles % 2:
+                acc = _register_step(k_tiles - 1, acc, bufs, bars, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO, ZERO,
+                                     GROUP_TILES, DIAG)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         else:
             for i in range(k_tiles):
                 s = i % STAGES
@@ -441,7 +462,7 @@ if gluon is not None:
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                          DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         REG_A: gl.constexpr):
+                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
@@ -499,23 +520,23 @@ if gluon is not None:
         if REG_A:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
-                              GROUP_TILES)),
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
+                              ZERO, GROUP_TILES)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1], [24])
         elif DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
-                              GROUP_TILES)),
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
+                              ZERO, GROUP_TILES)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
-                              GROUP_TILES)),
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
+                              ZERO, GROUP_TILES)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -524,8 +545,8 @@ if gluon is not None:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
-                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, BITS, HAS_ZERO, ZERO,
-                              GROUP_TILES)),
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
+                              ZERO, GROUP_TILES)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
@@ -545,7 +566,9 @@ def swapped(config):
 
 
 def tail(config):
-    """A config's ninth number, TAIL: 1 splits the tiles past the last whole wave in K (schedule()); 0 where absent."""
+    """A config's ninth number, TAIL: 1 splits the tiles past the last whole wave in K (schedule()); 0 where absent.
+    (Each split tile's owner taking 1/16 of K more than an even share, so that its loop ends when its siblings'
+    parts land, was level: 47.1 us either way on 4096x11008, bench/results/prefill_regs_h100.)"""
     split = config[8] if len(config) > 8 else 0
     if split not in (0, 1):
         raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0 or 1, got {split} in {config}")
@@ -628,6 +651,20 @@ def register_layout(warps, bits, block_k=BLOCK_K):
     warp_bases = [n(4), n(5)] + [[0, 0, 0]] * ((warps // 4).bit_length() - 1)
     return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warp_bases, block_bases=[],
                                       shape=[64, block_k // per, per])
+
+
+def word_layout(config, bits, dq):
+    """REG_A's layout of a slot's words as the slot holds them, (word row, output): register_layout() without its
+    field dimension, transposed (_register_tile); for other configs the dequantize layout, unused."""
+    if not reg_a(config):
+        return dq
+
+    def words(basis):  # (output, word row, field) -> (word row, output); a field-only basis is a broadcast
+        return [basis[1], basis[0]]
+    return gl.DistributedLinearLayout(reg_bases=[words(b) for b in dq.reg_bases],
+                                      lane_bases=[words(b) for b in dq.lane_bases],
+                                      warp_bases=[words(b) for b in dq.warp_bases], block_bases=[],
+                                      shape=[dq.shape[1], dq.shape[0]])
 
 
 def registers(config):
@@ -723,7 +760,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
         DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=max(1, config[6]), BITS=bits,
         HAS_ZERO=zero is not None, ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split,
-        REG_A=reg_a(config), num_warps=config[3], maxnreg=total)
+        REG_A=reg_a(config), WORD_LAYOUT=word_layout(config, bits, dq),
+        num_warps=config[3], maxnreg=total)
     return _epilogue(y, bias, activation)
 
 
@@ -781,7 +819,8 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
                   ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=max(1, config[6]),
                   BITS=bits, HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out,
-                  SPLIT=split, REG_A=reg_a(config))
+                  SPLIT=split, REG_A=reg_a(config),
+                  WORD_LAYOUT=word_layout(config, bits, dq))
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
