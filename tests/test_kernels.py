@@ -1025,6 +1025,9 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
                                   r"\{([^}]*)\}", ptx)
             assert products and all(len(a.split(",")) == 4 for _, a in products), config  # A: 4 registers a thread
             assert "st.shared.v4" not in ptx and not ptx.count("st.local"), config  # no weight tile stored
+            # each thread's words one 32-bit load apiece (Triton 3.6 read a transposed view of the slot with 16-byte
+            # loads along the wrong dimension: the wrong words, bench/results/prefill_regs_h100)
+            assert "ld.shared.v" not in ptx and ptx.count("ld.shared.b32") >= 2 * 64 // (32 // bits), config
             assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx) and kernel.metadata.shared <= 232448
             # each tile's wgmmas left in flight while the next is dequantized: one wait for all at the end
             waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d)", get_sass(kernel.asm["cubin"]))
