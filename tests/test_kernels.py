@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -1017,7 +1018,9 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
             assert flat(mine.lane_bases) == operand.lane_bases and flat(mine.warp_bases) == operand.warp_bases
             words = gluon_gemm.word_layout((256, 64, 64, warps, 6, 0, 0, 3, 1), bits, mine)
             assert words.shape == [64 // per, 64] and words.lane_bases[2:] == [[0, 1], [0, 2], [0, 4]]
-    for config in [c for c in gluon_gemm.CONFIGS if gluon_gemm.reg_a(c)]:
+    assert not any(gluon_gemm.reg_a(c) for c in gluon_gemm.CONFIGS)  # not offered until run on a GPU
+    assert all(gluon_gemm.reg_a(c) for c in gluon_gemm.REG_A_CONFIGS)
+    for config in gluon_gemm.REG_A_CONFIGS:
         for bits, has_zero, group in ((4, True, 128), (8, False, 4096), (1, False, 4096)):
             kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=has_zero, group=group)
             ptx = kernel.asm["ptx"]
@@ -1032,9 +1035,13 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
             # each tile's wgmmas left in flight while the next is dequantized: one wait for all at the end
             waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d)", get_sass(kernel.asm["cubin"]))
             assert waits.count("1") >= 2 and waits.count("0") == 1, (config, bits, waits)
-    many = ops.candidates(256, 128, 4, gluon=True)
-    assert sum(gluon_gemm.reg_a(c) for k, c in many if k is gluon_gemm.gluon_mm) == 3
-    assert not any(gluon_gemm.reg_a(c) for k, c in ops.candidates(256, 128, 3, gluon=True) if k is gluon_gemm.gluon_mm)
+    # were they listed, the launcher would leave them out for 3-bit planes
+    listed = gluon_gemm.CONFIGS + gluon_gemm.REG_A_CONFIGS
+    with mock.patch.object(gluon_gemm, "CONFIGS", listed):
+        many = ops.candidates(256, 128, 4, gluon=True)
+        assert sum(gluon_gemm.reg_a(c) for k, c in many if k is gluon_gemm.gluon_mm) == 3
+        assert not any(gluon_gemm.reg_a(c) for k, c in ops.candidates(256, 128, 3, gluon=True)
+                       if k is gluon_gemm.gluon_mm)
     with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes SWAP and 64 x 64 weight tiles, got "
                                          r"\(128, 128, 64, 4, 8, 0, 0, 3\)"):
         gluon_gemm.compile_for((128, 128, 64, 4, 8, 0, 0, 3))
