@@ -43,6 +43,10 @@ config and cuBLAS's 42.9; the launcher takes it there for every format, 0.87-0.9
 (bench/results/prefill_timeline_h100). stamps= has each program write its timeline (bench/prefill_ws_probe.py
 --timeline).
 
+REG_A (a config's seventh number, DQ_PARTS, 0; REG_A_CONFIGS, not in the launcher's list until run on a GPU): no
+dequantize partitions; the wgmma warps dequantize each K tile straight into the registers of wgmma's left operand
+(the weight tile, SWAP), in register_layout(), while the previous tile's product runs (_register_step).
+
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
 bench/kernels.py --check with the other kernels.
