@@ -65,7 +65,8 @@ def main(argv=None):
     try:
         configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",") if c]
     except ValueError:
-        p.error(f"--configs: expected configs of numbers joined by x, got {args.configs!r}")
+        sys.exit(f"gluon_pattern_probe.py: error: --configs={args.configs!r}: expected configs of numbers joined by x, "
+                 "e.g. 128x64x64x4x8x0x0x3")
     if gluon_gemm.gluon is None or not torch.cuda.is_available():
         sys.exit("gluon_pattern_probe.py: error: needs a CUDA GPU and Triton's Gluon Hopper API")
     for config in [gluon_gemm.CONFIGS[0]] + configs:

@@ -604,7 +604,8 @@ def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named, capsys)
     ("pdl_timeline.py", ["--u_float32"], "--u_float32 needs --fused"),
     ("l2_read_probe.py", ["--shapes=4096x100"], "--shapes="), ("l2_read_probe.py", ["--formats=int5"], "--formats="),
     ("l2_read_probe.py", ["--stages=0"], "--stages="), ("l2_read_probe.py", ["--rows=0"], "--rows=0"),
-    ("l2_read_probe.py", [], "needs a CUDA GPU")])
+    ("l2_read_probe.py", [], "needs a CUDA GPU"), ("gluon_pattern_probe.py", ["--configs=12x"], "--configs="),
+    ("gluon_pattern_probe.py", [], "needs a CUDA GPU")])
 def test_the_gpu_only_benchmarks_refuse_bad_flags_and_no_gpu_in_one_line(script, flags, named, capsys):
     if torch.cuda.is_available() and not flags:
         pytest.skip(f"a GPU is here: bench/{script} would run")
