@@ -567,6 +567,18 @@ print("ok")
 """
 
 
+def test_the_kernel_benchmark_takes_the_register_configs_only_on_a_gpu(capsys):
+    """--gluon_reg_a is a known flag; without a GPU the run stops at the usual one line, the launcher's list of Gluon
+    configs untouched (the flag adds REG_A_CONFIGS for its own run only, on a GPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: bench/kernels.py would run")
+    from conftest import load_script, run_main
+    configs = list(ops.gluon_gemm.CONFIGS) if ops.gluon_gemm is not None else None
+    error = run_main(load_script("bench/kernels.py").main, "--gluon_reg_a", "--shapes=", "--gemm_shapes=")
+    assert error is not None and error.startswith("kernels.py: error: needs a CUDA GPU"), error
+    assert (list(ops.gluon_gemm.CONFIGS) if ops.gluon_gemm is not None else None) == configs
+    assert not capsys.readouterr().err
+
 def test_the_loads_only_kernel_of_the_profile_reads_every_word_under_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
