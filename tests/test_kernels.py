@@ -1044,6 +1044,15 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
             # each thread's words one 32-bit load apiece (Triton 3.6 read a transposed view of the slot with 16-byte
             # loads along the wrong dimension: the wrong words, bench/results/prefill_regs_h100)
             assert "ld.shared.v" not in ptx and ptx.count("ld.shared.b32") >= 2 * 64 // (32 // bits), config
+            # and at the words' own places: a thread's first tile's loads, from one base, lie where word_layout()'s
+            # register bases reach, word row w and output n at 256 w + 4 n bytes of the slot (64 outputs a row)
+            words = gluon_gemm.word_layout(config, bits, gluon_gemm.register_layout(config[3], bits))
+            reach = {0}
+            for w, n in words.reg_bases:
+                reach |= {r + 256 * w + 4 * n for r in reach}
+            loads = re.findall(r"ld\.shared\.b32 \s*%r\d+, \[(%r\d+)(?:\+(\d+))?\];", ptx)
+            first = [int(offset or 0) for base, offset in loads if base == loads[0][0]][:len(reach)]
+            assert {o - min(first) for o in first} == reach, (config, bits, first)
             assert re.search(r"wgmma\.wait_group\.sync\.aligned 1;", ptx) and kernel.metadata.shared <= 232448
             # each tile's wgmmas left in flight while the next is dequantized: one wait for all at the end
             waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d)", get_sass(kernel.asm["cubin"]))
