@@ -1067,6 +1067,8 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
     with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes SWAP and 64 x 64 weight tiles, got "
                                          r"\(128, 128, 64, 4, 8, 0, 0, 3\)"):
         gluon_gemm.compile_for((128, 128, 64, 4, 8, 0, 0, 3))
+    with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes 1, 2, 4 or 8-bit codes, not 3-bit planes"):
+        gluon_gemm.compile_for(gluon_gemm.REG_A_CONFIGS[0], bits=3)
 
 
 def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_tile_owner():

@@ -331,8 +331,8 @@ if gluon is not None:
         adds the parts and the last of them writes y.
         REG_A (a config's DQ_PARTS 0, with SWAP): no dequantize partitions; this partition dequantizes each slot's
         words into registers (_register_tile) while the previous tile's wgmma runs, and wgmma reads the weight tile
-        from them (no weight tile in shared memory: its stores and wgmma's reads of it were a third of the
-        shared-memory traffic); the registers of the tile in flight stay live until the wait after the next one.
+        from them (no weight tile in shared memory: its stores and wgmma's reads of it are about a sixth of a 256 x
+        64 tile's shared-memory traffic); two K tiles a turn, so that the tile in flight keeps its registers.
         DIAG & 1: no products (a diagnostic). DIAG & 2: the global timer once the last product has finished and
         again once y is written (or the part handed off), into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
@@ -615,6 +615,9 @@ def layouts(config, bits=4):
     # after the permute it holds contiguous inputs of one output, stored 16 bytes at a time: 8-bit codes two word
     # rows a thread for that (8-byte stores before: int8 23.2 -> 21.6-21.7 us on 4096x4096, file 29)
     if reg_a(config):
+        if bits == 3:
+            raise ValueError(f"gluon_gemm: DQ_PARTS 0 (registers) takes 1, 2, 4 or 8-bit codes, not 3-bit planes, "
+                             f"got {config}")
         return x_layout, flat, bytes_, w_layout, acc, register_layout(warps, bits, block_k), out
     wn = min(dq_warps, block_n // 32)
     if bits == 3:  # (h, r, output): a block's half h, codes r and r + 8 of it (_plane_block) in a thread's registers
