@@ -150,6 +150,19 @@ if gluon is not None:
         return x_bufs, q_bufs, s_bufs, z_bufs
 
     @gluon.jit
+    def _fields(words, shifts, scaled, bias, BITS: gl.constexpr, DTYPE: gl.constexpr):
+        """The weights of the codes at bit `shifts` of `words` (broadcast against each other), in DTYPE: code c
+        moved to mantissa bits 23 - BITS .. 22 by one constant shift (left or right), then masked and the exponent
+        put in by one 3-input logic op (LOP3), 1 + c / 2^B, and w = (1 + c / 2^B) * scaled + bias (one FMA) with
+        scaled = 2^B s and bias = -(2^B + z) s."""
+        left = gl.maximum(23 - BITS - shifts, 0)
+        right = gl.maximum(shifts - (23 - BITS), 0)
+        mask = gl.full(shifts.shape, ((1 << BITS) - 1) << (23 - BITS), gl.int32, layout=shifts.type.layout)
+        bits = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x3F800000, 0xEA;", "=r,r,r",
+                                         [(words << left) >> right, mask], dtype=gl.int32, is_pure=True, pack=1)
+        return (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)
+
+    @gluon.jit
     def _word_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr,
                    ZERO: gl.constexpr, TILE_N: gl.constexpr, TILE_K: gl.constexpr, DTYPE: gl.constexpr):
         """One slot's weight tile (TILE_N, TILE_K) in DTYPE from B-bit codes in words, 32 / B a word (code f of
@@ -167,14 +180,7 @@ if gluon is not None:
         else:
             bias = gl.expand_dims(-(ZERO + SPAN) * scale, 1)
         scaled = gl.expand_dims(scale * SPAN, 1)                              # (1, 1, TILE_N)
-        # code f moved to mantissa bits 23 - BITS .. 22 by one constant shift (left or right), then masked and the
-        # exponent put in by one 3-input logic op (LOP3)
-        left = gl.maximum(23 - BITS - shifts, 0)
-        right = gl.maximum(shifts - (23 - BITS), 0)
-        mask = gl.full(shifts.shape, ((1 << BITS) - 1) << (23 - BITS), gl.int32, layout=shifts.type.layout)
-        bits = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x3F800000, 0xEA;", "=r,r,r",
-                                         [(words << left) >> right, mask], dtype=gl.int32, is_pure=True, pack=1)
-        w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)     # (TILE_K / PER, PER, TILE_N)
+        w = _fields(words, shifts, scaled, bias, BITS, DTYPE)                # (TILE_K / PER, PER, TILE_N)
         return gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K])
 
     @gluon.jit
@@ -238,7 +244,7 @@ if gluon is not None:
         """REG_A (DQ_PARTS 0): one slot's weight tile (TILE_N, TILE_K) dequantized straight into wgmma's left operand
         layout A_LAYOUT (registers): DQ_LAYOUT is that layout over (output, word row, field) (register_layout()), so
         that each thread loads the words its own codes are in and the reshape to (output, input) moves nothing
-        (convert_layout asserts it). The arithmetic is _word_tile's: (1 + c / 2^B) 2^B s - (2^B + z) s."""
+        (convert_layout asserts it). The arithmetic is _word_tile's (_fields)."""
         PER: gl.constexpr = 32 // BITS
         SPAN: gl.constexpr = 1 << BITS
         TILE_N: gl.constexpr = q.type.shape[1]
@@ -258,12 +264,7 @@ if gluon is not None:
             bias = -(ZERO + SPAN) * scale
         bias = gl.expand_dims(gl.expand_dims(bias, 1), 2)                     # (TILE_N, 1, 1)
         scaled = gl.expand_dims(gl.expand_dims(scale * SPAN, 1), 2)
-        left = gl.maximum(23 - BITS - shifts, 0)
-        right = gl.maximum(shifts - (23 - BITS), 0)
-        mask = gl.full(shifts.shape, ((1 << BITS) - 1) << (23 - BITS), gl.int32, layout=shifts.type.layout)
-        bits = gl.inline_asm_elementwise("lop3.b32 $0, $1, $2, 0x3F800000, 0xEA;", "=r,r,r",
-                                         [(words << left) >> right, mask], dtype=gl.int32, is_pure=True, pack=1)
-        w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)     # (TILE_N, TILE_K / PER, PER)
+        w = _fields(words, shifts, scaled, bias, BITS, DTYPE)                # (TILE_N, TILE_K / PER, PER)
         return gl.convert_layout(gl.reshape(w, [TILE_N, TILE_K]), A_LAYOUT, assert_trivial=True)
 
     @gluon.jit
