@@ -223,7 +223,7 @@ for PART in $PARTS; do
             --configs=256x64x64x8x5x4x2x3x1,256x64x64x4x6x0x0x3x1,256x64x64x8x6x0x0x3x1,128x64x64x4x8x0x0x3 \
             --shapes=4096x11008,4096x4096
         run 240 python bench/kernels.py --check --check_kernels=gluon_mm --gluon_reg_a --shapes= --gemm_shapes= \
-            --variants="int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
+            --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --out="$R/kernels_${GPU}_check_regs.md"
         run 500 python bench/kernels.py --gluon_reg_a --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \

@@ -905,6 +905,17 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
             halves.append(torch.cat([(pair << 16) & 0xFFFFFFFF, pair & 0xFFFF0000], dim=1))  # codes r, then r + 8
         fields = torch.cat(halves, dim=1)                                           # (block, 32 codes, N)
         fields = torch.where(fields >= 2**31, fields - 2**32, fields)               # as int32
+        # and as REG_A makes them (_register_planes): code c of j = 2b + h, low bits at 2c of row 3b + h, its high
+        # bit at 16 h + c of row 3b + 2, each moved by a left and a right shift to bits 20-21 and 22
+        c = torch.arange(16)[None, None, :, None]
+        h = torch.arange(2)[None, :, None, None]
+        low = planes[:, :2]                                                         # (block, h, 1, N)
+        high = planes[:, 2:]                                                        # (block, 1, 1, N)
+        at = 16 * h + c
+        lows = (low << (20 - 2 * c).clamp(min=0)) >> (2 * c - 20).clamp(min=0)
+        highs = (high << (22 - at).clamp(min=0)) >> (at - 22).clamp(min=0)
+        registers = ((lows & 0x00300000) | (highs & 0x00400000) | 0x3F800000).reshape(k // 32, 32, 192)
+        assert torch.equal(registers, fields)  # input 32 b + 16 h + c either way
     else:  # code f (bits f B .. f B + B - 1) shifted to 23 - B .. 22 (left or right), masked, the exponent put in
         shift = (torch.arange(32 // bits) * bits)[None, :, None]
         left, right = (23 - bits - shift).clamp(min=0), (shift - 23 + bits).clamp(min=0)
@@ -1003,8 +1014,8 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
     for every code width and one or two warp groups, so the reshape moves nothing (the kernel asserts it too); the
     kernel compiles for sm_90 with the operand from registers, no weight tile in shared memory and its wgmmas
     overlapping the next tile's dequantization (ptxas serializes them when one loop body's registers feed every
-    wgmma: two K tiles a turn); the launcher offers these configs for every width but 3-bit planes; a config that
-    cannot take registers is refused in one line."""
+    wgmma: two K tiles a turn); 3-bit planes too, each thread loading the six word rows of its two outputs; the
+    launcher offers these configs for every width; a config that cannot take registers is refused in one line."""
     pytest.importorskip("triton")
     from quantization.kernels import gluon_gemm
     if gluon_gemm.gluon is None:
@@ -1034,7 +1045,7 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
     assert not any(gluon_gemm.reg_a(c) for c in gluon_gemm.CONFIGS)  # not offered until run on a GPU
     assert all(gluon_gemm.reg_a(c) for c in gluon_gemm.REG_A_CONFIGS)
     for config in gluon_gemm.REG_A_CONFIGS:
-        for bits, has_zero, group in ((4, True, 128), (8, False, 4096), (1, False, 4096)):
+        for bits, has_zero, group in ((4, True, 128), (8, False, 4096), (1, False, 4096), (3, True, 128)):
             kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=has_zero, group=group)
             ptx = kernel.asm["ptx"]
             products = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16 \{[^}]*\}, "
@@ -1045,11 +1056,14 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
             # loads along the wrong dimension: the wrong words, bench/results/prefill_regs_h100)
             assert "ld.shared.v" not in ptx and ptx.count("ld.shared.b32") >= 2 * 64 // (32 // bits), config
             # and at the words' own places: a thread's first tile's loads, from one base, lie where word_layout()'s
-            # register bases reach, word row w and output n at 256 w + 4 n bytes of the slot (64 outputs a row)
-            words = gluon_gemm.word_layout(config, bits, gluon_gemm.register_layout(config[3], bits))
-            reach = {0}
-            for w, n in words.reg_bases:
-                reach |= {r + 256 * w + 4 * n for r in reach}
+            # register bases reach, word row w and output n at 256 w + 4 n bytes of the slot (64 outputs a row);
+            # 3-bit planes: the six rows of a tile, two outputs 8 apart each
+            if bits == 3:
+                reach = {256 * w + 4 * n for w in range(6) for n in (0, 8)}
+            else:
+                reach = {0}
+                for w, n in gluon_gemm.word_layout(config, bits, gluon_gemm.register_layout(config[3], bits)).reg_bases:
+                    reach |= {r + 256 * w + 4 * n for r in reach}
             loads = re.findall(r"ld\.shared\.b32 \s*%r\d+, \[(%r\d+)(?:\+(\d+))?\];", ptx)
             first = [int(offset or 0) for base, offset in loads if base == loads[0][0]][:len(reach)]
             assert {o - min(first) for o in first} == reach, (config, bits, first)
@@ -1057,18 +1071,15 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
             # each tile's wgmmas left in flight while the next is dequantized: one wait for all at the end
             waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d)", get_sass(kernel.asm["cubin"]))
             assert waits.count("1") >= 2 and waits.count("0") == 1, (config, bits, waits)
-    # were they listed, the launcher would leave them out for 3-bit planes
+    # were they listed, the launcher would offer them for every width
     listed = gluon_gemm.CONFIGS + gluon_gemm.REG_A_CONFIGS
     with mock.patch.object(gluon_gemm, "CONFIGS", listed):
-        many = ops.candidates(256, 128, 4, gluon=True)
-        assert sum(gluon_gemm.reg_a(c) for k, c in many if k is gluon_gemm.gluon_mm) == 3
-        assert not any(gluon_gemm.reg_a(c) for k, c in ops.candidates(256, 128, 3, gluon=True)
-                       if k is gluon_gemm.gluon_mm)
+        for bits in (3, 4):
+            many = ops.candidates(256, 128, bits, gluon=True)
+            assert sum(gluon_gemm.reg_a(c) for k, c in many if k is gluon_gemm.gluon_mm) == 3
     with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes SWAP and 64 x 64 weight tiles, got "
                                          r"\(128, 128, 64, 4, 8, 0, 0, 3\)"):
         gluon_gemm.compile_for((128, 128, 64, 4, 8, 0, 0, 3))
-    with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes 1, 2, 4 or 8-bit codes, not 3-bit planes"):
-        gluon_gemm.compile_for(gluon_gemm.REG_A_CONFIGS[0], bits=3)
 
 
 def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_tile_owner():

@@ -45,7 +45,8 @@ config and cuBLAS's 42.9; the launcher takes it there for every format, 0.87-0.9
 
 REG_A (a config's seventh number, DQ_PARTS, 0; REG_A_CONFIGS, not in the launcher's list until run on a GPU): no
 dequantize partitions; the wgmma warps dequantize each K tile straight into the registers of wgmma's left operand
-(the weight tile, SWAP), in register_layout(), while the previous tile's product runs (_register_step).
+(the weight tile, SWAP), in register_layout(), while the previous tile's product runs (_register_step); 3-bit
+planes in 2-bit codes' layout (_register_planes).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -268,6 +269,45 @@ if gluon is not None:
         return gl.convert_layout(gl.reshape(w, [TILE_N, TILE_K]), A_LAYOUT, assert_trivial=True)
 
     @gluon.jit
+    def _register_planes(q, scales, zeros, DQ_LAYOUT: gl.constexpr, A_LAYOUT: gl.constexpr, HAS_ZERO: gl.constexpr,
+                         ZERO: gl.constexpr, DTYPE: gl.constexpr):
+        """REG_A's tile of 3-bit codes in planes (layout.py; 64 inputs: word rows 3b and 3b + 1 the low two bits of
+        codes 0-15 and 16-31 of block b, row 3b + 2 their high bits): DQ_LAYOUT is register_layout() of 2-bit codes,
+        (output, j, c) with input 16 j + c = 32 b + 16 h + c for j = 2b + h, so code c of j has its low bits at bit
+        2c of word row 3b + h and its high bit at bit 16 h + c of row 3b + 2. Each row of the slot is loaded as the
+        (output,) words a thread needs (every thread holds all four j of its outputs), the rows put in place by
+        selects on register indices (constants after unrolling), and each code's three bits moved to mantissa bits
+        20-22 (two shifts each, two logic ops), w = (1 + c / 8) 8 s - (8 + z) s as in _register_tile."""
+        TILE_N: gl.constexpr = q.type.shape[1]
+        WORDS: gl.constexpr = gl.SliceLayout(2, DQ_LAYOUT)                   # (output, j)
+        ROW: gl.constexpr = gl.SliceLayout(1, WORDS)                          # (output,)
+        j = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, WORDS)), 0)              # (1, 4)
+        r0 = gl.expand_dims(_row(q.slice(0, 1)).load(ROW), 1)                # (TILE_N, 1), word row 0
+        r1 = gl.expand_dims(_row(q.slice(1, 1)).load(ROW), 1)
+        r3 = gl.expand_dims(_row(q.slice(3, 1)).load(ROW), 1)
+        r4 = gl.expand_dims(_row(q.slice(4, 1)).load(ROW), 1)
+        low = gl.where(j == 0, r0, gl.where(j == 1, r1, gl.where(j == 2, r3, r4)))           # row 3b + h
+        high = gl.where(j < 2, gl.expand_dims(_row(q.slice(2, 1)).load(ROW), 1),
+                        gl.expand_dims(_row(q.slice(5, 1)).load(ROW), 1))                    # row 3b + 2
+        c = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(0, DQ_LAYOUT))),
+                                          0), 0)                              # (1, 1, 16)
+        at = 16 * gl.expand_dims(j % 2, 2) + c                                # the high bit's place, 16 h + c
+        lows = (gl.expand_dims(low, 2) << gl.maximum(20 - 2 * c, 0)) >> gl.maximum(2 * c - 20, 0)  # bit 2c -> 20
+        highs = (gl.expand_dims(high, 2) << gl.maximum(22 - at, 0)) >> gl.maximum(at - 22, 0)    # 16 h + c -> 22
+        bits = gl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $1, 0x00300000, 0x3F800000, 0xEA; lop3.b32 $0, $2, 0x00400000, t, 0xEA; }",
+            "=r,r,r", [lows, highs], dtype=gl.int32, is_pure=True, pack=1)  # (TILE_N, 4, 16): 1 + code / 8
+        scale = _row(scales).load(ROW)                                        # (TILE_N,)
+        if HAS_ZERO:
+            bias = -(_row(zeros).load(ROW).to(gl.float32) + 8) * scale
+        else:
+            bias = -(ZERO + 8) * scale
+        bias = gl.expand_dims(gl.expand_dims(bias, 1), 2)                     # (TILE_N, 1, 1)
+        scaled = gl.expand_dims(gl.expand_dims(scale * 8, 1), 2)
+        w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)
+        return gl.convert_layout(gl.reshape(w, [TILE_N, 64]), A_LAYOUT, assert_trivial=True)
+
+    @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
                     HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
@@ -310,8 +350,12 @@ if gluon is not None:
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)  # the slot's copies landed
         r = 0 if GROUP_TILES == 0 else s  # one row: the loader's first slot of rows (_ring)
-        a = _register_tile(q_bufs.index(s), s_bufs.index(r), z_bufs.index(r if HAS_ZERO else 0).slice(0, 1),
-                           DQ_LAYOUT, WORD_LAYOUT, A_LAYOUT, BITS, HAS_ZERO, ZERO, x_bufs.dtype)
+        if BITS == 3:
+            a = _register_planes(q_bufs.index(s), s_bufs.index(r), z_bufs.index(r if HAS_ZERO else 0).slice(0, 1),
+                                 DQ_LAYOUT, A_LAYOUT, HAS_ZERO, ZERO, x_bufs.dtype)
+        else:
+            a = _register_tile(q_bufs.index(s), s_bufs.index(r), z_bufs.index(r if HAS_ZERO else 0).slice(0, 1),
+                               DQ_LAYOUT, WORD_LAYOUT, A_LAYOUT, BITS, HAS_ZERO, ZERO, x_bufs.dtype)
         if (DIAG & 1) == 0:
             acc = warpgroup_mma(a, x_bufs.index(s).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
@@ -615,11 +659,8 @@ def layouts(config, bits=4):
     # lanes along the outputs (conflict-free word loads), each thread a word's 32 / bits fields for its word rows:
     # after the permute it holds contiguous inputs of one output, stored 16 bytes at a time: 8-bit codes two word
     # rows a thread for that (8-byte stores before: int8 23.2 -> 21.6-21.7 us on 4096x4096, file 29)
-    if reg_a(config):
-        if bits == 3:
-            raise ValueError(f"gluon_gemm: DQ_PARTS 0 (registers) takes 1, 2, 4 or 8-bit codes, not 3-bit planes, "
-                             f"got {config}")
-        return x_layout, flat, bytes_, w_layout, acc, register_layout(warps, bits, block_k), out
+    if reg_a(config):  # 3-bit planes in 2-bit codes' layout (_register_planes)
+        return x_layout, flat, bytes_, w_layout, acc, register_layout(warps, 2 if bits == 3 else bits, block_k), out
     wn = min(dq_warps, block_n // 32)
     if bits == 3:  # (h, r, output): a block's half h, codes r and r + 8 of it (_plane_block) in a thread's registers
         gw = dq_warps // wn  # warps along h: one or two
@@ -636,7 +677,7 @@ def layouts(config, bits=4):
 def reg_a(config):
     """Whether a config dequantizes into wgmma's registers (its DQ_PARTS, the seventh number, 0: _products' REG_A):
     SWAP only (the weight tile is the left operand, the one wgmma takes from registers), 64 outputs a tile (one m64
-    operand), and codes one field of a word (not 3-bit planes)."""
+    operand); 3-bit planes by _register_planes, the other widths by _register_tile."""
     if config[6] != 0:
         return False
     if not swapped(config) or config[1] != 64 or config[2] != BLOCK_K:

@@ -365,8 +365,7 @@ def candidates(m, group_size, bits=None, gluon=False):
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
     unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins. gluon:
     the call is one that gluon_gemm.gluon_mm runs (gluon_gemm.supports: Hopper, 1 to 4 or 8-bit codes), whose
-    configs join the many-row candidates (those dequantizing into registers, gluon_gemm.reg_a, not for 3-bit
-    planes)."""
+    configs join the many-row candidates."""
     def keep(config):  # unpack configs ([-1] == 1) skip 3-bit codes
         return not (bits == 3 and config[-1])
     dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
@@ -376,8 +375,7 @@ def candidates(m, group_size, bits=None, gluon=False):
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
-    return gemms + dequants + ([(gluon_gemm.gluon_mm, c) for c in gluon_gemm.CONFIGS
-                                if bits != 3 or not gluon_gemm.reg_a(c)] if gluon else [])
+    return gemms + dequants + ([(gluon_gemm.gluon_mm, c) for c in gluon_gemm.CONFIGS] if gluon else [])
 
 
 def call_candidates(x, qweight, zero, bits, group_size, in_features):
