@@ -240,6 +240,18 @@ if gluon is not None:
             return slot._reinterpret(slot.dtype, [slot.shape[1]], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
 
     @gluon.jit
+    def _register_scales(scales, zeros, ROW: gl.constexpr, SPAN: gl.constexpr, HAS_ZERO: gl.constexpr,
+                         ZERO: gl.constexpr):
+        """REG_A's (scaled, bias) = (SPAN s, -(SPAN + z) s) of a tile's outputs, each (TILE_N, 1, 1): s and z from
+        their (1, TILE_N) slots in ROW, the outputs' layout (z the ZERO of every code without zero points)."""
+        scale = _row(scales).load(ROW)                                        # (TILE_N,)
+        if HAS_ZERO:
+            bias = -(_row(zeros).load(ROW).to(gl.float32) + SPAN) * scale
+        else:
+            bias = -(ZERO + SPAN) * scale
+        return (gl.expand_dims(gl.expand_dims(scale * SPAN, 1), 2), gl.expand_dims(gl.expand_dims(bias, 1), 2))
+
+    @gluon.jit
     def _register_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, WORD_LAYOUT: gl.constexpr, A_LAYOUT: gl.constexpr,
                        BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, DTYPE: gl.constexpr):
         """REG_A (DQ_PARTS 0): one slot's weight tile (TILE_N, TILE_K) dequantized straight into wgmma's left operand
@@ -258,13 +270,7 @@ if gluon is not None:
         # in registers (loading through a transposed view of the slot read the wrong words on Triton 3.6)
         words = gl.convert_layout(gl.permute(q.load(WORD_LAYOUT), (1, 0)), WORDS, assert_trivial=True)
         words = gl.expand_dims(words, 2)                                      # (TILE_N, TILE_K / PER, 1)
-        scale = _row(scales).load(ROW)                                        # (TILE_N,)
-        if HAS_ZERO:
-            bias = -(_row(zeros).load(ROW).to(gl.float32) + SPAN) * scale
-        else:
-            bias = -(ZERO + SPAN) * scale
-        bias = gl.expand_dims(gl.expand_dims(bias, 1), 2)                     # (TILE_N, 1, 1)
-        scaled = gl.expand_dims(gl.expand_dims(scale * SPAN, 1), 2)
+        scaled, bias = _register_scales(scales, zeros, ROW, SPAN, HAS_ZERO, ZERO)
         w = _fields(words, shifts, scaled, bias, BITS, DTYPE)                # (TILE_N, TILE_K / PER, PER)
         return gl.convert_layout(gl.reshape(w, [TILE_N, TILE_K]), A_LAYOUT, assert_trivial=True)
 
@@ -297,13 +303,7 @@ if gluon is not None:
         bits = gl.inline_asm_elementwise(
             "{ .reg .b32 t; lop3.b32 t, $1, 0x00300000, 0x3F800000, 0xEA; lop3.b32 $0, $2, 0x00400000, t, 0xEA; }",
             "=r,r,r", [lows, highs], dtype=gl.int32, is_pure=True, pack=1)  # (TILE_N, 4, 16): 1 + code / 8
-        scale = _row(scales).load(ROW)                                        # (TILE_N,)
-        if HAS_ZERO:
-            bias = -(_row(zeros).load(ROW).to(gl.float32) + 8) * scale
-        else:
-            bias = -(ZERO + 8) * scale
-        bias = gl.expand_dims(gl.expand_dims(bias, 1), 2)                     # (TILE_N, 1, 1)
-        scaled = gl.expand_dims(gl.expand_dims(scale * 8, 1), 2)
+        scaled, bias = _register_scales(scales, zeros, ROW, 8, HAS_ZERO, ZERO)
         w = (bits.to(gl.float32, bitcast=True) * scaled + bias).to(DTYPE)
         return gl.convert_layout(gl.reshape(w, [TILE_N, 64]), A_LAYOUT, assert_trivial=True)
 
@@ -788,13 +788,12 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     n = qweight.shape[1]
     block_m, block_n, block_k = config[:3]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    x_layout, flat, bytes_, w_layout, acc, dq, out = layouts(config, bits)
+    x_layout, flat, bytes_, _, _, _, _ = layouts(config, bits)
     scales = TensorDescriptor.from_tensor(_rows(scale, n), [1, block_n], flat)
     descs = (TensorDescriptor.from_tensor(x, [block_m, block_k], x_layout),
              TensorDescriptor.from_tensor(qweight, [word_rows(block_k, bits), block_n], flat), scales,
              TensorDescriptor.from_tensor(_rows(zero, n), [1, block_n], bytes_) if zero is not None else scales,
              TensorDescriptor.from_tensor(y, [block_m, block_n], _y_layout(config)))
-    total, dq_regs = registers(config)
     m_tiles, (whole, rest, split) = call_schedule(m, n, k, config, x.device)
     part, count = y, y  # not read without a split
     if split > 1:
@@ -810,12 +809,18 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     _gluon_mm_kernel[grid](
         *descs, y, y if stamps is None else stamps, part, count, m, n, k, whole,
         group_tiles(blocks_per_group * 32, k, block_k),
-        STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc,
-        DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=max(1, config[6]), BITS=bits,
-        HAS_ZERO=zero is not None, ZERO=float(zero_const), DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split,
-        REG_A=reg_a(config), WORD_LAYOUT=word_layout(config, bits, dq),
-        num_warps=config[3], maxnreg=total)
+        **_constants(config, bits, zero is not None, float(zero_const), diag, split), num_warps=config[3],
+        maxnreg=registers(config)[0])
     return _epilogue(y, bias, activation)
+
+
+def _constants(config, bits, has_zero, zero, diag, split):
+    """_gluon_mm_kernel's constexprs but GROUP_TILES, for a launch (gluon_mm) and for compile_for alike."""
+    _, _, _, w_layout, acc, dq, out = layouts(config, bits)
+    return dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
+                DQ_REGS=registers(config)[1], DQ_PARTS=max(1, config[6]), BITS=bits, HAS_ZERO=has_zero, ZERO=zero,
+                DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, REG_A=reg_a(config),
+                WORD_LAYOUT=word_layout(config, bits, dq))
 
 
 def call_schedule(m, n, k, config, device):
@@ -855,7 +860,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     block_m, block_n, block_k = config[:3]
-    x_layout, flat, bytes_, w_layout, acc, dq, out = layouts(config, bits)
+    x_layout, flat, bytes_, _, _, _, _ = layouts(config, bits)
 
     def desc(element, shape, layout):  # the signature a TensorDescriptor argument specializes to
         return f"tensordesc<{element}[{','.join(map(str, shape))}],{layout!r}>"
@@ -867,14 +872,10 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
                  "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
                  "N": "i32", "K": "i32", "WHOLE": "i32"}
-    total, dq_regs = registers(config)
-    zero = 0.0 if has_zero else 8.0
-    consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k), STAGES=config[4], W_LAYOUT=w_layout,
-                  ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5], DQ_REGS=dq_regs, DQ_PARTS=max(1, config[6]),
-                  BITS=bits, HAS_ZERO=has_zero, ZERO=zero, DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out,
-                  SPLIT=split, REG_A=reg_a(config),
-                  WORD_LAYOUT=word_layout(config, bits, dq))
+    consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k),
+                  **_constants(config, bits, has_zero, 0.0 if has_zero else 8.0, diag, split))
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=config[3], maxnreg=total))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=config[3], maxnreg=registers(config)[0]))
