@@ -640,6 +640,7 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
     return (whole, rest, split) if split > 1 else (n_tiles, 0, 1)
 
 
+@functools.lru_cache(maxsize=None)  # per launch otherwise (tens of microseconds of host time)
 def layouts(config, bits=4):
     """(x tile, words/scales, zero points, weight tile shared layouts; accumulator, dequantize and (for SWAP) output
     register layouts)."""
@@ -786,6 +787,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     split_counters, zero again after the call), where the config's TAIL splits some (schedule())."""
     m, k = x.shape
     n = qweight.shape[1]
+    config = tuple(config)  # a key of layouts()' and _constants' caches
     block_m, block_n, block_k = config[:3]
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     x_layout, flat, bytes_, _, _, _, _ = layouts(config, bits)
@@ -814,6 +816,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     return _epilogue(y, bias, activation)
 
 
+@functools.lru_cache(maxsize=None)
 def _constants(config, bits, has_zero, zero, diag, split):
     """_gluon_mm_kernel's constexprs but GROUP_TILES, for a launch (gluon_mm) and for compile_for alike."""
     _, _, _, w_layout, acc, dq, out = layouts(config, bits)
@@ -859,6 +862,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
     bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+    config = tuple(config)
     block_m, block_n, block_k = config[:3]
     x_layout, flat, bytes_, _, _, _, _ = layouts(config, bits)
 
