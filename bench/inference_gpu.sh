@@ -215,19 +215,19 @@ for PART in $PARTS; do
         done
         run 30 python bench/ncu_side_by_side.py "$R/ncu_peer_ours_${GPU}_raw.csv" "$R/ncu_peer_cublas_${GPU}_raw.csv" \
             --names="ours (Gluon int4 g128),cuBLAS bf16" ;;
-    prefill_regs)  # the Gluon GEMM's REG_A configs (dequantized into wgmma's registers, gluon_gemm.REG_A_CONFIGS,
-                   # not in the launcher's list): known weights' patterns, int4 g128 beside the TAIL config with each
-                   # program's timeline, then every format they take checked and the prefill table with them offered
+    prefill_regs)  # the Gluon GEMM's REG_A configs (dequantized into wgmma's registers): known weights' patterns,
+                   # int4 g128 beside the TAIL config with each program's timeline, then every format checked and the
+                   # prefill table with the launcher's list (which has the one-warp-group REG_A config)
         run 60 python bench/gluon_pattern_probe.py --configs=256x64x64x4x6x0x0x3x1,128x64x64x4x8x0x0x3
         run 300 python bench/prefill_ws_probe.py --variants=gluon --no_project --timeline \
             --configs=256x64x64x8x5x4x2x3x1,256x64x64x4x6x0x0x3x1,256x64x64x8x6x0x0x3x1,128x64x64x4x8x0x0x3 \
             --shapes=4096x11008,4096x4096
-        run 240 python bench/kernels.py --check --check_kernels=gluon_mm --gluon_reg_a --shapes= --gemm_shapes= \
+        run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
             --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --out="$R/kernels_${GPU}_check_regs.md"
-        run 500 python bench/kernels.py --gluon_reg_a --shapes= \
+        run 500 python bench/kernels.py --shapes= \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_regs.md" ;;
+            --gemm_shapes=4096x11008,4096x4096 --out="$R/kernels_${GPU}_prefill_regs.md" ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;

@@ -419,9 +419,6 @@ def main(argv=None):
     p.add_argument("--profile_rows", type=int, default=1, help="rows of x for --profile (256: prefill)")
     p.add_argument("--gemm_configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxSPLITx"
                    "UNPACK GEMM configs that --profile (more than one row) also times, besides the launcher's")
-    p.add_argument("--gluon_reg_a", action="store_true", help="also offer the launcher gluon_gemm.REG_A_CONFIGS (the "
-                   "Gluon GEMM dequantizing into wgmma's registers, not in its list until checked on a GPU) in this "
-                   "run, for --check and the tables")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args(argv)
@@ -452,12 +449,6 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("kernels.py: error: needs a CUDA GPU (the kernels run on the CPU only under TRITON_INTERPRET=1, "
                  "which tests/test_kernels.py covers)")
-    if args.gluon_reg_a:  # this process only, and its choices not stored (nor stored ones used): a later run
-        # without the flag must not reuse a choice it would not offer
-        if ops.gluon_gemm is None or ops.gluon_gemm.gluon is None:
-            sys.exit("kernels.py: error: --gluon_reg_a: this Triton has no Gluon Hopper API")
-        ops.gluon_gemm.CONFIGS = ops.gluon_gemm.CONFIGS + ops.gluon_gemm.REG_A_CONFIGS
-        os.environ["NANOQAT_KERNEL_CACHE"] = "off"
     gpu = torch.cuda.get_device_name()
     short = "h100" if "H100" in gpu else "h200" if "H200" in gpu else gpu.split()[-1].lower()
     results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

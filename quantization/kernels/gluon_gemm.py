@@ -43,10 +43,11 @@ config and cuBLAS's 42.9; the launcher takes it there for every format, 0.87-0.9
 (bench/results/prefill_timeline_h100). stamps= has each program write its timeline (bench/prefill_ws_probe.py
 --timeline).
 
-REG_A (a config's seventh number, DQ_PARTS, 0; REG_A_CONFIGS, not in the launcher's list until run on a GPU): no
-dequantize partitions; the wgmma warps dequantize each K tile straight into the registers of wgmma's left operand
-(the weight tile, SWAP), in register_layout(), while the previous tile's product runs (_register_step); 3-bit
-planes in 2-bit codes' layout (_register_planes).
+REG_A (a config's seventh number, DQ_PARTS, 0): no dequantize partitions; the wgmma warps dequantize each K tile
+straight into the registers of wgmma's left operand (the weight tile, SWAP), in register_layout(), while the
+previous tile's product runs (_register_step); 3-bit planes in 2-bit codes' layout (_register_planes). Its
+256 x 64 tile with one warp group is listed: level with the dequantize partitions where a second round follows
+(4096x11008) and ahead in one round for 1-bit codes (4096x4096: 18.5 us, 1.10x cuBLAS; bench/results/prefill_regs_h100).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -81,14 +82,13 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # TAIL (a ninth number 1, schedule()): the tiles past the last whole wave split in K within the one launch. On
 # 4096x11008 at 256 rows the 128 x 64 tiles run in three rounds of about 18 us on the 132 multiprocessors (a
 # program's loop takes as long whatever runs beside it: `bench/prefill_ws_probe.py --timeline`); 256 x 64 tiles with
-# TAIL run 132 whole tiles and then 40 in thirds: 60.3 -> 47.7 us (bench/results/prefill_timeline_h100)
+# TAIL run 132 whole tiles and then 40 in thirds: 60.3 -> 47.7 us (bench/results/prefill_timeline_h100).
+# REG_A (DQ_PARTS 0, the last: the weight tile dequantized into wgmma's registers by one warp group, no dequantize
+# partitions): 18.5 us against 20.4-21.7 for the others with 1-bit codes on 4096x4096, 50.0 against 47.6 on
+# 4096x11008; with two warp groups (60.4 us) or 128 x 64 tiles (68.3) it lost: not listed
+# (bench/results/prefill_regs_h100)
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
-           (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1)]
-# REG_A (DQ_PARTS 0: the weight tile dequantized into wgmma's registers by the wgmma warps, no dequantize
-# partitions): their first GPU run read the wrong words (Triton 3.6's loads through a transposed view) and
-# serialized every wgmma; both are fixed in the compiled code (tests), but the fixed kernel has not yet run on a GPU,
-# so the launcher does not offer these (bench/results/prefill_regs_h100; bench/prefill_ws_probe.py --configs runs them)
-REG_A_CONFIGS = [(256, 64, 64, 4, 6, 0, 0, 3, 1), (256, 64, 64, 8, 6, 0, 0, 3, 1), (128, 64, 64, 4, 8, 0, 0, 3)]
+           (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
