@@ -35,6 +35,15 @@ alternate_6_7b() {  # alternate_6_7b <variable> <tag>: the 6.7B decode (bf16 and
     done; done
 }
 
+gluon_all() {  # gluon_all <tag>: the Gluon GEMM's configs checked on every format it takes (1, 2, 3, 4 and 8-bit
+               # codes, zero points or one constant), then the prefill table of those formats with the launcher's list
+    local formats="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel"
+    run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= --variants="$formats" \
+        --out="$R/kernels_${GPU}_check_$1.md"
+    run 500 python bench/kernels.py --shapes= --gemm_variants="$formats" --gemm_shapes=4096x11008,4096x4096 \
+        --out="$R/kernels_${GPU}_prefill_$1.md"
+}
+
 KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_timeline prefill_ncu_peer prefill_regs"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
@@ -182,12 +191,7 @@ for PART in $PARTS; do
     prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes (1, 2, 3, 4 and 8-bit codes, zero points
                         # or one constant): checked (its configs alone, on a layer of 64-wide tiles), then the
                         # prefill table of those formats
-        run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
-            --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --out="$R/kernels_${GPU}_check_gluon_all.md"
-        run 420 python bench/kernels.py --shapes= \
-            --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gemm_shapes=4096x4096,4096x11008 --out="$R/kernels_${GPU}_prefill_gluon_all.md" ;;
+        gluon_all gluon_all ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
         run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/prefill_ncu_$GPU" -f \
@@ -222,12 +226,7 @@ for PART in $PARTS; do
         run 300 python bench/prefill_ws_probe.py --variants=gluon --no_project --timeline \
             --configs=256x64x64x8x5x4x2x3x1,256x64x64x4x6x0x0x3x1,256x64x64x8x6x0x0x3x1,128x64x64x4x8x0x0x3 \
             --shapes=4096x11008,4096x4096
-        run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
-            --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --out="$R/kernels_${GPU}_check_regs.md"
-        run 500 python bench/kernels.py --shapes= \
-            --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gemm_shapes=4096x11008,4096x4096 --out="$R/kernels_${GPU}_prefill_regs.md" ;;
+        gluon_all regs ;;
     decode_xl)  # every format, compiled and eager, batch 1 and 16
         run 590 python bench/decode.py --shapes=gpt2_xl --modes=compiled,eager --batches=1,16 \
             --out="$R/decode_${GPU}_xl.md" ;;
