@@ -46,8 +46,9 @@ config and cuBLAS's 42.9; the launcher takes it there for every format, 0.87-0.9
 REG_A (a config's seventh number, DQ_PARTS, 0): no dequantize partitions; the wgmma warps dequantize each K tile
 straight into the registers of wgmma's left operand (the weight tile, SWAP), in register_layout(), while the
 previous tile's product runs (_register_step); 3-bit planes in 2-bit codes' layout (_register_planes). Its
-256 x 64 tile with one warp group is listed: level with the dequantize partitions where a second round follows
-(4096x11008) and ahead in one round for 1-bit codes (4096x4096: 18.5 us, 1.10x cuBLAS; bench/results/prefill_regs_h100).
+256 x 64 tile with one warp group is listed: behind the dequantize partitions where a second round follows
+(4096x11008: 50.0 us against 47.6) but ahead in one round for 1-bit codes (4096x4096: 18.5 us, 1.10x cuBLAS;
+bench/results/prefill_regs_h100).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
