@@ -188,9 +188,7 @@ for PART in $PARTS; do
             --out="$R/kernels_${GPU}_check_int4.md"
         run 240 python bench/prefill_ws_probe.py --variants=gluon,gluon_nomma \
             > "$R/prefill_gluon_$GPU.md" ;;
-    prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes (1, 2, 3, 4 and 8-bit codes, zero points
-                        # or one constant): checked (its configs alone, on a layer of 64-wide tiles), then the
-                        # prefill table of those formats
+    prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes, checked, then their prefill table
         gluon_all gluon_all ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
