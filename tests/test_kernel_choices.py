@@ -26,7 +26,7 @@ def launcher(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOQAT_KERNEL_CACHE", str(path))
     monkeypatch.setattr(ops, "interpreting", lambda: False)
     pairs = [(fake_kernel, (2,)), (other_kernel, (3,))]
-    monkeypatch.setattr(ops, "candidates", lambda m, group_size, bits=None, gluon=False: list(pairs))
+    monkeypatch.setattr(ops, "candidates", lambda m, group_size, bits=None, gluon=False, n=None: list(pairs))
     timed = []
 
     def fastest(args, candidates, counters=None, fused=None):

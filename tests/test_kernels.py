@@ -940,6 +940,10 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, layer.zero)
     assert not gluon_gemm.supports(x, layer.qweight, 4, 128, 256, None)
     assert ops.call_candidates(x, layer.qweight, layer.zero, 4, 128, 256) == ops.candidates(300, 128, 4)
+    wide = PackedLinear.from_float(torch.randn(192, 256), QuantSpec("affine_quant", 4, "per_group", 128))
+    with pytest.raises(ValueError, match=r"config \(256, 128, 64, 8, 4, 0, 0, 1\) takes outputs in tiles of 128, "
+                                         r"got 192 outputs"):  # before anything runs, so on the CPU too
+        gluon_gemm.gluon_mm(x, wide.qweight, wide.scale, wide.zero, None, 4, 4, 0.0, (256, 128, 64, 8, 4, 0, 0, 1))
     assert gluon_gemm.KERNEL_BITS == (1, 2, 3, 4, 8)
     # the first config: an eighth number 3, the weight tile as the left operand, one m64n128 instruction per 16
     # inputs of a K tile instead of one m64n64 per 64 rows, y's tile through a slot of x's ring and one TMA copy
@@ -1013,24 +1017,26 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
     context = ir.context()
     ir.load_dialects(context)
     builder = gluon_ir.GluonOpBuilder(context)
-    for warps in (4, 8):
-        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, warps // 4], instr_shape=[16, 256 // (
-            warps // 4), 16])
+    for warps, outputs in ((4, 64), (8, 64), (8, 128)):  # the accumulator's layout as gluon_gemm.layouts() makes it
+        rows = min(warps, outputs // 16)
+        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[rows, warps // rows],
+                                        instr_shape=[16, 256 // (warps // rows), 16])
         operand = builder.to_linear_layout(gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)._to_ir(builder),
-                                           [64, 64])
+                                           [outputs, 64])
         for bits in (1, 2, 4, 8):
-            mine = gluon_gemm.register_layout(warps, bits)
+            mine = gluon_gemm.register_layout(warps, bits, block_n=outputs)
             per = 32 // bits
-            assert mine.shape == [64, 64 // per, per]
+            assert mine.shape == [outputs, 64 // per, per]
 
             def flat(bases):  # (output, word row, field) -> (output, input = word row * per + field)
                 return [[n, w * per + f] for n, w, f in bases]
-            assert flat(mine.reg_bases) == operand.reg_bases, (warps, bits)
+            assert flat(mine.reg_bases) == operand.reg_bases, (warps, outputs, bits)
             assert flat(mine.lane_bases) == operand.lane_bases and flat(mine.warp_bases) == operand.warp_bases
-            words = gluon_gemm.word_layout((256, 64, 64, warps, 6, 0, 0, 3, 1), bits, mine)
-            assert words.shape == [64 // per, 64] and words.lane_bases[2:] == [[0, 1], [0, 2], [0, 4]]
+            words = gluon_gemm.word_layout((256, outputs, 64, warps, 6, 0, 0, 3, 1), bits, mine)
+            assert words.shape == [64 // per, outputs] and words.lane_bases[2:] == [[0, 1], [0, 2], [0, 4]]
     listed = [c for c in gluon_gemm.CONFIGS if gluon_gemm.reg_a(c)]
-    assert listed == [(256, 64, 64, 4, 6, 0, 0, 3, 1)]  # the one that ran fastest (bench/results/prefill_regs_h100)
+    # the ones that ran fastest somewhere (bench/results/prefill_regs_h100, prefill_wide_h100)
+    assert listed == [(256, 64, 64, 4, 6, 0, 0, 3, 1), (256, 128, 64, 8, 4, 0, 0, 1)]
     for config in listed + [(256, 64, 64, 8, 6, 0, 0, 3, 1), (128, 64, 64, 4, 8, 0, 0, 3)]:  # and those that lost
         for bits, has_zero, group in ((4, True, 128), (8, False, 4096), (1, False, 4096), (3, True, 128)):
             kernel = gluon_gemm.compile_for(config, bits=bits, has_zero=has_zero, group=group)
@@ -1038,19 +1044,22 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
             products = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.bf16\.bf16 \{[^}]*\}, "
                                   r"\{([^}]*)\}", ptx)
             assert products and all(len(a.split(",")) == 4 for _, a in products), config  # A: 4 registers a thread
-            assert "st.shared.v4" not in ptx and not ptx.count("st.local"), config  # no weight tile stored
+            loop = ptx[:ptx.rindex("wgmma.mma_async")]  # up to the last product (SWAP 1's y goes through scratch after)
+            assert "st.shared.v4" not in loop and not ptx.count("st.local"), config  # no weight tile stored
             # each thread's words one 32-bit load apiece (Triton 3.6 read a transposed view of the slot with 16-byte
             # loads along the wrong dimension: the wrong words, bench/results/prefill_regs_h100)
-            assert "ld.shared.v" not in ptx and ptx.count("ld.shared.b32") >= 2 * 64 // (32 // bits), config
+            assert "ld.shared.v" not in loop and loop.count("ld.shared.b32") >= 2 * 64 // (32 // bits), config
             # and at the words' own places: a thread's first tile's loads, from one base, lie where word_layout()'s
-            # register bases reach, word row w and output n at 256 w + 4 n bytes of the slot (64 outputs a row);
+            # register bases reach, word row w and output n at 4 (w BLOCK_N + n) bytes of the slot;
             # 3-bit planes: the six rows of a tile, two outputs 8 apart each
+            row = 4 * config[1]  # a word row's bytes
             if bits == 3:
-                reach = {256 * w + 4 * n for w in range(6) for n in (0, 8)}
+                reach = {row * w + 4 * n for w in range(6) for n in (0, 8)}
             else:
                 reach = {0}
-                for w, n in gluon_gemm.word_layout(config, bits, gluon_gemm.register_layout(config[3], bits)).reg_bases:
-                    reach |= {r + 256 * w + 4 * n for r in reach}
+                layout = gluon_gemm.register_layout(config[3], bits, block_n=config[1])
+                for w, n in gluon_gemm.word_layout(config, bits, layout).reg_bases:
+                    reach |= {r + row * w + 4 * n for r in reach}
             loads = re.findall(r"ld\.shared\.b32 \s*%r\d+, \[(%r\d+)(?:\+(\d+))?\];", ptx)
             first = [int(offset or 0) for base, offset in loads if base == loads[0][0]][:len(reach)]
             assert {o - min(first) for o in first} == reach, (config, bits, first)
@@ -1058,12 +1067,13 @@ def test_gluon_gemm_register_operand_layout_is_wgmmas_own_and_its_wgmmas_overlap
             # each tile's wgmmas left in flight while the next is dequantized: one wait for all at the end
             waits = re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d)", get_sass(kernel.asm["cubin"]))
             assert waits.count("1") >= 2 and waits.count("0") == 1, (config, bits, waits)
-    # the launcher offers it for every width
+    # the launcher offers them for every width, the 128-output tile only where 128 divides the outputs
     for bits in (1, 2, 3, 4, 8):
-        many = ops.candidates(256, 128, bits, gluon=True)
-        assert sum(gluon_gemm.reg_a(c) for k, c in many if k is gluon_gemm.gluon_mm) == 1, bits
-    with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes SWAP and 64 x 64 weight tiles, got "
-                                         r"\(128, 128, 64, 4, 8, 0, 0, 3\)"):
+        for n, offered in ((None, listed), (16384, listed), (1600, listed[:1])):
+            many = ops.candidates(256, 128, bits, gluon=True, n=n)
+            assert [c for k, c in many if k is gluon_gemm.gluon_mm and gluon_gemm.reg_a(c)] == offered, (bits, n)
+    with pytest.raises(ValueError, match=r"DQ_PARTS 0 \(registers\) takes SWAP and 64 x 64 or 128 x 64 weight tiles, "
+                                         r"a warp group per 64 outputs, got \(128, 128, 64, 4, 8, 0, 0, 3\)"):
         gluon_gemm.compile_for((128, 128, 64, 4, 8, 0, 0, 3))
 
 

@@ -48,7 +48,9 @@ straight into the registers of wgmma's left operand (the weight tile, SWAP), in 
 previous tile's product runs (_register_step); 3-bit planes in 2-bit codes' layout (_register_planes). Its
 256 x 64 tile with one warp group is listed: behind the dequantize partitions where a second round follows
 (4096x11008: 50.0 us against 47.6) but ahead in one round for 1-bit codes (4096x4096: 18.5 us, 1.10x cuBLAS;
-bench/results/prefill_regs_h100).
+bench/results/prefill_regs_h100). So is its 256 x 128 tile, a warp group per 64 outputs (wgmma m64 x n256), where
+128 divides the outputs: on 4096x16384 (128 tiles, one round) the launcher takes it for every format, 1.01-1.18x
+cuBLAS against 0.90-1.05x without it (bench/results/prefill_wide_h100).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -87,9 +89,12 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # REG_A (DQ_PARTS 0, the last: the weight tile dequantized into wgmma's registers by one warp group, no dequantize
 # partitions): 18.5 us against 20.4-21.7 for the others with 1-bit codes on 4096x4096, 50.0 against 47.6 on
 # 4096x11008; with two warp groups (60.4 us) or 128 x 64 tiles (68.3) it lost: not listed
-# (bench/results/prefill_regs_h100)
+# (bench/results/prefill_regs_h100). Its 256 x 128 tile (the last: a warp group per 64 outputs, each wgmma m64 x n256,
+# no split) where its tiles fit one round: 4096x16384 55.3 us, 1.12x cuBLAS, against 62.5 for the others; 52.8
+# against 47.6 on 4096x11008 (bench/results/prefill_wide_h100). Offered only where 128 divides the outputs
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
-           (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1)]
+           (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
+           (256, 128, 64, 8, 4, 0, 0, 1)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -662,7 +667,8 @@ def layouts(config, bits=4):
     # after the permute it holds contiguous inputs of one output, stored 16 bytes at a time: 8-bit codes two word
     # rows a thread for that (8-byte stores before: int8 23.2 -> 21.6-21.7 us on 4096x4096, file 29)
     if reg_a(config):  # 3-bit planes in 2-bit codes' layout (_register_planes)
-        return x_layout, flat, bytes_, w_layout, acc, register_layout(warps, 2 if bits == 3 else bits, block_k), out
+        dq = register_layout(warps, 2 if bits == 3 else bits, block_k, block_n)
+        return x_layout, flat, bytes_, w_layout, acc, dq, out
     wn = min(dq_warps, block_n // 32)
     if bits == 3:  # (h, r, output): a block's half h, codes r and r + 8 of it (_plane_block) in a thread's registers
         gw = dq_warps // wn  # warps along h: one or two
@@ -682,17 +688,19 @@ def reg_a(config):
     operand); 3-bit planes by _register_planes, the other widths by _register_tile."""
     if config[6] != 0:
         return False
-    if not swapped(config) or config[1] != 64 or config[2] != BLOCK_K:
-        raise ValueError(f"gluon_gemm: DQ_PARTS 0 (registers) takes SWAP and 64 x 64 weight tiles, got {config}")
+    if not swapped(config) or config[1] not in (64, 128) or config[3] < config[1] // 16 or config[2] != BLOCK_K:
+        raise ValueError(f"gluon_gemm: DQ_PARTS 0 (registers) takes SWAP and 64 x 64 or 128 x 64 weight tiles, a warp "
+                         f"group per 64 outputs, got {config}")
     return True
 
 
-def register_layout(warps, bits, block_k=BLOCK_K):
-    """REG_A's layout of a weight tile over (output, word row, field), 64 outputs: the layout of wgmma's left operand
-    (64 outputs x block_k inputs, two bf16 a register; each warp group holds all of it) with input k = word row *
-    32 / bits + field split into its word row and field, so that the reshape to (output, input) is the operand's
-    layout itself. The operand's bases (Triton's linear layout of DotOperandLayout(0, the m64 accumulator, 2)):
-    registers k0, n3, k3, k4, k5; lanes k1, k2, n0, n1, n2; warps n4, n5, then none (the other warp groups')."""
+def register_layout(warps, bits, block_k=BLOCK_K, block_n=64):
+    """REG_A's layout of a weight tile over (output, word row, field), 64 or 128 outputs: the layout of wgmma's left
+    operand (block_n outputs x block_k inputs, two bf16 a register; a warp group per 64 outputs, any other warp
+    groups holding the same) with input k = word row * 32 / bits + field split into its word row and field, so that
+    the reshape to (output, input) is the operand's layout itself. The operand's bases (Triton's linear layout of
+    DotOperandLayout(0, the accumulator, 2)): registers k0, n3, k3, k4, k5; lanes k1, k2, n0, n1, n2; warps n4, n5
+    (and n6 for 128 outputs), then none."""
     per = 32 // bits
     p = per.bit_length() - 1
 
@@ -703,9 +711,11 @@ def register_layout(warps, bits, block_k=BLOCK_K):
         return [1 << b, 0, 0]
     regs = [k(0), n(3), k(3)] + [k(b) for b in range(4, block_k.bit_length() - 1)]
     lanes = [k(1), k(2), n(0), n(1), n(2)]
-    warp_bases = [n(4), n(5)] + [[0, 0, 0]] * ((warps // 4).bit_length() - 1)
+    groups = block_n // 64  # warp groups along the outputs
+    warp_bases = [n(b) for b in range(4, 5 + groups.bit_length())]
+    warp_bases += [[0, 0, 0]] * ((warps // 4 // groups).bit_length() - 1)
     return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=lanes, warp_bases=warp_bases, block_bases=[],
-                                      shape=[64, block_k // per, per])
+                                      shape=[block_n, block_k // per, per])
 
 
 def word_layout(config, bits, dq):
@@ -790,6 +800,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     n = qweight.shape[1]
     config = tuple(config)  # a key of layouts()' and _constants' caches
     block_m, block_n, block_k = config[:3]
+    if n % block_n:  # a partial column tile would be left out (ops.candidates offers only configs that divide n)
+        raise ValueError(f"gluon_gemm: config {config} takes outputs in tiles of {block_n}, got {n} outputs")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     x_layout, flat, bytes_, _, _, _, _ = layouts(config, bits)
     scales = TensorDescriptor.from_tensor(_rows(scale, n), [1, block_n], flat)

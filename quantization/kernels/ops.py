@@ -360,12 +360,12 @@ def _fit_k(block_k, group_size):
     return math.gcd(block_k, group_size) if group_size else block_k
 
 
-def candidates(m, group_size, bits=None, gluon=False):
+def candidates(m, group_size, bits=None, gluon=False, n=None):
     """The (kernel, config) pairs that may run m rows, the default first (the one used without timing: on the
     CPU under the interpreter, and in a CUDA graph capture of a shape never timed). For 3-bit codes (bits=3) the
     unpack configs are left out: 3-bit words hold no whole codes, so those compile to their gather twins. gluon:
     the call is one that gluon_gemm.gluon_mm runs (gluon_gemm.supports: Hopper, 1 to 4 or 8-bit codes), whose
-    configs join the many-row candidates."""
+    configs join the many-row candidates, those whose tiles divide n outputs where n is given."""
     def keep(config):  # unpack configs ([-1] == 1) skip 3-bit codes
         return not (bits == 3 and config[-1])
     dequants = [(dequant_mm, c) for c in DEQUANT_CONFIGS]
@@ -375,7 +375,8 @@ def candidates(m, group_size, bits=None, gluon=False):
              for bm, bn, bk, *rest in (SMALL_GEMM_CONFIGS if m <= GEMV_MAX_ROWS else GEMM_CONFIGS) if keep(rest)]
     if m <= GEMV_MAX_ROWS:
         return gemms + [(gemv, c) for c in GEMV_CONFIGS] + dequants
-    return gemms + dequants + ([(gluon_gemm.gluon_mm, c) for c in gluon_gemm.CONFIGS] if gluon else [])
+    return gemms + dequants + ([(gluon_gemm.gluon_mm, c) for c in gluon_gemm.CONFIGS if not n or n % c[1] == 0]
+                               if gluon else [])
 
 
 def call_candidates(x, qweight, zero, bits, group_size, in_features):
@@ -383,7 +384,7 @@ def call_candidates(x, qweight, zero, bits, group_size, in_features):
     GEMV_MAX_ROWS rows, gluon_gemm.supports)."""
     m = x.shape[0]
     gluon = m > GEMV_MAX_ROWS and gluon_gemm.supports(x, qweight, bits, group_size, in_features, zero)
-    return candidates(m, group_size, bits, gluon=gluon)
+    return candidates(m, group_size, bits, gluon=gluon, n=qweight.shape[1])
 
 
 def run(x, qweight, scale, zero, bias, bits, group_size, in_features, zero_const, counters=None, activation=0):
