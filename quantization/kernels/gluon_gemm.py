@@ -684,8 +684,9 @@ def layouts(config, bits=4):
 
 def reg_a(config):
     """Whether a config dequantizes into wgmma's registers (its DQ_PARTS, the seventh number, 0: _products' REG_A):
-    SWAP only (the weight tile is the left operand, the one wgmma takes from registers), 64 outputs a tile (one m64
-    operand); 3-bit planes by _register_planes, the other widths by _register_tile."""
+    SWAP only (the weight tile is the left operand, the one wgmma takes from registers), 64 or 128 outputs a tile
+    (a warp group's m64 operand per 64 outputs); 3-bit planes by _register_planes, the other widths by
+    _register_tile."""
     if config[6] != 0:
         return False
     if not swapped(config) or config[1] not in (64, 128) or config[3] < config[1] // 16 or config[2] != BLOCK_K:
