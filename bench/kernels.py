@@ -218,9 +218,10 @@ def check(log, variants, kernels=()):
              (5, torch.float16, True, "first"), (70, torch.float32, True, "first")]
     for name in variants:
         spec = VARIANTS[name]
-        # (and a layer of 64-wide tiles for the formats the Gluon prefill GEMM takes on Hopper: 1, 2, 4, 8-bit codes)
+        # (and layers of 64-wide tiles for the formats the Gluon prefill GEMM takes on Hopper: 1, 2, 3, 4, 8-bit
+        # codes; 512x5120 has more than one wave of 256 x 64 tiles at 300 rows, so that its TAIL configs split some)
         for k, n in ((768, 1000),) + (((1000, 200),) if spec.granularity != "per_group" else ((1024, 333),)) + (
-                ((512, 384),) if ops.gluon_gemm and spec.bits in ops.gluon_gemm.KERNEL_BITS else ()):
+                ((512, 384), (512, 5120)) if ops.gluon_gemm and spec.bits in ops.gluon_gemm.KERNEL_BITS else ()):
             weight = torch.randn(n, k, device="cuda")
             layer = PackedLinear.from_float(weight, spec, bias=torch.randn(n, device="cuda")).cuda()
             for m, dtype, bias, which in cases:

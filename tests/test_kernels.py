@@ -984,7 +984,8 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     ttgir = gluon_gemm.compile_for(gluon_gemm.CONFIGS[0]).asm["ttgir"]
     assert len(re.findall(r"^\s*partition\d+\(", ttgir, flags=re.M)) == 4
     assert ttgir.count("ttng.init_barrier") == 8 * 3 + 8 + 8  # ready, w_ready, empty
-    with pytest.raises(ValueError, match=r"ninth number \(TAIL\) is 0 or 1, got 12 in \(128, 64, 64, 4, 8, 4, 3, 1, "
+    with pytest.raises(ValueError, match=r"ninth number \(TAIL\) is 0, 1 or 2 \(2 not with DQ_PARTS 0\), got 12 in "
+                                         r"\(128, 64, 64, 4, 8, 4, 3, 1, "
                                          r"12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 12))
     with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, got \(128, 64, 64, 4, 8, "
@@ -1103,6 +1104,36 @@ def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_ti
     for bits, has_zero, group in ((8, False, 4096), (8, True, 4096), (3, True, 128), (1, False, 4096)):
         kernel = gluon_gemm.compile_for(config, split=3, bits=bits, has_zero=has_zero, group=group)
         assert kernel.metadata.shared <= 232448 and "st.local" not in kernel.asm["ptx"], (bits, has_zero)
+
+
+def test_gluon_gemm_tail_2_puts_the_split_parts_into_the_whole_tiles_programs():
+    """TAIL 2 (STREAM): the same split as TAIL 1, none without a whole wave; its kernel stores a sibling's part and
+    counts it (release), the owner waits for the count (acquire) and sums both parts before its own, and every program
+    writes up to two tiles of y, each through TMA; it fits every format's shared memory without spilling. It does not
+    take DQ_PARTS 0 (one line)."""
+    pytest.importorskip("triton")
+    from quantization.kernels import gluon_gemm
+    if gluon_gemm.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    assert gluon_gemm.schedule(1, 172, 64, 132, 2) == (132, 40, 3)        # 4096x11008: 40 tiles' parts in 120 programs
+    assert gluon_gemm.schedule(1, 192, 64, 132, 2) == (132, 60, 2)        # 4096x12288
+    assert gluon_gemm.schedule(1, 64, 64, 132, 2) == (64, 0, 1)           # less than a wave: no program to take parts
+    assert gluon_gemm.schedule(2, 80, 8, 132, 2) == (66, 14, 4)           # --check's 512x5120 at 300 rows
+    config = (256, 64, 64, 8, 5, 4, 2, 3, 2)
+    assert config in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 2
+    ptx = gluon_gemm.compile_for(config, split=3).asm["ptx"]
+    released = ptx.count("red.global.gpu.release.add.u32") + ptx.count("atom.global.gpu.release.add.u32")
+    assert ptx.count("ld.global.gpu.acquire.b32") == 1 and released == 1
+    assert ptx.count("st.global.v2.b32") == 32 and ptx.count("ld.global.cg.v2.b32") == 2 * 32
+    assert ptx.count("cp.async.bulk.tensor.2d.global.shared") == 2  # y's two tiles
+    plain = gluon_gemm.compile_for(config).asm["ptx"]  # SPLIT 1: one tile, no hand-off
+    assert "ld.global.gpu.acquire" not in plain and plain.count("cp.async.bulk.tensor.2d.global.shared") == 1
+    for bits, has_zero, group in ((8, False, 4096), (8, True, 4096), (3, True, 128), (1, False, 4096), (4, True, 128)):
+        kernel = gluon_gemm.compile_for(config, split=3, bits=bits, has_zero=has_zero, group=group)
+        assert kernel.metadata.shared <= 232448 and "st.local" not in kernel.asm["ptx"], (bits, has_zero)
+    with pytest.raises(ValueError, match=r"^gluon_gemm: a config's ninth number \(TAIL\) is 0, 1 or 2 \(2 not with "
+                                         r"DQ_PARTS 0\), got 2 in \(256, 64, 64, 4, 6, 0, 0, 3, 2\)$"):
+        gluon_gemm.compile_for((256, 64, 64, 4, 6, 0, 0, 3, 2), split=3)
 
 
 def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them_in_rounds():

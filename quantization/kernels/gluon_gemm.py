@@ -91,10 +91,12 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # 4096x11008; with two warp groups (60.4 us) or 128 x 64 tiles (68.3) it lost: not listed
 # (bench/results/prefill_regs_h100). Its 256 x 128 tile (the last: a warp group per 64 outputs, each wgmma m64 x n256,
 # no split) where its tiles fit one round: 4096x16384 55.3 us, 1.12x cuBLAS, against 62.5 for the others; 52.8
-# against 47.6 on 4096x11008 (bench/results/prefill_wide_h100). Offered only where 128 divides the outputs
+# against 47.6 on 4096x11008 (bench/results/prefill_wide_h100). Offered only where 128 divides the outputs.
+# TAIL 2 (the last: STREAM, the split tiles' parts taken by the last wave's programs beside their whole tiles, the
+# siblings' first and the owner's last, in one ring): not yet measured on a GPU
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
-           (256, 128, 64, 8, 4, 0, 0, 1)]
+           (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -102,11 +104,25 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, STREAM: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
-        the dequantize partition that takes the tile. The workers share one signature."""
-        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
+        the dequantize partition that takes the tile; with STREAM the program's second segment's K tiles after its
+        first's, on in the one ring. The workers share one signature."""
+        descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg2 = common
+        p = _load_tiles(descs, bufs, bars, 0, k_tiles, off_m, off_n, k_lo, gl.to_tensor(0), 0, DQ_PARTS, BITS,
+                        HAS_ZERO, GROUP_TILES)
+        if STREAM:
+            off_m2, off_n2, k_lo2, n2 = seg2
+            _load_tiles(descs, bufs, bars, k_tiles, k_tiles + n2, off_m2, off_n2, k_lo2 - k_tiles, p, DQ_PARTS,
+                        DQ_PARTS, BITS, HAS_ZERO, GROUP_TILES)
+
+    @gluon.jit
+    def _load_tiles(descs, bufs, bars, i0, i1, off_m, off_n, k_base, p, row_base, DQ_PARTS: gl.constexpr,
+                    BITS: gl.constexpr, HAS_ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
+        """The loader's ring positions i0 .. i1 - 1: K tile k_base + i of the (off_m, off_n) tile (p: the dequantize
+        partition of position i0); with one row of scales, each partition's row with its first position here, into
+        slot row_base + its index. Returns the partition of position i1."""
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
@@ -116,28 +132,28 @@ if gluon is not None:
         rows: gl.constexpr = s_desc.block_type.nbytes + (z_desc.block_type.nbytes if HAS_ZERO else 0)
         nbytes: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes + (0 if ONE_ROW else rows)
         first_bytes: gl.constexpr = nbytes + rows  # with one row: a partition's first tile brings the row
-        p = gl.to_tensor(0)  # i % DQ_PARTS, counted (no division in the one warp's loop)
-        for i in range(k_tiles):
+        for i in range(i0, i1):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
-            k0 = (k_lo + i) * TILE_K  # the program's K tiles start at k_lo (TAIL)
+            k0 = (k_base + i) * TILE_K  # the program's K tiles start at k_base + i0 (TAIL)
             bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
             if ONE_ROW:  # the row once for each dequantize partition, with its first tile, into a slot of its own
-                first = i < DQ_PARTS
+                first = i - i0 < DQ_PARTS
                 mbarrier.expect(bar, first_bytes, pred=first)
-                mbarrier.expect(bar, nbytes, pred=i >= DQ_PARTS)
-                _tma_load(s_desc, [0, off_n], bar, s_bufs.index(p), pred=first)
+                mbarrier.expect(bar, nbytes, pred=i - i0 >= DQ_PARTS)
+                _tma_load(s_desc, [0, off_n], bar, s_bufs.index(row_base + p), pred=first)
                 if HAS_ZERO:
-                    _tma_load(z_desc, [0, off_n], bar, z_bufs.index(p).slice(0, 1), pred=first)
+                    _tma_load(z_desc, [0, off_n], bar, z_bufs.index(row_base + p).slice(0, 1), pred=first)
             else:  # a constant divisor: a shift or a multiply, not a division a tile (the one warp's loop is short)
                 mbarrier.expect(bar, nbytes)
-                row = (k_lo + i) // GROUP_TILES
+                row = (k_base + i) // GROUP_TILES
                 _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
                 if HAS_ZERO:
                     _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
             p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
             _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
             _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
+        return p
 
     @gluon.jit
     def _ring(x_desc, q_desc, s_desc, z_desc, STAGES: gl.constexpr, ROW_SLOTS: gl.constexpr, Z_SLOTS: gl.constexpr):
@@ -315,24 +331,37 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, STREAM: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
-        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all."""
-        descs, bufs, bars, off_m, off_n, k_tiles, k_lo = common
+        (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. With
+        STREAM the positions of the program's second segment after its first's (with one row of scales, a slot of
+        rows for each)."""
+        descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg2 = common
+        _dequantize_tiles(bufs, bars, part, part, k_tiles, 0, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)
+        if STREAM:
+            start = k_tiles + (part - k_tiles % DQ_PARTS + DQ_PARTS) % DQ_PARTS  # the partition's first from k_tiles
+            _dequantize_tiles(bufs, bars, part, start, k_tiles + seg2[3], DQ_PARTS, DQ_LAYOUT, DQ_PARTS, BITS,
+                              HAS_ZERO, ZERO, GROUP_TILES)
+
+    @gluon.jit
+    def _dequantize_tiles(bufs, bars, part, i0, i1, row_base, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
+                          BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
+        """_dequantize's positions i0, i0 + DQ_PARTS, ... below i1 (with one row of scales, from slot row_base +
+        part)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
         LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
-        for i in range(part, k_tiles, DQ_PARTS):
+        for i in range(i0, i1, DQ_PARTS):
             s = i % STAGES
             # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier of the
             # slot alone it could wait two phases behind, where its parity passes before the tile landed
             # (bench/ring_protocol_check.py); this one it waits on every time it is used (i % DQ_PARTS is part)
             mbarrier.wait(ready.index(part * STAGES + s), (i // LAP) & 1)
-            r = part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row (_ring)
+            r = row_base + part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row
             scales = s_bufs.index(r)
             zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
             if BITS == 3:
@@ -373,13 +402,18 @@ if gluon is not None:
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
                   split_args, SPLIT: gl.constexpr, REG_A: gl.constexpr, DQ_LAYOUT: gl.constexpr,
                   WORD_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                  GROUP_TILES: gl.constexpr):
+                  GROUP_TILES: gl.constexpr, STREAM: gl.constexpr, seg2):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
         TILE_M instruction per 16 inputs, each operand read from shared memory once).
         SPLIT > 1 (TAIL): a program of the tail (split_args' first value) holds a part of its tile's K; _hand_off
         adds the parts and the last of them writes y.
+        STREAM (TAIL 2): two segments in one ring (_gluon_mm_kernel): a sibling stores its part after its first
+        segment (_store_part) and writes its whole tile after its second; the others write the first segment's
+        tile (through the ring slot of its last K tile, which stays theirs until the next product), and an owner
+        starts its second segment, its part, from the sum of its siblings' parts (_sum_parts), stored a whole tile
+        earlier, and writes the split tile at its end.
         REG_A (a config's DQ_PARTS 0, with SWAP): no dequantize partitions; this partition dequantizes each slot's
         words into registers (_register_tile) while the previous tile's wgmma runs, and wgmma reads the weight tile
         from them (no weight tile in shared memory: its stores and wgmma's reads of it are about a sixth of a 256 x
@@ -387,16 +421,11 @@ if gluon is not None:
         DIAG & 1: no products (a diagnostic). DIAG & 2: the global timer once the last product has finished and
         again once y is written (or the part handed off), into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
         TILE_N: gl.constexpr = q_bufs.type.shape[2]
-        if SWAP:
-            acc = gl.zeros([TILE_N, TILE_M], gl.float32, ACC_LAYOUT)
-        else:
-            acc = gl.zeros([TILE_M, TILE_N], gl.float32, ACC_LAYOUT)
-        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
-        p = gl.to_tensor(0)  # i % DQ_PARTS, counted
+        SHAPE: gl.constexpr = [TILE_N, TILE_M] if SWAP else [TILE_M, TILE_N]
+        acc = gl.zeros(SHAPE, gl.float32, ACC_LAYOUT)
         if REG_A:
             gl.static_assert(SWAP != 0)  # the weight tile is the left operand
             # two K tiles a turn: each step's operand registers are its own values, so that the tile being
@@ -412,83 +441,139 @@ if gluon is not None:
                                      GROUP_TILES, DIAG)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         else:
-            for i in range(k_tiles):
-                s = i % STAGES
-                phase = (i // STAGES) & 1
-                mbarrier.wait(ready.index(p * STAGES + s), (i // LAP) & 1)  # x's copy landed
-                p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
-                mbarrier.wait(w_ready.index(s), phase)
-                if (DIAG & 1) == 0:
-                    if SWAP:
-                        acc = warpgroup_mma(w_bufs.index(s), x_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                    else:
-                        acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-                mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        if DIAG & 2:
-            gl.store(stamp + 1, _timer())
-        if SPLIT > 1:
-            tail = split_args[0]
-            last = gl.to_tensor(True)
-            if tail:
-                acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
-            if last:
-                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
+            acc, p = _mma_tiles(bufs, bars, 0, k_tiles, acc, gl.to_tensor(0), DIAG, SWAP, DQ_PARTS)
+        if STREAM:
+            gl.static_assert((REG_A == 0) & (SPLIT > 1))
+            has_part, _, _, _, split = split_args
+            sibling = has_part & (split < SPLIT - 1)
+            if sibling:
+                _store_part(acc, split_args, SPLIT, ACC_LAYOUT)
+            else:
+                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT,
+                         (k_tiles - 1) % STAGES)
+            off_m2, off_n2, k_lo2, n2 = seg2
+            if n2 > 0:
+                acc = gl.zeros(SHAPE, gl.float32, ACC_LAYOUT)
+                if has_part & (split == SPLIT - 1):  # the owner: its part starts from its siblings'
+                    acc = _sum_parts(acc, split_args, SPLIT, ACC_LAYOUT)
+                acc, p = _mma_tiles(bufs, bars, k_tiles, k_tiles + n2, acc, p, DIAG, SWAP, DQ_PARTS)
+                if DIAG & 2:
+                    gl.store(stamp + 1, _timer())
+                _write_y(acc, x_bufs, y_desc, y_ptr, off_m2, off_n2, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT,
+                         (k_tiles + n2 - 1) % STAGES)
+            elif DIAG & 2:
+                gl.store(stamp + 1, _timer())
         else:
-            _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT)
+            if DIAG & 2:
+                gl.store(stamp + 1, _timer())
+            if SPLIT > 1:
+                tail = split_args[0]
+                last = gl.to_tensor(True)
+                if tail:
+                    acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
+                if last:
+                    _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT, 0)
+            else:
+                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT, 0)
         if DIAG & 2:
             gl.store(stamp + 2, _timer())
 
     @gluon.jit
-    def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
-        """Split-K's hand-off within a tile's SPLIT programs: the first SPLIT - 1 each store their float32 part to
-        the workspace and count themselves on the tile's counter (release); the last (the tile's owner, launched
-        after them) waits for the count (acquire), adds the parts in split order to its own from its registers (the
-        same sum every call), sets the counter back to 0 for the next call and returns (the sum, True); the others
-        return (their part, False). The owner's wait cannot hold up the others: they are launched before it, and
-        schedule() gives the split programs at most one multiprocessor each."""
-        _, part_ptr, cnt_ptr, tile, split = split_args
-        R: gl.constexpr = acc.type.shape[0]
-        C: gl.constexpr = acc.type.shape[1]
-        # the part in the order of the accumulator's registers (a private layout: the store and the loads agree):
-        # element (r, c) of warp row r // 16, column block c // IN, 8-column group j, half h of the 16 rows, lane
-        # 4 (r % 8) + (c % 8) // 2, pair e = c % 2, so that a warp's store of one register pair is 256 contiguous
-        # bytes (row-major, a warp's store touched 8 rows' 32 bytes each)
+    def _mma_tiles(bufs, bars, i0, i1, acc, p, DIAG: gl.constexpr, SWAP: gl.constexpr, DQ_PARTS: gl.constexpr):
+        """_products' ring positions i0 .. i1 - 1 accumulated into acc (p: the dequantize partition of position
+        i0); returns (acc once every product has finished, the partition of position i1). Each position releases
+        the slot of the one before it (not the last's: its slot stays the caller's until the next position)."""
+        x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+        ready, w_ready, empty = bars
+        STAGES: gl.constexpr = x_bufs.type.shape[0]
+        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
+        for i in range(i0, i1):
+            s = i % STAGES
+            phase = (i // STAGES) & 1
+            mbarrier.wait(ready.index(p * STAGES + s), (i // LAP) & 1)  # x's copy landed
+            p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
+            mbarrier.wait(w_ready.index(s), phase)
+            if (DIAG & 1) == 0:
+                if SWAP:
+                    acc = warpgroup_mma(w_bufs.index(s), x_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                else:
+                    acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+            mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        return acc, p
+
+    @gluon.jit
+    def _part_offsets(R: gl.constexpr, C: gl.constexpr, ACC_LAYOUT: gl.constexpr):
+        """A part's offsets in the workspace, in the order of the accumulator's registers (a private layout: the
+        stores and the loads agree): element (r, c) of warp row r // 16, column block c // IN, 8-column group j,
+        half h of the 16 rows, lane 4 (r % 8) + (c % 8) // 2, pair e = c % 2, so that a warp's store of one register
+        pair is 256 contiguous bytes (row-major, a warp's store touched 8 rows' 32 bytes each)."""
         IN: gl.constexpr = ACC_LAYOUT.instr_shape[1]
         rr = gl.expand_dims(gl.arange(0, R, layout=gl.SliceLayout(1, ACC_LAYOUT)), 1)
         cc = gl.expand_dims(gl.arange(0, C, layout=gl.SliceLayout(0, ACC_LAYOUT)), 0)
         block = (rr // 16) * (C // IN) + cc // IN
         offs = (((block * (IN // 8) + (cc % IN) // 8) * 2 + (rr % 16) // 8) * 32 + (rr % 8) * 4 + (cc % 8) // 2) * 2 \
             + cc % 2
-        offs = gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])  # each register pair: one 8-byte access
+        return gl.max_contiguous(gl.multiple_of(offs, [1, 2]), [1, 2])  # each register pair: one 8-byte access
+
+    @gluon.jit
+    def _store_part(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
+        """A split tile's part (not its owner's) to the workspace (SPLIT - 1 parts a tile), then one count
+        (release)."""
+        _, part_ptr, cnt_ptr, tile, split = split_args
+        R: gl.constexpr = acc.type.shape[0]
+        C: gl.constexpr = acc.type.shape[1]
         base = part_ptr + tile.to(gl.int64) * ((SPLIT - 1) * R * C)
-        owner = split == SPLIT - 1
+        gl.store(base + split * (R * C) + _part_offsets(R, C, ACC_LAYOUT), acc)
+        _barrier()  # every thread's part is written before the count says so
+        gl.atomic_add(cnt_ptr + tile, 1, sem="release")
+
+    @gluon.jit
+    def _sum_parts(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
+        """A split tile's owner: waits for the count of its SPLIT - 1 siblings' parts (acquire; they are launched
+        before it), adds them in split order (the same sum every call) and then to acc, sets the counter back to 0
+        for the next call (after the sum, so that the loads are not all held for it) and returns the total."""
+        _, part_ptr, cnt_ptr, tile, split = split_args
+        R: gl.constexpr = acc.type.shape[0]
+        C: gl.constexpr = acc.type.shape[1]
+        offs = _part_offsets(R, C, ACC_LAYOUT)
+        base = part_ptr + tile.to(gl.int64) * ((SPLIT - 1) * R * C)
+        while gl.atomic_add(cnt_ptr + tile, 0, sem="acquire") < SPLIT - 1:
+            pass
+        total = gl.load(base + offs, cache_modifier=".cg")
+        for s in gl.static_range(1, SPLIT - 1):  # the loads are independent of the sum: issued together
+            total += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
+        acc = total + acc
+        gl.atomic_xchg(cnt_ptr + tile, 0)
+        return acc
+
+    @gluon.jit
+    def _hand_off(acc, split_args, SPLIT: gl.constexpr, ACC_LAYOUT: gl.constexpr):
+        """Split-K's hand-off within a tile's SPLIT programs: the first SPLIT - 1 each store their float32 part to
+        the workspace and count themselves on the tile's counter (_store_part); the last (the tile's owner, launched
+        after them) adds their sum to its own (_sum_parts) and returns (the sum, True); the others return (their
+        part, False). The owner's wait cannot hold up the others: they are launched before it, and schedule() gives
+        the split programs at most one multiprocessor each."""
+        owner = split_args[4] == SPLIT - 1
         if owner:
-            while gl.atomic_add(cnt_ptr + tile, 0, sem="acquire") < SPLIT - 1:
-                pass
-            total = gl.load(base + offs, cache_modifier=".cg")
-            for s in gl.static_range(1, SPLIT - 1):  # the loads are independent of the sum: issued together
-                total += gl.load(base + s * (R * C) + offs, cache_modifier=".cg")
-            acc = total + acc
-            gl.atomic_xchg(cnt_ptr + tile, 0)
+            acc = _sum_parts(acc, split_args, SPLIT, ACC_LAYOUT)
         else:
-            gl.store(base + split * (R * C) + offs, acc)
-            _barrier()  # every thread's part is written before the count says so
-            gl.atomic_add(cnt_ptr + tile, 1, sem="release")
+            _store_part(acc, split_args, SPLIT, ACC_LAYOUT)
         return acc, owner
 
     @gluon.jit
     def _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT: gl.constexpr, SWAP: gl.constexpr,
-                 OUT_LAYOUT: gl.constexpr):
+                 OUT_LAYOUT: gl.constexpr, slot_index):
         """The accumulated tile to y in y's dtype: with SWAP, through OUT_LAYOUT (SWAP 1: 16 bytes a thread, through
         shared-memory scratch), straight from the accumulator (SWAP 2), or (SWAP 3) stored into a slot of x's ring,
-        free once the last product has finished, and copied out by TMA: no scratch beside the ring."""
+        free once the last product has finished (slot_index: one whose product has finished and which the loader
+        cannot fill before the caller's next product), and copied out by TMA: no scratch beside the ring."""
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
         TILE_N: gl.constexpr = acc.type.shape[0] if SWAP else acc.type.shape[1]
-        if SWAP == 3:  # y's tile through x's first slot (every product has read its x) and one TMA copy
+        if SWAP == 3:  # y's tile through a slot of x's ring and one TMA copy
             gl.static_assert(x_bufs.type.shape[2] == TILE_N)  # the slot's shape and layout are y's tile's
-            slot = x_bufs.index(0)
+            slot = x_bufs.index(slot_index)
             slot.store(gl.permute(acc.to(y_desc.dtype), (1, 0)))
             fence_async_shared()
             _tma_store(y_desc, [off_m, off_n], slot)
@@ -521,20 +606,24 @@ if gluon is not None:
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                          DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr):
+                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, STREAM: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
         timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor.
         SPLIT > 1 (TAIL, schedule()): the column tiles from WHOLE on are split in K, SPLIT programs a tile (grid axis
         1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT - 1 parts a split tile) and cnt_ptr
-        (int32 zeros, one a split tile); the programs before them take whole tiles. REG_A (a config's DQ_PARTS 0,
+        (int32 zeros, one a split tile); the programs before them take whole tiles. STREAM (TAIL 2, with SPLIT > 1):
+        no programs of their own for the split tiles: the grid is the whole tiles' (WHOLE column tiles), and the
+        last (REST x row tiles x SPLIT) programs each also take a part of a split tile in the same ring, the
+        tile's first SPLIT - 1 parts (siblings) before their whole tile, its last (the owner's) after: the
+        siblings' parts are stored a whole tile before the owner needs them. REG_A (a config's DQ_PARTS 0,
         passed as DQ_PARTS 1 for the ring's barriers): no dequantize partitions, _products dequantizes into
         registers."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        ROW_SLOTS: gl.constexpr = DQ_PARTS if GROUP_TILES == 0 else STAGES
+        ROW_SLOTS: gl.constexpr = DQ_PARTS * (1 + STREAM) if GROUP_TILES == 0 else STAGES  # STREAM: one a segment
         x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES, ROW_SLOTS,
                                                ROW_SLOTS if HAS_ZERO else 1)
         if REG_A:  # no weight tile in shared memory (a placeholder in the tuple of buffers)
@@ -558,7 +647,29 @@ if gluon is not None:
                                                           pack=1).to(gl.int64))
         off_m = gl.program_id(0) * TILE_M
         k_all = K // TILE_K
-        if SPLIT > 1:  # the tail's programs (column index WHOLE on) take a part of K of a split tile each
+        seg2 = (0, 0, 0, 0)  # STREAM's second segment: (off_m, off_n, k_lo, K tiles)
+        if STREAM:  # the whole tile (pid0, pid1) and, for the last programs, a part of a split tile
+            m_tiles = gl.num_programs(0)
+            parts = (N // TILE_N - WHOLE) * m_tiles * SPLIT
+            after = gl.program_id(1) * m_tiles + gl.program_id(0) - (WHOLE * m_tiles - parts)
+            has_part = after >= 0
+            t = gl.where(has_part, after // SPLIT, 0)  # the split tile, row tiles fastest (its counter's index)
+            split = gl.where(has_part, after % SPLIT, 0)
+            sibling = has_part & (split < SPLIT - 1)
+            part_m = (t % m_tiles) * TILE_M
+            part_n = (WHOLE + t // m_tiles) * TILE_N
+            part_lo = split * k_all // SPLIT
+            part_tiles = (split + 1) * k_all // SPLIT - part_lo
+            whole_m = gl.program_id(0) * TILE_M
+            whole_n = gl.program_id(1) * TILE_N
+            off_m = gl.where(sibling, part_m, whole_m)
+            tile_n = gl.where(sibling, WHOLE + t // m_tiles, gl.program_id(1))
+            k_lo = gl.where(sibling, part_lo, 0)
+            k_tiles = gl.where(sibling, part_tiles, k_all)
+            seg2 = (gl.where(sibling, whole_m, part_m), gl.where(sibling, whole_n, part_n),
+                    gl.where(sibling, 0, part_lo), gl.where(sibling, k_all, gl.where(has_part, part_tiles, 0)))
+            split_args = (has_part, part_ptr, cnt_ptr, t, split)
+        elif SPLIT > 1:  # the tail's programs (column index WHOLE on) take a part of K of a split tile each
             after = gl.program_id(1) - WHOLE
             tail = after >= 0
             split = gl.where(tail, after % SPLIT, 0)
@@ -574,42 +685,42 @@ if gluon is not None:
         off_n = tile_n * TILE_N
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
         bars = (ready, w_ready, empty)
-        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo)  # every worker's
+        common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo, seg2)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if REG_A:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                              ZERO, GROUP_TILES, STREAM, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
             ], [1], [24])
         elif DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                              ZERO, GROUP_TILES, STREAM, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                              ZERO, GROUP_TILES, STREAM, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)),
+                              ZERO, GROUP_TILES, STREAM, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
@@ -625,12 +736,15 @@ def swapped(config):
 
 
 def tail(config):
-    """A config's ninth number, TAIL: 1 splits the tiles past the last whole wave in K (schedule()); 0 where absent.
-    (Each split tile's owner taking 1/16 of K more than an even share, so that its loop ends when its siblings'
-    parts land, was level: 47.1 us either way on 4096x11008, bench/results/prefill_regs_h100.)"""
+    """A config's ninth number, TAIL: 1 splits the tiles past the last whole wave in K (schedule()), each part a
+    program of its own; 2 the same, the parts taken by the last wave's programs beside their whole tiles
+    (_gluon_mm_kernel's STREAM; not with REG_A); 0 where absent. (Each split tile's owner taking 1/16 of K more than
+    an even share, so that its loop ends when its siblings' parts land, was level: 47.1 us either way on
+    4096x11008, bench/results/prefill_regs_h100.)"""
     split = config[8] if len(config) > 8 else 0
-    if split not in (0, 1):
-        raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0 or 1, got {split} in {config}")
+    if split not in (0, 1, 2) or (split == 2 and config[6] == 0):
+        raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0, 1 or 2 (2 not with DQ_PARTS 0), got "
+                         f"{split} in {config}")
     return split
 
 
@@ -639,11 +753,12 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
     on `programs` multiprocessors, one program each: a program takes most of a multiprocessor's shared memory) run
     whole, and the REST after them (the last wave's, which would leave multiprocessors idle) SPLIT programs a tile,
     each a part of K, on as many multiprocessors as that fills. Without tail_split, or where no split helps:
-    (n_tiles, 0, 1). On 4096 x 11008 at 256 rows, 172 tiles of 256 x 64 are 132 whole ones and 40 split in 3."""
+    (n_tiles, 0, 1). On 4096 x 11008 at 256 rows, 172 tiles of 256 x 64 are 132 whole ones and 40 split in 3.
+    tail_split 2 (STREAM) puts the parts into the whole tiles' programs: none without a whole wave."""
     whole = m_tiles * n_tiles // programs * programs // m_tiles if tail_split else n_tiles
     rest = n_tiles - whole
     split = min(programs // (m_tiles * rest), k_tiles) if rest else 1
-    return (whole, rest, split) if split > 1 else (n_tiles, 0, 1)
+    return (whole, rest, split) if split > 1 and (whole or tail_split != 2) else (n_tiles, 0, 1)
 
 
 @functools.lru_cache(maxsize=None)  # per launch otherwise (tens of microseconds of host time)
@@ -816,7 +931,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         part = torch.empty((m_tiles * rest * (split - 1), block_m * block_n), device=x.device, dtype=torch.float32)
         count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
             m_tiles * rest, device=x.device, dtype=torch.int32)
-    grid = (m_tiles, whole + rest * split)
+    grid = (m_tiles, whole + rest * split * (tail(config) != 2))
     if stamps is not None:
         if stamps.shape != (grid[0] * grid[1], 4) or stamps.dtype != torch.int64:
             raise ValueError(f"gluon_gemm: stamps must be int64 of shape ({grid[0] * grid[1]}, 4), one row a program,"
@@ -837,12 +952,12 @@ def _constants(config, bits, has_zero, zero, diag, split):
     return dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                 DQ_REGS=registers(config)[1], DQ_PARTS=max(1, config[6]), BITS=bits, HAS_ZERO=has_zero, ZERO=zero,
                 DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, REG_A=reg_a(config),
-                WORD_LAYOUT=word_layout(config, bits, dq))
+                WORD_LAYOUT=word_layout(config, bits, dq), STREAM=tail(config) == 2 and split > 1)
 
 
 def call_schedule(m, n, k, config, device):
     """(row tiles, schedule()'s (WHOLE, REST, SPLIT)) of a call of m rows, n outputs and k inputs on `device`: its
-    grid is (row tiles, WHOLE + REST * SPLIT)."""
+    grid is (row tiles, WHOLE + REST * SPLIT), (row tiles, WHOLE) with TAIL 2."""
     m_tiles = triton.cdiv(m, config[0])
     programs = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) if tail(
         config) else 0
