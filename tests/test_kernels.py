@@ -1107,7 +1107,7 @@ def test_gluon_gemm_tail_splits_only_the_last_wave_and_hands_its_parts_to_the_ti
 
 
 def test_gluon_gemm_tail_2_puts_the_split_parts_into_the_whole_tiles_programs():
-    """TAIL 2 (STREAM): the same split as TAIL 1, none without a whole wave; its kernel stores a sibling's part and
+    """TAIL 2 (FOLD): the same split as TAIL 1, none without a whole wave; its kernel stores a sibling's part and
     counts it (release), the owner waits for the count (acquire) and sums both parts before its own, and every program
     writes up to two tiles of y, each through TMA; it fits every format's shared memory without spilling. It does not
     take DQ_PARTS 0 (one line)."""

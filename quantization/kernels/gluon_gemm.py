@@ -40,8 +40,12 @@ multiprocessors idle in a last wave, split in K in the same launch; a split tile
 after the others) waits for their float32 parts (stored in the accumulator's register order) and adds them to its
 own (_hand_off). On 4096x11008 (256 x 64 tiles: 132 whole, 40 in thirds) 47.7 us against 60.3 for the first
 config and cuBLAS's 42.9; the launcher takes it there for every format, 0.87-0.94x cuBLAS
-(bench/results/prefill_timeline_h100). stamps= has each program write its timeline (bench/prefill_ws_probe.py
---timeline).
+(bench/results/prefill_timeline_h100). TAIL 2 (FOLD) leaves the split tiles no programs of their own: the last
+wave's programs take their parts in the same ring beside their whole tiles, a tile's first parts (its siblings')
+before the program's whole tile, its last (the owner's) after, started from the siblings' sum, stored a whole
+tile earlier: one round, no owner waiting at its end. On one H200, 4096x11008 int4: 42.9 us against 46.9 for TAIL 1
+(cuBLAS 36.2); the launcher takes it there and on 4096x12288 for every format (bench/results/prefill_fold).
+stamps= has each program write its timeline (bench/prefill_ws_probe.py --timeline).
 
 REG_A (a config's seventh number, DQ_PARTS, 0): no dequantize partitions; the wgmma warps dequantize each K tile
 straight into the registers of wgmma's left operand (the weight tile, SWAP), in register_layout(), while the
@@ -92,8 +96,9 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # (bench/results/prefill_regs_h100). Its 256 x 128 tile (the last: a warp group per 64 outputs, each wgmma m64 x n256,
 # no split) where its tiles fit one round: 4096x16384 55.3 us, 1.12x cuBLAS, against 62.5 for the others; 52.8
 # against 47.6 on 4096x11008 (bench/results/prefill_wide_h100). Offered only where 128 divides the outputs.
-# TAIL 2 (the last: STREAM, the split tiles' parts taken by the last wave's programs beside their whole tiles, the
-# siblings' first and the owner's last, in one ring): not yet measured on a GPU
+# TAIL 2 (the last: FOLD, the split tiles' parts taken by the last wave's programs beside their whole tiles, the
+# siblings' first and the owner's last, in one ring): 42.9 us against 46.9 on 4096x11008, 47.6 against 51.1 on
+# 4096x12288 (one H200, bench/results/prefill_fold)
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
            (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2)]
@@ -104,15 +109,15 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, STREAM: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, FOLD: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
-        the dequantize partition that takes the tile; with STREAM the program's second segment's K tiles after its
+        the dequantize partition that takes the tile; with FOLD the program's second segment's K tiles after its
         first's, on in the one ring. The workers share one signature."""
         descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg2 = common
         p = _load_tiles(descs, bufs, bars, 0, k_tiles, off_m, off_n, k_lo, gl.to_tensor(0), 0, DQ_PARTS, BITS,
                         HAS_ZERO, GROUP_TILES)
-        if STREAM:
+        if FOLD:
             off_m2, off_n2, k_lo2, n2 = seg2
             _load_tiles(descs, bufs, bars, k_tiles, k_tiles + n2, off_m2, off_n2, k_lo2 - k_tiles, p, DQ_PARTS,
                         DQ_PARTS, BITS, HAS_ZERO, GROUP_TILES)
@@ -331,15 +336,15 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, STREAM: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, FOLD: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. With
-        STREAM the positions of the program's second segment after its first's (with one row of scales, a slot of
+        FOLD the positions of the program's second segment after its first's (with one row of scales, a slot of
         rows for each)."""
         descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg2 = common
         _dequantize_tiles(bufs, bars, part, part, k_tiles, 0, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)
-        if STREAM:
+        if FOLD:
             start = k_tiles + (part - k_tiles % DQ_PARTS + DQ_PARTS) % DQ_PARTS  # the partition's first from k_tiles
             _dequantize_tiles(bufs, bars, part, start, k_tiles + seg2[3], DQ_PARTS, DQ_LAYOUT, DQ_PARTS, BITS,
                               HAS_ZERO, ZERO, GROUP_TILES)
@@ -402,14 +407,14 @@ if gluon is not None:
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
                   split_args, SPLIT: gl.constexpr, REG_A: gl.constexpr, DQ_LAYOUT: gl.constexpr,
                   WORD_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                  GROUP_TILES: gl.constexpr, STREAM: gl.constexpr, seg2):
+                  GROUP_TILES: gl.constexpr, FOLD: gl.constexpr, seg2):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
         TILE_M instruction per 16 inputs, each operand read from shared memory once).
         SPLIT > 1 (TAIL): a program of the tail (split_args' first value) holds a part of its tile's K; _hand_off
         adds the parts and the last of them writes y.
-        STREAM (TAIL 2): two segments in one ring (_gluon_mm_kernel): a sibling stores its part after its first
+        FOLD (TAIL 2): two segments in one ring (_gluon_mm_kernel): a sibling stores its part after its first
         segment (_store_part) and writes its whole tile after its second; the others write the first segment's
         tile (through the ring slot of its last K tile, which stays theirs until the next product), and an owner
         starts its second segment, its part, from the sum of its siblings' parts (_sum_parts), stored a whole tile
@@ -442,7 +447,7 @@ if gluon is not None:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         else:
             acc, p = _mma_tiles(bufs, bars, 0, k_tiles, acc, gl.to_tensor(0), DIAG, SWAP, DQ_PARTS)
-        if STREAM:
+        if FOLD:
             gl.static_assert((REG_A == 0) & (SPLIT > 1))
             has_part, _, _, _, split = split_args
             sibling = has_part & (split < SPLIT - 1)
@@ -606,14 +611,14 @@ if gluon is not None:
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                          DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, STREAM: gl.constexpr):
+                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, FOLD: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
         timer (ns) at its start, when its last product has finished and when y is written, and its multiprocessor.
         SPLIT > 1 (TAIL, schedule()): the column tiles from WHOLE on are split in K, SPLIT programs a tile (grid axis
         1 from WHOLE on), each adding its part through part_ptr (float32, SPLIT - 1 parts a split tile) and cnt_ptr
-        (int32 zeros, one a split tile); the programs before them take whole tiles. STREAM (TAIL 2, with SPLIT > 1):
+        (int32 zeros, one a split tile); the programs before them take whole tiles. FOLD (TAIL 2, with SPLIT > 1):
         no programs of their own for the split tiles: the grid is the whole tiles' (WHOLE column tiles), and the
         last (REST x row tiles x SPLIT) programs each also take a part of a split tile in the same ring, the
         tile's first SPLIT - 1 parts (siblings) before their whole tile, its last (the owner's) after: the
@@ -623,7 +628,7 @@ if gluon is not None:
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         TILE_N: gl.constexpr = q_desc.block_type.shape[1]
-        ROW_SLOTS: gl.constexpr = DQ_PARTS * (1 + STREAM) if GROUP_TILES == 0 else STAGES  # STREAM: one a segment
+        ROW_SLOTS: gl.constexpr = DQ_PARTS * (1 + FOLD) if GROUP_TILES == 0 else STAGES  # FOLD: one a segment
         x_bufs, q_bufs, s_bufs, z_bufs = _ring(x_desc, q_desc, s_desc, z_desc, STAGES, ROW_SLOTS,
                                                ROW_SLOTS if HAS_ZERO else 1)
         if REG_A:  # no weight tile in shared memory (a placeholder in the tuple of buffers)
@@ -647,8 +652,8 @@ if gluon is not None:
                                                           pack=1).to(gl.int64))
         off_m = gl.program_id(0) * TILE_M
         k_all = K // TILE_K
-        seg2 = (0, 0, 0, 0)  # STREAM's second segment: (off_m, off_n, k_lo, K tiles)
-        if STREAM:  # the whole tile (pid0, pid1) and, for the last programs, a part of a split tile
+        seg2 = (0, 0, 0, 0)  # FOLD's second segment: (off_m, off_n, k_lo, K tiles)
+        if FOLD:  # the whole tile (pid0, pid1) and, for the last programs, a part of a split tile
             m_tiles = gl.num_programs(0)
             parts = (N // TILE_N - WHOLE) * m_tiles * SPLIT
             after = gl.program_id(1) * m_tiles + gl.program_id(0) - (WHOLE * m_tiles - parts)
@@ -691,36 +696,36 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, STREAM, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1], [24])
         elif DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, STREAM, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, STREAM, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 3)
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, STREAM, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, STREAM)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
@@ -738,7 +743,7 @@ def swapped(config):
 def tail(config):
     """A config's ninth number, TAIL: 1 splits the tiles past the last whole wave in K (schedule()), each part a
     program of its own; 2 the same, the parts taken by the last wave's programs beside their whole tiles
-    (_gluon_mm_kernel's STREAM; not with REG_A); 0 where absent. (Each split tile's owner taking 1/16 of K more than
+    (_gluon_mm_kernel's FOLD; not with REG_A); 0 where absent. (Each split tile's owner taking 1/16 of K more than
     an even share, so that its loop ends when its siblings' parts land, was level: 47.1 us either way on
     4096x11008, bench/results/prefill_regs_h100.)"""
     split = config[8] if len(config) > 8 else 0
@@ -754,7 +759,7 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
     whole, and the REST after them (the last wave's, which would leave multiprocessors idle) SPLIT programs a tile,
     each a part of K, on as many multiprocessors as that fills. Without tail_split, or where no split helps:
     (n_tiles, 0, 1). On 4096 x 11008 at 256 rows, 172 tiles of 256 x 64 are 132 whole ones and 40 split in 3.
-    tail_split 2 (STREAM) puts the parts into the whole tiles' programs: none without a whole wave."""
+    tail_split 2 (FOLD) puts the parts into the whole tiles' programs: none without a whole wave."""
     whole = m_tiles * n_tiles // programs * programs // m_tiles if tail_split else n_tiles
     rest = n_tiles - whole
     split = min(programs // (m_tiles * rest), k_tiles) if rest else 1
@@ -952,7 +957,7 @@ def _constants(config, bits, has_zero, zero, diag, split):
     return dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                 DQ_REGS=registers(config)[1], DQ_PARTS=max(1, config[6]), BITS=bits, HAS_ZERO=has_zero, ZERO=zero,
                 DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, REG_A=reg_a(config),
-                WORD_LAYOUT=word_layout(config, bits, dq), STREAM=tail(config) == 2 and split > 1)
+                WORD_LAYOUT=word_layout(config, bits, dq), FOLD=tail(config) == 2 and split > 1)
 
 
 def call_schedule(m, n, k, config, device):
