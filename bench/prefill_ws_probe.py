@@ -446,14 +446,25 @@ def i8(split, qweight, scale, sz, config, y, m):
     return y
 
 
-def timeline(stamps):
+def fold_roles(m_tiles, whole, rest, split):
+    """Each program's role under gluon_gemm's TAIL 2 (FOLD), in program order (row tiles fastest): "whole" (its whole
+    tile only), "sibling" (a part of a split tile, then its whole tile) or "owner" (its whole tile, then the split
+    tile's last part, started from its siblings' sum): the last rest x m_tiles x split programs take parts."""
+    first = m_tiles * whole - rest * m_tiles * split
+    return ["whole" if g < first else "owner" if (g - first) % split == split - 1 else "sibling"
+            for g in range(m_tiles * whole)]
+
+
+def timeline(stamps, roles=None):
     """What gluon_gemm's STAMP stamps (an int64 (programs, 4) array: start, last product finished, y written, in ns of
     the global timer, and the multiprocessor) say about one call: its span, how many multiprocessors it used and the
     most programs one ran, and per round (a program's place among those of its multiprocessor, by start) how many
     programs, when the round's first and median program started (us after the call's first), and the median and
     longest time from a program's start to its last product and from there to y written (or its part handed off).
     A dict: span_us, programs, multiprocessors, most, rounds [(round, programs, first start, median start, median
-    loop, longest loop, median epilogue, longest epilogue)]."""
+    loop, longest loop, median epilogue, longest epilogue)]; with roles (a label per program, fold_roles()) also
+    roles [(label, programs, median loop, longest loop, median epilogue, longest epilogue)], in order of first
+    appearance."""
     import statistics
     rows = [tuple(int(v) for v in row) for row in stamps]
     t0 = min(r[0] for r in rows)
@@ -472,8 +483,16 @@ def timeline(stamps):
         tails = [(r[2] - r[1]) / 1e3 for r in rs]
         out.append((i + 1, len(rs), min(starts), statistics.median(starts), statistics.median(loops), max(loops),
                     statistics.median(tails), max(tails)))
+    by_role = {}
+    for label, r in zip(roles or (), rows):
+        by_role.setdefault(label, []).append(r)
+    role_rows = []
+    for label, rs in by_role.items():
+        loops = [(r[1] - r[0]) / 1e3 for r in rs]
+        tails = [(r[2] - r[1]) / 1e3 for r in rs]
+        role_rows.append((label, len(rs), statistics.median(loops), max(loops), statistics.median(tails), max(tails)))
     return dict(span_us=(max(r[2] for r in rows) - t0) / 1e3, programs=len(rows), multiprocessors=len(per_sm),
-                most=max(len(v) for v in per_sm.values()), rounds=out)
+                most=max(len(v) for v in per_sm.values()), rounds=out, roles=role_rows)
 
 
 def timeline_lines(shape, text, summary):
@@ -483,6 +502,9 @@ def timeline_lines(shape, text, summary):
     for rnd, n, first, median, loop, longest, epilogue, slowest in summary["rounds"]:
         lines.append(f"    round {rnd}: {n} programs, first start {first:.1f} us, median start {median:.1f}, "
                      f"loop median {loop:.1f} (longest {longest:.1f}), epilogue {epilogue:.2f} (longest {slowest:.2f})")
+    for label, n, loop, longest, epilogue, slowest in summary.get("roles", ()):
+        lines.append(f"    {label}: {n} programs, loop median {loop:.1f} (longest {longest:.1f}), epilogue "
+                     f"{epilogue:.2f} (longest {slowest:.2f})")
     return lines
 
 
@@ -825,7 +847,8 @@ def bench_shape(shape, m, variants, project, log, stamp=False):
                     for s, st in zip(vsets, stamps):
                         probe(x, *s, variant, config, stamps=st)
                     torch.cuda.synchronize()
-                    for line in timeline_lines(shape, text, timeline(stamps[-1].cpu().tolist())):
+                    roles = fold_roles(m_tiles, whole, rest, split_) if gluon_gemm.tail(config) == 2 else None
+                    for line in timeline_lines(shape, text, timeline(stamps[-1].cpu().tolist(), roles)):
                         log(line)
                 if variant == "i8":  # its two kernels apart: the GEMM on x already split, and the split alone
                     calls = [lambda s=s, o=o, sz=sz: i8(split, s[0], s[1], sz, config, o, x.shape[0])

@@ -1167,6 +1167,16 @@ def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them
     lines = probe.timeline_lines("4096x4096", "c", summary)
     assert lines[0] == "  timeline 4096x4096 c: span 22.0 us, 4 programs on 3 multiprocessors, at most 2 on one"
     assert len(lines) == 3 and lines[2].startswith("    round 2: 1 programs, first start 11.5 us")
+    # TAIL 2's roles: 4096x11008 at 256 rows, 132 programs, the last 120 with parts (40 tiles in thirds)
+    roles = probe.fold_roles(1, 132, 40, 3)
+    assert roles[:12] == ["whole"] * 12 and roles[12:15] == ["sibling", "sibling", "owner"]
+    assert roles.count("owner") == 40
+    assert probe.fold_roles(2, 66, 14, 4).count("sibling") == 84  # two row tiles: 28 split tiles in quarters
+    summary = probe.timeline(stamps, roles=["whole", "owner", "whole", "sibling"])
+    assert summary["roles"][0] == ("whole", 2, 10.0, 10.0, 0.75, 1.0)
+    assert summary["roles"][1][:4] == ("owner", 1, 10, 10)
+    assert probe.timeline_lines("s", "c", summary)[-1] == ("    sibling: 1 programs, loop median 4.5 (longest 4.5), "
+                                                           "epilogue 0.60 (longest 0.60)")
 
 
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
