@@ -1126,6 +1126,9 @@ def test_gluon_gemm_tail_2_puts_the_split_parts_into_the_whole_tiles_programs():
     assert ptx.count("ld.global.gpu.acquire.b32") == 1 and released == 1
     assert ptx.count("st.global.v2.b32") == 32 and ptx.count("ld.global.cg.v2.b32") == 2 * 32
     assert ptx.count("cp.async.bulk.tensor.2d.global.shared") == 2  # y's two tiles
+    assert gluon_gemm.schedule(1, 172, 64, 132, 3) == (132, 40, 3)        # TAIL 3: the owner adds the parts last
+    last = gluon_gemm.compile_for(config[:8] + (3,), split=3).asm["ptx"]
+    assert last.count("ld.global.gpu.acquire.b32") == 1 and last.count("ld.global.cg.v2.b32") == 2 * 32
     plain = gluon_gemm.compile_for(config).asm["ptx"]  # SPLIT 1: one tile, no hand-off
     assert "ld.global.gpu.acquire" not in plain and plain.count("cp.async.bulk.tensor.2d.global.shared") == 1
     for bits, has_zero, group in ((8, False, 4096), (8, True, 4096), (3, True, 128), (1, False, 4096), (4, True, 128)):
