@@ -842,12 +842,12 @@ def bench_shape(shape, m, variants, project, log, stamp=False):
                     f"({time.time() - start:.1f} s)")
                 if stamp and variant == "gluon":  # the timeline of each copy's call, back to back; the last printed
                     m_tiles, (whole, rest, split_) = gluon_gemm.call_schedule(m, n, k, config, x.device)
-                    programs = m_tiles * (whole + rest * split_ * (gluon_gemm.tail(config) < 2))  # TAIL 2, 3: parts in
+                    programs = m_tiles * (whole + rest * split_ * (gluon_gemm.tail(config) != 2))  # TAIL 2: parts in
                     stamps = [torch.zeros(programs, 4, dtype=torch.int64, device="cuda") for _ in vsets]
                     for s, st in zip(vsets, stamps):
                         probe(x, *s, variant, config, stamps=st)
                     torch.cuda.synchronize()
-                    roles = fold_roles(m_tiles, whole, rest, split_) if gluon_gemm.tail(config) >= 2 else None
+                    roles = fold_roles(m_tiles, whole, rest, split_) if gluon_gemm.tail(config) == 2 else None
                     for line in timeline_lines(shape, text, timeline(stamps[-1].cpu().tolist(), roles)):
                         log(line)
                 if variant == "i8":  # its two kernels apart: the GEMM on x already split, and the split alone

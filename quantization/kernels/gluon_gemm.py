@@ -407,7 +407,7 @@ if gluon is not None:
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
                   split_args, SPLIT: gl.constexpr, REG_A: gl.constexpr, DQ_LAYOUT: gl.constexpr,
                   WORD_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                  GROUP_TILES: gl.constexpr, FOLD: gl.constexpr, seg2, OWNER_LAST: gl.constexpr):
+                  GROUP_TILES: gl.constexpr, FOLD: gl.constexpr, seg2):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
@@ -459,15 +459,9 @@ if gluon is not None:
             off_m2, off_n2, k_lo2, n2 = seg2
             if n2 > 0:
                 acc = gl.zeros(SHAPE, gl.float32, ACC_LAYOUT)
-                owner = has_part & (split == SPLIT - 1)
-                if OWNER_LAST:  # TAIL 3: the siblings' sum added after the owner's part
-                    acc, p = _mma_tiles(bufs, bars, k_tiles, k_tiles + n2, acc, p, DIAG, SWAP, DQ_PARTS)
-                    if owner:
-                        acc = _sum_parts(acc, split_args, SPLIT, ACC_LAYOUT)
-                else:
-                    if owner:  # the owner: its part starts from its siblings'
-                        acc = _sum_parts(acc, split_args, SPLIT, ACC_LAYOUT)
-                    acc, p = _mma_tiles(bufs, bars, k_tiles, k_tiles + n2, acc, p, DIAG, SWAP, DQ_PARTS)
+                if has_part & (split == SPLIT - 1):  # the owner: its part starts from its siblings'
+                    acc = _sum_parts(acc, split_args, SPLIT, ACC_LAYOUT)
+                acc, p = _mma_tiles(bufs, bars, k_tiles, k_tiles + n2, acc, p, DIAG, SWAP, DQ_PARTS)
                 if DIAG & 2:
                     gl.store(stamp + 1, _timer())
                 _write_y(acc, x_bufs, y_desc, y_ptr, off_m2, off_n2, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT,
@@ -617,8 +611,7 @@ if gluon is not None:
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                          DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, FOLD: gl.constexpr,
-                         OWNER_LAST: gl.constexpr):
+                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, FOLD: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
@@ -703,14 +696,14 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2, OWNER_LAST)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1], [24])
         elif DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2, OWNER_LAST)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
@@ -718,7 +711,7 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2, OWNER_LAST)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
@@ -728,7 +721,7 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2, OWNER_LAST)),
+                              ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
@@ -754,8 +747,8 @@ def tail(config):
     an even share, so that its loop ends when its siblings' parts land, was level: 47.1 us either way on
     4096x11008, bench/results/prefill_regs_h100.)"""
     split = config[8] if len(config) > 8 else 0
-    if split not in (0, 1, 2, 3) or (split >= 2 and config[6] == 0):
-        raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0 to 3 (2 and 3 not with DQ_PARTS 0), got "
+    if split not in (0, 1, 2) or (split == 2 and config[6] == 0):
+        raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0, 1 or 2 (2 not with DQ_PARTS 0), got "
                          f"{split} in {config}")
     return split
 
@@ -770,7 +763,7 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
     whole = m_tiles * n_tiles // programs * programs // m_tiles if tail_split else n_tiles
     rest = n_tiles - whole
     split = min(programs // (m_tiles * rest), k_tiles) if rest else 1
-    return (whole, rest, split) if split > 1 and (whole or tail_split < 2) else (n_tiles, 0, 1)
+    return (whole, rest, split) if split > 1 and (whole or tail_split != 2) else (n_tiles, 0, 1)
 
 
 @functools.lru_cache(maxsize=None)  # per launch otherwise (tens of microseconds of host time)
@@ -943,7 +936,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         part = torch.empty((m_tiles * rest * (split - 1), block_m * block_n), device=x.device, dtype=torch.float32)
         count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
             m_tiles * rest, device=x.device, dtype=torch.int32)
-    grid = (m_tiles, whole + rest * split * (tail(config) < 2))
+    grid = (m_tiles, whole + rest * split * (tail(config) != 2))
     if stamps is not None:
         if stamps.shape != (grid[0] * grid[1], 4) or stamps.dtype != torch.int64:
             raise ValueError(f"gluon_gemm: stamps must be int64 of shape ({grid[0] * grid[1]}, 4), one row a program,"
@@ -964,8 +957,7 @@ def _constants(config, bits, has_zero, zero, diag, split):
     return dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                 DQ_REGS=registers(config)[1], DQ_PARTS=max(1, config[6]), BITS=bits, HAS_ZERO=has_zero, ZERO=zero,
                 DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, REG_A=reg_a(config),
-                WORD_LAYOUT=word_layout(config, bits, dq), FOLD=tail(config) >= 2 and split > 1,
-                OWNER_LAST=tail(config) == 3)
+                WORD_LAYOUT=word_layout(config, bits, dq), FOLD=tail(config) == 2 and split > 1)
 
 
 def call_schedule(m, n, k, config, device):
