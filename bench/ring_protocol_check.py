@@ -32,23 +32,24 @@ import math
 PARTS = 3
 
 
-def check(tiles, stages, w_stages, protocol):
-    """(states explored, [problems]) for `tiles` K tiles, STAGES x slots, W_STAGES words slots (unused by `one`)."""
+def check(tiles, stages, w_stages, protocol, n_parts=PARTS):
+    """(states explored, [problems]) for `tiles` K tiles, STAGES x slots, W_STAGES words slots (unused by `one`),
+    n_parts dequantize partitions."""
     w_stages = stages if protocol in ("one", "one_shared") else w_stages
 
     def word_slot(i):  # (slot, lap) of tile i's words
         if protocol == "rings":
-            per = w_stages // PARTS
-            k = i // PARTS
-            return (i % PARTS) * per + k % per, k // per
+            per = w_stages // n_parts
+            k = i // n_parts
+            return (i % n_parts) * per + k % per, k // per
         return i % w_stages, i // w_stages
 
     one = protocol in ("one", "one_shared")
-    period = math.lcm(PARTS, stages) if protocol == "one" else None
+    period = math.lcm(n_parts, stages) if protocol == "one" else None
 
     def ready_index(i):  # the barrier a tile's copies complete: per (partition, slot) for `one`
         if protocol == "one":
-            return (i % PARTS) * stages + i % stages
+            return (i % n_parts) * stages + i % stages
         return word_slot(i)[0]
 
     def ready_lap(i):
@@ -60,8 +61,8 @@ def check(tiles, stages, w_stages, protocol):
     # state: loader x (or the one loader), loader w, each partition's (tile, step), products' (tile, step), the
     # barriers' completed phases (empty, x_ready, w_ready, ready, w_free), copies in flight, what each slot holds,
     # the tiles dequantized, the last tile whose slot the products released
-    start = (0, 0, tuple((p, 0) for p in range(PARTS)), (0, 0),
-             ((0,) * stages, (0,) * stages, (0,) * stages, (0,) * (PARTS * stages if protocol == "one" else w_stages),
+    start = (0, 0, tuple((p, 0) for p in range(n_parts)), (0, 0),
+             ((0,) * stages, (0,) * stages, (0,) * stages, (0,) * (n_parts * stages if protocol == "one" else w_stages),
               (0,) * w_stages),
              frozenset(), ((-1,) * stages, (-1,) * stages, (-1,) * w_stages), frozenset(), -1)
     seen, stack, problems = set(), [start], []
@@ -136,7 +137,7 @@ def check(tiles, stages, w_stages, protocol):
                 if released < i - stages:
                     problems.append(f"weight slot of tile {i - stages} overwritten before its product finished")
                     continue
-                step(parts=put(parts, p, (i + PARTS, 0)), w_slots=put(w_slots, s, i), w_ready=bump(w_ready, s),
+                step(parts=put(parts, p, (i + n_parts, 0)), w_slots=put(w_slots, s, i), w_ready=bump(w_ready, s),
                      w_free=w_free if one else bump(w_free, q), done=done | {i})
         i, stage = prod
         if i < tiles:  # the products
@@ -164,6 +165,7 @@ def main():
                    "first config has 8: --stages=8 --tiles=10 takes about a minute a protocol)")
     p.add_argument("--protocol", default="one,rings", help="comma-separated: one, one_shared, rings, "
                    "shared_words")
+    p.add_argument("--parts", type=int, default=PARTS, help="dequantize partitions (the kernel's DQ_PARTS, 1 to 4)")
     args = p.parse_args()
     bad = 0
     for protocol in args.protocol.split(","):
@@ -172,7 +174,7 @@ def main():
         else:  # the words' rings: a third for each partition; x's ring at least 3 slots (as the kernel had them)
             sizes = list(itertools.product((3, 4), (3, 6, 9)))
         for (stages, w_stages), tiles in itertools.product(sizes, range(args.tiles + 1)):
-            states, problems = check(tiles, stages, w_stages, protocol)
+            states, problems = check(tiles, stages, w_stages, protocol, args.parts)
             if problems:
                 bad += 1
                 print(f"{protocol}: {tiles} tiles, {stages} stages, {w_stages} words slots: {problems[0]} "

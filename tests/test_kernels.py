@@ -1136,6 +1136,33 @@ def test_gluon_gemm_tail_2_puts_the_split_parts_into_the_whole_tiles_programs():
         gluon_gemm.compile_for((256, 64, 64, 4, 6, 0, 0, 3, 2), split=3)
 
 
+def test_gluon_gemm_takes_four_dequantize_partitions_of_two_warps():
+    """DQ_PARTS up to 4 (2 warps each: the same 8 dequantize warps as 2 partitions of 4, twice the K tiles in
+    flight): the program's warps are counted as Triton pads them (8 + the loader's and theirs, 9, in whole warp
+    groups: 20, so 96 registers a thread and 72 for the dequantize threads, as the listed 2 x 4 config); it compiles
+    for every format within shared memory without spilling, its ring's protocol has no deadlock or early read with 4
+    partitions (bench/ring_protocol_check.py), and a ring whose phase period the kernel would get wrong (4
+    partitions, STAGES 2 mod 4) is refused in one line."""
+    pytest.importorskip("triton")
+    from bench.ring_protocol_check import check
+    from quantization.kernels import gluon_gemm
+    if gluon_gemm.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    config = (256, 64, 64, 8, 5, 2, 4, 3, 2)
+    assert gluon_gemm.registers(config) == (96, 72) == gluon_gemm.registers((256, 64, 64, 8, 5, 4, 2, 3, 2))
+    for bits, has_zero, group in ((4, True, 128), (8, False, 4096), (3, True, 128), (1, False, 4096)):
+        kernel = gluon_gemm.compile_for(config, split=3, bits=bits, has_zero=has_zero, group=group)
+        assert kernel.metadata.shared <= 232448 and "st.local" not in kernel.asm["ptx"], bits
+        assert len(re.findall(r"^\s*partition\d+\(", kernel.asm["ttgir"], flags=re.M)) == 5  # loader + 4
+    for tiles, stages in ((9, 5), (9, 4)):
+        states, problems = check(tiles, stages, stages, "one", 4)
+        assert states > 1000 and not problems, (tiles, stages, problems[:1])
+    with pytest.raises(ValueError, match=r"^gluon_gemm: a config's seventh number \(DQ_PARTS\) is 0 to 4, and 4 takes "
+                                         r"STAGES odd or a multiple of 4 \(the ring's phase period\), got \(256, 64, "
+                                         r"64, 8, 6, 2, 4, 3, 2\)$"):
+        gluon_gemm.compile_for((256, 64, 64, 8, 6, 2, 4, 3, 2))
+
+
 def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them_in_rounds():
     """gluon_mm's stamps (the kernel's DIAG bit 2): the compiled kernel reads the global timer three times (start,
     last product, y written) and its multiprocessor once, and without stamps not at all; stamps of the wrong shape

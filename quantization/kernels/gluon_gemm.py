@@ -13,8 +13,8 @@ tile: the widest TMA and wgmma swizzle), a ring of STAGES shared-memory slots be
 - the loader (one warp): TMA copies of each K tile's x (BLOCK_M, 64), words (64 B / 32, BLOCK_N) int32 (the
   project's layout for B-bit codes: code f of word row r is input r * 32 / B + f), scales and zero points (one row
   each) into the next free slot;
-- DQ_PARTS dequantize partitions of DQ_WARPS warps, taking the K tiles in turn (while one waits on its loads, stores
-  and barriers, the next computes): code c goes into the top B bits of a float's mantissa, 1 + c / 2^B, and
+- DQ_PARTS (1 to 4) dequantize partitions of DQ_WARPS warps, taking the K tiles in turn (while one waits on its
+  loads, stores and barriers, the next computes): code c goes into the top B bits of a float's mantissa, 1 + c / 2^B, and
   w = (1 + c / 2^B) 2^B s - (2^B + z) s = (c - z) s (one constant shift, one 3-input logic op and one FMA per code;
   3-bit codes from their planes two at a time, _plane_block), stored as the (BLOCK_N, 64) bf16 weight tile,
   K-contiguous (16 bytes a store);
@@ -99,6 +99,10 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # TAIL 2 (the last: FOLD, the split tiles' parts taken by the last wave's programs beside their whole tiles, the
 # siblings' first and the owner's last, in one ring): 42.9 us against 46.9 on 4096x11008, 47.6 against 51.1 on
 # 4096x12288 (one H200, bench/results/prefill_fold)
+# Not listed, not yet run on a GPU: 4 dequantize partitions of 2 warps, (256, 64, 64, 8, 5, 2, 4, 3, 2). A program's
+# loop takes about 0.85 us a K tile per dequantize partition in both listed tiles that take it (128 x 64 with 3
+# partitions: 0.28 us a K tile; 256 x 64 with 2: 0.43), as if each partition's round trip (word loads, stores,
+# fence, barrier, arrive) bounds it: 4 partitions keep twice as many tiles in flight with the same 8 warps
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
            (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2)]
@@ -359,7 +363,8 @@ if gluon is not None:
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
-        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
+        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (layouts() refuses 4
+        # partitions with STAGES 2 mod 4, the one case up to 4 where this is not it)
         for i in range(i0, i1, DQ_PARTS):
             s = i % STAGES
             # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier of the
@@ -491,7 +496,8 @@ if gluon is not None:
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
         ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
-        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (DQ_PARTS <= 3)
+        LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (layouts() refuses 4
+        # partitions with STAGES 2 mod 4, the one case up to 4 where this is not it)
         for i in range(i0, i1):
             s = i % STAGES
             phase = (i // STAGES) & 1
@@ -716,8 +722,7 @@ if gluon is not None:
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
-        else:
-            gl.static_assert(DQ_PARTS == 3)
+        elif DQ_PARTS == 3:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
@@ -727,6 +732,18 @@ if gluon is not None:
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
+        else:
+            gl.static_assert(DQ_PARTS == 4)
+            gl.warp_specialize([
+                (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
+                              DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
+                              ZERO, GROUP_TILES, FOLD, seg2)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first + 3, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+            ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
 def swapped(config):
@@ -770,8 +787,11 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
 def layouts(config, bits=4):
     """(x tile, words/scales, zero points, weight tile shared layouts; accumulator, dequantize and (for SWAP) output
     register layouts)."""
-    block_m, block_n, block_k, warps, _, dq_warps = config[:6]
+    block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
     tail(config)  # a config's numbers checked, each in one line
+    if not 0 <= config[6] <= 4 or (config[6] == 4 and stages % 4 == 2):
+        raise ValueError(f"gluon_gemm: a config's seventh number (DQ_PARTS) is 0 to 4, and 4 takes STAGES odd or a "
+                         f"multiple of 4 (the ring's phase period), got {config}")
     x_layout = gl.NVMMASharedLayout.get_default_for([block_m, block_k], gl.bfloat16)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)  # words, scales: no swizzle
@@ -855,14 +875,16 @@ def word_layout(config, bits, dq):
 
 def registers(config):
     """(registers per thread for the program, for each dequantize partition's threads): the program's warps
-    (num_warps, the loader's warp and the dequantize partitions', each in warp groups of 4) fit the 64K registers of
-    a multiprocessor; the default partition (the accumulator) is left 168 a thread, the loader's warp group 24, and
-    the dequantize partitions share the rest (at most 128 a thread)."""
+    (num_warps, and the loader's warp and the dequantize partitions' warps padded to whole warp groups of 4, as
+    Triton pads them) fit the 64K registers of a multiprocessor; the default partition (the accumulator) is left 168
+    a thread, the loader's warp group 24, and the dequantize partitions share the rest (at most 128 a thread; with
+    4 warps a partition, as before 2-warp partitions were allowed)."""
     _, _, _, warps, _, dq_warps, parts = config[:7]
     if parts == 0:  # REG_A: the default partition and the loader's warp group alone
         return min(256, 65536 // (32 * (warps + 4)) // 8 * 8), 24
-    dq_threads = parts * 128 * -(-dq_warps // 4)
-    total = min(256, 65536 // (32 * (warps + 4) + dq_threads) // 8 * 8)
+    dq_threads = parts * 32 * (dq_warps if dq_warps < 4 else -(-dq_warps // 4) * 4)
+    workers = -(-(32 + dq_threads) // 128) * 128  # the loader's warp and theirs, in warp groups
+    total = min(256, 65536 // (32 * warps + workers) // 8 * 8)
     return total, max(24, min(128, (65536 - 128 * 24 - 32 * warps * 168) // dq_threads // 8 * 8))
 
 
