@@ -1157,6 +1157,13 @@ def test_gluon_gemm_takes_four_dequantize_partitions_of_two_warps():
     for tiles, stages in ((9, 5), (9, 4)):
         states, problems = check(tiles, stages, stages, "one", 4)
         assert states > 1000 and not problems, (tiles, stages, problems[:1])
+    def cli(*flags):  # the checker's command line
+        return subprocess.run([sys.executable, "bench/ring_protocol_check.py", *flags], cwd=ROOT, capture_output=True,
+                              text=True, check=True, timeout=120).stdout.splitlines()
+    assert cli("--tiles=5", "--stages=5", "--protocol=one", "--parts=4")[-2:] == ["one: checked up to 5 tiles",
+                                                                                "no problem found"]
+    # one barrier a slot is safe where the partitions divide the stages (3 and 6), not with 4: --parts reaches it
+    assert cli("--tiles=8", "--stages=6", "--protocol=one_shared", "--parts=4")[-1] == "2 cases with problems"
     with pytest.raises(ValueError, match=r"^gluon_gemm: a config's seventh number \(DQ_PARTS\) is 0 to 4, and 4 takes "
                                          r"STAGES odd or a multiple of 4 \(the ring's phase period\), got \(256, 64, "
                                          r"64, 8, 6, 2, 4, 3, 2\)$"):
