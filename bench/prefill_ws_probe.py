@@ -519,10 +519,10 @@ def _counters(device):
     return _COUNTERS[device]
 
 
-def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None, stamps=None):
+def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None, stamps=None, part_load=None):
     """y = x @ dequant(W)^T through _probe_kernel (or, for i8, _split_x_kernel and _i8_kernel; split: buffers
     for the halves of x, sz: scaled_zeros(scale, zero), each made here when not given; for the gluon variants
-    gluon_gemm.gluon_mm)."""
+    gluon_gemm.gluon_mm, part_load its TAIL 2 owners' share's parameter, None: the module's)."""
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
@@ -530,7 +530,8 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None,
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
                              f"DQ_PARTS[xSWAP[xTAIL]] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
-                                   diag=GLUON_VARIANTS[variant], counters=_counters(x.device), stamps=stamps)
+                                   diag=GLUON_VARIANTS[variant], counters=_counters(x.device), stamps=stamps,
+                                   part_load=part_load)
     if len(config) > 6 or (split_k > 1 and variant not in FIELD_VARIANTS):
         raise ValueError(f"{variant}: split-K (a sixth number) is only in the field variants (got {config})")
     if variant == "i8":
@@ -761,7 +762,7 @@ def copies(nbytes):
     return max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / nbytes)))
 
 
-def bench_shape(shape, m, variants, project, log, stamp=False):
+def bench_shape(shape, m, variants, project, log, stamp=False, part_loads=(None,)):
     from quantization.kernels import ops
     k, n = map(int, shape.split("x"))
     weight, layer = int4_layer(k, n, "cuda")
@@ -811,61 +812,66 @@ def bench_shape(shape, m, variants, project, log, stamp=False):
             log(f"  {shape} project: {type(e).__name__}: {e}")
 
     perm_sets = {}  # BLOCK_K: the weight copies with their codes repacked field-major (fperm), made once
+    runs = []  # (variant, config's text, config, part_load): a TAIL 2 config once per part_loads value
     for variant in variants:
         for text in CONFIGS[variant]:
             config = parse_config(text)
-            vsets = sets
-            if variant.startswith("fperm"):
-                if config[2] not in perm_sets:
-                    perm_sets[config[2]] = [[field_major(s[0], config[2])] + s[1:] for s in sets]
-                vsets = perm_sets[config[2]]
-            vpacked = vsets[0]
-            start = time.time()
-            try:
-                split = split_x(x) if variant == "i8" else None  # buffers for x's halves, made before any capture
-                y = probe(x, *vpacked, variant, config, split=split)
+            fold = variant in GLUON_VARIANTS and len(config) == 9 and config[8] == 2
+            runs += [(variant, text if pl is None else f"{text} part_load {pl:g}", config, pl)
+                     for pl in (part_loads if fold else (None,))]
+    for variant, text, config, part_load in runs:
+        vsets = sets
+        if variant.startswith("fperm"):
+            if config[2] not in perm_sets:
+                perm_sets[config[2]] = [[field_major(s[0], config[2])] + s[1:] for s in sets]
+            vsets = perm_sets[config[2]]
+        vpacked = vsets[0]
+        start = time.time()
+        try:
+            split = split_x(x) if variant == "i8" else None  # buffers for x's halves, made before any capture
+            y = probe(x, *vpacked, variant, config, split=split, part_load=part_load)
+            torch.cuda.synchronize()
+            err, max_err = errors(y, ref)
+            outs = [torch.empty_like(y) for _ in vsets]
+            # i8 takes s * z for the zero points, made here once per weight copy as a packed layer would
+            szs = [scaled_zeros(sc, z) if variant == "i8" else None for _, sc, z in vsets]
+            calls = [lambda s=s, o=o, sz=sz: probe(x, *s, variant, config, o, split, sz, part_load=part_load)
+                     for s, o, sz in zip(vsets, outs, szs)]
+            for c in calls:
+                c()
+            t = graph_time(calls)
+            status = "" if err < ERROR_LIMIT else "FAIL"
+            if GLUON_VARIANTS.get(variant):
+                status = "diagnostic: parts left out, not the product"
+            rows.append((shape, variant, text, t, err, max_err, status))
+            log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
+                f"({time.time() - start:.1f} s)")
+            if stamp and variant == "gluon":  # the timeline of each copy's call, back to back; the last printed
+                m_tiles, (whole, rest, split_) = gluon_gemm.call_schedule(m, n, k, config, x.device)
+                programs = m_tiles * (whole + rest * split_ * (gluon_gemm.tail(config) != 2))  # TAIL 2: parts in
+                stamps = [torch.zeros(programs, 4, dtype=torch.int64, device="cuda") for _ in vsets]
+                for s, st in zip(vsets, stamps):
+                    probe(x, *s, variant, config, stamps=st, part_load=part_load)
                 torch.cuda.synchronize()
-                err, max_err = errors(y, ref)
-                outs = [torch.empty_like(y) for _ in vsets]
-                # i8 takes s * z for the zero points, made here once per weight copy as a packed layer would
-                szs = [scaled_zeros(sc, z) if variant == "i8" else None for _, sc, z in vsets]
-                calls = [lambda s=s, o=o, sz=sz: probe(x, *s, variant, config, o, split, sz)
-                         for s, o, sz in zip(vsets, outs, szs)]
+                roles = fold_roles(m_tiles, whole, rest, split_) if gluon_gemm.tail(config) == 2 else None
+                for line in timeline_lines(shape, text, timeline(stamps[-1].cpu().tolist(), roles)):
+                    log(line)
+            if variant == "i8":  # its two kernels apart: the GEMM on x already split, and the split alone
+                calls = [lambda s=s, o=o, sz=sz: i8(split, s[0], s[1], sz, config, o, x.shape[0])
+                         for s, o, sz in zip(sets, outs, szs)]
                 for c in calls:
                     c()
                 t = graph_time(calls)
-                status = "" if err < ERROR_LIMIT else "FAIL"
-                if GLUON_VARIANTS.get(variant):
-                    status = "diagnostic: parts left out, not the product"
-                rows.append((shape, variant, text, t, err, max_err, status))
-                log(f"  {shape} {variant} {text}: {t:.1f} us, {base / t:.2f}x cuBLAS, error {err:.1e} {status} "
-                    f"({time.time() - start:.1f} s)")
-                if stamp and variant == "gluon":  # the timeline of each copy's call, back to back; the last printed
-                    m_tiles, (whole, rest, split_) = gluon_gemm.call_schedule(m, n, k, config, x.device)
-                    programs = m_tiles * (whole + rest * split_ * (gluon_gemm.tail(config) != 2))  # TAIL 2: parts in
-                    stamps = [torch.zeros(programs, 4, dtype=torch.int64, device="cuda") for _ in vsets]
-                    for s, st in zip(vsets, stamps):
-                        probe(x, *s, variant, config, stamps=st)
-                    torch.cuda.synchronize()
-                    roles = fold_roles(m_tiles, whole, rest, split_) if gluon_gemm.tail(config) == 2 else None
-                    for line in timeline_lines(shape, text, timeline(stamps[-1].cpu().tolist(), roles)):
-                        log(line)
-                if variant == "i8":  # its two kernels apart: the GEMM on x already split, and the split alone
-                    calls = [lambda s=s, o=o, sz=sz: i8(split, s[0], s[1], sz, config, o, x.shape[0])
-                             for s, o, sz in zip(sets, outs, szs)]
-                    for c in calls:
-                        c()
-                    t = graph_time(calls)
-                    rows.append((shape, "  its GEMM alone", text, t, float("nan"), float("nan"), ""))
-                    if text == CONFIGS[variant][0]:
-                        t = graph_time([lambda: split_x(x, split)])
-                        rows.append((shape, "  its split of x alone", "-", t, float("nan"), float("nan"), ""))
-            except Exception as e:  # noqa: BLE001 (a variant that fails to compile or run is one line)
-                message = " ".join(str(e).split())[:160]
-                rows.append((shape, variant, text, float("nan"), float("nan"), float("nan"),
-                             f"error: {type(e).__name__}: {message}"))
-                log(f"  {shape} {variant} {text}: {type(e).__name__}: {message}")
-                torch.cuda.synchronize()
+                rows.append((shape, "  its GEMM alone", text, t, float("nan"), float("nan"), ""))
+                if text == CONFIGS[variant][0]:  # (i8 configs have no part_load)
+                    t = graph_time([lambda: split_x(x, split)])
+                    rows.append((shape, "  its split of x alone", "-", t, float("nan"), float("nan"), ""))
+        except Exception as e:  # noqa: BLE001 (a variant that fails to compile or run is one line)
+            message = " ".join(str(e).split())[:160]
+            rows.append((shape, variant, text, float("nan"), float("nan"), float("nan"),
+                         f"error: {type(e).__name__}: {message}"))
+            log(f"  {shape} {variant} {text}: {type(e).__name__}: {message}")
+            torch.cuda.synchronize()
     return rows, base
 
 
@@ -897,6 +903,9 @@ def main():
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")
     p.add_argument("--arch", type=int, default=90, help="--compile_only's CUDA compute capability (90: H100/H200)")
     p.add_argument("--interpret", action="store_true", help="CPU check under TRITON_INTERPRET=1 (64 rows, 256x256)")
+    p.add_argument("--part_load", default="", help="gluon TAIL 2 configs: comma-separated values of the owners' "
+                   "share's parameter (gluon_gemm.fold_share's part_load, K tiles a sibling's part takes to load), "
+                   "each config run once per value (default: gluon_gemm.PART_LOAD_TILES)")
     p.add_argument("--timeline", action="store_true", help="gluon: print each config's timeline per round of programs "
                    "on a multiprocessor (when programs started, their loop and epilogue times; timeline())")
     args = p.parse_args()
@@ -915,6 +924,13 @@ def main():
             sys.exit(f"prefill_ws_probe.py: error: --configs: {e}")
         for v in variants:
             CONFIGS[v] = args.configs.split(",")
+    try:
+        part_loads = [float(v) for v in args.part_load.split(",") if v] or [None]
+        if any(v < 0 for v in part_loads if v is not None):
+            raise ValueError
+    except ValueError:
+        sys.exit(f"prefill_ws_probe.py: error: --part_load: expected comma-separated numbers >= 0, got "
+                 f"{args.part_load!r}")
     if args.compile_only:
         compile_only(variants, args.arch)
         return
@@ -931,7 +947,7 @@ def main():
     log(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}")
     table = []
     for shape in [s for s in args.shapes.split(",") if s]:
-        rows, base = bench_shape(shape, args.rows, variants, not args.no_project, log, args.timeline)
+        rows, base = bench_shape(shape, args.rows, variants, not args.no_project, log, args.timeline, part_loads)
         table += [(r, base) for r in rows]
     print(f"\nPrefill probe, {args.rows} rows, int4 g128 asymmetric, {torch.cuda.get_device_name()}, "
           f"Triton {triton.__version__}\n")

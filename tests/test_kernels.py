@@ -1136,6 +1136,22 @@ def test_gluon_gemm_tail_2_puts_the_split_parts_into_the_whole_tiles_programs():
         gluon_gemm.compile_for((256, 64, 64, 4, 6, 0, 0, 3, 2), split=3)
 
 
+def test_fold_share_gives_the_owner_less_k_by_what_its_sum_of_the_parts_costs():
+    """TAIL 2's owner (its whole tile, then its part, then the siblings' parts loaded and added) takes fewer K tiles
+    than its siblings, so that both end together: own + (split - 1) x part_load = a sibling's share, within a
+    tile's rounding; every part at least one K tile; no load: an even split."""
+    from quantization.kernels import gluon_gemm
+    for k_tiles, split, load in ((64, 3, 2.5), (64, 2, 2.5), (64, 4, 1.0), (128, 3, 4.0)):
+        own = gluon_gemm.fold_share(k_tiles, split, load)
+        sibling = (k_tiles - own) / (split - 1)
+        assert abs(own + (split - 1) * load - sibling) <= 1, (k_tiles, split, load, own)
+    assert gluon_gemm.fold_share(64, 3, 2.5) == 18                      # 4096x11008: parts of 23, 23 and 18
+    assert gluon_gemm.fold_share(64, 3, 0) == 21 and gluon_gemm.fold_share(64, 1) == 64
+    assert gluon_gemm.fold_share(8, 4, 2.5) == 1                        # --check's 512 x 5120: siblings 2, 2, 3
+    assert gluon_gemm.fold_share(4, 4, 0.0) == 1 and gluon_gemm.fold_share(5, 3, 9.0) == 1
+    assert gluon_gemm.fold_share(5, 3, 0.0) <= 3                        # each sibling keeps a K tile
+
+
 def test_gluon_gemm_takes_four_dequantize_partitions_of_two_warps():
     """DQ_PARTS up to 4 (2 warps each: the same 8 dequantize warps as 2 partitions of 4, twice the K tiles in
     flight): the program's warps are counted as Triton pads them (8 + the loader's and theirs, 9, in whole warp

@@ -612,6 +612,7 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_mm_kernel(x_desc, q_desc, s_desc, z_desc, y_desc, y_ptr, stamp_ptr, part_ptr, cnt_ptr, M, N, K, WHOLE,
+                         OWN,
                          GROUP_TILES: gl.constexpr,
                          STAGES: gl.constexpr, W_LAYOUT: gl.constexpr, ACC_LAYOUT: gl.constexpr,
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
@@ -627,8 +628,8 @@ if gluon is not None:
         (int32 zeros, one a split tile); the programs before them take whole tiles. FOLD (TAIL 2, with SPLIT > 1):
         no programs of their own for the split tiles: the grid is the whole tiles' (WHOLE column tiles), and the
         last (REST x row tiles x SPLIT) programs each also take a part of a split tile in the same ring, the
-        tile's first SPLIT - 1 parts (siblings) before their whole tile, its last (the owner's) after: the
-        siblings' parts are stored a whole tile before the owner needs them. REG_A (a config's DQ_PARTS 0,
+        tile's first SPLIT - 1 parts (siblings) before their whole tile, its last (the owner's, OWN K tiles,
+        fold_share()) after: the siblings' parts are stored a whole tile before the owner needs them. REG_A (a config's DQ_PARTS 0,
         passed as DQ_PARTS 1 for the ring's barriers): no dequantize partitions, _products dequantizes into
         registers."""
         TILE_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -669,8 +670,10 @@ if gluon is not None:
             sibling = has_part & (split < SPLIT - 1)
             part_m = (t % m_tiles) * TILE_M
             part_n = (WHOLE + t // m_tiles) * TILE_N
-            part_lo = split * k_all // SPLIT
-            part_tiles = (split + 1) * k_all // SPLIT - part_lo
+            owner = split == SPLIT - 1
+            shared = k_all - OWN  # the siblings' K tiles, in even parts; the owner's OWN after them
+            part_lo = gl.where(owner, shared, split * shared // (SPLIT - 1))
+            part_tiles = gl.where(owner, OWN, (split + 1) * shared // (SPLIT - 1) - part_lo)
             whole_m = gl.program_id(0) * TILE_M
             whole_n = gl.program_id(1) * TILE_N
             off_m = gl.where(sibling, part_m, whole_m)
@@ -781,6 +784,22 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
     rest = n_tiles - whole
     split = min(programs // (m_tiles * rest), k_tiles) if rest else 1
     return (whole, rest, split) if split > 1 and (whole or tail_split != 2) else (n_tiles, 0, 1)
+
+
+# TAIL 2: an owner's load of one sibling's part (64 KB for 256 x 64) takes about as long as this many K tiles' steps
+# (one H100: owners' loops 2.1 us longer than their siblings' for two parts, a K tile 0.435 us,
+# bench/results/prefill_share_h100)
+PART_LOAD_TILES = 2.5
+
+
+def fold_share(k_tiles, split, part_load=PART_LOAD_TILES):
+    """TAIL 2's owner's K tiles of a split tile of k_tiles (its siblings share the rest evenly): fewer than an even
+    share by what its load of the SPLIT - 1 siblings' parts costs ((SPLIT - 1) x part_load K tiles' time, spread
+    over the SPLIT programs), so that owners and siblings end together; at least one K tile each."""
+    if split < 2:
+        return k_tiles
+    own = round((k_tiles - (split - 1) ** 2 * part_load) / split)
+    return max(1, min(own, k_tiles - (split - 1)))
 
 
 @functools.lru_cache(maxsize=None)  # per launch otherwise (tens of microseconds of host time)
@@ -929,7 +948,7 @@ def _rows(t, n):
 
 
 def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, config, activation=0, diag=0,
-             stamps=None, counters=None):
+             stamps=None, counters=None, part_load=None):
     """y = x @ dequant(W).T + bias, then the activation (ops.ACTIVATIONS code), with the signature of ops' other
     kernels (blocks_per_group: blocks of 32 codes per scale row; zero_const: every code's zero point where zero
     is None). config: CONFIGS' seven numbers, an optional eighth (_products' SWAP) and ninth (TAIL, schedule()).
@@ -938,7 +957,8 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
     product; leaving the dequantize out as well hung on an H100, bench/results/prefill_gluon_h100).
     stamps: an int64 tensor of (programs, 4) that each program fills with its timeline (_gluon_mm_kernel's STAMP;
     bench/prefill_ws_probe.py --timeline). counters: int32 zeros, at least one per split tile (PackedLinear's
-    split_counters, zero again after the call), where the config's TAIL splits some (schedule())."""
+    split_counters, zero again after the call), where the config's TAIL splits some (schedule()). part_load: TAIL
+    2's owner share's parameter (fold_share(); None: PART_LOAD_TILES)."""
     m, k = x.shape
     n = qweight.shape[1]
     config = tuple(config)  # a key of layouts()' and _constants' caches
@@ -966,6 +986,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         diag |= 2
     _gluon_mm_kernel[grid](
         *descs, y, y if stamps is None else stamps, part, count, m, n, k, whole,
+        fold_share(k // block_k, split, PART_LOAD_TILES if part_load is None else part_load),
         group_tiles(blocks_per_group * 32, k, block_k),
         **_constants(config, bits, zero is not None, float(zero_const), diag, split), num_warps=config[3],
         maxnreg=registers(config)[0])
@@ -1031,7 +1052,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "z_desc": desc("u8", [1, block_n], bytes_) if has_zero else desc("fp32", [1, block_n], flat),
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
                  "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
-                 "N": "i32", "K": "i32", "WHOLE": "i32"}
+                 "N": "i32", "K": "i32", "WHOLE": "i32", "OWN": "i32"}
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k),
                   **_constants(config, bits, has_zero, 0.0 if has_zero else 8.0, diag, split))
     signature.update({name: "constexpr" for name in consts})
