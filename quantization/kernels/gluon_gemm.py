@@ -98,11 +98,10 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # against 47.6 on 4096x11008 (bench/results/prefill_wide_h100). Offered only where 128 divides the outputs.
 # TAIL 2 (the last: FOLD, the split tiles' parts taken by the last wave's programs beside their whole tiles, the
 # siblings' first and the owner's last, in one ring): 42.9 us against 46.9 on 4096x11008, 47.6 against 51.1 on
-# 4096x12288 (one H200, bench/results/prefill_fold)
-# Not listed, not yet run on a GPU: 4 dequantize partitions of 2 warps, (256, 64, 64, 8, 5, 2, 4, 3, 2). A program's
-# loop takes about 0.85 us a K tile per dequantize partition in both listed tiles that take it (128 x 64 with 3
-# partitions: 0.28 us a K tile; 256 x 64 with 2: 0.43), as if each partition's round trip (word loads, stores,
-# fence, barrier, arrive) bounds it: 4 partitions keep twice as many tiles in flight with the same 8 warps
+# 4096x12288 (one H200, bench/results/prefill_fold); on an H100 44.7 against 47.4 (cuBLAS 44.2), the owners' loops
+# 2.1 us longer than their siblings' for the load of their parts: fold_share() (bench/results/prefill_share_h100).
+# Not listed: 4 dequantize partitions of 2 warps, (256, 64, 64, 8, 5, 2, 4, 3, 1 or 2): correct, no faster (a whole
+# tile's loop 28.9 us against 27.5 on 4096x11008, one H100, bench/results/prefill_share_h100)
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
            (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2)]
