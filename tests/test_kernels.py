@@ -1232,7 +1232,7 @@ def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them
 def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
     """bench/prefill_ws_probe.py --compile_only: a warp-specialized TMA variant compiles for sm_90 on the CPU and the
     table says it was partitioned (the Gluon variants compile gluon_gemm's kernel, tested on its own); without a GPU
-    and without --compile_only it says a GPU is needed; an unknown variant is one error line."""
+    and without --compile_only it says a GPU is needed; an unknown variant or a bad --part_load is one error line."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the probe would time kernels")
@@ -1253,6 +1253,11 @@ def test_prefill_probe_compiles_for_sm90_without_a_gpu_and_refuses_bad_flags():
         "prefill_ws_probe.py: error: unknown variant 'nope'; expected some of " + ", ".join(
             ["ptr", "ptr_ws", "tma", "tma_ws", "swap", "swap_ws", "swap2", "swap2_ws", "i8", "field", "field_swap",
              "fperm", "fperm_swap", "gluon", "gluon_nomma"]))
+    for value in ("x", "1,-2"):  # --part_load: TAIL 2 owners' share values, numbers >= 0
+        bad = subprocess.run(probe + ["--compile_only", f"--part_load={value}"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode != 0 and bad.stderr.strip() == (
+            f"prefill_ws_probe.py: error: --part_load: expected comma-separated numbers >= 0, got {value!r}")
 
 
 def test_fused_norm_precision_compares_a_bf16_u_with_the_unfused_path(trained_fp, tmp_path):

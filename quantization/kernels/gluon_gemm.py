@@ -786,8 +786,8 @@ def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
 
 
 # TAIL 2: an owner's load of one sibling's part (64 KB for 256 x 64) takes about as long as this many K tiles' steps
-# (one H100: owners' loops 2.1 us longer than their siblings' for two parts, a K tile 0.435 us,
-# bench/results/prefill_share_h100)
+# (one H100: owners' loops 2.1 us longer than their siblings' for two parts, a K tile 0.435 us); the shorter owner
+# share measured level with the even split (43.5 against 43.7 us, bench/results/prefill_share_h100)
 PART_LOAD_TILES = 2.5
 
 
