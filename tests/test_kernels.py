@@ -917,6 +917,95 @@ def test_gluon_gemm_dequantize_arithmetic_matches_the_project_dequantize(spec):
     assert (w.bfloat16() != ref.bfloat16())[nonzero].float().mean() < 1e-3
 
 
+def _bf16_once(x):
+    """float64 to bfloat16, rounded once (to nearest, ties to even): what one bfloat16 instruction's result is."""
+    mantissa, exponent = torch.frexp(x)
+    return torch.ldexp(torch.round(mantissa * 256), exponent - 8).bfloat16()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("affine_quant", 4, "per_group", 128),
+                                  QuantSpec("symmetric_quant", 4, "per_group", 128),
+                                  QuantSpec("affine_quant", 2, "per_group", 128),
+                                  QuantSpec("ternary_quant", 2, "per_tensor"),
+                                  QuantSpec("binary_quant", 8, "per_channel")],
+                         ids=["int4 g128", "int4 symmetric", "int2 g128", "ternary", "1-bit"])
+def test_gluon_gemm_pairs_arithmetic_matches_the_project_dequantize(spec):
+    """MATH 1 (_pair_tile), done here bit for bit: codes 2i and 2i + 1 of a word by one byte permute of the word
+    shifted by o - F and by o + B - F (o: code 2i's offset in its byte), masked, the exponent put in (2^(7 - F) + c in
+    each bfloat16 half, F fraction bits for the zero point: 1 for 1-bit codes' 0.5), minus 2^(7 - F) + z, times the
+    scale as s_hi + s_lo (a bfloat16 multiply, then a bfloat16 FMA, each rounded once). Against the project's
+    dequantize ((c - z) s in float64, rounded once to bfloat16): c - z exact, and the same weight but where the
+    multiply's rounding moves a near-tie (about 2^-9 of the weights of 4-bit codes, never more than one unit in the
+    last place); pairs() takes the call."""
+    from quantization.kernels import gluon_gemm
+    torch.manual_seed(0)
+    layer = PackedLinear.from_float(torch.randn(192, 512) * 0.02, spec)
+    bits, k, n = layer.bits, 512, 192
+    zero = layer.zero.float() if layer.zero is not None else torch.full_like(layer.scale, layer.zero_const)
+    config = (256, 64, 64, 8, 5, 4, 2, 3, 2, 1)
+    kind = gluon_gemm.pairs(config, bits, layer.zero is not None, layer.zero_const)
+    frac = kind // 4
+    assert kind % 4 == 1 and frac == (1 if bits == 1 else 0)
+    words = layer.qweight.long() & 0xFFFFFFFF                                      # (K * bits / 32, N), unsigned
+    bit = (2 * torch.arange(16 // bits) * bits)[None, :, None]                     # code 2i's bit
+    offset, byte = bit % 8, bit // 8
+
+    def shifted(right):  # the word shifted right (left where negative), 32 bits
+        return torch.where(right >= 0, words[:, None] >> right.clamp(min=0),
+                           (words[:, None] << (-right).clamp(min=0)) & 0xFFFFFFFF)
+    low = (shifted(offset - frac) >> 8 * byte) & 0xFF                              # the permute's byte 0
+    high = (shifted(offset + bits - frac) >> 8 * byte) & 0xFF                      # its byte 2
+    pair = ((low | high << 16) & ((2**bits - 1) << frac) * 0x10001) | (134 - frac) * 0x800080
+    halves = torch.stack([pair & 0xFFFF, pair >> 16], dim=-1)                      # (row, i, N, h): input 2i + h
+    halves = halves.permute(2, 0, 1, 3).reshape(n, k).T.to(torch.int16)           # (K, N) bfloat16 bits
+    codes = halves.view(torch.bfloat16).double()                                   # 2^(7 - F) + c
+    group = torch.arange(k) // (layer.group_size or k)
+    s, z = layer.scale.double()[group], zero.double()[group]
+    base = 2.0 ** (7 - frac)
+    assert torch.equal((z + base).bfloat16().double(), z + base)                   # the zero point, exact
+    d = _bf16_once(codes - (z + base)).double()                                    # sub.rn.bf16x2
+    ref = layer.dequantized_weight().double().T                                    # (K, N), (c - z) s
+    assert torch.equal(d * s, ref) or torch.allclose(d * s, ref, rtol=1e-6, atol=0)  # c - z exact
+    s_hi = s.bfloat16().double()
+    s_lo = (s - s_hi).bfloat16().double()
+    w = _bf16_once(d * s_hi + _bf16_once(d * s_lo).double())                       # mul, then fma
+    exact = _bf16_once(ref)
+    apart = (w.view(torch.int16).int() - exact.view(torch.int16).int()).abs()
+    assert apart.max() <= 1 and (apart > 0).float().mean() < 2.0**-8
+    # MATH 2 (one bfloat16 scale, a measurement only): tinygemm's precision, far more weights a unit apart
+    if bits == 4:
+        assert (_bf16_once(d * s_hi) != exact).float().mean() > 0.03
+
+
+def test_gluon_gemm_pairs_compile_for_sm90_where_pairs_takes_the_codes():
+    """A config's tenth number, MATH 1 or 2 (dq_math): 1, 2 and 4-bit codes compile to the byte permute, the
+    bfloat16x2 subtract, multiply (and, MATH 1, FMA) a pair of codes, the weight tile still stored 16 bytes at a time
+    and nothing spilled; 3 and 8-bit codes, and a constant zero point with more than one fraction bit, to the
+    float32 path (pairs() 0). MATH takes no REG_A config."""
+    pytest.importorskip("triton")
+    from quantization.kernels import gluon_gemm
+    if gluon_gemm.gluon is None:
+        pytest.skip("this Triton has no Gluon Hopper API")
+    config = (256, 64, 64, 8, 5, 4, 2, 3, 2)
+    plain = gluon_gemm.compile_for(config).asm["ptx"]
+    for math, bits, has_zero, zero in ((1, 4, True, None), (2, 4, True, None), (1, 2, True, None),
+                                       (1, 2, False, 1.0), (1, 1, False, 0.5)):
+        ptx = gluon_gemm.compile_for(config + (math,), bits=bits, has_zero=has_zero, zero=zero).asm["ptx"]
+        pairs = 2 * 32 // 2  # two dequantize partitions, 32 codes a thread a K tile, two a pair
+        assert ptx.count("sub.rn.bf16x2") == pairs and ptx.count("mul.rn.bf16x2") == pairs, (math, bits)
+        assert ptx.count("fma.rn.bf16x2") == (pairs if math == 1 else 0), (math, bits)
+        assert ptx.count("prmt.b32") >= pairs and not ptx.count("st.local"), (math, bits)
+        assert ptx.count("st.shared.v4.b32") == plain.count("st.shared.v4.b32"), (math, bits)
+    for bits, has_zero, zero in ((8, False, None), (3, True, None), (2, False, 0.25)):
+        ptx = gluon_gemm.compile_for(config + (1,), bits=bits, has_zero=has_zero, zero=zero).asm["ptx"]
+        assert "bf16x2" not in ptx.replace("cvt.rn.bf16x2.f32", ""), bits
+    assert gluon_gemm.pairs(config + (1,), 2, False, 0.25) == 0 and gluon_gemm.pairs(config, 4, True, 0.0) == 0
+    assert gluon_gemm.pairs(config + (2,), 1, False, 0.5) == 6 and gluon_gemm.pairs(config + (1,), 4, True, 0) == 1
+    with pytest.raises(ValueError, match=r"tenth number \(MATH\) is 0, 1 or 2 \(not with DQ_PARTS 0\), got 1 in "
+                                         r"\(256, 64, 64, 4, 6, 0, 0, 3, 1, 1\)"):
+        gluon_gemm.compile_for((256, 64, 64, 4, 6, 0, 0, 3, 1, 1))
+
+
 def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_where_it_runs():
     """gluon_gemm compiles for sm_90 without a GPU (Triton's own toolchain): warp-specialized, one wgmma per 16 inputs
     of a K tile per 64 rows, within the 227 KiB of shared memory; ops.candidates lists its configs after the others
@@ -988,9 +1077,12 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
                                          r"\(128, 64, 64, 4, 8, 4, 3, 1, "
                                          r"12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 12))
-    with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, got \(128, 64, 64, 4, 8, "
-                                         r"4, 3, 1, 0, 12\)"):
+    with pytest.raises(ValueError, match=r"tenth number \(MATH\) is 0, 1 or 2 \(not with DQ_PARTS 0\), got 12 in "
+                                         r"\(128, 64, 64, 4, 8, 4, 3, 1, 0, 12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 12))
+    with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, 10 with MATH, got "
+                                         r"\(128, 64, 64, 4, 8, 4, 3, 1, 0, 1, 5\)"):
+        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 1, 5))
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))

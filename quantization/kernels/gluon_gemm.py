@@ -56,6 +56,12 @@ bench/results/prefill_regs_h100). So is its 256 x 128 tile, a warp group per 64 
 128 divides the outputs: on 4096x16384 (128 tiles, one round) the launcher takes it for every format, 1.01-1.18x
 cuBLAS against 0.90-1.05x without it (bench/results/prefill_wide_h100).
 
+MATH (a config's tenth number, dq_math()): the dequantize partitions' arithmetic two codes at a time in bfloat16x2
+(_pair_tile: a byte permute, a logic op, a subtract, a multiply and an FMA a pair; MATH 1 keeps each weight within a
+rounding of the float32 path's, MATH 2 rounds the scale to bfloat16 as tinygemm does) for 1, 2 and 4-bit codes:
+the dequantize loop of an int4 tile 135 SASS instructions against 156 (MATH 2: 115). Compiled and its
+arithmetic checked on the CPU only; not listed until measured on a GPU (docs/kernels.md says how).
+
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
 bench/kernels.py --check with the other kernels.
@@ -101,7 +107,8 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # 4096x12288 (one H200, bench/results/prefill_fold); on an H100 44.7 against 47.4 (cuBLAS 44.2), the owners' loops
 # 2.1 us longer than their siblings' for the load of their parts: fold_share() (bench/results/prefill_share_h100).
 # Not listed: 4 dequantize partitions of 2 warps, (256, 64, 64, 8, 5, 2, 4, 3, 1 or 2): correct, no faster (a whole
-# tile's loop 28.9 us against 27.5 on 4096x11008, one H100, bench/results/prefill_share_h100)
+# tile's loop 28.9 us against 27.5 on 4096x11008, one H100, bench/results/prefill_share_h100). MATH 1 (a tenth number,
+# bfloat16x2 pairs, dq_math()): not measured yet, so not listed
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
            (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2)]
@@ -213,6 +220,61 @@ if gluon is not None:
         scaled = gl.expand_dims(scale * SPAN, 1)                              # (1, 1, TILE_N)
         w = _fields(words, shifts, scaled, bias, BITS, DTYPE)                # (TILE_K / PER, PER, TILE_N)
         return gl.reshape(gl.permute(w, (2, 0, 1)), [TILE_N, TILE_K])
+
+    @gluon.jit
+    def _pair_tile(q, scales, zeros, DQ_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr,
+                   ZERO: gl.constexpr, PAIRS: gl.constexpr, TILE_N: gl.constexpr, TILE_K: gl.constexpr):
+        """MATH 1 and 2 (PAIRS = 4 F + MATH, pairs()): _word_tile's tile two codes at a time as bfloat16x2,
+        codes 2i and 2i + 1 of a word (adjacent inputs, so the pair is what the tile's store takes). One byte permute
+        (PRMT) puts the byte holding code 2i of the word shifted by o - F (o: its offset in the byte) and the same byte
+        of the word shifted by o + B - F into the halves' low bytes; one logic op masks them and puts the exponent in,
+        2^(7 - F) + c in each half (c at mantissa bit F, so F fraction bits for the zero point); the zero point
+        2^(7 - F) + z subtracted exactly (both in one binade) leaves c - z, times the scale: MATH 1 as s_hi + s_lo
+        (its bfloat16 and the bfloat16 of the rest, one multiply and one FMA: within a rounding of the float32 path's
+        weight), MATH 2 as one bfloat16 s (as tinygemm keeps its scales; a measurement only, not listed)."""
+        F: gl.constexpr = PAIRS // 4
+        PER: gl.constexpr = 32 // BITS
+        BASE: gl.constexpr = 1 << (7 - F)                                     # 2^(7 - F), the halves' exponent
+        rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
+        i = gl.arange(0, PER // 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
+        bit = gl.expand_dims(gl.expand_dims(2 * i * BITS, 0), 2)              # code 2i's bit, (1, PER / 2, 1)
+        o = bit % 8
+        words = gl.expand_dims(q.load(rows), 1)                               # (TILE_K / PER, 1, TILE_N)
+        lo = (words << gl.maximum(F - o, 0)) >> gl.maximum(o - F, 0)         # code 2i at bit 8 (bit // 8) + F
+        hi = words >> (o + BITS - F)                                          # code 2i + 1 there (F <= 1)
+        sel = bit // 8 + ((bit // 8 + 4) << 8)                                # result byte 0: lo's, byte 2: hi's
+        mask = gl.full(sel.shape, (((1 << BITS) - 1) << F) * 0x10001, gl.int32, layout=sel.type.layout)
+        magic = gl.full(sel.shape, (134 - F) * 0x800080, gl.int32, layout=sel.type.layout)  # exponent 127 + 7 - F
+        scale = scales.load(rows)                                             # (1, TILE_N) float32
+        if HAS_ZERO:
+            zero = zeros.load(rows).to(gl.float32) + BASE
+        else:
+            zero = gl.full(scale.shape, ZERO + BASE, gl.float32, layout=scale.type.layout)
+        s_hi = scale.to(gl.bfloat16)
+        s_lo = (scale - s_hi.to(gl.float32)).to(gl.bfloat16)
+        zero2 = gl.expand_dims(_twice(zero.to(gl.bfloat16)), 1)              # (1, 1, TILE_N), exact
+        hi2 = gl.expand_dims(_twice(s_hi), 1)
+        lo2 = gl.expand_dims(_twice(s_lo), 1)
+        if PAIRS % 4 == 1:  # MATH 1: (c - z) s_hi + (c - z) s_lo
+            first, second = gl.inline_asm_elementwise(
+                "{ .reg .b32 t, u; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
+                "mul.rn.bf16x2 u, t, $9; fma.rn.bf16x2 t, t, $8, u; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,r,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2, hi2, lo2],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)     # (TILE_K / PER, PER / 2, TILE_N) each
+        else:  # MATH 2: (c - z) s_hi
+            first, second = gl.inline_asm_elementwise(
+                "{ .reg .b32 t; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
+                "mul.rn.bf16x2 t, t, $8; mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2, hi2],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        w = gl.join(first, second)                                            # (TILE_K / PER, PER / 2, TILE_N, 2)
+        return gl.reshape(gl.permute(w, (2, 0, 1, 3)), [TILE_N, TILE_K])     # input r PER + 2 i + h
+
+    @gluon.jit
+    def _twice(v):
+        """A bfloat16 tensor as int32, v in both halves (a bfloat16x2 operand)."""
+        b = v.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return b | (b << 16)
 
     @gluon.jit
     def _plane_block(q, row, scale, bias, L: gl.constexpr, DTYPE: gl.constexpr):
@@ -339,22 +401,25 @@ if gluon is not None:
 
     @gluon.jit
     def _dequantize(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, FOLD: gl.constexpr):
+                    HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, FOLD: gl.constexpr,
+                    PAIRS: gl.constexpr):
         """DQ_WARPS warps, one of DQ_PARTS such partitions (K tiles part, part + DQ_PARTS, ...): each tile's words to
         the weight tile (BLOCK_N, BLOCK_K) in shared memory, where wgmma reads it. BITS-bit codes, 32 / BITS a word
         (code f of word row r is input r * 32 / BITS + f); the zero points from the slot, or ZERO for all. With
         FOLD the positions of the program's second segment after its first's (with one row of scales, a slot of
-        rows for each)."""
+        rows for each). PAIRS: _pair_tile's bfloat16x2 arithmetic (pairs()), 0 for _word_tile's."""
         descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg2 = common
-        _dequantize_tiles(bufs, bars, part, part, k_tiles, 0, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES)
+        _dequantize_tiles(bufs, bars, part, part, k_tiles, 0, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES,
+                          PAIRS)
         if FOLD:
             start = k_tiles + (part - k_tiles % DQ_PARTS + DQ_PARTS) % DQ_PARTS  # the partition's first from k_tiles
             _dequantize_tiles(bufs, bars, part, start, k_tiles + seg2[3], DQ_PARTS, DQ_LAYOUT, DQ_PARTS, BITS,
-                              HAS_ZERO, ZERO, GROUP_TILES)
+                              HAS_ZERO, ZERO, GROUP_TILES, PAIRS)
 
     @gluon.jit
     def _dequantize_tiles(bufs, bars, part, i0, i1, row_base, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr,
-                          BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
+                          BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr,
+                          PAIRS: gl.constexpr):
         """_dequantize's positions i0, i0 + DQ_PARTS, ... below i1 (with one row of scales, from slot row_base +
         part)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
@@ -375,6 +440,8 @@ if gluon is not None:
             zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
             if BITS == 3:
                 w = _plane_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
+            elif PAIRS:
+                w = _pair_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, BITS, HAS_ZERO, ZERO, PAIRS, TILE_N, TILE_K)
             else:
                 w = _word_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, BITS, HAS_ZERO, ZERO, TILE_N, TILE_K,
                                w_bufs.dtype)
@@ -617,7 +684,7 @@ if gluon is not None:
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                          DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, FOLD: gl.constexpr):
+                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, FOLD: gl.constexpr, PAIRS: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
@@ -713,7 +780,8 @@ if gluon is not None:
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
         elif DQ_PARTS == 2:
             gl.warp_specialize([
@@ -721,8 +789,10 @@ if gluon is not None:
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
             ], [1, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS])
         elif DQ_PARTS == 3:
             gl.warp_specialize([
@@ -730,9 +800,12 @@ if gluon is not None:
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS])
         else:
             gl.static_assert(DQ_PARTS == 4)
@@ -741,18 +814,22 @@ if gluon is not None:
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
-                (_dequantize, (common, first + 3, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
+                (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
+                (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
+                (_dequantize, (common, first + 2, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
+                (_dequantize, (common, first + 3, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
+                               PAIRS)),
             ], [1, DQ_WARPS, DQ_WARPS, DQ_WARPS, DQ_WARPS], [24, DQ_REGS, DQ_REGS, DQ_REGS, DQ_REGS])
 
 
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
     stored straight from the accumulator, 3 with y through a slot of x's ring and TMA; 0 where absent."""
-    if not 7 <= len(config) <= 9:
-        raise ValueError(f"gluon_gemm: a config has 7 numbers, 8 with SWAP, 9 with TAIL, got {config}")
+    if not 7 <= len(config) <= 10:
+        raise ValueError(f"gluon_gemm: a config has 7 numbers, 8 with SWAP, 9 with TAIL, 10 with MATH, got {config}")
     swap = config[7] if len(config) > 7 else 0
     if swap not in (0, 1, 2, 3):
         raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 to 3, got {swap} in {config}")
@@ -770,6 +847,33 @@ def tail(config):
         raise ValueError(f"gluon_gemm: a config's ninth number (TAIL) is 0, 1 or 2 (2 not with DQ_PARTS 0), got "
                          f"{split} in {config}")
     return split
+
+
+def dq_math(config):
+    """A config's tenth number, MATH, the dequantize partitions' arithmetic: 0 (or absent) float32, one code an FMA
+    (_word_tile); 1 bfloat16x2, two codes at a time, the scale as the sum of two bfloat16 (_pair_tile: a weight
+    within a rounding of the float32 path's); 2 the same with one bfloat16 scale (tinygemm's precision: a
+    measurement of what the arithmetic costs, not listed). 1 and 2 take 1, 2 and 4-bit codes (pairs() says where);
+    elsewhere the config runs MATH 0."""
+    math = config[9] if len(config) > 9 else 0
+    if math not in (0, 1, 2) or (math and config[6] == 0):
+        raise ValueError(f"gluon_gemm: a config's tenth number (MATH) is 0, 1 or 2 (not with DQ_PARTS 0), got {math} "
+                         f"in {config}")
+    return math
+
+
+def pairs(config, bits, has_zero, zero):
+    """The kernel's PAIRS for a config's MATH (dq_math()): 4 F + MATH where _pair_tile takes the call, 0 where not.
+    Its codes are 2^(7 - F) + c in a bfloat16's mantissa from bit F, and the zero points 2^(7 - F) + z, exact
+    where z has at most F fraction bits and is below 2^(7 - F): uint8 zero points (B-bit codes' are below 2^B, so
+    F = 0) or a constant of F = 0 or 1 (1-bit codes' 0.5)."""
+    math = dq_math(config)
+    if not math or bits not in (1, 2, 4):
+        return 0
+    if has_zero:
+        return math
+    frac = next((f for f in (0, 1) if float(zero * 2**f).is_integer()), None)
+    return 4 * frac + math if frac is not None and 0 <= zero < 2 ** (7 - frac) else 0
 
 
 def schedule(m_tiles, n_tiles, k_tiles, programs, tail_split):
@@ -802,9 +906,9 @@ def fold_share(k_tiles, split, part_load=PART_LOAD_TILES):
 
 
 @functools.lru_cache(maxsize=None)  # per launch otherwise (tens of microseconds of host time)
-def layouts(config, bits=4):
+def layouts(config, bits=4, pair=False):
     """(x tile, words/scales, zero points, weight tile shared layouts; accumulator, dequantize and (for SWAP) output
-    register layouts)."""
+    register layouts); pair: the dequantize layout of _pair_tile, half as many fields a thread (pairs of them)."""
     block_m, block_n, block_k, warps, stages, dq_warps = config[:6]
     tail(config)  # a config's numbers checked, each in one line
     if not 0 <= config[6] <= 4 or (config[6] == 4 and stages % 4 == 2):
@@ -835,8 +939,8 @@ def layouts(config, bits=4):
         dq = gl.BlockedLayout(size_per_thread=[2 // gw, 8, 1], threads_per_warp=[1, 1, 32],
                               warps_per_cta=[gw, 1, wn], order=[1, 0, 2])
     else:
-        dq = gl.BlockedLayout(size_per_thread=[max(1, bits // 4), 32 // bits, 1], threads_per_warp=[1, 1, 32],
-                              warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
+        dq = gl.BlockedLayout(size_per_thread=[max(1, bits // 4), 32 // bits // (1 + pair), 1],
+                              threads_per_warp=[1, 1, 32], warps_per_cta=[dq_warps // wn, 1, wn], order=[1, 0, 2])
     return x_layout, flat, bytes_, w_layout, acc, dq, out
 
 
@@ -995,11 +1099,12 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
 @functools.lru_cache(maxsize=None)
 def _constants(config, bits, has_zero, zero, diag, split):
     """_gluon_mm_kernel's constexprs but GROUP_TILES, for a launch (gluon_mm) and for compile_for alike."""
-    _, _, _, w_layout, acc, dq, out = layouts(config, bits)
+    pair = pairs(config, bits, has_zero, zero)
+    _, _, _, w_layout, acc, dq, out = layouts(config, bits, pair > 0)
     return dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                 DQ_REGS=registers(config)[1], DQ_PARTS=max(1, config[6]), BITS=bits, HAS_ZERO=has_zero, ZERO=zero,
                 DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, REG_A=reg_a(config),
-                WORD_LAYOUT=word_layout(config, bits, dq), FOLD=tail(config) == 2 and split > 1)
+                WORD_LAYOUT=word_layout(config, bits, dq), FOLD=tail(config) == 2 and split > 1, PAIRS=pair)
 
 
 def call_schedule(m, n, k, config, device):
@@ -1033,9 +1138,10 @@ def group_tiles(group, in_features, block_k=BLOCK_K):
 
 
 @functools.lru_cache(maxsize=None)
-def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096, split=1):
+def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_features=4096, split=1, zero=None):
     """The kernel compiled for `arch` without a GPU (triton.compile with an explicit target): what the CPU tests and
-    bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS)."""
+    bench/prefill_ws_probe.py --compile_only look at (registers, shared memory, SASS). zero: the constant zero point
+    without zero points (default 8)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     config = tuple(config)
@@ -1053,7 +1159,7 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
                  "N": "i32", "K": "i32", "WHOLE": "i32", "OWN": "i32"}
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k),
-                  **_constants(config, bits, has_zero, 0.0 if has_zero else 8.0, diag, split))
+                  **_constants(config, bits, has_zero, 0.0 if has_zero else 8.0 if zero is None else zero, diag, split))
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
