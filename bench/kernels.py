@@ -402,6 +402,25 @@ def bench_binary(shape, bandwidth, log):
     return rows
 
 
+def gluon_config_list(text):
+    """--gluon_configs as tuples, each checked by gluon_gemm's own rules (its numbers, SWAP, TAIL, MATH, REG_A), or
+    one line naming the flag and the exit."""
+    from quantization.kernels import gluon_gemm
+    configs = []
+    for item in (c for c in text.split(",") if c):
+        try:
+            if not re.fullmatch(r"[1-9][0-9]*(x[0-9]+){6,9}", item):
+                raise ValueError("expected 7 to 10 numbers joined by x")
+            config = tuple(int(v) for v in item.split("x"))
+            gluon_gemm.swapped(config), gluon_gemm.tail(config), gluon_gemm.dq_math(config), gluon_gemm.reg_a(config)
+        except ValueError as e:
+            sys.exit(f"kernels.py: error: --gluon_configs: {item!r}: {str(e).replace('gluon_gemm: ', '')}; expected "
+                     "BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]], e.g. "
+                     "256x64x64x8x5x4x2x3x2x1")
+        configs.append(config)
+    return configs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated in x out shapes")
@@ -420,6 +439,10 @@ def main(argv=None):
     p.add_argument("--profile_rows", type=int, default=1, help="rows of x for --profile (256: prefill)")
     p.add_argument("--gemm_configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxSPLITx"
                    "UNPACK GEMM configs that --profile (more than one row) also times, besides the launcher's")
+    p.add_argument("--gluon_configs", default="", help="comma-separated Gluon prefill GEMM configs (BLOCK_MxBLOCK_Nx"
+                   "BLOCK_KxWARPSxSTAGESxDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]], gluon_gemm.CONFIGS' numbers) offered "
+                   "to --check and the launcher in this run besides the listed ones: configs to measure before "
+                   "listing them")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args(argv)
@@ -445,6 +468,7 @@ def main(argv=None):
             c[0] < 16 or c[3] < 1 or c[4] < 1 or c[6] > 1 for c in gemm_configs):
         sys.exit(f"kernels.py: error: --gemm_configs={args.gemm_configs}: expected BLOCK_MxBLOCK_NxBLOCK_KxWARPSx"
                  "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1)")
+    gluon_configs = gluon_config_list(args.gluon_configs)
     if args.out:
         table_file_or_exit(args.out, "--out", "kernels.py")
     if not torch.cuda.is_available():
@@ -466,6 +490,11 @@ def main(argv=None):
 
     log(f"# Packed kernels vs cuBLAS bf16 and tinygemm: {gpu}, torch {torch.__version__}, triton {triton.__version__}")
     log("command: python bench/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    if gluon_configs and ops.gluon_gemm is not None:  # this run's list, after the listed configs
+        ops.gluon_gemm.CONFIGS = list(ops.gluon_gemm.CONFIGS) + [c for c in gluon_configs
+                                                                 if c not in ops.gluon_gemm.CONFIGS]
+        os.environ["NANOQAT_KERNEL_CACHE"] = "off"  # a stored choice (keyed by the source, not this list) not reused
+        log(f"Gluon configs offered besides the listed ones: {gluon_configs}; stored kernel choices not used")
     if args.check and check(log, variants, check_kernels):
         sys.exit("kernels.py: error: a kernel disagrees with the dequantize reference (see FAIL lines)")
     bandwidth = copy_bandwidth()

@@ -579,6 +579,10 @@ def test_the_loads_only_kernel_of_the_profile_reads_every_word_under_the_interpr
                                          ("--profile_rows=0", "--profile_rows=0"),
                                          ("--gemm_configs=128x128x64x4x3x4", "--gemm_configs"),
                                          ("--gemm_configs=8x128x64x4x3x0x1", "--gemm_configs"),
+                                         ("--gluon_configs=256x64x64x8x5x4x2x3x2x7", "--gluon_configs"),
+                                         ("--gluon_configs=256x64x64x4x6x0x0x3x1x1", "--gluon_configs"),
+                                         ("--gluon_configs=256x64", "--gluon_configs"),
+                                         ("--gluon_configs=256x64x64x8x5x4x2x3x2x1", "needs a CUDA GPU"),  # taken
                                          ("--check_kernels=gemm,tinygemm", "--check_kernels")])
 def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named, capsys):
     """Unknown formats and malformed shapes are refused before anything runs, on any machine (main in this process:
