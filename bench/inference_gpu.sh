@@ -202,7 +202,8 @@ for PART in $PARTS; do
     prefill_pairs_table)  # the launcher's prefill table of every format with MATH 1 offered besides the list
         run 500 python bench/kernels.py --shapes= --gemm_shapes=4096x11008,4096x12288,4096x4096 \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gluon_configs=256x64x64x8x5x4x2x3x2x1,128x64x64x4x8x4x3x3x0x1 --out="$R/kernels_${GPU}_prefill_pairs.md" ;;
+            --gluon_configs=256x64x64x8x5x4x2x3x2x1,128x64x64x4x8x4x3x3x0x1 \
+            --out="$R/kernels_${GPU}_prefill_pairs.md" ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
         run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/prefill_ncu_$GPU" -f \
