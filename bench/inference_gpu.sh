@@ -191,18 +191,21 @@ for PART in $PARTS; do
             > "$R/prefill_gluon_$GPU.md" ;;
     prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes, checked, then their prefill table
         gluon_all gluon_all ;;
-    prefill_pairs)  # MATH 1 and 2 (the dequantize arithmetic two codes at a time in bfloat16x2) beside float32 on
-                    # the TAIL 2 config, int4 g128, 256 rows, twice; then MATH 1 offered to --check on every format
+    prefill_pairs)  # MATH 1 and 2 (the dequantize arithmetic two codes at a time in bfloat16x2) and EARLY (the
+                    # words first, on their own barrier) beside the listed TAIL 2 config, int4 g128, 256 rows, the
+                    # listed one twice; then MATH 1, EARLY and both offered to --check on every format
         c=256x64x64x8x5x4x2x3x2
         run 150 python bench/prefill_ws_probe.py --shapes=4096x11008,4096x12288,4096x4096 --variants=gluon \
-            --no_project --configs=$c,${c}x1,${c}x2,$c,${c}x1
+            --no_project --configs=$c,${c}x1,${c}x2,${c}x0x1,${c}x1x1,$c
         run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
             --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gluon_configs=${c}x1,128x64x64x4x8x4x3x3x0x1 --out="$R/kernels_${GPU}_check_pairs.md" ;;
-    prefill_pairs_table)  # the launcher's prefill table of every format with MATH 1 offered besides the list
-        run 500 python bench/kernels.py --shapes= --gemm_shapes=4096x11008,4096x12288,4096x4096 \
+            --gluon_configs=${c}x1,${c}x0x1,${c}x1x1,128x64x64x4x8x4x3x3x0x1x1 \
+            --out="$R/kernels_${GPU}_check_pairs.md" ;;
+    prefill_pairs_table)  # the launcher's prefill table of every format with those offered besides the list
+        c=256x64x64x8x5x4x2x3x2
+        run 540 python bench/kernels.py --shapes= --gemm_shapes=4096x11008,4096x12288,4096x4096 \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gluon_configs=256x64x64x8x5x4x2x3x2x1,128x64x64x4x8x4x3x3x0x1 \
+            --gluon_configs=${c}x1,${c}x0x1,${c}x1x1,128x64x64x4x8x4x3x3x0x1x1 \
             --out="$R/kernels_${GPU}_prefill_pairs.md" ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)

@@ -390,11 +390,12 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as
-    wgmma's left operand, 2: the same, y stored from the accumulator; TAIL 1: the last wave's tiles split in K, 2:
-    folded; MATH 1: two codes at a time in bfloat16x2, 2: the same with bfloat16 scales, gluon_gemm.dq_math)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH[xEARLY]]]] (gluon_gemm.CONFIGS; SWAP 1: the weight
+    tile as wgmma's left operand, 2: the same, y stored from the accumulator; TAIL 1: the last wave's tiles split in
+    K, 2: folded; MATH 1: two codes at a time in bfloat16x2, 2: the same with bfloat16 scales, gluon_gemm.dq_math;
+    EARLY 1: the words copied first on a barrier of their own, gluon_gemm.early)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8, 9, 10):
+    if len(values) not in (5, 6, 7, 8, 9, 10, 11):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -898,8 +899,9 @@ def main():
     p.add_argument("--rows", type=int, default=256, help="rows of x")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages for every "
-                   "variant, with xSPLIT (split-K) for the field variants and xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]] "
-                   "for the gluon ones (default: each variant's own list)")
+                   "variant, with xSPLIT (split-K) for the field variants and "
+                   "xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH[xEARLY]]]] for the gluon ones (default: each variant's own "
+                   "list)")
     p.add_argument("--no_project", action="store_true", help="skip the project's path (its first call tunes)")
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")
     p.add_argument("--arch", type=int, default=90, help="--compile_only's CUDA compute capability (90: H100/H200)")

@@ -5,7 +5,7 @@ completed phases are odd when P is 0 and even when P is 1, so a waiter two phase
 Reports a deadlock (no step possible before the end) or an unsafe step (a slot overwritten before its reader was
 done, a tile read before it landed). No GPU.
 
-    python bench/ring_protocol_check.py                  # both protocols of the kernel, K up to 8 tiles
+    python bench/ring_protocol_check.py                  # the kernel's protocols, K up to 8 tiles
     python bench/ring_protocol_check.py --tiles=6 --protocol=one_shared,shared_words   # the unsafe ones
     python bench/ring_protocol_check.py --tiles=10 --stages=7,8 --protocol=one,one_shared
 
@@ -14,6 +14,9 @@ Protocols (DQ_PARTS 3 dequantize partitions taking K tiles part, part + 3, ...):
   copies x and the words on `ready`, one barrier per dequantize partition and slot (tile i's is
   (i % 3) * STAGES + i % STAGES, its phase i // lcm(3, STAGES)); a dequantize partition waits on it, stores the
   weight tile, arrives `w_ready`; the products wait on it and on `w_ready`, release the slot before on `empty`.
+- `early` (a config's EARLY 1): as `one` with each tile's copies on two barriers of that index: the words on one
+  (`ready` here, the kernel's q_ready) that the dequantize partition waits on, x on the other (`x_ready` here, the
+  kernel's ready) that the products wait on, so a partition can start before x has landed.
 - `one_shared`: as `one` with one `ready` barrier per slot (the kernel before `bench/ring_protocol_check.py`):
   unsafe where STAGES is not a multiple of 3. A partition skips the others' tiles, so it can wait on a slot whose
   barrier is two phases behind (the copy of the tile STAGES before still in flight while a later one landed), and
@@ -35,7 +38,7 @@ PARTS = 3
 def check(tiles, stages, w_stages, protocol, n_parts=PARTS):
     """(states explored, [problems]) for `tiles` K tiles, STAGES x slots, W_STAGES words slots (unused by `one`),
     n_parts dequantize partitions."""
-    w_stages = stages if protocol in ("one", "one_shared") else w_stages
+    w_stages = stages if protocol in ("one", "one_shared", "early") else w_stages
 
     def word_slot(i):  # (slot, lap) of tile i's words
         if protocol == "rings":
@@ -44,16 +47,17 @@ def check(tiles, stages, w_stages, protocol, n_parts=PARTS):
             return (i % n_parts) * per + k % per, k // per
         return i % w_stages, i // w_stages
 
-    one = protocol in ("one", "one_shared")
-    period = math.lcm(n_parts, stages) if protocol == "one" else None
+    one = protocol in ("one", "one_shared", "early")
+    split = protocol == "early"  # x on a barrier of its own (per partition and slot, as the words')
+    period = math.lcm(n_parts, stages) if protocol in ("one", "early") else None
 
-    def ready_index(i):  # the barrier a tile's copies complete: per (partition, slot) for `one`
-        if protocol == "one":
+    def ready_index(i):  # the barrier a tile's copies complete: per (partition, slot) for `one` and `early`
+        if period:
             return (i % n_parts) * stages + i % stages
         return word_slot(i)[0]
 
     def ready_lap(i):
-        return i // period if protocol == "one" else word_slot(i)[1]
+        return i // period if period else word_slot(i)[1]
 
     def passes(completed, parity):
         return (completed & 1) != parity
@@ -62,7 +66,8 @@ def check(tiles, stages, w_stages, protocol, n_parts=PARTS):
     # barriers' completed phases (empty, x_ready, w_ready, ready, w_free), copies in flight, what each slot holds,
     # the tiles dequantized, the last tile whose slot the products released
     start = (0, 0, tuple((p, 0) for p in range(n_parts)), (0, 0),
-             ((0,) * stages, (0,) * stages, (0,) * stages, (0,) * (n_parts * stages if protocol == "one" else w_stages),
+             ((0,) * stages, (0,) * (n_parts * stages if split else stages), (0,) * stages,
+              (0,) * (n_parts * stages if period else w_stages),
               (0,) * w_stages),
              frozenset(), ((-1,) * stages, (-1,) * stages, (-1,) * w_stages), frozenset(), -1)
     seen, stack, problems = set(), [start], []
@@ -112,14 +117,18 @@ def check(tiles, stages, w_stages, protocol, n_parts=PARTS):
             rest = flight - {(kind, i)}
             if kind == "x":
                 s = i % stages
-                if one:
+                if split:
+                    step(flight=rest, x_slots=put(x_slots, s, i), x_ready=bump(x_ready, ready_index(i)))
+                elif one:
                     step(flight=rest, x_slots=put(x_slots, s, i),
                          ready=ready if ("q", i) in rest else bump(ready, ready_index(i)))
                 else:
                     step(flight=rest, x_slots=put(x_slots, s, i), x_ready=bump(x_ready, s))
             else:
                 q = word_slot(i)[0]
-                if one:
+                if split:
+                    step(flight=rest, q_slots=put(q_slots, q, i), ready=bump(ready, ready_index(i)))
+                elif one:
                     step(flight=rest, q_slots=put(q_slots, q, i),
                          ready=ready if ("x", i) in rest else bump(ready, ready_index(i)))
                 else:
@@ -142,7 +151,8 @@ def check(tiles, stages, w_stages, protocol, n_parts=PARTS):
         i, stage = prod
         if i < tiles:  # the products
             s = i % stages
-            if stage == 0 and (passes(ready[ready_index(i)], ready_lap(i) & 1) if one
+            if stage == 0 and (passes(x_ready[ready_index(i)], ready_lap(i) & 1) if split
+                               else passes(ready[ready_index(i)], ready_lap(i) & 1) if one
                                else passes(x_ready[s], (i // stages) & 1)):
                 step(prod=(i, 1))
             elif stage == 1 and passes(w_ready[s], (i // stages) & 1):
@@ -161,15 +171,15 @@ def check(tiles, stages, w_stages, protocol, n_parts=PARTS):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tiles", type=int, default=8, help="the largest number of K tiles checked (every count from 0)")
-    p.add_argument("--stages", default="2,3,4", help="comma-separated ring sizes for one and one_shared (the kernel's "
-                   "first config has 8: --stages=8 --tiles=10 takes about a minute a protocol)")
-    p.add_argument("--protocol", default="one,rings", help="comma-separated: one, one_shared, rings, "
+    p.add_argument("--stages", default="2,3,4", help="comma-separated ring sizes for one, early and one_shared (the "
+                   "kernel's first config has 8: --stages=8 --tiles=10 takes about a minute a protocol)")
+    p.add_argument("--protocol", default="one,early,rings", help="comma-separated: one, early, one_shared, rings, "
                    "shared_words")
     p.add_argument("--parts", type=int, default=PARTS, help="dequantize partitions (the kernel's DQ_PARTS, 1 to 4)")
     args = p.parse_args()
     bad = 0
     for protocol in args.protocol.split(","):
-        if protocol in ("one", "one_shared"):
+        if protocol in ("one", "one_shared", "early"):
             sizes = [(int(s), int(s)) for s in args.stages.split(",")]
         else:  # the words' rings: a third for each partition; x's ring at least 3 slots (as the kernel had them)
             sizes = list(itertools.product((3, 4), (3, 6, 9)))
