@@ -191,9 +191,9 @@ for PART in $PARTS; do
             > "$R/prefill_gluon_$GPU.md" ;;
     prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes, checked, then their prefill table
         gluon_all gluon_all ;;
-    prefill_pairs)  # MATH 1 and 2 (the dequantize arithmetic two codes at a time in bfloat16x2) and EARLY (the
-                    # words first, on their own barrier) beside the listed TAIL 2 config, int4 g128, 256 rows, the
-                    # listed one twice; then MATH 1, EARLY and both offered to --check on every format
+    prefill_pairs)  # the TAIL 2 config with MATH 0 (float32, twice), 1 (bfloat16x2 pairs, listed) and 2 (bf16
+                    # scales), EARLY (the words first, on their own barrier) and both, int4 g128, 256 rows; then
+                    # MATH 1, EARLY and both offered to --check on every format
         c=256x64x64x8x5x4x2x3x2
         run 150 python bench/prefill_ws_probe.py --shapes=4096x11008,4096x12288,4096x4096 --variants=gluon \
             --no_project --configs=$c,${c}x1,${c}x2,${c}x0x1,${c}x1x1,$c

@@ -1071,7 +1071,7 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert zeros.metadata.shared <= 232448 and not zeros.asm["ptx"].count("st.local")
     per_group = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=False, group=128)
     assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
-    assert all(len(c) <= 9 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
+    assert all(len(c) <= 10 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)  # EARLY not listed
     # the loader, the three dequantize partitions, the products: one loader warp, a ready barrier per dequantize
     # partition and slot (8 slots x 3), and a ninth number other than TAIL's 0 or 1 (it was the words' own rings,
     # measured slower and taken out) or a tenth refused in one line
@@ -1217,7 +1217,7 @@ def test_gluon_gemm_tail_2_puts_the_split_parts_into_the_whole_tiles_programs():
     assert gluon_gemm.schedule(1, 64, 64, 132, 2) == (64, 0, 1)           # less than a wave: no program to take parts
     assert gluon_gemm.schedule(2, 80, 8, 132, 2) == (66, 14, 4)           # --check's 512x5120 at 300 rows
     config = (256, 64, 64, 8, 5, 4, 2, 3, 2)
-    assert config in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 2
+    assert config + (1,) in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 2  # listed with MATH 1
     ptx = gluon_gemm.compile_for(config, split=3).asm["ptx"]
     released = ptx.count("red.global.gpu.release.add.u32") + ptx.count("atom.global.gpu.release.add.u32")
     assert ptx.count("ld.global.gpu.acquire.b32") == 1 and released == 1

@@ -59,13 +59,15 @@ cuBLAS against 0.90-1.05x without it (bench/results/prefill_wide_h100).
 MATH (a config's tenth number, dq_math()): the dequantize partitions' arithmetic two codes at a time in bfloat16x2
 (_pair_tile: a byte permute, a logic op, a subtract, a multiply and an FMA a pair; MATH 1 keeps each weight within a
 rounding of the float32 path's, MATH 2 rounds the scale to bfloat16 as tinygemm does) for 1, 2 and 4-bit codes:
-the dequantize loop of an int4 tile 135 SASS instructions against 156 (MATH 2: 115). Compiled and its
-arithmetic checked on the CPU only; not listed until measured on a GPU (docs/kernels.md says how).
+the dequantize loop of an int4 tile 135 SASS instructions against 156 (MATH 2: 115). MATH 1 is in the first and
+the last listed config: on one H100 the 1 and 2-bit codes' 256-row calls 6-8% faster, int4's 3-9%
+(bench/results/prefill_pairs_h100).
 
 EARLY (a config's eleventh number, early()): each K tile's words first, on a barrier of their own that the
 dequantize partition waits on, x after them on the one the products wait on (one profile had the dequantize
 partitions waiting for their tile's copies more than a quarter of the time). Its ring protocol checked
-(bench/ring_protocol_check.py --protocol=early) and compiled; not listed until measured, as MATH.
+(bench/ring_protocol_check.py --protocol=early); measured level or slower (bench/results/prefill_pairs_h100): not
+listed.
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -112,12 +114,15 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # 4096x12288 (one H200, bench/results/prefill_fold); on an H100 44.7 against 47.4 (cuBLAS 44.2), the owners' loops
 # 2.1 us longer than their siblings' for the load of their parts: fold_share() (bench/results/prefill_share_h100).
 # Not listed: 4 dequantize partitions of 2 warps, (256, 64, 64, 8, 5, 2, 4, 3, 1 or 2): correct, no faster (a whole
-# tile's loop 28.9 us against 27.5 on 4096x11008, one H100, bench/results/prefill_share_h100). MATH 1 (a tenth number,
-# bfloat16x2 pairs, dq_math()) and EARLY (an eleventh, the words on their own barrier, early()): not measured yet,
-# so not listed
-CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
+# tile's loop 28.9 us against 27.5 on 4096x11008, one H100, bench/results/prefill_share_h100).
+# MATH 1 (a tenth number, bfloat16x2 pairs, dq_math()) in the first and the last config: on one H100, side by side,
+# 4096x11008 int2, ternary and 1-bit 40.5-40.8 us against 43.4-44.1 with MATH 0 (cuBLAS 43.2), int4 43.8 against
+# 45.0; 4096x4096 int4 with the first config 19.6 against 21.5 (cuBLAS 20.0); 3 and 8-bit codes run MATH 0 in them
+# (bench/results/prefill_pairs_h100). Not listed: EARLY (an eleventh number, the words on their own barrier,
+# early()): level or slower beside MATH 1 (42.0 against 40.7 us for int2, same run)
+CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3, 0, 1), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
-           (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2)]
+           (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2, 1)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
