@@ -192,20 +192,20 @@ for PART in $PARTS; do
     prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes, checked, then their prefill table
         gluon_all gluon_all ;;
     prefill_pairs)  # the TAIL 2 config with MATH 0 (float32, twice), 1 (bfloat16x2 pairs, listed) and 2 (bf16
-                    # scales), EARLY (the words first, on their own barrier) and both, int4 g128, 256 rows; then
-                    # MATH 1, EARLY and both offered to --check on every format
+                    # scales), int4 g128, 256 rows; then every candidate's time at 256 rows on 4096x11008 and
+                    # 4096x4096 for int4, int2 and 1-bit, MATH 0's twins of the listed MATH 1 configs offered
         c=256x64x64x8x5x4x2x3x2
         run 150 python bench/prefill_ws_probe.py --shapes=4096x11008,4096x12288,4096x4096 --variants=gluon \
-            --no_project --configs=$c,${c}x1,${c}x2,${c}x0x1,${c}x1x1,$c
+            --no_project --configs=$c,${c}x1,${c}x2,$c,${c}x1
+        run 300 python bench/kernels.py --profile=4096x11008,4096x4096 --profile_rows=256 \
+            --variants="int4 g128,int2 g128,1-bit per channel" --gluon_configs=$c,128x64x64x4x8x4x3x3 \
+            --out="$R/kernels_profile_${GPU}_pairs.md" ;;
+    prefill_pairs_table)  # the launcher's prefill table of every format (the listed configs), checked first
         run 240 python bench/kernels.py --check --check_kernels=gluon_mm --shapes= --gemm_shapes= \
             --variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gluon_configs=${c}x1,${c}x0x1,${c}x1x1,128x64x64x4x8x4x3x3x0x1x1 \
-            --out="$R/kernels_${GPU}_check_pairs.md" ;;
-    prefill_pairs_table)  # the launcher's prefill table of every format with those offered besides the list
-        c=256x64x64x8x5x4x2x3x2
-        run 540 python bench/kernels.py --shapes= --gemm_shapes=4096x11008,4096x12288,4096x4096 \
+            --out="$R/kernels_${GPU}_check_pairs.md"
+        run 400 python bench/kernels.py --shapes= --gemm_shapes=4096x11008,4096x12288,4096x4096 \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
-            --gluon_configs=${c}x1,${c}x0x1,${c}x1x1,128x64x64x4x8x4x3x3x0x1x1 \
             --out="$R/kernels_${GPU}_prefill_pairs.md" ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)

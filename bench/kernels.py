@@ -403,20 +403,19 @@ def bench_binary(shape, bandwidth, log):
 
 
 def gluon_config_list(text):
-    """--gluon_configs as tuples, each checked by gluon_gemm's own rules (its numbers, SWAP, TAIL, MATH, EARLY), or
+    """--gluon_configs as tuples, each checked by gluon_gemm's own rules (its numbers, SWAP, TAIL, MATH, REG_A), or
     one line naming the flag and the exit."""
     from quantization.kernels import gluon_gemm
     configs = []
     for item in (c for c in text.split(",") if c):
         try:
-            if not re.fullmatch(r"[1-9][0-9]*(x[0-9]+){6,10}", item):
-                raise ValueError("expected 7 to 11 numbers joined by x")
+            if not re.fullmatch(r"[1-9][0-9]*(x[0-9]+){6,9}", item):
+                raise ValueError("expected 7 to 10 numbers joined by x")
             config = tuple(int(v) for v in item.split("x"))
-            gluon_gemm.swapped(config), gluon_gemm.tail(config), gluon_gemm.dq_math(config), gluon_gemm.early(config)
-            gluon_gemm.reg_a(config)
+            gluon_gemm.swapped(config), gluon_gemm.tail(config), gluon_gemm.dq_math(config), gluon_gemm.reg_a(config)
         except ValueError as e:
             sys.exit(f"kernels.py: error: --gluon_configs: {item!r}: {str(e).replace('gluon_gemm: ', '')}; expected "
-                     "BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH[xEARLY]]]], e.g. "
+                     "BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]], e.g. "
                      "256x64x64x8x5x4x2x3x2x1")
         configs.append(config)
     return configs
@@ -441,7 +440,7 @@ def main(argv=None):
     p.add_argument("--gemm_configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_KxWARPSxSTAGESxSPLITx"
                    "UNPACK GEMM configs that --profile (more than one row) also times, besides the launcher's")
     p.add_argument("--gluon_configs", default="", help="comma-separated Gluon prefill GEMM configs (BLOCK_MxBLOCK_Nx"
-                   "BLOCK_KxWARPSxSTAGESxDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH[xEARLY]]]], gluon_gemm.CONFIGS' "
+                   "BLOCK_KxWARPSxSTAGESxDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]], gluon_gemm.CONFIGS' "
                    "numbers) offered to --check and the launcher in this run besides the listed ones: configs to "
                    "measure before listing them")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "

@@ -390,12 +390,11 @@ if triton is not None:
 
 def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
-    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH[xEARLY]]]] (gluon_gemm.CONFIGS; SWAP 1: the weight
-    tile as wgmma's left operand, 2: the same, y stored from the accumulator; TAIL 1: the last wave's tiles split in
-    K, 2: folded; MATH 1: two codes at a time in bfloat16x2, 2: the same with bfloat16 scales, gluon_gemm.dq_math;
-    EARLY 1: the words copied first on a barrier of their own, gluon_gemm.early)."""
+    for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as
+    wgmma's left operand, 2: the same, y stored from the accumulator; TAIL 1: the last wave's tiles split in K, 2:
+    folded; MATH 1: two codes at a time in bfloat16x2, 2: the same with bfloat16 scales, gluon_gemm.dq_math)."""
     values = tuple(int(v) for v in text.split("x"))
-    if len(values) not in (5, 6, 7, 8, 9, 10, 11):
+    if len(values) not in (5, 6, 7, 8, 9, 10):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
     return values
 
@@ -528,9 +527,9 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None,
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8, 9, 10, 11) or config[2] != gluon_gemm.BLOCK_K:
+        if len(config) not in (7, 8, 9, 10) or config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
-                             f"DQ_PARTS[xSWAP[xTAIL[xMATH[xEARLY]]]] (got {config})")
+                             f"DQ_PARTS[xSWAP[xTAIL[xMATH]]] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
                                    diag=GLUON_VARIANTS[variant], counters=_counters(x.device), stamps=stamps,
                                    part_load=part_load)
@@ -900,7 +899,7 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--configs", default="", help="comma-separated BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages for every "
                    "variant, with xSPLIT (split-K) for the field variants and "
-                   "xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH[xEARLY]]]] for the gluon ones (default: each variant's own "
+                   "xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]] for the gluon ones (default: each variant's own "
                    "list)")
     p.add_argument("--no_project", action="store_true", help="skip the project's path (its first call tunes)")
     p.add_argument("--compile_only", action="store_true", help="no GPU: compile every config for --arch")

@@ -14,9 +14,10 @@ Protocols (DQ_PARTS 3 dequantize partitions taking K tiles part, part + 3, ...):
   copies x and the words on `ready`, one barrier per dequantize partition and slot (tile i's is
   (i % 3) * STAGES + i % STAGES, its phase i // lcm(3, STAGES)); a dequantize partition waits on it, stores the
   weight tile, arrives `w_ready`; the products wait on it and on `w_ready`, release the slot before on `empty`.
-- `early` (a config's EARLY 1): as `one` with each tile's copies on two barriers of that index: the words on one
-  (`ready` here, the kernel's q_ready) that the dequantize partition waits on, x on the other (`x_ready` here, the
-  kernel's ready) that the products wait on, so a partition can start before x has landed.
+- `early`: as `one` with each tile's copies on two barriers of that index: the words on one (`ready` here) that
+  the dequantize partition waits on, x on the other (`x_ready` here) that the products wait on, so a partition can
+  start before x has landed. Safe, but level or slower on an H100 and taken out of the kernel
+  (bench/results/prefill_pairs_h100; the code, a config's eleventh number EARLY, is in commit 2c595e2).
 - `one_shared`: as `one` with one `ready` barrier per slot (the kernel before `bench/ring_protocol_check.py`):
   unsafe where STAGES is not a multiple of 3. A partition skips the others' tiles, so it can wait on a slot whose
   barrier is two phases behind (the copy of the tile STAGES before still in flight while a later one landed), and

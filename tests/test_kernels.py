@@ -1071,7 +1071,7 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     assert zeros.metadata.shared <= 232448 and not zeros.asm["ptx"].count("st.local")
     per_group = gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 3), bits=8, has_zero=False, group=128)
     assert per_group.metadata.shared - fits.metadata.shared >= (8 - 3) * 64 * 4  # 8 slots of scales against 3
-    assert all(len(c) <= 10 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)  # EARLY not listed
+    assert all(len(c) <= 10 and gluon_gemm.swapped(c) != 2 for c in gluon_gemm.CONFIGS)
     # the loader, the three dequantize partitions, the products: one loader warp, a ready barrier per dequantize
     # partition and slot (8 slots x 3), and a ninth number other than TAIL's 0 or 1 (it was the words' own rings,
     # measured slower and taken out) or a tenth refused in one line
@@ -1085,9 +1085,9 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
     with pytest.raises(ValueError, match=r"tenth number \(MATH\) is 0, 1 or 2 \(not with DQ_PARTS 0\), got 12 in "
                                          r"\(128, 64, 64, 4, 8, 4, 3, 1, 0, 12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 12))
-    with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, 10 with MATH, 11 with "
-                                         r"EARLY, got \(128, 64, 64, 4, 8, 4, 3, 1, 0, 1, 0, 5\)"):
-        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 1, 0, 5))
+    with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, 10 with MATH, got "
+                                         r"\(128, 64, 64, 4, 8, 4, 3, 1, 0, 1, 5\)"):
+        gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 1, 5))
     # one row of scales (per channel) is an unsqueezed view with strides (1, 1), which a TMA descriptor refuses (a
     # GPU run's "strides must be 16-byte aligned"): handed over as the same memory with strides (n, 1)
     per_channel = PackedLinear.from_float(torch.randn(384, 512), QuantSpec("symmetric_quant", 8, "per_channel"))
@@ -1281,38 +1281,6 @@ def test_gluon_gemm_takes_four_dequantize_partitions_of_two_warps():
                                          r"STAGES odd or a multiple of 4 \(the ring's phase period\), got \(256, 64, "
                                          r"64, 8, 6, 2, 4, 3, 2\)$"):
         gluon_gemm.compile_for((256, 64, 64, 8, 6, 2, 4, 3, 2))
-
-
-def test_gluon_gemm_early_copies_the_words_on_a_barrier_of_their_own():
-    """A config's eleventh number, EARLY 1 (gluon_gemm.early): each K tile's words (and rows of scales and zero
-    points) are copied first on a barrier of their own per dequantize partition and slot, which the dequantize
-    partitions wait on, and x after them on the products' barrier: one more barrier per partition and slot, two
-    expected-bytes arrivals where there was one, within shared memory for every format (8-bit codes' 8 stages
-    too); its ring's protocol has no deadlock or early read (bench/ring_protocol_check.py's `early`, which does
-    find the early read when the products skip x's barrier); not with DQ_PARTS 0."""
-    pytest.importorskip("triton")
-    from bench.ring_protocol_check import check
-    from quantization.kernels import gluon_gemm
-    if gluon_gemm.gluon is None:
-        pytest.skip("this Triton has no Gluon Hopper API")
-    for config, kw in (((256, 64, 64, 8, 5, 4, 2, 3, 2), dict(split=3)), ((128, 64, 64, 4, 8, 4, 3, 3), {}),
-                       ((128, 64, 64, 4, 8, 4, 3, 3), dict(bits=8, has_zero=False, group=4096))):
-        plain = gluon_gemm.compile_for(config + (0,) * (10 - len(config)) + (0,), **kw)
-        early = gluon_gemm.compile_for(config + (0,) * (10 - len(config)) + (1,), **kw)
-        slots = config[4] * config[6]
-        assert (early.asm["ttgir"].count("ttng.init_barrier") - plain.asm["ttgir"].count("ttng.init_barrier")
-                == slots), config
-        expects = [k.asm["ptx"].count("mbarrier.arrive.expect_tx") for k in (plain, early)]
-        assert expects[1] == 2 * expects[0] - (1 if kw.get("group") == 4096 else 0), (config, expects)
-        assert early.metadata.shared <= 232448 and "st.local" not in early.asm["ptx"], config
-    for tiles, stages, parts in ((8, 5, 2), (8, 4, 3), (9, 5, 2)):
-        states, problems = check(tiles, stages, stages, "early", parts)
-        assert states > 1000 and not problems, (tiles, stages, parts, problems[:1])
-    assert gluon_gemm.early((256, 64, 64, 8, 5, 4, 2, 3, 2)) == 0
-    for bad, value in (((256, 64, 64, 4, 6, 0, 0, 3, 1, 0, 1), 1), ((256, 64, 64, 8, 5, 4, 2, 3, 2, 0, 2), 2)):
-        with pytest.raises(ValueError, match=rf"eleventh number \(EARLY\) is 0 or 1 \(not with DQ_PARTS 0\), got "
-                                             rf"{value} in"):
-            gluon_gemm.compile_for(bad)
 
 
 def test_gluon_gemm_stamps_its_programs_only_when_asked_and_the_probe_reads_them_in_rounds():
@@ -1509,11 +1477,13 @@ def test_the_l2_probe_reads_each_programs_x_rows_and_words_once():
 def test_ring_protocol_of_the_gluon_gemm_has_no_deadlock_or_early_read_in_any_interleaving():
     """bench/ring_protocol_check.py explores every interleaving of the Gluon GEMM's partitions and TMA copies (landing
     in any order) with parity waits as the hardware's: the kernel's protocol (one ring with a `ready` barrier per
-    dequantize partition and slot) and the words' rings it tried (one per partition) finish without an unsafe step, and
+    dequantize partition and slot), the words' rings it tried (one per partition) and the words on barriers of their
+    own in the one ring (`early`) finish without an unsafe step, and
     the check finds what the earlier designs got wrong (one `ready` per slot with 4 stages: a partition that skips
     the others' tiles reads a slot whose tile has not landed; one shared words ring; the weight slot with 2 stages)."""
     from bench.ring_protocol_check import check
-    for tiles, stages, words, protocol in ((7, 4, 4, "one"), (7, 3, 3, "one"), (6, 3, 6, "rings")):
+    for tiles, stages, words, protocol in ((7, 4, 4, "one"), (7, 3, 3, "one"), (6, 3, 6, "rings"), (7, 4, 4, "early"),
+                                           (7, 5, 5, "early")):
         states, problems = check(tiles, stages, words, protocol)
         assert states > 500 and not problems, (protocol, tiles, stages, words, problems[:2])
     _, problems = check(6, 4, 4, "one_shared")

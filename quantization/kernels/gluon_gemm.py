@@ -63,11 +63,9 @@ the dequantize loop of an int4 tile 135 SASS instructions against 156 (MATH 2: 1
 the last listed config: on one H100 the 1 and 2-bit codes' 256-row calls 6-8% faster, int4's 3-9%
 (bench/results/prefill_pairs_h100).
 
-EARLY (a config's eleventh number, early()): each K tile's words first, on a barrier of their own that the
-dequantize partition waits on, x after them on the one the products wait on (one profile had the dequantize
-partitions waiting for their tile's copies more than a quarter of the time). Its ring protocol checked
-(bench/ring_protocol_check.py --protocol=early); measured level or slower (bench/results/prefill_pairs_h100): not
-listed.
+Each K tile's words first, on a barrier of their own that the dequantize partition waits on, and x after them on
+the one the products wait on (a config's eleventh number, EARLY, in commit 2c595e2; its ring protocol is
+bench/ring_protocol_check.py's `early`): level or slower on one H100 (bench/results/prefill_pairs_h100), taken out.
 
 Gluon kernels do not run under TRITON_INTERPRET=1: the CPU tests compile this one for sm_90 (compile_for()) and
 check its arithmetic in float64; on the GPU bench/prefill_ws_probe.py checks it against the float64 product and
@@ -118,8 +116,8 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # MATH 1 (a tenth number, bfloat16x2 pairs, dq_math()) in the first and the last config: on one H100, side by side,
 # 4096x11008 int2, ternary and 1-bit 40.5-40.8 us against 43.4-44.1 with MATH 0 (cuBLAS 43.2), int4 43.8 against
 # 45.0; 4096x4096 int4 with the first config 19.6 against 21.5 (cuBLAS 20.0); 3 and 8-bit codes run MATH 0 in them
-# (bench/results/prefill_pairs_h100). Not listed: EARLY (an eleventh number, the words on their own barrier,
-# early()): level or slower beside MATH 1 (42.0 against 40.7 us for int2, same run)
+# (bench/results/prefill_pairs_h100). The words first on their own barrier (EARLY, an eleventh number in commit
+# 2c595e2): level or slower beside MATH 1 (42.0 against 40.7 us for int2, same run), taken out
 CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3, 0, 1), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
            (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2, 1)]
@@ -130,43 +128,39 @@ MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per til
 if gluon is not None:
     @gluon.jit
     def _loader(common, part, DQ_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, BITS: gl.constexpr,
-                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, FOLD: gl.constexpr,
-                EARLY: gl.constexpr):
+                HAS_ZERO: gl.constexpr, ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, FOLD: gl.constexpr):
         """One warp: each K tile's TMA copies (x, words, scales, zero points where HAS_ZERO) into the ring's next
         free slot (free once the default partition has finished the product that read it), on the ready barrier of
         the dequantize partition that takes the tile; with FOLD the program's second segment's K tiles after its
-        first's, on in the one ring. EARLY: the words, scales and zero points first, on a barrier of their own
-        (q_ready, what the dequantize partition waits on), x after them on ready (what the products wait on)."""
+        first's, on in the one ring. The workers share one signature."""
         descs, bufs, bars, off_m, off_n, k_tiles, k_lo, seg2 = common
         p = _load_tiles(descs, bufs, bars, 0, k_tiles, off_m, off_n, k_lo, gl.to_tensor(0), 0, DQ_PARTS, BITS,
-                        HAS_ZERO, GROUP_TILES, EARLY)
+                        HAS_ZERO, GROUP_TILES)
         if FOLD:
             off_m2, off_n2, k_lo2, n2 = seg2
             _load_tiles(descs, bufs, bars, k_tiles, k_tiles + n2, off_m2, off_n2, k_lo2 - k_tiles, p, DQ_PARTS,
-                        DQ_PARTS, BITS, HAS_ZERO, GROUP_TILES, EARLY)
+                        DQ_PARTS, BITS, HAS_ZERO, GROUP_TILES)
 
     @gluon.jit
     def _load_tiles(descs, bufs, bars, i0, i1, off_m, off_n, k_base, p, row_base, DQ_PARTS: gl.constexpr,
-                    BITS: gl.constexpr, HAS_ZERO: gl.constexpr, GROUP_TILES: gl.constexpr, EARLY: gl.constexpr):
+                    BITS: gl.constexpr, HAS_ZERO: gl.constexpr, GROUP_TILES: gl.constexpr):
         """The loader's ring positions i0 .. i1 - 1: K tile k_base + i of the (off_m, off_n) tile (p: the dequantize
         partition of position i0); with one row of scales, each partition's row with its first position here, into
         slot row_base + its index. Returns the partition of position i1."""
         x_desc, q_desc, s_desc, z_desc = descs
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty, q_ready = bars
+        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_K: gl.constexpr = x_desc.block_type.shape[1]
         ONE_ROW: gl.constexpr = GROUP_TILES == 0  # one row of scales (and zero points) for all inputs
         rows: gl.constexpr = s_desc.block_type.nbytes + (z_desc.block_type.nbytes if HAS_ZERO else 0)
-        x_bytes: gl.constexpr = x_desc.block_type.nbytes
-        # what the dequantize partition's barrier counts: the words (and rows), with x unless EARLY
-        nbytes: gl.constexpr = q_desc.block_type.nbytes + (0 if ONE_ROW else rows) + (0 if EARLY else x_bytes)
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + q_desc.block_type.nbytes + (0 if ONE_ROW else rows)
         first_bytes: gl.constexpr = nbytes + rows  # with one row: a partition's first tile brings the row
         for i in range(i0, i1):
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes phase 1 at once
             k0 = (k_base + i) * TILE_K  # the program's K tiles start at k_base + i0 (TAIL)
-            bar = q_ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize); ready's but EARLY
+            bar = ready.index(p * STAGES + s)  # one barrier per partition and slot (_dequantize)
             if ONE_ROW:  # the row once for each dequantize partition, with its first tile, into a slot of its own
                 first = i - i0 < DQ_PARTS
                 mbarrier.expect(bar, first_bytes, pred=first)
@@ -180,15 +174,9 @@ if gluon is not None:
                 _tma_load(s_desc, [row, off_n], bar, s_bufs.index(s))
                 if HAS_ZERO:
                     _tma_load(z_desc, [row, off_n], bar, z_bufs.index(s).slice(0, 1))
-            if EARLY:  # the words first, then x on the barrier the products wait on
-                _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
-                x_bar = ready.index(p * STAGES + s)
-                mbarrier.expect(x_bar, x_bytes)
-                _tma_load(x_desc, [off_m, k0], x_bar, x_bufs.index(s))
-            else:
-                _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
-                _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
             p = gl.where(p == DQ_PARTS - 1, 0, p + 1)
+            _tma_load(x_desc, [off_m, k0], bar, x_bufs.index(s))
+            _tma_load(q_desc, [k0 * BITS // 32, off_n], bar, q_bufs.index(s))
         return p
 
     @gluon.jit
@@ -444,7 +432,7 @@ if gluon is not None:
         """_dequantize's positions i0, i0 + DQ_PARTS, ... below i1 (with one row of scales, from slot row_base +
         part)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty, q_ready = bars
+        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_N: gl.constexpr = w_bufs.type.shape[1]
         TILE_K: gl.constexpr = w_bufs.type.shape[2]
@@ -455,7 +443,7 @@ if gluon is not None:
             # the barrier of this partition and slot: a partition skips the others' tiles, and on a barrier of the
             # slot alone it could wait two phases behind, where its parity passes before the tile landed
             # (bench/ring_protocol_check.py); this one it waits on every time it is used (i % DQ_PARTS is part)
-            mbarrier.wait(q_ready.index(part * STAGES + s), (i // LAP) & 1)
+            mbarrier.wait(ready.index(part * STAGES + s), (i // LAP) & 1)
             r = row_base + part if GROUP_TILES == 0 else s  # the slot of scales: the partition's own with one row
             scales = s_bufs.index(r)
             zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
@@ -476,7 +464,7 @@ if gluon is not None:
         """REG_A's K tile i: its slot's words dequantized into wgmma's left operand (_register_tile), the
         asynchronous wgmma, the wait for the one before it, and that one's slot released."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty, q_ready = bars
+        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
         s = i % STAGES
@@ -581,7 +569,7 @@ if gluon is not None:
         i0); returns (acc once every product has finished, the partition of position i1). Each position releases
         the slot of the one before it (not the last's: its slot stays the caller's until the next position)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
-        ready, w_ready, empty, q_ready = bars
+        ready, w_ready, empty = bars
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         LAP: gl.constexpr = STAGES if STAGES % DQ_PARTS == 0 else STAGES * DQ_PARTS  # lcm (layouts() refuses 4
         # partitions with STAGES 2 mod 4, the one case up to 4 where this is not it)
@@ -705,8 +693,7 @@ if gluon is not None:
                          DQ_LAYOUT: gl.constexpr, DQ_WARPS: gl.constexpr, DQ_REGS: gl.constexpr,
                          DQ_PARTS: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
                          DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, SPLIT: gl.constexpr,
-                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, FOLD: gl.constexpr, PAIRS: gl.constexpr,
-                         EARLY: gl.constexpr):
+                         REG_A: gl.constexpr, WORD_LAYOUT: gl.constexpr, FOLD: gl.constexpr, PAIRS: gl.constexpr):
         """y (M, N) = x (M, K) @ dequant(W)^T: the module docstring's partitions. GROUP_TILES: the K tiles per row
         of scales (group_tiles()). Without zero points (HAS_ZERO 0) every code's is ZERO and z_desc is not read.
         DIAG & 2 (STAMP): each program writes 4 int64 at stamp_ptr + 4 * (its index, row tiles fastest): the global
@@ -740,11 +727,6 @@ if gluon is not None:
             mbarrier.init(empty.index(i), count=1)
         for i in gl.static_range(STAGES * DQ_PARTS):
             mbarrier.init(ready.index(i), count=1)
-        q_ready = ready  # EARLY: the words' own barriers, one per dequantize partition and slot as ready's
-        if EARLY:
-            q_ready = gl.allocate_shared_memory(gl.int64, [STAGES * DQ_PARTS, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES * DQ_PARTS):
-                mbarrier.init(q_ready.index(i), count=1)
         stamp = stamp_ptr + 4 * (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0))
         if DIAG & 2:
             gl.store(stamp, _timer())
@@ -791,7 +773,7 @@ if gluon is not None:
             split_args = (False, part_ptr, cnt_ptr, 0, 0)
         off_n = tile_n * TILE_N
         bufs = (x_bufs, q_bufs, s_bufs, z_bufs, w_bufs)
-        bars = (ready, w_ready, empty, q_ready)
+        bars = (ready, w_ready, empty)
         common = ((x_desc, q_desc, s_desc, z_desc), bufs, bars, off_m, off_n, k_tiles, k_lo, seg2)  # every worker's
         first = gl.to_tensor(0)  # the first dequantize partition's first K tile, as a value the partitions share
         if REG_A:
@@ -799,14 +781,14 @@ if gluon is not None:
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD, EARLY)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1], [24])
         elif DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD, EARLY)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
             ], [1, DQ_WARPS], [24, DQ_REGS])
@@ -815,7 +797,7 @@ if gluon is not None:
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD, EARLY)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
@@ -826,7 +808,7 @@ if gluon is not None:
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD, EARLY)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
@@ -840,7 +822,7 @@ if gluon is not None:
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
                               ZERO, GROUP_TILES, FOLD, seg2)),
-                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD, EARLY)),
+                (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
                 (_dequantize, (common, first + 1, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
@@ -855,9 +837,8 @@ if gluon is not None:
 def swapped(config):
     """A config's eighth number, 1 for the weight tile as wgmma's left operand (_products' SWAP), 2 for that with y
     stored straight from the accumulator, 3 with y through a slot of x's ring and TMA; 0 where absent."""
-    if not 7 <= len(config) <= 11:
-        raise ValueError(f"gluon_gemm: a config has 7 numbers, 8 with SWAP, 9 with TAIL, 10 with MATH, 11 with EARLY, "
-                         f"got {config}")
+    if not 7 <= len(config) <= 10:
+        raise ValueError(f"gluon_gemm: a config has 7 numbers, 8 with SWAP, 9 with TAIL, 10 with MATH, got {config}")
     swap = config[7] if len(config) > 7 else 0
     if swap not in (0, 1, 2, 3):
         raise ValueError(f"gluon_gemm: a config's eighth number (SWAP) is 0 to 3, got {swap} in {config}")
@@ -888,18 +869,6 @@ def dq_math(config):
         raise ValueError(f"gluon_gemm: a config's tenth number (MATH) is 0, 1 or 2 (not with DQ_PARTS 0), got {math} "
                          f"in {config}")
     return math
-
-
-def early(config):
-    """A config's eleventh number, EARLY: 1 copies each K tile's words (and rows of scales and zero points) first, on
-    a barrier of their own that the dequantize partition waits on, and x after them on the one the products wait
-    on, so that a partition starts when its 2 KB of words land, not with x's 32 KB; 0 or absent: one barrier for
-    all of a tile's copies. Not with DQ_PARTS 0 (REG_A's one partition needs both)."""
-    value = config[10] if len(config) > 10 else 0
-    if value not in (0, 1) or (value and config[6] == 0):
-        raise ValueError(f"gluon_gemm: a config's eleventh number (EARLY) is 0 or 1 (not with DQ_PARTS 0), got {value} "
-                         f"in {config}")
-    return value
 
 
 def pairs(config, bits, has_zero, zero):
@@ -1144,8 +1113,7 @@ def _constants(config, bits, has_zero, zero, diag, split):
     return dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                 DQ_REGS=registers(config)[1], DQ_PARTS=max(1, config[6]), BITS=bits, HAS_ZERO=has_zero, ZERO=zero,
                 DIAG=diag, SWAP=swapped(config), OUT_LAYOUT=out, SPLIT=split, REG_A=reg_a(config),
-                WORD_LAYOUT=word_layout(config, bits, dq), FOLD=tail(config) == 2 and split > 1, PAIRS=pair,
-                EARLY=early(config))
+                WORD_LAYOUT=word_layout(config, bits, dq), FOLD=tail(config) == 2 and split > 1, PAIRS=pair)
 
 
 def call_schedule(m, n, k, config, device):
