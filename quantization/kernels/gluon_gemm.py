@@ -60,7 +60,7 @@ MATH (a config's tenth number, dq_math()): the dequantize partitions' arithmetic
 (_pair_tile: a byte permute, a logic op, a subtract, a multiply and an FMA a pair; MATH 1 keeps each weight within a
 rounding of the float32 path's, MATH 2 rounds the scale to bfloat16 as tinygemm does) for 1, 2 and 4-bit codes:
 the dequantize loop of an int4 tile 135 SASS instructions against 156 (MATH 2: 115). MATH 1 is in the first and
-the last listed config: on one H100 the 1 and 2-bit codes' 256-row calls 6-8% faster, int4's 3-9%
+the last listed config: on one H100 the 1 and 2-bit codes' 256-row calls 6-8% faster, int4's 1-9%
 (bench/results/prefill_pairs_h100).
 
 Each K tile's words first, on a barrier of their own that the dequantize partition waits on, and x after them on
