@@ -5,7 +5,7 @@ completed phases are odd when P is 0 and even when P is 1, so a waiter two phase
 Reports a deadlock (no step possible before the end) or an unsafe step (a slot overwritten before its reader was
 done, a tile read before it landed). No GPU.
 
-    python bench/ring_protocol_check.py                  # the kernel's protocols, K up to 8 tiles
+    python bench/ring_protocol_check.py                  # the kernel's protocol and two it tried, K up to 8 tiles
     python bench/ring_protocol_check.py --tiles=6 --protocol=one_shared,shared_words   # the unsafe ones
     python bench/ring_protocol_check.py --tiles=10 --stages=7,8 --protocol=one,one_shared
 
