@@ -951,6 +951,11 @@ def test_gluon_gemm_pairs_arithmetic_matches_the_project_dequantize(spec):
     kind = gluon_gemm.pairs(config, bits, layer.zero is not None, layer.zero_const)
     frac = kind // 4
     assert kind % 4 == 1 and frac == (1 if bits == 1 else 0)
+    # MATH 3: the same pairs without the scale (c - z, shown exact below) where one row of scales serves every input,
+    # the scale after the products; MATH 1 where the scales change along the inputs
+    one_row = not layer.group_size
+    assert gluon_gemm.pairs(config[:9] + (3,), bits, layer.zero is not None, layer.zero_const, one_row) == (
+        kind + 2 if one_row else kind)
     words = layer.qweight.long() & 0xFFFFFFFF                                      # (K * bits / 32, N), unsigned
     bit = (2 * torch.arange(16 // bits) * bits)[None, :, None]                     # code 2i's bit
     offset, byte = bit % 8, bit // 8
@@ -982,6 +987,36 @@ def test_gluon_gemm_pairs_arithmetic_matches_the_project_dequantize(spec):
         assert (_bf16_once(d * s_hi) != exact).float().mean() > 0.03
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("symmetric_quant", 8, "per_channel"),
+                                  QuantSpec("affine_quant", 8, "per_channel")], ids=["int8", "int8 affine"])
+def test_gluon_gemm_byte_pairs_are_the_codes_minus_the_zero_point_exactly(spec):
+    """MATH 3's 8-bit codes (_byte_pair_tile), done here bit for bit: byte k of a word under the exponent of 2^23 (one
+    byte permute: 0x4B0000cc, the float32 2^23 + c), minus the float32 2^23 + z (one rounding, float32 arithmetic),
+    the upper half taken as a bfloat16. Against the project's dequantize divided by the scale: c - z, exact (the
+    lower half is zero), for every code of the layer; the scale comes after the products."""
+    from quantization.kernels import gluon_gemm
+    torch.manual_seed(0)
+    layer = PackedLinear.from_float(torch.randn(192, 512) * 0.02, spec)
+    k, n = 512, 192
+    config = (256, 64, 64, 8, 5, 4, 2, 3, 2, 3)
+    assert gluon_gemm.pairs(config, 8, layer.zero is not None, layer.zero_const, True) == 3
+    assert gluon_gemm.pairs(config, 8, layer.zero is not None, layer.zero_const, False) == 0  # groups: float32 path
+    assert gluon_gemm.pairs(config, 8, False, 127.5, True) == 0  # c - z with a half: not exact in bfloat16
+    words = layer.qweight.long() & 0xFFFFFFFF                                      # (K / 4, N), unsigned
+    byte = torch.arange(4)[None, :, None]
+    magic = ((words[:, None] >> 8 * byte) & 0xFF) | 0x4B000000                     # (K / 4, 4, N)
+    zero = layer.zero.float() if layer.zero is not None else torch.full_like(layer.scale, layer.zero_const)
+    as_float = magic.to(torch.int32).view(torch.float32)
+    d = as_float - (zero + 2.0**23).reshape(1, 1, n)                               # sub.f32, float32 rounding
+    bits = d.view(torch.int32)
+    assert (bits & 0xFFFF).eq(0).all()                                              # the upper half is all of it
+    halves = (bits >> 16).to(torch.int16).view(torch.bfloat16).double()
+    codes_minus_zero = halves.reshape(k, n)                                         # input 4 r + byte
+    ref = layer.dequantized_weight().double().T / layer.scale.double()             # (K, N): c - z, to a rounding
+    assert (ref - ref.round()).abs().max() < 1e-3 and torch.equal(codes_minus_zero, ref.round())
+    assert codes_minus_zero.abs().max() > 64                                        # the wide codes are in there
+
+
 def test_gluon_gemm_pairs_compile_for_sm90_where_pairs_takes_the_codes():
     """A config's tenth number, MATH 1 or 2 (dq_math): 1, 2 and 4-bit codes compile to the byte permute, the
     bfloat16x2 subtract, multiply (and, MATH 1, FMA) a pair of codes, the weight tile still stored 16 bytes at a time
@@ -1006,7 +1041,21 @@ def test_gluon_gemm_pairs_compile_for_sm90_where_pairs_takes_the_codes():
         assert "bf16x2" not in ptx.replace("cvt.rn.bf16x2.f32", ""), bits
     assert gluon_gemm.pairs(config + (1,), 2, False, 0.25) == 0 and gluon_gemm.pairs(config, 4, True, 0.0) == 0
     assert gluon_gemm.pairs(config + (2,), 1, False, 0.5) == 6 and gluon_gemm.pairs(config + (1,), 4, True, 0) == 1
-    with pytest.raises(ValueError, match=r"tenth number \(MATH\) is 0, 1 or 2 \(not with DQ_PARTS 0\), got 1 in "
+    # MATH 3 with one row of scales (group = in_features): the subtract alone a pair, for 8-bit codes two float32
+    # subtracts and three permutes, and one multiply per output of the accumulator before y is written (64 a thread
+    # in the 256 x 64 tile's 8 warps); with groups, MATH 1's arithmetic
+    for bits, has_zero, zero in ((8, False, 128.0), (8, True, None), (1, False, 0.5), (4, True, None)):
+        ptx = gluon_gemm.compile_for(config + (3,), bits=bits, has_zero=has_zero, zero=zero, group=4096).asm["ptx"]
+        pairs = 2 * 32 // 2
+        assert ptx.count("mul.rn.bf16x2") == 0 and ptx.count("fma.rn.bf16x2") == 0, bits
+        assert ptx.count("sub.rn.bf16x2") == (0 if bits == 8 else pairs), bits
+        assert ptx.count("sub.f32") >= (2 * pairs if bits == 8 else 0) and ptx.count("mul.f32") >= 64, bits
+        assert not ptx.count("st.local") and (bits != 8 or not ptx.count("fma.rn.f32")), bits
+    folded = gluon_gemm.compile_for(config + (3,), bits=8, has_zero=False, zero=128.0, group=4096, split=3)
+    assert folded.asm["ptx"].count("mul.f32") >= 2 * 64  # TAIL 2: both tiles a program writes are scaled
+    grouped = gluon_gemm.compile_for(config + (3,), bits=4, group=128).asm["ptx"]
+    assert grouped.count("fma.rn.bf16x2") == 2 * 32 // 2
+    with pytest.raises(ValueError, match=r"tenth number \(MATH\) is 0 to 3 \(not with DQ_PARTS 0\), got 1 in "
                                          r"\(256, 64, 64, 4, 6, 0, 0, 3, 1, 1\)"):
         gluon_gemm.compile_for((256, 64, 64, 4, 6, 0, 0, 3, 1, 1))
 
@@ -1082,7 +1131,7 @@ def test_gluon_gemm_compiles_for_sm90_and_joins_the_many_row_candidates_only_whe
                                          r"\(128, 64, 64, 4, 8, 4, 3, 1, "
                                          r"12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 12))
-    with pytest.raises(ValueError, match=r"tenth number \(MATH\) is 0, 1 or 2 \(not with DQ_PARTS 0\), got 12 in "
+    with pytest.raises(ValueError, match=r"tenth number \(MATH\) is 0 to 3 \(not with DQ_PARTS 0\), got 12 in "
                                          r"\(128, 64, 64, 4, 8, 4, 3, 1, 0, 12\)"):
         gluon_gemm.compile_for((128, 64, 64, 4, 8, 4, 3, 1, 0, 12))
     with pytest.raises(ValueError, match=r"a config has 7 numbers, 8 with SWAP, 9 with TAIL, 10 with MATH, got "
@@ -1217,7 +1266,7 @@ def test_gluon_gemm_tail_2_puts_the_split_parts_into_the_whole_tiles_programs():
     assert gluon_gemm.schedule(1, 64, 64, 132, 2) == (64, 0, 1)           # less than a wave: no program to take parts
     assert gluon_gemm.schedule(2, 80, 8, 132, 2) == (66, 14, 4)           # --check's 512x5120 at 300 rows
     config = (256, 64, 64, 8, 5, 4, 2, 3, 2)
-    assert config + (1,) in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 2  # listed with MATH 1
+    assert config + (3,) in gluon_gemm.CONFIGS and gluon_gemm.tail(config) == 2  # listed with MATH 3
     ptx = gluon_gemm.compile_for(config, split=3).asm["ptx"]
     released = ptx.count("red.global.gpu.release.add.u32") + ptx.count("atom.global.gpu.release.add.u32")
     assert ptx.count("ld.global.gpu.acquire.b32") == 1 and released == 1

@@ -118,9 +118,13 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # 45.0; 4096x4096 int4 with the first config 19.6 against 21.5 (cuBLAS 20.0); 3 and 8-bit codes run MATH 0 in them
 # (bench/results/prefill_pairs_h100). The words first on their own barrier (EARLY, an eleventh number in commit
 # 2c595e2): level or slower beside MATH 1 (42.0 against 40.7 us for int2, same run), taken out
-CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3, 0, 1), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
+# MATH 3 (the scale after the products where one row of scales serves every input, MATH 1 elsewhere) in their place:
+# on one H100, side by side with MATH 1, 4096x11008 int8 47.5 us against 48.5, 1-bit 39.3 against 40.9, ternary 39.4
+# against 41.0 (cuBLAS 43.1); 4096x4096 with the first config int8 20.8 against 21.8, 1-bit 18.0 against 19.4
+# (cuBLAS 20.4; bench/results/prefill_after_h100)
+CONFIGS = [(128, 64, 64, 4, 8, 4, 3, 3, 0, 3), (128, 64, 64, 4, 8, 4, 3, 1), (128, 64, 64, 4, 8, 4, 3),
            (128, 64, 64, 4, 8, 4, 2), (256, 64, 64, 8, 5, 4, 2, 3, 1), (256, 64, 64, 4, 6, 0, 0, 3, 1),
-           (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2, 1)]
+           (256, 128, 64, 8, 4, 0, 0, 1), (256, 64, 64, 8, 5, 4, 2, 3, 2, 3)]
 BLOCK_K = 64
 MIN_GROUP = BLOCK_K  # a group of at least one K tile: one row of scales per tile
 
@@ -264,7 +268,13 @@ if gluon is not None:
         zero2 = gl.expand_dims(_twice(zero.to(gl.bfloat16)), 1)              # (1, 1, TILE_N), exact
         hi2 = gl.expand_dims(_twice(s_hi), 1)
         lo2 = gl.expand_dims(_twice(s_lo), 1)
-        if PAIRS % 4 == 1:  # MATH 1: (c - z) s_hi + (c - z) s_lo
+        if PAIRS % 4 == 3:  # MATH 3: c - z alone (exact), the scale after the products (_write_y)
+            first, second = gl.inline_asm_elementwise(
+                "{ .reg .b32 t; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
+                "mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        elif PAIRS % 4 == 1:  # MATH 1: (c - z) s_hi + (c - z) s_lo
             first, second = gl.inline_asm_elementwise(
                 "{ .reg .b32 t, u; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
                 "mul.rn.bf16x2 u, t, $9; fma.rn.bf16x2 t, t, $8, u; mov.b32 {$0, $1}, t; }",
@@ -278,6 +288,30 @@ if gluon is not None:
                 dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
         w = gl.join(first, second)                                            # (TILE_K / PER, PER / 2, TILE_N, 2)
         return gl.reshape(gl.permute(w, (2, 0, 1, 3)), [TILE_N, TILE_K])     # input r PER + 2 i + h
+
+    @gluon.jit
+    def _byte_pair_tile(q, zeros, DQ_LAYOUT: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
+                        TILE_N: gl.constexpr, TILE_K: gl.constexpr):
+        """MATH 3's 8-bit codes (one row of scales, applied after the products): codes 2i and 2i + 1 of a word (bytes
+        2i and 2i + 1) each made 2^23 + c as a float32 by one byte permute (the byte under the exponent of 2^23),
+        minus 2^23 + z (exact: both in one binade), and the two results' upper halves taken as bfloat16x2 by one more
+        permute: c - z is an integer below 256 in magnitude, so its float32 has nothing in the lower half."""
+        rows: gl.constexpr = gl.SliceLayout(1, DQ_LAYOUT)                     # (word row, output)
+        i = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, DQ_LAYOUT)))
+        sel = gl.expand_dims(gl.expand_dims(2 * i + 0x7540, 0), 2)            # byte 2i of the word, then 2^23's
+        words = gl.expand_dims(q.load(rows), 1)                               # (TILE_K / 4, 1, TILE_N)
+        if HAS_ZERO:
+            zero = zeros.load(rows).to(gl.float32) + 8388608.0
+        else:
+            zero = gl.full([1, TILE_N], ZERO + 8388608.0, gl.float32, layout=rows)
+        zero = gl.expand_dims(zero, 1)                                        # (1, 1, TILE_N) float32, exact
+        first, second = gl.inline_asm_elementwise(
+            "{ .reg .b32 a, b, m, t; mov.b32 m, 0x4B000000; prmt.b32 a, $2, m, $3; add.s32 t, $3, 1; "
+            "prmt.b32 b, $2, m, t; sub.f32 a, a, $4; sub.f32 b, b, $4; prmt.b32 a, a, b, 0x7632; "
+            "mov.b32 {$0, $1}, a; }",
+            "=h,=h,r,r,f", [words, sel, zero], dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        w = gl.join(first, second)                                            # (TILE_K / 4, 2, TILE_N, 2)
+        return gl.reshape(gl.permute(w, (2, 0, 1, 3)), [TILE_N, TILE_K])     # input 4 r + 2 i + h
 
     @gluon.jit
     def _twice(v):
@@ -449,6 +483,8 @@ if gluon is not None:
             zeros = z_bufs.index(r if HAS_ZERO else 0).slice(0, 1)
             if BITS == 3:
                 w = _plane_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, HAS_ZERO, ZERO, TILE_N, TILE_K, w_bufs.dtype)
+            elif PAIRS and BITS == 8:
+                w = _byte_pair_tile(q_bufs.index(s), zeros, DQ_LAYOUT, HAS_ZERO, ZERO, TILE_N, TILE_K)
             elif PAIRS:
                 w = _pair_tile(q_bufs.index(s), scales, zeros, DQ_LAYOUT, BITS, HAS_ZERO, ZERO, PAIRS, TILE_N, TILE_K)
             else:
@@ -487,7 +523,7 @@ if gluon is not None:
                   DIAG: gl.constexpr, SWAP: gl.constexpr, OUT_LAYOUT: gl.constexpr, DQ_PARTS: gl.constexpr, stamp,
                   split_args, SPLIT: gl.constexpr, REG_A: gl.constexpr, DQ_LAYOUT: gl.constexpr,
                   WORD_LAYOUT: gl.constexpr, BITS: gl.constexpr, HAS_ZERO: gl.constexpr, ZERO: gl.constexpr,
-                  GROUP_TILES: gl.constexpr, FOLD: gl.constexpr, seg2):
+                  GROUP_TILES: gl.constexpr, FOLD: gl.constexpr, seg2, PAIRS: gl.constexpr):
         """The default partition: one asynchronous wgmma per K tile (x and the weight tile from the ring), a slot
         released once the product after it is issued and the one that read it has finished; then y in its dtype
         (_write_y). SWAP: the weight tile as the left operand, y^T's tile (TILE_N, TILE_M) accumulated (one m64 x
@@ -504,8 +540,11 @@ if gluon is not None:
         from them (no weight tile in shared memory: its stores and wgmma's reads of it are about a sixth of a 256 x
         64 tile's shared-memory traffic); two K tiles a turn, so that the tile in flight keeps its registers.
         DIAG & 1: no products (a diagnostic). DIAG & 2: the global timer once the last product has finished and
-        again once y is written (or the part handed off), into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP)."""
+        again once y is written (or the part handed off), into stamp[1] and stamp[2] (_gluon_mm_kernel's STAMP).
+        MATH 3 (PAIRS % 4 == 3): the products are of c - z, and _write_y scales each output by its one row of
+        scales, from the slot of the segment's first dequantize partition (the parts handed off stay unscaled)."""
         x_bufs, q_bufs, s_bufs, z_bufs, w_bufs = bufs
+        AFTER: gl.constexpr = PAIRS % 4 == 3
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
         TILE_N: gl.constexpr = q_bufs.type.shape[2]
@@ -535,17 +574,18 @@ if gluon is not None:
                 _store_part(acc, split_args, SPLIT, ACC_LAYOUT)
             else:
                 _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT,
-                         (k_tiles - 1) % STAGES)
+                         (k_tiles - 1) % STAGES, s_bufs.index(0), AFTER)
             off_m2, off_n2, k_lo2, n2 = seg2
             if n2 > 0:
                 acc = gl.zeros(SHAPE, gl.float32, ACC_LAYOUT)
                 if has_part & (split == SPLIT - 1):  # the owner: its part starts from its siblings'
                     acc = _sum_parts(acc, split_args, SPLIT, ACC_LAYOUT)
+                row = DQ_PARTS + p  # the second segment's rows: from slot DQ_PARTS on, its first partition's
                 acc, p = _mma_tiles(bufs, bars, k_tiles, k_tiles + n2, acc, p, DIAG, SWAP, DQ_PARTS)
                 if DIAG & 2:
                     gl.store(stamp + 1, _timer())
                 _write_y(acc, x_bufs, y_desc, y_ptr, off_m2, off_n2, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT,
-                         (k_tiles + n2 - 1) % STAGES)
+                         (k_tiles + n2 - 1) % STAGES, s_bufs.index(row), AFTER)
             elif DIAG & 2:
                 gl.store(stamp + 1, _timer())
         else:
@@ -557,9 +597,11 @@ if gluon is not None:
                 if tail:
                     acc, last = _hand_off(acc, split_args, SPLIT, ACC_LAYOUT)
                 if last:
-                    _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT, 0)
+                    _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT, 0,
+                             s_bufs.index(0), AFTER)
             else:
-                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT, 0)
+                _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT, SWAP, OUT_LAYOUT, 0,
+                         s_bufs.index(0), AFTER)
         if DIAG & 2:
             gl.store(stamp + 2, _timer())
 
@@ -650,13 +692,20 @@ if gluon is not None:
 
     @gluon.jit
     def _write_y(acc, x_bufs, y_desc, y_ptr, off_m, off_n, M, N, ACC_LAYOUT: gl.constexpr, SWAP: gl.constexpr,
-                 OUT_LAYOUT: gl.constexpr, slot_index):
+                 OUT_LAYOUT: gl.constexpr, slot_index, scales, AFTER: gl.constexpr):
         """The accumulated tile to y in y's dtype: with SWAP, through OUT_LAYOUT (SWAP 1: 16 bytes a thread, through
         shared-memory scratch), straight from the accumulator (SWAP 2), or (SWAP 3) stored into a slot of x's ring,
         free once the last product has finished (slot_index: one whose product has finished and which the loader
-        cannot fill before the caller's next product), and copied out by TMA: no scratch beside the ring."""
+        cannot fill before the caller's next product), and copied out by TMA: no scratch beside the ring.
+        AFTER (MATH 3): each output's products times its scale first (scales: the tile's one row, (1, TILE_N))."""
         TILE_M: gl.constexpr = x_bufs.type.shape[1]
         TILE_N: gl.constexpr = acc.type.shape[0] if SWAP else acc.type.shape[1]
+        if AFTER:
+            scale = gl.sum(scales.load(OUT_LAYOUT), axis=0)  # (TILE_N,): a row loaded in any layout, then moved
+            if SWAP:
+                acc = acc * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(1, ACC_LAYOUT)), 1)
+            else:
+                acc = acc * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(0, ACC_LAYOUT)), 0)
         if SWAP == 3:  # y's tile through a slot of x's ring and one TMA copy
             gl.static_assert(x_bufs.type.shape[2] == TILE_N)  # the slot's shape and layout are y's tile's
             slot = x_bufs.index(slot_index)
@@ -780,14 +829,14 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2)),
+                              ZERO, GROUP_TILES, FOLD, seg2, PAIRS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
             ], [1], [24])
         elif DQ_PARTS == 1:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2)),
+                              ZERO, GROUP_TILES, FOLD, seg2, PAIRS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
@@ -796,7 +845,7 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2)),
+                              ZERO, GROUP_TILES, FOLD, seg2, PAIRS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
@@ -807,7 +856,7 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2)),
+                              ZERO, GROUP_TILES, FOLD, seg2, PAIRS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
@@ -821,7 +870,7 @@ if gluon is not None:
             gl.warp_specialize([
                 (_products, (bufs, bars, y_desc, y_ptr, off_m, off_n, M, N, k_tiles, ACC_LAYOUT, DIAG, SWAP, OUT_LAYOUT,
                               DQ_PARTS, stamp, split_args, SPLIT, REG_A, DQ_LAYOUT, WORD_LAYOUT, BITS, HAS_ZERO,
-                              ZERO, GROUP_TILES, FOLD, seg2)),
+                              ZERO, GROUP_TILES, FOLD, seg2, PAIRS)),
                 (_loader, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD)),
                 (_dequantize, (common, first, DQ_LAYOUT, DQ_PARTS, BITS, HAS_ZERO, ZERO, GROUP_TILES, FOLD,
                                PAIRS)),
@@ -862,21 +911,28 @@ def dq_math(config):
     """A config's tenth number, MATH, the dequantize partitions' arithmetic: 0 (or absent) float32, one code an FMA
     (_word_tile); 1 bfloat16x2, two codes at a time, the scale as the sum of two bfloat16 (_pair_tile: a weight
     within a rounding of the float32 path's); 2 the same with one bfloat16 scale (tinygemm's precision: a
-    measurement of what the arithmetic costs, not listed). 1 and 2 take 1, 2 and 4-bit codes (pairs() says where);
-    elsewhere the config runs MATH 0."""
+    measurement of what the arithmetic costs, not listed); 3 where one row of scales serves every input (per
+    channel, per tensor) the pairs c - z alone, exact, and the scale once per output after the products (_write_y),
+    8-bit codes too; elsewhere MATH 1. 1 and 2 take 1, 2 and 4-bit codes (pairs() says where); elsewhere the config
+    runs MATH 0."""
     math = config[9] if len(config) > 9 else 0
-    if math not in (0, 1, 2) or (math and config[6] == 0):
-        raise ValueError(f"gluon_gemm: a config's tenth number (MATH) is 0, 1 or 2 (not with DQ_PARTS 0), got {math} "
+    if math not in (0, 1, 2, 3) or (math and config[6] == 0):
+        raise ValueError(f"gluon_gemm: a config's tenth number (MATH) is 0 to 3 (not with DQ_PARTS 0), got {math} "
                          f"in {config}")
     return math
 
 
-def pairs(config, bits, has_zero, zero):
+def pairs(config, bits, has_zero, zero, one_row=False):
     """The kernel's PAIRS for a config's MATH (dq_math()): 4 F + MATH where _pair_tile takes the call, 0 where not.
     Its codes are 2^(7 - F) + c in a bfloat16's mantissa from bit F, and the zero points 2^(7 - F) + z, exact
     where z has at most F fraction bits and is below 2^(7 - F): uint8 zero points (B-bit codes' are below 2^B, so
-    F = 0) or a constant of F = 0 or 1 (1-bit codes' 0.5)."""
+    F = 0) or a constant of F = 0 or 1 (1-bit codes' 0.5). MATH 3 with one row of scales (one_row): PAIRS 4 F + 3,
+    8-bit codes too (2^23 + c as float32, minus 2^23 + z: an integer zero point below 256); without one row MATH 1."""
     math = dq_math(config)
+    if math == 3 and not one_row:
+        math = 1
+    if math == 3 and bits == 8:
+        return 3 if has_zero or (float(zero).is_integer() and 0 <= zero < 256) else 0
     if not math or bits not in (1, 2, 4):
         return 0
     if has_zero:
@@ -1091,6 +1147,7 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         count = counters if counters is not None and counters.numel() >= m_tiles * rest else torch.zeros(
             m_tiles * rest, device=x.device, dtype=torch.int32)
     grid = (m_tiles, whole + rest * split * (tail(config) != 2))
+    group = group_tiles(blocks_per_group * 32, k, block_k)
     if stamps is not None:
         if stamps.shape != (grid[0] * grid[1], 4) or stamps.dtype != torch.int64:
             raise ValueError(f"gluon_gemm: stamps must be int64 of shape ({grid[0] * grid[1]}, 4), one row a program,"
@@ -1098,17 +1155,17 @@ def gluon_mm(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_const, 
         diag |= 2
     _gluon_mm_kernel[grid](
         *descs, y, y if stamps is None else stamps, part, count, m, n, k, whole,
-        fold_share(k // block_k, split, PART_LOAD_TILES if part_load is None else part_load),
-        group_tiles(blocks_per_group * 32, k, block_k),
-        **_constants(config, bits, zero is not None, float(zero_const), diag, split), num_warps=config[3],
+        fold_share(k // block_k, split, PART_LOAD_TILES if part_load is None else part_load), group,
+        **_constants(config, bits, zero is not None, float(zero_const), diag, split, group == 0), num_warps=config[3],
         maxnreg=registers(config)[0])
     return _epilogue(y, bias, activation)
 
 
 @functools.lru_cache(maxsize=None)
-def _constants(config, bits, has_zero, zero, diag, split):
-    """_gluon_mm_kernel's constexprs but GROUP_TILES, for a launch (gluon_mm) and for compile_for alike."""
-    pair = pairs(config, bits, has_zero, zero)
+def _constants(config, bits, has_zero, zero, diag, split, one_row):
+    """_gluon_mm_kernel's constexprs but GROUP_TILES, for a launch (gluon_mm) and for compile_for alike (one_row:
+    one row of scales for every input, GROUP_TILES 0)."""
+    pair = pairs(config, bits, has_zero, zero, one_row)
     _, _, _, w_layout, acc, dq, out = layouts(config, bits, pair > 0)
     return dict(STAGES=config[4], W_LAYOUT=w_layout, ACC_LAYOUT=acc, DQ_LAYOUT=dq, DQ_WARPS=config[5],
                 DQ_REGS=registers(config)[1], DQ_PARTS=max(1, config[6]), BITS=bits, HAS_ZERO=has_zero, ZERO=zero,
@@ -1167,8 +1224,10 @@ def compile_for(config, arch=90, diag=0, bits=4, has_zero=True, group=128, in_fe
                  "y_desc": desc("bf16", [block_m, block_n], _y_layout(config)),
                  "y_ptr": "*bf16", "stamp_ptr": "*i64", "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32",
                  "N": "i32", "K": "i32", "WHOLE": "i32", "OWN": "i32"}
+    one_row = group_tiles(group, in_features, block_k) == 0
     consts = dict(GROUP_TILES=group_tiles(group, in_features, block_k),
-                  **_constants(config, bits, has_zero, 0.0 if has_zero else 8.0 if zero is None else zero, diag, split))
+                  **_constants(config, bits, has_zero, 0.0 if has_zero else 8.0 if zero is None else zero, diag, split,
+                               one_row))
     signature.update({name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in (5, 6, 7, 8, 9, 10, 11)}
     source = GluonASTSource(fn=_gluon_mm_kernel, signature=signature, constexprs=consts, attrs=attrs)
