@@ -13,7 +13,7 @@
 #                                          # fused_tuning_decode, read_ceiling, prefill_gluon,
 #                                          # prefill_gluon_all, prefill_ncu, prefill_timeline,
 #                                          # prefill_ncu_peer, prefill_regs, prefill_pairs,
-#                                          # prefill_pairs_table
+#                                          # prefill_pairs_table, prefill_after
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -45,7 +45,7 @@ gluon_all() {  # gluon_all <tag>: the Gluon GEMM's configs checked on every form
         --out="$R/kernels_${GPU}_prefill_$1.md"
 }
 
-KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_timeline prefill_ncu_peer prefill_regs prefill_pairs prefill_pairs_table"
+KNOWN="check kernels kernels_goal modes_124m decode_124m decode_6.7b decode_xl profile_124m repeats_124m check_parallel prefill_profile peer prefill peer_large binary_decode choices_124m ncu_small launch launch_large step_budget step_budget_decode fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all prefill_ncu prefill_timeline prefill_ncu_peer prefill_regs prefill_pairs prefill_pairs_table prefill_after"
 FORMATS=("int4 g128" "int8 per channel" "int3 g128" "int2 g128" "ternary per tensor" "1-bit per channel")
 for PART in $PARTS; do  # every part known before any runs (or leaves a log)
     case " $KNOWN " in *" $PART "*) ;; *)
@@ -191,9 +191,9 @@ for PART in $PARTS; do
             > "$R/prefill_gluon_$GPU.md" ;;
     prefill_gluon_all)  # the Gluon prefill GEMM on every format it takes, checked, then their prefill table
         gluon_all gluon_all ;;
-    prefill_pairs)  # the TAIL 2 config with MATH 0 (float32, twice), 1 (bfloat16x2 pairs, listed) and 2 (bf16
-                    # scales), int4 g128, 256 rows; then every candidate's time at 256 rows on 4096x11008 and
-                    # 4096x4096 for int4, int2 and 1-bit, MATH 0's twins of the listed MATH 1 configs offered
+    prefill_pairs)  # the TAIL 2 config with MATH 0 (float32, twice), 1 (bfloat16x2 pairs; listed as MATH 3, the
+                    # same with groups of scales) and 2 (bf16 scales), int4 g128, 256 rows; then every candidate's
+                    # time at 256 rows on 4096x11008 and 4096x4096 for int4, int2 and 1-bit, MATH 0's twins offered
         c=256x64x64x8x5x4x2x3x2
         run 150 python bench/prefill_ws_probe.py --shapes=4096x11008,4096x12288,4096x4096 --variants=gluon \
             --no_project --configs=$c,${c}x1,${c}x2,$c,${c}x1
@@ -207,6 +207,12 @@ for PART in $PARTS; do
         run 400 python bench/kernels.py --shapes= --gemm_shapes=4096x11008,4096x12288,4096x4096 \
             --gemm_variants="int3 g128,int4 g128,int8 per channel,int2 g128,ternary per tensor,1-bit per channel" \
             --out="$R/kernels_${GPU}_prefill_pairs.md" ;;
+    prefill_after)  # MATH 3 (one row of scales: c - z dequantized, the scale after the products) against MATH 1
+                    # side by side: every candidate's time at 256 rows for the per-channel and per-tensor formats,
+                    # MATH 1's twins of the listed configs offered
+        run 300 python bench/kernels.py --profile=4096x11008,4096x4096 --profile_rows=256 \
+            --variants="int8 per channel,1-bit per channel,ternary per tensor,int8 affine per channel" \
+            --gluon_configs=256x64x64x8x5x4x2x3x2x1,128x64x64x4x8x4x3x3x0x1 --out="$R/kernels_profile_${GPU}_after.md" ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
         run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/prefill_ncu_$GPU" -f \

@@ -623,7 +623,7 @@ def test_the_gpu_script_names_a_bad_part_or_a_missing_gpu_in_one_line(tmp_path):
                                                           "launch_large step_budget step_budget_decode "
                                                           "fused_tuning_decode read_ceiling prefill_gluon prefill_gluon_all "
                                                           "prefill_ncu prefill_timeline prefill_ncu_peer prefill_regs "
-                                                          "prefill_pairs prefill_pairs_table")
+                                                          "prefill_pairs prefill_pairs_table prefill_after")
     no_gpu = subprocess.run(["bash", script, "check"], capture_output=True, text=True, env=env, timeout=120)
     assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr and len(no_gpu.stderr.splitlines()) == 1
     assert not list(tmp_path.iterdir())  # no log left behind

@@ -59,9 +59,11 @@ cuBLAS against 0.90-1.05x without it (bench/results/prefill_wide_h100).
 MATH (a config's tenth number, dq_math()): the dequantize partitions' arithmetic two codes at a time in bfloat16x2
 (_pair_tile: a byte permute, a logic op, a subtract, a multiply and an FMA a pair; MATH 1 keeps each weight within a
 rounding of the float32 path's, MATH 2 rounds the scale to bfloat16 as tinygemm does) for 1, 2 and 4-bit codes:
-the dequantize loop of an int4 tile 135 SASS instructions against 156 (MATH 2: 115). MATH 1 is in the first and
-the last listed config: on one H100 the 1 and 2-bit codes' 256-row calls 6-8% faster, int4's 1-9%
-(bench/results/prefill_pairs_h100).
+the dequantize loop of an int4 tile 135 SASS instructions against 156 (MATH 2: 115): on one H100 the 1 and 2-bit
+codes' 256-row calls 6-8% faster, int4's 1-9% (bench/results/prefill_pairs_h100). MATH 3, in the first and the last
+listed config, is MATH 1 but where one row of scales serves every input (per channel, per tensor): there the pairs
+are c - z alone (8-bit codes too, _byte_pair_tile) and _write_y scales each output once; on one H100 int8, 1-bit
+and ternary 2-7% faster than with MATH 1 (bench/results/prefill_after_h100).
 
 Each K tile's words first, on a barrier of their own that the dequantize partition waits on, and x after them on
 the one the products wait on (a config's eleventh number, EARLY, in commit 2c595e2; its ring protocol is
