@@ -212,7 +212,8 @@ for PART in $PARTS; do
                     # MATH 1's twins of the listed configs offered
         run 300 python bench/kernels.py --profile=4096x11008,4096x4096 --profile_rows=256 \
             --variants="int8 per channel,1-bit per channel,ternary per tensor,int8 affine per channel" \
-            --gluon_configs=256x64x64x8x5x4x2x3x2x1,128x64x64x4x8x4x3x3x0x1 --out="$R/kernels_profile_${GPU}_after.md" ;;
+            --gluon_configs=256x64x64x8x5x4x2x3x2x1,128x64x64x4x8x4x3x3x0x1 \
+            --out="$R/kernels_profile_${GPU}_after.md" ;;
     prefill_ncu)  # Nsight Compute on one call of the Gluon GEMM (the first config, int4 g128, 256 rows, 4096x4096):
                   # every section, then the warp stall samples of each SASS instruction (ncu must be on PATH)
         run 150 ncu --kernel-name regex:_gluon_mm_kernel --launch-count 1 --set full -o "$R/prefill_ncu_$GPU" -f \

@@ -260,34 +260,35 @@ if gluon is not None:
         sel = bit // 8 + ((bit // 8 + 4) << 8)                                # result byte 0: lo's, byte 2: hi's
         mask = gl.full(sel.shape, (((1 << BITS) - 1) << F) * 0x10001, gl.int32, layout=sel.type.layout)
         magic = gl.full(sel.shape, (134 - F) * 0x800080, gl.int32, layout=sel.type.layout)  # exponent 127 + 7 - F
-        scale = scales.load(rows)                                             # (1, TILE_N) float32
         if HAS_ZERO:
             zero = zeros.load(rows).to(gl.float32) + BASE
         else:
-            zero = gl.full(scale.shape, ZERO + BASE, gl.float32, layout=scale.type.layout)
-        s_hi = scale.to(gl.bfloat16)
-        s_lo = (scale - s_hi.to(gl.float32)).to(gl.bfloat16)
+            zero = gl.full([1, TILE_N], ZERO + BASE, gl.float32, layout=rows)
         zero2 = gl.expand_dims(_twice(zero.to(gl.bfloat16)), 1)              # (1, 1, TILE_N), exact
-        hi2 = gl.expand_dims(_twice(s_hi), 1)
-        lo2 = gl.expand_dims(_twice(s_lo), 1)
         if PAIRS % 4 == 3:  # MATH 3: c - z alone (exact), the scale after the products (_write_y)
             first, second = gl.inline_asm_elementwise(
                 "{ .reg .b32 t; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
                 "mov.b32 {$0, $1}, t; }",
                 "=h,=h,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        elif PAIRS % 4 == 1:  # MATH 1: (c - z) s_hi + (c - z) s_lo
-            first, second = gl.inline_asm_elementwise(
-                "{ .reg .b32 t, u; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
-                "mul.rn.bf16x2 u, t, $9; fma.rn.bf16x2 t, t, $8, u; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,r,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2, hi2, lo2],
                 dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)     # (TILE_K / PER, PER / 2, TILE_N) each
-        else:  # MATH 2: (c - z) s_hi
-            first, second = gl.inline_asm_elementwise(
-                "{ .reg .b32 t; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
-                "mul.rn.bf16x2 t, t, $8; mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2, hi2],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        else:
+            scale = scales.load(rows)                                         # (1, TILE_N) float32
+            s_hi = scale.to(gl.bfloat16)
+            s_lo = (scale - s_hi.to(gl.float32)).to(gl.bfloat16)
+            hi2 = gl.expand_dims(_twice(s_hi), 1)
+            lo2 = gl.expand_dims(_twice(s_lo), 1)
+            if PAIRS % 4 == 1:  # MATH 1: (c - z) s_hi + (c - z) s_lo
+                first, second = gl.inline_asm_elementwise(
+                    "{ .reg .b32 t, u; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
+                    "mul.rn.bf16x2 u, t, $9; fma.rn.bf16x2 t, t, $8, u; mov.b32 {$0, $1}, t; }",
+                    "=h,=h,r,r,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2, hi2, lo2],
+                    dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+            else:  # MATH 2: (c - z) s_hi
+                first, second = gl.inline_asm_elementwise(
+                    "{ .reg .b32 t; prmt.b32 t, $2, $3, $4; lop3.b32 t, t, $5, $6, 0xEA; sub.rn.bf16x2 t, t, $7; "
+                    "mul.rn.bf16x2 t, t, $8; mov.b32 {$0, $1}, t; }",
+                    "=h,=h,r,r,r,r,r,r,r", [lo, hi, sel, mask, magic, zero2, hi2],
+                    dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
         w = gl.join(first, second)                                            # (TILE_K / PER, PER / 2, TILE_N, 2)
         return gl.reshape(gl.permute(w, (2, 0, 1, 3)), [TILE_N, TILE_K])     # input r PER + 2 i + h
 
