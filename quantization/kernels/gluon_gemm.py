@@ -115,9 +115,10 @@ except (ImportError, AttributeError):  # no Triton, or one without Gluon's Hoppe
 # 2.1 us longer than their siblings' for the load of their parts: fold_share() (bench/results/prefill_share_h100).
 # Not listed: 4 dequantize partitions of 2 warps, (256, 64, 64, 8, 5, 2, 4, 3, 1 or 2): correct, no faster (a whole
 # tile's loop 28.9 us against 27.5 on 4096x11008, one H100, bench/results/prefill_share_h100).
-# MATH 1 (a tenth number, bfloat16x2 pairs, dq_math()) in the first and the last config: on one H100, side by side,
+# MATH 1 (a tenth number, bfloat16x2 pairs, dq_math()), listed in the first and the last config until MATH 3 below
+# took its place: on one H100, side by side,
 # 4096x11008 int2, ternary and 1-bit 40.5-40.8 us against 43.4-44.1 with MATH 0 (cuBLAS 43.2), int4 43.8 against
-# 45.0; 4096x4096 int4 with the first config 19.6 against 21.5 (cuBLAS 20.0); 3 and 8-bit codes run MATH 0 in them
+# 45.0; 4096x4096 int4 with the first config 19.6 against 21.5 (cuBLAS 20.0); 3 and 8-bit codes ran MATH 0 in them
 # (bench/results/prefill_pairs_h100). The words first on their own barrier (EARLY, an eleventh number in commit
 # 2c595e2): level or slower beside MATH 1 (42.0 against 40.7 us for int2, same run), taken out
 # MATH 3 (the scale after the products where one row of scales serves every input, MATH 1 elsewhere) in their place:
