@@ -392,7 +392,8 @@ def parse_config(text):
     """BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages, and for the field variants optionally xSPLIT (split-K, default 1),
     for the gluon ones xDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]] (gluon_gemm.CONFIGS; SWAP 1: the weight tile as
     wgmma's left operand, 2: the same, y stored from the accumulator; TAIL 1: the last wave's tiles split in K, 2:
-    folded; MATH 1: two codes at a time in bfloat16x2, 2: the same with bfloat16 scales, gluon_gemm.dq_math)."""
+    folded; MATH 1: two codes at a time in bfloat16x2, 2: the same with bfloat16 scales, 3: the scale after the
+    products where one row of scales serves every input, MATH 1 with this probe's groups; gluon_gemm.dq_math)."""
     values = tuple(int(v) for v in text.split("x"))
     if len(values) not in (5, 6, 7, 8, 9, 10):
         raise ValueError(f"config {text!r}: expected BLOCK_MxBLOCK_NxBLOCK_Kxwarpsxstages[xsplit]")
