@@ -528,7 +528,8 @@ def probe(x, qweight, scale, zero, variant, config, y=None, split=None, sz=None,
     block_m, block_n, block_k, warps, stages = config[:5]
     split_k = config[5] if len(config) > 5 else 1
     if variant in GLUON_VARIANTS:
-        if len(config) not in (7, 8, 9, 10) or config[2] != gluon_gemm.BLOCK_K:
+        gluon_gemm.swapped(config)  # gluon_gemm's own rule for a config's length, one line
+        if config[2] != gluon_gemm.BLOCK_K:
             raise ValueError(f"{variant}: a config is BLOCK_MxBLOCK_Nx{gluon_gemm.BLOCK_K}xwarpsxstagesxDQ_WARPSx"
                              f"DQ_PARTS[xSWAP[xTAIL[xMATH]]] (got {config})")
         return gluon_gemm.gluon_mm(x, qweight, scale, zero, None, BITS, GROUP // 32, 0.0, config,
