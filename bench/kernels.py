@@ -421,6 +421,20 @@ def gluon_config_list(text):
     return configs
 
 
+def stream_config_list(text):
+    """--stream_configs as tuples (ops.STREAM_CONFIGS' numbers), or one line naming the flag and the exit."""
+    configs = []
+    for item in (c for c in text.split(",") if c):
+        numbers = [int(v) for v in item.split("x")] if re.fullmatch(r"[0-9]+(x[0-9]+){4,5}", item) else []
+        powers = numbers and all(v > 0 and v & (v - 1) == 0 for v in (numbers[0], numbers[1], numbers[3]))
+        if not (powers and numbers[4] <= 3 and (len(numbers) == 5 or numbers[5] <= 1)):
+            sys.exit(f"kernels.py: error: --stream_configs: {item!r}: expected BLOCK_NxBLOCK_BxSPLITxWARPSxPREFETCH"
+                     "[xXLOAD] (BLOCK_N, BLOCK_B and WARPS powers of 2, PREFETCH 0 to 3, XLOAD 0 or 1), e.g. "
+                     "32x32x0x8x2")
+        configs.append(tuple(numbers))
+    return configs
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated in x out shapes")
@@ -443,6 +457,9 @@ def main(argv=None):
                    "BLOCK_KxWARPSxSTAGESxDQ_WARPSxDQ_PARTS[xSWAP[xTAIL[xMATH]]], gluon_gemm.CONFIGS' "
                    "numbers) offered to --check and the launcher in this run besides the listed ones: configs to "
                    "measure before listing them")
+    p.add_argument("--stream_configs", default="", help="comma-separated one-row kernel configs (BLOCK_NxBLOCK_Bx"
+                   "SPLITxWARPSxPREFETCH[xXLOAD], ops.STREAM_CONFIGS' numbers) offered to --check and the launcher "
+                   "in this run besides the listed ones")
     p.add_argument("--out", default=None, help="markdown file (default bench/results/kernels_<gpu>.md, with "
                    "--profile kernels_profile_<gpu>.md)")
     args = p.parse_args(argv)
@@ -469,6 +486,7 @@ def main(argv=None):
         sys.exit(f"kernels.py: error: --gemm_configs={args.gemm_configs}: expected BLOCK_MxBLOCK_NxBLOCK_KxWARPSx"
                  "STAGESxSPLITxUNPACK, e.g. 128x128x64x4x3x4x1 (BLOCK_M at least 16, UNPACK 0 or 1)")
     gluon_configs = gluon_config_list(args.gluon_configs)
+    stream_configs = stream_config_list(args.stream_configs)
     if args.out:
         table_file_or_exit(args.out, "--out", "kernels.py")
     if not torch.cuda.is_available():
@@ -495,6 +513,10 @@ def main(argv=None):
                                                                  if c not in ops.gluon_gemm.CONFIGS]
         os.environ["NANOQAT_KERNEL_CACHE"] = "off"  # a stored choice (keyed by the source, not this list) not reused
         log(f"Gluon configs offered besides the listed ones: {gluon_configs}; stored kernel choices not used")
+    if stream_configs:  # the same, for the one-row kernel
+        ops.STREAM_CONFIGS = list(ops.STREAM_CONFIGS) + [c for c in stream_configs if c not in ops.STREAM_CONFIGS]
+        os.environ["NANOQAT_KERNEL_CACHE"] = "off"
+        log(f"one-row configs offered besides the listed ones: {stream_configs}; stored kernel choices not used")
     if args.check and check(log, variants, check_kernels):
         sys.exit("kernels.py: error: a kernel disagrees with the dequantize reference (see FAIL lines)")
     bandwidth = copy_bandwidth()
