@@ -129,8 +129,7 @@ def main():
     p.add_argument("--configs", default="", help="comma-separated BLOCK_NxBLOCK_Bxwarps (default: those of "
                    "ops.STREAM_CONFIGS)")
     p.add_argument("--split", type=int, default=1, choices=(0, 1), help="compile the split-K epilogue (1) or not")
-    p.add_argument("--prefetch", type=int, default=1, choices=(0, 1, 2),
-                   help="compile the prefetch of the next step (2: two steps an iteration, in registers of their own)")
+    p.add_argument("--prefetch", type=int, default=1, choices=(0, 1), help="compile the prefetch of the next step")
     p.add_argument("--xload", type=int, default=0, choices=(0, 1), help="how a step gets x (the kernel's XLOAD): "
                    "0 a load per value, 1 the step's block in one load")
     p.add_argument("--pdl", type=int, default=0, choices=(0, 1), help="compile the programmatic dependent launch "
@@ -172,7 +171,7 @@ def main():
     for b in bits:
         for block_n, block_b, warps in configs:
             fused = dict(norm=1, kp=1 << (args.norm - 1).bit_length(), stats=True, act=1) if args.norm else {}
-            kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), args.prefetch, args.arch,
+            kernel = compile_stream(b, block_n, block_b, warps, bool(args.split), bool(args.prefetch), args.arch,
                                     bool(args.pdl), args.xload, **fused)
             code, registers = disassemble(kernel.asm["cubin"])
             loop = main_loop(code)

@@ -427,10 +427,10 @@ def stream_config_list(text):
     for item in (c for c in text.split(",") if c):
         numbers = [int(v) for v in item.split("x")] if re.fullmatch(r"[0-9]+(x[0-9]+){4,5}", item) else []
         powers = numbers and all(v > 0 and v & (v - 1) == 0 for v in (numbers[0], numbers[1], numbers[3]))
-        if not (powers and numbers[4] <= 3 and (len(numbers) == 5 or numbers[5] <= 1)):
+        if not (powers and numbers[4] <= 1 and (len(numbers) == 5 or numbers[5] <= 1)):
             sys.exit(f"kernels.py: error: --stream_configs: {item!r}: expected BLOCK_NxBLOCK_BxSPLITxWARPSxPREFETCH"
-                     "[xXLOAD] (BLOCK_N, BLOCK_B and WARPS powers of 2, PREFETCH 0 to 3, XLOAD 0 or 1), e.g. "
-                     "32x32x0x8x2")
+                     "[xXLOAD] (BLOCK_N, BLOCK_B and WARPS powers of 2, PREFETCH 0 or 1, XLOAD 0 or 1), e.g. "
+                     "32x32x2x8x1")
         configs.append(tuple(numbers))
     return configs
 

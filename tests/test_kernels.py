@@ -55,10 +55,7 @@ for method, bits, granularity, group_size in json.loads(sys.argv[2]):
                 ys.append((kernel.__name__, kernel(x, layer.qweight, layer.scale, layer.zero, layer.bias, layer.bits,
                                                    blocks, layer.zero_const, config)))
         if rows == 1:  # the streaming GEMV without split-K (a plain store), and split-K without the prefetch
-            # PREFETCH 2 (two steps an iteration: 4 blocks of 4 whole, of 8 masked, split K in pairs) and 3
-            for label, config in (("no split", (64, 4, 0, 4, 1)), ("split-K", (64, 1, 16, 4, 0)),
-                                  ("two steps", (64, 2, 0, 4, 2)), ("two steps", (64, 4, 0, 4, 2)),
-                                  ("two steps", (32, 1, 16, 4, 2)), ("held", (64, 2, 0, 4, 3))):
+            for label, config in (("no split", (64, 4, 0, 4, 1)), ("split-K", (64, 1, 16, 4, 0))):
                 ys.append((f"stream_gemv {label}", ops.stream_gemv(x, layer.qweight, layer.scale, layer.zero,
                                                                    layer.bias, layer.bits, blocks, layer.zero_const,
                                                                    config, counters=layer.split_counters)))
@@ -133,10 +130,10 @@ def test_every_kernel_equals_the_dequantized_matmul_under_the_interpreter(interp
     unpacked = {(m, name) for m in (3, 20) for name in ("gemm unpack", "gemm unpack split-K",
                                                         "dequant_mm words 4", "dequant_mm words 1")}
     assert ran == {(1, "layer"), (1, "stream_gemv"), (1, "stream_gemv no split"), (1, "stream_gemv split-K"),
-                   (1, "stream_gemv two steps"), (1, "stream_gemv held"), (1, "stream_gemv x block"), (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"),
+                   (1, "stream_gemv x block"), (3, "layer"), (3, "gemm"), (3, "gemv"), (3, "dequant_mm"),
                    (3, "gemm split-K"), (20, "layer"), (20, "gemm"), (20, "dequant_mm"),
                    (20, "gemm split-K")} | unpacked, ran
-    assert len(rows) == (25 + sum(len(c) > 5 for c in ops.STREAM_CONFIGS) + 1) * len(SPECS)
+    assert len(rows) == (21 + sum(len(c) > 5 for c in ops.STREAM_CONFIGS) + 1) * len(SPECS)
 
 
 ONE_ROW_RANGE = r"""
@@ -587,6 +584,10 @@ def test_the_loads_only_kernel_of_the_profile_reads_every_word_under_the_interpr
                                          ("--gluon_configs=256x64", "--gluon_configs"),
                                          ("--gluon_configs=256x64x64x8x5x4x2x3x2x0x3", "--gluon_configs"),
                                          ("--gluon_configs=256x64x64x8x5x4x2x3x2x1", "needs a CUDA GPU"),  # taken
+                                         ("--stream_configs=32x32x2x8x2", "--stream_configs"),
+                                         ("--stream_configs=24x32x2x8x1", "--stream_configs"),
+                                         ("--stream_configs=32x32x2x8", "--stream_configs"),
+                                         ("--stream_configs=32x32x2x8x1x0", "needs a CUDA GPU"),  # taken
                                          ("--check_kernels=gemm,tinygemm", "--check_kernels")])
 def test_the_kernel_benchmark_refuses_bad_flags_in_one_line(flag, named, capsys):
     """Unknown formats and malformed shapes are refused before anything runs, on any machine (main in this process:
@@ -755,26 +756,6 @@ def test_the_one_row_kernel_streams_its_words_past_the_caches_and_nothing_else()
             hinted = re.findall(r"ld\.global\.L1::evict_first\S*", ptx)
             assert len(hinted) == bits * (2 if prefetch else 1), (bits, prefetch, hinted)
             assert len(re.findall(r"ld\.global\S*evict", ptx)) == len(hinted)  # no other load hinted
-
-
-def test_a_held_prefetch_issues_the_next_steps_words_before_this_steps_fmas():
-    """The one-row kernel's loop compiled for sm_90 (int4, 32 x 32, 8 warps): with PREFETCH 1 ptxas issues the next
-    step's word loads after the step's last FMA, so a warp waits for each step's words in turn; PREFETCH 3 (one
-    _hold after those loads) issues all of them before the first FMA, and PREFETCH 2 (two steps an iteration) each
-    half's before the other half's FMAs. Same loads, split K or not."""
-    pytest.importorskip("triton")
-    from bench.kernel_sass import compile_stream, disassemble, main_loop
-
-    def fmas_before_loads(prefetch, split):  # the loop's FMAs, and how many come before each word load
-        loop = main_loop(disassemble(compile_stream(4, 32, 32, 8, split, prefetch, 90).asm["cubin"])[0])
-        marks = "".join("L" if "LDG.E.EF.128" in t else "F" if "FFMA" in t else "" for t in loop)
-        return marks.count("F"), [marks[:i].count("F") for i, mark in enumerate(marks) if mark == "L"]
-    for split in (True, False):
-        fmas, before = fmas_before_loads(1, split)
-        assert len(before) == 4 and min(before) > 0.9 * fmas, (fmas, before)
-        assert fmas_before_loads(3, split) == (fmas, [0] * 4)
-        fmas2, before = fmas_before_loads(2, split)
-        assert fmas2 == 2 * fmas and before[:4] == [0] * 4 and max(before[4:]) <= fmas, (fmas2, before)
 
 
 def test_the_fused_norms_statistics_keep_the_6_7b_up_projection_at_4_programs_a_multiprocessor():

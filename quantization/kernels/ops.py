@@ -238,14 +238,13 @@ def stream_grid(m, n, k, config, device):
     """The one-row kernel's grid for m rows of x, n outputs and k inputs under `config`: (column tiles, splits of
     K, blocks of 32 inputs per split); its programs are tiles * splits * m."""
     block_n, block_b, split = config[:3]
-    step = block_b * (2 if config[4] == 2 else 1)  # PREFETCH 2 walks two steps an iteration
     num_blocks = triton.cdiv(k, BLOCK)
     tiles = triton.cdiv(n, block_n)
     if split:  # split K until about `split` programs per multiprocessor
         split = max(1, min(triton.cdiv(split * multiprocessors(device), tiles * m), num_blocks // (2 * block_b)))
     else:
         split = 1
-    per_split = triton.cdiv(triton.cdiv(num_blocks, split), step) * step
+    per_split = triton.cdiv(triton.cdiv(num_blocks, split), block_b) * block_b
     return tiles, triton.cdiv(num_blocks, per_split), per_split
 
 
@@ -266,7 +265,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
     tiles, split, per_split = stream_grid(m, n, k, config, x.device)
     if split > 1 and (counters is None or counters.numel() < tiles * m):
         counters = torch.zeros(tiles * m, device=x.device, dtype=torch.int32)
-    even = k % BLOCK == 0 and num_blocks % (block_b * (2 if prefetch == 2 else 1)) == 0
+    even = k % BLOCK == 0 and num_blocks % block_b == 0
     if pdl is None:
         pdl = dependent_launch(x.device, qweight)
     dtype = norm[0].dtype if norm is not None else residual[0].dtype if residual is not None else x.dtype
@@ -286,7 +285,7 @@ def stream_gemv(x, qweight, scale, zero, bias, bits, blocks_per_group, zero_cons
         x, qweight, scale, zero if zero is not None else scale, bias if bias is not None else scale, y, workspace,
         counters if counters is not None else y, m, n, k, x.stride(0), y.stride(0), blocks_per_group, per_split,
         BITS=bits, HAS_ZERO=zero is not None, ZERO=zero_const, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=int(prefetch), ACT=activation, PDL=pdl, XLOAD=xload,
+        EVEN=even, BLOCK_N=block_n, BLOCK_B=block_b, PREFETCH=bool(prefetch), ACT=activation, PDL=pdl, XLOAD=xload,
         stamp_ptr=stamps, STAMP=stamps is not None, launch_pdl=pdl, num_warps=warps, **extra)
     return (y, u) if residual is not None else y
 

@@ -18,16 +18,12 @@ lies, read as a subnormal float32 (see `_sub`). The others use the 2**23 trick (
 2**23, subtract 2**23). Both are exact, and cheaper than an integer-to-float conversion, which runs at a quarter of
 the rate.
 """
-import os
-
 import triton
 import triton.language as tl
 
 from quantization.kernels import layout
 
 BLOCK = tl.constexpr(layout.BLOCK)  # a global a kernel reads must be a constexpr (Triton 3.6)
-# the Triton interpreter (the CPU tests) runs no inline PTX: _hold is then nothing, as it is to the arithmetic
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 # sizes that change from call to call: one compiled kernel for all their values (N keeps its divisibility
 # specialization, which lets the word loads along N be vectorized)
 _VARYING = ["M", "K", "stride_xm", "stride_ym", "blocks_per_group", "blocks_per_split"]
@@ -208,74 +204,6 @@ BACK: tl.constexpr = tl.constexpr(2.0 ** 85)
 SPLIT_CHUNK: tl.constexpr = tl.constexpr(16)  # partial sums the last program of a split-K tile loads at once
 
 
-@triton.jit
-def _hold():
-    """A point ptxas does not move loads across (sm_90: NANOSLEEP 0): the loads issued before it stay ahead of the
-    FMAs after it. Without it ptxas sinks the next step's word loads below this step's FMAs
-    (bench/kernel_sass.py --show), so a warp waits for each step's words in turn."""
-    if not _INTERPRET:
-        tl.inline_asm_elementwise("nanosleep.u32 0; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-
-@triton.jit
-def _step(c0, c1, c2, c3, c4, c5, c6, c7, offs_b, mask_b, mask_w, offs_n, x_row, s_ptr, z_ptr, N, K,
-          blocks_per_group, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, ZERO: tl.constexpr, EVEN: tl.constexpr,
-          BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, XLOAD: tl.constexpr):
-    """One step of _stream_gemv_kernel: the blocks offs_b (mask_b) of x times their words c0 .. c7, scaled and
-    less the zero points' share, as a (BLOCK_B, BLOCK_N) float32 to add to the accumulator."""
-    x_ptrs = x_row + offs_b * BLOCK
-    # the step's scales, zero points and sums of x are loaded before its codes are used: their round trips
-    # overlap the words' (loaded after the FMAs, they were a second wait in a one-step program)
-    offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-    if XLOAD == 1:  # the step's x in one (BLOCK_B, 32) load: its sum, and its values (_x_scaled) from it
-        xb = _x_block(x_row, offs_x, mask_b, K, EVEN)
-        xsum = tl.sum(_x_value(xb, x_row), 1)
-    else:
-        xb = 0
-        if EVEN:
-            xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
-        else:
-            xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0)
-                          .to(tl.float32), 1)
-    sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
-    scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
-    if HAS_ZERO:
-        zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
-    part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)  # sum of x * (code) * 2**-49 over the step's blocks
-    if BITS == 3:
-        for h in tl.static_range(2):  # codes 16h .. 16h+15: low two bits in word h, high bit in half h of word 2
-            if h == 0:
-                low = c0
-                high = c2 & 0xFFFF
-            else:
-                low = c1
-                high = (c2 >> 16) & 0xFFFF
-            for q in tl.static_range(2):
-                if q == 0:
-                    lw = low
-                else:
-                    lw = (low >> 16) & 0xFFFF
-                for j in tl.static_range(8):
-                    i = 16 * h + 8 * q + j
-                    low_x = _x_scaled(xb, x_ptrs, i, 64 - 2 * j, mask_b, offs_b, K, EVEN, BLOCK_B, XLOAD)
-                    high_x = _x_scaled(xb, x_ptrs, i, 66 - (8 * q + j), mask_b, offs_b, K, EVEN, BLOCK_B,
-                                       XLOAD)
-                    part += low_x[:, None] * _subnormal(lw & (3 << (2 * j)))
-                    part += high_x[:, None] * _subnormal(high & (1 << (8 * q + j)))
-    else:
-        for w in tl.static_range(BITS):
-            word = _pick(c0, c1, c2, c3, c4, c5, c6, c7, w)
-            high = word >> 16
-            for f in tl.static_range(32 // BITS):
-                part += _term(xb, x_ptrs, word, high, w * (32 // BITS) + f, f * BITS, BITS, mask_b, offs_b, K,
-                              EVEN, BLOCK_B, XLOAD)
-    if HAS_ZERO:
-        return (part * BACK - xsum[:, None] * zero) * scale
-    else:
-        return (part * BACK - ZERO * xsum[:, None]) * scale
-
-
 @triton.jit(do_not_specialize=_VARYING)
 def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_ym,
                         blocks_per_group, blocks_per_split,
@@ -295,10 +223,8 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
     scaled by 2**(64 - p) (_x_times: one integer instruction per value of x, shared by the outputs a thread
     holds): the product is x * c * 2**-85, exact, and the sum is scaled back by 2**85 per block. Subnormals are
     exact and full speed in FMA (Triton does not flush them). Scale and zero point are applied per block row.
-    EVEN: K is a multiple of 32 and every split a whole number of steps, so x needs no masks. PREFETCH 1: the next
-    step's words are loaded before this step's fields are used (in the source: ptxas sinks those loads below the
-    step's FMAs); 3: the same, held there by _hold; 2: two steps an iteration (EVEN: a whole number of them), each
-    step's words loaded, and held, before the other step's FMAs, into registers of their own.
+    EVEN: K is a multiple of 32 and every split a whole number of steps, so x needs no masks. PREFETCH: the next
+    step's words are loaded before this step's fields are used.
     SPLIT (split-K over grid axis 1): each program stores its float32 partial sums in the workspace ws and counts
     itself in count (one counter per row and BLOCK_N outputs); the last to arrive adds the partials (loaded
     SPLIT_CHUNK at a time, in a fixed order: deterministic), writes y in its own dtype and sets the counter back to
@@ -349,43 +275,68 @@ def _stream_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_
         mean, rstd = _chunked_row_statistics(r_ptr + pid_m * stride_rm, K, eps, NORM, KP)
     else:
         mean, rstd = 0.0, 0.0
-    if PREFETCH == 2:  # two steps an iteration, each one's words loaded a step ahead, held there (_hold)
-        for b0 in range(first, last, 2 * BLOCK_B):
-            offs_b = b0 + tl.arange(0, BLOCK_B)
-            mask_b = offs_b < last
-            m0, m1, m2, m3, m4, m5, m6, m7 = _words(w_ptr + ((offs_b + BLOCK_B) * BITS)[:, None] * N
-                                                    + offs_n[None, :], N,
-                                                    (offs_b + BLOCK_B < last)[:, None] & mask_n[None, :], BITS)
-            _hold()
-            acc += _step(n0, n1, n2, n3, n4, n5, n6, n7, offs_b, mask_b, mask_b[:, None] & mask_n[None, :], offs_n,
-                         x_row, s_ptr, z_ptr, N, K, blocks_per_group, BITS, HAS_ZERO, ZERO, EVEN, BLOCK_B, BLOCK_N,
-                         XLOAD)
-            offs_b = offs_b + BLOCK_B
-            mask_b = offs_b < last
-            n0, n1, n2, n3, n4, n5, n6, n7 = _words(w_ptr + ((offs_b + BLOCK_B) * BITS)[:, None] * N
-                                                    + offs_n[None, :], N,
-                                                    (offs_b + BLOCK_B < last)[:, None] & mask_n[None, :], BITS)
-            _hold()
-            acc += _step(m0, m1, m2, m3, m4, m5, m6, m7, offs_b, mask_b, mask_b[:, None] & mask_n[None, :], offs_n,
-                         x_row, s_ptr, z_ptr, N, K, blocks_per_group, BITS, HAS_ZERO, ZERO, EVEN, BLOCK_B, BLOCK_N,
-                         XLOAD)
-    else:
-        for b0 in range(first, last, BLOCK_B):
-            offs_b = b0 + tl.arange(0, BLOCK_B)
-            mask_b = offs_b < last
-            mask_w = mask_b[:, None] & mask_n[None, :]
-            if PREFETCH:  # this step's words came with the previous step; the next step's go out now
-                c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
-                next_ptrs = w_ptr + ((offs_b + BLOCK_B) * BITS)[:, None] * N + offs_n[None, :]
-                mask_next = (offs_b + BLOCK_B < last)[:, None] & mask_n[None, :]
-                n0, n1, n2, n3, n4, n5, n6, n7 = _words(next_ptrs, N, mask_next, BITS)
-                if PREFETCH == 3:
-                    _hold()
+    for b0 in range(first, last, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < last
+        mask_w = mask_b[:, None] & mask_n[None, :]
+        if PREFETCH:  # this step's words came with the previous step; the next step's go out now
+            c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
+            next_ptrs = w_ptr + ((offs_b + BLOCK_B) * BITS)[:, None] * N + offs_n[None, :]
+            mask_next = (offs_b + BLOCK_B < last)[:, None] & mask_n[None, :]
+            n0, n1, n2, n3, n4, n5, n6, n7 = _words(next_ptrs, N, mask_next, BITS)
+        else:
+            w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
+            c0, c1, c2, c3, c4, c5, c6, c7 = _words(w_ptrs, N, mask_w, BITS)
+        x_ptrs = x_row + offs_b * BLOCK
+        # the step's scales, zero points and sums of x are loaded before its codes are used: their round trips
+        # overlap the words' (loaded after the FMAs, they were a second wait in a one-step program)
+        offs_x = offs_b[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        if XLOAD == 1:  # the step's x in one (BLOCK_B, 32) load: its sum, and its values (_x_scaled) from it
+            xb = _x_block(x_row, offs_x, mask_b, K, EVEN)
+            xsum = tl.sum(_x_value(xb, x_row), 1)
+        else:
+            xb = 0
+            if EVEN:
+                xsum = tl.sum(tl.load(x_row + offs_x).to(tl.float32), 1)
             else:
-                w_ptrs = w_ptr + (offs_b * BITS)[:, None] * N + offs_n[None, :]
-                c0, c1, c2, c3, c4, c5, c6, c7 = _words(w_ptrs, N, mask_w, BITS)
-            acc += _step(c0, c1, c2, c3, c4, c5, c6, c7, offs_b, mask_b, mask_w, offs_n, x_row, s_ptr, z_ptr, N, K,
-                         blocks_per_group, BITS, HAS_ZERO, ZERO, EVEN, BLOCK_B, BLOCK_N, XLOAD)
+                xsum = tl.sum(tl.load(x_row + offs_x, mask=mask_b[:, None] & (offs_x < K), other=0.0)
+                              .to(tl.float32), 1)
+        sz_offs = (offs_b // blocks_per_group)[:, None] * N + offs_n[None, :]
+        scale = tl.load(s_ptr + sz_offs, mask=mask_w, other=0.0)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + sz_offs, mask=mask_w, other=0).to(tl.float32)
+        part = tl.zeros((BLOCK_B, BLOCK_N), tl.float32)  # sum of x * (code) * 2**-49 over the step's blocks
+        if BITS == 3:
+            for h in tl.static_range(2):  # codes 16h .. 16h+15: low two bits in word h, high bit in half h of word 2
+                if h == 0:
+                    low = c0
+                    high = c2 & 0xFFFF
+                else:
+                    low = c1
+                    high = (c2 >> 16) & 0xFFFF
+                for q in tl.static_range(2):
+                    if q == 0:
+                        lw = low
+                    else:
+                        lw = (low >> 16) & 0xFFFF
+                    for j in tl.static_range(8):
+                        i = 16 * h + 8 * q + j
+                        low_x = _x_scaled(xb, x_ptrs, i, 64 - 2 * j, mask_b, offs_b, K, EVEN, BLOCK_B, XLOAD)
+                        high_x = _x_scaled(xb, x_ptrs, i, 66 - (8 * q + j), mask_b, offs_b, K, EVEN, BLOCK_B,
+                                           XLOAD)
+                        part += low_x[:, None] * _subnormal(lw & (3 << (2 * j)))
+                        part += high_x[:, None] * _subnormal(high & (1 << (8 * q + j)))
+        else:
+            for w in tl.static_range(BITS):
+                word = _pick(c0, c1, c2, c3, c4, c5, c6, c7, w)
+                high = word >> 16
+                for f in tl.static_range(32 // BITS):
+                    part += _term(xb, x_ptrs, word, high, w * (32 // BITS) + f, f * BITS, BITS, mask_b, offs_b, K,
+                                  EVEN, BLOCK_B, XLOAD)
+        if HAS_ZERO:
+            acc += (part * BACK - xsum[:, None] * zero) * scale
+        else:
+            acc += (part * BACK - ZERO * xsum[:, None]) * scale
     y = tl.sum(acc, axis=0)
     if STAMP:  # after the sum, which needs every step's products
         tl.store(stamp + 2, tl.extra.cuda.globaltimer() + 0 * tl.sum(y, 0).to(tl.int64))
